@@ -1,0 +1,283 @@
+//! Request and response bodies of the four services (JSON).
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ContentHash, FenceToken, NodeId, ServerId, UploadId};
+use crate::meta::FileKind;
+use crate::name::ValidName;
+
+/// Longest symlink target accepted, in bytes (Linux `PATH_MAX`).
+pub const SYMLINK_MAX: usize = 4096;
+
+/// Identifies one lock waiter: 32 hex digits chosen by the client, stable across re-polls.
+pub type WaiterId = UploadId;
+
+/// `POST /v1/nodes/{id}/children`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateRequest {
+    /// Name of the new entry.
+    pub name: ValidName,
+    /// What to create.
+    pub kind: FileKind,
+    /// Permission bits.
+    pub mode: u32,
+    /// Target, for a symlink only.
+    #[serde(default)]
+    pub symlink_target: Option<String>,
+}
+
+/// Query of `DELETE /v1/nodes/{id}/children/{name}`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RemoveQuery {
+    /// `true`: rmdir (the entry must be an empty directory); `false`: unlink (must not be a dir).
+    #[serde(default)]
+    pub dir: bool,
+}
+
+/// `POST /v1/rename`: atomic; replaces an existing target of a compatible kind.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RenameRequest {
+    /// Source directory.
+    pub parent: NodeId,
+    /// Source name.
+    pub name: ValidName,
+    /// Destination directory.
+    pub new_parent: NodeId,
+    /// Destination name.
+    pub new_name: ValidName,
+    /// Fail with `exists` rather than replace (RENAME_NOREPLACE).
+    #[serde(default)]
+    pub no_replace: bool,
+}
+
+/// `PATCH /v1/nodes/{id}`: metadata-only changes (size changes are new versions).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SetAttrRequest {
+    /// New permission bits.
+    #[serde(default)]
+    pub mode: Option<u32>,
+    /// New modification time (ns since the epoch).
+    #[serde(default)]
+    pub mtime_ns: Option<u64>,
+}
+
+/// `POST /v1/internal/nodes/{id}/commit`, sent by a primary after the content is durable.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CommitRequest {
+    /// SHA-256 of the new content.
+    pub hash: ContentHash,
+    /// Its size.
+    pub size: u64,
+    /// The writer's fencing token.
+    pub fence: FenceToken,
+    /// The upload's idempotency key.
+    pub upload_id: UploadId,
+    /// Servers holding the new content durably.
+    pub holders: Vec<ServerId>,
+    /// Who wrote it.
+    pub writer: String,
+}
+
+/// `GET /v1/statfs`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StatFs {
+    /// Number of nodes.
+    pub nodes: u64,
+    /// Sum of file sizes (one copy).
+    pub bytes: u64,
+}
+
+/// `POST /v1/internal/servers`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisterServerRequest {
+    /// Base URL clients and peers use to reach it.
+    pub url: String,
+    /// Bytes of storage it offers.
+    pub capacity_bytes: u64,
+    /// The id it had before a restart, if any.
+    #[serde(default)]
+    pub previous_id: Option<ServerId>,
+}
+
+/// Answer to a registration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisterServerResponse {
+    /// The server's id.
+    pub id: ServerId,
+    /// How often to send heartbeats.
+    pub heartbeat_ms: u64,
+}
+
+/// Which singleton service registers its URL with the directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceKind {
+    /// The lock service.
+    Lock,
+    /// The auth service.
+    Auth,
+}
+
+/// `POST /v1/internal/services`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisterServiceRequest {
+    /// Which service.
+    pub kind: ServiceKind,
+    /// Its base URL.
+    pub url: String,
+}
+
+/// One file server as the directory sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServerStatus {
+    /// Its id.
+    pub id: ServerId,
+    /// Its base URL.
+    pub url: String,
+    /// Whether its heartbeats arrive.
+    pub alive: bool,
+    /// Milliseconds since its last heartbeat (None: none since the directory started).
+    pub last_heartbeat_ms_ago: Option<u64>,
+    /// Offered capacity.
+    pub capacity_bytes: u64,
+    /// Files whose primary it is.
+    pub primaries: u64,
+    /// Files it holds a replica of.
+    pub replicas: u64,
+}
+
+/// `GET /v1/cluster`: everything a client needs after the directory's URL.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    /// Lock service base URL, once registered.
+    pub lock_url: Option<String>,
+    /// Auth service base URL, once registered.
+    pub auth_url: Option<String>,
+    /// File servers.
+    pub servers: Vec<ServerStatus>,
+    /// Configured replication factor (copies per file).
+    pub replication: u32,
+}
+
+/// `POST /v1/locks/{id}/acquire`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AcquireRequest {
+    /// The caller's waiter id; re-polling with the same id keeps the queue position.
+    pub waiter: WaiterId,
+    /// How long to wait for the grant before answering `queued` (capped by the server).
+    pub wait_ms: u64,
+}
+
+/// A lock grant.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Grant {
+    /// Fencing token to present with writes.
+    pub fence: FenceToken,
+    /// The lease: renew before this many milliseconds pass, or lose the lock.
+    pub lease_ms: u64,
+}
+
+/// Answer to an acquire.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum AcquireResponse {
+    /// The caller holds the lock.
+    Granted(Grant),
+    /// Still waiting; poll again (within a lease time) with the same waiter id.
+    Queued {
+        /// 1 = next in line.
+        position: u64,
+    },
+}
+
+/// `POST /v1/locks/{id}/renew` and `/release`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LockRequest {
+    /// The waiter id that was granted (or queued).
+    pub waiter: WaiterId,
+}
+
+/// One lock in `GET /v1/locks`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LockStatus {
+    /// The file.
+    pub node: NodeId,
+    /// User holding it, if held.
+    pub holder: Option<String>,
+    /// Fence of the current grant.
+    pub fence: Option<FenceToken>,
+    /// Waiters queued behind the holder.
+    pub queued: u64,
+}
+
+/// The plaintext sealed inside an [`Envelope`] for signup and login.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Credentials {
+    /// User name (1..=32 bytes of `[A-Za-z0-9._-]`).
+    pub user: String,
+    /// Password (8..=64 bytes).
+    pub password: String,
+    /// 32 hex digits, never reused: a replayed envelope is refused.
+    pub nonce: String,
+    /// Client clock, ms since the epoch; must be within the server's replay window.
+    pub timestamp_ms: u64,
+}
+
+/// `POST /v1/auth/signup` and `/login`: [`Credentials`] as JSON, RSA-OAEP(SHA-256) encrypted
+/// with the auth server's public key, base64 (standard alphabet).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The ciphertext.
+    pub ciphertext: String,
+}
+
+/// `POST /v1/auth/refresh`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RefreshRequest {
+    /// The refresh token from a login.
+    pub refresh_token: String,
+}
+
+/// Answer to login and refresh.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenResponse {
+    /// Bearer token for every service.
+    pub token: String,
+    /// When `token` stops being accepted (ms since the epoch).
+    pub expires_at_ms: u64,
+    /// Long-lived token to get a new `token` without the password.
+    pub refresh_token: String,
+    /// The user.
+    pub user: String,
+}
+
+/// `GET /v1/auth/public-key`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PublicKeyResponse {
+    /// SPKI PEM of the RSA public key.
+    pub pem: String,
+}
+
+/// The signed claims inside a bearer token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// User name.
+    pub user: String,
+    /// Expiry, ms since the epoch.
+    pub exp_ms: u64,
+}
+
+/// `GET /v1/stats` of a file server.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FileServerStats {
+    /// Blob downloads served.
+    pub downloads: u64,
+    /// Client uploads accepted as primary.
+    pub uploads: u64,
+    /// Replica pushes accepted.
+    pub replica_writes: u64,
+    /// Bytes served.
+    pub bytes_out: u64,
+    /// Bytes received.
+    pub bytes_in: u64,
+}

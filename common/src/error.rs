@@ -1,0 +1,52 @@
+//! The one JSON error shape every dfs service returns.
+
+use serde::{Deserialize, Serialize};
+
+/// Machine-readable error class; the client maps it to an errno.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Malformed request (bad JSON, bad header, bad query).
+    BadRequest,
+    /// A name that is empty, `.`, `..`, contains `/` or NUL, or is too long.
+    InvalidName,
+    /// The named node, server, user or blob does not exist.
+    NotFound,
+    /// The name already exists.
+    Exists,
+    /// rmdir of a directory that still has entries.
+    NotEmpty,
+    /// A directory operation on a non-directory.
+    NotDir,
+    /// A file operation on a directory.
+    IsDir,
+    /// A rename that would move a directory into itself.
+    InvalidMove,
+    /// Missing, malformed or expired credentials.
+    Unauthorized,
+    /// Authenticated, but not allowed.
+    Forbidden,
+    /// A fencing token older than one already accepted.
+    StaleFence,
+    /// The body's SHA-256 differs from the declared hash.
+    HashMismatch,
+    /// A body or field over its size limit.
+    TooLarge,
+    /// A replayed or stale login envelope.
+    Replay,
+    /// The lock is not held by the caller.
+    NotHolder,
+    /// Not enough live servers, or a peer did not answer.
+    Unavailable,
+    /// A bug or an I/O failure on the server; details are in its log.
+    Internal,
+}
+
+/// Body of every non-2xx response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The error class.
+    pub code: ErrorCode,
+    /// A one-line, human-readable explanation.
+    pub message: String,
+}

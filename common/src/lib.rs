@@ -1,0 +1,14 @@
+//! Wire types, routes and pure validation shared by the dfs client (`dfs-fuse`) and the cluster
+//! services (`dfs-server`). This crate does no I/O and knows nothing of tokio or HTTP libraries.
+
+pub mod api;
+pub mod error;
+pub mod ids;
+pub mod meta;
+pub mod name;
+pub mod routes;
+
+pub use error::{ErrorBody, ErrorCode};
+pub use ids::{ContentHash, FenceToken, NodeId, ServerId, UploadId};
+pub use meta::{DirEntry, FileKind, NodeMeta};
+pub use name::{NameError, ValidName};

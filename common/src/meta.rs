@@ -1,0 +1,63 @@
+//! The directory's vocabulary: node metadata and directory entries.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ContentHash, FenceToken, NodeId, ServerId, UploadId};
+
+/// What a node is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileKind {
+    /// A regular file whose content lives on file servers.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link; its target is stored in the directory itself.
+    Symlink,
+}
+
+/// Everything the directory knows of one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeMeta {
+    /// The node's id (the client's inode number).
+    pub id: NodeId,
+    /// The directory that holds it (the root is its own parent).
+    pub parent: NodeId,
+    /// File, directory or symlink.
+    pub kind: FileKind,
+    /// Permission bits (`0o7777` at most).
+    pub mode: u32,
+    /// Name of the user who created it.
+    pub owner: String,
+    /// Size in bytes of the current version (target length for a symlink).
+    pub size: u64,
+    /// Server-assigned content version; starts at 0 (empty) and only grows.
+    pub version: u64,
+    /// Modification time, nanoseconds since the Unix epoch (set by the directory on commit).
+    pub mtime_ns: u64,
+    /// Change time of the metadata, nanoseconds since the Unix epoch.
+    pub ctime_ns: u64,
+    /// SHA-256 of the current version's content.
+    pub hash: ContentHash,
+    /// The file server that takes writes for this file.
+    pub primary: Option<ServerId>,
+    /// The other file servers that should hold copies.
+    pub replicas: Vec<ServerId>,
+    /// Servers known to hold the current version durably (a subset of primary + replicas).
+    pub holders: Vec<ServerId>,
+    /// Target of a symlink.
+    pub symlink_target: Option<String>,
+    /// Fencing token of the newest committed write.
+    pub fence: FenceToken,
+    /// Upload id of the newest committed write, so a retried upload is applied once.
+    pub last_upload: Option<UploadId>,
+}
+
+/// One entry of a directory listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    /// The entry's name in its parent.
+    pub name: String,
+    /// The entry's metadata.
+    pub meta: NodeMeta,
+}

@@ -1,0 +1,142 @@
+//! URL paths and header names, used by both the routers and the client so they cannot drift.
+//! Router patterns use axum's `{param}` syntax; the functions build concrete paths.
+
+use crate::ids::{ContentHash, NodeId};
+
+/// Liveness probe answered by every service.
+pub const HEALTH: &str = "/health";
+/// Header carrying the cluster key on service-to-service calls.
+pub const CLUSTER_KEY_HEADER: &str = "x-dfs-cluster-key";
+/// Header carrying the writer's fencing token on an upload.
+pub const FENCE_HEADER: &str = "x-dfs-fence";
+/// Header carrying the SHA-256 (hex) the body must have.
+pub const HASH_HEADER: &str = "x-dfs-hash";
+/// Header carrying the idempotency key of an upload.
+pub const UPLOAD_ID_HEADER: &str = "x-dfs-upload-id";
+
+/// Directory: cluster map (lock and auth URLs, file servers).
+pub const CLUSTER: &str = "/v1/cluster";
+/// Directory: totals for statfs.
+pub const STATFS: &str = "/v1/statfs";
+/// Directory: atomic rename.
+pub const RENAME: &str = "/v1/rename";
+/// Directory: one node's metadata (GET) or setattr (PATCH).
+pub const NODE: &str = "/v1/nodes/{id}";
+/// Directory: list (GET) or create in (POST) a directory.
+pub const CHILDREN: &str = "/v1/nodes/{id}/children";
+/// Directory: lookup (GET) or remove (DELETE) one entry.
+pub const CHILD: &str = "/v1/nodes/{id}/children/{name}";
+/// Directory, internal: file server registration.
+pub const REGISTER_SERVER: &str = "/v1/internal/servers";
+/// Directory, internal: file server heartbeat.
+pub const HEARTBEAT: &str = "/v1/internal/servers/{id}/heartbeat";
+/// Directory, internal: lock/auth service registration.
+pub const REGISTER_SERVICE: &str = "/v1/internal/services";
+/// Directory, internal: record a new version written by a primary.
+pub const COMMIT: &str = "/v1/internal/nodes/{id}/commit";
+
+/// Lock: join the queue / wait for the grant (long poll).
+pub const LOCK_ACQUIRE: &str = "/v1/locks/{id}/acquire";
+/// Lock: extend the lease.
+pub const LOCK_RENEW: &str = "/v1/locks/{id}/renew";
+/// Lock: give the lock up (or leave the queue).
+pub const LOCK_RELEASE: &str = "/v1/locks/{id}/release";
+/// Lock: every lock held or waited for.
+pub const LOCKS: &str = "/v1/locks";
+
+/// Auth: the RSA public key (SPKI PEM).
+pub const AUTH_PUBLIC_KEY: &str = "/v1/auth/public-key";
+/// Auth: create a user.
+pub const AUTH_SIGNUP: &str = "/v1/auth/signup";
+/// Auth: exchange credentials for a token.
+pub const AUTH_LOGIN: &str = "/v1/auth/login";
+/// Auth: exchange a refresh token for a new token.
+pub const AUTH_REFRESH: &str = "/v1/auth/refresh";
+
+/// File server: upload a new version to the primary (PUT, streamed body).
+pub const FILE_WRITE: &str = "/v1/files/{id}";
+/// File server: download one exact content (GET, streamed body).
+pub const FILE_READ: &str = "/v1/files/{id}/{hash}";
+/// File server, internal: replica push from a primary (PUT, streamed body).
+pub const REPLICA_PUT: &str = "/v1/internal/files/{id}/{hash}";
+/// File server, internal: drop every copy of a file except `hash`.
+pub const RETAIN: &str = "/v1/internal/files/{id}/{hash}/retain";
+/// File server: counters.
+pub const FILE_STATS: &str = "/v1/stats";
+
+/// `/v1/nodes/{id}`.
+pub fn node(id: NodeId) -> String {
+    format!("/v1/nodes/{id}")
+}
+
+/// `/v1/nodes/{id}/children`.
+pub fn children(id: NodeId) -> String {
+    format!("/v1/nodes/{id}/children")
+}
+
+/// `/v1/nodes/{id}/children/{name}` with the name percent-encoded.
+pub fn child(id: NodeId, name: &str) -> String {
+    format!("/v1/nodes/{id}/children/{}", encode_segment(name))
+}
+
+/// `/v1/internal/servers/{id}/heartbeat`.
+pub fn heartbeat(id: crate::ServerId) -> String {
+    format!("/v1/internal/servers/{}/heartbeat", id.0)
+}
+
+/// `/v1/internal/nodes/{id}/commit`.
+pub fn commit(id: NodeId) -> String {
+    format!("/v1/internal/nodes/{id}/commit")
+}
+
+/// `/v1/locks/{id}/{action}` for `acquire`, `renew` or `release`.
+pub fn lock(id: NodeId, action: &str) -> String {
+    format!("/v1/locks/{id}/{action}")
+}
+
+/// `/v1/files/{id}`.
+pub fn file_write(id: NodeId) -> String {
+    format!("/v1/files/{id}")
+}
+
+/// `/v1/files/{id}/{hash}`.
+pub fn file_read(id: NodeId, hash: &ContentHash) -> String {
+    format!("/v1/files/{id}/{hash}")
+}
+
+/// `/v1/internal/files/{id}/{hash}`.
+pub fn replica_put(id: NodeId, hash: &ContentHash) -> String {
+    format!("/v1/internal/files/{id}/{hash}")
+}
+
+/// `/v1/internal/files/{id}/{hash}/retain`.
+pub fn retain(id: NodeId, hash: &ContentHash) -> String {
+    format!("/v1/internal/files/{id}/{hash}/retain")
+}
+
+/// Percent-encodes everything but unreserved characters, so any valid name is one path segment.
+pub fn encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn child_path_encodes_reserved_characters() {
+        assert_eq!(
+            child(NodeId(3), "a b%?#"),
+            "/v1/nodes/3/children/a%20b%25%3F%23"
+        );
+        assert_eq!(child(NodeId::ROOT, "ü"), "/v1/nodes/1/children/%C3%BC");
+    }
+}

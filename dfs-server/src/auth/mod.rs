@@ -1,0 +1,388 @@
+//! `AuthService`: users with argon2id password hashes, RSA-OAEP sealed credential envelopes with
+//! a nonce + timestamp replay window, and RSA-PSS signed bearer tokens with refresh tokens.
+
+pub mod keys;
+pub mod routes;
+
+use std::path::Path;
+use std::time::Duration;
+
+use argon2::Argon2;
+use argon2::password_hash::phc::PasswordHash;
+use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use common::api::{Claims, Credentials, Envelope, TokenResponse};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use rsa::sha2::{Digest, Sha256};
+use rsa::{PrivateKey, PublicKey};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ServiceError, ServiceResult};
+use crate::store::{decode, encode, now_ms};
+
+const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
+const NONCES: TableDefinition<&str, u64> = TableDefinition::new("nonces");
+const REFRESH: TableDefinition<&str, &[u8]> = TableDefinition::new("refresh_tokens");
+
+/// Tunables of the auth service.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// Lifetime of a bearer token.
+    pub token_ttl: Duration,
+    /// Lifetime of a refresh token.
+    pub refresh_ttl: Duration,
+    /// How far an envelope's timestamp may be from the server clock.
+    pub replay_window: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            token_ttl: Duration::from_secs(3600),
+            refresh_ttl: Duration::from_secs(30 * 24 * 3600),
+            replay_window: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct UserRecord {
+    phc: String,
+    created_ms: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RefreshRecord {
+    user: String,
+    exp_ms: u64,
+}
+
+/// Signup, login and token issue. Pure logic over a redb store and the key pair.
+pub struct AuthService {
+    db: Database,
+    key: PrivateKey,
+    public: PublicKey,
+    config: AuthConfig,
+}
+
+fn validate_user(user: &str) -> ServiceResult<()> {
+    let ok = !user.is_empty()
+        && user.len() <= 32
+        && user
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ServiceError::BadRequest(
+            "user name must be 1 to 32 characters of A-Z a-z 0-9 . _ -".into(),
+        ))
+    }
+}
+
+impl AuthService {
+    /// Opens the store and key pair under `data_dir` (creating both on first start).
+    pub fn open(data_dir: &Path, config: AuthConfig) -> ServiceResult<Self> {
+        std::fs::create_dir_all(data_dir)?;
+        let key = keys::load_or_create(&data_dir.join("auth_key.pem"))?;
+        let db = Database::create(data_dir.join("auth.redb"))?;
+        let tx = db.begin_write()?;
+        tx.open_table(USERS)?;
+        tx.open_table(NONCES)?;
+        tx.open_table(REFRESH)?;
+        tx.commit()?;
+        let public = key.to_public_key();
+        Ok(AuthService {
+            db,
+            key,
+            public,
+            config,
+        })
+    }
+
+    /// The public key clients encrypt envelopes with and services verify tokens with.
+    pub fn public_key(&self) -> &PublicKey {
+        &self.public
+    }
+
+    /// The public key as SPKI PEM.
+    pub fn public_key_pem(&self) -> ServiceResult<String> {
+        use rsa::pkcs8::{EncodePublicKey, LineEnding};
+        self.public
+            .to_public_key_pem(LineEnding::LF)
+            .map_err(|e| ServiceError::internal("encoding public key", e))
+    }
+
+    /// Decrypts an envelope and enforces the replay rules: timestamp within the window, nonce
+    /// never seen before (nonces are persisted, so a restart does not reopen the window).
+    fn open_envelope(&self, env: &Envelope) -> ServiceResult<Credentials> {
+        let bad = |m: &str| ServiceError::BadRequest(format!("bad credential envelope: {m}"));
+        if env.ciphertext.len() > 2048 {
+            return Err(ServiceError::TooLarge(
+                "credential envelope too large".into(),
+            ));
+        }
+        let ct = STANDARD
+            .decode(&env.ciphertext)
+            .map_err(|_| bad("not base64"))?;
+        let plain = self
+            .key
+            .oaep_decrypt::<Sha256>(&ct)
+            .map_err(|_| bad("cannot decrypt with this server's key"))?;
+        let creds: Credentials = serde_json::from_slice(&plain).map_err(|_| bad("not JSON"))?;
+        validate_user(&creds.user)?;
+        if creds.nonce.len() != 32 || !creds.nonce.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad("nonce must be 32 hex digits"));
+        }
+        let now = now_ms();
+        let window = u64::try_from(self.config.replay_window.as_millis()).unwrap_or(u64::MAX);
+        if creds.timestamp_ms.abs_diff(now) > window {
+            return Err(ServiceError::Replay(
+                "credential envelope timestamp outside the replay window (check the clock)".into(),
+            ));
+        }
+        let tx = self.db.begin_write()?;
+        {
+            let mut nonces = tx.open_table(NONCES)?;
+            if nonces.get(creds.nonce.as_str())?.is_some() {
+                return Err(ServiceError::Replay("credential envelope replayed".into()));
+            }
+            // Forget nonces whose timestamps are outside the window: they can no longer pass.
+            nonces.retain(|_, exp| exp > now)?;
+            nonces.insert(
+                creds.nonce.as_str(),
+                creds.timestamp_ms.saturating_add(window),
+            )?;
+        }
+        tx.commit()?;
+        Ok(creds)
+    }
+
+    /// Creates a user from a sealed envelope.
+    pub fn signup(&self, env: &Envelope) -> ServiceResult<String> {
+        let creds = self.open_envelope(env)?;
+        if !(8..=64).contains(&creds.password.len()) {
+            return Err(ServiceError::BadRequest(
+                "password must be 8 to 64 bytes".into(),
+            ));
+        }
+        let phc = Argon2::default()
+            .hash_password(creds.password.as_bytes())
+            .map_err(|e| ServiceError::internal("hashing password", e))?
+            .to_string();
+        let tx = self.db.begin_write()?;
+        {
+            let mut users = tx.open_table(USERS)?;
+            if users.get(creds.user.as_str())?.is_some() {
+                return Err(ServiceError::Exists(format!("user {}", creds.user)));
+            }
+            let rec = encode(&UserRecord {
+                phc,
+                created_ms: now_ms(),
+            })?;
+            users.insert(creds.user.as_str(), rec.as_slice())?;
+        }
+        tx.commit()?;
+        tracing::info!(user = %creds.user, "user signed up");
+        Ok(creds.user)
+    }
+
+    /// Checks a sealed user/password pair and issues tokens.
+    pub fn login(&self, env: &Envelope) -> ServiceResult<TokenResponse> {
+        let creds = self.open_envelope(env)?;
+        let wrong = || ServiceError::Unauthorized("wrong user name or password".into());
+        let rec: UserRecord = {
+            let tx = self.db.begin_read()?;
+            let users = tx.open_table(USERS)?;
+            let Some(v) = users.get(creds.user.as_str())? else {
+                return Err(wrong());
+            };
+            decode(v.value())?
+        };
+        let parsed =
+            PasswordHash::new(&rec.phc).map_err(|e| ServiceError::internal("stored hash", e))?;
+        Argon2::default()
+            .verify_password(creds.password.as_bytes(), &parsed)
+            .map_err(|_| wrong())?;
+        self.issue(&creds.user)
+    }
+
+    /// Exchanges a refresh token (single use) for a new token pair.
+    pub fn refresh(&self, refresh_token: &str) -> ServiceResult<TokenResponse> {
+        let key = hex::encode(Sha256::digest(refresh_token.as_bytes()));
+        let tx = self.db.begin_write()?;
+        let rec: RefreshRecord = {
+            let mut table = tx.open_table(REFRESH)?;
+            let rec = match table.remove(key.as_str())? {
+                Some(v) => decode(v.value())?,
+                None => return Err(ServiceError::Unauthorized("unknown refresh token".into())),
+            };
+            rec
+        };
+        tx.commit()?;
+        if rec.exp_ms <= now_ms() {
+            return Err(ServiceError::Unauthorized(
+                "refresh token expired; log in again".into(),
+            ));
+        }
+        self.issue(&rec.user)
+    }
+
+    /// Signs a token for `user` valid for the configured lifetime, plus a refresh token.
+    pub fn issue(&self, user: &str) -> ServiceResult<TokenResponse> {
+        let now = now_ms();
+        let ttl = u64::try_from(self.config.token_ttl.as_millis()).unwrap_or(u64::MAX);
+        let exp_ms = now.saturating_add(ttl);
+        let token = self.sign(&Claims {
+            user: user.to_owned(),
+            exp_ms,
+        })?;
+        let refresh_token = hex::encode(rand::random::<[u8; 32]>());
+        let refresh_ttl = u64::try_from(self.config.refresh_ttl.as_millis()).unwrap_or(u64::MAX);
+        let rec = RefreshRecord {
+            user: user.to_owned(),
+            exp_ms: now.saturating_add(refresh_ttl),
+        };
+        let tx = self.db.begin_write()?;
+        {
+            let mut table = tx.open_table(REFRESH)?;
+            table.retain(|_, v| {
+                decode::<RefreshRecord>(v)
+                    .map(|r| r.exp_ms > now)
+                    .unwrap_or(false)
+            })?;
+            let key = hex::encode(Sha256::digest(refresh_token.as_bytes()));
+            table.insert(key.as_str(), encode(&rec)?.as_slice())?;
+        }
+        tx.commit()?;
+        Ok(TokenResponse {
+            token,
+            expires_at_ms: exp_ms,
+            refresh_token,
+            user: user.to_owned(),
+        })
+    }
+
+    /// Signs arbitrary claims (exposed for tests that need an expired token).
+    pub fn sign(&self, claims: &Claims) -> ServiceResult<String> {
+        let payload = serde_json::to_vec(claims)?;
+        let sig = self
+            .key
+            .pss_sign::<Sha256>(&payload)
+            .map_err(|e| ServiceError::internal("signing token", e))?;
+        Ok(format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(&payload),
+            URL_SAFE_NO_PAD.encode(sig)
+        ))
+    }
+}
+
+/// Seals credentials for `public` (what the client does; used by `dfs` and tests).
+pub fn seal(public: &PublicKey, user: &str, password: &str) -> ServiceResult<Envelope> {
+    let creds = Credentials {
+        user: user.to_owned(),
+        password: password.to_owned(),
+        nonce: hex::encode(rand::random::<[u8; 16]>()),
+        timestamp_ms: now_ms(),
+    };
+    let plain = serde_json::to_vec(&creds)?;
+    let ct = public
+        .oaep_encrypt::<Sha256>(&plain)
+        .map_err(|e| ServiceError::BadRequest(format!("credentials too long to seal: {e}")))?;
+    Ok(Envelope {
+        ciphertext: STANDARD.encode(ct),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::authed::verify_token_with;
+
+    fn service(dir: &Path) -> AuthService {
+        AuthService::open(dir, AuthConfig::default()).expect("open auth")
+    }
+
+    #[test]
+    fn signup_then_login_issues_a_verifiable_token() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let auth = service(dir.path());
+        let pk = auth.public_key().clone();
+        auth.signup(&seal(&pk, "alice", "correct horse").expect("seal"))
+            .expect("signup");
+        let t = auth
+            .login(&seal(&pk, "alice", "correct horse").expect("seal"))
+            .expect("login");
+        let claims = verify_token_with(&pk, &t.token, now_ms()).expect("verify");
+        assert_eq!(claims.user, "alice");
+        assert!(matches!(
+            auth.login(&seal(&pk, "alice", "wrong password").expect("seal")),
+            Err(ServiceError::Unauthorized(_))
+        ));
+    }
+
+    #[test]
+    fn replayed_envelope_is_refused_even_after_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let env = {
+            let auth = service(dir.path());
+            let pk = auth.public_key().clone();
+            auth.signup(&seal(&pk, "bob", "password1").expect("seal"))
+                .expect("signup");
+            let env = seal(&pk, "bob", "password1").expect("seal");
+            auth.login(&env).expect("first login");
+            env
+        };
+        let auth = service(dir.path());
+        assert!(matches!(auth.login(&env), Err(ServiceError::Replay(_))));
+    }
+
+    #[test]
+    fn stored_password_is_an_argon2id_hash_and_key_survives_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pem1 = {
+            let auth = service(dir.path());
+            let pk = auth.public_key().clone();
+            auth.signup(&seal(&pk, "carol", "sekrit-pass").expect("seal"))
+                .expect("signup");
+            auth.public_key_pem().expect("pem")
+        };
+        let auth = service(dir.path());
+        assert_eq!(auth.public_key_pem().expect("pem"), pem1);
+        let tx = auth.db.begin_read().expect("read");
+        let users = tx.open_table(USERS).expect("table");
+        let rec: UserRecord =
+            decode(users.get("carol").expect("get").expect("row").value()).expect("decode");
+        assert!(rec.phc.starts_with("$argon2id$"), "{}", rec.phc);
+        assert!(!rec.phc.contains("sekrit-pass"));
+    }
+
+    #[test]
+    fn expired_token_and_refresh_rules() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let auth = service(dir.path());
+        let pk = auth.public_key().clone();
+        let expired = auth
+            .sign(&Claims {
+                user: "x".into(),
+                exp_ms: now_ms() - 1,
+            })
+            .expect("sign");
+        assert!(matches!(
+            verify_token_with(&pk, &expired, now_ms()),
+            Err(ServiceError::Unauthorized(_))
+        ));
+        let t = auth.issue("x").expect("issue");
+        let t2 = auth.refresh(&t.refresh_token).expect("refresh");
+        assert_eq!(t2.user, "x");
+        assert!(
+            auth.refresh(&t.refresh_token).is_err(),
+            "refresh tokens are single use"
+        );
+        let mut forged = t2.token.clone();
+        forged.insert(3, 'A');
+        assert!(verify_token_with(&pk, &forged, now_ms()).is_err());
+    }
+}

@@ -1,0 +1,302 @@
+//! The `dfs-server` command line: one service per process, or `all` on loopback.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use common::api::ServiceKind;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{AuthConfig, AuthService};
+use crate::cluster::{self, ClusterConfig, DEFAULT_DIRECTORY_ADDR, DEFAULT_MAX_FILE_BYTES};
+use crate::directory::{DirectoryConfig, DirectoryService};
+use crate::http::{Verifier, finish};
+use crate::lock::{LockConfig, LockService};
+use crate::peer::Peer;
+
+/// dfs cluster services: directory, lock, auth and file servers.
+///
+/// Run `dfs-server all --data DIR` for a whole cluster on loopback, or one service per process
+/// for a deployment across machines. The directory's URL is the one address clients need.
+/// Logs go to stderr; set the level with RUST_LOG (default: info).
+#[derive(Debug, Parser)]
+#[command(name = "dfs-server", version)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The services.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Directory, lock, auth and N file servers in one process on loopback.
+    All(AllArgs),
+    /// The directory service (namespace, metadata, file server registry).
+    Directory(DirectoryArgs),
+    /// The lock service (FIFO per-file locks, leases, fencing tokens).
+    Lock(ServiceArgs),
+    /// The auth service (signup, login, tokens).
+    Auth(ServiceArgs),
+    /// One file server (stores file contents, replicates writes).
+    File(FileArgs),
+}
+
+/// Flags shared by every service.
+#[derive(Debug, Args)]
+pub struct Common {
+    /// Directory holding this service's persistent state (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    /// File with the shared secret services use to call each other. Every service of one
+    /// cluster must use the same key; created (mode 0600) if missing.
+    /// [default: DATA/cluster.key]
+    #[arg(long, value_name = "PATH", env = "DFS_CLUSTER_KEY_FILE")]
+    pub cluster_key_file: Option<PathBuf>,
+}
+
+impl Common {
+    fn key(&self) -> anyhow::Result<String> {
+        let path = self
+            .cluster_key_file
+            .clone()
+            .unwrap_or_else(|| self.data.join("cluster.key"));
+        cluster::load_or_create_cluster_key(&path)
+    }
+}
+
+/// `all`.
+#[derive(Debug, Args)]
+pub struct AllArgs {
+    /// Root of all service data.
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    /// Address of the directory service (the URL clients use). The other services take free
+    /// loopback ports and register with it.
+    #[arg(long, default_value = DEFAULT_DIRECTORY_ADDR, value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// Number of file servers.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub file_servers: u16,
+    /// Copies of each file (primary + replicas), when that many file servers are alive.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub replication: u32,
+    /// Lock lease in milliseconds: a holder that does not renew within it loses the lock.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..))]
+    pub lease_ms: u64,
+    /// Lifetime of login tokens in seconds (clients renew them with a refresh token).
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub token_ttl_secs: u64,
+    /// Heartbeat interval of file servers in milliseconds.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(50..))]
+    pub heartbeat_ms: u64,
+}
+
+/// `directory`.
+#[derive(Debug, Args)]
+pub struct DirectoryArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Address to listen on.
+    #[arg(long, default_value = DEFAULT_DIRECTORY_ADDR, value_name = "ADDR")]
+    listen: SocketAddr,
+    /// Copies of each file (primary + replicas), when that many file servers are alive.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=16))]
+    replication: u32,
+    /// Heartbeat interval asked of file servers, in milliseconds.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(50..))]
+    heartbeat_ms: u64,
+    /// Missed heartbeats after which a file server counts as dead.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    missed_beats: u32,
+}
+
+/// `lock` and `auth`.
+#[derive(Debug, Args)]
+pub struct ServiceArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Address to listen on (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
+    listen: SocketAddr,
+    /// URL of the directory service, where this service registers.
+    #[arg(long, value_name = "URL")]
+    directory: String,
+    /// URL others reach this service at [default: http://LISTEN].
+    #[arg(long, value_name = "URL")]
+    advertise: Option<String>,
+    /// Lock lease in milliseconds (lock service only).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..))]
+    lease_ms: u64,
+    /// Lifetime of login tokens in seconds (auth service only).
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    token_ttl_secs: u64,
+}
+
+/// `file`.
+#[derive(Debug, Args)]
+pub struct FileArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Address to listen on (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
+    listen: SocketAddr,
+    /// URL of the directory service, where this server registers and heartbeats.
+    #[arg(long, value_name = "URL")]
+    directory: String,
+    /// URL others reach this server at [default: http://LISTEN].
+    #[arg(long, value_name = "URL")]
+    advertise: Option<String>,
+    /// Largest file accepted, in bytes.
+    #[arg(long, default_value_t = DEFAULT_MAX_FILE_BYTES)]
+    max_file_bytes: u64,
+}
+
+/// Runs the command on a fresh tokio runtime until Ctrl-C or SIGTERM.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    rt.block_on(async move {
+        let cancel = CancellationToken::new();
+        let tasks = match cli.command {
+            Command::All(a) => {
+                let mut cfg = ClusterConfig::new(a.data, a.listen);
+                cfg.file_servers = usize::from(a.file_servers);
+                cfg.directory.replication = a.replication;
+                cfg.directory.heartbeat = Duration::from_millis(a.heartbeat_ms);
+                cfg.lock.lease = Duration::from_millis(a.lease_ms);
+                cfg.auth.token_ttl = Duration::from_secs(a.token_ttl_secs);
+                let handle = cluster::start(cfg).await?;
+                println!("dfs cluster up; directory: {}", handle.directory_url);
+                println!(
+                    "lock: {}  auth: {}  file servers: {}",
+                    handle.lock_url,
+                    handle.auth_url,
+                    handle.file_urls.join(" ")
+                );
+                shutdown_signal().await;
+                handle.shutdown().await;
+                return Ok(());
+            }
+            Command::Directory(a) => {
+                let key = a.common.key()?;
+                let cfg = DirectoryConfig {
+                    replication: a.replication,
+                    heartbeat: Duration::from_millis(a.heartbeat_ms),
+                    missed_beats: a.missed_beats,
+                };
+                let svc = Arc::new(
+                    DirectoryService::open(&a.common.data, cfg).context("opening the directory")?,
+                );
+                let (l, url) = cluster::bind(a.listen).await?;
+                let verifier = Arc::new(Verifier::new(&key, None, Some(url.clone())));
+                println!("dfs directory listening on {url}");
+                vec![cluster::serve(
+                    l,
+                    finish(crate::directory::routes::router(svc), verifier),
+                    cancel.clone(),
+                )]
+            }
+            Command::Lock(a) => {
+                let key = a.common.key()?;
+                let cfg = LockConfig {
+                    lease: Duration::from_millis(a.lease_ms),
+                    ..LockConfig::default()
+                };
+                let svc = Arc::new(
+                    LockService::open(&a.common.data, cfg).context("opening the lock service")?,
+                );
+                let (l, url) = cluster::bind(a.listen).await?;
+                let url = a.advertise.unwrap_or(url);
+                let verifier = Arc::new(Verifier::new(&key, None, Some(a.directory.clone())));
+                println!("dfs lock service listening on {url}");
+                vec![
+                    cluster::serve(
+                        l,
+                        finish(crate::lock::routes::router(svc), verifier),
+                        cancel.clone(),
+                    ),
+                    cluster::register_service_loop(
+                        Peer::new(&key),
+                        a.directory,
+                        ServiceKind::Lock,
+                        url,
+                        cancel.clone(),
+                    ),
+                ]
+            }
+            Command::Auth(a) => {
+                let key = a.common.key()?;
+                let cfg = AuthConfig {
+                    token_ttl: Duration::from_secs(a.token_ttl_secs),
+                    ..AuthConfig::default()
+                };
+                let svc = Arc::new(
+                    AuthService::open(&a.common.data, cfg).context("opening the auth service")?,
+                );
+                let (l, url) = cluster::bind(a.listen).await?;
+                let url = a.advertise.unwrap_or(url);
+                let verifier = Arc::new(Verifier::new(&key, Some(svc.public_key().clone()), None));
+                println!("dfs auth service listening on {url}");
+                vec![
+                    cluster::serve(
+                        l,
+                        finish(crate::auth::routes::router(svc), verifier),
+                        cancel.clone(),
+                    ),
+                    cluster::register_service_loop(
+                        Peer::new(&key),
+                        a.directory,
+                        ServiceKind::Auth,
+                        url,
+                        cancel.clone(),
+                    ),
+                ]
+            }
+            Command::File(a) => {
+                let key = a.common.key()?;
+                let (l, url) = cluster::bind(a.listen).await?;
+                let url = a.advertise.unwrap_or(url);
+                let verifier = Arc::new(Verifier::new(&key, None, Some(a.directory.clone())));
+                println!("dfs file server listening on {url}");
+                let (_, tasks) = cluster::start_file_server(
+                    l,
+                    url,
+                    &a.common.data,
+                    a.directory,
+                    &key,
+                    verifier,
+                    a.max_file_bytes,
+                    a.max_file_bytes,
+                    cancel.clone(),
+                )?;
+                tasks
+            }
+        };
+        shutdown_signal().await;
+        cancel.cancel();
+        for t in tasks {
+            let _ = t.await;
+        }
+        Ok(())
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,291 @@
+//! Starting services: each one alone (for a deployment across machines) or all of them in one
+//! process on loopback (`dfs-server all`, and `dfs up` in the client). One cancel token stops
+//! every server and worker.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use common::api::{RegisterServiceRequest, ServiceKind};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{AuthConfig, AuthService};
+use crate::directory::{DirectoryConfig, DirectoryService};
+use crate::file::FileStore;
+use crate::file::replicate::FileServer;
+use crate::http::Verifier;
+use crate::lock::{LockConfig, LockService};
+use crate::peer::Peer;
+
+/// Default address of the directory in `all` mode and for clients.
+pub const DEFAULT_DIRECTORY_ADDR: &str = "127.0.0.1:7070";
+/// Default largest file a file server accepts (64 GiB).
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 64 << 30;
+
+/// Everything `all` needs.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Root of all service data (`directory/`, `lock/`, `auth/`, `file-N/`, `cluster.key`).
+    pub data: PathBuf,
+    /// Directory address; port 0 picks a free one.
+    pub listen: SocketAddr,
+    /// Number of file servers.
+    pub file_servers: usize,
+    /// Directory tunables.
+    pub directory: DirectoryConfig,
+    /// Lock tunables.
+    pub lock: LockConfig,
+    /// Auth tunables.
+    pub auth: AuthConfig,
+    /// Largest file accepted.
+    pub max_file_bytes: u64,
+}
+
+impl ClusterConfig {
+    /// Defaults for a local cluster under `data`.
+    pub fn new(data: PathBuf, listen: SocketAddr) -> Self {
+        ClusterConfig {
+            data,
+            listen,
+            file_servers: 3,
+            directory: DirectoryConfig::default(),
+            lock: LockConfig::default(),
+            auth: AuthConfig::default(),
+            max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+        }
+    }
+}
+
+/// A running local cluster.
+pub struct ClusterHandle {
+    /// The one address clients need.
+    pub directory_url: String,
+    /// Lock service URL.
+    pub lock_url: String,
+    /// Auth service URL.
+    pub auth_url: String,
+    /// File server URLs, in start order.
+    pub file_urls: Vec<String>,
+    /// The auth service (for `dfs up` to create its default user in-process).
+    pub auth: Arc<AuthService>,
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl ClusterHandle {
+    /// Stops every server and worker and waits for them.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Reads the cluster key at `path`, creating a random one (mode 0600) if missing.
+pub fn load_or_create_cluster_key(path: &Path) -> anyhow::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(k) if !k.trim().is_empty() => Ok(k.trim().to_owned()),
+        Ok(_) => anyhow::bail!("cluster key file {} is empty", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = hex::encode(rand::random::<[u8; 32]>());
+            crate::store::write_durable(path, key.as_bytes(), 0o600)
+                .with_context(|| format!("writing cluster key {}", path.display()))?;
+            Ok(key)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading cluster key {}", path.display())),
+    }
+}
+
+/// Binds `addr`, returning the listener and its `http://` URL.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<(TcpListener, String)> {
+    let l = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    let url = format!("http://{}", l.local_addr()?);
+    Ok((l, url))
+}
+
+/// Serves `router` on `listener` until `cancel`.
+pub fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    cancel: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let shutdown = cancel.clone();
+        if let Err(e) = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+        {
+            tracing::error!(error = %e, "server stopped with an error");
+        }
+    })
+}
+
+/// Registers a lock or auth service with the directory, retrying until it answers or `cancel`.
+pub fn register_service_loop(
+    peer: Peer,
+    directory: String,
+    kind: ServiceKind,
+    url: String,
+    cancel: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let req = RegisterServiceRequest { kind, url };
+        loop {
+            match peer.register_service(&directory, &req).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, ?kind, "registering with the directory failed; retrying")
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            }
+        }
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+/// Starts one file server on `listener`, registering with `directory`.
+pub fn start_file_server(
+    listener: TcpListener,
+    url: String,
+    data: &Path,
+    directory: String,
+    cluster_key: &str,
+    verifier: Arc<Verifier>,
+    max_file_bytes: u64,
+    capacity: u64,
+    cancel: CancellationToken,
+) -> anyhow::Result<(Arc<FileServer>, Vec<JoinHandle<()>>)> {
+    let store = FileStore::open(data, max_file_bytes)
+        .with_context(|| format!("opening file store {}", data.display()))?;
+    let fs = Arc::new(FileServer::new(
+        store,
+        Peer::new(cluster_key),
+        directory,
+        data,
+    ));
+    let beat = tokio::spawn(fs.clone().run_heartbeats(url, capacity, cancel.clone()));
+    let server = serve(
+        listener,
+        crate::http::finish(crate::file::routes::router(fs.clone()), verifier),
+        cancel,
+    );
+    Ok((fs, vec![beat, server]))
+}
+
+/// Starts directory, lock, auth and N file servers in this process, on loopback.
+pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
+    std::fs::create_dir_all(&cfg.data)
+        .with_context(|| format!("creating {}", cfg.data.display()))?;
+    let cancel = CancellationToken::new();
+    let key = load_or_create_cluster_key(&cfg.data.join("cluster.key"))?;
+    let peer = Peer::new(&key);
+    let mut tasks = Vec::new();
+
+    let auth_dir = cfg.data.join("auth");
+    let auth_cfg = cfg.auth.clone();
+    let auth = Arc::new(
+        tokio::task::spawn_blocking(move || AuthService::open(&auth_dir, auth_cfg))
+            .await
+            .context("auth start-up task")?
+            .context("opening the auth service")?,
+    );
+    let verifier = Arc::new(Verifier::new(&key, Some(auth.public_key().clone()), None));
+
+    let directory = Arc::new(
+        DirectoryService::open(&cfg.data.join("directory"), cfg.directory.clone())
+            .context("opening the directory service")?,
+    );
+    let (dl, directory_url) = bind(cfg.listen).await.context("directory service")?;
+    tasks.push(serve(
+        dl,
+        crate::http::finish(
+            crate::directory::routes::router(directory),
+            verifier.clone(),
+        ),
+        cancel.clone(),
+    ));
+
+    let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
+    let (al, auth_url) = bind(loopback).await.context("auth service")?;
+    tasks.push(serve(
+        al,
+        crate::http::finish(crate::auth::routes::router(auth.clone()), verifier.clone()),
+        cancel.clone(),
+    ));
+
+    let lock = Arc::new(
+        LockService::open(&cfg.data.join("lock"), cfg.lock.clone())
+            .context("opening the lock service")?,
+    );
+    let (ll, lock_url) = bind(loopback).await.context("lock service")?;
+    tasks.push(serve(
+        ll,
+        crate::http::finish(crate::lock::routes::router(lock), verifier.clone()),
+        cancel.clone(),
+    ));
+
+    // Register synchronously so the cluster map is complete when `start` returns.
+    for (kind, url) in [
+        (ServiceKind::Auth, &auth_url),
+        (ServiceKind::Lock, &lock_url),
+    ] {
+        peer.register_service(
+            &directory_url,
+            &RegisterServiceRequest {
+                kind,
+                url: url.clone(),
+            },
+        )
+        .await
+        .with_context(|| format!("registering {kind:?} with the directory"))?;
+    }
+
+    let mut file_urls = Vec::new();
+    for i in 1..=cfg.file_servers {
+        let (fl, url) = bind(loopback).await.context("file server")?;
+        let (fs, t) = start_file_server(
+            fl,
+            url.clone(),
+            &cfg.data.join(format!("file-{i}")),
+            directory_url.clone(),
+            &key,
+            verifier.clone(),
+            cfg.max_file_bytes,
+            cfg.max_file_bytes,
+            cancel.clone(),
+        )?;
+        tasks.extend(t);
+        // Wait for registration so that new files are placed on every server from the start.
+        for _ in 0..200 {
+            if fs.id().is_some()
+                && peer
+                    .cluster(&directory_url)
+                    .await
+                    .is_ok_and(|c| c.servers.iter().any(|s| s.url == url && s.alive))
+            {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        file_urls.push(url);
+    }
+    tracing::info!(%directory_url, %lock_url, %auth_url, file_servers = file_urls.len(), "cluster up");
+    Ok(ClusterHandle {
+        directory_url,
+        lock_url,
+        auth_url,
+        file_urls,
+        auth,
+        cancel,
+        tasks,
+    })
+}

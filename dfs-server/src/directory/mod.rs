@@ -1,0 +1,498 @@
+//! `DirectoryService`: the namespace and every file's metadata in one redb store, plus the file
+//! server registry. Every namespace change is one transaction: rename is atomic.
+
+pub mod placement;
+pub mod registry;
+pub mod routes;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::api::{
+    CommitRequest, CreateRequest, RenameRequest, SYMLINK_MAX, SetAttrRequest, StatFs,
+};
+use common::{ContentHash, DirEntry, FenceToken, FileKind, NodeId, NodeMeta, ValidName};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
+
+use crate::error::{ServiceError, ServiceResult};
+use crate::store::{decode, encode, now_ns};
+pub use registry::Registry;
+
+const NODES: TableDefinition<u64, &[u8]> = TableDefinition::new("nodes");
+const CHILDREN: TableDefinition<(u64, &str), u64> = TableDefinition::new("children");
+const META: TableDefinition<&str, u64> = TableDefinition::new("dir_meta");
+const NEXT_ID: &str = "next_node_id";
+
+/// Tunables of the directory.
+#[derive(Debug, Clone)]
+pub struct DirectoryConfig {
+    /// Copies per file (primary + replicas), when that many servers are alive.
+    pub replication: u32,
+    /// Interval file servers are asked to heartbeat at.
+    pub heartbeat: Duration,
+    /// Missed heartbeats after which a server is dead.
+    pub missed_beats: u32,
+}
+
+impl Default for DirectoryConfig {
+    fn default() -> Self {
+        DirectoryConfig {
+            replication: 3,
+            heartbeat: Duration::from_secs(2),
+            missed_beats: 3,
+        }
+    }
+}
+
+/// The namespace service. Pure logic over redb; the registry decides placement.
+pub struct DirectoryService {
+    db: Database,
+    /// File servers, liveness and lock/auth URLs.
+    pub registry: Registry,
+    config: DirectoryConfig,
+}
+
+fn get_node(tx: &WriteTransaction, id: NodeId) -> ServiceResult<NodeMeta> {
+    let nodes = tx.open_table(NODES)?;
+    let v = nodes
+        .get(id.0)?
+        .ok_or_else(|| ServiceError::NotFound(format!("node {id}")))?;
+    decode(v.value())
+}
+
+fn put_node(tx: &WriteTransaction, meta: &NodeMeta) -> ServiceResult<()> {
+    tx.open_table(NODES)?
+        .insert(meta.id.0, encode(meta)?.as_slice())?;
+    Ok(())
+}
+
+fn child_of(tx: &WriteTransaction, parent: NodeId, name: &str) -> ServiceResult<Option<NodeId>> {
+    Ok(tx
+        .open_table(CHILDREN)?
+        .get((parent.0, name))?
+        .map(|v| NodeId(v.value())))
+}
+
+fn has_children(tx: &WriteTransaction, dir: NodeId) -> ServiceResult<bool> {
+    let children = tx.open_table(CHILDREN)?;
+    let mut range = children.range((dir.0, "")..(dir.0.saturating_add(1), ""))?;
+    Ok(range.next().is_some())
+}
+
+fn dir_node(tx: &WriteTransaction, id: NodeId) -> ServiceResult<NodeMeta> {
+    let meta = get_node(tx, id)?;
+    if meta.kind != FileKind::Dir {
+        return Err(ServiceError::NotDir(format!("node {id}")));
+    }
+    Ok(meta)
+}
+
+fn touch_dir(tx: &WriteTransaction, id: NodeId, now: u64) -> ServiceResult<()> {
+    let mut meta = get_node(tx, id)?;
+    meta.mtime_ns = now;
+    meta.ctime_ns = now;
+    put_node(tx, &meta)
+}
+
+impl DirectoryService {
+    /// Opens (or initialises, with an empty root) the store under `data_dir`.
+    pub fn open(data_dir: &Path, config: DirectoryConfig) -> ServiceResult<Self> {
+        std::fs::create_dir_all(data_dir)?;
+        let db = Database::create(data_dir.join("directory.redb"))?;
+        let tx = db.begin_write()?;
+        tx.open_table(CHILDREN)?;
+        let fresh = tx.open_table(META)?.get(NEXT_ID)?.is_none();
+        if fresh {
+            let now = now_ns();
+            put_node(
+                &tx,
+                &NodeMeta {
+                    id: NodeId::ROOT,
+                    parent: NodeId::ROOT,
+                    kind: FileKind::Dir,
+                    mode: 0o777,
+                    owner: "root".into(),
+                    size: 0,
+                    version: 0,
+                    mtime_ns: now,
+                    ctime_ns: now,
+                    hash: ContentHash::empty(),
+                    primary: None,
+                    replicas: vec![],
+                    holders: vec![],
+                    symlink_target: None,
+                    fence: FenceToken(0),
+                    last_upload: None,
+                },
+            )?;
+            tx.open_table(META)?.insert(NEXT_ID, NodeId::ROOT.0 + 1)?;
+        }
+        let registry = Registry::open(&tx, config.heartbeat * config.missed_beats)?;
+        tx.commit()?;
+        Ok(DirectoryService {
+            db,
+            registry,
+            config,
+        })
+    }
+
+    /// The configured replication factor.
+    pub fn replication(&self) -> u32 {
+        self.config.replication
+    }
+
+    /// The heartbeat interval servers are told to use.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.config.heartbeat
+    }
+
+    /// Metadata of one node.
+    pub fn get(&self, id: NodeId) -> ServiceResult<NodeMeta> {
+        let tx = self.db.begin_read()?;
+        let nodes = tx.open_table(NODES)?;
+        let v = nodes
+            .get(id.0)?
+            .ok_or_else(|| ServiceError::NotFound(format!("node {id}")))?;
+        decode(v.value())
+    }
+
+    /// The node named `name` in directory `parent`.
+    pub fn lookup(&self, parent: NodeId, name: &ValidName) -> ServiceResult<NodeMeta> {
+        let tx = self.db.begin_read()?;
+        let children = tx.open_table(CHILDREN)?;
+        let nodes = tx.open_table(NODES)?;
+        let pv = nodes
+            .get(parent.0)?
+            .ok_or_else(|| ServiceError::NotFound(format!("node {parent}")))?;
+        if decode::<NodeMeta>(pv.value())?.kind != FileKind::Dir {
+            return Err(ServiceError::NotDir(format!("node {parent}")));
+        }
+        let id = children
+            .get((parent.0, name.as_str()))?
+            .ok_or_else(|| ServiceError::NotFound(format!("{name:?} in node {parent}")))?
+            .value();
+        let v = nodes
+            .get(id)?
+            .ok_or_else(|| ServiceError::internal("lookup", "dangling entry"))?;
+        decode(v.value())
+    }
+
+    /// The entries of directory `parent`, sorted by name.
+    pub fn list(&self, parent: NodeId) -> ServiceResult<Vec<DirEntry>> {
+        let tx = self.db.begin_read()?;
+        let children = tx.open_table(CHILDREN)?;
+        let nodes = tx.open_table(NODES)?;
+        let pv = nodes
+            .get(parent.0)?
+            .ok_or_else(|| ServiceError::NotFound(format!("node {parent}")))?;
+        if decode::<NodeMeta>(pv.value())?.kind != FileKind::Dir {
+            return Err(ServiceError::NotDir(format!("node {parent}")));
+        }
+        let mut out = Vec::new();
+        for row in children.range((parent.0, "")..(parent.0.saturating_add(1), ""))? {
+            let (k, v) = row?;
+            let name = k.value().1.to_owned();
+            let meta = nodes
+                .get(v.value())?
+                .ok_or_else(|| ServiceError::internal("list", "dangling entry"))?;
+            out.push(DirEntry {
+                name,
+                meta: decode(meta.value())?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Creates a file, directory or symlink. A new file is empty (version 0) and is placed on
+    /// distinct live servers.
+    pub fn create(
+        &self,
+        parent: NodeId,
+        req: &CreateRequest,
+        owner: &str,
+    ) -> ServiceResult<NodeMeta> {
+        if req.mode > 0o7777 {
+            return Err(ServiceError::BadRequest(format!(
+                "mode {:o} has bits beyond 07777",
+                req.mode
+            )));
+        }
+        let target = match (req.kind, &req.symlink_target) {
+            (FileKind::Symlink, Some(t))
+                if !t.is_empty() && t.len() <= SYMLINK_MAX && !t.contains('\0') =>
+            {
+                Some(t.clone())
+            }
+            (FileKind::Symlink, _) => {
+                return Err(ServiceError::BadRequest(format!(
+                    "symlink target must be 1 to {SYMLINK_MAX} bytes without NUL"
+                )));
+            }
+            (_, Some(_)) => {
+                return Err(ServiceError::BadRequest(
+                    "only symlinks have a target".into(),
+                ));
+            }
+            (_, None) => None,
+        };
+        let placement = if req.kind == FileKind::File {
+            Some(placement::place(
+                &self.registry.live(),
+                self.config.replication,
+                rand::random(),
+            )?)
+        } else {
+            None
+        };
+        let tx = self.db.begin_write()?;
+        dir_node(&tx, parent)?;
+        if child_of(&tx, parent, req.name.as_str())?.is_some() {
+            return Err(ServiceError::Exists(format!("{:?}", req.name.as_str())));
+        }
+        let id = {
+            let mut meta = tx.open_table(META)?;
+            let id = meta
+                .get(NEXT_ID)?
+                .map(|v| v.value())
+                .unwrap_or(NodeId::ROOT.0 + 1);
+            meta.insert(NEXT_ID, id + 1)?;
+            NodeId(id)
+        };
+        let now = now_ns();
+        let (primary, replicas) = match placement {
+            Some(p) => (Some(p.primary), p.replicas),
+            None => (None, vec![]),
+        };
+        let holders = primary
+            .into_iter()
+            .chain(replicas.iter().copied())
+            .collect();
+        let meta = NodeMeta {
+            id,
+            parent,
+            kind: req.kind,
+            mode: req.mode,
+            owner: owner.to_owned(),
+            size: target.as_ref().map_or(0, |t| t.len() as u64),
+            version: 0,
+            mtime_ns: now,
+            ctime_ns: now,
+            hash: ContentHash::empty(),
+            primary,
+            replicas,
+            holders,
+            symlink_target: target,
+            fence: FenceToken(0),
+            last_upload: None,
+        };
+        put_node(&tx, &meta)?;
+        tx.open_table(CHILDREN)?
+            .insert((parent.0, req.name.as_str()), id.0)?;
+        touch_dir(&tx, parent, now)?;
+        tx.commit()?;
+        Ok(meta)
+    }
+
+    /// unlink (`dir == false`: the entry must not be a directory) or rmdir (`dir == true`: it
+    /// must be an empty directory). Returns the removed node.
+    pub fn remove(&self, parent: NodeId, name: &ValidName, dir: bool) -> ServiceResult<NodeMeta> {
+        let tx = self.db.begin_write()?;
+        dir_node(&tx, parent)?;
+        let id = child_of(&tx, parent, name.as_str())?
+            .ok_or_else(|| ServiceError::NotFound(format!("{name:?} in node {parent}")))?;
+        let meta = get_node(&tx, id)?;
+        match (dir, meta.kind == FileKind::Dir) {
+            (true, false) => return Err(ServiceError::NotDir(format!("{name:?}"))),
+            (false, true) => return Err(ServiceError::IsDir(format!("{name:?}"))),
+            (true, true) if has_children(&tx, id)? => {
+                return Err(ServiceError::NotEmpty(format!("{name:?}")));
+            }
+            _ => {}
+        }
+        tx.open_table(CHILDREN)?.remove((parent.0, name.as_str()))?;
+        tx.open_table(NODES)?.remove(id.0)?;
+        touch_dir(&tx, parent, now_ns())?;
+        tx.commit()?;
+        Ok(meta)
+    }
+
+    /// Atomic rename; replaces an existing target (file over file, empty dir over dir).
+    /// Returns the node that was replaced, if any.
+    pub fn rename(&self, req: &RenameRequest) -> ServiceResult<Option<NodeMeta>> {
+        let tx = self.db.begin_write()?;
+        dir_node(&tx, req.parent)?;
+        dir_node(&tx, req.new_parent)?;
+        let id = child_of(&tx, req.parent, req.name.as_str())?.ok_or_else(|| {
+            ServiceError::NotFound(format!("{:?} in node {}", req.name.as_str(), req.parent))
+        })?;
+        let mut meta = get_node(&tx, id)?;
+        if meta.kind == FileKind::Dir {
+            // The destination must not be the moved directory or inside it.
+            let mut cur = req.new_parent;
+            loop {
+                if cur == id {
+                    return Err(ServiceError::InvalidMove);
+                }
+                if cur == NodeId::ROOT {
+                    break;
+                }
+                cur = get_node(&tx, cur)?.parent;
+            }
+        }
+        let replaced = match child_of(&tx, req.new_parent, req.new_name.as_str())? {
+            Some(old) if old == id => return Ok(None),
+            Some(_) if req.no_replace => {
+                return Err(ServiceError::Exists(format!("{:?}", req.new_name.as_str())));
+            }
+            Some(old) => {
+                let old_meta = get_node(&tx, old)?;
+                match (meta.kind == FileKind::Dir, old_meta.kind == FileKind::Dir) {
+                    (true, false) => {
+                        return Err(ServiceError::NotDir(format!("{:?}", req.new_name.as_str())));
+                    }
+                    (false, true) => {
+                        return Err(ServiceError::IsDir(format!("{:?}", req.new_name.as_str())));
+                    }
+                    (true, true) if has_children(&tx, old)? => {
+                        return Err(ServiceError::NotEmpty(format!(
+                            "{:?}",
+                            req.new_name.as_str()
+                        )));
+                    }
+                    _ => {}
+                }
+                tx.open_table(NODES)?.remove(old.0)?;
+                Some(old_meta)
+            }
+            None => None,
+        };
+        {
+            let mut children = tx.open_table(CHILDREN)?;
+            children.remove((req.parent.0, req.name.as_str()))?;
+            children.insert((req.new_parent.0, req.new_name.as_str()), id.0)?;
+        }
+        let now = now_ns();
+        meta.parent = req.new_parent;
+        meta.ctime_ns = now;
+        put_node(&tx, &meta)?;
+        touch_dir(&tx, req.parent, now)?;
+        if req.new_parent != req.parent {
+            touch_dir(&tx, req.new_parent, now)?;
+        }
+        tx.commit()?;
+        Ok(replaced)
+    }
+
+    /// Changes mode and/or mtime.
+    pub fn setattr(&self, id: NodeId, req: &SetAttrRequest) -> ServiceResult<NodeMeta> {
+        if req.mode.is_some_and(|m| m > 0o7777) {
+            return Err(ServiceError::BadRequest(
+                "mode has bits beyond 07777".into(),
+            ));
+        }
+        let tx = self.db.begin_write()?;
+        let mut meta = get_node(&tx, id)?;
+        if let Some(m) = req.mode {
+            meta.mode = m;
+        }
+        if let Some(t) = req.mtime_ns {
+            meta.mtime_ns = t;
+        }
+        meta.ctime_ns = now_ns();
+        put_node(&tx, &meta)?;
+        tx.commit()?;
+        Ok(meta)
+    }
+
+    /// Records a new version written by a primary. Applies each upload id once; refuses a fence
+    /// older than the newest committed one.
+    pub fn commit(&self, id: NodeId, req: &CommitRequest) -> ServiceResult<NodeMeta> {
+        let tx = self.db.begin_write()?;
+        let mut meta = get_node(&tx, id)?;
+        if meta.kind != FileKind::File {
+            return Err(ServiceError::IsDir(format!("node {id}")));
+        }
+        if meta.last_upload.as_ref() == Some(&req.upload_id) {
+            return Ok(meta);
+        }
+        if req.fence < meta.fence {
+            return Err(ServiceError::stale(req.fence, meta.fence));
+        }
+        let now = now_ns();
+        meta.version += 1;
+        meta.size = req.size;
+        meta.hash = req.hash.clone();
+        meta.fence = req.fence;
+        meta.last_upload = Some(req.upload_id.clone());
+        meta.holders = req.holders.clone();
+        meta.mtime_ns = now;
+        meta.ctime_ns = now;
+        put_node(&tx, &meta)?;
+        tx.commit()?;
+        tracing::debug!(%id, version = meta.version, writer = %req.writer, "version committed");
+        Ok(meta)
+    }
+
+    /// Node count and total bytes.
+    pub fn statfs(&self) -> ServiceResult<StatFs> {
+        let tx = self.db.begin_read()?;
+        let nodes = tx.open_table(NODES)?;
+        let mut bytes = 0u64;
+        for row in nodes.iter()? {
+            let (_, v) = row?;
+            let m: NodeMeta = decode(v.value())?;
+            if m.kind == FileKind::File {
+                bytes = bytes.saturating_add(m.size);
+            }
+        }
+        Ok(StatFs {
+            nodes: nodes.len()?,
+            bytes,
+        })
+    }
+
+    /// Per-server counts of primaries and replicas (for status).
+    pub fn placement_counts(
+        &self,
+    ) -> ServiceResult<std::collections::HashMap<common::ServerId, (u64, u64)>> {
+        let tx = self.db.begin_read()?;
+        let nodes = tx.open_table(NODES)?;
+        let mut counts = std::collections::HashMap::new();
+        for row in nodes.iter()? {
+            let (_, v) = row?;
+            let m: NodeMeta = decode(v.value())?;
+            if let Some(p) = m.primary {
+                counts.entry(p).or_insert((0, 0)).0 += 1;
+            }
+            for r in m.replicas {
+                counts.entry(r).or_insert((0, 0)).1 += 1;
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Registers a file server (persisted) and marks it alive.
+    pub fn register_server(
+        &self,
+        req: &common::api::RegisterServerRequest,
+    ) -> ServiceResult<common::ServerId> {
+        let tx = self.db.begin_write()?;
+        let id = self.registry.register(&tx, req)?;
+        tx.commit()?;
+        Ok(id)
+    }
+
+    /// Records the URL of the lock or auth service (persisted).
+    pub fn register_service(&self, req: &common::api::RegisterServiceRequest) -> ServiceResult<()> {
+        let tx = self.db.begin_write()?;
+        self.registry.register_service(&tx, req)?;
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,220 @@
+//! The file server registry: registrations persisted in the directory's store, heartbeats and
+//! liveness in memory. Also remembers where the lock and auth services are.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use common::ServerId;
+use common::api::{RegisterServerRequest, RegisterServiceRequest, ServerStatus, ServiceKind};
+use redb::{ReadableTable, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::error::{ServiceError, ServiceResult};
+use crate::store::{decode, encode};
+
+const SERVERS: TableDefinition<u64, &[u8]> = TableDefinition::new("servers");
+const SERVICES: TableDefinition<&str, &str> = TableDefinition::new("services");
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ServerRecord {
+    url: String,
+    capacity_bytes: u64,
+}
+
+struct Entry {
+    rec: ServerRecord,
+    last_beat: Option<Instant>,
+}
+
+struct Inner {
+    servers: BTreeMap<ServerId, Entry>,
+    lock_url: Option<String>,
+    auth_url: Option<String>,
+}
+
+/// Registered file servers and their liveness.
+pub struct Registry {
+    inner: Mutex<Inner>,
+    dead_after: Duration,
+    started: Instant,
+}
+
+fn service_key(kind: ServiceKind) -> &'static str {
+    match kind {
+        ServiceKind::Lock => "lock",
+        ServiceKind::Auth => "auth",
+    }
+}
+
+impl Registry {
+    /// Loads registrations from the store. Servers known from before a restart count as alive
+    /// for one dead-after period, so the cluster is usable while their heartbeats resume.
+    pub fn open(tx: &WriteTransaction, dead_after: Duration) -> ServiceResult<Self> {
+        let mut servers = BTreeMap::new();
+        for row in tx.open_table(SERVERS)?.iter()? {
+            let (k, v) = row?;
+            servers.insert(
+                ServerId(k.value()),
+                Entry {
+                    rec: decode(v.value())?,
+                    last_beat: None,
+                },
+            );
+        }
+        let services = tx.open_table(SERVICES)?;
+        let lock_url = services
+            .get(service_key(ServiceKind::Lock))?
+            .map(|v| v.value().to_owned());
+        let auth_url = services
+            .get(service_key(ServiceKind::Auth))?
+            .map(|v| v.value().to_owned());
+        drop(services);
+        Ok(Registry {
+            inner: Mutex::new(Inner {
+                servers,
+                lock_url,
+                auth_url,
+            }),
+            dead_after,
+            started: Instant::now(),
+        })
+    }
+
+    fn inner(&self) -> ServiceResult<std::sync::MutexGuard<'_, Inner>> {
+        self.inner
+            .lock()
+            .map_err(|_| ServiceError::internal("registry", "poisoned"))
+    }
+
+    fn alive(&self, e: &Entry, now: Instant) -> bool {
+        e.last_beat.unwrap_or(self.started) + self.dead_after > now
+    }
+
+    /// Registers (or re-registers, keeping its id) a server at `req.url`.
+    pub fn register(
+        &self,
+        tx: &WriteTransaction,
+        req: &RegisterServerRequest,
+    ) -> ServiceResult<ServerId> {
+        if req.url.len() > 512
+            || !(req.url.starts_with("http://") || req.url.starts_with("https://"))
+        {
+            return Err(ServiceError::BadRequest(
+                "server url must be an http(s) URL".into(),
+            ));
+        }
+        let mut inner = self.inner()?;
+        let id = req
+            .previous_id
+            .filter(|id| inner.servers.contains_key(id))
+            .or_else(|| {
+                inner
+                    .servers
+                    .iter()
+                    .find(|(_, e)| e.rec.url == req.url)
+                    .map(|(id, _)| *id)
+            })
+            .unwrap_or_else(|| ServerId(inner.servers.keys().last().map_or(1, |k| k.0 + 1)));
+        let rec = ServerRecord {
+            url: req.url.clone(),
+            capacity_bytes: req.capacity_bytes,
+        };
+        tx.open_table(SERVERS)?
+            .insert(id.0, encode(&rec)?.as_slice())?;
+        inner.servers.insert(
+            id,
+            Entry {
+                rec,
+                last_beat: Some(Instant::now()),
+            },
+        );
+        tracing::info!(server = %id, url = %req.url, "file server registered");
+        Ok(id)
+    }
+
+    /// Records a heartbeat. An unknown id must register again.
+    pub fn heartbeat(&self, id: ServerId) -> ServiceResult<()> {
+        let mut inner = self.inner()?;
+        let e = inner
+            .servers
+            .get_mut(&id)
+            .ok_or_else(|| ServiceError::NotFound(format!("file server {id}; register again")))?;
+        if e.last_beat
+            .is_some_and(|b| b + self.dead_after <= Instant::now())
+        {
+            tracing::info!(server = %id, "file server is alive again");
+        }
+        e.last_beat = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Records the lock or auth service URL.
+    pub fn register_service(
+        &self,
+        tx: &WriteTransaction,
+        req: &RegisterServiceRequest,
+    ) -> ServiceResult<()> {
+        if req.url.len() > 512 || !req.url.starts_with("http") {
+            return Err(ServiceError::BadRequest(
+                "service url must be an http(s) URL".into(),
+            ));
+        }
+        tx.open_table(SERVICES)?
+            .insert(service_key(req.kind), req.url.as_str())?;
+        let mut inner = self.inner()?;
+        match req.kind {
+            ServiceKind::Lock => inner.lock_url = Some(req.url.clone()),
+            ServiceKind::Auth => inner.auth_url = Some(req.url.clone()),
+        }
+        Ok(())
+    }
+
+    /// Ids of live servers, ascending.
+    pub fn live(&self) -> Vec<ServerId> {
+        let now = Instant::now();
+        self.inner()
+            .map(|i| {
+                i.servers
+                    .iter()
+                    .filter(|(_, e)| self.alive(e, now))
+                    .map(|(id, _)| *id)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Lock and auth URLs.
+    pub fn services(&self) -> (Option<String>, Option<String>) {
+        self.inner()
+            .map(|i| (i.lock_url.clone(), i.auth_url.clone()))
+            .unwrap_or_default()
+    }
+
+    /// Every server with liveness and the given (primaries, replicas) counts.
+    pub fn status(&self, counts: &HashMap<ServerId, (u64, u64)>) -> Vec<ServerStatus> {
+        let now = Instant::now();
+        let Ok(inner) = self.inner() else {
+            return vec![];
+        };
+        inner
+            .servers
+            .iter()
+            .map(|(id, e)| {
+                let (primaries, replicas) = counts.get(id).copied().unwrap_or((0, 0));
+                ServerStatus {
+                    id: *id,
+                    url: e.rec.url.clone(),
+                    alive: self.alive(e, now),
+                    last_heartbeat_ms_ago: e.last_beat.map(|b| {
+                        u64::try_from(now.duration_since(b).as_millis()).unwrap_or(u64::MAX)
+                    }),
+                    capacity_bytes: e.rec.capacity_bytes,
+                    primaries,
+                    replicas,
+                }
+            })
+            .collect()
+    }
+}

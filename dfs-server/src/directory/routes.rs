@@ -1,0 +1,160 @@
+//! HTTP routes of the directory service: namespace, commit, registry and cluster map.
+
+use std::sync::Arc;
+
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use common::api::{
+    ClusterInfo, CommitRequest, CreateRequest, RegisterServerRequest, RegisterServerResponse,
+    RegisterServiceRequest, RemoveQuery, RenameRequest, SetAttrRequest, StatFs,
+};
+use common::{DirEntry, NodeId, NodeMeta, ServerId, ValidName, routes};
+
+use super::DirectoryService;
+use crate::error::ServiceError;
+use crate::http::authed::ClusterOnly;
+use crate::http::{ApiJson, ApiPath, ApiQuery, ApiResult, AppError, Authed, blocking};
+
+/// The directory router over a shared service.
+pub fn router(svc: Arc<DirectoryService>) -> Router {
+    Router::new()
+        .route(routes::CLUSTER, get(cluster))
+        .route(routes::STATFS, get(statfs))
+        .route(routes::RENAME, post(rename))
+        .route(routes::NODE, get(get_node).patch(setattr))
+        .route(routes::CHILDREN, get(list).post(create))
+        .route(routes::CHILD, get(lookup).delete(remove))
+        .route(routes::REGISTER_SERVER, post(register_server))
+        .route(routes::HEARTBEAT, post(heartbeat))
+        .route(routes::REGISTER_SERVICE, post(register_service))
+        .route(routes::COMMIT, post(commit))
+        .with_state(svc)
+}
+
+type State = axum::extract::State<Arc<DirectoryService>>;
+
+fn name(s: &str) -> Result<ValidName, AppError> {
+    ValidName::parse(s).map_err(|e| AppError(ServiceError::InvalidName(e)))
+}
+
+/// Cluster map: public, since a client needs it to find the auth service before logging in.
+async fn cluster(axum::extract::State(svc): State) -> ApiResult<Json<ClusterInfo>> {
+    let counts = blocking({
+        let svc = svc.clone();
+        move || svc.placement_counts()
+    })
+    .await?;
+    let (lock_url, auth_url) = svc.registry.services();
+    Ok(Json(ClusterInfo {
+        lock_url,
+        auth_url,
+        servers: svc.registry.status(&counts),
+        replication: svc.replication(),
+    }))
+}
+
+async fn statfs(axum::extract::State(svc): State, _a: Authed) -> ApiResult<Json<StatFs>> {
+    Ok(Json(blocking(move || svc.statfs()).await?))
+}
+
+async fn get_node(
+    axum::extract::State(svc): State,
+    _a: Authed,
+    ApiPath(id): ApiPath<u64>,
+) -> ApiResult<Json<NodeMeta>> {
+    Ok(Json(blocking(move || svc.get(NodeId(id))).await?))
+}
+
+async fn setattr(
+    axum::extract::State(svc): State,
+    _a: Authed,
+    ApiPath(id): ApiPath<u64>,
+    ApiJson(req): ApiJson<SetAttrRequest>,
+) -> ApiResult<Json<NodeMeta>> {
+    Ok(Json(blocking(move || svc.setattr(NodeId(id), &req)).await?))
+}
+
+async fn list(
+    axum::extract::State(svc): State,
+    _a: Authed,
+    ApiPath(id): ApiPath<u64>,
+) -> ApiResult<Json<Vec<DirEntry>>> {
+    Ok(Json(blocking(move || svc.list(NodeId(id))).await?))
+}
+
+async fn create(
+    axum::extract::State(svc): State,
+    Authed(who): Authed,
+    ApiPath(id): ApiPath<u64>,
+    ApiJson(req): ApiJson<CreateRequest>,
+) -> ApiResult<Json<NodeMeta>> {
+    Ok(Json(
+        blocking(move || svc.create(NodeId(id), &req, who.name())).await?,
+    ))
+}
+
+async fn lookup(
+    axum::extract::State(svc): State,
+    _a: Authed,
+    ApiPath((id, n)): ApiPath<(u64, String)>,
+) -> ApiResult<Json<NodeMeta>> {
+    let n = name(&n)?;
+    Ok(Json(blocking(move || svc.lookup(NodeId(id), &n)).await?))
+}
+
+async fn remove(
+    axum::extract::State(svc): State,
+    _a: Authed,
+    ApiPath((id, n)): ApiPath<(u64, String)>,
+    ApiQuery(q): ApiQuery<RemoveQuery>,
+) -> ApiResult<Json<NodeMeta>> {
+    let n = name(&n)?;
+    Ok(Json(
+        blocking(move || svc.remove(NodeId(id), &n, q.dir)).await?,
+    ))
+}
+
+async fn rename(
+    axum::extract::State(svc): State,
+    _a: Authed,
+    ApiJson(req): ApiJson<RenameRequest>,
+) -> ApiResult<Json<Option<NodeMeta>>> {
+    Ok(Json(blocking(move || svc.rename(&req)).await?))
+}
+
+async fn register_server(
+    axum::extract::State(svc): State,
+    _c: ClusterOnly,
+    ApiJson(req): ApiJson<RegisterServerRequest>,
+) -> ApiResult<Json<RegisterServerResponse>> {
+    let heartbeat_ms = u64::try_from(svc.heartbeat_interval().as_millis()).unwrap_or(u64::MAX);
+    let id = blocking(move || svc.register_server(&req)).await?;
+    Ok(Json(RegisterServerResponse { id, heartbeat_ms }))
+}
+
+async fn heartbeat(
+    axum::extract::State(svc): State,
+    _c: ClusterOnly,
+    ApiPath(id): ApiPath<u64>,
+) -> ApiResult<Json<serde_json::Value>> {
+    svc.registry.heartbeat(ServerId(id))?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn register_service(
+    axum::extract::State(svc): State,
+    _c: ClusterOnly,
+    ApiJson(req): ApiJson<RegisterServiceRequest>,
+) -> ApiResult<Json<serde_json::Value>> {
+    blocking(move || svc.register_service(&req)).await?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn commit(
+    axum::extract::State(svc): State,
+    _c: ClusterOnly,
+    ApiPath(id): ApiPath<u64>,
+    ApiJson(req): ApiJson<CommitRequest>,
+) -> ApiResult<Json<NodeMeta>> {
+    Ok(Json(blocking(move || svc.commit(NodeId(id), &req)).await?))
+}

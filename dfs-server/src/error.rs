@@ -1,0 +1,147 @@
+//! `ServiceError`: the domain errors of every service. No HTTP types here; `http::AppError`
+//! maps them to status codes in one table.
+
+use common::{ErrorCode, FenceToken, NameError};
+
+/// An error from a service's logic.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// Malformed input.
+    #[error("{0}")]
+    BadRequest(String),
+    /// An invalid entry name.
+    #[error(transparent)]
+    InvalidName(#[from] NameError),
+    /// Missing node, user, server, blob.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// Name or user taken.
+    #[error("{0} already exists")]
+    Exists(String),
+    /// rmdir of a non-empty directory.
+    #[error("directory {0} is not empty")]
+    NotEmpty(String),
+    /// A directory operation on something else.
+    #[error("{0} is not a directory")]
+    NotDir(String),
+    /// A file operation on a directory.
+    #[error("{0} is a directory")]
+    IsDir(String),
+    /// rename of a directory into its own subtree.
+    #[error("cannot move a directory into itself")]
+    InvalidMove,
+    /// Bad or expired credentials.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Not allowed.
+    #[error("{0}")]
+    Forbidden(String),
+    /// A write fenced off by a newer lock holder.
+    #[error("stale fencing token: {0}")]
+    StaleFence(String),
+    /// Body and declared hash differ.
+    #[error("content hash mismatch: declared {declared}, body hashes to {actual}")]
+    HashMismatch {
+        /// Declared by the sender.
+        declared: String,
+        /// Computed from the body.
+        actual: String,
+    },
+    /// Over a size limit.
+    #[error("{0}")]
+    TooLarge(String),
+    /// Replayed or stale login envelope.
+    #[error("{0}")]
+    Replay(String),
+    /// Lock operation by a non-holder.
+    #[error("{0}")]
+    NotHolder(String),
+    /// Not enough live servers, or a peer failed.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Storage or I/O failure; the detail is logged, not sent.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ServiceError {
+    /// The wire error class.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ServiceError::BadRequest(_) => ErrorCode::BadRequest,
+            ServiceError::InvalidName(_) => ErrorCode::InvalidName,
+            ServiceError::NotFound(_) => ErrorCode::NotFound,
+            ServiceError::Exists(_) => ErrorCode::Exists,
+            ServiceError::NotEmpty(_) => ErrorCode::NotEmpty,
+            ServiceError::NotDir(_) => ErrorCode::NotDir,
+            ServiceError::IsDir(_) => ErrorCode::IsDir,
+            ServiceError::InvalidMove => ErrorCode::InvalidMove,
+            ServiceError::Unauthorized(_) => ErrorCode::Unauthorized,
+            ServiceError::Forbidden(_) => ErrorCode::Forbidden,
+            ServiceError::StaleFence(_) => ErrorCode::StaleFence,
+            ServiceError::HashMismatch { .. } => ErrorCode::HashMismatch,
+            ServiceError::TooLarge(_) => ErrorCode::TooLarge,
+            ServiceError::Replay(_) => ErrorCode::Replay,
+            ServiceError::NotHolder(_) => ErrorCode::NotHolder,
+            ServiceError::Unavailable(_) => ErrorCode::Unavailable,
+            ServiceError::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
+    /// A stale-fence error naming both tokens.
+    pub fn stale(got: FenceToken, newest: FenceToken) -> Self {
+        ServiceError::StaleFence(format!(
+            "{got} is older than {newest}, already accepted for this file"
+        ))
+    }
+
+    /// Rebuilds an error received from another service from its wire form.
+    pub fn from_wire(code: ErrorCode, message: String) -> Self {
+        match code {
+            ErrorCode::BadRequest | ErrorCode::InvalidName | ErrorCode::InvalidMove => {
+                ServiceError::BadRequest(message)
+            }
+            ErrorCode::NotFound => ServiceError::NotFound(message),
+            ErrorCode::Exists => ServiceError::Exists(message),
+            ErrorCode::NotEmpty => ServiceError::NotEmpty(message),
+            ErrorCode::NotDir => ServiceError::NotDir(message),
+            ErrorCode::IsDir => ServiceError::IsDir(message),
+            ErrorCode::Unauthorized | ErrorCode::Replay => ServiceError::Unauthorized(message),
+            ErrorCode::Forbidden => ServiceError::Forbidden(message),
+            ErrorCode::StaleFence => ServiceError::StaleFence(message),
+            ErrorCode::HashMismatch => ServiceError::BadRequest(message),
+            ErrorCode::TooLarge => ServiceError::TooLarge(message),
+            ErrorCode::NotHolder => ServiceError::NotHolder(message),
+            ErrorCode::Unavailable | ErrorCode::Internal => ServiceError::Unavailable(message),
+        }
+    }
+
+    /// Wraps any storage/I/O error with context.
+    pub fn internal(context: &str, e: impl std::fmt::Display) -> Self {
+        ServiceError::Internal(format!("{context}: {e}"))
+    }
+}
+
+macro_rules! internal_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for ServiceError {
+            fn from(e: $t) -> Self {
+                ServiceError::Internal(format!("{}: {e}", stringify!($t)))
+            }
+        }
+    )*};
+}
+
+internal_from!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    std::io::Error,
+    serde_json::Error
+);
+
+/// Result alias for service logic.
+pub type ServiceResult<T> = Result<T, ServiceError>;

@@ -1,0 +1,316 @@
+//! `FileStore`: one file server's blobs, stored by node id and content hash (never by a user
+//! path), written tmp + fsync + rename + dir fsync, hash-checked while streaming; plus the
+//! per-file fence high-water mark and counters.
+
+pub mod replicate;
+pub mod routes;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use common::api::FileServerStats;
+use common::{ContentHash, FenceToken, NodeId};
+use futures_util::{Stream, StreamExt};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use crate::error::{ServiceError, ServiceResult};
+use crate::store::sync_dir;
+
+const FENCES: TableDefinition<u64, u64> = TableDefinition::new("fences");
+
+/// Counters exposed at `GET /v1/stats`.
+#[derive(Default)]
+pub struct Stats {
+    /// Blob downloads served.
+    pub downloads: AtomicU64,
+    /// Client uploads accepted.
+    pub uploads: AtomicU64,
+    /// Replica pushes accepted.
+    pub replica_writes: AtomicU64,
+    /// Bytes served.
+    pub bytes_out: AtomicU64,
+    /// Bytes received.
+    pub bytes_in: AtomicU64,
+}
+
+/// Blob storage of one file server.
+pub struct FileStore {
+    root: PathBuf,
+    db: Database,
+    /// Counters.
+    pub stats: Stats,
+    /// Largest accepted blob.
+    pub max_blob_bytes: u64,
+}
+
+/// Deletes a temp file unless disarmed (the blob reached its final name).
+struct TmpGuard(Option<PathBuf>);
+
+impl Drop for TmpGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl FileStore {
+    /// Opens the store under `data_dir`, removing temp files left by a crash.
+    pub fn open(data_dir: &Path, max_blob_bytes: u64) -> ServiceResult<Self> {
+        let root = data_dir.to_path_buf();
+        std::fs::create_dir_all(root.join("blobs"))?;
+        let tmp = root.join("tmp");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        std::fs::create_dir_all(&tmp)?;
+        let db = Database::create(root.join("file.redb"))?;
+        let tx = db.begin_write()?;
+        tx.open_table(FENCES)?;
+        tx.commit()?;
+        Ok(FileStore {
+            root,
+            db,
+            stats: Stats::default(),
+            max_blob_bytes,
+        })
+    }
+
+    fn node_dir(&self, node: NodeId) -> PathBuf {
+        self.root.join("blobs").join(node.0.to_string())
+    }
+
+    /// Path of a blob; both parts are validated numbers/hex, so no traversal is possible.
+    pub fn blob_path(&self, node: NodeId, hash: &ContentHash) -> PathBuf {
+        self.node_dir(node).join(hash.as_str())
+    }
+
+    /// Whether this server holds `hash` for `node`.
+    pub fn has(&self, node: NodeId, hash: &ContentHash) -> bool {
+        hash.as_str() == ContentHash::EMPTY_HEX || self.blob_path(node, hash).is_file()
+    }
+
+    /// Opens a blob for streaming out, with its length.
+    pub async fn open_blob(
+        &self,
+        node: NodeId,
+        hash: &ContentHash,
+    ) -> ServiceResult<(tokio::fs::File, u64)> {
+        let path = self.blob_path(node, hash);
+        let f = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ServiceError::NotFound(format!(
+                    "content {hash} of node {node} on this server"
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let len = f.metadata().await?.len();
+        Ok((f, len))
+    }
+
+    /// Streams `body` into the blob `(node, declared)`: verifies the size bound and the hash,
+    /// then makes it durable. Returns the size. Nothing is visible under the final name until
+    /// the content is complete, verified and fsynced.
+    pub async fn put_stream<S, E>(
+        &self,
+        node: NodeId,
+        declared: &ContentHash,
+        mut body: S,
+    ) -> ServiceResult<u64>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let tmp_path = self
+            .root
+            .join("tmp")
+            .join(format!("{}.part", hex::encode(rand::random::<[u8; 12]>())));
+        let mut guard = TmpGuard(Some(tmp_path.clone()));
+        let file = tokio::fs::File::create(&tmp_path).await?;
+        let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk =
+                chunk.map_err(|e| ServiceError::BadRequest(format!("reading body: {e}")))?;
+            size += chunk.len() as u64;
+            if size > self.max_blob_bytes {
+                return Err(ServiceError::TooLarge(format!(
+                    "file larger than this server's limit of {} bytes",
+                    self.max_blob_bytes
+                )));
+            }
+            hasher.update(&chunk);
+            out.write_all(&chunk).await?;
+        }
+        let actual = ContentHash::from_digest(&hasher.finalize().into());
+        if &actual != declared {
+            return Err(ServiceError::HashMismatch {
+                declared: declared.to_string(),
+                actual: actual.to_string(),
+            });
+        }
+        out.flush().await?;
+        let file = out.into_inner();
+        file.sync_all().await?;
+        drop(file);
+        let dir = self.node_dir(node);
+        let created = !dir.exists();
+        tokio::fs::create_dir_all(&dir).await?;
+        tokio::fs::rename(&tmp_path, self.blob_path(node, declared)).await?;
+        guard.0 = None;
+        let root_blobs = self.root.join("blobs");
+        tokio::task::spawn_blocking(move || {
+            sync_dir(&dir)?;
+            if created {
+                sync_dir(&root_blobs)
+            } else {
+                Ok(())
+            }
+        })
+        .await
+        .map_err(|e| ServiceError::internal("fsync", e))??;
+        self.stats.bytes_in.fetch_add(size, Ordering::Relaxed);
+        Ok(size)
+    }
+
+    /// Removes every copy of `node` except `keep` (after a newer version committed).
+    pub fn retain(&self, node: NodeId, keep: &ContentHash) -> ServiceResult<()> {
+        let dir = self.node_dir(node);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        for e in entries.flatten() {
+            if e.file_name().to_str() != Some(keep.as_str()) {
+                std::fs::remove_file(e.path())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails if `fence` is older than the newest accepted for `node`.
+    pub fn check_fence(&self, node: NodeId, fence: FenceToken) -> ServiceResult<()> {
+        let tx = self.db.begin_read()?;
+        let newest = tx.open_table(FENCES)?.get(node.0)?.map_or(0, |v| v.value());
+        if fence.0 < newest {
+            return Err(ServiceError::stale(fence, FenceToken(newest)));
+        }
+        Ok(())
+    }
+
+    /// Atomically checks and raises the high-water mark for `node` (durable on return).
+    pub fn accept_fence(&self, node: NodeId, fence: FenceToken) -> ServiceResult<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(FENCES)?;
+            let newest = t.get(node.0)?.map_or(0, |v| v.value());
+            if fence.0 < newest {
+                return Err(ServiceError::stale(fence, FenceToken(newest)));
+            }
+            t.insert(node.0, fence.0)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Snapshot of the counters.
+    pub fn stats(&self) -> FileServerStats {
+        let s = &self.stats;
+        FileServerStats {
+            downloads: s.downloads.load(Ordering::Relaxed),
+            uploads: s.uploads.load(Ordering::Relaxed),
+            replica_writes: s.replica_writes.load(Ordering::Relaxed),
+            bytes_out: s.bytes_out.load(Ordering::Relaxed),
+            bytes_in: s.bytes_in.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunks(
+        parts: &[&'static [u8]],
+    ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin {
+        futures_util::stream::iter(
+            parts
+                .iter()
+                .map(|p| Ok(Bytes::from_static(p)))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    fn hash_of(data: &[u8]) -> ContentHash {
+        ContentHash::from_digest(&Sha256::digest(data).into())
+    }
+
+    #[tokio::test]
+    async fn stored_blob_matches_and_bad_hash_leaves_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = FileStore::open(dir.path(), 1 << 20).expect("open");
+        let h = hash_of(b"hello world");
+        assert_eq!(
+            store
+                .put_stream(NodeId(5), &h, chunks(&[b"hello ", b"world"]))
+                .await
+                .expect("put"),
+            11
+        );
+        assert_eq!(
+            std::fs::read(store.blob_path(NodeId(5), &h)).expect("read"),
+            b"hello world"
+        );
+        let wrong = hash_of(b"other");
+        let r = store
+            .put_stream(NodeId(6), &wrong, chunks(&[b"hello"]))
+            .await;
+        assert!(matches!(r, Err(ServiceError::HashMismatch { .. })));
+        assert!(!store.has(NodeId(6), &wrong));
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp"))
+                .expect("tmp")
+                .count(),
+            0,
+            "temp file removed"
+        );
+    }
+
+    #[tokio::test]
+    async fn oversize_body_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = FileStore::open(dir.path(), 4).expect("open");
+        let r = store
+            .put_stream(NodeId(1), &hash_of(b"12345"), chunks(&[b"123", b"45"]))
+            .await;
+        assert!(matches!(r, Err(ServiceError::TooLarge(_))));
+    }
+
+    #[test]
+    fn fences_only_grow_and_survive_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = FileStore::open(dir.path(), 1).expect("open");
+            store
+                .accept_fence(NodeId(1), FenceToken(10))
+                .expect("accept");
+            store
+                .accept_fence(NodeId(1), FenceToken(10))
+                .expect("same token again");
+        }
+        let store = FileStore::open(dir.path(), 1).expect("reopen");
+        assert!(matches!(
+            store.accept_fence(NodeId(1), FenceToken(9)),
+            Err(ServiceError::StaleFence(_))
+        ));
+        assert!(store.check_fence(NodeId(1), FenceToken(9)).is_err());
+        store
+            .accept_fence(NodeId(2), FenceToken(1))
+            .expect("other file independent");
+    }
+}

@@ -1,0 +1,243 @@
+//! `FileServer`: a file server's network role. Registration and heartbeats, and the primary's
+//! write path: store durably, push to the replicas, apply the acknowledgement rule, record the
+//! version in the directory.
+//!
+//! Acknowledgement rule: a write is acknowledged once the primary and at least one replica hold
+//! it durably (fsync + rename), or the primary alone for a file placed on a single server. A
+//! replica that fails the push does not fail the write while the rule holds; it is left out of
+//! the version's holders.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::api::{CommitRequest, RegisterServerRequest};
+use common::{ContentHash, FenceToken, FileKind, NodeId, NodeMeta, ServerId, UploadId, routes};
+use futures_util::Stream;
+use tokio_util::sync::CancellationToken;
+
+use super::FileStore;
+use crate::error::{ServiceError, ServiceResult};
+use crate::peer::{Peer, error_from_response};
+
+/// One file server.
+pub struct FileServer {
+    /// Its blobs.
+    pub store: FileStore,
+    peer: Peer,
+    directory: String,
+    id: AtomicU64,
+    id_file: PathBuf,
+    /// Copies (primary included) that must be durable before a write is acknowledged.
+    pub min_copies: usize,
+}
+
+/// Parameters of one primary write.
+pub struct WriteRequest {
+    /// The file.
+    pub node: NodeId,
+    /// Declared SHA-256 of the body.
+    pub hash: ContentHash,
+    /// The writer's fencing token.
+    pub fence: FenceToken,
+    /// Idempotency key.
+    pub upload_id: UploadId,
+    /// Who writes.
+    pub writer: String,
+}
+
+impl FileServer {
+    /// A file server storing under `data_dir` and registering with `directory`.
+    pub fn new(
+        store: FileStore,
+        peer: Peer,
+        directory: String,
+        data_dir: &std::path::Path,
+    ) -> Self {
+        let id_file = data_dir.join("server_id");
+        let previous = std::fs::read_to_string(&id_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        FileServer {
+            store,
+            peer,
+            directory,
+            id: AtomicU64::new(previous),
+            id_file,
+            min_copies: 2,
+        }
+    }
+
+    /// This server's id, once registered.
+    pub fn id(&self) -> Option<ServerId> {
+        match self.id.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(ServerId(n)),
+        }
+    }
+
+    /// Registers at `url`; keeps the id across restarts. Returns the heartbeat interval.
+    pub async fn register(&self, url: &str, capacity_bytes: u64) -> ServiceResult<Duration> {
+        let req = RegisterServerRequest {
+            url: url.to_owned(),
+            capacity_bytes,
+            previous_id: self.id(),
+        };
+        let resp = self.peer.register_server(&self.directory, &req).await?;
+        self.id.store(resp.id.0, Ordering::Relaxed);
+        crate::store::write_durable(&self.id_file, resp.id.0.to_string().as_bytes(), 0o644)?;
+        Ok(Duration::from_millis(resp.heartbeat_ms.max(100)))
+    }
+
+    /// Registers (retrying until the directory answers) and then heartbeats until `cancel`.
+    pub async fn run_heartbeats(
+        self: Arc<Self>,
+        url: String,
+        capacity: u64,
+        cancel: CancellationToken,
+    ) {
+        let mut interval = Duration::from_secs(1);
+        let mut registered = false;
+        loop {
+            if !registered {
+                match self.register(&url, capacity).await {
+                    Ok(i) => {
+                        interval = i;
+                        registered = true;
+                        tracing::info!(id = ?self.id(), %url, "registered with the directory");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "registration failed; retrying"),
+                }
+            } else if let Some(id) = self.id() {
+                match self.peer.heartbeat(&self.directory, id).await {
+                    Ok(()) => {}
+                    Err(ServiceError::NotFound(_)) => registered = false,
+                    Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+
+    /// The primary's write path (see the module docs for the acknowledgement rule).
+    pub async fn write_primary<S, E>(&self, req: WriteRequest, body: S) -> ServiceResult<NodeMeta>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let node = req.node;
+        let meta = self.peer.node(&self.directory, node).await?;
+        if meta.kind != FileKind::File {
+            return Err(ServiceError::IsDir(format!("node {node}")));
+        }
+        let me = self
+            .id()
+            .ok_or_else(|| ServiceError::Unavailable("file server not registered yet".into()))?;
+        if meta.primary != Some(me) {
+            return Err(ServiceError::Forbidden(format!(
+                "this server ({me}) is not the primary of node {node}; ask the directory"
+            )));
+        }
+        if meta.last_upload.as_ref() == Some(&req.upload_id) {
+            return Ok(meta);
+        }
+        self.store.check_fence(node, req.fence)?;
+        let size = self.store.put_stream(node, &req.hash, body).await?;
+        self.store.accept_fence(node, req.fence)?;
+        self.store.stats.uploads.fetch_add(1, Ordering::Relaxed);
+
+        let mut holders = vec![me];
+        if !meta.replicas.is_empty() {
+            let cluster = self.peer.cluster(&self.directory).await?;
+            let hash = &req.hash;
+            let pushes = meta.replicas.iter().map(|r| {
+                let url = cluster
+                    .servers
+                    .iter()
+                    .find(|s| s.id == *r)
+                    .map(|s| s.url.clone());
+                async move {
+                    let url = url.ok_or_else(|| ServiceError::NotFound(format!("server {r}")))?;
+                    self.push(&url, node, hash).await.map(|()| *r)
+                }
+            });
+            for (r, result) in meta
+                .replicas
+                .iter()
+                .zip(futures_util::future::join_all(pushes).await)
+            {
+                match result {
+                    Ok(id) => holders.push(id),
+                    Err(e) => {
+                        tracing::warn!(replica = %r, %node, error = %e, "replica push failed")
+                    }
+                }
+            }
+        }
+        let required = self.min_copies.clamp(1, 1 + meta.replicas.len());
+        if holders.len() < required {
+            return Err(ServiceError::Unavailable(format!(
+                "only {} of {} copies are durable; {required} needed before acknowledging",
+                holders.len(),
+                1 + meta.replicas.len()
+            )));
+        }
+        let commit = CommitRequest {
+            hash: req.hash.clone(),
+            size,
+            fence: req.fence,
+            upload_id: req.upload_id,
+            holders: holders.clone(),
+            writer: req.writer,
+        };
+        let committed = self.peer.commit(&self.directory, node, &commit).await?;
+        if committed.hash == req.hash {
+            self.retain_everywhere(&holders, node, &req.hash).await;
+        }
+        Ok(committed)
+    }
+
+    async fn push(&self, base: &str, node: NodeId, hash: &ContentHash) -> ServiceResult<()> {
+        let (file, len) = self.store.open_blob(node, hash).await?;
+        let body =
+            reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));
+        let resp = self
+            .peer
+            .stream_put(format!("{base}{}", routes::replica_put(node, hash)))
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| ServiceError::Unavailable(format!("pushing to {base}: {e}")))?;
+        if !resp.status().is_success() {
+            return Err(error_from_response(resp).await);
+        }
+        Ok(())
+    }
+
+    /// Best effort: every holder drops older copies of `node`.
+    async fn retain_everywhere(&self, holders: &[ServerId], node: NodeId, hash: &ContentHash) {
+        if let Err(e) = self.store.retain(node, hash) {
+            tracing::warn!(%node, error = %e, "dropping old copies failed");
+        }
+        let Ok(cluster) = self.peer.cluster(&self.directory).await else {
+            return;
+        };
+        for s in cluster
+            .servers
+            .iter()
+            .filter(|s| holders.contains(&s.id) && Some(s.id) != self.id())
+        {
+            let url = format!("{}{}", s.url, routes::retain(node, hash));
+            if let Err(e) = self.peer.post_empty(url, "retain").await {
+                tracing::debug!(server = %s.id, error = %e, "retain failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! HTTP routes of a file server. Bodies are streamed both ways, never held whole in memory.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use common::api::FileServerStats;
+use common::{ContentHash, FenceToken, NodeId, NodeMeta, UploadId, routes};
+
+use super::replicate::{FileServer, WriteRequest};
+use crate::error::ServiceError;
+use crate::http::authed::ClusterOnly;
+use crate::http::{ApiPath, ApiResult, AppError, Authed};
+
+/// The file server router.
+pub fn router(fs: Arc<FileServer>) -> Router {
+    Router::new()
+        .route(routes::FILE_WRITE, put(write))
+        .route(routes::FILE_READ, get(read))
+        .route(routes::REPLICA_PUT, put(replica_put))
+        .route(routes::RETAIN, post(retain))
+        .route(routes::FILE_STATS, get(stats))
+        .with_state(fs)
+}
+
+type State = axum::extract::State<Arc<FileServer>>;
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, AppError> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| AppError(ServiceError::BadRequest(format!("missing header {name}"))))
+}
+
+fn parse_hash(s: &str) -> Result<ContentHash, AppError> {
+    ContentHash::parse(s).map_err(|e| AppError(ServiceError::BadRequest(e.to_string())))
+}
+
+async fn write(
+    axum::extract::State(fs): State,
+    Authed(who): Authed,
+    ApiPath(id): ApiPath<u64>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<NodeMeta>> {
+    let fence = header_str(&headers, routes::FENCE_HEADER)?
+        .parse::<u64>()
+        .map_err(|_| {
+            AppError(ServiceError::BadRequest(
+                "fence header must be a number".into(),
+            ))
+        })?;
+    let req = WriteRequest {
+        node: NodeId(id),
+        hash: parse_hash(header_str(&headers, routes::HASH_HEADER)?)?,
+        fence: FenceToken(fence),
+        upload_id: UploadId::parse(header_str(&headers, routes::UPLOAD_ID_HEADER)?)
+            .map_err(|e| AppError(ServiceError::BadRequest(e.to_string())))?,
+        writer: who.name().to_owned(),
+    };
+    Ok(Json(fs.write_primary(req, body.into_data_stream()).await?))
+}
+
+async fn read(
+    axum::extract::State(fs): State,
+    _who: Authed,
+    ApiPath((id, hash)): ApiPath<(u64, String)>,
+) -> ApiResult<Response> {
+    let hash = parse_hash(&hash)?;
+    fs.store.stats.downloads.fetch_add(1, Ordering::Relaxed);
+    if hash.as_str() == ContentHash::EMPTY_HEX {
+        return Ok(([(header::CONTENT_LENGTH, "0")], Body::empty()).into_response());
+    }
+    let (file, len) = fs.store.open_blob(NodeId(id), &hash).await?;
+    fs.store.stats.bytes_out.fetch_add(len, Ordering::Relaxed);
+    let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20);
+    Ok((
+        [(header::CONTENT_LENGTH, len.to_string())],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+async fn replica_put(
+    axum::extract::State(fs): State,
+    _c: ClusterOnly,
+    ApiPath((id, hash)): ApiPath<(u64, String)>,
+    body: Body,
+) -> ApiResult<Json<serde_json::Value>> {
+    let hash = parse_hash(&hash)?;
+    let size = fs
+        .store
+        .put_stream(NodeId(id), &hash, body.into_data_stream())
+        .await?;
+    fs.store
+        .stats
+        .replica_writes
+        .fetch_add(1, Ordering::Relaxed);
+    Ok(Json(serde_json::json!({ "size": size })))
+}
+
+async fn retain(
+    axum::extract::State(fs): State,
+    _c: ClusterOnly,
+    ApiPath((id, hash)): ApiPath<(u64, String)>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let hash = parse_hash(&hash)?;
+    fs.store.retain(NodeId(id), &hash)?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn stats(axum::extract::State(fs): State) -> Json<FileServerStats> {
+    Json(fs.store.stats())
+}

@@ -1,0 +1,199 @@
+//! Who is calling: the `Authed` extractor verifies a bearer token locally with the auth service's
+//! public key (no call to auth per request) or the cluster key of an internal call.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use common::api::{Claims, ClusterInfo, PublicKeyResponse};
+use rsa::PublicKey;
+use rsa::pkcs8::DecodePublicKey;
+use rsa::sha2::{Digest, Sha256};
+
+use crate::error::{ServiceError, ServiceResult};
+use crate::http::AppError;
+use crate::store::now_ms;
+
+/// The authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// A user, by name, from a valid token.
+    User(String),
+    /// Another dfs service, from the cluster key.
+    Cluster,
+}
+
+impl Principal {
+    /// Name recorded as owner/writer.
+    pub fn name(&self) -> &str {
+        match self {
+            Principal::User(u) => u,
+            Principal::Cluster => "@cluster",
+        }
+    }
+}
+
+/// Verifies user tokens and the cluster key. Holds the auth public key, fetched lazily through the
+/// directory when the service runs in its own process.
+pub struct Verifier {
+    cluster_key_digest: [u8; 32],
+    public_key: RwLock<Option<PublicKey>>,
+    directory_url: Option<String>,
+    http: reqwest::Client,
+}
+
+fn digest(s: &str) -> [u8; 32] {
+    Sha256::digest(s.as_bytes()).into()
+}
+
+impl Verifier {
+    /// A verifier with a known public key (in-process auth) or one to fetch via `directory_url`.
+    pub fn new(
+        cluster_key: &str,
+        public_key: Option<PublicKey>,
+        directory_url: Option<String>,
+    ) -> Self {
+        Verifier {
+            cluster_key_digest: digest(cluster_key),
+            public_key: RwLock::new(public_key),
+            directory_url,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Whether `key` is the cluster key (compared as digests, so timing reveals nothing useful).
+    pub fn is_cluster_key(&self, key: &str) -> bool {
+        digest(key) == self.cluster_key_digest
+    }
+
+    /// Installs the public key (used when auth starts in the same process).
+    pub fn set_public_key(&self, key: PublicKey) {
+        if let Ok(mut k) = self.public_key.write() {
+            *k = Some(key);
+        }
+    }
+
+    fn cached_key(&self) -> Option<PublicKey> {
+        self.public_key.read().ok().and_then(|k| k.clone())
+    }
+
+    async fn key(&self) -> ServiceResult<PublicKey> {
+        if let Some(k) = self.cached_key() {
+            return Ok(k);
+        }
+        let dir = self
+            .directory_url
+            .as_deref()
+            .ok_or_else(|| ServiceError::Unavailable("auth public key not known yet".into()))?;
+        let unavailable =
+            |e: reqwest::Error| ServiceError::Unavailable(format!("fetching auth key: {e}"));
+        let info: ClusterInfo = self
+            .http
+            .get(format!("{dir}{}", common::routes::CLUSTER))
+            .header(common::routes::CLUSTER_KEY_HEADER, "")
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(unavailable)?
+            .json()
+            .await
+            .map_err(unavailable)?;
+        let auth = info
+            .auth_url
+            .ok_or_else(|| ServiceError::Unavailable("no auth service registered".into()))?;
+        let pk: PublicKeyResponse = self
+            .http
+            .get(format!("{auth}{}", common::routes::AUTH_PUBLIC_KEY))
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(unavailable)?
+            .json()
+            .await
+            .map_err(unavailable)?;
+        let key = PublicKey::from_public_key_pem(&pk.pem)
+            .map_err(|e| ServiceError::Unavailable(format!("bad auth public key: {e}")))?;
+        self.set_public_key(key.clone());
+        Ok(key)
+    }
+
+    /// Checks a bearer token's signature and expiry; returns its claims.
+    pub async fn verify_token(&self, token: &str) -> ServiceResult<Claims> {
+        let key = self.key().await?;
+        verify_token_with(&key, token, now_ms())
+    }
+}
+
+/// Verifies `payload.signature` (both base64url) with RSA-PSS/SHA-256 and checks expiry.
+pub fn verify_token_with(key: &PublicKey, token: &str, now_ms: u64) -> ServiceResult<Claims> {
+    let bad = || ServiceError::Unauthorized("malformed or forged token".into());
+    let (payload, sig) = token.split_once('.').ok_or_else(bad)?;
+    let payload = URL_SAFE_NO_PAD.decode(payload).map_err(|_| bad())?;
+    let sig = URL_SAFE_NO_PAD.decode(sig).map_err(|_| bad())?;
+    key.pss_verify::<Sha256>(&payload, &sig)
+        .map_err(|_| bad())?;
+    let claims: Claims = serde_json::from_slice(&payload).map_err(|_| bad())?;
+    if claims.exp_ms <= now_ms {
+        return Err(ServiceError::Unauthorized(
+            "token expired; log in again".into(),
+        ));
+    }
+    Ok(claims)
+}
+
+/// Extractor: the request carries a valid user token (`Authorization: Bearer`) or the cluster key.
+pub struct Authed(pub Principal);
+
+impl<S: Send + Sync> FromRequestParts<S> for Authed {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let verifier = parts
+            .extensions
+            .get::<Arc<Verifier>>()
+            .cloned()
+            .ok_or_else(|| AppError(ServiceError::internal("auth", "no verifier installed")))?;
+        if let Some(key) = parts.headers.get(common::routes::CLUSTER_KEY_HEADER) {
+            let key = key.to_str().unwrap_or_default();
+            if !key.is_empty() && verifier.is_cluster_key(key) {
+                return Ok(Authed(Principal::Cluster));
+            }
+        }
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok())
+            .ok_or_else(|| {
+                AppError(ServiceError::Unauthorized(
+                    "missing bearer token; log in".into(),
+                ))
+            })?;
+        let token = header.strip_prefix("Bearer ").ok_or_else(|| {
+            AppError(ServiceError::Unauthorized("expected a Bearer token".into()))
+        })?;
+        let claims = verifier.verify_token(token).await?;
+        Ok(Authed(Principal::User(claims.user)))
+    }
+}
+
+/// Extractor: only other dfs services (cluster key) may call.
+pub struct ClusterOnly;
+
+impl<S: Send + Sync> FromRequestParts<S> for ClusterOnly {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Authed::from_request_parts(parts, state).await?.0 {
+            Principal::Cluster => Ok(ClusterOnly),
+            Principal::User(_) => Err(AppError(ServiceError::Forbidden(
+                "internal endpoint: cluster key required".into(),
+            ))),
+        }
+    }
+}

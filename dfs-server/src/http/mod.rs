@@ -1,0 +1,144 @@
+//! HTTP plumbing shared by every service router: the error-to-status table, a JSON extractor
+//! whose rejections use the dfs error shape, the `Authed` extractor and `/health`.
+
+pub mod authed;
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use common::{ErrorBody, ErrorCode};
+use serde::de::DeserializeOwned;
+
+use crate::error::ServiceError;
+
+pub use authed::{Authed, Principal, Verifier};
+
+/// Largest JSON request body accepted by any service.
+pub const JSON_BODY_LIMIT: usize = 64 * 1024;
+
+/// A service error on its way out as a JSON response.
+#[derive(Debug)]
+pub struct AppError(pub ServiceError);
+
+impl From<ServiceError> for AppError {
+    fn from(e: ServiceError) -> Self {
+        AppError(e)
+    }
+}
+
+/// The one table from error class to HTTP status.
+pub fn status_of(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::BadRequest
+        | ErrorCode::InvalidName
+        | ErrorCode::NotDir
+        | ErrorCode::IsDir
+        | ErrorCode::InvalidMove => StatusCode::BAD_REQUEST,
+        ErrorCode::NotFound => StatusCode::NOT_FOUND,
+        ErrorCode::Exists | ErrorCode::NotEmpty | ErrorCode::StaleFence | ErrorCode::NotHolder => {
+            StatusCode::CONFLICT
+        }
+        ErrorCode::Unauthorized | ErrorCode::Replay => StatusCode::UNAUTHORIZED,
+        ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+        ErrorCode::HashMismatch => StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let code = self.0.code();
+        let message = if code == ErrorCode::Internal {
+            tracing::error!(error = %self.0, "request failed");
+            "internal error; see the server log".to_owned()
+        } else {
+            tracing::debug!(error = %self.0, "request refused");
+            self.0.to_string()
+        };
+        (status_of(code), Json(ErrorBody { code, message })).into_response()
+    }
+}
+
+/// Result of a handler.
+pub type ApiResult<T> = Result<T, AppError>;
+
+/// `Json` whose rejection (bad JSON, wrong content type, too large) is a dfs [`ErrorBody`].
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(JsonRejection::BytesRejection(r)) => {
+                Err(AppError(ServiceError::TooLarge(r.body_text())))
+            }
+            Err(r) => Err(AppError(ServiceError::BadRequest(r.body_text()))),
+        }
+    }
+}
+
+/// `Path` whose rejection is a dfs [`ErrorBody`].
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| ApiPath(p.0))
+            .map_err(|r: PathRejection| AppError(ServiceError::BadRequest(r.body_text())))
+    }
+}
+
+/// `Query` whose rejection is a dfs [`ErrorBody`].
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| ApiQuery(q.0))
+            .map_err(|r: QueryRejection| AppError(ServiceError::BadRequest(r.body_text())))
+    }
+}
+
+/// Runs blocking service logic (store transactions, argon2) off the async worker threads.
+pub async fn blocking<T, F>(f: F) -> Result<T, AppError>
+where
+    F: FnOnce() -> Result<T, ServiceError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AppError(ServiceError::internal("blocking task", e)))?
+        .map_err(AppError)
+}
+
+/// `GET /health`.
+pub async fn health() -> &'static str {
+    "ok"
+}
+
+/// Answer for unknown routes, in the dfs error shape.
+pub async fn not_found() -> AppError {
+    AppError(ServiceError::NotFound("route".to_owned()))
+}
+
+/// Common layers for a service router: JSON body limit, the verifier, request tracing, 404s.
+pub fn finish(router: axum::Router, verifier: std::sync::Arc<Verifier>) -> axum::Router {
+    router
+        .route(common::routes::HEALTH, axum::routing::get(health))
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(JSON_BODY_LIMIT))
+        .layer(axum::Extension(verifier))
+}

@@ -1,0 +1,64 @@
+//! HTTP routes of the lock service: long-poll acquire, renew, release, status.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use common::NodeId;
+use common::api::{AcquireRequest, AcquireResponse, Grant, LockRequest, LockStatus};
+use common::routes;
+
+use super::LockService;
+use crate::http::{ApiJson, ApiPath, ApiResult, Authed};
+
+/// The lock router over a shared service.
+pub fn router(svc: Arc<LockService>) -> Router {
+    Router::new()
+        .route(routes::LOCK_ACQUIRE, post(acquire))
+        .route(routes::LOCK_RENEW, post(renew))
+        .route(routes::LOCK_RELEASE, post(release))
+        .route(routes::LOCKS, get(status))
+        .with_state(svc)
+}
+
+type State = axum::extract::State<Arc<LockService>>;
+
+async fn acquire(
+    axum::extract::State(svc): State,
+    Authed(who): Authed,
+    ApiPath(id): ApiPath<u64>,
+    ApiJson(req): ApiJson<AcquireRequest>,
+) -> ApiResult<Json<AcquireResponse>> {
+    let wait = Duration::from_millis(req.wait_ms);
+    Ok(Json(
+        svc.acquire(NodeId(id), &req.waiter, who.name(), wait)
+            .await?,
+    ))
+}
+
+async fn renew(
+    axum::extract::State(svc): State,
+    _who: Authed,
+    ApiPath(id): ApiPath<u64>,
+    ApiJson(req): ApiJson<LockRequest>,
+) -> ApiResult<Json<Grant>> {
+    Ok(Json(svc.renew(NodeId(id), &req.waiter)?))
+}
+
+async fn release(
+    axum::extract::State(svc): State,
+    _who: Authed,
+    ApiPath(id): ApiPath<u64>,
+    ApiJson(req): ApiJson<LockRequest>,
+) -> ApiResult<Json<serde_json::Value>> {
+    svc.release(NodeId(id), &req.waiter)?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn status(
+    axum::extract::State(svc): State,
+    _who: Authed,
+) -> ApiResult<Json<Vec<LockStatus>>> {
+    Ok(Json(svc.status()?))
+}

@@ -1,0 +1,161 @@
+//! `Peer`: the HTTP client one service uses to call another (cluster key attached), mapping the
+//! callee's error body back into a [`ServiceError`].
+
+use std::time::Duration;
+
+use common::api::{
+    ClusterInfo, CommitRequest, RegisterServerRequest, RegisterServerResponse,
+    RegisterServiceRequest,
+};
+use common::{ErrorBody, NodeId, NodeMeta, ServerId, routes};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{ServiceError, ServiceResult};
+
+/// A client for service-to-service calls.
+#[derive(Clone)]
+pub struct Peer {
+    http: reqwest::Client,
+    streaming: reqwest::Client,
+    cluster_key: String,
+}
+
+/// Maps a callee's error response into a service error of the same class.
+pub async fn error_from_response(resp: reqwest::Response) -> ServiceError {
+    let status = resp.status();
+    match resp.json::<ErrorBody>().await {
+        Ok(body) => ServiceError::from_wire(body.code, format!("peer: {}", body.message)),
+        Err(_) => ServiceError::Unavailable(format!("peer answered {status}")),
+    }
+}
+
+impl Peer {
+    /// A client with request timeouts; `cluster_key` authenticates it to other services.
+    pub fn new(cluster_key: &str) -> Self {
+        let build = |timeout: Option<Duration>| {
+            let mut b = reqwest::Client::builder().connect_timeout(Duration::from_secs(3));
+            if let Some(t) = timeout {
+                b = b.timeout(t);
+            } else {
+                b = b.read_timeout(Duration::from_secs(30));
+            }
+            b.build().unwrap_or_default()
+        };
+        Peer {
+            http: build(Some(Duration::from_secs(10))),
+            streaming: build(None),
+            cluster_key: cluster_key.to_owned(),
+        }
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+        what: &str,
+    ) -> ServiceResult<T> {
+        let resp = req
+            .header(routes::CLUSTER_KEY_HEADER, &self.cluster_key)
+            .send()
+            .await
+            .map_err(|e| ServiceError::Unavailable(format!("{what}: {e}")))?;
+        if !resp.status().is_success() {
+            return Err(error_from_response(resp).await);
+        }
+        resp.json()
+            .await
+            .map_err(|e| ServiceError::Unavailable(format!("{what}: bad answer: {e}")))
+    }
+
+    async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        url: String,
+        body: &B,
+        what: &str,
+    ) -> ServiceResult<T> {
+        self.send(self.http.post(url).json(body), what).await
+    }
+
+    /// The directory's cluster map.
+    pub async fn cluster(&self, dir: &str) -> ServiceResult<ClusterInfo> {
+        self.send(
+            self.http.get(format!("{dir}{}", routes::CLUSTER)),
+            "cluster map",
+        )
+        .await
+    }
+
+    /// One node's metadata from the directory.
+    pub async fn node(&self, dir: &str, id: NodeId) -> ServiceResult<NodeMeta> {
+        self.send(
+            self.http.get(format!("{dir}{}", routes::node(id))),
+            "node metadata",
+        )
+        .await
+    }
+
+    /// Registers a file server.
+    pub async fn register_server(
+        &self,
+        dir: &str,
+        req: &RegisterServerRequest,
+    ) -> ServiceResult<RegisterServerResponse> {
+        self.post(
+            format!("{dir}{}", routes::REGISTER_SERVER),
+            req,
+            "registering",
+        )
+        .await
+    }
+
+    /// Sends a heartbeat.
+    pub async fn heartbeat(&self, dir: &str, id: ServerId) -> ServiceResult<()> {
+        self.post::<_, serde_json::Value>(
+            format!("{dir}{}", routes::heartbeat(id)),
+            &(),
+            "heartbeat",
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Registers the lock or auth service.
+    pub async fn register_service(
+        &self,
+        dir: &str,
+        req: &RegisterServiceRequest,
+    ) -> ServiceResult<()> {
+        self.post::<_, serde_json::Value>(
+            format!("{dir}{}", routes::REGISTER_SERVICE),
+            req,
+            "registering",
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Records a new version in the directory.
+    pub async fn commit(
+        &self,
+        dir: &str,
+        id: NodeId,
+        req: &CommitRequest,
+    ) -> ServiceResult<NodeMeta> {
+        self.post(format!("{dir}{}", routes::commit(id)), req, "commit")
+            .await
+    }
+
+    /// A streaming request builder with the cluster key (replica pushes).
+    pub fn stream_put(&self, url: String) -> reqwest::RequestBuilder {
+        self.streaming
+            .put(url)
+            .header(routes::CLUSTER_KEY_HEADER, &self.cluster_key)
+    }
+
+    /// A short POST with the cluster key and no interesting answer.
+    pub async fn post_empty(&self, url: String, what: &str) -> ServiceResult<()> {
+        self.post::<_, serde_json::Value>(url, &(), what)
+            .await
+            .map(drop)
+    }
+}

@@ -1,0 +1,81 @@
+//! The embedded transactional store (redb) that every service keeps its state in, plus the
+//! durable-file helpers (tmp + fsync + rename + dir fsync) used for blobs and keys.
+
+use std::path::Path;
+
+use redb::{Database, TableDefinition};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{ServiceError, ServiceResult};
+
+/// Opens (or creates) the redb database at `path`, creating `tables` so that read transactions
+/// never see a missing table.
+pub fn open_db(path: &Path, tables: &[TableDefinition<'_, u64, &[u8]>]) -> ServiceResult<Database> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let db = Database::create(path)?;
+    let tx = db.begin_write()?;
+    for t in tables {
+        tx.open_table(*t)?;
+    }
+    tx.commit()?;
+    Ok(db)
+}
+
+/// Serialises a value for storage.
+pub fn encode<T: Serialize>(v: &T) -> ServiceResult<Vec<u8>> {
+    Ok(serde_json::to_vec(v)?)
+}
+
+/// Deserialises a stored value; a failure means a corrupt store, reported as internal.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> ServiceResult<T> {
+    serde_json::from_slice(bytes).map_err(|e| ServiceError::internal("decoding stored record", e))
+}
+
+/// Writes `data` to `path` durably: a temp file beside it, fsync, rename, fsync of the directory.
+pub fn write_durable(path: &Path, data: &[u8], mode: u32) -> ServiceResult<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path
+        .parent()
+        .ok_or_else(|| ServiceError::internal("durable write", "path has no parent"))?;
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
+    ));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    sync_dir(dir)
+}
+
+/// fsyncs a directory so that a rename into it survives a crash.
+pub fn sync_dir(dir: &Path) -> ServiceResult<()> {
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Nanoseconds since the Unix epoch.
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
