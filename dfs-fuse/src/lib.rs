@@ -1,1 +1,12 @@
+//! The dfs client: a FUSE mount over a whole-file cache (`fs`, `fuse`), the cluster client
+//! (`remote`), saved logins (`creds`) and the `dfs` command (`cli`, `session`, `up`).
 
+pub mod cache;
+pub mod cli;
+pub mod creds;
+pub mod error;
+pub mod fs;
+pub mod fuse;
+pub mod remote;
+pub mod session;
+pub mod up;

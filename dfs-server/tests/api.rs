@@ -6,7 +6,9 @@ use common::api::{
     AcquireRequest, AcquireResponse, Claims, ClusterInfo, CreateRequest, PublicKeyResponse,
     RenameRequest, TokenResponse,
 };
-use common::{ContentHash, ErrorBody, ErrorCode, FileKind, NodeId, NodeMeta, UploadId, ValidName, routes};
+use common::{
+    ContentHash, ErrorBody, ErrorCode, FileKind, NodeId, NodeMeta, UploadId, ValidName, routes,
+};
 use dfs_server::cluster::{ClusterConfig, ClusterHandle};
 use rsa::PublicKey;
 use rsa::pkcs8::DecodePublicKey;
@@ -23,7 +25,9 @@ async fn start_on(dir: &std::path::Path, tweak: impl FnOnce(&mut ClusterConfig))
     let mut cfg = ClusterConfig::new(dir.to_path_buf(), "127.0.0.1:0".parse().unwrap());
     cfg.directory.heartbeat = Duration::from_millis(200);
     tweak(&mut cfg);
-    dfs_server::cluster::start(cfg).await.expect("cluster starts")
+    dfs_server::cluster::start(cfg)
+        .await
+        .expect("cluster starts")
 }
 
 async fn public_key(http: &reqwest::Client, cluster: &ClusterHandle) -> PublicKey {
@@ -44,14 +48,26 @@ async fn post_envelope(
     path: &str,
     env: &common::api::Envelope,
 ) -> reqwest::Response {
-    http.post(format!("{}{path}", cluster.auth_url)).json(env).send().await.unwrap()
+    http.post(format!("{}{path}", cluster.auth_url))
+        .json(env)
+        .send()
+        .await
+        .unwrap()
 }
 
-async fn signup_login(http: &reqwest::Client, cluster: &ClusterHandle, user: &str) -> TokenResponse {
+async fn signup_login(
+    http: &reqwest::Client,
+    cluster: &ClusterHandle,
+    user: &str,
+) -> TokenResponse {
     let pk = public_key(http, cluster).await;
     let env = dfs_server::auth::seal(&pk, user, "password123").unwrap();
     let r = post_envelope(http, cluster, routes::AUTH_SIGNUP, &env).await;
-    assert!(r.status().is_success(), "signup: {}", r.text().await.unwrap());
+    assert!(
+        r.status().is_success(),
+        "signup: {}",
+        r.text().await.unwrap()
+    );
     let env = dfs_server::auth::seal(&pk, user, "password123").unwrap();
     let r = post_envelope(http, cluster, routes::AUTH_LOGIN, &env).await;
     assert!(r.status().is_success());
@@ -64,7 +80,12 @@ impl Harness {
         let cluster = start_on(dir.path(), tweak).await;
         let http = reqwest::Client::new();
         let token = signup_login(&http, &cluster, "alice").await.token;
-        Harness { cluster, http, token, _dir: Some(dir) }
+        Harness {
+            cluster,
+            http,
+            token,
+            _dir: Some(dir),
+        }
     }
 
     fn dir(&self, path: &str) -> String {
@@ -72,43 +93,99 @@ impl Harness {
     }
 
     async fn create(&self, parent: NodeId, name: &str, kind: FileKind) -> NodeMeta {
-        let req = CreateRequest { name: ValidName::parse(name).unwrap(), kind, mode: 0o644, symlink_target: None };
-        let r = self.http.post(self.dir(&routes::children(parent))).bearer_auth(&self.token).json(&req).send().await.unwrap();
+        let req = CreateRequest {
+            name: ValidName::parse(name).unwrap(),
+            kind,
+            mode: 0o644,
+            symlink_target: None,
+        };
+        let r = self
+            .http
+            .post(self.dir(&routes::children(parent)))
+            .bearer_auth(&self.token)
+            .json(&req)
+            .send()
+            .await
+            .unwrap();
         assert!(r.status().is_success(), "create: {}", r.status());
         r.json().await.unwrap()
     }
 
     async fn cluster_info(&self) -> ClusterInfo {
-        self.http.get(self.dir(routes::CLUSTER)).send().await.unwrap().json().await.unwrap()
+        self.http
+            .get(self.dir(routes::CLUSTER))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 
     async fn server_url(&self, id: common::ServerId) -> String {
-        self.cluster_info().await.servers.into_iter().find(|s| s.id == id).unwrap().url
+        self.cluster_info()
+            .await
+            .servers
+            .into_iter()
+            .find(|s| s.id == id)
+            .unwrap()
+            .url
     }
 
     async fn acquire(&self, node: NodeId, waiter: u8, wait_ms: u64) -> AcquireResponse {
-        let req = AcquireRequest { waiter: UploadId::from_bytes([waiter; 16]), wait_ms };
-        let r = self.http.post(format!("{}{}", self.cluster.lock_url, routes::lock(node, "acquire")))
-            .bearer_auth(&self.token).json(&req).send().await.unwrap();
+        let req = AcquireRequest {
+            waiter: UploadId::from_bytes([waiter; 16]),
+            wait_ms,
+        };
+        let r = self
+            .http
+            .post(format!(
+                "{}{}",
+                self.cluster.lock_url,
+                routes::lock(node, "acquire")
+            ))
+            .bearer_auth(&self.token)
+            .json(&req)
+            .send()
+            .await
+            .unwrap();
         assert!(r.status().is_success(), "acquire: {}", r.status());
         r.json().await.unwrap()
     }
 
     async fn release(&self, node: NodeId, waiter: u8) {
-        let r = self.http.post(format!("{}{}", self.cluster.lock_url, routes::lock(node, "release")))
-            .bearer_auth(&self.token).json(&serde_json::json!({ "waiter": UploadId::from_bytes([waiter; 16]) }))
-            .send().await.unwrap();
+        let r = self
+            .http
+            .post(format!(
+                "{}{}",
+                self.cluster.lock_url,
+                routes::lock(node, "release")
+            ))
+            .bearer_auth(&self.token)
+            .json(&serde_json::json!({ "waiter": UploadId::from_bytes([waiter; 16]) }))
+            .send()
+            .await
+            .unwrap();
         assert!(r.status().is_success());
     }
 
-    async fn write(&self, meta: &NodeMeta, data: &[u8], fence: u64, upload: u8) -> reqwest::Response {
+    async fn write(
+        &self,
+        meta: &NodeMeta,
+        data: &[u8],
+        fence: u64,
+        upload: u8,
+    ) -> reqwest::Response {
         let primary = self.server_url(meta.primary.unwrap()).await;
         self.http
             .put(format!("{primary}{}", routes::file_write(meta.id)))
             .bearer_auth(&self.token)
             .header(routes::FENCE_HEADER, fence.to_string())
             .header(routes::HASH_HEADER, hash_of(data).as_str())
-            .header(routes::UPLOAD_ID_HEADER, UploadId::from_bytes([upload; 16]).as_str())
+            .header(
+                routes::UPLOAD_ID_HEADER,
+                UploadId::from_bytes([upload; 16]).as_str(),
+            )
             .body(data.to_vec())
             .send()
             .await
@@ -117,7 +194,12 @@ impl Harness {
 
     async fn read_from(&self, server: common::ServerId, meta: &NodeMeta) -> reqwest::Response {
         let url = self.server_url(server).await;
-        self.http.get(format!("{url}{}", routes::file_read(meta.id, &meta.hash))).bearer_auth(&self.token).send().await.unwrap()
+        self.http
+            .get(format!("{url}{}", routes::file_read(meta.id, &meta.hash)))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap()
     }
 }
 
@@ -143,21 +225,65 @@ async fn signup_login_wrong_password_replay_and_expired_token() {
     let h = Harness::new(|_| {}).await;
     let pk = public_key(&h.http, &h.cluster).await;
     let wrong = dfs_server::auth::seal(&pk, "alice", "not-the-password").unwrap();
-    assert_eq!(error_code(post_envelope(&h.http, &h.cluster, routes::AUTH_LOGIN, &wrong).await).await, (401, ErrorCode::Unauthorized));
+    assert_eq!(
+        error_code(post_envelope(&h.http, &h.cluster, routes::AUTH_LOGIN, &wrong).await).await,
+        (401, ErrorCode::Unauthorized)
+    );
     let env = dfs_server::auth::seal(&pk, "alice", "password123").unwrap();
-    assert!(post_envelope(&h.http, &h.cluster, routes::AUTH_LOGIN, &env).await.status().is_success());
-    assert_eq!(error_code(post_envelope(&h.http, &h.cluster, routes::AUTH_LOGIN, &env).await).await, (401, ErrorCode::Replay));
+    assert!(
+        post_envelope(&h.http, &h.cluster, routes::AUTH_LOGIN, &env)
+            .await
+            .status()
+            .is_success()
+    );
+    assert_eq!(
+        error_code(post_envelope(&h.http, &h.cluster, routes::AUTH_LOGIN, &env).await).await,
+        (401, ErrorCode::Replay)
+    );
     let dup = dfs_server::auth::seal(&pk, "alice", "password123").unwrap();
-    assert_eq!(error_code(post_envelope(&h.http, &h.cluster, routes::AUTH_SIGNUP, &dup).await).await, (409, ErrorCode::Exists));
+    assert_eq!(
+        error_code(post_envelope(&h.http, &h.cluster, routes::AUTH_SIGNUP, &dup).await).await,
+        (409, ErrorCode::Exists)
+    );
 
-    let expired = h.cluster.auth.sign(&Claims { user: "alice".into(), exp_ms: 1 }).unwrap();
-    let r = h.http.get(h.dir(&routes::node(NodeId::ROOT))).bearer_auth(expired).send().await.unwrap();
+    let expired = h
+        .cluster
+        .auth
+        .sign(&Claims {
+            user: "alice".into(),
+            exp_ms: 1,
+        })
+        .unwrap();
+    let r = h
+        .http
+        .get(h.dir(&routes::node(NodeId::ROOT)))
+        .bearer_auth(expired)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_code(r).await, (401, ErrorCode::Unauthorized));
-    let r = h.http.get(h.dir(&routes::node(NodeId::ROOT))).bearer_auth("garbage.token").send().await.unwrap();
+    let r = h
+        .http
+        .get(h.dir(&routes::node(NodeId::ROOT)))
+        .bearer_auth("garbage.token")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_code(r).await, (401, ErrorCode::Unauthorized));
-    let r = h.http.get(h.dir(&routes::node(NodeId::ROOT))).send().await.unwrap();
+    let r = h
+        .http
+        .get(h.dir(&routes::node(NodeId::ROOT)))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_code(r).await, (401, ErrorCode::Unauthorized));
-    let r = h.http.get(h.dir(&routes::node(NodeId::ROOT))).bearer_auth(&h.token).send().await.unwrap();
+    let r = h
+        .http
+        .get(h.dir(&routes::node(NodeId::ROOT)))
+        .bearer_auth(&h.token)
+        .send()
+        .await
+        .unwrap();
     assert!(r.status().is_success());
     h.cluster.shutdown().await;
 }
@@ -172,13 +298,20 @@ async fn create_write_read_rename_unlink_and_every_replica_has_the_same_hash() {
     let r = h.write(&f, &data, 1, 1).await;
     assert!(r.status().is_success(), "write: {}", r.status());
     let meta: NodeMeta = r.json().await.unwrap();
-    assert_eq!((meta.version, meta.size, &meta.hash), (1, data.len() as u64, &hash_of(&data)));
+    assert_eq!(
+        (meta.version, meta.size, &meta.hash),
+        (1, data.len() as u64, &hash_of(&data))
+    );
     assert_eq!(meta.holders.len(), 3);
     for server in std::iter::once(meta.primary.unwrap()).chain(meta.replicas.clone()) {
         let r = h.read_from(server, &meta).await;
         assert!(r.status().is_success());
         let body = r.bytes().await.unwrap();
-        assert_eq!(hash_of(&body), meta.hash, "replica {server} has the same content");
+        assert_eq!(
+            hash_of(&body),
+            meta.hash,
+            "replica {server} has the same content"
+        );
     }
     let rename = RenameRequest {
         parent: d.id,
@@ -187,13 +320,41 @@ async fn create_write_read_rename_unlink_and_every_replica_has_the_same_hash() {
         new_name: ValidName::parse("b.txt").unwrap(),
         no_replace: false,
     };
-    let r = h.http.post(h.dir(routes::RENAME)).bearer_auth(&h.token).json(&rename).send().await.unwrap();
+    let r = h
+        .http
+        .post(h.dir(routes::RENAME))
+        .bearer_auth(&h.token)
+        .json(&rename)
+        .send()
+        .await
+        .unwrap();
     assert!(r.status().is_success());
-    let looked: NodeMeta = h.http.get(h.dir(&routes::child(NodeId::ROOT, "b.txt"))).bearer_auth(&h.token).send().await.unwrap().json().await.unwrap();
+    let looked: NodeMeta = h
+        .http
+        .get(h.dir(&routes::child(NodeId::ROOT, "b.txt")))
+        .bearer_auth(&h.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!((looked.id, looked.version), (f.id, 1));
-    let r = h.http.delete(h.dir(&routes::child(NodeId::ROOT, "b.txt"))).bearer_auth(&h.token).send().await.unwrap();
+    let r = h
+        .http
+        .delete(h.dir(&routes::child(NodeId::ROOT, "b.txt")))
+        .bearer_auth(&h.token)
+        .send()
+        .await
+        .unwrap();
     assert!(r.status().is_success());
-    let r = h.http.get(h.dir(&routes::child(NodeId::ROOT, "b.txt"))).bearer_auth(&h.token).send().await.unwrap();
+    let r = h
+        .http
+        .get(h.dir(&routes::child(NodeId::ROOT, "b.txt")))
+        .bearer_auth(&h.token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_code(r).await, (404, ErrorCode::NotFound));
     h.cluster.shutdown().await;
 }
@@ -207,7 +368,10 @@ async fn three_waiters_are_granted_in_fifo_order() {
     let mut tasks = Vec::new();
     for w in [2u8, 3, 4] {
         // Join the queue in order, then long-poll concurrently.
-        assert!(matches!(h.acquire(node, w, 0).await, AcquireResponse::Queued { .. }));
+        assert!(matches!(
+            h.acquire(node, w, 0).await,
+            AcquireResponse::Queued { .. }
+        ));
     }
     for w in [4u8, 3, 2] {
         let (h, order) = (h.clone(), order.clone());
@@ -223,14 +387,20 @@ async fn three_waiters_are_granted_in_fifo_order() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(order.lock().unwrap().is_empty(), "nobody is granted while 1 holds the lock");
+    assert!(
+        order.lock().unwrap().is_empty(),
+        "nobody is granted while 1 holds the lock"
+    );
     h.release(node, 1).await;
     for t in tasks {
         t.await.unwrap();
     }
     let order = order.lock().unwrap().clone();
     assert_eq!(order.iter().map(|o| o.0).collect::<Vec<_>>(), vec![2, 3, 4]);
-    assert!(order.windows(2).all(|w| w[0].1 < w[1].1) && order[0].1 > first, "fences grow: {order:?}");
+    assert!(
+        order.windows(2).all(|w| w[0].1 < w[1].1) && order[0].1 > first,
+        "fences grow: {order:?}"
+    );
 }
 
 #[tokio::test]
@@ -241,11 +411,29 @@ async fn unrenewed_lease_passes_the_lock_and_stale_fence_is_refused() {
     // Holder 1 "crashes" (never renews); 2 gets the lock after the lease.
     let new = granted(&h.acquire(f.id, 2, 5_000).await);
     assert!(new > old);
-    assert!(h.write(&f, b"new holder", new, 2).await.status().is_success());
+    assert!(
+        h.write(&f, b"new holder", new, 2)
+            .await
+            .status()
+            .is_success()
+    );
     let r = h.write(&f, b"stale holder", old, 1).await;
     assert_eq!(error_code(r).await, (409, ErrorCode::StaleFence));
-    let meta: NodeMeta = h.http.get(h.dir(&routes::node(f.id))).bearer_auth(&h.token).send().await.unwrap().json().await.unwrap();
-    assert_eq!(meta.hash, hash_of(b"new holder"), "the stale write changed nothing");
+    let meta: NodeMeta = h
+        .http
+        .get(h.dir(&routes::node(f.id)))
+        .bearer_auth(&h.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        meta.hash,
+        hash_of(b"new holder"),
+        "the stale write changed nothing"
+    );
     h.cluster.shutdown().await;
 }
 
@@ -256,7 +444,12 @@ async fn directory_restart_keeps_all_metadata() {
     let (token, f) = {
         let cluster = start_on(dir.path(), |_| {}).await;
         let token = signup_login(&http, &cluster, "bob").await.token;
-        let h = Harness { cluster, http: http.clone(), token: token.clone(), _dir: None };
+        let h = Harness {
+            cluster,
+            http: http.clone(),
+            token: token.clone(),
+            _dir: None,
+        };
         let d = h.create(NodeId::ROOT, "kept", FileKind::Dir).await;
         let f = h.create(d.id, "f", FileKind::File).await;
         assert!(h.write(&f, b"durable", 1, 7).await.status().is_success());
@@ -264,12 +457,43 @@ async fn directory_restart_keeps_all_metadata() {
         (token, f)
     };
     let cluster = start_on(dir.path(), |_| {}).await;
-    let h = Harness { cluster, http, token, _dir: None };
-    let entries: Vec<common::DirEntry> = h.http.get(h.dir(&routes::children(NodeId::ROOT))).bearer_auth(&h.token).send().await.unwrap().json().await.unwrap();
-    assert_eq!(entries.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), vec!["kept"]);
-    let meta: NodeMeta = h.http.get(h.dir(&routes::node(f.id))).bearer_auth(&h.token).send().await.unwrap().json().await.unwrap();
+    let h = Harness {
+        cluster,
+        http,
+        token,
+        _dir: None,
+    };
+    let entries: Vec<common::DirEntry> = h
+        .http
+        .get(h.dir(&routes::children(NodeId::ROOT)))
+        .bearer_auth(&h.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        entries.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+        vec!["kept"]
+    );
+    let meta: NodeMeta = h
+        .http
+        .get(h.dir(&routes::node(f.id)))
+        .bearer_auth(&h.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!((meta.version, meta.hash.clone()), (1, hash_of(b"durable")));
-    let body = h.read_from(meta.primary.unwrap(), &meta).await.bytes().await.unwrap();
+    let body = h
+        .read_from(meta.primary.unwrap(), &meta)
+        .await
+        .bytes()
+        .await
+        .unwrap();
     assert_eq!(&body[..], b"durable");
     h.cluster.shutdown().await;
 }
@@ -280,43 +504,113 @@ async fn bad_input_gets_json_errors_and_changes_nothing() {
     let f = h.create(NodeId::ROOT, "f", FileKind::File).await;
     assert!(h.write(&f, b"original", 1, 1).await.status().is_success());
     // Malformed JSON.
-    let r = h.http.post(h.dir(&routes::children(NodeId::ROOT))).bearer_auth(&h.token)
-        .header("content-type", "application/json").body("{not json").send().await.unwrap();
+    let r = h
+        .http
+        .post(h.dir(&routes::children(NodeId::ROOT)))
+        .bearer_auth(&h.token)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_code(r).await, (400, ErrorCode::BadRequest));
     // Invalid names, in the body and in the path.
     for bad in ["", ".", "..", "a/b", "a\u{0}b", &"x".repeat(256)] {
         let body = serde_json::json!({ "name": bad, "kind": "file", "mode": 420 });
-        let r = h.http.post(h.dir(&routes::children(NodeId::ROOT))).bearer_auth(&h.token).json(&body).send().await.unwrap();
+        let r = h
+            .http
+            .post(h.dir(&routes::children(NodeId::ROOT)))
+            .bearer_auth(&h.token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status().as_u16(), 400, "name {bad:?}");
     }
-    let r = h.http.get(h.dir(&routes::child(NodeId::ROOT, "a/b"))).bearer_auth(&h.token).send().await.unwrap();
+    let r = h
+        .http
+        .get(h.dir(&routes::child(NodeId::ROOT, "a/b")))
+        .bearer_auth(&h.token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_code(r).await, (400, ErrorCode::InvalidName));
     // Oversize JSON body.
     let huge = serde_json::json!({ "name": "x".repeat(100_000), "kind": "file", "mode": 420 });
-    let r = h.http.post(h.dir(&routes::children(NodeId::ROOT))).bearer_auth(&h.token).json(&huge).send().await.unwrap();
+    let r = h
+        .http
+        .post(h.dir(&routes::children(NodeId::ROOT)))
+        .bearer_auth(&h.token)
+        .json(&huge)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_code(r).await, (413, ErrorCode::TooLarge));
     // Unknown paths and nodes.
     let r = h.http.get(h.dir("/v1/nope")).send().await.unwrap();
     assert_eq!(error_code(r).await, (404, ErrorCode::NotFound));
-    let r = h.http.get(h.dir(&routes::node(NodeId(999_999)))).bearer_auth(&h.token).send().await.unwrap();
+    let r = h
+        .http
+        .get(h.dir(&routes::node(NodeId(999_999))))
+        .bearer_auth(&h.token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_code(r).await, (404, ErrorCode::NotFound));
     // A body that does not match its declared hash.
     let primary = h.server_url(f.primary.unwrap()).await;
-    let r = h.http.put(format!("{primary}{}", routes::file_write(f.id))).bearer_auth(&h.token)
-        .header(routes::FENCE_HEADER, "5").header(routes::HASH_HEADER, hash_of(b"declared").as_str())
-        .header(routes::UPLOAD_ID_HEADER, UploadId::from_bytes([9; 16]).as_str())
-        .body("actual").send().await.unwrap();
+    let r = h
+        .http
+        .put(format!("{primary}{}", routes::file_write(f.id)))
+        .bearer_auth(&h.token)
+        .header(routes::FENCE_HEADER, "5")
+        .header(routes::HASH_HEADER, hash_of(b"declared").as_str())
+        .header(
+            routes::UPLOAD_ID_HEADER,
+            UploadId::from_bytes([9; 16]).as_str(),
+        )
+        .body("actual")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_code(r).await, (422, ErrorCode::HashMismatch));
     // A traversal attempt in the hash segment.
-    let r = h.http.get(format!("{primary}/v1/files/{}/..%2F..%2Fcluster.key", f.id)).bearer_auth(&h.token).send().await.unwrap();
+    let r = h
+        .http
+        .get(format!("{primary}/v1/files/{}/..%2F..%2Fcluster.key", f.id))
+        .bearer_auth(&h.token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 400);
     // Internal endpoints refuse user tokens.
-    let r = h.http.post(h.dir(&routes::commit(f.id))).bearer_auth(&h.token).json(&serde_json::json!({})).send().await.unwrap();
+    let r = h
+        .http
+        .post(h.dir(&routes::commit(f.id)))
+        .bearer_auth(&h.token)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_code(r).await, (403, ErrorCode::Forbidden));
     // Nothing stored was changed.
-    let meta: NodeMeta = h.http.get(h.dir(&routes::node(f.id))).bearer_auth(&h.token).send().await.unwrap().json().await.unwrap();
+    let meta: NodeMeta = h
+        .http
+        .get(h.dir(&routes::node(f.id)))
+        .bearer_auth(&h.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!((meta.version, meta.hash.clone()), (1, hash_of(b"original")));
-    let body = h.read_from(meta.replicas[0], &meta).await.bytes().await.unwrap();
+    let body = h
+        .read_from(meta.replicas[0], &meta)
+        .await
+        .bytes()
+        .await
+        .unwrap();
     assert_eq!(&body[..], b"original");
     h.cluster.shutdown().await;
 }

@@ -1,0 +1,356 @@
+//! The `dfs` command line.
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::creds::CredStore;
+use crate::fs::{ClientStatus, FsConfig};
+use crate::remote::{Remote, RemoteConfig};
+use crate::session::{self, MountOptions};
+
+/// The default directory URL (the one `dfs up` and `dfs-server all` listen on).
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7070";
+
+/// dfs: a distributed file system you mount as a directory.
+///
+/// Files are downloaded whole into a local cache when opened and pushed back, under a
+/// per-file lock, when closed. Start a local cluster and mount it with `dfs up`.
+/// Logs go to stderr; set the level with RUST_LOG (default: info).
+#[derive(Debug, Parser)]
+#[command(name = "dfs", version)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a local cluster (directory, lock, auth, 3 file servers) and mount it.
+    Up(UpArgs),
+    /// Create a user on a cluster.
+    Signup(LoginArgs),
+    /// Log in and save the token under the config directory (mode 0600).
+    Login(LoginArgs),
+    /// Forget the saved login for a server.
+    Logout(ServerArg),
+    /// Mount a cluster in the foreground; Ctrl-C or SIGTERM unmounts.
+    Mount(MountArgs),
+    /// Unmount; the mounting process pushes pending uploads before it exits.
+    Umount(UmountArgs),
+    /// Show file servers, locks and this client's cache.
+    Status(StatusArgs),
+}
+
+/// `--server`.
+#[derive(Debug, Args)]
+pub struct ServerArg {
+    /// URL of the cluster's directory service.
+    #[arg(long, default_value = DEFAULT_SERVER, env = "DFS_SERVER", value_name = "URL")]
+    pub server: String,
+}
+
+/// `signup` / `login`.
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    #[command(flatten)]
+    server: ServerArg,
+    /// User name (1 to 32 characters of A-Z a-z 0-9 . _ -).
+    #[arg(long)]
+    user: String,
+    /// Read the password from the first line of standard input instead of a prompt.
+    #[arg(long)]
+    password_stdin: bool,
+}
+
+/// Cache and timing flags shared by `mount` and `up`.
+#[derive(Debug, Args)]
+pub struct CacheArgs {
+    /// Cache directory [default: the user cache dir (XDG_CACHE_HOME)/dfs/<server>].
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Seconds close() and fsync() wait for an upload before failing with EIO. The data stays
+    /// in the cache and is retried in the background.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    close_timeout_secs: u64,
+    /// Seconds unmount waits for pending uploads before giving up (they stay in the cache).
+    #[arg(long, default_value_t = 60)]
+    drain_timeout_secs: u64,
+}
+
+impl CacheArgs {
+    /// Mount options for `server` at `mountpoint`.
+    pub fn options(&self, server: &str, mountpoint: PathBuf) -> anyhow::Result<MountOptions> {
+        Ok(MountOptions {
+            mountpoint,
+            server: server.to_owned(),
+            cache_dir: match &self.cache_dir {
+                Some(d) => d.clone(),
+                None => session::default_cache_dir(server)?,
+            },
+            fs: FsConfig {
+                close_timeout: Duration::from_secs(self.close_timeout_secs),
+                ..FsConfig::default()
+            },
+            drain_timeout: Duration::from_secs(self.drain_timeout_secs),
+        })
+    }
+}
+
+/// `mount`.
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// Existing, empty directory to mount on.
+    mountpoint: PathBuf,
+    #[command(flatten)]
+    server: ServerArg,
+    #[command(flatten)]
+    cache: CacheArgs,
+}
+
+/// `umount`.
+#[derive(Debug, Args)]
+pub struct UmountArgs {
+    /// The mount point.
+    mountpoint: PathBuf,
+}
+
+/// `status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    server: ServerArg,
+    /// Cache directory of the client to report on [default: as for mount].
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `up`.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Where the cluster keeps its data.
+    #[arg(long, default_value = ".dfs", value_name = "DIR")]
+    pub data: PathBuf,
+    /// Where to mount.
+    #[arg(long, default_value = "mnt", value_name = "DIR")]
+    pub mountpoint: PathBuf,
+    /// Address of the directory service (the URL other clients join with).
+    #[arg(long, default_value = dfs_server::cluster::DEFAULT_DIRECTORY_ADDR, value_name = "ADDR")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+}
+
+fn read_password(from_stdin: bool, confirm: bool) -> anyhow::Result<String> {
+    let pw = if from_stdin {
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .context("reading the password from stdin")?;
+        line.trim_end_matches(['\r', '\n']).to_owned()
+    } else {
+        let pw = rpassword::prompt_password("Password: ")
+            .context("reading the password (use --password-stdin without a terminal)")?;
+        if confirm && rpassword::prompt_password("Again: ").context("reading the password")? != pw {
+            bail!("passwords differ");
+        }
+        pw
+    };
+    if !(8..=64).contains(&pw.len()) {
+        bail!("password must be 8 to 64 bytes");
+    }
+    Ok(pw)
+}
+
+/// Runs one command.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Up(a) => crate::up::run(a).await,
+            Command::Signup(a) => {
+                let pw = read_password(a.password_stdin, true)?;
+                let remote = Remote::new(&a.server.server, None, None, RemoteConfig::default());
+                remote
+                    .signup(&a.user, &pw)
+                    .await
+                    .with_context(|| format!("signup at {}", a.server.server))?;
+                println!("user {} created on {}", a.user, a.server.server);
+                Ok(())
+            }
+            Command::Login(a) => {
+                let pw = read_password(a.password_stdin, false)?;
+                let creds = CredStore::default_location()?;
+                let remote = Remote::new(&a.server.server, None, None, RemoteConfig::default());
+                let login = remote
+                    .login(&a.user, &pw)
+                    .await
+                    .with_context(|| format!("login at {}", a.server.server))?;
+                creds.put(remote.server(), Some(login))?;
+                println!("logged in to {} as {}", a.server.server, a.user);
+                Ok(())
+            }
+            Command::Logout(a) => {
+                CredStore::default_location()?.put(a.server.trim_end_matches('/'), None)?;
+                println!("logged out of {}", a.server);
+                Ok(())
+            }
+            Command::Mount(a) => {
+                let server = a.server.server.trim_end_matches('/').to_owned();
+                session::preflight(&a.mountpoint)?;
+                let remote = session::connect(&server, &CredStore::default_location()?).await?;
+                let opts = a.cache.options(&server, a.mountpoint)?;
+                session::run_mount(remote, opts).await
+            }
+            Command::Umount(a) => umount(&a.mountpoint),
+            Command::Status(a) => status(a).await,
+        }
+    })
+}
+
+fn umount(mountpoint: &std::path::Path) -> anyhow::Result<()> {
+    if !session::is_mounted(mountpoint) {
+        bail!("{} is not mounted", mountpoint.display());
+    }
+    let ok = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(mountpoint)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+        || std::process::Command::new("umount")
+            .arg(mountpoint)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+    if !ok {
+        bail!(
+            "could not unmount {} (busy? close the files and shells using it)",
+            mountpoint.display()
+        );
+    }
+    println!(
+        "unmounted {}; the dfs process pushes pending uploads before it exits",
+        mountpoint.display()
+    );
+    Ok(())
+}
+
+async fn status(a: StatusArgs) -> anyhow::Result<()> {
+    let server = a.server.server.trim_end_matches('/').to_owned();
+    let creds = CredStore::default_location()?;
+    let remote = Remote::new(
+        &server,
+        creds.get(&server)?,
+        Some(creds),
+        RemoteConfig::default(),
+    );
+    let cluster = remote
+        .cluster(true)
+        .await
+        .with_context(|| format!("cannot reach {server}"))?;
+    let cache_dir = match a.cache_dir {
+        Some(d) => d,
+        None => session::default_cache_dir(&server)?,
+    };
+    let client: Option<ClientStatus> = std::fs::read(cache_dir.join("status.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let locks: Vec<common::api::LockStatus> = match &cluster.lock_url {
+        Some(url) => {
+            let token = creds_token(&remote).await;
+            let req = reqwest::Client::new().get(format!("{url}{}", common::routes::LOCKS));
+            let req = match token {
+                Some(t) => req.bearer_auth(t),
+                None => req,
+            };
+            match req.send().await {
+                Ok(r) if r.status().is_success() => r.json().await.unwrap_or_default(),
+                _ => vec![],
+            }
+        }
+        None => vec![],
+    };
+    let mut downloads = 0u64;
+    for s in &cluster.servers {
+        if let Ok(r) = reqwest::Client::new()
+            .get(format!("{}{}", s.url, common::routes::FILE_STATS))
+            .send()
+            .await
+        {
+            if let Ok(st) = r.json::<common::api::FileServerStats>().await {
+                downloads += st.downloads;
+            }
+        }
+    }
+    if a.json {
+        let v = serde_json::json!({ "cluster": cluster, "locks": locks, "client": client, "server_downloads": downloads });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("directory: {server}  (replication {})", cluster.replication);
+    println!(
+        "lock: {}  auth: {}",
+        cluster.lock_url.as_deref().unwrap_or("-"),
+        cluster.auth_url.as_deref().unwrap_or("-")
+    );
+    println!("file servers:");
+    for s in &cluster.servers {
+        let beat = s.last_heartbeat_ms_ago.map_or("never".to_owned(), |ms| {
+            format!("{:.1}s ago", ms as f64 / 1000.0)
+        });
+        println!(
+            "  {} {:<28} {:<5} heartbeat {beat:<10} primary for {} file(s), replica for {}",
+            s.id,
+            s.url,
+            if s.alive { "alive" } else { "DEAD" },
+            s.primaries,
+            s.replicas
+        );
+    }
+    println!("locks: {} held", locks.len());
+    for l in &locks {
+        println!(
+            "  node {} held by {} (fence {}), {} waiting",
+            l.node,
+            l.holder.as_deref().unwrap_or("-"),
+            l.fence.map_or(0, |f| f.0),
+            l.queued
+        );
+    }
+    match client {
+        Some(c) => println!(
+            "this client's cache ({}): {} file(s), {} bytes, {} upload(s) pending, {} download(s) and {} upload(s) since mount",
+            cache_dir.display(),
+            c.cached_files,
+            c.cached_bytes,
+            c.pending_uploads.len(),
+            c.downloads,
+            c.uploads
+        ),
+        None => println!(
+            "this client's cache ({}): no mount has used it",
+            cache_dir.display()
+        ),
+    }
+    Ok(())
+}
+
+async fn creds_token(remote: &Remote) -> Option<String> {
+    remote.get(common::NodeId::ROOT).await.ok()?;
+    CredStore::default_location()
+        .ok()?
+        .get(remote.server())
+        .ok()?
+        .map(|l| l.token)
+}

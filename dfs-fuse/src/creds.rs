@@ -1,0 +1,74 @@
+//! Saved logins: one entry per directory URL in `dirs::config_dir()/dfs/credentials.json`
+//! (so `XDG_CONFIG_HOME` is honoured), written durably with mode 0600.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+/// What a login leaves behind for one server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SavedLogin {
+    /// User name.
+    pub user: String,
+    /// Bearer token.
+    pub token: String,
+    /// When it expires (ms since the epoch).
+    pub expires_at_ms: u64,
+    /// Single-use refresh token.
+    pub refresh_token: String,
+}
+
+/// The credentials file.
+#[derive(Debug, Clone)]
+pub struct CredStore {
+    path: PathBuf,
+}
+
+impl CredStore {
+    /// The default location under the user's config directory.
+    pub fn default_location() -> anyhow::Result<Self> {
+        let dir =
+            dirs::config_dir().context("no config directory (set HOME or XDG_CONFIG_HOME)")?;
+        Ok(CredStore {
+            path: dir.join("dfs").join("credentials.json"),
+        })
+    }
+
+    /// A store at an explicit path.
+    pub fn at(path: PathBuf) -> Self {
+        CredStore { path }
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    fn load_all(&self) -> anyhow::Result<BTreeMap<String, SavedLogin>> {
+        match std::fs::read(&self.path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .with_context(|| format!("parsing {}", self.path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", self.path.display())),
+        }
+    }
+
+    /// The login saved for `server`, if any.
+    pub fn get(&self, server: &str) -> anyhow::Result<Option<SavedLogin>> {
+        Ok(self.load_all()?.remove(server))
+    }
+
+    /// Saves (or with `None`, forgets) the login for `server`.
+    pub fn put(&self, server: &str, login: Option<SavedLogin>) -> anyhow::Result<()> {
+        let mut all = self.load_all()?;
+        match login {
+            Some(l) => all.insert(server.to_owned(), l),
+            None => all.remove(server),
+        };
+        let data = serde_json::to_vec_pretty(&all)?;
+        dfs_server::store::write_durable(&self.path, &data, 0o600)
+            .with_context(|| format!("writing {}", self.path.display()))
+    }
+}

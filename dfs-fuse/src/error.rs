@@ -1,0 +1,79 @@
+//! `FsError` and the one table from errors to errno.
+
+use common::{ErrorCode, NameError};
+
+use crate::cache::CacheError;
+use crate::remote::RemoteError;
+
+/// Why a file system operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    /// A cluster call failed.
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+    /// The local cache failed.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    /// Local I/O on a cache file.
+    #[error("local I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// An invalid entry name.
+    #[error("invalid name: {0}")]
+    Name(#[from] NameError),
+    /// A name that is not UTF-8.
+    #[error("names must be UTF-8")]
+    NotUtf8,
+    /// An unknown file handle.
+    #[error("bad file handle {0}")]
+    BadHandle(u64),
+    /// Something dfs does not do.
+    #[error("not supported: {0}")]
+    Unsupported(&'static str),
+    /// The operation needs a regular file.
+    #[error("not a regular file")]
+    NotAFile,
+}
+
+impl FsError {
+    /// The errno reported to the application.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::Remote(RemoteError::Api { code, .. }) => match code {
+                ErrorCode::NotFound => libc::ENOENT,
+                ErrorCode::Exists => libc::EEXIST,
+                ErrorCode::NotEmpty => libc::ENOTEMPTY,
+                ErrorCode::NotDir => libc::ENOTDIR,
+                ErrorCode::IsDir => libc::EISDIR,
+                ErrorCode::InvalidMove | ErrorCode::InvalidName | ErrorCode::BadRequest => {
+                    libc::EINVAL
+                }
+                ErrorCode::Unauthorized | ErrorCode::Replay => libc::EACCES,
+                ErrorCode::Forbidden => libc::EPERM,
+                ErrorCode::TooLarge => libc::EFBIG,
+                ErrorCode::StaleFence
+                | ErrorCode::HashMismatch
+                | ErrorCode::NotHolder
+                | ErrorCode::Unavailable
+                | ErrorCode::Internal => libc::EIO,
+            },
+            FsError::Remote(RemoteError::Timeout(_)) => libc::ETIMEDOUT,
+            FsError::Remote(RemoteError::NotLoggedIn(_)) => libc::EACCES,
+            FsError::Remote(RemoteError::Network(_) | RemoteError::Io(_)) => libc::EIO,
+            FsError::Cache(_) => libc::EIO,
+            FsError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            FsError::Name(NameError::TooLong(_)) => libc::ENAMETOOLONG,
+            FsError::Name(_) | FsError::NotUtf8 => libc::EINVAL,
+            FsError::BadHandle(_) => libc::EBADF,
+            FsError::Unsupported(_) => libc::ENOTSUP,
+            FsError::NotAFile => libc::EINVAL,
+        }
+    }
+
+    /// Whether this is an ordinary "no such entry" (logged at debug, not warn).
+    pub fn is_not_found(&self) -> bool {
+        self.errno() == libc::ENOENT
+    }
+}
+
+/// Result of a core operation.
+pub type FsResult<T> = Result<T, FsError>;

@@ -1,0 +1,820 @@
+//! `DfsFs`: the file system core. Whole-file caching on open, push under lock on close, every
+//! namespace operation forwarded to the directory. Returns plain data (`FileAttr`, handles),
+//! never FUSE reply objects, so tests drive it without a kernel mount.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::api::{CreateRequest, RenameRequest, SetAttrRequest, StatFs};
+use common::{ContentHash, FileKind, NodeId, NodeMeta, UploadId, ValidName};
+use fuser::{FileAttr, FileType, INodeNo};
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
+
+use crate::cache::{CacheDir, CacheEntry, Pending};
+use crate::error::{FsError, FsResult};
+use crate::remote::{Remote, RemoteError};
+
+/// Tunables of the core.
+#[derive(Debug, Clone)]
+pub struct FsConfig {
+    /// How long `close` (flush) and `fsync` wait for a push before answering EIO. The data
+    /// stays in the cache, marked pending, and is retried in the background.
+    pub close_timeout: Duration,
+    /// How often pending uploads are retried.
+    pub retry_interval: Duration,
+}
+
+impl Default for FsConfig {
+    fn default() -> Self {
+        FsConfig {
+            close_timeout: Duration::from_secs(30),
+            retry_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// An open file: a plain local file in the cache.
+pub struct Handle {
+    node: NodeId,
+    file: std::fs::File,
+    writable: bool,
+    dirty: AtomicBool,
+}
+
+impl Handle {
+    /// The open cache file (for kernel passthrough).
+    pub fn file(&self) -> &std::fs::File {
+        &self.file
+    }
+}
+
+/// Result of `open`/`create`.
+pub struct Opened {
+    /// The new handle number.
+    pub fh: u64,
+    /// The handle, whose file may back kernel passthrough.
+    pub handle: Arc<Handle>,
+}
+
+/// Everything last heard from the directory, to keep cached files usable while it is down.
+#[derive(Default)]
+struct Known {
+    by_id: HashMap<NodeId, NodeMeta>,
+    by_name: HashMap<(NodeId, String), NodeId>,
+}
+
+/// What `dfs status` shows of this client; also written to `status.json` in the cache.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ClientStatus {
+    /// Files in the cache.
+    pub cached_files: u64,
+    /// Bytes in the cache.
+    pub cached_bytes: u64,
+    /// Nodes with changes not yet on the servers.
+    pub pending_uploads: Vec<u64>,
+    /// Whole-file downloads since mount.
+    pub downloads: u64,
+    /// Whole-file uploads since mount.
+    pub uploads: u64,
+}
+
+/// The core.
+pub struct DfsFs {
+    remote: Remote,
+    cache: CacheDir,
+    cache_root: std::path::PathBuf,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    next_fh: AtomicU64,
+    node_locks: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>>,
+    writers: Mutex<HashMap<NodeId, usize>>,
+    known: Mutex<Known>,
+    uid: u32,
+    gid: u32,
+    config: FsConfig,
+    wake: tokio::sync::Notify,
+}
+
+fn ns_to_time(ns: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_nanos(ns)
+}
+
+fn name_of(name: &OsStr) -> FsResult<ValidName> {
+    Ok(ValidName::parse(name.to_str().ok_or(FsError::NotUtf8)?)?)
+}
+
+fn hash_file(path: &std::path::Path) -> std::io::Result<(ContentHash, u64)> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((ContentHash::from_digest(&h.finalize().into()), size))
+}
+
+fn kind_of(k: FileKind) -> FileType {
+    match k {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+    }
+}
+
+impl DfsFs {
+    /// A core over `remote`, caching under `cache_root`.
+    pub fn new(remote: Remote, cache_root: &std::path::Path, config: FsConfig) -> FsResult<Self> {
+        let cache = CacheDir::open(cache_root)?;
+        let meta = std::fs::metadata(cache_root)?;
+        Ok(DfsFs {
+            remote,
+            cache,
+            cache_root: cache_root.to_path_buf(),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            node_locks: Mutex::new(HashMap::new()),
+            writers: Mutex::new(HashMap::new()),
+            known: Mutex::new(Known::default()),
+            uid: meta.uid(),
+            gid: meta.gid(),
+            config,
+            wake: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// The remote (for status and tests).
+    pub fn remote(&self) -> &Remote {
+        &self.remote
+    }
+
+    fn node_lock(&self, node: NodeId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.node_locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(node).or_default().clone()
+    }
+
+    fn writer_count(&self, node: NodeId) -> usize {
+        self.writers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&node)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn remember(&self, meta: &NodeMeta, name: Option<(NodeId, &str)>) {
+        let mut k = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        k.by_id.insert(meta.id, meta.clone());
+        if let Some((parent, name)) = name {
+            k.by_name.insert((parent, name.to_owned()), meta.id);
+        }
+    }
+
+    fn forget_name(&self, parent: NodeId, name: &str) {
+        let mut k = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(id) = k.by_name.remove(&(parent, name.to_owned())) {
+            k.by_id.remove(&id);
+        }
+    }
+
+    fn known_meta(&self, id: NodeId) -> Option<NodeMeta> {
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_id
+            .get(&id)
+            .cloned()
+    }
+
+    fn handle(&self, fh: u64) -> FsResult<Arc<Handle>> {
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle(fh))
+    }
+
+    /// The attributes the kernel sees: the directory's, with size and mtime of the local copy
+    /// while it holds changes the servers do not have yet.
+    pub fn attr(&self, meta: &NodeMeta) -> FileAttr {
+        let mut size = meta.size;
+        let mut mtime = ns_to_time(meta.mtime_ns);
+        if meta.kind == FileKind::File {
+            let local = self.writer_count(meta.id) > 0
+                || self
+                    .cache
+                    .get(meta.id)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|e| e.pending.is_some());
+            if local {
+                if let Ok(m) = std::fs::metadata(self.cache.path(meta.id)) {
+                    size = m.len();
+                    mtime = m.modified().unwrap_or(mtime);
+                }
+            }
+        }
+        FileAttr {
+            ino: INodeNo(meta.id.0),
+            size,
+            blocks: size.div_ceil(512),
+            atime: mtime,
+            mtime,
+            ctime: ns_to_time(meta.ctime_ns),
+            crtime: ns_to_time(meta.ctime_ns),
+            kind: kind_of(meta.kind),
+            perm: u16::try_from(meta.mode & 0o7777).unwrap_or(0o644),
+            nlink: if meta.kind == FileKind::Dir { 2 } else { 1 },
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    /// Metadata from the directory, or what was last heard if it cannot be reached.
+    async fn meta(&self, id: NodeId) -> FsResult<NodeMeta> {
+        match self.remote.get(id).await {
+            Ok(m) => {
+                self.remember(&m, None);
+                Ok(m)
+            }
+            Err(e) if e.is_unreachable() => self.known_meta(id).ok_or(FsError::Remote(e)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// lookup.
+    pub async fn lookup(&self, parent: NodeId, name: &OsStr) -> FsResult<FileAttr> {
+        let name = name_of(name)?;
+        match self.remote.lookup(parent, &name).await {
+            Ok(m) => {
+                self.remember(&m, Some((parent, name.as_str())));
+                Ok(self.attr(&m))
+            }
+            Err(e) if e.is_unreachable() => {
+                let k = self.known.lock().unwrap_or_else(|p| p.into_inner());
+                let meta = k
+                    .by_name
+                    .get(&(parent, name.as_str().to_owned()))
+                    .and_then(|id| k.by_id.get(id))
+                    .cloned();
+                drop(k);
+                meta.map(|m| self.attr(&m)).ok_or(FsError::Remote(e))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// getattr.
+    pub async fn getattr(&self, id: NodeId) -> FsResult<FileAttr> {
+        Ok(self.attr(&self.meta(id).await?))
+    }
+
+    /// setattr: mode and mtime at the directory; size as a new version (truncate locally,
+    /// then push like a close).
+    pub async fn setattr(
+        &self,
+        id: NodeId,
+        mode: Option<u32>,
+        size: Option<u64>,
+        mtime: Option<SystemTime>,
+        fh: Option<u64>,
+    ) -> FsResult<FileAttr> {
+        if let Some(size) = size {
+            match fh.map(|fh| self.handle(fh)).transpose()? {
+                Some(h) if h.writable => {
+                    h.file.set_len(size)?;
+                    h.dirty.store(true, Ordering::Release);
+                }
+                _ => {
+                    let opened = self.open(id, libc::O_WRONLY).await?;
+                    let result = async {
+                        opened.handle.file.set_len(size)?;
+                        opened.handle.dirty.store(true, Ordering::Release);
+                        self.flush(opened.fh).await
+                    }
+                    .await;
+                    self.release(opened.fh);
+                    result?;
+                }
+            }
+        }
+        let mtime_ns = mtime
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        let meta = if mode.is_some() || mtime_ns.is_some() {
+            let req = SetAttrRequest {
+                mode: mode.map(|m| m & 0o7777),
+                mtime_ns,
+            };
+            let m = self.remote.setattr(id, &req).await?;
+            self.remember(&m, None);
+            m
+        } else {
+            self.meta(id).await?
+        };
+        Ok(self.attr(&meta))
+    }
+
+    /// readdir: `(ino, kind, name)` including `.` and `..`.
+    pub async fn readdir(&self, id: NodeId) -> FsResult<Vec<(u64, FileType, String)>> {
+        let dir = self.meta(id).await?;
+        let entries = self.remote.list(id).await?;
+        let mut out = vec![
+            (id.0, FileType::Directory, ".".to_owned()),
+            (dir.parent.0, FileType::Directory, "..".to_owned()),
+        ];
+        for e in entries {
+            self.remember(&e.meta, Some((id, &e.name)));
+            out.push((e.meta.id.0, kind_of(e.meta.kind), e.name));
+        }
+        Ok(out)
+    }
+
+    async fn create_node(
+        &self,
+        parent: NodeId,
+        name: &OsStr,
+        kind: FileKind,
+        mode: u32,
+        target: Option<String>,
+    ) -> FsResult<NodeMeta> {
+        let name = name_of(name)?;
+        let req = CreateRequest {
+            name: name.clone(),
+            kind,
+            mode: mode & 0o7777,
+            symlink_target: target,
+        };
+        let m = self.remote.create(parent, &req).await?;
+        self.remember(&m, Some((parent, name.as_str())));
+        Ok(m)
+    }
+
+    /// mkdir.
+    pub async fn mkdir(&self, parent: NodeId, name: &OsStr, mode: u32) -> FsResult<FileAttr> {
+        Ok(self.attr(
+            &self
+                .create_node(parent, name, FileKind::Dir, mode, None)
+                .await?,
+        ))
+    }
+
+    /// symlink.
+    pub async fn symlink(
+        &self,
+        parent: NodeId,
+        name: &OsStr,
+        target: &std::path::Path,
+    ) -> FsResult<FileAttr> {
+        let target = target.to_str().ok_or(FsError::NotUtf8)?.to_owned();
+        Ok(self.attr(
+            &self
+                .create_node(parent, name, FileKind::Symlink, 0o777, Some(target))
+                .await?,
+        ))
+    }
+
+    /// readlink.
+    pub async fn readlink(&self, id: NodeId) -> FsResult<String> {
+        self.meta(id).await?.symlink_target.ok_or(FsError::NotAFile)
+    }
+
+    /// create + open: an empty file, placed by the directory, opened from a fresh cache file.
+    pub async fn create(
+        &self,
+        parent: NodeId,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+    ) -> FsResult<(FileAttr, Opened)> {
+        let meta = self
+            .create_node(parent, name, FileKind::File, mode, None)
+            .await?;
+        let path = self.cache.path(meta.id);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?;
+        self.cache.put(
+            meta.id,
+            &CacheEntry {
+                version: meta.version,
+                hash: meta.hash.clone(),
+                pending: None,
+            },
+        )?;
+        let opened = self.open_local(meta.id, flags & !libc::O_TRUNC)?;
+        Ok((self.attr(&meta), opened))
+    }
+
+    fn drop_cached(&self, node: NodeId) {
+        if let Err(e) = self.cache.remove(node) {
+            tracing::warn!(%node, error = %e, "dropping a deleted file from the cache failed");
+        }
+    }
+
+    /// unlink (also of an open file: open handles keep their data until closed).
+    pub async fn unlink(&self, parent: NodeId, name: &OsStr) -> FsResult<()> {
+        let name = name_of(name)?;
+        let removed = self.remote.remove(parent, &name, false).await?;
+        self.forget_name(parent, name.as_str());
+        self.drop_cached(removed.id);
+        Ok(())
+    }
+
+    /// rmdir.
+    pub async fn rmdir(&self, parent: NodeId, name: &OsStr) -> FsResult<()> {
+        let name = name_of(name)?;
+        self.remote.remove(parent, &name, true).await?;
+        self.forget_name(parent, name.as_str());
+        Ok(())
+    }
+
+    /// rename (atomic at the directory; replaces an existing target).
+    pub async fn rename(
+        &self,
+        parent: NodeId,
+        name: &OsStr,
+        new_parent: NodeId,
+        new_name: &OsStr,
+        flags: u32,
+    ) -> FsResult<()> {
+        if flags & libc::RENAME_EXCHANGE != 0 || flags & libc::RENAME_WHITEOUT != 0 {
+            return Err(FsError::Unsupported("RENAME_EXCHANGE / RENAME_WHITEOUT"));
+        }
+        let req = RenameRequest {
+            parent,
+            name: name_of(name)?,
+            new_parent,
+            new_name: name_of(new_name)?,
+            no_replace: flags & libc::RENAME_NOREPLACE != 0,
+        };
+        let replaced = self.remote.rename(&req).await?;
+        self.forget_name(parent, req.name.as_str());
+        self.forget_name(new_parent, req.new_name.as_str());
+        if let Some(old) = replaced {
+            self.drop_cached(old.id);
+        }
+        Ok(())
+    }
+
+    /// statfs numbers: (blocks, bfree, files) in 4 KiB blocks.
+    pub async fn statfs(&self) -> FsResult<StatFs> {
+        Ok(self.remote.statfs().await?)
+    }
+
+    fn open_local(&self, node: NodeId, flags: i32) -> FsResult<Opened> {
+        let acc = flags & libc::O_ACCMODE;
+        let writable = acc == libc::O_WRONLY || acc == libc::O_RDWR;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(self.cache.path(node))?;
+        let dirty = flags & libc::O_TRUNC != 0 && writable && file.metadata()?.len() > 0;
+        if dirty {
+            file.set_len(0)?;
+        }
+        if writable {
+            *self
+                .writers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(node)
+                .or_default() += 1;
+        }
+        let handle = Arc::new(Handle {
+            node,
+            file,
+            writable,
+            dirty: AtomicBool::new(dirty),
+        });
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(fh, handle.clone());
+        Ok(Opened { fh, handle })
+    }
+
+    /// open: fetch the metadata; download the whole file if the cache has no copy of that
+    /// version; then serve every read and write from the local copy. A copy with pending
+    /// changes, or one open for writing here, is never replaced. If the directory cannot be
+    /// reached, a cached copy is used as it is.
+    pub async fn open(&self, node: NodeId, flags: i32) -> FsResult<Opened> {
+        let lock = self.node_lock(node);
+        let _g = lock.lock().await;
+        let entry = self.cache.get(node)?;
+        let path = self.cache.path(node);
+        let have_copy = entry.is_some() && path.exists();
+        let meta = match self.remote.get(node).await {
+            Ok(m) => {
+                self.remember(&m, None);
+                m
+            }
+            Err(e) if e.is_unreachable() && have_copy => {
+                tracing::warn!(%node, error = %e, "directory unreachable; opening the cached copy");
+                return self.open_local(node, flags);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if meta.kind != FileKind::File {
+            return Err(FsError::NotAFile);
+        }
+        let local_changes =
+            entry.as_ref().is_some_and(|e| e.pending.is_some()) || self.writer_count(node) > 0;
+        let fresh = entry.as_ref().is_some_and(|e| e.hash == meta.hash);
+        if !(have_copy && (local_changes || fresh)) {
+            if meta.hash.as_str() == ContentHash::EMPTY_HEX
+                || flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY
+            {
+                // Nothing to fetch: the content is empty, or about to be truncated.
+                let tmp = self.cache.tmp_path();
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&tmp)?
+                    .sync_all()?;
+                std::fs::rename(&tmp, &path)?;
+            } else {
+                let tmp = self.cache.tmp_path();
+                let result = self.remote.download(&meta, &tmp).await;
+                if let Err(e) = result {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e.into());
+                }
+                std::fs::rename(&tmp, &path)?;
+            }
+            self.cache.put(
+                node,
+                &CacheEntry {
+                    version: meta.version,
+                    hash: meta.hash.clone(),
+                    pending: None,
+                },
+            )?;
+        }
+        self.open_local(node, flags)
+    }
+
+    /// read from the local copy.
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let h = self.handle(fh)?;
+        let mut buf = vec![0u8; usize::try_from(size).unwrap_or(0)];
+        let mut done = 0;
+        while done < buf.len() {
+            let n = h.file.read_at(&mut buf[done..], offset + done as u64)?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    /// write to the local copy; pushed on flush/fsync/close.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let h = self.handle(fh)?;
+        if !h.writable {
+            return Err(FsError::BadHandle(fh));
+        }
+        h.file.write_all_at(data, offset)?;
+        h.dirty.store(true, Ordering::Release);
+        Ok(u32::try_from(data.len()).unwrap_or(u32::MAX))
+    }
+
+    /// flush (every close) and fsync: push the handle's changes, waiting at most the close
+    /// timeout. On failure the changes stay in the cache, pending, and are retried.
+    pub async fn flush(&self, fh: u64) -> FsResult<()> {
+        let h = self.handle(fh)?;
+        if !h.writable || !h.dirty.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        h.file.sync_all()?;
+        // From here on the change is recorded as pending by `push`, so the handle is clean.
+        h.dirty.store(false, Ordering::Release);
+        let deadline = Instant::now() + self.config.close_timeout;
+        match self.push(h.node, deadline).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // Keep the handle dirty too, so release records the change even if `push`
+                // failed before it could.
+                h.dirty.store(true, Ordering::Release);
+                self.wake.notify_one();
+                Err(e)
+            }
+        }
+    }
+
+    /// release: forget the handle; anything unpushed is already pending in the index.
+    pub fn release(&self, fh: u64) {
+        let h = self
+            .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh);
+        if let Some(h) = h {
+            if h.writable {
+                let mut w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(n) = w.get_mut(&h.node) {
+                    *n -= 1;
+                    if *n == 0 {
+                        w.remove(&h.node);
+                    }
+                }
+            }
+            if h.dirty.load(Ordering::Acquire) {
+                // Written after the last flush (e.g. through an mmap): record and push later.
+                if let Err(e) = self.mark_pending(h.node) {
+                    tracing::error!(node = %h.node, error = %e, "recording unpushed changes failed");
+                }
+                self.wake.notify_one();
+            }
+        }
+    }
+
+    /// Records the local copy of `node` as pending (keeping the upload id if the content is
+    /// the same as an earlier pending attempt). Returns the pending upload, or None if the copy
+    /// equals the server version.
+    fn mark_pending(&self, node: NodeId) -> FsResult<Option<(CacheEntry, Pending)>> {
+        let path = self.cache.path(node);
+        let (hash, size) = match hash_file(&path) {
+            Ok(v) => v,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let mut entry = self.cache.get(node)?.unwrap_or(CacheEntry {
+            version: 0,
+            hash: ContentHash::empty(),
+            pending: None,
+        });
+        let pending = match &entry.pending {
+            Some(p) if p.hash == hash => p.clone(),
+            _ if entry.pending.is_none() && entry.hash == hash => return Ok(None),
+            _ => Pending {
+                upload_id: UploadId::from_bytes(rand::random()),
+                hash,
+                size,
+            },
+        };
+        entry.pending = Some(pending.clone());
+        self.cache.put(node, &entry)?;
+        Ok(Some((entry, pending)))
+    }
+
+    /// Pushes the local copy of `node` if it differs from the server's, retrying until
+    /// `deadline`. Serialised per node with open().
+    pub async fn push(&self, node: NodeId, deadline: Instant) -> FsResult<()> {
+        let lock = self.node_lock(node);
+        let _g = lock.lock().await;
+        let Some((mut entry, pending)) = self.mark_pending(node)? else {
+            return Ok(());
+        };
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self.push_once(node, &pending, deadline).await {
+                Ok(meta) => {
+                    // Only the pushed content becomes clean; newer local changes stay pending.
+                    entry.version = meta.version;
+                    entry.hash = meta.hash.clone();
+                    entry.pending = None;
+                    self.cache.put(node, &entry)?;
+                    self.remember(&meta, None);
+                    return Ok(());
+                }
+                Err(e) if e.is_not_found() => {
+                    tracing::info!(%node, "file was deleted; dropping its unpushed changes");
+                    self.drop_cached(node);
+                    return Ok(());
+                }
+                Err(e) => {
+                    let retryable = e.is_unreachable()
+                        || matches!(&e, RemoteError::Api { code, .. } if matches!(code,
+                            common::ErrorCode::StaleFence | common::ErrorCode::HashMismatch | common::ErrorCode::NotHolder | common::ErrorCode::Forbidden));
+                    if !retryable || Instant::now() + backoff >= deadline {
+                        tracing::warn!(%node, error = %e, "push failed; changes kept in the cache and retried later");
+                        return Err(e.into());
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// One attempt: take the lock (renewing the lease meanwhile), upload, unlock.
+    async fn push_once(
+        &self,
+        node: NodeId,
+        pending: &Pending,
+        deadline: Instant,
+    ) -> Result<NodeMeta, RemoteError> {
+        let waiter = UploadId::from_bytes(rand::random());
+        let grant = self.remote.acquire(node, &waiter, deadline).await?;
+        let renew_every = Duration::from_millis(grant.lease_ms / 3).max(Duration::from_millis(50));
+        let upload = async {
+            let meta = self.remote.get(node).await?;
+            self.remote
+                .upload(
+                    &meta,
+                    &self.cache.path(node),
+                    &pending.hash,
+                    pending.size,
+                    grant.fence,
+                    &pending.upload_id,
+                )
+                .await
+        };
+        tokio::pin!(upload);
+        let result = loop {
+            tokio::select! {
+                r = &mut upload => break r,
+                _ = tokio::time::sleep(renew_every) => {
+                    if let Err(e) = self.remote.renew(node, &waiter).await {
+                        tracing::warn!(%node, error = %e, "lock renewal failed");
+                    }
+                }
+            }
+        };
+        if let Err(e) = self.remote.release(node, &waiter).await {
+            tracing::debug!(%node, error = %e, "lock release failed; the lease will expire");
+        }
+        result
+    }
+
+    /// Nodes with changes not yet on the servers.
+    pub fn pending(&self) -> FsResult<Vec<NodeId>> {
+        Ok(self.cache.pending()?.into_iter().map(|(n, _)| n).collect())
+    }
+
+    /// Pushes every pending node not open for writing; returns those still pending.
+    pub async fn push_pending(&self, deadline: Instant) -> FsResult<Vec<NodeId>> {
+        for node in self.pending()? {
+            if self.writer_count(node) > 0 {
+                continue;
+            }
+            if let Err(e) = self.push(node, deadline).await {
+                tracing::debug!(%node, error = %e, "pending upload not done yet");
+            }
+        }
+        self.write_status();
+        self.pending()
+    }
+
+    /// This client's status.
+    pub fn status(&self) -> FsResult<ClientStatus> {
+        let (cached_files, cached_bytes) = self.cache.usage()?;
+        Ok(ClientStatus {
+            cached_files,
+            cached_bytes,
+            pending_uploads: self.pending()?.into_iter().map(|n| n.0).collect(),
+            downloads: self.remote.stats.downloads.load(Ordering::Relaxed),
+            uploads: self.remote.stats.uploads.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Writes `status.json` into the cache directory for `dfs status`.
+    pub fn write_status(&self) {
+        if let Ok(s) = self.status() {
+            if let Ok(data) = serde_json::to_vec_pretty(&s) {
+                let _ = dfs_server::store::write_durable(
+                    &self.cache_root.join("status.json"),
+                    &data,
+                    0o644,
+                );
+            }
+        }
+    }
+
+    /// Background loop: retries pending uploads with back-off until `cancel`.
+    pub async fn run_uploader(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
+        loop {
+            let deadline = Instant::now() + self.config.close_timeout;
+            if let Err(e) = self.push_pending(deadline).await {
+                tracing::warn!(error = %e, "retrying pending uploads failed");
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(self.config.retry_interval) => {}
+            }
+        }
+    }
+}

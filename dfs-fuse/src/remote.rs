@@ -1,0 +1,674 @@
+//! `Remote`: every call the client makes to the cluster (directory, lock, auth, file servers)
+//! over HTTP, each with a deadline; tokens are renewed before they expire.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::api::{
+    AcquireRequest, AcquireResponse, ClusterInfo, CreateRequest, Grant, LockRequest,
+    PublicKeyResponse, RefreshRequest, RenameRequest, SetAttrRequest, StatFs, TokenResponse,
+    WaiterId,
+};
+use common::{
+    ContentHash, DirEntry, ErrorBody, ErrorCode, NodeId, NodeMeta, UploadId, ValidName, routes,
+};
+use futures_util::StreamExt;
+use rsa::PublicKey;
+use rsa::pkcs8::DecodePublicKey;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use crate::creds::{CredStore, SavedLogin};
+
+/// Why a remote call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RemoteError {
+    /// The service answered with a dfs error.
+    #[error("{message}")]
+    Api {
+        /// Error class.
+        code: ErrorCode,
+        /// Message from the server.
+        message: String,
+    },
+    /// No answer (connection refused, reset, DNS).
+    #[error("server unreachable: {0}")]
+    Network(String),
+    /// No answer in time.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// Local I/O while moving file contents.
+    #[error("local I/O: {0}")]
+    Io(String),
+    /// No saved login for this server.
+    #[error("not logged in to {0}; run `dfs login --server {0}`")]
+    NotLoggedIn(String),
+}
+
+impl RemoteError {
+    /// The server answered that the thing does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            RemoteError::Api {
+                code: ErrorCode::NotFound,
+                ..
+            }
+        )
+    }
+
+    /// Could not reach the server at all (as opposed to a refusal).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, RemoteError::Network(_) | RemoteError::Timeout(_))
+            || matches!(
+                self,
+                RemoteError::Api {
+                    code: ErrorCode::Unavailable | ErrorCode::Internal,
+                    ..
+                }
+            )
+    }
+}
+
+fn net(what: &str, e: reqwest::Error) -> RemoteError {
+    if e.is_timeout() {
+        RemoteError::Timeout(format!("{what}: {e}"))
+    } else {
+        RemoteError::Network(format!("{what}: {e}"))
+    }
+}
+
+async fn api_error(resp: reqwest::Response) -> RemoteError {
+    let status = resp.status();
+    match resp.json::<ErrorBody>().await {
+        Ok(b) => RemoteError::Api {
+            code: b.code,
+            message: b.message,
+        },
+        Err(_) => RemoteError::Api {
+            code: ErrorCode::Internal,
+            message: format!("server answered {status}"),
+        },
+    }
+}
+
+/// Client-side timeouts.
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    /// Deadline of one metadata or lock call.
+    pub call_timeout: Duration,
+    /// Longest silence while streaming a body.
+    pub stream_timeout: Duration,
+}
+
+impl Default for RemoteConfig {
+    fn default() -> Self {
+        RemoteConfig {
+            call_timeout: Duration::from_secs(10),
+            stream_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+struct Session {
+    login: Option<SavedLogin>,
+}
+
+/// Counters of this client (for `dfs status` and tests).
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    /// Whole-file downloads.
+    pub downloads: AtomicU64,
+    /// Whole-file uploads.
+    pub uploads: AtomicU64,
+}
+
+/// The cluster as the client sees it.
+pub struct Remote {
+    server: String,
+    http: reqwest::Client,
+    stream: reqwest::Client,
+    session: tokio::sync::Mutex<Session>,
+    creds: Option<CredStore>,
+    cluster: std::sync::Mutex<Option<ClusterInfo>>,
+    config: RemoteConfig,
+    /// Counters.
+    pub stats: Arc<ClientStats>,
+}
+
+fn now_ms() -> u64 {
+    dfs_server::store::now_ms()
+}
+
+impl Remote {
+    /// A client of the directory at `server`, authenticated by `login` (renewed tokens are
+    /// saved back to `creds`).
+    pub fn new(
+        server: &str,
+        login: Option<SavedLogin>,
+        creds: Option<CredStore>,
+        config: RemoteConfig,
+    ) -> Self {
+        let server = server.trim_end_matches('/').to_owned();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(config.call_timeout + Duration::from_secs(30))
+            .build()
+            .unwrap_or_default();
+        let stream = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .read_timeout(config.stream_timeout)
+            .build()
+            .unwrap_or_default();
+        Remote {
+            server,
+            http,
+            stream,
+            session: tokio::sync::Mutex::new(Session { login }),
+            creds,
+            cluster: std::sync::Mutex::new(None),
+            config,
+            stats: Arc::new(ClientStats::default()),
+        }
+    }
+
+    /// The directory URL.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    fn dir(&self, path: &str) -> String {
+        format!("{}{path}", self.server)
+    }
+
+    /// The bearer token, refreshed first if it expires within five minutes.
+    async fn token(&self) -> Result<String, RemoteError> {
+        let mut s = self.session.lock().await;
+        let login = s
+            .login
+            .clone()
+            .ok_or_else(|| RemoteError::NotLoggedIn(self.server.clone()))?;
+        if login.expires_at_ms > now_ms() + 5 * 60 * 1000 {
+            return Ok(login.token);
+        }
+        match self.refresh(&login.refresh_token).await {
+            Ok(t) => {
+                let renewed = SavedLogin {
+                    user: t.user,
+                    token: t.token.clone(),
+                    expires_at_ms: t.expires_at_ms,
+                    refresh_token: t.refresh_token,
+                };
+                if let Some(c) = &self.creds {
+                    if let Err(e) = c.put(&self.server, Some(renewed.clone())) {
+                        tracing::warn!(error = %e, "saving the renewed token failed");
+                    }
+                }
+                s.login = Some(renewed);
+                tracing::info!("login token renewed");
+                Ok(t.token)
+            }
+            // Still valid for a while: keep using it and retry the refresh later.
+            Err(e) if login.expires_at_ms > now_ms() => {
+                tracing::warn!(error = %e, "token refresh failed; retrying later");
+                Ok(login.token)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn refresh(&self, refresh_token: &str) -> Result<TokenResponse, RemoteError> {
+        let auth = self.auth_url().await?;
+        let req = RefreshRequest {
+            refresh_token: refresh_token.to_owned(),
+        };
+        let resp = self
+            .http
+            .post(format!("{auth}{}", routes::AUTH_REFRESH))
+            .timeout(self.config.call_timeout)
+            .json(&req)
+            .send()
+            .await
+            .map_err(|e| net("refresh", e))?;
+        if !resp.status().is_success() {
+            return Err(api_error(resp).await);
+        }
+        resp.json().await.map_err(|e| net("refresh", e))
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+        what: &str,
+    ) -> Result<T, RemoteError> {
+        let token = self.token().await?;
+        let resp = req
+            .bearer_auth(token)
+            .timeout(self.config.call_timeout)
+            .send()
+            .await
+            .map_err(|e| net(what, e))?;
+        if !resp.status().is_success() {
+            return Err(api_error(resp).await);
+        }
+        resp.json().await.map_err(|e| net(what, e))
+    }
+
+    async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        url: String,
+        body: &B,
+        what: &str,
+    ) -> Result<T, RemoteError> {
+        self.send(self.http.post(url).json(body), what).await
+    }
+
+    /// The cluster map (fetched once, refreshed with `refresh = true`).
+    pub async fn cluster(&self, refresh: bool) -> Result<ClusterInfo, RemoteError> {
+        if !refresh {
+            if let Some(c) = self.cluster.lock().ok().and_then(|c| c.clone()) {
+                return Ok(c);
+            }
+        }
+        let resp = self
+            .http
+            .get(self.dir(routes::CLUSTER))
+            .timeout(self.config.call_timeout)
+            .send()
+            .await
+            .map_err(|e| net("cluster map", e))?;
+        if !resp.status().is_success() {
+            return Err(api_error(resp).await);
+        }
+        let info: ClusterInfo = resp.json().await.map_err(|e| net("cluster map", e))?;
+        if let Ok(mut c) = self.cluster.lock() {
+            *c = Some(info.clone());
+        }
+        Ok(info)
+    }
+
+    async fn auth_url(&self) -> Result<String, RemoteError> {
+        let c = self.cluster(false).await?;
+        match c.auth_url {
+            Some(u) => Ok(u),
+            None => self
+                .cluster(true)
+                .await?
+                .auth_url
+                .ok_or_else(|| RemoteError::Api {
+                    code: ErrorCode::Unavailable,
+                    message: "no auth service registered with the directory".into(),
+                }),
+        }
+    }
+
+    async fn lock_url(&self) -> Result<String, RemoteError> {
+        let c = self.cluster(false).await?;
+        match c.lock_url {
+            Some(u) => Ok(u),
+            None => self
+                .cluster(true)
+                .await?
+                .lock_url
+                .ok_or_else(|| RemoteError::Api {
+                    code: ErrorCode::Unavailable,
+                    message: "no lock service registered with the directory".into(),
+                }),
+        }
+    }
+
+    async fn server_url(&self, id: common::ServerId) -> Result<String, RemoteError> {
+        for refresh in [false, true] {
+            if let Some(s) = self
+                .cluster(refresh)
+                .await?
+                .servers
+                .into_iter()
+                .find(|s| s.id == id)
+            {
+                return Ok(s.url);
+            }
+        }
+        Err(RemoteError::Api {
+            code: ErrorCode::Unavailable,
+            message: format!("file server {id} unknown"),
+        })
+    }
+
+    /// Seals `user`/`password` with the auth key and posts it to `path` (signup or login).
+    async fn sealed(
+        &self,
+        path: &str,
+        user: &str,
+        password: &str,
+    ) -> Result<reqwest::Response, RemoteError> {
+        let auth = self.auth_url().await?;
+        let pk: PublicKeyResponse = self
+            .http
+            .get(format!("{auth}{}", routes::AUTH_PUBLIC_KEY))
+            .timeout(self.config.call_timeout)
+            .send()
+            .await
+            .map_err(|e| net("auth key", e))?
+            .json()
+            .await
+            .map_err(|e| net("auth key", e))?;
+        let key = PublicKey::from_public_key_pem(&pk.pem)
+            .map_err(|e| RemoteError::Io(format!("bad auth public key: {e}")))?;
+        let env = dfs_server::auth::seal(&key, user, password).map_err(|e| RemoteError::Api {
+            code: ErrorCode::BadRequest,
+            message: e.to_string(),
+        })?;
+        let resp = self
+            .http
+            .post(format!("{auth}{path}"))
+            .timeout(self.config.call_timeout)
+            .json(&env)
+            .send()
+            .await
+            .map_err(|e| net("auth", e))?;
+        if !resp.status().is_success() {
+            return Err(api_error(resp).await);
+        }
+        Ok(resp)
+    }
+
+    /// Creates a user.
+    pub async fn signup(&self, user: &str, password: &str) -> Result<(), RemoteError> {
+        self.sealed(routes::AUTH_SIGNUP, user, password)
+            .await
+            .map(drop)
+    }
+
+    /// Logs in and starts using the new token.
+    pub async fn login(&self, user: &str, password: &str) -> Result<SavedLogin, RemoteError> {
+        let t: TokenResponse = self
+            .sealed(routes::AUTH_LOGIN, user, password)
+            .await?
+            .json()
+            .await
+            .map_err(|e| net("login", e))?;
+        let login = SavedLogin {
+            user: t.user,
+            token: t.token,
+            expires_at_ms: t.expires_at_ms,
+            refresh_token: t.refresh_token,
+        };
+        self.session.lock().await.login = Some(login.clone());
+        Ok(login)
+    }
+
+    /// Metadata of one node.
+    pub async fn get(&self, id: NodeId) -> Result<NodeMeta, RemoteError> {
+        self.send(self.http.get(self.dir(&routes::node(id))), "getattr")
+            .await
+    }
+
+    /// Looks `name` up in `parent`.
+    pub async fn lookup(&self, parent: NodeId, name: &ValidName) -> Result<NodeMeta, RemoteError> {
+        self.send(
+            self.http
+                .get(self.dir(&routes::child(parent, name.as_str()))),
+            "lookup",
+        )
+        .await
+    }
+
+    /// Lists a directory.
+    pub async fn list(&self, parent: NodeId) -> Result<Vec<DirEntry>, RemoteError> {
+        self.send(
+            self.http.get(self.dir(&routes::children(parent))),
+            "readdir",
+        )
+        .await
+    }
+
+    /// Creates a node.
+    pub async fn create(
+        &self,
+        parent: NodeId,
+        req: &CreateRequest,
+    ) -> Result<NodeMeta, RemoteError> {
+        self.post(self.dir(&routes::children(parent)), req, "create")
+            .await
+    }
+
+    /// unlink or rmdir.
+    pub async fn remove(
+        &self,
+        parent: NodeId,
+        name: &ValidName,
+        dir: bool,
+    ) -> Result<NodeMeta, RemoteError> {
+        let url = format!(
+            "{}?dir={dir}",
+            self.dir(&routes::child(parent, name.as_str()))
+        );
+        self.send(self.http.delete(url), "remove").await
+    }
+
+    /// Atomic rename; returns the replaced node.
+    pub async fn rename(&self, req: &RenameRequest) -> Result<Option<NodeMeta>, RemoteError> {
+        self.post(self.dir(routes::RENAME), req, "rename").await
+    }
+
+    /// Mode/mtime change.
+    pub async fn setattr(&self, id: NodeId, req: &SetAttrRequest) -> Result<NodeMeta, RemoteError> {
+        self.send(
+            self.http.patch(self.dir(&routes::node(id))).json(req),
+            "setattr",
+        )
+        .await
+    }
+
+    /// Totals.
+    pub async fn statfs(&self) -> Result<StatFs, RemoteError> {
+        self.send(self.http.get(self.dir(routes::STATFS)), "statfs")
+            .await
+    }
+
+    /// Downloads the exact content `meta.hash` into `dest`, trying the replicas (in random
+    /// order) and then the primary; a server that fails or sends bytes that do not hash right
+    /// is skipped. `dest` is fsynced before this returns.
+    pub async fn download(&self, meta: &NodeMeta, dest: &Path) -> Result<(), RemoteError> {
+        let mut order: Vec<_> = meta
+            .holders
+            .iter()
+            .copied()
+            .filter(|s| Some(*s) != meta.primary)
+            .collect();
+        let shift = if order.is_empty() {
+            0
+        } else {
+            usize::from(rand::random::<u8>()) % order.len()
+        };
+        order.rotate_left(shift);
+        order.extend(meta.primary.filter(|p| meta.holders.contains(p)));
+        let mut last = RemoteError::Api {
+            code: ErrorCode::Unavailable,
+            message: "no server holds this version".into(),
+        };
+        for server in order {
+            match self.download_from(server, meta, dest).await {
+                Ok(()) => {
+                    self.stats.downloads.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(node = %meta.id, %server, error = %e, "download failed; trying the next copy");
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    async fn download_from(
+        &self,
+        server: common::ServerId,
+        meta: &NodeMeta,
+        dest: &Path,
+    ) -> Result<(), RemoteError> {
+        let base = self.server_url(server).await?;
+        let token = self.token().await?;
+        let resp = self
+            .stream
+            .get(format!("{base}{}", routes::file_read(meta.id, &meta.hash)))
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(|e| net("download", e))?;
+        if !resp.status().is_success() {
+            return Err(api_error(resp).await);
+        }
+        let io = |e: std::io::Error| RemoteError::Io(format!("writing {}: {e}", dest.display()));
+        let file = tokio::fs::File::create(dest).await.map_err(io)?;
+        let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
+        let mut hasher = Sha256::new();
+        let mut body = resp.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| net("download", e))?;
+            hasher.update(&chunk);
+            out.write_all(&chunk).await.map_err(io)?;
+        }
+        out.flush().await.map_err(io)?;
+        let got = ContentHash::from_digest(&hasher.finalize().into());
+        if got != meta.hash {
+            return Err(RemoteError::Api {
+                code: ErrorCode::HashMismatch,
+                message: format!(
+                    "server {server} sent content hashing to {got}, expected {}",
+                    meta.hash
+                ),
+            });
+        }
+        out.into_inner().sync_all().await.map_err(io)?;
+        Ok(())
+    }
+
+    /// Waits in the lock queue until granted or `deadline`; a waiter that gives up leaves
+    /// the queue.
+    pub async fn acquire(
+        &self,
+        node: NodeId,
+        waiter: &WaiterId,
+        deadline: tokio::time::Instant,
+    ) -> Result<Grant, RemoteError> {
+        let url = format!(
+            "{}{}",
+            self.lock_url().await?,
+            routes::lock(node, "acquire")
+        );
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let wait_ms = u64::try_from(left.min(Duration::from_secs(20)).as_millis()).unwrap_or(0);
+            let req = AcquireRequest {
+                waiter: waiter.clone(),
+                wait_ms,
+            };
+            let token = self.token().await?;
+            let resp = self
+                .http
+                .post(&url)
+                .bearer_auth(token)
+                .timeout(left + self.config.call_timeout)
+                .json(&req)
+                .send()
+                .await
+                .map_err(|e| net("lock", e))?;
+            if !resp.status().is_success() {
+                return Err(api_error(resp).await);
+            }
+            match resp
+                .json::<AcquireResponse>()
+                .await
+                .map_err(|e| net("lock", e))?
+            {
+                AcquireResponse::Granted(g) => return Ok(g),
+                AcquireResponse::Queued { position } => {
+                    if tokio::time::Instant::now() >= deadline {
+                        let _ = self.release(node, waiter).await;
+                        return Err(RemoteError::Timeout(format!(
+                            "waiting for the lock (position {position})"
+                        )));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Extends a held lock's lease.
+    pub async fn renew(&self, node: NodeId, waiter: &WaiterId) -> Result<Grant, RemoteError> {
+        let url = format!("{}{}", self.lock_url().await?, routes::lock(node, "renew"));
+        self.post(
+            url,
+            &LockRequest {
+                waiter: waiter.clone(),
+            },
+            "renew",
+        )
+        .await
+    }
+
+    /// Releases a lock (or leaves its queue).
+    pub async fn release(&self, node: NodeId, waiter: &WaiterId) -> Result<(), RemoteError> {
+        let url = format!(
+            "{}{}",
+            self.lock_url().await?,
+            routes::lock(node, "release")
+        );
+        self.post::<_, serde_json::Value>(
+            url,
+            &LockRequest {
+                waiter: waiter.clone(),
+            },
+            "release",
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Streams `path` to the primary of `meta` as the new content.
+    pub async fn upload(
+        &self,
+        meta: &NodeMeta,
+        path: &Path,
+        hash: &ContentHash,
+        size: u64,
+        fence: common::FenceToken,
+        upload_id: &UploadId,
+    ) -> Result<NodeMeta, RemoteError> {
+        let primary = meta.primary.ok_or_else(|| RemoteError::Api {
+            code: ErrorCode::Unavailable,
+            message: "file has no primary".into(),
+        })?;
+        let base = self.server_url(primary).await?;
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| RemoteError::Io(format!("reading {}: {e}", path.display())))?;
+        let body =
+            reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));
+        let token = self.token().await?;
+        let resp = self
+            .stream
+            .put(format!("{base}{}", routes::file_write(meta.id)))
+            .bearer_auth(token)
+            .header(routes::FENCE_HEADER, fence.0.to_string())
+            .header(routes::HASH_HEADER, hash.as_str())
+            .header(routes::UPLOAD_ID_HEADER, upload_id.as_str())
+            .header(reqwest::header::CONTENT_LENGTH, size)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| net("upload", e))?;
+        if !resp.status().is_success() {
+            return Err(api_error(resp).await);
+        }
+        self.stats.uploads.fetch_add(1, Ordering::Relaxed);
+        resp.json().await.map_err(|e| net("upload", e))
+    }
+}

@@ -1,0 +1,227 @@
+//! Mounting: checks that give one-line errors, the fuser session, the background uploader,
+//! and an unmount that pushes pending uploads before it returns.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use fuser::{Config, MountOption};
+use tokio_util::sync::CancellationToken;
+
+use crate::creds::CredStore;
+use crate::fs::{DfsFs, FsConfig};
+use crate::fuse::FuseAdapter;
+use crate::remote::{Remote, RemoteConfig, RemoteError};
+
+/// Options of one mount.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// Where to mount.
+    pub mountpoint: PathBuf,
+    /// Directory URL.
+    pub server: String,
+    /// Cache directory for this server.
+    pub cache_dir: PathBuf,
+    /// Core tunables.
+    pub fs: FsConfig,
+    /// How long unmount waits for pending uploads.
+    pub drain_timeout: Duration,
+}
+
+/// The default cache directory for `server`: `dirs::cache_dir()/dfs/<server>`.
+pub fn default_cache_dir(server: &str) -> anyhow::Result<PathBuf> {
+    let base = dirs::cache_dir().context("no cache directory (set HOME or XDG_CACHE_HOME)")?;
+    let key: String = server
+        .trim_start_matches("http://")
+        .trim_start_matches("https://")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    Ok(base.join("dfs").join(key))
+}
+
+/// Whether `path` is a mount point (per /proc/self/mountinfo).
+pub fn is_mounted(path: &Path) -> bool {
+    let Ok(canon) = path.canonicalize() else {
+        return false;
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = canon.to_string_lossy().replace(' ', "\\040");
+    info.lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+}
+
+/// The checks that turn common mistakes into one clear line.
+pub fn preflight(mountpoint: &Path) -> anyhow::Result<()> {
+    if !Path::new("/dev/fuse").exists() {
+        bail!("no /dev/fuse: install fuse3 and load the fuse kernel module (modprobe fuse)");
+    }
+    if !mountpoint.is_dir() {
+        bail!(
+            "mount point {} does not exist or is not a directory",
+            mountpoint.display()
+        );
+    }
+    if is_mounted(mountpoint) {
+        bail!(
+            "{} is already a mount point; unmount it first (dfs umount {0})",
+            mountpoint.display()
+        );
+    }
+    Ok(())
+}
+
+/// Builds the remote for `server` from the saved login, checking that the server answers
+/// and that the login is still accepted.
+pub async fn connect(server: &str, creds: &CredStore) -> anyhow::Result<Remote> {
+    let login = creds.get(server)?.with_context(|| {
+        format!("not logged in to {server}; run `dfs login --server {server} --user NAME`")
+    })?;
+    let remote = Remote::new(
+        server,
+        Some(login),
+        Some(creds.clone()),
+        RemoteConfig::default(),
+    );
+    remote
+        .cluster(true)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the dfs directory at {server}: {e}"))?;
+    match remote.get(common::NodeId::ROOT).await {
+        Ok(_) => Ok(remote),
+        Err(RemoteError::Api {
+            code: common::ErrorCode::Unauthorized,
+            message,
+        }) => {
+            bail!("login for {server} is no longer accepted ({message}); run `dfs login` again")
+        }
+        Err(e) => Err(anyhow::anyhow!("{server}: {e}")),
+    }
+}
+
+/// A running mount.
+pub struct Mounted {
+    session: fuser::BackgroundSession,
+    /// The core (for status and draining).
+    pub fs: Arc<DfsFs>,
+    cancel: CancellationToken,
+    uploader: tokio::task::JoinHandle<()>,
+    mountpoint: PathBuf,
+    drain_timeout: Duration,
+}
+
+/// Mounts `fs` at `opts.mountpoint` with a multi-threaded fuser session and starts the
+/// background uploader on the current runtime.
+pub fn mount(remote: Remote, opts: &MountOptions) -> anyhow::Result<Mounted> {
+    preflight(&opts.mountpoint)?;
+    let fs = Arc::new(
+        DfsFs::new(remote, &opts.cache_dir, opts.fs.clone())
+            .with_context(|| format!("opening the cache {}", opts.cache_dir.display()))?,
+    );
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName("dfs".into()),
+        MountOption::Subtype("dfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+    ];
+    config.n_threads = Some(8);
+    let adapter = FuseAdapter::new(fs.clone(), tokio::runtime::Handle::current());
+    let session = fuser::spawn_mount(adapter, &opts.mountpoint, &config)
+        .with_context(|| format!("mounting at {}", opts.mountpoint.display()))?;
+    let cancel = CancellationToken::new();
+    let uploader = tokio::spawn(fs.clone().run_uploader(cancel.clone()));
+    fs.write_status();
+    Ok(Mounted {
+        session,
+        fs,
+        cancel,
+        uploader,
+        mountpoint: opts.mountpoint.clone(),
+        drain_timeout: opts.drain_timeout,
+    })
+}
+
+impl Mounted {
+    /// Waits until Ctrl-C/SIGTERM or until the file system is unmounted from outside
+    /// (`dfs umount`).
+    pub async fn wait(&self) {
+        let external = async {
+            loop {
+                if self.session.guard.is_finished() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        };
+        tokio::select! {
+            _ = dfs_server::cli::shutdown_signal() => {}
+            _ = external => tracing::info!("file system was unmounted"),
+        }
+    }
+
+    /// Unmounts (lazily if busy), then pushes pending uploads for up to the drain timeout.
+    /// Returns the nodes still pending: they stay in the cache and are pushed by the next mount.
+    pub async fn unmount(self) -> anyhow::Result<Vec<common::NodeId>> {
+        let mountpoint = self.mountpoint.clone();
+        let session = self.session;
+        let joined = tokio::task::spawn_blocking(move || session.umount_and_join()).await;
+        if !matches!(joined, Ok(Ok(()))) && is_mounted(&mountpoint) {
+            eprintln!("dfs: {} is busy; detaching it lazily", mountpoint.display());
+            let _ = std::process::Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(&mountpoint)
+                .status();
+        }
+        self.cancel.cancel();
+        let _ = self.uploader.await;
+        let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        let mut pending = self.fs.pending()?;
+        while !pending.is_empty() && tokio::time::Instant::now() < deadline {
+            pending = self.fs.push_pending(deadline).await?;
+            if !pending.is_empty() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        self.fs.write_status();
+        Ok(pending)
+    }
+}
+
+/// Foreground mount until a signal or an external unmount.
+pub async fn run_mount(remote: Remote, opts: MountOptions) -> anyhow::Result<()> {
+    let m = mount(remote, &opts)?;
+    println!(
+        "dfs mounted {} at {}",
+        opts.server,
+        opts.mountpoint.display()
+    );
+    m.wait().await;
+    report_pending(m.unmount().await?)
+}
+
+/// Prints what could not be pushed; never silent about unpushed data.
+pub fn report_pending(pending: Vec<common::NodeId>) -> anyhow::Result<()> {
+    if pending.is_empty() {
+        println!("dfs: unmounted; all changes are on the servers");
+        Ok(())
+    } else {
+        let ids: Vec<String> = pending.iter().map(|n| n.to_string()).collect();
+        bail!(
+            "unmounted with {} upload(s) still pending (nodes {}); they are kept in the cache and pushed by the next mount",
+            pending.len(),
+            ids.join(", ")
+        )
+    }
+}

@@ -1,0 +1,69 @@
+//! `dfs up`: a whole local cluster plus a mount, in one foreground command.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use dfs_server::cluster::{self, ClusterConfig};
+
+use crate::cli::UpArgs;
+use crate::creds::CredStore;
+use crate::remote::{Remote, RemoteConfig};
+use crate::session;
+
+/// The user `dfs up` creates and logs in as.
+pub const DEFAULT_USER: &str = "dfs";
+
+const HELLO: &str = "Hello from dfs!\n\nThis directory is a distributed file system: files are cached whole on open\nand pushed to the replicated file servers, under a per-file lock, on close.\n";
+
+/// Starts the cluster, signs the default user up and in, writes `Hello.txt` into a fresh
+/// store, mounts, and on Ctrl-C/SIGTERM unmounts (pushing pending uploads) and stops.
+pub async fn run(a: UpArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&a.data).with_context(|| format!("creating {}", a.data.display()))?;
+    std::fs::create_dir_all(&a.mountpoint)
+        .with_context(|| format!("creating {}", a.mountpoint.display()))?;
+    session::preflight(&a.mountpoint)?;
+    let fresh = !a.data.join("directory").exists();
+    let cluster = cluster::start(ClusterConfig::new(a.data.clone(), a.listen)).await?;
+    let server = cluster.directory_url.clone();
+    let result = async {
+        let pw_path = a.data.join("default-user.password");
+        let password = match std::fs::read_to_string(&pw_path) {
+            Ok(p) => p.trim().to_owned(),
+            Err(_) => {
+                let p = hex::encode(rand::random::<[u8; 16]>());
+                dfs_server::store::write_durable(&pw_path, p.as_bytes(), 0o600)?;
+                p
+            }
+        };
+        let creds = CredStore::default_location()?;
+        let remote = Remote::new(&server, None, Some(creds.clone()), RemoteConfig::default());
+        if let Err(e) = remote.signup(DEFAULT_USER, &password).await {
+            if !matches!(&e, crate::remote::RemoteError::Api { code: common::ErrorCode::Exists, .. }) {
+                return Err(anyhow::anyhow!("creating the default user: {e}"));
+            }
+        }
+        let login = remote.login(DEFAULT_USER, &password).await.context("logging in the default user")?;
+        creds.put(&server, Some(login))?;
+        let opts = a.cache.options(&server, a.mountpoint.clone())?;
+        let m = session::mount(remote, &opts)?;
+        if fresh {
+            write_hello(&a.mountpoint).await?;
+        }
+        println!("dfs is up: mounted at {}", a.mountpoint.display());
+        println!("directory: {server}   (another client: dfs login --server {server} ...; dfs mount DIR --server {server})");
+        println!("press Ctrl-C to unmount and stop");
+        m.wait().await;
+        session::report_pending(m.unmount().await?)
+    }
+    .await;
+    cluster.shutdown().await;
+    result
+}
+
+async fn write_hello(mountpoint: &std::path::Path) -> anyhow::Result<()> {
+    let path = mountpoint.join("Hello.txt");
+    tokio::time::timeout(Duration::from_secs(60), tokio::fs::write(&path, HELLO))
+        .await
+        .context("writing Hello.txt timed out")?
+        .with_context(|| format!("writing {}", path.display()))
+}
