@@ -287,10 +287,9 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
             .get(format!("{}{}", s.url, common::routes::FILE_STATS))
             .send()
             .await
+            && let Ok(st) = r.json::<common::api::FileServerStats>().await
         {
-            if let Ok(st) = r.json::<common::api::FileServerStats>().await {
-                downloads += st.downloads;
-            }
+            downloads += st.downloads;
         }
     }
     if a.json {

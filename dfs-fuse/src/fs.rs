@@ -218,11 +218,9 @@ impl DfsFs {
                     .ok()
                     .flatten()
                     .is_some_and(|e| e.pending.is_some());
-            if local {
-                if let Ok(m) = std::fs::metadata(self.cache.path(meta.id)) {
-                    size = m.len();
-                    mtime = m.modified().unwrap_or(mtime);
-                }
+            if local && let Ok(m) = std::fs::metadata(self.cache.path(meta.id)) {
+                size = m.len();
+                mtime = m.modified().unwrap_or(mtime);
             }
         }
         FileAttr {
@@ -792,14 +790,14 @@ impl DfsFs {
 
     /// Writes `status.json` into the cache directory for `dfs status`.
     pub fn write_status(&self) {
-        if let Ok(s) = self.status() {
-            if let Ok(data) = serde_json::to_vec_pretty(&s) {
-                let _ = dfs_server::store::write_durable(
-                    &self.cache_root.join("status.json"),
-                    &data,
-                    0o644,
-                );
-            }
+        if let Ok(s) = self.status()
+            && let Ok(data) = serde_json::to_vec_pretty(&s)
+        {
+            let _ = dfs_server::store::write_durable(
+                &self.cache_root.join("status.json"),
+                &data,
+                0o644,
+            );
         }
     }
 

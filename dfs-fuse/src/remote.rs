@@ -203,10 +203,10 @@ impl Remote {
                     expires_at_ms: t.expires_at_ms,
                     refresh_token: t.refresh_token,
                 };
-                if let Some(c) = &self.creds {
-                    if let Err(e) = c.put(&self.server, Some(renewed.clone())) {
-                        tracing::warn!(error = %e, "saving the renewed token failed");
-                    }
+                if let Some(c) = &self.creds
+                    && let Err(e) = c.put(&self.server, Some(renewed.clone()))
+                {
+                    tracing::warn!(error = %e, "saving the renewed token failed");
                 }
                 s.login = Some(renewed);
                 tracing::info!("login token renewed");
@@ -269,10 +269,8 @@ impl Remote {
 
     /// The cluster map (fetched once, refreshed with `refresh = true`).
     pub async fn cluster(&self, refresh: bool) -> Result<ClusterInfo, RemoteError> {
-        if !refresh {
-            if let Some(c) = self.cluster.lock().ok().and_then(|c| c.clone()) {
-                return Ok(c);
-            }
+        if !refresh && let Some(c) = self.cluster.lock().ok().and_then(|c| c.clone()) {
+            return Ok(c);
         }
         let resp = self
             .http

@@ -37,11 +37,10 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         };
         let creds = CredStore::default_location()?;
         let remote = Remote::new(&server, None, Some(creds.clone()), RemoteConfig::default());
-        if let Err(e) = remote.signup(DEFAULT_USER, &password).await {
-            if !matches!(&e, crate::remote::RemoteError::Api { code: common::ErrorCode::Exists, .. }) {
+        if let Err(e) = remote.signup(DEFAULT_USER, &password).await
+            && !matches!(&e, crate::remote::RemoteError::Api { code: common::ErrorCode::Exists, .. }) {
                 return Err(anyhow::anyhow!("creating the default user: {e}"));
             }
-        }
         let login = remote.login(DEFAULT_USER, &password).await.context("logging in the default user")?;
         creds.put(&server, Some(login))?;
         let opts = a.cache.options(&server, a.mountpoint.clone())?;

@@ -1,4 +1,5 @@
 //! API tests: a real in-process cluster on ephemeral loopback ports, driven over HTTP.
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
 
 use std::time::Duration;
 

@@ -214,11 +214,10 @@ impl AuthService {
         let tx = self.db.begin_write()?;
         let rec: RefreshRecord = {
             let mut table = tx.open_table(REFRESH)?;
-            let rec = match table.remove(key.as_str())? {
+            match table.remove(key.as_str())? {
                 Some(v) => decode(v.value())?,
                 None => return Err(ServiceError::Unauthorized("unknown refresh token".into())),
-            };
-            rec
+            }
         };
         tx.commit()?;
         if rec.exp_ms <= now_ms() {

@@ -181,14 +181,14 @@ impl LockService {
         if lock.expire(now, lease) {
             lock.notify.notify_waiters();
         }
-        if let Some(h) = &lock.holder {
-            if &h.waiter == waiter {
-                return Ok((
-                    AcquireResponse::Granted(self.grant(h.fence)),
-                    lock.notify.clone(),
-                    None,
-                ));
-            }
+        if let Some(h) = &lock.holder
+            && &h.waiter == waiter
+        {
+            return Ok((
+                AcquireResponse::Granted(self.grant(h.fence)),
+                lock.notify.clone(),
+                None,
+            ));
         }
         let pos = match lock.queue.iter().position(|w| &w.id == waiter) {
             Some(p) => {
