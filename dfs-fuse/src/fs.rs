@@ -182,9 +182,8 @@ impl DfsFs {
 
     fn forget_name(&self, parent: NodeId, name: &str) {
         let mut k = self.known.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(id) = k.by_name.remove(&(parent, name.to_owned())) {
-            k.by_id.remove(&id);
-        }
+        // by_id stays: a node unlinked while open here is still served from it.
+        k.by_name.remove(&(parent, name.to_owned()));
     }
 
     fn known_meta(&self, id: NodeId) -> Option<NodeMeta> {
@@ -194,6 +193,14 @@ impl DfsFs {
             .by_id
             .get(&id)
             .cloned()
+    }
+
+    fn open_here(&self, node: NodeId) -> bool {
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .any(|h| h.node == node)
     }
 
     fn handle(&self, fh: u64) -> FsResult<Arc<Handle>> {
@@ -250,6 +257,10 @@ impl DfsFs {
                 Ok(m)
             }
             Err(e) if e.is_unreachable() => self.known_meta(id).ok_or(FsError::Remote(e)),
+            // Unlinked while open here: the open handles keep it alive (POSIX).
+            Err(e) if e.is_not_found() && self.open_here(id) => {
+                self.known_meta(id).ok_or(FsError::Remote(e))
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -399,9 +410,22 @@ impl DfsFs {
         mode: u32,
         flags: i32,
     ) -> FsResult<(FileAttr, Opened)> {
-        let meta = self
+        // Without O_EXCL, a name another client created meanwhile is opened instead (POSIX
+        // `open(O_CREAT)` semantics).
+        let meta = match self
             .create_node(parent, name, FileKind::File, mode, None)
-            .await?;
+            .await
+        {
+            Err(FsError::Remote(RemoteError::Api {
+                code: common::ErrorCode::Exists,
+                ..
+            })) if flags & libc::O_EXCL == 0 => {
+                let existing = self.remote.lookup(parent, &name_of(name)?).await?;
+                let opened = self.open(existing.id, flags).await?;
+                return Ok((self.attr(&existing), opened));
+            }
+            other => other?,
+        };
         let path = self.cache.path(meta.id);
         std::fs::OpenOptions::new()
             .write(true)

@@ -54,7 +54,15 @@ fn time_of(t: TimeOrNow) -> SystemTime {
 }
 
 impl Filesystem for FuseAdapter {
-    fn init(&mut self, _req: &Request, _config: &mut KernelConfig) -> std::io::Result<()> {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // O_TRUNC arrives with open() instead of as a separate truncate, so `echo > f` is one
+        // new version, not an empty one followed by the real one.
+        if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_ATOMIC_O_TRUNC) {
+            tracing::warn!(
+                ?missing,
+                "kernel lacks atomic O_TRUNC; truncating opens push twice"
+            );
+        }
         Ok(())
     }
 

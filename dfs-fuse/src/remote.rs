@@ -319,6 +319,14 @@ impl Remote {
         }
     }
 
+    /// Forgets the cluster map, so the next call fetches server URLs afresh (a restarted
+    /// server may have a new address).
+    fn invalidate_cluster(&self) {
+        if let Ok(mut c) = self.cluster.lock() {
+            *c = None;
+        }
+    }
+
     async fn server_url(&self, id: common::ServerId) -> Result<String, RemoteError> {
         for refresh in [false, true] {
             if let Some(s) = self
@@ -497,6 +505,9 @@ impl Remote {
                     return Ok(());
                 }
                 Err(e) => {
+                    if e.is_unreachable() {
+                        self.invalidate_cluster();
+                    }
                     tracing::warn!(node = %meta.id, %server, error = %e, "download failed; trying the next copy");
                     last = e;
                 }
@@ -662,7 +673,10 @@ impl Remote {
             .body(body)
             .send()
             .await
-            .map_err(|e| net("upload", e))?;
+            .map_err(|e| {
+                self.invalidate_cluster();
+                net("upload", e)
+            })?;
         if !resp.status().is_success() {
             return Err(api_error(resp).await);
         }

@@ -1,1 +1,8 @@
+//! End-to-end tests: one test binary (linked once), real clusters and real FUSE mounts.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod bad_input;
+mod basic;
+mod faults;
+mod large;
+mod two_clients;

@@ -1,1 +1,516 @@
+//! Harness for the end-to-end tests: real `dfs-server` and `dfs` binaries on loopback, real FUSE
+//! mounts in temp dirs, each client with its own config and cache directories (two clients on
+//! one machine behave as two machines). Everything is stopped with SIGTERM, then killed.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a harness failure is a test failure
 
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary next to the running test (`target/<profile>/<name>`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        p.display()
+    );
+    p
+}
+
+/// Fails (never skips) when there is no FUSE device: CI must run the mount tests.
+pub fn require_fuse() {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: the mount tests need FUSE"
+    );
+}
+
+/// Sends SIGTERM, waits up to `grace`, then SIGKILL.
+pub fn terminate(child: &mut Child, grace: Duration) -> Option<std::process::ExitStatus> {
+    if let Ok(Some(s)) = child.try_wait() {
+        return Some(s);
+    }
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// Reads `child`'s stdout until a line contains `marker`; returns the rest of that line.
+/// Copies everything into `log`.
+fn wait_for_line(child: &mut Child, marker: &str, log: PathBuf) -> String {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let marker = marker.to_owned();
+    std::thread::spawn(move || {
+        let mut log = std::fs::File::create(log).expect("log file");
+        let mut sent = false;
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = writeln!(log, "{line}");
+            if !sent && let Some(pos) = line.find(&marker) {
+                let _ = tx.send(line[pos + marker.len()..].trim().to_owned());
+                sent = true;
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("process never printed the expected line"))
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `dfs-server all` process.
+pub struct Cluster {
+    child: Child,
+    /// The directory URL.
+    pub url: String,
+    /// Its data directory.
+    pub data: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Cluster {
+    /// Starts a cluster in a fresh temp dir on a free port.
+    pub fn start(extra: &[&str]) -> Cluster {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = Cluster::start_at(tmp.path(), "127.0.0.1:0", extra);
+        c._tmp = Some(tmp);
+        c
+    }
+
+    /// Starts a cluster on `data` listening at `listen`.
+    pub fn start_at(data: &Path, listen: &str, extra: &[&str]) -> Cluster {
+        let mut child = Command::new(bin("dfs-server"))
+            .arg("all")
+            .arg("--data")
+            .arg(data)
+            .arg("--listen")
+            .arg(listen)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn dfs-server");
+        let url = wait_for_line(&mut child, "directory: ", data.join("stdout.log"));
+        Cluster {
+            child,
+            url,
+            data: data.to_path_buf(),
+            _tmp: None,
+        }
+    }
+
+    /// The server process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stops it (SIGTERM) and waits.
+    pub fn stop(&mut self) {
+        terminate(&mut self.child, Duration::from_secs(20));
+    }
+
+    /// GET a JSON document from the directory.
+    pub fn get_json(&self, path: &str) -> serde_json::Value {
+        http_get_json(&format!("{}{path}", self.url))
+    }
+
+    /// Downloads served so far, summed over every file server.
+    pub fn server_downloads(&self) -> u64 {
+        let cluster = self.get_json(common::routes::CLUSTER);
+        cluster["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let url = s["url"].as_str().unwrap();
+                http_get_json(&format!("{url}{}", common::routes::FILE_STATS))["downloads"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .sum()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Blocking GET of a JSON document.
+pub fn http_get_json(url: &str) -> serde_json::Value {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        reqwest::Client::new()
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    })
+}
+
+/// One client machine: its own XDG config and cache directories.
+pub struct Client {
+    home: tempfile::TempDir,
+    /// Directory URL.
+    pub server: String,
+}
+
+impl Client {
+    /// A client of `server` with fresh config/cache dirs.
+    pub fn new(server: &str) -> Client {
+        Client {
+            home: tempfile::tempdir().unwrap(),
+            server: server.to_owned(),
+        }
+    }
+
+    /// Its config dir.
+    pub fn config_dir(&self) -> PathBuf {
+        self.home.path().join("config")
+    }
+
+    /// Its cache dir.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.home.path().join("cache")
+    }
+
+    /// A `dfs` command with this client's environment.
+    pub fn dfs(&self) -> Command {
+        let mut c = Command::new(bin("dfs"));
+        c.env("XDG_CONFIG_HOME", self.config_dir())
+            .env("XDG_CACHE_HOME", self.cache_dir())
+            .env("RUST_LOG", "warn")
+            .env("DFS_SERVER", &self.server)
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs `dfs ARGS` with `stdin` as input.
+    pub fn run(&self, args: &[&str], stdin: &str) -> Output {
+        let mut child = self
+            .dfs()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// Signs `user` up and logs in.
+    pub fn signup_login(&self, user: &str) {
+        let out = self.run(
+            &["signup", "--user", user, "--password-stdin"],
+            "password123\n",
+        );
+        assert!(
+            out.status.success() || String::from_utf8_lossy(&out.stderr).contains("exists"),
+            "signup: {out:?}"
+        );
+        let out = self.run(
+            &["login", "--user", user, "--password-stdin"],
+            "password123\n",
+        );
+        assert!(out.status.success(), "login: {out:?}");
+    }
+
+    /// Mounts in a fresh temp dir with extra `dfs mount` flags.
+    pub fn mount(&self, extra: &[&str]) -> Mount {
+        require_fuse();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("mnt");
+        std::fs::create_dir(&dir).unwrap();
+        let log = std::fs::File::create(tmp.path().join("mount.log")).unwrap();
+        let child = self
+            .dfs()
+            .arg("mount")
+            .arg(&dir)
+            .args(extra)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut m = Mount { child, dir, tmp };
+        m.wait_mounted();
+        m
+    }
+}
+
+/// Whether `dir` is a mount point.
+pub fn is_mounted(dir: &Path) -> bool {
+    let want = dir.to_string_lossy().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+}
+
+/// A running `dfs mount`.
+pub struct Mount {
+    child: Child,
+    /// The mount point.
+    pub dir: PathBuf,
+    tmp: tempfile::TempDir,
+}
+
+impl Mount {
+    fn wait_mounted(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !is_mounted(&self.dir) {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                panic!("dfs mount exited with {s}: {}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mount did not appear: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The mount process's stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.tmp.path().join("mount.log")).unwrap_or_default()
+    }
+
+    /// A path inside the mount.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+
+    /// Runs `sh -c script` inside the mount (bounded by `timeout`).
+    pub fn sh(&self, script: &str) -> Output {
+        sh_in(&self.dir, script)
+    }
+
+    /// Unmounts with SIGTERM and waits for the process (which pushes pending uploads).
+    pub fn unmount(mut self) -> Option<std::process::ExitStatus> {
+        terminate(&mut self.child, Duration::from_secs(60))
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        terminate(&mut self.child, Duration::from_secs(30));
+        if is_mounted(&self.dir) {
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(&self.dir)
+                .status();
+        }
+    }
+}
+
+/// `sh -c script` in `dir`, killed after 120 s.
+pub fn sh_in(dir: &Path, script: &str) -> Output {
+    // `cd` inside the shell, so a mount that refuses access fails the command, not the harness.
+    Command::new("timeout")
+        .arg("120")
+        .arg("sh")
+        .arg("-c")
+        .arg(format!("cd \"$0\" && {script}"))
+        .arg(dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Asserts a shell command succeeded, printing its output otherwise; returns stdout.
+pub fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "command failed ({}): stdout {:?} stderr {:?}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Polls `f` every 100 ms until it returns true or `timeout` passes.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A cluster of separate processes (directory, lock, auth, N file servers) sharing one
+/// cluster key, so that single services can be stopped and restarted.
+pub struct SplitCluster {
+    /// The directory URL.
+    pub url: String,
+    root: tempfile::TempDir,
+    dir_port: u16,
+    /// Running processes by name (`directory`, `lock`, `auth`, `file-1`, ...).
+    pub procs: std::collections::BTreeMap<String, Child>,
+    files: usize,
+}
+
+impl SplitCluster {
+    /// Starts every service and waits until the cluster map is complete.
+    pub fn start(files: usize) -> SplitCluster {
+        let root = tempfile::tempdir().unwrap();
+        let dir_port = free_port();
+        let mut c = SplitCluster {
+            url: format!("http://127.0.0.1:{dir_port}"),
+            root,
+            dir_port,
+            procs: Default::default(),
+            files,
+        };
+        c.start_service("directory");
+        c.start_service("lock");
+        c.start_service("auth");
+        for i in 1..=files {
+            c.start_service(&format!("file-{i}"));
+        }
+        c.wait_ready();
+        c
+    }
+
+    /// (Re)starts one service on its own data dir.
+    pub fn start_service(&mut self, name: &str) {
+        let data = self.root.path().join(name);
+        let key = self.root.path().join("cluster.key");
+        let mut cmd = Command::new(bin("dfs-server"));
+        let kind = name.split('-').next().unwrap();
+        cmd.arg(kind)
+            .arg("--data")
+            .arg(&data)
+            .arg("--cluster-key-file")
+            .arg(&key);
+        if kind == "directory" {
+            cmd.arg("--listen")
+                .arg(format!("127.0.0.1:{}", self.dir_port))
+                .args(["--heartbeat-ms", "500"]);
+        } else {
+            cmd.arg("--directory").arg(&self.url);
+        }
+        let log = std::fs::File::create(self.root.path().join(format!("{name}.log"))).unwrap();
+        let child = cmd
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        if kind == "directory" {
+            // The key file is created by the first service; give the others the same one.
+            assert!(
+                eventually(Duration::from_secs(20), || key.exists()),
+                "cluster key not created"
+            );
+        }
+        self.procs.insert(name.to_owned(), child);
+    }
+
+    /// Stops one service with SIGTERM (or SIGKILL with `kill9`).
+    pub fn stop_service(&mut self, name: &str, kill9: bool) {
+        if let Some(mut child) = self.procs.remove(name) {
+            if kill9 {
+                let _ = child.kill();
+                let _ = child.wait();
+            } else {
+                terminate(&mut child, Duration::from_secs(20));
+            }
+        }
+    }
+
+    /// Waits until auth and lock are registered and every running file server is alive.
+    pub fn wait_ready(&self) {
+        let files = self.procs.keys().filter(|k| k.starts_with("file-")).count();
+        let ready = eventually(Duration::from_secs(60), || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let info: Option<serde_json::Value> = rt.block_on(async {
+                let r = reqwest::Client::new()
+                    .get(format!("{}{}", self.url, common::routes::CLUSTER))
+                    .send()
+                    .await
+                    .ok()?;
+                r.json().await.ok()
+            });
+            info.is_some_and(|i| {
+                !i["auth_url"].is_null()
+                    && !i["lock_url"].is_null()
+                    && i["servers"]
+                        .as_array()
+                        .is_some_and(|s| s.iter().filter(|s| s["alive"] == true).count() >= files)
+            })
+        });
+        assert!(ready, "split cluster did not become ready: {}", self.logs());
+        let _ = self.files;
+    }
+
+    /// Every service log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for e in std::fs::read_dir(self.root.path()).unwrap().flatten() {
+            if e.path().extension().is_some_and(|x| x == "log") {
+                out.push_str(&format!(
+                    "\n== {}\n{}",
+                    e.path().display(),
+                    std::fs::read_to_string(e.path()).unwrap_or_default()
+                ));
+            }
+        }
+        out
+    }
+}
+
+impl Drop for SplitCluster {
+    fn drop(&mut self) {
+        for (_, mut c) in std::mem::take(&mut self.procs) {
+            terminate(&mut c, Duration::from_secs(10));
+        }
+    }
+}

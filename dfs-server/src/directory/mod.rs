@@ -172,7 +172,7 @@ impl DirectoryService {
         }
         let id = children
             .get((parent.0, name.as_str()))?
-            .ok_or_else(|| ServiceError::NotFound(format!("{name:?} in node {parent}")))?
+            .ok_or_else(|| ServiceError::NotFound(format!("{:?} in node {parent}", name.as_str())))?
             .value();
         let v = nodes
             .get(id)?
@@ -301,14 +301,15 @@ impl DirectoryService {
     pub fn remove(&self, parent: NodeId, name: &ValidName, dir: bool) -> ServiceResult<NodeMeta> {
         let tx = self.db.begin_write()?;
         dir_node(&tx, parent)?;
-        let id = child_of(&tx, parent, name.as_str())?
-            .ok_or_else(|| ServiceError::NotFound(format!("{name:?} in node {parent}")))?;
+        let id = child_of(&tx, parent, name.as_str())?.ok_or_else(|| {
+            ServiceError::NotFound(format!("{:?} in node {parent}", name.as_str()))
+        })?;
         let meta = get_node(&tx, id)?;
         match (dir, meta.kind == FileKind::Dir) {
-            (true, false) => return Err(ServiceError::NotDir(format!("{name:?}"))),
-            (false, true) => return Err(ServiceError::IsDir(format!("{name:?}"))),
+            (true, false) => return Err(ServiceError::NotDir(format!("{:?}", name.as_str()))),
+            (false, true) => return Err(ServiceError::IsDir(format!("{:?}", name.as_str()))),
             (true, true) if has_children(&tx, id)? => {
-                return Err(ServiceError::NotEmpty(format!("{name:?}")));
+                return Err(ServiceError::NotEmpty(format!("{:?}", name.as_str())));
             }
             _ => {}
         }

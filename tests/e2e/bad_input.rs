@@ -1,0 +1,115 @@
+//! Bad input through the mount and the CLI: a clear errno or message at once, nothing lost.
+
+use std::time::{Duration, Instant};
+
+use dfs_tests::*;
+
+#[test]
+fn long_names_and_moving_a_directory_into_itself_fail_cleanly() {
+    let cluster = Cluster::start(&[]);
+    let c = Client::new(&cluster.url);
+    c.signup_login("alice");
+    let m = c.mount(&[]);
+    ok(m.sh("mkdir -p d/sub && echo kept > d/f"));
+    let out = m.sh("touch \"$(head -c 256 /dev/zero | tr '\\0' x)\"");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("File name too long"),
+        "{out:?}"
+    );
+    ok(m.sh("touch \"$(head -c 255 /dev/zero | tr '\\0' y)\""));
+    // perl's rename(2) skips mv's own check, so the refusal comes from dfs.
+    let out = m.sh("perl -e 'rename(\"d\", \"d/sub/x\") or die \"$!\\n\"'");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Invalid argument"),
+        "{out:?}"
+    );
+    assert_eq!(ok(m.sh("cat d/f")), "kept\n");
+    let out = m.sh("ln d/f hardlink");
+    assert!(!out.status.success(), "hard links are refused, not hung");
+}
+
+#[test]
+fn a_token_the_server_no_longer_accepts_gives_eacces_at_once_and_loses_nothing() {
+    let port = free_port();
+    let data = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let mut cluster = Cluster::start_at(data.path(), &listen, &[]);
+    let c = Client::new(&cluster.url);
+    c.signup_login("alice");
+    let m = c.mount(&[]);
+    ok(m.sh("echo precious > keep.txt"));
+    // Restart the cluster with a new auth key: every token issued before is now forged.
+    cluster.stop();
+    std::fs::remove_file(data.path().join("auth").join("auth_key.pem")).unwrap();
+    let _cluster = Cluster::start_at(data.path(), &listen, &[]);
+    let start = Instant::now();
+    let out = sh_in(m.dir.parent().unwrap(), "ls mnt");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{out:?}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "refused at once, not after a hang"
+    );
+    // A new mount with the stale login is refused with a clear message.
+    let out = c.run(&["mount", "/tmp"], "");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no longer accepted") || err.contains("already a mount point"),
+        "{err}"
+    );
+    drop(m);
+    // Nothing was lost: after logging in again the file is there.
+    c.signup_login("alice");
+    let m = c.mount(&[]);
+    assert_eq!(ok(m.sh("cat keep.txt")), "precious\n");
+}
+
+#[test]
+fn cli_errors_are_one_clear_line() {
+    let cluster = Cluster::start(&[]);
+    let c = Client::new(&cluster.url);
+    let out = c.run(&["mount", "/nonexistent/dir"], "");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not exist"),
+        "{out:?}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = c.run(&["mount", dir.path().to_str().unwrap()], "");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not logged in"),
+        "{out:?}"
+    );
+    let out = c.run(
+        &[
+            "login",
+            "--user",
+            "nobody",
+            "--password-stdin",
+            "--server",
+            "http://127.0.0.1:9",
+        ],
+        "password123\n",
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unreachable"),
+        "{out:?}"
+    );
+    c.signup_login("alice");
+    let out = c.run(
+        &["login", "--user", "alice", "--password-stdin"],
+        "wrongpassword\n",
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("wrong user name or password"),
+        "{out:?}"
+    );
+    let help = c.run(&["mount", "--help"], "");
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--close-timeout-secs"));
+}

@@ -1,0 +1,91 @@
+//! One client: `dfs up`, shell tools, an editor, git, and persistence across remounts.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use dfs_tests::*;
+
+#[test]
+fn dfs_up_serves_hello_and_keeps_files_across_restarts() {
+    require_fuse();
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let start = || {
+        let mut child = Command::new(bin("dfs"))
+            .current_dir(tmp.path())
+            .args(["up", "--listen", "127.0.0.1:0"])
+            .env("XDG_CONFIG_HOME", home.join("config"))
+            .env("XDG_CACHE_HOME", home.join("cache"))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mnt = tmp.path().join("mnt");
+        if !eventually(Duration::from_secs(60), || is_mounted(&mnt)) {
+            terminate(&mut child, Duration::from_secs(5));
+            panic!("dfs up did not mount");
+        }
+        child
+    };
+    let mut up = start();
+    let mnt = tmp.path().join("mnt");
+    let hello = ok(sh_in(&mnt, "cat Hello.txt"));
+    assert!(hello.starts_with("Hello from dfs!"), "{hello}");
+    // An editor save through vim in ex mode.
+    ok(sh_in(
+        &mnt,
+        "vim -u NONE -N -n -e -s -c 'normal ihello from vim' -c 'wq' notes.txt",
+    ));
+    assert_eq!(ok(sh_in(&mnt, "cat notes.txt")), "hello from vim\n");
+    let status = terminate(&mut up, Duration::from_secs(60)).expect("dfs up exits on SIGTERM");
+    assert!(status.success(), "dfs up exit status {status}");
+    assert!(!is_mounted(&mnt));
+
+    let mut up = start();
+    assert_eq!(ok(sh_in(&mnt, "cat notes.txt")), "hello from vim\n");
+    assert!(ok(sh_in(&mnt, "cat Hello.txt")).starts_with("Hello from dfs!"));
+    assert!(terminate(&mut up, Duration::from_secs(60)).is_some_and(|s| s.success()));
+}
+
+#[test]
+fn shell_tools_work_and_files_survive_remount() {
+    let cluster = Cluster::start(&[]);
+    let client = Client::new(&cluster.url);
+    client.signup_login("alice");
+    let m = client.mount(&[]);
+    ok(m.sh("echo hello > a.txt && cp a.txt b.txt && mkdir -p d/e/f && mv b.txt d/e/f/c.txt"));
+    ok(m.sh("printf 'one\\ntwo\\n' >> a.txt"));
+    assert_eq!(ok(m.sh("cat a.txt")), "hello\none\ntwo\n");
+    assert_eq!(ok(m.sh("cat d/e/f/c.txt")), "hello\n");
+    let ls = ok(m.sh("ls -l"));
+    assert!(ls.contains("a.txt") && ls.contains(" d"), "{ls}");
+    // rename over an existing file replaces it atomically
+    ok(m.sh("echo new > n.txt && echo old > o.txt && mv n.txt o.txt"));
+    assert_eq!(ok(m.sh("cat o.txt; ls")), "new\na.txt\nd\no.txt\n");
+    // truncate
+    ok(m.sh("truncate -s 3 a.txt"));
+    assert_eq!(ok(m.sh("cat a.txt")), "hel");
+    ok(m.sh(": > o.txt"));
+    assert_eq!(ok(m.sh("stat -c %s o.txt")), "0\n");
+    // unlink of an open file: the open descriptor still reads it
+    ok(m.sh("echo keep > open.txt"));
+    assert_eq!(
+        ok(m.sh("exec 3< open.txt; rm open.txt; cat <&3; ls")),
+        "keep\na.txt\nd\no.txt\n"
+    );
+    // a directory tree made and removed
+    ok(m.sh("mkdir -p t/u/v && touch t/u/v/w && rm -r t"));
+    assert!(!m.path("t").exists());
+    // rmdir of a non-empty directory fails cleanly
+    let out = m.sh("rmdir d");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not empty"));
+    // git works on the mount
+    ok(m.sh("git init -q repo && cd repo && echo x > x && git add x && git -c user.email=t@t -c user.name=t commit -qm one && git log --oneline | wc -l"));
+    let status = m.unmount().expect("mount exits");
+    assert!(status.success());
+
+    let m = client.mount(&[]);
+    assert_eq!(ok(m.sh("cat a.txt d/e/f/c.txt")), "helhello\n");
+    assert_eq!(ok(m.sh("cd repo && git log --oneline | wc -l")).trim(), "1");
+}

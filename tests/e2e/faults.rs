@@ -1,0 +1,61 @@
+//! Failures during writes: nothing a close acknowledged, nor anything it refused, is lost.
+
+use std::time::Duration;
+
+use dfs_tests::*;
+
+#[test]
+fn file_servers_stopped_during_close_keep_the_data_and_push_it_later() {
+    let mut cluster = SplitCluster::start(3);
+    let a = Client::new(&cluster.url);
+    a.signup_login("alice");
+    let m = a.mount(&["--close-timeout-secs", "2"]);
+    ok(m.sh("echo v1 > f.txt"));
+    for i in 1..=3 {
+        cluster.stop_service(&format!("file-{i}"), false);
+    }
+    // tee reports close() errors (a shell redirection ignores them).
+    let out = m.sh("echo v2 | tee f.txt >/dev/null");
+    assert!(!out.status.success(), "close must report the failed push");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Input/output error"),
+        "{out:?}"
+    );
+    // The data is kept: readable through the mount, and reported pending.
+    assert_eq!(ok(m.sh("cat f.txt")), "v2\n");
+    let cache = a
+        .cache_dir()
+        .join("dfs")
+        .join(cluster.url.trim_start_matches("http://").replace(':', "_"));
+    let pending = || {
+        let out = a.run(
+            &["status", "--json", "--cache-dir", cache.to_str().unwrap()],
+            "",
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["client"]["pending_uploads"]
+            .as_array()
+            .map_or(0, |p| p.len())
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || pending() == 1),
+        "status shows the pending upload"
+    );
+    for i in 1..=3 {
+        cluster.start_service(&format!("file-{i}"));
+    }
+    cluster.wait_ready();
+    let b = Client::new(&cluster.url);
+    b.signup_login("bob");
+    let mb = b.mount(&[]);
+    let pushed = eventually(Duration::from_secs(60), || {
+        mb.sh("cat f.txt").stdout == b"v2\n"
+    });
+    assert!(
+        pushed,
+        "pending upload pushed once servers are back: {}\n{}",
+        m.log(),
+        cluster.logs()
+    );
+    assert!(eventually(Duration::from_secs(10), || pending() == 0));
+}
