@@ -82,6 +82,10 @@ pub struct CacheArgs {
     /// Seconds unmount waits for pending uploads before giving up (they stay in the cache).
     #[arg(long, default_value_t = 60)]
     drain_timeout_secs: u64,
+    /// Serve reads and writes of open files in dfs instead of through kernel FUSE passthrough
+    /// (passthrough needs Linux 6.9+ and CAP_SYS_ADMIN; without them dfs falls back by itself).
+    #[arg(long)]
+    no_passthrough: bool,
 }
 
 impl CacheArgs {
@@ -99,6 +103,7 @@ impl CacheArgs {
                 ..FsConfig::default()
             },
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),
+            passthrough: !self.no_passthrough,
         })
     }
 }
@@ -329,13 +334,14 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
     }
     match client {
         Some(c) => println!(
-            "this client's cache ({}): {} file(s), {} bytes, {} upload(s) pending, {} download(s) and {} upload(s) since mount",
+            "this client's cache ({}): {} file(s), {} bytes, {} upload(s) pending, {} download(s) and {} upload(s) since mount, passthrough {}",
             cache_dir.display(),
             c.cached_files,
             c.cached_bytes,
             c.pending_uploads.len(),
             c.downloads,
-            c.uploads
+            c.uploads,
+            if c.passthrough { "on" } else { "off" }
         ),
         None => println!(
             "this client's cache ({}): no mount has used it",

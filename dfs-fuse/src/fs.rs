@@ -43,13 +43,39 @@ pub struct Handle {
     node: NodeId,
     file: std::fs::File,
     writable: bool,
+    /// Written through `write`/`setattr` since the last push.
     dirty: AtomicBool,
+    /// (length, mtime) of the file at open or at the last push. Under kernel passthrough,
+    /// writes never reach `write`, so a change shows only here.
+    baseline: Mutex<Option<(u64, SystemTime)>>,
+}
+
+fn stamp(file: &std::fs::File) -> Option<(u64, SystemTime)> {
+    let m = file.metadata().ok()?;
+    Some((m.len(), m.modified().ok()?))
 }
 
 impl Handle {
     /// The open cache file (for kernel passthrough).
     pub fn file(&self) -> &std::fs::File {
         &self.file
+    }
+
+    /// Whether the handle has changes not yet pushed.
+    fn changed(&self) -> bool {
+        if !self.writable {
+            return false;
+        }
+        if self.dirty.load(Ordering::Acquire) {
+            return true;
+        }
+        let base = *self.baseline.lock().unwrap_or_else(|p| p.into_inner());
+        base.is_none() || stamp(&self.file) != base
+    }
+
+    fn mark_clean(&self) {
+        self.dirty.store(false, Ordering::Release);
+        *self.baseline.lock().unwrap_or_else(|p| p.into_inner()) = stamp(&self.file);
     }
 }
 
@@ -81,6 +107,9 @@ pub struct ClientStatus {
     pub downloads: u64,
     /// Whole-file uploads since mount.
     pub uploads: u64,
+    /// Whether open files are served by kernel FUSE passthrough.
+    #[serde(default)]
+    pub passthrough: bool,
 }
 
 /// The core.
@@ -97,6 +126,7 @@ pub struct DfsFs {
     gid: u32,
     config: FsConfig,
     wake: tokio::sync::Notify,
+    passthrough: AtomicBool,
 }
 
 fn ns_to_time(ns: u64) -> SystemTime {
@@ -150,7 +180,13 @@ impl DfsFs {
             gid: meta.gid(),
             config,
             wake: tokio::sync::Notify::new(),
+            passthrough: AtomicBool::new(false),
         })
+    }
+
+    /// Records whether the kernel accepted passthrough (set by the FUSE adapter at init).
+    pub fn set_passthrough(&self, on: bool) {
+        self.passthrough.store(on, Ordering::Relaxed);
     }
 
     /// The remote (for status and tests).
@@ -520,11 +556,13 @@ impl DfsFs {
                 .entry(node)
                 .or_default() += 1;
         }
+        let baseline = Mutex::new(stamp(&file));
         let handle = Arc::new(Handle {
             node,
             file,
             writable,
             dirty: AtomicBool::new(dirty),
+            baseline,
         });
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles
@@ -626,12 +664,12 @@ impl DfsFs {
     /// timeout. On failure the changes stay in the cache, pending, and are retried.
     pub async fn flush(&self, fh: u64) -> FsResult<()> {
         let h = self.handle(fh)?;
-        if !h.writable || !h.dirty.load(Ordering::Acquire) {
+        if !h.changed() {
             return Ok(());
         }
         h.file.sync_all()?;
         // From here on the change is recorded as pending by `push`, so the handle is clean.
-        h.dirty.store(false, Ordering::Release);
+        h.mark_clean();
         let deadline = Instant::now() + self.config.close_timeout;
         match self.push(h.node, deadline).await {
             Ok(()) => Ok(()),
@@ -662,7 +700,7 @@ impl DfsFs {
                     }
                 }
             }
-            if h.dirty.load(Ordering::Acquire) {
+            if h.changed() {
                 // Written after the last flush (e.g. through an mmap): record and push later.
                 if let Err(e) = self.mark_pending(h.node) {
                     tracing::error!(node = %h.node, error = %e, "recording unpushed changes failed");
@@ -809,6 +847,7 @@ impl DfsFs {
             pending_uploads: self.pending()?.into_iter().map(|n| n.0).collect(),
             downloads: self.remote.stats.downloads.load(Ordering::Relaxed),
             uploads: self.remote.stats.uploads.load(Ordering::Relaxed),
+            passthrough: self.passthrough.load(Ordering::Relaxed),
         })
     }
 

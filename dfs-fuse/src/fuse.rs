@@ -1,16 +1,19 @@
 //! Links _fuser_ method calls into the [`DfsFs`] core: each method runs the core operation on
 //! the tokio runtime from fuser's worker thread and replies with data or an errno. No logic.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use common::NodeId;
 use fuser::{
-    AccessFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
-    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
+    WriteFlags,
 };
 
 use crate::error::FsError;
@@ -24,12 +27,77 @@ pub const TTL: Duration = Duration::from_secs(1);
 pub struct FuseAdapter {
     fs: Arc<DfsFs>,
     rt: tokio::runtime::Handle,
+    /// Passthrough wanted by the user; whether the kernel agreed is `passthrough_on`.
+    want_passthrough: bool,
+    passthrough_on: bool,
+    backing: Mutex<Backing>,
+}
+
+/// Kernel passthrough state (fuser's `BackingCache` pattern): one backing id per open handle,
+/// shared by every handle of an inode that opened the same cache file.
+#[derive(Default)]
+struct Backing {
+    by_fh: HashMap<u64, Arc<BackingId>>,
+    by_ino: HashMap<u64, (Weak<BackingId>, (u64, u64))>,
 }
 
 impl FuseAdapter {
-    /// An adapter running core operations on `rt`.
-    pub fn new(fs: Arc<DfsFs>, rt: tokio::runtime::Handle) -> Self {
-        FuseAdapter { fs, rt }
+    /// An adapter running core operations on `rt`, using kernel passthrough for open files
+    /// when `passthrough` is set and the kernel supports it.
+    pub fn new(fs: Arc<DfsFs>, rt: tokio::runtime::Handle, passthrough: bool) -> Self {
+        FuseAdapter {
+            fs,
+            rt,
+            want_passthrough: passthrough,
+            passthrough_on: false,
+            backing: Mutex::new(Backing::default()),
+        }
+    }
+
+    /// The backing id for `fh` (of inode `ino`, opened on `file`), or None to serve this open
+    /// through `read`/`write` (direct I/O, so it cannot conflict with a passthrough inode).
+    fn backing_for(
+        &self,
+        ino: u64,
+        fh: u64,
+        file: &std::fs::File,
+        open: impl FnOnce(&std::fs::File) -> std::io::Result<BackingId>,
+    ) -> Option<Arc<BackingId>> {
+        if !self.passthrough_on {
+            return None;
+        }
+        let ident = file.metadata().ok().map(|m| (m.dev(), m.ino()))?;
+        let mut b = self.backing.lock().unwrap_or_else(|p| p.into_inner());
+        let id = match b
+            .by_ino
+            .get(&ino)
+            .and_then(|(w, i)| w.upgrade().map(|id| (id, *i)))
+        {
+            Some((id, i)) if i == ident => id,
+            // The inode is already passed through to another (older) cache file.
+            Some(_) => return None,
+            None => match open(file) {
+                Ok(id) => {
+                    let id = Arc::new(id);
+                    b.by_ino.insert(ino, (Arc::downgrade(&id), ident));
+                    id
+                }
+                Err(e) => {
+                    tracing::warn!(ino, error = %e, "passthrough refused; serving reads and writes here");
+                    return None;
+                }
+            },
+        };
+        b.by_fh.insert(fh, id.clone());
+        Some(id)
+    }
+
+    fn fallback_flags(&self) -> FopenFlags {
+        if self.passthrough_on {
+            FopenFlags::FOPEN_DIRECT_IO
+        } else {
+            FopenFlags::empty()
+        }
     }
 }
 
@@ -62,6 +130,19 @@ impl Filesystem for FuseAdapter {
                 ?missing,
                 "kernel lacks atomic O_TRUNC; truncating opens push twice"
             );
+        }
+        if self.want_passthrough {
+            // Reads and writes of open files then go straight to the cache file in the kernel.
+            let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(2).is_ok();
+            let _ = config.add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
+            self.passthrough_on = ok;
+            self.fs.set_passthrough(ok);
+            if !ok {
+                tracing::warn!(
+                    "kernel FUSE passthrough unavailable; serving reads and writes in dfs"
+                );
+            }
         }
         Ok(())
     }
@@ -202,7 +283,14 @@ impl Filesystem for FuseAdapter {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.rt.block_on(self.fs.open(node(ino), flags.0)) {
-            Ok(o) => reply.opened(FileHandle(o.fh), FopenFlags::empty()),
+            Ok(o) => {
+                match self.backing_for(ino.0, o.fh, o.handle.file(), |f| reply.open_backing(f)) {
+                    Some(id) => {
+                        reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), &id)
+                    }
+                    None => reply.opened(FileHandle(o.fh), self.fallback_flags()),
+                }
+            }
             Err(e) => reply.error(errno("open", &e)),
         }
     }
@@ -267,6 +355,11 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         self.fs.release(fh.0);
+        let mut b = self.backing.lock().unwrap_or_else(|p| p.into_inner());
+        if b.by_fh.remove(&fh.0).is_some() {
+            b.by_ino.retain(|_, (w, _)| w.strong_count() > 0);
+        }
+        drop(b);
         reply.ok();
     }
 
@@ -356,13 +449,26 @@ impl Filesystem for FuseAdapter {
             .rt
             .block_on(self.fs.create(node(parent), name, mode & !umask, flags))
         {
-            Ok((attr, o)) => reply.created(
-                &TTL,
-                &attr,
-                Generation(0),
-                FileHandle(o.fh),
-                FopenFlags::empty(),
-            ),
+            Ok((attr, o)) => {
+                match self.backing_for(attr.ino.0, o.fh, o.handle.file(), |f| reply.open_backing(f))
+                {
+                    Some(id) => reply.created_passthrough(
+                        &TTL,
+                        &attr,
+                        Generation(0),
+                        FileHandle(o.fh),
+                        FopenFlags::empty(),
+                        &id,
+                    ),
+                    None => reply.created(
+                        &TTL,
+                        &attr,
+                        Generation(0),
+                        FileHandle(o.fh),
+                        self.fallback_flags(),
+                    ),
+                }
+            }
             Err(e) => reply.error(errno("create", &e)),
         }
     }

@@ -27,6 +27,8 @@ pub struct MountOptions {
     pub fs: FsConfig,
     /// How long unmount waits for pending uploads.
     pub drain_timeout: Duration,
+    /// Use kernel FUSE passthrough for open files (falls back if the kernel refuses).
+    pub passthrough: bool,
 }
 
 /// The default cache directory for `server`: `dirs::cache_dir()/dfs/<server>`.
@@ -136,7 +138,11 @@ pub fn mount(remote: Remote, opts: &MountOptions) -> anyhow::Result<Mounted> {
         MountOption::NoSuid,
     ];
     config.n_threads = Some(8);
-    let adapter = FuseAdapter::new(fs.clone(), tokio::runtime::Handle::current());
+    let adapter = FuseAdapter::new(
+        fs.clone(),
+        tokio::runtime::Handle::current(),
+        opts.passthrough,
+    );
     let session = fuser::spawn_mount(adapter, &opts.mountpoint, &config)
         .with_context(|| format!("mounting at {}", opts.mountpoint.display()))?;
     let cancel = CancellationToken::new();

@@ -50,10 +50,21 @@ fn dfs_up_serves_hello_and_keeps_files_across_restarts() {
 
 #[test]
 fn shell_tools_work_and_files_survive_remount() {
+    shell_tools(&[]);
+}
+
+#[test]
+fn shell_tools_work_without_kernel_passthrough() {
+    shell_tools(&["--no-passthrough"]);
+}
+
+/// One body, run with and without kernel passthrough (open files served by the kernel from
+/// the cache file, or by dfs's own read/write).
+fn shell_tools(mount_flags: &[&str]) {
     let cluster = Cluster::start(&[]);
     let client = Client::new(&cluster.url);
     client.signup_login("alice");
-    let m = client.mount(&[]);
+    let m = client.mount(mount_flags);
     ok(m.sh("echo hello > a.txt && cp a.txt b.txt && mkdir -p d/e/f && mv b.txt d/e/f/c.txt"));
     ok(m.sh("printf 'one\\ntwo\\n' >> a.txt"));
     assert_eq!(ok(m.sh("cat a.txt")), "hello\none\ntwo\n");
@@ -82,10 +93,24 @@ fn shell_tools_work_and_files_survive_remount() {
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not empty"));
     // git works on the mount
     ok(m.sh("git init -q repo && cd repo && echo x > x && git add x && git -c user.email=t@t -c user.name=t commit -qm one && git log --oneline | wc -l"));
+    let cache = client
+        .cache_dir()
+        .join("dfs")
+        .join(cluster.url.trim_start_matches("http://").replace(':', "_"));
+    let status = client.run(
+        &["status", "--json", "--cache-dir", cache.to_str().unwrap()],
+        "",
+    );
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let want_passthrough = !mount_flags.contains(&"--no-passthrough");
+    assert_eq!(
+        status["client"]["passthrough"], want_passthrough,
+        "{status}"
+    );
     let status = m.unmount().expect("mount exits");
     assert!(status.success());
 
-    let m = client.mount(&[]);
+    let m = client.mount(mount_flags);
     assert_eq!(ok(m.sh("cat a.txt d/e/f/c.txt")), "helhello\n");
     assert_eq!(ok(m.sh("cd repo && git log --oneline | wc -l")).trim(), "1");
 }
