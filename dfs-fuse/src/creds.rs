@@ -18,6 +18,33 @@ pub struct SavedLogin {
     pub expires_at_ms: u64,
     /// Single-use refresh token.
     pub refresh_token: String,
+    /// When the token was obtained (ms since the epoch; 0 if unknown).
+    #[serde(default)]
+    pub issued_at_ms: u64,
+}
+
+impl SavedLogin {
+    /// From a login or refresh answer received now.
+    pub fn from_response(t: common::api::TokenResponse) -> Self {
+        SavedLogin {
+            user: t.user,
+            token: t.token,
+            expires_at_ms: t.expires_at_ms,
+            refresh_token: t.refresh_token,
+            issued_at_ms: dfs_server::store::now_ms(),
+        }
+    }
+
+    /// When to renew: a third of the lifetime before expiry, at most five minutes before.
+    pub fn renew_at_ms(&self) -> u64 {
+        let life = self.expires_at_ms.saturating_sub(self.issued_at_ms);
+        let margin = if self.issued_at_ms == 0 {
+            5 * 60_000
+        } else {
+            (life / 3).min(5 * 60_000)
+        };
+        self.expires_at_ms.saturating_sub(margin)
+    }
 }
 
 /// The credentials file.

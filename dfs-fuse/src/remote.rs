@@ -185,24 +185,20 @@ impl Remote {
         format!("{}{path}", self.server)
     }
 
-    /// The bearer token, refreshed first if it expires within five minutes.
+    /// The bearer token, renewed with the refresh token first when it nears expiry.
     async fn token(&self) -> Result<String, RemoteError> {
         let mut s = self.session.lock().await;
         let login = s
             .login
             .clone()
             .ok_or_else(|| RemoteError::NotLoggedIn(self.server.clone()))?;
-        if login.expires_at_ms > now_ms() + 5 * 60 * 1000 {
+        if now_ms() < login.renew_at_ms() {
             return Ok(login.token);
         }
         match self.refresh(&login.refresh_token).await {
             Ok(t) => {
-                let renewed = SavedLogin {
-                    user: t.user,
-                    token: t.token.clone(),
-                    expires_at_ms: t.expires_at_ms,
-                    refresh_token: t.refresh_token,
-                };
+                let token = t.token.clone();
+                let renewed = SavedLogin::from_response(t);
                 if let Some(c) = &self.creds
                     && let Err(e) = c.put(&self.server, Some(renewed.clone()))
                 {
@@ -210,7 +206,7 @@ impl Remote {
                 }
                 s.login = Some(renewed);
                 tracing::info!("login token renewed");
-                Ok(t.token)
+                Ok(token)
             }
             // Still valid for a while: keep using it and retry the refresh later.
             Err(e) if login.expires_at_ms > now_ms() => {
@@ -398,12 +394,7 @@ impl Remote {
             .json()
             .await
             .map_err(|e| net("login", e))?;
-        let login = SavedLogin {
-            user: t.user,
-            token: t.token,
-            expires_at_ms: t.expires_at_ms,
-            refresh_token: t.refresh_token,
-        };
+        let login = SavedLogin::from_response(t);
         self.session.lock().await.login = Some(login.clone());
         Ok(login)
     }

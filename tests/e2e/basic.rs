@@ -114,3 +114,22 @@ fn shell_tools(mount_flags: &[&str]) {
     assert_eq!(ok(m.sh("cat a.txt d/e/f/c.txt")), "helhello\n");
     assert_eq!(ok(m.sh("cd repo && git log --oneline | wc -l")).trim(), "1");
 }
+
+#[test]
+fn a_mount_outlives_its_login_token() {
+    let cluster = Cluster::start(&["--token-ttl-secs", "3"]);
+    let client = Client::new(&cluster.url);
+    client.signup_login("alice");
+    let before = std::fs::read_to_string(client.config_dir().join("dfs/credentials.json")).unwrap();
+    let m = client.mount(&[]);
+    ok(m.sh("echo one > f.txt"));
+    // Well past the token's 3 s lifetime: the mount renewed it with the refresh token.
+    std::thread::sleep(Duration::from_secs(5));
+    ok(m.sh("echo two >> f.txt && ls -l f.txt"));
+    assert_eq!(ok(m.sh("cat f.txt")), "one\ntwo\n");
+    let after = std::fs::read_to_string(client.config_dir().join("dfs/credentials.json")).unwrap();
+    assert_ne!(
+        before, after,
+        "the renewed token was saved for the next mount"
+    );
+}
