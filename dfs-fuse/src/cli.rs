@@ -124,6 +124,13 @@ pub struct MountArgs {
 pub struct UmountArgs {
     /// The mount point.
     mountpoint: PathBuf,
+    /// Unmount even with uploads pending (they stay in the cache and are pushed by the next
+    /// mount of the same cache).
+    #[arg(long)]
+    force: bool,
+    /// Seconds to wait for the mounting process to push what is pending and exit.
+    #[arg(long, default_value_t = 120)]
+    wait_secs: u64,
 }
 
 /// `status`.
@@ -217,15 +224,34 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 let opts = a.cache.options(&server, a.mountpoint)?;
                 session::run_mount(remote, opts).await
             }
-            Command::Umount(a) => umount(&a.mountpoint),
+            Command::Umount(a) => umount(&a),
             Command::Status(a) => status(a).await,
         }
     })
 }
 
-fn umount(mountpoint: &std::path::Path) -> anyhow::Result<()> {
+/// Unmounts, refusing while uploads are pending (unless `--force`), then waits for the
+/// mounting process to push the rest and exit.
+fn umount(a: &UmountArgs) -> anyhow::Result<()> {
+    let mountpoint = &a.mountpoint;
     if !session::is_mounted(mountpoint) {
         bail!("{} is not mounted", mountpoint.display());
+    }
+    let cache = session::mounted_cache_dir(mountpoint);
+    if let Some(cache) = &cache {
+        let status: Option<ClientStatus> = std::fs::read(cache.join("status.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let pending = status.map(|s| s.pending_uploads).unwrap_or_default();
+        if !pending.is_empty() && !a.force {
+            let ids: Vec<String> = pending.iter().map(|n| n.to_string()).collect();
+            bail!(
+                "{} upload(s) still pending (nodes {}); not unmounting. They are retried in the background; \
+                 run again when `dfs status` shows none, or use --force (they stay in the cache for the next mount)",
+                pending.len(),
+                ids.join(", ")
+            );
+        }
     }
     let ok = std::process::Command::new("fusermount3")
         .arg("-u")
@@ -244,10 +270,32 @@ fn umount(mountpoint: &std::path::Path) -> anyhow::Result<()> {
             mountpoint.display()
         );
     }
-    println!(
-        "unmounted {}; the dfs process pushes pending uploads before it exits",
-        mountpoint.display()
-    );
+    let pid = cache
+        .and_then(|c| std::fs::read_to_string(c.join(session::MOUNT_PID_FILE)).ok())
+        .and_then(|p| p.trim().parse::<u32>().ok());
+    if let Some(pid) = pid {
+        // Running unless gone or a zombie (exited, not yet reaped by its parent).
+        let running = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|st| {
+                    st.rsplit_once(')')
+                        .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+                })
+                .is_some_and(|zombie| !zombie)
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(a.wait_secs);
+        while running() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if running() {
+            bail!(
+                "unmounted {}, but dfs (pid {pid}) is still pushing uploads",
+                mountpoint.display()
+            );
+        }
+    }
+    println!("unmounted {}", mountpoint.display());
     Ok(())
 }
 

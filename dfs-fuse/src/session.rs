@@ -31,6 +31,23 @@ pub struct MountOptions {
     pub passthrough: bool,
 }
 
+/// File in the cache directory holding the pid of the process that mounts it.
+pub const MOUNT_PID_FILE: &str = "mount.pid";
+
+/// The cache directory of the dfs mount at `mountpoint`, from /proc/self/mountinfo.
+pub fn mounted_cache_dir(mountpoint: &Path) -> Option<PathBuf> {
+    let canon = mountpoint.canonicalize().ok()?;
+    let want = canon.to_string_lossy().replace(' ', "\\040");
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let line = info
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(want.as_str()))?;
+    let (_, tail) = line.split_once(" - ")?;
+    let source = tail.split(' ').nth(1)?;
+    let dir = source.strip_prefix("dfs:")?.replace("\\040", " ");
+    Some(PathBuf::from(dir))
+}
+
 /// The default cache directory for `server`: `dirs::cache_dir()/dfs/<server>`.
 pub fn default_cache_dir(server: &str) -> anyhow::Result<PathBuf> {
     let base = dirs::cache_dir().context("no cache directory (set HOME or XDG_CACHE_HOME)")?;
@@ -130,8 +147,21 @@ pub fn mount(remote: Remote, opts: &MountOptions) -> anyhow::Result<Mounted> {
             .with_context(|| format!("opening the cache {}", opts.cache_dir.display()))?,
     );
     let mut config = Config::default();
+    // The source field names the cache, so `dfs umount` can find the pending uploads and the
+    // mounting process (mount options cannot carry a comma).
+    let cache = opts.cache_dir.display().to_string();
+    let fsname = if cache.contains(',') {
+        "dfs".to_owned()
+    } else {
+        format!("dfs:{cache}")
+    };
+    std::fs::write(
+        opts.cache_dir.join(MOUNT_PID_FILE),
+        std::process::id().to_string(),
+    )
+    .with_context(|| format!("writing {}", opts.cache_dir.join(MOUNT_PID_FILE).display()))?;
     config.mount_options = vec![
-        MountOption::FSName("dfs".into()),
+        MountOption::FSName(fsname),
         MountOption::Subtype("dfs".into()),
         MountOption::DefaultPermissions,
         MountOption::NoDev,

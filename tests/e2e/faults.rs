@@ -41,6 +41,14 @@ fn file_servers_stopped_during_close_keep_the_data_and_push_it_later() {
         eventually(Duration::from_secs(10), || pending() == 1),
         "status shows the pending upload"
     );
+    // `dfs umount` refuses while the upload is pending, and lists it.
+    let out = a.run(&["umount", m.dir.to_str().unwrap()], "");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pending"),
+        "{out:?}"
+    );
+    assert!(is_mounted(&m.dir));
     for i in 1..=3 {
         cluster.start_service(&format!("file-{i}"));
     }
@@ -58,4 +66,8 @@ fn file_servers_stopped_during_close_keep_the_data_and_push_it_later() {
         cluster.logs()
     );
     assert!(eventually(Duration::from_secs(10), || pending() == 0));
+    // Now it unmounts, and waits for the mounting process to exit.
+    let out = a.run(&["umount", m.dir.to_str().unwrap()], "");
+    assert!(out.status.success(), "{out:?}");
+    assert!(!is_mounted(&m.dir));
 }
