@@ -1,0 +1,165 @@
+//! The file system core driven without a kernel mount: two `DfsFs` clients (separate caches)
+//! over one in-process cluster on loopback.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::ffi::OsStr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::NodeId;
+use dfs_fuse::creds::SavedLogin;
+use dfs_fuse::error::FsError;
+use dfs_fuse::fs::{DfsFs, FsConfig};
+use dfs_fuse::remote::{Remote, RemoteConfig};
+use dfs_server::cluster::{ClusterConfig, ClusterHandle};
+use tokio::time::Instant;
+
+async fn cluster(dir: &std::path::Path) -> ClusterHandle {
+    let cfg = ClusterConfig::new(dir.to_path_buf(), "127.0.0.1:0".parse().unwrap());
+    dfs_server::cluster::start(cfg).await.unwrap()
+}
+
+async fn login(c: &ClusterHandle, user: &str) -> SavedLogin {
+    let r = Remote::new(&c.directory_url, None, None, RemoteConfig::default());
+    // A user from before a restart already exists.
+    let _ = r.signup(user, "password123").await;
+    r.login(user, "password123").await.unwrap()
+}
+
+fn core(c: &ClusterHandle, login: Option<SavedLogin>, cache: &std::path::Path) -> DfsFs {
+    let remote = Remote::new(&c.directory_url, login, None, RemoteConfig::default());
+    let config = FsConfig {
+        close_timeout: Duration::from_secs(2),
+        retry_interval: Duration::from_millis(100),
+    };
+    DfsFs::new(remote, cache, config).unwrap()
+}
+
+async fn write_file(fs: &DfsFs, name: &str, data: &[u8]) -> Result<(), FsError> {
+    let o = match fs.lookup(NodeId::ROOT, OsStr::new(name)).await {
+        Ok(attr) => {
+            fs.open(NodeId(attr.ino.0), libc::O_WRONLY | libc::O_TRUNC)
+                .await?
+        }
+        Err(_) => {
+            fs.create(NodeId::ROOT, OsStr::new(name), 0o644, libc::O_WRONLY)
+                .await?
+                .1
+        }
+    };
+    fs.write(o.fh, 0, data)?;
+    let r = fs.flush(o.fh).await;
+    fs.release(o.fh);
+    r
+}
+
+async fn read_file(fs: &DfsFs, name: &str) -> Vec<u8> {
+    let attr = fs.lookup(NodeId::ROOT, OsStr::new(name)).await.unwrap();
+    let o = fs.open(NodeId(attr.ino.0), libc::O_RDONLY).await.unwrap();
+    let data = fs.read(o.fh, 0, 1 << 20).unwrap();
+    fs.release(o.fh);
+    data
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_close_on_one_client_is_seen_by_the_next_open_on_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let a = core(&c, Some(login(&c, "alice").await), &dir.path().join("a"));
+    let b = core(&c, Some(login(&c, "bob").await), &dir.path().join("b"));
+    write_file(&a, "f", b"version one").await.unwrap();
+    assert_eq!(read_file(&b, "f").await, b"version one");
+    write_file(&a, "f", b"version two").await.unwrap();
+    assert_eq!(read_file(&b, "f").await, b"version two");
+    let downloads = || b.remote().stats.downloads.load(Ordering::Relaxed);
+    assert_eq!(downloads(), 2);
+    assert_eq!(read_file(&b, "f").await, b"version two");
+    assert_eq!(downloads(), 2, "an unchanged file is a cache hit");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_push_stays_pending_across_restart_and_is_never_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cluster");
+    let cache_a = dir.path().join("a");
+    let c = cluster(&data).await;
+    {
+        let a = core(&c, Some(login(&c, "alice").await), &cache_a);
+        write_file(&a, "f", b"base").await.unwrap();
+        let attr = a.lookup(NodeId::ROOT, OsStr::new("f")).await.unwrap();
+        let o = a
+            .open(NodeId(attr.ino.0), libc::O_WRONLY | libc::O_TRUNC)
+            .await
+            .unwrap();
+        a.write(o.fh, 0, b"local edit").unwrap();
+        // The whole cluster goes away before the close: the bytes must stay pending.
+        c.shutdown().await;
+        let err = a.flush(o.fh).await.unwrap_err();
+        assert!(matches!(err.errno(), libc::EIO | libc::ETIMEDOUT), "{err}");
+        a.release(o.fh);
+        assert_eq!(a.pending().unwrap().len(), 1);
+    }
+    // The cluster comes back (on another port); another client writes a newer version.
+    let c = cluster(&data).await;
+    let b = core(&c, Some(login(&c, "bob").await), &dir.path().join("b"));
+    write_file(&b, "f", b"remote edit").await.unwrap();
+    // After a restart of the client, its pending copy is still what it sees (never replaced
+    // by a download), and it is pushed: last close wins, whole.
+    let a = core(&c, Some(login(&c, "alice").await), &cache_a);
+    assert_eq!(read_file(&a, "f").await, b"local edit");
+    let left = a
+        .push_pending(Instant::now() + Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(left.is_empty());
+    assert_eq!(read_file(&b, "f").await, b"local edit");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn namespace_operations_map_to_the_right_errno() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let a = core(&c, Some(login(&c, "alice").await), &dir.path().join("a"));
+    let d = NodeId(
+        a.mkdir(NodeId::ROOT, OsStr::new("d"), 0o755)
+            .await
+            .unwrap()
+            .ino
+            .0,
+    );
+    a.mkdir(d, OsStr::new("sub"), 0o755).await.unwrap();
+    let errno = |r: Result<(), FsError>| r.unwrap_err().errno();
+    assert_eq!(
+        errno(a.rmdir(NodeId::ROOT, OsStr::new("d")).await),
+        libc::ENOTEMPTY
+    );
+    assert_eq!(
+        errno(a.unlink(NodeId::ROOT, OsStr::new("d")).await),
+        libc::EISDIR
+    );
+    let into_itself = a
+        .rename(NodeId::ROOT, OsStr::new("d"), d, OsStr::new("x"), 0)
+        .await;
+    assert_eq!(errno(into_itself), libc::EINVAL);
+    assert_eq!(
+        errno(a.unlink(NodeId::ROOT, OsStr::new("missing")).await),
+        libc::ENOENT
+    );
+    let long = "n".repeat(256);
+    let err = a.lookup(NodeId::ROOT, OsStr::new(&long)).await.unwrap_err();
+    assert_eq!(err.errno(), libc::ENAMETOOLONG);
+    let err = a
+        .mkdir(NodeId::ROOT, OsStr::new("d"), 0o755)
+        .await
+        .unwrap_err();
+    assert_eq!(err.errno(), libc::EEXIST);
+    let target = std::path::Path::new("d/sub");
+    let l = a
+        .symlink(NodeId::ROOT, OsStr::new("link"), target)
+        .await
+        .unwrap();
+    assert_eq!(a.readlink(NodeId(l.ino.0)).await.unwrap(), "d/sub");
+    c.shutdown().await;
+}
