@@ -473,6 +473,9 @@ impl Filesystem for FuseAdapter {
         }
     }
 
+    // Extended attributes are not supported. ENOSYS (rather than ENODATA) tells the kernel once
+    // for the whole mount, so it stops asking on every write (security.capability checks) and
+    // answers applications with EOPNOTSUPP itself.
     fn setxattr(
         &self,
         _req: &Request,
@@ -483,7 +486,7 @@ impl Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::from_i32(libc::ENOTSUP));
+        reply.error(Errno::from_i32(libc::ENOSYS));
     }
 
     fn getxattr(
@@ -494,19 +497,15 @@ impl Filesystem for FuseAdapter {
         _size: u32,
         reply: fuser::ReplyXattr,
     ) {
-        reply.error(Errno::from_i32(libc::ENODATA));
+        reply.error(Errno::from_i32(libc::ENOSYS));
     }
 
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
-        if size == 0 {
-            reply.size(0)
-        } else {
-            reply.data(&[])
-        }
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: fuser::ReplyXattr) {
+        reply.error(Errno::from_i32(libc::ENOSYS));
     }
 
     fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::from_i32(libc::ENODATA));
+        reply.error(Errno::from_i32(libc::ENOSYS));
     }
 
     fn mknod(
