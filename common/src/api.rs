@@ -281,3 +281,19 @@ pub struct FileServerStats {
     /// Bytes received.
     pub bytes_in: u64,
 }
+
+/// `POST /v1/internal/files/{id}/{hash}/copy-to`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CopyToRequest {
+    /// Base URL of the server that gets the copy.
+    pub url: String,
+}
+
+/// `POST /v1/internal/nodes/{id}/drop-holder`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DropHolderRequest {
+    /// The server that lost its copy.
+    pub server: ServerId,
+    /// The version's hash.
+    pub hash: ContentHash,
+}

@@ -61,6 +61,10 @@ pub const FILE_READ: &str = "/v1/files/{id}/{hash}";
 pub const REPLICA_PUT: &str = "/v1/internal/files/{id}/{hash}";
 /// File server, internal: drop every copy of a file except `hash`.
 pub const RETAIN: &str = "/v1/internal/files/{id}/{hash}/retain";
+/// File server, internal: push a blob this server holds to another server (re-replication).
+pub const COPY_TO: &str = "/v1/internal/files/{id}/{hash}/copy-to";
+/// Directory, internal: a server lost its copy of a version (scrub found it corrupt).
+pub const DROP_HOLDER: &str = "/v1/internal/nodes/{id}/drop-holder";
 /// File server: counters.
 pub const FILE_STATS: &str = "/v1/stats";
 
@@ -112,6 +116,16 @@ pub fn replica_put(id: NodeId, hash: &ContentHash) -> String {
 /// `/v1/internal/files/{id}/{hash}/retain`.
 pub fn retain(id: NodeId, hash: &ContentHash) -> String {
     format!("/v1/internal/files/{id}/{hash}/retain")
+}
+
+/// `/v1/internal/files/{id}/{hash}/copy-to`.
+pub fn copy_to(id: NodeId, hash: &ContentHash) -> String {
+    format!("/v1/internal/files/{id}/{hash}/copy-to")
+}
+
+/// `/v1/internal/nodes/{id}/drop-holder`.
+pub fn drop_holder(id: NodeId) -> String {
+    format!("/v1/internal/nodes/{id}/drop-holder")
 }
 
 /// Percent-encodes everything but unreserved characters, so any valid name is one path segment.

@@ -485,6 +485,10 @@ impl Remote {
         };
         order.rotate_left(shift);
         order.extend(meta.primary.filter(|p| meta.holders.contains(p)));
+        // Servers the directory believes dead go last.
+        if let Ok(c) = self.cluster(false).await {
+            order.sort_by_key(|id| !c.servers.iter().any(|s| s.id == *id && s.alive));
+        }
         let mut last = RemoteError::Api {
             code: ErrorCode::Unavailable,
             message: "no server holds this version".into(),

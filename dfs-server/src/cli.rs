@@ -93,6 +93,15 @@ pub struct AllArgs {
     /// Heartbeat interval of file servers in milliseconds.
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(50..))]
     pub heartbeat_ms: u64,
+    /// Missed heartbeats after which a file server counts as dead.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub missed_beats: u32,
+    /// Milliseconds between repair passes (primary failover, re-replication).
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(50..))]
+    pub repair_interval_ms: u64,
+    /// Seconds between integrity scrubs of each file server.
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub scrub_interval_secs: u64,
 }
 
 /// `directory`.
@@ -112,6 +121,9 @@ pub struct DirectoryArgs {
     /// Missed heartbeats after which a file server counts as dead.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     missed_beats: u32,
+    /// Milliseconds between repair passes (primary failover, re-replication).
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(50..))]
+    repair_interval_ms: u64,
 }
 
 /// `lock` and `auth`.
@@ -153,6 +165,9 @@ pub struct FileArgs {
     /// Largest file accepted, in bytes.
     #[arg(long, default_value_t = DEFAULT_MAX_FILE_BYTES)]
     max_file_bytes: u64,
+    /// Seconds between integrity scrubs (every stored copy re-hashed; corrupt ones repaired).
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    scrub_interval_secs: u64,
 }
 
 /// Runs the command on a fresh tokio runtime until Ctrl-C or SIGTERM.
@@ -166,6 +181,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.file_servers = usize::from(a.file_servers);
                 cfg.directory.replication = a.replication;
                 cfg.directory.heartbeat = Duration::from_millis(a.heartbeat_ms);
+                cfg.directory.missed_beats = a.missed_beats;
+                cfg.repair.interval = Duration::from_millis(a.repair_interval_ms);
+                cfg.scrub_interval = Duration::from_secs(a.scrub_interval_secs);
                 cfg.lock.lease = Duration::from_millis(a.lease_ms);
                 cfg.auth.token_ttl = Duration::from_secs(a.token_ttl_secs);
                 let handle = cluster::start(cfg).await?;
@@ -193,11 +211,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 let (l, url) = cluster::bind(a.listen).await?;
                 let verifier = Arc::new(Verifier::new(&key, None, Some(url.clone())));
                 println!("dfs directory listening on {url}");
-                vec![cluster::serve(
-                    l,
-                    finish(crate::directory::routes::router(svc), verifier),
-                    cancel.clone(),
-                )]
+                let repair = crate::directory::repair::RepairConfig {
+                    interval: Duration::from_millis(a.repair_interval_ms),
+                    ..Default::default()
+                };
+                vec![
+                    cluster::start_repair(svc.clone(), &key, repair, cancel.clone()),
+                    cluster::serve(
+                        l,
+                        finish(crate::directory::routes::router(svc), verifier),
+                        cancel.clone(),
+                    ),
+                ]
             }
             Command::Lock(a) => {
                 let key = a.common.key()?;
@@ -261,17 +286,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 let url = a.advertise.unwrap_or(url);
                 let verifier = Arc::new(Verifier::new(&key, None, Some(a.directory.clone())));
                 println!("dfs file server listening on {url}");
-                let (_, tasks) = cluster::start_file_server(
-                    l,
+                let opts = cluster::FileServerOptions {
+                    data: a.common.data.clone(),
                     url,
-                    &a.common.data,
-                    a.directory,
-                    &key,
-                    verifier,
-                    a.max_file_bytes,
-                    a.max_file_bytes,
-                    cancel.clone(),
-                )?;
+                    directory: a.directory,
+                    max_file_bytes: a.max_file_bytes,
+                    capacity: a.max_file_bytes,
+                    scrub_interval: Duration::from_secs(a.scrub_interval_secs),
+                };
+                let (_, tasks) = cluster::start_file_server(l, opts, &key, verifier, cancel.clone())?;
                 tasks
             }
         };

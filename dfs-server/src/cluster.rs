@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use common::api::{RegisterServiceRequest, ServiceKind};
@@ -13,6 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthConfig, AuthService};
+use crate::directory::repair::RepairConfig;
 use crate::directory::{DirectoryConfig, DirectoryService};
 use crate::file::FileStore;
 use crate::file::replicate::FileServer;
@@ -22,6 +24,8 @@ use crate::peer::Peer;
 
 /// Default address of the directory in `all` mode and for clients.
 pub const DEFAULT_DIRECTORY_ADDR: &str = "127.0.0.1:7070";
+/// Default time between integrity scrubs of a file server.
+pub const DEFAULT_SCRUB_INTERVAL: Duration = Duration::from_secs(3600);
 /// Default largest file a file server accepts (64 GiB).
 pub const DEFAULT_MAX_FILE_BYTES: u64 = 64 << 30;
 
@@ -42,6 +46,10 @@ pub struct ClusterConfig {
     pub auth: AuthConfig,
     /// Largest file accepted.
     pub max_file_bytes: u64,
+    /// Directory repair loop tunables.
+    pub repair: RepairConfig,
+    /// Time between file server scrubs.
+    pub scrub_interval: Duration,
 }
 
 impl ClusterConfig {
@@ -55,6 +63,8 @@ impl ClusterConfig {
             lock: LockConfig::default(),
             auth: AuthConfig::default(),
             max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+            repair: RepairConfig::default(),
+            scrub_interval: DEFAULT_SCRUB_INTERVAL,
         }
     }
 }
@@ -151,34 +161,52 @@ pub fn register_service_loop(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-/// Starts one file server on `listener`, registering with `directory`.
+/// How to run one file server.
+#[derive(Debug, Clone)]
+pub struct FileServerOptions {
+    /// Its data directory.
+    pub data: PathBuf,
+    /// URL others reach it at.
+    pub url: String,
+    /// The directory's URL.
+    pub directory: String,
+    /// Largest file accepted.
+    pub max_file_bytes: u64,
+    /// Capacity reported at registration.
+    pub capacity: u64,
+    /// Time between integrity scrubs.
+    pub scrub_interval: Duration,
+}
+
+/// Starts one file server on `listener`: HTTP, registration + heartbeats, and the scrub loop.
 pub fn start_file_server(
     listener: TcpListener,
-    url: String,
-    data: &Path,
-    directory: String,
+    opts: FileServerOptions,
     cluster_key: &str,
     verifier: Arc<Verifier>,
-    max_file_bytes: u64,
-    capacity: u64,
     cancel: CancellationToken,
 ) -> anyhow::Result<(Arc<FileServer>, Vec<JoinHandle<()>>)> {
-    let store = FileStore::open(data, max_file_bytes)
-        .with_context(|| format!("opening file store {}", data.display()))?;
-    let fs = Arc::new(FileServer::new(
-        store,
-        Peer::new(cluster_key),
-        directory,
-        data,
-    ));
-    let beat = tokio::spawn(fs.clone().run_heartbeats(url, capacity, cancel.clone()));
+    let store = FileStore::open(&opts.data, opts.max_file_bytes)
+        .with_context(|| format!("opening file store {}", opts.data.display()))?;
+    let fs = Arc::new(FileServer::new(store, Peer::new(cluster_key), opts.directory, &opts.data));
+    let beat = tokio::spawn(fs.clone().run_heartbeats(opts.url, opts.capacity, cancel.clone()));
+    let scrub = tokio::spawn(fs.clone().run_scrub(opts.scrub_interval, cancel.clone()));
     let server = serve(
         listener,
         crate::http::finish(crate::file::routes::router(fs.clone()), verifier),
         cancel,
     );
-    Ok((fs, vec![beat, server]))
+    Ok((fs, vec![beat, scrub, server]))
+}
+
+/// Starts the directory's repair loop (failover, re-replication).
+pub fn start_repair(
+    directory: Arc<DirectoryService>,
+    cluster_key: &str,
+    cfg: RepairConfig,
+    cancel: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(crate::directory::repair::run(directory, Peer::new(cluster_key), cfg, cancel))
 }
 
 /// Starts directory, lock, auth and N file servers in this process, on loopback.
@@ -205,6 +233,7 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
             .context("opening the directory service")?,
     );
     let (dl, directory_url) = bind(cfg.listen).await.context("directory service")?;
+    tasks.push(start_repair(directory.clone(), &key, cfg.repair.clone(), cancel.clone()));
     tasks.push(serve(
         dl,
         crate::http::finish(
@@ -252,17 +281,15 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
     let mut file_urls = Vec::new();
     for i in 1..=cfg.file_servers {
         let (fl, url) = bind(loopback).await.context("file server")?;
-        let (fs, t) = start_file_server(
-            fl,
-            url.clone(),
-            &cfg.data.join(format!("file-{i}")),
-            directory_url.clone(),
-            &key,
-            verifier.clone(),
-            cfg.max_file_bytes,
-            cfg.max_file_bytes,
-            cancel.clone(),
-        )?;
+        let opts = FileServerOptions {
+            data: cfg.data.join(format!("file-{i}")),
+            url: url.clone(),
+            directory: directory_url.clone(),
+            max_file_bytes: cfg.max_file_bytes,
+            capacity: cfg.max_file_bytes,
+            scrub_interval: cfg.scrub_interval,
+        };
+        let (fs, t) = start_file_server(fl, opts, &key, verifier.clone(), cancel.clone())?;
         tasks.extend(t);
         // Wait for registration so that new files are placed on every server from the start.
         for _ in 0..200 {

@@ -152,6 +152,24 @@ impl Peer {
             .header(routes::CLUSTER_KEY_HEADER, &self.cluster_key)
     }
 
+    /// Asks the server at `from` to push its copy of `(id, hash)` to the server at `to`.
+    pub async fn copy_blob(&self, from: &str, id: NodeId, hash: &common::ContentHash, to: &str) -> ServiceResult<()> {
+        let req = self
+            .streaming
+            .post(format!("{from}{}", routes::copy_to(id, hash)))
+            .timeout(Duration::from_secs(3600))
+            .json(&common::api::CopyToRequest { url: to.to_owned() });
+        self.send::<serde_json::Value>(req, "copy").await.map(drop)
+    }
+
+    /// Tells the directory that `server` lost its copy of `(id, hash)`.
+    pub async fn drop_holder(&self, dir: &str, id: NodeId, hash: &common::ContentHash, server: ServerId) -> ServiceResult<()> {
+        let req = common::api::DropHolderRequest { server, hash: hash.clone() };
+        self.post::<_, serde_json::Value>(format!("{dir}{}", routes::drop_holder(id)), &req, "drop holder")
+            .await
+            .map(drop)
+    }
+
     /// A short POST with the cluster key and no interesting answer.
     pub async fn post_empty(&self, url: String, what: &str) -> ServiceResult<()> {
         self.post::<_, serde_json::Value>(url, &(), what)

@@ -5,4 +5,5 @@ mod bad_input;
 mod basic;
 mod faults;
 mod large;
+mod replication;
 mod two_clients;

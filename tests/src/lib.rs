@@ -391,11 +391,17 @@ pub struct SplitCluster {
     /// Running processes by name (`directory`, `lock`, `auth`, `file-1`, ...).
     pub procs: std::collections::BTreeMap<String, Child>,
     files: usize,
+    file_args: Vec<String>,
 }
 
 impl SplitCluster {
     /// Starts every service and waits until the cluster map is complete.
     pub fn start(files: usize) -> SplitCluster {
+        SplitCluster::start_with(files, &[])
+    }
+
+    /// As `start`, with extra flags for every file server.
+    pub fn start_with(files: usize, file_args: &[&str]) -> SplitCluster {
         let root = tempfile::tempdir().unwrap();
         let dir_port = free_port();
         let mut c = SplitCluster {
@@ -404,6 +410,7 @@ impl SplitCluster {
             dir_port,
             procs: Default::default(),
             files,
+            file_args: file_args.iter().map(|a| a.to_string()).collect(),
         };
         c.start_service("directory");
         c.start_service("lock");
@@ -427,11 +434,17 @@ impl SplitCluster {
             .arg("--cluster-key-file")
             .arg(&key);
         if kind == "directory" {
-            cmd.arg("--listen")
-                .arg(format!("127.0.0.1:{}", self.dir_port))
-                .args(["--heartbeat-ms", "500"]);
+            cmd.arg("--listen").arg(format!("127.0.0.1:{}", self.dir_port)).args([
+                "--heartbeat-ms",
+                "300",
+                "--repair-interval-ms",
+                "200",
+            ]);
         } else {
             cmd.arg("--directory").arg(&self.url);
+        }
+        if kind == "file" {
+            cmd.args(&self.file_args);
         }
         let log = std::fs::File::create(self.root.path().join(format!("{name}.log"))).unwrap();
         let child = cmd
@@ -488,7 +501,40 @@ impl SplitCluster {
             })
         });
         assert!(ready, "split cluster did not become ready: {}", self.logs());
-        let _ = self.files;
+    }
+
+    /// Data directory of a service.
+    pub fn data_dir(&self, name: &str) -> PathBuf {
+        self.root.path().join(name)
+    }
+
+    /// The process name (`file-N`) of file server `id`.
+    pub fn file_service_of(&self, id: u64) -> String {
+        (1..=self.files)
+            .map(|i| format!("file-{i}"))
+            .find(|n| {
+                std::fs::read_to_string(self.data_dir(n).join("server_id"))
+                    .is_ok_and(|s| s.trim() == id.to_string())
+            })
+            .unwrap_or_else(|| panic!("no file server with id {id}"))
+    }
+
+    /// Metadata of `/name` (root entry) as the directory has it, read with the cluster key.
+    pub fn meta_of(&self, name: &str) -> serde_json::Value {
+        let key = std::fs::read_to_string(self.root.path().join("cluster.key")).unwrap();
+        let url = format!("{}{}", self.url, common::routes::child(common::NodeId::ROOT, name));
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            reqwest::Client::new()
+                .get(url)
+                .header(common::routes::CLUSTER_KEY_HEADER, key.trim())
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap()
+        })
     }
 
     /// Every service log, for failure messages.

@@ -3,6 +3,7 @@
 
 pub mod placement;
 pub mod registry;
+pub mod repair;
 pub mod routes;
 
 use std::path::Path;
@@ -11,7 +12,7 @@ use std::time::Duration;
 use common::api::{
     CommitRequest, CreateRequest, RenameRequest, SYMLINK_MAX, SetAttrRequest, StatFs,
 };
-use common::{ContentHash, DirEntry, FenceToken, FileKind, NodeId, NodeMeta, ValidName};
+use common::{ContentHash, DirEntry, FenceToken, FileKind, NodeId, NodeMeta, ServerId, ValidName};
 use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
     WriteTransaction,
@@ -435,6 +436,82 @@ impl DirectoryService {
         tx.commit()?;
         tracing::debug!(%id, version = meta.version, writer = %req.writer, "version committed");
         Ok(meta)
+    }
+
+    /// Every regular file's metadata (for the repair loop).
+    pub fn files(&self) -> ServiceResult<Vec<NodeMeta>> {
+        let tx = self.db.begin_read()?;
+        let nodes = tx.open_table(NODES)?;
+        let mut out = Vec::new();
+        for row in nodes.iter()? {
+            let (_, v) = row?;
+            let m: NodeMeta = decode(v.value())?;
+            if m.kind == FileKind::File {
+                out.push(m);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies `f` to the metadata of file `id` if its content is still `hash` (a concurrent
+    /// commit wins over a repair step planned for the older version).
+    fn update_if_current(
+        &self,
+        id: NodeId,
+        hash: &ContentHash,
+        f: impl FnOnce(&mut NodeMeta),
+    ) -> ServiceResult<()> {
+        let tx = self.db.begin_write()?;
+        let mut meta = get_node(&tx, id)?;
+        if &meta.hash != hash {
+            return Ok(());
+        }
+        f(&mut meta);
+        put_node(&tx, &meta)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Failover: `to`, a holder of the current version, becomes the primary; the old primary
+    /// stays a member (it catches up if it returns).
+    pub fn promote(&self, id: NodeId, hash: &ContentHash, to: ServerId) -> ServiceResult<()> {
+        self.update_if_current(id, hash, |m| {
+            if !m.holders.contains(&to) {
+                return;
+            }
+            let old = m.primary.replace(to);
+            m.replicas.retain(|r| *r != to);
+            if let Some(old) = old {
+                m.replicas.push(old);
+            }
+        })
+    }
+
+    /// Records that `server` now holds the current version; it joins the placement if it was
+    /// not a member, replacing dead members that hold nothing current.
+    pub fn add_holder(&self, id: NodeId, hash: &ContentHash, server: ServerId) -> ServiceResult<()> {
+        let live = self.registry.live();
+        let replication = usize::try_from(self.config.replication).unwrap_or(usize::MAX);
+        self.update_if_current(id, hash, |m| {
+            if !m.holders.contains(&server) {
+                m.holders.push(server);
+            }
+            if m.primary != Some(server) && !m.replicas.contains(&server) {
+                m.replicas.push(server);
+            }
+            while 1 + m.replicas.len() > replication {
+                let holders = m.holders.clone();
+                let Some(pos) = m.replicas.iter().position(|r| !live.contains(r) && !holders.contains(r)) else {
+                    break;
+                };
+                m.replicas.remove(pos);
+            }
+        })
+    }
+
+    /// Records that `server` no longer holds `hash` of `id` (a scrub found it corrupt).
+    pub fn drop_holder(&self, id: NodeId, hash: &ContentHash, server: ServerId) -> ServiceResult<()> {
+        self.update_if_current(id, hash, |m| m.holders.retain(|h| *h != server))
     }
 
     /// Node count and total bytes.

@@ -185,6 +185,11 @@ impl Registry {
             .unwrap_or_default()
     }
 
+    /// The URL of server `id`.
+    pub fn url(&self, id: ServerId) -> Option<String> {
+        self.inner().ok()?.servers.get(&id).map(|e| e.rec.url.clone())
+    }
+
     /// Lock and auth URLs.
     pub fn services(&self) -> (Option<String>, Option<String>) {
         self.inner()

@@ -28,6 +28,7 @@ pub fn router(svc: Arc<DirectoryService>) -> Router {
         .route(routes::HEARTBEAT, post(heartbeat))
         .route(routes::REGISTER_SERVICE, post(register_service))
         .route(routes::COMMIT, post(commit))
+        .route(routes::DROP_HOLDER, post(drop_holder))
         .with_state(svc)
 }
 
@@ -157,4 +158,14 @@ async fn commit(
     ApiJson(req): ApiJson<CommitRequest>,
 ) -> ApiResult<Json<NodeMeta>> {
     Ok(Json(blocking(move || svc.commit(NodeId(id), &req)).await?))
+}
+
+async fn drop_holder(
+    axum::extract::State(svc): State,
+    _c: ClusterOnly,
+    ApiPath(id): ApiPath<u64>,
+    ApiJson(req): ApiJson<common::api::DropHolderRequest>,
+) -> ApiResult<Json<serde_json::Value>> {
+    blocking(move || svc.drop_holder(NodeId(id), &req.hash, req.server)).await?;
+    Ok(Json(serde_json::json!({})))
 }

@@ -179,6 +179,48 @@ impl FileStore {
         Ok(size)
     }
 
+    /// Every stored blob as (node, hash, path).
+    pub fn blobs(&self) -> Vec<(NodeId, ContentHash, PathBuf)> {
+        let mut out = Vec::new();
+        let Ok(dirs) = std::fs::read_dir(self.root.join("blobs")) else { return out };
+        for d in dirs.flatten() {
+            let Some(node) = d.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) else { continue };
+            let Ok(files) = std::fs::read_dir(d.path()) else { continue };
+            for f in files.flatten() {
+                if let Some(hash) = f.file_name().to_str().and_then(|h| ContentHash::parse(h).ok()) {
+                    out.push((NodeId(node), hash, f.path()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Deletes one blob (and its node directory once empty).
+    pub fn remove_blob(&self, node: NodeId, hash: &ContentHash) -> ServiceResult<()> {
+        match std::fs::remove_file(self.blob_path(node, hash)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
+        let _ = std::fs::remove_dir(self.node_dir(node));
+        Ok(())
+    }
+
+    /// Re-hashes a blob: whether its content still matches its name.
+    pub async fn verify(&self, node: NodeId, hash: &ContentHash) -> ServiceResult<bool> {
+        use tokio::io::AsyncReadExt;
+        let (mut f, _) = self.open_blob(node, hash).await?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        Ok(&ContentHash::from_digest(&hasher.finalize().into()) == hash)
+    }
+
     /// Removes every copy of `node` except `keep` (after a newer version committed).
     pub fn retain(&self, node: NodeId, keep: &ContentHash) -> ServiceResult<()> {
         let dir = self.node_dir(node);

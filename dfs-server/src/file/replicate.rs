@@ -157,10 +157,11 @@ impl FileServer {
             let cluster = self.peer.cluster(&self.directory).await?;
             let hash = &req.hash;
             let pushes = meta.replicas.iter().map(|r| {
+                // A dead replica is skipped (the directory's repair catches it up later).
                 let url = cluster
                     .servers
                     .iter()
-                    .find(|s| s.id == *r)
+                    .find(|s| s.id == *r && s.alive)
                     .map(|s| s.url.clone());
                 async move {
                     let url = url.ok_or_else(|| ServiceError::NotFound(format!("server {r}")))?;
@@ -201,6 +202,75 @@ impl FileServer {
             self.retain_everywhere(&holders, node, &req.hash).await;
         }
         Ok(committed)
+    }
+
+    /// Re-replication: pushes this server's copy of `(node, hash)` to the server at `url`.
+    pub async fn copy_to(&self, node: NodeId, hash: &ContentHash, url: &str) -> ServiceResult<()> {
+        if !url.starts_with("http://") && !url.starts_with("https://") {
+            return Err(ServiceError::BadRequest("copy target must be an http(s) URL".into()));
+        }
+        self.push(url, node, hash).await
+    }
+
+    /// One scrub pass: re-hashes every blob older than `grace`; drops copies that are corrupt
+    /// (reporting them, so the directory re-replicates), stale (an older version) or of deleted
+    /// files. Sleeps `pause` between blobs to stay in the background. Returns corrupt copies found.
+    pub async fn scrub(&self, grace: Duration, pause: Duration) -> usize {
+        let Some(me) = self.id() else { return 0 };
+        let mut corrupt = 0;
+        for (node, hash, path) in self.store.blobs() {
+            let old_enough = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= grace);
+            if !old_enough {
+                continue;
+            }
+            let meta = match self.peer.node(&self.directory, node).await {
+                Ok(m) => m,
+                Err(ServiceError::NotFound(_)) => {
+                    tracing::info!(%node, "scrub: dropping the copy of a deleted file");
+                    let _ = self.store.remove_blob(node, &hash);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!(%node, error = %e, "scrub: directory unavailable; skipping");
+                    continue;
+                }
+            };
+            if meta.hash != hash {
+                tracing::debug!(%node, %hash, "scrub: dropping a superseded copy");
+                let _ = self.store.remove_blob(node, &hash);
+                continue;
+            }
+            match self.store.verify(node, &hash).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    corrupt += 1;
+                    tracing::error!(%node, %hash, "scrub: stored copy is corrupt; dropping it for repair");
+                    let _ = self.store.remove_blob(node, &hash);
+                    if let Err(e) = self.peer.drop_holder(&self.directory, node, &hash, me).await {
+                        tracing::warn!(%node, error = %e, "scrub: reporting the corrupt copy failed");
+                    }
+                }
+                Err(e) => tracing::warn!(%node, error = %e, "scrub: reading a copy failed"),
+            }
+            tokio::time::sleep(pause).await;
+        }
+        corrupt
+    }
+
+    /// Scrubs every `interval` until `cancel`.
+    pub async fn run_scrub(self: Arc<Self>, interval: Duration, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            let grace = interval.min(Duration::from_secs(600));
+            self.scrub(grace, Duration::from_millis(5)).await;
+        }
     }
 
     async fn push(&self, base: &str, node: NodeId, hash: &ContentHash) -> ServiceResult<()> {

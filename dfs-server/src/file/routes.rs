@@ -23,6 +23,7 @@ pub fn router(fs: Arc<FileServer>) -> Router {
         .route(routes::FILE_READ, get(read))
         .route(routes::REPLICA_PUT, put(replica_put))
         .route(routes::RETAIN, post(retain))
+        .route(routes::COPY_TO, post(copy_to))
         .route(routes::FILE_STATS, get(stats))
         .with_state(fs)
 }
@@ -115,4 +116,15 @@ async fn retain(
 
 async fn stats(axum::extract::State(fs): State) -> Json<FileServerStats> {
     Json(fs.store.stats())
+}
+
+async fn copy_to(
+    axum::extract::State(fs): State,
+    _c: ClusterOnly,
+    ApiPath((id, hash)): ApiPath<(u64, String)>,
+    crate::http::ApiJson(req): crate::http::ApiJson<common::api::CopyToRequest>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let hash = parse_hash(&hash)?;
+    fs.copy_to(NodeId(id), &hash, &req.url).await?;
+    Ok(Json(serde_json::json!({})))
 }

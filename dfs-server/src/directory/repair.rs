@@ -1,0 +1,203 @@
+//! Keeping every file available: primary failover and re-replication, decided by the pure
+//! [`plan`] and carried out by [`run`], a throttled background loop of the directory.
+//!
+//! - **Failover**: a file whose primary is dead gets a live *holder* of its current version
+//!   (a server that acknowledged it) as primary. Never a server with an older version.
+//! - **Re-replication**: a file with fewer live holders than `min(replication, live servers)`
+//!   is copied from a live holder to another live server: first a placement member that missed
+//!   versions (a returning server catches up), else a new server.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{ContentHash, FileKind, NodeMeta, ServerId};
+use tokio_util::sync::CancellationToken;
+
+use super::DirectoryService;
+use crate::peer::Peer;
+
+/// What one file needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Repair {
+    /// Nothing.
+    None,
+    /// Make this live holder the primary.
+    Promote(ServerId),
+    /// Copy the current version from a live holder to another live server.
+    Copy {
+        /// A live holder.
+        from: ServerId,
+        /// The server that gets the copy.
+        to: ServerId,
+    },
+    /// No live server holds the current version; wait for one to return.
+    Unavailable,
+}
+
+/// Decides the next repair step for `meta` given the live servers (pure).
+pub fn plan(meta: &NodeMeta, live: &[ServerId], replication: u32) -> Repair {
+    if meta.kind != FileKind::File || live.is_empty() {
+        return Repair::None;
+    }
+    let live_holders: Vec<ServerId> = meta.holders.iter().copied().filter(|h| live.contains(h)).collect();
+    let primary_live = meta.primary.is_some_and(|p| live.contains(&p));
+    if !primary_live {
+        return match live_holders.first() {
+            Some(h) => Repair::Promote(*h),
+            None => Repair::Unavailable,
+        };
+    }
+    let want = usize::try_from(replication).unwrap_or(usize::MAX).min(live.len());
+    if live_holders.len() >= want {
+        return Repair::None;
+    }
+    let Some(from) = meta.primary.filter(|p| live_holders.contains(p)).or(live_holders.first().copied()) else {
+        return Repair::Unavailable;
+    };
+    let members = meta.primary.iter().chain(meta.replicas.iter());
+    let target = members
+        .copied()
+        .find(|m| live.contains(m) && !meta.holders.contains(m))
+        .or_else(|| live.iter().copied().find(|s| !meta.holders.contains(s) && Some(*s) != meta.primary && !meta.replicas.contains(s)));
+    match target {
+        Some(to) => Repair::Copy { from, to },
+        None => Repair::None,
+    }
+}
+
+/// Tunables of the repair loop.
+#[derive(Debug, Clone)]
+pub struct RepairConfig {
+    /// Time between passes.
+    pub interval: Duration,
+    /// Most copies started per pass (throttle).
+    pub max_copies_per_pass: usize,
+}
+
+impl Default for RepairConfig {
+    fn default() -> Self {
+        RepairConfig { interval: Duration::from_secs(2), max_copies_per_pass: 8 }
+    }
+}
+
+/// One pass over every file. Returns (promotions, copies) done.
+pub async fn pass(svc: &Arc<DirectoryService>, peer: &Peer, cfg: &RepairConfig) -> (usize, usize) {
+    let live = svc.registry.live();
+    let files = {
+        let svc = svc.clone();
+        match tokio::task::spawn_blocking(move || svc.files()).await {
+            Ok(Ok(f)) => f,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "repair: listing files failed");
+                return (0, 0);
+            }
+            Err(_) => return (0, 0),
+        }
+    };
+    let (mut promoted, mut copied) = (0, 0);
+    for meta in files {
+        match plan(&meta, &live, svc.replication()) {
+            Repair::None | Repair::Unavailable => {}
+            Repair::Promote(to) => match svc.promote(meta.id, &meta.hash, to) {
+                Ok(()) => {
+                    promoted += 1;
+                    tracing::warn!(node = %meta.id, old = ?meta.primary, new = %to, "primary failed over");
+                }
+                Err(e) => tracing::warn!(node = %meta.id, error = %e, "failover failed"),
+            },
+            Repair::Copy { from, to } => {
+                if copied >= cfg.max_copies_per_pass {
+                    continue;
+                }
+                copied += 1;
+                let ok = meta.hash.as_str() == ContentHash::EMPTY_HEX
+                    || copy(svc, peer, &meta, from, to).await;
+                if ok {
+                    match svc.add_holder(meta.id, &meta.hash, to) {
+                        Ok(()) => tracing::info!(node = %meta.id, %from, %to, "re-replicated"),
+                        Err(e) => tracing::warn!(node = %meta.id, error = %e, "recording a copy failed"),
+                    }
+                }
+            }
+        }
+    }
+    (promoted, copied)
+}
+
+async fn copy(svc: &DirectoryService, peer: &Peer, meta: &NodeMeta, from: ServerId, to: ServerId) -> bool {
+    let (Some(from_url), Some(to_url)) = (svc.registry.url(from), svc.registry.url(to)) else {
+        return false;
+    };
+    match peer.copy_blob(&from_url, meta.id, &meta.hash, &to_url).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(node = %meta.id, %from, %to, error = %e, "re-replication copy failed");
+            false
+        }
+    }
+}
+
+/// Runs passes every `cfg.interval` until `cancel`.
+pub async fn run(svc: Arc<DirectoryService>, peer: Peer, cfg: RepairConfig, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(cfg.interval) => {}
+        }
+        pass(&svc, &peer, &cfg).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::{FenceToken, NodeId};
+
+    fn meta(primary: u64, replicas: &[u64], holders: &[u64]) -> NodeMeta {
+        NodeMeta {
+            id: NodeId(5),
+            parent: NodeId::ROOT,
+            kind: FileKind::File,
+            mode: 0o644,
+            owner: "t".into(),
+            size: 3,
+            version: 2,
+            mtime_ns: 0,
+            ctime_ns: 0,
+            hash: ContentHash::from_digest(&[1; 32]),
+            primary: Some(ServerId(primary)),
+            replicas: replicas.iter().copied().map(ServerId).collect(),
+            holders: holders.iter().copied().map(ServerId).collect(),
+            symlink_target: None,
+            fence: FenceToken(1),
+            last_upload: None,
+        }
+    }
+
+    fn ids(v: &[u64]) -> Vec<ServerId> {
+        v.iter().copied().map(ServerId).collect()
+    }
+
+    #[test]
+    fn dead_primary_fails_over_to_a_live_holder_only() {
+        // Server 2 missed the last version (not a holder): never promoted.
+        assert_eq!(plan(&meta(1, &[2, 3], &[1, 3]), &ids(&[2, 3]), 3), Repair::Promote(ServerId(3)));
+        assert_eq!(plan(&meta(1, &[2, 3], &[1]), &ids(&[2, 3]), 3), Repair::Unavailable);
+    }
+
+    #[test]
+    fn missing_copies_go_first_to_members_that_missed_versions() {
+        assert_eq!(
+            plan(&meta(1, &[2, 3], &[1, 2]), &ids(&[1, 2, 3]), 3),
+            Repair::Copy { from: ServerId(1), to: ServerId(3) }
+        );
+        // Member 3 is dead: a new server (4) gets the copy.
+        assert_eq!(
+            plan(&meta(1, &[2, 3], &[1, 2]), &ids(&[1, 2, 4]), 3),
+            Repair::Copy { from: ServerId(1), to: ServerId(4) }
+        );
+        // Enough live copies for the live server count: nothing to do.
+        assert_eq!(plan(&meta(1, &[2, 3], &[1, 2]), &ids(&[1, 2]), 3), Repair::None);
+        assert_eq!(plan(&meta(1, &[2, 3], &[1, 2, 3]), &ids(&[1, 2, 3]), 3), Repair::None);
+    }
+}
