@@ -4,6 +4,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{ContentHash, FenceToken, NodeId, ServerId, UploadId};
 
+/// How many applied upload ids a node remembers.
+pub const RECENT_UPLOADS: usize = 32;
+
 /// What a node is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -49,8 +52,10 @@ pub struct NodeMeta {
     pub symlink_target: Option<String>,
     /// Fencing token of the newest committed write.
     pub fence: FenceToken,
-    /// Upload id of the newest committed write, so a retried upload is applied once.
-    pub last_upload: Option<UploadId>,
+    /// Upload ids of the latest committed writes (at most [`RECENT_UPLOADS`]), so a retried
+    /// upload whose acknowledgement was lost is recognised and never applied twice.
+    #[serde(default)]
+    pub recent_uploads: Vec<UploadId>,
 }
 
 /// One entry of a directory listing.

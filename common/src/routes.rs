@@ -59,8 +59,8 @@ pub const FILE_WRITE: &str = "/v1/files/{id}";
 pub const FILE_READ: &str = "/v1/files/{id}/{hash}";
 /// File server, internal: replica push from a primary (PUT, streamed body).
 pub const REPLICA_PUT: &str = "/v1/internal/files/{id}/{hash}";
-/// File server, internal: drop every copy of a file except `hash`.
-pub const RETAIN: &str = "/v1/internal/files/{id}/{hash}/retain";
+/// File server, internal: drop the copy of one superseded version.
+pub const DROP_BLOB: &str = "/v1/internal/files/{id}/{hash}/drop";
 /// File server, internal: push a blob this server holds to another server (re-replication).
 pub const COPY_TO: &str = "/v1/internal/files/{id}/{hash}/copy-to";
 /// Directory, internal: a server lost its copy of a version (scrub found it corrupt).
@@ -113,9 +113,9 @@ pub fn replica_put(id: NodeId, hash: &ContentHash) -> String {
     format!("/v1/internal/files/{id}/{hash}")
 }
 
-/// `/v1/internal/files/{id}/{hash}/retain`.
-pub fn retain(id: NodeId, hash: &ContentHash) -> String {
-    format!("/v1/internal/files/{id}/{hash}/retain")
+/// `/v1/internal/files/{id}/{hash}/drop`.
+pub fn drop_blob(id: NodeId, hash: &ContentHash) -> String {
+    format!("/v1/internal/files/{id}/{hash}/drop")
 }
 
 /// `/v1/internal/files/{id}/{hash}/copy-to`.

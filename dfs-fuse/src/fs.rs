@@ -477,7 +477,7 @@ impl DfsFs {
                 pending: None,
             },
         )?;
-        let opened = self.open_local(meta.id, flags & !libc::O_TRUNC)?;
+        let opened = self.open_local(meta.id, flags & !libc::O_TRUNC, false)?;
         Ok((self.attr(&meta), opened))
     }
 
@@ -537,16 +537,19 @@ impl DfsFs {
         Ok(self.remote.statfs().await?)
     }
 
-    fn open_local(&self, node: NodeId, flags: i32) -> FsResult<Opened> {
+    /// Opens the cached copy. `truncated`: the copy was just emptied instead of downloaded
+    /// (O_TRUNC of a non-empty server version), which is a change to push even without writes.
+    fn open_local(&self, node: NodeId, flags: i32, truncated: bool) -> FsResult<Opened> {
         let acc = flags & libc::O_ACCMODE;
         let writable = acc == libc::O_WRONLY || acc == libc::O_RDWR;
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(writable)
             .open(self.cache.path(node))?;
-        let dirty = flags & libc::O_TRUNC != 0 && writable && file.metadata()?.len() > 0;
-        if dirty {
+        let mut dirty = truncated && writable;
+        if flags & libc::O_TRUNC != 0 && writable && file.metadata()?.len() > 0 {
             file.set_len(0)?;
+            dirty = true;
         }
         if writable {
             *self
@@ -572,65 +575,92 @@ impl DfsFs {
         Ok(Opened { fh, handle })
     }
 
+    /// Moves a finished temp file to the copy of `node` and makes the rename durable before
+    /// the index says the copy is that version.
+    fn install(&self, node: NodeId, tmp: &std::path::Path) -> FsResult<()> {
+        let path = self.cache.path(node);
+        std::fs::rename(tmp, &path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+
     /// open: fetch the metadata; download the whole file if the cache has no copy of that
     /// version; then serve every read and write from the local copy. A copy with pending
-    /// changes, or one open for writing here, is never replaced. If the directory cannot be
-    /// reached, a cached copy is used as it is.
+    /// changes, or one open here (for writing, or at all under kernel passthrough, which binds
+    /// the inode to one file), is never replaced. If the directory cannot be reached, or the
+    /// file is busy with a push for longer than a moment, a cached copy is used as it is.
     pub async fn open(&self, node: NodeId, flags: i32) -> FsResult<Opened> {
+        let have_copy =
+            || self.cache.get(node).ok().flatten().is_some() && self.cache.path(node).exists();
         let lock = self.node_lock(node);
-        let _g = lock.lock().await;
+        let _g = match tokio::time::timeout(Duration::from_secs(2), lock.lock()).await {
+            Ok(g) => g,
+            Err(_) if have_copy() => {
+                tracing::info!(%node, "file busy with a push; opening the cached copy");
+                return self.open_local(node, flags, false);
+            }
+            Err(_) => lock.lock().await,
+        };
         let entry = self.cache.get(node)?;
         let path = self.cache.path(node);
         let have_copy = entry.is_some() && path.exists();
-        let meta = match self.remote.get(node).await {
+        let mut meta = match self.remote.get(node).await {
             Ok(m) => {
                 self.remember(&m, None);
                 m
             }
             Err(e) if e.is_unreachable() && have_copy => {
                 tracing::warn!(%node, error = %e, "directory unreachable; opening the cached copy");
-                return self.open_local(node, flags);
+                return self.open_local(node, flags, false);
             }
             Err(e) => return Err(e.into()),
         };
         if meta.kind != FileKind::File {
             return Err(FsError::NotAFile);
         }
-        let local_changes =
-            entry.as_ref().is_some_and(|e| e.pending.is_some()) || self.writer_count(node) > 0;
+        let local_changes = entry.as_ref().is_some_and(|e| e.pending.is_some())
+            || self.writer_count(node) > 0
+            || (self.passthrough.load(Ordering::Relaxed) && self.open_here(node));
         let fresh = entry.as_ref().is_some_and(|e| e.hash == meta.hash);
-        if !(have_copy && (local_changes || fresh)) {
-            if meta.hash.as_str() == ContentHash::EMPTY_HEX
-                || flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY
-            {
-                // Nothing to fetch: the content is empty, or about to be truncated.
-                let tmp = self.cache.tmp_path();
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&tmp)?
-                    .sync_all()?;
-                std::fs::rename(&tmp, &path)?;
-            } else {
-                let tmp = self.cache.tmp_path();
-                let result = self.remote.download(&meta, &tmp).await;
-                if let Err(e) = result {
-                    let _ = std::fs::remove_file(&tmp);
-                    return Err(e.into());
-                }
-                std::fs::rename(&tmp, &path)?;
-            }
-            self.cache.put(
-                node,
-                &CacheEntry {
-                    version: meta.version,
-                    hash: meta.hash.clone(),
-                    pending: None,
-                },
-            )?;
+        if have_copy && (local_changes || fresh) {
+            return self.open_local(node, flags, false);
         }
-        self.open_local(node, flags)
+        let truncating = flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let tmp = self.cache.tmp_path();
+        if meta.hash.as_str() == ContentHash::EMPTY_HEX || truncating {
+            // Nothing to fetch: the content is empty, or about to be truncated.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?
+                .sync_all()?;
+        } else {
+            // A version superseded between our metadata read and the download may already be
+            // gone from the servers: read the metadata again and retry once.
+            let mut result = self.remote.download(&meta, &tmp).await;
+            if result.as_ref().is_err_and(|e| e.is_not_found()) {
+                meta = self.remote.get(node).await?;
+                result = self.remote.download(&meta, &tmp).await;
+            }
+            if let Err(e) = result {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e.into());
+            }
+        }
+        self.install(node, &tmp)?;
+        self.cache.put(
+            node,
+            &CacheEntry {
+                version: meta.version,
+                hash: meta.hash.clone(),
+                pending: None,
+            },
+        )?;
+        let truncated = truncating && meta.hash.as_str() != ContentHash::EMPTY_HEX;
+        self.open_local(node, flags, truncated)
     }
 
     /// read from the local copy.
@@ -664,7 +694,10 @@ impl DfsFs {
     /// timeout. On failure the changes stay in the cache, pending, and are retried.
     pub async fn flush(&self, fh: u64) -> FsResult<()> {
         let h = self.handle(fh)?;
-        if !h.changed() {
+        // Under passthrough the writes bypass us and (size, mtime) may not move for a same-size
+        // rewrite within one timestamp tick: let the content hash decide instead.
+        let passthrough = self.passthrough.load(Ordering::Relaxed);
+        if !(h.changed() || passthrough && h.writable) {
             return Ok(());
         }
         h.file.sync_all()?;
@@ -691,6 +724,15 @@ impl DfsFs {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&fh);
         if let Some(h) = h {
+            // Record changes before this handle stops counting as a writer, so no open() can
+            // replace the copy in between.
+            if h.changed() {
+                // Written after the last flush (e.g. through an mmap): record and push later.
+                if let Err(e) = self.mark_pending(h.node) {
+                    tracing::error!(node = %h.node, error = %e, "recording unpushed changes failed");
+                }
+                self.wake.notify_one();
+            }
             if h.writable {
                 let mut w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(n) = w.get_mut(&h.node) {
@@ -699,13 +741,6 @@ impl DfsFs {
                         w.remove(&h.node);
                     }
                 }
-            }
-            if h.changed() {
-                // Written after the last flush (e.g. through an mmap): record and push later.
-                if let Err(e) = self.mark_pending(h.node) {
-                    tracing::error!(node = %h.node, error = %e, "recording unpushed changes failed");
-                }
-                self.wake.notify_one();
             }
         }
     }
@@ -744,28 +779,56 @@ impl DfsFs {
     pub async fn push(&self, node: NodeId, deadline: Instant) -> FsResult<()> {
         let lock = self.node_lock(node);
         let _g = lock.lock().await;
-        let Some((mut entry, pending)) = self.mark_pending(node)? else {
+        let Some((_, mut pending)) = self.mark_pending(node)? else {
             return Ok(());
         };
         let mut backoff = Duration::from_millis(200);
         loop {
             match self.push_once(node, &pending, deadline).await {
                 Ok(meta) => {
-                    // Only the pushed content becomes clean; newer local changes stay pending.
+                    // Only the pushed content becomes clean: a pending record written meanwhile
+                    // (by release) for newer content stays.
+                    let mut entry = self.cache.get(node)?.unwrap_or(CacheEntry {
+                        version: 0,
+                        hash: ContentHash::empty(),
+                        pending: None,
+                    });
                     entry.version = meta.version;
                     entry.hash = meta.hash.clone();
-                    entry.pending = None;
+                    if entry
+                        .pending
+                        .as_ref()
+                        .is_some_and(|p| p.upload_id == pending.upload_id)
+                    {
+                        entry.pending = None;
+                    }
                     self.cache.put(node, &entry)?;
                     self.remember(&meta, None);
                     return Ok(());
                 }
-                Err(e) if e.is_not_found() => {
+                // Only the directory saying so means the file is gone (a NotFound from another
+                // service, e.g. an unknown route after a restart, does not).
+                Err(e)
+                    if e.is_not_found()
+                        && self.remote.get(node).await.is_err_and(|d| d.is_not_found()) =>
+                {
                     tracing::info!(%node, "file was deleted; dropping its unpushed changes");
                     self.drop_cached(node);
                     return Ok(());
                 }
+                Err(RemoteError::Api {
+                    code: common::ErrorCode::HashMismatch,
+                    ..
+                }) if Instant::now() + backoff < deadline => {
+                    // The copy changed while it was being sent: hash it again and resend.
+                    match self.mark_pending(node)? {
+                        Some((_, p)) => pending = p,
+                        None => return Ok(()),
+                    }
+                }
                 Err(e) => {
                     let retryable = e.is_unreachable()
+                        || e.is_not_found()
                         || matches!(&e, RemoteError::Api { code, .. } if matches!(code,
                             common::ErrorCode::StaleFence | common::ErrorCode::HashMismatch | common::ErrorCode::NotHolder | common::ErrorCode::Forbidden));
                     if !retryable || Instant::now() + backoff >= deadline {
@@ -787,7 +850,14 @@ impl DfsFs {
         deadline: Instant,
     ) -> Result<NodeMeta, RemoteError> {
         let waiter = UploadId::from_bytes(rand::random());
-        let grant = self.remote.acquire(node, &waiter, deadline).await?;
+        let grant = match self.remote.acquire(node, &waiter, deadline).await {
+            Ok(g) => g,
+            Err(e) => {
+                // A grant whose answer was lost must not block everyone for a whole lease.
+                let _ = self.remote.release(node, &waiter).await;
+                return Err(e);
+            }
+        };
         let renew_every = Duration::from_millis(grant.lease_ms / 3).max(Duration::from_millis(50));
         let upload = async {
             let meta = self.remote.get(node).await?;
@@ -867,7 +937,8 @@ impl DfsFs {
     /// Background loop: retries pending uploads with back-off until `cancel`.
     pub async fn run_uploader(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
         loop {
-            let deadline = Instant::now() + self.config.close_timeout;
+            // Short attempts: a node being retried is locked for at most this long.
+            let deadline = Instant::now() + self.config.close_timeout.min(Duration::from_secs(10));
             if let Err(e) = self.push_pending(deadline).await {
                 tracing::warn!(error = %e, "retrying pending uploads failed");
             }

@@ -247,7 +247,11 @@ impl Remote {
             .timeout(self.config.call_timeout)
             .send()
             .await
-            .map_err(|e| net(what, e))?;
+            .map_err(|e| {
+                // A restarted service may be at a new address: fetch the map again next time.
+                self.invalidate_cluster();
+                net(what, e)
+            })?;
         if !resp.status().is_success() {
             return Err(api_error(resp).await);
         }
@@ -583,7 +587,10 @@ impl Remote {
                 .json(&req)
                 .send()
                 .await
-                .map_err(|e| net("lock", e))?;
+                .map_err(|e| {
+                    self.invalidate_cluster();
+                    net("lock", e)
+                })?;
             if !resp.status().is_success() {
                 return Err(api_error(resp).await);
             }

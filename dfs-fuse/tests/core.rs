@@ -163,3 +163,27 @@ async fn namespace_operations_map_to_the_right_errno() {
     assert_eq!(a.readlink(NodeId(l.ino.0)).await.unwrap(), "d/sub");
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_truncating_open_of_an_uncached_file_is_pushed() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let a = core(&c, Some(login(&c, "alice").await), &dir.path().join("a"));
+    let b = core(&c, Some(login(&c, "bob").await), &dir.path().join("b"));
+    write_file(&a, "f", b"something").await.unwrap();
+    // B has no copy: `: > f` opens with O_TRUNC and writes nothing.
+    let attr = b.lookup(NodeId::ROOT, OsStr::new("f")).await.unwrap();
+    let o = b
+        .open(NodeId(attr.ino.0), libc::O_WRONLY | libc::O_TRUNC)
+        .await
+        .unwrap();
+    b.flush(o.fh).await.unwrap();
+    b.release(o.fh);
+    assert_eq!(
+        read_file(&a, "f").await,
+        b"",
+        "the truncation reached the servers"
+    );
+    assert_eq!(read_file(&b, "f").await, b"", "and B's cache is not stale");
+    c.shutdown().await;
+}

@@ -294,7 +294,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     capacity: a.max_file_bytes,
                     scrub_interval: Duration::from_secs(a.scrub_interval_secs),
                 };
-                let (_, tasks) = cluster::start_file_server(l, opts, &key, verifier, cancel.clone())?;
+                let (_, tasks) =
+                    cluster::start_file_server(l, opts, &key, verifier, cancel.clone())?;
                 tasks
             }
         };

@@ -188,8 +188,16 @@ pub fn start_file_server(
 ) -> anyhow::Result<(Arc<FileServer>, Vec<JoinHandle<()>>)> {
     let store = FileStore::open(&opts.data, opts.max_file_bytes)
         .with_context(|| format!("opening file store {}", opts.data.display()))?;
-    let fs = Arc::new(FileServer::new(store, Peer::new(cluster_key), opts.directory, &opts.data));
-    let beat = tokio::spawn(fs.clone().run_heartbeats(opts.url, opts.capacity, cancel.clone()));
+    let fs = Arc::new(FileServer::new(
+        store,
+        Peer::new(cluster_key),
+        opts.directory,
+        &opts.data,
+    ));
+    let beat = tokio::spawn(
+        fs.clone()
+            .run_heartbeats(opts.url, opts.capacity, cancel.clone()),
+    );
     let scrub = tokio::spawn(fs.clone().run_scrub(opts.scrub_interval, cancel.clone()));
     let server = serve(
         listener,
@@ -206,7 +214,12 @@ pub fn start_repair(
     cfg: RepairConfig,
     cancel: CancellationToken,
 ) -> JoinHandle<()> {
-    tokio::spawn(crate::directory::repair::run(directory, Peer::new(cluster_key), cfg, cancel))
+    tokio::spawn(crate::directory::repair::run(
+        directory,
+        Peer::new(cluster_key),
+        cfg,
+        cancel,
+    ))
 }
 
 /// Starts directory, lock, auth and N file servers in this process, on loopback.
@@ -233,7 +246,12 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
             .context("opening the directory service")?,
     );
     let (dl, directory_url) = bind(cfg.listen).await.context("directory service")?;
-    tasks.push(start_repair(directory.clone(), &key, cfg.repair.clone(), cancel.clone()));
+    tasks.push(start_repair(
+        directory.clone(),
+        &key,
+        cfg.repair.clone(),
+        cancel.clone(),
+    ));
     tasks.push(serve(
         dl,
         crate::http::finish(

@@ -153,7 +153,13 @@ impl Peer {
     }
 
     /// Asks the server at `from` to push its copy of `(id, hash)` to the server at `to`.
-    pub async fn copy_blob(&self, from: &str, id: NodeId, hash: &common::ContentHash, to: &str) -> ServiceResult<()> {
+    pub async fn copy_blob(
+        &self,
+        from: &str,
+        id: NodeId,
+        hash: &common::ContentHash,
+        to: &str,
+    ) -> ServiceResult<()> {
         let req = self
             .streaming
             .post(format!("{from}{}", routes::copy_to(id, hash)))
@@ -163,11 +169,24 @@ impl Peer {
     }
 
     /// Tells the directory that `server` lost its copy of `(id, hash)`.
-    pub async fn drop_holder(&self, dir: &str, id: NodeId, hash: &common::ContentHash, server: ServerId) -> ServiceResult<()> {
-        let req = common::api::DropHolderRequest { server, hash: hash.clone() };
-        self.post::<_, serde_json::Value>(format!("{dir}{}", routes::drop_holder(id)), &req, "drop holder")
-            .await
-            .map(drop)
+    pub async fn drop_holder(
+        &self,
+        dir: &str,
+        id: NodeId,
+        hash: &common::ContentHash,
+        server: ServerId,
+    ) -> ServiceResult<()> {
+        let req = common::api::DropHolderRequest {
+            server,
+            hash: hash.clone(),
+        };
+        self.post::<_, serde_json::Value>(
+            format!("{dir}{}", routes::drop_holder(id)),
+            &req,
+            "drop holder",
+        )
+        .await
+        .map(drop)
     }
 
     /// A short POST with the cluster key and no interesting answer.

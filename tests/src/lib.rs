@@ -434,12 +434,9 @@ impl SplitCluster {
             .arg("--cluster-key-file")
             .arg(&key);
         if kind == "directory" {
-            cmd.arg("--listen").arg(format!("127.0.0.1:{}", self.dir_port)).args([
-                "--heartbeat-ms",
-                "300",
-                "--repair-interval-ms",
-                "200",
-            ]);
+            cmd.arg("--listen")
+                .arg(format!("127.0.0.1:{}", self.dir_port))
+                .args(["--heartbeat-ms", "300", "--repair-interval-ms", "200"]);
         } else {
             cmd.arg("--directory").arg(&self.url);
         }
@@ -522,8 +519,15 @@ impl SplitCluster {
     /// Metadata of `/name` (root entry) as the directory has it, read with the cluster key.
     pub fn meta_of(&self, name: &str) -> serde_json::Value {
         let key = std::fs::read_to_string(self.root.path().join("cluster.key")).unwrap();
-        let url = format!("{}{}", self.url, common::routes::child(common::NodeId::ROOT, name));
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let url = format!(
+            "{}{}",
+            self.url,
+            common::routes::child(common::NodeId::ROOT, name)
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             reqwest::Client::new()
                 .get(url)

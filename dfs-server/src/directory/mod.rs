@@ -126,7 +126,7 @@ impl DirectoryService {
                     holders: vec![],
                     symlink_target: None,
                     fence: FenceToken(0),
-                    last_upload: None,
+                    recent_uploads: vec![],
                 },
             )?;
             tx.open_table(META)?.insert(NEXT_ID, NodeId::ROOT.0 + 1)?;
@@ -287,7 +287,7 @@ impl DirectoryService {
             holders,
             symlink_target: target,
             fence: FenceToken(0),
-            last_upload: None,
+            recent_uploads: vec![],
         };
         put_node(&tx, &meta)?;
         tx.open_table(CHILDREN)?
@@ -417,7 +417,7 @@ impl DirectoryService {
         if meta.kind != FileKind::File {
             return Err(ServiceError::IsDir(format!("node {id}")));
         }
-        if meta.last_upload.as_ref() == Some(&req.upload_id) {
+        if meta.recent_uploads.contains(&req.upload_id) {
             return Ok(meta);
         }
         if req.fence < meta.fence {
@@ -428,7 +428,10 @@ impl DirectoryService {
         meta.size = req.size;
         meta.hash = req.hash.clone();
         meta.fence = req.fence;
-        meta.last_upload = Some(req.upload_id.clone());
+        meta.recent_uploads.push(req.upload_id.clone());
+        if meta.recent_uploads.len() > common::meta::RECENT_UPLOADS {
+            meta.recent_uploads.remove(0);
+        }
         meta.holders = req.holders.clone();
         meta.mtime_ns = now;
         meta.ctime_ns = now;
@@ -489,7 +492,12 @@ impl DirectoryService {
 
     /// Records that `server` now holds the current version; it joins the placement if it was
     /// not a member, replacing dead members that hold nothing current.
-    pub fn add_holder(&self, id: NodeId, hash: &ContentHash, server: ServerId) -> ServiceResult<()> {
+    pub fn add_holder(
+        &self,
+        id: NodeId,
+        hash: &ContentHash,
+        server: ServerId,
+    ) -> ServiceResult<()> {
         let live = self.registry.live();
         let replication = usize::try_from(self.config.replication).unwrap_or(usize::MAX);
         self.update_if_current(id, hash, |m| {
@@ -501,7 +509,11 @@ impl DirectoryService {
             }
             while 1 + m.replicas.len() > replication {
                 let holders = m.holders.clone();
-                let Some(pos) = m.replicas.iter().position(|r| !live.contains(r) && !holders.contains(r)) else {
+                let Some(pos) = m
+                    .replicas
+                    .iter()
+                    .position(|r| !live.contains(r) && !holders.contains(r))
+                else {
                     break;
                 };
                 m.replicas.remove(pos);
@@ -510,7 +522,12 @@ impl DirectoryService {
     }
 
     /// Records that `server` no longer holds `hash` of `id` (a scrub found it corrupt).
-    pub fn drop_holder(&self, id: NodeId, hash: &ContentHash, server: ServerId) -> ServiceResult<()> {
+    pub fn drop_holder(
+        &self,
+        id: NodeId,
+        hash: &ContentHash,
+        server: ServerId,
+    ) -> ServiceResult<()> {
         self.update_if_current(id, hash, |m| m.holders.retain(|h| *h != server))
     }
 

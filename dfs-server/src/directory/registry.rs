@@ -187,7 +187,11 @@ impl Registry {
 
     /// The URL of server `id`.
     pub fn url(&self, id: ServerId) -> Option<String> {
-        self.inner().ok()?.servers.get(&id).map(|e| e.rec.url.clone())
+        self.inner()
+            .ok()?
+            .servers
+            .get(&id)
+            .map(|e| e.rec.url.clone())
     }
 
     /// Lock and auth URLs.

@@ -39,7 +39,12 @@ pub fn plan(meta: &NodeMeta, live: &[ServerId], replication: u32) -> Repair {
     if meta.kind != FileKind::File || live.is_empty() {
         return Repair::None;
     }
-    let live_holders: Vec<ServerId> = meta.holders.iter().copied().filter(|h| live.contains(h)).collect();
+    let live_holders: Vec<ServerId> = meta
+        .holders
+        .iter()
+        .copied()
+        .filter(|h| live.contains(h))
+        .collect();
     let primary_live = meta.primary.is_some_and(|p| live.contains(&p));
     if !primary_live {
         return match live_holders.first() {
@@ -47,18 +52,28 @@ pub fn plan(meta: &NodeMeta, live: &[ServerId], replication: u32) -> Repair {
             None => Repair::Unavailable,
         };
     }
-    let want = usize::try_from(replication).unwrap_or(usize::MAX).min(live.len());
+    let want = usize::try_from(replication)
+        .unwrap_or(usize::MAX)
+        .min(live.len());
     if live_holders.len() >= want {
         return Repair::None;
     }
-    let Some(from) = meta.primary.filter(|p| live_holders.contains(p)).or(live_holders.first().copied()) else {
+    let Some(from) = meta
+        .primary
+        .filter(|p| live_holders.contains(p))
+        .or(live_holders.first().copied())
+    else {
         return Repair::Unavailable;
     };
     let members = meta.primary.iter().chain(meta.replicas.iter());
     let target = members
         .copied()
         .find(|m| live.contains(m) && !meta.holders.contains(m))
-        .or_else(|| live.iter().copied().find(|s| !meta.holders.contains(s) && Some(*s) != meta.primary && !meta.replicas.contains(s)));
+        .or_else(|| {
+            live.iter().copied().find(|s| {
+                !meta.holders.contains(s) && Some(*s) != meta.primary && !meta.replicas.contains(s)
+            })
+        });
     match target {
         Some(to) => Repair::Copy { from, to },
         None => Repair::None,
@@ -76,7 +91,10 @@ pub struct RepairConfig {
 
 impl Default for RepairConfig {
     fn default() -> Self {
-        RepairConfig { interval: Duration::from_secs(2), max_copies_per_pass: 8 }
+        RepairConfig {
+            interval: Duration::from_secs(2),
+            max_copies_per_pass: 8,
+        }
     }
 }
 
@@ -115,7 +133,9 @@ pub async fn pass(svc: &Arc<DirectoryService>, peer: &Peer, cfg: &RepairConfig) 
                 if ok {
                     match svc.add_holder(meta.id, &meta.hash, to) {
                         Ok(()) => tracing::info!(node = %meta.id, %from, %to, "re-replicated"),
-                        Err(e) => tracing::warn!(node = %meta.id, error = %e, "recording a copy failed"),
+                        Err(e) => {
+                            tracing::warn!(node = %meta.id, error = %e, "recording a copy failed")
+                        }
                     }
                 }
             }
@@ -124,11 +144,20 @@ pub async fn pass(svc: &Arc<DirectoryService>, peer: &Peer, cfg: &RepairConfig) 
     (promoted, copied)
 }
 
-async fn copy(svc: &DirectoryService, peer: &Peer, meta: &NodeMeta, from: ServerId, to: ServerId) -> bool {
+async fn copy(
+    svc: &DirectoryService,
+    peer: &Peer,
+    meta: &NodeMeta,
+    from: ServerId,
+    to: ServerId,
+) -> bool {
     let (Some(from_url), Some(to_url)) = (svc.registry.url(from), svc.registry.url(to)) else {
         return false;
     };
-    match peer.copy_blob(&from_url, meta.id, &meta.hash, &to_url).await {
+    match peer
+        .copy_blob(&from_url, meta.id, &meta.hash, &to_url)
+        .await
+    {
         Ok(()) => true,
         Err(e) => {
             tracing::warn!(node = %meta.id, %from, %to, error = %e, "re-replication copy failed");
@@ -138,7 +167,12 @@ async fn copy(svc: &DirectoryService, peer: &Peer, meta: &NodeMeta, from: Server
 }
 
 /// Runs passes every `cfg.interval` until `cancel`.
-pub async fn run(svc: Arc<DirectoryService>, peer: Peer, cfg: RepairConfig, cancel: CancellationToken) {
+pub async fn run(
+    svc: Arc<DirectoryService>,
+    peer: Peer,
+    cfg: RepairConfig,
+    cancel: CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -170,7 +204,7 @@ mod tests {
             holders: holders.iter().copied().map(ServerId).collect(),
             symlink_target: None,
             fence: FenceToken(1),
-            last_upload: None,
+            recent_uploads: vec![],
         }
     }
 
@@ -181,23 +215,41 @@ mod tests {
     #[test]
     fn dead_primary_fails_over_to_a_live_holder_only() {
         // Server 2 missed the last version (not a holder): never promoted.
-        assert_eq!(plan(&meta(1, &[2, 3], &[1, 3]), &ids(&[2, 3]), 3), Repair::Promote(ServerId(3)));
-        assert_eq!(plan(&meta(1, &[2, 3], &[1]), &ids(&[2, 3]), 3), Repair::Unavailable);
+        assert_eq!(
+            plan(&meta(1, &[2, 3], &[1, 3]), &ids(&[2, 3]), 3),
+            Repair::Promote(ServerId(3))
+        );
+        assert_eq!(
+            plan(&meta(1, &[2, 3], &[1]), &ids(&[2, 3]), 3),
+            Repair::Unavailable
+        );
     }
 
     #[test]
     fn missing_copies_go_first_to_members_that_missed_versions() {
         assert_eq!(
             plan(&meta(1, &[2, 3], &[1, 2]), &ids(&[1, 2, 3]), 3),
-            Repair::Copy { from: ServerId(1), to: ServerId(3) }
+            Repair::Copy {
+                from: ServerId(1),
+                to: ServerId(3)
+            }
         );
         // Member 3 is dead: a new server (4) gets the copy.
         assert_eq!(
             plan(&meta(1, &[2, 3], &[1, 2]), &ids(&[1, 2, 4]), 3),
-            Repair::Copy { from: ServerId(1), to: ServerId(4) }
+            Repair::Copy {
+                from: ServerId(1),
+                to: ServerId(4)
+            }
         );
         // Enough live copies for the live server count: nothing to do.
-        assert_eq!(plan(&meta(1, &[2, 3], &[1, 2]), &ids(&[1, 2]), 3), Repair::None);
-        assert_eq!(plan(&meta(1, &[2, 3], &[1, 2, 3]), &ids(&[1, 2, 3]), 3), Repair::None);
+        assert_eq!(
+            plan(&meta(1, &[2, 3], &[1, 2]), &ids(&[1, 2]), 3),
+            Repair::None
+        );
+        assert_eq!(
+            plan(&meta(1, &[2, 3], &[1, 2, 3]), &ids(&[1, 2, 3]), 3),
+            Repair::None
+        );
     }
 }

@@ -182,12 +182,22 @@ impl FileStore {
     /// Every stored blob as (node, hash, path).
     pub fn blobs(&self) -> Vec<(NodeId, ContentHash, PathBuf)> {
         let mut out = Vec::new();
-        let Ok(dirs) = std::fs::read_dir(self.root.join("blobs")) else { return out };
+        let Ok(dirs) = std::fs::read_dir(self.root.join("blobs")) else {
+            return out;
+        };
         for d in dirs.flatten() {
-            let Some(node) = d.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) else { continue };
-            let Ok(files) = std::fs::read_dir(d.path()) else { continue };
+            let Some(node) = d.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) else {
+                continue;
+            };
+            let Ok(files) = std::fs::read_dir(d.path()) else {
+                continue;
+            };
             for f in files.flatten() {
-                if let Some(hash) = f.file_name().to_str().and_then(|h| ContentHash::parse(h).ok()) {
+                if let Some(hash) = f
+                    .file_name()
+                    .to_str()
+                    .and_then(|h| ContentHash::parse(h).ok())
+                {
                     out.push((NodeId(node), hash, f.path()));
                 }
             }
@@ -219,20 +229,6 @@ impl FileStore {
             hasher.update(&buf[..n]);
         }
         Ok(&ContentHash::from_digest(&hasher.finalize().into()) == hash)
-    }
-
-    /// Removes every copy of `node` except `keep` (after a newer version committed).
-    pub fn retain(&self, node: NodeId, keep: &ContentHash) -> ServiceResult<()> {
-        let dir = self.node_dir(node);
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            return Ok(());
-        };
-        for e in entries.flatten() {
-            if e.file_name().to_str() != Some(keep.as_str()) {
-                std::fs::remove_file(e.path())?;
-            }
-        }
-        Ok(())
     }
 
     /// Fails if `fence` is older than the newest accepted for `node`.

@@ -32,6 +32,7 @@ pub struct FileServer {
     id_file: PathBuf,
     /// Copies (primary included) that must be durable before a write is acknowledged.
     pub min_copies: usize,
+    node_locks: std::sync::Mutex<std::collections::HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Parameters of one primary write.
@@ -68,6 +69,7 @@ impl FileServer {
             id: AtomicU64::new(previous),
             id_file,
             min_copies: 2,
+            node_locks: Default::default(),
         }
     }
 
@@ -132,6 +134,13 @@ impl FileServer {
         E: std::fmt::Display,
     {
         let node = req.node;
+        // One write per file at a time on this primary, from the fence check to the clean-up:
+        // an older write can then never commit or clean up in the middle of a newer one.
+        let lock = {
+            let mut locks = self.node_locks.lock().unwrap_or_else(|p| p.into_inner());
+            locks.entry(node).or_default().clone()
+        };
+        let _serialised = lock.lock().await;
         let meta = self.peer.node(&self.directory, node).await?;
         if meta.kind != FileKind::File {
             return Err(ServiceError::IsDir(format!("node {node}")));
@@ -144,7 +153,7 @@ impl FileServer {
                 "this server ({me}) is not the primary of node {node}; ask the directory"
             )));
         }
-        if meta.last_upload.as_ref() == Some(&req.upload_id) {
+        if meta.recent_uploads.contains(&req.upload_id) {
             return Ok(meta);
         }
         self.store.check_fence(node, req.fence)?;
@@ -199,7 +208,7 @@ impl FileServer {
         };
         let committed = self.peer.commit(&self.directory, node, &commit).await?;
         if committed.hash == req.hash {
-            self.retain_everywhere(&holders, node, &req.hash).await;
+            self.drop_superseded(&meta, node, &req.hash).await;
         }
         Ok(committed)
     }
@@ -207,7 +216,9 @@ impl FileServer {
     /// Re-replication: pushes this server's copy of `(node, hash)` to the server at `url`.
     pub async fn copy_to(&self, node: NodeId, hash: &ContentHash, url: &str) -> ServiceResult<()> {
         if !url.starts_with("http://") && !url.starts_with("https://") {
-            return Err(ServiceError::BadRequest("copy target must be an http(s) URL".into()));
+            return Err(ServiceError::BadRequest(
+                "copy target must be an http(s) URL".into(),
+            ));
         }
         self.push(url, node, hash).await
     }
@@ -240,8 +251,19 @@ impl FileServer {
                 }
             };
             if meta.hash != hash {
-                tracing::debug!(%node, %hash, "scrub: dropping a superseded copy");
-                let _ = self.store.remove_blob(node, &hash);
+                // Superseded only if written before the current version was committed; a newer
+                // blob may belong to an upload that is still replicating.
+                let written_ns = std::fs::metadata(&path)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(u64::MAX, |d| {
+                        u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+                    });
+                if written_ns < meta.mtime_ns {
+                    tracing::debug!(%node, %hash, "scrub: dropping a superseded copy");
+                    let _ = self.store.remove_blob(node, &hash);
+                }
                 continue;
             }
             match self.store.verify(node, &hash).await {
@@ -250,7 +272,11 @@ impl FileServer {
                     corrupt += 1;
                     tracing::error!(%node, %hash, "scrub: stored copy is corrupt; dropping it for repair");
                     let _ = self.store.remove_blob(node, &hash);
-                    if let Err(e) = self.peer.drop_holder(&self.directory, node, &hash, me).await {
+                    if let Err(e) = self
+                        .peer
+                        .drop_holder(&self.directory, node, &hash, me)
+                        .await
+                    {
                         tracing::warn!(%node, error = %e, "scrub: reporting the corrupt copy failed");
                     }
                 }
@@ -291,10 +317,15 @@ impl FileServer {
         Ok(())
     }
 
-    /// Best effort: every holder drops older copies of `node`.
-    async fn retain_everywhere(&self, holders: &[ServerId], node: NodeId, hash: &ContentHash) {
-        if let Err(e) = self.store.retain(node, hash) {
-            tracing::warn!(%node, error = %e, "dropping old copies failed");
+    /// Best effort: the servers that held the superseded version `old` of `node` drop it.
+    /// Only that exact version is dropped, never "everything but the new one", so a newer
+    /// version can never be deleted by an older write's clean-up.
+    async fn drop_superseded(&self, old: &NodeMeta, node: NodeId, new: &ContentHash) {
+        if &old.hash == new || old.hash.as_str() == ContentHash::EMPTY_HEX {
+            return;
+        }
+        if let Err(e) = self.store.remove_blob(node, &old.hash) {
+            tracing::warn!(%node, error = %e, "dropping the old copy failed");
         }
         let Ok(cluster) = self.peer.cluster(&self.directory).await else {
             return;
@@ -302,11 +333,11 @@ impl FileServer {
         for s in cluster
             .servers
             .iter()
-            .filter(|s| holders.contains(&s.id) && Some(s.id) != self.id())
+            .filter(|s| old.holders.contains(&s.id) && Some(s.id) != self.id())
         {
-            let url = format!("{}{}", s.url, routes::retain(node, hash));
-            if let Err(e) = self.peer.post_empty(url, "retain").await {
-                tracing::debug!(server = %s.id, error = %e, "retain failed");
+            let url = format!("{}{}", s.url, routes::drop_blob(node, &old.hash));
+            if let Err(e) = self.peer.post_empty(url, "drop").await {
+                tracing::debug!(server = %s.id, error = %e, "dropping the old copy failed; the scrub will");
             }
         }
     }

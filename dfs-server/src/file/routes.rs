@@ -22,7 +22,7 @@ pub fn router(fs: Arc<FileServer>) -> Router {
         .route(routes::FILE_WRITE, put(write))
         .route(routes::FILE_READ, get(read))
         .route(routes::REPLICA_PUT, put(replica_put))
-        .route(routes::RETAIN, post(retain))
+        .route(routes::DROP_BLOB, post(drop_blob))
         .route(routes::COPY_TO, post(copy_to))
         .route(routes::FILE_STATS, get(stats))
         .with_state(fs)
@@ -104,13 +104,13 @@ async fn replica_put(
     Ok(Json(serde_json::json!({ "size": size })))
 }
 
-async fn retain(
+async fn drop_blob(
     axum::extract::State(fs): State,
     _c: ClusterOnly,
     ApiPath((id, hash)): ApiPath<(u64, String)>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let hash = parse_hash(&hash)?;
-    fs.store.retain(NodeId(id), &hash)?;
+    fs.store.remove_blob(NodeId(id), &hash)?;
     Ok(Json(serde_json::json!({})))
 }
 
