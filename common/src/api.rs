@@ -175,6 +175,9 @@ pub struct Grant {
     pub fence: FenceToken,
     /// The lease: renew before this many milliseconds pass, or lose the lock.
     pub lease_ms: u64,
+    /// The lock service's signature of (node, fence); the primary refuses unsigned fences.
+    #[serde(default)]
+    pub signature: String,
 }
 
 /// Answer to an acquire.

@@ -9,6 +9,8 @@ pub const HEALTH: &str = "/health";
 pub const CLUSTER_KEY_HEADER: &str = "x-dfs-cluster-key";
 /// Header carrying the writer's fencing token on an upload.
 pub const FENCE_HEADER: &str = "x-dfs-fence";
+/// Header carrying the lock service's signature of the fencing token.
+pub const FENCE_SIG_HEADER: &str = "x-dfs-fence-sig";
 /// Header carrying the SHA-256 (hex) the body must have.
 pub const HASH_HEADER: &str = "x-dfs-hash";
 /// Header carrying the idempotency key of an upload.

@@ -867,7 +867,7 @@ impl DfsFs {
                     &self.cache.path(node),
                     &pending.hash,
                     pending.size,
-                    grant.fence,
+                    &grant,
                     &pending.upload_id,
                 )
                 .await

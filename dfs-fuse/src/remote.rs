@@ -650,7 +650,7 @@ impl Remote {
         path: &Path,
         hash: &ContentHash,
         size: u64,
-        fence: common::FenceToken,
+        grant: &Grant,
         upload_id: &UploadId,
     ) -> Result<NodeMeta, RemoteError> {
         let primary = meta.primary.ok_or_else(|| RemoteError::Api {
@@ -668,7 +668,8 @@ impl Remote {
             .stream
             .put(format!("{base}{}", routes::file_write(meta.id)))
             .bearer_auth(token)
-            .header(routes::FENCE_HEADER, fence.0.to_string())
+            .header(routes::FENCE_HEADER, grant.fence.0.to_string())
+            .header(routes::FENCE_SIG_HEADER, &grant.signature)
             .header(routes::HASH_HEADER, hash.as_str())
             .header(routes::UPLOAD_ID_HEADER, upload_id.as_str())
             .header(reqwest::header::CONTENT_LENGTH, size)

@@ -231,7 +231,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     ..LockConfig::default()
                 };
                 let svc = Arc::new(
-                    LockService::open(&a.common.data, cfg).context("opening the lock service")?,
+                    LockService::open(&a.common.data, cfg, &key)
+                        .context("opening the lock service")?,
                 );
                 let (l, url) = cluster::bind(a.listen).await?;
                 let url = a.advertise.unwrap_or(url);

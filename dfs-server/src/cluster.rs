@@ -81,6 +81,8 @@ pub struct ClusterHandle {
     pub file_urls: Vec<String>,
     /// The auth service (for `dfs up` to create its default user in-process).
     pub auth: Arc<AuthService>,
+    /// The cluster key (for in-process tests that act as a service).
+    pub cluster_key: String,
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -189,6 +191,7 @@ pub fn start_file_server(
     let store = FileStore::open(&opts.data, opts.max_file_bytes)
         .with_context(|| format!("opening file store {}", opts.data.display()))?;
     let fs = Arc::new(FileServer::new(
+        cluster_key,
         store,
         Peer::new(cluster_key),
         opts.directory,
@@ -270,7 +273,7 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
     ));
 
     let lock = Arc::new(
-        LockService::open(&cfg.data.join("lock"), cfg.lock.clone())
+        LockService::open(&cfg.data.join("lock"), cfg.lock.clone(), &key)
             .context("opening the lock service")?,
     );
     let (ll, lock_url) = bind(loopback).await.context("lock service")?;
@@ -330,6 +333,7 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
         auth_url,
         file_urls,
         auth,
+        cluster_key: key,
         cancel,
         tasks,
     })

@@ -182,6 +182,14 @@ impl Harness {
             .put(format!("{primary}{}", routes::file_write(meta.id)))
             .bearer_auth(&self.token)
             .header(routes::FENCE_HEADER, fence.to_string())
+            .header(
+                routes::FENCE_SIG_HEADER,
+                dfs_server::lock::sign_fence(
+                    &self.cluster.cluster_key,
+                    meta.id,
+                    common::FenceToken(fence),
+                ),
+            )
             .header(routes::HASH_HEADER, hash_of(data).as_str())
             .header(
                 routes::UPLOAD_ID_HEADER,
@@ -565,6 +573,10 @@ async fn bad_input_gets_json_errors_and_changes_nothing() {
         .put(format!("{primary}{}", routes::file_write(f.id)))
         .bearer_auth(&h.token)
         .header(routes::FENCE_HEADER, "5")
+        .header(
+            routes::FENCE_SIG_HEADER,
+            dfs_server::lock::sign_fence(&h.cluster.cluster_key, f.id, common::FenceToken(5)),
+        )
         .header(routes::HASH_HEADER, hash_of(b"declared").as_str())
         .header(
             routes::UPLOAD_ID_HEADER,
@@ -623,5 +635,41 @@ async fn retried_upload_is_applied_once() {
     let a: NodeMeta = h.write(&f, b"payload", 3, 5).await.json().await.unwrap();
     let b: NodeMeta = h.write(&f, b"payload", 3, 5).await.json().await.unwrap();
     assert_eq!((a.version, b.version), (1, 1));
+    h.cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_fence_the_lock_service_did_not_sign_is_refused() {
+    let h = Harness::new(|_| {}).await;
+    let f = h.create(NodeId::ROOT, "guarded", FileKind::File).await;
+    let primary = h.server_url(f.primary.unwrap()).await;
+    for sig in [
+        "",
+        "00",
+        &dfs_server::lock::sign_fence("wrong key", f.id, common::FenceToken(u64::MAX)),
+    ] {
+        let r = h
+            .http
+            .put(format!("{primary}{}", routes::file_write(f.id)))
+            .bearer_auth(&h.token)
+            .header(routes::FENCE_HEADER, u64::MAX.to_string())
+            .header(routes::FENCE_SIG_HEADER, sig)
+            .header(routes::HASH_HEADER, hash_of(b"x").as_str())
+            .header(
+                routes::UPLOAD_ID_HEADER,
+                UploadId::from_bytes([1; 16]).as_str(),
+            )
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            error_code(r).await,
+            (403, ErrorCode::Forbidden),
+            "signature {sig:?}"
+        );
+    }
+    // The file stays writable by a real lock holder.
+    assert!(h.write(&f, b"ok", 1, 2).await.status().is_success());
     h.cluster.shutdown().await;
 }

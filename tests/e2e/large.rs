@@ -37,6 +37,11 @@ fn one_gib_upload_with_bounded_server_memory() {
     }
     let hash = common::ContentHash::from_digest(&hasher.finalize().into());
     let before = vm_hwm_kib(cluster.pid());
+    // The test acts as the lock service: it signs its own fencing token with the cluster key.
+    let key = std::fs::read_to_string(cluster.data.join("cluster.key"))
+        .unwrap()
+        .trim()
+        .to_owned();
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -79,6 +84,10 @@ fn one_gib_upload_with_bounded_server_memory() {
             .put(format!("{primary}{}", common::routes::file_write(meta.id)))
             .bearer_auth(&token)
             .header(common::routes::FENCE_HEADER, "1")
+            .header(
+                common::routes::FENCE_SIG_HEADER,
+                dfs_server::lock::sign_fence(&key, meta.id, common::FenceToken(1)),
+            )
             .header(common::routes::HASH_HEADER, hash.as_str())
             .header(
                 common::routes::UPLOAD_ID_HEADER,

@@ -24,6 +24,7 @@ use crate::peer::{Peer, error_from_response};
 
 /// One file server.
 pub struct FileServer {
+    fence_key: String,
     /// Its blobs.
     pub store: FileStore,
     peer: Peer,
@@ -43,6 +44,8 @@ pub struct WriteRequest {
     pub hash: ContentHash,
     /// The writer's fencing token.
     pub fence: FenceToken,
+    /// The lock service's signature of `fence` for this node.
+    pub fence_sig: String,
     /// Idempotency key.
     pub upload_id: UploadId,
     /// Who writes.
@@ -52,6 +55,7 @@ pub struct WriteRequest {
 impl FileServer {
     /// A file server storing under `data_dir` and registering with `directory`.
     pub fn new(
+        fence_key: &str,
         store: FileStore,
         peer: Peer,
         directory: String,
@@ -63,6 +67,7 @@ impl FileServer {
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0);
         FileServer {
+            fence_key: fence_key.to_owned(),
             store,
             peer,
             directory,
@@ -140,6 +145,12 @@ impl FileServer {
             let mut locks = self.node_locks.lock().unwrap_or_else(|p| p.into_inner());
             locks.entry(node).or_default().clone()
         };
+        if !crate::lock::verify_fence(&self.fence_key, node, req.fence, &req.fence_sig) {
+            return Err(ServiceError::Forbidden(format!(
+                "fencing token {} for node {node} was not issued by the lock service",
+                req.fence
+            )));
+        }
         let _serialised = lock.lock().await;
         let meta = self.peer.node(&self.directory, node).await?;
         if meta.kind != FileKind::File {

@@ -59,6 +59,7 @@ async fn write(
         node: NodeId(id),
         hash: parse_hash(header_str(&headers, routes::HASH_HEADER)?)?,
         fence: FenceToken(fence),
+        fence_sig: header_str(&headers, routes::FENCE_SIG_HEADER)?.to_owned(),
         upload_id: UploadId::parse(header_str(&headers, routes::UPLOAD_ID_HEADER)?)
             .map_err(|e| AppError(ServiceError::BadRequest(e.to_string())))?,
         writer: who.name().to_owned(),

@@ -117,6 +117,7 @@ impl Fences {
 /// The lock table. All state but the fence counter is in memory: after a restart no lock is
 /// held, and every old holder's token is below every new one.
 pub struct LockService {
+    fence_key: String,
     locks: Mutex<HashMap<NodeId, FileLock>>,
     fences: Mutex<Fences>,
     config: LockConfig,
@@ -124,7 +125,9 @@ pub struct LockService {
 
 impl LockService {
     /// Opens the fence counter under `data_dir`.
-    pub fn open(data_dir: &Path, config: LockConfig) -> ServiceResult<Self> {
+    /// Grants are signed with `fence_key` (the cluster key), so file servers accept only
+    /// fencing tokens this service issued.
+    pub fn open(data_dir: &Path, config: LockConfig, fence_key: &str) -> ServiceResult<Self> {
         std::fs::create_dir_all(data_dir)?;
         let db = Database::create(data_dir.join("lock.redb"))?;
         let reserved = {
@@ -145,6 +148,7 @@ impl LockService {
                 reserved_upto: reserved,
             }),
             config,
+            fence_key: fence_key.to_owned(),
         })
     }
 
@@ -159,10 +163,11 @@ impl LockService {
             .map_err(|_| ServiceError::internal("lock table", "poisoned"))
     }
 
-    fn grant(&self, fence: FenceToken) -> Grant {
+    fn grant(&self, node: NodeId, fence: FenceToken) -> Grant {
         Grant {
             fence,
             lease_ms: u64::try_from(self.config.lease.as_millis()).unwrap_or(u64::MAX),
+            signature: sign_fence(&self.fence_key, node, fence),
         }
     }
 
@@ -185,7 +190,7 @@ impl LockService {
             && &h.waiter == waiter
         {
             return Ok((
-                AcquireResponse::Granted(self.grant(h.fence)),
+                AcquireResponse::Granted(self.grant(node, h.fence)),
                 lock.notify.clone(),
                 None,
             ));
@@ -218,7 +223,7 @@ impl LockService {
             });
             tracing::debug!(%node, %fence, user, "lock granted");
             return Ok((
-                AcquireResponse::Granted(self.grant(fence)),
+                AcquireResponse::Granted(self.grant(node, fence)),
                 lock.notify.clone(),
                 None,
             ));
@@ -284,7 +289,7 @@ impl LockService {
             Some(h) if &h.waiter == waiter => {
                 h.lease_until = now + self.config.lease;
                 let fence = h.fence;
-                Ok(self.grant(fence))
+                Ok(self.grant(node, fence))
             }
             _ => Err(ServiceError::NotHolder(format!(
                 "lock on {node} is not held by this waiter (lease expired?)"
@@ -331,6 +336,33 @@ impl LockService {
     }
 }
 
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+fn fence_mac(key: &str, node: NodeId, fence: FenceToken) -> HmacSha256 {
+    use hmac::{KeyInit, Mac};
+    // HMAC accepts keys of any length, so this cannot fail.
+    let mut mac = <HmacSha256 as KeyInit>::new_from_slice(key.as_bytes())
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    mac.update(format!("dfs-fence:{node}:{fence}").as_bytes());
+    mac
+}
+
+/// HMAC-SHA256 (hex) of a grant, keyed with the cluster key: proof that the lock service
+/// issued `fence` for `node`.
+pub fn sign_fence(key: &str, node: NodeId, fence: FenceToken) -> String {
+    use hmac::Mac;
+    hex::encode(fence_mac(key, node, fence).finalize().into_bytes())
+}
+
+/// Checks a grant signature in constant time.
+pub fn verify_fence(key: &str, node: NodeId, fence: FenceToken, signature: &str) -> bool {
+    use hmac::Mac;
+    let Ok(sig) = hex::decode(signature) else {
+        return false;
+    };
+    fence_mac(key, node, fence).verify_slice(&sig).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,7 +376,7 @@ mod tests {
             lease: Duration::from_millis(lease_ms),
             max_wait: Duration::from_secs(5),
         };
-        Arc::new(LockService::open(dir, config).expect("open"))
+        Arc::new(LockService::open(dir, config, "test-key").expect("open"))
     }
 
     fn fence(r: &AcquireResponse) -> FenceToken {
@@ -437,6 +469,16 @@ mod tests {
                 .expect("acquire"),
         );
         assert!(after > before, "{after} must exceed {before}");
+    }
+
+    #[test]
+    fn fence_signatures_bind_node_fence_and_key() {
+        let sig = sign_fence("k", NodeId(3), FenceToken(9));
+        assert!(verify_fence("k", NodeId(3), FenceToken(9), &sig));
+        assert!(!verify_fence("k", NodeId(3), FenceToken(10), &sig));
+        assert!(!verify_fence("k", NodeId(4), FenceToken(9), &sig));
+        assert!(!verify_fence("other", NodeId(3), FenceToken(9), &sig));
+        assert!(!verify_fence("k", NodeId(3), FenceToken(9), "zz"));
     }
 
     #[tokio::test]
