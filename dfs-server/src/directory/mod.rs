@@ -54,6 +54,7 @@ pub struct DirectoryService {
     /// File servers, liveness and lock/auth URLs.
     pub registry: Registry,
     config: DirectoryConfig,
+    counts: std::sync::Mutex<std::collections::HashMap<ServerId, (u64, u64)>>,
 }
 
 fn get_node(tx: &WriteTransaction, id: NodeId) -> ServiceResult<NodeMeta> {
@@ -133,11 +134,14 @@ impl DirectoryService {
         }
         let registry = Registry::open(&tx, config.heartbeat * config.missed_beats)?;
         tx.commit()?;
-        Ok(DirectoryService {
+        let svc = DirectoryService {
             db,
             registry,
             config,
-        })
+            counts: Default::default(),
+        };
+        svc.set_counts(&svc.files()?);
+        Ok(svc)
     }
 
     /// The configured replication factor.
@@ -549,24 +553,26 @@ impl DirectoryService {
         })
     }
 
-    /// Per-server counts of primaries and replicas (for status).
-    pub fn placement_counts(
-        &self,
-    ) -> ServiceResult<std::collections::HashMap<common::ServerId, (u64, u64)>> {
-        let tx = self.db.begin_read()?;
-        let nodes = tx.open_table(NODES)?;
+    /// Per-server (primaries, replicas) counts, as of the last repair pass (computing them
+    /// scans every node, so requests never do it).
+    pub fn placement_counts(&self) -> std::collections::HashMap<ServerId, (u64, u64)> {
+        self.counts.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// Recomputes the placement counts from `files`.
+    pub fn set_counts(&self, files: &[NodeMeta]) {
         let mut counts = std::collections::HashMap::new();
-        for row in nodes.iter()? {
-            let (_, v) = row?;
-            let m: NodeMeta = decode(v.value())?;
+        for m in files {
             if let Some(p) = m.primary {
                 counts.entry(p).or_insert((0, 0)).0 += 1;
             }
-            for r in m.replicas {
-                counts.entry(r).or_insert((0, 0)).1 += 1;
+            for r in &m.replicas {
+                counts.entry(*r).or_insert((0, 0)).1 += 1;
             }
         }
-        Ok(counts)
+        if let Ok(mut c) = self.counts.lock() {
+            *c = counts;
+        }
     }
 
     /// Registers a file server (persisted) and marks it alive.

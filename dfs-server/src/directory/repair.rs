@@ -112,6 +112,7 @@ pub async fn pass(svc: &Arc<DirectoryService>, peer: &Peer, cfg: &RepairConfig) 
             Err(_) => return (0, 0),
         }
     };
+    svc.set_counts(&files);
     let (mut promoted, mut copied) = (0, 0);
     for meta in files {
         match plan(&meta, &live, svc.replication()) {

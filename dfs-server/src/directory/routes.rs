@@ -40,11 +40,7 @@ fn name(s: &str) -> Result<ValidName, AppError> {
 
 /// Cluster map: public, since a client needs it to find the auth service before logging in.
 async fn cluster(axum::extract::State(svc): State) -> ApiResult<Json<ClusterInfo>> {
-    let counts = blocking({
-        let svc = svc.clone();
-        move || svc.placement_counts()
-    })
-    .await?;
+    let counts = svc.placement_counts();
     let (lock_url, auth_url) = svc.registry.services();
     Ok(Json(ClusterInfo {
         lock_url,
