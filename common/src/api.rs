@@ -157,6 +157,9 @@ pub struct ClusterInfo {
     pub servers: Vec<ServerStatus>,
     /// Configured replication factor (copies per file).
     pub replication: u32,
+    /// The cluster's identity: node ids are only meaningful within one cluster.
+    #[serde(default)]
+    pub cluster_id: String,
 }
 
 /// `POST /v1/locks/{id}/acquire`.

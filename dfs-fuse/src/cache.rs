@@ -77,6 +77,24 @@ impl CacheDir {
         })
     }
 
+    /// Binds the cache to the cluster `id` on first use; fails if it belongs to another one.
+    pub fn claim(&self, id: &str) -> Result<(), CacheError> {
+        let path = self.root.join("cluster_id");
+        match std::fs::read_to_string(&path) {
+            Ok(existing) if existing.trim() == id || id.is_empty() => Ok(()),
+            Ok(existing) => Err(CacheError::Index(format!(
+                "{} holds files of another cluster ({}), not of this one ({id}); use another --cache-dir",
+                self.root.display(),
+                existing.trim()
+            ))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::write(&path, id)?;
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Where the copy of `node` lives.
     pub fn path(&self, node: NodeId) -> PathBuf {
         self.root.join("files").join(node.0.to_string())
@@ -156,6 +174,18 @@ impl CacheDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn regression_a_cache_of_another_cluster_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = CacheDir::open(dir.path()).expect("open");
+        c.claim("aaaa").expect("first claim binds");
+        c.claim("aaaa").expect("same cluster");
+        assert!(
+            c.claim("bbbb").is_err(),
+            "node ids of another cluster must never meet this cache"
+        );
+    }
 
     #[test]
     fn index_survives_reopen_and_lists_pending() {

@@ -90,13 +90,18 @@ pub struct CacheArgs {
 
 impl CacheArgs {
     /// Mount options for `server` at `mountpoint`.
-    pub fn options(&self, server: &str, mountpoint: PathBuf) -> anyhow::Result<MountOptions> {
+    pub fn options(
+        &self,
+        server: &str,
+        mountpoint: PathBuf,
+        cluster_id: &str,
+    ) -> anyhow::Result<MountOptions> {
         Ok(MountOptions {
             mountpoint,
             server: server.to_owned(),
             cache_dir: match &self.cache_dir {
                 Some(d) => d.clone(),
-                None => session::default_cache_dir(server)?,
+                None => session::default_cache_dir(server, cluster_id)?,
             },
             fs: FsConfig {
                 close_timeout: Duration::from_secs(self.close_timeout_secs),
@@ -104,6 +109,7 @@ impl CacheArgs {
             },
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),
             passthrough: !self.no_passthrough,
+            cluster_id: cluster_id.to_owned(),
         })
     }
 }
@@ -221,7 +227,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 let server = a.server.server.trim_end_matches('/').to_owned();
                 session::preflight(&a.mountpoint)?;
                 let remote = session::connect(&server, &CredStore::default_location()?).await?;
-                let opts = a.cache.options(&server, a.mountpoint)?;
+                let cluster_id = remote.cluster(false).await?.cluster_id;
+                let opts = a.cache.options(&server, a.mountpoint, &cluster_id)?;
                 session::run_mount(remote, opts).await
             }
             Command::Umount(a) => umount(&a),
@@ -314,7 +321,7 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot reach {server}"))?;
     let cache_dir = match a.cache_dir {
         Some(d) => d,
-        None => session::default_cache_dir(&server)?,
+        None => session::default_cache_dir(&server, &cluster.cluster_id)?,
     };
     let client: Option<ClientStatus> = std::fs::read(cache_dir.join("status.json"))
         .ok()

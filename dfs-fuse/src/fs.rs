@@ -164,8 +164,15 @@ fn kind_of(k: FileKind) -> FileType {
 
 impl DfsFs {
     /// A core over `remote`, caching under `cache_root`.
-    pub fn new(remote: Remote, cache_root: &std::path::Path, config: FsConfig) -> FsResult<Self> {
+    /// Refuses a cache that belongs to another cluster (its node ids mean other files there).
+    pub fn new(
+        remote: Remote,
+        cache_root: &std::path::Path,
+        config: FsConfig,
+        cluster_id: &str,
+    ) -> FsResult<Self> {
         let cache = CacheDir::open(cache_root)?;
+        cache.claim(cluster_id)?;
         let meta = std::fs::metadata(cache_root)?;
         Ok(DfsFs {
             remote,

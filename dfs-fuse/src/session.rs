@@ -29,6 +29,8 @@ pub struct MountOptions {
     pub drain_timeout: Duration,
     /// Use kernel FUSE passthrough for open files (falls back if the kernel refuses).
     pub passthrough: bool,
+    /// The cluster's identity (the cache must belong to it).
+    pub cluster_id: String,
 }
 
 /// File in the cache directory holding the pid of the process that mounts it.
@@ -48,8 +50,9 @@ pub fn mounted_cache_dir(mountpoint: &Path) -> Option<PathBuf> {
     Some(PathBuf::from(dir))
 }
 
-/// The default cache directory for `server`: `dirs::cache_dir()/dfs/<server>`.
-pub fn default_cache_dir(server: &str) -> anyhow::Result<PathBuf> {
+/// The default cache directory for `server`: `dirs::cache_dir()/dfs/<server>/<cluster id>`
+/// (a recreated cluster reuses node ids, so its files must never meet another's cache).
+pub fn default_cache_dir(server: &str, cluster_id: &str) -> anyhow::Result<PathBuf> {
     let base = dirs::cache_dir().context("no cache directory (set HOME or XDG_CACHE_HOME)")?;
     let key: String = server
         .trim_start_matches("http://")
@@ -63,7 +66,16 @@ pub fn default_cache_dir(server: &str) -> anyhow::Result<PathBuf> {
             }
         })
         .collect();
-    Ok(base.join("dfs").join(key))
+    let cluster: String = cluster_id
+        .chars()
+        .filter(|c| c.is_ascii_hexdigit())
+        .collect();
+    let dir = base.join("dfs").join(key);
+    Ok(if cluster.is_empty() {
+        dir
+    } else {
+        dir.join(cluster)
+    })
 }
 
 /// Whether `path` is a mount point (per /proc/self/mountinfo).
@@ -143,7 +155,7 @@ pub struct Mounted {
 pub fn mount(remote: Remote, opts: &MountOptions) -> anyhow::Result<Mounted> {
     preflight(&opts.mountpoint)?;
     let fs = Arc::new(
-        DfsFs::new(remote, &opts.cache_dir, opts.fs.clone())
+        DfsFs::new(remote, &opts.cache_dir, opts.fs.clone(), &opts.cluster_id)
             .with_context(|| format!("opening the cache {}", opts.cache_dir.display()))?,
     );
     let mut config = Config::default();

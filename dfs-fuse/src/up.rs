@@ -43,7 +43,8 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             }
         let login = remote.login(DEFAULT_USER, &password).await.context("logging in the default user")?;
         creds.put(&server, Some(login))?;
-        let opts = a.cache.options(&server, a.mountpoint.clone())?;
+        let cluster_id = remote.cluster(false).await?.cluster_id;
+        let opts = a.cache.options(&server, a.mountpoint.clone(), &cluster_id)?;
         let m = session::mount(remote, &opts)?;
         if fresh {
             write_hello(&a.mountpoint).await?;

@@ -32,7 +32,7 @@ fn core(c: &ClusterHandle, login: Option<SavedLogin>, cache: &std::path::Path) -
         close_timeout: Duration::from_secs(2),
         retry_interval: Duration::from_millis(100),
     };
-    DfsFs::new(remote, cache, config).unwrap()
+    DfsFs::new(remote, cache, config, "").unwrap()
 }
 
 async fn write_file(fs: &DfsFs, name: &str, data: &[u8]) -> Result<(), FsError> {

@@ -93,14 +93,7 @@ fn shell_tools(mount_flags: &[&str]) {
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not empty"));
     // git works on the mount
     ok(m.sh("git init -q repo && cd repo && echo x > x && git add x && git -c user.email=t@t -c user.name=t commit -qm one && git log --oneline | wc -l"));
-    let cache = client
-        .cache_dir()
-        .join("dfs")
-        .join(cluster.url.trim_start_matches("http://").replace(':', "_"));
-    let status = client.run(
-        &["status", "--json", "--cache-dir", cache.to_str().unwrap()],
-        "",
-    );
+    let status = client.run(&["status", "--json"], "");
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     let want_passthrough = !mount_flags.contains(&"--no-passthrough");
     assert_eq!(

@@ -23,15 +23,8 @@ fn file_servers_stopped_during_close_keep_the_data_and_push_it_later() {
     );
     // The data is kept: readable through the mount, and reported pending.
     assert_eq!(ok(m.sh("cat f.txt")), "v2\n");
-    let cache = a
-        .cache_dir()
-        .join("dfs")
-        .join(cluster.url.trim_start_matches("http://").replace(':', "_"));
     let pending = || {
-        let out = a.run(
-            &["status", "--json", "--cache-dir", cache.to_str().unwrap()],
-            "",
-        );
+        let out = a.run(&["status", "--json"], "");
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         v["client"]["pending_uploads"]
             .as_array()

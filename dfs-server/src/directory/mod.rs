@@ -26,6 +26,7 @@ const NODES: TableDefinition<u64, &[u8]> = TableDefinition::new("nodes");
 const CHILDREN: TableDefinition<(u64, &str), u64> = TableDefinition::new("children");
 const META: TableDefinition<&str, u64> = TableDefinition::new("dir_meta");
 const NEXT_ID: &str = "next_node_id";
+const CLUSTER_ID: &str = "cluster_id";
 
 /// Tunables of the directory.
 #[derive(Debug, Clone)]
@@ -55,6 +56,7 @@ pub struct DirectoryService {
     pub registry: Registry,
     config: DirectoryConfig,
     counts: std::sync::Mutex<std::collections::HashMap<ServerId, (u64, u64)>>,
+    cluster_id: u64,
 }
 
 fn get_node(tx: &WriteTransaction, id: NodeId) -> ServiceResult<NodeMeta> {
@@ -132,6 +134,18 @@ impl DirectoryService {
             )?;
             tx.open_table(META)?.insert(NEXT_ID, NodeId::ROOT.0 + 1)?;
         }
+        let cluster_id = {
+            let mut meta = tx.open_table(META)?;
+            let existing = meta.get(CLUSTER_ID)?.map(|v| v.value());
+            match existing {
+                Some(id) => id,
+                None => {
+                    let id = rand::random::<u64>();
+                    meta.insert(CLUSTER_ID, id)?;
+                    id
+                }
+            }
+        };
         let registry = Registry::open(&tx, config.heartbeat * config.missed_beats)?;
         tx.commit()?;
         let svc = DirectoryService {
@@ -139,9 +153,16 @@ impl DirectoryService {
             registry,
             config,
             counts: Default::default(),
+            cluster_id,
         };
         svc.set_counts(&svc.files()?);
         Ok(svc)
+    }
+
+    /// This cluster's identity (random, made at first start): node ids mean something only
+    /// within one cluster, so clients key their caches by it.
+    pub fn cluster_id(&self) -> String {
+        format!("{:016x}", self.cluster_id)
     }
 
     /// The configured replication factor.

@@ -47,6 +47,7 @@ async fn cluster(axum::extract::State(svc): State) -> ApiResult<Json<ClusterInfo
         auth_url,
         servers: svc.registry.status(&counts),
         replication: svc.replication(),
+        cluster_id: svc.cluster_id(),
     }))
 }
 
