@@ -38,6 +38,19 @@ impl Default for FsConfig {
     }
 }
 
+/// One directory entry of a listing, with its attributes (for READDIRPLUS).
+#[derive(Debug, Clone)]
+pub struct DirItem {
+    /// Inode number.
+    pub ino: u64,
+    /// Kind.
+    pub kind: FileType,
+    /// Name.
+    pub name: String,
+    /// Attributes.
+    pub attr: FileAttr,
+}
+
 /// An open file: a plain local file in the cache.
 pub struct Handle {
     node: NodeId,
@@ -118,6 +131,7 @@ pub struct DfsFs {
     cache: CacheDir,
     cache_root: std::path::PathBuf,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    listings: Mutex<HashMap<u64, Arc<Vec<DirItem>>>>,
     next_fh: AtomicU64,
     node_locks: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>>,
     writers: Mutex<HashMap<NodeId, usize>>,
@@ -179,6 +193,7 @@ impl DfsFs {
             cache,
             cache_root: cache_root.to_path_buf(),
             handles: Mutex::new(HashMap::new()),
+            listings: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             node_locks: Mutex::new(HashMap::new()),
             writers: Mutex::new(HashMap::new()),
@@ -381,19 +396,59 @@ impl DfsFs {
         Ok(self.attr(&meta))
     }
 
-    /// readdir: `(ino, kind, name)` including `.` and `..`.
-    pub async fn readdir(&self, id: NodeId) -> FsResult<Vec<(u64, FileType, String)>> {
+    /// opendir: lists the directory once; the kernel then pages through this snapshot (one
+    /// request to the directory per listing, not per page).
+    pub async fn opendir(&self, id: NodeId) -> FsResult<u64> {
         let dir = self.meta(id).await?;
         let entries = self.remote.list(id).await?;
+        let dir_attr = self.attr(&dir);
         let mut out = vec![
-            (id.0, FileType::Directory, ".".to_owned()),
-            (dir.parent.0, FileType::Directory, "..".to_owned()),
+            DirItem {
+                ino: id.0,
+                kind: FileType::Directory,
+                name: ".".into(),
+                attr: dir_attr,
+            },
+            DirItem {
+                ino: dir.parent.0,
+                kind: FileType::Directory,
+                name: "..".into(),
+                attr: dir_attr,
+            },
         ];
         for e in entries {
             self.remember(&e.meta, Some((id, &e.name)));
-            out.push((e.meta.id.0, kind_of(e.meta.kind), e.name));
+            out.push(DirItem {
+                ino: e.meta.id.0,
+                kind: kind_of(e.meta.kind),
+                attr: self.attr(&e.meta),
+                name: e.name,
+            });
         }
-        Ok(out)
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.listings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(fh, Arc::new(out));
+        Ok(fh)
+    }
+
+    /// The listing taken by `opendir`.
+    pub fn listing(&self, fh: u64) -> FsResult<Arc<Vec<DirItem>>> {
+        self.listings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle(fh))
+    }
+
+    /// releasedir.
+    pub fn releasedir(&self, fh: u64) {
+        self.listings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh);
     }
 
     async fn create_node(

@@ -131,6 +131,9 @@ impl Filesystem for FuseAdapter {
                 "kernel lacks atomic O_TRUNC; truncating opens push twice"
             );
         }
+        // `ls -l`: names and attributes in one round trip per listing.
+        let _ = config
+            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         if self.want_passthrough {
             // Reads and writes of open files then go straight to the cache file in the kernel.
             let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
@@ -377,19 +380,26 @@ impl Filesystem for FuseAdapter {
         }
     }
 
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.rt.block_on(self.fs.opendir(node(ino))) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(errno("opendir", &e)),
+        }
+    }
+
     fn readdir(
         &self,
         _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
+        _ino: INodeNo,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match self.rt.block_on(self.fs.readdir(node(ino))) {
-            Ok(entries) => {
+        match self.fs.listing(fh.0) {
+            Ok(items) => {
                 let skip = usize::try_from(offset).unwrap_or(usize::MAX);
-                for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(skip) {
-                    if reply.add(INodeNo(ino), (i + 1) as u64, kind, name) {
+                for (i, it) in items.iter().enumerate().skip(skip) {
+                    if reply.add(INodeNo(it.ino), (i + 1) as u64, it.kind, &it.name) {
                         break;
                     }
                 }
@@ -397,6 +407,48 @@ impl Filesystem for FuseAdapter {
             }
             Err(e) => reply.error(errno("readdir", &e)),
         }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: fuser::ReplyDirectoryPlus,
+    ) {
+        match self.fs.listing(fh.0) {
+            Ok(items) => {
+                let skip = usize::try_from(offset).unwrap_or(usize::MAX);
+                for (i, it) in items.iter().enumerate().skip(skip) {
+                    let off = (i + 1) as u64;
+                    if reply.add(
+                        INodeNo(it.ino),
+                        off,
+                        &it.name,
+                        &TTL,
+                        &it.attr,
+                        Generation(0),
+                    ) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(errno("readdirplus", &e)),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.releasedir(fh.0);
+        reply.ok();
     }
 
     fn fsyncdir(
