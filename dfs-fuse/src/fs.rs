@@ -132,6 +132,7 @@ pub struct DfsFs {
     cache_root: std::path::PathBuf,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     listings: Mutex<HashMap<u64, Arc<Vec<DirItem>>>>,
+    retry_at: Mutex<HashMap<NodeId, (Instant, Duration)>>,
     next_fh: AtomicU64,
     node_locks: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>>,
     writers: Mutex<HashMap<NodeId, usize>>,
@@ -194,6 +195,7 @@ impl DfsFs {
             cache_root: cache_root.to_path_buf(),
             handles: Mutex::new(HashMap::new()),
             listings: Mutex::new(HashMap::new()),
+            retry_at: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             node_locks: Mutex::new(HashMap::new()),
             writers: Mutex::new(HashMap::new()),
@@ -957,13 +959,44 @@ impl DfsFs {
     }
 
     /// Pushes every pending node not open for writing; returns those still pending.
-    pub async fn push_pending(&self, deadline: Instant) -> FsResult<Vec<NodeId>> {
+    /// With `backoff`, a node that failed recently waits its turn (2 s doubling to 10 s while
+    /// the servers are unreachable, to 5 min while they refuse), so a push the servers keep
+    /// refusing is not re-sent every pass.
+    pub async fn push_pending(&self, deadline: Instant, backoff: bool) -> FsResult<Vec<NodeId>> {
         for node in self.pending()? {
             if self.writer_count(node) > 0 {
                 continue;
             }
-            if let Err(e) = self.push(node, deadline).await {
-                tracing::debug!(%node, error = %e, "pending upload not done yet");
+            let now = Instant::now();
+            let waiting = self
+                .retry_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&node)
+                .copied();
+            if backoff && waiting.is_some_and(|(at, _)| at > now) {
+                continue;
+            }
+            match self.push(node, deadline).await {
+                Ok(()) => {
+                    self.retry_at
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&node);
+                }
+                Err(e) => {
+                    // Servers that are away come back soon; a refusal is unlikely to change soon.
+                    let cap = match &e {
+                        FsError::Remote(r) if r.is_unreachable() => Duration::from_secs(10),
+                        _ => Duration::from_secs(300),
+                    };
+                    let next = waiting.map_or(Duration::from_secs(2), |(_, d)| (d * 2).min(cap));
+                    self.retry_at
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(node, (Instant::now() + next, next));
+                    tracing::debug!(%node, error = %e, retry_in = ?next, "pending upload not done yet");
+                }
             }
         }
         self.write_status();
@@ -1001,7 +1034,7 @@ impl DfsFs {
         loop {
             // Short attempts: a node being retried is locked for at most this long.
             let deadline = Instant::now() + self.config.close_timeout.min(Duration::from_secs(10));
-            if let Err(e) = self.push_pending(deadline).await {
+            if let Err(e) = self.push_pending(deadline, true).await {
                 tracing::warn!(error = %e, "retrying pending uploads failed");
             }
             tokio::select! {

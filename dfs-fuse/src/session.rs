@@ -237,7 +237,7 @@ impl Mounted {
         let deadline = tokio::time::Instant::now() + self.drain_timeout;
         let mut pending = self.fs.pending()?;
         while !pending.is_empty() && tokio::time::Instant::now() < deadline {
-            pending = self.fs.push_pending(deadline).await?;
+            pending = self.fs.push_pending(deadline, false).await?;
             if !pending.is_empty() {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }

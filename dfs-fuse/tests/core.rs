@@ -109,7 +109,7 @@ async fn failed_push_stays_pending_across_restart_and_is_never_overwritten() {
     let a = core(&c, Some(login(&c, "alice").await), &cache_a);
     assert_eq!(read_file(&a, "f").await, b"local edit");
     let left = a
-        .push_pending(Instant::now() + Duration::from_secs(10))
+        .push_pending(Instant::now() + Duration::from_secs(10), false)
         .await
         .unwrap();
     assert!(left.is_empty());

@@ -318,12 +318,13 @@ impl LockService {
     pub fn status(&self) -> ServiceResult<Vec<LockStatus>> {
         let now = Instant::now();
         let mut table = self.table()?;
-        let mut out = Vec::new();
-        for (node, lock) in table.iter_mut() {
+        // Locks whose lease ran out with nobody waiting are forgotten here.
+        table.retain(|_, lock| {
             lock.expire(now, self.config.lease);
-            if lock.idle() {
-                continue;
-            }
+            !lock.idle()
+        });
+        let mut out = Vec::new();
+        for (node, lock) in table.iter() {
             out.push(LockStatus {
                 node: *node,
                 holder: lock.holder.as_ref().map(|h| h.user.clone()),
