@@ -294,6 +294,18 @@ async fn signup_login_wrong_password_replay_and_expired_token() {
         .await
         .unwrap();
     assert!(r.status().is_success());
+    // Every service answers /health.
+    let c = &h.cluster;
+    let bases = [&c.directory_url, &c.lock_url, &c.auth_url];
+    for base in bases.into_iter().chain(c.file_urls.iter()) {
+        let r = h
+            .http
+            .get(format!("{base}{}", routes::HEALTH))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.text().await.unwrap(), "ok", "{base}");
+    }
     h.cluster.shutdown().await;
 }
 

@@ -64,3 +64,18 @@ fn file_servers_stopped_during_close_keep_the_data_and_push_it_later() {
     assert!(out.status.success(), "{out:?}");
     assert!(!is_mounted(&m.dir));
 }
+
+#[test]
+fn cached_files_stay_readable_while_the_cluster_is_down() {
+    let mut cluster = Cluster::start(&[]);
+    let a = Client::new(&cluster.url);
+    a.signup_login("alice");
+    let m = a.mount(&["--close-timeout-secs", "2"]);
+    ok(m.sh("mkdir -p docs && echo cached > docs/c.txt && cat docs/c.txt"));
+    cluster.stop();
+    // Past the kernel's 1 s attribute cache: every lookup now fails to reach the directory.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(ok(m.sh("cat docs/c.txt")), "cached\n");
+    let out = m.sh("cat docs/never-seen.txt");
+    assert!(!out.status.success(), "an uncached file fails cleanly");
+}

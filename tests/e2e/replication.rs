@@ -141,7 +141,7 @@ fn a_corrupt_copy_is_found_by_the_scrub_repaired_and_never_served() {
 }
 
 #[test]
-fn directory_and_lock_killed_and_restarted_lose_nothing_and_leave_no_lock() {
+fn directory_lock_and_auth_killed_and_restarted_lose_nothing_and_leave_no_lock() {
     let mut cluster = SplitCluster::start(3);
     let a = Client::new(&cluster.url);
     a.signup_login("alice");
@@ -149,8 +149,10 @@ fn directory_and_lock_killed_and_restarted_lose_nothing_and_leave_no_lock() {
     ok(m.sh("mkdir -p d && for i in 1 2 3 4 5; do echo $i > d/$i.txt; done"));
     cluster.stop_service("directory", true);
     cluster.stop_service("lock", true);
+    cluster.stop_service("auth", true);
     cluster.start_service("directory");
     cluster.start_service("lock");
+    cluster.start_service("auth");
     cluster.wait_ready();
     // Everything acknowledged before is there; new writes take the (new) lock at once.
     assert_eq!(ok(m.sh("cat d/1.txt d/5.txt")), "1\n5\n");

@@ -277,6 +277,15 @@ impl FileServer {
                 }
                 continue;
             }
+            let member = meta.primary == Some(me)
+                || meta.replicas.contains(&me)
+                || meta.holders.contains(&me);
+            if !member {
+                // The file's placement moved away from this server while it was away.
+                tracing::info!(%node, "scrub: dropping a copy this server no longer should hold");
+                let _ = self.store.remove_blob(node, &hash);
+                continue;
+            }
             match self.store.verify(node, &hash).await {
                 Ok(true) => {}
                 Ok(false) => {
