@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -29,7 +30,7 @@ pub struct FuseAdapter {
     rt: tokio::runtime::Handle,
     /// Passthrough wanted by the user; whether the kernel agreed is `passthrough_on`.
     want_passthrough: bool,
-    passthrough_on: bool,
+    passthrough_on: AtomicBool,
     backing: Mutex<Backing>,
 }
 
@@ -49,7 +50,7 @@ impl FuseAdapter {
             fs,
             rt,
             want_passthrough: passthrough,
-            passthrough_on: false,
+            passthrough_on: AtomicBool::new(false),
             backing: Mutex::new(Backing::default()),
         }
     }
@@ -63,7 +64,7 @@ impl FuseAdapter {
         file: &std::fs::File,
         open: impl FnOnce(&std::fs::File) -> std::io::Result<BackingId>,
     ) -> Option<Arc<BackingId>> {
-        if !self.passthrough_on {
+        if !self.passthrough_on.load(Ordering::Relaxed) {
             return None;
         }
         let ident = file.metadata().ok().map(|m| (m.dev(), m.ino()))?;
@@ -83,7 +84,15 @@ impl FuseAdapter {
                     id
                 }
                 Err(e) => {
-                    tracing::warn!(ino, error = %e, "passthrough refused; serving reads and writes here");
+                    if b.by_ino.values().all(|(w, _)| w.strong_count() == 0) {
+                        // Refused before any file used it (e.g. EPERM without CAP_SYS_ADMIN):
+                        // turn it off for the mount rather than fail or warn on every open.
+                        self.passthrough_on.store(false, Ordering::Relaxed);
+                        self.fs.set_passthrough(false);
+                        tracing::warn!(error = %e, "kernel refused FUSE passthrough; serving reads and writes in dfs");
+                    } else {
+                        tracing::warn!(ino, error = %e, "passthrough refused; serving this file in dfs");
+                    }
                     return None;
                 }
             },
@@ -93,7 +102,7 @@ impl FuseAdapter {
     }
 
     fn fallback_flags(&self) -> FopenFlags {
-        if self.passthrough_on {
+        if self.passthrough_on.load(Ordering::Relaxed) {
             FopenFlags::FOPEN_DIRECT_IO
         } else {
             FopenFlags::empty()
@@ -139,7 +148,7 @@ impl Filesystem for FuseAdapter {
             let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
                 && config.set_max_stack_depth(2).is_ok();
             let _ = config.add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
-            self.passthrough_on = ok;
+            self.passthrough_on.store(ok, Ordering::Relaxed);
             self.fs.set_passthrough(ok);
             if !ok {
                 tracing::warn!(
