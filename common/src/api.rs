@@ -9,6 +9,13 @@ use crate::name::ValidName;
 /// Longest symlink target accepted, in bytes (Linux `PATH_MAX`).
 pub const SYMLINK_MAX: usize = 4096;
 
+/// Deadline for moving `bytes` of file content in one request (upload to a primary, which
+/// includes its replica pushes; replica push; download; re-replication copy): a minute plus
+/// what the slowest acceptable link (1 MiB/s) needs. Never a fixed cap that large files exceed.
+pub fn transfer_timeout(bytes: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(60 + bytes / (1 << 20))
+}
+
 /// Identifies one lock waiter: 32 hex digits chosen by the client, stable across re-polls.
 pub type WaiterId = UploadId;
 

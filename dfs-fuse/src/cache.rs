@@ -19,6 +19,10 @@ pub struct CacheEntry {
     pub hash: ContentHash,
     /// Local changes not yet pushed: the upload id to push them with (stable across retries).
     pub pending: Option<Pending>,
+    /// Open for writing: the copy may differ from `hash`/`pending` until the handles close.
+    /// Still set after a crash, which tells the next start to check the copy.
+    #[serde(default)]
+    pub writing: bool,
 }
 
 /// A pending upload.
@@ -82,17 +86,20 @@ impl CacheDir {
         let path = self.root.join("cluster_id");
         match std::fs::read_to_string(&path) {
             Ok(existing) if existing.trim() == id || id.is_empty() => Ok(()),
+            // Empty: a claim interrupted by a crash.
+            Ok(existing) if existing.trim().is_empty() => self.write_claim(&path, id),
             Ok(existing) => Err(CacheError::Index(format!(
                 "{} holds files of another cluster ({}), not of this one ({id}); use another --cache-dir",
                 self.root.display(),
                 existing.trim()
             ))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::write(&path, id)?;
-                Ok(())
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.write_claim(&path, id),
             Err(e) => Err(e.into()),
         }
+    }
+
+    fn write_claim(&self, path: &Path, id: &str) -> Result<(), CacheError> {
+        dfs_server::store::write_durable(path, id.as_bytes(), 0o644).map_err(index_err)
     }
 
     /// Where the copy of `node` lives.
@@ -146,17 +153,29 @@ impl CacheDir {
 
     /// Every entry with a pending upload.
     pub fn pending(&self) -> Result<Vec<(NodeId, CacheEntry)>, CacheError> {
+        Ok(self
+            .entries()?
+            .into_iter()
+            .filter(|(_, e)| e.pending.is_some())
+            .collect())
+    }
+
+    /// Every entry.
+    pub fn entries(&self) -> Result<Vec<(NodeId, CacheEntry)>, CacheError> {
         let tx = self.db.begin_read().map_err(index_err)?;
         let t = tx.open_table(ENTRIES).map_err(index_err)?;
         let mut out = Vec::new();
         for row in t.iter().map_err(index_err)? {
             let (k, v) = row.map_err(index_err)?;
             let e: CacheEntry = serde_json::from_slice(v.value()).map_err(index_err)?;
-            if e.pending.is_some() {
-                out.push((NodeId(k.value()), e));
-            }
+            out.push((NodeId(k.value()), e));
         }
         Ok(out)
+    }
+
+    /// The root directory of this cache.
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     /// (files cached, bytes cached).
@@ -203,6 +222,7 @@ mod tests {
                     version: 1,
                     hash: ContentHash::empty(),
                     pending: None,
+                    writing: false,
                 },
             )
             .expect("put");
@@ -212,6 +232,7 @@ mod tests {
                     version: 1,
                     hash: ContentHash::empty(),
                     pending: Some(pending.clone()),
+                    writing: false,
                 },
             )
             .expect("put");

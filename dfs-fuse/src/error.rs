@@ -29,6 +29,9 @@ pub enum FsError {
     /// Something dfs does not do.
     #[error("not supported: {0}")]
     Unsupported(&'static str),
+    /// A push on close/fsync did not complete; the data stays in the cache, pending.
+    #[error("upload not done (kept in the cache and retried): {0}")]
+    PushFailed(String),
     /// The operation needs a regular file.
     #[error("not a regular file")]
     NotAFile,
@@ -66,6 +69,7 @@ impl FsError {
             FsError::BadHandle(_) => libc::EBADF,
             FsError::Unsupported(_) => libc::ENOTSUP,
             FsError::NotAFile => libc::EINVAL,
+            FsError::PushFailed(_) => libc::EIO,
         }
     }
 

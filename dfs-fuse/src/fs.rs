@@ -189,7 +189,7 @@ impl DfsFs {
         let cache = CacheDir::open(cache_root)?;
         cache.claim(cluster_id)?;
         let meta = std::fs::metadata(cache_root)?;
-        Ok(DfsFs {
+        let fs = DfsFs {
             remote,
             cache,
             cache_root: cache_root.to_path_buf(),
@@ -205,7 +205,9 @@ impl DfsFs {
             config,
             wake: tokio::sync::Notify::new(),
             passthrough: AtomicBool::new(false),
-        })
+        };
+        fs.recover()?;
+        Ok(fs)
     }
 
     /// Records whether the kernel accepted passthrough (set by the FUSE adapter at init).
@@ -539,6 +541,7 @@ impl DfsFs {
                 version: meta.version,
                 hash: meta.hash.clone(),
                 pending: None,
+                writing: false,
             },
         )?;
         let opened = self.open_local(meta.id, flags & !libc::O_TRUNC, false)?;
@@ -616,6 +619,8 @@ impl DfsFs {
             dirty = true;
         }
         if writable {
+            // Durably noted before any byte changes, so a crash is noticed at the next start.
+            self.set_writing(node, true)?;
             *self
                 .writers
                 .lock()
@@ -656,12 +661,20 @@ impl DfsFs {
     /// the inode to one file), is never replaced. If the directory cannot be reached, or the
     /// file is busy with a push for longer than a moment, a cached copy is used as it is.
     pub async fn open(&self, node: NodeId, flags: i32) -> FsResult<Opened> {
-        let have_copy =
-            || self.cache.get(node).ok().flatten().is_some() && self.cache.path(node).exists();
+        // Only a copy with pending changes is never replaced by whoever holds the lock (a push),
+        // so only then may an open go ahead without it.
+        let pending_copy = || {
+            self.cache
+                .get(node)
+                .ok()
+                .flatten()
+                .is_some_and(|e| e.pending.is_some())
+                && self.cache.path(node).exists()
+        };
         let lock = self.node_lock(node);
         let _g = match tokio::time::timeout(Duration::from_secs(2), lock.lock()).await {
             Ok(g) => g,
-            Err(_) if have_copy() => {
+            Err(_) if pending_copy() => {
                 tracing::info!(%node, "file busy with a push; opening the cached copy");
                 return self.open_local(node, flags, false);
             }
@@ -721,6 +734,7 @@ impl DfsFs {
                 version: meta.version,
                 hash: meta.hash.clone(),
                 pending: None,
+                writing: false,
             },
         )?;
         let truncated = truncating && meta.hash.as_str() != ContentHash::EMPTY_HEX;
@@ -775,7 +789,12 @@ impl DfsFs {
                 // failed before it could.
                 h.dirty.store(true, Ordering::Release);
                 self.wake.notify_one();
-                Err(e)
+                // close() reports EIO for a push that did not happen (the data stays pending),
+                // except for the causes the user must act on.
+                Err(match e.errno() {
+                    libc::EACCES | libc::EFBIG => e,
+                    _ => FsError::PushFailed(e.to_string()),
+                })
             }
         }
     }
@@ -790,23 +809,88 @@ impl DfsFs {
         if let Some(h) = h {
             // Record changes before this handle stops counting as a writer, so no open() can
             // replace the copy in between.
+            let mut recorded = true;
             if h.changed() {
                 // Written after the last flush (e.g. through an mmap): record and push later.
                 if let Err(e) = self.mark_pending(h.node) {
+                    recorded = false;
                     tracing::error!(node = %h.node, error = %e, "recording unpushed changes failed");
                 }
                 self.wake.notify_one();
             }
             if h.writable {
-                let mut w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(n) = w.get_mut(&h.node) {
-                    *n -= 1;
-                    if *n == 0 {
-                        w.remove(&h.node);
+                let last = {
+                    let mut w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+                    match w.get_mut(&h.node) {
+                        Some(n) if *n > 1 => {
+                            *n -= 1;
+                            false
+                        }
+                        _ => {
+                            w.remove(&h.node);
+                            true
+                        }
+                    }
+                };
+                if last && recorded {
+                    if let Err(e) = self.set_writing(h.node, false) {
+                        tracing::warn!(node = %h.node, error = %e, "clearing the writing mark failed");
                     }
                 }
             }
         }
+    }
+
+    /// Sets or clears the durable "open for writing" mark of `node`.
+    fn set_writing(&self, node: NodeId, on: bool) -> FsResult<()> {
+        if let Some(mut e) = self.cache.get(node)?
+            && e.writing != on
+        {
+            e.writing = on;
+            self.cache.put(node, &e)?;
+        }
+        Ok(())
+    }
+
+    /// After a crash: copies still marked "open for writing" may hold writes that were never
+    /// recorded. One with a pending upload keeps its newest bytes pending (they are the user's
+    /// latest); a clean one that changed is moved to `recovered/` (never pushed over the good
+    /// server version, never deleted) and fetched again on the next open.
+    fn recover(&self) -> FsResult<()> {
+        for (node, mut e) in self.cache.entries()? {
+            if !e.writing {
+                continue;
+            }
+            let path = self.cache.path(node);
+            let current = hash_file(&path).ok().map(|(h, _)| h);
+            let unchanged = current.as_ref().is_some_and(|h| match &e.pending {
+                Some(p) => &p.hash == h,
+                None => &e.hash == h,
+            });
+            if !unchanged && e.pending.is_none() && current.is_some() {
+                let dir = self.cache.root().join("recovered");
+                std::fs::create_dir_all(&dir)?;
+                let stamp = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let to = dir.join(format!("node-{}-{stamp}", node.0));
+                std::fs::rename(&path, &to)?;
+                tracing::warn!(%node, saved = %to.display(), "a write interrupted by a crash was set aside, not pushed");
+                self.cache.remove(node)?;
+                continue;
+            }
+            if !unchanged {
+                // Pending and written further: push the newest bytes (recorded as pending now).
+                e.writing = false;
+                self.cache.put(node, &e)?;
+                self.mark_pending(node)?;
+                continue;
+            }
+            e.writing = false;
+            self.cache.put(node, &e)?;
+        }
+        Ok(())
     }
 
     /// Records the local copy of `node` as pending (keeping the upload id if the content is
@@ -823,6 +907,7 @@ impl DfsFs {
             version: 0,
             hash: ContentHash::empty(),
             pending: None,
+            writing: false,
         });
         let pending = match &entry.pending {
             Some(p) if p.hash == hash => p.clone(),
@@ -856,9 +941,17 @@ impl DfsFs {
                         version: 0,
                         hash: ContentHash::empty(),
                         pending: None,
+                        writing: false,
                     });
-                    entry.version = meta.version;
-                    entry.hash = meta.hash.clone();
+                    if meta.hash == pending.hash {
+                        entry.version = meta.version;
+                        entry.hash = meta.hash.clone();
+                    } else {
+                        // A retried upload that was applied before a newer version: the copy
+                        // holds our content, not the server's newest, so the next open fetches.
+                        entry.version = 0;
+                        entry.hash = pending.hash.clone();
+                    }
                     if entry
                         .pending
                         .as_ref()
@@ -868,6 +961,10 @@ impl DfsFs {
                     }
                     self.cache.put(node, &entry)?;
                     self.remember(&meta, None);
+                    self.retry_at
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&node);
                     return Ok(());
                 }
                 // Only the directory saying so means the file is gone (a NotFound from another
@@ -986,9 +1083,19 @@ impl DfsFs {
                 }
                 Err(e) => {
                     // Servers that are away come back soon; a refusal is unlikely to change soon.
+                    // Refusals the user must act on back off long; anything else is transient.
                     let cap = match &e {
-                        FsError::Remote(r) if r.is_unreachable() => Duration::from_secs(10),
-                        _ => Duration::from_secs(300),
+                        FsError::Remote(RemoteError::Api { code, .. })
+                            if matches!(
+                                code,
+                                common::ErrorCode::Unauthorized
+                                    | common::ErrorCode::TooLarge
+                                    | common::ErrorCode::BadRequest
+                            ) =>
+                        {
+                            Duration::from_secs(300)
+                        }
+                        _ => Duration::from_secs(10),
                     };
                     let next = waiting.map_or(Duration::from_secs(2), |(_, d)| (d * 2).min(cap));
                     self.retry_at

@@ -101,15 +101,12 @@ async fn api_error(resp: reqwest::Response) -> RemoteError {
 pub struct RemoteConfig {
     /// Deadline of one metadata or lock call.
     pub call_timeout: Duration,
-    /// Longest silence while streaming a body.
-    pub stream_timeout: Duration,
 }
 
 impl Default for RemoteConfig {
     fn default() -> Self {
         RemoteConfig {
             call_timeout: Duration::from_secs(10),
-            stream_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -159,9 +156,11 @@ impl Remote {
             .timeout(config.call_timeout + Duration::from_secs(30))
             .build()
             .unwrap_or_default();
+        // Bodies get a per-request deadline scaled to their size (reqwest's read_timeout would cap
+        // the whole upload, fsyncs and replication included, at a fixed time).
         let stream = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
-            .read_timeout(config.stream_timeout)
+            .tcp_keepalive(Duration::from_secs(15))
             .build()
             .unwrap_or_default();
         Remote {
@@ -527,6 +526,7 @@ impl Remote {
             .stream
             .get(format!("{base}{}", routes::file_read(meta.id, &meta.hash)))
             .bearer_auth(token)
+            .timeout(common::api::transfer_timeout(meta.size))
             .send()
             .await
             .map_err(|e| net("download", e))?;
@@ -661,6 +661,9 @@ impl Remote {
         let file = tokio::fs::File::open(path)
             .await
             .map_err(|e| RemoteError::Io(format!("reading {}: {e}", path.display())))?;
+        // Exactly `size` bytes: if the file changed since it was hashed, the server answers
+        // "hash mismatch" and the push re-hashes, instead of the request failing mid-body.
+        let file = tokio::io::AsyncReadExt::take(file, size);
         let body =
             reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));
         let token = self.token().await?;
@@ -668,6 +671,7 @@ impl Remote {
             .stream
             .put(format!("{base}{}", routes::file_write(meta.id)))
             .bearer_auth(token)
+            .timeout(common::api::transfer_timeout(size))
             .header(routes::FENCE_HEADER, grant.fence.0.to_string())
             .header(routes::FENCE_SIG_HEADER, &grant.signature)
             .header(routes::HASH_HEADER, hash.as_str())

@@ -187,3 +187,43 @@ async fn regression_truncating_open_of_an_uncached_file_is_pushed() {
     assert_eq!(read_file(&b, "f").await, b"", "and B's cache is not stale");
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_write_cut_off_by_a_crash_is_set_aside_not_served_as_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let alice = login(&c, "alice").await;
+    let cache_a = dir.path().join("a");
+    {
+        let a = core(&c, Some(alice.clone()), &cache_a);
+        write_file(&a, "f", b"acknowledged").await.unwrap();
+        let attr = a.lookup(NodeId::ROOT, OsStr::new("f")).await.unwrap();
+        let o = a
+            .open(NodeId(attr.ino.0), libc::O_WRONLY | libc::O_TRUNC)
+            .await
+            .unwrap();
+        a.write(o.fh, 0, b"half").unwrap();
+        // The client dies here: no flush, no release.
+    }
+    let a = core(&c, Some(alice), &cache_a);
+    assert_eq!(
+        read_file(&a, "f").await,
+        b"acknowledged",
+        "the server version is served again"
+    );
+    assert!(
+        a.pending().unwrap().is_empty(),
+        "the cut-off write is not pushed over it"
+    );
+    let saved: Vec<_> = std::fs::read_dir(cache_a.join("recovered"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(saved.len(), 1);
+    assert_eq!(
+        std::fs::read(saved[0].path()).unwrap(),
+        b"half",
+        "and not deleted either"
+    );
+    c.shutdown().await;
+}

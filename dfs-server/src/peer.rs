@@ -35,10 +35,11 @@ impl Peer {
     pub fn new(cluster_key: &str) -> Self {
         let build = |timeout: Option<Duration>| {
             let mut b = reqwest::Client::builder().connect_timeout(Duration::from_secs(3));
+            // Streaming requests get a deadline scaled to their size per request instead.
             if let Some(t) = timeout {
                 b = b.timeout(t);
             } else {
-                b = b.read_timeout(Duration::from_secs(30));
+                b = b.tcp_keepalive(Duration::from_secs(15));
             }
             b.build().unwrap_or_default()
         };
@@ -158,12 +159,13 @@ impl Peer {
         from: &str,
         id: NodeId,
         hash: &common::ContentHash,
+        size: u64,
         to: &str,
     ) -> ServiceResult<()> {
         let req = self
             .streaming
             .post(format!("{from}{}", routes::copy_to(id, hash)))
-            .timeout(Duration::from_secs(3600))
+            .timeout(common::api::transfer_timeout(size))
             .json(&common::api::CopyToRequest { url: to.to_owned() });
         self.send::<serde_json::Value>(req, "copy").await.map(drop)
     }

@@ -156,7 +156,7 @@ async fn copy(
         return false;
     };
     match peer
-        .copy_blob(&from_url, meta.id, &meta.hash, &to_url)
+        .copy_blob(&from_url, meta.id, &meta.hash, meta.size, &to_url)
         .await
     {
         Ok(()) => true,

@@ -327,6 +327,7 @@ impl FileServer {
             .peer
             .stream_put(format!("{base}{}", routes::replica_put(node, hash)))
             .header(reqwest::header::CONTENT_LENGTH, len)
+            .timeout(common::api::transfer_timeout(len))
             .body(body)
             .send()
             .await
