@@ -832,10 +832,11 @@ impl DfsFs {
                         }
                     }
                 };
-                if last && recorded {
-                    if let Err(e) = self.set_writing(h.node, false) {
-                        tracing::warn!(node = %h.node, error = %e, "clearing the writing mark failed");
-                    }
+                if last
+                    && recorded
+                    && let Err(e) = self.set_writing(h.node, false)
+                {
+                    tracing::warn!(node = %h.node, error = %e, "clearing the writing mark failed");
                 }
             }
         }
@@ -1082,19 +1083,14 @@ impl DfsFs {
                         .remove(&node);
                 }
                 Err(e) => {
-                    // Servers that are away come back soon; a refusal is unlikely to change soon.
-                    // Refusals the user must act on back off long; anything else is transient.
+                    // Refusals the user must act on back off long; anything else (servers away,
+                    // a failover in progress) is transient.
+                    use common::ErrorCode::{BadRequest, TooLarge, Unauthorized};
                     let cap = match &e {
-                        FsError::Remote(RemoteError::Api { code, .. })
-                            if matches!(
-                                code,
-                                common::ErrorCode::Unauthorized
-                                    | common::ErrorCode::TooLarge
-                                    | common::ErrorCode::BadRequest
-                            ) =>
-                        {
-                            Duration::from_secs(300)
-                        }
+                        FsError::Remote(RemoteError::Api {
+                            code: Unauthorized | TooLarge | BadRequest,
+                            ..
+                        }) => Duration::from_secs(300),
                         _ => Duration::from_secs(10),
                     };
                     let next = waiting.map_or(Duration::from_secs(2), |(_, d)| (d * 2).min(cap));
