@@ -40,6 +40,10 @@ pub struct NodeMeta {
     pub mtime_ns: u64,
     /// Change time of the metadata, nanoseconds since the Unix epoch.
     pub ctime_ns: u64,
+    /// When the directory committed the current version (ns since the epoch); unlike
+    /// `mtime_ns`, users cannot set it.
+    #[serde(default)]
+    pub committed_ns: u64,
     /// SHA-256 of the current version's content.
     pub hash: ContentHash,
     /// The file server that takes writes for this file.

@@ -123,6 +123,7 @@ impl DirectoryService {
                     version: 0,
                     mtime_ns: now,
                     ctime_ns: now,
+                    committed_ns: now,
                     hash: ContentHash::empty(),
                     primary: None,
                     replicas: vec![],
@@ -306,6 +307,7 @@ impl DirectoryService {
             version: 0,
             mtime_ns: now,
             ctime_ns: now,
+            committed_ns: now,
             hash: ContentHash::empty(),
             primary,
             replicas,
@@ -460,6 +462,7 @@ impl DirectoryService {
         meta.holders = req.holders.clone();
         meta.mtime_ns = now;
         meta.ctime_ns = now;
+        meta.committed_ns = now;
         put_node(&tx, &meta)?;
         tx.commit()?;
         tracing::debug!(%id, version = meta.version, writer = %req.writer, "version committed");

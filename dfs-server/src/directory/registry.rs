@@ -106,16 +106,11 @@ impl Registry {
             ));
         }
         let mut inner = self.inner()?;
+        // Only the id the server remembers is reused: a server whose data was wiped comes back
+        // as a new server, so it is never counted as holding copies it lost.
         let id = req
             .previous_id
             .filter(|id| inner.servers.contains_key(id))
-            .or_else(|| {
-                inner
-                    .servers
-                    .iter()
-                    .find(|(_, e)| e.rec.url == req.url)
-                    .map(|(id, _)| *id)
-            })
             .unwrap_or_else(|| ServerId(inner.servers.keys().last().map_or(1, |k| k.0 + 1)));
         let rec = ServerRecord {
             url: req.url.clone(),

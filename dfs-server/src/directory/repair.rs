@@ -8,6 +8,7 @@
 //!   versions (a returning server catches up), else a new server.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::{ContentHash, FileKind, NodeMeta, ServerId};
@@ -113,7 +114,9 @@ pub async fn pass(svc: &Arc<DirectoryService>, peer: &Peer, cfg: &RepairConfig) 
         }
     };
     svc.set_counts(&files);
-    let (mut promoted, mut copied) = (0, 0);
+    // Failovers first, for every file: they are cheap and writes wait on them.
+    let mut promoted = 0;
+    let mut copies = Vec::new();
     for meta in files {
         match plan(&meta, &live, svc.replication()) {
             Repair::None | Repair::Unavailable => {}
@@ -124,26 +127,37 @@ pub async fn pass(svc: &Arc<DirectoryService>, peer: &Peer, cfg: &RepairConfig) 
                 }
                 Err(e) => tracing::warn!(node = %meta.id, error = %e, "failover failed"),
             },
-            Repair::Copy { from, to } => {
-                if copied >= cfg.max_copies_per_pass {
-                    continue;
-                }
-                copied += 1;
-                let ok = meta.hash.as_str() == ContentHash::EMPTY_HEX
-                    || copy(svc, peer, &meta, from, to).await;
-                if ok {
-                    match svc.add_holder(meta.id, &meta.hash, to) {
-                        Ok(()) => tracing::info!(node = %meta.id, %from, %to, "re-replicated"),
-                        Err(e) => {
-                            tracing::warn!(node = %meta.id, error = %e, "recording a copy failed")
-                        }
-                    }
+            // Empty content needs no bytes moved: record it at once.
+            Repair::Copy { to, .. } if meta.hash.as_str() == ContentHash::EMPTY_HEX => {
+                if let Err(e) = svc.add_holder(meta.id, &meta.hash, to) {
+                    tracing::warn!(node = %meta.id, error = %e, "recording a copy failed");
                 }
             }
+            Repair::Copy { from, to } => copies.push((meta, from, to)),
         }
     }
+    // Then a bounded number of copies, concurrently, starting at a different file each pass so
+    // that copies that keep failing cannot starve the rest.
+    if !copies.is_empty() {
+        let start =
+            usize::try_from(PASS.fetch_add(1, Ordering::Relaxed)).unwrap_or(0) % copies.len();
+        copies.rotate_left(start);
+    }
+    copies.truncate(cfg.max_copies_per_pass);
+    let copied = copies.len();
+    let jobs = copies.into_iter().map(|(meta, from, to)| async move {
+        if copy(svc, peer, &meta, from, to).await {
+            match svc.add_holder(meta.id, &meta.hash, to) {
+                Ok(()) => tracing::info!(node = %meta.id, %from, %to, "re-replicated"),
+                Err(e) => tracing::warn!(node = %meta.id, error = %e, "recording a copy failed"),
+            }
+        }
+    });
+    futures_util::future::join_all(jobs).await;
     (promoted, copied)
 }
+
+static PASS: AtomicU64 = AtomicU64::new(0);
 
 async fn copy(
     svc: &DirectoryService,
@@ -161,6 +175,10 @@ async fn copy(
     {
         Ok(()) => true,
         Err(e) => {
+            if matches!(e, crate::error::ServiceError::NotFound(_)) {
+                // The source has lost its copy: it is no holder.
+                let _ = svc.drop_holder(meta.id, &meta.hash, from);
+            }
             tracing::warn!(node = %meta.id, %from, %to, error = %e, "re-replication copy failed");
             false
         }
@@ -199,6 +217,7 @@ mod tests {
             version: 2,
             mtime_ns: 0,
             ctime_ns: 0,
+            committed_ns: 0,
             hash: ContentHash::from_digest(&[1; 32]),
             primary: Some(ServerId(primary)),
             replicas: replicas.iter().copied().map(ServerId).collect(),

@@ -181,3 +181,24 @@ fn metadata_survives_restart() {
     let g = mk(&svc, NodeId::ROOT, "new", FileKind::File);
     assert!(g.id.0 > id.0, "ids are never reused");
 }
+
+#[test]
+fn regression_a_server_that_lost_its_data_registers_as_new() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let req = |previous_id| RegisterServerRequest {
+        url: "http://127.0.0.1:9000".into(),
+        capacity_bytes: 1,
+        previous_id,
+    };
+    let old = svc.registry.live()[0];
+    assert_eq!(
+        svc.register_server(&req(Some(old))).expect("re-register"),
+        old
+    );
+    let fresh = svc.register_server(&req(None)).expect("register");
+    assert_ne!(
+        fresh, old,
+        "no id, no claim to the copies the old server held"
+    );
+}

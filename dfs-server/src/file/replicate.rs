@@ -224,6 +224,18 @@ impl FileServer {
         Ok(committed)
     }
 
+    /// Drops this server's copy of `(node, hash)` unless the directory says it is the current
+    /// version (a deposed primary's late clean-up must not delete what a newer write restored).
+    pub async fn drop_if_superseded(&self, node: NodeId, hash: &ContentHash) -> ServiceResult<()> {
+        match self.peer.node(&self.directory, node).await {
+            Ok(meta) if &meta.hash == hash => Err(ServiceError::Forbidden(format!(
+                "{hash} is the current version of node {node}; not dropping it"
+            ))),
+            Ok(_) | Err(ServiceError::NotFound(_)) => self.store.remove_blob(node, hash),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Re-replication: pushes this server's copy of `(node, hash)` to the server at `url`.
     pub async fn copy_to(&self, node: NodeId, hash: &ContentHash, url: &str) -> ServiceResult<()> {
         if !url.starts_with("http://") && !url.starts_with("https://") {
@@ -271,7 +283,8 @@ impl FileServer {
                     .map_or(u64::MAX, |d| {
                         u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
                     });
-                if written_ns < meta.mtime_ns {
+                // A few seconds of margin for clock skew between this server and the directory.
+                if written_ns.saturating_add(5_000_000_000) < meta.committed_ns {
                     tracing::debug!(%node, %hash, "scrub: dropping a superseded copy");
                     let _ = self.store.remove_blob(node, &hash);
                 }
@@ -290,14 +303,20 @@ impl FileServer {
                 Ok(true) => {}
                 Ok(false) => {
                     corrupt += 1;
-                    tracing::error!(%node, %hash, "scrub: stored copy is corrupt; dropping it for repair");
-                    let _ = self.store.remove_blob(node, &hash);
-                    if let Err(e) = self
+                    tracing::error!(%node, %hash, "scrub: stored copy is corrupt; reporting it for repair");
+                    // Report first: a copy dropped but not reported would still count as held.
+                    // A corrupt copy kept meanwhile is harmless (readers verify every hash).
+                    match self
                         .peer
                         .drop_holder(&self.directory, node, &hash, me)
                         .await
                     {
-                        tracing::warn!(%node, error = %e, "scrub: reporting the corrupt copy failed");
+                        Ok(()) => {
+                            let _ = self.store.remove_blob(node, &hash);
+                        }
+                        Err(e) => {
+                            tracing::warn!(%node, error = %e, "scrub: reporting the corrupt copy failed; retrying next pass")
+                        }
                     }
                 }
                 Err(e) => tracing::warn!(%node, error = %e, "scrub: reading a copy failed"),
@@ -345,7 +364,7 @@ impl FileServer {
         if &old.hash == new || old.hash.as_str() == ContentHash::EMPTY_HEX {
             return;
         }
-        if let Err(e) = self.store.remove_blob(node, &old.hash) {
+        if let Err(e) = self.drop_if_superseded(node, &old.hash).await {
             tracing::warn!(%node, error = %e, "dropping the old copy failed");
         }
         let Ok(cluster) = self.peer.cluster(&self.directory).await else {

@@ -111,7 +111,7 @@ async fn drop_blob(
     ApiPath((id, hash)): ApiPath<(u64, String)>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let hash = parse_hash(&hash)?;
-    fs.store.remove_blob(NodeId(id), &hash)?;
+    fs.drop_if_superseded(NodeId(id), &hash).await?;
     Ok(Json(serde_json::json!({})))
 }
 
