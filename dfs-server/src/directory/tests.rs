@@ -202,3 +202,226 @@ fn regression_a_server_that_lost_its_data_registers_as_new() {
         "no id, no claim to the copies the old server held"
     );
 }
+
+/// Reference model: the namespace as a map from path to kind, with POSIX rules.
+mod model {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    type Path = Vec<String>;
+
+    #[derive(Debug, Clone)]
+    pub enum Op {
+        Create {
+            parent: usize,
+            name: String,
+            dir: bool,
+        },
+        Remove {
+            target: usize,
+            dir: bool,
+        },
+        Rename {
+            src: usize,
+            dst_parent: usize,
+            name: String,
+        },
+    }
+
+    fn name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("a".to_owned()),
+            Just("b".to_owned()),
+            Just("c".to_owned())
+        ]
+    }
+
+    pub fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (any::<usize>(), name(), any::<bool>()).prop_map(|(parent, name, dir)| Op::Create {
+                parent,
+                name,
+                dir
+            }),
+            (any::<usize>(), any::<bool>()).prop_map(|(target, dir)| Op::Remove { target, dir }),
+            (any::<usize>(), any::<usize>(), name()).prop_map(|(src, dst_parent, name)| {
+                Op::Rename {
+                    src,
+                    dst_parent,
+                    name,
+                }
+            }),
+        ]
+    }
+
+    #[derive(Default)]
+    pub struct Model {
+        /// path -> is_dir (the root, the empty path, is implicit).
+        pub nodes: BTreeMap<Path, bool>,
+    }
+
+    impl Model {
+        pub fn is_dir(&self, p: &Path) -> bool {
+            p.is_empty() || self.nodes.get(p) == Some(&true)
+        }
+
+        /// Every directory, root first (ops pick their parent by index into this).
+        pub fn dirs(&self) -> Vec<Path> {
+            let mut v = vec![vec![]];
+            v.extend(
+                self.nodes
+                    .iter()
+                    .filter(|(_, d)| **d)
+                    .map(|(p, _)| p.clone()),
+            );
+            v
+        }
+
+        /// Every node but the root.
+        pub fn all(&self) -> Vec<Path> {
+            self.nodes.keys().cloned().collect()
+        }
+
+        fn children(&self, p: &Path) -> impl Iterator<Item = &Path> {
+            self.nodes
+                .keys()
+                .filter(move |k| k.len() == p.len() + 1 && k.starts_with(p))
+        }
+
+        pub fn create(&mut self, parent: &Path, name: &str, dir: bool) -> bool {
+            let mut p = parent.clone();
+            p.push(name.to_owned());
+            if !self.is_dir(parent) || self.nodes.contains_key(&p) {
+                return false;
+            }
+            self.nodes.insert(p, dir);
+            true
+        }
+
+        pub fn remove(&mut self, p: &Path, dir: bool) -> bool {
+            let Some(&is_dir) = self.nodes.get(p) else {
+                return false;
+            };
+            if is_dir != dir || (is_dir && self.children(p).next().is_some()) {
+                return false;
+            }
+            self.nodes.remove(p);
+            true
+        }
+
+        pub fn rename(&mut self, src: &Path, dst_parent: &Path, name: &str) -> bool {
+            let Some(&src_dir) = self.nodes.get(src) else {
+                return false;
+            };
+            if !self.is_dir(dst_parent) || (src_dir && dst_parent.starts_with(src)) {
+                return false;
+            }
+            let mut dst = dst_parent.clone();
+            dst.push(name.to_owned());
+            if &dst == src {
+                return true;
+            }
+            if let Some(&dst_dir) = self.nodes.get(&dst) {
+                if dst_dir != src_dir || (dst_dir && self.children(&dst).next().is_some()) {
+                    return false;
+                }
+                self.nodes.remove(&dst);
+            }
+            let moved: Vec<(Path, bool)> = self
+                .nodes
+                .iter()
+                .filter(|(k, _)| k.starts_with(src))
+                .map(|(k, v)| (k.clone(), *v))
+                .collect();
+            for (k, v) in moved {
+                self.nodes.remove(&k);
+                let mut nk = dst.clone();
+                nk.extend_from_slice(&k[src.len()..]);
+                self.nodes.insert(nk, v);
+            }
+            true
+        }
+    }
+}
+
+fn resolve(svc: &DirectoryService, path: &[String]) -> NodeId {
+    let mut id = NodeId::ROOT;
+    for part in path {
+        id = svc
+            .lookup(id, &n(part))
+            .expect("path in model exists in service")
+            .id;
+    }
+    id
+}
+
+fn snapshot(
+    svc: &DirectoryService,
+    id: NodeId,
+    prefix: Vec<String>,
+    out: &mut Vec<(Vec<String>, bool)>,
+) {
+    for e in svc.list(id).expect("list") {
+        let mut p = prefix.clone();
+        p.push(e.name.clone());
+        let dir = e.meta.kind == FileKind::Dir;
+        out.push((p.clone(), dir));
+        if dir {
+            snapshot(svc, e.meta.id, p, out);
+        }
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 48, ..Default::default() })]
+
+    #[test]
+    fn namespace_matches_the_reference_model(ops in proptest::collection::vec(model::op(), 1..40)) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let svc = open(dir.path());
+        let mut m = model::Model::default();
+        for op in ops {
+            let (want, got) = match &op {
+                model::Op::Create { parent, name, dir } => {
+                    let dirs = m.dirs();
+                    let parent = dirs[parent % dirs.len()].clone();
+                    let kind = if *dir { FileKind::Dir } else { FileKind::File };
+                    let req = CreateRequest { name: n(name), kind, mode: 0o755, symlink_target: None };
+                    let got = svc.create(resolve(&svc, &parent), &req, "t").is_ok();
+                    (m.create(&parent, name, *dir), got)
+                }
+                model::Op::Remove { target, dir } => {
+                    let all = m.all();
+                    if all.is_empty() { continue; }
+                    let p = all[target % all.len()].clone();
+                    let parent = resolve(&svc, &p[..p.len() - 1]);
+                    let got = svc.remove(parent, &n(&p[p.len() - 1]), *dir).is_ok();
+                    (m.remove(&p, *dir), got)
+                }
+                model::Op::Rename { src, dst_parent, name } => {
+                    let all = m.all();
+                    if all.is_empty() { continue; }
+                    let src = all[src % all.len()].clone();
+                    let dirs = m.dirs();
+                    let dst = dirs[dst_parent % dirs.len()].clone();
+                    let req = RenameRequest {
+                        parent: resolve(&svc, &src[..src.len() - 1]),
+                        name: n(&src[src.len() - 1]),
+                        new_parent: resolve(&svc, &dst),
+                        new_name: n(name),
+                        no_replace: false,
+                    };
+                    let got = svc.rename(&req).is_ok();
+                    (m.rename(&src, &dst, name), got)
+                }
+            };
+            proptest::prop_assert_eq!(want, got, "op {:?}", op);
+            let mut actual = Vec::new();
+            snapshot(&svc, NodeId::ROOT, vec![], &mut actual);
+            actual.sort();
+            let expected: Vec<(Vec<String>, bool)> = m.nodes.iter().map(|(k, v)| (k.clone(), *v)).collect();
+            proptest::prop_assert_eq!(expected, actual, "after {:?}", op);
+        }
+    }
+}
