@@ -61,6 +61,8 @@ pub struct Handle {
     /// (length, mtime) of the file at open or at the last push. Under kernel passthrough,
     /// writes never reach `write`, so a change shows only here.
     baseline: Mutex<Option<(u64, SystemTime)>>,
+    /// When `baseline` was taken.
+    baseline_at: Mutex<SystemTime>,
 }
 
 fn stamp(file: &std::fs::File) -> Option<(u64, SystemTime)> {
@@ -89,6 +91,20 @@ impl Handle {
     fn mark_clean(&self) {
         self.dirty.store(false, Ordering::Release);
         *self.baseline.lock().unwrap_or_else(|p| p.into_inner()) = stamp(&self.file);
+        *self.baseline_at.lock().unwrap_or_else(|p| p.into_inner()) = SystemTime::now();
+    }
+
+    /// Under passthrough, (size, mtime) alone cannot prove "unchanged": a same-size rewrite in
+    /// the same timestamp tick as the last change keeps both. It can when the last change was
+    /// at least a second before the baseline was taken, since any later write moves the mtime
+    /// past it.
+    fn provably_unchanged(&self) -> bool {
+        let base = *self.baseline.lock().unwrap_or_else(|p| p.into_inner());
+        let taken = *self.baseline_at.lock().unwrap_or_else(|p| p.into_inner());
+        match base {
+            Some((_, mtime)) => !self.changed() && mtime + Duration::from_secs(1) <= taken,
+            None => false,
+        }
     }
 }
 
@@ -629,12 +645,14 @@ impl DfsFs {
                 .or_default() += 1;
         }
         let baseline = Mutex::new(stamp(&file));
+        let baseline_at = Mutex::new(SystemTime::now());
         let handle = Arc::new(Handle {
             node,
             file,
             writable,
             dirty: AtomicBool::new(dirty),
             baseline,
+            baseline_at,
         });
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles
@@ -775,7 +793,7 @@ impl DfsFs {
         // Under passthrough the writes bypass us and (size, mtime) may not move for a same-size
         // rewrite within one timestamp tick: let the content hash decide instead.
         let passthrough = self.passthrough.load(Ordering::Relaxed);
-        if !(h.changed() || passthrough && h.writable) {
+        if !(h.changed() || passthrough && h.writable && !h.provably_unchanged()) {
             return Ok(());
         }
         h.file.sync_all()?;
