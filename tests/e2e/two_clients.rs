@@ -16,6 +16,9 @@ fn write_through_a_is_read_through_b_after_close() {
     assert_eq!(ok(mb.sh("cat shared.txt")), "from a\n");
     ok(mb.sh("echo 'from b' > shared.txt"));
     assert_eq!(ok(ma.sh("cat shared.txt")), "from b\n");
+    // A same-size rewrite right after a write (same timestamp tick, passthrough): still pushed.
+    ok(ma.sh("printf aaaa > same.txt && printf bbbb | dd of=same.txt conv=notrunc status=none"));
+    assert_eq!(ok(mb.sh("cat same.txt")), "bbbb");
 }
 
 #[test]
