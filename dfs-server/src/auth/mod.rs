@@ -3,6 +3,7 @@
 
 pub mod keys;
 pub mod routes;
+pub mod token;
 
 use std::path::Path;
 use std::time::Duration;
@@ -298,7 +299,7 @@ pub fn seal(public: &PublicKey, user: &str, password: &str) -> ServiceResult<Env
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::authed::verify_token_with;
+    use crate::auth::token::verify_token_with;
 
     fn service(dir: &Path) -> AuthService {
         AuthService::open(dir, AuthConfig::default()).expect("open auth")

@@ -6,8 +6,6 @@ use std::time::Duration;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::api::{Claims, ClusterInfo, PublicKeyResponse};
 use rsa::PublicKey;
 use rsa::pkcs8::DecodePublicKey;
@@ -126,25 +124,8 @@ impl Verifier {
     /// Checks a bearer token's signature and expiry; returns its claims.
     pub async fn verify_token(&self, token: &str) -> ServiceResult<Claims> {
         let key = self.key().await?;
-        verify_token_with(&key, token, now_ms())
+        crate::auth::token::verify_token_with(&key, token, now_ms())
     }
-}
-
-/// Verifies `payload.signature` (both base64url) with RSA-PSS/SHA-256 and checks expiry.
-pub fn verify_token_with(key: &PublicKey, token: &str, now_ms: u64) -> ServiceResult<Claims> {
-    let bad = || ServiceError::Unauthorized("malformed or forged token".into());
-    let (payload, sig) = token.split_once('.').ok_or_else(bad)?;
-    let payload = URL_SAFE_NO_PAD.decode(payload).map_err(|_| bad())?;
-    let sig = URL_SAFE_NO_PAD.decode(sig).map_err(|_| bad())?;
-    key.pss_verify::<Sha256>(&payload, &sig)
-        .map_err(|_| bad())?;
-    let claims: Claims = serde_json::from_slice(&payload).map_err(|_| bad())?;
-    if claims.exp_ms <= now_ms {
-        return Err(ServiceError::Unauthorized(
-            "token expired; log in again".into(),
-        ));
-    }
-    Ok(claims)
 }
 
 /// Extractor: the request carries a valid user token (`Authorization: Bearer`) or the cluster key.
