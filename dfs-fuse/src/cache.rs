@@ -25,6 +25,18 @@ pub struct CacheEntry {
     pub writing: bool,
 }
 
+impl CacheEntry {
+    /// A copy equal to the server version `meta`.
+    pub fn clean(meta: &common::NodeMeta) -> Self {
+        CacheEntry {
+            version: meta.version,
+            hash: meta.hash.clone(),
+            pending: None,
+            writing: false,
+        }
+    }
+}
+
 /// A pending upload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pending {

@@ -551,15 +551,7 @@ impl DfsFs {
             .truncate(true)
             .mode(0o600)
             .open(&path)?;
-        self.cache.put(
-            meta.id,
-            &CacheEntry {
-                version: meta.version,
-                hash: meta.hash.clone(),
-                pending: None,
-                writing: false,
-            },
-        )?;
+        self.cache.put(meta.id, &CacheEntry::clean(&meta))?;
         let opened = self.open_local(meta.id, flags & !libc::O_TRUNC, false)?;
         Ok((self.attr(&meta), opened))
     }
@@ -746,15 +738,7 @@ impl DfsFs {
             }
         }
         self.install(node, &tmp)?;
-        self.cache.put(
-            node,
-            &CacheEntry {
-                version: meta.version,
-                hash: meta.hash.clone(),
-                pending: None,
-                writing: false,
-            },
-        )?;
+        self.cache.put(node, &CacheEntry::clean(&meta))?;
         let truncated = truncating && meta.hash.as_str() != ContentHash::EMPTY_HEX;
         self.open_local(node, flags, truncated)
     }

@@ -288,34 +288,28 @@ impl Remote {
         Ok(info)
     }
 
-    async fn auth_url(&self) -> Result<String, RemoteError> {
-        let c = self.cluster(false).await?;
-        match c.auth_url {
-            Some(u) => Ok(u),
-            None => self
-                .cluster(true)
-                .await?
-                .auth_url
-                .ok_or_else(|| RemoteError::Api {
-                    code: ErrorCode::Unavailable,
-                    message: "no auth service registered with the directory".into(),
-                }),
+    /// The URL of the auth or lock service from the cluster map (fetched again once if the
+    /// cached map does not name it yet).
+    async fn service_url(
+        &self,
+        pick: fn(&ClusterInfo) -> Option<String>,
+        what: &str,
+    ) -> Result<String, RemoteError> {
+        if let Some(u) = pick(&self.cluster(false).await?) {
+            return Ok(u);
         }
+        pick(&self.cluster(true).await?).ok_or_else(|| RemoteError::Api {
+            code: ErrorCode::Unavailable,
+            message: format!("no {what} service registered with the directory"),
+        })
+    }
+
+    async fn auth_url(&self) -> Result<String, RemoteError> {
+        self.service_url(|c| c.auth_url.clone(), "auth").await
     }
 
     async fn lock_url(&self) -> Result<String, RemoteError> {
-        let c = self.cluster(false).await?;
-        match c.lock_url {
-            Some(u) => Ok(u),
-            None => self
-                .cluster(true)
-                .await?
-                .lock_url
-                .ok_or_else(|| RemoteError::Api {
-                    code: ErrorCode::Unavailable,
-                    message: "no lock service registered with the directory".into(),
-                }),
-        }
+        self.service_url(|c| c.lock_url.clone(), "lock").await
     }
 
     /// Forgets the cluster map, so the next call fetches server URLs afresh (a restarted

@@ -163,19 +163,21 @@ impl Drop for Cluster {
 
 /// Blocking GET of a JSON document.
 pub fn http_get_json(url: &str) -> serde_json::Value {
+    http_get_json_with(url, None)
+}
+
+/// Blocking GET of a JSON document, with an optional (header, value).
+pub fn http_get_json_with(url: &str, header: Option<(&str, &str)>) -> serde_json::Value {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        reqwest::Client::new()
-            .get(url)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        let mut req = reqwest::Client::new().get(url);
+        if let Some((k, v)) = header {
+            req = req.header(k, v);
+        }
+        req.send().await.unwrap().json().await.unwrap()
     })
 }
 
@@ -519,26 +521,9 @@ impl SplitCluster {
     /// Metadata of `/name` (root entry) as the directory has it, read with the cluster key.
     pub fn meta_of(&self, name: &str) -> serde_json::Value {
         let key = std::fs::read_to_string(self.root.path().join("cluster.key")).unwrap();
-        let url = format!(
-            "{}{}",
-            self.url,
-            common::routes::child(common::NodeId::ROOT, name)
-        );
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            reqwest::Client::new()
-                .get(url)
-                .header(common::routes::CLUSTER_KEY_HEADER, key.trim())
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap()
-        })
+        let path = common::routes::child(common::NodeId::ROOT, name);
+        let header = (common::routes::CLUSTER_KEY_HEADER, key.trim());
+        http_get_json_with(&format!("{}{path}", self.url), Some(header))
     }
 
     /// Every service log, for failure messages.
