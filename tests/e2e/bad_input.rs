@@ -102,6 +102,29 @@ fn cli_errors_are_one_clear_line() {
         "{out:?}"
     );
     c.signup_login("alice");
+    use std::os::unix::fs::PermissionsExt;
+    let creds = c.config_dir().join("dfs/credentials.json");
+    let mode = std::fs::metadata(&creds).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the saved token is private");
+    let m = c.mount(&[]);
+    let out = c.run(&["mount", m.dir.to_str().unwrap()], "");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already a mount point"),
+        "{out:?}"
+    );
+    assert!(
+        ok(m.sh("df -k . | tail -1")).contains("dfs"),
+        "statfs answers"
+    );
+    drop(m);
+    let out = c.run(&["logout"], "");
+    assert!(out.status.success());
+    let out = c.run(&["mount", dir.path().to_str().unwrap()], "");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not logged in"),
+        "{out:?}"
+    );
+    c.signup_login("alice");
     let out = c.run(
         &["login", "--user", "alice", "--password-stdin"],
         "wrongpassword\n",
