@@ -34,6 +34,7 @@ pub struct FileServer {
     /// Copies (primary included) that must be durable before a write is acknowledged.
     pub min_copies: usize,
     node_locks: std::sync::Mutex<std::collections::HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>>,
+    cluster_cache: std::sync::Mutex<Option<(std::time::Instant, common::api::ClusterInfo)>>,
 }
 
 /// Parameters of one primary write.
@@ -75,6 +76,7 @@ impl FileServer {
             id_file,
             min_copies: 2,
             node_locks: Default::default(),
+            cluster_cache: Default::default(),
         }
     }
 
@@ -174,7 +176,7 @@ impl FileServer {
 
         let mut holders = vec![me];
         if !meta.replicas.is_empty() {
-            let cluster = self.peer.cluster(&self.directory).await?;
+            let cluster = self.cluster().await?;
             let hash = &req.hash;
             let pushes = meta.replicas.iter().map(|r| {
                 // A dead replica is skipped (the directory's repair catches it up later).
@@ -234,6 +236,24 @@ impl FileServer {
             Ok(_) | Err(ServiceError::NotFound(_)) => self.store.remove_blob(node, hash),
             Err(e) => Err(e),
         }
+    }
+
+    /// The cluster map (server URLs and liveness), re-fetched at most once a second: every
+    /// write needs it, and a second-old view of liveness is fresh enough to pick replicas.
+    async fn cluster(&self) -> ServiceResult<common::api::ClusterInfo> {
+        let now = std::time::Instant::now();
+        if let Some((at, info)) = self
+            .cluster_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            && now.duration_since(*at) < Duration::from_secs(1)
+        {
+            return Ok(info.clone());
+        }
+        let info = self.peer.cluster(&self.directory).await?;
+        *self.cluster_cache.lock().unwrap_or_else(|p| p.into_inner()) = Some((now, info.clone()));
+        Ok(info)
     }
 
     /// Re-replication: pushes this server's copy of `(node, hash)` to the server at `url`.
@@ -367,7 +387,7 @@ impl FileServer {
         if let Err(e) = self.drop_if_superseded(node, &old.hash).await {
             tracing::warn!(%node, error = %e, "dropping the old copy failed");
         }
-        let Ok(cluster) = self.peer.cluster(&self.directory).await else {
+        let Ok(cluster) = self.cluster().await else {
             return;
         };
         for s in cluster
