@@ -149,6 +149,7 @@ pub struct DfsFs {
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     listings: Mutex<HashMap<u64, Arc<Vec<DirItem>>>>,
     retry_at: Mutex<HashMap<NodeId, (Instant, Duration)>>,
+    explicit_mtime: Mutex<HashMap<NodeId, u64>>,
     next_fh: AtomicU64,
     node_locks: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>>,
     writers: Mutex<HashMap<NodeId, usize>>,
@@ -212,6 +213,7 @@ impl DfsFs {
             handles: Mutex::new(HashMap::new()),
             listings: Mutex::new(HashMap::new()),
             retry_at: Mutex::new(HashMap::new()),
+            explicit_mtime: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             node_locks: Mutex::new(HashMap::new()),
             writers: Mutex::new(HashMap::new()),
@@ -290,19 +292,24 @@ impl DfsFs {
             .ok_or(FsError::BadHandle(fh))
     }
 
+    /// Whether the copy of `node` may differ from the server's (open for writing, or pending).
+    fn has_local_changes(&self, node: NodeId) -> bool {
+        self.writer_count(node) > 0
+            || self
+                .cache
+                .get(node)
+                .ok()
+                .flatten()
+                .is_some_and(|e| e.pending.is_some())
+    }
+
     /// The attributes the kernel sees: the directory's, with size and mtime of the local copy
     /// while it holds changes the servers do not have yet.
     pub fn attr(&self, meta: &NodeMeta) -> FileAttr {
         let mut size = meta.size;
         let mut mtime = ns_to_time(meta.mtime_ns);
         if meta.kind == FileKind::File {
-            let local = self.writer_count(meta.id) > 0
-                || self
-                    .cache
-                    .get(meta.id)
-                    .ok()
-                    .flatten()
-                    .is_some_and(|e| e.pending.is_some());
+            let local = self.has_local_changes(meta.id);
             if local && let Ok(m) = std::fs::metadata(self.cache.path(meta.id)) {
                 size = m.len();
                 mtime = m.modified().unwrap_or(mtime);
@@ -413,6 +420,24 @@ impl DfsFs {
         } else {
             self.meta(id).await?
         };
+        if let (Some(t), Some(ns)) = (mtime, mtime_ns)
+            && meta.kind == FileKind::File
+            && self.has_local_changes(id)
+        {
+            // `cp -p`, `tar`, `rsync -t`: times set on a file whose new content is not pushed
+            // yet. The push's commit stamps "now", so the time is applied again after it; the
+            // local copy carries it meanwhile (its mtime is what getattr shows until then).
+            if let Ok(f) = std::fs::OpenOptions::new()
+                .write(true)
+                .open(self.cache.path(id))
+            {
+                let _ = f.set_modified(t);
+            }
+            self.explicit_mtime
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, ns);
+        }
         Ok(self.attr(&meta))
     }
 
@@ -766,6 +791,11 @@ impl DfsFs {
             return Err(FsError::BadHandle(fh));
         }
         h.file.write_all_at(data, offset)?;
+        // A write after an explicit time makes "now" the modification time again.
+        self.explicit_mtime
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&h.node);
         h.dirty.store(true, Ordering::Release);
         Ok(u32::try_from(data.len()).unwrap_or(u32::MAX))
     }
@@ -932,6 +962,11 @@ impl DfsFs {
         let lock = self.node_lock(node);
         let _g = lock.lock().await;
         let Some((_, mut pending)) = self.mark_pending(node)? else {
+            // Nothing to push: an explicit time already stands at the directory.
+            self.explicit_mtime
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&node);
             return Ok(());
         };
         let mut backoff = Duration::from_millis(200);
@@ -968,6 +1003,23 @@ impl DfsFs {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .remove(&node);
+                    let explicit = self
+                        .explicit_mtime
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&node);
+                    if let Some(ns) = explicit {
+                        let req = SetAttrRequest {
+                            mode: None,
+                            mtime_ns: Some(ns),
+                        };
+                        match self.remote.setattr(node, &req).await {
+                            Ok(m) => self.remember(&m, None),
+                            Err(e) => {
+                                tracing::warn!(%node, error = %e, "re-applying the file's time failed")
+                            }
+                        }
+                    }
                     return Ok(());
                 }
                 // Only the directory saying so means the file is gone (a NotFound from another

@@ -74,6 +74,16 @@ fn shell_tools(mount_flags: &[&str]) {
     // rename over an existing file replaces it atomically
     ok(m.sh("echo new > n.txt && echo old > o.txt && mv n.txt o.txt"));
     assert_eq!(ok(m.sh("cat o.txt; ls")), "new\na.txt\nd\no.txt\n");
+    // symlinks, modes, times
+    ok(m.sh("ln -s d/e/f/c.txt link && chmod 640 o.txt && touch -d '2001-02-03 04:05:06' o.txt"));
+    assert_eq!(ok(m.sh("cat link; readlink link")), "hello\nd/e/f/c.txt\n");
+    assert_eq!(ok(m.sh("stat -c '%a %Y' o.txt")), "640 981173106\n");
+    // cp -p: the times are set before the close that pushes the content; they survive it.
+    ok(m.sh("cp -p o.txt p.txt"));
+    // (Also after the kernel's 1 s attribute cache: what the directory holds.)
+    let st = ok(m.sh("stat -c '%a %Y' p.txt; sleep 1.2; stat -c '%a %Y' p.txt"));
+    assert_eq!(st, "640 981173106\n640 981173106\n");
+    ok(m.sh("rm link p.txt"));
     // truncate
     ok(m.sh("truncate -s 3 a.txt"));
     assert_eq!(ok(m.sh("cat a.txt")), "hel");
