@@ -289,7 +289,7 @@ impl FileServer {
                     continue;
                 }
                 Err(e) => {
-                    tracing::debug!(%node, error = %e, "scrub: directory unavailable; skipping");
+                    tracing::debug!(%node, error = %e, "scrub: directory unavailable; this copy is checked next pass");
                     continue;
                 }
             };
