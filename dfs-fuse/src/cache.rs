@@ -149,6 +149,20 @@ impl CacheDir {
         tx.commit().map_err(index_err)
     }
 
+    /// Records `entry` without waiting for the disk: for records whose loss in a crash is
+    /// harmless (the copy is then fetched again, or a pending upload re-sent with its id).
+    pub fn put_lazy(&self, node: NodeId, entry: &CacheEntry) -> Result<(), CacheError> {
+        let data = serde_json::to_vec(entry).map_err(index_err)?;
+        let mut tx = self.db.begin_write().map_err(index_err)?;
+        tx.set_durability(redb::Durability::None)
+            .map_err(index_err)?;
+        tx.open_table(ENTRIES)
+            .map_err(index_err)?
+            .insert(node.0, data.as_slice())
+            .map_err(index_err)?;
+        tx.commit().map_err(index_err)
+    }
+
     /// Forgets `node` and deletes its copy.
     pub fn remove(&self, node: NodeId) -> Result<(), CacheError> {
         let tx = self.db.begin_write().map_err(index_err)?;

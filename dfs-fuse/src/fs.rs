@@ -576,7 +576,7 @@ impl DfsFs {
             .truncate(true)
             .mode(0o600)
             .open(&path)?;
-        self.cache.put(meta.id, &CacheEntry::clean(&meta))?;
+        self.cache.put_lazy(meta.id, &CacheEntry::clean(&meta))?;
         let opened = self.open_local(meta.id, flags & !libc::O_TRUNC, false)?;
         Ok((self.attr(&meta), opened))
     }
@@ -880,7 +880,13 @@ impl DfsFs {
             && e.writing != on
         {
             e.writing = on;
-            self.cache.put(node, &e)?;
+            // Setting must be durable before the first byte changes; a lost clear only costs a
+            // re-hash at the next start.
+            if on {
+                self.cache.put(node, &e)?;
+            } else {
+                self.cache.put_lazy(node, &e)?;
+            }
         }
         Ok(())
     }
@@ -997,7 +1003,7 @@ impl DfsFs {
                     {
                         entry.pending = None;
                     }
-                    self.cache.put(node, &entry)?;
+                    self.cache.put_lazy(node, &entry)?;
                     self.remember(&meta, None);
                     self.retry_at
                         .lock()
