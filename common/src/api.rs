@@ -227,12 +227,16 @@ pub struct LockStatus {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Credentials {
     /// User name (1..=32 bytes of `[A-Za-z0-9._-]`).
+    #[serde(rename = "u")]
     pub user: String,
     /// Password (8..=64 bytes).
+    #[serde(rename = "p")]
     pub password: String,
     /// 32 hex digits, never reused: a replayed envelope is refused.
+    #[serde(rename = "n")]
     pub nonce: String,
     /// Client clock, ms since the epoch; must be within the server's replay window.
+    #[serde(rename = "t")]
     pub timestamp_ms: u64,
 }
 

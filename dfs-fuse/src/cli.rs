@@ -67,6 +67,10 @@ pub struct LoginArgs {
     /// Read the password from the first line of standard input instead of a prompt.
     #[arg(long)]
     password_stdin: bool,
+    /// Sign up as the cluster's administrator, with its cluster key (needed when the cluster
+    /// runs with --closed-signup; signup only).
+    #[arg(long, value_name = "PATH")]
+    cluster_key_file: Option<PathBuf>,
 }
 
 /// Cache and timing flags shared by `mount` and `up`.
@@ -197,10 +201,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         match cli.command {
             Command::Up(a) => crate::up::run(a).await,
             Command::Signup(a) => {
+                let key = match &a.cluster_key_file {
+                    Some(p) => Some(
+                        std::fs::read_to_string(p)
+                            .with_context(|| format!("reading the cluster key {}", p.display()))?
+                            .trim()
+                            .to_owned(),
+                    ),
+                    None => None,
+                };
                 let pw = read_password(a.password_stdin, true)?;
                 let remote = Remote::new(&a.server.server, None, None, RemoteConfig::default());
                 remote
-                    .signup(&a.user, &pw)
+                    .signup_as_admin(&a.user, &pw, key.as_deref())
                     .await
                     .with_context(|| format!("signup at {}", a.server.server))?;
                 println!("user {} created on {}", a.user, a.server.server);
@@ -243,6 +256,12 @@ fn umount(a: &UmountArgs) -> anyhow::Result<()> {
     let mountpoint = &a.mountpoint;
     if !session::is_mounted(mountpoint) {
         bail!("{} is not mounted", mountpoint.display());
+    }
+    if !session::is_dfs_mount(mountpoint) {
+        bail!(
+            "{} is not a dfs mount; not touching it",
+            mountpoint.display()
+        );
     }
     let cache = session::mounted_cache_dir(mountpoint);
     if let Some(cache) = &cache {
@@ -307,6 +326,12 @@ fn umount(a: &UmountArgs) -> anyhow::Result<()> {
 }
 
 async fn status(a: StatusArgs) -> anyhow::Result<()> {
+    // Status is what one runs when servers misbehave: never wait long on any of them.
+    let quick = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(5))
+        .build()
+        .context("building the HTTP client")?;
     let server = a.server.server.trim_end_matches('/').to_owned();
     let creds = CredStore::default_location()?;
     let remote = Remote::new(
@@ -329,7 +354,7 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
     let locks: Vec<common::api::LockStatus> = match &cluster.lock_url {
         Some(url) => {
             let token = creds_token(&remote).await;
-            let req = reqwest::Client::new().get(format!("{url}{}", common::routes::LOCKS));
+            let req = quick.clone().get(format!("{url}{}", common::routes::LOCKS));
             let req = match token {
                 Some(t) => req.bearer_auth(t),
                 None => req,
@@ -343,7 +368,7 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
     };
     let mut downloads = 0u64;
     for s in &cluster.servers {
-        if let Ok(r) = reqwest::Client::new()
+        if let Ok(r) = quick
             .get(format!("{}{}", s.url, common::routes::FILE_STATS))
             .send()
             .await

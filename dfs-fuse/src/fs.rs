@@ -1111,6 +1111,31 @@ impl DfsFs {
         result
     }
 
+    /// Nodes with changes not yet on the servers, or open for writing here (whose changes may
+    /// not even be recorded yet).
+    pub fn unsettled(&self) -> FsResult<Vec<NodeId>> {
+        let mut v = self.pending()?;
+        v.extend(
+            self.writers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .copied(),
+        );
+        v.sort();
+        v.dedup();
+        Ok(v)
+    }
+
+    /// Handles open for writing.
+    pub fn open_writers(&self) -> usize {
+        self.writers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .sum()
+    }
+
     /// Nodes with changes not yet on the servers.
     pub fn pending(&self) -> FsResult<Vec<NodeId>> {
         Ok(self.cache.pending()?.into_iter().map(|(n, _)| n).collect())

@@ -113,6 +113,8 @@ impl Default for RemoteConfig {
 
 struct Session {
     login: Option<SavedLogin>,
+    /// After a failed refresh, the next attempt waits until then (ms since the epoch).
+    retry_refresh_at_ms: u64,
 }
 
 /// Counters of this client (for `dfs status` and tests).
@@ -167,7 +169,10 @@ impl Remote {
             server,
             http,
             stream,
-            session: tokio::sync::Mutex::new(Session { login }),
+            session: tokio::sync::Mutex::new(Session {
+                login,
+                retry_refresh_at_ms: 0,
+            }),
             creds,
             cluster: std::sync::Mutex::new(None),
             config,
@@ -184,15 +189,31 @@ impl Remote {
         format!("{}{path}", self.server)
     }
 
-    /// The bearer token, renewed with the refresh token first when it nears expiry.
+    /// A login another `dfs` process saved for this server that is newer than `than` (refresh
+    /// tokens are single use: whoever refreshed first holds the live one).
+    fn newer_saved_login(&self, than: &SavedLogin) -> Option<SavedLogin> {
+        let saved = self.creds.as_ref()?.get(&self.server).ok()??;
+        (saved.refresh_token != than.refresh_token && saved.expires_at_ms > than.expires_at_ms)
+            .then_some(saved)
+    }
+
+    /// The bearer token, renewed with the refresh token first when it nears expiry. A login
+    /// renewed meanwhile by another process sharing the credentials file is adopted, and a
+    /// failed renewal is not retried for 30 s while the old token is still valid.
     async fn token(&self) -> Result<String, RemoteError> {
         let mut s = self.session.lock().await;
         let login = s
             .login
             .clone()
             .ok_or_else(|| RemoteError::NotLoggedIn(self.server.clone()))?;
-        if now_ms() < login.renew_at_ms() {
+        let now = now_ms();
+        if now < login.renew_at_ms() || (now < s.retry_refresh_at_ms && login.expires_at_ms > now) {
             return Ok(login.token);
+        }
+        if let Some(saved) = self.newer_saved_login(&login) {
+            let token = saved.token.clone();
+            s.login = Some(saved);
+            return Ok(token);
         }
         match self.refresh(&login.refresh_token).await {
             Ok(t) => {
@@ -207,12 +228,22 @@ impl Remote {
                 tracing::info!("login token renewed");
                 Ok(token)
             }
-            // Still valid for a while: keep using it and retry the refresh later.
-            Err(e) if login.expires_at_ms > now_ms() => {
-                tracing::warn!(error = %e, "token refresh failed; retrying later");
-                Ok(login.token)
+            Err(e) => {
+                // Another process may have renewed with our refresh token just before us.
+                if let Some(saved) = self.newer_saved_login(&login) {
+                    let token = saved.token.clone();
+                    s.login = Some(saved);
+                    return Ok(token);
+                }
+                if login.expires_at_ms > now_ms() {
+                    // Still valid for a while: keep using it, try again later.
+                    tracing::warn!(error = %e, "token refresh failed; retrying in 30 s");
+                    s.retry_refresh_at_ms = now_ms() + 30_000;
+                    Ok(login.token)
+                } else {
+                    Err(e)
+                }
             }
-            Err(e) => Err(e),
         }
     }
 
@@ -344,6 +375,7 @@ impl Remote {
         path: &str,
         user: &str,
         password: &str,
+        cluster_key: Option<&str>,
     ) -> Result<reqwest::Response, RemoteError> {
         let auth = self.auth_url().await?;
         let pk: PublicKeyResponse = self
@@ -362,9 +394,11 @@ impl Remote {
             code: ErrorCode::BadRequest,
             message: e.to_string(),
         })?;
-        let resp = self
-            .http
-            .post(format!("{auth}{path}"))
+        let mut req = self.http.post(format!("{auth}{path}"));
+        if let Some(k) = cluster_key {
+            req = req.header(routes::CLUSTER_KEY_HEADER, k);
+        }
+        let resp = req
             .timeout(self.config.call_timeout)
             .json(&env)
             .send()
@@ -378,7 +412,17 @@ impl Remote {
 
     /// Creates a user.
     pub async fn signup(&self, user: &str, password: &str) -> Result<(), RemoteError> {
-        self.sealed(routes::AUTH_SIGNUP, user, password)
+        self.signup_as_admin(user, password, None).await
+    }
+
+    /// Creates a user, presenting the cluster key (needed when signup is closed).
+    pub async fn signup_as_admin(
+        &self,
+        user: &str,
+        password: &str,
+        cluster_key: Option<&str>,
+    ) -> Result<(), RemoteError> {
+        self.sealed(routes::AUTH_SIGNUP, user, password, cluster_key)
             .await
             .map(drop)
     }
@@ -386,13 +430,15 @@ impl Remote {
     /// Logs in and starts using the new token.
     pub async fn login(&self, user: &str, password: &str) -> Result<SavedLogin, RemoteError> {
         let t: TokenResponse = self
-            .sealed(routes::AUTH_LOGIN, user, password)
+            .sealed(routes::AUTH_LOGIN, user, password, None)
             .await?
             .json()
             .await
             .map_err(|e| net("login", e))?;
         let login = SavedLogin::from_response(t);
-        self.session.lock().await.login = Some(login.clone());
+        let mut session = self.session.lock().await;
+        session.login = Some(login.clone());
+        session.retry_refresh_at_ms = 0;
         Ok(login)
     }
 

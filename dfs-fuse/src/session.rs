@@ -36,14 +36,36 @@ pub struct MountOptions {
 /// File in the cache directory holding the pid of the process that mounts it.
 pub const MOUNT_PID_FILE: &str = "mount.pid";
 
+/// The /proc/self/mountinfo line of the mount at `path` (resolved without touching a dead
+/// mount, which would fail with ENOTCONN).
+fn mountinfo_line(path: &Path) -> Option<String> {
+    let abs = path
+        .canonicalize()
+        .or_else(|_| std::path::absolute(path))
+        .ok()?;
+    let want = abs.to_string_lossy().replace(' ', "\\040");
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines()
+        .find(|l| l.split(' ').nth(4) == Some(want.as_str()))
+        .map(str::to_owned)
+}
+
+/// Whether `path` is a dfs mount: a FUSE file system (`fuse` or `fuse.dfs`, depending on how
+/// it was mounted) whose source is `dfs` or `dfs:<cache dir>`.
+pub fn is_dfs_mount(path: &Path) -> bool {
+    mountinfo_line(path).is_some_and(|l| {
+        l.split_once(" - ").is_some_and(|(_, tail)| {
+            let mut f = tail.split(' ');
+            let fstype = f.next().unwrap_or_default();
+            let source = f.next().unwrap_or_default();
+            fstype.starts_with("fuse") && (source == "dfs" || source.starts_with("dfs:"))
+        })
+    })
+}
+
 /// The cache directory of the dfs mount at `mountpoint`, from /proc/self/mountinfo.
 pub fn mounted_cache_dir(mountpoint: &Path) -> Option<PathBuf> {
-    let canon = mountpoint.canonicalize().ok()?;
-    let want = canon.to_string_lossy().replace(' ', "\\040");
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let line = info
-        .lines()
-        .find(|l| l.split(' ').nth(4) == Some(want.as_str()))?;
+    let line = mountinfo_line(mountpoint)?;
     let (_, tail) = line.split_once(" - ")?;
     let source = tail.split(' ').nth(1)?;
     let dir = source.strip_prefix("dfs:")?.replace("\\040", " ");
@@ -80,15 +102,7 @@ pub fn default_cache_dir(server: &str, cluster_id: &str) -> anyhow::Result<PathB
 
 /// Whether `path` is a mount point (per /proc/self/mountinfo).
 pub fn is_mounted(path: &Path) -> bool {
-    let Ok(canon) = path.canonicalize() else {
-        return false;
-    };
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = canon.to_string_lossy().replace(' ', "\\040");
-    info.lines()
-        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+    mountinfo_line(path).is_some()
 }
 
 /// The checks that turn common mistakes into one clear line.
@@ -96,19 +110,23 @@ pub fn preflight(mountpoint: &Path) -> anyhow::Result<()> {
     if !Path::new("/dev/fuse").exists() {
         bail!("no /dev/fuse: install fuse3 and load the fuse kernel module (modprobe fuse)");
     }
-    if !mountpoint.is_dir() {
-        bail!(
-            "mount point {} does not exist or is not a directory",
-            mountpoint.display()
-        );
-    }
     if is_mounted(mountpoint) {
         bail!(
             "{} is already a mount point; unmount it first (dfs umount {0})",
             mountpoint.display()
         );
     }
-    Ok(())
+    match std::fs::metadata(mountpoint) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => bail!(
+            "{} is a dead mount (its dfs process is gone); run `dfs umount {0}` first",
+            mountpoint.display()
+        ),
+        _ => bail!(
+            "mount point {} does not exist or is not a directory",
+            mountpoint.display()
+        ),
+    }
 }
 
 /// Builds the remote for `server` from the saved login, checking that the server answers
@@ -213,7 +231,15 @@ impl Mounted {
             }
         };
         tokio::select! {
-            _ = dfs_server::cli::shutdown_signal() => {}
+            _ = dfs_server::cli::shutdown_signal() => {
+                // A second signal ends the process at once: pending uploads are durable in the
+                // cache and pushed by the next mount.
+                tokio::spawn(async {
+                    dfs_server::cli::shutdown_signal().await;
+                    eprintln!("dfs: second signal: exiting now; pending uploads stay in the cache");
+                    std::process::exit(130);
+                });
+            }
             _ = external => tracing::info!("file system was unmounted"),
         }
     }
@@ -234,16 +260,24 @@ impl Mounted {
         }
         self.cancel.cancel();
         let _ = self.uploader.await;
+        // After a lazy detach, files may still be open for writing: wait for their closes (which
+        // push) and push what is pending, within the drain timeout.
         let deadline = tokio::time::Instant::now() + self.drain_timeout;
-        let mut pending = self.fs.pending()?;
-        while !pending.is_empty() && tokio::time::Instant::now() < deadline {
-            pending = self.fs.push_pending(deadline, false).await?;
-            if !pending.is_empty() {
+        let mut unsettled = self.fs.unsettled()?;
+        let mut said = false;
+        while !unsettled.is_empty() && tokio::time::Instant::now() < deadline {
+            if self.fs.open_writers() > 0 && !said {
+                eprintln!("dfs: waiting for files still open for writing to be closed");
+                said = true;
+            }
+            self.fs.push_pending(deadline, false).await?;
+            unsettled = self.fs.unsettled()?;
+            if !unsettled.is_empty() {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
         self.fs.write_status();
-        Ok(pending)
+        Ok(unsettled)
     }
 }
 

@@ -18,7 +18,8 @@ const HELLO: &str = "Hello from dfs!\n\nThis directory is a distributed file sys
 /// Starts the cluster, signs the default user up and in, writes `Hello.txt` into a fresh
 /// store, mounts, and on Ctrl-C/SIGTERM unmounts (pushing pending uploads) and stops.
 pub async fn run(a: UpArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&a.data).with_context(|| format!("creating {}", a.data.display()))?;
+    dfs_server::cluster::create_private_dir(&a.data)
+        .with_context(|| format!("creating {}", a.data.display()))?;
     std::fs::create_dir_all(&a.mountpoint)
         .with_context(|| format!("creating {}", a.mountpoint.display()))?;
     session::preflight(&a.mountpoint)?;
@@ -29,6 +30,10 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         let pw_path = a.data.join("default-user.password");
         let password = match std::fs::read_to_string(&pw_path) {
             Ok(p) => p.trim().to_owned(),
+            // Only a missing file means "first start"; any other error must not replace it.
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("reading {}", pw_path.display()));
+            }
             Err(_) => {
                 let p = hex::encode(rand::random::<[u8; 16]>());
                 dfs_server::store::write_durable(&pw_path, p.as_bytes(), 0o600)?;

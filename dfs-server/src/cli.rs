@@ -102,6 +102,10 @@ pub struct AllArgs {
     /// Seconds between integrity scrubs of each file server.
     #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
     pub scrub_interval_secs: u64,
+    /// Only callers with the cluster key may sign users up
+    /// (`dfs signup --cluster-key-file PATH`); otherwise anyone who reaches the auth service can.
+    #[arg(long)]
+    pub closed_signup: bool,
 }
 
 /// `directory`.
@@ -146,6 +150,9 @@ pub struct ServiceArgs {
     /// Lifetime of login tokens in seconds (auth service only).
     #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
     token_ttl_secs: u64,
+    /// Only callers with the cluster key may sign users up (auth service only).
+    #[arg(long)]
+    closed_signup: bool,
 }
 
 /// `file`.
@@ -186,6 +193,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.scrub_interval = Duration::from_secs(a.scrub_interval_secs);
                 cfg.lock.lease = Duration::from_millis(a.lease_ms);
                 cfg.auth.token_ttl = Duration::from_secs(a.token_ttl_secs);
+                cfg.auth.open_signup = !a.closed_signup;
                 let handle = cluster::start(cfg).await?;
                 println!("dfs cluster up; directory: {}", handle.directory_url);
                 println!(
@@ -257,6 +265,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 let key = a.common.key()?;
                 let cfg = AuthConfig {
                     token_ttl: Duration::from_secs(a.token_ttl_secs),
+                    open_signup: !a.closed_signup,
                     ..AuthConfig::default()
                 };
                 let svc = Arc::new(
@@ -309,10 +318,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     })
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
+/// Resolves on Ctrl-C, SIGTERM or SIGHUP (call again to wait for the next one).
 pub async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let wait = |kind: SignalKind| async move {
+        match signal(kind) {
             Ok(mut s) => {
                 s.recv().await;
             }
@@ -320,8 +330,10 @@ pub async fn shutdown_signal() {
         }
     };
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
+        _ = wait(SignalKind::interrupt()) => {}
+        _ = wait(SignalKind::terminate()) => {}
+        // A closed terminal: shut down cleanly rather than die with the mount left behind.
+        _ = wait(SignalKind::hangup()) => {}
     }
     tracing::info!("shutting down");
 }

@@ -89,12 +89,26 @@ pub struct ClusterHandle {
 
 impl ClusterHandle {
     /// Stops every server and worker and waits for them.
+    /// Requests still running after 10 s (a stalled client) are cut off.
     pub async fn shutdown(self) {
         self.cancel.cancel();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         for t in self.tasks {
-            let _ = t.await;
+            let abort = t.abort_handle();
+            if tokio::time::timeout_at(deadline, t).await.is_err() {
+                abort.abort();
+            }
         }
     }
+}
+
+/// Creates `dir` (and parents) with mode 0700: it holds every file's content and the keys.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 /// Reads the cluster key at `path`, creating a random one (mode 0600) if missing.
@@ -104,9 +118,14 @@ pub fn load_or_create_cluster_key(path: &Path) -> anyhow::Result<String> {
         Ok(_) => anyhow::bail!("cluster key file {} is empty", path.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = hex::encode(rand::random::<[u8; 32]>());
-            crate::store::write_durable(path, key.as_bytes(), 0o600)
+            // Services starting together must end up with one key: the first one made wins.
+            let created = crate::store::create_durable_new(path, key.as_bytes(), 0o600)
                 .with_context(|| format!("writing cluster key {}", path.display()))?;
-            Ok(key)
+            if created {
+                Ok(key)
+            } else {
+                load_or_create_cluster_key(path)
+            }
         }
         Err(e) => Err(e).with_context(|| format!("reading cluster key {}", path.display())),
     }
@@ -227,8 +246,7 @@ pub fn start_repair(
 
 /// Starts directory, lock, auth and N file servers in this process, on loopback.
 pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
-    std::fs::create_dir_all(&cfg.data)
-        .with_context(|| format!("creating {}", cfg.data.display()))?;
+    create_private_dir(&cfg.data).with_context(|| format!("creating {}", cfg.data.display()))?;
     let cancel = CancellationToken::new();
     let key = load_or_create_cluster_key(&cfg.data.join("cluster.key"))?;
     let peer = Peer::new(&key);

@@ -42,9 +42,12 @@ pub fn write_durable(path: &Path, data: &[u8], mode: u32) -> ServiceResult<()> {
         .parent()
         .ok_or_else(|| ServiceError::internal("durable write", "path has no parent"))?;
     std::fs::create_dir_all(dir)?;
+    // A temp name of its own: two writers never share (and corrupt) one temp file.
     let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
+        ".{}.{}.{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id(),
+        hex::encode(rand::random::<[u8; 6]>())
     ));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -56,6 +59,40 @@ pub fn write_durable(path: &Path, data: &[u8], mode: u32) -> ServiceResult<()> {
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;
     sync_dir(dir)
+}
+
+/// Creates `path` with `data` durably unless it exists (then returns false): a temp file,
+/// fsync, then a hard link, which unlike rename never replaces what another process made.
+pub fn create_durable_new(path: &Path, data: &[u8], mode: u32) -> ServiceResult<bool> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path
+        .parent()
+        .ok_or_else(|| ServiceError::internal("durable create", "path has no parent"))?;
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".new.{}.{}.tmp",
+        std::process::id(),
+        hex::encode(rand::random::<[u8; 6]>())
+    ));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    drop(f);
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {
+            sync_dir(dir)?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// fsyncs a directory so that a rename into it survives a crash.

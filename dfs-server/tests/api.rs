@@ -685,3 +685,31 @@ async fn a_fence_the_lock_service_did_not_sign_is_refused() {
     assert!(h.write(&f, b"ok", 1, 2).await.status().is_success());
     h.cluster.shutdown().await;
 }
+
+#[tokio::test]
+async fn closed_signup_needs_the_cluster_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = start_on(dir.path(), |c| c.auth.open_signup = false).await;
+    let http = reqwest::Client::new();
+    let pk = public_key(&http, &cluster).await;
+    let env = dfs_server::auth::seal(&pk, "mallory", "password123").unwrap();
+    let r = post_envelope(&http, &cluster, routes::AUTH_SIGNUP, &env).await;
+    assert_eq!(error_code(r).await, (403, ErrorCode::Forbidden));
+    let env = dfs_server::auth::seal(&pk, "alice", "password123").unwrap();
+    let r = http
+        .post(format!("{}{}", cluster.auth_url, routes::AUTH_SIGNUP))
+        .header(routes::CLUSTER_KEY_HEADER, &cluster.cluster_key)
+        .json(&env)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "the administrator signs a user up");
+    let env = dfs_server::auth::seal(&pk, "alice", "password123").unwrap();
+    assert!(
+        post_envelope(&http, &cluster, routes::AUTH_LOGIN, &env)
+            .await
+            .status()
+            .is_success()
+    );
+    cluster.shutdown().await;
+}

@@ -35,6 +35,8 @@ pub struct AuthConfig {
     pub refresh_ttl: Duration,
     /// How far an envelope's timestamp may be from the server clock.
     pub replay_window: Duration,
+    /// Anyone may sign up (else only callers with the cluster key).
+    pub open_signup: bool,
 }
 
 impl Default for AuthConfig {
@@ -43,6 +45,7 @@ impl Default for AuthConfig {
             token_ttl: Duration::from_secs(3600),
             refresh_ttl: Duration::from_secs(30 * 24 * 3600),
             replay_window: Duration::from_secs(300),
+            open_signup: true,
         }
     }
 }
@@ -65,6 +68,11 @@ pub struct AuthService {
     key: PrivateKey,
     public: PublicKey,
     config: AuthConfig,
+    /// Password hashing is CPU and memory heavy (argon2id, ~19 MiB each): at most one per core
+    /// runs at a time, whatever the request rate.
+    pub hashing: tokio::sync::Semaphore,
+    /// A hash to verify against for unknown users, so timing does not reveal which exist.
+    dummy_phc: String,
 }
 
 fn validate_user(user: &str) -> ServiceResult<()> {
@@ -94,12 +102,24 @@ impl AuthService {
         tx.open_table(REFRESH)?;
         tx.commit()?;
         let public = key.to_public_key();
+        let dummy_phc = Argon2::default()
+            .hash_password(&rand::random::<[u8; 16]>())
+            .map_err(|e| ServiceError::internal("hashing", e))?
+            .to_string();
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Ok(AuthService {
             db,
             key,
             public,
             config,
+            hashing: tokio::sync::Semaphore::new(cores),
+            dummy_phc,
         })
+    }
+
+    /// Whether anyone may sign up.
+    pub fn open_signup(&self) -> bool {
+        self.config.open_signup
     }
 
     /// The public key clients encrypt envelopes with and services verify tokens with.
@@ -197,6 +217,9 @@ impl AuthService {
             let tx = self.db.begin_read()?;
             let users = tx.open_table(USERS)?;
             let Some(v) = users.get(creds.user.as_str())? else {
+                if let Ok(parsed) = PasswordHash::new(&self.dummy_phc) {
+                    let _ = Argon2::default().verify_password(creds.password.as_bytes(), &parsed);
+                }
                 return Err(wrong());
             };
             decode(v.value())?

@@ -8,7 +8,9 @@ use common::api::{Envelope, PublicKeyResponse, RefreshRequest, TokenResponse};
 use common::routes;
 
 use super::AuthService;
-use crate::http::{ApiJson, ApiResult, blocking};
+use crate::error::ServiceError;
+use crate::http::authed::ClusterOnly;
+use crate::http::{ApiJson, ApiResult, AppError, blocking};
 
 /// The auth router over a shared service.
 pub fn router(svc: Arc<AuthService>) -> Router {
@@ -30,8 +32,17 @@ async fn public_key(axum::extract::State(svc): State) -> ApiResult<Json<PublicKe
 
 async fn signup(
     axum::extract::State(svc): State,
+    admin: Result<ClusterOnly, AppError>,
     ApiJson(env): ApiJson<Envelope>,
 ) -> ApiResult<Json<serde_json::Value>> {
+    if !svc.open_signup() && admin.is_err() {
+        return Err(AppError(ServiceError::Forbidden(
+            "signup is closed on this cluster: an administrator signs users up with the cluster key"
+                .into(),
+        )));
+    }
+    let held = svc.clone();
+    let _slot = hashing_slot(&held).await?;
     let user = blocking(move || svc.signup(&env)).await?;
     Ok(Json(serde_json::json!({ "user": user })))
 }
@@ -40,7 +51,18 @@ async fn login(
     axum::extract::State(svc): State,
     ApiJson(env): ApiJson<Envelope>,
 ) -> ApiResult<Json<TokenResponse>> {
+    let held = svc.clone();
+    let _slot = hashing_slot(&held).await?;
     Ok(Json(blocking(move || svc.login(&env)).await?))
+}
+
+/// Waits for one of the password-hashing slots (one per core), so a flood of logins queues
+/// instead of running hundreds of 19 MiB argon2 hashes at once.
+async fn hashing_slot(svc: &AuthService) -> Result<tokio::sync::SemaphorePermit<'_>, AppError> {
+    svc.hashing
+        .acquire()
+        .await
+        .map_err(|e| AppError(ServiceError::internal("hashing slots", e)))
 }
 
 async fn refresh(

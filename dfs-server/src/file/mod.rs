@@ -131,7 +131,13 @@ impl FileStore {
             .join("tmp")
             .join(format!("{}.part", hex::encode(rand::random::<[u8; 12]>())));
         let mut guard = TmpGuard(Some(tmp_path.clone()));
-        let file = tokio::fs::File::create(&tmp_path).await?;
+        // Private: blobs are every user's file contents.
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp_path)
+            .await?;
         let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
         let mut hasher = Sha256::new();
         let mut size = 0u64;
