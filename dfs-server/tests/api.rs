@@ -112,6 +112,19 @@ impl Harness {
         r.json().await.unwrap()
     }
 
+    /// An authorised GET of a directory document.
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
+        self.http
+            .get(self.dir(path))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     async fn cluster_info(&self) -> ClusterInfo {
         self.http
             .get(self.dir(routes::CLUSTER))
@@ -350,16 +363,7 @@ async fn create_write_read_rename_unlink_and_every_replica_has_the_same_hash() {
         .await
         .unwrap();
     assert!(r.status().is_success());
-    let looked: NodeMeta = h
-        .http
-        .get(h.dir(&routes::child(NodeId::ROOT, "b.txt")))
-        .bearer_auth(&h.token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let looked: NodeMeta = h.get_json(&routes::child(NodeId::ROOT, "b.txt")).await;
     assert_eq!((looked.id, looked.version), (f.id, 1));
     let r = h
         .http
@@ -440,16 +444,7 @@ async fn unrenewed_lease_passes_the_lock_and_stale_fence_is_refused() {
     );
     let r = h.write(&f, b"stale holder", old, 1).await;
     assert_eq!(error_code(r).await, (409, ErrorCode::StaleFence));
-    let meta: NodeMeta = h
-        .http
-        .get(h.dir(&routes::node(f.id)))
-        .bearer_auth(&h.token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let meta: NodeMeta = h.get_json(&routes::node(f.id)).await;
     assert_eq!(
         meta.hash,
         hash_of(b"new holder"),
@@ -484,30 +479,12 @@ async fn directory_restart_keeps_all_metadata() {
         token,
         _dir: None,
     };
-    let entries: Vec<common::DirEntry> = h
-        .http
-        .get(h.dir(&routes::children(NodeId::ROOT)))
-        .bearer_auth(&h.token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let entries: Vec<common::DirEntry> = h.get_json(&routes::children(NodeId::ROOT)).await;
     assert_eq!(
         entries.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
         vec!["kept"]
     );
-    let meta: NodeMeta = h
-        .http
-        .get(h.dir(&routes::node(f.id)))
-        .bearer_auth(&h.token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let meta: NodeMeta = h.get_json(&routes::node(f.id)).await;
     assert_eq!((meta.version, meta.hash.clone()), (1, hash_of(b"durable")));
     let body = h
         .read_from(meta.primary.unwrap(), &meta)
@@ -619,16 +596,7 @@ async fn bad_input_gets_json_errors_and_changes_nothing() {
         .unwrap();
     assert_eq!(error_code(r).await, (403, ErrorCode::Forbidden));
     // Nothing stored was changed.
-    let meta: NodeMeta = h
-        .http
-        .get(h.dir(&routes::node(f.id)))
-        .bearer_auth(&h.token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let meta: NodeMeta = h.get_json(&routes::node(f.id)).await;
     assert_eq!((meta.version, meta.hash.clone()), (1, hash_of(b"original")));
     let body = h
         .read_from(meta.replicas[0], &meta)
