@@ -41,7 +41,14 @@ pub struct Verifier {
     public_key: RwLock<Option<PublicKey>>,
     directory_url: Option<String>,
     http: reqwest::Client,
+    /// Tokens whose signature was already checked, by SHA-256 of the token: an RSA verification
+    /// costs far more than the request it guards, and a client sends the same token for an
+    /// hour. Expiry is still checked on every use.
+    verified: std::sync::Mutex<std::collections::HashMap<[u8; 32], Claims>>,
 }
+
+/// Most verified tokens remembered (the map is emptied when full).
+const VERIFIED_CAP: usize = 4096;
 
 fn digest(s: &str) -> [u8; 32] {
     Sha256::digest(s.as_bytes()).into()
@@ -62,6 +69,7 @@ impl Verifier {
                 .timeout(Duration::from_secs(5))
                 .build()
                 .unwrap_or_default(),
+            verified: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -75,6 +83,10 @@ impl Verifier {
         if let Ok(mut k) = self.public_key.write() {
             *k = Some(key);
         }
+        self.verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     fn cached_key(&self) -> Option<PublicKey> {
@@ -123,8 +135,30 @@ impl Verifier {
 
     /// Checks a bearer token's signature and expiry; returns its claims.
     pub async fn verify_token(&self, token: &str) -> ServiceResult<Claims> {
+        let id = digest(token);
+        let now = now_ms();
+        let known = self
+            .verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned();
+        if let Some(claims) = known {
+            if claims.exp_ms <= now {
+                return Err(ServiceError::Unauthorized(
+                    "token expired; log in again".into(),
+                ));
+            }
+            return Ok(claims);
+        }
         let key = self.key().await?;
-        crate::auth::token::verify_token_with(&key, token, now_ms())
+        let claims = crate::auth::token::verify_token_with(&key, token, now)?;
+        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if verified.len() >= VERIFIED_CAP {
+            verified.clear();
+        }
+        verified.insert(id, claims.clone());
+        Ok(claims)
     }
 }
 
