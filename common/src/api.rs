@@ -83,6 +83,38 @@ pub struct CommitRequest {
     pub holders: Vec<ServerId>,
     /// Who wrote it.
     pub writer: String,
+    /// The primary that stored it; the commit is refused if the directory names another.
+    #[serde(default)]
+    pub primary: Option<ServerId>,
+    /// Permission bits changed while the file was open for writing (fchmod before close),
+    /// applied with this version.
+    #[serde(default)]
+    pub mode: Option<u32>,
+    /// An explicit modification time set while the file was open or pending (futimens, `cp -p`,
+    /// tar), applied instead of the commit time.
+    #[serde(default)]
+    pub mtime_ns: Option<u64>,
+}
+
+/// Answer to a commit: the new metadata and, if a version was replaced, what its holders may
+/// now drop.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CommitResponse {
+    /// The node after the commit.
+    #[serde(flatten)]
+    pub meta: crate::meta::NodeMeta,
+    /// The version this commit replaced (none for a retried upload already applied).
+    #[serde(default)]
+    pub superseded: Option<Superseded>,
+}
+
+/// A version replaced by a commit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Superseded {
+    /// Its content hash.
+    pub hash: ContentHash,
+    /// The servers that held it.
+    pub holders: Vec<ServerId>,
 }
 
 /// `GET /v1/statfs`.

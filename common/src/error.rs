@@ -36,6 +36,9 @@ pub enum ErrorCode {
     Replay,
     /// The lock is not held by the caller.
     NotHolder,
+    /// A write sent to a file server that is not (or no longer) the file's primary, or with a
+    /// placement the directory no longer has: fetch the metadata again and resend.
+    NotPrimary,
     /// Not enough live servers, or a peer did not answer.
     Unavailable,
     /// A bug or an I/O failure on the server; details are in its log.

@@ -5,6 +5,8 @@ use crate::ids::{ContentHash, NodeId};
 
 /// Liveness probe answered by every service.
 pub const HEALTH: &str = "/health";
+/// Prometheus text exposition, on every service and on a client started with `--metrics`.
+pub const METRICS: &str = "/metrics";
 /// Header carrying the cluster key on service-to-service calls.
 pub const CLUSTER_KEY_HEADER: &str = "x-dfs-cluster-key";
 /// Header carrying the writer's fencing token on an upload.
@@ -15,6 +17,14 @@ pub const FENCE_SIG_HEADER: &str = "x-dfs-fence-sig";
 pub const HASH_HEADER: &str = "x-dfs-hash";
 /// Header carrying the idempotency key of an upload.
 pub const UPLOAD_ID_HEADER: &str = "x-dfs-upload-id";
+/// Header of an upload: the placement the writer knows, `primary,replica,...` (server ids). The
+/// primary pushes to these replicas without asking the directory; the directory refuses the
+/// commit if the placement changed meanwhile.
+pub const PLACEMENT_HEADER: &str = "x-dfs-placement";
+/// Header of an upload: permission bits to apply with the new version (octal).
+pub const MODE_HEADER: &str = "x-dfs-mode";
+/// Header of an upload: explicit modification time to apply with the new version (ns).
+pub const MTIME_HEADER: &str = "x-dfs-mtime-ns";
 
 /// Directory: cluster map (lock and auth URLs, file servers).
 pub const CLUSTER: &str = "/v1/cluster";
@@ -67,6 +77,8 @@ pub const DROP_BLOB: &str = "/v1/internal/files/{id}/{hash}/drop";
 pub const COPY_TO: &str = "/v1/internal/files/{id}/{hash}/copy-to";
 /// Directory, internal: a server lost its copy of a version (scrub found it corrupt).
 pub const DROP_HOLDER: &str = "/v1/internal/nodes/{id}/drop-holder";
+/// A replica that finished after the write was acknowledged joins the version's holders.
+pub const ADD_HOLDER: &str = "/v1/internal/nodes/{id}/add-holder";
 /// File server: counters.
 pub const FILE_STATS: &str = "/v1/stats";
 
@@ -125,7 +137,12 @@ pub fn copy_to(id: NodeId, hash: &ContentHash) -> String {
     format!("/v1/internal/files/{id}/{hash}/copy-to")
 }
 
-/// `/v1/internal/nodes/{id}/drop-holder`.
+/// Path of [`ADD_HOLDER`].
+pub fn add_holder(id: NodeId) -> String {
+    format!("/v1/internal/nodes/{id}/add-holder")
+}
+
+/// Path of [`DROP_HOLDER`].
 pub fn drop_holder(id: NodeId) -> String {
     format!("/v1/internal/nodes/{id}/drop-holder")
 }

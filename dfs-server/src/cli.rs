@@ -227,7 +227,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     cluster::start_repair(svc.clone(), &key, repair, cancel.clone()),
                     cluster::serve(
                         l,
-                        finish(crate::directory::routes::router(svc), verifier),
+                        finish(
+                            crate::directory::routes::router(svc.clone()),
+                            verifier,
+                            cluster::directory_metrics(&svc),
+                        ),
                         cancel.clone(),
                     ),
                 ]
@@ -249,7 +253,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 vec![
                     cluster::serve(
                         l,
-                        finish(crate::lock::routes::router(svc), verifier),
+                        finish(
+                            crate::lock::routes::router(svc),
+                            verifier,
+                            Arc::new(crate::metrics::Metrics::new()),
+                        ),
                         cancel.clone(),
                     ),
                     cluster::register_service_loop(
@@ -278,7 +286,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 vec![
                     cluster::serve(
                         l,
-                        finish(crate::auth::routes::router(svc), verifier),
+                        finish(
+                            crate::auth::routes::router(svc),
+                            verifier,
+                            Arc::new(crate::metrics::Metrics::new()),
+                        ),
                         cancel.clone(),
                     ),
                     cluster::register_service_loop(

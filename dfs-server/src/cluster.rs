@@ -20,6 +20,7 @@ use crate::file::FileStore;
 use crate::file::replicate::FileServer;
 use crate::http::Verifier;
 use crate::lock::{LockConfig, LockService};
+use crate::metrics::Metrics;
 use crate::peer::Peer;
 
 /// Default address of the directory in `all` mode and for clients.
@@ -199,6 +200,58 @@ pub struct FileServerOptions {
     pub scrub_interval: Duration,
 }
 
+/// The directory's metrics: HTTP latency plus its store's fsyncs and durable writes.
+pub fn directory_metrics(svc: &Arc<DirectoryService>) -> Arc<Metrics> {
+    let m = Arc::new(Metrics::new());
+    let s = svc.clone();
+    m.counter(
+        "directory_fsyncs",
+        "Durable commits (fsyncs) of the directory's store",
+        Box::new(move || s.store_counters().0),
+    );
+    let s = svc.clone();
+    m.counter(
+        "directory_durable_writes",
+        "Namespace and version commits acknowledged as durable",
+        Box::new(move || s.store_counters().1),
+    );
+    m
+}
+
+/// A file server's metrics: HTTP latency plus blob fsyncs and bytes moved.
+pub fn file_metrics(fs: &Arc<FileServer>) -> Arc<Metrics> {
+    let m = fs.metrics.clone();
+    type Pick = fn(&crate::file::Stats) -> u64;
+    let counters: [(&'static str, &'static str, Pick); 5] = [
+        ("file_fsyncs", "fsync calls made to store blobs", |s| {
+            s.fsyncs.load(std::sync::atomic::Ordering::Relaxed)
+        }),
+        ("file_bytes_in", "Blob bytes received", |s| {
+            s.bytes_in.load(std::sync::atomic::Ordering::Relaxed)
+        }),
+        ("file_bytes_out", "Blob bytes served", |s| {
+            s.bytes_out.load(std::sync::atomic::Ordering::Relaxed)
+        }),
+        ("file_uploads", "Client uploads accepted as primary", |s| {
+            s.uploads.load(std::sync::atomic::Ordering::Relaxed)
+        }),
+        ("file_replica_writes", "Replica pushes accepted", |s| {
+            s.replica_writes.load(std::sync::atomic::Ordering::Relaxed)
+        }),
+    ];
+    for (name, help, pick) in counters {
+        // Weak: the server owns these metrics, so a strong reference would keep it (and its
+        // open store) alive forever.
+        let f = Arc::downgrade(fs);
+        m.counter(
+            name,
+            help,
+            Box::new(move || f.upgrade().map_or(0, |f| pick(&f.store.stats))),
+        );
+    }
+    m
+}
+
 /// Starts one file server on `listener`: HTTP, registration + heartbeats, and the scrub loop.
 pub fn start_file_server(
     listener: TcpListener,
@@ -223,7 +276,11 @@ pub fn start_file_server(
     let scrub = tokio::spawn(fs.clone().run_scrub(opts.scrub_interval, cancel.clone()));
     let server = serve(
         listener,
-        crate::http::finish(crate::file::routes::router(fs.clone()), verifier),
+        crate::http::finish(
+            crate::file::routes::router(fs.clone()),
+            verifier,
+            file_metrics(&fs),
+        ),
         cancel,
     );
     Ok((fs, vec![beat, scrub, server]))
@@ -276,8 +333,9 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
     tasks.push(serve(
         dl,
         crate::http::finish(
-            crate::directory::routes::router(directory),
+            crate::directory::routes::router(directory.clone()),
             verifier.clone(),
+            directory_metrics(&directory),
         ),
         cancel.clone(),
     ));
@@ -286,7 +344,11 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
     let (al, auth_url) = bind(loopback).await.context("auth service")?;
     tasks.push(serve(
         al,
-        crate::http::finish(crate::auth::routes::router(auth.clone()), verifier.clone()),
+        crate::http::finish(
+            crate::auth::routes::router(auth.clone()),
+            verifier.clone(),
+            Arc::new(Metrics::new()),
+        ),
         cancel.clone(),
     ));
 
@@ -297,7 +359,11 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
     let (ll, lock_url) = bind(loopback).await.context("lock service")?;
     tasks.push(serve(
         ll,
-        crate::http::finish(crate::lock::routes::router(lock), verifier.clone()),
+        crate::http::finish(
+            crate::lock::routes::router(lock),
+            verifier.clone(),
+            Arc::new(Metrics::new()),
+        ),
         cancel.clone(),
     ));
 

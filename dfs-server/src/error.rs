@@ -56,6 +56,9 @@ pub enum ServiceError {
     /// Lock operation by a non-holder.
     #[error("{0}")]
     NotHolder(String),
+    /// A write sent to a server that is not the file's primary, or with a stale placement.
+    #[error("{0}")]
+    NotPrimary(String),
     /// Not enough live servers, or a peer failed.
     #[error("{0}")]
     Unavailable(String),
@@ -83,6 +86,7 @@ impl ServiceError {
             ServiceError::TooLarge(_) => ErrorCode::TooLarge,
             ServiceError::Replay(_) => ErrorCode::Replay,
             ServiceError::NotHolder(_) => ErrorCode::NotHolder,
+            ServiceError::NotPrimary(_) => ErrorCode::NotPrimary,
             ServiceError::Unavailable(_) => ErrorCode::Unavailable,
             ServiceError::Internal(_) => ErrorCode::Internal,
         }
@@ -112,6 +116,7 @@ impl ServiceError {
             ErrorCode::HashMismatch => ServiceError::BadRequest(message),
             ErrorCode::TooLarge => ServiceError::TooLarge(message),
             ErrorCode::NotHolder => ServiceError::NotHolder(message),
+            ErrorCode::NotPrimary => ServiceError::NotPrimary(message),
             ErrorCode::Unavailable | ErrorCode::Internal => ServiceError::Unavailable(message),
         }
     }
@@ -139,6 +144,7 @@ internal_from!(
     redb::TableError,
     redb::StorageError,
     redb::CommitError,
+    redb::SetDurabilityError,
     std::io::Error,
     serde_json::Error
 );

@@ -11,11 +11,14 @@
 pub mod auth;
 pub mod cli;
 pub mod cluster;
+pub mod commit;
 pub mod directory;
 pub mod error;
 pub mod file;
 pub mod http;
+pub mod keyed;
 pub mod lock;
+pub mod metrics;
 pub mod peer;
 pub mod store;
 

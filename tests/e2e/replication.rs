@@ -98,7 +98,7 @@ fn a_dead_replica_does_not_stop_reads_and_catches_up_when_it_returns() {
     let node = cluster.meta_of("r.txt")["id"].as_u64().unwrap();
     let blob = cluster
         .data_dir(&victim)
-        .join(format!("blobs/{node}/{hash}"));
+        .join(dfs_tests::blob_rel_path(node, &hash));
     assert_eq!(std::fs::read(blob).unwrap(), b"two\n");
 }
 
@@ -117,7 +117,7 @@ fn a_corrupt_copy_is_found_by_the_scrub_repaired_and_never_served() {
     for r in server_ids(&meta, "replicas") {
         let blob = cluster
             .data_dir(&cluster.file_service_of(r))
-            .join(format!("blobs/{node}/{hash}"));
+            .join(dfs_tests::blob_rel_path(node, &hash));
         std::fs::write(&blob, vec![0u8; 200_000]).unwrap();
     }
     // A fresh reader never gets the corrupt bytes.
@@ -132,7 +132,7 @@ fn a_corrupt_copy_is_found_by_the_scrub_repaired_and_never_served() {
             .all(|r| {
                 let blob = cluster
                     .data_dir(&cluster.file_service_of(*r))
-                    .join(format!("blobs/{node}/{hash}"));
+                    .join(dfs_tests::blob_rel_path(node, &hash));
                 std::fs::read(blob).is_ok_and(|b| b.len() == 200_000 && b.iter().any(|&x| x != 0))
             })
             && server_ids(&cluster.meta_of("c.bin"), "holders").len() == 3

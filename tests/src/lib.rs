@@ -21,6 +21,11 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// Where a file server keeps the blob `(node, hash)`, relative to its data directory.
+pub fn blob_rel_path(node: u64, hash: &str) -> PathBuf {
+    PathBuf::from(format!("objects/{:02x}/{node}-{hash}", node % 256))
+}
+
 /// Fails (never skips) when there is no FUSE device: CI must run the mount tests.
 pub fn require_fuse() {
     assert!(
@@ -312,6 +317,11 @@ impl Mount {
     /// The mount process's stderr so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.tmp.path().join("mount.log")).unwrap_or_default()
+    }
+
+    /// The mount process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// A path inside the mount.

@@ -10,7 +10,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::api::{
-    CommitRequest, CreateRequest, RenameRequest, SYMLINK_MAX, SetAttrRequest, StatFs,
+    CommitRequest, CommitResponse, CreateRequest, RenameRequest, SYMLINK_MAX, SetAttrRequest,
+    StatFs, Superseded,
 };
 use common::{ContentHash, DirEntry, FenceToken, FileKind, NodeId, NodeMeta, ServerId, ValidName};
 use redb::{
@@ -18,6 +19,7 @@ use redb::{
     WriteTransaction,
 };
 
+use crate::commit::GroupCommit;
 use crate::error::{ServiceError, ServiceResult};
 use crate::store::{decode, encode, now_ns};
 pub use registry::Registry;
@@ -51,7 +53,7 @@ impl Default for DirectoryConfig {
 
 /// The namespace service. Pure logic over redb; the registry decides placement.
 pub struct DirectoryService {
-    db: Database,
+    store: GroupCommit,
     /// File servers, liveness and lock/auth URLs.
     pub registry: Registry,
     config: DirectoryConfig,
@@ -92,6 +94,21 @@ fn dir_node(tx: &WriteTransaction, id: NodeId) -> ServiceResult<NodeMeta> {
         return Err(ServiceError::NotDir(format!("node {id}")));
     }
     Ok(meta)
+}
+
+/// Applies `f` to file `id` if its content is still `hash`.
+fn update_if_current_in(
+    tx: &WriteTransaction,
+    id: NodeId,
+    hash: &ContentHash,
+    f: impl FnOnce(&mut NodeMeta),
+) -> ServiceResult<()> {
+    let mut meta = get_node(tx, id)?;
+    if &meta.hash != hash {
+        return Ok(());
+    }
+    f(&mut meta);
+    put_node(tx, &meta)
 }
 
 fn touch_dir(tx: &WriteTransaction, id: NodeId, now: u64) -> ServiceResult<()> {
@@ -150,7 +167,7 @@ impl DirectoryService {
         let registry = Registry::open(&tx, config.heartbeat * config.missed_beats)?;
         tx.commit()?;
         let svc = DirectoryService {
-            db,
+            store: GroupCommit::new(db),
             registry,
             config,
             counts: Default::default(),
@@ -166,6 +183,15 @@ impl DirectoryService {
         format!("{:016x}", self.cluster_id)
     }
 
+    /// Durable commits (fsyncs) of the store, and writes acknowledged by them.
+    pub fn store_counters(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.store.flushes.load(Relaxed),
+            self.store.durable_writes.load(Relaxed),
+        )
+    }
+
     /// The configured replication factor.
     pub fn replication(&self) -> u32 {
         self.config.replication
@@ -178,7 +204,7 @@ impl DirectoryService {
 
     /// Metadata of one node.
     pub fn get(&self, id: NodeId) -> ServiceResult<NodeMeta> {
-        let tx = self.db.begin_read()?;
+        let tx = self.store.db().begin_read()?;
         let nodes = tx.open_table(NODES)?;
         let v = nodes
             .get(id.0)?
@@ -188,7 +214,7 @@ impl DirectoryService {
 
     /// The node named `name` in directory `parent`.
     pub fn lookup(&self, parent: NodeId, name: &ValidName) -> ServiceResult<NodeMeta> {
-        let tx = self.db.begin_read()?;
+        let tx = self.store.db().begin_read()?;
         let children = tx.open_table(CHILDREN)?;
         let nodes = tx.open_table(NODES)?;
         let pv = nodes
@@ -209,7 +235,7 @@ impl DirectoryService {
 
     /// The entries of directory `parent`, sorted by name.
     pub fn list(&self, parent: NodeId) -> ServiceResult<Vec<DirEntry>> {
-        let tx = self.db.begin_read()?;
+        let tx = self.store.db().begin_read()?;
         let children = tx.open_table(CHILDREN)?;
         let nodes = tx.open_table(NODES)?;
         let pv = nodes
@@ -274,145 +300,151 @@ impl DirectoryService {
         } else {
             None
         };
-        let tx = self.db.begin_write()?;
-        dir_node(&tx, parent)?;
-        if child_of(&tx, parent, req.name.as_str())?.is_some() {
-            return Err(ServiceError::Exists(format!("{:?}", req.name.as_str())));
-        }
-        let id = {
-            let mut meta = tx.open_table(META)?;
-            let id = meta
-                .get(NEXT_ID)?
-                .map(|v| v.value())
-                .unwrap_or(NodeId::ROOT.0 + 1);
-            meta.insert(NEXT_ID, id + 1)?;
-            NodeId(id)
-        };
-        let now = now_ns();
-        let (primary, replicas) = match placement {
-            Some(p) => (Some(p.primary), p.replicas),
-            None => (None, vec![]),
-        };
-        let holders = primary
-            .into_iter()
-            .chain(replicas.iter().copied())
-            .collect();
-        let meta = NodeMeta {
-            id,
-            parent,
-            kind: req.kind,
-            mode: req.mode,
-            owner: owner.to_owned(),
-            size: target.as_ref().map_or(0, |t| t.len() as u64),
-            version: 0,
-            mtime_ns: now,
-            ctime_ns: now,
-            committed_ns: now,
-            hash: ContentHash::empty(),
-            primary,
-            replicas,
-            holders,
-            symlink_target: target,
-            fence: FenceToken(0),
-            recent_uploads: vec![],
-        };
-        put_node(&tx, &meta)?;
-        tx.open_table(CHILDREN)?
-            .insert((parent.0, req.name.as_str()), id.0)?;
-        touch_dir(&tx, parent, now)?;
-        tx.commit()?;
-        Ok(meta)
+        self.store.write(|tx| {
+            dir_node(tx, parent)?;
+            if child_of(tx, parent, req.name.as_str())?.is_some() {
+                return Err(ServiceError::Exists(format!("{:?}", req.name.as_str())));
+            }
+            let id = {
+                let mut meta = tx.open_table(META)?;
+                let id = meta
+                    .get(NEXT_ID)?
+                    .map(|v| v.value())
+                    .unwrap_or(NodeId::ROOT.0 + 1);
+                meta.insert(NEXT_ID, id + 1)?;
+                NodeId(id)
+            };
+            let now = now_ns();
+            let (primary, replicas) = match placement {
+                Some(p) => (Some(p.primary), p.replicas),
+                None => (None, vec![]),
+            };
+            let holders = primary
+                .into_iter()
+                .chain(replicas.iter().copied())
+                .collect();
+            let meta = NodeMeta {
+                id,
+                parent,
+                kind: req.kind,
+                mode: req.mode,
+                owner: owner.to_owned(),
+                size: target.as_ref().map_or(0, |t| t.len() as u64),
+                version: 0,
+                mtime_ns: now,
+                ctime_ns: now,
+                committed_ns: now,
+                hash: ContentHash::empty(),
+                primary,
+                replicas,
+                holders,
+                symlink_target: target,
+                fence: FenceToken(0),
+                recent_uploads: vec![],
+            };
+            put_node(tx, &meta)?;
+            tx.open_table(CHILDREN)?
+                .insert((parent.0, req.name.as_str()), id.0)?;
+            touch_dir(tx, parent, now)?;
+            Ok(meta)
+        })
     }
 
     /// unlink (`dir == false`: the entry must not be a directory) or rmdir (`dir == true`: it
     /// must be an empty directory). Returns the removed node.
     pub fn remove(&self, parent: NodeId, name: &ValidName, dir: bool) -> ServiceResult<NodeMeta> {
-        let tx = self.db.begin_write()?;
-        dir_node(&tx, parent)?;
-        let id = child_of(&tx, parent, name.as_str())?.ok_or_else(|| {
-            ServiceError::NotFound(format!("{:?} in node {parent}", name.as_str()))
-        })?;
-        let meta = get_node(&tx, id)?;
-        match (dir, meta.kind == FileKind::Dir) {
-            (true, false) => return Err(ServiceError::NotDir(format!("{:?}", name.as_str()))),
-            (false, true) => return Err(ServiceError::IsDir(format!("{:?}", name.as_str()))),
-            (true, true) if has_children(&tx, id)? => {
-                return Err(ServiceError::NotEmpty(format!("{:?}", name.as_str())));
+        self.store.write(|tx| {
+            dir_node(tx, parent)?;
+            let id = child_of(tx, parent, name.as_str())?.ok_or_else(|| {
+                ServiceError::NotFound(format!("{:?} in node {parent}", name.as_str()))
+            })?;
+            let meta = get_node(tx, id)?;
+            match (dir, meta.kind == FileKind::Dir) {
+                (true, false) => return Err(ServiceError::NotDir(format!("{:?}", name.as_str()))),
+                (false, true) => return Err(ServiceError::IsDir(format!("{:?}", name.as_str()))),
+                (true, true) if has_children(tx, id)? => {
+                    return Err(ServiceError::NotEmpty(format!("{:?}", name.as_str())));
+                }
+                _ => {}
             }
-            _ => {}
-        }
-        tx.open_table(CHILDREN)?.remove((parent.0, name.as_str()))?;
-        tx.open_table(NODES)?.remove(id.0)?;
-        touch_dir(&tx, parent, now_ns())?;
-        tx.commit()?;
-        Ok(meta)
+            tx.open_table(CHILDREN)?.remove((parent.0, name.as_str()))?;
+            tx.open_table(NODES)?.remove(id.0)?;
+            touch_dir(tx, parent, now_ns())?;
+            Ok(meta)
+        })
     }
 
     /// Atomic rename; replaces an existing target (file over file, empty dir over dir).
     /// Returns the node that was replaced, if any.
     pub fn rename(&self, req: &RenameRequest) -> ServiceResult<Option<NodeMeta>> {
-        let tx = self.db.begin_write()?;
-        dir_node(&tx, req.parent)?;
-        dir_node(&tx, req.new_parent)?;
-        let id = child_of(&tx, req.parent, req.name.as_str())?.ok_or_else(|| {
-            ServiceError::NotFound(format!("{:?} in node {}", req.name.as_str(), req.parent))
-        })?;
-        let mut meta = get_node(&tx, id)?;
-        if meta.kind == FileKind::Dir {
-            // The destination must not be the moved directory or inside it.
-            let mut cur = req.new_parent;
-            loop {
-                if cur == id {
-                    return Err(ServiceError::InvalidMove);
-                }
-                if cur == NodeId::ROOT {
-                    break;
-                }
-                cur = get_node(&tx, cur)?.parent;
-            }
-        }
-        let replaced = match child_of(&tx, req.new_parent, req.new_name.as_str())? {
-            Some(old) if old == id => return Ok(None),
-            Some(_) if req.no_replace => {
-                return Err(ServiceError::Exists(format!("{:?}", req.new_name.as_str())));
-            }
-            Some(old) => {
-                let old_meta = get_node(&tx, old)?;
-                match (meta.kind == FileKind::Dir, old_meta.kind == FileKind::Dir) {
-                    (true, false) => {
-                        return Err(ServiceError::NotDir(format!("{:?}", req.new_name.as_str())));
+        self.store.write(|tx| {
+            dir_node(tx, req.parent)?;
+            dir_node(tx, req.new_parent)?;
+            let id = child_of(tx, req.parent, req.name.as_str())?.ok_or_else(|| {
+                ServiceError::NotFound(format!("{:?} in node {}", req.name.as_str(), req.parent))
+            })?;
+            let mut meta = get_node(tx, id)?;
+            if meta.kind == FileKind::Dir {
+                // The destination must not be the moved directory or inside it.
+                let mut cur = req.new_parent;
+                loop {
+                    if cur == id {
+                        return Err(ServiceError::InvalidMove);
                     }
-                    (false, true) => {
-                        return Err(ServiceError::IsDir(format!("{:?}", req.new_name.as_str())));
+                    if cur == NodeId::ROOT {
+                        break;
                     }
-                    (true, true) if has_children(&tx, old)? => {
-                        return Err(ServiceError::NotEmpty(format!(
-                            "{:?}",
-                            req.new_name.as_str()
-                        )));
-                    }
-                    _ => {}
+                    cur = get_node(tx, cur)?.parent;
                 }
-                tx.open_table(NODES)?.remove(old.0)?;
-                Some(old_meta)
             }
-            None => None,
-        };
-        {
-            let mut children = tx.open_table(CHILDREN)?;
-            children.remove((req.parent.0, req.name.as_str()))?;
-            children.insert((req.new_parent.0, req.new_name.as_str()), id.0)?;
-        }
-        let now = now_ns();
-        meta.parent = req.new_parent;
-        meta.ctime_ns = now;
-        put_node(&tx, &meta)?;
-        touch_dir(&tx, req.parent, now)?;
-        if req.new_parent != req.parent {
-            touch_dir(&tx, req.new_parent, now)?;
-        }
-        tx.commit()?;
-        Ok(replaced)
+            let replaced = match child_of(tx, req.new_parent, req.new_name.as_str())? {
+                Some(old) if old == id => return Ok(None),
+                Some(_) if req.no_replace => {
+                    return Err(ServiceError::Exists(format!("{:?}", req.new_name.as_str())));
+                }
+                Some(old) => {
+                    let old_meta = get_node(tx, old)?;
+                    match (meta.kind == FileKind::Dir, old_meta.kind == FileKind::Dir) {
+                        (true, false) => {
+                            return Err(ServiceError::NotDir(format!(
+                                "{:?}",
+                                req.new_name.as_str()
+                            )));
+                        }
+                        (false, true) => {
+                            return Err(ServiceError::IsDir(format!(
+                                "{:?}",
+                                req.new_name.as_str()
+                            )));
+                        }
+                        (true, true) if has_children(tx, old)? => {
+                            return Err(ServiceError::NotEmpty(format!(
+                                "{:?}",
+                                req.new_name.as_str()
+                            )));
+                        }
+                        _ => {}
+                    }
+                    tx.open_table(NODES)?.remove(old.0)?;
+                    Some(old_meta)
+                }
+                None => None,
+            };
+            {
+                let mut children = tx.open_table(CHILDREN)?;
+                children.remove((req.parent.0, req.name.as_str()))?;
+                children.insert((req.new_parent.0, req.new_name.as_str()), id.0)?;
+            }
+            let now = now_ns();
+            meta.parent = req.new_parent;
+            meta.ctime_ns = now;
+            put_node(tx, &meta)?;
+            touch_dir(tx, req.parent, now)?;
+            if req.new_parent != req.parent {
+                touch_dir(tx, req.new_parent, now)?;
+            }
+            Ok(replaced)
+        })
     }
 
     /// Changes mode and/or mtime.
@@ -422,56 +454,88 @@ impl DirectoryService {
                 "mode has bits beyond 07777".into(),
             ));
         }
-        let tx = self.db.begin_write()?;
-        let mut meta = get_node(&tx, id)?;
-        if let Some(m) = req.mode {
-            meta.mode = m;
-        }
-        if let Some(t) = req.mtime_ns {
-            meta.mtime_ns = t;
-        }
-        meta.ctime_ns = now_ns();
-        put_node(&tx, &meta)?;
-        tx.commit()?;
-        Ok(meta)
+        self.store.write(|tx| {
+            let mut meta = get_node(tx, id)?;
+            if let Some(m) = req.mode {
+                meta.mode = m;
+            }
+            if let Some(t) = req.mtime_ns {
+                meta.mtime_ns = t;
+            }
+            meta.ctime_ns = now_ns();
+            put_node(tx, &meta)?;
+            Ok(meta)
+        })
     }
 
     /// Records a new version written by a primary. Applies each upload id once; refuses a fence
     /// older than the newest committed one.
-    pub fn commit(&self, id: NodeId, req: &CommitRequest) -> ServiceResult<NodeMeta> {
-        let tx = self.db.begin_write()?;
-        let mut meta = get_node(&tx, id)?;
-        if meta.kind != FileKind::File {
-            return Err(ServiceError::IsDir(format!("node {id}")));
-        }
-        if meta.recent_uploads.contains(&req.upload_id) {
-            return Ok(meta);
-        }
-        if req.fence < meta.fence {
-            return Err(ServiceError::stale(req.fence, meta.fence));
-        }
-        let now = now_ns();
-        meta.version += 1;
-        meta.size = req.size;
-        meta.hash = req.hash.clone();
-        meta.fence = req.fence;
-        meta.recent_uploads.push(req.upload_id.clone());
-        if meta.recent_uploads.len() > common::meta::RECENT_UPLOADS {
-            meta.recent_uploads.remove(0);
-        }
-        meta.holders = req.holders.clone();
-        meta.mtime_ns = now;
-        meta.ctime_ns = now;
-        meta.committed_ns = now;
-        put_node(&tx, &meta)?;
-        tx.commit()?;
-        tracing::debug!(%id, version = meta.version, writer = %req.writer, "version committed");
-        Ok(meta)
+    pub fn commit(&self, id: NodeId, req: &CommitRequest) -> ServiceResult<CommitResponse> {
+        self.store.write(|tx| {
+            let mut meta = get_node(tx, id)?;
+            if meta.kind != FileKind::File {
+                return Err(ServiceError::IsDir(format!("node {id}")));
+            }
+            if meta.recent_uploads.contains(&req.upload_id) {
+                return Ok(CommitResponse {
+                    meta,
+                    superseded: None,
+                });
+            }
+            if req.fence < meta.fence {
+                return Err(ServiceError::stale(req.fence, meta.fence));
+            }
+            if let Some(p) = req.primary
+                && meta.primary != Some(p)
+            {
+                return Err(ServiceError::NotPrimary(format!(
+                    "server {p} is not the primary of node {id}; the placement changed"
+                )));
+            }
+            let members: Vec<ServerId> =
+                meta.primary.iter().chain(&meta.replicas).copied().collect();
+            if let Some(h) = req.holders.iter().find(|h| !members.contains(h)) {
+                return Err(ServiceError::NotPrimary(format!(
+                    "server {h} does not hold node {id} in the current placement"
+                )));
+            }
+            if req.mode.is_some_and(|m| m > 0o7777) {
+                return Err(ServiceError::BadRequest(
+                    "mode has bits beyond 07777".into(),
+                ));
+            }
+            let superseded = Superseded {
+                hash: meta.hash.clone(),
+                holders: meta.holders.clone(),
+            };
+            let now = now_ns();
+            meta.version += 1;
+            meta.size = req.size;
+            meta.hash = req.hash.clone();
+            meta.fence = req.fence;
+            meta.recent_uploads.push(req.upload_id.clone());
+            if meta.recent_uploads.len() > common::meta::RECENT_UPLOADS {
+                meta.recent_uploads.remove(0);
+            }
+            meta.holders = req.holders.clone();
+            if let Some(m) = req.mode {
+                meta.mode = m;
+            }
+            meta.mtime_ns = req.mtime_ns.unwrap_or(now);
+            meta.ctime_ns = now;
+            meta.committed_ns = now;
+            put_node(tx, &meta)?;
+            tracing::debug!(%id, version = meta.version, writer = %req.writer, "version committed");
+            Ok(CommitResponse {
+                meta,
+                superseded: Some(superseded),
+            })
+        })
     }
 
     /// Every regular file's metadata (for the repair loop).
     pub fn files(&self) -> ServiceResult<Vec<NodeMeta>> {
-        let tx = self.db.begin_read()?;
+        let tx = self.store.db().begin_read()?;
         let nodes = tx.open_table(NODES)?;
         let mut out = Vec::new();
         for row in nodes.iter()? {
@@ -492,15 +556,19 @@ impl DirectoryService {
         hash: &ContentHash,
         f: impl FnOnce(&mut NodeMeta),
     ) -> ServiceResult<()> {
-        let tx = self.db.begin_write()?;
-        let mut meta = get_node(&tx, id)?;
-        if &meta.hash != hash {
-            return Ok(());
-        }
-        f(&mut meta);
-        put_node(&tx, &meta)?;
-        tx.commit()?;
-        Ok(())
+        self.store.write(|tx| update_if_current_in(tx, id, hash, f))
+    }
+
+    /// `update_if_current` without waiting for the disk: for records whose loss in a crash
+    /// the repair loop makes good (a late replica joining the holders).
+    fn update_if_current_lazy(
+        &self,
+        id: NodeId,
+        hash: &ContentHash,
+        f: impl FnOnce(&mut NodeMeta),
+    ) -> ServiceResult<()> {
+        self.store
+            .write_lazy(|tx| update_if_current_in(tx, id, hash, f))
     }
 
     /// Failover: `to`, a holder of the current version, becomes the primary; the old primary
@@ -528,7 +596,7 @@ impl DirectoryService {
     ) -> ServiceResult<()> {
         let live = self.registry.live();
         let replication = usize::try_from(self.config.replication).unwrap_or(usize::MAX);
-        self.update_if_current(id, hash, |m| {
+        self.update_if_current_lazy(id, hash, |m| {
             if !m.holders.contains(&server) {
                 m.holders.push(server);
             }
@@ -561,7 +629,7 @@ impl DirectoryService {
 
     /// Node count and total bytes.
     pub fn statfs(&self) -> ServiceResult<StatFs> {
-        let tx = self.db.begin_read()?;
+        let tx = self.store.db().begin_read()?;
         let nodes = tx.open_table(NODES)?;
         let mut bytes = 0u64;
         for row in nodes.iter()? {
@@ -604,18 +672,18 @@ impl DirectoryService {
         &self,
         req: &common::api::RegisterServerRequest,
     ) -> ServiceResult<common::ServerId> {
-        let tx = self.db.begin_write()?;
-        let id = self.registry.register(&tx, req)?;
-        tx.commit()?;
-        Ok(id)
+        self.store.write(|tx| {
+            let id = self.registry.register(tx, req)?;
+            Ok(id)
+        })
     }
 
     /// Records the URL of the lock or auth service (persisted).
     pub fn register_service(&self, req: &common::api::RegisterServiceRequest) -> ServiceResult<()> {
-        let tx = self.db.begin_write()?;
-        self.registry.register_service(&tx, req)?;
-        tx.commit()?;
-        Ok(())
+        self.store.write(|tx| {
+            self.registry.register_service(tx, req)?;
+            Ok(())
+        })
     }
 }
 

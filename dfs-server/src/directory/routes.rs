@@ -29,6 +29,7 @@ pub fn router(svc: Arc<DirectoryService>) -> Router {
         .route(routes::REGISTER_SERVICE, post(register_service))
         .route(routes::COMMIT, post(commit))
         .route(routes::DROP_HOLDER, post(drop_holder))
+        .route(routes::ADD_HOLDER, post(add_holder))
         .with_state(svc)
 }
 
@@ -60,7 +61,8 @@ async fn get_node(
     _a: Authed,
     ApiPath(id): ApiPath<u64>,
 ) -> ApiResult<Json<NodeMeta>> {
-    Ok(Json(blocking(move || svc.get(NodeId(id))).await?))
+    // A point read of the store takes microseconds: no hop to the blocking pool.
+    Ok(Json(svc.get(NodeId(id))?))
 }
 
 async fn setattr(
@@ -97,7 +99,7 @@ async fn lookup(
     ApiPath((id, n)): ApiPath<(u64, String)>,
 ) -> ApiResult<Json<NodeMeta>> {
     let n = name(&n)?;
-    Ok(Json(blocking(move || svc.lookup(NodeId(id), &n)).await?))
+    Ok(Json(svc.lookup(NodeId(id), &n)?))
 }
 
 async fn remove(
@@ -153,8 +155,19 @@ async fn commit(
     _c: ClusterOnly,
     ApiPath(id): ApiPath<u64>,
     ApiJson(req): ApiJson<CommitRequest>,
-) -> ApiResult<Json<NodeMeta>> {
+) -> ApiResult<Json<common::api::CommitResponse>> {
     Ok(Json(blocking(move || svc.commit(NodeId(id), &req)).await?))
+}
+
+/// A replica that became durable after the write was acknowledged (same body as drop-holder).
+async fn add_holder(
+    axum::extract::State(svc): State,
+    _c: ClusterOnly,
+    ApiPath(id): ApiPath<u64>,
+    ApiJson(req): ApiJson<common::api::DropHolderRequest>,
+) -> ApiResult<Json<serde_json::Value>> {
+    blocking(move || svc.add_holder(NodeId(id), &req.hash, req.server)).await?;
+    Ok(Json(serde_json::json!({})))
 }
 
 async fn drop_holder(

@@ -46,8 +46,12 @@ fn commit(svc: &DirectoryService, id: NodeId, fence: u64, upload: u8) -> Service
             upload_id: UploadId::from_bytes([upload; 16]),
             holders: vec![],
             writer: "t".into(),
+            primary: None,
+            mode: None,
+            mtime_ns: None,
         },
     )
+    .map(|r| r.meta)
 }
 
 #[test]

@@ -1,6 +1,10 @@
 //! `FileStore`: one file server's blobs, stored by node id and content hash (never by a user
-//! path), written tmp + fsync + rename + dir fsync, hash-checked while streaming; plus the
-//! per-file fence high-water mark and counters.
+//! path), hash-checked while streaming; plus the per-file fence high-water mark and counters.
+//!
+//! Layout: `objects/<shard>/<node>-<hash>`, 256 shard directories made (and fsynced) once at
+//! open, so a new file never creates a directory. A blob is written to a temp name in its shard,
+//! fsynced, renamed, and the shard directory fsynced: two fsyncs per durable blob, none for
+//! parents. Blobs of the older `blobs/<node>/<hash>` layout are moved over at open.
 
 pub mod replicate;
 pub mod routes;
@@ -16,8 +20,12 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
+use crate::commit::GroupCommit;
 use crate::error::{ServiceError, ServiceResult};
 use crate::store::sync_dir;
+
+const SHARDS: u64 = 256;
+const TMP_PREFIX: &str = ".tmp-";
 
 const FENCES: TableDefinition<u64, u64> = TableDefinition::new("fences");
 
@@ -34,12 +42,14 @@ pub struct Stats {
     pub bytes_out: AtomicU64,
     /// Bytes received.
     pub bytes_in: AtomicU64,
+    /// fsync calls made for blobs.
+    pub fsyncs: AtomicU64,
 }
 
 /// Blob storage of one file server.
 pub struct FileStore {
     root: PathBuf,
-    db: Database,
+    db: GroupCommit,
     /// Counters.
     pub stats: Stats,
     /// Largest accepted blob.
@@ -58,34 +68,79 @@ impl Drop for TmpGuard {
 }
 
 impl FileStore {
-    /// Opens the store under `data_dir`, removing temp files left by a crash.
+    /// Opens the store under `data_dir`, removing temp files left by a crash and moving blobs
+    /// of the older layout into the current one.
     pub fn open(data_dir: &Path, max_blob_bytes: u64) -> ServiceResult<Self> {
         let root = data_dir.to_path_buf();
-        std::fs::create_dir_all(root.join("blobs"))?;
-        let tmp = root.join("tmp");
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)?;
+        let objects = root.join("objects");
+        std::fs::create_dir_all(&objects)?;
+        for shard in 0..SHARDS {
+            let dir = objects.join(format!("{shard:02x}"));
+            std::fs::create_dir_all(&dir)?;
+            for e in std::fs::read_dir(&dir)?.flatten() {
+                if e.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+            sync_dir(&dir)?;
         }
-        std::fs::create_dir_all(&tmp)?;
+        sync_dir(&objects)?;
+        let old_tmp = root.join("tmp");
+        if old_tmp.exists() {
+            std::fs::remove_dir_all(&old_tmp)?;
+        }
         let db = Database::create(root.join("file.redb"))?;
         let tx = db.begin_write()?;
         tx.open_table(FENCES)?;
         tx.commit()?;
-        Ok(FileStore {
+        let store = FileStore {
             root,
-            db,
+            db: GroupCommit::new(db),
             stats: Stats::default(),
             max_blob_bytes,
-        })
+        };
+        store.migrate_old_layout()?;
+        Ok(store)
     }
 
-    fn node_dir(&self, node: NodeId) -> PathBuf {
-        self.root.join("blobs").join(node.0.to_string())
+    /// Moves `blobs/<node>/<hash>` (round-1 layout) to `objects/<shard>/<node>-<hash>`.
+    fn migrate_old_layout(&self) -> ServiceResult<()> {
+        let old = self.root.join("blobs");
+        let Ok(dirs) = std::fs::read_dir(&old) else {
+            return Ok(());
+        };
+        for d in dirs.flatten() {
+            let Some(node) = d.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) else {
+                continue;
+            };
+            for f in std::fs::read_dir(d.path())?.flatten() {
+                if let Some(hash) = f
+                    .file_name()
+                    .to_str()
+                    .and_then(|h| ContentHash::parse(h).ok())
+                {
+                    std::fs::rename(f.path(), self.blob_path(NodeId(node), &hash))?;
+                }
+            }
+            let _ = std::fs::remove_dir_all(d.path());
+        }
+        for shard in 0..SHARDS {
+            sync_dir(&self.shard_dir(NodeId(shard)))?;
+        }
+        std::fs::remove_dir_all(&old)?;
+        sync_dir(&self.root)
+    }
+
+    fn shard_dir(&self, node: NodeId) -> PathBuf {
+        self.root
+            .join("objects")
+            .join(format!("{:02x}", node.0 % SHARDS))
     }
 
     /// Path of a blob; both parts are validated numbers/hex, so no traversal is possible.
     pub fn blob_path(&self, node: NodeId, hash: &ContentHash) -> PathBuf {
-        self.node_dir(node).join(hash.as_str())
+        self.shard_dir(node)
+            .join(format!("{}-{}", node.0, hash.as_str()))
     }
 
     /// Whether this server holds `hash` for `node`.
@@ -126,10 +181,11 @@ impl FileStore {
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        let tmp_path = self
-            .root
-            .join("tmp")
-            .join(format!("{}.part", hex::encode(rand::random::<[u8; 12]>())));
+        let dir = self.shard_dir(node);
+        let tmp_path = dir.join(format!(
+            "{TMP_PREFIX}{}",
+            hex::encode(rand::random::<[u8; 12]>())
+        ));
         let mut guard = TmpGuard(Some(tmp_path.clone()));
         // Private: blobs are every user's file contents.
         let file = tokio::fs::OpenOptions::new()
@@ -163,24 +219,14 @@ impl FileStore {
         }
         out.flush().await?;
         let file = out.into_inner();
-        file.sync_all().await?;
+        file.sync_data().await?;
         drop(file);
-        let dir = self.node_dir(node);
-        let created = !dir.exists();
-        tokio::fs::create_dir_all(&dir).await?;
         tokio::fs::rename(&tmp_path, self.blob_path(node, declared)).await?;
         guard.0 = None;
-        let root_blobs = self.root.join("blobs");
-        tokio::task::spawn_blocking(move || {
-            sync_dir(&dir)?;
-            if created {
-                sync_dir(&root_blobs)
-            } else {
-                Ok(())
-            }
-        })
-        .await
-        .map_err(|e| ServiceError::internal("fsync", e))??;
+        tokio::task::spawn_blocking(move || sync_dir(&dir))
+            .await
+            .map_err(|e| ServiceError::internal("fsync", e))??;
+        self.stats.fsyncs.fetch_add(2, Ordering::Relaxed);
         self.stats.bytes_in.fetch_add(size, Ordering::Relaxed);
         Ok(size)
     }
@@ -188,22 +234,16 @@ impl FileStore {
     /// Every stored blob as (node, hash, path).
     pub fn blobs(&self) -> Vec<(NodeId, ContentHash, PathBuf)> {
         let mut out = Vec::new();
-        let Ok(dirs) = std::fs::read_dir(self.root.join("blobs")) else {
-            return out;
-        };
-        for d in dirs.flatten() {
-            let Some(node) = d.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) else {
-                continue;
-            };
-            let Ok(files) = std::fs::read_dir(d.path()) else {
+        for shard in 0..SHARDS {
+            let Ok(files) = std::fs::read_dir(self.shard_dir(NodeId(shard))) else {
                 continue;
             };
             for f in files.flatten() {
-                if let Some(hash) = f
-                    .file_name()
-                    .to_str()
-                    .and_then(|h| ContentHash::parse(h).ok())
-                {
+                let name = f.file_name();
+                let Some((node, hash)) = name.to_str().and_then(|n| n.split_once('-')) else {
+                    continue;
+                };
+                if let (Ok(node), Ok(hash)) = (node.parse::<u64>(), ContentHash::parse(hash)) {
                     out.push((NodeId(node), hash, f.path()));
                 }
             }
@@ -211,14 +251,12 @@ impl FileStore {
         out
     }
 
-    /// Deletes one blob (and its node directory once empty).
+    /// Deletes one blob.
     pub fn remove_blob(&self, node: NodeId, hash: &ContentHash) -> ServiceResult<()> {
         match std::fs::remove_file(self.blob_path(node, hash)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
-            _ => {}
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
         }
-        let _ = std::fs::remove_dir(self.node_dir(node));
-        Ok(())
     }
 
     /// Re-hashes a blob: whether its content still matches its name.
@@ -239,7 +277,7 @@ impl FileStore {
 
     /// Fails if `fence` is older than the newest accepted for `node`.
     pub fn check_fence(&self, node: NodeId, fence: FenceToken) -> ServiceResult<()> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db.db().begin_read()?;
         let newest = tx.open_table(FENCES)?.get(node.0)?.map_or(0, |v| v.value());
         if fence.0 < newest {
             return Err(ServiceError::stale(fence, FenceToken(newest)));
@@ -247,19 +285,24 @@ impl FileStore {
         Ok(())
     }
 
-    /// Atomically checks and raises the high-water mark for `node` (durable on return).
+    /// Atomically checks and raises the high-water mark for `node`. Recorded without waiting
+    /// for the disk: the directory re-checks every fence durably at commit, so a mark lost in a
+    /// crash can only let a stale writer store a blob that is never committed (and scrubbed).
     pub fn accept_fence(&self, node: NodeId, fence: FenceToken) -> ServiceResult<()> {
-        let tx = self.db.begin_write()?;
-        {
+        self.db.write_lazy(|tx| {
             let mut t = tx.open_table(FENCES)?;
             let newest = t.get(node.0)?.map_or(0, |v| v.value());
             if fence.0 < newest {
                 return Err(ServiceError::stale(fence, FenceToken(newest)));
             }
             t.insert(node.0, fence.0)?;
-        }
-        tx.commit()?;
-        Ok(())
+            Ok(())
+        })
+    }
+
+    /// Persists lazily recorded fence marks (called from the heartbeat loop).
+    pub fn flush_fences(&self) -> ServiceResult<()> {
+        self.db.flush_lazy()
     }
 
     /// Snapshot of the counters.
@@ -316,13 +359,11 @@ mod tests {
             .await;
         assert!(matches!(r, Err(ServiceError::HashMismatch { .. })));
         assert!(!store.has(NodeId(6), &wrong));
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("tmp"))
-                .expect("tmp")
-                .count(),
-            0,
-            "temp file removed"
-        );
+        let shard = store.blob_path(NodeId(6), &wrong);
+        let leftovers = std::fs::read_dir(shard.parent().expect("shard"))
+            .expect("shard dir")
+            .count();
+        assert_eq!(leftovers, 0, "temp file removed");
     }
 
     #[tokio::test]
@@ -346,6 +387,7 @@ mod tests {
             store
                 .accept_fence(NodeId(1), FenceToken(10))
                 .expect("same token again");
+            store.flush_fences().expect("flush");
         }
         let store = FileStore::open(dir.path(), 1).expect("reopen");
         assert!(matches!(

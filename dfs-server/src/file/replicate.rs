@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::FileStore;
 use crate::error::{ServiceError, ServiceResult};
+use crate::keyed::KeyedMutex;
 use crate::peer::{Peer, error_from_response};
 
 /// One file server.
@@ -33,8 +34,10 @@ pub struct FileServer {
     id_file: PathBuf,
     /// Copies (primary included) that must be durable before a write is acknowledged.
     pub min_copies: usize,
-    node_locks: std::sync::Mutex<std::collections::HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>>,
+    node_locks: KeyedMutex<NodeId>,
     cluster_cache: std::sync::Mutex<Option<(std::time::Instant, common::api::ClusterInfo)>>,
+    /// Latency of the write path's stages, and whatever `cluster::file_metrics` adds.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Parameters of one primary write.
@@ -51,6 +54,14 @@ pub struct WriteRequest {
     pub upload_id: UploadId,
     /// Who writes.
     pub writer: String,
+    /// The placement the writer knows, `(primary, replicas)`; `None`: ask the directory.
+    pub placement: Option<(ServerId, Vec<ServerId>)>,
+    /// The body's length, when declared (forwarded to the replicas).
+    pub size: Option<u64>,
+    /// Permission bits to apply with the new version.
+    pub mode: Option<u32>,
+    /// Explicit modification time to apply with the new version.
+    pub mtime_ns: Option<u64>,
 }
 
 impl FileServer {
@@ -75,8 +86,9 @@ impl FileServer {
             id: AtomicU64::new(previous),
             id_file,
             min_copies: 2,
-            node_locks: Default::default(),
+            node_locks: KeyedMutex::default(),
             cluster_cache: Default::default(),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
         }
     }
 
@@ -121,6 +133,9 @@ impl FileServer {
                     Err(e) => tracing::warn!(error = %e, "registration failed; retrying"),
                 }
             } else if let Some(id) = self.id() {
+                if let Err(e) = self.store.flush_fences() {
+                    tracing::warn!(error = %e, "persisting fence marks failed");
+                }
                 match self.peer.heartbeat(&self.directory, id).await {
                     Ok(()) => {}
                     Err(ServiceError::NotFound(_)) => registered = false,
@@ -135,80 +150,152 @@ impl FileServer {
     }
 
     /// The primary's write path (see the module docs for the acknowledgement rule).
-    pub async fn write_primary<S, E>(&self, req: WriteRequest, body: S) -> ServiceResult<NodeMeta>
+    ///
+    /// Latency budget (small file, placement known from the writer): fence check (memory),
+    /// body streamed into the local temp file *and* to every replica at once, local fsync +
+    /// rename + shard fsync in parallel with the replicas' own, then one commit at the directory
+    /// (one group-committed fsync). The answer goes out as soon as the primary and the first
+    /// replica are durable and the commit is recorded; slower replicas finish in the background
+    /// and join the holders, and superseded copies are dropped in the background too.
+    pub async fn write_primary<S, E>(
+        self: &Arc<Self>,
+        req: WriteRequest,
+        body: S,
+    ) -> ServiceResult<NodeMeta>
     where
-        S: Stream<Item = Result<Bytes, E>> + Unpin,
-        E: std::fmt::Display,
+        S: Stream<Item = Result<Bytes, E>> + Unpin + Send + 'static,
+        E: std::fmt::Display + Send + 'static,
     {
         let node = req.node;
-        // One write per file at a time on this primary, from the fence check to the clean-up:
-        // an older write can then never commit or clean up in the middle of a newer one.
-        let lock = {
-            let mut locks = self.node_locks.lock().unwrap_or_else(|p| p.into_inner());
-            locks.entry(node).or_default().clone()
-        };
         if !crate::lock::verify_fence(&self.fence_key, node, req.fence, &req.fence_sig) {
             return Err(ServiceError::Forbidden(format!(
                 "fencing token {} for node {node} was not issued by the lock service",
                 req.fence
             )));
         }
+        // One write per file at a time on this primary, from the fence check to the commit: an
+        // older write can then never commit in the middle of a newer one.
+        let lock = self.node_locks.get(node);
         let _serialised = lock.lock().await;
-        let meta = self.peer.node(&self.directory, node).await?;
-        if meta.kind != FileKind::File {
-            return Err(ServiceError::IsDir(format!("node {node}")));
-        }
         let me = self
             .id()
             .ok_or_else(|| ServiceError::Unavailable("file server not registered yet".into()))?;
-        if meta.primary != Some(me) {
-            return Err(ServiceError::Forbidden(format!(
+        let (primary, replicas) = match &req.placement {
+            Some(p) => p.clone(),
+            None => {
+                let meta = self.peer.node(&self.directory, node).await?;
+                if meta.kind != FileKind::File {
+                    return Err(ServiceError::IsDir(format!("node {node}")));
+                }
+                if meta.recent_uploads.contains(&req.upload_id) {
+                    return Ok(meta);
+                }
+                match meta.primary {
+                    Some(p) => (p, meta.replicas.clone()),
+                    None => return Err(ServiceError::IsDir(format!("node {node}"))),
+                }
+            }
+        };
+        if primary != me {
+            return Err(ServiceError::NotPrimary(format!(
                 "this server ({me}) is not the primary of node {node}; ask the directory"
             )));
         }
-        if meta.recent_uploads.contains(&req.upload_id) {
-            return Ok(meta);
-        }
         self.store.check_fence(node, req.fence)?;
-        let size = self.store.put_stream(node, &req.hash, body).await?;
+
+        // Live replicas, in placement order; a dead one is skipped (the directory's repair
+        // catches it up later).
+        let cluster = if replicas.is_empty() {
+            None
+        } else {
+            Some(self.cluster().await?)
+        };
+        let mut live = Vec::new();
+        for r in &replicas {
+            match cluster.as_ref().and_then(|c| {
+                c.servers
+                    .iter()
+                    .find(|s| s.id == *r && s.alive)
+                    .map(|s| s.url.clone())
+            }) {
+                Some(url) => live.push((*r, url)),
+                None => tracing::warn!(replica = %r, %node, "replica is down; writing without it"),
+            }
+        }
+        let required = self.min_copies.clamp(1, 1 + replicas.len());
+        // Just enough replicas get the body while it arrives (pipelined with the local write);
+        // the others get it from the stored copy after the acknowledgement, so their fsyncs do
+        // not compete with the ones the writer waits for.
+        let eager = live.len().min(required - 1);
+        let deferred: Vec<(ServerId, String)> = live.split_off(eager);
+        let mut senders = Vec::new();
+        let mut pushes = futures_util::stream::FuturesUnordered::new();
+        for (r, url) in live {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+            senders.push(tx);
+            let push = self.push_stream(&url, node, &req.hash, req.size, rx);
+            pushes.push(tokio::spawn(async move { (r, push.await) }));
+        }
+        let tee = futures_util::StreamExt::then(body, move |chunk| {
+            let senders = senders.clone();
+            async move {
+                let copy = match &chunk {
+                    Ok(b) => Ok(b.clone()),
+                    Err(e) => Err(e.to_string()),
+                };
+                for tx in &senders {
+                    // A replica that failed has dropped its receiver; the others go on.
+                    let item = copy.clone().map_err(std::io::Error::other);
+                    let _ = tx.send(item).await;
+                }
+                chunk
+            }
+        });
+        let t = std::time::Instant::now();
+        let local = self.store.put_stream(node, &req.hash, Box::pin(tee)).await;
+        self.metrics
+            .observe("write_stage", "store_local", t.elapsed());
+        let size = match local {
+            Ok(size) => size,
+            Err(e) => {
+                for p in pushes.iter() {
+                    p.abort();
+                }
+                return Err(e);
+            }
+        };
         self.store.accept_fence(node, req.fence)?;
         self.store.stats.uploads.fetch_add(1, Ordering::Relaxed);
 
         let mut holders = vec![me];
-        if !meta.replicas.is_empty() {
-            let cluster = self.cluster().await?;
-            let hash = &req.hash;
-            let pushes = meta.replicas.iter().map(|r| {
-                // A dead replica is skipped (the directory's repair catches it up later).
-                let url = cluster
-                    .servers
-                    .iter()
-                    .find(|s| s.id == *r && s.alive)
-                    .map(|s| s.url.clone());
-                async move {
-                    let url = url.ok_or_else(|| ServiceError::NotFound(format!("server {r}")))?;
-                    self.push(&url, node, hash).await.map(|()| *r)
+        while let Some(done) = futures_util::StreamExt::next(&mut pushes).await {
+            match done {
+                Ok((r, Ok(()))) => holders.push(r),
+                Ok((r, Err(e))) => {
+                    tracing::warn!(replica = %r, %node, error = %e, "replica push failed")
                 }
-            });
-            for (r, result) in meta
-                .replicas
-                .iter()
-                .zip(futures_util::future::join_all(pushes).await)
-            {
-                match result {
-                    Ok(id) => holders.push(id),
-                    Err(e) => {
-                        tracing::warn!(replica = %r, %node, error = %e, "replica push failed")
-                    }
-                }
+                Err(e) => tracing::warn!(%node, error = %e, "replica push task failed"),
             }
         }
-        let required = self.min_copies.clamp(1, 1 + meta.replicas.len());
+        // A pipelined push failed: the deferred replicas stand in, from the stored copy.
+        let mut deferred = deferred.into_iter();
+        while holders.len() < required {
+            let Some((r, url)) = deferred.next() else {
+                break;
+            };
+            match self.push(&url, node, &req.hash).await {
+                Ok(()) => holders.push(r),
+                Err(e) => tracing::warn!(replica = %r, %node, error = %e, "replica push failed"),
+            }
+        }
+        let deferred: Vec<(ServerId, String)> = deferred.collect();
+        self.metrics
+            .observe("write_stage", "replicate", t.elapsed());
         if holders.len() < required {
             return Err(ServiceError::Unavailable(format!(
                 "only {} of {} copies are durable; {required} needed before acknowledging",
                 holders.len(),
-                1 + meta.replicas.len()
+                1 + replicas.len()
             )));
         }
         let commit = CommitRequest {
@@ -218,12 +305,38 @@ impl FileServer {
             upload_id: req.upload_id,
             holders: holders.clone(),
             writer: req.writer,
+            primary: Some(me),
+            mode: req.mode,
+            mtime_ns: req.mtime_ns,
         };
+        let t = std::time::Instant::now();
         let committed = self.peer.commit(&self.directory, node, &commit).await?;
-        if committed.hash == req.hash {
-            self.drop_superseded(&meta, node, &req.hash).await;
+        self.metrics.observe("write_stage", "commit", t.elapsed());
+        let meta = committed.meta;
+        // Off the critical path: the other replicas get their copy and join the holders.
+        if !deferred.is_empty() {
+            let this = self.clone();
+            let hash = req.hash.clone();
+            tokio::spawn(async move {
+                for (r, url) in deferred {
+                    let result = match this.push(&url, node, &hash).await {
+                        Ok(()) => this.peer.add_holder(&this.directory, node, &hash, r).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = result {
+                        tracing::debug!(replica = %r, %node, error = %e, "late replica copy failed; the repair loop will make it");
+                    }
+                }
+            });
         }
-        Ok(committed)
+        if meta.hash == req.hash
+            && let Some(old) = committed.superseded
+        {
+            let this = self.clone();
+            let new = meta.hash.clone();
+            tokio::spawn(async move { this.drop_superseded(&old, node, &new).await });
+        }
+        Ok(meta)
     }
 
     /// Drops this server's copy of `(node, hash)` unless the directory says it is the current
@@ -358,6 +471,41 @@ impl FileServer {
         }
     }
 
+    /// A replica push fed chunk by chunk from `rx` while the primary writes its own copy.
+    fn push_stream(
+        &self,
+        base: &str,
+        node: NodeId,
+        hash: &ContentHash,
+        size: Option<u64>,
+        rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    ) -> impl std::future::Future<Output = ServiceResult<()>> + Send + 'static {
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        let mut request = self
+            .peer
+            .stream_put(format!("{base}{}", routes::replica_put(node, hash)))
+            .timeout(common::api::transfer_timeout(
+                size.unwrap_or(self.store.max_blob_bytes),
+            ))
+            .body(reqwest::Body::wrap_stream(stream));
+        if let Some(len) = size {
+            request = request.header(reqwest::header::CONTENT_LENGTH, len);
+        }
+        let base = base.to_owned();
+        async move {
+            let resp = request
+                .send()
+                .await
+                .map_err(|e| ServiceError::Unavailable(format!("pushing to {base}: {e}")))?;
+            if !resp.status().is_success() {
+                return Err(error_from_response(resp).await);
+            }
+            Ok(())
+        }
+    }
+
     async fn push(&self, base: &str, node: NodeId, hash: &ContentHash) -> ServiceResult<()> {
         let (file, len) = self.store.open_blob(node, hash).await?;
         let body =
@@ -380,7 +528,12 @@ impl FileServer {
     /// Best effort: the servers that held the superseded version `old` of `node` drop it.
     /// Only that exact version is dropped, never "everything but the new one", so a newer
     /// version can never be deleted by an older write's clean-up.
-    async fn drop_superseded(&self, old: &NodeMeta, node: NodeId, new: &ContentHash) {
+    async fn drop_superseded(
+        &self,
+        old: &common::api::Superseded,
+        node: NodeId,
+        new: &ContentHash,
+    ) {
         if &old.hash == new || old.hash.as_str() == ContentHash::EMPTY_HEX {
             return;
         }

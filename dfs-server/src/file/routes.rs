@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use common::api::FileServerStats;
-use common::{ContentHash, FenceToken, NodeId, NodeMeta, UploadId, routes};
+use common::{ContentHash, FenceToken, NodeId, NodeMeta, ServerId, UploadId, routes};
 
 use super::replicate::{FileServer, WriteRequest};
 use crate::error::ServiceError;
@@ -35,6 +35,24 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, AppErro
         .get(name)
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| AppError(ServiceError::BadRequest(format!("missing header {name}"))))
+}
+
+fn bad(msg: &str) -> AppError {
+    AppError(ServiceError::BadRequest(msg.to_owned()))
+}
+
+/// `primary,replica,...`: at most 16 server ids.
+fn parse_placement(s: &str) -> Result<(ServerId, Vec<ServerId>), AppError> {
+    let ids = s
+        .split(',')
+        .take(17)
+        .map(|p| p.trim().parse::<u64>().map(ServerId))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| bad("placement header must be comma-separated server ids"))?;
+    match ids.split_first() {
+        Some((p, rest)) if rest.len() <= 15 => Ok((*p, rest.to_vec())),
+        _ => Err(bad("placement header must name 1 to 16 servers")),
+    }
 }
 
 fn parse_hash(s: &str) -> Result<ContentHash, AppError> {
@@ -63,6 +81,33 @@ async fn write(
         upload_id: UploadId::parse(header_str(&headers, routes::UPLOAD_ID_HEADER)?)
             .map_err(|e| AppError(ServiceError::BadRequest(e.to_string())))?,
         writer: who.name().to_owned(),
+        placement: headers
+            .get(routes::PLACEMENT_HEADER)
+            .map(|v| parse_placement(v.to_str().unwrap_or("")))
+            .transpose()?,
+        size: headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok()),
+        mode: headers
+            .get(routes::MODE_HEADER)
+            .map(|v| {
+                v.to_str()
+                    .ok()
+                    .and_then(|v| u32::from_str_radix(v, 8).ok())
+                    .filter(|m| *m <= 0o7777)
+                    .ok_or_else(|| bad("mode header must be octal permission bits"))
+            })
+            .transpose()?,
+        mtime_ns: headers
+            .get(routes::MTIME_HEADER)
+            .map(|v| {
+                v.to_str()
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .ok_or_else(|| bad("mtime header must be nanoseconds since the epoch"))
+            })
+            .transpose()?,
     };
     Ok(Json(fs.write_primary(req, body.into_data_stream()).await?))
 }

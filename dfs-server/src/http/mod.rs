@@ -43,6 +43,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         }
         ErrorCode::Unauthorized | ErrorCode::Replay => StatusCode::UNAUTHORIZED,
         ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+        ErrorCode::NotPrimary => StatusCode::MISDIRECTED_REQUEST,
         ErrorCode::HashMismatch => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -130,13 +131,53 @@ pub async fn health() -> &'static str {
 }
 
 /// Answer for unknown routes, in the dfs error shape.
+/// Times every routed request by method and route pattern.
+async fn track(
+    axum::extract::State(metrics): axum::extract::State<std::sync::Arc<crate::metrics::Metrics>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let name = format!("{} {route}", req.method());
+    let start = std::time::Instant::now();
+    let resp = next.run(req).await;
+    metrics.observe("http", &name, start.elapsed());
+    resp
+}
+
 pub async fn not_found() -> AppError {
     AppError(ServiceError::NotFound("route".to_owned()))
 }
 
-/// Common layers for a service router: JSON body limit, the verifier, request tracing, 404s.
-pub fn finish(router: axum::Router, verifier: std::sync::Arc<Verifier>) -> axum::Router {
+/// Common layers for a service router: JSON body limit, the verifier, request tracing, 404s,
+/// per-route latency histograms and `GET /metrics`.
+pub fn finish(
+    router: axum::Router,
+    verifier: std::sync::Arc<Verifier>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+) -> axum::Router {
+    let exposition = metrics.clone();
     router
+        .route_layer(axum::middleware::from_fn_with_state(metrics, track))
+        .route(
+            common::routes::METRICS,
+            axum::routing::get(move || {
+                let m = exposition.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        m.render(),
+                    )
+                }
+            }),
+        )
         .route(common::routes::HEALTH, axum::routing::get(health))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(JSON_BODY_LIMIT))
