@@ -1,6 +1,17 @@
 //! `CacheDir`: whole-file copies by node id, plus a persisted index (redb) saying which version
 //! each copy is and whether it holds local changes not yet on the servers (dirty). A dirty copy
 //! is never replaced or deleted until the servers have it.
+//!
+//! Three ways to record an entry, by what its loss would cost:
+//! - `put`: durable (one fsync) — the "open for writing" mark of a copy that holds data;
+//! - `record`: survives a crash of the dfs process without an fsync — a pending upload. It is
+//!   applied to the index without waiting for the disk and appended to `journal.log` with one
+//!   `write` (the kernel keeps it when the process dies); the next open replays the journal.
+//!   A power loss can lose it, as it can lose any write never fsynced;
+//! - `put_lazy`: may be lost in any crash — records whose loss only costs a re-download or a
+//!   re-sent upload (applied once, by its upload id).
+//!
+//! Every record carries a sequence number, so a journal line never overrides a newer record.
 
 use std::path::{Path, PathBuf};
 
@@ -23,6 +34,9 @@ pub struct CacheEntry {
     /// Still set after a crash, which tells the next start to check the copy.
     #[serde(default)]
     pub writing: bool,
+    /// Order of this record among all records of the cache (set when it is stored).
+    #[serde(default)]
+    pub seq: u64,
 }
 
 impl CacheEntry {
@@ -33,9 +47,19 @@ impl CacheEntry {
             hash: meta.hash.clone(),
             pending: None,
             writing: false,
+            seq: 0,
         }
     }
 }
+
+/// One line of `journal.log`.
+#[derive(Serialize, Deserialize)]
+struct JournalLine {
+    node: u64,
+    entry: CacheEntry,
+}
+
+const JOURNAL_CHECKPOINT_BYTES: u64 = 1 << 20;
 
 /// A pending upload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +91,13 @@ fn index_err(e: impl std::fmt::Display) -> CacheError {
 pub struct CacheDir {
     root: PathBuf,
     db: Database,
+    journal: std::sync::Mutex<Journal>,
+    next_seq: std::sync::atomic::AtomicU64,
+}
+
+struct Journal {
+    file: std::fs::File,
+    bytes: u64,
 }
 
 impl CacheDir {
@@ -87,10 +118,68 @@ impl CacheDir {
         let tx = db.begin_write().map_err(index_err)?;
         tx.open_table(ENTRIES).map_err(index_err)?;
         tx.commit().map_err(index_err)?;
+        let journal_path = root.join("journal.log");
+        let max_seq = replay_journal(&db, &journal_path)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&journal_path)?;
+        file.set_len(0)?;
         Ok(CacheDir {
             root: root.to_path_buf(),
             db,
+            journal: std::sync::Mutex::new(Journal { file, bytes: 0 }),
+            next_seq: std::sync::atomic::AtomicU64::new(max_seq + 1),
         })
+    }
+
+    fn seq(&self) -> u64 {
+        self.next_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn insert(
+        &self,
+        node: NodeId,
+        entry: &CacheEntry,
+        durability: redb::Durability,
+    ) -> Result<(), CacheError> {
+        let data = serde_json::to_vec(entry).map_err(index_err)?;
+        let mut tx = self.db.begin_write().map_err(index_err)?;
+        tx.set_durability(durability).map_err(index_err)?;
+        tx.open_table(ENTRIES)
+            .map_err(index_err)?
+            .insert(node.0, data.as_slice())
+            .map_err(index_err)?;
+        tx.commit().map_err(index_err)
+    }
+
+    /// Records `entry` so that it survives a crash of this process, without an fsync (see the
+    /// module docs): a pending upload.
+    pub fn record(&self, node: NodeId, entry: &CacheEntry) -> Result<(), CacheError> {
+        use std::io::Write;
+        let mut journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        let mut entry = entry.clone();
+        entry.seq = self.seq();
+        self.insert(node, &entry, redb::Durability::None)?;
+        let mut line = serde_json::to_vec(&JournalLine {
+            node: node.0,
+            entry,
+        })
+        .map_err(index_err)?;
+        line.push(b'\n');
+        journal.file.write_all(&line)?;
+        journal.bytes += line.len() as u64;
+        if journal.bytes > JOURNAL_CHECKPOINT_BYTES {
+            // Everything the journal holds is in the index: make the index durable, then start
+            // the journal afresh (sequence numbers keep an old line from winning if the
+            // truncation is lost).
+            let tx = self.db.begin_write().map_err(index_err)?;
+            tx.commit().map_err(index_err)?;
+            journal.file.set_len(0)?;
+            journal.bytes = 0;
+        }
+        Ok(())
     }
 
     /// Binds the cache to the cluster `id` on first use; fails if it belongs to another one.
@@ -140,32 +229,25 @@ impl CacheDir {
 
     /// Records `entry` durably.
     pub fn put(&self, node: NodeId, entry: &CacheEntry) -> Result<(), CacheError> {
-        let data = serde_json::to_vec(entry).map_err(index_err)?;
-        let tx = self.db.begin_write().map_err(index_err)?;
-        tx.open_table(ENTRIES)
-            .map_err(index_err)?
-            .insert(node.0, data.as_slice())
-            .map_err(index_err)?;
-        tx.commit().map_err(index_err)
+        let mut entry = entry.clone();
+        entry.seq = self.seq();
+        self.insert(node, &entry, redb::Durability::Immediate)
     }
 
     /// Records `entry` without waiting for the disk: for records whose loss in a crash is
     /// harmless (the copy is then fetched again, or a pending upload re-sent with its id).
     pub fn put_lazy(&self, node: NodeId, entry: &CacheEntry) -> Result<(), CacheError> {
-        let data = serde_json::to_vec(entry).map_err(index_err)?;
+        let mut entry = entry.clone();
+        entry.seq = self.seq();
+        self.insert(node, &entry, redb::Durability::None)
+    }
+
+    /// Forgets `node` and deletes its copy (the record may come back after a crash; it then
+    /// names a file that no longer exists, which the client handles as "not cached").
+    pub fn remove(&self, node: NodeId) -> Result<(), CacheError> {
         let mut tx = self.db.begin_write().map_err(index_err)?;
         tx.set_durability(redb::Durability::None)
             .map_err(index_err)?;
-        tx.open_table(ENTRIES)
-            .map_err(index_err)?
-            .insert(node.0, data.as_slice())
-            .map_err(index_err)?;
-        tx.commit().map_err(index_err)
-    }
-
-    /// Forgets `node` and deletes its copy.
-    pub fn remove(&self, node: NodeId) -> Result<(), CacheError> {
-        let tx = self.db.begin_write().map_err(index_err)?;
         tx.open_table(ENTRIES)
             .map_err(index_err)?
             .remove(node.0)
@@ -216,6 +298,54 @@ impl CacheDir {
     }
 }
 
+/// Applies the journal lines newer than their index entries, durably. Returns the highest
+/// sequence number seen. A torn last line (power loss mid-write) is ignored.
+fn replay_journal(db: &Database, path: &Path) -> Result<u64, CacheError> {
+    let mut max_seq = 0;
+    {
+        let tx = db.begin_read().map_err(index_err)?;
+        let t = tx.open_table(ENTRIES).map_err(index_err)?;
+        for row in t.iter().map_err(index_err)? {
+            let (_, v) = row.map_err(index_err)?;
+            if let Ok(e) = serde_json::from_slice::<CacheEntry>(v.value()) {
+                max_seq = max_seq.max(e.seq);
+            }
+        }
+    }
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(max_seq),
+        Err(e) => return Err(e.into()),
+    };
+    let tx = db.begin_write().map_err(index_err)?;
+    let mut replayed = 0;
+    {
+        let mut t = tx.open_table(ENTRIES).map_err(index_err)?;
+        for line in text.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let Ok(j) = serde_json::from_slice::<JournalLine>(line) else {
+                tracing::warn!("ignoring a torn line at the end of the cache journal");
+                continue;
+            };
+            let current = t
+                .get(j.node)
+                .map_err(index_err)?
+                .and_then(|v| serde_json::from_slice::<CacheEntry>(v.value()).ok())
+                .map_or(0, |e| e.seq);
+            max_seq = max_seq.max(j.entry.seq);
+            if j.entry.seq > current {
+                let data = serde_json::to_vec(&j.entry).map_err(index_err)?;
+                t.insert(j.node, data.as_slice()).map_err(index_err)?;
+                replayed += 1;
+            }
+        }
+    }
+    tx.commit().map_err(index_err)?;
+    if replayed > 0 {
+        tracing::info!(replayed, "pending uploads recovered from the cache journal");
+    }
+    Ok(max_seq)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,6 +379,7 @@ mod tests {
                     hash: ContentHash::empty(),
                     pending: None,
                     writing: false,
+                    seq: 0,
                 },
             )
             .expect("put");
@@ -259,6 +390,7 @@ mod tests {
                     hash: ContentHash::empty(),
                     pending: Some(pending.clone()),
                     writing: false,
+                    seq: 0,
                 },
             )
             .expect("put");
@@ -269,5 +401,48 @@ mod tests {
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].0, NodeId(3));
         assert_eq!(p[0].1.pending.as_ref(), Some(&pending));
+    }
+
+    #[test]
+    fn regression_a_recorded_pending_upload_survives_a_process_crash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pending = Pending {
+            upload_id: UploadId::from_bytes([7; 16]),
+            hash: ContentHash::empty(),
+            size: 0,
+        };
+        let clean = CacheEntry {
+            version: 1,
+            hash: ContentHash::empty(),
+            pending: None,
+            writing: false,
+            seq: 0,
+        };
+        let crashed = tempfile::tempdir().expect("tempdir");
+        {
+            let c = CacheDir::open(dir.path()).expect("open");
+            c.put(NodeId(4), &clean).expect("durable clean record");
+            let dirty = CacheEntry {
+                pending: Some(pending.clone()),
+                ..clean.clone()
+            };
+            c.record(NodeId(4), &dirty).expect("record");
+            // The image a crash of this process leaves: the files as they are now.
+            for f in ["index.redb", "journal.log"] {
+                std::fs::copy(dir.path().join(f), crashed.path().join(f)).expect("copy");
+            }
+        }
+        let c = CacheDir::open(crashed.path()).expect("reopen after crash");
+        let e = c.get(NodeId(4)).expect("get").expect("entry");
+        assert_eq!(
+            e.pending.as_ref(),
+            Some(&pending),
+            "pending upload replayed"
+        );
+        // An older journal line never overrides a newer durable record.
+        c.put(NodeId(4), &clean).expect("newer clean record");
+        drop(c);
+        let c = CacheDir::open(crashed.path()).expect("reopen");
+        assert_eq!(c.get(NodeId(4)).expect("get").expect("entry").pending, None);
     }
 }

@@ -90,6 +90,11 @@ pub struct CacheArgs {
     /// (passthrough needs Linux 6.9+ and CAP_SYS_ADMIN; without them dfs falls back by itself).
     #[arg(long)]
     no_passthrough: bool,
+    /// Serve this client's Prometheus metrics (latency per FUSE op and per push stage,
+    /// uploads, downloads) at http://ADDR/metrics. Use a loopback address unless you mean to
+    /// publish them. `--metrics` alone serves on 127.0.0.1:9470.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:9470")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 impl CacheArgs {
@@ -114,6 +119,7 @@ impl CacheArgs {
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),
             passthrough: !self.no_passthrough,
             cluster_id: cluster_id.to_owned(),
+            metrics: self.metrics,
         })
     }
 }

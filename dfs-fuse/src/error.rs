@@ -56,6 +56,7 @@ impl FsError {
                 ErrorCode::StaleFence
                 | ErrorCode::HashMismatch
                 | ErrorCode::NotHolder
+                | ErrorCode::NotPrimary
                 | ErrorCode::Unavailable
                 | ErrorCode::Internal => libc::EIO,
             },

@@ -22,7 +22,7 @@ use crate::fs::DfsFs;
 
 /// How long the kernel may cache entries and attributes: the bound on how stale another
 /// client's namespace change can look.
-pub const TTL: Duration = Duration::from_secs(1);
+pub const TTL: Duration = crate::fs::ATTR_TTL;
 
 /// The fuser adapter.
 pub struct FuseAdapter {
@@ -43,6 +43,14 @@ struct Backing {
 }
 
 impl FuseAdapter {
+    /// Runs a core operation to completion on this FUSE thread and records its latency.
+    fn timed<T>(&self, op: &'static str, f: impl std::future::Future<Output = T>) -> T {
+        let start = std::time::Instant::now();
+        let r = self.rt.block_on(f);
+        self.fs.metrics().fuse_op(op, start.elapsed());
+        r
+    }
+
     /// An adapter running core operations on `rt`, using kernel passthrough for open files
     /// when `passthrough` is set and the kernel supports it.
     pub fn new(fs: Arc<DfsFs>, rt: tokio::runtime::Handle, passthrough: bool) -> Self {
@@ -164,15 +172,15 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.rt.block_on(self.fs.lookup(node(parent), name)) {
+        match self.timed("lookup", self.fs.lookup(node(parent), name)) {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
             Err(e) => reply.error(errno("lookup", &e)),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.rt.block_on(self.fs.getattr(node(ino))) {
-            Ok(attr) => reply.attr(&TTL, &attr),
+        match self.timed("getattr", self.fs.getattr(node(ino))) {
+            Ok((attr, ttl)) => reply.attr(&ttl, &attr),
             Err(e) => reply.error(errno("getattr", &e)),
         }
     }
@@ -198,14 +206,14 @@ impl Filesystem for FuseAdapter {
         let op = self
             .fs
             .setattr(node(ino), mode, size, mtime.map(time_of), fh.map(|f| f.0));
-        match self.rt.block_on(op) {
+        match self.timed("setattr", op) {
             Ok(attr) => reply.attr(&TTL, &attr),
             Err(e) => reply.error(errno("setattr", &e)),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.rt.block_on(self.fs.readlink(node(ino))) {
+        match self.timed("readlink", self.fs.readlink(node(ino))) {
             Ok(t) => reply.data(t.as_bytes()),
             Err(e) => reply.error(errno("readlink", &e)),
         }
@@ -220,24 +228,21 @@ impl Filesystem for FuseAdapter {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        match self
-            .rt
-            .block_on(self.fs.mkdir(node(parent), name, mode & !umask))
-        {
+        match self.timed("mkdir", self.fs.mkdir(node(parent), name, mode & !umask)) {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
             Err(e) => reply.error(errno("mkdir", &e)),
         }
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.rt.block_on(self.fs.unlink(node(parent), name)) {
+        match self.timed("unlink", self.fs.unlink(node(parent), name)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("unlink", &e)),
         }
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.rt.block_on(self.fs.rmdir(node(parent), name)) {
+        match self.timed("rmdir", self.fs.rmdir(node(parent), name)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("rmdir", &e)),
         }
@@ -251,10 +256,7 @@ impl Filesystem for FuseAdapter {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        match self
-            .rt
-            .block_on(self.fs.symlink(node(parent), link_name, target))
-        {
+        match self.timed("symlink", self.fs.symlink(node(parent), link_name, target)) {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
             Err(e) => reply.error(errno("symlink", &e)),
         }
@@ -270,13 +272,11 @@ impl Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        match self.rt.block_on(self.fs.rename(
-            node(parent),
-            name,
-            node(newparent),
-            newname,
-            flags.bits(),
-        )) {
+        match self.timed(
+            "rename",
+            self.fs
+                .rename(node(parent), name, node(newparent), newname, flags.bits()),
+        ) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("rename", &e)),
         }
@@ -294,7 +294,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.rt.block_on(self.fs.open(node(ino), flags.0)) {
+        match self.timed("open", self.fs.open(node(ino), flags.0)) {
             Ok(o) => {
                 match self.backing_for(ino.0, o.fh, o.handle.file(), |f| reply.open_backing(f)) {
                     Some(id) => {
@@ -350,7 +350,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        match self.rt.block_on(self.fs.flush(fh.0)) {
+        match self.timed("flush", self.fs.flush(fh.0)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("flush", &e)),
         }
@@ -383,14 +383,14 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.rt.block_on(self.fs.flush(fh.0)) {
+        match self.timed("flush", self.fs.flush(fh.0)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("fsync", &e)),
         }
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.rt.block_on(self.fs.opendir(node(ino))) {
+        match self.timed("opendir", self.fs.opendir(node(ino))) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno("opendir", &e)),
         }
@@ -473,7 +473,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.rt.block_on(self.fs.statfs()) {
+        match self.timed("statfs", self.fs.statfs()) {
             Ok(s) => {
                 let used = s.bytes.div_ceil(4096);
                 let total = used.max(1 << 28);
@@ -506,10 +506,10 @@ impl Filesystem for FuseAdapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self
-            .rt
-            .block_on(self.fs.create(node(parent), name, mode & !umask, flags))
-        {
+        match self.timed(
+            "create",
+            self.fs.create(node(parent), name, mode & !umask, flags),
+        ) {
             Ok((attr, o)) => {
                 match self.backing_for(attr.ino.0, o.fh, o.handle.file(), |f| reply.open_backing(f))
                 {

@@ -7,6 +7,7 @@ pub mod creds;
 pub mod error;
 pub mod fs;
 pub mod fuse;
+pub mod metrics;
 pub mod remote;
 pub mod session;
 pub mod up;

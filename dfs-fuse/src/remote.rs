@@ -96,6 +96,28 @@ async fn api_error(resp: reqwest::Response) -> RemoteError {
     }
 }
 
+/// One upload of a file's content to its primary.
+#[derive(Clone, Copy)]
+pub struct Upload<'a> {
+    /// The local copy to send.
+    pub path: &'a Path,
+    /// Its SHA-256.
+    pub hash: &'a ContentHash,
+    /// Its size (exactly this many bytes are sent).
+    pub size: u64,
+    /// The lock grant (fencing token and signature).
+    pub grant: &'a Grant,
+    /// Idempotency key.
+    pub upload_id: &'a UploadId,
+    /// Permission bits to apply with the version.
+    pub mode: Option<u32>,
+    /// Explicit modification time to apply with the version.
+    pub mtime_ns: Option<u64>,
+}
+
+/// Bodies up to this size are sent from one buffer rather than streamed.
+const SMALL_BODY: u64 = 1 << 20;
+
 /// Client-side timeouts.
 #[derive(Debug, Clone)]
 pub struct RemoteConfig {
@@ -684,15 +706,16 @@ impl Remote {
     }
 
     /// Streams `path` to the primary of `meta` as the new content.
-    pub async fn upload(
-        &self,
-        meta: &NodeMeta,
-        path: &Path,
-        hash: &ContentHash,
-        size: u64,
-        grant: &Grant,
-        upload_id: &UploadId,
-    ) -> Result<NodeMeta, RemoteError> {
+    pub async fn upload(&self, meta: &NodeMeta, up: &Upload<'_>) -> Result<NodeMeta, RemoteError> {
+        let Upload {
+            path,
+            hash,
+            size,
+            grant,
+            upload_id,
+            mode,
+            mtime_ns,
+        } = *up;
         let primary = meta.primary.ok_or_else(|| RemoteError::Api {
             code: ErrorCode::Unavailable,
             message: "file has no primary".into(),
@@ -704,12 +727,35 @@ impl Remote {
         // Exactly `size` bytes: if the file changed since it was hashed, the server answers
         // "hash mismatch" and the push re-hashes, instead of the request failing mid-body.
         let file = tokio::io::AsyncReadExt::take(file, size);
-        let body =
-            reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));
+        let body = if size <= SMALL_BODY {
+            // Small files go in one buffer: no per-chunk streaming overhead.
+            let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+            let mut file = file;
+            tokio::io::AsyncReadExt::read_to_end(&mut file, &mut buf)
+                .await
+                .map_err(|e| RemoteError::Io(format!("reading {}: {e}", path.display())))?;
+            reqwest::Body::from(buf)
+        } else {
+            reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20))
+        };
+        let placement: Vec<String> = meta
+            .primary
+            .iter()
+            .chain(&meta.replicas)
+            .map(|s| s.0.to_string())
+            .collect();
         let token = self.token().await?;
-        let resp = self
+        let mut req = self
             .stream
             .put(format!("{base}{}", routes::file_write(meta.id)))
+            .header(routes::PLACEMENT_HEADER, placement.join(","));
+        if let Some(m) = mode {
+            req = req.header(routes::MODE_HEADER, format!("{m:o}"));
+        }
+        if let Some(t) = mtime_ns {
+            req = req.header(routes::MTIME_HEADER, t.to_string());
+        }
+        let resp = req
             .bearer_auth(token)
             .timeout(common::api::transfer_timeout(size))
             .header(routes::FENCE_HEADER, grant.fence.0.to_string())

@@ -31,6 +31,8 @@ pub struct MountOptions {
     pub passthrough: bool,
     /// The cluster's identity (the cache must belong to it).
     pub cluster_id: String,
+    /// Where to serve the client's Prometheus metrics (`GET /metrics`), if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// File in the cache directory holding the pid of the process that mounts it.
@@ -206,6 +208,9 @@ pub fn mount(remote: Remote, opts: &MountOptions) -> anyhow::Result<Mounted> {
     let session = fuser::spawn_mount(adapter, &opts.mountpoint, &config)
         .with_context(|| format!("mounting at {}", opts.mountpoint.display()))?;
     let cancel = CancellationToken::new();
+    if let Some(addr) = opts.metrics {
+        serve_metrics(&fs, addr, cancel.clone())?;
+    }
     let uploader = tokio::spawn(fs.clone().run_uploader(cancel.clone()));
     fs.write_status();
     Ok(Mounted {
@@ -216,6 +221,53 @@ pub fn mount(remote: Remote, opts: &MountOptions) -> anyhow::Result<Mounted> {
         mountpoint: opts.mountpoint.clone(),
         drain_timeout: opts.drain_timeout,
     })
+}
+
+/// Serves `GET /metrics` of the client at `addr` until `cancel`.
+fn serve_metrics(
+    fs: &Arc<DfsFs>,
+    addr: std::net::SocketAddr,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("binding the metrics listener on {addr}"))?;
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let metrics = fs.metrics().clone();
+    let stats = fs.remote().stats.clone();
+    let s = stats.clone();
+    metrics.registry.counter(
+        "client_uploads",
+        "Whole-file uploads since mount",
+        Box::new(move || s.uploads.load(std::sync::atomic::Ordering::Relaxed)),
+    );
+    metrics.registry.counter(
+        "client_downloads",
+        "Whole-file downloads since mount",
+        Box::new(move || stats.downloads.load(std::sync::atomic::Ordering::Relaxed)),
+    );
+    let app = axum::Router::new().route(
+        common::routes::METRICS,
+        axum::routing::get(move || {
+            let m = metrics.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    m.registry.render(),
+                )
+            }
+        }),
+    );
+    tracing::info!(%addr, "serving client metrics");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { cancel.cancelled().await })
+            .await;
+    });
+    Ok(())
 }
 
 impl Mounted {

@@ -10,14 +10,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::api::{CreateRequest, RenameRequest, SetAttrRequest, StatFs};
-use common::{ContentHash, FileKind, NodeId, NodeMeta, UploadId, ValidName};
+use common::{ContentHash, FileKind, NodeId, NodeMeta, ValidName};
 use fuser::{FileAttr, FileType, INodeNo};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
-use crate::cache::{CacheDir, CacheEntry, Pending};
+use crate::cache::{CacheDir, CacheEntry};
 use crate::error::{FsError, FsResult};
+use crate::metrics::ClientMetrics;
 use crate::remote::{Remote, RemoteError};
+use dfs_server::keyed::KeyedMutex;
+
+mod recover;
+mod upload;
 
 /// Tunables of the core.
 #[derive(Debug, Clone)]
@@ -108,6 +113,15 @@ impl Handle {
     }
 }
 
+/// Attribute changes made while a file holds unpushed changes, applied with its next push.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FoldedAttrs {
+    /// Permission bits.
+    pub mode: Option<u32>,
+    /// Explicit modification time (ns since the epoch).
+    pub mtime_ns: Option<u64>,
+}
+
 /// Result of `open`/`create`.
 pub struct Opened {
     /// The new handle number.
@@ -121,7 +135,14 @@ pub struct Opened {
 struct Known {
     by_id: HashMap<NodeId, NodeMeta>,
     by_name: HashMap<(NodeId, String), NodeId>,
+    /// When each `by_id` entry was last heard from the directory (or changed by this client's
+    /// own namespace operation).
+    heard: HashMap<NodeId, Instant>,
 }
+
+/// How long the kernel may cache attributes and entries (the README's metadata bound). A
+/// getattr answered from what this client heard less than that long ago gets the rest of it.
+pub const ATTR_TTL: Duration = Duration::from_secs(1);
 
 /// What `dfs status` shows of this client; also written to `status.json` in the cache.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -143,15 +164,16 @@ pub struct ClientStatus {
 
 /// The core.
 pub struct DfsFs {
-    remote: Remote,
+    remote: Arc<Remote>,
     cache: CacheDir,
     cache_root: std::path::PathBuf,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     listings: Mutex<HashMap<u64, Arc<Vec<DirItem>>>>,
     retry_at: Mutex<HashMap<NodeId, (Instant, Duration)>>,
-    explicit_mtime: Mutex<HashMap<NodeId, u64>>,
+    folded: Mutex<HashMap<NodeId, FoldedAttrs>>,
     next_fh: AtomicU64,
-    node_locks: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>>,
+    node_locks: KeyedMutex<NodeId>,
+    metrics: Arc<ClientMetrics>,
     writers: Mutex<HashMap<NodeId, usize>>,
     known: Mutex<Known>,
     uid: u32,
@@ -207,15 +229,16 @@ impl DfsFs {
         cache.claim(cluster_id)?;
         let meta = std::fs::metadata(cache_root)?;
         let fs = DfsFs {
-            remote,
+            remote: Arc::new(remote),
             cache,
             cache_root: cache_root.to_path_buf(),
             handles: Mutex::new(HashMap::new()),
             listings: Mutex::new(HashMap::new()),
             retry_at: Mutex::new(HashMap::new()),
-            explicit_mtime: Mutex::new(HashMap::new()),
+            folded: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
-            node_locks: Mutex::new(HashMap::new()),
+            node_locks: KeyedMutex::default(),
+            metrics: Arc::new(ClientMetrics::default()),
             writers: Mutex::new(HashMap::new()),
             known: Mutex::new(Known::default()),
             uid: meta.uid(),
@@ -238,9 +261,9 @@ impl DfsFs {
         &self.remote
     }
 
-    fn node_lock(&self, node: NodeId) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.node_locks.lock().unwrap_or_else(|p| p.into_inner());
-        locks.entry(node).or_default().clone()
+    /// This client's metrics (FUSE ops, push stages).
+    pub fn metrics(&self) -> &Arc<ClientMetrics> {
+        &self.metrics
     }
 
     fn writer_count(&self, node: NodeId) -> usize {
@@ -255,9 +278,29 @@ impl DfsFs {
     fn remember(&self, meta: &NodeMeta, name: Option<(NodeId, &str)>) {
         let mut k = self.known.lock().unwrap_or_else(|p| p.into_inner());
         k.by_id.insert(meta.id, meta.clone());
+        k.heard.insert(meta.id, Instant::now());
         if let Some((parent, name)) = name {
             k.by_name.insert((parent, name.to_owned()), meta.id);
         }
+    }
+
+    /// This client just changed directory `dir` (an entry created, removed or renamed): its
+    /// times move on locally, so the kernel's getattr after the change needs no round trip.
+    fn touched_dir(&self, dir: NodeId) {
+        let mut k = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = k.by_id.get_mut(&dir) {
+            let now = dfs_server::store::now_ns();
+            m.mtime_ns = now;
+            m.ctime_ns = now;
+        }
+    }
+
+    /// What this client heard of `id` less than `ATTR_TTL` ago, with the time left.
+    fn recent_meta(&self, id: NodeId) -> Option<(NodeMeta, Duration)> {
+        let k = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        let age = k.heard.get(&id)?.elapsed();
+        let left = ATTR_TTL.checked_sub(age)?;
+        Some((k.by_id.get(&id)?.clone(), left))
     }
 
     fn forget_name(&self, parent: NodeId, name: &str) {
@@ -308,7 +351,11 @@ impl DfsFs {
     pub fn attr(&self, meta: &NodeMeta) -> FileAttr {
         let mut size = meta.size;
         let mut mtime = ns_to_time(meta.mtime_ns);
+        let mut mode = meta.mode;
         if meta.kind == FileKind::File {
+            if let Some(m) = self.folded_attrs(meta.id).mode {
+                mode = m;
+            }
             let local = self.has_local_changes(meta.id);
             if local && let Ok(m) = std::fs::metadata(self.cache.path(meta.id)) {
                 size = m.len();
@@ -324,7 +371,7 @@ impl DfsFs {
             ctime: ns_to_time(meta.ctime_ns),
             crtime: ns_to_time(meta.ctime_ns),
             kind: kind_of(meta.kind),
-            perm: u16::try_from(meta.mode & 0o7777).unwrap_or(0o644),
+            perm: u16::try_from(mode & 0o7777).unwrap_or(0o644),
             nlink: if meta.kind == FileKind::Dir { 2 } else { 1 },
             uid: self.uid,
             gid: self.gid,
@@ -373,8 +420,14 @@ impl DfsFs {
     }
 
     /// getattr.
-    pub async fn getattr(&self, id: NodeId) -> FsResult<FileAttr> {
-        Ok(self.attr(&self.meta(id).await?))
+    /// getattr, with how long the kernel may cache the answer. What this client heard from
+    /// the directory (or changed itself) less than `ATTR_TTL` ago is answered locally, cached
+    /// for the rest of that time, so no answer is older than `ATTR_TTL` when it expires.
+    pub async fn getattr(&self, id: NodeId) -> FsResult<(FileAttr, Duration)> {
+        if let Some((meta, left)) = self.recent_meta(id) {
+            return Ok((self.attr(&meta), left));
+        }
+        Ok((self.attr(&self.meta(id).await?), ATTR_TTL))
     }
 
     /// setattr: mode and mtime at the directory; size as a new version (truncate locally,
@@ -409,35 +462,35 @@ impl DfsFs {
         let mtime_ns = mtime
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-        let meta = if mode.is_some() || mtime_ns.is_some() {
-            let req = SetAttrRequest {
-                mode: mode.map(|m| m & 0o7777),
-                mtime_ns,
-            };
-            let m = self.remote.setattr(id, &req).await?;
-            self.remember(&m, None);
-            m
-        } else {
-            self.meta(id).await?
-        };
-        if let (Some(t), Some(ns)) = (mtime, mtime_ns)
+        let mode = mode.map(|m| m & 0o7777);
+        if mode.is_none() && mtime_ns.is_none() {
+            return Ok(self.attr(&self.meta(id).await?));
+        }
+        if let Some(meta) = self.known_meta(id)
             && meta.kind == FileKind::File
             && self.has_local_changes(id)
         {
-            // `cp -p`, `tar`, `rsync -t`: times set on a file whose new content is not pushed
-            // yet. The push's commit stamps "now", so the time is applied again after it; the
-            // local copy carries it meanwhile (its mtime is what getattr shows until then).
-            if let Ok(f) = std::fs::OpenOptions::new()
-                .write(true)
-                .open(self.cache.path(id))
+            // fchmod/futimens on a file open for writing (GNU tar, `cp -p`, `rsync -t`), or
+            // times set on a file whose new content is not pushed yet: folded into the push
+            // that follows, instead of a round trip and a commit of their own now. The local
+            // copy carries the time meanwhile (its mtime is what getattr shows until then).
+            if let Some(t) = mtime
+                && let Ok(f) = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(self.cache.path(id))
             {
                 let _ = f.set_modified(t);
             }
-            self.explicit_mtime
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id, ns);
+            let mut folded = self.folded.lock().unwrap_or_else(|p| p.into_inner());
+            let f = folded.entry(id).or_default();
+            f.mode = mode.or(f.mode);
+            f.mtime_ns = mtime_ns.or(f.mtime_ns);
+            drop(folded);
+            return Ok(self.attr(&meta));
         }
+        let req = SetAttrRequest { mode, mtime_ns };
+        let meta = self.remote.setattr(id, &req).await?;
+        self.remember(&meta, None);
         Ok(self.attr(&meta))
     }
 
@@ -513,6 +566,7 @@ impl DfsFs {
         };
         let m = self.remote.create(parent, &req).await?;
         self.remember(&m, Some((parent, name.as_str())));
+        self.touched_dir(parent);
         Ok(m)
     }
 
@@ -592,6 +646,7 @@ impl DfsFs {
         let name = name_of(name)?;
         let removed = self.remote.remove(parent, &name, false).await?;
         self.forget_name(parent, name.as_str());
+        self.touched_dir(parent);
         self.drop_cached(removed.id);
         Ok(())
     }
@@ -601,6 +656,7 @@ impl DfsFs {
         let name = name_of(name)?;
         self.remote.remove(parent, &name, true).await?;
         self.forget_name(parent, name.as_str());
+        self.touched_dir(parent);
         Ok(())
     }
 
@@ -626,6 +682,8 @@ impl DfsFs {
         let replaced = self.remote.rename(&req).await?;
         self.forget_name(parent, req.name.as_str());
         self.forget_name(new_parent, req.new_name.as_str());
+        self.touched_dir(parent);
+        self.touched_dir(new_parent);
         if let Some(old) = replaced {
             self.drop_cached(old.id);
         }
@@ -706,7 +764,7 @@ impl DfsFs {
                 .is_some_and(|e| e.pending.is_some())
                 && self.cache.path(node).exists()
         };
-        let lock = self.node_lock(node);
+        let lock = self.node_locks.get(node);
         let _g = match tokio::time::timeout(Duration::from_secs(2), lock.lock()).await {
             Ok(g) => g,
             Err(_) if pending_copy() => {
@@ -792,10 +850,14 @@ impl DfsFs {
         }
         h.file.write_all_at(data, offset)?;
         // A write after an explicit time makes "now" the modification time again.
-        self.explicit_mtime
+        if let Some(f) = self
+            .folded
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&h.node);
+            .get_mut(&h.node)
+        {
+            f.mtime_ns = None;
+        }
         h.dirty.store(true, Ordering::Release);
         Ok(u32::try_from(data.len()).unwrap_or(u32::MAX))
     }
@@ -807,10 +869,13 @@ impl DfsFs {
         // Under passthrough the writes bypass us and (size, mtime) may not move for a same-size
         // rewrite within one timestamp tick: let the content hash decide instead.
         let passthrough = self.passthrough.load(Ordering::Relaxed);
-        if !(h.changed() || passthrough && h.writable && !h.provably_unchanged()) {
+        let folded = h.writable && self.folded_attrs(h.node) != FoldedAttrs::default();
+        if !(h.changed() || passthrough && h.writable && !h.provably_unchanged() || folded) {
             return Ok(());
         }
-        h.file.sync_all()?;
+        // No fsync of the cache copy: the close is acknowledged only once the servers hold
+        // the content durably, and a crash of this process keeps the page cache (the pending
+        // record survives it through the cache journal).
         // From here on the change is recorded as pending by `push`, so the handle is clean.
         h.mark_clean();
         let deadline = Instant::now() + self.config.close_timeout;
@@ -874,323 +939,6 @@ impl DfsFs {
         }
     }
 
-    /// Sets or clears the durable "open for writing" mark of `node`.
-    fn set_writing(&self, node: NodeId, on: bool) -> FsResult<()> {
-        if let Some(mut e) = self.cache.get(node)?
-            && e.writing != on
-        {
-            e.writing = on;
-            // Setting must be durable before the first byte changes; a lost clear only costs a
-            // re-hash at the next start.
-            if on {
-                self.cache.put(node, &e)?;
-            } else {
-                self.cache.put_lazy(node, &e)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// After a crash: copies still marked "open for writing" may hold writes that were never
-    /// recorded. One with a pending upload keeps its newest bytes pending (they are the user's
-    /// latest); a clean one that changed is moved to `recovered/` (never pushed over the good
-    /// server version, never deleted) and fetched again on the next open.
-    fn recover(&self) -> FsResult<()> {
-        for (node, mut e) in self.cache.entries()? {
-            if !e.writing {
-                continue;
-            }
-            let path = self.cache.path(node);
-            let current = hash_file(&path).ok().map(|(h, _)| h);
-            let unchanged = current.as_ref().is_some_and(|h| match &e.pending {
-                Some(p) => &p.hash == h,
-                None => &e.hash == h,
-            });
-            if !unchanged && e.pending.is_none() && current.is_some() {
-                let dir = self.cache.root().join("recovered");
-                std::fs::create_dir_all(&dir)?;
-                let stamp = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0);
-                let to = dir.join(format!("node-{}-{stamp}", node.0));
-                std::fs::rename(&path, &to)?;
-                tracing::warn!(%node, saved = %to.display(), "a write interrupted by a crash was set aside, not pushed");
-                self.cache.remove(node)?;
-                continue;
-            }
-            if !unchanged {
-                // Pending and written further: push the newest bytes (recorded as pending now).
-                e.writing = false;
-                self.cache.put(node, &e)?;
-                self.mark_pending(node)?;
-                continue;
-            }
-            e.writing = false;
-            self.cache.put(node, &e)?;
-        }
-        Ok(())
-    }
-
-    /// Records the local copy of `node` as pending (keeping the upload id if the content is
-    /// the same as an earlier pending attempt). Returns the pending upload, or None if the copy
-    /// equals the server version.
-    fn mark_pending(&self, node: NodeId) -> FsResult<Option<(CacheEntry, Pending)>> {
-        let path = self.cache.path(node);
-        let (hash, size) = match hash_file(&path) {
-            Ok(v) => v,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        let mut entry = self.cache.get(node)?.unwrap_or(CacheEntry {
-            version: 0,
-            hash: ContentHash::empty(),
-            pending: None,
-            writing: false,
-        });
-        let pending = match &entry.pending {
-            Some(p) if p.hash == hash => p.clone(),
-            _ if entry.pending.is_none() && entry.hash == hash => return Ok(None),
-            _ => Pending {
-                upload_id: UploadId::from_bytes(rand::random()),
-                hash,
-                size,
-            },
-        };
-        entry.pending = Some(pending.clone());
-        self.cache.put(node, &entry)?;
-        Ok(Some((entry, pending)))
-    }
-
-    /// Pushes the local copy of `node` if it differs from the server's, retrying until
-    /// `deadline`. Serialised per node with open().
-    pub async fn push(&self, node: NodeId, deadline: Instant) -> FsResult<()> {
-        let lock = self.node_lock(node);
-        let _g = lock.lock().await;
-        let Some((_, mut pending)) = self.mark_pending(node)? else {
-            // Nothing to push: an explicit time already stands at the directory.
-            self.explicit_mtime
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&node);
-            return Ok(());
-        };
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            match self.push_once(node, &pending, deadline).await {
-                Ok(meta) => {
-                    // Only the pushed content becomes clean: a pending record written meanwhile
-                    // (by release) for newer content stays.
-                    let mut entry = self.cache.get(node)?.unwrap_or(CacheEntry {
-                        version: 0,
-                        hash: ContentHash::empty(),
-                        pending: None,
-                        writing: false,
-                    });
-                    if meta.hash == pending.hash {
-                        entry.version = meta.version;
-                        entry.hash = meta.hash.clone();
-                    } else {
-                        // A retried upload that was applied before a newer version: the copy
-                        // holds our content, not the server's newest, so the next open fetches.
-                        entry.version = 0;
-                        entry.hash = pending.hash.clone();
-                    }
-                    if entry
-                        .pending
-                        .as_ref()
-                        .is_some_and(|p| p.upload_id == pending.upload_id)
-                    {
-                        entry.pending = None;
-                    }
-                    self.cache.put_lazy(node, &entry)?;
-                    self.remember(&meta, None);
-                    self.retry_at
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&node);
-                    let explicit = self
-                        .explicit_mtime
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&node);
-                    if let Some(ns) = explicit {
-                        let req = SetAttrRequest {
-                            mode: None,
-                            mtime_ns: Some(ns),
-                        };
-                        match self.remote.setattr(node, &req).await {
-                            Ok(m) => self.remember(&m, None),
-                            Err(e) => {
-                                tracing::warn!(%node, error = %e, "re-applying the file's time failed")
-                            }
-                        }
-                    }
-                    return Ok(());
-                }
-                // Only the directory saying so means the file is gone (a NotFound from another
-                // service, e.g. an unknown route after a restart, does not).
-                Err(e)
-                    if e.is_not_found()
-                        && self.remote.get(node).await.is_err_and(|d| d.is_not_found()) =>
-                {
-                    tracing::info!(%node, "file was deleted; dropping its unpushed changes");
-                    self.drop_cached(node);
-                    return Ok(());
-                }
-                Err(RemoteError::Api {
-                    code: common::ErrorCode::HashMismatch,
-                    ..
-                }) if Instant::now() + backoff < deadline => {
-                    // The copy changed while it was being sent: hash it again and resend.
-                    match self.mark_pending(node)? {
-                        Some((_, p)) => pending = p,
-                        None => return Ok(()),
-                    }
-                }
-                Err(e) => {
-                    let retryable = e.is_unreachable()
-                        || e.is_not_found()
-                        || matches!(&e, RemoteError::Api { code, .. } if matches!(code,
-                            common::ErrorCode::StaleFence | common::ErrorCode::HashMismatch | common::ErrorCode::NotHolder | common::ErrorCode::Forbidden));
-                    if !retryable || Instant::now() + backoff >= deadline {
-                        tracing::warn!(%node, error = %e, "push failed; changes kept in the cache and retried later");
-                        return Err(e.into());
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
-            }
-        }
-    }
-
-    /// One attempt: take the lock (renewing the lease meanwhile), upload, unlock.
-    async fn push_once(
-        &self,
-        node: NodeId,
-        pending: &Pending,
-        deadline: Instant,
-    ) -> Result<NodeMeta, RemoteError> {
-        let waiter = UploadId::from_bytes(rand::random());
-        let grant = match self.remote.acquire(node, &waiter, deadline).await {
-            Ok(g) => g,
-            Err(e) => {
-                // A grant whose answer was lost must not block everyone for a whole lease.
-                let _ = self.remote.release(node, &waiter).await;
-                return Err(e);
-            }
-        };
-        let renew_every = Duration::from_millis(grant.lease_ms / 3).max(Duration::from_millis(50));
-        let upload = async {
-            let meta = self.remote.get(node).await?;
-            self.remote
-                .upload(
-                    &meta,
-                    &self.cache.path(node),
-                    &pending.hash,
-                    pending.size,
-                    &grant,
-                    &pending.upload_id,
-                )
-                .await
-        };
-        tokio::pin!(upload);
-        let result = loop {
-            tokio::select! {
-                r = &mut upload => break r,
-                _ = tokio::time::sleep(renew_every) => {
-                    if let Err(e) = self.remote.renew(node, &waiter).await {
-                        tracing::warn!(%node, error = %e, "lock renewal failed");
-                    }
-                }
-            }
-        };
-        if let Err(e) = self.remote.release(node, &waiter).await {
-            tracing::debug!(%node, error = %e, "lock release failed; the lease will expire");
-        }
-        result
-    }
-
-    /// Nodes with changes not yet on the servers, or open for writing here (whose changes may
-    /// not even be recorded yet).
-    pub fn unsettled(&self) -> FsResult<Vec<NodeId>> {
-        let mut v = self.pending()?;
-        v.extend(
-            self.writers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .keys()
-                .copied(),
-        );
-        v.sort();
-        v.dedup();
-        Ok(v)
-    }
-
-    /// Handles open for writing.
-    pub fn open_writers(&self) -> usize {
-        self.writers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .sum()
-    }
-
-    /// Nodes with changes not yet on the servers.
-    pub fn pending(&self) -> FsResult<Vec<NodeId>> {
-        Ok(self.cache.pending()?.into_iter().map(|(n, _)| n).collect())
-    }
-
-    /// Pushes every pending node not open for writing; returns those still pending.
-    /// With `backoff`, a node that failed recently waits its turn (2 s doubling to 10 s while
-    /// the servers are unreachable, to 5 min while they refuse), so a push the servers keep
-    /// refusing is not re-sent every pass.
-    pub async fn push_pending(&self, deadline: Instant, backoff: bool) -> FsResult<Vec<NodeId>> {
-        for node in self.pending()? {
-            if self.writer_count(node) > 0 {
-                continue;
-            }
-            let now = Instant::now();
-            let waiting = self
-                .retry_at
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&node)
-                .copied();
-            if backoff && waiting.is_some_and(|(at, _)| at > now) {
-                continue;
-            }
-            match self.push(node, deadline).await {
-                Ok(()) => {
-                    self.retry_at
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&node);
-                }
-                Err(e) => {
-                    // Refusals the user must act on back off long; anything else (servers away,
-                    // a failover in progress) is transient.
-                    use common::ErrorCode::{BadRequest, TooLarge, Unauthorized};
-                    let cap = match &e {
-                        FsError::Remote(RemoteError::Api {
-                            code: Unauthorized | TooLarge | BadRequest,
-                            ..
-                        }) => Duration::from_secs(300),
-                        _ => Duration::from_secs(10),
-                    };
-                    let next = waiting.map_or(Duration::from_secs(2), |(_, d)| (d * 2).min(cap));
-                    self.retry_at
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(node, (Instant::now() + next, next));
-                    tracing::debug!(%node, error = %e, retry_in = ?next, "pending upload not done yet");
-                }
-            }
-        }
-        self.write_status();
-        self.pending()
-    }
-
     /// This client's status.
     pub fn status(&self) -> FsResult<ClientStatus> {
         let (cached_files, cached_bytes) = self.cache.usage()?;
@@ -1214,22 +962,6 @@ impl DfsFs {
                 &data,
                 0o644,
             );
-        }
-    }
-
-    /// Background loop: retries pending uploads with back-off until `cancel`.
-    pub async fn run_uploader(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
-        loop {
-            // Short attempts: a node being retried is locked for at most this long.
-            let deadline = Instant::now() + self.config.close_timeout.min(Duration::from_secs(10));
-            if let Err(e) = self.push_pending(deadline, true).await {
-                tracing::warn!(error = %e, "retrying pending uploads failed");
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(self.config.retry_interval) => {}
-            }
         }
     }
 }

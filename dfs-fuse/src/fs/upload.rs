@@ -1,0 +1,347 @@
+//! The upload protocol: record a change as pending, push it under the file's lock with its
+//! fencing token, retry what failed in the background. Latency budget of a close in the default
+//! mode is in ARCHITECTURE.md ("Write path").
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::api::SetAttrRequest;
+use common::{ContentHash, NodeId, NodeMeta, UploadId};
+use tokio::time::Instant;
+
+use super::{DfsFs, FoldedAttrs, hash_file};
+use crate::cache::{CacheEntry, Pending};
+use crate::error::{FsError, FsResult};
+use crate::remote::RemoteError;
+
+impl DfsFs {
+    /// Records the local copy of `node` as pending (keeping the upload id if the content is
+    /// the same as an earlier pending attempt). Returns the pending upload, or None if the copy
+    /// equals the server version.
+    pub(super) fn mark_pending(&self, node: NodeId) -> FsResult<Option<(CacheEntry, Pending)>> {
+        let path = self.cache.path(node);
+        let (hash, size) = match hash_file(&path) {
+            Ok(v) => v,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let mut entry = self.cache.get(node)?.unwrap_or(CacheEntry {
+            version: 0,
+            hash: ContentHash::empty(),
+            pending: None,
+            writing: false,
+            seq: 0,
+        });
+        let pending = match &entry.pending {
+            Some(p) if p.hash == hash => p.clone(),
+            _ if entry.pending.is_none() && entry.hash == hash => return Ok(None),
+            _ => Pending {
+                upload_id: UploadId::from_bytes(rand::random()),
+                hash,
+                size,
+            },
+        };
+        entry.pending = Some(pending.clone());
+        // Survives a crash of this process without an fsync: a close that began is pushed
+        // after a restart (the upload id makes a resend harmless).
+        self.cache.record(node, &entry)?;
+        Ok(Some((entry, pending)))
+    }
+
+    /// Pushes the local copy of `node` if it differs from the server's, retrying until
+    /// `deadline`. Serialised per node with open(). Attribute changes folded into this push
+    /// (see `setattr`) go with it, or alone if the content did not change.
+    pub async fn push(&self, node: NodeId, deadline: Instant) -> FsResult<()> {
+        let lock = self.node_locks.get(node);
+        let _g = lock.lock().await;
+        let started = std::time::Instant::now();
+        let Some((_, mut pending)) = self.mark_pending(node)? else {
+            return self.apply_folded_attrs(node).await;
+        };
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let attrs = self.folded_attrs(node);
+            match self.push_once(node, &pending, &attrs, deadline).await {
+                Ok(meta) => {
+                    // Only the pushed content becomes clean: a pending record written meanwhile
+                    // (by release) for newer content stays.
+                    let mut entry = self.cache.get(node)?.unwrap_or(CacheEntry {
+                        version: 0,
+                        hash: ContentHash::empty(),
+                        pending: None,
+                        writing: false,
+                        seq: 0,
+                    });
+                    if meta.hash == pending.hash {
+                        entry.version = meta.version;
+                        entry.hash = meta.hash.clone();
+                    } else {
+                        // A retried upload that was applied before a newer version: the copy
+                        // holds our content, not the server's newest, so the next open fetches.
+                        entry.version = 0;
+                        entry.hash = pending.hash.clone();
+                    }
+                    if entry
+                        .pending
+                        .as_ref()
+                        .is_some_and(|p| p.upload_id == pending.upload_id)
+                    {
+                        entry.pending = None;
+                    }
+                    self.cache.put_lazy(node, &entry)?;
+                    self.remember(&meta, None);
+                    self.retry_at
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&node);
+                    self.settle_folded_attrs(node, &attrs);
+                    self.metrics.push_done(started.elapsed());
+                    return Ok(());
+                }
+                // Only the directory saying so means the file is gone (a NotFound from another
+                // service, e.g. an unknown route after a restart, does not).
+                Err(e)
+                    if e.is_not_found()
+                        && self.remote.get(node).await.is_err_and(|d| d.is_not_found()) =>
+                {
+                    tracing::info!(%node, "file was deleted; dropping its unpushed changes");
+                    self.drop_cached(node);
+                    return Ok(());
+                }
+                Err(RemoteError::Api {
+                    code: common::ErrorCode::HashMismatch,
+                    ..
+                }) if Instant::now() + backoff < deadline => {
+                    // The copy changed while it was being sent: hash it again and resend.
+                    match self.mark_pending(node)? {
+                        Some((_, p)) => pending = p,
+                        None => return Ok(()),
+                    }
+                }
+                Err(e) => {
+                    use common::ErrorCode::{
+                        Forbidden, HashMismatch, NotHolder, NotPrimary, StaleFence,
+                    };
+                    if matches!(
+                        &e,
+                        RemoteError::Api {
+                            code: NotPrimary,
+                            ..
+                        }
+                    ) {
+                        // The placement moved (failover): learn the new one before resending.
+                        if let Ok(m) = self.remote.get(node).await {
+                            self.remember(&m, None);
+                        }
+                    }
+                    let retryable = e.is_unreachable()
+                        || e.is_not_found()
+                        || matches!(&e, RemoteError::Api { code, .. } if matches!(code,
+                            StaleFence | HashMismatch | NotHolder | NotPrimary | Forbidden));
+                    if !retryable || Instant::now() + backoff >= deadline {
+                        tracing::warn!(%node, error = %e, "push failed; changes kept in the cache and retried later");
+                        return Err(e.into());
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// One attempt: take the lock (renewing the lease meanwhile), upload to the primary named
+    /// by the metadata this client already has, and answer; the unlock goes out after the
+    /// answer, off the critical path (a lost unlock costs others one lease at worst).
+    async fn push_once(
+        &self,
+        node: NodeId,
+        pending: &Pending,
+        attrs: &FoldedAttrs,
+        deadline: Instant,
+    ) -> Result<NodeMeta, RemoteError> {
+        let waiter = UploadId::from_bytes(rand::random());
+        let t = std::time::Instant::now();
+        let grant = match self.remote.acquire(node, &waiter, deadline).await {
+            Ok(g) => g,
+            Err(e) => {
+                // A grant whose answer was lost must not block everyone for a whole lease.
+                let _ = self.remote.release(node, &waiter).await;
+                return Err(e);
+            }
+        };
+        self.metrics.stage("lock", t.elapsed());
+        let renew_every = Duration::from_millis(grant.lease_ms / 3).max(Duration::from_millis(50));
+        let upload = async {
+            let meta = match self.known_meta(node) {
+                Some(m) if m.primary.is_some() => m,
+                _ => {
+                    let m = self.remote.get(node).await?;
+                    self.remember(&m, None);
+                    m
+                }
+            };
+            let t = std::time::Instant::now();
+            let path = self.cache.path(node);
+            let up = crate::remote::Upload {
+                path: &path,
+                hash: &pending.hash,
+                size: pending.size,
+                grant: &grant,
+                upload_id: &pending.upload_id,
+                mode: attrs.mode,
+                mtime_ns: attrs.mtime_ns,
+            };
+            let r = self.remote.upload(&meta, &up).await;
+            self.metrics.stage("upload", t.elapsed());
+            r
+        };
+        tokio::pin!(upload);
+        let result = loop {
+            tokio::select! {
+                r = &mut upload => break r,
+                _ = tokio::time::sleep(renew_every) => {
+                    if let Err(e) = self.remote.renew(node, &waiter).await {
+                        tracing::warn!(%node, error = %e, "lock renewal failed");
+                    }
+                }
+            }
+        };
+        let remote = self.remote.clone();
+        tokio::spawn(async move {
+            if let Err(e) = remote.release(node, &waiter).await {
+                tracing::debug!(%node, error = %e, "lock release failed; the lease will expire");
+            }
+        });
+        result
+    }
+
+    /// Attribute changes waiting for the next push of `node`.
+    pub(super) fn folded_attrs(&self, node: NodeId) -> FoldedAttrs {
+        self.folded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&node)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Forgets the folded changes a push carried (unless they changed again meanwhile).
+    fn settle_folded_attrs(&self, node: NodeId, sent: &FoldedAttrs) {
+        let mut f = self.folded.lock().unwrap_or_else(|p| p.into_inner());
+        if f.get(&node) == Some(sent) {
+            f.remove(&node);
+        }
+    }
+
+    /// Applies folded attribute changes on their own (the content did not change).
+    async fn apply_folded_attrs(&self, node: NodeId) -> FsResult<()> {
+        let attrs = self.folded_attrs(node);
+        if attrs == FoldedAttrs::default() {
+            return Ok(());
+        }
+        let req = SetAttrRequest {
+            mode: attrs.mode,
+            mtime_ns: attrs.mtime_ns,
+        };
+        let m = self.remote.setattr(node, &req).await?;
+        self.remember(&m, None);
+        self.settle_folded_attrs(node, &attrs);
+        Ok(())
+    }
+
+    /// Nodes with changes not yet on the servers, or open for writing here (whose changes may
+    /// not even be recorded yet).
+    pub fn unsettled(&self) -> FsResult<Vec<NodeId>> {
+        let mut v = self.pending()?;
+        v.extend(
+            self.writers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .copied(),
+        );
+        v.sort();
+        v.dedup();
+        Ok(v)
+    }
+
+    /// Handles open for writing.
+    pub fn open_writers(&self) -> usize {
+        self.writers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .sum()
+    }
+
+    /// Nodes with changes not yet on the servers.
+    pub fn pending(&self) -> FsResult<Vec<NodeId>> {
+        Ok(self.cache.pending()?.into_iter().map(|(n, _)| n).collect())
+    }
+
+    /// Pushes every pending node not open for writing; returns those still pending.
+    /// With `backoff`, a node that failed recently waits its turn (2 s doubling to 10 s while
+    /// the servers are unreachable, to 5 min while they refuse), so a push the servers keep
+    /// refusing is not re-sent every pass.
+    pub async fn push_pending(&self, deadline: Instant, backoff: bool) -> FsResult<Vec<NodeId>> {
+        for node in self.pending()? {
+            if self.writer_count(node) > 0 {
+                continue;
+            }
+            let now = Instant::now();
+            let waiting = self
+                .retry_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&node)
+                .copied();
+            if backoff && waiting.is_some_and(|(at, _)| at > now) {
+                continue;
+            }
+            match self.push(node, deadline).await {
+                Ok(()) => {
+                    self.retry_at
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&node);
+                }
+                Err(e) => {
+                    // Refusals the user must act on back off long; anything else (servers away,
+                    // a failover in progress) is transient.
+                    use common::ErrorCode::{BadRequest, TooLarge, Unauthorized};
+                    let cap = match &e {
+                        FsError::Remote(RemoteError::Api {
+                            code: Unauthorized | TooLarge | BadRequest,
+                            ..
+                        }) => Duration::from_secs(300),
+                        _ => Duration::from_secs(10),
+                    };
+                    let next = waiting.map_or(Duration::from_secs(2), |(_, d)| (d * 2).min(cap));
+                    self.retry_at
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(node, (Instant::now() + next, next));
+                    tracing::debug!(%node, error = %e, retry_in = ?next, "pending upload not done yet");
+                }
+            }
+        }
+        self.write_status();
+        self.pending()
+    }
+
+    /// Background loop: retries pending uploads with back-off until `cancel`.
+    pub async fn run_uploader(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
+        loop {
+            // Short attempts: a node being retried is locked for at most this long.
+            let deadline = Instant::now() + self.config.close_timeout.min(Duration::from_secs(10));
+            if let Err(e) = self.push_pending(deadline, true).await {
+                tracing::warn!(error = %e, "retrying pending uploads failed");
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(self.config.retry_interval) => {}
+            }
+        }
+    }
+}
