@@ -117,6 +117,18 @@ pub struct Superseded {
     pub holders: Vec<ServerId>,
 }
 
+/// `POST /v1/nodes/{id}/intent`: announce a write-back push of the file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IntentRequest {
+    /// The upload that will carry the content.
+    pub upload_id: UploadId,
+    /// How long the intent lasts without a commit (capped by the directory).
+    pub lease_ms: u64,
+}
+
+/// Longest write-back intent the directory records.
+pub const MAX_INTENT_MS: u64 = 120_000;
+
 /// `GET /v1/statfs`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct StatFs {

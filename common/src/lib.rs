@@ -10,5 +10,5 @@ pub mod routes;
 
 pub use error::{ErrorBody, ErrorCode};
 pub use ids::{ContentHash, FenceToken, NodeId, ServerId, UploadId};
-pub use meta::{DirEntry, FileKind, NodeMeta};
+pub use meta::{DirEntry, FileKind, NodeMeta, WritebackIntent};
 pub use name::{NameError, ValidName};

@@ -60,6 +60,19 @@ pub struct NodeMeta {
     /// upload whose acknowledgement was lost is recognised and never applied twice.
     #[serde(default)]
     pub recent_uploads: Vec<UploadId>,
+    /// A client closed the file in write-back mode and is pushing it: other clients' opens wait
+    /// (until the push commits or the intent expires) so that they see the new content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writeback: Option<WritebackIntent>,
+}
+
+/// A write-back push announced but not yet committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WritebackIntent {
+    /// The upload that will carry the content; its commit clears the intent.
+    pub upload_id: UploadId,
+    /// When the intent lapses if no commit came (ms since the epoch).
+    pub until_ms: u64,
 }
 
 /// One entry of a directory listing.

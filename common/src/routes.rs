@@ -77,6 +77,14 @@ pub const DROP_BLOB: &str = "/v1/internal/files/{id}/{hash}/drop";
 pub const COPY_TO: &str = "/v1/internal/files/{id}/{hash}/copy-to";
 /// Directory, internal: a server lost its copy of a version (scrub found it corrupt).
 pub const DROP_HOLDER: &str = "/v1/internal/nodes/{id}/drop-holder";
+/// A client announces a write-back push of a file (`POST`).
+pub const INTENT: &str = "/v1/nodes/{id}/intent";
+
+/// Path of [`INTENT`].
+pub fn intent(id: NodeId) -> String {
+    format!("/v1/nodes/{id}/intent")
+}
+
 /// A replica that finished after the write was acknowledged joins the version's holders.
 pub const ADD_HOLDER: &str = "/v1/internal/nodes/{id}/add-holder";
 /// File server: counters.

@@ -90,6 +90,16 @@ pub struct CacheArgs {
     /// (passthrough needs Linux 6.9+ and CAP_SYS_ADMIN; without them dfs falls back by itself).
     #[arg(long)]
     no_passthrough: bool,
+    /// Write-back mode: close() returns once the new content is in the local cache and
+    /// recorded for upload (a crash of dfs loses nothing: it is pushed after the restart; a
+    /// power loss can lose what was never fsynced, as on a local disk). The push runs in the
+    /// background; fsync() still waits for the servers; other clients' opens wait for the push.
+    #[arg(long)]
+    writeback: bool,
+    /// With --writeback: most bytes waiting for upload; past it, close() pushes before it
+    /// returns, as without --writeback. Accepts K, M, G suffixes (powers of 1024).
+    #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_size)]
+    writeback_max_dirty: u64,
     /// Serve this client's Prometheus metrics (latency per FUSE op and per push stage,
     /// uploads, downloads) at http://ADDR/metrics. Use a loopback address unless you mean to
     /// publish them. `--metrics` alone serves on 127.0.0.1:9470.
@@ -114,6 +124,8 @@ impl CacheArgs {
             },
             fs: FsConfig {
                 close_timeout: Duration::from_secs(self.close_timeout_secs),
+                writeback: self.writeback,
+                writeback_max_dirty: self.writeback_max_dirty,
                 ..FsConfig::default()
             },
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),
@@ -122,6 +134,22 @@ impl CacheArgs {
             metrics: self.metrics,
         })
     }
+}
+
+/// A byte count: digits with an optional K, M or G suffix (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, shift) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 512M, 2G, 1048576)"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s} is too large"))
 }
 
 /// `mount`.
@@ -419,16 +447,26 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
         );
     }
     match client {
-        Some(c) => println!(
-            "this client's cache ({}): {} file(s), {} bytes, {} upload(s) pending, {} download(s) and {} upload(s) since mount, passthrough {}",
-            cache_dir.display(),
-            c.cached_files,
-            c.cached_bytes,
-            c.pending_uploads.len(),
-            c.downloads,
-            c.uploads,
-            if c.passthrough { "on" } else { "off" }
-        ),
+        Some(c) => {
+            println!(
+                "this client's cache ({}): {} file(s), {} bytes, {} upload(s) pending, {} download(s) and {} upload(s) since mount, passthrough {}, write-back {}",
+                cache_dir.display(),
+                c.cached_files,
+                c.cached_bytes,
+                c.pending_uploads.len(),
+                c.downloads,
+                c.uploads,
+                if c.passthrough { "on" } else { "off" },
+                if c.writeback { "on" } else { "off" }
+            );
+            if let Some((p50, p99)) = c.push_latency_ms {
+                println!("  recent pushes: median {p50:.1} ms, 99th percentile {p99:.1} ms");
+            }
+            if !c.pending_uploads.is_empty() {
+                let nodes: Vec<String> = c.pending_uploads.iter().map(|n| n.to_string()).collect();
+                println!("  pending: node {}", nodes.join(", node "));
+            }
+        }
         None => println!(
             "this client's cache ({}): no mount has used it",
             cache_dir.display()

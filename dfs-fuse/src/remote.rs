@@ -527,6 +527,16 @@ impl Remote {
         .await
     }
 
+    /// Announces a write-back push of `id` (other clients' opens wait for it).
+    pub async fn intent(
+        &self,
+        id: NodeId,
+        req: &common::api::IntentRequest,
+    ) -> Result<NodeMeta, RemoteError> {
+        self.post(self.dir(&routes::intent(id)), req, "intent")
+            .await
+    }
+
     /// Totals.
     pub async fn statfs(&self) -> Result<StatFs, RemoteError> {
         self.send(self.http.get(self.dir(routes::STATFS)), "statfs")

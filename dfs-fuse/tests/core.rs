@@ -27,12 +27,46 @@ async fn login(c: &ClusterHandle, user: &str) -> SavedLogin {
 }
 
 fn core(c: &ClusterHandle, login: Option<SavedLogin>, cache: &std::path::Path) -> DfsFs {
+    core_with(c, login, cache, false)
+}
+
+fn core_with(
+    c: &ClusterHandle,
+    login: Option<SavedLogin>,
+    cache: &std::path::Path,
+    writeback: bool,
+) -> DfsFs {
     let remote = Remote::new(&c.directory_url, login, None, RemoteConfig::default());
     let config = FsConfig {
         close_timeout: Duration::from_secs(2),
         retry_interval: Duration::from_millis(100),
+        writeback,
+        ..FsConfig::default()
     };
     DfsFs::new(remote, cache, config, "").unwrap()
+}
+
+/// Copies a cache directory as a crash of its process would leave it (the files as they are).
+fn crash_image(from: &std::path::Path, to: &std::path::Path) {
+    for e in walk(from) {
+        let rel = e.strip_prefix(from).unwrap();
+        let dest = to.join(rel);
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(&e, &dest).unwrap();
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }
 
 async fn write_file(fs: &DfsFs, name: &str, data: &[u8]) -> Result<(), FsError> {
@@ -225,5 +259,124 @@ async fn regression_a_write_cut_off_by_a_crash_is_set_aside_not_served_as_clean(
         b"half",
         "and not deleted either"
     );
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn writeback_close_returns_before_the_push_and_another_client_still_sees_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let a = std::sync::Arc::new(core_with(
+        &c,
+        Some(login(&c, "alice").await),
+        &dir.path().join("a"),
+        true,
+    ));
+    let b = std::sync::Arc::new(core(
+        &c,
+        Some(login(&c, "bob").await),
+        &dir.path().join("b"),
+    ));
+    write_file(&a, "f", b"old").await.unwrap();
+    // Nothing pushes yet (no uploader runs): the close returned with the change pending.
+    let uploads = a.remote().stats.uploads.load(Ordering::Relaxed);
+    assert_eq!(uploads, 0, "write-back close pushed nothing itself");
+    assert_eq!(a.pending().unwrap().len(), 1);
+    // Another client's open waits for the announced push, and sees the new content.
+    let reader = {
+        let b = b.clone();
+        tokio::spawn(async move { read_file(&b, "f").await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !reader.is_finished(),
+        "the open waits for the announced push"
+    );
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let uploader = tokio::spawn(a.clone().run_uploader(cancel.clone()));
+    assert_eq!(reader.await.unwrap(), b"old");
+    assert!(a.pending().unwrap().is_empty());
+    // fsync waits for the servers in write-back mode too.
+    let attr = a.lookup(NodeId::ROOT, OsStr::new("f")).await.unwrap();
+    cancel.cancel();
+    uploader.await.unwrap();
+    let o = a
+        .open(NodeId(attr.ino.0), libc::O_WRONLY | libc::O_TRUNC)
+        .await
+        .unwrap();
+    a.write(o.fh, 0, b"synced").unwrap();
+    a.fsync(o.fh).await.unwrap();
+    assert!(a.pending().unwrap().is_empty(), "fsync pushed");
+    a.release(o.fh);
+    assert_eq!(read_file(&b, "f").await, b"synced");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_writeback_close_survives_a_client_crash_and_is_pushed_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let alice = login(&c, "alice").await;
+    let a = core_with(&c, Some(alice.clone()), &dir.path().join("a"), true);
+    write_file(&a, "f", b"written before the crash")
+        .await
+        .unwrap();
+    // kill -9 right after close returned: the cache as the dead process left it.
+    crash_image(&dir.path().join("a"), &dir.path().join("a2"));
+    drop(a);
+    let a2 = core_with(&c, Some(alice), &dir.path().join("a2"), true);
+    assert_eq!(
+        a2.pending().unwrap().len(),
+        1,
+        "the close's record survived"
+    );
+    let left = a2
+        .push_pending(Instant::now() + Duration::from_secs(10), false)
+        .await
+        .unwrap();
+    assert!(left.is_empty());
+    let b = core(&c, Some(login(&c, "bob").await), &dir.path().join("b"));
+    assert_eq!(read_file(&b, "f").await, b"written before the crash");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_default_mode_close_is_on_two_servers_when_it_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let a = core(&c, Some(login(&c, "alice").await), &dir.path().join("a"));
+    write_file(&a, "f", b"durable").await.unwrap();
+    let attr = a.lookup(NodeId::ROOT, OsStr::new("f")).await.unwrap();
+    let meta = a.remote().get(NodeId(attr.ino.0)).await.unwrap();
+    assert_eq!(meta.version, 1);
+    assert!(meta.holders.len() >= 2, "holders {:?}", meta.holders);
+    assert!(meta.holders.contains(&meta.primary.unwrap()));
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chmod_and_utimes_while_open_fold_into_the_push() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let a = core(&c, Some(login(&c, "alice").await), &dir.path().join("a"));
+    let (attr, o) = a
+        .create(NodeId::ROOT, OsStr::new("t"), 0o644, libc::O_WRONLY)
+        .await
+        .unwrap();
+    let id = NodeId(attr.ino.0);
+    a.write(o.fh, 0, b"tar member").unwrap();
+    let when = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    let shown = a
+        .setattr(id, Some(0o600), None, Some(when), Some(o.fh))
+        .await
+        .unwrap();
+    assert_eq!(shown.perm, 0o600, "shown locally at once");
+    let before = a.remote().get(id).await.unwrap();
+    assert_eq!(before.mode, 0o644, "not sent on its own");
+    a.flush(o.fh).await.unwrap();
+    a.release(o.fh);
+    let after = a.remote().get(id).await.unwrap();
+    assert_eq!((after.mode, after.version), (0o600, 1));
+    assert_eq!(after.mtime_ns, 1_000_000_000 * 1_000_000_000);
     c.shutdown().await;
 }

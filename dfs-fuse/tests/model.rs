@@ -70,6 +70,7 @@ fn client(login: &SavedLogin, cache: &std::path::Path) -> DfsFs {
     let config = FsConfig {
         close_timeout: Duration::from_secs(5),
         retry_interval: Duration::from_millis(100),
+        ..FsConfig::default()
     };
     DfsFs::new(remote, cache, config, "").unwrap()
 }

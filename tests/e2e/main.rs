@@ -7,3 +7,4 @@ mod faults;
 mod large;
 mod replication;
 mod two_clients;
+mod writes;

@@ -21,6 +21,47 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// Parses a Prometheus / OpenMetrics text exposition strictly: every sample line is
+/// `name{labels} value` with a number for value, and the text ends with `# EOF`. Returns each
+/// series (name with labels) and its value.
+pub fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
+    assert!(
+        text.trim_end().ends_with("# EOF"),
+        "exposition must end with # EOF"
+    );
+    let mut out = std::collections::HashMap::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad sample line {line:?}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        let name = series.split('{').next().unwrap();
+        assert!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name in {line:?}"
+        );
+        out.insert(series.to_owned(), value);
+    }
+    out
+}
+
+/// Blocking GET of a text document.
+pub fn http_get_text(url: &str) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async { reqwest::get(url).await.unwrap().text().await.unwrap() })
+}
+
 /// Where a file server keeps the blob `(node, hash)`, relative to its data directory.
 pub fn blob_rel_path(node: u64, hash: &str) -> PathBuf {
     PathBuf::from(format!("objects/{:02x}/{node}-{hash}", node % 256))
@@ -332,6 +373,18 @@ impl Mount {
     /// Runs `sh -c script` inside the mount (bounded by `timeout`).
     pub fn sh(&self, script: &str) -> Output {
         sh_in(&self.dir, script)
+    }
+
+    /// Kills the mount process with SIGKILL (a client crash) and detaches the dead mount.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for cmd in [&["fusermount3", "-u", "-z"][..], &["umount", "-l"][..]] {
+            let st = Command::new(cmd[0]).args(&cmd[1..]).arg(&self.dir).status();
+            if st.is_ok_and(|s| s.success()) {
+                break;
+            }
+        }
     }
 
     /// Unmounts with SIGTERM and waits for the process (which pushes pending uploads).

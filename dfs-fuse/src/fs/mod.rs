@@ -32,13 +32,27 @@ pub struct FsConfig {
     pub close_timeout: Duration,
     /// How often pending uploads are retried.
     pub retry_interval: Duration,
+    /// Write-back: `close` returns once the change is recorded in the cache; the push runs in
+    /// the background (`fsync` still waits for the servers).
+    pub writeback: bool,
+    /// Most bytes waiting for a write-back push; past it, `close` pushes as in the default mode.
+    pub writeback_max_dirty: u64,
+    /// How many pending files the background uploader pushes at once (their commits share
+    /// fsyncs at the servers).
+    pub upload_concurrency: usize,
 }
+
+/// How long other clients' opens wait for an announced write-back push.
+pub const WRITEBACK_INTENT: Duration = Duration::from_secs(30);
 
 impl Default for FsConfig {
     fn default() -> Self {
         FsConfig {
             close_timeout: Duration::from_secs(30),
             retry_interval: Duration::from_secs(2),
+            writeback: false,
+            writeback_max_dirty: 256 << 20,
+            upload_concurrency: 8,
         }
     }
 }
@@ -160,6 +174,12 @@ pub struct ClientStatus {
     /// Whether open files are served by kernel FUSE passthrough.
     #[serde(default)]
     pub passthrough: bool,
+    /// Whether the mount runs in write-back mode.
+    #[serde(default)]
+    pub writeback: bool,
+    /// (median, 99th percentile) of recent pushes, in ms.
+    #[serde(default)]
+    pub push_latency_ms: Option<(f64, f64)>,
 }
 
 /// The core.
@@ -171,6 +191,9 @@ pub struct DfsFs {
     listings: Mutex<HashMap<u64, Arc<Vec<DirItem>>>>,
     retry_at: Mutex<HashMap<NodeId, (Instant, Duration)>>,
     folded: Mutex<HashMap<NodeId, FoldedAttrs>>,
+    /// Sizes of the write-back pushes waiting (the `writeback_max_dirty` bound).
+    writeback_dirty: Mutex<HashMap<NodeId, u64>>,
+    status_at: Mutex<Option<Instant>>,
     next_fh: AtomicU64,
     node_locks: KeyedMutex<NodeId>,
     metrics: Arc<ClientMetrics>,
@@ -236,6 +259,8 @@ impl DfsFs {
             listings: Mutex::new(HashMap::new()),
             retry_at: Mutex::new(HashMap::new()),
             folded: Mutex::new(HashMap::new()),
+            writeback_dirty: Mutex::new(HashMap::new()),
+            status_at: Mutex::new(None),
             next_fh: AtomicU64::new(1),
             node_locks: KeyedMutex::default(),
             metrics: Arc::new(ClientMetrics::default()),
@@ -793,6 +818,9 @@ impl DfsFs {
         let local_changes = entry.as_ref().is_some_and(|e| e.pending.is_some())
             || self.writer_count(node) > 0
             || (self.passthrough.load(Ordering::Relaxed) && self.open_here(node));
+        if !local_changes && meta.writeback.is_some() {
+            meta = self.wait_for_writeback(meta).await?;
+        }
         let fresh = entry.as_ref().is_some_and(|e| e.hash == meta.hash);
         if have_copy && (local_changes || fresh) {
             return self.open_local(node, flags, false);
@@ -824,6 +852,25 @@ impl DfsFs {
         self.cache.put(node, &CacheEntry::clean(&meta))?;
         let truncated = truncating && meta.hash.as_str() != ContentHash::EMPTY_HEX;
         self.open_local(node, flags, truncated)
+    }
+
+    /// Another client closed this file in write-back mode and is still pushing it: wait (at
+    /// most the close timeout, and no longer than the intent lasts) for the new version, so
+    /// that this open sees what that close wrote.
+    async fn wait_for_writeback(&self, mut meta: NodeMeta) -> FsResult<NodeMeta> {
+        let deadline = Instant::now() + self.config.close_timeout;
+        let mut pause = Duration::from_millis(2);
+        while let Some(w) = &meta.writeback {
+            if w.until_ms <= dfs_server::store::now_ms() || Instant::now() >= deadline {
+                tracing::info!(node = %meta.id, "a write-back push announced by another client did not arrive; opening the current version");
+                break;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+            meta = self.remote.get(meta.id).await?;
+            self.remember(&meta, None);
+        }
+        Ok(meta)
     }
 
     /// read from the local copy.
@@ -878,6 +925,26 @@ impl DfsFs {
         // record survives it through the cache journal).
         // From here on the change is recorded as pending by `push`, so the handle is clean.
         h.mark_clean();
+        if self.config.writeback && self.writeback(&h).await? {
+            return Ok(());
+        }
+        self.push_now(&h).await
+    }
+
+    /// fsync: waits for the servers in every mode.
+    pub async fn fsync(&self, fh: u64) -> FsResult<()> {
+        let h = self.handle(fh)?;
+        let passthrough = self.passthrough.load(Ordering::Relaxed);
+        let pending = self.cache.get(h.node)?.is_some_and(|e| e.pending.is_some());
+        if !(h.changed() || passthrough && h.writable && !h.provably_unchanged() || pending) {
+            return Ok(());
+        }
+        h.mark_clean();
+        self.push_now(&h).await
+    }
+
+    /// Pushes the handle's file now, waiting at most the close timeout.
+    async fn push_now(&self, h: &Handle) -> FsResult<()> {
         let deadline = Instant::now() + self.config.close_timeout;
         match self.push(h.node, deadline).await {
             Ok(()) => Ok(()),
@@ -935,6 +1002,10 @@ impl DfsFs {
                 {
                     tracing::warn!(node = %h.node, error = %e, "clearing the writing mark failed");
                 }
+                if last && self.config.writeback {
+                    // The uploader skips files open for writing: now it may push this one.
+                    self.wake.notify_one();
+                }
             }
         }
     }
@@ -949,19 +1020,38 @@ impl DfsFs {
             downloads: self.remote.stats.downloads.load(Ordering::Relaxed),
             uploads: self.remote.stats.uploads.load(Ordering::Relaxed),
             passthrough: self.passthrough.load(Ordering::Relaxed),
+            writeback: self.config.writeback,
+            push_latency_ms: self
+                .metrics
+                .recent_push_latency()
+                .map(|(a, b)| (a.as_secs_f64() * 1e3, b.as_secs_f64() * 1e3)),
         })
     }
 
     /// Writes `status.json` into the cache directory for `dfs status`.
+    /// Informational only, so written without fsyncs (a temp file renamed over the old one,
+    /// so a reader never sees half of it).
     pub fn write_status(&self) {
+        *self.status_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         if let Ok(s) = self.status()
             && let Ok(data) = serde_json::to_vec_pretty(&s)
         {
-            let _ = dfs_server::store::write_durable(
-                &self.cache_root.join("status.json"),
-                &data,
-                0o644,
-            );
+            let path = self.cache_root.join("status.json");
+            let tmp = self.cache_root.join(format!(
+                ".status.{}.tmp",
+                hex::encode(rand::random::<[u8; 6]>())
+            ));
+            if std::fs::write(&tmp, &data).is_ok() && std::fs::rename(&tmp, &path).is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+        }
+    }
+
+    /// `write_status`, at most once a second (the uploader runs after every write-back close).
+    pub(crate) fn write_status_throttled(&self) {
+        let last = *self.status_at.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            self.write_status();
         }
     }
 }

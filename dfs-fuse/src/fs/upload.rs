@@ -95,6 +95,10 @@ impl DfsFs {
                         .unwrap_or_else(|p| p.into_inner())
                         .remove(&node);
                     self.settle_folded_attrs(node, &attrs);
+                    self.writeback_dirty
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&node);
                     self.metrics.push_done(started.elapsed());
                     return Ok(());
                 }
@@ -215,6 +219,89 @@ impl DfsFs {
         result
     }
 
+    async fn push_one_pending(&self, node: NodeId, deadline: Instant, backoff: bool) {
+        if self.writer_count(node) > 0 {
+            return;
+        }
+        let now = Instant::now();
+        let waiting = self
+            .retry_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&node)
+            .copied();
+        if backoff && waiting.is_some_and(|(at, _)| at > now) {
+            return;
+        }
+        match self.push(node, deadline).await {
+            Ok(()) => {
+                self.retry_at
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&node);
+            }
+            Err(e) => {
+                // Refusals the user must act on back off long; anything else (servers away,
+                // a failover in progress) is transient.
+                use common::ErrorCode::{BadRequest, TooLarge, Unauthorized};
+                let cap = match &e {
+                    FsError::Remote(RemoteError::Api {
+                        code: Unauthorized | TooLarge | BadRequest,
+                        ..
+                    }) => Duration::from_secs(300),
+                    _ => Duration::from_secs(10),
+                };
+                let next = waiting.map_or(Duration::from_secs(2), |(_, d)| (d * 2).min(cap));
+                self.retry_at
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(node, (Instant::now() + next, next));
+                tracing::debug!(%node, error = %e, retry_in = ?next, "pending upload not done yet");
+            }
+        }
+    }
+
+    /// Write-back close: records the change as pending (crash-safe, no fsync), announces the
+    /// push at the directory so that other clients' opens wait for it, and leaves the push to
+    /// the background uploader. Returns false when the close must push now instead (the
+    /// dirty-bytes bound is reached, or the announcement failed).
+    pub(super) async fn writeback(&self, h: &super::Handle) -> FsResult<bool> {
+        let node = h.node;
+        let size = h.file().metadata()?.len();
+        let dirty: u64 = self
+            .writeback_dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(n, _)| **n != node)
+            .map(|(_, s)| *s)
+            .sum();
+        if dirty + size > self.config.writeback_max_dirty {
+            return Ok(false);
+        }
+        let lock = self.node_locks.get(node);
+        let guard = lock.lock().await;
+        let Some((_, pending)) = self.mark_pending(node)? else {
+            drop(guard);
+            self.apply_folded_attrs(node).await?;
+            return Ok(true);
+        };
+        let req = common::api::IntentRequest {
+            upload_id: pending.upload_id.clone(),
+            lease_ms: u64::try_from(super::WRITEBACK_INTENT.as_millis()).unwrap_or(u64::MAX),
+        };
+        if let Err(e) = self.remote.intent(node, &req).await {
+            tracing::debug!(%node, error = %e, "announcing a write-back push failed; pushing now");
+            return Ok(false);
+        }
+        self.writeback_dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node, pending.size);
+        self.wake.notify_one();
+        Ok(true)
+    }
+
     /// Attribute changes waiting for the next push of `node`.
     pub(super) fn folded_attrs(&self, node: NodeId) -> FoldedAttrs {
         self.folded
@@ -284,48 +371,26 @@ impl DfsFs {
     /// the servers are unreachable, to 5 min while they refuse), so a push the servers keep
     /// refusing is not re-sent every pass.
     pub async fn push_pending(&self, deadline: Instant, backoff: bool) -> FsResult<Vec<NodeId>> {
-        for node in self.pending()? {
-            if self.writer_count(node) > 0 {
-                continue;
-            }
-            let now = Instant::now();
-            let waiting = self
-                .retry_at
+        let mut nodes = self.pending()?;
+        // Folded attribute changes of files whose content was already pushed.
+        nodes.extend(
+            self.folded
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .get(&node)
-                .copied();
-            if backoff && waiting.is_some_and(|(at, _)| at > now) {
-                continue;
-            }
-            match self.push(node, deadline).await {
-                Ok(()) => {
-                    self.retry_at
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&node);
-                }
-                Err(e) => {
-                    // Refusals the user must act on back off long; anything else (servers away,
-                    // a failover in progress) is transient.
-                    use common::ErrorCode::{BadRequest, TooLarge, Unauthorized};
-                    let cap = match &e {
-                        FsError::Remote(RemoteError::Api {
-                            code: Unauthorized | TooLarge | BadRequest,
-                            ..
-                        }) => Duration::from_secs(300),
-                        _ => Duration::from_secs(10),
-                    };
-                    let next = waiting.map_or(Duration::from_secs(2), |(_, d)| (d * 2).min(cap));
-                    self.retry_at
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(node, (Instant::now() + next, next));
-                    tracing::debug!(%node, error = %e, retry_in = ?next, "pending upload not done yet");
-                }
-            }
-        }
-        self.write_status();
+                .keys()
+                .copied(),
+        );
+        nodes.sort();
+        nodes.dedup();
+        // Several at once: their commits share fsyncs at the directory and the file servers.
+        let concurrency = self.config.upload_concurrency.max(1);
+        futures_util::StreamExt::for_each_concurrent(
+            futures_util::stream::iter(nodes),
+            concurrency,
+            |node| async move { self.push_one_pending(node, deadline, backoff).await },
+        )
+        .await;
+        self.write_status_throttled();
         self.pending()
     }
 

@@ -10,8 +10,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::api::{
-    CommitRequest, CommitResponse, CreateRequest, RenameRequest, SYMLINK_MAX, SetAttrRequest,
-    StatFs, Superseded,
+    CommitRequest, CommitResponse, CreateRequest, IntentRequest, RenameRequest, SYMLINK_MAX,
+    SetAttrRequest, StatFs, Superseded,
 };
 use common::{ContentHash, DirEntry, FenceToken, FileKind, NodeId, NodeMeta, ServerId, ValidName};
 use redb::{
@@ -148,6 +148,7 @@ impl DirectoryService {
                     symlink_target: None,
                     fence: FenceToken(0),
                     recent_uploads: vec![],
+                    writeback: None,
                 },
             )?;
             tx.open_table(META)?.insert(NEXT_ID, NodeId::ROOT.0 + 1)?;
@@ -341,6 +342,7 @@ impl DirectoryService {
                 symlink_target: target,
                 fence: FenceToken(0),
                 recent_uploads: vec![],
+                writeback: None,
             };
             put_node(tx, &meta)?;
             tx.open_table(CHILDREN)?
@@ -518,6 +520,13 @@ impl DirectoryService {
                 meta.recent_uploads.remove(0);
             }
             meta.holders = req.holders.clone();
+            if meta
+                .writeback
+                .as_ref()
+                .is_some_and(|w| w.upload_id == req.upload_id)
+            {
+                meta.writeback = None;
+            }
             if let Some(m) = req.mode {
                 meta.mode = m;
             }
@@ -530,6 +539,25 @@ impl DirectoryService {
                 meta,
                 superseded: Some(superseded),
             })
+        })
+    }
+
+    /// Records that a client will push `id` in the background (write-back), so that other
+    /// clients' opens wait for it. Not waited onto disk: after a directory crash readers just
+    /// stop waiting, as they do when the intent lapses.
+    pub fn set_intent(&self, id: NodeId, req: &IntentRequest) -> ServiceResult<NodeMeta> {
+        let until_ms = crate::store::now_ms() + req.lease_ms.min(common::api::MAX_INTENT_MS);
+        self.store.write_lazy(|tx| {
+            let mut meta = get_node(tx, id)?;
+            if meta.kind != FileKind::File {
+                return Err(ServiceError::IsDir(format!("node {id}")));
+            }
+            meta.writeback = Some(common::WritebackIntent {
+                upload_id: req.upload_id.clone(),
+                until_ms,
+            });
+            put_node(tx, &meta)?;
+            Ok(meta)
         })
     }
 

@@ -225,6 +225,7 @@ mod tests {
             symlink_target: None,
             fence: FenceToken(1),
             recent_uploads: vec![],
+            writeback: None,
         }
     }
 

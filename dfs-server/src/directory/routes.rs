@@ -30,6 +30,7 @@ pub fn router(svc: Arc<DirectoryService>) -> Router {
         .route(routes::COMMIT, post(commit))
         .route(routes::DROP_HOLDER, post(drop_holder))
         .route(routes::ADD_HOLDER, post(add_holder))
+        .route(routes::INTENT, post(intent))
         .with_state(svc)
 }
 
@@ -157,6 +158,18 @@ async fn commit(
     ApiJson(req): ApiJson<CommitRequest>,
 ) -> ApiResult<Json<common::api::CommitResponse>> {
     Ok(Json(blocking(move || svc.commit(NodeId(id), &req)).await?))
+}
+
+/// A client announces a write-back push.
+async fn intent(
+    axum::extract::State(svc): State,
+    _a: Authed,
+    ApiPath(id): ApiPath<u64>,
+    ApiJson(req): ApiJson<common::api::IntentRequest>,
+) -> ApiResult<Json<NodeMeta>> {
+    Ok(Json(
+        blocking(move || svc.set_intent(NodeId(id), &req)).await?,
+    ))
 }
 
 /// A replica that became durable after the write was acknowledged (same body as drop-holder).
