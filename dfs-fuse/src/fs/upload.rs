@@ -22,7 +22,14 @@ impl DfsFs {
         let path = self.cache.path(node);
         let (hash, size) = match hash_file(&path) {
             Ok(v) => v,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // The copy is gone (its file was deleted here): a pending record left by a
+                // crash before the deletion's record reached the disk names nothing to push.
+                if self.cache.get(node)?.is_some_and(|e| e.pending.is_some()) {
+                    self.cache.remove(node)?;
+                }
+                return Ok(None);
+            }
             Err(e) => return Err(e.into()),
         };
         let mut entry = self.cache.get(node)?.unwrap_or(CacheEntry {
@@ -126,14 +133,16 @@ impl DfsFs {
                     use common::ErrorCode::{
                         Forbidden, HashMismatch, NotHolder, NotPrimary, StaleFence,
                     };
-                    if matches!(
+                    let moved = matches!(
                         &e,
                         RemoteError::Api {
                             code: NotPrimary,
                             ..
                         }
-                    ) {
-                        // The placement moved (failover): learn the new one before resending.
+                    );
+                    if moved || e.is_unreachable() {
+                        // The placement may have moved (failover): learn the current one before
+                        // resending, instead of knocking at a dead or deposed primary again.
                         if let Ok(m) = self.remote.get(node).await {
                             self.remember(&m, None);
                         }
