@@ -47,6 +47,24 @@ pub struct GroupCommit {
     pub flushes: AtomicU64,
     /// Writes acknowledged as durable.
     pub durable_writes: AtomicU64,
+    /// Writes between `begin_write` and their commit, or waiting for `begin_write`.
+    writers: AtomicU64,
+}
+
+/// Counts a writer in `GroupCommit::writers` while alive.
+struct Active<'a>(&'a AtomicU64);
+
+impl<'a> Active<'a> {
+    fn enter(n: &'a AtomicU64) -> Self {
+        n.fetch_add(1, Ordering::AcqRel);
+        Active(n)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl GroupCommit {
@@ -59,6 +77,7 @@ impl GroupCommit {
             fault: Mutex::new(None),
             flushes: AtomicU64::new(0),
             durable_writes: AtomicU64::new(0),
+            writers: AtomicU64::new(0),
         }
     }
 
@@ -114,6 +133,7 @@ impl GroupCommit {
         if let Some(why) = &self.state().failed {
             return Err(unavailable(why));
         }
+        let _active = Active::enter(&self.writers);
         let mut tx = self.db.begin_write()?;
         let value = f(&tx)?;
         // Numbered while this is the only write transaction, so numbers follow commit order: a
@@ -121,7 +141,11 @@ impl GroupCommit {
         let (seq, lead) = {
             let mut s = self.state();
             s.committed += 1;
-            let lead = durable && !s.flushing && self.fault_free();
+            // Alone: commit durably in one step. With others queued behind this transaction,
+            // a durable commit here would hold them all for its fsync, one after another;
+            // committing lazily and sharing one flush is cheaper for everyone.
+            let alone = self.writers.load(Ordering::Acquire) == 1;
+            let lead = durable && alone && !s.flushing && self.fault_free();
             if lead {
                 s.flushing = true;
             }
