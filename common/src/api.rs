@@ -86,6 +86,11 @@ pub struct CommitRequest {
     /// The primary that stored it; the commit is refused if the directory names another.
     #[serde(default)]
     pub primary: Option<ServerId>,
+    /// The replicas the primary wrote for (from the writer's placement); the commit is refused
+    /// if the directory's placement differs, so a stale placement can never lower the number
+    /// of copies a write needs.
+    #[serde(default)]
+    pub replicas: Option<Vec<ServerId>>,
     /// Permission bits changed while the file was open for writing (fchmod before close),
     /// applied with this version.
     #[serde(default)]

@@ -479,6 +479,9 @@ impl DirectoryService {
                 return Err(ServiceError::IsDir(format!("node {id}")));
             }
             if meta.recent_uploads.contains(&req.upload_id) {
+                if meta.writeback.take().is_some() {
+                    put_node(tx, &meta)?;
+                }
                 return Ok(CommitResponse {
                     meta,
                     superseded: None,
@@ -492,6 +495,28 @@ impl DirectoryService {
             {
                 return Err(ServiceError::NotPrimary(format!(
                     "server {p} is not the primary of node {id}; the placement changed"
+                )));
+            }
+            if let Some(r) = &req.replicas
+                && r != &meta.replicas
+            {
+                return Err(ServiceError::NotPrimary(format!(
+                    "the placement of node {id} changed; fetch it again"
+                )));
+            }
+            let mut holders = req.holders.clone();
+            holders.sort();
+            holders.dedup();
+            if holders.len() != req.holders.len() {
+                return Err(ServiceError::BadRequest("holders must be distinct".into()));
+            }
+            // The acknowledgement rule, checked where it is recorded: the primary and one
+            // replica, or the primary alone for a file placed on one server.
+            let needed = if meta.replicas.is_empty() { 1 } else { 2 };
+            if req.primary.is_some() && holders.len() < needed {
+                return Err(ServiceError::Unavailable(format!(
+                    "node {id} needs {needed} durable copies, the commit names {}",
+                    holders.len()
                 )));
             }
             let members: Vec<ServerId> =
@@ -520,13 +545,10 @@ impl DirectoryService {
                 meta.recent_uploads.remove(0);
             }
             meta.holders = req.holders.clone();
-            if meta
-                .writeback
-                .as_ref()
-                .is_some_and(|w| w.upload_id == req.upload_id)
-            {
-                meta.writeback = None;
-            }
+            // Any new version ends the wait: a reader then sees content at least as new as the
+            // close that announced the push (a writer that re-hashed and resent under a new
+            // upload id does not leave readers waiting for an id that never comes).
+            meta.writeback = None;
             if let Some(m) = req.mode {
                 meta.mode = m;
             }

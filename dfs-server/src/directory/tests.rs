@@ -47,6 +47,7 @@ fn commit(svc: &DirectoryService, id: NodeId, fence: u64, upload: u8) -> Service
             holders: vec![],
             writer: "t".into(),
             primary: None,
+            replicas: None,
             mode: None,
             mtime_ns: None,
         },
@@ -428,4 +429,43 @@ proptest::proptest! {
             proptest::prop_assert_eq!(expected, actual, "after {:?}", op);
         }
     }
+}
+
+#[test]
+fn regression_a_commit_with_a_stale_placement_or_too_few_copies_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let f = mk(&svc, NodeId::ROOT, "p", FileKind::File);
+    let primary = f.primary.expect("primary");
+    let req = |replicas: Vec<ServerId>, holders: Vec<ServerId>| CommitRequest {
+        hash: ContentHash::from_digest(&[9; 32]),
+        size: 1,
+        fence: FenceToken(1),
+        upload_id: UploadId::from_bytes([9; 16]),
+        holders,
+        writer: "t".into(),
+        primary: Some(primary),
+        replicas: Some(replicas),
+        mode: None,
+        mtime_ns: None,
+    };
+    // The writer's placement said "no replicas": a stale view must not lower the copy count.
+    assert!(matches!(
+        svc.commit(f.id, &req(vec![], vec![primary])),
+        Err(ServiceError::NotPrimary(_))
+    ));
+    // The right placement but only the primary durable.
+    assert!(matches!(
+        svc.commit(f.id, &req(f.replicas.clone(), vec![primary])),
+        Err(ServiceError::Unavailable(_))
+    ));
+    // One copy counted twice.
+    assert!(matches!(
+        svc.commit(f.id, &req(f.replicas.clone(), vec![primary, primary])),
+        Err(ServiceError::BadRequest(_))
+    ));
+    let ok = svc
+        .commit(f.id, &req(f.replicas.clone(), vec![primary, f.replicas[0]]))
+        .expect("primary + one replica");
+    assert_eq!(ok.meta.version, 1);
 }

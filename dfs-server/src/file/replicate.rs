@@ -306,6 +306,7 @@ impl FileServer {
             holders: holders.clone(),
             writer: req.writer,
             primary: Some(me),
+            replicas: Some(replicas.clone()),
             mode: req.mode,
             mtime_ns: req.mtime_ns,
         };
@@ -334,7 +335,14 @@ impl FileServer {
         {
             let this = self.clone();
             let new = meta.hash.clone();
-            tokio::spawn(async move { this.drop_superseded(&old, node, &new).await });
+            tokio::spawn(async move {
+                // Under the file's lock, like every write: a later write of the same content
+                // (A, B, A again) then either runs before this check, which finds A current
+                // and keeps it, or after the drops, and stores A anew.
+                let lock = this.node_locks.get(node);
+                let _serialised = lock.lock().await;
+                this.drop_superseded(&old, node, &new).await
+            });
         }
         Ok(meta)
     }

@@ -49,6 +49,12 @@ fn parse_placement(s: &str) -> Result<(ServerId, Vec<ServerId>), AppError> {
         .map(|p| p.trim().parse::<u64>().map(ServerId))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|_| bad("placement header must be comma-separated server ids"))?;
+    let mut distinct = ids.clone();
+    distinct.sort();
+    distinct.dedup();
+    if distinct.len() != ids.len() {
+        return Err(bad("placement header must name distinct servers"));
+    }
     match ids.split_first() {
         Some((p, rest)) if rest.len() <= 15 => Ok((*p, rest.to_vec())),
         _ => Err(bad("placement header must name 1 to 16 servers")),

@@ -142,7 +142,16 @@ async fn track(
         .get::<axum::extract::MatchedPath>()
         .map_or("unmatched", |p| p.as_str())
         .to_owned();
-    let name = format!("{} {route}", req.method());
+    // A fixed set of methods: an unauthenticated caller must not grow the series without bound.
+    let method = match *req.method() {
+        axum::http::Method::GET => "GET",
+        axum::http::Method::POST => "POST",
+        axum::http::Method::PUT => "PUT",
+        axum::http::Method::PATCH => "PATCH",
+        axum::http::Method::DELETE => "DELETE",
+        _ => "OTHER",
+    };
+    let name = format!("{method} {route}");
     let start = std::time::Instant::now();
     let resp = next.run(req).await;
     metrics.observe("http", &name, start.elapsed());
