@@ -138,20 +138,26 @@ impl CacheDir {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Stores `entry` with the next sequence number, taken inside the write transaction so
+    /// that numbers follow commit order (redb runs one write transaction at a time). Returns
+    /// the entry as stored.
     fn insert(
         &self,
         node: NodeId,
         entry: &CacheEntry,
         durability: redb::Durability,
-    ) -> Result<(), CacheError> {
-        let data = serde_json::to_vec(entry).map_err(index_err)?;
+    ) -> Result<CacheEntry, CacheError> {
         let mut tx = self.db.begin_write().map_err(index_err)?;
+        let mut entry = entry.clone();
+        entry.seq = self.seq();
+        let data = serde_json::to_vec(&entry).map_err(index_err)?;
         tx.set_durability(durability).map_err(index_err)?;
         tx.open_table(ENTRIES)
             .map_err(index_err)?
             .insert(node.0, data.as_slice())
             .map_err(index_err)?;
-        tx.commit().map_err(index_err)
+        tx.commit().map_err(index_err)?;
+        Ok(entry)
     }
 
     /// Records `entry` so that it survives a crash of this process, without an fsync (see the
@@ -159,9 +165,7 @@ impl CacheDir {
     pub fn record(&self, node: NodeId, entry: &CacheEntry) -> Result<(), CacheError> {
         use std::io::Write;
         let mut journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
-        let mut entry = entry.clone();
-        entry.seq = self.seq();
-        self.insert(node, &entry, redb::Durability::None)?;
+        let entry = self.insert(node, entry, redb::Durability::None)?;
         let mut line = serde_json::to_vec(&JournalLine {
             node: node.0,
             entry,
@@ -229,17 +233,14 @@ impl CacheDir {
 
     /// Records `entry` durably.
     pub fn put(&self, node: NodeId, entry: &CacheEntry) -> Result<(), CacheError> {
-        let mut entry = entry.clone();
-        entry.seq = self.seq();
-        self.insert(node, &entry, redb::Durability::Immediate)
+        self.insert(node, entry, redb::Durability::Immediate)
+            .map(drop)
     }
 
     /// Records `entry` without waiting for the disk: for records whose loss in a crash is
     /// harmless (the copy is then fetched again, or a pending upload re-sent with its id).
     pub fn put_lazy(&self, node: NodeId, entry: &CacheEntry) -> Result<(), CacheError> {
-        let mut entry = entry.clone();
-        entry.seq = self.seq();
-        self.insert(node, &entry, redb::Durability::None)
+        self.insert(node, entry, redb::Durability::None).map(drop)
     }
 
     /// Forgets `node` and deletes its copy (the record may come back after a crash; it then

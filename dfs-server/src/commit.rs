@@ -51,6 +51,21 @@ pub struct GroupCommit {
     writers: AtomicU64,
 }
 
+/// Held by whoever flushes: if the flush panics, the store stops accepting writes and wakes
+/// the waiters (instead of leaving them waiting for a flush that never ends).
+struct FlushGuard<'a>(&'a GroupCommit);
+
+impl Drop for FlushGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut s = self.0.state();
+            s.flushing = false;
+            s.failed = Some("a durable commit panicked".into());
+            self.0.flushed.notify_all();
+        }
+    }
+}
+
 /// Counts a writer in `GroupCommit::writers` while alive.
 struct Active<'a>(&'a AtomicU64);
 
@@ -156,7 +171,9 @@ impl GroupCommit {
             tx.commit()?;
             return Ok((value, seq));
         }
+        let guard = FlushGuard(self);
         let result = tx.commit();
+        drop(guard);
         let mut s = self.state();
         s.flushing = false;
         match &result {
@@ -201,7 +218,9 @@ impl GroupCommit {
             s.flushing = true;
             let target = s.committed;
             drop(s);
+            let guard = FlushGuard(self);
             let result = self.flush();
+            drop(guard);
             s = self.state();
             s.flushing = false;
             match result {
@@ -319,6 +338,18 @@ mod tests {
         g.set_flush_fault(None);
         assert!(matches!(put(&g, 3), Err(ServiceError::Unavailable(_))));
         assert_eq!(g.durable_writes.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn regression_a_panicking_flush_fails_the_waiters_instead_of_hanging_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let g = Arc::new(open(dir.path()));
+        g.set_flush_fault(Some(Box::new(|| panic!("disk driver bug"))));
+        let g2 = g.clone();
+        let t = std::thread::spawn(move || put(&g2, 1));
+        assert!(t.join().is_err(), "the flusher panicked");
+        g.set_flush_fault(None);
+        assert!(matches!(put(&g, 2), Err(ServiceError::Unavailable(_))));
     }
 
     #[test]

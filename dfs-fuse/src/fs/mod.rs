@@ -661,6 +661,10 @@ impl DfsFs {
     }
 
     fn drop_cached(&self, node: NodeId) {
+        self.writeback_dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&node);
         if let Err(e) = self.cache.remove(node) {
             tracing::warn!(%node, error = %e, "dropping a deleted file from the cache failed");
         }

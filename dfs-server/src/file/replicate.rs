@@ -133,8 +133,12 @@ impl FileServer {
                     Err(e) => tracing::warn!(error = %e, "registration failed; retrying"),
                 }
             } else if let Some(id) = self.id() {
-                if let Err(e) = self.store.flush_fences() {
-                    tracing::warn!(error = %e, "persisting fence marks failed");
+                // An fsync: on the blocking pool, not on a runtime worker.
+                let this = self.clone();
+                match tokio::task::spawn_blocking(move || this.store.flush_fences()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "persisting fence marks failed"),
+                    Err(e) => tracing::warn!(error = %e, "persisting fence marks failed"),
                 }
                 match self.peer.heartbeat(&self.directory, id).await {
                     Ok(()) => {}
