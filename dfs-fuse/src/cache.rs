@@ -40,6 +40,17 @@ pub struct CacheEntry {
 }
 
 impl CacheEntry {
+    /// An entry for a copy of no known server version (nothing cached yet).
+    pub fn unknown() -> Self {
+        CacheEntry {
+            version: 0,
+            hash: ContentHash::empty(),
+            pending: None,
+            writing: false,
+            seq: 0,
+        }
+    }
+
     /// A copy equal to the server version `meta`.
     pub fn clean(meta: &common::NodeMeta) -> Self {
         CacheEntry {

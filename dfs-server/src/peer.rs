@@ -178,17 +178,24 @@ impl Peer {
         hash: &common::ContentHash,
         server: ServerId,
     ) -> ServiceResult<()> {
+        let url = format!("{dir}{}", routes::add_holder(id));
+        self.holder_change(url, hash, server, "add holder").await
+    }
+
+    async fn holder_change(
+        &self,
+        url: String,
+        hash: &common::ContentHash,
+        server: ServerId,
+        what: &str,
+    ) -> ServiceResult<()> {
         let req = common::api::DropHolderRequest {
             server,
             hash: hash.clone(),
         };
-        self.post::<_, serde_json::Value>(
-            format!("{dir}{}", routes::add_holder(id)),
-            &req,
-            "add holder",
-        )
-        .await
-        .map(drop)
+        self.post::<_, serde_json::Value>(url, &req, what)
+            .await
+            .map(drop)
     }
 
     /// Tells the directory that `server` lost its copy of `(id, hash)`.
@@ -199,17 +206,8 @@ impl Peer {
         hash: &common::ContentHash,
         server: ServerId,
     ) -> ServiceResult<()> {
-        let req = common::api::DropHolderRequest {
-            server,
-            hash: hash.clone(),
-        };
-        self.post::<_, serde_json::Value>(
-            format!("{dir}{}", routes::drop_holder(id)),
-            &req,
-            "drop holder",
-        )
-        .await
-        .map(drop)
+        let url = format!("{dir}{}", routes::drop_holder(id));
+        self.holder_change(url, hash, server, "drop holder").await
     }
 
     /// A short POST with the cluster key and no interesting answer.

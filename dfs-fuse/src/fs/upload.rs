@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::api::SetAttrRequest;
-use common::{ContentHash, NodeId, NodeMeta, UploadId};
+use common::{NodeId, NodeMeta, UploadId};
 use tokio::time::Instant;
 
 use super::{DfsFs, FoldedAttrs, hash_file};
@@ -32,13 +32,7 @@ impl DfsFs {
             }
             Err(e) => return Err(e.into()),
         };
-        let mut entry = self.cache.get(node)?.unwrap_or(CacheEntry {
-            version: 0,
-            hash: ContentHash::empty(),
-            pending: None,
-            writing: false,
-            seq: 0,
-        });
+        let mut entry = self.cache.get(node)?.unwrap_or_else(CacheEntry::unknown);
         let pending = match &entry.pending {
             Some(p) if p.hash == hash => p.clone(),
             _ if entry.pending.is_none() && entry.hash == hash => return Ok(None),
@@ -72,13 +66,7 @@ impl DfsFs {
                 Ok(meta) => {
                     // Only the pushed content becomes clean: a pending record written meanwhile
                     // (by release) for newer content stays.
-                    let mut entry = self.cache.get(node)?.unwrap_or(CacheEntry {
-                        version: 0,
-                        hash: ContentHash::empty(),
-                        pending: None,
-                        writing: false,
-                        seq: 0,
-                    });
+                    let mut entry = self.cache.get(node)?.unwrap_or_else(CacheEntry::unknown);
                     if meta.hash == pending.hash {
                         entry.version = meta.version;
                         entry.hash = meta.hash.clone();

@@ -505,36 +505,21 @@ impl FileServer {
         if let Some(len) = size {
             request = request.header(reqwest::header::CONTENT_LENGTH, len);
         }
-        let base = base.to_owned();
-        async move {
-            let resp = request
-                .send()
-                .await
-                .map_err(|e| ServiceError::Unavailable(format!("pushing to {base}: {e}")))?;
-            if !resp.status().is_success() {
-                return Err(error_from_response(resp).await);
-            }
-            Ok(())
-        }
+        send_replica(request, base.to_owned())
     }
 
+    /// Pushes this server's stored copy of `(node, hash)` to the server at `base`.
     async fn push(&self, base: &str, node: NodeId, hash: &ContentHash) -> ServiceResult<()> {
         let (file, len) = self.store.open_blob(node, hash).await?;
         let body =
             reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));
-        let resp = self
+        let request = self
             .peer
             .stream_put(format!("{base}{}", routes::replica_put(node, hash)))
             .header(reqwest::header::CONTENT_LENGTH, len)
             .timeout(common::api::transfer_timeout(len))
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| ServiceError::Unavailable(format!("pushing to {base}: {e}")))?;
-        if !resp.status().is_success() {
-            return Err(error_from_response(resp).await);
-        }
-        Ok(())
+            .body(body);
+        send_replica(request, base.to_owned()).await
     }
 
     /// Best effort: the servers that held the superseded version `old` of `node` drop it.
@@ -566,4 +551,16 @@ impl FileServer {
             }
         }
     }
+}
+
+/// Sends one replica push and maps its failure.
+async fn send_replica(request: reqwest::RequestBuilder, base: String) -> ServiceResult<()> {
+    let resp = request
+        .send()
+        .await
+        .map_err(|e| ServiceError::Unavailable(format!("pushing to {base}: {e}")))?;
+    if !resp.status().is_success() {
+        return Err(error_from_response(resp).await);
+    }
+    Ok(())
 }
