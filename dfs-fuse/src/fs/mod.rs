@@ -489,7 +489,10 @@ impl DfsFs {
             .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         let mode = mode.map(|m| m & 0o7777);
         if mode.is_none() && mtime_ns.is_none() {
-            return Ok(self.attr(&self.meta(id).await?));
+            // Nothing dfs stores changed (fchown, as tar does for every file, or a size change
+            // already pushed above): answer like getattr, locally while what this client
+            // heard is fresh.
+            return Ok(self.getattr(id).await?.0);
         }
         if let Some(meta) = self.known_meta(id)
             && meta.kind == FileKind::File
