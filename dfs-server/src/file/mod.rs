@@ -181,6 +181,38 @@ impl FileStore {
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
+        // Small bodies (most files) are gathered in memory and stored by one blocking task:
+        // create, write, fdatasync, rename and directory fsync without a hop to the blocking
+        // pool for each. Larger ones stream to disk as they arrive, in bounded memory.
+        let mut hasher = Sha256::new();
+        let mut head: Vec<Bytes> = Vec::new();
+        let mut size = 0u64;
+        let mut streaming = false;
+        while let Some(chunk) = body.next().await {
+            let chunk =
+                chunk.map_err(|e| ServiceError::BadRequest(format!("reading body: {e}")))?;
+            size += chunk.len() as u64;
+            if size > self.max_blob_bytes {
+                return Err(too_large(self.max_blob_bytes));
+            }
+            hasher.update(&chunk);
+            head.push(chunk);
+            if size > SMALL_BLOB {
+                streaming = true;
+                break;
+            }
+        }
+        if !streaming {
+            check_hash(hasher, declared)?;
+            let dir = self.shard_dir(node);
+            let dest = self.blob_path(node, declared);
+            tokio::task::spawn_blocking(move || store_small(&dir, &dest, &head))
+                .await
+                .map_err(|e| ServiceError::internal("storing a blob", e))??;
+            self.stats.fsyncs.fetch_add(2, Ordering::Relaxed);
+            self.stats.bytes_in.fetch_add(size, Ordering::Relaxed);
+            return Ok(size);
+        }
         let dir = self.shard_dir(node);
         let tmp_path = dir.join(format!(
             "{TMP_PREFIX}{}",
@@ -195,28 +227,20 @@ impl FileStore {
             .open(&tmp_path)
             .await?;
         let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
-        let mut hasher = Sha256::new();
-        let mut size = 0u64;
+        for chunk in head {
+            out.write_all(&chunk).await?;
+        }
         while let Some(chunk) = body.next().await {
             let chunk =
                 chunk.map_err(|e| ServiceError::BadRequest(format!("reading body: {e}")))?;
             size += chunk.len() as u64;
             if size > self.max_blob_bytes {
-                return Err(ServiceError::TooLarge(format!(
-                    "file larger than this server's limit of {} bytes",
-                    self.max_blob_bytes
-                )));
+                return Err(too_large(self.max_blob_bytes));
             }
             hasher.update(&chunk);
             out.write_all(&chunk).await?;
         }
-        let actual = ContentHash::from_digest(&hasher.finalize().into());
-        if &actual != declared {
-            return Err(ServiceError::HashMismatch {
-                declared: declared.to_string(),
-                actual: actual.to_string(),
-            });
-        }
+        check_hash(hasher, declared)?;
         out.flush().await?;
         let file = out.into_inner();
         file.sync_data().await?;
@@ -318,6 +342,52 @@ impl FileStore {
     }
 }
 
+/// Bodies up to this size are stored from memory in one blocking task.
+const SMALL_BLOB: u64 = 1 << 20;
+
+fn too_large(limit: u64) -> ServiceError {
+    ServiceError::TooLarge(format!(
+        "file larger than this server's limit of {limit} bytes"
+    ))
+}
+
+fn check_hash(hasher: Sha256, declared: &ContentHash) -> ServiceResult<()> {
+    let actual = ContentHash::from_digest(&hasher.finalize().into());
+    if &actual != declared {
+        return Err(ServiceError::HashMismatch {
+            declared: declared.to_string(),
+            actual: actual.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Stores `chunks` at `dest` durably: a temp file in `dir` (the shard), fdatasync, rename,
+/// fsync of `dir`. The temp file is removed on every error.
+fn store_small(dir: &Path, dest: &Path, chunks: &[Bytes]) -> ServiceResult<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = dir.join(format!(
+        "{TMP_PREFIX}{}",
+        hex::encode(rand::random::<[u8; 12]>())
+    ));
+    let mut guard = TmpGuard(Some(tmp.clone()));
+    // Private: blobs are every user's file contents.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    for c in chunks {
+        f.write_all(c)?;
+    }
+    f.sync_data()?;
+    drop(f);
+    std::fs::rename(&tmp, dest)?;
+    guard.0 = None;
+    sync_dir(dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -364,6 +434,24 @@ mod tests {
             .expect("shard dir")
             .count();
         assert_eq!(leftovers, 0, "temp file removed");
+    }
+
+    #[tokio::test]
+    async fn a_body_past_the_in_memory_bound_streams_to_disk_intact() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = FileStore::open(dir.path(), 8 << 20).expect("open");
+        let part: &'static [u8] = Box::leak(vec![7u8; 700 << 10].into_boxed_slice());
+        let whole = [part, part, part].concat();
+        let h = hash_of(&whole);
+        let n = store
+            .put_stream(NodeId(9), &h, chunks(&[part, part, part]))
+            .await
+            .expect("put");
+        assert_eq!(n, whole.len() as u64);
+        assert_eq!(
+            std::fs::read(store.blob_path(NodeId(9), &h)).expect("read"),
+            whole
+        );
     }
 
     #[tokio::test]
