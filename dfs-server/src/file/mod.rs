@@ -188,14 +188,9 @@ impl FileStore {
         let mut head: Vec<Bytes> = Vec::new();
         let mut size = 0u64;
         let mut streaming = false;
-        while let Some(chunk) = body.next().await {
-            let chunk =
-                chunk.map_err(|e| ServiceError::BadRequest(format!("reading body: {e}")))?;
-            size += chunk.len() as u64;
-            if size > self.max_blob_bytes {
-                return Err(too_large(self.max_blob_bytes));
-            }
-            hasher.update(&chunk);
+        while let Some(chunk) =
+            next_chunk(&mut body, &mut size, &mut hasher, self.max_blob_bytes).await?
+        {
             head.push(chunk);
             if size > SMALL_BLOB {
                 streaming = true;
@@ -214,10 +209,7 @@ impl FileStore {
             return Ok(size);
         }
         let dir = self.shard_dir(node);
-        let tmp_path = dir.join(format!(
-            "{TMP_PREFIX}{}",
-            hex::encode(rand::random::<[u8; 12]>())
-        ));
+        let tmp_path = tmp_in(&dir);
         let mut guard = TmpGuard(Some(tmp_path.clone()));
         // Private: blobs are every user's file contents.
         let file = tokio::fs::OpenOptions::new()
@@ -230,14 +222,9 @@ impl FileStore {
         for chunk in head {
             out.write_all(&chunk).await?;
         }
-        while let Some(chunk) = body.next().await {
-            let chunk =
-                chunk.map_err(|e| ServiceError::BadRequest(format!("reading body: {e}")))?;
-            size += chunk.len() as u64;
-            if size > self.max_blob_bytes {
-                return Err(too_large(self.max_blob_bytes));
-            }
-            hasher.update(&chunk);
+        while let Some(chunk) =
+            next_chunk(&mut body, &mut size, &mut hasher, self.max_blob_bytes).await?
+        {
             out.write_all(&chunk).await?;
         }
         check_hash(hasher, declared)?;
@@ -345,6 +332,37 @@ impl FileStore {
 /// Bodies up to this size are stored from memory in one blocking task.
 const SMALL_BLOB: u64 = 1 << 20;
 
+/// A fresh temp name in the shard `dir` (same directory as the blob, for the rename).
+fn tmp_in(dir: &Path) -> PathBuf {
+    dir.join(format!(
+        "{TMP_PREFIX}{}",
+        hex::encode(rand::random::<[u8; 12]>())
+    ))
+}
+
+/// The next chunk of a blob body, counted against `limit` and hashed.
+async fn next_chunk<S, E>(
+    body: &mut S,
+    size: &mut u64,
+    hasher: &mut Sha256,
+    limit: u64,
+) -> ServiceResult<Option<Bytes>>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let Some(chunk) = body.next().await else {
+        return Ok(None);
+    };
+    let chunk = chunk.map_err(|e| ServiceError::BadRequest(format!("reading body: {e}")))?;
+    *size += chunk.len() as u64;
+    if *size > limit {
+        return Err(too_large(limit));
+    }
+    hasher.update(&chunk);
+    Ok(Some(chunk))
+}
+
 fn too_large(limit: u64) -> ServiceError {
     ServiceError::TooLarge(format!(
         "file larger than this server's limit of {limit} bytes"
@@ -367,10 +385,7 @@ fn check_hash(hasher: Sha256, declared: &ContentHash) -> ServiceResult<()> {
 fn store_small(dir: &Path, dest: &Path, chunks: &[Bytes]) -> ServiceResult<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = dir.join(format!(
-        "{TMP_PREFIX}{}",
-        hex::encode(rand::random::<[u8; 12]>())
-    ));
+    let tmp = tmp_in(dir);
     let mut guard = TmpGuard(Some(tmp.clone()));
     // Private: blobs are every user's file contents.
     let mut f = std::fs::OpenOptions::new()
