@@ -363,3 +363,95 @@ pub struct DropHolderRequest {
     /// The version's hash.
     pub hash: ContentHash,
 }
+
+/// Most files in one batched upload (also bounds the batch commit's JSON).
+pub const MAX_BATCH_ITEMS: usize = 64;
+/// Largest file sent in a batch; bigger ones go alone, streamed.
+pub const MAX_BATCH_ITEM_BYTES: u64 = 1 << 20;
+/// Most content bytes in one batch.
+pub const MAX_BATCH_BYTES: u64 = 8 << 20;
+
+/// One file of a batched upload (`POST /v1/batch/files`): what a single upload's headers
+/// carry. Its body follows the batch header in item order (see [`crate::batch`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BatchItem {
+    /// The file.
+    pub node: NodeId,
+    /// SHA-256 of its new content.
+    pub hash: ContentHash,
+    /// Its size (the body's length).
+    pub size: u64,
+    /// The writer's fencing token for this file.
+    pub fence: FenceToken,
+    /// The lock service's signature of `fence`.
+    pub fence_sig: String,
+    /// The upload's idempotency key.
+    pub upload_id: UploadId,
+    /// The placement the writer knows: primary first, then the replicas.
+    pub placement: Vec<ServerId>,
+    /// Permission bits to apply with the new version.
+    #[serde(default)]
+    pub mode: Option<u32>,
+    /// Explicit modification time to apply with the new version.
+    #[serde(default)]
+    pub mtime_ns: Option<u64>,
+}
+
+/// Header of a batched upload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BatchHeader {
+    /// The files, in body order.
+    pub items: Vec<BatchItem>,
+}
+
+/// One blob of a replica batch (`PUT /v1/internal/batch/files`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicaItem {
+    /// The file.
+    pub node: NodeId,
+    /// SHA-256 of the content.
+    pub hash: ContentHash,
+    /// Its size.
+    pub size: u64,
+}
+
+/// Header of a replica batch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicaBatchHeader {
+    /// The blobs, in body order.
+    pub items: Vec<ReplicaItem>,
+}
+
+/// The outcome of one item of a batch: each item succeeds or fails on its own.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ItemResult<T> {
+    /// Applied.
+    Ok(T),
+    /// Refused or failed; nothing of this item was applied.
+    Err(crate::ErrorBody),
+}
+
+/// Answer to a batch: one result per item, in item order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BatchResponse<T> {
+    /// Per-item outcomes.
+    pub results: Vec<ItemResult<T>>,
+}
+
+/// One version of a batch commit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CommitBatchItem {
+    /// The file.
+    pub node: NodeId,
+    /// What a single commit would carry.
+    pub commit: CommitRequest,
+}
+
+/// `POST /v1/internal/batch/commit`: several versions recorded in one durable transaction,
+/// each checked (and refused) on its own.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CommitBatchRequest {
+    /// The versions.
+    pub items: Vec<CommitBatchItem>,
+}

@@ -2,6 +2,7 @@
 //! services (`dfs-server`). This crate does no I/O and knows nothing of tokio or HTTP libraries.
 
 pub mod api;
+pub mod batch;
 pub mod error;
 pub mod ids;
 pub mod meta;

@@ -146,6 +146,8 @@ pub struct ClientStats {
     pub downloads: AtomicU64,
     /// Whole-file uploads.
     pub uploads: AtomicU64,
+    /// Batched upload requests (each carrying several files).
+    pub batches: AtomicU64,
 }
 
 /// The cluster as the client sees it.
@@ -785,5 +787,56 @@ impl Remote {
         }
         self.stats.uploads.fetch_add(1, Ordering::Relaxed);
         resp.json().await.map_err(|e| net("upload", e))
+    }
+
+    /// Sends several small files to their common primary in one request (see
+    /// `dfs_server::file::batch`); one result per item, in order.
+    pub async fn upload_batch(
+        &self,
+        primary: common::ServerId,
+        header: &common::api::BatchHeader,
+        bodies: &[Vec<u8>],
+    ) -> Result<Vec<common::api::ItemResult<NodeMeta>>, RemoteError> {
+        let base = self.server_url(primary).await?;
+        let json = serde_json::to_vec(header).map_err(|e| RemoteError::Io(e.to_string()))?;
+        let mut frame = common::batch::prefix(&json);
+        for b in bodies {
+            frame.extend_from_slice(b);
+        }
+        let len = frame.len() as u64;
+        let token = self.token().await?;
+        let resp = self
+            .stream
+            .post(format!("{base}{}", routes::FILE_BATCH_WRITE))
+            .bearer_auth(token)
+            .timeout(common::api::transfer_timeout(len))
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .body(frame)
+            .send()
+            .await
+            .map_err(|e| {
+                self.invalidate_cluster();
+                net("batch upload", e)
+            })?;
+        if !resp.status().is_success() {
+            return Err(api_error(resp).await);
+        }
+        let answer: common::api::BatchResponse<NodeMeta> =
+            resp.json().await.map_err(|e| net("batch upload", e))?;
+        if answer.results.len() != header.items.len() {
+            return Err(RemoteError::Io(format!(
+                "batch upload: {} results for {} files",
+                answer.results.len(),
+                header.items.len()
+            )));
+        }
+        let ok = answer
+            .results
+            .iter()
+            .filter(|r| matches!(r, common::api::ItemResult::Ok(_)))
+            .count();
+        self.stats.uploads.fetch_add(ok as u64, Ordering::Relaxed);
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        Ok(answer.results)
     }
 }

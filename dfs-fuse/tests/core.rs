@@ -380,3 +380,49 @@ async fn chmod_and_utimes_while_open_fold_into_the_push() {
     assert_eq!(after.mtime_ns, 1_000_000_000 * 1_000_000_000);
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn writeback_closes_are_pushed_in_batches_with_their_folded_attributes() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let a = core_with(
+        &c,
+        Some(login(&c, "alice").await),
+        &dir.path().join("a"),
+        true,
+    );
+    for i in 0..12 {
+        write_file(&a, &format!("f{i}"), format!("file {i}").as_bytes())
+            .await
+            .unwrap();
+    }
+    // tar's chmod after close, while the push is pending: folded into the batched push.
+    let f3 = a.lookup(NodeId::ROOT, OsStr::new("f3")).await.unwrap();
+    a.setattr(NodeId(f3.ino.0), Some(0o600), None, None, None)
+        .await
+        .unwrap();
+    assert_eq!(a.pending().unwrap().len(), 12);
+    let left = a
+        .push_pending(Instant::now() + Duration::from_secs(10), false)
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "left {left:?}");
+    let stats = &a.remote().stats;
+    assert_eq!(stats.uploads.load(Ordering::Relaxed), 12);
+    let batches = stats.batches.load(Ordering::Relaxed);
+    assert!(
+        (1..=3).contains(&batches),
+        "12 small files over 3 primaries go in at most 3 batches, not one by one ({batches})"
+    );
+    let b = core(&c, Some(login(&c, "bob").await), &dir.path().join("b"));
+    for i in 0..12 {
+        assert_eq!(
+            read_file(&b, &format!("f{i}")).await,
+            format!("file {i}").as_bytes()
+        );
+    }
+    let meta = b.remote().get(NodeId(f3.ino.0)).await.unwrap();
+    assert_eq!((meta.mode, meta.version), (0o600, 1));
+    assert!(meta.holders.len() >= 2, "holders {:?}", meta.holders);
+    c.shutdown().await;
+}

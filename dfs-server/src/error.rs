@@ -121,9 +121,30 @@ impl ServiceError {
         }
     }
 
+    /// The wire form: internal details stay in the log, never in the answer.
+    pub fn to_body(&self) -> common::ErrorBody {
+        let code = self.code();
+        let message = if code == ErrorCode::Internal {
+            tracing::error!(error = %self, "request failed");
+            "internal error; see the server log".to_owned()
+        } else {
+            tracing::debug!(error = %self, "request refused");
+            self.to_string()
+        };
+        common::ErrorBody { code, message }
+    }
+
     /// Wraps any storage/I/O error with context.
     pub fn internal(context: &str, e: impl std::fmt::Display) -> Self {
         ServiceError::Internal(format!("{context}: {e}"))
+    }
+}
+
+/// One item of a batch answer.
+pub fn item_result<T>(r: ServiceResult<T>) -> common::api::ItemResult<T> {
+    match r {
+        Ok(v) => common::api::ItemResult::Ok(v),
+        Err(e) => common::api::ItemResult::Err(e.to_body()),
     }
 }
 

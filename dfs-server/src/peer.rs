@@ -146,6 +146,38 @@ impl Peer {
             .await
     }
 
+    /// Several commits in one directory transaction, one result per item.
+    pub async fn commit_batch(
+        &self,
+        dir: &str,
+        req: &common::api::CommitBatchRequest,
+    ) -> ServiceResult<common::api::BatchResponse<common::api::CommitResponse>> {
+        self.post(
+            format!("{dir}{}", routes::COMMIT_BATCH),
+            req,
+            "batch commit",
+        )
+        .await
+    }
+
+    /// Stores a batch of blobs on the replica at `base` (a frame of `common::batch`).
+    pub async fn replica_batch(
+        &self,
+        base: &str,
+        frame: bytes::Bytes,
+    ) -> ServiceResult<common::api::BatchResponse<u64>> {
+        let len = frame.len() as u64;
+        self.send(
+            self.streaming
+                .put(format!("{base}{}", routes::REPLICA_BATCH))
+                .timeout(common::api::transfer_timeout(len))
+                .header(reqwest::header::CONTENT_LENGTH, len)
+                .body(frame),
+            "replica batch",
+        )
+        .await
+    }
+
     /// A streaming request builder with the cluster key (replica pushes).
     pub fn stream_put(&self, url: String) -> reqwest::RequestBuilder {
         self.streaming

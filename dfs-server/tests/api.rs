@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use common::api::{
-    AcquireRequest, AcquireResponse, Claims, ClusterInfo, CreateRequest, PublicKeyResponse,
-    RenameRequest, TokenResponse,
+    AcquireRequest, AcquireResponse, BatchItem, Claims, ClusterInfo, CreateRequest,
+    PublicKeyResponse, RenameRequest, TokenResponse,
 };
 use common::{
     ContentHash, ErrorBody, ErrorCode, FileKind, NodeId, NodeMeta, UploadId, ValidName, routes,
@@ -719,5 +719,150 @@ async fn regression_rewriting_an_earlier_version_never_loses_its_copies() {
         );
         assert_eq!(&r.bytes().await.unwrap()[..], b"content A");
     }
+    h.cluster.shutdown().await;
+}
+
+impl Harness {
+    /// One item of a batched upload, signed like a lock grant.
+    fn batch_item(&self, meta: &NodeMeta, data: &[u8], fence: u64, upload: u8) -> BatchItem {
+        BatchItem {
+            node: meta.id,
+            hash: hash_of(data),
+            size: data.len() as u64,
+            fence: common::FenceToken(fence),
+            fence_sig: dfs_server::lock::sign_fence(
+                &self.cluster.cluster_key,
+                meta.id,
+                common::FenceToken(fence),
+            ),
+            upload_id: UploadId::from_bytes([upload; 16]),
+            placement: meta.primary.iter().chain(&meta.replicas).copied().collect(),
+            mode: None,
+            mtime_ns: None,
+        }
+    }
+
+    async fn write_batch(
+        &self,
+        primary: common::ServerId,
+        items: Vec<BatchItem>,
+        bodies: &[&[u8]],
+    ) -> reqwest::Response {
+        let url = self.server_url(primary).await;
+        let mut frame = common::batch::prefix(
+            &serde_json::to_vec(&common::api::BatchHeader { items }).unwrap(),
+        );
+        for b in bodies {
+            frame.extend_from_slice(b);
+        }
+        self.http
+            .post(format!("{url}{}", routes::FILE_BATCH_WRITE))
+            .bearer_auth(&self.token)
+            .body(frame)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+#[tokio::test]
+async fn a_batch_is_all_or_nothing_per_file_and_fenced_per_file() {
+    let h = Harness::new(|_| {}).await;
+    let mut all = Vec::new();
+    for i in 0..24 {
+        all.push(
+            h.create(NodeId::ROOT, &format!("b{i}"), FileKind::File)
+                .await,
+        );
+    }
+    // Five files of one primary, and one the batch's receiver is not the primary of.
+    let primary = all[0].primary.unwrap();
+    let mut files: Vec<NodeMeta> = all
+        .iter()
+        .filter(|f| f.primary == Some(primary))
+        .take(5)
+        .cloned()
+        .collect();
+    assert_eq!(files.len(), 5, "placement spreads primaries evenly");
+    files.push(
+        all.iter()
+            .find(|f| f.primary != Some(primary))
+            .unwrap()
+            .clone(),
+    );
+    // b1 already has a version written under fence 50: the batch's fence 40 is stale for it.
+    let r = h.write(&files[1], b"newer, fence 50", 50, 99).await;
+    assert!(r.status().is_success());
+    let bodies: Vec<&[u8]> = vec![
+        b"one",
+        b"stale",
+        b"declared otherwise",
+        b"three",
+        b"four",
+        b"five",
+    ];
+    let mut items: Vec<BatchItem> = files
+        .iter()
+        .zip(&bodies)
+        .enumerate()
+        .map(|(i, (f, b))| h.batch_item(f, b, 40, 10 + i as u8))
+        .collect();
+    items[2].hash = hash_of(b"something else");
+    // b3 claims a fence the lock service never signed.
+    items[3].fence_sig = "forged".into();
+
+    let r = h.write_batch(primary, items.clone(), &bodies).await;
+    assert!(r.status().is_success(), "batch: {}", r.status());
+    let resp: common::api::BatchResponse<NodeMeta> = r.json().await.unwrap();
+    assert_eq!(resp.results.len(), 6);
+    let code = |i: usize| match &resp.results[i] {
+        common::api::ItemResult::Ok(_) => None,
+        common::api::ItemResult::Err(e) => Some(e.code),
+    };
+    assert_eq!(code(1), Some(ErrorCode::StaleFence));
+    assert_eq!(code(2), Some(ErrorCode::HashMismatch));
+    assert_eq!(code(3), Some(ErrorCode::Forbidden));
+    assert_eq!(code(0), None);
+    assert_eq!(code(4), None);
+    assert_eq!(code(5), Some(ErrorCode::NotPrimary));
+
+    // Each refused file is untouched; each accepted one is a whole version on two servers.
+    let meta: NodeMeta = h.get_json(&routes::node(files[1].id)).await;
+    assert_eq!(
+        meta.hash,
+        hash_of(b"newer, fence 50"),
+        "the stale item changed nothing"
+    );
+    for i in [2, 3, 5] {
+        let meta: NodeMeta = h.get_json(&routes::node(files[i].id)).await;
+        assert_eq!(meta.version, 0, "refused item {i} changed nothing");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in [0, 4] {
+        let meta: NodeMeta = h.get_json(&routes::node(files[i].id)).await;
+        assert_eq!(meta.hash, hash_of(bodies[i]));
+        assert_eq!(meta.version, 1);
+        assert!(meta.holders.len() >= 2, "{:?}", meta.holders);
+        for server in &meta.holders {
+            let r = h.read_from(*server, &meta).await;
+            assert!(r.status().is_success(), "holder {server} of item {i}");
+            assert_eq!(&r.bytes().await.unwrap()[..], bodies[i]);
+        }
+    }
+
+    // The same batch again (a lost answer): applied once.
+    let r = h.write_batch(primary, items.clone(), &bodies).await;
+    assert!(r.status().is_success());
+    let meta: NodeMeta = h.get_json(&routes::node(files[0].id)).await;
+    assert_eq!(meta.version, 1, "a resent batch item is applied once");
+
+    // Malformed batches are refused whole, with a clear code.
+    let twice = vec![items[0].clone(), items[0].clone()];
+    let r = h.write_batch(primary, twice, &[b"one", b"one"]).await;
+    assert_eq!(error_code(r).await, (400, ErrorCode::BadRequest));
+    let r = h
+        .write_batch(primary, vec![items[0].clone()], &[b"one and more"])
+        .await;
+    assert_eq!(error_code(r).await, (400, ErrorCode::BadRequest));
     h.cluster.shutdown().await;
 }

@@ -21,6 +21,7 @@ use crate::metrics::ClientMetrics;
 use crate::remote::{Remote, RemoteError};
 use dfs_server::keyed::KeyedMutex;
 
+mod batch;
 mod recover;
 mod upload;
 

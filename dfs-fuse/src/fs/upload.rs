@@ -14,6 +14,11 @@ use crate::cache::{CacheEntry, Pending};
 use crate::error::{FsError, FsResult};
 use crate::remote::RemoteError;
 
+/// How long the background uploader lets closes gather after being woken, so that a burst of
+/// write-back closes (tar, a build) goes out in batches rather than one file at a time. Adds at
+/// most this much to the time a write-back close waits to reach the servers.
+const BATCH_WINDOW: Duration = Duration::from_millis(30);
+
 impl DfsFs {
     /// Records the local copy of `node` as pending (keeping the upload id if the content is
     /// the same as an earlier pending attempt). Returns the pending upload, or None if the copy
@@ -64,36 +69,7 @@ impl DfsFs {
             let attrs = self.folded_attrs(node);
             match self.push_once(node, &pending, &attrs, deadline).await {
                 Ok(meta) => {
-                    // Only the pushed content becomes clean: a pending record written meanwhile
-                    // (by release) for newer content stays.
-                    let mut entry = self.cache.get(node)?.unwrap_or_else(CacheEntry::unknown);
-                    if meta.hash == pending.hash {
-                        entry.version = meta.version;
-                        entry.hash = meta.hash.clone();
-                    } else {
-                        // A retried upload that was applied before a newer version: the copy
-                        // holds our content, not the server's newest, so the next open fetches.
-                        entry.version = 0;
-                        entry.hash = pending.hash.clone();
-                    }
-                    if entry
-                        .pending
-                        .as_ref()
-                        .is_some_and(|p| p.upload_id == pending.upload_id)
-                    {
-                        entry.pending = None;
-                    }
-                    self.cache.put_lazy(node, &entry)?;
-                    self.remember(&meta, None);
-                    self.retry_at
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&node);
-                    self.settle_folded_attrs(node, &attrs);
-                    self.writeback_dirty
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&node);
+                    self.settle_push(node, &pending, &attrs, &meta)?;
                     self.metrics.push_done(started.elapsed());
                     return Ok(());
                 }
@@ -150,6 +126,47 @@ impl DfsFs {
         }
     }
 
+    /// Bookkeeping of a push the servers accepted: the pushed content becomes clean.
+    pub(super) fn settle_push(
+        &self,
+        node: NodeId,
+        pending: &Pending,
+        attrs: &FoldedAttrs,
+        meta: &NodeMeta,
+    ) -> FsResult<()> {
+        // Only the pushed content becomes clean: a pending record written meanwhile
+        // (by release) for newer content stays.
+        let mut entry = self.cache.get(node)?.unwrap_or_else(CacheEntry::unknown);
+        if meta.hash == pending.hash {
+            entry.version = meta.version;
+            entry.hash = meta.hash.clone();
+        } else {
+            // A retried upload that was applied before a newer version: the copy
+            // holds our content, not the server's newest, so the next open fetches.
+            entry.version = 0;
+            entry.hash = pending.hash.clone();
+        }
+        if entry
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.upload_id == pending.upload_id)
+        {
+            entry.pending = None;
+        }
+        self.cache.put_lazy(node, &entry)?;
+        self.remember(meta, None);
+        self.retry_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&node);
+        self.settle_folded_attrs(node, attrs);
+        self.writeback_dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&node);
+        Ok(())
+    }
+
     /// One attempt: take the lock (renewing the lease meanwhile), upload to the primary named
     /// by the metadata this client already has, and answer; the unlock goes out after the
     /// answer, off the critical path (a lost unlock costs others one lease at worst).
@@ -166,7 +183,7 @@ impl DfsFs {
             Ok(g) => g,
             Err(e) => {
                 // A grant whose answer was lost must not block everyone for a whole lease.
-                let _ = self.remote.release(node, &waiter).await;
+                self.release_later(node, waiter);
                 return Err(e);
             }
         };
@@ -207,12 +224,7 @@ impl DfsFs {
                 }
             }
         };
-        let remote = self.remote.clone();
-        tokio::spawn(async move {
-            if let Err(e) = remote.release(node, &waiter).await {
-                tracing::debug!(%node, error = %e, "lock release failed; the lease will expire");
-            }
-        });
+        self.release_later(node, waiter);
         result
     }
 
@@ -379,10 +391,22 @@ impl DfsFs {
         );
         nodes.sort();
         nodes.dedup();
+        // Small files with one primary go in batches; what a batch did not settle, and
+        // everything else, one by one.
+        let (batches, mut single) = self.plan_batches(nodes, backoff);
+        let left: Vec<Vec<NodeId>> =
+            futures_util::StreamExt::collect(futures_util::StreamExt::buffer_unordered(
+                futures_util::stream::iter(
+                    batches.into_iter().map(|b| self.push_batch(b, deadline)),
+                ),
+                2,
+            ))
+            .await;
+        single.extend(left.into_iter().flatten());
         // Several at once: their commits share fsyncs at the directory and the file servers.
         let concurrency = self.config.upload_concurrency.max(1);
         futures_util::StreamExt::for_each_concurrent(
-            futures_util::stream::iter(nodes),
+            futures_util::stream::iter(single),
             concurrency,
             |node| async move { self.push_one_pending(node, deadline, backoff).await },
         )
@@ -401,7 +425,8 @@ impl DfsFs {
             }
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = self.wake.notified() => {}
+                // Closes that follow within the window join the same pass (and batch).
+                _ = self.wake.notified() => tokio::time::sleep(BATCH_WINDOW).await,
                 _ = tokio::time::sleep(self.config.retry_interval) => {}
             }
         }

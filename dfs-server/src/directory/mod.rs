@@ -118,6 +118,106 @@ fn touch_dir(tx: &WriteTransaction, id: NodeId, now: u64) -> ServiceResult<()> {
     put_node(tx, &meta)
 }
 
+/// One commit inside `tx`. The outer error is a storage failure (the whole transaction
+/// aborts); the inner one a refusal of this commit, which then wrote nothing.
+fn commit_in(
+    tx: &WriteTransaction,
+    id: NodeId,
+    req: &CommitRequest,
+) -> ServiceResult<ServiceResult<CommitResponse>> {
+    let refusal = |e: ServiceError| Ok(Err(e));
+    let mut meta = match get_node(tx, id) {
+        Ok(m) => m,
+        Err(e @ ServiceError::NotFound(_)) => return refusal(e),
+        Err(e) => return Err(e),
+    };
+    if meta.kind != FileKind::File {
+        return refusal(ServiceError::IsDir(format!("node {id}")));
+    }
+    if meta.recent_uploads.contains(&req.upload_id) {
+        if meta.writeback.take().is_some() {
+            put_node(tx, &meta)?;
+        }
+        return Ok(Ok(CommitResponse {
+            meta,
+            superseded: None,
+        }));
+    }
+    if req.fence < meta.fence {
+        return refusal(ServiceError::stale(req.fence, meta.fence));
+    }
+    if let Some(p) = req.primary
+        && meta.primary != Some(p)
+    {
+        return refusal(ServiceError::NotPrimary(format!(
+            "server {p} is not the primary of node {id}; the placement changed"
+        )));
+    }
+    if let Some(r) = &req.replicas
+        && r != &meta.replicas
+    {
+        return refusal(ServiceError::NotPrimary(format!(
+            "the placement of node {id} changed; fetch it again"
+        )));
+    }
+    let mut holders = req.holders.clone();
+    holders.sort();
+    holders.dedup();
+    if holders.len() != req.holders.len() {
+        return refusal(ServiceError::BadRequest("holders must be distinct".into()));
+    }
+    // The acknowledgement rule, checked where it is recorded: the primary and one
+    // replica, or the primary alone for a file placed on one server.
+    let needed = if meta.replicas.is_empty() { 1 } else { 2 };
+    if req.primary.is_some() && holders.len() < needed {
+        return refusal(ServiceError::Unavailable(format!(
+            "node {id} needs {needed} durable copies, the commit names {}",
+            holders.len()
+        )));
+    }
+    let members: Vec<ServerId> = meta.primary.iter().chain(&meta.replicas).copied().collect();
+    if let Some(h) = req.holders.iter().find(|h| !members.contains(h)) {
+        return refusal(ServiceError::NotPrimary(format!(
+            "server {h} does not hold node {id} in the current placement"
+        )));
+    }
+    if req.mode.is_some_and(|m| m > 0o7777) {
+        return refusal(ServiceError::BadRequest(
+            "mode has bits beyond 07777".into(),
+        ));
+    }
+    let superseded = Superseded {
+        hash: meta.hash.clone(),
+        holders: meta.holders.clone(),
+    };
+    let now = now_ns();
+    meta.version += 1;
+    meta.size = req.size;
+    meta.hash = req.hash.clone();
+    meta.fence = req.fence;
+    meta.recent_uploads.push(req.upload_id.clone());
+    if meta.recent_uploads.len() > common::meta::RECENT_UPLOADS {
+        meta.recent_uploads.remove(0);
+    }
+    meta.holders = req.holders.clone();
+    // Any new version ends the wait: a reader then sees content at least as new as the
+    // close that announced the push (a writer that re-hashed and resent under a new
+    // upload id does not leave readers waiting for an id that never comes).
+    meta.writeback = None;
+    if let Some(m) = req.mode {
+        meta.mode = m;
+    }
+    meta.mtime_ns = req.mtime_ns.unwrap_or(now);
+    meta.ctime_ns = now;
+    meta.committed_ns = now;
+    put_node(tx, &meta)?;
+    tracing::debug!(%id, version = meta.version, writer = %req.writer, "version committed");
+    Ok(Ok(CommitResponse {
+        meta,
+        superseded: Some(superseded),
+    }))
+}
+
 impl DirectoryService {
     /// Opens (or initialises, with an empty root) the store under `data_dir`.
     pub fn open(data_dir: &Path, config: DirectoryConfig) -> ServiceResult<Self> {
@@ -473,94 +573,26 @@ impl DirectoryService {
     /// Records a new version written by a primary. Applies each upload id once; refuses a fence
     /// older than the newest committed one.
     pub fn commit(&self, id: NodeId, req: &CommitRequest) -> ServiceResult<CommitResponse> {
+        self.store.write(|tx| commit_in(tx, id, req)?)
+    }
+
+    /// Several commits in one durable transaction (a batched upload): each is checked and
+    /// refused on its own, exactly as `commit` would; the ones accepted become durable together.
+    pub fn commit_batch(
+        &self,
+        req: &common::api::CommitBatchRequest,
+    ) -> ServiceResult<Vec<ServiceResult<CommitResponse>>> {
+        if req.items.len() > common::api::MAX_BATCH_ITEMS {
+            return Err(ServiceError::TooLarge(format!(
+                "a batch commits at most {} versions",
+                common::api::MAX_BATCH_ITEMS
+            )));
+        }
         self.store.write(|tx| {
-            let mut meta = get_node(tx, id)?;
-            if meta.kind != FileKind::File {
-                return Err(ServiceError::IsDir(format!("node {id}")));
-            }
-            if meta.recent_uploads.contains(&req.upload_id) {
-                if meta.writeback.take().is_some() {
-                    put_node(tx, &meta)?;
-                }
-                return Ok(CommitResponse {
-                    meta,
-                    superseded: None,
-                });
-            }
-            if req.fence < meta.fence {
-                return Err(ServiceError::stale(req.fence, meta.fence));
-            }
-            if let Some(p) = req.primary
-                && meta.primary != Some(p)
-            {
-                return Err(ServiceError::NotPrimary(format!(
-                    "server {p} is not the primary of node {id}; the placement changed"
-                )));
-            }
-            if let Some(r) = &req.replicas
-                && r != &meta.replicas
-            {
-                return Err(ServiceError::NotPrimary(format!(
-                    "the placement of node {id} changed; fetch it again"
-                )));
-            }
-            let mut holders = req.holders.clone();
-            holders.sort();
-            holders.dedup();
-            if holders.len() != req.holders.len() {
-                return Err(ServiceError::BadRequest("holders must be distinct".into()));
-            }
-            // The acknowledgement rule, checked where it is recorded: the primary and one
-            // replica, or the primary alone for a file placed on one server.
-            let needed = if meta.replicas.is_empty() { 1 } else { 2 };
-            if req.primary.is_some() && holders.len() < needed {
-                return Err(ServiceError::Unavailable(format!(
-                    "node {id} needs {needed} durable copies, the commit names {}",
-                    holders.len()
-                )));
-            }
-            let members: Vec<ServerId> =
-                meta.primary.iter().chain(&meta.replicas).copied().collect();
-            if let Some(h) = req.holders.iter().find(|h| !members.contains(h)) {
-                return Err(ServiceError::NotPrimary(format!(
-                    "server {h} does not hold node {id} in the current placement"
-                )));
-            }
-            if req.mode.is_some_and(|m| m > 0o7777) {
-                return Err(ServiceError::BadRequest(
-                    "mode has bits beyond 07777".into(),
-                ));
-            }
-            let superseded = Superseded {
-                hash: meta.hash.clone(),
-                holders: meta.holders.clone(),
-            };
-            let now = now_ns();
-            meta.version += 1;
-            meta.size = req.size;
-            meta.hash = req.hash.clone();
-            meta.fence = req.fence;
-            meta.recent_uploads.push(req.upload_id.clone());
-            if meta.recent_uploads.len() > common::meta::RECENT_UPLOADS {
-                meta.recent_uploads.remove(0);
-            }
-            meta.holders = req.holders.clone();
-            // Any new version ends the wait: a reader then sees content at least as new as the
-            // close that announced the push (a writer that re-hashed and resent under a new
-            // upload id does not leave readers waiting for an id that never comes).
-            meta.writeback = None;
-            if let Some(m) = req.mode {
-                meta.mode = m;
-            }
-            meta.mtime_ns = req.mtime_ns.unwrap_or(now);
-            meta.ctime_ns = now;
-            meta.committed_ns = now;
-            put_node(tx, &meta)?;
-            tracing::debug!(%id, version = meta.version, writer = %req.writer, "version committed");
-            Ok(CommitResponse {
-                meta,
-                superseded: Some(superseded),
-            })
+            req.items
+                .iter()
+                .map(|i| commit_in(tx, i.node, &i.commit))
+                .collect()
         })
     }
 

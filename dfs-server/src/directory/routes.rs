@@ -28,6 +28,7 @@ pub fn router(svc: Arc<DirectoryService>) -> Router {
         .route(routes::HEARTBEAT, post(heartbeat))
         .route(routes::REGISTER_SERVICE, post(register_service))
         .route(routes::COMMIT, post(commit))
+        .route(routes::COMMIT_BATCH, post(commit_batch))
         .route(routes::DROP_HOLDER, post(drop_holder))
         .route(routes::ADD_HOLDER, post(add_holder))
         .route(routes::INTENT, post(intent))
@@ -158,6 +159,17 @@ async fn commit(
     ApiJson(req): ApiJson<CommitRequest>,
 ) -> ApiResult<Json<common::api::CommitResponse>> {
     Ok(Json(blocking(move || svc.commit(NodeId(id), &req)).await?))
+}
+
+async fn commit_batch(
+    axum::extract::State(svc): State,
+    _c: ClusterOnly,
+    ApiJson(req): ApiJson<common::api::CommitBatchRequest>,
+) -> ApiResult<Json<common::api::BatchResponse<common::api::CommitResponse>>> {
+    let results = blocking(move || svc.commit_batch(&req)).await?;
+    Ok(Json(common::api::BatchResponse {
+        results: results.into_iter().map(crate::error::item_result).collect(),
+    }))
 }
 
 /// A client announces a write-back push.

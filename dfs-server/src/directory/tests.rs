@@ -469,3 +469,57 @@ fn regression_a_commit_with_a_stale_placement_or_too_few_copies_is_refused() {
         .expect("primary + one replica");
     assert_eq!(ok.meta.version, 1);
 }
+
+#[test]
+fn a_batch_commit_refuses_items_alone_and_applies_the_rest_durably() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let a = mk(&svc, NodeId::ROOT, "a", FileKind::File);
+    let b = mk(&svc, NodeId::ROOT, "b", FileKind::File);
+    let req = |f: &NodeMeta, fence: u64, id: u8| CommitRequest {
+        hash: ContentHash::from_digest(&[id; 32]),
+        size: 1,
+        fence: FenceToken(fence),
+        upload_id: UploadId::from_bytes([id; 16]),
+        holders: f
+            .primary
+            .iter()
+            .chain(&f.replicas)
+            .copied()
+            .take(2)
+            .collect(),
+        writer: "t".into(),
+        primary: f.primary,
+        replicas: Some(f.replicas.clone()),
+        mode: None,
+        mtime_ns: None,
+    };
+    svc.commit(b.id, &req(&b, 7, 1)).expect("b at fence 7");
+    let batch = common::api::CommitBatchRequest {
+        items: vec![
+            common::api::CommitBatchItem {
+                node: a.id,
+                commit: req(&a, 5, 2),
+            },
+            // Older than b's fence 7: refused, alone.
+            common::api::CommitBatchItem {
+                node: b.id,
+                commit: req(&b, 5, 3),
+            },
+            common::api::CommitBatchItem {
+                node: NodeId(999_999),
+                commit: req(&a, 5, 4),
+            },
+        ],
+    };
+    let results = svc.commit_batch(&batch).expect("batch");
+    assert_eq!(results[0].as_ref().expect("a committed").meta.version, 1);
+    assert!(matches!(results[1], Err(ServiceError::StaleFence(_))));
+    assert!(matches!(results[2], Err(ServiceError::NotFound(_))));
+    drop(svc);
+    // Durable: a reopened store has a's version, and b's is the one from fence 7.
+    let svc = open(dir.path());
+    assert_eq!(svc.get(a.id).expect("a").version, 1);
+    let b = svc.get(b.id).expect("b");
+    assert_eq!((b.version, b.fence), (1, FenceToken(7)));
+}

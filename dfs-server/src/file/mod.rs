@@ -6,6 +6,7 @@
 //! fsynced, renamed, and the shard directory fsynced: two fsyncs per durable blob, none for
 //! parents. Blobs of the older `blobs/<node>/<hash>` layout are moved over at open.
 
+pub mod batch;
 pub mod replicate;
 pub mod routes;
 

@@ -25,16 +25,16 @@ use crate::peer::{Peer, error_from_response};
 
 /// One file server.
 pub struct FileServer {
-    fence_key: String,
+    pub(super) fence_key: String,
     /// Its blobs.
     pub store: FileStore,
-    peer: Peer,
-    directory: String,
+    pub(super) peer: Peer,
+    pub(super) directory: String,
     id: AtomicU64,
     id_file: PathBuf,
     /// Copies (primary included) that must be durable before a write is acknowledged.
     pub min_copies: usize,
-    node_locks: KeyedMutex<NodeId>,
+    pub(super) node_locks: KeyedMutex<NodeId>,
     cluster_cache: std::sync::Mutex<Option<(std::time::Instant, common::api::ClusterInfo)>>,
     /// Latency of the write path's stages, and whatever `cluster::file_metrics` adds.
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -214,18 +214,7 @@ impl FileServer {
         } else {
             Some(self.cluster().await?)
         };
-        let mut live = Vec::new();
-        for r in &replicas {
-            match cluster.as_ref().and_then(|c| {
-                c.servers
-                    .iter()
-                    .find(|s| s.id == *r && s.alive)
-                    .map(|s| s.url.clone())
-            }) {
-                Some(url) => live.push((*r, url)),
-                None => tracing::warn!(replica = %r, %node, "replica is down; writing without it"),
-            }
-        }
+        let mut live = live_replicas(cluster.as_ref(), &replicas, node);
         let required = self.min_copies.clamp(1, 1 + replicas.len());
         // Just enough replicas get the body while it arrives (pipelined with the local write);
         // the others get it from the stored copy after the acknowledgement, so their fsyncs do
@@ -337,18 +326,30 @@ impl FileServer {
         if meta.hash == req.hash
             && let Some(old) = committed.superseded
         {
-            let this = self.clone();
-            let new = meta.hash.clone();
-            tokio::spawn(async move {
-                // Under the file's lock, like every write: a later write of the same content
-                // (A, B, A again) then either runs before this check, which finds A current
-                // and keeps it, or after the drops, and stores A anew.
-                let lock = this.node_locks.get(node);
-                let _serialised = lock.lock().await;
-                this.drop_superseded(&old, node, &new).await
-            });
+            self.spawn_drop_superseded(node, meta.hash.clone(), old);
         }
         Ok(meta)
+    }
+
+    /// In the background, the holders of `old` drop it once `new` is committed.
+    pub(super) fn spawn_drop_superseded(
+        self: &Arc<Self>,
+        node: NodeId,
+        new: ContentHash,
+        old: common::api::Superseded,
+    ) {
+        if old.hash == new || old.hash.as_str() == ContentHash::EMPTY_HEX {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            // Under the file's lock, like every write: a later write of the same content
+            // (A, B, A again) then either runs before this check, which finds A current
+            // and keeps it, or after the drops, and stores A anew.
+            let lock = this.node_locks.get(node);
+            let _serialised = lock.lock().await;
+            this.drop_superseded(&old, node, &new).await
+        });
     }
 
     /// Drops this server's copy of `(node, hash)` unless the directory says it is the current
@@ -365,7 +366,7 @@ impl FileServer {
 
     /// The cluster map (server URLs and liveness), re-fetched at most once a second: every
     /// write needs it, and a second-old view of liveness is fresh enough to pick replicas.
-    async fn cluster(&self) -> ServiceResult<common::api::ClusterInfo> {
+    pub(super) async fn cluster(&self) -> ServiceResult<common::api::ClusterInfo> {
         let now = std::time::Instant::now();
         if let Some((at, info)) = self
             .cluster_cache
@@ -509,7 +510,12 @@ impl FileServer {
     }
 
     /// Pushes this server's stored copy of `(node, hash)` to the server at `base`.
-    async fn push(&self, base: &str, node: NodeId, hash: &ContentHash) -> ServiceResult<()> {
+    pub(super) async fn push(
+        &self,
+        base: &str,
+        node: NodeId,
+        hash: &ContentHash,
+    ) -> ServiceResult<()> {
         let (file, len) = self.store.open_blob(node, hash).await?;
         let body =
             reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));
@@ -551,6 +557,28 @@ impl FileServer {
             }
         }
     }
+}
+
+/// The live ones of `replicas`, with their URLs, in placement order; a dead one is skipped (the
+/// directory's repair catches it up later).
+pub(super) fn live_replicas(
+    cluster: Option<&common::api::ClusterInfo>,
+    replicas: &[ServerId],
+    node: NodeId,
+) -> Vec<(ServerId, String)> {
+    let mut live = Vec::new();
+    for r in replicas {
+        match cluster.and_then(|c| {
+            c.servers
+                .iter()
+                .find(|s| s.id == *r && s.alive)
+                .map(|s| s.url.clone())
+        }) {
+            Some(url) => live.push((*r, url)),
+            None => tracing::warn!(replica = %r, %node, "replica is down; writing without it"),
+        }
+    }
+    live
 }
 
 /// Sends one replica push and maps its failure.

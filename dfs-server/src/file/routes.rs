@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use common::api::FileServerStats;
+use common::api::{BatchResponse, FileServerStats};
 use common::{ContentHash, FenceToken, NodeId, NodeMeta, ServerId, UploadId, routes};
 
 use super::replicate::{FileServer, WriteRequest};
@@ -24,6 +24,8 @@ pub fn router(fs: Arc<FileServer>) -> Router {
         .route(routes::REPLICA_PUT, put(replica_put))
         .route(routes::DROP_BLOB, post(drop_blob))
         .route(routes::COPY_TO, post(copy_to))
+        .route(routes::FILE_BATCH_WRITE, post(write_batch))
+        .route(routes::REPLICA_BATCH, put(replica_batch))
         .route(routes::FILE_STATS, get(stats))
         .with_state(fs)
 }
@@ -116,6 +118,36 @@ async fn write(
             .transpose()?,
     };
     Ok(Json(fs.write_primary(req, body.into_data_stream()).await?))
+}
+
+/// A whole batch frame, bounded.
+async fn frame_of(body: Body) -> Result<bytes::Bytes, AppError> {
+    let limit = common::api::MAX_BATCH_BYTES as usize + common::batch::MAX_HEADER_BYTES + 4;
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        AppError(ServiceError::TooLarge(format!(
+            "batch body over {limit} bytes or cut off: {e}"
+        )))
+    })
+}
+
+async fn write_batch(
+    axum::extract::State(fs): State,
+    Authed(who): Authed,
+    body: Body,
+) -> ApiResult<Json<BatchResponse<NodeMeta>>> {
+    let frame = frame_of(body).await?;
+    let results = fs.write_batch(who.name(), frame).await?;
+    Ok(Json(BatchResponse { results }))
+}
+
+async fn replica_batch(
+    axum::extract::State(fs): State,
+    _c: ClusterOnly,
+    body: Body,
+) -> ApiResult<Json<BatchResponse<u64>>> {
+    let frame = frame_of(body).await?;
+    let results = fs.store_replica_batch(frame).await?;
+    Ok(Json(BatchResponse { results }))
 }
 
 async fn read(

@@ -53,15 +53,8 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
 
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
-        let code = self.0.code();
-        let message = if code == ErrorCode::Internal {
-            tracing::error!(error = %self.0, "request failed");
-            "internal error; see the server log".to_owned()
-        } else {
-            tracing::debug!(error = %self.0, "request refused");
-            self.0.to_string()
-        };
-        (status_of(code), Json(ErrorBody { code, message })).into_response()
+        let body: ErrorBody = self.0.to_body();
+        (status_of(body.code), Json(body)).into_response()
     }
 }
 
