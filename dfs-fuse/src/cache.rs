@@ -104,6 +104,10 @@ pub struct CacheDir {
     db: Database,
     journal: std::sync::Mutex<Journal>,
     next_seq: std::sync::atomic::AtomicU64,
+    /// The nodes whose entry has a pending upload, kept with the index (changed under this
+    /// lock, in the same order as the index), so that "is it pending?" and "what is pending?"
+    /// never scan the index.
+    pending: std::sync::Mutex<std::collections::BTreeSet<NodeId>>,
 }
 
 struct Journal {
@@ -136,12 +140,25 @@ impl CacheDir {
             .append(true)
             .open(&journal_path)?;
         file.set_len(0)?;
-        Ok(CacheDir {
+        let cache = CacheDir {
             root: root.to_path_buf(),
             db,
             journal: std::sync::Mutex::new(Journal { file, bytes: 0 }),
             next_seq: std::sync::atomic::AtomicU64::new(max_seq + 1),
-        })
+            pending: Default::default(),
+        };
+        let pending = cache
+            .entries()?
+            .into_iter()
+            .filter(|(_, e)| e.pending.is_some())
+            .map(|(n, _)| n)
+            .collect();
+        *cache.pending_set() = pending;
+        Ok(cache)
+    }
+
+    fn pending_set(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<NodeId>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn seq(&self) -> u64 {
@@ -158,6 +175,7 @@ impl CacheDir {
         entry: &CacheEntry,
         durability: redb::Durability,
     ) -> Result<CacheEntry, CacheError> {
+        let mut pending = self.pending_set();
         let mut tx = self.db.begin_write().map_err(index_err)?;
         let mut entry = entry.clone();
         entry.seq = self.seq();
@@ -168,6 +186,11 @@ impl CacheDir {
             .insert(node.0, data.as_slice())
             .map_err(index_err)?;
         tx.commit().map_err(index_err)?;
+        if entry.pending.is_some() {
+            pending.insert(node);
+        } else {
+            pending.remove(&node);
+        }
         Ok(entry)
     }
 
@@ -257,6 +280,7 @@ impl CacheDir {
     /// Forgets `node` and deletes its copy (the record may come back after a crash; it then
     /// names a file that no longer exists, which the client handles as "not cached").
     pub fn remove(&self, node: NodeId) -> Result<(), CacheError> {
+        let mut pending = self.pending_set();
         let mut tx = self.db.begin_write().map_err(index_err)?;
         tx.set_durability(redb::Durability::None)
             .map_err(index_err)?;
@@ -265,6 +289,8 @@ impl CacheDir {
             .remove(node.0)
             .map_err(index_err)?;
         tx.commit().map_err(index_err)?;
+        pending.remove(&node);
+        drop(pending);
         match std::fs::remove_file(self.path(node)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
             _ => Ok(()),
@@ -273,11 +299,23 @@ impl CacheDir {
 
     /// Every entry with a pending upload.
     pub fn pending(&self) -> Result<Vec<(NodeId, CacheEntry)>, CacheError> {
-        Ok(self
-            .entries()?
-            .into_iter()
-            .filter(|(_, e)| e.pending.is_some())
-            .collect())
+        let mut out = Vec::new();
+        for node in self.pending_nodes() {
+            if let Some(e) = self.get(node)?.filter(|e| e.pending.is_some()) {
+                out.push((node, e));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The nodes with a pending upload, without reading the index.
+    pub fn pending_nodes(&self) -> Vec<NodeId> {
+        self.pending_set().iter().copied().collect()
+    }
+
+    /// Whether `node` has a pending upload, without reading the index.
+    pub fn is_pending(&self, node: NodeId) -> bool {
+        self.pending_set().contains(&node)
     }
 
     /// Every entry.
@@ -413,6 +451,17 @@ mod tests {
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].0, NodeId(3));
         assert_eq!(p[0].1.pending.as_ref(), Some(&pending));
+        // The in-memory pending set follows every change of the index.
+        assert!(c.is_pending(NodeId(3)) && !c.is_pending(NodeId(2)));
+        let mut clean = p[0].1.clone();
+        clean.pending = None;
+        c.put_lazy(NodeId(3), &clean).expect("clean");
+        assert!(!c.is_pending(NodeId(3)));
+        clean.pending = Some(pending.clone());
+        c.record(NodeId(2), &clean).expect("record");
+        assert_eq!(c.pending_nodes(), vec![NodeId(2)]);
+        c.remove(NodeId(2)).expect("remove");
+        assert!(c.pending_nodes().is_empty());
     }
 
     #[test]

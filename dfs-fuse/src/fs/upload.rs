@@ -372,7 +372,7 @@ impl DfsFs {
 
     /// Nodes with changes not yet on the servers.
     pub fn pending(&self) -> FsResult<Vec<NodeId>> {
-        Ok(self.cache.pending()?.into_iter().map(|(n, _)| n).collect())
+        Ok(self.cache.pending_nodes())
     }
 
     /// Pushes every pending node not open for writing; returns those still pending.
