@@ -35,6 +35,9 @@ pub enum FsError {
     /// The operation needs a regular file.
     #[error("not a regular file")]
     NotAFile,
+    /// No such entry, known without asking (a fresh complete listing of the directory).
+    #[error("no such entry")]
+    Absent,
 }
 
 impl FsError {
@@ -70,6 +73,7 @@ impl FsError {
             FsError::BadHandle(_) => libc::EBADF,
             FsError::Unsupported(_) => libc::ENOTSUP,
             FsError::NotAFile => libc::EINVAL,
+            FsError::Absent => libc::ENOENT,
             FsError::PushFailed(_) => libc::EIO,
         }
     }

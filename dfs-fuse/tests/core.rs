@@ -426,3 +426,53 @@ async fn writeback_closes_are_pushed_in_batches_with_their_folded_attributes() {
     assert!(meta.holders.len() >= 2, "holders {:?}", meta.holders);
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn names_known_absent_here_never_hide_another_clients_create_past_the_ttl() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let a = core(&c, Some(login(&c, "alice").await), &dir.path().join("a"));
+    let b = core(&c, Some(login(&c, "bob").await), &dir.path().join("b"));
+    let d = a.mkdir(NodeId::ROOT, OsStr::new("d"), 0o755).await.unwrap();
+    let d = NodeId(d.ino.0);
+    // Made here: a new name in it is absent without asking; names made or moved here are found.
+    let err = a.lookup(d, OsStr::new("new")).await.unwrap_err();
+    assert_eq!(err.errno(), libc::ENOENT);
+    let (_, o) = a
+        .create(d, OsStr::new("mine"), 0o644, libc::O_WRONLY)
+        .await
+        .unwrap();
+    a.release(o.fh);
+    a.lookup(d, OsStr::new("mine")).await.unwrap();
+    a.rename(d, OsStr::new("mine"), d, OsStr::new("moved"), 0)
+        .await
+        .unwrap();
+    a.lookup(d, OsStr::new("moved")).await.unwrap();
+    assert_eq!(
+        a.lookup(d, OsStr::new("mine")).await.unwrap_err().errno(),
+        libc::ENOENT
+    );
+    // Another client's create shows within the metadata bound (ATTR_TTL) at the latest.
+    let bd = NodeId(b.lookup(NodeId::ROOT, OsStr::new("d")).await.unwrap().ino.0);
+    let (_, o) = b
+        .create(bd, OsStr::new("theirs"), 0o644, libc::O_WRONLY)
+        .await
+        .unwrap();
+    b.release(o.fh);
+    tokio::time::sleep(dfs_fuse::fs::ATTR_TTL + Duration::from_millis(50)).await;
+    a.lookup(d, OsStr::new("theirs")).await.unwrap();
+    // And a create refused because the name exists makes this client ask again at once.
+    let (_, o) = b
+        .create(bd, OsStr::new("race"), 0o644, libc::O_WRONLY)
+        .await
+        .unwrap();
+    b.release(o.fh);
+    assert_eq!(
+        a.lookup(d, OsStr::new("race")).await.unwrap_err().errno(),
+        libc::ENOENT,
+        "still within the bound of the listing"
+    );
+    assert!(a.mkdir(d, OsStr::new("race"), 0o755).await.is_err());
+    a.lookup(d, OsStr::new("race")).await.unwrap();
+    c.shutdown().await;
+}

@@ -146,6 +146,13 @@ impl Cluster {
         c
     }
 
+    /// Stops the cluster and hands over its temp dir (if it made one), so that the caller
+    /// decides when its files are deleted.
+    pub fn stop_keeping_data(mut self) -> Option<tempfile::TempDir> {
+        self.stop();
+        self._tmp.take()
+    }
+
     /// Starts a cluster on `data` listening at `listen`.
     pub fn start_at(data: &Path, listen: &str, extra: &[&str]) -> Cluster {
         let mut child = Command::new(bin("dfs-server"))
@@ -235,6 +242,12 @@ pub struct Client {
 }
 
 impl Client {
+    /// Hands over the client's config/cache temp dir, so that the caller decides when its
+    /// files are deleted.
+    pub fn into_home(self) -> tempfile::TempDir {
+        self.home
+    }
+
     /// A client of `server` with fresh config/cache dirs.
     pub fn new(server: &str) -> Client {
         Client {

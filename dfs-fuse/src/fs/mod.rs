@@ -22,6 +22,7 @@ use crate::remote::{Remote, RemoteError};
 use dfs_server::keyed::KeyedMutex;
 
 mod batch;
+mod known;
 mod recover;
 mod upload;
 
@@ -145,16 +146,6 @@ pub struct Opened {
     pub handle: Arc<Handle>,
 }
 
-/// Everything last heard from the directory, to keep cached files usable while it is down.
-#[derive(Default)]
-struct Known {
-    by_id: HashMap<NodeId, NodeMeta>,
-    by_name: HashMap<(NodeId, String), NodeId>,
-    /// When each `by_id` entry was last heard from the directory (or changed by this client's
-    /// own namespace operation).
-    heard: HashMap<NodeId, Instant>,
-}
-
 /// How long the kernel may cache attributes and entries (the README's metadata bound). A
 /// getattr answered from what this client heard less than that long ago gets the rest of it.
 pub const ATTR_TTL: Duration = Duration::from_secs(1);
@@ -199,7 +190,7 @@ pub struct DfsFs {
     node_locks: KeyedMutex<NodeId>,
     metrics: Arc<ClientMetrics>,
     writers: Mutex<HashMap<NodeId, usize>>,
-    known: Mutex<Known>,
+    known: Mutex<known::Known>,
     uid: u32,
     gid: u32,
     config: FsConfig,
@@ -266,7 +257,7 @@ impl DfsFs {
             node_locks: KeyedMutex::default(),
             metrics: Arc::new(ClientMetrics::default()),
             writers: Mutex::new(HashMap::new()),
-            known: Mutex::new(Known::default()),
+            known: Mutex::new(known::Known::default()),
             uid: meta.uid(),
             gid: meta.gid(),
             config,
@@ -301,47 +292,31 @@ impl DfsFs {
             .unwrap_or(0)
     }
 
+    fn known(&self) -> std::sync::MutexGuard<'_, known::Known> {
+        self.known.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn remember(&self, meta: &NodeMeta, name: Option<(NodeId, &str)>) {
-        let mut k = self.known.lock().unwrap_or_else(|p| p.into_inner());
-        k.by_id.insert(meta.id, meta.clone());
-        k.heard.insert(meta.id, Instant::now());
-        if let Some((parent, name)) = name {
-            k.by_name.insert((parent, name.to_owned()), meta.id);
-        }
+        self.known().remember(meta, name, Instant::now());
     }
 
     /// This client just changed directory `dir` (an entry created, removed or renamed): its
     /// times move on locally, so the kernel's getattr after the change needs no round trip.
     fn touched_dir(&self, dir: NodeId) {
-        let mut k = self.known.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(m) = k.by_id.get_mut(&dir) {
-            let now = dfs_server::store::now_ns();
-            m.mtime_ns = now;
-            m.ctime_ns = now;
-        }
+        self.known().touched_dir(dir, dfs_server::store::now_ns());
     }
 
     /// What this client heard of `id` less than `ATTR_TTL` ago, with the time left.
     fn recent_meta(&self, id: NodeId) -> Option<(NodeMeta, Duration)> {
-        let k = self.known.lock().unwrap_or_else(|p| p.into_inner());
-        let age = k.heard.get(&id)?.elapsed();
-        let left = ATTR_TTL.checked_sub(age)?;
-        Some((k.by_id.get(&id)?.clone(), left))
+        self.known().recent(id, ATTR_TTL, Instant::now())
     }
 
     fn forget_name(&self, parent: NodeId, name: &str) {
-        let mut k = self.known.lock().unwrap_or_else(|p| p.into_inner());
-        // by_id stays: a node unlinked while open here is still served from it.
-        k.by_name.remove(&(parent, name.to_owned()));
+        self.known().forget_name(parent, name);
     }
 
     fn known_meta(&self, id: NodeId) -> Option<NodeMeta> {
-        self.known
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .by_id
-            .get(&id)
-            .cloned()
+        self.known().meta(id)
     }
 
     fn open_here(&self, node: NodeId) -> bool {
@@ -363,13 +338,7 @@ impl DfsFs {
 
     /// Whether the copy of `node` may differ from the server's (open for writing, or pending).
     fn has_local_changes(&self, node: NodeId) -> bool {
-        self.writer_count(node) > 0
-            || self
-                .cache
-                .get(node)
-                .ok()
-                .flatten()
-                .is_some_and(|e| e.pending.is_some())
+        self.writer_count(node) > 0 || self.cache.is_pending(node)
     }
 
     /// The attributes the kernel sees: the directory's, with size and mtime of the local copy
@@ -426,19 +395,29 @@ impl DfsFs {
     /// lookup.
     pub async fn lookup(&self, parent: NodeId, name: &OsStr) -> FsResult<FileAttr> {
         let name = name_of(name)?;
+        let how = self
+            .known()
+            .lookup(parent, name.as_str(), ATTR_TTL, Instant::now());
+        match how {
+            known::Lookup::Absent => return Err(FsError::Absent),
+            known::Lookup::Relist => {
+                if let Ok(entries) = self.remote.list(parent).await {
+                    let mut k = self.known();
+                    k.listed(parent, &entries, Instant::now());
+                    let found = k.by_name(parent, name.as_str());
+                    drop(k);
+                    return found.map(|m| self.attr(&m)).ok_or(FsError::Absent);
+                }
+            }
+            known::Lookup::Ask => {}
+        }
         match self.remote.lookup(parent, &name).await {
             Ok(m) => {
                 self.remember(&m, Some((parent, name.as_str())));
                 Ok(self.attr(&m))
             }
             Err(e) if e.is_unreachable() => {
-                let k = self.known.lock().unwrap_or_else(|p| p.into_inner());
-                let meta = k
-                    .by_name
-                    .get(&(parent, name.as_str().to_owned()))
-                    .and_then(|id| k.by_id.get(id))
-                    .cloned();
-                drop(k);
+                let meta = self.known().by_name(parent, name.as_str());
                 meta.map(|m| self.attr(&m)).ok_or(FsError::Remote(e))
             }
             Err(e) => Err(e.into()),
@@ -543,8 +522,8 @@ impl DfsFs {
                 attr: dir_attr,
             },
         ];
+        self.known().listed(id, &entries, Instant::now());
         for e in entries {
-            self.remember(&e.meta, Some((id, &e.name)));
             out.push(DirItem {
                 ino: e.meta.id.0,
                 kind: kind_of(e.meta.kind),
@@ -593,7 +572,10 @@ impl DfsFs {
             mode: mode & 0o7777,
             symlink_target: target,
         };
-        let m = self.remote.create(parent, &req).await?;
+        let m = self.remote.create(parent, &req).await.inspect_err(|_| {
+            // The name may exist after all (made by another client).
+            self.known().unsure(parent);
+        })?;
         self.remember(&m, Some((parent, name.as_str())));
         self.touched_dir(parent);
         Ok(m)
@@ -601,11 +583,13 @@ impl DfsFs {
 
     /// mkdir.
     pub async fn mkdir(&self, parent: NodeId, name: &OsStr, mode: u32) -> FsResult<FileAttr> {
-        Ok(self.attr(
-            &self
-                .create_node(parent, name, FileKind::Dir, mode, None)
-                .await?,
-        ))
+        let m = self
+            .create_node(parent, name, FileKind::Dir, mode, None)
+            .await?;
+        // Empty, and every later change there by this client is recorded: lookups of new
+        // names in it are answered here while that is fresh.
+        self.known().made_dir(m.id, Instant::now());
+        Ok(self.attr(&m))
     }
 
     /// symlink.
@@ -677,7 +661,11 @@ impl DfsFs {
     /// unlink (also of an open file: open handles keep their data until closed).
     pub async fn unlink(&self, parent: NodeId, name: &OsStr) -> FsResult<()> {
         let name = name_of(name)?;
-        let removed = self.remote.remove(parent, &name, false).await?;
+        let removed = self
+            .remote
+            .remove(parent, &name, false)
+            .await
+            .inspect_err(|_| self.known().unsure(parent))?;
         self.forget_name(parent, name.as_str());
         self.touched_dir(parent);
         self.drop_cached(removed.id);
@@ -687,7 +675,10 @@ impl DfsFs {
     /// rmdir.
     pub async fn rmdir(&self, parent: NodeId, name: &OsStr) -> FsResult<()> {
         let name = name_of(name)?;
-        self.remote.remove(parent, &name, true).await?;
+        self.remote
+            .remove(parent, &name, true)
+            .await
+            .inspect_err(|_| self.known().unsure(parent))?;
         self.forget_name(parent, name.as_str());
         self.touched_dir(parent);
         Ok(())
@@ -712,9 +703,13 @@ impl DfsFs {
             new_name: name_of(new_name)?,
             no_replace: flags & libc::RENAME_NOREPLACE != 0,
         };
-        let replaced = self.remote.rename(&req).await?;
-        self.forget_name(parent, req.name.as_str());
-        self.forget_name(new_parent, req.new_name.as_str());
+        let replaced = self.remote.rename(&req).await.inspect_err(|_| {
+            let mut k = self.known();
+            k.unsure(parent);
+            k.unsure(new_parent);
+        })?;
+        self.known()
+            .renamed(parent, req.name.as_str(), new_parent, req.new_name.as_str());
         self.touched_dir(parent);
         self.touched_dir(new_parent);
         if let Some(old) = replaced {

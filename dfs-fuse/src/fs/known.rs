@@ -1,0 +1,232 @@
+//! What this client knows of the namespace: the metadata last heard of each node, the names in
+//! each directory, and which directories it knows completely (listed, or made here), so that a
+//! lookup of a name that is not there (every `open(O_CREAT)` of a new file, `mkdir -p`, an
+//! editor's temp file) is answered without a round trip. Nothing older than the caller's TTL
+//! is answered as fresh: the README's metadata bound holds for absent names too.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use common::{DirEntry, NodeId, NodeMeta};
+
+/// A directory with more entries than this is not listed again just to answer lookups.
+pub(super) const RELIST_MAX_ENTRIES: usize = 512;
+
+/// How to answer a lookup (see [`Known::lookup`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Lookup {
+    /// The name is not there.
+    Absent,
+    /// List the directory again, then answer from the listing.
+    Relist,
+    /// Ask the directory for this name.
+    Ask,
+}
+
+/// Everything last heard from the directory, to keep cached files usable while it is down.
+#[derive(Default)]
+pub(super) struct Known {
+    by_id: HashMap<NodeId, NodeMeta>,
+    /// When each `by_id` entry was last heard from the directory (or changed by this client's
+    /// own namespace operation).
+    heard: HashMap<NodeId, Instant>,
+    /// Names per directory.
+    names: HashMap<NodeId, HashMap<String, NodeId>>,
+    /// Directories whose every name is in `names`, and since when.
+    complete: HashMap<NodeId, Instant>,
+}
+
+impl Known {
+    /// Records `meta`, heard now, under `name` in its parent if given.
+    pub fn remember(&mut self, meta: &NodeMeta, name: Option<(NodeId, &str)>, now: Instant) {
+        self.by_id.insert(meta.id, meta.clone());
+        self.heard.insert(meta.id, now);
+        if let Some((parent, name)) = name {
+            self.names
+                .entry(parent)
+                .or_default()
+                .insert(name.to_owned(), meta.id);
+        }
+    }
+
+    /// A full listing of `dir`, taken now: its names are exactly these.
+    pub fn listed(&mut self, dir: NodeId, entries: &[DirEntry], now: Instant) {
+        let mut names = HashMap::with_capacity(entries.len());
+        for e in entries {
+            self.by_id.insert(e.meta.id, e.meta.clone());
+            self.heard.insert(e.meta.id, now);
+            names.insert(e.name.clone(), e.meta.id);
+        }
+        self.names.insert(dir, names);
+        self.complete.insert(dir, now);
+    }
+
+    /// `dir` was just made by this client: empty, and known completely.
+    pub fn made_dir(&mut self, dir: NodeId, now: Instant) {
+        self.names.insert(dir, HashMap::new());
+        self.complete.insert(dir, now);
+    }
+
+    /// The name is gone (unlinked or renamed away here). The node's metadata stays: a node
+    /// unlinked while open here is still served from it.
+    pub fn forget_name(&mut self, parent: NodeId, name: &str) {
+        if let Some(names) = self.names.get_mut(&parent) {
+            names.remove(name);
+        }
+    }
+
+    /// A rename done here: the node moves to its new name (replacing what was there).
+    pub fn renamed(&mut self, parent: NodeId, name: &str, new_parent: NodeId, new_name: &str) {
+        let id = self.names.get_mut(&parent).and_then(|n| n.remove(name));
+        match id {
+            Some(id) => {
+                self.names
+                    .entry(new_parent)
+                    .or_default()
+                    .insert(new_name.to_owned(), id);
+            }
+            None => {
+                // Which node now has the new name is not known here.
+                self.forget_name(new_parent, new_name);
+                self.unsure(new_parent);
+            }
+        }
+    }
+
+    /// What this client knows of `dir` may be wrong (an operation there was refused, e.g. a
+    /// name another client created): ask the directory until it is listed again.
+    pub fn unsure(&mut self, dir: NodeId) {
+        self.complete.remove(&dir);
+    }
+
+    /// How a lookup of `name` in `parent` can be answered: `Absent` if the directory is known
+    /// completely, as of less than `ttl` ago, and the name is not in it; `Relist` if it was
+    /// known completely before (lookups there are frequent) and is small, so one listing
+    /// answers this lookup and the ones that follow; else `Ask`.
+    pub fn lookup(&self, parent: NodeId, name: &str, ttl: Duration, now: Instant) -> Lookup {
+        let Some(since) = self.complete.get(&parent) else {
+            return Lookup::Ask;
+        };
+        let names = self.names.get(&parent);
+        if now.saturating_duration_since(*since) < ttl {
+            if names.is_some_and(|n| n.contains_key(name)) {
+                Lookup::Ask
+            } else {
+                Lookup::Absent
+            }
+        } else if names.is_none_or(|n| n.len() <= RELIST_MAX_ENTRIES) {
+            Lookup::Relist
+        } else {
+            Lookup::Ask
+        }
+    }
+
+    /// The node under `name` in `parent`, as last heard.
+    pub fn by_name(&self, parent: NodeId, name: &str) -> Option<NodeMeta> {
+        let id = self.names.get(&parent)?.get(name)?;
+        self.by_id.get(id).cloned()
+    }
+
+    /// The metadata of `id`, as last heard.
+    pub fn meta(&self, id: NodeId) -> Option<NodeMeta> {
+        self.by_id.get(&id).cloned()
+    }
+
+    /// The metadata of `id` if heard less than `ttl` ago, with the time left.
+    pub fn recent(&self, id: NodeId, ttl: Duration, now: Instant) -> Option<(NodeMeta, Duration)> {
+        let age = now.saturating_duration_since(*self.heard.get(&id)?);
+        let left = ttl.checked_sub(age)?;
+        Some((self.by_id.get(&id)?.clone(), left))
+    }
+
+    /// This client just changed directory `dir`: its times move on to `now_ns` locally.
+    pub fn touched_dir(&mut self, dir: NodeId, now_ns: u64) {
+        if let Some(m) = self.by_id.get_mut(&dir) {
+            m.mtime_ns = now_ns;
+            m.ctime_ns = now_ns;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(id: u64) -> NodeMeta {
+        NodeMeta {
+            id: NodeId(id),
+            parent: NodeId::ROOT,
+            kind: common::FileKind::File,
+            mode: 0o644,
+            owner: "t".into(),
+            size: 0,
+            version: 0,
+            mtime_ns: 0,
+            ctime_ns: 0,
+            committed_ns: 0,
+            hash: common::ContentHash::empty(),
+            primary: None,
+            replicas: vec![],
+            holders: vec![],
+            symlink_target: None,
+            fence: common::FenceToken(0),
+            recent_uploads: vec![],
+            writeback: None,
+        }
+    }
+
+    const TTL: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_name_is_absent_only_from_a_fresh_complete_listing() {
+        let mut k = Known::default();
+        let t0 = Instant::now();
+        let dir = NodeId(7);
+        assert_eq!(k.lookup(dir, "x", TTL, t0), Lookup::Ask, "nothing known");
+        k.listed(
+            dir,
+            &[DirEntry {
+                name: "a".into(),
+                meta: meta(8),
+            }],
+            t0,
+        );
+        assert_eq!(k.lookup(dir, "x", TTL, t0), Lookup::Absent);
+        assert_eq!(
+            k.lookup(dir, "a", TTL, t0),
+            Lookup::Ask,
+            "a listed name is asked for"
+        );
+        assert_eq!(
+            k.lookup(dir, "x", TTL, t0 + TTL),
+            Lookup::Relist,
+            "a listing a TTL old is stale"
+        );
+        k.unsure(dir);
+        assert_eq!(k.lookup(dir, "x", TTL, t0), Lookup::Ask);
+    }
+
+    #[test]
+    fn names_made_renamed_and_removed_here_keep_the_listing_true() {
+        let mut k = Known::default();
+        let t0 = Instant::now();
+        let (a, b) = (NodeId(2), NodeId(3));
+        k.made_dir(a, t0);
+        k.made_dir(b, t0);
+        k.remember(&meta(10), Some((a, "f")), t0);
+        assert_eq!(k.lookup(a, "f", TTL, t0), Lookup::Ask);
+        k.renamed(a, "f", b, "g");
+        assert_eq!(k.lookup(a, "f", TTL, t0), Lookup::Absent);
+        assert_eq!(k.lookup(b, "g", TTL, t0), Lookup::Ask);
+        assert_eq!(k.by_name(b, "g").map(|m| m.id), Some(NodeId(10)));
+        // A rename of a name not known here: the target directory is no longer known.
+        k.renamed(a, "unknown", b, "h");
+        assert_eq!(k.lookup(b, "h", TTL, t0), Lookup::Ask);
+        assert_eq!(k.lookup(b, "other", TTL, t0), Lookup::Ask);
+        k.forget_name(b, "g");
+        assert!(k.by_name(b, "g").is_none());
+        assert!(k.meta(NodeId(10)).is_some(), "metadata outlives the name");
+    }
+}
