@@ -455,3 +455,21 @@ pub struct CommitBatchRequest {
     /// The versions.
     pub items: Vec<CommitBatchItem>,
 }
+
+/// A server that now holds a version (`POST /v1/internal/batch/add-holders`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HolderItem {
+    /// The file.
+    pub node: NodeId,
+    /// The version's hash.
+    pub hash: ContentHash,
+    /// The server holding it durably.
+    pub server: ServerId,
+}
+
+/// Several late copies recorded at once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AddHoldersRequest {
+    /// The copies.
+    pub items: Vec<HolderItem>,
+}

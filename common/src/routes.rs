@@ -87,13 +87,14 @@ pub fn intent(id: NodeId) -> String {
 
 /// A replica that finished after the write was acknowledged joins the version's holders.
 pub const ADD_HOLDER: &str = "/v1/internal/nodes/{id}/add-holder";
-/// File server: counters.
 /// Batched upload of small files to their common primary (write-back).
 pub const FILE_BATCH_WRITE: &str = "/v1/batch/files";
 /// Batched replica store, primary to replica.
 pub const REPLICA_BATCH: &str = "/v1/internal/batch/files";
 /// Batched version commit, primary to directory.
 pub const COMMIT_BATCH: &str = "/v1/internal/batch/commit";
+/// Late copies of a batched upload join the holders, primary to directory.
+pub const ADD_HOLDERS_BATCH: &str = "/v1/internal/batch/add-holders";
 /// File server counters.
 pub const FILE_STATS: &str = "/v1/stats";
 

@@ -214,6 +214,19 @@ impl Peer {
         self.holder_change(url, hash, server, "add holder").await
     }
 
+    /// Several late copies join their versions' holders at once.
+    pub async fn add_holders(
+        &self,
+        dir: &str,
+        items: Vec<common::api::HolderItem>,
+    ) -> ServiceResult<()> {
+        let url = format!("{dir}{}", routes::ADD_HOLDERS_BATCH);
+        let req = common::api::AddHoldersRequest { items };
+        self.post::<_, serde_json::Value>(url, &req, "add holders")
+            .await
+            .map(drop)
+    }
+
     async fn holder_change(
         &self,
         url: String,

@@ -16,8 +16,13 @@ use crate::remote::RemoteError;
 
 /// How long the background uploader lets closes gather after being woken, so that a burst of
 /// write-back closes (tar, a build) goes out in batches rather than one file at a time. Adds at
-/// most this much to the time a write-back close waits to reach the servers.
+/// most this much (`BATCH_WINDOW_BUSY` during a sustained burst) to the time a write-back close
+/// waits to reach the servers.
 const BATCH_WINDOW: Duration = Duration::from_millis(30);
+/// The window after a pass that pushed at least `BUSY_PASS` files: a sustained burst goes out
+/// in fuller batches.
+const BATCH_WINDOW_BUSY: Duration = Duration::from_millis(100);
+const BUSY_PASS: usize = 8;
 
 impl DfsFs {
     /// Records the local copy of `node` as pending (keeping the upload id if the content is
@@ -417,16 +422,23 @@ impl DfsFs {
 
     /// Background loop: retries pending uploads with back-off until `cancel`.
     pub async fn run_uploader(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
+        let mut window = BATCH_WINDOW;
         loop {
             // Short attempts: a node being retried is locked for at most this long.
             let deadline = Instant::now() + self.config.close_timeout.min(Duration::from_secs(10));
-            if let Err(e) = self.push_pending(deadline, true).await {
-                tracing::warn!(error = %e, "retrying pending uploads failed");
+            let before = self.cache.pending_nodes().len();
+            match self.push_pending(deadline, true).await {
+                // A busy pass (a tar, a build): let the next one gather more.
+                Ok(left) if before.saturating_sub(left.len()) >= BUSY_PASS => {
+                    window = BATCH_WINDOW_BUSY;
+                }
+                Ok(_) => window = BATCH_WINDOW,
+                Err(e) => tracing::warn!(error = %e, "retrying pending uploads failed"),
             }
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 // Closes that follow within the window join the same pass (and batch).
-                _ = self.wake.notified() => tokio::time::sleep(BATCH_WINDOW).await,
+                _ = self.wake.notified() => tokio::time::sleep(window).await,
                 _ = tokio::time::sleep(self.config.retry_interval) => {}
             }
         }

@@ -641,18 +641,6 @@ impl DirectoryService {
         self.store.write(|tx| update_if_current_in(tx, id, hash, f))
     }
 
-    /// `update_if_current` without waiting for the disk: for records whose loss in a crash
-    /// the repair loop makes good (a late replica joining the holders).
-    fn update_if_current_lazy(
-        &self,
-        id: NodeId,
-        hash: &ContentHash,
-        f: impl FnOnce(&mut NodeMeta),
-    ) -> ServiceResult<()> {
-        self.store
-            .write_lazy(|tx| update_if_current_in(tx, id, hash, f))
-    }
-
     /// Failover: `to`, a holder of the current version, becomes the primary; the old primary
     /// stays a member (it catches up if it returns).
     pub fn promote(&self, id: NodeId, hash: &ContentHash, to: ServerId) -> ServiceResult<()> {
@@ -676,26 +664,53 @@ impl DirectoryService {
         hash: &ContentHash,
         server: ServerId,
     ) -> ServiceResult<()> {
+        self.add_holders(&[common::api::HolderItem {
+            node: id,
+            hash: hash.clone(),
+            server,
+        }])
+    }
+
+    /// `add_holder` for several copies at once, in one transaction not waited onto the disk
+    /// (a record whose loss in a crash the repair loop makes good): the late replicas of a
+    /// batched upload. A copy of a version that is no longer current is ignored.
+    pub fn add_holders(&self, items: &[common::api::HolderItem]) -> ServiceResult<()> {
+        if items.len() > common::api::MAX_BATCH_ITEMS * 16 {
+            return Err(ServiceError::TooLarge(
+                "too many holders in one request".into(),
+            ));
+        }
         let live = self.registry.live();
         let replication = usize::try_from(self.config.replication).unwrap_or(usize::MAX);
-        self.update_if_current_lazy(id, hash, |m| {
-            if !m.holders.contains(&server) {
-                m.holders.push(server);
+        self.store.write_lazy(|tx| {
+            for item in items {
+                let server = item.server;
+                let joined = update_if_current_in(tx, item.node, &item.hash, |m| {
+                    if !m.holders.contains(&server) {
+                        m.holders.push(server);
+                    }
+                    if m.primary != Some(server) && !m.replicas.contains(&server) {
+                        m.replicas.push(server);
+                    }
+                    while 1 + m.replicas.len() > replication {
+                        let holders = m.holders.clone();
+                        let Some(pos) = m
+                            .replicas
+                            .iter()
+                            .position(|r| !live.contains(r) && !holders.contains(r))
+                        else {
+                            break;
+                        };
+                        m.replicas.remove(pos);
+                    }
+                });
+                match joined {
+                    // Deleted meanwhile: nothing to record.
+                    Ok(()) | Err(ServiceError::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
             }
-            if m.primary != Some(server) && !m.replicas.contains(&server) {
-                m.replicas.push(server);
-            }
-            while 1 + m.replicas.len() > replication {
-                let holders = m.holders.clone();
-                let Some(pos) = m
-                    .replicas
-                    .iter()
-                    .position(|r| !live.contains(r) && !holders.contains(r))
-                else {
-                    break;
-                };
-                m.replicas.remove(pos);
-            }
+            Ok(())
         })
     }
 

@@ -29,6 +29,7 @@ pub fn router(svc: Arc<DirectoryService>) -> Router {
         .route(routes::REGISTER_SERVICE, post(register_service))
         .route(routes::COMMIT, post(commit))
         .route(routes::COMMIT_BATCH, post(commit_batch))
+        .route(routes::ADD_HOLDERS_BATCH, post(add_holders))
         .route(routes::DROP_HOLDER, post(drop_holder))
         .route(routes::ADD_HOLDER, post(add_holder))
         .route(routes::INTENT, post(intent))
@@ -192,6 +193,15 @@ async fn add_holder(
     ApiJson(req): ApiJson<common::api::DropHolderRequest>,
 ) -> ApiResult<Json<serde_json::Value>> {
     blocking(move || svc.add_holder(NodeId(id), &req.hash, req.server)).await?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn add_holders(
+    axum::extract::State(svc): State,
+    _c: ClusterOnly,
+    ApiJson(req): ApiJson<common::api::AddHoldersRequest>,
+) -> ApiResult<Json<serde_json::Value>> {
+    blocking(move || svc.add_holders(&req.items)).await?;
     Ok(Json(serde_json::json!({})))
 }
 

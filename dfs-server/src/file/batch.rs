@@ -527,18 +527,25 @@ impl FileServer {
             .collect()
     }
 
-    /// After the answer: the deferred replicas get their copies and join the holders.
+    /// After the answer: the deferred replicas get their copies and join the holders (one
+    /// directory request for all of them).
     async fn copy_late(&self, late: Vec<Planned>) {
         let picks: Vec<Vec<(ServerId, String)>> = late.iter().map(|p| p.deferred.clone()).collect();
-        for (i, server) in self.send_replica_batches(&late, &picks).await {
-            let p = &late[i];
-            if let Err(e) = self
-                .peer
-                .add_holder(&self.directory, p.item.node, &p.item.hash, server)
-                .await
-            {
-                tracing::debug!(replica = %server, node = %p.item.node, error = %e, "late replica copy failed; the repair loop will make it");
-            }
+        let items: Vec<common::api::HolderItem> = self
+            .send_replica_batches(&late, &picks)
+            .await
+            .into_iter()
+            .map(|(i, server)| common::api::HolderItem {
+                node: late[i].item.node,
+                hash: late[i].item.hash.clone(),
+                server,
+            })
+            .collect();
+        if items.is_empty() {
+            return;
+        }
+        if let Err(e) = self.peer.add_holders(&self.directory, items).await {
+            tracing::debug!(error = %e, "late replica copies not recorded; the repair loop will make them");
         }
     }
 }
