@@ -96,10 +96,8 @@ fn a_dead_replica_does_not_stop_reads_and_catches_up_when_it_returns() {
         .unwrap()
         .to_owned();
     let node = cluster.meta_of("r.txt")["id"].as_u64().unwrap();
-    let blob = cluster
-        .data_dir(&victim)
-        .join(dfs_tests::blob_rel_path(node, &hash));
-    assert_eq!(std::fs::read(blob).unwrap(), b"two\n");
+    let blob = dfs_tests::blob_path(&cluster.data_dir(&victim), node, &hash);
+    assert_eq!(dfs_tests::blob_content(&blob).unwrap(), b"two\n");
 }
 
 #[test]
@@ -115,10 +113,12 @@ fn a_corrupt_copy_is_found_by_the_scrub_repaired_and_never_served() {
     let hash = meta["hash"].as_str().unwrap().to_owned();
     // Corrupt every replica's copy (same length, different bytes).
     for r in server_ids(&meta, "replicas") {
-        let blob = cluster
-            .data_dir(&cluster.file_service_of(r))
-            .join(dfs_tests::blob_rel_path(node, &hash));
-        std::fs::write(&blob, vec![0u8; 200_000]).unwrap();
+        let blob =
+            dfs_tests::blob_path(&cluster.data_dir(&cluster.file_service_of(r)), node, &hash);
+        // Same length, every byte of the body zero (a trailer, if any, kept).
+        let mut bytes = std::fs::read(&blob).unwrap();
+        bytes[..200_000].fill(0);
+        std::fs::write(&blob, bytes).unwrap();
     }
     // A fresh reader never gets the corrupt bytes.
     let b = Client::new(&cluster.url);
@@ -130,10 +130,13 @@ fn a_corrupt_copy_is_found_by_the_scrub_repaired_and_never_served() {
         server_ids(&cluster.meta_of("c.bin"), "replicas")
             .iter()
             .all(|r| {
-                let blob = cluster
-                    .data_dir(&cluster.file_service_of(*r))
-                    .join(dfs_tests::blob_rel_path(node, &hash));
-                std::fs::read(blob).is_ok_and(|b| b.len() == 200_000 && b.iter().any(|&x| x != 0))
+                let blob = dfs_tests::blob_path(
+                    &cluster.data_dir(&cluster.file_service_of(*r)),
+                    node,
+                    &hash,
+                );
+                dfs_tests::blob_content(&blob)
+                    .is_ok_and(|b| b.len() == 200_000 && b.iter().any(|&x| x != 0))
             })
             && server_ids(&cluster.meta_of("c.bin"), "holders").len() == 3
     });

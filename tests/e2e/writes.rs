@@ -41,13 +41,7 @@ fn meta_of(cluster: &Cluster, name: &str) -> serde_json::Value {
 /// How many file servers hold `(node, hash)` on disk.
 fn copies_on_disk(cluster: &Cluster, node: u64, hash: &str) -> usize {
     (1..=3)
-        .filter(|i| {
-            cluster
-                .data
-                .join(format!("file-{i}"))
-                .join(blob_rel_path(node, hash))
-                .is_file()
-        })
+        .filter(|i| blob_path(&cluster.data.join(format!("file-{i}")), node, hash).is_file())
         .count()
 }
 

@@ -62,9 +62,25 @@ pub fn http_get_text(url: &str) -> String {
     rt.block_on(async { reqwest::get(url).await.unwrap().text().await.unwrap() })
 }
 
-/// Where a file server keeps the blob `(node, hash)`, relative to its data directory.
-pub fn blob_rel_path(node: u64, hash: &str) -> PathBuf {
-    PathBuf::from(format!("objects/{:02x}/{node}-{hash}", node % 256))
+/// Where the file server with data directory `data` keeps the blob `(node, hash)`: stored
+/// through a slot (`<node>-<hash>.t`, body then a 56-byte trailer) or as a plain file.
+pub fn blob_path(data: &Path, node: u64, hash: &str) -> PathBuf {
+    let shard = data.join(format!("objects/{:02x}", node % 256));
+    let with_trailer = shard.join(format!("{node}-{hash}.t"));
+    if with_trailer.exists() {
+        with_trailer
+    } else {
+        shard.join(format!("{node}-{hash}"))
+    }
+}
+
+/// The content of a blob file found by `blob_path` (without its trailer).
+pub fn blob_content(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut data = std::fs::read(path)?;
+    if path.extension().is_some_and(|e| e == "t") {
+        data.truncate(data.len().saturating_sub(56));
+    }
+    Ok(data)
 }
 
 /// Fails (never skips) when there is no FUSE device: CI must run the mount tests.

@@ -187,7 +187,7 @@ fn store_many(objects: &Path, jobs: Vec<Job>) -> Vec<ServiceResult<u64>> {
 }
 
 /// Flushes the filesystem holding `dir` (data, inodes and directory entries) in one go.
-fn syncfs(dir: &Path) -> std::io::Result<()> {
+pub(super) fn syncfs(dir: &Path) -> std::io::Result<()> {
     let d = std::fs::File::open(dir)?;
     rustix::fs::syncfs(&d).map_err(std::io::Error::from)
 }

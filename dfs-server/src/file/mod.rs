@@ -9,6 +9,7 @@
 pub mod batch;
 pub mod replicate;
 pub mod routes;
+pub mod slots;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,6 +56,7 @@ pub struct FileStore {
     pub stats: Stats,
     /// Largest accepted blob.
     pub max_blob_bytes: u64,
+    slots: std::sync::Arc<slots::Slots>,
 }
 
 /// Deletes a temp file unless disarmed (the blob reached its final name).
@@ -94,11 +96,15 @@ impl FileStore {
         let tx = db.begin_write()?;
         tx.open_table(FENCES)?;
         tx.commit()?;
+        let shard_root = objects.clone();
+        let slots =
+            slots::Slots::open(&root, |node, hash| trailer_blob_in(&shard_root, node, hash))?;
         let store = FileStore {
             root,
             db: GroupCommit::new(db),
             stats: Stats::default(),
             max_blob_bytes,
+            slots: std::sync::Arc::new(slots),
         };
         store.migrate_old_layout()?;
         Ok(store)
@@ -144,29 +150,56 @@ impl FileStore {
             .join(format!("{}-{}", node.0, hash.as_str()))
     }
 
-    /// Whether this server holds `hash` for `node`.
-    pub fn has(&self, node: NodeId, hash: &ContentHash) -> bool {
-        hash.as_str() == ContentHash::EMPTY_HEX || self.blob_path(node, hash).is_file()
+    /// Path of a blob stored through a slot (body, then a trailer; see `slots`).
+    pub fn trailer_blob_path(&self, node: NodeId, hash: &ContentHash) -> PathBuf {
+        trailer_blob_in(&self.root.join("objects"), node, hash)
     }
 
-    /// Opens a blob for streaming out, with its length.
+    /// Whether this server holds `hash` for `node`.
+    pub fn has(&self, node: NodeId, hash: &ContentHash) -> bool {
+        hash.as_str() == ContentHash::EMPTY_HEX
+            || self.trailer_blob_path(node, hash).is_file()
+            || self.blob_path(node, hash).is_file()
+    }
+
+    /// Opens a blob for streaming out (its body only), with its length.
     pub async fn open_blob(
         &self,
         node: NodeId,
         hash: &ContentHash,
-    ) -> ServiceResult<(tokio::fs::File, u64)> {
-        let path = self.blob_path(node, hash);
-        let f = match tokio::fs::File::open(&path).await {
-            Ok(f) => f,
+    ) -> ServiceResult<(tokio::io::Take<tokio::fs::File>, u64)> {
+        use tokio::io::AsyncReadExt;
+        let with_trailer = self.trailer_blob_path(node, hash);
+        let (f, trailer) = match tokio::fs::File::open(&with_trailer).await {
+            Ok(f) => (f, slots::TRAILER_LEN),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(ServiceError::NotFound(format!(
-                    "content {hash} of node {node} on this server"
-                )));
+                match tokio::fs::File::open(self.blob_path(node, hash)).await {
+                    Ok(f) => (f, 0),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        return Err(ServiceError::NotFound(format!(
+                            "content {hash} of node {node} on this server"
+                        )));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
             Err(e) => return Err(e.into()),
         };
-        let len = f.metadata().await?.len();
-        Ok((f, len))
+        let len = f
+            .metadata()
+            .await?
+            .len()
+            .checked_sub(trailer)
+            .ok_or_else(|| {
+                ServiceError::internal("reading a blob", format!("{node}-{hash} is truncated"))
+            })?;
+        Ok((f.take(len), len))
+    }
+
+    /// Makes blobs stored through slots durable under their final names (lazily, from the
+    /// heartbeat loop; a crash before then is repaired at open).
+    pub fn sync_names(&self) -> ServiceResult<()> {
+        self.slots.sync_names()
     }
 
     /// Streams `body` into the blob `(node, declared)`: verifies the size bound and the hash,
@@ -200,12 +233,38 @@ impl FileStore {
         }
         if !streaming {
             check_hash(hasher, declared)?;
-            let dir = self.shard_dir(node);
-            let dest = self.blob_path(node, declared);
-            tokio::task::spawn_blocking(move || store_small(&dir, &dest, &head))
-                .await
-                .map_err(|e| ServiceError::internal("storing a blob", e))??;
-            self.stats.fsyncs.fetch_add(2, Ordering::Relaxed);
+            // One fdatasync through a pre-made slot; a fresh file (fsync, rename, directory
+            // fsync) only while the pool is empty.
+            let fsyncs = match self.slots.take() {
+                Some(slot) => {
+                    let slots = self.slots.clone();
+                    let dest = self.trailer_blob_path(node, declared);
+                    let hash = declared.clone();
+                    tokio::task::spawn_blocking(move || {
+                        slots.store(&slot, &dest, node, &hash, &head)
+                    })
+                    .await
+                    .map_err(|e| ServiceError::internal("storing a blob", e))??;
+                    if self.slots.claim_round() {
+                        let slots = self.slots.clone();
+                        tokio::task::spawn_blocking(move || {
+                            if let Err(e) = slots.fill() {
+                                tracing::warn!(error = %e, "making slot files failed");
+                            }
+                        });
+                    }
+                    1
+                }
+                None => {
+                    let dir = self.shard_dir(node);
+                    let dest = self.blob_path(node, declared);
+                    tokio::task::spawn_blocking(move || store_small(&dir, &dest, &head))
+                        .await
+                        .map_err(|e| ServiceError::internal("storing a blob", e))??;
+                    2
+                }
+            };
+            self.stats.fsyncs.fetch_add(fsyncs, Ordering::Relaxed);
             self.stats.bytes_in.fetch_add(size, Ordering::Relaxed);
             return Ok(size);
         }
@@ -252,7 +311,10 @@ impl FileStore {
             };
             for f in files.flatten() {
                 let name = f.file_name();
-                let Some((node, hash)) = name.to_str().and_then(|n| n.split_once('-')) else {
+                let name = name
+                    .to_str()
+                    .map(|n| n.strip_suffix(slots::TRAILER_SUFFIX).unwrap_or(n));
+                let Some((node, hash)) = name.and_then(|n| n.split_once('-')) else {
                     continue;
                 };
                 if let (Ok(node), Ok(hash)) = (node.parse::<u64>(), ContentHash::parse(hash)) {
@@ -265,10 +327,16 @@ impl FileStore {
 
     /// Deletes one blob.
     pub fn remove_blob(&self, node: NodeId, hash: &ContentHash) -> ServiceResult<()> {
-        match std::fs::remove_file(self.blob_path(node, hash)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
-            _ => Ok(()),
+        for path in [
+            self.trailer_blob_path(node, hash),
+            self.blob_path(node, hash),
+        ] {
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
         }
+        Ok(())
     }
 
     /// Re-hashes a blob: whether its content still matches its name.
@@ -328,6 +396,18 @@ impl FileStore {
             bytes_in: s.bytes_in.load(Ordering::Relaxed),
         }
     }
+}
+
+/// `objects/<shard>/<node>-<hash>.t`.
+fn trailer_blob_in(objects: &Path, node: NodeId, hash: &ContentHash) -> PathBuf {
+    objects
+        .join(format!("{:02x}", node.0 % SHARDS))
+        .join(format!(
+            "{}-{}{}",
+            node.0,
+            hash.as_str(),
+            slots::TRAILER_SUFFIX
+        ))
 }
 
 /// Bodies up to this size are stored from memory in one blocking task.
@@ -435,10 +515,17 @@ mod tests {
                 .expect("put"),
             11
         );
-        assert_eq!(
-            std::fs::read(store.blob_path(NodeId(5), &h)).expect("read"),
-            b"hello world"
-        );
+        // Through a slot: the body, then the trailer; readers get the body only.
+        let raw = std::fs::read(store.trailer_blob_path(NodeId(5), &h)).expect("read");
+        assert_eq!(&raw[..11], b"hello world");
+        assert_eq!(raw.len() as u64, 11 + slots::TRAILER_LEN);
+        let (mut f, len) = store.open_blob(NodeId(5), &h).await.expect("open");
+        let mut body = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut f, &mut body)
+            .await
+            .expect("body");
+        assert_eq!((len, &body[..]), (11, &b"hello world"[..]));
+        assert!(store.verify(NodeId(5), &h).await.expect("verify"));
         let wrong = hash_of(b"other");
         let r = store
             .put_stream(NodeId(6), &wrong, chunks(&[b"hello"]))

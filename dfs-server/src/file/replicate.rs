@@ -133,9 +133,13 @@ impl FileServer {
                     Err(e) => tracing::warn!(error = %e, "registration failed; retrying"),
                 }
             } else if let Some(id) = self.id() {
-                // An fsync: on the blocking pool, not on a runtime worker.
+                // fsyncs: on the blocking pool, not on a runtime worker.
                 let this = self.clone();
-                match tokio::task::spawn_blocking(move || this.store.flush_fences()).await {
+                let flush = move || {
+                    this.store.flush_fences()?;
+                    this.store.sync_names()
+                };
+                match tokio::task::spawn_blocking(flush).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => tracing::warn!(error = %e, "persisting fence marks failed"),
                     Err(e) => tracing::warn!(error = %e, "persisting fence marks failed"),
