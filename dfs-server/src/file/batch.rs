@@ -56,8 +56,13 @@ pub fn encode_frame<H: serde::Serialize>(header: &H, bodies: &[Bytes]) -> Servic
     Ok(Bytes::from(out))
 }
 
-/// Bounds every batch, whoever sends it.
-fn check_bounds(sizes: &[u64]) -> ServiceResult<()> {
+/// Bounds every batch, whoever sends it: the batch limits and this server's file size limit.
+fn check_bounds(sizes: &[u64], max_blob_bytes: u64) -> ServiceResult<()> {
+    if sizes.iter().any(|s| *s > max_blob_bytes) {
+        return Err(ServiceError::TooLarge(format!(
+            "file larger than this server's limit of {max_blob_bytes} bytes"
+        )));
+    }
     if sizes.len() > MAX_BATCH_ITEMS {
         return Err(ServiceError::TooLarge(format!(
             "a batch carries at most {MAX_BATCH_ITEMS} files"
@@ -123,6 +128,17 @@ struct Job {
 
 fn store_many(objects: &Path, jobs: Vec<Job>) -> Vec<ServiceResult<u64>> {
     use std::io::Write;
+    // Opened before anything is written: a write-back error of these files is then reported
+    // to this handle's syncs even if another caller's sync saw it first.
+    let sync = match SyncHandle::open(objects) {
+        Ok(h) => h,
+        Err(e) => {
+            return jobs
+                .iter()
+                .map(|_| Err(ServiceError::internal("opening the store", &e)))
+                .collect();
+        }
+    };
     let mut results: Vec<ServiceResult<u64>> = Vec::with_capacity(jobs.len());
     // (result index, temp guard, final name)
     let mut staged: Vec<(usize, TmpGuard, PathBuf)> = Vec::new();
@@ -161,7 +177,7 @@ fn store_many(objects: &Path, jobs: Vec<Job>) -> Vec<ServiceResult<u64>> {
                 results[*i] = Err(ServiceError::internal("syncing a batch", e));
             }
         };
-    if let Err(e) = syncfs(objects) {
+    if let Err(e) = sync.syncfs() {
         let idx: Vec<usize> = staged.iter().map(|(i, _, _)| *i).collect();
         fail_staged(&mut results, &idx, &e);
         return results;
@@ -177,7 +193,7 @@ fn store_many(objects: &Path, jobs: Vec<Job>) -> Vec<ServiceResult<u64>> {
             Err(e) => results[i] = Err(e.into()),
         }
     }
-    if let Err(e) = syncfs(objects) {
+    if let Err(e) = sync.syncfs() {
         // The names may not be durable: not acknowledged. The copies stay (their content is
         // durable and correct), the scrub drops them if they are never committed.
         let idx: Vec<usize> = renamed.iter().map(|(i, _)| *i).collect();
@@ -186,10 +202,20 @@ fn store_many(objects: &Path, jobs: Vec<Job>) -> Vec<ServiceResult<u64>> {
     results
 }
 
-/// Flushes the filesystem holding `dir` (data, inodes and directory entries) in one go.
-pub(super) fn syncfs(dir: &Path) -> std::io::Result<()> {
-    let d = std::fs::File::open(dir)?;
-    rustix::fs::syncfs(&d).map_err(std::io::Error::from)
+/// A handle for `syncfs` (flushing the whole file system holding a directory: data, inodes
+/// and directory entries in one go). Open it *before* writing what it must make durable:
+/// Linux (5.8 and later) reports a write-back error to every handle opened before the error,
+/// once each, so a handle opened afterwards could miss an error another caller already saw.
+pub(super) struct SyncHandle(std::fs::File);
+
+impl SyncHandle {
+    pub(super) fn open(dir: &Path) -> std::io::Result<Self> {
+        std::fs::File::open(dir).map(SyncHandle)
+    }
+
+    pub(super) fn syncfs(&self) -> std::io::Result<()> {
+        rustix::fs::syncfs(&self.0).map_err(std::io::Error::from)
+    }
 }
 
 /// What the primary decided for one item before storing it.
@@ -211,7 +237,10 @@ impl FileServer {
         let Frame { header, bodies } = parse_frame(frame, |h: &ReplicaBatchHeader| {
             h.items.iter().map(|i| i.size).collect()
         })?;
-        check_bounds(&header.items.iter().map(|i| i.size).collect::<Vec<_>>())?;
+        check_bounds(
+            &header.items.iter().map(|i| i.size).collect::<Vec<_>>(),
+            self.store.max_blob_bytes,
+        )?;
         let jobs = header
             .items
             .into_iter()
@@ -236,7 +265,10 @@ impl FileServer {
         let Frame { header, bodies } = parse_frame(frame, |h: &BatchHeader| {
             h.items.iter().map(|i| i.size).collect()
         })?;
-        check_bounds(&header.items.iter().map(|i| i.size).collect::<Vec<_>>())?;
+        check_bounds(
+            &header.items.iter().map(|i| i.size).collect::<Vec<_>>(),
+            self.store.max_blob_bytes,
+        )?;
         let mut nodes: Vec<NodeId> = header.items.iter().map(|i| i.node).collect();
         nodes.sort();
         nodes.dedup();
@@ -257,16 +289,25 @@ impl FileServer {
                 Err(e) => results[index] = Some(Err(e)),
             }
         }
-        // One write per file at a time, as in `write_primary`; taken in node order so that two
-        // batches never wait for each other in a cycle.
-        let mut locks = BTreeMap::new();
-        for (_, item, _, _) in &candidates {
-            locks.insert(item.node, self.node_locks.get(item.node));
-        }
-        let mut _guards = Vec::with_capacity(locks.len());
-        for lock in locks.values() {
-            _guards.push(lock.clone().lock_owned().await);
-        }
+        // One write per file at a time, as in `write_primary`. A file another write holds is
+        // refused as busy rather than waited for (a long streamed write must not stall the
+        // batch and every lock it took); the client pushes it alone.
+        let mut _guards = Vec::with_capacity(candidates.len());
+        candidates.retain(|(index, item, _, _)| {
+            match self.node_locks.get(item.node).try_lock_owned() {
+                Ok(g) => {
+                    _guards.push(g);
+                    true
+                }
+                Err(_) => {
+                    results[*index] = Some(Err(ServiceError::Unavailable(format!(
+                        "node {} is being written; push it alone",
+                        item.node
+                    ))));
+                    false
+                }
+            }
+        });
         let cluster = if candidates.iter().any(|(_, _, _, r)| !r.is_empty()) {
             Some(self.cluster().await?)
         } else {
@@ -392,17 +433,17 @@ impl FileServer {
                     }
                 }
                 Ok(_) => {
-                    let e =
-                        ServiceError::Unavailable("batch commit: wrong number of results".into());
                     for i in committing {
-                        results[planned[i].index] =
-                            Some(Err(ServiceError::Unavailable(e.to_string())));
+                        results[planned[i].index] = Some(Err(ServiceError::Unavailable(
+                            "batch commit: wrong number of results".into(),
+                        )));
                     }
                 }
+                // The directory's refusal, as it said it, for every file it covered.
                 Err(e) => {
                     for i in committing {
                         results[planned[i].index] =
-                            Some(Err(ServiceError::Unavailable(e.to_string())));
+                            Some(Err(ServiceError::from_wire(e.code(), e.to_string())));
                     }
                 }
             }

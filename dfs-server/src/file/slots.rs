@@ -122,6 +122,8 @@ impl Slots {
     /// makes earlier renames out of slots durable), then adds them to the pool.
     pub fn fill(&self) -> ServiceResult<()> {
         let result = (|| {
+            // Before the files exist: see `SyncHandle`.
+            let sync = super::batch::SyncHandle::open(&self.dir)?;
             let mut made = Vec::with_capacity(ROUND);
             for _ in 0..ROUND {
                 let path = self.dir.join(hex::encode(rand::random::<[u8; 12]>()));
@@ -134,7 +136,7 @@ impl Slots {
                 made.push(path);
             }
             self.unsynced.store(false, Ordering::Release);
-            super::batch::syncfs(&self.dir)?;
+            sync.syncfs()?;
             self.free().extend(made);
             Ok(())
         })();
@@ -145,8 +147,9 @@ impl Slots {
     /// Makes the renames out of slots since the last sync durable (one sync of the file
     /// system, only if there were any).
     pub fn sync_names(&self) -> ServiceResult<()> {
+        // A missed error here costs nothing: a rename that did not persist is redone at open.
         if self.unsynced.swap(false, Ordering::AcqRel)
-            && let Err(e) = super::batch::syncfs(&self.dir)
+            && let Err(e) = super::batch::SyncHandle::open(&self.dir).and_then(|h| h.syncfs())
         {
             self.unsynced.store(true, Ordering::Release);
             return Err(e.into());
