@@ -104,10 +104,13 @@ pub struct CacheDir {
     db: Database,
     journal: std::sync::Mutex<Journal>,
     next_seq: std::sync::atomic::AtomicU64,
-    /// The nodes whose entry has a pending upload, kept with the index (changed under this
-    /// lock, in the same order as the index), so that "is it pending?" and "what is pending?"
-    /// never scan the index.
+    /// The nodes whose entry has a pending upload, kept with the index, so that "is it
+    /// pending?" and "what is pending?" never scan the index. Held only briefly: readers
+    /// (every getattr) never wait for the disk.
     pending: std::sync::Mutex<std::collections::BTreeSet<NodeId>>,
+    /// Held across an index write and the matching change of `pending`, so that the set
+    /// changes in the same order as the index.
+    writes: std::sync::Mutex<()>,
 }
 
 struct Journal {
@@ -146,6 +149,7 @@ impl CacheDir {
             journal: std::sync::Mutex::new(Journal { file, bytes: 0 }),
             next_seq: std::sync::atomic::AtomicU64::new(max_seq + 1),
             pending: Default::default(),
+            writes: Default::default(),
         };
         let pending = cache
             .entries()?
@@ -175,7 +179,7 @@ impl CacheDir {
         entry: &CacheEntry,
         durability: redb::Durability,
     ) -> Result<CacheEntry, CacheError> {
-        let mut pending = self.pending_set();
+        let _writing = self.writes.lock().unwrap_or_else(|p| p.into_inner());
         let mut tx = self.db.begin_write().map_err(index_err)?;
         let mut entry = entry.clone();
         entry.seq = self.seq();
@@ -186,6 +190,7 @@ impl CacheDir {
             .insert(node.0, data.as_slice())
             .map_err(index_err)?;
         tx.commit().map_err(index_err)?;
+        let mut pending = self.pending_set();
         if entry.pending.is_some() {
             pending.insert(node);
         } else {
@@ -280,7 +285,7 @@ impl CacheDir {
     /// Forgets `node` and deletes its copy (the record may come back after a crash; it then
     /// names a file that no longer exists, which the client handles as "not cached").
     pub fn remove(&self, node: NodeId) -> Result<(), CacheError> {
-        let mut pending = self.pending_set();
+        let writing = self.writes.lock().unwrap_or_else(|p| p.into_inner());
         let mut tx = self.db.begin_write().map_err(index_err)?;
         tx.set_durability(redb::Durability::None)
             .map_err(index_err)?;
@@ -289,8 +294,8 @@ impl CacheDir {
             .remove(node.0)
             .map_err(index_err)?;
         tx.commit().map_err(index_err)?;
-        pending.remove(&node);
-        drop(pending);
+        self.pending_set().remove(&node);
+        drop(writing);
         match std::fs::remove_file(self.path(node)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
             _ => Ok(()),
