@@ -36,6 +36,16 @@ pub(super) struct Known {
     names: HashMap<NodeId, HashMap<String, NodeId>>,
     /// Directories whose every name is in `names`, and since when.
     complete: HashMap<NodeId, Instant>,
+    /// Changes this client made per directory: a listing requested before one of them
+    /// happened may not show it, so it does not replace what is known.
+    changes: HashMap<NodeId, u64>,
+}
+
+/// Taken before a listing request: when and at which change of the directory.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ListingStart {
+    at: Instant,
+    changes: u64,
 }
 
 impl Known {
@@ -44,6 +54,7 @@ impl Known {
         self.by_id.insert(meta.id, meta.clone());
         self.heard.insert(meta.id, now);
         if let Some((parent, name)) = name {
+            self.changed(parent);
             self.names
                 .entry(parent)
                 .or_default()
@@ -51,20 +62,49 @@ impl Known {
         }
     }
 
-    /// A full listing of `dir`, taken now: its names are exactly these.
-    pub fn listed(&mut self, dir: NodeId, entries: &[DirEntry], now: Instant) {
-        let mut names = HashMap::with_capacity(entries.len());
+    fn changed(&mut self, dir: NodeId) {
+        *self.changes.entry(dir).or_default() += 1;
+    }
+
+    /// Call before requesting a listing of `dir`.
+    pub fn listing_start(&self, dir: NodeId, now: Instant) -> ListingStart {
+        ListingStart {
+            at: now,
+            changes: self.changes.get(&dir).copied().unwrap_or(0),
+        }
+    }
+
+    /// A full listing of `dir`, requested at `start`: its names are exactly these, as of the
+    /// request (not the answer). If this client changed the directory meanwhile, the listing
+    /// may predate the change: its names are added, nothing is removed, and the directory is
+    /// not taken as known completely.
+    pub fn listed(&mut self, dir: NodeId, entries: &[DirEntry], start: ListingStart) {
+        let current = self.changes.get(&dir).copied().unwrap_or(0) == start.changes;
+        let mut names = if current {
+            HashMap::with_capacity(entries.len())
+        } else {
+            self.names.remove(&dir).unwrap_or_default()
+        };
         for e in entries {
             self.by_id.insert(e.meta.id, e.meta.clone());
-            self.heard.insert(e.meta.id, now);
-            names.insert(e.name.clone(), e.meta.id);
+            self.heard.insert(e.meta.id, start.at);
+            if current {
+                names.insert(e.name.clone(), e.meta.id);
+            } else {
+                names.entry(e.name.clone()).or_insert(e.meta.id);
+            }
         }
         self.names.insert(dir, names);
-        self.complete.insert(dir, now);
+        if current {
+            self.complete.insert(dir, start.at);
+        } else {
+            self.complete.remove(&dir);
+        }
     }
 
     /// `dir` was just made by this client: empty, and known completely.
     pub fn made_dir(&mut self, dir: NodeId, now: Instant) {
+        self.changed(dir);
         self.names.insert(dir, HashMap::new());
         self.complete.insert(dir, now);
     }
@@ -72,6 +112,7 @@ impl Known {
     /// The name is gone (unlinked or renamed away here). The node's metadata stays: a node
     /// unlinked while open here is still served from it.
     pub fn forget_name(&mut self, parent: NodeId, name: &str) {
+        self.changed(parent);
         if let Some(names) = self.names.get_mut(&parent) {
             names.remove(name);
         }
@@ -79,6 +120,8 @@ impl Known {
 
     /// A rename done here: the node moves to its new name (replacing what was there).
     pub fn renamed(&mut self, parent: NodeId, name: &str, new_parent: NodeId, new_name: &str) {
+        self.changed(parent);
+        self.changed(new_parent);
         let id = self.names.get_mut(&parent).and_then(|n| n.remove(name));
         match id {
             Some(id) => {
@@ -98,6 +141,7 @@ impl Known {
     /// What this client knows of `dir` may be wrong (an operation there was refused, e.g. a
     /// name another client created): ask the directory until it is listed again.
     pub fn unsure(&mut self, dir: NodeId) {
+        self.changed(dir);
         self.complete.remove(&dir);
     }
 
@@ -185,13 +229,14 @@ mod tests {
         let t0 = Instant::now();
         let dir = NodeId(7);
         assert_eq!(k.lookup(dir, "x", TTL, t0), Lookup::Ask, "nothing known");
+        let start = k.listing_start(dir, t0);
         k.listed(
             dir,
             &[DirEntry {
                 name: "a".into(),
                 meta: meta(8),
             }],
-            t0,
+            start,
         );
         assert_eq!(k.lookup(dir, "x", TTL, t0), Lookup::Absent);
         assert_eq!(
@@ -228,5 +273,34 @@ mod tests {
         k.forget_name(b, "g");
         assert!(k.by_name(b, "g").is_none());
         assert!(k.meta(NodeId(10)).is_some(), "metadata outlives the name");
+    }
+
+    #[test]
+    fn regression_a_listing_requested_before_a_local_create_never_hides_it() {
+        let mut k = Known::default();
+        let t0 = Instant::now();
+        let dir = NodeId(4);
+        k.made_dir(dir, t0);
+        let start = k.listing_start(dir, t0);
+        // While the listing is on its way, this client creates "x"; the answer predates it.
+        k.remember(&meta(11), Some((dir, "x")), t0);
+        k.listed(dir, &[], start);
+        assert_eq!(k.by_name(dir, "x").map(|m| m.id), Some(NodeId(11)));
+        assert_eq!(k.lookup(dir, "x", TTL, t0), Lookup::Ask);
+        assert_eq!(
+            k.lookup(dir, "y", TTL, t0),
+            Lookup::Ask,
+            "not known completely until a listing after the change"
+        );
+        let start = k.listing_start(dir, t0);
+        k.listed(
+            dir,
+            &[DirEntry {
+                name: "x".into(),
+                meta: meta(11),
+            }],
+            start,
+        );
+        assert_eq!(k.lookup(dir, "y", TTL, t0), Lookup::Absent);
     }
 }

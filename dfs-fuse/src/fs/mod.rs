@@ -401,9 +401,10 @@ impl DfsFs {
         match how {
             known::Lookup::Absent => return Err(FsError::Absent),
             known::Lookup::Relist => {
+                let start = self.known().listing_start(parent, Instant::now());
                 if let Ok(entries) = self.remote.list(parent).await {
                     let mut k = self.known();
-                    k.listed(parent, &entries, Instant::now());
+                    k.listed(parent, &entries, start);
                     let found = k.by_name(parent, name.as_str());
                     drop(k);
                     return found.map(|m| self.attr(&m)).ok_or(FsError::Absent);
@@ -506,6 +507,7 @@ impl DfsFs {
     /// request to the directory per listing, not per page).
     pub async fn opendir(&self, id: NodeId) -> FsResult<u64> {
         let dir = self.meta(id).await?;
+        let start = self.known().listing_start(id, Instant::now());
         let entries = self.remote.list(id).await?;
         let dir_attr = self.attr(&dir);
         let mut out = vec![
@@ -522,7 +524,7 @@ impl DfsFs {
                 attr: dir_attr,
             },
         ];
-        self.known().listed(id, &entries, Instant::now());
+        self.known().listed(id, &entries, start);
         for e in entries {
             out.push(DirItem {
                 ino: e.meta.id.0,
