@@ -873,3 +873,16 @@ async fn a_batch_is_all_or_nothing_per_file_and_fenced_per_file() {
     assert_eq!(error_code(r).await, (400, ErrorCode::BadRequest));
     h.cluster.shutdown().await;
 }
+
+#[tokio::test]
+async fn regression_a_batch_respects_the_servers_file_size_limit() {
+    let h = Harness::new(|c| c.max_file_bytes = 8).await;
+    let f = h.create(NodeId::ROOT, "big", FileKind::File).await;
+    let data: &[u8] = b"more than eight bytes";
+    let item = h.batch_item(&f, data, 1, 1);
+    let r = h.write_batch(f.primary.unwrap(), vec![item], &[data]).await;
+    assert_eq!(error_code(r).await, (413, ErrorCode::TooLarge));
+    let meta: NodeMeta = h.get_json(&routes::node(f.id)).await;
+    assert_eq!(meta.version, 0);
+    h.cluster.shutdown().await;
+}

@@ -153,6 +153,17 @@ impl DfsFs {
                 item,
             });
         }
+        // Files may have grown since the plan: what no longer fits goes alone.
+        let mut bytes = 0u64;
+        taken.retain(|t| {
+            bytes += t.pending.size;
+            let fits = bytes <= MAX_BATCH_BYTES;
+            if !fits {
+                self.release_later(t.node, t.waiter.clone());
+                left.push(t.node);
+            }
+            fits
+        });
         if taken.is_empty() {
             return left;
         }

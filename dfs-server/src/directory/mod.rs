@@ -218,6 +218,36 @@ fn commit_in(
     }))
 }
 
+/// `server` holds the current version of `item.node` (ignored if the version moved on); it joins
+/// the placement if it was not a member, replacing dead members that hold nothing current.
+fn add_holder_in(
+    tx: &WriteTransaction,
+    item: &common::api::HolderItem,
+    live: &[ServerId],
+    replication: usize,
+) -> ServiceResult<()> {
+    let server = item.server;
+    update_if_current_in(tx, item.node, &item.hash, |m| {
+        if !m.holders.contains(&server) {
+            m.holders.push(server);
+        }
+        if m.primary != Some(server) && !m.replicas.contains(&server) {
+            m.replicas.push(server);
+        }
+        while 1 + m.replicas.len() > replication {
+            let holders = m.holders.clone();
+            let Some(pos) = m
+                .replicas
+                .iter()
+                .position(|r| !live.contains(r) && !holders.contains(r))
+            else {
+                break;
+            };
+            m.replicas.remove(pos);
+        }
+    })
+}
+
 impl DirectoryService {
     /// Opens (or initialises, with an empty root) the store under `data_dir`.
     pub fn open(data_dir: &Path, config: DirectoryConfig) -> ServiceResult<Self> {
@@ -664,11 +694,15 @@ impl DirectoryService {
         hash: &ContentHash,
         server: ServerId,
     ) -> ServiceResult<()> {
-        self.add_holders(&[common::api::HolderItem {
+        let item = common::api::HolderItem {
             node: id,
             hash: hash.clone(),
             server,
-        }])
+        };
+        let live = self.registry.live();
+        let replication = usize::try_from(self.config.replication).unwrap_or(usize::MAX);
+        self.store
+            .write_lazy(|tx| add_holder_in(tx, &item, &live, replication))
     }
 
     /// `add_holder` for several copies at once, in one transaction not waited onto the disk
@@ -684,27 +718,7 @@ impl DirectoryService {
         let replication = usize::try_from(self.config.replication).unwrap_or(usize::MAX);
         self.store.write_lazy(|tx| {
             for item in items {
-                let server = item.server;
-                let joined = update_if_current_in(tx, item.node, &item.hash, |m| {
-                    if !m.holders.contains(&server) {
-                        m.holders.push(server);
-                    }
-                    if m.primary != Some(server) && !m.replicas.contains(&server) {
-                        m.replicas.push(server);
-                    }
-                    while 1 + m.replicas.len() > replication {
-                        let holders = m.holders.clone();
-                        let Some(pos) = m
-                            .replicas
-                            .iter()
-                            .position(|r| !live.contains(r) && !holders.contains(r))
-                        else {
-                            break;
-                        };
-                        m.replicas.remove(pos);
-                    }
-                });
-                match joined {
+                match add_holder_in(tx, item, &live, replication) {
                     // Deleted meanwhile: nothing to record.
                     Ok(()) | Err(ServiceError::NotFound(_)) => {}
                     Err(e) => return Err(e),

@@ -38,7 +38,13 @@ pub struct FileServer {
     cluster_cache: std::sync::Mutex<Option<(std::time::Instant, common::api::ClusterInfo)>>,
     /// Latency of the write path's stages, and whatever `cluster::file_metrics` adds.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Batches held in memory at once, from clients and from primaries (each up to
+    /// `MAX_BATCH_BYTES`): beyond that a batch is refused as busy and its files go alone.
+    pub batch_permits: [tokio::sync::Semaphore; 2],
 }
+
+/// Batches of each kind (client uploads, replica stores) one server holds in memory at once.
+const BATCHES_IN_MEMORY: usize = 4;
 
 /// Parameters of one primary write.
 pub struct WriteRequest {
@@ -89,6 +95,10 @@ impl FileServer {
             node_locks: KeyedMutex::default(),
             cluster_cache: Default::default(),
             metrics: Arc::new(crate::metrics::Metrics::new()),
+            batch_permits: [
+                tokio::sync::Semaphore::new(BATCHES_IN_MEMORY),
+                tokio::sync::Semaphore::new(BATCHES_IN_MEMORY),
+            ],
         }
     }
 

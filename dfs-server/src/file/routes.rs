@@ -120,22 +120,44 @@ async fn write(
     Ok(Json(fs.write_primary(req, body.into_data_stream()).await?))
 }
 
-/// A whole batch frame, bounded.
-async fn frame_of(body: Body) -> Result<bytes::Bytes, AppError> {
+/// A whole batch frame, bounded: its declared length is checked before anything is read.
+async fn frame_of(headers: &HeaderMap, body: Body) -> Result<bytes::Bytes, AppError> {
     let limit = common::api::MAX_BATCH_BYTES as usize + common::batch::MAX_HEADER_BYTES + 4;
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        AppError(ServiceError::TooLarge(format!(
-            "batch body over {limit} bytes or cut off: {e}"
-        )))
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .ok_or_else(|| bad("a batch needs a content-length"))?;
+    if declared > limit {
+        return Err(AppError(ServiceError::TooLarge(format!(
+            "a batch body is at most {limit} bytes"
+        ))));
+    }
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|e| bad(&format!("reading the batch body: {e}")))
+}
+
+/// A place in memory for one more batch of `kind` (0: client, 1: replica), or busy.
+fn batch_permit(
+    fs: &FileServer,
+    kind: usize,
+) -> Result<tokio::sync::SemaphorePermit<'_>, AppError> {
+    fs.batch_permits[kind].try_acquire().map_err(|_| {
+        AppError(ServiceError::Unavailable(
+            "too many batches in flight; send the files alone or retry".into(),
+        ))
     })
 }
 
 async fn write_batch(
     axum::extract::State(fs): State,
     Authed(who): Authed,
+    headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<BatchResponse<NodeMeta>>> {
-    let frame = frame_of(body).await?;
+    let _permit = batch_permit(&fs, 0)?;
+    let frame = frame_of(&headers, body).await?;
     let results = fs.write_batch(who.name(), frame).await?;
     Ok(Json(BatchResponse { results }))
 }
@@ -143,9 +165,11 @@ async fn write_batch(
 async fn replica_batch(
     axum::extract::State(fs): State,
     _c: ClusterOnly,
+    headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<BatchResponse<u64>>> {
-    let frame = frame_of(body).await?;
+    let _permit = batch_permit(&fs, 1)?;
+    let frame = frame_of(&headers, body).await?;
     let results = fs.store_replica_batch(frame).await?;
     Ok(Json(BatchResponse { results }))
 }
