@@ -8,8 +8,7 @@
 //! fsync). The acknowledgement rule is the single write's: primary + one replica per file.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -22,7 +21,7 @@ use common::{ContentHash, NodeId, NodeMeta, ServerId};
 use sha2::{Digest, Sha256};
 
 use super::replicate::{FileServer, live_replicas};
-use super::{FileStore, TmpGuard, tmp_in};
+use super::{FileStore, store_small};
 use crate::error::{ServiceError, ServiceResult, item_result};
 
 /// A parsed batch frame: its header and each body, in item order.
@@ -82,27 +81,37 @@ fn check_bounds(sizes: &[u64], max_blob_bytes: u64) -> ServiceResult<()> {
 }
 
 impl FileStore {
-    /// Stores several small blobs durably with two filesystem syncs for all of them: every
-    /// body goes to a temp name, one `syncfs` makes the bodies durable, the renames follow and
-    /// a second `syncfs` makes the names durable. Nothing is under its final name before its
-    /// content is durable. One result per blob: a body whose hash differs fails alone; a sync
-    /// that fails fails every blob it covered.
+    /// Stores several small blobs durably: each through a slot (see `slots`), all written
+    /// first and then fdatasynced in parallel; a fresh file each (fsync, rename, directory
+    /// fsync) only while the slot pool is empty. Nothing is under its final name before its
+    /// content is durable. One result per blob: a body whose hash differs, or whose write or
+    /// sync fails, fails alone.
     pub async fn put_many(
         &self,
         items: Vec<(NodeId, ContentHash, Bytes)>,
     ) -> Vec<ServiceResult<u64>> {
-        let jobs: Vec<Job> = items
+        let mut slots = self.slots.take_many(items.len()).into_iter();
+        let plans: Vec<Plan> = items
             .into_iter()
-            .map(|(node, hash, body)| Job {
-                dir: self.shard_dir(node),
-                dest: self.blob_path(node, &hash),
-                hash,
-                body,
+            .map(|(node, hash, body)| match slots.next() {
+                Some(slot) => Plan::Slot(super::slots::SlotJob {
+                    slot,
+                    dest: self.trailer_blob_path(node, &hash),
+                    node,
+                    hash,
+                    body,
+                }),
+                None => Plan::Fresh {
+                    dir: self.shard_dir(node),
+                    dest: self.blob_path(node, &hash),
+                    hash,
+                    body,
+                },
             })
             .collect();
-        let n = jobs.len();
-        let objects = self.root.join("objects");
-        let results = match tokio::task::spawn_blocking(move || store_many(&objects, jobs)).await {
+        let n = plans.len();
+        let pool = self.slots.clone();
+        let results = match tokio::task::spawn_blocking(move || store_many(&pool, plans)).await {
             Ok(r) => r,
             Err(e) => {
                 return (0..n)
@@ -110,112 +119,89 @@ impl FileStore {
                     .collect();
             }
         };
-        self.stats.fsyncs.fetch_add(2, Ordering::Relaxed);
+        if self.slots.claim_round() {
+            let pool = self.slots.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = pool.fill() {
+                    tracing::warn!(error = %e, "making slot files failed");
+                }
+            });
+        }
         for size in results.iter().flatten() {
+            self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
             self.stats.bytes_in.fetch_add(*size, Ordering::Relaxed);
         }
         results
     }
 }
 
-/// One blob of `store_many`.
-struct Job {
-    dir: PathBuf,
-    dest: PathBuf,
-    hash: ContentHash,
-    body: Bytes,
+/// How one blob of a batch is stored.
+enum Plan {
+    Slot(super::slots::SlotJob),
+    Fresh {
+        dir: PathBuf,
+        dest: PathBuf,
+        hash: ContentHash,
+        body: Bytes,
+    },
 }
 
-fn store_many(objects: &Path, jobs: Vec<Job>) -> Vec<ServiceResult<u64>> {
-    use std::io::Write;
-    // Opened before anything is written: a write-back error of these files is then reported
-    // to this handle's syncs even if another caller's sync saw it first.
-    let sync = match SyncHandle::open(objects) {
-        Ok(h) => h,
-        Err(e) => {
-            return jobs
-                .iter()
-                .map(|_| Err(ServiceError::internal("opening the store", &e)))
-                .collect();
+impl Plan {
+    fn hash_and_body(&self) -> (&ContentHash, &Bytes) {
+        match self {
+            Plan::Slot(j) => (&j.hash, &j.body),
+            Plan::Fresh { hash, body, .. } => (hash, body),
         }
-    };
-    let mut results: Vec<ServiceResult<u64>> = Vec::with_capacity(jobs.len());
-    // (result index, temp guard, final name)
-    let mut staged: Vec<(usize, TmpGuard, PathBuf)> = Vec::new();
-    for (i, job) in jobs.into_iter().enumerate() {
-        let actual = ContentHash::from_digest(&Sha256::digest(&job.body).into());
-        if actual != job.hash {
-            results.push(Err(ServiceError::HashMismatch {
-                declared: job.hash.to_string(),
+    }
+}
+
+fn store_many(pool: &super::slots::Slots, plans: Vec<Plan>) -> Vec<ServiceResult<u64>> {
+    let mut results: Vec<Option<ServiceResult<u64>>> = (0..plans.len()).map(|_| None).collect();
+    let mut slot_jobs = Vec::new();
+    let mut slot_index = Vec::new();
+    for (i, plan) in plans.into_iter().enumerate() {
+        let (hash, body) = plan.hash_and_body();
+        let actual = ContentHash::from_digest(&Sha256::digest(body).into());
+        if &actual != hash {
+            results[i] = Some(Err(ServiceError::HashMismatch {
+                declared: hash.to_string(),
                 actual: actual.to_string(),
             }));
+            if let Plan::Slot(job) = &plan {
+                // Unused: back to being an empty, durable slot is not worth it; drop it.
+                let _ = std::fs::remove_file(&job.slot);
+            }
             continue;
         }
-        let tmp = tmp_in(&job.dir);
-        let guard = TmpGuard(Some(tmp.clone()));
-        // Private: blobs are every user's file contents.
-        let written = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .and_then(|mut f| f.write_all(&job.body));
-        match written {
-            Ok(()) => {
-                results.push(Ok(job.body.len() as u64));
-                staged.push((i, guard, job.dest));
+        match plan {
+            Plan::Slot(job) => {
+                slot_jobs.push(job);
+                slot_index.push(i);
             }
-            Err(e) => results.push(Err(e.into())),
+            Plan::Fresh {
+                dir, dest, body, ..
+            } => {
+                results[i] = Some(
+                    store_small(&dir, &dest, std::slice::from_ref(&body))
+                        .map(|()| body.len() as u64),
+                );
+            }
         }
     }
-    if staged.is_empty() {
-        return results;
-    }
-    let fail_staged =
-        |results: &mut Vec<ServiceResult<u64>>, staged: &[usize], e: &dyn std::fmt::Display| {
-            for i in staged {
-                results[*i] = Err(ServiceError::internal("syncing a batch", e));
-            }
-        };
-    if let Err(e) = sync.syncfs() {
-        let idx: Vec<usize> = staged.iter().map(|(i, _, _)| *i).collect();
-        fail_staged(&mut results, &idx, &e);
-        return results;
-    }
-    let mut renamed = Vec::new();
-    for (i, mut guard, dest) in staged {
-        let Some(tmp) = guard.0.clone() else { continue };
-        match std::fs::rename(&tmp, &dest) {
-            Ok(()) => {
-                guard.0 = None;
-                renamed.push((i, dest));
-            }
-            Err(e) => results[i] = Err(e.into()),
-        }
-    }
-    if let Err(e) = sync.syncfs() {
-        // The names may not be durable: not acknowledged. The copies stay (their content is
-        // durable and correct), the scrub drops them if they are never committed.
-        let idx: Vec<usize> = renamed.iter().map(|(i, _)| *i).collect();
-        fail_staged(&mut results, &idx, &e);
+    for (i, r) in slot_index.into_iter().zip(pool.store_many(&slot_jobs)) {
+        results[i] = Some(r);
     }
     results
-}
-
-/// A handle for `syncfs` (flushing the whole file system holding a directory: data, inodes
-/// and directory entries in one go). Open it *before* writing what it must make durable:
-/// Linux (5.8 and later) reports a write-back error to every handle opened before the error,
-/// once each, so a handle opened afterwards could miss an error another caller already saw.
-pub(super) struct SyncHandle(std::fs::File);
-
-impl SyncHandle {
-    pub(super) fn open(dir: &Path) -> std::io::Result<Self> {
-        std::fs::File::open(dir).map(SyncHandle)
-    }
-
-    pub(super) fn syncfs(&self) -> std::io::Result<()> {
-        rustix::fs::syncfs(&self.0).map_err(std::io::Error::from)
-    }
+        .into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(ServiceError::internal(
+                    "batch",
+                    "blob left without a result",
+                ))
+            })
+        })
+        .collect()
 }
 
 /// What the primary decided for one item before storing it.
@@ -610,10 +596,28 @@ mod tests {
         assert_eq!(results[0].as_ref().ok(), Some(&3));
         assert!(matches!(results[1], Err(ServiceError::HashMismatch { .. })));
         assert_eq!(results[2].as_ref().ok(), Some(&0));
+        let (mut f, len) = store
+            .open_blob(NodeId(1), &hash(b"one"))
+            .await
+            .expect("blob");
+        let mut body = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut f, &mut body)
+            .await
+            .expect("read");
+        assert_eq!((len, &body[..]), (3, &b"one"[..]));
+        // Through slots: the pool shrank by the blobs stored, the refused one's slot is gone.
+        let slots = || {
+            std::fs::read_dir(dir.path().join("slots"))
+                .expect("slots")
+                .count()
+        };
         assert_eq!(
-            std::fs::read(store.blob_path(NodeId(1), &hash(b"one"))).expect("blob"),
-            b"one"
+            slots(),
+            64 - 1,
+            "used slots keep their name until the final one is durable"
         );
+        store.sync_names().expect("sync");
+        assert_eq!(slots(), 64 - 3);
         assert!(!store.has(NodeId(2), &hash(b"not this")));
         assert!(!store.has(NodeId(2), &hash(b"two")));
         let temps = store.blobs().len();

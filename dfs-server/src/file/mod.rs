@@ -74,7 +74,6 @@ impl FileStore {
     /// Opens the store under `data_dir`, removing temp files left by a crash and moving blobs
     /// of the older layout into the current one.
     pub fn open(data_dir: &Path, max_blob_bytes: u64) -> ServiceResult<Self> {
-        check_kernel()?;
         let root = data_dir.to_path_buf();
         let objects = root.join("objects");
         std::fs::create_dir_all(&objects)?;
@@ -201,6 +200,11 @@ impl FileStore {
     /// heartbeat loop; a crash before then is repaired at open).
     pub fn sync_names(&self) -> ServiceResult<()> {
         self.slots.sync_names()
+    }
+
+    /// `sync_names` at most once per `interval` (the heartbeat loop's call).
+    pub fn sync_names_every(&self, interval: std::time::Duration) -> ServiceResult<()> {
+        self.slots.sync_names_every(interval)
     }
 
     /// Streams `body` into the blob `(node, declared)`: verifies the size bound and the hash,
@@ -397,24 +401,6 @@ impl FileStore {
             bytes_in: s.bytes_in.load(Ordering::Relaxed),
         }
     }
-}
-
-/// Refuses kernels whose `syncfs` does not report write-back errors (before Linux 5.8): slot
-/// rounds and batches rely on it to never acknowledge a lost write.
-fn check_kernel() -> ServiceResult<()> {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut parts = release
-        .trim()
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|p| p.parse::<u32>().unwrap_or(0));
-    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    if version < (5, 8) {
-        return Err(ServiceError::Internal(format!(
-            "file servers need Linux 5.8 or later (syncfs must report write-back errors); this is {:?}",
-            release.trim()
-        )));
-    }
-    Ok(())
 }
 
 /// `objects/<shard>/<node>-<hash>.t`.

@@ -147,7 +147,7 @@ impl FileServer {
                 let this = self.clone();
                 let flush = move || {
                     this.store.flush_fences()?;
-                    this.store.sync_names()
+                    this.store.sync_names_every(Duration::from_secs(5))
                 };
                 match tokio::task::spawn_blocking(flush).await {
                     Ok(Ok(())) => {}
