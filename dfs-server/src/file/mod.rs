@@ -56,7 +56,6 @@ pub struct FileStore {
     pub stats: Stats,
     /// Largest accepted blob.
     pub max_blob_bytes: u64,
-    slots: std::sync::Arc<slots::Slots>,
 }
 
 /// Deletes a temp file unless disarmed (the blob reached its final name).
@@ -96,17 +95,20 @@ impl FileStore {
         let tx = db.begin_write()?;
         tx.open_table(FENCES)?;
         tx.commit()?;
-        let shard_root = objects.clone();
-        let slots =
-            slots::Slots::open(&root, |node, hash| trailer_blob_in(&shard_root, node, hash))?;
         let store = FileStore {
             root,
             db: GroupCommit::new(db),
             stats: Stats::default(),
             max_blob_bytes,
-            slots: std::sync::Arc::new(slots),
         };
         store.migrate_old_layout()?;
+        slots::migrate(&store.root, |node, hash, body| {
+            store_small(
+                &store.shard_dir(node),
+                &store.blob_path(node, hash),
+                &[Bytes::copy_from_slice(body)],
+            )
+        })?;
         Ok(store)
     }
 
@@ -150,7 +152,8 @@ impl FileStore {
             .join(format!("{}-{}", node.0, hash.as_str()))
     }
 
-    /// Path of a blob stored through a slot (body, then a trailer; see `slots`).
+    /// Path of a blob an earlier build stored through a slot (body, then a trailer; read only,
+    /// see `slots`).
     pub fn trailer_blob_path(&self, node: NodeId, hash: &ContentHash) -> PathBuf {
         trailer_blob_in(&self.root.join("objects"), node, hash)
     }
@@ -196,17 +199,6 @@ impl FileStore {
         Ok((f.take(len), len))
     }
 
-    /// Makes blobs stored through slots durable under their final names (lazily, from the
-    /// heartbeat loop; a crash before then is repaired at open).
-    pub fn sync_names(&self) -> ServiceResult<()> {
-        self.slots.sync_names()
-    }
-
-    /// `sync_names` at most once per `interval` (the heartbeat loop's call).
-    pub fn sync_names_every(&self, interval: std::time::Duration) -> ServiceResult<()> {
-        self.slots.sync_names_every(interval)
-    }
-
     /// Streams `body` into the blob `(node, declared)`: verifies the size bound and the hash,
     /// then makes it durable. Returns the size. Nothing is visible under the final name until
     /// the content is complete, verified and fsynced.
@@ -238,38 +230,12 @@ impl FileStore {
         }
         if !streaming {
             check_hash(hasher, declared)?;
-            // One fdatasync through a pre-made slot; a fresh file (fsync, rename, directory
-            // fsync) only while the pool is empty.
-            let fsyncs = match self.slots.take() {
-                Some(slot) => {
-                    let slots = self.slots.clone();
-                    let dest = self.trailer_blob_path(node, declared);
-                    let hash = declared.clone();
-                    tokio::task::spawn_blocking(move || {
-                        slots.store(&slot, &dest, node, &hash, &head)
-                    })
-                    .await
-                    .map_err(|e| ServiceError::internal("storing a blob", e))??;
-                    if self.slots.claim_round() {
-                        let slots = self.slots.clone();
-                        tokio::task::spawn_blocking(move || {
-                            if let Err(e) = slots.fill() {
-                                tracing::warn!(error = %e, "making slot files failed");
-                            }
-                        });
-                    }
-                    1
-                }
-                None => {
-                    let dir = self.shard_dir(node);
-                    let dest = self.blob_path(node, declared);
-                    tokio::task::spawn_blocking(move || store_small(&dir, &dest, &head))
-                        .await
-                        .map_err(|e| ServiceError::internal("storing a blob", e))??;
-                    2
-                }
-            };
-            self.stats.fsyncs.fetch_add(fsyncs, Ordering::Relaxed);
+            let dir = self.shard_dir(node);
+            let dest = self.blob_path(node, declared);
+            tokio::task::spawn_blocking(move || store_small(&dir, &dest, &head))
+                .await
+                .map_err(|e| ServiceError::internal("storing a blob", e))??;
+            self.stats.fsyncs.fetch_add(2, Ordering::Relaxed);
             self.stats.bytes_in.fetch_add(size, Ordering::Relaxed);
             return Ok(size);
         }
@@ -520,17 +486,25 @@ mod tests {
                 .expect("put"),
             11
         );
-        // Through a slot: the body, then the trailer; readers get the body only.
-        let raw = std::fs::read(store.trailer_blob_path(NodeId(5), &h)).expect("read");
-        assert_eq!(&raw[..11], b"hello world");
-        assert_eq!(raw.len() as u64, 11 + slots::TRAILER_LEN);
-        let (mut f, len) = store.open_blob(NodeId(5), &h).await.expect("open");
+        assert_eq!(
+            std::fs::read(store.blob_path(NodeId(5), &h)).expect("read"),
+            b"hello world"
+        );
+        // A blob an earlier build stored with a trailer: readers get the body only.
+        let legacy = hash_of(b"legacy");
+        let mut raw = b"legacy".to_vec();
+        raw.extend(slots::trailer(NodeId(9), &legacy, 6).expect("trailer"));
+        std::fs::write(store.trailer_blob_path(NodeId(9), &legacy), raw).expect("write");
+        assert!(store.has(NodeId(9), &legacy));
+        let (mut f, len) = store.open_blob(NodeId(9), &legacy).await.expect("open");
         let mut body = Vec::new();
         tokio::io::AsyncReadExt::read_to_end(&mut f, &mut body)
             .await
             .expect("body");
-        assert_eq!((len, &body[..]), (11, &b"hello world"[..]));
-        assert!(store.verify(NodeId(5), &h).await.expect("verify"));
+        assert_eq!((len, &body[..]), (6, &b"legacy"[..]));
+        assert!(store.verify(NodeId(9), &legacy).await.expect("verify"));
+        store.remove_blob(NodeId(9), &legacy).expect("remove");
+        assert!(!store.has(NodeId(9), &legacy));
         let wrong = hash_of(b"other");
         let r = store
             .put_stream(NodeId(6), &wrong, chunks(&[b"hello"]))

@@ -143,13 +143,9 @@ impl FileServer {
                     Err(e) => tracing::warn!(error = %e, "registration failed; retrying"),
                 }
             } else if let Some(id) = self.id() {
-                // fsyncs: on the blocking pool, not on a runtime worker.
+                // An fsync: on the blocking pool, not on a runtime worker.
                 let this = self.clone();
-                let flush = move || {
-                    this.store.flush_fences()?;
-                    this.store.sync_names_every(Duration::from_secs(5))
-                };
-                match tokio::task::spawn_blocking(flush).await {
+                match tokio::task::spawn_blocking(move || this.store.flush_fences()).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => tracing::warn!(error = %e, "persisting fence marks failed"),
                     Err(e) => tracing::warn!(error = %e, "persisting fence marks failed"),
