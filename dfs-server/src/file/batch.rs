@@ -32,15 +32,19 @@ pub struct Frame<H> {
     pub bodies: Vec<Bytes>,
 }
 
-/// Parses a batch frame whose header lists the bodies' sizes.
+/// Parses a batch frame whose header lists the bodies' sizes, and checks the batch's bounds
+/// (see `check_bounds`) against a server whose largest file is `max_blob_bytes`.
 pub fn parse_frame<H: serde::de::DeserializeOwned>(
     frame: Bytes,
     sizes: impl Fn(&H) -> Vec<u64>,
+    max_blob_bytes: u64,
 ) -> ServiceResult<Frame<H>> {
     let bad = |e: &dyn std::fmt::Display| ServiceError::BadRequest(format!("batch: {e}"));
     let (header, rest) = common::batch::split(&frame).map_err(|e| bad(&e))?;
     let header: H = serde_json::from_slice(header).map_err(|e| bad(&e))?;
-    let ranges = common::batch::body_ranges(rest, &sizes(&header)).map_err(|e| bad(&e))?;
+    let sizes = sizes(&header);
+    check_bounds(&sizes, max_blob_bytes)?;
+    let ranges = common::batch::body_ranges(rest, &sizes).map_err(|e| bad(&e))?;
     let bodies = ranges.into_iter().map(|r| frame.slice(r)).collect();
     Ok(Frame { header, bodies })
 }
@@ -263,11 +267,9 @@ struct Planned {
 impl FileServer {
     /// A replica stores a batch of blobs sent by a primary.
     pub async fn store_replica_batch(&self, frame: Bytes) -> ServiceResult<Vec<ItemResult<u64>>> {
-        let Frame { header, bodies } = parse_frame(frame, |h: &ReplicaBatchHeader| {
-            h.items.iter().map(|i| i.size).collect()
-        })?;
-        check_bounds(
-            &header.items.iter().map(|i| i.size).collect::<Vec<_>>(),
+        let Frame { header, bodies } = parse_frame(
+            frame,
+            |h: &ReplicaBatchHeader| h.items.iter().map(|i| i.size).collect(),
             self.store.max_blob_bytes,
         )?;
         let jobs = header
@@ -291,11 +293,9 @@ impl FileServer {
         writer: &str,
         frame: Bytes,
     ) -> ServiceResult<Vec<ItemResult<NodeMeta>>> {
-        let Frame { header, bodies } = parse_frame(frame, |h: &BatchHeader| {
-            h.items.iter().map(|i| i.size).collect()
-        })?;
-        check_bounds(
-            &header.items.iter().map(|i| i.size).collect::<Vec<_>>(),
+        let Frame { header, bodies } = parse_frame(
+            frame,
+            |h: &BatchHeader| h.items.iter().map(|i| i.size).collect(),
             self.store.max_blob_bytes,
         )?;
         let mut nodes: Vec<NodeId> = header.items.iter().map(|i| i.node).collect();
