@@ -222,9 +222,7 @@ impl Peer {
     ) -> ServiceResult<()> {
         let url = format!("{dir}{}", routes::ADD_HOLDERS_BATCH);
         let req = common::api::AddHoldersRequest { items };
-        self.post::<_, serde_json::Value>(url, &req, "add holders")
-            .await
-            .map(drop)
+        self.post_unit(url, &req, "add holders").await
     }
 
     async fn holder_change(
@@ -238,9 +236,7 @@ impl Peer {
             server,
             hash: hash.clone(),
         };
-        self.post::<_, serde_json::Value>(url, &req, what)
-            .await
-            .map(drop)
+        self.post_unit(url, &req, what).await
     }
 
     /// Tells the directory that `server` lost its copy of `(id, hash)`.
@@ -257,7 +253,17 @@ impl Peer {
 
     /// A short POST with the cluster key and no interesting answer.
     pub async fn post_empty(&self, url: String, what: &str) -> ServiceResult<()> {
-        self.post::<_, serde_json::Value>(url, &(), what)
+        self.post_unit(url, &(), what).await
+    }
+
+    /// A POST whose answer carries nothing the caller needs.
+    async fn post_unit<B: Serialize>(
+        &self,
+        url: String,
+        body: &B,
+        what: &str,
+    ) -> ServiceResult<()> {
+        self.post::<_, serde_json::Value>(url, body, what)
             .await
             .map(drop)
     }
