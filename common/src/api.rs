@@ -153,6 +153,10 @@ pub struct RegisterServerRequest {
     /// The id it had before a restart, if any.
     #[serde(default)]
     pub previous_id: Option<ServerId>,
+    /// The cluster its data belongs to, once it has joined one: a directory of another cluster
+    /// (or a wiped one) refuses it instead of taking it in as a new, empty server.
+    #[serde(default)]
+    pub cluster_id: Option<String>,
 }
 
 /// Answer to a registration.
@@ -162,6 +166,9 @@ pub struct RegisterServerResponse {
     pub id: ServerId,
     /// How often to send heartbeats.
     pub heartbeat_ms: u64,
+    /// The directory's cluster id.
+    #[serde(default)]
+    pub cluster_id: String,
 }
 
 /// Which singleton service registers its URL with the directory.

@@ -43,6 +43,9 @@ pub enum ErrorCode {
     Unavailable,
     /// A bug or an I/O failure on the server; details are in its log.
     Internal,
+    /// The service has no such route: the request went to the wrong URL or the wrong kind of
+    /// service. Never evidence that a node, user or blob is missing.
+    NoRoute,
 }
 
 /// Body of every non-2xx response.

@@ -61,7 +61,8 @@ impl FsError {
                 | ErrorCode::NotHolder
                 | ErrorCode::NotPrimary
                 | ErrorCode::Unavailable
-                | ErrorCode::Internal => libc::EIO,
+                | ErrorCode::Internal
+                | ErrorCode::NoRoute => libc::EIO,
             },
             FsError::Remote(RemoteError::Timeout(_)) => libc::ETIMEDOUT,
             FsError::Remote(RemoteError::NotLoggedIn(_)) => libc::EACCES,

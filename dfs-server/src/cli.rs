@@ -175,6 +175,10 @@ pub struct FileArgs {
     /// Seconds between integrity scrubs (every stored copy re-hashed; corrupt ones repaired).
     #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
     scrub_interval_secs: u64,
+    /// Seconds a copy of a deleted file (or of a file moved off this server) stays in
+    /// `DATA/quarantine/` before the scrub deletes it; move it back into `objects/` to restore.
+    #[arg(long, default_value_t = 86400)]
+    quarantine_secs: u64,
 }
 
 /// Runs the command on a fresh tokio runtime until Ctrl-C or SIGTERM.
@@ -315,6 +319,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     max_file_bytes: a.max_file_bytes,
                     capacity: a.max_file_bytes,
                     scrub_interval: Duration::from_secs(a.scrub_interval_secs),
+                    quarantine: Duration::from_secs(a.quarantine_secs),
                 };
                 let (_, tasks) =
                     cluster::start_file_server(l, opts, &key, verifier, cancel.clone())?;

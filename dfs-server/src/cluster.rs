@@ -198,6 +198,8 @@ pub struct FileServerOptions {
     pub capacity: u64,
     /// Time between integrity scrubs.
     pub scrub_interval: Duration,
+    /// How long the scrub keeps the copies it sets aside.
+    pub quarantine: Duration,
 }
 
 /// The directory's metrics: HTTP latency plus its store's fsyncs and durable writes.
@@ -262,13 +264,15 @@ pub fn start_file_server(
 ) -> anyhow::Result<(Arc<FileServer>, Vec<JoinHandle<()>>)> {
     let store = FileStore::open(&opts.data, opts.max_file_bytes)
         .with_context(|| format!("opening file store {}", opts.data.display()))?;
-    let fs = Arc::new(FileServer::new(
+    let mut fs = FileServer::new(
         cluster_key,
         store,
         Peer::new(cluster_key),
         opts.directory,
         &opts.data,
-    ));
+    );
+    fs.quarantine_grace = opts.quarantine;
+    let fs = Arc::new(fs);
     let beat = tokio::spawn(
         fs.clone()
             .run_heartbeats(opts.url, opts.capacity, cancel.clone()),
@@ -393,6 +397,7 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
             max_file_bytes: cfg.max_file_bytes,
             capacity: cfg.max_file_bytes,
             scrub_interval: cfg.scrub_interval,
+            quarantine: crate::file::replicate::DEFAULT_QUARANTINE_GRACE,
         };
         let (fs, t) = start_file_server(fl, opts, &key, verifier.clone(), cancel.clone())?;
         tasks.extend(t);

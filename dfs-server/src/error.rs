@@ -65,6 +65,9 @@ pub enum ServiceError {
     /// Storage or I/O failure; the detail is logged, not sent.
     #[error("internal error: {0}")]
     Internal(String),
+    /// No such route on the service asked (a wrong URL or a different service).
+    #[error("no such route: {0}")]
+    NoRoute(String),
 }
 
 impl ServiceError {
@@ -89,6 +92,7 @@ impl ServiceError {
             ServiceError::NotPrimary(_) => ErrorCode::NotPrimary,
             ServiceError::Unavailable(_) => ErrorCode::Unavailable,
             ServiceError::Internal(_) => ErrorCode::Internal,
+            ServiceError::NoRoute(_) => ErrorCode::NoRoute,
         }
     }
 
@@ -118,6 +122,7 @@ impl ServiceError {
             ErrorCode::NotHolder => ServiceError::NotHolder(message),
             ErrorCode::NotPrimary => ServiceError::NotPrimary(message),
             ErrorCode::Unavailable | ErrorCode::Internal => ServiceError::Unavailable(message),
+            ErrorCode::NoRoute => ServiceError::NoRoute(message),
         }
     }
 

@@ -555,8 +555,10 @@ async fn bad_input_gets_json_errors_and_changes_nothing() {
         .unwrap();
     assert_eq!(error_code(r).await, (413, ErrorCode::TooLarge));
     // Unknown paths and nodes.
+    // A route the service does not have is never "not found" (a file server would take that
+    // for "this node was deleted").
     let r = h.http.get(h.dir("/v1/nope")).send().await.unwrap();
-    assert_eq!(error_code(r).await, (404, ErrorCode::NotFound));
+    assert_eq!(error_code(r).await, (404, ErrorCode::NoRoute));
     let r = h
         .http
         .get(h.dir(&routes::node(NodeId(999_999))))

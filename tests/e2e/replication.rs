@@ -167,3 +167,114 @@ fn directory_lock_and_auth_killed_and_restarted_lose_nothing_and_leave_no_lock()
     assert_eq!(ok(mb.sh("ls d | wc -l")).trim(), "6");
     assert_eq!(ok(mb.sh("cat d/1.txt d/6.txt")), "again\nafter\n");
 }
+
+/// Every blob file a file server's data directory holds (quarantined ones not counted).
+fn stored_blobs(data: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for shard in std::fs::read_dir(data.join("objects")).unwrap().flatten() {
+        for f in std::fs::read_dir(shard.path()).unwrap().flatten() {
+            if !f.file_name().to_string_lossy().starts_with('.') {
+                out.push(f.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn regression_a_file_server_told_a_wrong_or_wiped_directory_deletes_nothing() {
+    let mut cluster = SplitCluster::start_with(3, &["--scrub-interval-secs", "1"]);
+    let a = Client::new(&cluster.url);
+    a.signup_login("alice");
+    let m = a.mount(&[]);
+    ok(m.sh("for i in 1 2 3 4 5 6; do echo keep-$i > k$i.txt; done"));
+    m.unmount();
+    let names = ["file-1", "file-2", "file-3"];
+    let held = |c: &SplitCluster| -> Vec<Vec<std::path::PathBuf>> {
+        names.iter().map(|n| stored_blobs(&c.data_dir(n))).collect()
+    };
+    let before = held(&cluster);
+    assert!(before.iter().all(|b| b.len() >= 6), "{before:?}");
+    // Old enough for the scrub to look at them (its grace is its 1 s interval).
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // 1. `--directory` pointing at the lock service: every route there is "no such route".
+    let lock_url =
+        http_get_json(&format!("{}{}", cluster.url, common::routes::CLUSTER))["lock_url"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    cluster.stop_service("file-1", false);
+    cluster.start_service_using("file-1", &lock_url);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        stored_blobs(&cluster.data_dir("file-1")),
+        before[0],
+        "a server told the lock service is its directory deleted copies: {}",
+        cluster.logs()
+    );
+
+    // 2. The directory wiped and started afresh at the same address.
+    cluster.stop_service("file-1", false);
+    cluster.stop_service("directory", true);
+    let dir_data = cluster.data_dir("directory");
+    let saved = dir_data.with_extension("saved");
+    std::fs::rename(&dir_data, &saved).unwrap();
+    cluster.start_service("directory");
+    cluster.start_service("file-1");
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        held(&cluster),
+        before,
+        "servers of the old cluster deleted copies on a wiped directory's word: {}",
+        cluster.logs()
+    );
+    let file1_log = std::fs::read_to_string(cluster.data_dir("file-1").with_extension("log"))
+        .unwrap_or_default();
+    assert!(
+        file1_log.contains("belongs to cluster"),
+        "the refusal is explained in the log: {}",
+        cluster.logs()
+    );
+
+    // 3. The real directory back: the servers join again and every file reads back.
+    cluster.stop_service("directory", true);
+    std::fs::remove_dir_all(&dir_data).unwrap();
+    std::fs::rename(&saved, &dir_data).unwrap();
+    cluster.start_service("directory");
+    cluster.wait_ready();
+    let b = Client::new(&cluster.url);
+    b.signup_login("bob");
+    let mb = b.mount(&[]);
+    assert_eq!(
+        ok(mb.sh("cat k1.txt k6.txt")),
+        "keep-1\nkeep-6\n",
+        "{}",
+        cluster.logs()
+    );
+
+    // 4. A file really deleted: its copies are set aside by the scrub, not unlinked at once.
+    let meta = cluster.meta_of("k2.txt");
+    let (node, hash) = (
+        meta["id"].as_u64().unwrap(),
+        meta["hash"].as_str().unwrap().to_owned(),
+    );
+    ok(mb.sh("rm k2.txt"));
+    let suffix = format!("-{node}-{hash}");
+    let quarantined = eventually(Duration::from_secs(30), || {
+        names.iter().all(|n| {
+            let data = cluster.data_dir(n);
+            !dfs_tests::blob_path(&data, node, &hash).exists()
+                && std::fs::read_dir(data.join("quarantine")).is_ok_and(|d| {
+                    d.flatten()
+                        .any(|e| e.file_name().to_string_lossy().ends_with(&suffix))
+                })
+        })
+    });
+    assert!(
+        quarantined,
+        "copies of a deleted file quarantined: {}",
+        cluster.logs()
+    );
+}

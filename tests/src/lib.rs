@@ -207,6 +207,25 @@ impl Cluster {
         http_get_json(&format!("{}{path}", self.url))
     }
 
+    /// Device flushes the cluster has asked for so far, read from the services' `/metrics`:
+    /// (the directory's durable commits, every file server's blob fsyncs summed).
+    pub fn flushes(&self) -> (f64, f64) {
+        let metric = |url: &str, name: &str| -> f64 {
+            parse_metrics(&http_get_text(&format!("{url}{}", common::routes::METRICS)))
+                .get(name)
+                .copied()
+                .unwrap_or(0.0)
+        };
+        let cluster = self.get_json(common::routes::CLUSTER);
+        let files: f64 = cluster["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| metric(s["url"].as_str().unwrap(), "dfs_file_fsyncs_total"))
+            .sum();
+        (metric(&self.url, "dfs_directory_fsyncs_total"), files)
+    }
+
     /// Downloads served so far, summed over every file server.
     pub fn server_downloads(&self) -> u64 {
         let cluster = self.get_json(common::routes::CLUSTER);
@@ -518,6 +537,13 @@ impl SplitCluster {
 
     /// (Re)starts one service on its own data dir.
     pub fn start_service(&mut self, name: &str) {
+        let url = self.url.clone();
+        self.start_service_using(name, &url);
+    }
+
+    /// (Re)starts one service on its own data dir, telling it the directory is at `directory`
+    /// (which may be wrong, on purpose).
+    pub fn start_service_using(&mut self, name: &str, directory: &str) {
         let data = self.root.path().join(name);
         let key = self.root.path().join("cluster.key");
         let mut cmd = Command::new(bin("dfs-server"));
@@ -532,7 +558,7 @@ impl SplitCluster {
                 .arg(format!("127.0.0.1:{}", self.dir_port))
                 .args(["--heartbeat-ms", "300", "--repair-interval-ms", "200"]);
         } else {
-            cmd.arg("--directory").arg(&self.url);
+            cmd.arg("--directory").arg(directory);
         }
         if kind == "file" {
             cmd.args(&self.file_args);

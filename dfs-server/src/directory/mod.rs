@@ -783,6 +783,15 @@ impl DirectoryService {
         &self,
         req: &common::api::RegisterServerRequest,
     ) -> ServiceResult<common::ServerId> {
+        if let Some(theirs) = &req.cluster_id
+            && *theirs != self.cluster_id()
+        {
+            return Err(ServiceError::Forbidden(format!(
+                "the server at {} belongs to cluster {theirs}; this directory is cluster {}",
+                req.url,
+                self.cluster_id()
+            )));
+        }
         self.store.write(|tx| {
             let id = self.registry.register(tx, req)?;
             Ok(id)

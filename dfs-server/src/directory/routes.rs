@@ -131,8 +131,13 @@ async fn register_server(
     ApiJson(req): ApiJson<RegisterServerRequest>,
 ) -> ApiResult<Json<RegisterServerResponse>> {
     let heartbeat_ms = u64::try_from(svc.heartbeat_interval().as_millis()).unwrap_or(u64::MAX);
+    let cluster_id = svc.cluster_id();
     let id = blocking(move || svc.register_server(&req)).await?;
-    Ok(Json(RegisterServerResponse { id, heartbeat_ms }))
+    Ok(Json(RegisterServerResponse {
+        id,
+        heartbeat_ms,
+        cluster_id,
+    }))
 }
 
 async fn heartbeat(

@@ -16,6 +16,7 @@ fn open(dir: &Path) -> DirectoryService {
             url: format!("http://127.0.0.1:{}", 9000 + i),
             capacity_bytes: 1 << 30,
             previous_id: None,
+            cluster_id: None,
         })
         .expect("register");
     }
@@ -195,6 +196,7 @@ fn regression_a_server_that_lost_its_data_registers_as_new() {
         url: "http://127.0.0.1:9000".into(),
         capacity_bytes: 1,
         previous_id,
+        cluster_id: None,
     };
     let old = svc.registry.live()[0];
     assert_eq!(
@@ -206,6 +208,27 @@ fn regression_a_server_that_lost_its_data_registers_as_new() {
         fresh, old,
         "no id, no claim to the copies the old server held"
     );
+}
+
+#[test]
+fn regression_a_server_of_another_cluster_is_refused_not_taken_in() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let before = svc.registry.live().len();
+    let req = |cluster_id: Option<String>| RegisterServerRequest {
+        url: "http://127.0.0.1:9100".into(),
+        capacity_bytes: 1,
+        previous_id: None,
+        cluster_id,
+    };
+    let refused = svc.register_server(&req(Some("00000000deadbeef".into())));
+    assert!(
+        matches!(refused, Err(ServiceError::Forbidden(ref m)) if m.contains("deadbeef")),
+        "{refused:?}"
+    );
+    assert_eq!(svc.registry.live().len(), before, "not registered");
+    svc.register_server(&req(Some(svc.cluster_id())))
+        .expect("a server of this cluster joins");
 }
 
 /// Reference model: the namespace as a map from path to kind, with POSIX rules.

@@ -7,8 +7,10 @@
 //! parents. Blobs of the older `blobs/<node>/<hash>` layout are moved over at open.
 
 pub mod batch;
+pub mod membership;
 pub mod replicate;
 pub mod routes;
+pub mod scrub;
 pub mod slots;
 
 use std::path::{Path, PathBuf};
@@ -28,6 +30,8 @@ use crate::store::sync_dir;
 
 const SHARDS: u64 = 256;
 const TMP_PREFIX: &str = ".tmp-";
+/// Where the scrub sets aside copies it would otherwise delete (see `scrub`).
+pub const QUARANTINE: &str = "quarantine";
 
 const FENCES: TableDefinition<u64, u64> = TableDefinition::new("fences");
 
@@ -310,6 +314,55 @@ impl FileStore {
         Ok(())
     }
 
+    /// Moves one blob aside instead of deleting it: to `quarantine/<unix secs>-<file name>`,
+    /// where `purge_quarantine` deletes it once its grace period is over. Moving it back into
+    /// its shard directory restores it.
+    pub fn quarantine_blob(&self, node: NodeId, hash: &ContentHash) -> ServiceResult<()> {
+        let dir = self.root.join(QUARANTINE);
+        std::fs::create_dir_all(&dir)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        for path in [
+            self.trailer_blob_path(node, hash),
+            self.blob_path(node, hash),
+        ] {
+            let Some(name) = path.file_name() else {
+                continue;
+            };
+            let to = dir.join(format!("{now}-{}", name.to_string_lossy()));
+            match std::fs::rename(&path, &to) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the quarantined blobs set aside more than `grace` ago. Returns how many.
+    pub fn purge_quarantine(&self, grace: std::time::Duration) -> usize {
+        let Ok(entries) = std::fs::read_dir(self.root.join(QUARANTINE)) else {
+            return 0;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut purged = 0;
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let since = name
+                .to_str()
+                .and_then(|n| n.split_once('-'))
+                .and_then(|(secs, _)| secs.parse::<u64>().ok());
+            if since.is_some_and(|s| now.saturating_sub(s) >= grace.as_secs())
+                && std::fs::remove_file(e.path()).is_ok()
+            {
+                purged += 1;
+            }
+        }
+        purged
+    }
+
     /// Re-hashes a blob: whether its content still matches its name.
     pub async fn verify(&self, node: NodeId, hash: &ContentHash) -> ServiceResult<bool> {
         use tokio::io::AsyncReadExt;
@@ -544,6 +597,38 @@ mod tests {
             .put_stream(NodeId(1), &hash_of(b"12345"), chunks(&[b"123", b"45"]))
             .await;
         assert!(matches!(r, Err(ServiceError::TooLarge(_))));
+    }
+
+    #[tokio::test]
+    async fn a_quarantined_blob_is_kept_for_its_grace_then_purged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = FileStore::open(dir.path(), 1 << 20).expect("open");
+        let body = b"set aside".to_vec();
+        let hash = hash_of(&body);
+        store
+            .put_stream(NodeId(7), &hash, chunks(&[b"set aside"]))
+            .await
+            .expect("put");
+        store.quarantine_blob(NodeId(7), &hash).expect("quarantine");
+        assert!(!store.has(NodeId(7), &hash), "no longer served");
+        assert!(store.blobs().is_empty(), "no longer scrubbed");
+        assert_eq!(
+            store.purge_quarantine(std::time::Duration::from_secs(3600)),
+            0
+        );
+        let kept: Vec<_> = std::fs::read_dir(dir.path().join(QUARANTINE))
+            .expect("quarantine dir")
+            .flatten()
+            .collect();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(std::fs::read(kept[0].path()).expect("read"), body);
+        assert_eq!(store.purge_quarantine(std::time::Duration::ZERO), 1);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join(QUARANTINE))
+                .expect("quarantine dir")
+                .count(),
+            0
+        );
     }
 
     #[test]

@@ -9,14 +9,13 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::api::{CommitRequest, RegisterServerRequest};
+use common::api::CommitRequest;
 use common::{ContentHash, FenceToken, FileKind, NodeId, NodeMeta, ServerId, UploadId, routes};
 use futures_util::Stream;
-use tokio_util::sync::CancellationToken;
 
 use super::FileStore;
 use crate::error::{ServiceError, ServiceResult};
@@ -32,6 +31,13 @@ pub struct FileServer {
     pub(super) directory: String,
     id: AtomicU64,
     id_file: PathBuf,
+    /// Where the cluster id is kept, and the id (see `membership`).
+    pub(super) cluster_file: PathBuf,
+    pub(super) cluster_id: std::sync::Mutex<Option<String>>,
+    /// Joined its own cluster's directory in this run (see `membership`).
+    pub(super) joined: AtomicBool,
+    /// How long copies set aside by the scrub are kept before they are deleted.
+    pub quarantine_grace: Duration,
     /// Copies (primary included) that must be durable before a write is acknowledged.
     pub min_copies: usize,
     pub(super) node_locks: KeyedMutex<NodeId>,
@@ -42,6 +48,9 @@ pub struct FileServer {
     /// `MAX_BATCH_BYTES`): beyond that a batch is refused as busy and its files go alone.
     pub batch_permits: [tokio::sync::Semaphore; 2],
 }
+
+/// How long a copy the scrub sets aside (see `scrub`) is kept before it is deleted.
+pub const DEFAULT_QUARANTINE_GRACE: Duration = Duration::from_secs(24 * 3600);
 
 /// Batches of each kind (client uploads, replica stores) one server holds in memory at once.
 const BATCHES_IN_MEMORY: usize = 4;
@@ -84,6 +93,11 @@ impl FileServer {
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0);
+        let cluster_file = data_dir.join(super::membership::CLUSTER_ID_FILE);
+        let cluster_id = std::fs::read_to_string(&cluster_file)
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty());
         FileServer {
             fence_key: fence_key.to_owned(),
             store,
@@ -91,6 +105,10 @@ impl FileServer {
             directory,
             id: AtomicU64::new(previous),
             id_file,
+            cluster_file,
+            cluster_id: std::sync::Mutex::new(cluster_id),
+            joined: AtomicBool::new(false),
+            quarantine_grace: DEFAULT_QUARANTINE_GRACE,
             min_copies: 2,
             node_locks: KeyedMutex::default(),
             cluster_cache: Default::default(),
@@ -102,64 +120,18 @@ impl FileServer {
         }
     }
 
+    /// Records the id the directory gave this server (durably, before it is used).
+    pub(super) fn set_id(&self, id: ServerId) -> ServiceResult<()> {
+        crate::store::write_durable(&self.id_file, id.0.to_string().as_bytes(), 0o644)?;
+        self.id.store(id.0, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// This server's id, once registered.
     pub fn id(&self) -> Option<ServerId> {
         match self.id.load(Ordering::Relaxed) {
             0 => None,
             n => Some(ServerId(n)),
-        }
-    }
-
-    /// Registers at `url`; keeps the id across restarts. Returns the heartbeat interval.
-    pub async fn register(&self, url: &str, capacity_bytes: u64) -> ServiceResult<Duration> {
-        let req = RegisterServerRequest {
-            url: url.to_owned(),
-            capacity_bytes,
-            previous_id: self.id(),
-        };
-        let resp = self.peer.register_server(&self.directory, &req).await?;
-        self.id.store(resp.id.0, Ordering::Relaxed);
-        crate::store::write_durable(&self.id_file, resp.id.0.to_string().as_bytes(), 0o644)?;
-        Ok(Duration::from_millis(resp.heartbeat_ms.max(100)))
-    }
-
-    /// Registers (retrying until the directory answers) and then heartbeats until `cancel`.
-    pub async fn run_heartbeats(
-        self: Arc<Self>,
-        url: String,
-        capacity: u64,
-        cancel: CancellationToken,
-    ) {
-        let mut interval = Duration::from_secs(1);
-        let mut registered = false;
-        loop {
-            if !registered {
-                match self.register(&url, capacity).await {
-                    Ok(i) => {
-                        interval = i;
-                        registered = true;
-                        tracing::info!(id = ?self.id(), %url, "registered with the directory");
-                    }
-                    Err(e) => tracing::warn!(error = %e, "registration failed; retrying"),
-                }
-            } else if let Some(id) = self.id() {
-                // An fsync: on the blocking pool, not on a runtime worker.
-                let this = self.clone();
-                match tokio::task::spawn_blocking(move || this.store.flush_fences()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::warn!(error = %e, "persisting fence marks failed"),
-                    Err(e) => tracing::warn!(error = %e, "persisting fence marks failed"),
-                }
-                match self.peer.heartbeat(&self.directory, id).await {
-                    Ok(()) => {}
-                    Err(ServiceError::NotFound(_)) => registered = false,
-                    Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
-                }
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(interval) => {}
-            }
         }
     }
 
@@ -362,18 +334,6 @@ impl FileServer {
         });
     }
 
-    /// Drops this server's copy of `(node, hash)` unless the directory says it is the current
-    /// version (a deposed primary's late clean-up must not delete what a newer write restored).
-    pub async fn drop_if_superseded(&self, node: NodeId, hash: &ContentHash) -> ServiceResult<()> {
-        match self.peer.node(&self.directory, node).await {
-            Ok(meta) if &meta.hash == hash => Err(ServiceError::Forbidden(format!(
-                "{hash} is the current version of node {node}; not dropping it"
-            ))),
-            Ok(_) | Err(ServiceError::NotFound(_)) => self.store.remove_blob(node, hash),
-            Err(e) => Err(e),
-        }
-    }
-
     /// The cluster map (server URLs and liveness), re-fetched at most once a second: every
     /// write needs it, and a second-old view of liveness is fresh enough to pick replicas.
     pub(super) async fn cluster(&self) -> ServiceResult<common::api::ClusterInfo> {
@@ -400,98 +360,6 @@ impl FileServer {
             ));
         }
         self.push(url, node, hash).await
-    }
-
-    /// One scrub pass: re-hashes every blob older than `grace`; drops copies that are corrupt
-    /// (reporting them, so the directory re-replicates), stale (an older version) or of deleted
-    /// files. Sleeps `pause` between blobs to stay in the background. Returns corrupt copies found.
-    pub async fn scrub(&self, grace: Duration, pause: Duration) -> usize {
-        let Some(me) = self.id() else { return 0 };
-        let mut corrupt = 0;
-        for (node, hash, path) in self.store.blobs() {
-            let old_enough = std::fs::metadata(&path)
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age >= grace);
-            if !old_enough {
-                continue;
-            }
-            let meta = match self.peer.node(&self.directory, node).await {
-                Ok(m) => m,
-                Err(ServiceError::NotFound(_)) => {
-                    tracing::info!(%node, "scrub: dropping the copy of a deleted file");
-                    let _ = self.store.remove_blob(node, &hash);
-                    continue;
-                }
-                Err(e) => {
-                    tracing::debug!(%node, error = %e, "scrub: directory unavailable; this copy is checked next pass");
-                    continue;
-                }
-            };
-            if meta.hash != hash {
-                // Superseded only if written before the current version was committed; a newer
-                // blob may belong to an upload that is still replicating.
-                let written_ns = std::fs::metadata(&path)
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map_or(u64::MAX, |d| {
-                        u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-                    });
-                // A few seconds of margin for clock skew between this server and the directory.
-                if written_ns.saturating_add(5_000_000_000) < meta.committed_ns {
-                    tracing::debug!(%node, %hash, "scrub: dropping a superseded copy");
-                    let _ = self.store.remove_blob(node, &hash);
-                }
-                continue;
-            }
-            let member = meta.primary == Some(me)
-                || meta.replicas.contains(&me)
-                || meta.holders.contains(&me);
-            if !member {
-                // The file's placement moved away from this server while it was away.
-                tracing::info!(%node, "scrub: dropping a copy this server no longer should hold");
-                let _ = self.store.remove_blob(node, &hash);
-                continue;
-            }
-            match self.store.verify(node, &hash).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    corrupt += 1;
-                    tracing::error!(%node, %hash, "scrub: stored copy is corrupt; reporting it for repair");
-                    // Report first: a copy dropped but not reported would still count as held.
-                    // A corrupt copy kept meanwhile is harmless (readers verify every hash).
-                    match self
-                        .peer
-                        .drop_holder(&self.directory, node, &hash, me)
-                        .await
-                    {
-                        Ok(()) => {
-                            let _ = self.store.remove_blob(node, &hash);
-                        }
-                        Err(e) => {
-                            tracing::warn!(%node, error = %e, "scrub: reporting the corrupt copy failed; retrying next pass")
-                        }
-                    }
-                }
-                Err(e) => tracing::warn!(%node, error = %e, "scrub: reading a copy failed"),
-            }
-            tokio::time::sleep(pause).await;
-        }
-        corrupt
-    }
-
-    /// Scrubs every `interval` until `cancel`.
-    pub async fn run_scrub(self: Arc<Self>, interval: Duration, cancel: CancellationToken) {
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(interval) => {}
-            }
-            let grace = interval.min(Duration::from_secs(600));
-            self.scrub(grace, Duration::from_millis(5)).await;
-        }
     }
 
     /// A replica push fed chunk by chunk from `rx` while the primary writes its own copy.

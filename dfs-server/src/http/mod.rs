@@ -37,7 +37,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | ErrorCode::NotDir
         | ErrorCode::IsDir
         | ErrorCode::InvalidMove => StatusCode::BAD_REQUEST,
-        ErrorCode::NotFound => StatusCode::NOT_FOUND,
+        ErrorCode::NotFound | ErrorCode::NoRoute => StatusCode::NOT_FOUND,
         ErrorCode::Exists | ErrorCode::NotEmpty | ErrorCode::StaleFence | ErrorCode::NotHolder => {
             StatusCode::CONFLICT
         }
@@ -152,7 +152,10 @@ async fn track(
 }
 
 pub async fn not_found() -> AppError {
-    AppError(ServiceError::NotFound("route".to_owned()))
+    AppError(ServiceError::NoRoute(
+        "this service has no such route; check the URL and the kind of service it points at"
+            .to_owned(),
+    ))
 }
 
 /// Common layers for a service router: JSON body limit, the verifier, request tracing, 404s,

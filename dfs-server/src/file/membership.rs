@@ -1,0 +1,142 @@
+//! A file server's membership of its cluster: registration, heartbeats, and the cluster
+//! identity its data belongs to.
+//!
+//! The first directory a data directory registers with names the cluster (`cluster_id`, kept
+//! next to `server_id`). From then on the server joins only a directory of that cluster: a
+//! directory that was wiped, or a `--directory` URL that points at another cluster or another
+//! kind of service, is refused with a clear error instead of being trusted. Until the server has
+//! joined its own cluster in this run it deletes nothing (see `scrub`).
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::api::RegisterServerRequest;
+use tokio_util::sync::CancellationToken;
+
+use super::replicate::FileServer;
+use crate::error::{ServiceError, ServiceResult};
+
+/// Name of the file that records the cluster a data directory belongs to.
+pub const CLUSTER_ID_FILE: &str = "cluster_id";
+
+impl FileServer {
+    /// The cluster this server's data belongs to, if it has ever joined one.
+    pub fn cluster_id(&self) -> Option<String> {
+        self.cluster_id
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Whether this server has joined its own cluster's directory in this run: the condition
+    /// for acting on the directory's answers by deleting anything.
+    pub fn joined(&self) -> bool {
+        self.joined.load(Ordering::Acquire)
+    }
+
+    /// Registers at `url`; keeps the id across restarts. Returns the heartbeat interval.
+    /// Refuses a directory of another cluster (or a wiped one, which has a new cluster id).
+    pub async fn register(&self, url: &str, capacity_bytes: u64) -> ServiceResult<Duration> {
+        let ours = self.cluster_id();
+        let req = RegisterServerRequest {
+            url: url.to_owned(),
+            capacity_bytes,
+            previous_id: self.id(),
+            cluster_id: ours.clone(),
+        };
+        let resp = self.peer.register_server(&self.directory, &req).await?;
+        if resp.cluster_id.is_empty() {
+            return Err(ServiceError::Forbidden(format!(
+                "{} did not say which cluster it is; refusing to join it",
+                self.directory
+            )));
+        }
+        match ours {
+            Some(ours) if ours != resp.cluster_id => {
+                return Err(self.foreign(&ours, &resp.cluster_id));
+            }
+            Some(_) => {}
+            None => {
+                crate::store::write_durable(&self.cluster_file, resp.cluster_id.as_bytes(), 0o644)?;
+                *self.cluster_id.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(resp.cluster_id.clone());
+            }
+        }
+        self.set_id(resp.id)?;
+        self.joined.store(true, Ordering::Release);
+        Ok(Duration::from_millis(resp.heartbeat_ms.max(100)))
+    }
+
+    /// Asks the directory, now, whether it is still this server's cluster; a different answer
+    /// (a wiped or replaced directory) ends the membership until the next registration.
+    pub async fn confirm_cluster(&self) -> ServiceResult<()> {
+        let Some(ours) = self.cluster_id() else {
+            return Err(ServiceError::Unavailable(
+                "this server has not joined a cluster yet".into(),
+            ));
+        };
+        let theirs = self.peer.cluster(&self.directory).await?.cluster_id;
+        if theirs != ours {
+            self.joined.store(false, Ordering::Release);
+            return Err(self.foreign(&ours, &theirs));
+        }
+        Ok(())
+    }
+
+    fn foreign(&self, ours: &str, theirs: &str) -> ServiceError {
+        ServiceError::Forbidden(format!(
+            "this data directory belongs to cluster {ours}, but the directory at {} is cluster \
+             {theirs} (wiped, replaced, or another cluster): refusing to join it or to delete \
+             anything on its word; point --directory at this server's own cluster",
+            self.directory
+        ))
+    }
+
+    /// Registers (retrying until the directory answers) and then heartbeats until `cancel`.
+    pub async fn run_heartbeats(
+        self: std::sync::Arc<Self>,
+        url: String,
+        capacity: u64,
+        cancel: CancellationToken,
+    ) {
+        let mut interval = Duration::from_secs(1);
+        let mut registered = false;
+        loop {
+            if !registered {
+                match self.register(&url, capacity).await {
+                    Ok(i) => {
+                        interval = i;
+                        registered = true;
+                        tracing::info!(id = ?self.id(), %url, "registered with the directory");
+                    }
+                    Err(e @ ServiceError::Forbidden(_)) => {
+                        tracing::error!(error = %e, "registration refused; retrying")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "registration failed; retrying"),
+                }
+            } else if let Some(id) = self.id() {
+                // An fsync: on the blocking pool, not on a runtime worker.
+                let this = self.clone();
+                match tokio::task::spawn_blocking(move || this.store.flush_fences()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "persisting fence marks failed"),
+                    Err(e) => tracing::warn!(error = %e, "persisting fence marks failed"),
+                }
+                match self.peer.heartbeat(&self.directory, id).await {
+                    Ok(()) => {}
+                    Err(ServiceError::NotFound(_)) => {
+                        // The directory does not know this server: it may have been wiped.
+                        // Nothing is deleted until a registration shows it is ours.
+                        self.joined.store(false, Ordering::Release);
+                        registered = false;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+}
