@@ -197,7 +197,8 @@ fn read_big(dir: &Path) -> Value {
 }
 
 /// The serial costs every durable operation is built from, measured on this machine now.
-fn floor(scratch: &Path, directory_url: &str) {
+/// Returns (one fsync of a file rewritten in place, one temp + fsync + rename + dir fsync).
+fn floor(scratch: &Path, directory_url: &str) -> (Duration, Duration) {
     let n = 200;
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::create(scratch.join("fsync.probe")).unwrap();
@@ -244,6 +245,23 @@ fn floor(scratch: &Path, directory_url: &str) {
         durable_file.as_secs_f64() * 1e3,
         rtt.as_secs_f64() * 1e3
     );
+    (fsync, durable_file)
+}
+
+/// The cluster's flush counters (directory, file servers) once its background work (late
+/// replica copies) has settled.
+fn settled_flushes(cluster: &Cluster) -> (f64, f64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = cluster.flushes();
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = cluster.flushes();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    last
 }
 
 fn peak_rss_mib(pid: u32) -> f64 {
@@ -259,21 +277,44 @@ struct Row {
     name: &'static str,
     local: Value,
     dfs: Value,
+    /// Device flushes the cluster made per operation of this workload, if counted:
+    /// (directory commits, file server fsyncs).
+    flushes_per_op: Option<(f64, f64)>,
 }
 
-fn print_rows(mode: &str, rows: &[Row]) {
+/// Each row, and how many device flushes its operations cost: directory commits + file server
+/// fsyncs. All services share this machine's one disk, whose flushes do not overlap (8 parallel
+/// fdatasyncs cost about as much as 8 in a row here), so the flushes are a floor on the time
+/// per operation: a directory commit costs one in-place fsync, a file server fsync half of a
+/// temp + fsync + rename + dir fsync (it is one of those two). "flush-bound" is the rate that
+/// floor allows.
+fn print_rows(mode: &str, rows: &[Row], (fsync, durable_file): (Duration, Duration)) {
     println!("\n== mode: {mode} ==");
     println!(
-        "{:<44} {:>12} {:>12} {:>10}",
-        "workload", "local", "dfs", "dfs/local"
+        "{:<44} {:>12} {:>12} {:>10} {:>11} {:>12}",
+        "workload", "local", "dfs", "dfs/local", "flushes/op", "flush-bound"
     );
     for r in rows {
+        let (per_op, bound) = match r.flushes_per_op {
+            Some((d, f)) => {
+                let secs = d * fsync.as_secs_f64() + f * durable_file.as_secs_f64() / 2.0;
+                let bound = if secs > 0.0 {
+                    format!("{:.0}/s", 1.0 / secs)
+                } else {
+                    "-".to_owned()
+                };
+                (format!("{d:.1}+{f:.1}"), bound)
+            }
+            None => ("-".to_owned(), "-".to_owned()),
+        };
         println!(
-            "{:<44} {:>12} {:>12} {:>10.3}",
+            "{:<44} {:>12} {:>12} {:>10.3} {:>11} {:>12}",
             r.name,
             r.local.show(),
             r.dfs.show(),
-            r.dfs.ratio(r.local)
+            r.dfs.ratio(r.local),
+            per_op,
+            bound
         );
     }
 }
@@ -283,6 +324,7 @@ fn print_rows(mode: &str, rows: &[Row]) {
 fn run_mode(
     mode: &str,
     tarball: &Path,
+    tar_entries: usize,
     c: &Counts,
     local_rows: &mut Option<Vec<Value>>,
 ) -> Vec<tempfile::TempDir> {
@@ -296,31 +338,44 @@ fn run_mode(
     };
     let mut m = client.mount(&flags);
     let local = tempfile::tempdir().unwrap();
-    floor(local.path(), &cluster.url);
+    let costs = floor(local.path(), &cluster.url);
 
-    // Each workload in a fresh subdirectory of both trees.
-    type Work<'a> = (&'static str, Box<dyn Fn(&Path) -> Value + 'a>);
+    // Each workload in a fresh subdirectory of both trees, with the operations it counts.
+    type Work<'a> = (&'static str, usize, Box<dyn Fn(&Path) -> Value + 'a>);
     let works: Vec<Work> = vec![
         (
             "create 2,000 x 4 KiB files in 20 dirs",
+            c.small_files,
             Box::new(|d: &Path| create_small(d, c)),
         ),
-        ("read them back", Box::new(|d: &Path| read_small(d, c))),
-        ("stat them all", Box::new(|d: &Path| stat_small(d, c))),
         (
-            "untar /usr/include (s)",
+            "read them back",
+            c.small_files,
+            Box::new(|d: &Path| read_small(d, c)),
+        ),
+        (
+            "stat them all",
+            c.small_files,
+            Box::new(|d: &Path| stat_small(d, c)),
+        ),
+        (
+            "untar /usr/include (s; per entry)",
+            tar_entries,
             Box::new(|d: &Path| untar(d, tarball)),
         ),
         (
             "editor saves (16 KiB tmp, fsync, rename)",
+            c.saves,
             Box::new(|d: &Path| editor_saves(d, c)),
         ),
         (
             "mkdir/create/unlink/rmdir (ops)",
+            c.ns_rounds * 4,
             Box::new(|d: &Path| namespace_ops(d, c)),
         ),
         (
             "write 256 MiB + fsync + close",
+            1,
             Box::new(|d: &Path| write_big(d)),
         ),
     ];
@@ -333,7 +388,7 @@ fn run_mode(
     };
     // "read"/"stat" reuse the tree "create" made.
     let mut dirs: Vec<(PathBuf, PathBuf)> = Vec::new();
-    for (i, (name, f)) in works.iter().enumerate() {
+    for (i, (name, ops, f)) in works.iter().enumerate() {
         let shared = i <= 2;
         let (l, d) = if shared && i > 0 {
             dirs[0].clone()
@@ -350,13 +405,24 @@ fn run_mode(
             Some(v) => v[i],
             None => f(&l),
         };
+        let before = settled_flushes(&cluster);
         let dv = f(&d);
-        println!("  {name}: local {} · dfs {}", lv.show(), dv.show());
+        let after = settled_flushes(&cluster);
+        let n = (*ops).max(1) as f64;
+        let per_op = ((after.0 - before.0) / n, (after.1 - before.1) / n);
+        println!(
+            "  {name}: local {} · dfs {} · {:.1}+{:.1} flushes/op",
+            lv.show(),
+            dv.show(),
+            per_op.0,
+            per_op.1
+        );
         locals.push(lv);
         rows.push(Row {
             name,
             local: lv,
             dfs: dv,
+            flushes_per_op: Some(per_op),
         });
     }
     let big_dir_local = local.path().join("w6");
@@ -377,6 +443,7 @@ fn run_mode(
         name: "cold read 256 MiB",
         local: lv,
         dfs: dv,
+        flushes_per_op: None,
     });
     let lv = match local_rows {
         Some(v) => v[8],
@@ -388,9 +455,10 @@ fn run_mode(
         name: "warm read 256 MiB",
         local: lv,
         dfs: dv,
+        flushes_per_op: None,
     });
     let rss_read = peak_rss_mib(m.pid());
-    print_rows(mode, &rows);
+    print_rows(mode, &rows, costs);
     println!(
         "client peak RSS: {rss_write:.0} MiB (writing), {rss_read:.0} MiB (reading after remount)"
     );
@@ -417,6 +485,17 @@ fn main() {
         .status()
         .unwrap();
     assert!(st.success(), "packing /usr/include failed");
+    let listing = Command::new("tar")
+        .arg("-tf")
+        .arg(&tarball)
+        .output()
+        .unwrap();
+    assert!(listing.status.success(), "listing the tarball failed");
+    let tar_entries = listing
+        .stdout
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .count();
     let mut local_rows = None;
     // Each mode's files are deleted only after the last mode: on ext4 without a journal (this
     // machine's disk) every new inode skips the ones freed in the last 30 s, so deleting one
@@ -424,7 +503,7 @@ fn main() {
     // local baseline's.
     let mut leftovers = Vec::new();
     for mode in modes.split(',').map(str::trim).filter(|m| !m.is_empty()) {
-        leftovers.extend(run_mode(mode, &tarball, &c, &mut local_rows));
+        leftovers.extend(run_mode(mode, &tarball, tar_entries, &c, &mut local_rows));
     }
     drop(leftovers);
 }
