@@ -96,8 +96,10 @@ fn a_dead_replica_does_not_stop_reads_and_catches_up_when_it_returns() {
         .unwrap()
         .to_owned();
     let node = cluster.meta_of("r.txt")["id"].as_u64().unwrap();
-    let blob = dfs_tests::blob_path(&cluster.data_dir(&victim), node, &hash);
-    assert_eq!(dfs_tests::blob_content(&blob).unwrap(), b"two\n");
+    assert_eq!(
+        dfs_tests::blob_content(&cluster.data_dir(&victim), node, &hash).unwrap(),
+        b"two\n"
+    );
 }
 
 #[test]
@@ -113,12 +115,8 @@ fn a_corrupt_copy_is_found_by_the_scrub_repaired_and_never_served() {
     let hash = meta["hash"].as_str().unwrap().to_owned();
     // Corrupt every replica's copy (same length, different bytes).
     for r in server_ids(&meta, "replicas") {
-        let blob =
-            dfs_tests::blob_path(&cluster.data_dir(&cluster.file_service_of(r)), node, &hash);
-        // Same length, every byte of the body zero (a trailer, if any, kept).
-        let mut bytes = std::fs::read(&blob).unwrap();
-        bytes[..200_000].fill(0);
-        std::fs::write(&blob, bytes).unwrap();
+        // Same length, every byte of the body zero.
+        dfs_tests::corrupt_blob(&cluster.data_dir(&cluster.file_service_of(r)), node, &hash);
     }
     // A fresh reader never gets the corrupt bytes.
     let b = Client::new(&cluster.url);
@@ -130,13 +128,12 @@ fn a_corrupt_copy_is_found_by_the_scrub_repaired_and_never_served() {
         server_ids(&cluster.meta_of("c.bin"), "replicas")
             .iter()
             .all(|r| {
-                let blob = dfs_tests::blob_path(
+                dfs_tests::blob_content(
                     &cluster.data_dir(&cluster.file_service_of(*r)),
                     node,
                     &hash,
-                );
-                dfs_tests::blob_content(&blob)
-                    .is_ok_and(|b| b.len() == 200_000 && b.iter().any(|&x| x != 0))
+                )
+                .is_some_and(|b| b.len() == 200_000 && b.iter().any(|&x| x != 0))
             })
             && server_ids(&cluster.meta_of("c.bin"), "holders").len() == 3
     });
@@ -168,20 +165,6 @@ fn directory_lock_and_auth_killed_and_restarted_lose_nothing_and_leave_no_lock()
     assert_eq!(ok(mb.sh("cat d/1.txt d/6.txt")), "again\nafter\n");
 }
 
-/// Every blob file a file server's data directory holds (quarantined ones not counted).
-fn stored_blobs(data: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for shard in std::fs::read_dir(data.join("objects")).unwrap().flatten() {
-        for f in std::fs::read_dir(shard.path()).unwrap().flatten() {
-            if !f.file_name().to_string_lossy().starts_with('.') {
-                out.push(f.path());
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 #[test]
 fn regression_a_file_server_told_a_wrong_or_wiped_directory_deletes_nothing() {
     let mut cluster = SplitCluster::start_with(3, &["--scrub-interval-secs", "1"]);
@@ -191,7 +174,7 @@ fn regression_a_file_server_told_a_wrong_or_wiped_directory_deletes_nothing() {
     ok(m.sh("for i in 1 2 3 4 5 6; do echo keep-$i > k$i.txt; done"));
     m.unmount();
     let names = ["file-1", "file-2", "file-3"];
-    let held = |c: &SplitCluster| -> Vec<Vec<std::path::PathBuf>> {
+    let held = |c: &SplitCluster| -> Vec<Vec<(u64, String)>> {
         names.iter().map(|n| stored_blobs(&c.data_dir(n))).collect()
     };
     let before = held(&cluster);
@@ -265,7 +248,7 @@ fn regression_a_file_server_told_a_wrong_or_wiped_directory_deletes_nothing() {
     let quarantined = eventually(Duration::from_secs(30), || {
         names.iter().all(|n| {
             let data = cluster.data_dir(n);
-            !dfs_tests::blob_path(&data, node, &hash).exists()
+            !dfs_tests::has_blob(&data, node, &hash)
                 && std::fs::read_dir(data.join("quarantine")).is_ok_and(|d| {
                     d.flatten()
                         .any(|e| e.file_name().to_string_lossy().ends_with(&suffix))

@@ -41,7 +41,7 @@ fn meta_of(cluster: &Cluster, name: &str) -> serde_json::Value {
 /// How many file servers hold `(node, hash)` on disk.
 fn copies_on_disk(cluster: &Cluster, node: u64, hash: &str) -> usize {
     (1..=3)
-        .filter(|i| blob_path(&cluster.data.join(format!("file-{i}")), node, hash).is_file())
+        .filter(|i| has_blob(&cluster.data.join(format!("file-{i}")), node, hash))
         .count()
 }
 

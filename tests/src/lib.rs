@@ -62,25 +62,79 @@ pub fn http_get_text(url: &str) -> String {
     rt.block_on(async { reqwest::get(url).await.unwrap().text().await.unwrap() })
 }
 
-/// Where the file server with data directory `data` keeps the blob `(node, hash)`: stored
-/// through a slot (`<node>-<hash>.t`, body then a 56-byte trailer) or as a plain file.
-pub fn blob_path(data: &Path, node: u64, hash: &str) -> PathBuf {
+/// Where the file server with data directory `data` keeps the blob `(node, hash)`: a record in
+/// one of its packs (path, body offset, length), or a file of its own (offset 0; a legacy
+/// slot's trailer not counted).
+pub fn blob_location(data: &Path, node: u64, hash: &str) -> Option<(PathBuf, u64, u64)> {
+    let packs = dfs_server::file::pack::stored(&data.join(dfs_server::file::PACKS)).unwrap();
+    if let Some((path, loc)) = packs.get(&(node, hash.to_owned())) {
+        return Some((path.clone(), loc.body, loc.len));
+    }
     let shard = data.join(format!("objects/{:02x}", node % 256));
     let with_trailer = shard.join(format!("{node}-{hash}.t"));
-    if with_trailer.exists() {
-        with_trailer
-    } else {
-        shard.join(format!("{node}-{hash}"))
+    let plain = shard.join(format!("{node}-{hash}"));
+    if let Ok(m) = std::fs::metadata(&with_trailer) {
+        return Some((with_trailer, 0, m.len().saturating_sub(56)));
     }
+    std::fs::metadata(&plain).ok().map(|m| (plain, 0, m.len()))
 }
 
-/// The content of a blob file found by `blob_path` (without its trailer).
-pub fn blob_content(path: &Path) -> std::io::Result<Vec<u8>> {
-    let mut data = std::fs::read(path)?;
-    if path.extension().is_some_and(|e| e == "t") {
-        data.truncate(data.len().saturating_sub(56));
+/// Whether the file server with data directory `data` stores the blob `(node, hash)`.
+pub fn has_blob(data: &Path, node: u64, hash: &str) -> bool {
+    blob_location(data, node, hash).is_some()
+}
+
+/// The stored bytes of a blob, as they are on disk (corrupt ones too).
+pub fn blob_content(data: &Path, node: u64, hash: &str) -> Option<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let (path, at, len) = blob_location(data, node, hash)?;
+    let mut buf = vec![0u8; len as usize];
+    std::fs::File::open(path)
+        .ok()?
+        .read_exact_at(&mut buf, at)
+        .ok()?;
+    Some(buf)
+}
+
+/// Overwrites every byte of a stored blob with zeros, in place (same length).
+pub fn corrupt_blob(data: &Path, node: u64, hash: &str) {
+    use std::os::unix::fs::FileExt;
+    let (path, at, len) = blob_location(data, node, hash).expect("blob stored");
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&vec![0u8; len as usize], at).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Every blob the file server with data directory `data` stores, as (node, hash), sorted.
+pub fn stored_blobs(data: &Path) -> Vec<(u64, String)> {
+    let mut out: Vec<(u64, String)> =
+        dfs_server::file::pack::stored(&data.join(dfs_server::file::PACKS))
+            .unwrap()
+            .into_keys()
+            .collect();
+    if let Ok(shards) = std::fs::read_dir(data.join("objects")) {
+        for shard in shards.flatten() {
+            for f in std::fs::read_dir(shard.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let name = f
+                    .file_name()
+                    .to_string_lossy()
+                    .trim_end_matches(".t")
+                    .to_owned();
+                if let Some((n, h)) = name.split_once('-')
+                    && let Ok(n) = n.parse()
+                    && !name.starts_with('.')
+                {
+                    out.push((n, h.to_owned()));
+                }
+            }
+        }
     }
-    Ok(data)
+    out.sort();
+    out
 }
 
 /// Fails (never skips) when there is no FUSE device: CI must run the mount tests.

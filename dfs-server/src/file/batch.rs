@@ -8,7 +8,6 @@
 //! fsync). The acknowledgement rule is the single write's: primary + one replica per file.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -20,8 +19,8 @@ use common::api::{
 use common::{ContentHash, NodeId, NodeMeta, ServerId};
 use sha2::{Digest, Sha256};
 
+use super::FileStore;
 use super::replicate::{FileServer, live_replicas};
-use super::{FileStore, TmpGuard, tmp_in};
 use crate::error::{ServiceError, ServiceResult, item_result};
 
 /// A parsed batch frame: its header and each body, in item order.
@@ -85,170 +84,44 @@ fn check_bounds(sizes: &[u64], max_blob_bytes: u64) -> ServiceResult<()> {
 }
 
 impl FileStore {
-    /// Stores several small blobs durably, each as a single write would (temp file in its
-    /// shard, fdatasync, rename, shard fsync) but a step at a time for all of them: every body
-    /// written, then every temp fdatasynced in parallel, then every rename, then every shard
-    /// directory touched fsynced in parallel (concurrent flushes of one disk merge in the
-    /// block layer, so the batch costs about two flushes, not two per blob). Nothing is under
-    /// its final name before its content is durable, and nothing is acknowledged before its
-    /// name is. One result per blob: a body whose hash differs, or whose write or sync fails,
-    /// fails alone.
+    /// Stores several small blobs durably: each body checked against its hash, then all of
+    /// them appended to the active pack and made durable with one fdatasync (see `pack`). One
+    /// result per blob: a body whose hash differs fails alone.
     pub async fn put_many(
         &self,
         items: Vec<(NodeId, ContentHash, Bytes)>,
     ) -> Vec<ServiceResult<u64>> {
-        let jobs: Vec<Job> = items
-            .into_iter()
-            .map(|(node, hash, body)| Job {
-                dir: self.shard_dir(node),
-                dest: self.blob_path(node, &hash),
-                hash,
-                body,
-            })
-            .collect();
-        let n = jobs.len();
-        let results = match tokio::task::spawn_blocking(move || store_many(jobs)).await {
-            Ok(r) => r,
-            Err(e) => {
-                return (0..n)
-                    .map(|_| Err(ServiceError::internal("storing a batch", &e)))
-                    .collect();
+        let mut results: Vec<Option<ServiceResult<u64>>> = Vec::with_capacity(items.len());
+        let mut good: Vec<(NodeId, ContentHash, Vec<Bytes>)> = Vec::new();
+        let mut slots: Vec<usize> = Vec::new();
+        for (i, (node, hash, body)) in items.into_iter().enumerate() {
+            let actual = ContentHash::from_digest(&Sha256::digest(&body).into());
+            if actual != hash {
+                results.push(Some(Err(ServiceError::HashMismatch {
+                    declared: hash.to_string(),
+                    actual: actual.to_string(),
+                })));
+            } else if body.len() as u64 > super::pack::PACK_BLOB_MAX {
+                results.push(Some(Err(ServiceError::TooLarge(format!(
+                    "a batched blob is at most {} bytes",
+                    super::pack::PACK_BLOB_MAX
+                )))));
+            } else {
+                results.push(None);
+                slots.push(i);
+                good.push((node, hash, vec![body]));
             }
-        };
-        for size in results.iter().flatten() {
-            self.stats.fsyncs.fetch_add(2, Ordering::Relaxed);
-            self.stats.bytes_in.fetch_add(*size, Ordering::Relaxed);
+        }
+        for (i, r) in slots.into_iter().zip(self.put_small(good).await) {
+            results[i] = Some(r);
         }
         results
-    }
-}
-
-/// One blob of `store_many`.
-struct Job {
-    dir: PathBuf,
-    dest: PathBuf,
-    hash: ContentHash,
-    body: Bytes,
-}
-
-fn store_many(jobs: Vec<Job>) -> Vec<ServiceResult<u64>> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut results: Vec<ServiceResult<u64>> = Vec::with_capacity(jobs.len());
-    // (job, temp guard, open temp)
-    let mut staged: Vec<(usize, TmpGuard, std::fs::File)> = Vec::new();
-    for (i, job) in jobs.iter().enumerate() {
-        let actual = ContentHash::from_digest(&Sha256::digest(&job.body).into());
-        if actual != job.hash {
-            results.push(Err(ServiceError::HashMismatch {
-                declared: job.hash.to_string(),
-                actual: actual.to_string(),
-            }));
-            continue;
-        }
-        let tmp = tmp_in(&job.dir);
-        let guard = TmpGuard(Some(tmp.clone()));
-        // Private: blobs are every user's file contents.
-        let written = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .and_then(|mut f| f.write_all(&job.body).map(|()| f));
-        match written {
-            Ok(f) => {
-                results.push(Ok(job.body.len() as u64));
-                staged.push((i, guard, f));
-            }
-            Err(e) => results.push(Err(e.into())),
-        }
-    }
-    let files: Vec<&std::fs::File> = staged.iter().map(|(_, _, f)| f).collect();
-    let synced = sync_parallel(&files, |f| f.sync_data());
-    let mut renamed: Vec<usize> = Vec::new();
-    for ((i, guard, _), r) in staged.iter_mut().zip(synced) {
-        let job = &jobs[*i];
-        let done = match (r, guard.0.clone()) {
-            (Ok(()), Some(tmp)) => std::fs::rename(&tmp, &job.dest),
-            (Err(e), _) => Err(e),
-            (Ok(()), None) => Err(std::io::Error::other("temp file already gone")),
-        };
-        match done {
-            Ok(()) => {
-                guard.0 = None;
-                renamed.push(*i);
-            }
-            Err(e) => results[*i] = Err(e.into()),
-        }
-    }
-    drop(staged);
-    let dirs: std::collections::BTreeSet<&PathBuf> =
-        renamed.iter().map(|i| &jobs[*i].dir).collect();
-    let dirs: Vec<&PathBuf> = dirs.into_iter().collect();
-    let opened: Vec<std::io::Result<std::fs::File>> =
-        dirs.iter().map(std::fs::File::open).collect();
-    let mut dir_ok: std::collections::BTreeMap<&PathBuf, std::io::Result<()>> = Default::default();
-    let mut handles = Vec::new();
-    let mut handle_dirs = Vec::new();
-    for (d, f) in dirs.iter().zip(opened) {
-        match f {
-            Ok(f) => {
-                handles.push(f);
-                handle_dirs.push(*d);
-            }
-            Err(e) => {
-                dir_ok.insert(*d, Err(e));
-            }
-        }
-    }
-    for (d, r) in handle_dirs
-        .into_iter()
-        .zip(sync_parallel(&handles, |f| f.sync_all()))
-    {
-        dir_ok.insert(d, r);
-    }
-    for i in renamed {
-        if let Some(Err(e)) = dir_ok.get(&jobs[i].dir) {
-            // The name may not be durable: not acknowledged. The copy stays (its content is
-            // durable and correct); the scrub drops it if it is never committed.
-            results[i] = Err(ServiceError::internal("syncing a batch", e));
-        }
-    }
-    results
-}
-
-/// Runs `sync` on every file, on up to 8 threads at once: concurrent flushes of one disk are
-/// merged by the block layer, so N files cost about one flush rather than N in a row.
-fn sync_parallel<F: std::borrow::Borrow<std::fs::File> + Sync>(
-    files: &[F],
-    sync: impl Fn(&std::fs::File) -> std::io::Result<()> + Sync,
-) -> Vec<std::io::Result<()>> {
-    if files.len() <= 1 {
-        return files.iter().map(|f| sync(f.borrow())).collect();
-    }
-    let per = files.len().div_ceil(8);
-    let sync = &sync;
-    std::thread::scope(|s| {
-        let handles: Vec<_> = files
-            .chunks(per)
-            .map(|chunk| {
-                (
-                    chunk.len(),
-                    s.spawn(move || chunk.iter().map(|f| sync(f.borrow())).collect::<Vec<_>>()),
-                )
-            })
-            .collect();
-        handles
             .into_iter()
-            .flat_map(|(n, h)| {
-                h.join().unwrap_or_else(|_| {
-                    (0..n)
-                        .map(|_| Err(std::io::Error::other("sync thread panicked")))
-                        .collect()
-                })
+            .map(|r| {
+                r.unwrap_or_else(|| Err(ServiceError::internal("storing a batch", "no result")))
             })
             .collect()
-    })
+    }
 }
 
 /// What the primary decided for one item before storing it.
@@ -648,15 +521,22 @@ mod tests {
             .await
             .expect("read");
         assert_eq!((len, &body[..]), (3, &b"one"[..]));
-        // Through slots: the pool shrank by the blobs stored, the refused one's slot is gone.
         assert!(!store.has(NodeId(2), &hash(b"not this")));
         assert!(!store.has(NodeId(2), &hash(b"two")));
-        let temps = store.blobs().len();
-        assert_eq!(temps, 2, "only the two good blobs are stored");
-        let leftovers = std::fs::read_dir(store.shard_dir(NodeId(2)))
-            .expect("shard")
-            .flatten()
-            .count();
-        assert_eq!(leftovers, 0, "no temp file of the refused blob is left");
+        // Empty content is never stored: every server "has" it.
+        assert!(store.has(NodeId(3), &hash(b"")));
+        assert_eq!(
+            store.blobs().len(),
+            1,
+            "only the good non-empty blob is stored"
+        );
+        assert_eq!(
+            store
+                .stats
+                .fsyncs
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "the batch cost one fdatasync"
+        );
     }
 }

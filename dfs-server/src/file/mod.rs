@@ -1,13 +1,15 @@
 //! `FileStore`: one file server's blobs, stored by node id and content hash (never by a user
 //! path), hash-checked while streaming; plus the per-file fence high-water mark and counters.
 //!
-//! Layout: `objects/<shard>/<node>-<hash>`, 256 shard directories made (and fsynced) once at
-//! open, so a new file never creates a directory. A blob is written to a temp name in its shard,
-//! fsynced, renamed, and the shard directory fsynced: two fsyncs per durable blob, none for
-//! parents. Blobs of the older `blobs/<node>/<hash>` layout are moved over at open.
+//! Layout: blobs up to 1 MiB are records in pack files (`packs/`, see `pack`): durable with one
+//! fdatasync, shared by concurrent writers. Larger ones are files,
+//! `objects/<shard>/<node>-<hash>`, in 256 shard directories made (and fsynced) once at open:
+//! written to a temp name in the shard, fsynced, renamed, and the shard directory fsynced. Blobs
+//! of older layouts (`blobs/<node>/<hash>`, slot files) are read and moved over at open.
 
 pub mod batch;
 pub mod membership;
+pub mod pack;
 pub mod replicate;
 pub mod routes;
 pub mod scrub;
@@ -30,6 +32,8 @@ use crate::store::sync_dir;
 
 const SHARDS: u64 = 256;
 const TMP_PREFIX: &str = ".tmp-";
+/// Where the pack files are (see `pack`).
+pub const PACKS: &str = "packs";
 /// Where the scrub sets aside copies it would otherwise delete (see `scrub`).
 pub const QUARANTINE: &str = "quarantine";
 
@@ -55,6 +59,8 @@ pub struct Stats {
 /// Blob storage of one file server.
 pub struct FileStore {
     root: PathBuf,
+    /// Blobs up to `pack::PACK_BLOB_MAX`, as records in pack files.
+    packs: std::sync::Arc<pack::Packs>,
     db: GroupCommit,
     /// Counters.
     pub stats: Stats,
@@ -99,8 +105,10 @@ impl FileStore {
         let tx = db.begin_write()?;
         tx.open_table(FENCES)?;
         tx.commit()?;
+        let packs = std::sync::Arc::new(pack::Packs::open(&root.join(PACKS))?);
         let store = FileStore {
             root,
+            packs,
             db: GroupCommit::new(db),
             stats: Stats::default(),
             max_blob_bytes,
@@ -165,6 +173,7 @@ impl FileStore {
     /// Whether this server holds `hash` for `node`.
     pub fn has(&self, node: NodeId, hash: &ContentHash) -> bool {
         hash.as_str() == ContentHash::EMPTY_HEX
+            || self.packs.get(node, hash).is_some()
             || self.trailer_blob_path(node, hash).is_file()
             || self.blob_path(node, hash).is_file()
     }
@@ -175,7 +184,21 @@ impl FileStore {
         node: NodeId,
         hash: &ContentHash,
     ) -> ServiceResult<(tokio::io::Take<tokio::fs::File>, u64)> {
-        use tokio::io::AsyncReadExt;
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        // A pack being compacted may go between the lookup and the open: look again once.
+        for _ in 0..2 {
+            let Some(loc) = self.packs.get(node, hash) else {
+                break;
+            };
+            match tokio::fs::File::open(self.packs.path(loc.seq)).await {
+                Ok(mut f) => {
+                    f.seek(std::io::SeekFrom::Start(loc.body)).await?;
+                    return Ok((f.take(loc.len), loc.len));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
         let with_trailer = self.trailer_blob_path(node, hash);
         let (f, trailer) = match tokio::fs::File::open(&with_trailer).await {
             Ok(f) => (f, slots::TRAILER_LEN),
@@ -234,14 +257,10 @@ impl FileStore {
         }
         if !streaming {
             check_hash(hasher, declared)?;
-            let dir = self.shard_dir(node);
-            let dest = self.blob_path(node, declared);
-            tokio::task::spawn_blocking(move || store_small(&dir, &dest, &head))
-                .await
-                .map_err(|e| ServiceError::internal("storing a blob", e))??;
-            self.stats.fsyncs.fetch_add(2, Ordering::Relaxed);
-            self.stats.bytes_in.fetch_add(size, Ordering::Relaxed);
-            return Ok(size);
+            let mut results = self.put_small(vec![(node, declared.clone(), head)]).await;
+            return results
+                .pop()
+                .unwrap_or_else(|| Err(ServiceError::internal("storing a blob", "no result")));
         }
         let dir = self.shard_dir(node);
         let tmp_path = tmp_in(&dir);
@@ -277,9 +296,72 @@ impl FileStore {
         Ok(size)
     }
 
-    /// Every stored blob as (node, hash, path).
-    pub fn blobs(&self) -> Vec<(NodeId, ContentHash, PathBuf)> {
-        let mut out = Vec::new();
+    /// Stores small blobs (each at most `pack::PACK_BLOB_MAX`, hash already checked) as pack
+    /// records: durable together with one fdatasync. One result (the size) per blob.
+    pub async fn put_small(
+        &self,
+        items: Vec<(NodeId, ContentHash, Vec<Bytes>)>,
+    ) -> Vec<ServiceResult<u64>> {
+        let n = items.len();
+        // Empty content is never stored (every server has it). Anything else is appended even
+        // if a record of it exists: that one may never have been made durable (see `pack`).
+        let fresh: Vec<usize> = (0..n)
+            .filter(|i| items[*i].1.as_str() != ContentHash::EMPTY_HEX)
+            .collect();
+        let sizes: Vec<u64> = items
+            .iter()
+            .map(|(_, _, b)| b.iter().map(|c| c.len() as u64).sum())
+            .collect();
+        let mut results: Vec<ServiceResult<u64>> = sizes.iter().map(|s| Ok(*s)).collect();
+        if fresh.is_empty() {
+            return results;
+        }
+        let packs = self.packs.clone();
+        let todo: Vec<(NodeId, ContentHash, Vec<Bytes>)> =
+            fresh.iter().map(|i| items[*i].clone()).collect();
+        let stored = tokio::task::spawn_blocking(move || {
+            let refs: Vec<(NodeId, ContentHash, &[Bytes])> = todo
+                .iter()
+                .map(|(n, h, b)| (*n, h.clone(), b.as_slice()))
+                .collect();
+            packs.put_many(&refs)
+        })
+        .await;
+        match stored {
+            Ok((stored, syncs)) => {
+                self.stats.fsyncs.fetch_add(syncs, Ordering::Relaxed);
+                for (i, r) in fresh.into_iter().zip(stored) {
+                    match r {
+                        Ok(size) => {
+                            self.stats.bytes_in.fetch_add(size, Ordering::Relaxed);
+                        }
+                        Err(e) => results[i] = Err(e.into()),
+                    }
+                }
+            }
+            Err(e) => {
+                for i in fresh {
+                    results[i] = Err(ServiceError::internal("storing blobs", &e));
+                }
+            }
+        }
+        results
+    }
+
+    /// Every stored blob as (node, hash, when it was written).
+    pub fn blobs(&self) -> Vec<(NodeId, ContentHash, std::time::SystemTime)> {
+        let mut out: Vec<(NodeId, ContentHash, std::time::SystemTime)> = self
+            .packs
+            .all()
+            .into_iter()
+            .map(|(node, hash, loc)| {
+                (
+                    node,
+                    hash,
+                    std::time::UNIX_EPOCH + std::time::Duration::from_nanos(loc.written_ns),
+                )
+            })
+            .collect();
         for shard in 0..SHARDS {
             let Ok(files) = std::fs::read_dir(self.shard_dir(NodeId(shard))) else {
                 continue;
@@ -293,15 +375,46 @@ impl FileStore {
                     continue;
                 };
                 if let (Ok(node), Ok(hash)) = (node.parse::<u64>(), ContentHash::parse(hash)) {
-                    out.push((NodeId(node), hash, f.path()));
+                    let written = f
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .unwrap_or_else(|_| std::time::SystemTime::now());
+                    out.push((NodeId(node), hash, written));
                 }
             }
         }
         out
     }
 
+    /// Deletes one blob, if it is still the copy written at `written` (as `blobs` reported
+    /// it): a copy stored again since is kept.
+    pub fn remove_blob_written(
+        &self,
+        node: NodeId,
+        hash: &ContentHash,
+        written: std::time::SystemTime,
+    ) -> ServiceResult<()> {
+        if self.packs.get(node, hash).is_some() {
+            let ns = written
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+            self.packs.remove(node, hash, Some(ns))?;
+            return Ok(());
+        }
+        let same = |p: PathBuf| {
+            std::fs::metadata(&p)
+                .and_then(|m| m.modified())
+                .is_ok_and(|m| m == written)
+        };
+        if same(self.blob_path(node, hash)) || same(self.trailer_blob_path(node, hash)) {
+            self.remove_blob(node, hash)?;
+        }
+        Ok(())
+    }
+
     /// Deletes one blob.
     pub fn remove_blob(&self, node: NodeId, hash: &ContentHash) -> ServiceResult<()> {
+        self.packs.remove(node, hash, None)?;
         for path in [
             self.trailer_blob_path(node, hash),
             self.blob_path(node, hash),
@@ -323,6 +436,13 @@ impl FileStore {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
+        if let Some(loc) = self.packs.get(node, hash) {
+            // Copied out of its pack durably first; only then is the record dropped.
+            let body = self.packs.read(&loc)?;
+            let to = dir.join(format!("{now}-{}-{}", node.0, hash.as_str()));
+            store_small(&dir, &to, &[Bytes::from(body)])?;
+            self.packs.remove(node, hash, Some(loc.written_ns))?;
+        }
         for path in [
             self.trailer_blob_path(node, hash),
             self.blob_path(node, hash),
@@ -361,6 +481,15 @@ impl FileStore {
             }
         }
         purged
+    }
+
+    /// Compacts the packs (see `pack`): on the blocking pool. Returns the packs deleted.
+    pub async fn compact(&self) -> ServiceResult<usize> {
+        let packs = self.packs.clone();
+        tokio::task::spawn_blocking(move || packs.compact())
+            .await
+            .map_err(|e| ServiceError::internal("compacting packs", e))?
+            .map_err(Into::into)
     }
 
     /// Re-hashes a blob: whether its content still matches its name.
@@ -523,6 +652,16 @@ mod tests {
         )
     }
 
+    async fn body_of(store: &FileStore, node: u64, hash: &ContentHash) -> Vec<u8> {
+        let (mut f, len) = store.open_blob(NodeId(node), hash).await.expect("open");
+        let mut body = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut f, &mut body)
+            .await
+            .expect("body");
+        assert_eq!(len, body.len() as u64);
+        body
+    }
+
     fn hash_of(data: &[u8]) -> ContentHash {
         ContentHash::from_digest(&Sha256::digest(data).into())
     }
@@ -539,9 +678,10 @@ mod tests {
                 .expect("put"),
             11
         );
-        assert_eq!(
-            std::fs::read(store.blob_path(NodeId(5), &h)).expect("read"),
-            b"hello world"
+        assert_eq!(body_of(&store, 5, &h).await, b"hello world");
+        assert!(
+            !store.blob_path(NodeId(5), &h).exists(),
+            "a small blob is a pack record, not a file"
         );
         // A blob an earlier build stored with a trailer: readers get the body only.
         let legacy = hash_of(b"legacy");
@@ -609,6 +749,7 @@ mod tests {
             .put_stream(NodeId(7), &hash, chunks(&[b"set aside"]))
             .await
             .expect("put");
+        assert_eq!(body_of(&store, 7, &hash).await, body);
         store.quarantine_blob(NodeId(7), &hash).expect("quarantine");
         assert!(!store.has(NodeId(7), &hash), "no longer served");
         assert!(store.blobs().is_empty(), "no longer scrubbed");

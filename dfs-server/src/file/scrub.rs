@@ -32,13 +32,14 @@ impl FileServer {
             return 0;
         }
         self.store.purge_quarantine(self.quarantine_grace);
+        match self.store.compact().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(packs = n, "scrub: compacted packs"),
+            Err(e) => tracing::warn!(error = %e, "scrub: compacting packs failed"),
+        }
         let mut corrupt = 0;
-        for (node, hash, path) in self.store.blobs() {
-            let old_enough = std::fs::metadata(&path)
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age >= grace);
+        for (node, hash, written) in self.store.blobs() {
+            let old_enough = written.elapsed().is_ok_and(|age| age >= grace);
             if !old_enough {
                 continue;
             }
@@ -58,17 +59,16 @@ impl FileServer {
             if meta.hash != hash {
                 // Superseded only if written before the current version was committed; a newer
                 // blob may belong to an upload that is still replicating.
-                let written_ns = std::fs::metadata(&path)
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                let written_ns = written
+                    .duration_since(std::time::UNIX_EPOCH)
                     .map_or(u64::MAX, |d| {
                         u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
                     });
                 // A few seconds of margin for clock skew between this server and the directory.
                 if written_ns.saturating_add(5_000_000_000) < meta.committed_ns {
                     tracing::debug!(%node, %hash, "scrub: dropping a superseded copy");
-                    let _ = self.store.remove_blob(node, &hash);
+                    // Only the copy looked at: one stored again meanwhile (A, B, A) stays.
+                    let _ = self.store.remove_blob_written(node, &hash, written);
                 }
                 continue;
             }
