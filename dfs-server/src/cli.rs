@@ -56,6 +56,10 @@ pub struct Common {
     /// [default: DATA/cluster.key]
     #[arg(long, value_name = "PATH", env = "DFS_CLUSTER_KEY_FILE")]
     pub cluster_key_file: Option<PathBuf>,
+    /// Seconds a request body may send nothing before the request is dropped (and whatever
+    /// it holds, such as a file's write mutex, released).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_idle_secs: u64,
 }
 
 impl Common {
@@ -106,6 +110,10 @@ pub struct AllArgs {
     /// (`dfs signup --cluster-key-file PATH`); otherwise anyone who reaches the auth service can.
     #[arg(long)]
     pub closed_signup: bool,
+    /// Seconds a request body may send nothing before the request is dropped (and whatever
+    /// it holds, such as a file's write mutex, released).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_idle_secs: u64,
 }
 
 /// `directory`.
@@ -198,6 +206,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.lock.lease = Duration::from_millis(a.lease_ms);
                 cfg.auth.token_ttl = Duration::from_secs(a.token_ttl_secs);
                 cfg.auth.open_signup = !a.closed_signup;
+                cfg.body_idle = Duration::from_secs(a.body_idle_secs);
                 let handle = cluster::start(cfg).await?;
                 println!("dfs cluster up; directory: {}", handle.directory_url);
                 println!(
@@ -235,6 +244,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                             crate::directory::routes::router(svc.clone()),
                             verifier,
                             cluster::directory_metrics(&svc),
+                            Duration::from_secs(a.common.body_idle_secs),
                         ),
                         cancel.clone(),
                     ),
@@ -261,6 +271,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                             crate::lock::routes::router(svc),
                             verifier,
                             Arc::new(crate::metrics::Metrics::new()),
+                            Duration::from_secs(a.common.body_idle_secs),
                         ),
                         cancel.clone(),
                     ),
@@ -294,6 +305,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                             crate::auth::routes::router(svc),
                             verifier,
                             Arc::new(crate::metrics::Metrics::new()),
+                            Duration::from_secs(a.common.body_idle_secs),
                         ),
                         cancel.clone(),
                     ),
@@ -320,6 +332,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     capacity: a.max_file_bytes,
                     scrub_interval: Duration::from_secs(a.scrub_interval_secs),
                     quarantine: Duration::from_secs(a.quarantine_secs),
+                    body_idle: Duration::from_secs(a.common.body_idle_secs),
                 };
                 let (_, tasks) =
                     cluster::start_file_server(l, opts, &key, verifier, cancel.clone())?;

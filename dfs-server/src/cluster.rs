@@ -51,6 +51,8 @@ pub struct ClusterConfig {
     pub repair: RepairConfig,
     /// Time between file server scrubs.
     pub scrub_interval: Duration,
+    /// How long a request body may send nothing before the request is dropped.
+    pub body_idle: Duration,
 }
 
 impl ClusterConfig {
@@ -66,6 +68,7 @@ impl ClusterConfig {
             max_file_bytes: DEFAULT_MAX_FILE_BYTES,
             repair: RepairConfig::default(),
             scrub_interval: DEFAULT_SCRUB_INTERVAL,
+            body_idle: crate::http::idle::DEFAULT_BODY_IDLE,
         }
     }
 }
@@ -200,6 +203,8 @@ pub struct FileServerOptions {
     pub scrub_interval: Duration,
     /// How long the scrub keeps the copies it sets aside.
     pub quarantine: Duration,
+    /// How long a request body may send nothing before the request is dropped.
+    pub body_idle: Duration,
 }
 
 /// The directory's metrics: HTTP latency plus its store's fsyncs and durable writes.
@@ -284,6 +289,7 @@ pub fn start_file_server(
             crate::file::routes::router(fs.clone()),
             verifier,
             file_metrics(&fs),
+            opts.body_idle,
         ),
         cancel,
     );
@@ -340,6 +346,7 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
             crate::directory::routes::router(directory.clone()),
             verifier.clone(),
             directory_metrics(&directory),
+            cfg.body_idle,
         ),
         cancel.clone(),
     ));
@@ -352,6 +359,7 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
             crate::auth::routes::router(auth.clone()),
             verifier.clone(),
             Arc::new(Metrics::new()),
+            cfg.body_idle,
         ),
         cancel.clone(),
     ));
@@ -367,6 +375,7 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
             crate::lock::routes::router(lock),
             verifier.clone(),
             Arc::new(Metrics::new()),
+            cfg.body_idle,
         ),
         cancel.clone(),
     ));
@@ -398,6 +407,7 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
             capacity: cfg.max_file_bytes,
             scrub_interval: cfg.scrub_interval,
             quarantine: crate::file::replicate::DEFAULT_QUARANTINE_GRACE,
+            body_idle: cfg.body_idle,
         };
         let (fs, t) = start_file_server(fl, opts, &key, verifier.clone(), cancel.clone())?;
         tasks.extend(t);

@@ -621,6 +621,42 @@ async fn bad_input_gets_json_errors_and_changes_nothing() {
 }
 
 #[tokio::test]
+async fn regression_a_stalled_upload_does_not_block_the_file() {
+    use tokio::io::AsyncWriteExt;
+    let h = Harness::new(|cfg| cfg.body_idle = Duration::from_millis(500)).await;
+    let f = h.create(NodeId::ROOT, "stalled", FileKind::File).await;
+    let primary = h.server_url(f.primary.unwrap()).await;
+    // A writer that sends its headers and a few bytes, then goes silent with the connection
+    // open (a laptop that sleeps mid-upload): it holds the file's write mutex on the primary.
+    let addr = primary.trim_start_matches("http://");
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "PUT {} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {}\r\n{}: 3\r\n{}: {}\r\n\
+         {}: {}\r\n{}: {}\r\ncontent-length: 100000\r\n\r\npartial...",
+        routes::file_write(f.id),
+        h.token,
+        routes::FENCE_HEADER,
+        routes::FENCE_SIG_HEADER,
+        dfs_server::lock::sign_fence(&h.cluster.cluster_key, f.id, common::FenceToken(3)),
+        routes::HASH_HEADER,
+        hash_of(&[0u8; 100_000]).as_str(),
+        routes::UPLOAD_ID_HEADER,
+        UploadId::from_bytes([1; 16]).as_str(),
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The next writer gets through once the stalled body's idle bound has passed.
+    let r = tokio::time::timeout(Duration::from_secs(20), h.write(&f, b"next writer", 4, 2))
+        .await
+        .expect("the next write is not blocked forever by a stalled one");
+    assert!(r.status().is_success(), "{}", r.status());
+    let meta: NodeMeta = r.json().await.unwrap();
+    assert_eq!(meta.hash, hash_of(b"next writer"));
+    drop(stalled);
+    h.cluster.shutdown().await;
+}
+
+#[tokio::test]
 async fn retried_upload_is_applied_once() {
     let h = Harness::new(|_| {}).await;
     let f = h.create(NodeId::ROOT, "idem", FileKind::File).await;

@@ -2,6 +2,7 @@
 //! whose rejections use the dfs error shape, the `Authed` extractor and `/health`.
 
 pub mod authed;
+pub mod idle;
 
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
@@ -70,7 +71,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(ApiJson(v)),
-            Err(JsonRejection::BytesRejection(r)) => {
+            Err(JsonRejection::BytesRejection(r))
+                if r.status() == StatusCode::PAYLOAD_TOO_LARGE =>
+            {
                 Err(AppError(ServiceError::TooLarge(r.body_text())))
             }
             Err(r) => Err(AppError(ServiceError::BadRequest(r.body_text()))),
@@ -158,12 +161,13 @@ pub async fn not_found() -> AppError {
     ))
 }
 
-/// Common layers for a service router: JSON body limit, the verifier, request tracing, 404s,
-/// per-route latency histograms and `GET /metrics`.
+/// Common layers for a service router: JSON body limit, the body idle bound (`idle`), the
+/// verifier, request tracing, 404s, per-route latency histograms and `GET /metrics`.
 pub fn finish(
     router: axum::Router,
     verifier: std::sync::Arc<Verifier>,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
+    body_idle: std::time::Duration,
 ) -> axum::Router {
     let exposition = metrics.clone();
     router
@@ -186,5 +190,9 @@ pub fn finish(
         .route(common::routes::HEALTH, axum::routing::get(health))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(JSON_BODY_LIMIT))
+        .layer(axum::middleware::from_fn_with_state(
+            body_idle,
+            idle::bound_body_idle,
+        ))
         .layer(axum::Extension(verifier))
 }
