@@ -831,6 +831,17 @@ impl DfsFs {
             return self.open_local(node, flags, false);
         }
         let truncating = flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let truncated = truncating && meta.hash.as_str() != ContentHash::EMPTY_HEX;
+        // A copy about to be emptied for a truncating open no longer holds `meta`'s content:
+        // marked as being written before it changes, so a crash from here on is noticed at the
+        // next start (`recover`) and the index never names content the copy lacks.
+        let entry = CacheEntry {
+            writing: truncated,
+            ..CacheEntry::clean(&meta)
+        };
+        if truncated {
+            self.cache.put(node, &entry)?;
+        }
         let tmp = self.cache.tmp_path();
         if meta.hash.as_str() == ContentHash::EMPTY_HEX || truncating {
             // Nothing to fetch: the content is empty, or about to be truncated.
@@ -854,8 +865,10 @@ impl DfsFs {
             }
         }
         self.install(node, &tmp)?;
-        self.cache.put(node, &CacheEntry::clean(&meta))?;
-        let truncated = truncating && meta.hash.as_str() != ContentHash::EMPTY_HEX;
+        self.cache.put(node, &entry)?;
+        fail::fail_point!("open-installed", |_| Err(FsError::Io(
+            std::io::Error::other("fault injected after the copy was installed")
+        )));
         self.open_local(node, flags, truncated)
     }
 

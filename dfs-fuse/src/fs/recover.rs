@@ -41,6 +41,12 @@ impl DfsFs {
                 continue;
             }
             let current = hash_file(&path).ok().map(|(h, _)| h);
+            if current.is_none() && e.pending.is_none() {
+                // No copy (a crash before a download or truncation put one in place): nothing
+                // to keep, nothing to name.
+                self.cache.remove(node)?;
+                continue;
+            }
             let unchanged = current.as_ref().is_some_and(|h| match &e.pending {
                 Some(p) => &p.hash == h,
                 None => &e.hash == h,

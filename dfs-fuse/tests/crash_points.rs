@@ -1,0 +1,90 @@
+//! Crashes at named points inside the client core, injected with fault points (the `fail`
+//! crate, compiled in for tests only). One test per binary run of this file's points: a fault
+//! point is process-wide, so these never share a process with the other core tests.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::ffi::OsStr;
+use std::time::Duration;
+
+use common::NodeId;
+use dfs_fuse::fs::{DfsFs, FsConfig};
+use dfs_fuse::remote::{Remote, RemoteConfig};
+
+fn core(url: &str, login: dfs_fuse::creds::SavedLogin, cache: &std::path::Path) -> DfsFs {
+    let remote = Remote::new(url, Some(login), None, RemoteConfig::default());
+    let config = FsConfig {
+        close_timeout: Duration::from_secs(2),
+        retry_interval: Duration::from_millis(100),
+        ..FsConfig::default()
+    };
+    DfsFs::new(remote, cache, config, "").unwrap()
+}
+
+/// Copies a cache directory as a crash of its process would leave it.
+fn crash_image(from: &std::path::Path, to: &std::path::Path) {
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let dest = to.join(e.file_name());
+        if e.path().is_dir() {
+            std::fs::create_dir_all(&dest).unwrap();
+            crash_image(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), &dest).unwrap();
+        }
+    }
+}
+
+async fn read_all(fs: &DfsFs, node: NodeId) -> Vec<u8> {
+    let o = fs.open(node, libc::O_RDONLY).await.unwrap();
+    let data = fs.read(o.fh, 0, 1 << 20).unwrap();
+    fs.release(o.fh);
+    data
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_crash_inside_a_truncating_open_never_leaves_an_empty_copy_named_as_the_file()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dfs_server::cluster::ClusterConfig::new(
+        dir.path().to_path_buf(),
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    let cluster = dfs_server::cluster::start(cfg).await.unwrap();
+    let r = Remote::new(&cluster.directory_url, None, None, RemoteConfig::default());
+    r.signup("alice", "password123").await.unwrap();
+    let login = r.login("alice", "password123").await.unwrap();
+
+    // The file's content is on the servers; a second client's cache has no copy of it.
+    let writer_cache = tempfile::tempdir().unwrap();
+    let writer = core(&cluster.directory_url, login.clone(), writer_cache.path());
+    let (attr, o) = writer
+        .create(NodeId::ROOT, OsStr::new("kept.txt"), 0o644, libc::O_WRONLY)
+        .await
+        .unwrap();
+    writer.write(o.fh, 0, b"precious content\n").unwrap();
+    writer.flush(o.fh).await.unwrap();
+    writer.release(o.fh);
+    let node = NodeId(attr.ino.0);
+
+    // The second client crashes inside `open(O_TRUNC)`, right after the emptied copy was put
+    // in place and indexed.
+    let cache = tempfile::tempdir().unwrap();
+    let fs = core(&cluster.directory_url, login.clone(), cache.path());
+    fs.lookup(NodeId::ROOT, OsStr::new("kept.txt"))
+        .await
+        .unwrap();
+    fail::cfg("open-installed", "return").unwrap();
+    assert!(fs.open(node, libc::O_WRONLY | libc::O_TRUNC).await.is_err());
+    fail::remove("open-installed");
+    let image = tempfile::tempdir().unwrap();
+    crash_image(cache.path(), image.path());
+    drop(fs);
+
+    // After the restart the file reads as the servers have it, never as the empty copy.
+    let restarted = core(&cluster.directory_url, login, image.path());
+    restarted
+        .lookup(NodeId::ROOT, OsStr::new("kept.txt"))
+        .await
+        .unwrap();
+    assert_eq!(read_all(&restarted, node).await, b"precious content\n");
+    cluster.shutdown().await;
+}
