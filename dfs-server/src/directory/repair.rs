@@ -6,12 +6,17 @@
 //! - **Re-replication**: a file with fewer live holders than `min(replication, live servers)`
 //!   is copied from a live holder to another live server: first a placement member that missed
 //!   versions (a returning server catches up), else a new server.
+//!
+//! A pass never waits for its copies: they run in the background (at most
+//! `max_copies_per_pass` at once, one per file), so a slow or stopped copy target can never
+//! delay the failover of another file to the next pass.
 
-use std::sync::Arc;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{ContentHash, FileKind, NodeMeta, ServerId};
+use common::{ContentHash, FileKind, NodeId, NodeMeta, ServerId};
 use tokio_util::sync::CancellationToken;
 
 use super::DirectoryService;
@@ -86,7 +91,7 @@ pub fn plan(meta: &NodeMeta, live: &[ServerId], replication: u32) -> Repair {
 pub struct RepairConfig {
     /// Time between passes.
     pub interval: Duration,
-    /// Most copies started per pass (throttle).
+    /// Most copies under way at once (throttle).
     pub max_copies_per_pass: usize,
 }
 
@@ -99,8 +104,34 @@ impl Default for RepairConfig {
     }
 }
 
-/// One pass over every file. Returns (promotions, copies) done.
-pub async fn pass(svc: &Arc<DirectoryService>, peer: &Peer, cfg: &RepairConfig) -> (usize, usize) {
+/// The files with a copy under way.
+#[derive(Default, Clone)]
+pub struct InFlight(Arc<Mutex<HashSet<NodeId>>>);
+
+impl InFlight {
+    fn set(&self) -> std::sync::MutexGuard<'_, HashSet<NodeId>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many copies are under way.
+    pub fn len(&self) -> usize {
+        self.set().len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One pass over every file: failovers done at once, copies started in the background (see
+/// the module docs). Returns (promotions done, copies started).
+pub async fn pass(
+    svc: &Arc<DirectoryService>,
+    peer: &Peer,
+    cfg: &RepairConfig,
+    inflight: &InFlight,
+) -> (usize, usize) {
     let live = svc.registry.live();
     let files = {
         let svc = svc.clone();
@@ -133,7 +164,11 @@ pub async fn pass(svc: &Arc<DirectoryService>, peer: &Peer, cfg: &RepairConfig) 
                     tracing::warn!(node = %meta.id, error = %e, "recording a copy failed");
                 }
             }
-            Repair::Copy { from, to } => copies.push((meta, from, to)),
+            Repair::Copy { from, to } => {
+                if !inflight.set().contains(&meta.id) {
+                    copies.push((meta, from, to));
+                }
+            }
         }
     }
     // Then a bounded number of copies, concurrently, starting at a different file each pass so
@@ -143,18 +178,24 @@ pub async fn pass(svc: &Arc<DirectoryService>, peer: &Peer, cfg: &RepairConfig) 
             usize::try_from(PASS.fetch_add(1, Ordering::Relaxed)).unwrap_or(0) % copies.len();
         copies.rotate_left(start);
     }
-    copies.truncate(cfg.max_copies_per_pass);
-    let copied = copies.len();
-    let jobs = copies.into_iter().map(|(meta, from, to)| async move {
-        if copy(svc, peer, &meta, from, to).await {
-            match svc.add_holder(meta.id, &meta.hash, to) {
-                Ok(()) => tracing::info!(node = %meta.id, %from, %to, "re-replicated"),
-                Err(e) => tracing::warn!(node = %meta.id, error = %e, "recording a copy failed"),
+    copies.truncate(cfg.max_copies_per_pass.saturating_sub(inflight.len()));
+    let started = copies.len();
+    for (meta, from, to) in copies {
+        inflight.set().insert(meta.id);
+        let (svc, peer, inflight) = (svc.clone(), peer.clone(), inflight.clone());
+        tokio::spawn(async move {
+            if copy(&svc, &peer, &meta, from, to).await {
+                match svc.add_holder(meta.id, &meta.hash, to) {
+                    Ok(()) => tracing::info!(node = %meta.id, %from, %to, "re-replicated"),
+                    Err(e) => {
+                        tracing::warn!(node = %meta.id, error = %e, "recording a copy failed")
+                    }
+                }
             }
-        }
-    });
-    futures_util::future::join_all(jobs).await;
-    (promoted, copied)
+            inflight.set().remove(&meta.id);
+        });
+    }
+    (promoted, started)
 }
 
 static PASS: AtomicU64 = AtomicU64::new(0);
@@ -192,12 +233,13 @@ pub async fn run(
     cfg: RepairConfig,
     cancel: CancellationToken,
 ) {
+    let inflight = InFlight::default();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(cfg.interval) => {}
         }
-        pass(&svc, &peer, &cfg).await;
+        pass(&svc, &peer, &cfg, &inflight).await;
     }
 }
 

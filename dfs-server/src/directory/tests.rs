@@ -493,6 +493,64 @@ fn regression_a_commit_with_a_stale_placement_or_too_few_copies_is_refused() {
     assert_eq!(ok.meta.version, 1);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_repair_pass_never_waits_for_its_copies() {
+    // Every file server is a black hole: it takes connections and never answers, so any copy
+    // hangs (a stopped or overloaded copy target).
+    let holes: Vec<std::net::TcpListener> = (0..3)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = std::sync::Arc::new(
+        DirectoryService::open(dir.path(), DirectoryConfig::default()).expect("open"),
+    );
+    for l in &holes {
+        svc.register_server(&RegisterServerRequest {
+            url: format!("http://{}", l.local_addr().expect("addr")),
+            capacity_bytes: 1 << 30,
+            previous_id: None,
+            cluster_id: None,
+        })
+        .expect("register");
+    }
+    let f = mk(&svc, NodeId::ROOT, "under-replicated", FileKind::File);
+    let primary = f.primary.expect("primary");
+    svc.commit(
+        f.id,
+        &CommitRequest {
+            hash: ContentHash::from_digest(&[4; 32]),
+            size: 1,
+            fence: FenceToken(1),
+            upload_id: UploadId::from_bytes([4; 16]),
+            holders: vec![primary, f.replicas[0]],
+            writer: "t".into(),
+            primary: Some(primary),
+            replicas: Some(f.replicas.clone()),
+            mode: None,
+            mtime_ns: None,
+        },
+    )
+    .expect("two copies");
+    let peer = crate::peer::Peer::new("key");
+    let cfg = repair::RepairConfig::default();
+    let inflight = repair::InFlight::default();
+    let (_, started) = tokio::time::timeout(
+        Duration::from_secs(5),
+        repair::pass(&svc, &peer, &cfg, &inflight),
+    )
+    .await
+    .expect("a pass returns while its copy hangs");
+    assert_eq!(started, 1);
+    // The next pass does not start a second copy of the same file, nor wait for the first.
+    let (_, again) = tokio::time::timeout(
+        Duration::from_secs(5),
+        repair::pass(&svc, &peer, &cfg, &inflight),
+    )
+    .await
+    .expect("a pass returns while a copy hangs");
+    assert_eq!((again, inflight.len()), (0, 1));
+}
+
 #[test]
 fn a_batch_commit_refuses_items_alone_and_applies_the_rest_durably() {
     let dir = tempfile::tempdir().expect("tempdir");
