@@ -67,6 +67,7 @@ impl FsError {
             FsError::Remote(RemoteError::Timeout(_)) => libc::ETIMEDOUT,
             FsError::Remote(RemoteError::NotLoggedIn(_)) => libc::EACCES,
             FsError::Remote(RemoteError::Network(_) | RemoteError::Io(_)) => libc::EIO,
+            FsError::Remote(RemoteError::Local { errno, .. }) => *errno,
             FsError::Cache(_) => libc::EIO,
             FsError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
             FsError::Name(NameError::TooLong(_)) => libc::ENAMETOOLONG,

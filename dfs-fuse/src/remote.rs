@@ -44,6 +44,15 @@ pub enum RemoteError {
     /// Local I/O while moving file contents.
     #[error("local I/O: {0}")]
     Io(String),
+    /// Writing a download into the local cache failed (the local disk is full, say): no other
+    /// server can help, and the errno is what the caller sees.
+    #[error("local cache: {message}")]
+    Local {
+        /// The OS error number.
+        errno: i32,
+        /// What failed.
+        message: String,
+    },
     /// No saved login for this server.
     #[error("not logged in to {0}; run `dfs login --server {0}`")]
     NotLoggedIn(String),
@@ -576,6 +585,10 @@ impl Remote {
                     self.stats.downloads.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
+                Err(e @ RemoteError::Local { .. }) => {
+                    let _ = std::fs::remove_file(dest);
+                    return Err(e);
+                }
                 Err(e) => {
                     if e.is_unreachable() {
                         self.invalidate_cluster();
@@ -607,7 +620,10 @@ impl Remote {
         if !resp.status().is_success() {
             return Err(api_error(resp).await);
         }
-        let io = |e: std::io::Error| RemoteError::Io(format!("writing {}: {e}", dest.display()));
+        let io = |e: std::io::Error| RemoteError::Local {
+            errno: e.raw_os_error().unwrap_or(libc::EIO),
+            message: format!("writing {}: {e}", dest.display()),
+        };
         let file = tokio::fs::File::create(dest).await.map_err(io)?;
         let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
         let mut hasher = Sha256::new();

@@ -476,3 +476,50 @@ async fn names_known_absent_here_never_hide_another_clients_create_past_the_ttl(
     a.lookup(d, OsStr::new("race")).await.unwrap();
     c.shutdown().await;
 }
+
+/// A small tmpfs mounted for the test's lifetime (needs root, as every mount test here).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(at: &std::path::Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(at).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mounting a tmpfs for the test (needs root)");
+        SmallDisk(at.to_path_buf())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_full_local_cache_is_enospc_not_eio() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let a = core(&c, Some(login(&c, "alice").await), &dir.path().join("a"));
+    let big = vec![7u8; 3 << 20];
+    write_file(&a, "big.bin", &big).await.unwrap();
+    // A second client whose cache disk is smaller than the file.
+    let disk = SmallDisk::mount(&dir.path().join("small"), "1m");
+    let b = core(&c, Some(login(&c, "bob").await), &disk.0);
+    let attr = b.lookup(NodeId::ROOT, OsStr::new("big.bin")).await.unwrap();
+    let Err(e) = b.open(NodeId(attr.ino.0), libc::O_RDONLY).await else {
+        panic!("a 3 MiB copy fit into a 1 MiB cache");
+    };
+    assert_eq!(e.errno(), libc::ENOSPC, "{e}");
+    assert_eq!(
+        b.remote().stats.downloads.load(Ordering::Relaxed),
+        0,
+        "no copy counted as downloaded"
+    );
+    drop(b);
+    drop(disk);
+    c.shutdown().await;
+}
