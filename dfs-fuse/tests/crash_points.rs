@@ -74,9 +74,12 @@ async fn regression_a_crash_inside_a_truncating_open_never_leaves_an_empty_copy_
         .unwrap();
     fail::cfg("open-installed", "return").unwrap();
     assert!(fs.open(node, libc::O_WRONLY | libc::O_TRUNC).await.is_err());
-    fail::remove("open-installed");
     let image = tempfile::tempdir().unwrap();
     crash_image(cache.path(), image.path());
+    // Without a crash too: the failed open left nothing that passes for the file.
+    assert!(fs.open(node, libc::O_WRONLY | libc::O_TRUNC).await.is_err());
+    fail::remove("open-installed");
+    assert_eq!(read_all(&fs, node).await, b"precious content\n");
     drop(fs);
 
     // After the restart the file reads as the servers have it, never as the empty copy.

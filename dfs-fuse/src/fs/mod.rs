@@ -735,13 +735,16 @@ impl DfsFs {
             .write(writable)
             .open(self.cache.path(node))?;
         let mut dirty = truncated && writable;
+        if writable {
+            // Durably noted before any byte changes (the truncation below included), so a
+            // crash is noticed at the next start.
+            self.set_writing(node, true)?;
+        }
         if flags & libc::O_TRUNC != 0 && writable && file.metadata()?.len() > 0 {
             file.set_len(0)?;
             dirty = true;
         }
         if writable {
-            // Durably noted before any byte changes, so a crash is noticed at the next start.
-            self.set_writing(node, true)?;
             *self
                 .writers
                 .lock()
@@ -832,16 +835,36 @@ impl DfsFs {
         }
         let truncating = flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY;
         let truncated = truncating && meta.hash.as_str() != ContentHash::EMPTY_HEX;
-        // A copy about to be emptied for a truncating open no longer holds `meta`'s content:
-        // marked as being written before it changes, so a crash from here on is noticed at the
-        // next start (`recover`) and the index never names content the copy lacks.
-        let entry = CacheEntry {
-            writing: truncated,
-            ..CacheEntry::clean(&meta)
-        };
         if truncated {
-            self.cache.put(node, &entry)?;
+            // The copy is about to be emptied: until it is, and is open, the index names no
+            // server version for it (and says it is being written, for `recover` after a
+            // crash), so that nothing ever takes the emptied copy for `meta`'s content.
+            self.cache.put(
+                node,
+                &CacheEntry {
+                    writing: true,
+                    ..CacheEntry::unknown()
+                },
+            )?;
         }
+        let result = self.fetch_and_open(node, flags, meta, truncating).await;
+        if result.is_err() && truncated {
+            // The copy is in an unknown state: forgotten, fetched again by the next open.
+            let _ = self.cache.remove(node);
+        }
+        result
+    }
+
+    /// `open` once the copy must be fetched or emptied: puts the new copy in place, indexes it
+    /// and opens it.
+    async fn fetch_and_open(
+        &self,
+        node: NodeId,
+        flags: i32,
+        mut meta: NodeMeta,
+        truncating: bool,
+    ) -> FsResult<Opened> {
+        let truncated = truncating && meta.hash.as_str() != ContentHash::EMPTY_HEX;
         let tmp = self.cache.tmp_path();
         if meta.hash.as_str() == ContentHash::EMPTY_HEX || truncating {
             // Nothing to fetch: the content is empty, or about to be truncated.
@@ -865,6 +888,10 @@ impl DfsFs {
             }
         }
         self.install(node, &tmp)?;
+        let entry = CacheEntry {
+            writing: truncated,
+            ..CacheEntry::clean(&meta)
+        };
         self.cache.put(node, &entry)?;
         fail::fail_point!("open-installed", |_| Err(FsError::Io(
             std::io::Error::other("fault injected after the copy was installed")

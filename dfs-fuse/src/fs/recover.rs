@@ -40,7 +40,11 @@ impl DfsFs {
             if !e.writing && !grown_empty {
                 continue;
             }
-            let current = hash_file(&path).ok().map(|(h, _)| h);
+            let current = match hash_file(&path) {
+                Ok((h, _)) => Some(h),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+                Err(err) => return Err(err.into()),
+            };
             if current.is_none() && e.pending.is_none() {
                 // No copy (a crash before a download or truncation put one in place): nothing
                 // to keep, nothing to name.
