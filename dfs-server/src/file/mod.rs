@@ -432,7 +432,10 @@ impl FileStore {
     /// its shard directory restores it.
     pub fn quarantine_blob(&self, node: NodeId, hash: &ContentHash) -> ServiceResult<()> {
         let dir = self.root.join(QUARANTINE);
-        std::fs::create_dir_all(&dir)?;
+        if !dir.is_dir() {
+            std::fs::create_dir_all(&dir)?;
+            sync_dir(&self.root)?;
+        }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -452,8 +455,15 @@ impl FileStore {
             };
             let to = dir.join(format!("{now}-{}", name.to_string_lossy()));
             match std::fs::rename(&path, &to) {
+                Ok(()) => {
+                    // Both names durable: the copy is in quarantine, and only there.
+                    sync_dir(&dir)?;
+                    if let Some(from) = path.parent() {
+                        sync_dir(from)?;
+                    }
+                }
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
-                _ => {}
+                Err(_) => {}
             }
         }
         Ok(())

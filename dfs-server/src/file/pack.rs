@@ -229,6 +229,8 @@ pub struct Scanned {
     pub loc: Loc,
     /// For a tombstone, the (pack, body offset) of the record it removes.
     pub target: (u64, u64),
+    /// Whether a blob's body matched its hash, if the scan checked it.
+    pub verified: Option<bool>,
 }
 
 /// Reads a pack's records in order. A header that does not check out (a torn write at the
@@ -244,9 +246,9 @@ pub fn scan(file: &File, seq: u64, verify: bool) -> std::io::Result<(Vec<Scanned
     let mut end = 0u64;
     while at + HEADER_LEN <= size {
         match record_at(file, at, size, seq, verify)? {
-            Some((r, whole)) => {
+            Some(r) => {
                 at = r.loc.body + r.loc.len;
-                if whole {
+                if r.verified != Some(false) {
                     end = at;
                 }
                 out.push(r);
@@ -272,7 +274,7 @@ fn record_at(
     size: u64,
     seq: u64,
     verify: bool,
-) -> std::io::Result<Option<(Scanned, bool)>> {
+) -> std::io::Result<Option<Scanned>> {
     let mut head = [0u8; HEADER_LEN as usize];
     file.read_exact_at(&mut head, at)?;
     let Some(h) = Header::decode(&head, seq, at) else {
@@ -283,27 +285,30 @@ fn record_at(
         return Ok(None);
     }
     let hash = ContentHash::from_digest(&h.hash);
-    let mut whole = true;
-    if verify && h.kind == KIND_BLOB {
-        let mut buf = vec![0u8; usize::try_from(h.len).unwrap_or(usize::MAX)];
-        file.read_exact_at(&mut buf, body)?;
-        whole = ContentHash::from_digest(&Sha256::digest(&buf).into()) == hash;
-    }
-    Ok(Some((
-        Scanned {
-            blob: h.kind == KIND_BLOB,
-            node: h.node,
-            hash,
-            loc: Loc {
-                seq,
-                body,
-                len: h.len,
-                written_ns: h.written_ns,
-            },
-            target: h.target,
-        },
-        whole,
-    )))
+    let loc = Loc {
+        seq,
+        body,
+        len: h.len,
+        written_ns: h.written_ns,
+    };
+    let verified = (verify && h.kind == KIND_BLOB)
+        .then(|| body_matches(file, &loc, &hash))
+        .transpose()?;
+    Ok(Some(Scanned {
+        blob: h.kind == KIND_BLOB,
+        node: h.node,
+        hash,
+        loc,
+        target: h.target,
+        verified,
+    }))
+}
+
+/// Whether the body at `loc` hashes to `hash`.
+fn body_matches(file: &File, loc: &Loc, hash: &ContentHash) -> std::io::Result<bool> {
+    let mut buf = vec![0u8; usize::try_from(loc.len).unwrap_or(usize::MAX)];
+    file.read_exact_at(&mut buf, loc.body)?;
+    Ok(&ContentHash::from_digest(&Sha256::digest(&buf).into()) == hash)
 }
 
 /// The offset of the next whole record at or after `from`, searching for the magic.
@@ -324,7 +329,8 @@ fn resync(
             if w == MAGIC {
                 let at = base + i as u64;
                 if at + HEADER_LEN <= size
-                    && let Some((_, true)) = record_at(file, at, size, seq, verify)?
+                    && let Some(r) = record_at(file, at, size, seq, verify)?
+                    && r.verified != Some(false)
                 {
                     return Ok(Some(at));
                 }
@@ -480,6 +486,18 @@ impl Packs {
                 },
             );
             for r in &records {
+                // A record that would replace another copy of the same blob must be whole: a
+                // torn or damaged one (from a pack cut off by a crash before its fdatasync, or
+                // damaged since) never shadows a good one.
+                if r.blob
+                    && inner.index.contains_key(&key(NodeId(r.node), &r.hash))
+                    && !r
+                        .verified
+                        .map_or_else(|| body_matches(&file, &r.loc, &r.hash), Ok)?
+                {
+                    tracing::warn!(pack = %path.display(), node = r.node, "pack: a damaged copy of a blob stored twice is ignored");
+                    continue;
+                }
                 apply(&mut inner, r);
             }
             if newest {
@@ -652,6 +670,12 @@ impl Packs {
         let failed = lock(&self.failed).contains(&a.seq);
         if a.end < self.roll_at && !failed {
             return Ok(());
+        }
+        // Whatever was written to the full pack is made durable before writing moves on, so
+        // that only the newest pack can end in records no fdatasync covered.
+        if !failed && let Err(e) = a.file.sync_data() {
+            tracing::error!(pack = a.seq, error = %e, "fdatasync of a full pack failed");
+            lock(&self.failed).insert(a.seq);
         }
         let seq = a.seq + 1;
         let file = create_pack(&self.dir, seq)?;
@@ -849,15 +873,24 @@ impl Packs {
             })
             .collect();
         let (results, _) = self.append(items);
-        let mut dead = Vec::new();
+        let mut unused = Vec::new();
         for ((k, _, _), r) in chunk.iter().zip(results) {
             let (loc, indexed) = r?;
             if !indexed {
-                dead.push((*k, (loc.seq, loc.body)));
+                unused.push((*k, (loc.seq, loc.body)));
             }
         }
-        if !dead.is_empty() {
+        if !unused.is_empty() {
+            // A copy of a blob removed meanwhile must not come back at the next start; a copy
+            // of one stored again meanwhile is as good as that one (same bytes) and stays.
             let mut a = lock(&self.active);
+            let dead: Vec<(Key, (u64, u64))> = {
+                let inner = lock(&self.inner);
+                unused
+                    .into_iter()
+                    .filter(|(k, _)| !inner.index.contains_key(k))
+                    .collect()
+            };
             self.write_tombstones(&mut a, &dead);
         }
         Ok(())
@@ -1096,5 +1129,48 @@ mod tests {
         }
         assert!(list(dir.path()).expect("list").len() > 2);
         assert_eq!(p.compact().expect("compact"), 0, "every record is live");
+    }
+
+    #[test]
+    fn regression_a_compaction_copy_of_a_blob_stored_again_keeps_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let x = blob(6);
+        {
+            let p = Packs::open(dir.path()).expect("open");
+            put(&p, std::slice::from_ref(&x));
+            let old = p.get(x.0, &x.1).expect("stored");
+            // Stored again while a compaction is copying the first record.
+            put(&p, std::slice::from_ref(&x));
+            p.move_records(vec![(key(x.0, &x.1), old, x.2[0].clone())])
+                .expect("copy");
+            assert!(p.get(x.0, &x.1).is_some());
+        }
+        let p = Packs::open(dir.path()).expect("reopen");
+        assert_eq!(body(&p, &x).as_deref(), Some(&x.2[0][..]));
+    }
+
+    #[test]
+    fn regression_a_torn_second_copy_never_shadows_a_good_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let x = blob(4);
+        let second = {
+            let p = Packs::open_rolling_at(dir.path(), 256).expect("open");
+            put(&p, std::slice::from_ref(&x));
+            put(&p, &[blob(20)]);
+            put(&p, std::slice::from_ref(&x));
+            let second = p.get(x.0, &x.1).expect("stored");
+            put(&p, &[blob(21)]);
+            put(&p, &[blob(22)]);
+            second
+        };
+        assert!(second.seq > 1);
+        // The second copy's body torn (a crash before the fdatasync that would have covered it).
+        let f = open_rw(&dir.path().join(pack_name(second.seq))).expect("pack");
+        f.write_all_at(&vec![0u8; second.len as usize], second.body)
+            .expect("tear");
+        let p = Packs::open_rolling_at(dir.path(), 256).expect("reopen");
+        let now = p.get(x.0, &x.1).expect("kept");
+        assert_eq!(now.seq, 1, "the good first copy");
+        assert_eq!(body(&p, &x).as_deref(), Some(&x.2[0][..]));
     }
 }
