@@ -58,7 +58,7 @@ pub struct Common {
     pub cluster_key_file: Option<PathBuf>,
     /// Seconds a request body may send nothing before the request is dropped (and whatever
     /// it holds, such as a file's write mutex, released).
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub body_idle_secs: u64,
 }
 
@@ -112,7 +112,7 @@ pub struct AllArgs {
     pub closed_signup: bool,
     /// Seconds a request body may send nothing before the request is dropped (and whatever
     /// it holds, such as a file's write mutex, released).
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub body_idle_secs: u64,
 }
 

@@ -813,15 +813,21 @@ async fn a_batch_is_all_or_nothing_per_file_and_fenced_per_file() {
                 .await,
         );
     }
-    // Five files of one primary, and one the batch's receiver is not the primary of.
-    let primary = all[0].primary.unwrap();
+    // Five files of one primary, and one the batch's receiver is not the primary of. The most
+    // frequent primary has at least 8 of the 24 files, however placement went (a server that
+    // missed a heartbeat under load is skipped for a while).
+    let primary = all
+        .iter()
+        .filter_map(|f| f.primary)
+        .max_by_key(|p| all.iter().filter(|f| f.primary == Some(*p)).count())
+        .unwrap();
     let mut files: Vec<NodeMeta> = all
         .iter()
         .filter(|f| f.primary == Some(primary))
         .take(5)
         .cloned()
         .collect();
-    assert_eq!(files.len(), 5, "placement spreads primaries evenly");
+    assert_eq!(files.len(), 5);
     files.push(
         all.iter()
             .find(|f| f.primary != Some(primary))

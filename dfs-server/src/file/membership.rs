@@ -19,6 +19,9 @@ use crate::error::{ServiceError, ServiceResult};
 /// Name of the file that records the cluster a data directory belongs to.
 pub const CLUSTER_ID_FILE: &str = "cluster_id";
 
+/// How long a confirmation of the cluster id covers deletions.
+const CONFIRM_FOR: Duration = Duration::from_secs(2);
+
 impl FileServer {
     /// The cluster this server's data belongs to, if it has ever joined one.
     pub fn cluster_id(&self) -> Option<String> {
@@ -38,6 +41,20 @@ impl FileServer {
     /// Refuses a directory of another cluster (or a wiped one, which has a new cluster id).
     pub async fn register(&self, url: &str, capacity_bytes: u64) -> ServiceResult<Duration> {
         let ours = self.cluster_id();
+        // Asked before registering, so that a directory of another cluster (or a build that
+        // does not say) never records this server at all.
+        let theirs = self.peer.cluster(&self.directory).await?.cluster_id;
+        if theirs.is_empty() {
+            return Err(ServiceError::Forbidden(format!(
+                "{} did not say which cluster it is; refusing to join it",
+                self.directory
+            )));
+        }
+        if let Some(ours) = &ours
+            && *ours != theirs
+        {
+            return Err(self.foreign(ours, &theirs));
+        }
         let req = RegisterServerRequest {
             url: url.to_owned(),
             capacity_bytes,
@@ -56,6 +73,15 @@ impl FileServer {
                 return Err(self.foreign(&ours, &resp.cluster_id));
             }
             Some(_) => {}
+            None if self.id().is_some_and(|previous| previous != resp.id) => {
+                // A data directory from before cluster ids, whose server id this directory does
+                // not know: it may be a wiped or another cluster's. Not adopted.
+                return Err(ServiceError::Forbidden(format!(
+                    "this data directory was file server {} of a cluster, but the directory at                      {} does not know that server (wiped, replaced, or another cluster):                      refusing to join it; point --directory at this server's own cluster",
+                    self.id().map_or(0, |i| i.0),
+                    self.directory
+                )));
+            }
             None => {
                 crate::store::write_durable(&self.cluster_file, resp.cluster_id.as_bytes(), 0o644)?;
                 *self.cluster_id.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -65,6 +91,28 @@ impl FileServer {
         self.set_id(resp.id)?;
         self.joined.store(true, Ordering::Release);
         Ok(Duration::from_millis(resp.heartbeat_ms.max(100)))
+    }
+
+    /// The condition for deleting anything on the directory's word: joined in this run, and
+    /// the directory confirmed to be this server's cluster within the last `CONFIRM_FOR`.
+    pub async fn may_delete(&self) -> ServiceResult<()> {
+        if !self.joined() {
+            return Err(ServiceError::Unavailable(
+                "this server has not joined its cluster's directory; deleting nothing".into(),
+            ));
+        }
+        let fresh = self
+            .confirmed_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| t.elapsed() < CONFIRM_FOR);
+        if fresh {
+            return Ok(());
+        }
+        self.confirm_cluster().await?;
+        *self.confirmed_at.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(std::time::Instant::now());
+        Ok(())
     }
 
     /// Asks the directory, now, whether it is still this server's cluster; a different answer
@@ -124,9 +172,10 @@ impl FileServer {
                 }
                 match self.peer.heartbeat(&self.directory, id).await {
                     Ok(()) => {}
-                    Err(ServiceError::NotFound(_)) => {
-                        // The directory does not know this server: it may have been wiped.
-                        // Nothing is deleted until a registration shows it is ours.
+                    Err(ServiceError::NotFound(_) | ServiceError::NoRoute(_)) => {
+                        // The directory does not know this server (it may have been wiped), or
+                        // is no directory: nothing is deleted until a registration shows the
+                        // directory is ours.
                         self.joined.store(false, Ordering::Release);
                         registered = false;
                     }

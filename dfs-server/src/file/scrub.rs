@@ -2,8 +2,8 @@
 //! copy may go.
 //!
 //! A copy is only ever dropped on the word of this server's own directory (see `membership`:
-//! joined in this run, and the cluster id confirmed again right before a copy of a file that
-//! looks current is set aside). An answer from anything else (a route the service does not
+//! joined in this run, and the cluster id confirmed within the last 2 s before any copy is
+//! deleted or set aside; a pass stops as soon as the server is no longer joined). An answer from anything else (a route the service does not
 //! have, a directory of another cluster, a wiped one) deletes nothing. What goes:
 //! - a superseded version (the directory names a newer one, committed after this copy was
 //!   written): deleted;
@@ -39,6 +39,10 @@ impl FileServer {
         }
         let mut corrupt = 0;
         for (node, hash, written) in self.store.blobs() {
+            if !self.joined() {
+                tracing::warn!("scrub: no longer joined to this server's cluster; pass stopped");
+                return corrupt;
+            }
             let old_enough = written.elapsed().is_ok_and(|age| age >= grace);
             if !old_enough {
                 continue;
@@ -67,6 +71,10 @@ impl FileServer {
                 // A few seconds of margin for clock skew between this server and the directory.
                 if written_ns.saturating_add(5_000_000_000) < meta.committed_ns {
                     tracing::debug!(%node, %hash, "scrub: dropping a superseded copy");
+                    if let Err(e) = self.may_delete().await {
+                        tracing::error!(%node, error = %e, "scrub: not acting on the directory's answer");
+                        return corrupt;
+                    }
                     // Only the copy looked at: one stored again meanwhile (A, B, A) stays.
                     let _ = self.store.remove_blob_written(node, &hash, written);
                 }
@@ -98,7 +106,9 @@ impl FileServer {
                         .await
                     {
                         Ok(()) => {
-                            let _ = self.store.remove_blob(node, &hash);
+                            if self.may_delete().await.is_ok() {
+                                let _ = self.store.remove_blob(node, &hash);
+                            }
                         }
                         Err(e) => {
                             tracing::warn!(%node, error = %e, "scrub: reporting the corrupt copy failed; retrying next pass")
@@ -115,7 +125,7 @@ impl FileServer {
     /// Quarantines a copy the directory says should go, once the directory is confirmed to be
     /// this server's own. False: it is not (or could not be asked), and the pass must stop.
     async fn set_aside(&self, node: NodeId, hash: &ContentHash, why: &str) -> bool {
-        if let Err(e) = self.confirm_cluster().await {
+        if let Err(e) = self.may_delete().await {
             tracing::error!(%node, error = %e, "scrub: not acting on the directory's answer");
             return false;
         }
@@ -155,9 +165,12 @@ impl FileServer {
             Ok(meta) if &meta.hash == hash => Err(ServiceError::Forbidden(format!(
                 "{hash} is the current version of node {node}; not dropping it"
             ))),
-            Ok(_) => self.store.remove_blob(node, hash),
+            Ok(_) => {
+                self.may_delete().await?;
+                self.store.remove_blob(node, hash)
+            }
             Err(ServiceError::NotFound(_)) => {
-                self.confirm_cluster().await?;
+                self.may_delete().await?;
                 self.store.quarantine_blob(node, hash)
             }
             Err(e) => Err(e),

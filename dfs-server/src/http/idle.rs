@@ -5,7 +5,9 @@
 //!
 //! Only time spent *waiting* for the client counts: the clock starts when the handler asks for
 //! more and the body has nothing yet, so a handler that first waits for a lock, or is slow to
-//! read, never makes its client look idle.
+//! read, never makes its client look idle. A body of declared length must also arrive within
+//! the transfer time allowed for that size (`common::api::transfer_timeout`, counted from the
+//! handler's first read), so a sender that trickles a byte now and then cannot hold on either.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -19,15 +21,25 @@ use http_body::{Frame, SizeHint};
 /// Default idle bound of a request body.
 pub const DEFAULT_BODY_IDLE: Duration = Duration::from_secs(30);
 
-/// The error a body that went idle ends with.
+/// The error a body that went idle, or too slow, ends with.
 #[derive(Debug, thiserror::Error)]
-#[error("the request body sent nothing for {0:?}; giving up on it")]
-pub struct BodyIdle(pub Duration);
+pub enum BodyStalled {
+    /// Nothing for the idle bound.
+    #[error("the request body sent nothing for {0:?}; giving up on it")]
+    Idle(Duration),
+    /// Not all of it within the transfer time for its size.
+    #[error("the request body did not arrive within {0:?}, the time allowed for its size")]
+    TooSlow(Duration),
+}
 
 /// A request body that fails after `idle` of waiting without data.
 pub struct IdleBody {
     inner: Body,
     idle: Duration,
+    /// Time allowed for the whole body, when its length is declared.
+    total: Option<Duration>,
+    /// When the handler first read.
+    started: Option<tokio::time::Instant>,
     timer: Pin<Box<tokio::time::Sleep>>,
     waiting: bool,
 }
@@ -35,9 +47,14 @@ pub struct IdleBody {
 impl IdleBody {
     /// Wraps `inner`.
     pub fn new(inner: Body, idle: Duration) -> Self {
+        let total = http_body::Body::size_hint(&inner)
+            .exact()
+            .map(common::api::transfer_timeout);
         IdleBody {
             inner,
             idle,
+            total,
+            started: None,
             timer: Box::pin(tokio::time::sleep(idle)),
             waiting: false,
         }
@@ -53,6 +70,18 @@ impl http_body::Body for IdleBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         let this = &mut *self;
+        let now = tokio::time::Instant::now();
+        let started = *this.started.get_or_insert(now);
+        let too_late = this.total.map(|t| started + t);
+        let stalled = |e: BodyStalled| {
+            tracing::warn!(error = %e, "dropping the request");
+            Poll::Ready(Some(Err(axum::Error::new(e))))
+        };
+        if let (Some(at), Some(total)) = (too_late, this.total)
+            && now >= at
+        {
+            return stalled(BodyStalled::TooSlow(total));
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 this.waiting = false;
@@ -61,14 +90,18 @@ impl http_body::Body for IdleBody {
             Poll::Pending => {
                 if !this.waiting {
                     this.waiting = true;
-                    let deadline = tokio::time::Instant::now() + this.idle;
-                    this.timer.as_mut().reset(deadline);
+                    let idle_at = now + this.idle;
+                    this.timer
+                        .as_mut()
+                        .reset(too_late.map_or(idle_at, |t| t.min(idle_at)));
                 }
                 match this.timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => {
-                        tracing::warn!(idle = ?this.idle, "request body went idle; dropping the request");
-                        Poll::Ready(Some(Err(axum::Error::new(BodyIdle(this.idle)))))
-                    }
+                    Poll::Ready(()) => match (too_late, this.total) {
+                        (Some(at), Some(total)) if tokio::time::Instant::now() >= at => {
+                            stalled(BodyStalled::TooSlow(total))
+                        }
+                        _ => stalled(BodyStalled::Idle(this.idle)),
+                    },
                     Poll::Pending => Poll::Pending,
                 }
             }
