@@ -64,6 +64,15 @@ impl DfsFs {
                     .unwrap_or(0);
                 let to = dir.join(format!("node-{}-{stamp}", node.0));
                 std::fs::rename(&path, &to)?;
+                // Durable in `recovered/` (and gone from the copies) before the index forgets
+                // it: a crash right after must not lose the bytes set aside.
+                std::fs::File::open(&dir)?.sync_all()?;
+                if let Some(from) = path.parent() {
+                    std::fs::File::open(from)?.sync_all()?;
+                }
+                if let Some(root) = dir.parent() {
+                    std::fs::File::open(root)?.sync_all()?;
+                }
                 tracing::warn!(%node, saved = %to.display(), "a write interrupted by a crash was set aside, not pushed");
                 self.cache.remove(node)?;
                 continue;
