@@ -1,6 +1,7 @@
-//! Crashes at named points inside the client core, injected with fault points (the `fail`
-//! crate, compiled in for tests only). One test per binary run of this file's points: a fault
-//! point is process-wide, so these never share a process with the other core tests.
+//! Crashes and failures at named points inside the client core, injected with fault points
+//! (the `fail` crate, compiled in for tests only). A fault point is process-wide, so these
+//! never share a process with the other core tests, and each test here holds a
+//! `fail::FailScenario` (one at a time).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::ffi::OsStr;
@@ -48,6 +49,7 @@ async fn regression_a_crash_inside_a_truncating_open_never_leaves_an_empty_copy_
         dir.path().to_path_buf(),
         "127.0.0.1:0".parse().unwrap(),
     );
+    let scenario = fail::FailScenario::setup();
     let cluster = dfs_server::cluster::start(cfg).await.unwrap();
     let r = Remote::new(&cluster.directory_url, None, None, RemoteConfig::default());
     r.signup("alice", "password123").await.unwrap();
@@ -90,4 +92,82 @@ async fn regression_a_crash_inside_a_truncating_open_never_leaves_an_empty_copy_
         .unwrap();
     assert_eq!(read_all(&restarted, node).await, b"precious content\n");
     cluster.shutdown().await;
+    scenario.teardown();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_change_that_cannot_be_recorded_stays_dirty_and_is_pushed_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dfs_server::cluster::ClusterConfig::new(
+        dir.path().to_path_buf(),
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    let scenario = fail::FailScenario::setup();
+    let cluster = dfs_server::cluster::start(cfg).await.unwrap();
+    let r = Remote::new(&cluster.directory_url, None, None, RemoteConfig::default());
+    r.signup("alice", "password123").await.unwrap();
+    let login = r.login("alice", "password123").await.unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let fs = core(&cluster.directory_url, login.clone(), cache.path());
+    let (attr, o) = fs
+        .create(NodeId::ROOT, OsStr::new("notes.txt"), 0o644, libc::O_WRONLY)
+        .await
+        .unwrap();
+    fs.write(o.fh, 0, b"v1\n").unwrap();
+    fs.flush(o.fh).await.unwrap();
+    fs.release(o.fh);
+    let node = NodeId(attr.ino.0);
+
+    // The cache cannot record the next change (its disk is full, say).
+    fail::cfg("record-pending", "return").unwrap();
+    let o = fs.open(node, libc::O_WRONLY | libc::O_TRUNC).await.unwrap();
+    fs.write(o.fh, 0, b"v2, written while the cache was full\n")
+        .unwrap();
+    let e = fs.flush(o.fh).await.expect_err("close reports it");
+    assert_eq!(e.errno(), libc::ENOSPC, "{e}");
+    fs.release(o.fh);
+    assert!(
+        fs.unsettled().unwrap().contains(&node),
+        "unmount would say so"
+    );
+    // Meanwhile another client writes the file (its own cache is fine).
+    fail::remove("record-pending");
+    let other_cache = tempfile::tempdir().unwrap();
+    let other = core(&cluster.directory_url, login, other_cache.path());
+    other
+        .lookup(NodeId::ROOT, OsStr::new("notes.txt"))
+        .await
+        .unwrap();
+    let o = other
+        .open(node, libc::O_WRONLY | libc::O_TRUNC)
+        .await
+        .unwrap();
+    other.write(o.fh, 0, b"v3 from elsewhere\n").unwrap();
+    other.flush(o.fh).await.unwrap();
+    other.release(o.fh);
+    // This client's copy is never replaced by a download, nor served as that version, and
+    // every close reports the change while it still cannot be recorded.
+    fail::cfg("record-pending", "return").unwrap();
+    let o = fs.open(node, libc::O_RDONLY).await.unwrap();
+    assert_eq!(
+        fs.read(o.fh, 0, 1 << 20).unwrap(),
+        b"v2, written while the cache was full\n"
+    );
+    assert!(fs.flush(o.fh).await.is_err());
+    fs.release(o.fh);
+
+    // Space is back: the uploader records and pushes the change.
+    fail::remove("record-pending");
+    let left = fs
+        .push_pending(tokio::time::Instant::now() + Duration::from_secs(10), false)
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(fs.unsettled().unwrap().is_empty());
+    assert_eq!(
+        read_all(&other, node).await,
+        b"v2, written while the cache was full\n"
+    );
+    cluster.shutdown().await;
+    scenario.teardown();
 }

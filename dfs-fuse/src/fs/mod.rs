@@ -190,6 +190,10 @@ pub struct DfsFs {
     node_locks: KeyedMutex<NodeId>,
     metrics: Arc<ClientMetrics>,
     writers: Mutex<HashMap<NodeId, usize>>,
+    /// Copies changed here whose change could not be recorded as pending (the cache's disk
+    /// full, its index unwritable): dirty in memory, never replaced or served as clean,
+    /// reported by every later close, fsync and unmount, and recorded once that works again.
+    unrecorded: Mutex<std::collections::BTreeSet<NodeId>>,
     known: Mutex<known::Known>,
     uid: u32,
     gid: u32,
@@ -257,6 +261,7 @@ impl DfsFs {
             node_locks: KeyedMutex::default(),
             metrics: Arc::new(ClientMetrics::default()),
             writers: Mutex::new(HashMap::new()),
+            unrecorded: Mutex::new(std::collections::BTreeSet::new()),
             known: Mutex::new(known::Known::default()),
             uid: meta.uid(),
             gid: meta.gid(),
@@ -825,6 +830,7 @@ impl DfsFs {
         }
         let local_changes = entry.as_ref().is_some_and(|e| e.pending.is_some())
             || self.writer_count(node) > 0
+            || self.is_unrecorded(node)
             || (self.passthrough.load(Ordering::Relaxed) && self.open_here(node));
         if !local_changes && meta.writeback.is_some() {
             meta = self.wait_for_writeback(meta).await?;
@@ -962,6 +968,7 @@ impl DfsFs {
         // rewrite within one timestamp tick: let the content hash decide instead.
         let passthrough = self.passthrough.load(Ordering::Relaxed);
         let folded = h.writable && self.folded_attrs(h.node) != FoldedAttrs::default();
+        self.record_unrecorded(h.node)?;
         if !(h.changed() || passthrough && h.writable && !h.provably_unchanged() || folded) {
             return Ok(());
         }
@@ -980,6 +987,7 @@ impl DfsFs {
     pub async fn fsync(&self, fh: u64) -> FsResult<()> {
         let h = self.handle(fh)?;
         let passthrough = self.passthrough.load(Ordering::Relaxed);
+        self.record_unrecorded(h.node)?;
         let pending = self.cache.get(h.node)?.is_some_and(|e| e.pending.is_some());
         if !(h.changed() || passthrough && h.writable && !h.provably_unchanged() || pending) {
             return Ok(());
@@ -1001,7 +1009,7 @@ impl DfsFs {
                 // close() reports EIO for a push that did not happen (the data stays pending),
                 // except for the causes the user must act on.
                 Err(match e.errno() {
-                    libc::EACCES | libc::EFBIG => e,
+                    libc::EACCES | libc::EFBIG | libc::ENOSPC => e,
                     _ => FsError::PushFailed(e.to_string()),
                 })
             }
@@ -1023,7 +1031,11 @@ impl DfsFs {
                 // Written after the last flush (e.g. through an mmap): record and push later.
                 if let Err(e) = self.mark_pending(h.node) {
                     recorded = false;
-                    tracing::error!(node = %h.node, error = %e, "recording unpushed changes failed");
+                    self.unrecorded
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(h.node);
+                    tracing::error!(node = %h.node, error = %e, "recording unpushed changes failed; the copy is kept dirty and recorded when that works again");
                 }
                 self.wake.notify_one();
             }

@@ -53,6 +53,9 @@ impl DfsFs {
             },
         };
         entry.pending = Some(pending.clone());
+        fail::fail_point!("record-pending", |_| Err(crate::error::FsError::Io(
+            std::io::Error::from_raw_os_error(libc::ENOSPC)
+        )));
         // Survives a crash of this process without an fsync: a close that began is pushed
         // after a restart (the upload id makes a resend harmless).
         self.cache.record(node, &entry)?;
@@ -350,10 +353,40 @@ impl DfsFs {
         Ok(())
     }
 
+    /// Whether `node` has changes here that could not be recorded yet.
+    pub(super) fn is_unrecorded(&self, node: NodeId) -> bool {
+        self.unrecorded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&node)
+    }
+
+    /// Tries again to record the changes of `node` that could not be recorded; the error if it
+    /// still fails (a close or fsync of the file reports it).
+    pub(super) fn record_unrecorded(&self, node: NodeId) -> FsResult<()> {
+        if !self.is_unrecorded(node) {
+            return Ok(());
+        }
+        self.mark_pending(node)?;
+        self.unrecorded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&node);
+        tracing::info!(%node, "changes that could not be recorded are recorded now");
+        Ok(())
+    }
+
     /// Nodes with changes not yet on the servers, or open for writing here (whose changes may
     /// not even be recorded yet).
     pub fn unsettled(&self) -> FsResult<Vec<NodeId>> {
         let mut v = self.pending()?;
+        v.extend(
+            self.unrecorded
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .copied(),
+        );
         v.extend(
             self.writers
                 .lock()
@@ -385,6 +418,18 @@ impl DfsFs {
     /// the servers are unreachable, to 5 min while they refuse), so a push the servers keep
     /// refusing is not re-sent every pass.
     pub async fn push_pending(&self, deadline: Instant, backoff: bool) -> FsResult<Vec<NodeId>> {
+        let unrecorded: Vec<NodeId> = self
+            .unrecorded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        for node in unrecorded {
+            if let Err(e) = self.record_unrecorded(node) {
+                tracing::warn!(%node, error = %e, "changes still cannot be recorded");
+            }
+        }
         let mut nodes = self.pending()?;
         // Folded attribute changes of files whose content was already pushed.
         nodes.extend(

@@ -124,6 +124,18 @@ pub async fn bound_body_idle(
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     let (parts, body) = req.into_parts();
+    // A service forwarding a body (a primary streaming an upload to its replicas) passes on
+    // its sender's pauses and adds its own waits (disk, other replicas): it gets twice the
+    // bound and a margin, so that it never cuts an upload its sender is still within.
+    let idle = if parts
+        .headers
+        .contains_key(common::routes::CLUSTER_KEY_HEADER)
+    {
+        idle.saturating_mul(2)
+            .saturating_add(Duration::from_secs(10))
+    } else {
+        idle
+    };
     let req = axum::extract::Request::from_parts(parts, Body::new(IdleBody::new(body, idle)));
     next.run(req).await
 }
