@@ -12,10 +12,20 @@ use dfs_fuse::fs::{DfsFs, FsConfig};
 use dfs_fuse::remote::{Remote, RemoteConfig};
 
 fn core(url: &str, login: dfs_fuse::creds::SavedLogin, cache: &std::path::Path) -> DfsFs {
+    core_with(url, login, cache, false)
+}
+
+fn core_with(
+    url: &str,
+    login: dfs_fuse::creds::SavedLogin,
+    cache: &std::path::Path,
+    writeback: bool,
+) -> DfsFs {
     let remote = Remote::new(url, Some(login), None, RemoteConfig::default());
     let config = FsConfig {
         close_timeout: Duration::from_secs(2),
         retry_interval: Duration::from_millis(100),
+        writeback,
         ..FsConfig::default()
     };
     DfsFs::new(remote, cache, config, "").unwrap()
@@ -148,12 +158,16 @@ async fn regression_a_change_that_cannot_be_recorded_stays_dirty_and_is_pushed_l
     // This client's copy is never replaced by a download, nor served as that version, and
     // every close reports the change while it still cannot be recorded.
     fail::cfg("record-pending", "return").unwrap();
-    let o = fs.open(node, libc::O_RDONLY).await.unwrap();
+    let o = fs.open(node, libc::O_RDWR).await.unwrap();
     assert_eq!(
         fs.read(o.fh, 0, 1 << 20).unwrap(),
         b"v2, written while the cache was full\n"
     );
     assert!(fs.flush(o.fh).await.is_err());
+    fs.release(o.fh);
+    // A reader's close is not failed for it.
+    let o = fs.open(node, libc::O_RDONLY).await.unwrap();
+    fs.flush(o.fh).await.unwrap();
     fs.release(o.fh);
 
     // Space is back: the uploader records and pushes the change.
@@ -168,6 +182,42 @@ async fn regression_a_change_that_cannot_be_recorded_stays_dirty_and_is_pushed_l
         read_all(&other, node).await,
         b"v2, written while the cache was full\n"
     );
+    cluster.shutdown().await;
+    scenario.teardown();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_writeback_close_that_cannot_be_recorded_stays_dirty() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dfs_server::cluster::ClusterConfig::new(
+        dir.path().to_path_buf(),
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    let scenario = fail::FailScenario::setup();
+    let cluster = dfs_server::cluster::start(cfg).await.unwrap();
+    let r = Remote::new(&cluster.directory_url, None, None, RemoteConfig::default());
+    r.signup("alice", "password123").await.unwrap();
+    let login = r.login("alice", "password123").await.unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let fs = core_with(&cluster.directory_url, login, cache.path(), true);
+    fail::cfg("record-pending", "return").unwrap();
+    let (attr, o) = fs
+        .create(NodeId::ROOT, OsStr::new("wb.txt"), 0o644, libc::O_WRONLY)
+        .await
+        .unwrap();
+    fs.write(o.fh, 0, b"kept in write-back\n").unwrap();
+    let e = fs.flush(o.fh).await.expect_err("close reports it");
+    assert_eq!(e.errno(), libc::ENOSPC, "{e}");
+    fs.release(o.fh);
+    let node = NodeId(attr.ino.0);
+    assert!(fs.unsettled().unwrap().contains(&node));
+    fail::remove("record-pending");
+    let left = fs
+        .push_pending(tokio::time::Instant::now() + Duration::from_secs(10), false)
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(fs.unsettled().unwrap().is_empty());
     cluster.shutdown().await;
     scenario.teardown();
 }

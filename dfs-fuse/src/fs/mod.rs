@@ -193,7 +193,10 @@ pub struct DfsFs {
     /// Copies changed here whose change could not be recorded as pending (the cache's disk
     /// full, its index unwritable): dirty in memory, never replaced or served as clean,
     /// reported by every later close, fsync and unmount, and recorded once that works again.
-    unrecorded: Mutex<std::collections::BTreeSet<NodeId>>,
+    /// Each with the generation it was (last) added at, so that a retry that began earlier
+    /// never clears a later failure.
+    unrecorded: Mutex<HashMap<NodeId, u64>>,
+    unrecorded_gen: AtomicU64,
     known: Mutex<known::Known>,
     uid: u32,
     gid: u32,
@@ -261,7 +264,8 @@ impl DfsFs {
             node_locks: KeyedMutex::default(),
             metrics: Arc::new(ClientMetrics::default()),
             writers: Mutex::new(HashMap::new()),
-            unrecorded: Mutex::new(std::collections::BTreeSet::new()),
+            unrecorded: Mutex::new(HashMap::new()),
+            unrecorded_gen: AtomicU64::new(0),
             known: Mutex::new(known::Known::default()),
             uid: meta.uid(),
             gid: meta.gid(),
@@ -343,7 +347,7 @@ impl DfsFs {
 
     /// Whether the copy of `node` may differ from the server's (open for writing, or pending).
     fn has_local_changes(&self, node: NodeId) -> bool {
-        self.writer_count(node) > 0 || self.cache.is_pending(node)
+        self.writer_count(node) > 0 || self.cache.is_pending(node) || self.is_unrecorded(node)
     }
 
     /// The attributes the kernel sees: the directory's, with size and mtime of the local copy
@@ -968,7 +972,9 @@ impl DfsFs {
         // rewrite within one timestamp tick: let the content hash decide instead.
         let passthrough = self.passthrough.load(Ordering::Relaxed);
         let folded = h.writable && self.folded_attrs(h.node) != FoldedAttrs::default();
-        self.record_unrecorded(h.node)?;
+        if h.writable {
+            self.record_unrecorded(h.node)?;
+        }
         if !(h.changed() || passthrough && h.writable && !h.provably_unchanged() || folded) {
             return Ok(());
         }
@@ -977,8 +983,17 @@ impl DfsFs {
         // record survives it through the cache journal).
         // From here on the change is recorded as pending by `push`, so the handle is clean.
         h.mark_clean();
-        if self.config.writeback && self.writeback(&h).await? {
-            return Ok(());
+        if self.config.writeback {
+            match self.writeback(&h).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => {
+                    // Not recorded: dirty again, so release records it (or keeps it in the
+                    // unrecorded set).
+                    h.dirty.store(true, Ordering::Release);
+                    return Err(e);
+                }
+            }
         }
         self.push_now(&h).await
     }
@@ -987,7 +1002,9 @@ impl DfsFs {
     pub async fn fsync(&self, fh: u64) -> FsResult<()> {
         let h = self.handle(fh)?;
         let passthrough = self.passthrough.load(Ordering::Relaxed);
-        self.record_unrecorded(h.node)?;
+        if h.writable {
+            self.record_unrecorded(h.node)?;
+        }
         let pending = self.cache.get(h.node)?.is_some_and(|e| e.pending.is_some());
         if !(h.changed() || passthrough && h.writable && !h.provably_unchanged() || pending) {
             return Ok(());
@@ -1031,10 +1048,11 @@ impl DfsFs {
                 // Written after the last flush (e.g. through an mmap): record and push later.
                 if let Err(e) = self.mark_pending(h.node) {
                     recorded = false;
+                    let generation = self.unrecorded_gen.fetch_add(1, Ordering::Relaxed) + 1;
                     self.unrecorded
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .insert(h.node);
+                        .insert(h.node, generation);
                     tracing::error!(node = %h.node, error = %e, "recording unpushed changes failed; the copy is kept dirty and recorded when that works again");
                 }
                 self.wake.notify_one();
@@ -1073,7 +1091,7 @@ impl DfsFs {
         Ok(ClientStatus {
             cached_files,
             cached_bytes,
-            pending_uploads: self.pending()?.into_iter().map(|n| n.0).collect(),
+            pending_uploads: self.unsettled()?.into_iter().map(|n| n.0).collect(),
             downloads: self.remote.stats.downloads.load(Ordering::Relaxed),
             uploads: self.remote.stats.uploads.load(Ordering::Relaxed),
             passthrough: self.passthrough.load(Ordering::Relaxed),

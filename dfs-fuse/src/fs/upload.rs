@@ -358,20 +358,28 @@ impl DfsFs {
         self.unrecorded
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(&node)
+            .contains_key(&node)
     }
 
     /// Tries again to record the changes of `node` that could not be recorded; the error if it
     /// still fails (a close or fsync of the file reports it).
     pub(super) fn record_unrecorded(&self, node: NodeId) -> FsResult<()> {
-        if !self.is_unrecorded(node) {
-            return Ok(());
-        }
-        self.mark_pending(node)?;
-        self.unrecorded
+        let Some(generation) = self
+            .unrecorded
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&node);
+            .get(&node)
+            .copied()
+        else {
+            return Ok(());
+        };
+        self.mark_pending(node)?;
+        let mut set = self.unrecorded.lock().unwrap_or_else(|p| p.into_inner());
+        // A failure recorded since this attempt began stays.
+        if set.get(&node) == Some(&generation) {
+            set.remove(&node);
+        }
+        drop(set);
         tracing::info!(%node, "changes that could not be recorded are recorded now");
         Ok(())
     }
@@ -384,7 +392,7 @@ impl DfsFs {
             self.unrecorded
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .iter()
+                .keys()
                 .copied(),
         );
         v.extend(
@@ -422,7 +430,7 @@ impl DfsFs {
             .unrecorded
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .iter()
+            .keys()
             .copied()
             .collect();
         for node in unrecorded {

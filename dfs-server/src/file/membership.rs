@@ -19,9 +19,6 @@ use crate::error::{ServiceError, ServiceResult};
 /// Name of the file that records the cluster a data directory belongs to.
 pub const CLUSTER_ID_FILE: &str = "cluster_id";
 
-/// How long a confirmation of the cluster id covers deletions.
-const CONFIRM_FOR: Duration = Duration::from_secs(2);
-
 impl FileServer {
     /// The cluster this server's data belongs to, if it has ever joined one.
     pub fn cluster_id(&self) -> Option<String> {
@@ -43,7 +40,8 @@ impl FileServer {
         let ours = self.cluster_id();
         // Asked before registering, so that a directory of another cluster (or a build that
         // does not say) never records this server at all.
-        let theirs = self.peer.cluster(&self.directory).await?.cluster_id;
+        let map = self.peer.cluster(&self.directory).await?;
+        let theirs = map.cluster_id.clone();
         if theirs.is_empty() {
             return Err(ServiceError::Forbidden(format!(
                 "{} did not say which cluster it is; refusing to join it",
@@ -54,6 +52,20 @@ impl FileServer {
             && *ours != theirs
         {
             return Err(self.foreign(ours, &theirs));
+        }
+        if ours.is_none()
+            && let Some(previous) = self.id()
+            && !map.servers.iter().any(|s| s.id == previous && s.url == url)
+        {
+            // A data directory from before cluster ids, which this directory does not list
+            // under this server's id and address: it may be a wiped or another cluster's.
+            // Refused before registering, so it records nothing.
+            return Err(ServiceError::Forbidden(format!(
+                "this data directory was file server {} at {url}, but the directory at {} does \
+                 not list that server (wiped, replaced, or another cluster): refusing to join \
+                 it; point --directory at this server's own cluster",
+                previous.0, self.directory
+            )));
         }
         let req = RegisterServerRequest {
             url: url.to_owned(),
@@ -73,15 +85,6 @@ impl FileServer {
                 return Err(self.foreign(&ours, &resp.cluster_id));
             }
             Some(_) => {}
-            None if self.id().is_some_and(|previous| previous != resp.id) => {
-                // A data directory from before cluster ids, whose server id this directory does
-                // not know: it may be a wiped or another cluster's. Not adopted.
-                return Err(ServiceError::Forbidden(format!(
-                    "this data directory was file server {} of a cluster, but the directory at                      {} does not know that server (wiped, replaced, or another cluster):                      refusing to join it; point --directory at this server's own cluster",
-                    self.id().map_or(0, |i| i.0),
-                    self.directory
-                )));
-            }
             None => {
                 crate::store::write_durable(&self.cluster_file, resp.cluster_id.as_bytes(), 0o644)?;
                 *self.cluster_id.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -94,25 +97,14 @@ impl FileServer {
     }
 
     /// The condition for deleting anything on the directory's word: joined in this run, and
-    /// the directory confirmed to be this server's cluster within the last `CONFIRM_FOR`.
+    /// the directory confirmed, *after* it gave that word, to be this server's cluster.
     pub async fn may_delete(&self) -> ServiceResult<()> {
         if !self.joined() {
             return Err(ServiceError::Unavailable(
                 "this server has not joined its cluster's directory; deleting nothing".into(),
             ));
         }
-        let fresh = self
-            .confirmed_at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some_and(|t| t.elapsed() < CONFIRM_FOR);
-        if fresh {
-            return Ok(());
-        }
-        self.confirm_cluster().await?;
-        *self.confirmed_at.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(std::time::Instant::now());
-        Ok(())
+        self.confirm_cluster().await
     }
 
     /// Asks the directory, now, whether it is still this server's cluster; a different answer

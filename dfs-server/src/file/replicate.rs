@@ -36,8 +36,6 @@ pub struct FileServer {
     pub(super) cluster_id: std::sync::Mutex<Option<String>>,
     /// Joined its own cluster's directory in this run (see `membership`).
     pub(super) joined: AtomicBool,
-    /// When the directory last confirmed it is this server's cluster.
-    pub(super) confirmed_at: std::sync::Mutex<Option<std::time::Instant>>,
     /// How long copies set aside by the scrub are kept before they are deleted.
     pub quarantine_grace: Duration,
     /// Copies (primary included) that must be durable before a write is acknowledged.
@@ -110,7 +108,6 @@ impl FileServer {
             cluster_file,
             cluster_id: std::sync::Mutex::new(cluster_id),
             joined: AtomicBool::new(false),
-            confirmed_at: std::sync::Mutex::new(None),
             quarantine_grace: DEFAULT_QUARANTINE_GRACE,
             min_copies: 2,
             node_locks: KeyedMutex::default(),

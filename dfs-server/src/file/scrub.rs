@@ -2,9 +2,10 @@
 //! copy may go.
 //!
 //! A copy is only ever dropped on the word of this server's own directory (see `membership`:
-//! joined in this run, and the cluster id confirmed within the last 2 s before any copy is
-//! deleted or set aside; a pass stops as soon as the server is no longer joined). An answer from anything else (a route the service does not
-//! have, a directory of another cluster, a wiped one) deletes nothing. What goes:
+//! joined in this run, and the cluster id confirmed after the directory's answer, before any
+//! copy is deleted or set aside; a pass stops as soon as the server is no longer joined). An
+//! answer from anything else (a route the service does not have, a directory of another
+//! cluster, a wiped one) deletes nothing. What goes:
 //! - a superseded version (the directory names a newer one, committed after this copy was
 //!   written): deleted;
 //! - a corrupt copy, once reported to the directory: deleted;

@@ -127,10 +127,13 @@ pub async fn bound_body_idle(
     // A service forwarding a body (a primary streaming an upload to its replicas) passes on
     // its sender's pauses and adds its own waits (disk, other replicas): it gets twice the
     // bound and a margin, so that it never cuts an upload its sender is still within.
-    let idle = if parts
+    let from_peer = parts
         .headers
-        .contains_key(common::routes::CLUSTER_KEY_HEADER)
-    {
+        .get(common::routes::CLUSTER_KEY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .zip(parts.extensions.get::<std::sync::Arc<super::Verifier>>())
+        .is_some_and(|(key, verifier)| verifier.is_cluster_key(key));
+    let idle = if from_peer {
         idle.saturating_mul(2)
             .saturating_add(Duration::from_secs(10))
     } else {
