@@ -9,9 +9,12 @@ use std::time::Duration;
 use common::NodeId;
 use dfs_fuse::creds::SavedLogin;
 use dfs_fuse::error::FsError;
-use dfs_fuse::fs::{DfsFs, FsConfig};
+use dfs_fuse::fs::DfsFs;
 use dfs_fuse::remote::{Remote, RemoteConfig};
 use dfs_server::cluster::{ClusterConfig, ClusterHandle};
+use support::crash_image;
+
+mod support;
 use tokio::time::Instant;
 
 async fn cluster(dir: &std::path::Path) -> ClusterHandle {
@@ -36,37 +39,7 @@ fn core_with(
     cache: &std::path::Path,
     writeback: bool,
 ) -> DfsFs {
-    let remote = Remote::new(&c.directory_url, login, None, RemoteConfig::default());
-    let config = FsConfig {
-        close_timeout: Duration::from_secs(2),
-        retry_interval: Duration::from_millis(100),
-        writeback,
-        ..FsConfig::default()
-    };
-    DfsFs::new(remote, cache, config, "").unwrap()
-}
-
-/// Copies a cache directory as a crash of its process would leave it (the files as they are).
-fn crash_image(from: &std::path::Path, to: &std::path::Path) {
-    for e in walk(from) {
-        let rel = e.strip_prefix(from).unwrap();
-        let dest = to.join(rel);
-        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
-        std::fs::copy(&e, &dest).unwrap();
-    }
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
+    support::core_at(&c.directory_url, login, cache, writeback)
 }
 
 async fn write_file(fs: &DfsFs, name: &str, data: &[u8]) -> Result<(), FsError> {

@@ -8,11 +8,14 @@ use std::ffi::OsStr;
 use std::time::Duration;
 
 use common::NodeId;
-use dfs_fuse::fs::{DfsFs, FsConfig};
+use dfs_fuse::fs::DfsFs;
 use dfs_fuse::remote::{Remote, RemoteConfig};
+use support::crash_image;
+
+mod support;
 
 fn core(url: &str, login: dfs_fuse::creds::SavedLogin, cache: &std::path::Path) -> DfsFs {
-    core_with(url, login, cache, false)
+    support::core_at(url, Some(login), cache, false)
 }
 
 fn core_with(
@@ -21,27 +24,25 @@ fn core_with(
     cache: &std::path::Path,
     writeback: bool,
 ) -> DfsFs {
-    let remote = Remote::new(url, Some(login), None, RemoteConfig::default());
-    let config = FsConfig {
-        close_timeout: Duration::from_secs(2),
-        retry_interval: Duration::from_millis(100),
-        writeback,
-        ..FsConfig::default()
-    };
-    DfsFs::new(remote, cache, config, "").unwrap()
+    support::core_at(url, Some(login), cache, writeback)
 }
 
-/// Copies a cache directory as a crash of its process would leave it.
-fn crash_image(from: &std::path::Path, to: &std::path::Path) {
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let dest = to.join(e.file_name());
-        if e.path().is_dir() {
-            std::fs::create_dir_all(&dest).unwrap();
-            crash_image(&e.path(), &dest);
-        } else {
-            std::fs::copy(e.path(), &dest).unwrap();
-        }
-    }
+/// An in-process cluster on loopback with one signed-up user (kept alive by the returned dir).
+async fn cluster_with_user() -> (
+    tempfile::TempDir,
+    dfs_server::cluster::ClusterHandle,
+    dfs_fuse::creds::SavedLogin,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dfs_server::cluster::ClusterConfig::new(
+        dir.path().to_path_buf(),
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    let cluster = dfs_server::cluster::start(cfg).await.unwrap();
+    let r = Remote::new(&cluster.directory_url, None, None, RemoteConfig::default());
+    r.signup("alice", "password123").await.unwrap();
+    let login = r.login("alice", "password123").await.unwrap();
+    (dir, cluster, login)
 }
 
 async fn read_all(fs: &DfsFs, node: NodeId) -> Vec<u8> {
@@ -54,16 +55,8 @@ async fn read_all(fs: &DfsFs, node: NodeId) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread")]
 async fn regression_a_crash_inside_a_truncating_open_never_leaves_an_empty_copy_named_as_the_file()
 {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dfs_server::cluster::ClusterConfig::new(
-        dir.path().to_path_buf(),
-        "127.0.0.1:0".parse().unwrap(),
-    );
     let scenario = fail::FailScenario::setup();
-    let cluster = dfs_server::cluster::start(cfg).await.unwrap();
-    let r = Remote::new(&cluster.directory_url, None, None, RemoteConfig::default());
-    r.signup("alice", "password123").await.unwrap();
-    let login = r.login("alice", "password123").await.unwrap();
+    let (_dir, cluster, login) = cluster_with_user().await;
 
     // The file's content is on the servers; a second client's cache has no copy of it.
     let writer_cache = tempfile::tempdir().unwrap();
@@ -107,16 +100,8 @@ async fn regression_a_crash_inside_a_truncating_open_never_leaves_an_empty_copy_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn regression_a_change_that_cannot_be_recorded_stays_dirty_and_is_pushed_later() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dfs_server::cluster::ClusterConfig::new(
-        dir.path().to_path_buf(),
-        "127.0.0.1:0".parse().unwrap(),
-    );
     let scenario = fail::FailScenario::setup();
-    let cluster = dfs_server::cluster::start(cfg).await.unwrap();
-    let r = Remote::new(&cluster.directory_url, None, None, RemoteConfig::default());
-    r.signup("alice", "password123").await.unwrap();
-    let login = r.login("alice", "password123").await.unwrap();
+    let (_dir, cluster, login) = cluster_with_user().await;
     let cache = tempfile::tempdir().unwrap();
     let fs = core(&cluster.directory_url, login.clone(), cache.path());
     let (attr, o) = fs
@@ -188,16 +173,8 @@ async fn regression_a_change_that_cannot_be_recorded_stays_dirty_and_is_pushed_l
 
 #[tokio::test(flavor = "multi_thread")]
 async fn regression_a_writeback_close_that_cannot_be_recorded_stays_dirty() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dfs_server::cluster::ClusterConfig::new(
-        dir.path().to_path_buf(),
-        "127.0.0.1:0".parse().unwrap(),
-    );
     let scenario = fail::FailScenario::setup();
-    let cluster = dfs_server::cluster::start(cfg).await.unwrap();
-    let r = Remote::new(&cluster.directory_url, None, None, RemoteConfig::default());
-    r.signup("alice", "password123").await.unwrap();
-    let login = r.login("alice", "password123").await.unwrap();
+    let (_dir, cluster, login) = cluster_with_user().await;
     let cache = tempfile::tempdir().unwrap();
     let fs = core_with(&cluster.directory_url, login, cache.path(), true);
     fail::cfg("record-pending", "return").unwrap();
