@@ -68,6 +68,48 @@ pub struct SetAttrRequest {
     pub mtime_ns: Option<u64>,
 }
 
+/// What a push's content was based on, so that no push overwrites a version its writer never
+/// saw without saying so. The rule (README, "Consistency"): a push may replace a newer version
+/// only while the close or fsync that made it is still waiting (last close wins, as in AFS);
+/// every later push (a background retry after a failed close, write-back) applies only if its
+/// base is still the current version, and is otherwise refused as a conflict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushBase {
+    /// The version the writer's content derives from (0: a new, empty file).
+    pub version: u64,
+    /// The close or fsync that made this push is waiting for it.
+    pub waiting: bool,
+}
+
+impl PushBase {
+    /// The header form: the version, then `;waiting` for a push a close waits for.
+    pub fn to_header(self) -> String {
+        if self.waiting {
+            format!("{};waiting", self.version)
+        } else {
+            self.version.to_string()
+        }
+    }
+
+    /// Parses [`PushBase::to_header`]'s form.
+    pub fn parse_header(s: &str) -> Option<PushBase> {
+        let (v, waiting) = match s.split_once(';') {
+            Some((v, "waiting")) => (v, true),
+            Some(_) => return None,
+            None => (s, false),
+        };
+        Some(PushBase {
+            version: v.parse().ok()?,
+            waiting,
+        })
+    }
+
+    /// Whether a push on this base may become the next version of a file at `current`.
+    pub fn admits(self, current: u64) -> bool {
+        self.waiting || self.version == current
+    }
+}
+
 /// `POST /v1/internal/nodes/{id}/commit`, sent by a primary after the content is durable.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CommitRequest {
@@ -79,6 +121,9 @@ pub struct CommitRequest {
     pub fence: FenceToken,
     /// The upload's idempotency key.
     pub upload_id: UploadId,
+    /// What the content was based on; a push that may not replace the current version is
+    /// refused as a conflict.
+    pub base: PushBase,
     /// Servers holding the new content durably.
     pub holders: Vec<ServerId>,
     /// Who wrote it.
@@ -394,6 +439,8 @@ pub struct BatchItem {
     pub fence_sig: String,
     /// The upload's idempotency key.
     pub upload_id: UploadId,
+    /// What the content was based on.
+    pub base: PushBase,
     /// The placement the writer knows: primary first, then the replicas.
     pub placement: Vec<ServerId>,
     /// Permission bits to apply with the new version.

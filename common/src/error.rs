@@ -46,6 +46,10 @@ pub enum ErrorCode {
     /// The service has no such route: the request went to the wrong URL or the wrong kind of
     /// service. Never evidence that a node, user or blob is missing.
     NoRoute,
+    /// A push that may not replace the current version: it was based on an older one and no
+    /// close waits for it any more (see [`crate::api::PushBase`]). The writer keeps its content
+    /// as a conflict copy.
+    Conflict,
 }
 
 /// Body of every non-2xx response.

@@ -21,6 +21,8 @@ pub const UPLOAD_ID_HEADER: &str = "x-dfs-upload-id";
 /// primary pushes to these replicas without asking the directory; the directory refuses the
 /// commit if the placement changed meanwhile.
 pub const PLACEMENT_HEADER: &str = "x-dfs-placement";
+/// Header of an upload: the version its content was based on ([`crate::api::PushBase`]).
+pub const BASE_HEADER: &str = "x-dfs-base";
 /// Header of an upload: permission bits to apply with the new version (octal).
 pub const MODE_HEADER: &str = "x-dfs-mode";
 /// Header of an upload: explicit modification time to apply with the new version (ns).

@@ -466,11 +466,31 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
                 let nodes: Vec<String> = c.pending_uploads.iter().map(|n| n.to_string()).collect();
                 println!("  pending: node {}", nodes.join(", node "));
             }
+            for k in &c.conflicts {
+                let place = if k.in_mount {
+                    "kept next to it as"
+                } else {
+                    "kept in the cache at"
+                };
+                println!(
+                    "  conflict: a change to {} (node {}) was based on an older version than the servers' newest; {place} {}",
+                    if k.name.is_empty() { "?" } else { &k.name },
+                    k.node,
+                    k.kept_as
+                );
+            }
         }
         None => println!(
             "this client's cache ({}): no mount has used it",
             cache_dir.display()
         ),
+    }
+    // Content no server has, set aside after a crash or a conflict that could not be kept in
+    // the mount: the user decides what to do with it.
+    if let Ok(dir) = std::fs::read_dir(cache_dir.join("recovered")) {
+        for e in dir.flatten() {
+            println!("  set aside, not on the servers: {}", e.path().display());
+        }
     }
     Ok(())
 }

@@ -62,7 +62,8 @@ impl FsError {
                 | ErrorCode::NotPrimary
                 | ErrorCode::Unavailable
                 | ErrorCode::Internal
-                | ErrorCode::NoRoute => libc::EIO,
+                | ErrorCode::NoRoute
+                | ErrorCode::Conflict => libc::EIO,
             },
             FsError::Remote(RemoteError::Timeout(_)) => libc::ETIMEDOUT,
             FsError::Remote(RemoteError::NotLoggedIn(_)) => libc::EACCES,

@@ -118,6 +118,8 @@ pub struct Upload<'a> {
     pub grant: &'a Grant,
     /// Idempotency key.
     pub upload_id: &'a UploadId,
+    /// What the content was based on.
+    pub base: common::api::PushBase,
     /// Permission bits to apply with the version.
     pub mode: Option<u32>,
     /// Explicit modification time to apply with the version.
@@ -211,6 +213,16 @@ impl Remote {
             config,
             stats: Arc::new(ClientStats::default()),
         }
+    }
+
+    /// The name of the user this client is logged in as.
+    pub async fn user(&self) -> Option<String> {
+        self.session
+            .lock()
+            .await
+            .login
+            .as_ref()
+            .map(|l| l.user.clone())
     }
 
     /// The directory URL.
@@ -741,6 +753,7 @@ impl Remote {
             size,
             grant,
             upload_id,
+            base,
             mode,
             mtime_ns,
         } = *up;
@@ -748,7 +761,7 @@ impl Remote {
             code: ErrorCode::Unavailable,
             message: "file has no primary".into(),
         })?;
-        let base = self.server_url(primary).await?;
+        let server = self.server_url(primary).await?;
         let file = tokio::fs::File::open(path)
             .await
             .map_err(|e| RemoteError::Io(format!("reading {}: {e}", path.display())))?;
@@ -775,7 +788,7 @@ impl Remote {
         let token = self.token().await?;
         let mut req = self
             .stream
-            .put(format!("{base}{}", routes::file_write(meta.id)))
+            .put(format!("{server}{}", routes::file_write(meta.id)))
             .header(routes::PLACEMENT_HEADER, placement.join(","));
         if let Some(m) = mode {
             req = req.header(routes::MODE_HEADER, format!("{m:o}"));
@@ -790,6 +803,7 @@ impl Remote {
             .header(routes::FENCE_SIG_HEADER, &grant.signature)
             .header(routes::HASH_HEADER, hash.as_str())
             .header(routes::UPLOAD_ID_HEADER, upload_id.as_str())
+            .header(routes::BASE_HEADER, base.to_header())
             .header(reqwest::header::CONTENT_LENGTH, size)
             .body(body)
             .send()
@@ -813,7 +827,7 @@ impl Remote {
         header: &common::api::BatchHeader,
         bodies: &[Vec<u8>],
     ) -> Result<Vec<common::api::ItemResult<NodeMeta>>, RemoteError> {
-        let base = self.server_url(primary).await?;
+        let server = self.server_url(primary).await?;
         let json = serde_json::to_vec(header).map_err(|e| RemoteError::Io(e.to_string()))?;
         let mut frame = common::batch::prefix(&json);
         for b in bodies {
@@ -823,7 +837,7 @@ impl Remote {
         let token = self.token().await?;
         let resp = self
             .stream
-            .post(format!("{base}{}", routes::FILE_BATCH_WRITE))
+            .post(format!("{server}{}", routes::FILE_BATCH_WRITE))
             .bearer_auth(token)
             .timeout(common::api::transfer_timeout(len))
             .header(reqwest::header::CONTENT_LENGTH, len)

@@ -85,8 +85,20 @@ async fn a_close_on_one_client_is_seen_by_the_next_open_on_another() {
     c.shutdown().await;
 }
 
+async fn names(fs: &DfsFs) -> Vec<String> {
+    let fh = fs.opendir(NodeId::ROOT).await.unwrap();
+    let names = fs
+        .listing(fh)
+        .unwrap()
+        .iter()
+        .map(|i| i.name.clone())
+        .collect();
+    fs.releasedir(fh);
+    names
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn failed_push_stays_pending_across_restart_and_is_never_overwritten() {
+async fn regression_a_failed_close_pushed_later_never_overwrites_a_newer_version() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("cluster");
     let cache_a = dir.path().join("a");
@@ -107,20 +119,65 @@ async fn failed_push_stays_pending_across_restart_and_is_never_overwritten() {
         a.release(o.fh);
         assert_eq!(a.pending().unwrap().len(), 1);
     }
-    // The cluster comes back (on another port); another client writes a newer version.
+    // The cluster comes back (on another port); another client's close succeeds meanwhile.
     let c = cluster(&data).await;
     let b = core(&c, Some(login(&c, "bob").await), &dir.path().join("b"));
     write_file(&b, "f", b"remote edit").await.unwrap();
     // After a restart of the client, its pending copy is still what it sees (never replaced
-    // by a download), and it is pushed: last close wins, whole.
+    // by a download).
     let a = core(&c, Some(login(&c, "alice").await), &cache_a);
     assert_eq!(read_file(&a, "f").await, b"local edit");
+    // Its push comes later than bob's acknowledged close and was based on the version before
+    // it: it must not overwrite it. Alice's bytes are kept as a conflict copy next to it.
     let left = a
         .push_pending(Instant::now() + Duration::from_secs(10), false)
         .await
         .unwrap();
-    assert!(left.is_empty());
-    assert_eq!(read_file(&b, "f").await, b"local edit");
+    let left = if left.is_empty() {
+        left
+    } else {
+        // The conflict copy itself is pushed by the next pass.
+        a.push_pending(Instant::now() + Duration::from_secs(10), false)
+            .await
+            .unwrap()
+    };
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(read_file(&b, "f").await, b"remote edit");
+    let copies: Vec<String> = names(&b)
+        .await
+        .into_iter()
+        .filter(|n| n.starts_with("f.conflict-alice-"))
+        .collect();
+    assert_eq!(copies.len(), 1, "{copies:?}");
+    assert_eq!(read_file(&b, &copies[0]).await, b"local edit");
+    let conflicts = a.status().unwrap().conflicts;
+    assert_eq!(conflicts.len(), 1);
+    assert_eq!(conflicts[0].kept_as, copies[0]);
+    assert!(conflicts[0].in_mount);
+    // Alice's next open of the file sees the version that won.
+    assert_eq!(read_file(&a, "f").await, b"remote edit");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_close_that_waits_replaces_a_newer_version_last_close_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let a = core(&c, Some(login(&c, "alice").await), &dir.path().join("a"));
+    let b = core(&c, Some(login(&c, "bob").await), &dir.path().join("b"));
+    write_file(&a, "f", b"base").await.unwrap();
+    // Both open the same version; bob closes first, alice last.
+    let attr = a.lookup(NodeId::ROOT, OsStr::new("f")).await.unwrap();
+    let oa = a.open(NodeId(attr.ino.0), libc::O_RDWR).await.unwrap();
+    write_file(&b, "f", b"bob's").await.unwrap();
+    a.write(oa.fh, 0, b"alice's").unwrap();
+    a.flush(oa.fh).await.unwrap();
+    a.release(oa.fh);
+    assert_eq!(read_file(&b, "f").await, b"alice's");
+    assert!(
+        names(&b).await.iter().all(|n| !n.contains(".conflict-")),
+        "no conflict copy for closes serialised by the lock"
+    );
     c.shutdown().await;
 }
 

@@ -155,16 +155,24 @@ async fn regression_a_change_that_cannot_be_recorded_stays_dirty_and_is_pushed_l
     fs.flush(o.fh).await.unwrap();
     fs.release(o.fh);
 
-    // Space is back: the uploader records and pushes the change.
+    // Space is back: the uploader records and pushes the change. It was based on v1 and
+    // no close waits for it any more, so it does not overwrite v3: it becomes a conflict copy.
     fail::remove("record-pending");
-    let left = fs
-        .push_pending(tokio::time::Instant::now() + Duration::from_secs(10), false)
+    for _ in 0..2 {
+        fs.push_pending(tokio::time::Instant::now() + Duration::from_secs(10), false)
+            .await
+            .unwrap();
+    }
+    assert!(fs.unsettled().unwrap().is_empty());
+    assert_eq!(read_all(&other, node).await, b"v3 from elsewhere\n");
+    let conflicts = fs.conflicts();
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+    let copy = other
+        .lookup(NodeId::ROOT, OsStr::new(&conflicts[0].kept_as))
         .await
         .unwrap();
-    assert!(left.is_empty(), "{left:?}");
-    assert!(fs.unsettled().unwrap().is_empty());
     assert_eq!(
-        read_all(&other, node).await,
+        read_all(&other, NodeId(copy.ino.0)).await,
         b"v2, written while the cache was full\n"
     );
     cluster.shutdown().await;
@@ -195,6 +203,50 @@ async fn regression_a_writeback_close_that_cannot_be_recorded_stays_dirty() {
         .unwrap();
     assert!(left.is_empty(), "{left:?}");
     assert!(fs.unsettled().unwrap().is_empty());
+    cluster.shutdown().await;
+    scenario.teardown();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_change_recorded_while_a_push_settles_is_not_lost() {
+    let scenario = fail::FailScenario::setup();
+    let (_dir, cluster, login) = cluster_with_user().await;
+    let cache = tempfile::tempdir().unwrap();
+    let fs = std::sync::Arc::new(core(&cluster.directory_url, login.clone(), cache.path()));
+    let (attr, o) = fs
+        .create(NodeId::ROOT, OsStr::new("race.txt"), 0o644, libc::O_RDWR)
+        .await
+        .unwrap();
+    let node = NodeId(attr.ino.0);
+    fs.write(o.fh, 0, b"first").unwrap();
+    // The push of "first" stops between reading and writing the cache entry...
+    fail::cfg("settle-before-write", "sleep(400)").unwrap();
+    let flushing = {
+        let fs = fs.clone();
+        tokio::spawn(async move { fs.flush(o.fh).await })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // ...while a write through an mmap is recorded by release (which takes no node lock).
+    fs.write(o.fh, 0, b"second").unwrap();
+    fs.release(o.fh);
+    flushing.await.unwrap().unwrap();
+    fail::remove("settle-before-write");
+    assert!(
+        fs.pending().unwrap().contains(&node),
+        "the newer change is still pending"
+    );
+    let left = fs
+        .push_pending(tokio::time::Instant::now() + Duration::from_secs(10), false)
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "{left:?}");
+    let other_cache = tempfile::tempdir().unwrap();
+    let other = core(&cluster.directory_url, login, other_cache.path());
+    assert_eq!(read_all(&other, node).await, b"second");
+    assert!(
+        fs.conflicts().is_empty(),
+        "the newer change was based on the version just pushed, not a conflict"
+    );
     cluster.shutdown().await;
     scenario.teardown();
 }

@@ -68,6 +68,8 @@ pub enum ServiceError {
     /// No such route on the service asked (a wrong URL or a different service).
     #[error("no such route: {0}")]
     NoRoute(String),
+    #[error("conflict: {0}")]
+    Conflict(String),
 }
 
 impl ServiceError {
@@ -93,6 +95,7 @@ impl ServiceError {
             ServiceError::Unavailable(_) => ErrorCode::Unavailable,
             ServiceError::Internal(_) => ErrorCode::Internal,
             ServiceError::NoRoute(_) => ErrorCode::NoRoute,
+            ServiceError::Conflict(_) => ErrorCode::Conflict,
         }
     }
 
@@ -123,6 +126,7 @@ impl ServiceError {
             ErrorCode::NotPrimary => ServiceError::NotPrimary(message),
             ErrorCode::Unavailable | ErrorCode::Internal => ServiceError::Unavailable(message),
             ErrorCode::NoRoute => ServiceError::NoRoute(message),
+            ErrorCode::Conflict => ServiceError::Conflict(message),
         }
     }
 

@@ -208,6 +208,7 @@ impl Harness {
                 routes::UPLOAD_ID_HEADER,
                 UploadId::from_bytes([upload; 16]).as_str(),
             )
+            .header(routes::BASE_HEADER, "0;waiting")
             .body(data.to_vec())
             .send()
             .await
@@ -583,6 +584,7 @@ async fn bad_input_gets_json_errors_and_changes_nothing() {
             routes::UPLOAD_ID_HEADER,
             UploadId::from_bytes([9; 16]).as_str(),
         )
+        .header(routes::BASE_HEADER, "0;waiting")
         .body("actual")
         .send()
         .await
@@ -632,7 +634,7 @@ async fn regression_a_stalled_upload_does_not_block_the_file() {
     let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
     let head = format!(
         "PUT {} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {}\r\n{}: 3\r\n{}: {}\r\n\
-         {}: {}\r\n{}: {}\r\ncontent-length: 100000\r\n\r\npartial...",
+         {}: {}\r\n{}: {}\r\n{}: 0;waiting\r\ncontent-length: 100000\r\n\r\npartial...",
         routes::file_write(f.id),
         h.token,
         routes::FENCE_HEADER,
@@ -642,6 +644,7 @@ async fn regression_a_stalled_upload_does_not_block_the_file() {
         hash_of(&[0u8; 100_000]).as_str(),
         routes::UPLOAD_ID_HEADER,
         UploadId::from_bytes([1; 16]).as_str(),
+        routes::BASE_HEADER,
     );
     stalled.write_all(head.as_bytes()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -687,6 +690,7 @@ async fn a_fence_the_lock_service_did_not_sign_is_refused() {
                 routes::UPLOAD_ID_HEADER,
                 UploadId::from_bytes([1; 16]).as_str(),
             )
+            .header(routes::BASE_HEADER, "0;waiting")
             .body("x")
             .send()
             .await
@@ -774,6 +778,10 @@ impl Harness {
                 common::FenceToken(fence),
             ),
             upload_id: UploadId::from_bytes([upload; 16]),
+            base: common::api::PushBase {
+                version: meta.version,
+                waiting: true,
+            },
             placement: meta.primary.iter().chain(&meta.replicas).copied().collect(),
             mode: None,
             mtime_ns: None,

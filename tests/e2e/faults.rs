@@ -79,3 +79,53 @@ fn cached_files_stay_readable_while_the_cluster_is_down() {
     let out = m.sh("cat docs/never-seen.txt");
     assert!(!out.status.success(), "an uncached file fails cleanly");
 }
+
+#[test]
+fn a_failed_close_pushed_later_keeps_both_versions_as_a_conflict_copy() {
+    let mut cluster = SplitCluster::start(3);
+    let a = Client::new(&cluster.url);
+    a.signup_login("alice");
+    let b = Client::new(&cluster.url);
+    b.signup_login("bob");
+    let ma = a.mount(&["--close-timeout-secs", "2"]);
+    let mb = b.mount(&[]);
+    ok(ma.sh("echo base > notes.txt"));
+    assert_eq!(ok(mb.sh("cat notes.txt")), "base\n");
+    for i in 1..=3 {
+        cluster.stop_service(&format!("file-{i}"), false);
+    }
+    let out = ma.sh("echo alice | tee notes.txt >/dev/null");
+    assert!(!out.status.success(), "close must report the failed push");
+    // Alice's client freezes (a laptop lid closed) while the servers come back and bob's
+    // close succeeds on top of the version alice started from.
+    let pid = ma.pid().to_string();
+    ok(sh_in(&ma.dir, &format!("kill -STOP {pid}")));
+    for i in 1..=3 {
+        cluster.start_service(&format!("file-{i}"));
+    }
+    cluster.wait_ready();
+    ok(mb.sh("echo bob | tee notes.txt >/dev/null"));
+    ok(sh_in(&mb.dir, &format!("kill -CONT {pid}")));
+    // Alice's change arrives later than bob's acknowledged close: it is kept next to the file,
+    // never written over bob's.
+    let copy = eventually(Duration::from_secs(60), || {
+        ok(mb.sh("ls")).contains("notes.txt.conflict-alice-")
+            && ok(mb.sh("cat notes.txt.conflict-alice-*")) == "alice\n"
+    });
+    assert!(
+        copy,
+        "{}\n{}\n{}",
+        ok(mb.sh("ls -la")),
+        ma.log(),
+        cluster.logs()
+    );
+    assert_eq!(ok(mb.sh("cat notes.txt")), "bob\n");
+    assert!(
+        eventually(Duration::from_secs(10), || ok(ma.sh("cat notes.txt"))
+            == "bob\n"),
+        "alice's mount shows the version that won"
+    );
+    let status = ok(a.run(&["status"], ""));
+    assert!(status.contains("conflict:"), "{status}");
+    assert!(status.contains("notes.txt.conflict-alice-"), "{status}");
+}

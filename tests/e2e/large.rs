@@ -93,6 +93,7 @@ fn one_gib_upload_with_bounded_server_memory() {
                 common::routes::UPLOAD_ID_HEADER,
                 common::UploadId::from_bytes([3; 16]).as_str(),
             )
+            .header(common::routes::BASE_HEADER, "0;waiting")
             .body(reqwest::Body::wrap_stream(body))
             .send()
             .await

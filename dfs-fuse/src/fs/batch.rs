@@ -15,8 +15,9 @@ use tokio::time::Instant;
 use super::{DfsFs, FoldedAttrs};
 use crate::cache::Pending;
 
-/// A file that can go in a batch: its pending record, folded attributes and content.
-type Candidate = (NodeId, Pending, FoldedAttrs, Vec<u8>);
+/// A file that can go in a batch: its pending record, the version it is based on, folded
+/// attributes and content.
+type Candidate = (NodeId, Pending, u64, FoldedAttrs, Vec<u8>);
 
 /// One file taken into a batch: locked here and at the lock service.
 struct Taken {
@@ -117,7 +118,9 @@ impl DfsFs {
         }))
         .await;
         let mut taken = Vec::new();
-        for ((node, pending, attrs, body), (waiter, grant)) in candidates.into_iter().zip(grants) {
+        for ((node, pending, base, attrs, body), (waiter, grant)) in
+            candidates.into_iter().zip(grants)
+        {
             let grant = match grant {
                 Ok(g) => g,
                 Err(e) => {
@@ -139,6 +142,11 @@ impl DfsFs {
                 fence: grant.fence,
                 fence_sig: grant.signature.clone(),
                 upload_id: pending.upload_id.clone(),
+                // A batch is a background push: it applies only over its base.
+                base: common::api::PushBase {
+                    version: base,
+                    waiting: false,
+                },
                 placement: meta.primary.iter().chain(&meta.replicas).copied().collect(),
                 mode: attrs.mode,
                 mtime_ns: attrs.mtime_ns,
@@ -218,7 +226,7 @@ impl DfsFs {
         if self.writer_count(node) > 0 {
             return Ok(None);
         }
-        let Some((_, pending)) = self.mark_pending(node)? else {
+        let Some((entry, pending)) = self.mark_pending(node)? else {
             return Ok(None);
         };
         if pending.size > MAX_BATCH_ITEM_BYTES {
@@ -229,7 +237,13 @@ impl DfsFs {
             // Changed since it was hashed: the single path re-hashes and resends.
             return Ok(None);
         }
-        Ok(Some((node, pending, self.folded_attrs(node), body)))
+        Ok(Some((
+            node,
+            pending,
+            entry.version,
+            self.folded_attrs(node),
+            body,
+        )))
     }
 
     /// Runs `work` while renewing the leases of `taken` (a batch may outlast a third of one).

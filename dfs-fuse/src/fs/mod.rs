@@ -22,6 +22,7 @@ use crate::remote::{Remote, RemoteError};
 use dfs_server::keyed::KeyedMutex;
 
 mod batch;
+mod conflict;
 mod known;
 mod recover;
 mod upload;
@@ -172,7 +173,12 @@ pub struct ClientStatus {
     /// (median, 99th percentile) of recent pushes, in ms.
     #[serde(default)]
     pub push_latency_ms: Option<(f64, f64)>,
+    /// Conflicts found since the mount started, and where each refused change was kept.
+    #[serde(default)]
+    pub conflicts: Vec<conflict::ConflictNote>,
 }
+
+pub use conflict::{ConflictNote, conflict_name};
 
 /// The core.
 pub struct DfsFs {
@@ -197,6 +203,11 @@ pub struct DfsFs {
     /// never clears a later failure.
     unrecorded: Mutex<HashMap<NodeId, u64>>,
     unrecorded_gen: AtomicU64,
+    /// Held across every read-modify-write of a cache entry that can run without the node's
+    /// lock (release records changes without it), so that no update overwrites another.
+    entry_updates: Mutex<()>,
+    /// Conflicts found (see `conflict.rs`), the newest last.
+    conflicts: Mutex<Vec<ConflictNote>>,
     known: Mutex<known::Known>,
     uid: u32,
     gid: u32,
@@ -266,6 +277,8 @@ impl DfsFs {
             writers: Mutex::new(HashMap::new()),
             unrecorded: Mutex::new(HashMap::new()),
             unrecorded_gen: AtomicU64::new(0),
+            entry_updates: Mutex::new(()),
+            conflicts: Mutex::new(Vec::new()),
             known: Mutex::new(known::Known::default()),
             uid: meta.uid(),
             gid: meta.gid(),
@@ -290,6 +303,11 @@ impl DfsFs {
     /// This client's metrics (FUSE ops, push stages).
     pub fn metrics(&self) -> &Arc<ClientMetrics> {
         &self.metrics
+    }
+
+    /// The guard of `entry_updates`.
+    fn entry_updates(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.entry_updates.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn writer_count(&self, node: NodeId) -> usize {
@@ -849,10 +867,12 @@ impl DfsFs {
             // The copy is about to be emptied: until it is, and is open, the index names no
             // server version for it (and says it is being written, for `recover` after a
             // crash), so that nothing ever takes the emptied copy for `meta`'s content.
+            // It keeps the version it replaces, which is what the change is based on.
             self.cache.put(
                 node,
                 &CacheEntry {
                     writing: true,
+                    version: meta.version,
                     ..CacheEntry::unknown()
                 },
             )?;
@@ -1016,7 +1036,9 @@ impl DfsFs {
     /// Pushes the handle's file now, waiting at most the close timeout.
     async fn push_now(&self, h: &Handle) -> FsResult<()> {
         let deadline = Instant::now() + self.config.close_timeout;
-        match self.push(h.node, deadline).await {
+        // The close waits: this push may replace a version newer than its base (last close
+        // wins).
+        match self.push(h.node, deadline, true).await {
             Ok(()) => Ok(()),
             Err(e) => {
                 // Keep the handle dirty too, so release records the change even if `push`
@@ -1100,6 +1122,7 @@ impl DfsFs {
                 .metrics
                 .recent_push_latency()
                 .map(|(a, b)| (a.as_secs_f64() * 1e3, b.as_secs_f64() * 1e3)),
+            conflicts: self.conflicts(),
         })
     }
 

@@ -11,6 +11,7 @@ use crate::error::FsResult;
 impl DfsFs {
     /// Sets or clears the durable "open for writing" mark of `node`.
     pub(super) fn set_writing(&self, node: NodeId, on: bool) -> FsResult<()> {
+        let _g = self.entry_updates();
         if let Some(mut e) = self.cache.get(node)?
             && e.writing != on
         {

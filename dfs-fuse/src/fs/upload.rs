@@ -42,6 +42,7 @@ impl DfsFs {
             }
             Err(e) => return Err(e.into()),
         };
+        let _g = self.entry_updates();
         let mut entry = self.cache.get(node)?.unwrap_or_else(CacheEntry::unknown);
         let pending = match &entry.pending {
             Some(p) if p.hash == hash => p.clone(),
@@ -64,18 +65,25 @@ impl DfsFs {
 
     /// Pushes the local copy of `node` if it differs from the server's, retrying until
     /// `deadline`. Serialised per node with open(). Attribute changes folded into this push
-    /// (see `setattr`) go with it, or alone if the content did not change.
-    pub async fn push(&self, node: NodeId, deadline: Instant) -> FsResult<()> {
+    /// (see `setattr`) go with it, or alone if the content did not change. `waiting`: a close
+    /// or fsync waits for this push, which may then replace a version newer than the one the
+    /// copy was based on (last close wins); any other push that finds a newer version keeps
+    /// its content as a conflict copy instead (`conflict.rs`).
+    pub async fn push(&self, node: NodeId, deadline: Instant, waiting: bool) -> FsResult<()> {
         let lock = self.node_locks.get(node);
         let _g = lock.lock().await;
         let started = std::time::Instant::now();
-        let Some((_, mut pending)) = self.mark_pending(node)? else {
+        let Some((mut entry, mut pending)) = self.mark_pending(node)? else {
             return self.apply_folded_attrs(node).await;
         };
         let mut backoff = Duration::from_millis(200);
         loop {
             let attrs = self.folded_attrs(node);
-            match self.push_once(node, &pending, &attrs, deadline).await {
+            let base = common::api::PushBase {
+                version: entry.version,
+                waiting,
+            };
+            match self.push_once(node, &pending, base, &attrs, deadline).await {
                 Ok(meta) => {
                     self.settle_push(node, &pending, &attrs, &meta)?;
                     self.metrics.push_done(started.elapsed());
@@ -92,12 +100,20 @@ impl DfsFs {
                     return Ok(());
                 }
                 Err(RemoteError::Api {
+                    code: common::ErrorCode::Conflict,
+                    message,
+                }) => {
+                    tracing::info!(%node, %message, "push refused as a conflict");
+                    self.keep_conflict_copy(node, &pending).await?;
+                    return Ok(());
+                }
+                Err(RemoteError::Api {
                     code: common::ErrorCode::HashMismatch,
                     ..
                 }) if Instant::now() + backoff < deadline => {
                     // The copy changed while it was being sent: hash it again and resend.
                     match self.mark_pending(node)? {
-                        Some((_, p)) => pending = p,
+                        Some((e, p)) => (entry, pending) = (e, p),
                         None => return Ok(()),
                     }
                 }
@@ -143,7 +159,8 @@ impl DfsFs {
         meta: &NodeMeta,
     ) -> FsResult<()> {
         // Only the pushed content becomes clean: a pending record written meanwhile
-        // (by release) for newer content stays.
+        // (by release) for newer content stays, now based on the version just pushed.
+        let g = self.entry_updates();
         let mut entry = self.cache.get(node)?.unwrap_or_else(CacheEntry::unknown);
         if meta.hash == pending.hash {
             entry.version = meta.version;
@@ -161,7 +178,15 @@ impl DfsFs {
         {
             entry.pending = None;
         }
-        self.cache.put_lazy(node, &entry)?;
+        fail::fail_point!("settle-before-write");
+        if entry.pending.is_some() {
+            // Newer content waits: it must not come back after a crash as based on the older
+            // version (it would then be taken for a conflict).
+            self.cache.record(node, &entry)?;
+        } else {
+            self.cache.put_lazy(node, &entry)?;
+        }
+        drop(g);
         self.remember(meta, None);
         self.retry_at
             .lock()
@@ -182,6 +207,7 @@ impl DfsFs {
         &self,
         node: NodeId,
         pending: &Pending,
+        base: common::api::PushBase,
         attrs: &FoldedAttrs,
         deadline: Instant,
     ) -> Result<NodeMeta, RemoteError> {
@@ -214,6 +240,7 @@ impl DfsFs {
                 size: pending.size,
                 grant: &grant,
                 upload_id: &pending.upload_id,
+                base,
                 mode: attrs.mode,
                 mtime_ns: attrs.mtime_ns,
             };
@@ -250,7 +277,8 @@ impl DfsFs {
         if backoff && waiting.is_some_and(|(at, _)| at > now) {
             return;
         }
-        match self.push(node, deadline).await {
+        // Nobody waits for this push: it applies only over the version it was based on.
+        match self.push(node, deadline, false).await {
             Ok(()) => {
                 self.retry_at
                     .lock()

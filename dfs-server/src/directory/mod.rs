@@ -146,6 +146,30 @@ fn commit_in(
     if req.fence < meta.fence {
         return refusal(ServiceError::stale(req.fence, meta.fence));
     }
+    if !req.base.admits(meta.version) {
+        // A later push of content based on an older version. However long ago its upload id
+        // left `recent_uploads`, it is never applied over a version its writer did not see.
+        if meta.hash == req.hash {
+            // The current version already is this content (e.g. this very upload, applied
+            // before a restart of the writer made it send again): nothing to apply.
+            if meta
+                .writeback
+                .as_ref()
+                .is_some_and(|w| w.upload_id == req.upload_id)
+            {
+                meta.writeback = None;
+                put_node(tx, &meta)?;
+            }
+            return Ok(Ok(CommitResponse {
+                meta,
+                superseded: None,
+            }));
+        }
+        return refusal(ServiceError::Conflict(format!(
+            "node {id} is at version {}; this push was based on version {} and no close waits for it",
+            meta.version, req.base.version
+        )));
+    }
     if let Some(p) = req.primary
         && meta.primary != Some(p)
     {
@@ -603,7 +627,31 @@ impl DirectoryService {
     /// Records a new version written by a primary. Applies each upload id once; refuses a fence
     /// older than the newest committed one.
     pub fn commit(&self, id: NodeId, req: &CommitRequest) -> ServiceResult<CommitResponse> {
-        self.store.write(|tx| commit_in(tx, id, req)?)
+        let r = self.store.write(|tx| commit_in(tx, id, req)?);
+        if matches!(r, Err(ServiceError::Conflict(_))) {
+            self.end_intent(id, &req.upload_id);
+        }
+        r
+    }
+
+    /// A push refused as a conflict will not come: readers waiting for the write-back intent it
+    /// announced stop waiting (lazily, like the intent itself).
+    fn end_intent(&self, id: NodeId, upload_id: &common::UploadId) {
+        let r = self.store.write_lazy(|tx| {
+            let mut meta = get_node(tx, id)?;
+            if meta
+                .writeback
+                .as_ref()
+                .is_some_and(|w| &w.upload_id == upload_id)
+            {
+                meta.writeback = None;
+                put_node(tx, &meta)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = r {
+            tracing::warn!(%id, error = %e, "ending a refused push's write-back intent failed; it lapses");
+        }
     }
 
     /// Several commits in one durable transaction (a batched upload): each is checked and
@@ -618,12 +666,18 @@ impl DirectoryService {
                 common::api::MAX_BATCH_ITEMS
             )));
         }
-        self.store.write(|tx| {
+        let results: Vec<ServiceResult<CommitResponse>> = self.store.write(|tx| {
             req.items
                 .iter()
                 .map(|i| commit_in(tx, i.node, &i.commit))
                 .collect()
-        })
+        })?;
+        for (i, r) in req.items.iter().zip(&results) {
+            if matches!(r, Err(ServiceError::Conflict(_))) {
+                self.end_intent(i.node, &i.commit.upload_id);
+            }
+        }
+        Ok(results)
     }
 
     /// Records that a client will push `id` in the background (write-back), so that other

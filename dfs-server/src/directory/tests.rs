@@ -45,6 +45,10 @@ fn commit(svc: &DirectoryService, id: NodeId, fence: u64, upload: u8) -> Service
             size: 10,
             fence: FenceToken(fence),
             upload_id: UploadId::from_bytes([upload; 16]),
+            base: common::api::PushBase {
+                version: 0,
+                waiting: true,
+            },
             holders: vec![],
             writer: "t".into(),
             primary: None,
@@ -465,6 +469,10 @@ fn regression_a_commit_with_a_stale_placement_or_too_few_copies_is_refused() {
         size: 1,
         fence: FenceToken(1),
         upload_id: UploadId::from_bytes([9; 16]),
+        base: common::api::PushBase {
+            version: 0,
+            waiting: true,
+        },
         holders,
         writer: "t".into(),
         primary: Some(primary),
@@ -522,6 +530,10 @@ async fn regression_a_repair_pass_never_waits_for_its_copies() {
             size: 1,
             fence: FenceToken(1),
             upload_id: UploadId::from_bytes([4; 16]),
+            base: common::api::PushBase {
+                version: 0,
+                waiting: true,
+            },
             holders: vec![primary, f.replicas[0]],
             writer: "t".into(),
             primary: Some(primary),
@@ -562,6 +574,10 @@ fn a_batch_commit_refuses_items_alone_and_applies_the_rest_durably() {
         size: 1,
         fence: FenceToken(fence),
         upload_id: UploadId::from_bytes([id; 16]),
+        base: common::api::PushBase {
+            version: 0,
+            waiting: true,
+        },
         holders: f
             .primary
             .iter()
@@ -603,4 +619,141 @@ fn a_batch_commit_refuses_items_alone_and_applies_the_rest_durably() {
     assert_eq!(svc.get(a.id).expect("a").version, 1);
     let b = svc.get(b.id).expect("b");
     assert_eq!((b.version, b.fence), (1, FenceToken(7)));
+}
+
+fn commit_on(
+    svc: &DirectoryService,
+    id: NodeId,
+    fence: u64,
+    upload: u8,
+    base: u64,
+    waiting: bool,
+) -> ServiceResult<NodeMeta> {
+    svc.commit(
+        id,
+        &CommitRequest {
+            hash: ContentHash::from_digest(&[upload; 32]),
+            size: 10,
+            fence: FenceToken(fence),
+            upload_id: UploadId::from_bytes([upload; 16]),
+            base: common::api::PushBase {
+                version: base,
+                waiting,
+            },
+            holders: vec![],
+            writer: "t".into(),
+            primary: None,
+            replicas: None,
+            mode: None,
+            mtime_ns: None,
+        },
+    )
+    .map(|r| r.meta)
+}
+
+#[test]
+fn a_later_push_never_replaces_a_version_it_was_not_based_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let f = mk(&svc, NodeId::ROOT, "f", FileKind::File);
+    // Two writers opened version 0; the first close commits version 1.
+    commit_on(&svc, f.id, 1, 1, 0, true).expect("first close");
+    // The second writer's close is still waiting: last close wins.
+    let m = commit_on(&svc, f.id, 2, 2, 0, true).expect("a waiting close replaces");
+    assert_eq!((m.version, m.hash), (2, ContentHash::from_digest(&[2; 32])));
+    // A background retry of content based on version 1 is refused, and changes nothing.
+    let r = commit_on(&svc, f.id, 3, 3, 1, false);
+    assert!(matches!(r, Err(ServiceError::Conflict(_))), "{r:?}");
+    let now = svc.get(f.id).expect("get");
+    assert_eq!(
+        (now.version, now.hash),
+        (2, ContentHash::from_digest(&[2; 32]))
+    );
+    // Based on the current version, it applies.
+    let m = commit_on(&svc, f.id, 3, 3, 2, false).expect("based on the current version");
+    assert_eq!(m.version, 3);
+}
+
+#[test]
+fn regression_a_retried_upload_is_not_applied_again_however_many_commits_followed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let f = mk(&svc, NodeId::ROOT, "f", FileKind::File);
+    // Upload 1 is applied, but its writer never hears so (a lost answer, or a crash before
+    // the lazily written "clean" record reached its disk).
+    commit_on(&svc, f.id, 1, 1, 0, false).expect("applied");
+    // Far more commits than the upload ids a node remembers.
+    let many = u8::try_from(common::meta::RECENT_UPLOADS + 8).expect("fits");
+    for i in 0..many {
+        let v = svc.get(f.id).expect("get").version;
+        commit_on(&svc, f.id, 2 + u64::from(i), 10 + i, v, true).expect("newer writes");
+    }
+    let before = svc.get(f.id).expect("get");
+    // The retry, sent in the background with the base it was made on: refused, never
+    // applied over the newer writes.
+    let r = commit_on(&svc, f.id, 1000, 1, 0, false);
+    assert!(matches!(r, Err(ServiceError::Conflict(_))), "{r:?}");
+    let after = svc.get(f.id).expect("get");
+    assert_eq!(
+        (after.version, after.hash),
+        (before.version, before.hash),
+        "the newest acknowledged write stays"
+    );
+}
+
+#[test]
+fn a_retry_of_the_current_content_is_answered_without_a_new_version() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let f = mk(&svc, NodeId::ROOT, "f", FileKind::File);
+    commit_on(&svc, f.id, 1, 1, 0, false).expect("applied");
+    for i in 0..u8::try_from(common::meta::RECENT_UPLOADS).expect("fits") {
+        // Attribute-only commits of the same content push the upload id out of the window.
+        let v = svc.get(f.id).expect("get").version;
+        svc.commit(
+            f.id,
+            &CommitRequest {
+                hash: ContentHash::from_digest(&[1; 32]),
+                size: 10,
+                fence: FenceToken(2 + u64::from(i)),
+                upload_id: UploadId::from_bytes([100 + i; 16]),
+                base: common::api::PushBase {
+                    version: v,
+                    waiting: true,
+                },
+                holders: vec![],
+                writer: "t".into(),
+                primary: None,
+                replicas: None,
+                mode: None,
+                mtime_ns: None,
+            },
+        )
+        .expect("same content again");
+    }
+    let before = svc.get(f.id).expect("get");
+    let m = commit_on(&svc, f.id, 1000, 1, 0, false).expect("recognised as current");
+    assert_eq!(m.version, before.version, "no new version");
+}
+
+#[test]
+fn a_refused_write_back_push_ends_the_wait_it_announced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let f = mk(&svc, NodeId::ROOT, "f", FileKind::File);
+    commit_on(&svc, f.id, 1, 1, 0, true).expect("v1");
+    svc.set_intent(
+        f.id,
+        &common::api::IntentRequest {
+            upload_id: UploadId::from_bytes([7; 16]),
+            lease_ms: 30_000,
+        },
+    )
+    .expect("intent");
+    let r = commit_on(&svc, f.id, 2, 7, 0, false);
+    assert!(matches!(r, Err(ServiceError::Conflict(_))), "{r:?}");
+    assert!(
+        svc.get(f.id).expect("get").writeback.is_none(),
+        "readers stop waiting for a push that will not come"
+    );
 }

@@ -296,6 +296,7 @@ impl FileServer {
                     size: p.item.size,
                     fence: p.item.fence,
                     upload_id: p.item.upload_id.clone(),
+                    base: p.item.base,
                     holders: p.holders.clone(),
                     writer: writer.to_owned(),
                     primary: Some(me),

@@ -67,6 +67,8 @@ pub struct WriteRequest {
     pub fence_sig: String,
     /// Idempotency key.
     pub upload_id: UploadId,
+    /// What the content was based on.
+    pub base: common::api::PushBase,
     /// Who writes.
     pub writer: String,
     /// The placement the writer knows, `(primary, replicas)`; `None`: ask the directory.
@@ -278,6 +280,7 @@ impl FileServer {
             size,
             fence: req.fence,
             upload_id: req.upload_id,
+            base: req.base,
             holders: holders.clone(),
             writer: req.writer,
             primary: Some(me),

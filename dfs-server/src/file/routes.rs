@@ -88,6 +88,8 @@ async fn write(
         fence_sig: header_str(&headers, routes::FENCE_SIG_HEADER)?.to_owned(),
         upload_id: UploadId::parse(header_str(&headers, routes::UPLOAD_ID_HEADER)?)
             .map_err(|e| AppError(ServiceError::BadRequest(e.to_string())))?,
+        base: common::api::PushBase::parse_header(header_str(&headers, routes::BASE_HEADER)?)
+            .ok_or_else(|| bad("base header must be a version, optionally followed by ;waiting"))?,
         writer: who.name().to_owned(),
         placement: headers
             .get(routes::PLACEMENT_HEADER)
