@@ -79,8 +79,10 @@ pub struct CacheArgs {
     /// Cache directory [default: the user cache dir (XDG_CACHE_HOME)/dfs/<server>].
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
-    /// Seconds close() and fsync() wait for an upload before failing with EIO. The data stays
-    /// in the cache and is retried in the background.
+    /// Seconds close() and fsync() wait for an upload before failing with EIO (longer only
+    /// while bytes keep moving: a large upload that makes progress is never cut off). The data
+    /// stays in the cache and is retried in the background. A download that makes no progress
+    /// for this long fails the open, trying each copy for its share of it.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     close_timeout_secs: u64,
     /// Seconds unmount waits for pending uploads before giving up (they stay in the cache).

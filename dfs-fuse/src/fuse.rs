@@ -1,5 +1,8 @@
-//! Links _fuser_ method calls into the [`DfsFs`] core: each method runs the core operation on
-//! the tokio runtime from fuser's worker thread and replies with data or an errno. No logic.
+//! Links _fuser_ method calls into the [`DfsFs`] core and replies with data or an errno. No
+//! logic. Operations that can wait on a server for long (open, create, flush, fsync, setattr)
+//! run as tasks on the tokio runtime and reply from there, so a file whose servers are stuck
+//! never holds one of fuser's few worker threads; quick ones run on the worker thread. Release
+//! (which may hash a whole file) is handed to the blocking pool.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -28,9 +31,16 @@ pub const TTL: Duration = crate::fs::ATTR_TTL;
 pub struct FuseAdapter {
     fs: Arc<DfsFs>,
     rt: tokio::runtime::Handle,
-    /// Passthrough wanted by the user; whether the kernel agreed is `passthrough_on`.
+    /// Passthrough wanted by the user; whether the kernel agreed is in `pt`.
     want_passthrough: bool,
-    passthrough_on: AtomicBool,
+    pt: Arc<Passthrough>,
+}
+
+/// Kernel passthrough: whether it is on, and the backing files in use. Shared with the tasks
+/// that answer opens.
+struct Passthrough {
+    fs: Arc<DfsFs>,
+    on: AtomicBool,
     backing: Mutex<Backing>,
 }
 
@@ -51,18 +61,40 @@ impl FuseAdapter {
         r
     }
 
+    /// Runs a core operation as a task and hands its result to `reply` there: the FUSE thread
+    /// is free at once.
+    fn spawned<T: Send + 'static>(
+        &self,
+        op: &'static str,
+        work: impl std::future::Future<Output = T> + Send + 'static,
+        reply: impl FnOnce(T) + Send + 'static,
+    ) {
+        let metrics = self.fs.metrics().clone();
+        self.rt.spawn(async move {
+            let start = std::time::Instant::now();
+            let r = work.await;
+            metrics.fuse_op(op, start.elapsed());
+            reply(r);
+        });
+    }
+
     /// An adapter running core operations on `rt`, using kernel passthrough for open files
     /// when `passthrough` is set and the kernel supports it.
     pub fn new(fs: Arc<DfsFs>, rt: tokio::runtime::Handle, passthrough: bool) -> Self {
         FuseAdapter {
+            pt: Arc::new(Passthrough {
+                fs: fs.clone(),
+                on: AtomicBool::new(false),
+                backing: Mutex::new(Backing::default()),
+            }),
             fs,
             rt,
             want_passthrough: passthrough,
-            passthrough_on: AtomicBool::new(false),
-            backing: Mutex::new(Backing::default()),
         }
     }
+}
 
+impl Passthrough {
     /// The backing id for `fh` (of inode `ino`, opened on `file`), or None to serve this open
     /// through `read`/`write` (direct I/O, so it cannot conflict with a passthrough inode).
     fn backing_for(
@@ -72,7 +104,7 @@ impl FuseAdapter {
         file: &std::fs::File,
         open: impl FnOnce(&std::fs::File) -> std::io::Result<BackingId>,
     ) -> Option<Arc<BackingId>> {
-        if !self.passthrough_on.load(Ordering::Relaxed) {
+        if !self.on.load(Ordering::Relaxed) {
             return None;
         }
         let ident = file.metadata().ok().map(|m| (m.dev(), m.ino()))?;
@@ -95,7 +127,7 @@ impl FuseAdapter {
                     if b.by_ino.values().all(|(w, _)| w.strong_count() == 0) {
                         // Refused before any file used it (e.g. EPERM without CAP_SYS_ADMIN):
                         // turn it off for the mount rather than fail or warn on every open.
-                        self.passthrough_on.store(false, Ordering::Relaxed);
+                        self.on.store(false, Ordering::Relaxed);
                         self.fs.set_passthrough(false);
                         tracing::warn!(error = %e, "kernel refused FUSE passthrough; serving reads and writes in dfs");
                     } else {
@@ -110,7 +142,7 @@ impl FuseAdapter {
     }
 
     fn fallback_flags(&self) -> FopenFlags {
-        if self.passthrough_on.load(Ordering::Relaxed) {
+        if self.on.load(Ordering::Relaxed) {
             FopenFlags::FOPEN_DIRECT_IO
         } else {
             FopenFlags::empty()
@@ -156,7 +188,7 @@ impl Filesystem for FuseAdapter {
             let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
                 && config.set_max_stack_depth(2).is_ok();
             let _ = config.add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
-            self.passthrough_on.store(ok, Ordering::Relaxed);
+            self.pt.on.store(ok, Ordering::Relaxed);
             self.fs.set_passthrough(ok);
             if !ok {
                 tracing::warn!(
@@ -203,13 +235,16 @@ impl Filesystem for FuseAdapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let op = self
-            .fs
-            .setattr(node(ino), mode, size, mtime.map(time_of), fh.map(|f| f.0));
-        match self.timed("setattr", op) {
+        let fs = self.fs.clone();
+        let mtime = mtime.map(time_of);
+        let op = async move {
+            fs.setattr(node(ino), mode, size, mtime, fh.map(|f| f.0))
+                .await
+        };
+        self.spawned("setattr", op, move |r| match r {
             Ok(attr) => reply.attr(&TTL, &attr),
             Err(e) => reply.error(errno("setattr", &e)),
-        }
+        });
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -294,17 +329,20 @@ impl Filesystem for FuseAdapter {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.timed("open", self.fs.open(node(ino), flags.0)) {
+        let fs = self.fs.clone();
+        let pt = self.pt.clone();
+        let op = async move { fs.open(node(ino), flags.0).await };
+        self.spawned("open", op, move |r| match r {
             Ok(o) => {
-                match self.backing_for(ino.0, o.fh, o.handle.file(), |f| reply.open_backing(f)) {
+                match pt.backing_for(ino.0, o.fh, o.handle.file(), |f| reply.open_backing(f)) {
                     Some(id) => {
                         reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), &id)
                     }
-                    None => reply.opened(FileHandle(o.fh), self.fallback_flags()),
+                    None => reply.opened(FileHandle(o.fh), pt.fallback_flags()),
                 }
             }
             Err(e) => reply.error(errno("open", &e)),
-        }
+        });
     }
 
     fn read(
@@ -350,10 +388,15 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        match self.timed("flush", self.fs.flush(fh.0)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("flush", &e)),
-        }
+        let fs = self.fs.clone();
+        self.spawned(
+            "flush",
+            async move { fs.flush(fh.0).await },
+            move |r| match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("flush", &e)),
+            },
+        );
     }
 
     fn release(
@@ -366,8 +409,11 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.fs.release(fh.0);
-        let mut b = self.backing.lock().unwrap_or_else(|p| p.into_inner());
+        // Recording unflushed changes may hash the whole file: not on a FUSE thread. Until it
+        // is done the handle still counts as a writer, so no open replaces the copy meanwhile.
+        let fs = self.fs.clone();
+        self.rt.spawn_blocking(move || fs.release(fh.0));
+        let mut b = self.pt.backing.lock().unwrap_or_else(|p| p.into_inner());
         if b.by_fh.remove(&fh.0).is_some() {
             b.by_ino.retain(|_, (w, _)| w.strong_count() > 0);
         }
@@ -383,10 +429,15 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.timed("fsync", self.fs.fsync(fh.0)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("fsync", &e)),
-        }
+        let fs = self.fs.clone();
+        self.spawned(
+            "fsync",
+            async move { fs.fsync(fh.0).await },
+            move |r| match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("fsync", &e)),
+            },
+        );
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -506,13 +557,13 @@ impl Filesystem for FuseAdapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.timed(
-            "create",
-            self.fs.create(node(parent), name, mode & !umask, flags),
-        ) {
+        let fs = self.fs.clone();
+        let pt = self.pt.clone();
+        let name = name.to_owned();
+        let op = async move { fs.create(node(parent), &name, mode & !umask, flags).await };
+        self.spawned("create", op, move |r| match r {
             Ok((attr, o)) => {
-                match self.backing_for(attr.ino.0, o.fh, o.handle.file(), |f| reply.open_backing(f))
-                {
+                match pt.backing_for(attr.ino.0, o.fh, o.handle.file(), |f| reply.open_backing(f)) {
                     Some(id) => reply.created_passthrough(
                         &TTL,
                         &attr,
@@ -526,12 +577,12 @@ impl Filesystem for FuseAdapter {
                         &attr,
                         Generation(0),
                         FileHandle(o.fh),
-                        self.fallback_flags(),
+                        pt.fallback_flags(),
                     ),
                 }
             }
             Err(e) => reply.error(errno("create", &e)),
-        }
+        });
     }
 
     // Extended attributes are not supported. ENOSYS (rather than ENODATA) tells the kernel once

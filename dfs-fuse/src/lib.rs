@@ -8,6 +8,7 @@ pub mod error;
 pub mod fs;
 pub mod fuse;
 pub mod metrics;
+pub mod progress;
 pub mod remote;
 pub mod session;
 pub mod up;

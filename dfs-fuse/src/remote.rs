@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use crate::creds::{CredStore, SavedLogin};
+use crate::progress::{Progress, unless_stalled};
 
 /// Why a remote call failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -120,6 +121,9 @@ pub struct Upload<'a> {
     pub upload_id: &'a UploadId,
     /// What the content was based on.
     pub base: common::api::PushBase,
+    /// The push's progress: bytes sent count, and the upload is given up once nothing moved
+    /// for the stall timeout.
+    pub progress: &'a Progress,
     /// Permission bits to apply with the version.
     pub mode: Option<u32>,
     /// Explicit modification time to apply with the version.
@@ -134,12 +138,16 @@ const SMALL_BODY: u64 = 1 << 20;
 pub struct RemoteConfig {
     /// Deadline of one metadata or lock call.
     pub call_timeout: Duration,
+    /// How long an upload or download may make no progress before it is given up (it has no
+    /// total deadline: a transfer that keeps moving is never cut off).
+    pub stall_timeout: Duration,
 }
 
 impl Default for RemoteConfig {
     fn default() -> Self {
         RemoteConfig {
             call_timeout: Duration::from_secs(10),
+            stall_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -213,6 +221,12 @@ impl Remote {
             config,
             stats: Arc::new(ClientStats::default()),
         }
+    }
+
+    /// This client with transfers given up after `window` without progress.
+    pub fn with_stall_timeout(mut self, window: Duration) -> Self {
+        self.config.stall_timeout = window;
+        self
     }
 
     /// The name of the user this client is logged in as.
@@ -591,8 +605,21 @@ impl Remote {
             code: ErrorCode::Unavailable,
             message: "no server holds this version".into(),
         };
+        // Each holder gets its share of the stall window: a stopped server costs at most that
+        // before the next copy is tried, and a download that keeps moving is never cut off.
+        let holders = u32::try_from(order.len()).unwrap_or(1).max(1);
+        let window = (self.config.stall_timeout / holders).max(Duration::from_secs(2));
         for server in order {
-            match self.download_from(server, meta, dest).await {
+            let progress = Progress::new();
+            let attempt = self.download_from(server, meta, dest, &progress);
+            let r = unless_stalled(attempt, &progress, window, || {
+                RemoteError::Timeout(format!(
+                    "download from server {server} made no progress for {} s",
+                    window.as_secs()
+                ))
+            })
+            .await;
+            match r {
                 Ok(()) => {
                     self.stats.downloads.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
@@ -618,6 +645,7 @@ impl Remote {
         server: common::ServerId,
         meta: &NodeMeta,
         dest: &Path,
+        progress: &Progress,
     ) -> Result<(), RemoteError> {
         let base = self.server_url(server).await?;
         let token = self.token().await?;
@@ -625,7 +653,6 @@ impl Remote {
             .stream
             .get(format!("{base}{}", routes::file_read(meta.id, &meta.hash)))
             .bearer_auth(token)
-            .timeout(common::api::transfer_timeout(meta.size))
             .send()
             .await
             .map_err(|e| net("download", e))?;
@@ -642,6 +669,7 @@ impl Remote {
         let mut body = resp.bytes_stream();
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| net("download", e))?;
+            progress.tick();
             hasher.update(&chunk);
             out.write_all(&chunk).await.map_err(io)?;
         }
@@ -754,6 +782,7 @@ impl Remote {
             grant,
             upload_id,
             base,
+            progress,
             mode,
             mtime_ns,
         } = *up;
@@ -775,9 +804,13 @@ impl Remote {
             tokio::io::AsyncReadExt::read_to_end(&mut file, &mut buf)
                 .await
                 .map_err(|e| RemoteError::Io(format!("reading {}: {e}", path.display())))?;
+            progress.tick();
             reqwest::Body::from(buf)
         } else {
-            reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20))
+            let p = progress.clone();
+            let chunks = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20)
+                .inspect(move |_| p.tick());
+            reqwest::Body::wrap_stream(chunks)
         };
         let placement: Vec<String> = meta
             .primary
@@ -798,7 +831,6 @@ impl Remote {
         }
         let resp = req
             .bearer_auth(token)
-            .timeout(common::api::transfer_timeout(size))
             .header(routes::FENCE_HEADER, grant.fence.0.to_string())
             .header(routes::FENCE_SIG_HEADER, &grant.signature)
             .header(routes::HASH_HEADER, hash.as_str())
@@ -806,17 +838,28 @@ impl Remote {
             .header(routes::BASE_HEADER, base.to_header())
             .header(reqwest::header::CONTENT_LENGTH, size)
             .body(body)
-            .send()
-            .await
-            .map_err(|e| {
+            .send();
+        let answer = async {
+            let resp = resp.await.map_err(|e| {
                 self.invalidate_cluster();
                 net("upload", e)
             })?;
-        if !resp.status().is_success() {
-            return Err(api_error(resp).await);
-        }
+            if !resp.status().is_success() {
+                return Err(api_error(resp).await);
+            }
+            resp.json::<NodeMeta>().await.map_err(|e| net("upload", e))
+        };
+        let window = self.config.stall_timeout;
+        let meta = unless_stalled(answer, progress, window, || {
+            self.invalidate_cluster();
+            RemoteError::Timeout(format!(
+                "upload to server {primary} made no progress for {} s",
+                window.as_secs()
+            ))
+        })
+        .await?;
         self.stats.uploads.fetch_add(1, Ordering::Relaxed);
-        resp.json().await.map_err(|e| net("upload", e))
+        Ok(meta)
     }
 
     /// Sends several small files to their common primary in one request (see
@@ -839,20 +882,32 @@ impl Remote {
             .stream
             .post(format!("{server}{}", routes::FILE_BATCH_WRITE))
             .bearer_auth(token)
-            .timeout(common::api::transfer_timeout(len))
             .header(reqwest::header::CONTENT_LENGTH, len)
             .body(frame)
-            .send()
-            .await
-            .map_err(|e| {
+            .send();
+        let answer = async {
+            let resp = resp.await.map_err(|e| {
                 self.invalidate_cluster();
                 net("batch upload", e)
             })?;
-        if !resp.status().is_success() {
-            return Err(api_error(resp).await);
-        }
-        let answer: common::api::BatchResponse<NodeMeta> =
-            resp.json().await.map_err(|e| net("batch upload", e))?;
+            if !resp.status().is_success() {
+                return Err(api_error(resp).await);
+            }
+            resp.json::<common::api::BatchResponse<NodeMeta>>()
+                .await
+                .map_err(|e| net("batch upload", e))
+        };
+        // One buffer, sent at once: what follows is the servers' work.
+        let progress = Progress::new();
+        let window = self.config.stall_timeout;
+        let answer = unless_stalled(answer, &progress, window, || {
+            self.invalidate_cluster();
+            RemoteError::Timeout(format!(
+                "batch upload to server {primary} made no progress for {} s",
+                window.as_secs()
+            ))
+        })
+        .await?;
         if answer.results.len() != header.items.len() {
             return Err(RemoteError::Io(format!(
                 "batch upload: {} results for {} files",

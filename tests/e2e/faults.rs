@@ -129,3 +129,102 @@ fn a_failed_close_pushed_later_keeps_both_versions_as_a_conflict_copy() {
     assert!(status.contains("conflict:"), "{status}");
     assert!(status.contains("notes.txt.conflict-alice-"), "{status}");
 }
+
+#[test]
+fn a_stuck_file_server_never_freezes_the_mount_and_closes_end_within_the_timeout() {
+    let cluster = SplitCluster::start(3);
+    let a = Client::new(&cluster.url);
+    a.signup_login("alice");
+    let m = a.mount(&["--close-timeout-secs", "3"]);
+    ok(m.sh("for i in $(seq 1 40); do echo v1 > f$i; done; echo cached > other; cat other"));
+    let primary = |name: &str| cluster.meta_of(name)["primary"].as_u64().unwrap();
+    let stuck = primary("f1");
+    let files: Vec<String> = (1..=40)
+        .map(|i| format!("f{i}"))
+        .filter(|f| primary(f) == stuck)
+        .collect();
+    // The server stops answering but keeps its sockets (SIGSTOP: connections are accepted by
+    // the kernel, never answered), like a hung machine.
+    let pid = cluster.procs[&cluster.file_service_of(stuck)]
+        .id()
+        .to_string();
+    ok(sh_in(&m.dir, &format!("kill -STOP {pid}")));
+    // More closes stuck on it than the mount has FUSE worker threads (8): each on its own.
+    let list = files
+        .iter()
+        .cycle()
+        .take(files.len().max(16))
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let dir = m.dir.clone();
+    let started = std::time::Instant::now();
+    let writers = std::thread::spawn(move || {
+        sh_in(
+            &dir,
+            &format!(
+                "for f in {list}; do (echo v2 | tee $f >/dev/null 2>&1) & done; wait; echo done"
+            ),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    // Meanwhile everything else works at once: the directory and the cache are fine.
+    for cmd in [
+        "ls >/dev/null",
+        "cat other",
+        "mkdir d && rmdir d",
+        "echo x > fresh.txt",
+    ] {
+        let t = std::time::Instant::now();
+        let out = m.sh(cmd);
+        assert!(out.status.success(), "{cmd}: {out:?}");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{cmd} took {:?} while one server was stuck",
+            t.elapsed()
+        );
+    }
+    let out = writers.join().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "closes on a stuck server took {:?}",
+        started.elapsed()
+    );
+    // Another client, with nothing cached, still opens files that have a copy on the stuck
+    // server: each copy gets its share of the timeout, then the next is tried.
+    let b = Client::new(&cluster.url);
+    b.signup_login("bob");
+    let mb = b.mount(&["--close-timeout-secs", "3"]);
+    let t = std::time::Instant::now();
+    assert_eq!(ok(mb.sh("cat other")), "cached\n");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    ok(sh_in(&m.dir, &format!("kill -CONT {pid}")));
+    // Nothing is lost: every change reaches the servers (failover or the server's return).
+    let pushed = eventually(Duration::from_secs(60), || {
+        files
+            .iter()
+            .all(|f| mb.sh(&format!("cat {f}")).stdout == b"v2\n")
+    });
+    let state: Vec<String> = files
+        .iter()
+        .map(|f| {
+            let meta = cluster.meta_of(f);
+            format!(
+                "{f}: version {} holders {} via bob {:?}, via alice {:?}",
+                meta["version"],
+                meta["holders"],
+                String::from_utf8_lossy(&mb.sh(&format!("cat {f}")).stdout),
+                String::from_utf8_lossy(&m.sh(&format!("cat {f}")).stdout),
+            )
+        })
+        .collect();
+    assert!(
+        pushed,
+        "{}\n{}\n{}\n{}",
+        state.join("\n"),
+        ok(a.run(&["status"], "")),
+        m.log(),
+        cluster.logs()
+    );
+}

@@ -262,7 +262,8 @@ impl DfsFs {
         cache.claim(cluster_id)?;
         let meta = std::fs::metadata(cache_root)?;
         let fs = DfsFs {
-            remote: Arc::new(remote),
+            // Uploads and downloads end after the close timeout without progress.
+            remote: Arc::new(remote.with_stall_timeout(config.close_timeout)),
             cache,
             cache_root: cache_root.to_path_buf(),
             handles: Mutex::new(HashMap::new()),
@@ -831,7 +832,16 @@ impl DfsFs {
                 tracing::info!(%node, "file busy with a push; opening the cached copy");
                 return self.open_local(node, flags, false);
             }
-            Err(_) => lock.lock().await,
+            // Whoever holds it (another open downloading the file) gives up after the close
+            // timeout without progress; this open waits no longer than that either.
+            Err(_) => match tokio::time::timeout(self.config.close_timeout, lock.lock()).await {
+                Ok(g) => g,
+                Err(_) => {
+                    return Err(FsError::Remote(RemoteError::Timeout(
+                        "the file is busy with another open or a push here".into(),
+                    )));
+                }
+            },
         };
         let entry = self.cache.get(node)?;
         let path = self.cache.path(node);

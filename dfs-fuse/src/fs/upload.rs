@@ -71,19 +71,33 @@ impl DfsFs {
     /// its content as a conflict copy instead (`conflict.rs`).
     pub async fn push(&self, node: NodeId, deadline: Instant, waiting: bool) -> FsResult<()> {
         let lock = self.node_locks.get(node);
-        let _g = lock.lock().await;
+        // Another push of this file (an earlier close, the uploader) ends within the close
+        // timeout of no progress; this one waits for it no longer than its own deadline.
+        let Ok(_g) = tokio::time::timeout_at(deadline, lock.lock()).await else {
+            return Err(FsError::Remote(RemoteError::Timeout(
+                "another push of this file is still running".into(),
+            )));
+        };
         let started = std::time::Instant::now();
         let Some((mut entry, mut pending)) = self.mark_pending(node)? else {
             return self.apply_folded_attrs(node).await;
         };
         let mut backoff = Duration::from_millis(200);
+        // Bytes moving keep the push going past `deadline`; nothing moving for the close
+        // timeout ends it, whatever an attempt is waiting on.
+        let progress = crate::progress::Progress::new();
+        let window = self.config.close_timeout;
         loop {
+            let until = |p: &crate::progress::Progress| p.extend(deadline, window);
             let attrs = self.folded_attrs(node);
             let base = common::api::PushBase {
                 version: entry.version,
                 waiting,
             };
-            match self.push_once(node, &pending, base, &attrs, deadline).await {
+            match self
+                .push_once(node, &pending, base, &attrs, until(&progress), &progress)
+                .await
+            {
                 Ok(meta) => {
                     self.settle_push(node, &pending, &attrs, &meta)?;
                     self.metrics.push_done(started.elapsed());
@@ -110,7 +124,7 @@ impl DfsFs {
                 Err(RemoteError::Api {
                     code: common::ErrorCode::HashMismatch,
                     ..
-                }) if Instant::now() + backoff < deadline => {
+                }) if Instant::now() + backoff < until(&progress) => {
                     // The copy changed while it was being sent: hash it again and resend.
                     match self.mark_pending(node)? {
                         Some((e, p)) => (entry, pending) = (e, p),
@@ -139,7 +153,7 @@ impl DfsFs {
                         || e.is_not_found()
                         || matches!(&e, RemoteError::Api { code, .. } if matches!(code,
                             StaleFence | HashMismatch | NotHolder | NotPrimary | Forbidden));
-                    if !retryable || Instant::now() + backoff >= deadline {
+                    if !retryable || Instant::now() + backoff >= until(&progress) {
                         tracing::warn!(%node, error = %e, "push failed; changes kept in the cache and retried later");
                         return Err(e.into());
                     }
@@ -210,6 +224,7 @@ impl DfsFs {
         base: common::api::PushBase,
         attrs: &FoldedAttrs,
         deadline: Instant,
+        progress: &crate::progress::Progress,
     ) -> Result<NodeMeta, RemoteError> {
         let waiter = UploadId::from_bytes(rand::random());
         let t = std::time::Instant::now();
@@ -241,6 +256,7 @@ impl DfsFs {
                 grant: &grant,
                 upload_id: &pending.upload_id,
                 base,
+                progress,
                 mode: attrs.mode,
                 mtime_ns: attrs.mtime_ns,
             };
