@@ -81,7 +81,15 @@ pub struct Pending {
     pub hash: ContentHash,
     /// Its size.
     pub size: u64,
+    /// Hashes of earlier pending contents of this copy that this one replaced (newest last, a
+    /// few at most). Any of them may have reached the servers with its answer lost: a newer
+    /// server version with one of these hashes is this copy's own past, not a conflict.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub earlier: Vec<ContentHash>,
 }
+
+/// How many earlier pending hashes a pending record remembers.
+pub const EARLIER_PENDING: usize = 8;
 
 /// Errors of the cache.
 #[derive(Debug, thiserror::Error)]
@@ -424,6 +432,7 @@ mod tests {
             upload_id: UploadId::from_bytes([1; 16]),
             hash: ContentHash::empty(),
             size: 0,
+            earlier: vec![],
         };
         {
             let c = CacheDir::open(dir.path()).expect("open");
@@ -476,6 +485,7 @@ mod tests {
             upload_id: UploadId::from_bytes([7; 16]),
             hash: ContentHash::empty(),
             size: 0,
+            earlier: vec![],
         };
         let clean = CacheEntry {
             version: 1,

@@ -220,16 +220,36 @@ async fn regression_a_change_recorded_while_a_push_settles_is_not_lost() {
     let node = NodeId(attr.ino.0);
     fs.write(o.fh, 0, b"first").unwrap();
     // The push of "first" stops between reading and writing the cache entry...
-    fail::cfg("settle-before-write", "sleep(400)").unwrap();
+    let (reached_tx, reached) = std::sync::mpsc::channel::<()>();
+    let (go, go_rx) = std::sync::mpsc::channel::<()>();
+    let reached_tx = std::sync::Mutex::new(reached_tx);
+    let go_rx = std::sync::Mutex::new(go_rx);
+    fail::cfg_callback("settle-before-write", move || {
+        let _ = reached_tx.lock().unwrap().send(());
+        let _ = go_rx.lock().unwrap().recv_timeout(Duration::from_secs(10));
+    })
+    .unwrap();
     let flushing = {
         let fs = fs.clone();
         tokio::spawn(async move { fs.flush(o.fh).await })
     };
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    tokio::task::spawn_blocking(move || reached.recv_timeout(Duration::from_secs(20)))
+        .await
+        .unwrap()
+        .expect("the push reached the point");
     // ...while a write through an mmap is recorded by release (which takes no node lock).
-    fs.write(o.fh, 0, b"second").unwrap();
-    fs.release(o.fh);
+    let releasing = {
+        let fs = fs.clone();
+        std::thread::spawn(move || {
+            fs.write(o.fh, 0, b"second").unwrap();
+            fs.release(o.fh);
+        })
+    };
+    // Without the lock, release records its change now, before the push writes its entry.
+    std::thread::sleep(Duration::from_millis(300));
+    go.send(()).unwrap();
     flushing.await.unwrap().unwrap();
+    releasing.join().unwrap();
     fail::remove("settle-before-write");
     assert!(
         fs.pending().unwrap().contains(&node),
@@ -249,4 +269,92 @@ async fn regression_a_change_recorded_while_a_push_settles_is_not_lost() {
     );
     cluster.shutdown().await;
     scenario.teardown();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_an_own_push_whose_answer_was_lost_is_no_conflict_for_the_next_change() {
+    let scenario = fail::FailScenario::setup();
+    let (_dir, cluster, login) = cluster_with_user().await;
+    let cache = tempfile::tempdir().unwrap();
+    let fs = core_with(&cluster.directory_url, login.clone(), cache.path(), true);
+    let (attr, o) = fs
+        .create(NodeId::ROOT, OsStr::new("wb.txt"), 0o644, libc::O_WRONLY)
+        .await
+        .unwrap();
+    let node = NodeId(attr.ino.0);
+    fs.write(o.fh, 0, b"one").unwrap();
+    fs.flush(o.fh).await.unwrap();
+    fs.release(o.fh);
+    let push = || fs.push_pending(tokio::time::Instant::now() + Duration::from_secs(3), false);
+    assert!(push().await.unwrap().is_empty());
+    // The next write-back push reaches the servers, but its answer never comes back.
+    let o = fs.open(node, libc::O_WRONLY | libc::O_TRUNC).await.unwrap();
+    fs.write(o.fh, 0, b"two").unwrap();
+    fs.flush(o.fh).await.unwrap();
+    fs.release(o.fh);
+    fail::cfg("upload-answer-lost", "return").unwrap();
+    assert_eq!(push().await.unwrap(), vec![node], "in doubt: still pending");
+    fail::remove("upload-answer-lost");
+    // A newer change of the same copy, pushed in the background: the version it finds is
+    // its own earlier push, so it applies.
+    let o = fs.open(node, libc::O_WRONLY | libc::O_TRUNC).await.unwrap();
+    fs.write(o.fh, 0, b"three").unwrap();
+    fs.flush(o.fh).await.unwrap();
+    fs.release(o.fh);
+    assert!(push().await.unwrap().is_empty());
+    assert!(fs.conflicts().is_empty(), "{:?}", fs.conflicts());
+    let other_cache = tempfile::tempdir().unwrap();
+    let other = core(&cluster.directory_url, login, other_cache.path());
+    assert_eq!(read_all(&other, node).await, b"three");
+    cluster.shutdown().await;
+    scenario.teardown();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_conflict_met_while_the_directory_is_away_stays_pending_in_the_mount() {
+    let scenario = fail::FailScenario::setup();
+    let (_dir, cluster, login) = cluster_with_user().await;
+    let (cache_a, cache_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = core_with(&cluster.directory_url, login.clone(), cache_a.path(), true);
+    let b = core(&cluster.directory_url, login, cache_b.path());
+    let (attr, o) = a
+        .create(NodeId::ROOT, OsStr::new("c.txt"), 0o644, libc::O_WRONLY)
+        .await
+        .unwrap();
+    let node = NodeId(attr.ino.0);
+    a.write(o.fh, 0, b"base").unwrap();
+    a.flush(o.fh).await.unwrap();
+    a.release(o.fh);
+    assert!(push_all(&a).await.is_empty());
+    // A opens the base version; B's close lands first; A's write-back push comes later.
+    let oa = a.open(node, libc::O_RDWR).await.unwrap();
+    b.lookup(NodeId::ROOT, OsStr::new("c.txt")).await.unwrap();
+    let ob = b.open(node, libc::O_WRONLY | libc::O_TRUNC).await.unwrap();
+    b.write(ob.fh, 0, b"bob").unwrap();
+    b.flush(ob.fh).await.unwrap();
+    b.release(ob.fh);
+    a.write(oa.fh, 0, b"alice").unwrap();
+    a.flush(oa.fh).await.unwrap();
+    a.release(oa.fh);
+    // The conflict is found while the directory cannot make the copy: nothing leaves the
+    // mount for the cache's recovered/, the change stays pending.
+    fail::cfg("conflict-create", "return").unwrap();
+    assert_eq!(push_all(&a).await, vec![node]);
+    assert!(!cache_a.path().join("recovered").exists());
+    assert!(a.conflicts().is_empty());
+    fail::remove("conflict-create");
+    push_all(&a).await;
+    push_all(&a).await;
+    assert!(a.pending().unwrap().is_empty());
+    let c = a.conflicts();
+    assert_eq!(c.len(), 1, "{c:?}");
+    assert!(c[0].in_mount);
+    assert_eq!(read_all(&b, node).await, b"bob");
+    cluster.shutdown().await;
+    scenario.teardown();
+}
+
+async fn push_all(fs: &DfsFs) -> Vec<NodeId> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    fs.push_pending(deadline, false).await.unwrap()
 }

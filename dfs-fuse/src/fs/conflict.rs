@@ -78,9 +78,34 @@ impl DfsFs {
         let (hash, size) = hash_file(&tmp)?;
         let user = self.remote.user().await.unwrap_or_else(|| "unknown".into());
         let at = SystemTime::now();
-        let (name, kept_as, in_mount) = match self.conflict_node(node, &user, at).await {
+        // The refused push's attribute changes belong to its content, not to the version that
+        // won: they go with the copy.
+        let folded = self.folded_attrs(node);
+        let (name, kept_as, in_mount) = match self.conflict_node(node, &user, at, folded.mode).await
+        {
+            Err((_, e)) if transient(&e) => {
+                // The servers are away for a moment: the change stays pending, judged again
+                // by the next push, rather than leaving the file system for the cache.
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
             Ok((name, cname, copy)) => {
+                // Nothing opens the new name's copy until it is in place and indexed.
+                let lock = self.node_locks.get(copy.id);
+                let _copy_guard = lock.lock().await;
                 let kept = self.install_conflict_copy(&tmp, &copy, hash.clone(), size);
+                if kept.is_ok() && folded.mtime_ns.is_some() {
+                    self.folded
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(
+                            copy.id,
+                            super::FoldedAttrs {
+                                mode: None,
+                                mtime_ns: folded.mtime_ns,
+                            },
+                        );
+                }
                 match kept {
                     Ok(()) => (name, cname, true),
                     Err(e) => {
@@ -109,6 +134,10 @@ impl DfsFs {
                 e.version = 0;
                 e.hash = pending.hash.clone();
                 self.cache.put(node, &e)?;
+                self.folded
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&node);
             }
         }
         self.writeback_dirty
@@ -138,6 +167,7 @@ impl DfsFs {
         node: NodeId,
         user: &str,
         at: SystemTime,
+        mode: Option<u32>,
     ) -> Result<(String, String, NodeMeta), (String, FsError)> {
         let meta = self
             .remote
@@ -156,6 +186,12 @@ impl DfsFs {
         else {
             return Err((String::new(), FsError::Absent));
         };
+        fail::fail_point!("conflict-create", |_| Err((
+            name.clone(),
+            FsError::Remote(RemoteError::Network(
+                "fault injected: directory away".into()
+            ))
+        )));
         let mut last = FsError::Absent;
         for attempt in 1..=5 {
             let cname = conflict_name(&name, user, at, attempt);
@@ -164,7 +200,7 @@ impl DfsFs {
                     meta.parent,
                     OsStr::new(&cname),
                     FileKind::File,
-                    meta.mode,
+                    mode.unwrap_or(meta.mode),
                     None,
                 )
                 .await
@@ -197,6 +233,7 @@ impl DfsFs {
                 upload_id: UploadId::from_bytes(rand::random()),
                 hash,
                 size,
+                earlier: Vec::new(),
             }),
             ..CacheEntry::clean(copy)
         };
@@ -231,6 +268,11 @@ impl DfsFs {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
+}
+
+/// An error that says nothing about the file, only that a server is away for now.
+fn transient(e: &FsError) -> bool {
+    matches!(e, FsError::Remote(r) if r.is_unreachable())
 }
 
 #[cfg(test)]

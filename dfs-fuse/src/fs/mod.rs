@@ -306,6 +306,21 @@ impl DfsFs {
         &self.metrics
     }
 
+    /// One writer of `node` fewer; whether it was the last.
+    fn drop_writer(&self, node: NodeId) -> bool {
+        let mut w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        match w.get_mut(&node) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            _ => {
+                w.remove(&node);
+                true
+            }
+        }
+    }
+
     /// The guard of `entry_updates`.
     fn entry_updates(&self) -> std::sync::MutexGuard<'_, ()> {
         self.entry_updates.lock().unwrap_or_else(|p| p.into_inner())
@@ -764,21 +779,31 @@ impl DfsFs {
             .open(self.cache.path(node))?;
         let mut dirty = truncated && writable;
         if writable {
-            // Durably noted before any byte changes (the truncation below included), so a
-            // crash is noticed at the next start.
-            self.set_writing(node, true)?;
-        }
-        if flags & libc::O_TRUNC != 0 && writable && file.metadata()?.len() > 0 {
-            file.set_len(0)?;
-            dirty = true;
-        }
-        if writable {
+            // Counted as a writer before the mark is set, so that a release of another handle
+            // running now never clears the mark this open relies on.
             *self
                 .writers
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .entry(node)
                 .or_default() += 1;
+            let prepared = (|| -> FsResult<bool> {
+                // Durably noted before any byte changes (the truncation below included), so a
+                // crash is noticed at the next start.
+                self.set_writing(node, true)?;
+                if flags & libc::O_TRUNC != 0 && file.metadata()?.len() > 0 {
+                    file.set_len(0)?;
+                    return Ok(true);
+                }
+                Ok(false)
+            })();
+            match prepared {
+                Ok(emptied) => dirty |= emptied,
+                Err(e) => {
+                    self.drop_writer(node);
+                    return Err(e);
+                }
+            }
         }
         let baseline = Mutex::new(stamp(&file));
         let baseline_at = Mutex::new(SystemTime::now());
@@ -868,6 +893,11 @@ impl DfsFs {
             meta = self.wait_for_writeback(meta).await?;
         }
         let fresh = entry.as_ref().is_some_and(|e| e.hash == meta.hash);
+        if have_copy && !local_changes && fresh {
+            // The copy is the current content, whichever version it was fetched as: changes
+            // made to it now are based on the current version.
+            self.rebase(node, &meta)?;
+        }
         if have_copy && (local_changes || fresh) {
             return self.open_local(node, flags, false);
         }
@@ -893,6 +923,20 @@ impl DfsFs {
             let _ = self.cache.remove(node);
         }
         result
+    }
+
+    /// Records that the clean copy of `node` is `meta`'s version (its content is).
+    fn rebase(&self, node: NodeId, meta: &NodeMeta) -> FsResult<()> {
+        let _g = self.entry_updates();
+        if let Some(mut e) = self.cache.get(node)?
+            && e.pending.is_none()
+            && e.hash == meta.hash
+            && e.version != meta.version
+        {
+            e.version = meta.version;
+            self.cache.put_lazy(node, &e)?;
+        }
+        Ok(())
     }
 
     /// `open` once the copy must be fetched or emptied: puts the new copy in place, indexes it
@@ -1048,7 +1092,9 @@ impl DfsFs {
         let deadline = Instant::now() + self.config.close_timeout;
         // The close waits: this push may replace a version newer than its base (last close
         // wins).
-        match self.push(h.node, deadline, true).await {
+        // (Only a writer's close or fsync: an fsync of a read-only handle that finds an old
+        // pending change pushes it as a later push would.)
+        match self.push(h.node, deadline, h.writable).await {
             Ok(()) => Ok(()),
             Err(e) => {
                 // Keep the handle dirty too, so release records the change even if `push`
@@ -1090,19 +1136,7 @@ impl DfsFs {
                 self.wake.notify_one();
             }
             if h.writable {
-                let last = {
-                    let mut w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
-                    match w.get_mut(&h.node) {
-                        Some(n) if *n > 1 => {
-                            *n -= 1;
-                            false
-                        }
-                        _ => {
-                            w.remove(&h.node);
-                            true
-                        }
-                    }
-                };
+                let last = self.drop_writer(h.node);
                 if last
                     && recorded
                     && let Err(e) = self.set_writing(h.node, false)

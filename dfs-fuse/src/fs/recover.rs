@@ -12,6 +12,10 @@ impl DfsFs {
     /// Sets or clears the durable "open for writing" mark of `node`.
     pub(super) fn set_writing(&self, node: NodeId, on: bool) -> FsResult<()> {
         let _g = self.entry_updates();
+        if !on && self.writer_count(node) > 0 {
+            // Another handle opened for writing meanwhile: its mark stays.
+            return Ok(());
+        }
         if let Some(mut e) = self.cache.get(node)?
             && e.writing != on
         {

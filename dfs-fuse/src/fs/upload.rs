@@ -47,11 +47,24 @@ impl DfsFs {
         let pending = match &entry.pending {
             Some(p) if p.hash == hash => p.clone(),
             _ if entry.pending.is_none() && entry.hash == hash => return Ok(None),
-            _ => Pending {
-                upload_id: UploadId::from_bytes(rand::random()),
-                hash,
-                size,
-            },
+            previous => {
+                let mut earlier = previous
+                    .as_ref()
+                    .map(|p| {
+                        let mut e = p.earlier.clone();
+                        e.push(p.hash.clone());
+                        e
+                    })
+                    .unwrap_or_default();
+                let excess = earlier.len().saturating_sub(crate::cache::EARLIER_PENDING);
+                earlier.drain(..excess);
+                Pending {
+                    upload_id: UploadId::from_bytes(rand::random()),
+                    hash,
+                    size,
+                    earlier,
+                }
+            }
         };
         entry.pending = Some(pending.clone());
         fail::fail_point!("record-pending", |_| Err(crate::error::FsError::Io(
@@ -83,6 +96,7 @@ impl DfsFs {
             return self.apply_folded_attrs(node).await;
         };
         let mut backoff = Duration::from_millis(200);
+        let mut rebased = false;
         // Bytes moving keep the push going past `deadline`; nothing moving for the close
         // timeout ends it, whatever an attempt is waiting on.
         let progress = crate::progress::Progress::new();
@@ -117,6 +131,18 @@ impl DfsFs {
                     code: common::ErrorCode::Conflict,
                     message,
                 }) => {
+                    if !rebased
+                        && let Ok(m) = self.remote.get(node).await
+                        && pending.earlier.contains(&m.hash)
+                        && let Some(e) = self.rebase_pending(node, &pending, &m)?
+                    {
+                        // The newer version is an earlier push of this very copy whose answer
+                        // was lost: this change is based on it.
+                        tracing::info!(%node, version = m.version, "the newer version is this client's own earlier push; resending on it");
+                        entry = e;
+                        rebased = true;
+                        continue;
+                    }
                     tracing::info!(%node, %message, "push refused as a conflict");
                     self.keep_conflict_copy(node, &pending).await?;
                     return Ok(());
@@ -162,6 +188,27 @@ impl DfsFs {
                 }
             }
         }
+    }
+
+    /// Bases the pending change `pending` of `node` on `meta`'s version; the entry as recorded,
+    /// or None if the pending change was replaced meanwhile.
+    fn rebase_pending(
+        &self,
+        node: NodeId,
+        pending: &Pending,
+        meta: &NodeMeta,
+    ) -> FsResult<Option<CacheEntry>> {
+        let _g = self.entry_updates();
+        let Some(mut e) = self.cache.get(node)? else {
+            return Ok(None);
+        };
+        if e.pending.as_ref().map(|p| &p.upload_id) != Some(&pending.upload_id) {
+            return Ok(None);
+        }
+        e.version = meta.version;
+        e.hash = meta.hash.clone();
+        self.cache.record(node, &e)?;
+        Ok(Some(e))
     }
 
     /// Bookkeeping of a push the servers accepted: the pushed content becomes clean.
@@ -261,6 +308,9 @@ impl DfsFs {
                 mtime_ns: attrs.mtime_ns,
             };
             let r = self.remote.upload(&meta, &up).await;
+            fail::fail_point!("upload-answer-lost", r.is_ok(), |_| Err(
+                RemoteError::Network("fault injected: the upload's answer was lost".into())
+            ));
             self.metrics.stage("upload", t.elapsed());
             r
         };
