@@ -186,7 +186,27 @@ pub struct StatFs {
     pub nodes: u64,
     /// Sum of file sizes (one copy).
     pub bytes: u64,
+    /// What the live file servers' disks hold, counted once per copy a file gets (the sum of
+    /// their sizes divided by the copies per file): what `df` shows as the size.
+    #[serde(default)]
+    pub total_bytes: u64,
+    /// What they can still take, counted the same way.
+    #[serde(default)]
+    pub free_bytes: u64,
 }
+
+/// A file server's disk space, sent with every heartbeat.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Space {
+    /// Size of the file system its data lives on.
+    pub total_bytes: u64,
+    /// What it can still take for files: the space free to it, less its reserve.
+    pub free_bytes: u64,
+}
+
+/// A server with less than this free is short of space: new files are placed elsewhere
+/// while other live servers have room.
+pub const MIN_PLACEMENT_FREE: u64 = 64 << 20;
 
 /// `POST /v1/internal/servers`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -248,6 +268,9 @@ pub struct ServerStatus {
     pub last_heartbeat_ms_ago: Option<u64>,
     /// Offered capacity.
     pub capacity_bytes: u64,
+    /// Its disk space, as of its last heartbeat.
+    #[serde(default)]
+    pub space: Option<Space>,
     /// Files whose primary it is.
     pub primaries: u64,
     /// Files it holds a replica of.

@@ -50,6 +50,8 @@ pub enum ErrorCode {
     /// close waits for it any more (see [`crate::api::PushBase`]). The writer keeps its content
     /// as a conflict copy.
     Conflict,
+    /// A file server (or every one that could take the file) is out of space.
+    NoSpace,
 }
 
 /// Body of every non-2xx response.

@@ -85,6 +85,12 @@ pub struct CacheArgs {
     /// for this long fails the open, trying each copy for its share of it.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     close_timeout_secs: u64,
+    /// Most bytes the local cache keeps, e.g. 2G or 512M (K, M, G: powers of 1024). Beyond
+    /// it, clean copies of closed files are evicted, least recently opened first, and
+    /// downloaded again when next opened; changes not yet on the servers and open files are
+    /// never evicted. Default: a quarter of the cache's file system.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    cache_size: Option<u64>,
     /// Seconds unmount waits for pending uploads before giving up (they stay in the cache).
     #[arg(long, default_value_t = 60)]
     drain_timeout_secs: u64,
@@ -128,6 +134,7 @@ impl CacheArgs {
                 close_timeout: Duration::from_secs(self.close_timeout_secs),
                 writeback: self.writeback,
                 writeback_max_dirty: self.writeback_max_dirty,
+                cache_size: self.cache_size,
                 ..FsConfig::default()
             },
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),
@@ -451,10 +458,11 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
     match client {
         Some(c) => {
             println!(
-                "this client's cache ({}): {} file(s), {} bytes, {} upload(s) pending, {} download(s) and {} upload(s) since mount, passthrough {}, write-back {}",
+                "this client's cache ({}): {} file(s), {} bytes (budget {}), {} upload(s) pending, {} download(s) and {} upload(s) since mount, passthrough {}, write-back {}",
                 cache_dir.display(),
                 c.cached_files,
                 c.cached_bytes,
+                c.cache_budget,
                 c.pending_uploads.len(),
                 c.downloads,
                 c.uploads,

@@ -56,6 +56,7 @@ impl FsError {
                 ErrorCode::Unauthorized | ErrorCode::Replay => libc::EACCES,
                 ErrorCode::Forbidden => libc::EPERM,
                 ErrorCode::TooLarge => libc::EFBIG,
+                ErrorCode::NoSpace => libc::ENOSPC,
                 ErrorCode::StaleFence
                 | ErrorCode::HashMismatch
                 | ErrorCode::NotHolder

@@ -526,12 +526,17 @@ impl Filesystem for FuseAdapter {
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         match self.timed("statfs", self.fs.statfs()) {
             Ok(s) => {
-                let used = s.bytes.div_ceil(4096);
-                let total = used.max(1 << 28);
+                // The cluster's disks, one copy's worth (see `StatFs`); before any server
+                // reported its space, the bytes stored and no room beyond.
+                let (total, free) = if s.total_bytes > 0 {
+                    (s.total_bytes / 4096, s.free_bytes / 4096)
+                } else {
+                    (s.bytes.div_ceil(4096), 0)
+                };
                 reply.statfs(
                     total,
-                    total - used,
-                    total - used,
+                    free,
+                    free,
                     s.nodes + 1_000_000,
                     1_000_000,
                     4096,

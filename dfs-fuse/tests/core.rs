@@ -553,3 +553,56 @@ async fn regression_a_full_local_cache_is_enospc_not_eio() {
     drop(disk);
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cache_keeps_its_budget_and_evicts_only_clean_closed_copies() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let b = core(&c, Some(login(&c, "bob").await), &dir.path().join("b"));
+    let chunk = vec![7u8; 16 << 10];
+    for i in 0..8 {
+        write_file(&b, &format!("f{i}"), &chunk).await.unwrap();
+    }
+    write_file(&b, "keep", b"held open").await.unwrap();
+    let budget = 64 << 10;
+    let a = support::core_with_config(
+        &c.directory_url,
+        Some(login(&c, "alice").await),
+        &dir.path().join("a"),
+        dfs_fuse::fs::FsConfig {
+            writeback: true,
+            cache_size: Some(budget),
+            ..Default::default()
+        },
+    );
+    assert_eq!(a.cache_budget(), budget);
+    // A change not on the servers yet (write-back, no uploader running) and an open file.
+    let mine = vec![1u8; 40 << 10];
+    write_file(&a, "mine", &mine).await.unwrap();
+    assert_eq!(a.pending().unwrap().len(), 1);
+    let keep = a.lookup(NodeId::ROOT, OsStr::new("keep")).await.unwrap();
+    let held = a.open(NodeId(keep.ino.0), libc::O_RDONLY).await.unwrap();
+    for i in 0..8 {
+        assert_eq!(read_file(&a, &format!("f{i}")).await, chunk);
+    }
+    let before = a.status().unwrap().cached_bytes;
+    assert!(before > budget, "{before}");
+    let freed = a.evict().unwrap();
+    assert!(freed > 0);
+    let after = a.status().unwrap().cached_bytes;
+    assert!(after <= budget, "{after} bytes cached, budget {budget}");
+    // Never evicted: the pending change and the open file.
+    assert_eq!(a.pending().unwrap().len(), 1);
+    assert_eq!(read_file(&a, "mine").await, mine);
+    assert_eq!(a.read(held.fh, 0, 100).unwrap(), b"held open");
+    a.release(held.fh);
+    // An evicted file is fetched again.
+    let downloads = a.remote().stats.downloads.load(Ordering::Relaxed);
+    assert_eq!(read_file(&a, "f0").await, chunk);
+    assert_eq!(
+        a.remote().stats.downloads.load(Ordering::Relaxed),
+        downloads + 1,
+        "the least recently opened copy was evicted"
+    );
+    c.shutdown().await;
+}

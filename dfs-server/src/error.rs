@@ -70,6 +70,8 @@ pub enum ServiceError {
     NoRoute(String),
     #[error("conflict: {0}")]
     Conflict(String),
+    #[error("out of space: {0}")]
+    NoSpace(String),
 }
 
 impl ServiceError {
@@ -96,6 +98,7 @@ impl ServiceError {
             ServiceError::Internal(_) => ErrorCode::Internal,
             ServiceError::NoRoute(_) => ErrorCode::NoRoute,
             ServiceError::Conflict(_) => ErrorCode::Conflict,
+            ServiceError::NoSpace(_) => ErrorCode::NoSpace,
         }
     }
 
@@ -127,6 +130,7 @@ impl ServiceError {
             ErrorCode::Unavailable | ErrorCode::Internal => ServiceError::Unavailable(message),
             ErrorCode::NoRoute => ServiceError::NoRoute(message),
             ErrorCode::Conflict => ServiceError::Conflict(message),
+            ErrorCode::NoSpace => ServiceError::NoSpace(message),
         }
     }
 
@@ -175,9 +179,17 @@ internal_from!(
     redb::StorageError,
     redb::CommitError,
     redb::SetDurabilityError,
-    std::io::Error,
     serde_json::Error
 );
+
+impl From<std::io::Error> for ServiceError {
+    fn from(e: std::io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(libc::ENOSPC | libc::EDQUOT) => ServiceError::NoSpace(e.to_string()),
+            _ => ServiceError::Internal(format!("std::io::Error: {e}")),
+        }
+    }
+}
 
 /// Result alias for service logic.
 pub type ServiceResult<T> = Result<T, ServiceError>;

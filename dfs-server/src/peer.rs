@@ -110,10 +110,15 @@ impl Peer {
     }
 
     /// Sends a heartbeat.
-    pub async fn heartbeat(&self, dir: &str, id: ServerId) -> ServiceResult<()> {
+    pub async fn heartbeat(
+        &self,
+        dir: &str,
+        id: ServerId,
+        space: Option<common::api::Space>,
+    ) -> ServiceResult<()> {
         self.post::<_, serde_json::Value>(
             format!("{dir}{}", routes::heartbeat(id)),
-            &(),
+            &space,
             "heartbeat",
         )
         .await

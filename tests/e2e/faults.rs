@@ -228,3 +228,32 @@ fn a_stuck_file_server_never_freezes_the_mount_and_closes_end_within_the_timeout
         cluster.logs()
     );
 }
+
+#[test]
+fn a_full_server_is_enospc_through_the_mount_and_df_shows_the_real_disk() {
+    let cluster = SplitCluster::start_with_small_disk(1, "file-1", 32 << 20);
+    let a = Client::new(&cluster.url);
+    a.signup_login("alice");
+    let m = a.mount(&["--close-timeout-secs", "3"]);
+    ok(m.sh("echo small > a.txt"));
+    // df: the server's disk (one copy per file on one server), not a made-up size.
+    let total = eventually(Duration::from_secs(10), || {
+        let out = ok(m.sh("df -B1 --output=size . | tail -1"));
+        out.trim()
+            .parse::<u64>()
+            .is_ok_and(|b| (30 << 20..=33 << 20).contains(&b))
+    });
+    assert!(total, "{}", ok(m.sh("df -B1 .")));
+    // A file the disk cannot hold: close says ENOSPC, not EIO, and the bytes are kept.
+    let out = m.sh("head -c 40M /dev/zero | tee big.bin >/dev/null");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("No space left on device"), "{err}");
+    assert_eq!(
+        ok(m.sh("stat -c %s big.bin")).trim(),
+        (40u64 << 20).to_string()
+    );
+    // Removing it frees the mount of it; small files still go through.
+    ok(m.sh("rm big.bin && echo more > b.txt && cat a.txt b.txt"));
+    assert_eq!(ok(m.sh("cat b.txt")), "more\n");
+}

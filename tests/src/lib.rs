@@ -559,9 +559,44 @@ pub struct SplitCluster {
     pub procs: std::collections::BTreeMap<String, Child>,
     files: usize,
     file_args: Vec<String>,
+    /// Small disks (tmpfs) mounted for data dirs, unmounted on drop.
+    small_disks: Vec<PathBuf>,
 }
 
 impl SplitCluster {
+    /// As `start`, with file server `name`'s data on a tmpfs of `bytes` (a small disk that
+    /// fills up). Needs root, as FUSE tests do.
+    pub fn start_with_small_disk(files: usize, name: &str, bytes: u64) -> SplitCluster {
+        let root = tempfile::tempdir().unwrap();
+        let dir_port = free_port();
+        let mut c = SplitCluster {
+            url: format!("http://127.0.0.1:{dir_port}"),
+            root,
+            dir_port,
+            procs: Default::default(),
+            files,
+            file_args: vec![],
+            small_disks: vec![],
+        };
+        let disk = c.root.path().join(name);
+        std::fs::create_dir_all(&disk).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(&disk)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mounting a small disk: {out:?}");
+        c.small_disks.push(disk);
+        c.start_service("directory");
+        c.start_service("lock");
+        c.start_service("auth");
+        for i in 1..=files {
+            c.start_service(&format!("file-{i}"));
+        }
+        c.wait_ready();
+        c
+    }
+
     /// Starts every service and waits until the cluster map is complete.
     pub fn start(files: usize) -> SplitCluster {
         SplitCluster::start_with(files, &[])
@@ -578,6 +613,7 @@ impl SplitCluster {
             procs: Default::default(),
             files,
             file_args: file_args.iter().map(|a| a.to_string()).collect(),
+            small_disks: vec![],
         };
         c.start_service("directory");
         c.start_service("lock");
@@ -718,6 +754,9 @@ impl Drop for SplitCluster {
     fn drop(&mut self) {
         for (_, mut c) in std::mem::take(&mut self.procs) {
             terminate(&mut c, Duration::from_secs(10));
+        }
+        for d in &self.small_disks {
+            let _ = Command::new("umount").arg("-l").arg(d).status();
         }
     }
 }

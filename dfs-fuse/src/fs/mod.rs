@@ -23,6 +23,7 @@ use dfs_server::keyed::KeyedMutex;
 
 mod batch;
 mod conflict;
+mod evict;
 mod known;
 mod recover;
 mod upload;
@@ -43,6 +44,9 @@ pub struct FsConfig {
     /// How many pending files the background uploader pushes at once (their commits share
     /// fsyncs at the servers).
     pub upload_concurrency: usize,
+    /// Most bytes the cache keeps (clean, closed copies beyond it are evicted); None: a
+    /// quarter of the cache's file system.
+    pub cache_size: Option<u64>,
 }
 
 /// How long other clients' opens wait for an announced write-back push.
@@ -56,6 +60,7 @@ impl Default for FsConfig {
             writeback: false,
             writeback_max_dirty: 256 << 20,
             upload_concurrency: 8,
+            cache_size: None,
         }
     }
 }
@@ -158,6 +163,9 @@ pub struct ClientStatus {
     pub cached_files: u64,
     /// Bytes in the cache.
     pub cached_bytes: u64,
+    /// The cache's size budget (clean, closed copies beyond it are evicted).
+    #[serde(default)]
+    pub cache_budget: u64,
     /// Nodes with changes not yet on the servers.
     pub pending_uploads: Vec<u64>,
     /// Whole-file downloads since mount.
@@ -208,6 +216,11 @@ pub struct DfsFs {
     entry_updates: Mutex<()>,
     /// Conflicts found (see `conflict.rs`), the newest last.
     conflicts: Mutex<Vec<ConflictNote>>,
+    /// The cache's size budget, and the eviction bookkeeping (see `evict.rs`).
+    cache_budget: u64,
+    cached_since_evict: AtomicU64,
+    evict_wanted: AtomicBool,
+    opened_at: Mutex<HashMap<NodeId, SystemTime>>,
     known: Mutex<known::Known>,
     uid: u32,
     gid: u32,
@@ -261,6 +274,13 @@ impl DfsFs {
         let cache = CacheDir::open(cache_root)?;
         cache.claim(cluster_id)?;
         let meta = std::fs::metadata(cache_root)?;
+        let cache_budget = match config.cache_size {
+            Some(b) => b,
+            None => dfs_server::file::space::Disk::new(cache_root, Some(0))
+                .space()
+                .map(|s| evict::default_budget(s.total_bytes))
+                .map_err(|e| FsError::Io(std::io::Error::other(e.to_string())))?,
+        };
         let fs = DfsFs {
             // Uploads and downloads end after the close timeout without progress.
             remote: Arc::new(remote.with_stall_timeout(config.close_timeout)),
@@ -280,6 +300,11 @@ impl DfsFs {
             unrecorded_gen: AtomicU64::new(0),
             entry_updates: Mutex::new(()),
             conflicts: Mutex::new(Vec::new()),
+            cache_budget,
+            cached_since_evict: AtomicU64::new(0),
+            // The first uploader pass checks the budget.
+            evict_wanted: AtomicBool::new(true),
+            opened_at: Mutex::new(HashMap::new()),
             known: Mutex::new(known::Known::default()),
             uid: meta.uid(),
             gid: meta.gid(),
@@ -850,6 +875,7 @@ impl DfsFs {
                 .is_some_and(|e| e.pending.is_some())
                 && self.cache.path(node).exists()
         };
+        self.note_open(node);
         let lock = self.node_locks.get(node);
         let _g = match tokio::time::timeout(Duration::from_secs(2), lock.lock()).await {
             Ok(g) => g,
@@ -966,12 +992,19 @@ impl DfsFs {
                 meta = self.remote.get(node).await?;
                 result = self.remote.download(&meta, &tmp).await;
             }
+            if matches!(&result, Err(RemoteError::Local { errno, .. }) if *errno == libc::ENOSPC)
+                && self.evict().unwrap_or(0) > 0
+            {
+                // The cache's disk is full: make room with clean copies, then once more.
+                result = self.remote.download(&meta, &tmp).await;
+            }
             if let Err(e) = result {
                 let _ = std::fs::remove_file(&tmp);
                 return Err(e.into());
             }
         }
         self.install(node, &tmp)?;
+        self.cached_more(meta.size);
         let entry = CacheEntry {
             writing: truncated,
             ..CacheEntry::clean(&meta)
@@ -1157,6 +1190,7 @@ impl DfsFs {
         Ok(ClientStatus {
             cached_files,
             cached_bytes,
+            cache_budget: self.cache_budget,
             pending_uploads: self.unsettled()?.into_iter().map(|n| n.0).collect(),
             downloads: self.remote.stats.downloads.load(Ordering::Relaxed),
             uploads: self.remote.stats.uploads.load(Ordering::Relaxed),

@@ -571,6 +571,14 @@ impl DfsFs {
     pub async fn run_uploader(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
         let mut window = BATCH_WINDOW;
         loop {
+            if self.evict_wanted.load(std::sync::atomic::Ordering::Relaxed) {
+                let this = self.clone();
+                match tokio::task::spawn_blocking(move || this.evict()).await {
+                    Ok(Err(e)) => tracing::warn!(error = %e, "evicting cached copies failed"),
+                    Err(e) => tracing::warn!(error = %e, "evicting cached copies failed"),
+                    Ok(Ok(_)) => {}
+                }
+            }
             // Short attempts: a node being retried is locked for at most this long.
             let deadline = Instant::now() + self.config.close_timeout.min(Duration::from_secs(10));
             let before = self.cache.pending_nodes().len();

@@ -24,6 +24,23 @@ pub fn core_at(
     DfsFs::new(remote, cache, config, "").unwrap()
 }
 
+/// A client core with `config` (its timeouts shortened as in `core_at`).
+#[allow(dead_code)] // Not every test binary uses it.
+pub fn core_with_config(
+    url: &str,
+    login: Option<SavedLogin>,
+    cache: &std::path::Path,
+    config: FsConfig,
+) -> DfsFs {
+    let remote = Remote::new(url, login, None, RemoteConfig::default());
+    let config = FsConfig {
+        close_timeout: Duration::from_secs(2),
+        retry_interval: Duration::from_millis(100),
+        ..config
+    };
+    DfsFs::new(remote, cache, config, "").unwrap()
+}
+
 /// Copies a cache directory as a crash of its process would leave it (the files as they are).
 pub fn crash_image(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap();

@@ -447,8 +447,10 @@ impl DirectoryService {
             (_, None) => None,
         };
         let placement = if req.kind == FileKind::File {
-            Some(placement::place(
-                &self.registry.live(),
+            let (roomy, short) = self.registry.live_by_room();
+            Some(placement::place_by_room(
+                &roomy,
+                &short,
                 self.config.replication,
                 rand::random(),
             )?)
@@ -804,9 +806,16 @@ impl DirectoryService {
                 bytes = bytes.saturating_add(m.size);
             }
         }
+        // Every file takes `copies` bytes of disk per byte: the size and room one copy has.
+        let (total, free, reporting) = self.registry.live_space();
+        let copies = u64::from(self.config.replication)
+            .min(reporting as u64)
+            .max(1);
         Ok(StatFs {
             nodes: nodes.len()?,
             bytes,
+            total_bytes: total / copies,
+            free_bytes: free / copies,
         })
     }
 

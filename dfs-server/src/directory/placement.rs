@@ -34,9 +34,53 @@ pub fn place(live: &[ServerId], copies: u32, seed: u64) -> ServiceResult<Placeme
     })
 }
 
+/// As [`place`] over the servers with room (`roomy`); servers short of space (`short`, most
+/// free first) are taken only for the copies the others cannot hold.
+pub fn place_by_room(
+    roomy: &[ServerId],
+    short: &[ServerId],
+    copies: u32,
+    seed: u64,
+) -> ServiceResult<Placement> {
+    if roomy.is_empty() {
+        return place(short, copies, 0);
+    }
+    let mut p = place(roomy, copies, seed)?;
+    let want = usize::try_from(copies).unwrap_or(usize::MAX);
+    for s in short {
+        if 1 + p.replicas.len() >= want {
+            break;
+        }
+        p.replicas.push(*s);
+    }
+    Ok(p)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn servers_short_of_space_get_only_the_copies_others_cannot_hold() {
+        let ids = |v: &[u64]| v.iter().copied().map(ServerId).collect::<Vec<_>>();
+        for seed in 0..6 {
+            let p = place_by_room(&ids(&[1, 2, 3]), &ids(&[4]), 3, seed).expect("placement");
+            let mut all = vec![p.primary];
+            all.extend(&p.replicas);
+            assert!(!all.contains(&ServerId(4)), "{all:?}");
+            let p = place_by_room(&ids(&[1]), &ids(&[4, 3]), 3, seed).expect("placement");
+            assert_eq!(p.primary, ServerId(1));
+            assert_eq!(
+                p.replicas,
+                ids(&[4, 3]),
+                "the short ones fill in, most free first"
+            );
+        }
+        // All short: still placed (a small file may fit), on the roomiest first.
+        let p = place_by_room(&[], &ids(&[5, 6]), 2, 9).expect("placement");
+        assert_eq!(p.primary, ServerId(5));
+        assert!(place_by_room(&[], &[], 2, 0).is_err());
+    }
 
     #[test]
     fn placements_are_distinct_sized_and_spread() {

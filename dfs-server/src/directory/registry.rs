@@ -26,6 +26,8 @@ struct ServerRecord {
 struct Entry {
     rec: ServerRecord,
     last_beat: Option<Instant>,
+    /// Disk space as of the last heartbeat that carried it.
+    space: Option<common::api::Space>,
 }
 
 struct Inner {
@@ -60,6 +62,7 @@ impl Registry {
                 Entry {
                     rec: decode(v.value())?,
                     last_beat: None,
+                    space: None,
                 },
             );
         }
@@ -123,6 +126,7 @@ impl Registry {
             Entry {
                 rec,
                 last_beat: Some(Instant::now()),
+                space: None,
             },
         );
         tracing::info!(server = %id, url = %req.url, "file server registered");
@@ -130,7 +134,7 @@ impl Registry {
     }
 
     /// Records a heartbeat. An unknown id must register again.
-    pub fn heartbeat(&self, id: ServerId) -> ServiceResult<()> {
+    pub fn heartbeat(&self, id: ServerId, space: Option<common::api::Space>) -> ServiceResult<()> {
         let mut inner = self.inner()?;
         let e = inner
             .servers
@@ -142,6 +146,9 @@ impl Registry {
             tracing::info!(server = %id, "file server is alive again");
         }
         e.last_beat = Some(Instant::now());
+        if space.is_some() {
+            e.space = space;
+        }
         Ok(())
     }
 
@@ -180,6 +187,46 @@ impl Registry {
             .unwrap_or_default()
     }
 
+    /// Live servers for new copies: those with room (at least `MIN_PLACEMENT_FREE`, or not
+    /// yet reporting their space), then those short of space, most free first.
+    pub fn live_by_room(&self) -> (Vec<ServerId>, Vec<ServerId>) {
+        let now = Instant::now();
+        let Ok(inner) = self.inner() else {
+            return (vec![], vec![]);
+        };
+        let (mut roomy, mut short) = (Vec::new(), Vec::new());
+        for (id, e) in inner.servers.iter().filter(|(_, e)| self.alive(e, now)) {
+            match e.space {
+                Some(s) if s.free_bytes < common::api::MIN_PLACEMENT_FREE => {
+                    short.push((*id, s.free_bytes));
+                }
+                _ => roomy.push(*id),
+            }
+        }
+        short.sort_by_key(|(_, free)| std::cmp::Reverse(*free));
+        (roomy, short.into_iter().map(|(id, _)| id).collect())
+    }
+
+    /// (size, free) summed over the live servers that report their space, and how many do.
+    pub fn live_space(&self) -> (u64, u64, usize) {
+        let now = Instant::now();
+        let Ok(inner) = self.inner() else {
+            return (0, 0, 0);
+        };
+        inner
+            .servers
+            .values()
+            .filter(|e| self.alive(e, now))
+            .filter_map(|e| e.space)
+            .fold((0, 0, 0), |(t, f, n), s| {
+                (
+                    t.saturating_add(s.total_bytes),
+                    f.saturating_add(s.free_bytes),
+                    n + 1,
+                )
+            })
+    }
+
     /// The URL of server `id`.
     pub fn url(&self, id: ServerId) -> Option<String> {
         self.inner()
@@ -215,6 +262,7 @@ impl Registry {
                         u64::try_from(now.duration_since(b).as_millis()).unwrap_or(u64::MAX)
                     }),
                     capacity_bytes: e.rec.capacity_bytes,
+                    space: e.space,
                     primaries,
                     replicas,
                 }

@@ -144,8 +144,9 @@ async fn heartbeat(
     axum::extract::State(svc): State,
     _c: ClusterOnly,
     ApiPath(id): ApiPath<u64>,
+    ApiJson(space): ApiJson<Option<common::api::Space>>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    svc.registry.heartbeat(ServerId(id))?;
+    svc.registry.heartbeat(ServerId(id), space)?;
     Ok(Json(serde_json::json!({})))
 }
 

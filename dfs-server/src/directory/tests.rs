@@ -757,3 +757,42 @@ fn a_refused_write_back_push_ends_the_wait_it_announced() {
         "readers stop waiting for a push that will not come"
     );
 }
+
+#[test]
+fn new_files_avoid_a_server_short_of_space_and_statfs_shows_the_real_disks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let space = |total: u64, free: u64| {
+        Some(common::api::Space {
+            total_bytes: total,
+            free_bytes: free,
+        })
+    };
+    let live = svc.registry.live();
+    svc.registry
+        .heartbeat(live[0], space(10 << 30, 1 << 20))
+        .expect("beat");
+    svc.registry
+        .heartbeat(live[1], space(10 << 30, 4 << 30))
+        .expect("beat");
+    svc.registry
+        .heartbeat(live[2], space(10 << 30, 5 << 30))
+        .expect("beat");
+    for i in 0..12 {
+        let f = mk(&svc, NodeId::ROOT, &format!("f{i}"), FileKind::File);
+        assert_ne!(
+            f.primary,
+            Some(live[0]),
+            "the full server takes no primaries"
+        );
+        assert_eq!(
+            f.replicas.last(),
+            Some(&live[0]),
+            "only the copy the others cannot hold"
+        );
+    }
+    let s = svc.statfs().expect("statfs");
+    // Three copies of every file: one copy's worth of the disks.
+    assert_eq!(s.total_bytes, 10 << 30);
+    assert_eq!(s.free_bytes, ((1 << 20) + (9u64 << 30)) / 3);
+}

@@ -162,7 +162,14 @@ impl FileServer {
                     Ok(Err(e)) => tracing::warn!(error = %e, "persisting fence marks failed"),
                     Err(e) => tracing::warn!(error = %e, "persisting fence marks failed"),
                 }
-                match self.peer.heartbeat(&self.directory, id).await {
+                let space = match self.store.disk.space() {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading the disk's free space failed");
+                        None
+                    }
+                };
+                match self.peer.heartbeat(&self.directory, id, space).await {
                     Ok(()) => {}
                     Err(ServiceError::NotFound(_) | ServiceError::NoRoute(_)) => {
                         // The directory does not know this server (it may have been wiped), or

@@ -14,6 +14,7 @@ pub mod replicate;
 pub mod routes;
 pub mod scrub;
 pub mod slots;
+pub mod space;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,6 +67,8 @@ pub struct FileStore {
     pub stats: Stats,
     /// Largest accepted blob.
     pub max_blob_bytes: u64,
+    /// The disk it lives on, and the reserve kept back on it.
+    pub disk: space::Disk,
 }
 
 /// Deletes a temp file unless disarmed (the blob reached its final name).
@@ -112,6 +115,7 @@ impl FileStore {
             db: GroupCommit::new(db),
             stats: Stats::default(),
             max_blob_bytes,
+            disk: space::Disk::new(data_dir, None),
         };
         store.migrate_old_layout()?;
         slots::migrate(&store.root, |node, hash, body| {

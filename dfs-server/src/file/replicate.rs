@@ -245,11 +245,16 @@ impl FileServer {
         self.store.stats.uploads.fetch_add(1, Ordering::Relaxed);
 
         let mut holders = vec![me];
+        // A replica out of space makes a refusal for lack of copies a "no space" one.
+        let mut full = None;
         while let Some(done) = futures_util::StreamExt::next(&mut pushes).await {
             match done {
                 Ok((r, Ok(()))) => holders.push(r),
                 Ok((r, Err(e))) => {
-                    tracing::warn!(replica = %r, %node, error = %e, "replica push failed")
+                    tracing::warn!(replica = %r, %node, error = %e, "replica push failed");
+                    if matches!(e, ServiceError::NoSpace(_)) {
+                        full = Some(r);
+                    }
                 }
                 Err(e) => tracing::warn!(%node, error = %e, "replica push task failed"),
             }
@@ -262,13 +267,23 @@ impl FileServer {
             };
             match self.push(&url, node, &req.hash).await {
                 Ok(()) => holders.push(r),
-                Err(e) => tracing::warn!(replica = %r, %node, error = %e, "replica push failed"),
+                Err(e) => {
+                    tracing::warn!(replica = %r, %node, error = %e, "replica push failed");
+                    if matches!(e, ServiceError::NoSpace(_)) {
+                        full = Some(r);
+                    }
+                }
             }
         }
         let deferred: Vec<(ServerId, String)> = deferred.collect();
         self.metrics
             .observe("write_stage", "replicate", t.elapsed());
         if holders.len() < required {
+            if let Some(r) = full {
+                return Err(ServiceError::NoSpace(format!(
+                    "replica {r} is out of space; {required} durable copies are needed"
+                )));
+            }
             return Err(ServiceError::Unavailable(format!(
                 "only {} of {} copies are durable; {required} needed before acknowledging",
                 holders.len(),

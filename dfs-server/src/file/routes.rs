@@ -63,6 +63,15 @@ fn parse_placement(s: &str) -> Result<(ServerId, Vec<ServerId>), AppError> {
     }
 }
 
+/// The declared body length (0 if none).
+fn content_length(headers: &HeaderMap) -> u64 {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 fn parse_hash(s: &str) -> Result<ContentHash, AppError> {
     ContentHash::parse(s).map_err(|e| AppError(ServiceError::BadRequest(e.to_string())))
 }
@@ -119,6 +128,8 @@ async fn write(
             })
             .transpose()?,
     };
+    // A write the disk cannot hold is refused before its body is read.
+    fs.store.disk.check_room(req.size.unwrap_or(0))?;
     Ok(Json(fs.write_primary(req, body.into_data_stream()).await?))
 }
 
@@ -159,6 +170,7 @@ async fn write_batch(
     body: Body,
 ) -> ApiResult<Json<BatchResponse<NodeMeta>>> {
     let _permit = batch_permit(&fs, 0)?;
+    fs.store.disk.check_room(content_length(&headers))?;
     let frame = frame_of(&headers, body).await?;
     let results = fs.write_batch(who.name(), frame).await?;
     Ok(Json(BatchResponse { results }))
@@ -171,6 +183,7 @@ async fn replica_batch(
     body: Body,
 ) -> ApiResult<Json<BatchResponse<u64>>> {
     let _permit = batch_permit(&fs, 1)?;
+    fs.store.disk.check_room(content_length(&headers))?;
     let frame = frame_of(&headers, body).await?;
     let results = fs.store_replica_batch(frame).await?;
     Ok(Json(BatchResponse { results }))
@@ -200,9 +213,11 @@ async fn replica_put(
     axum::extract::State(fs): State,
     _c: ClusterOnly,
     ApiPath((id, hash)): ApiPath<(u64, String)>,
+    headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<serde_json::Value>> {
     let hash = parse_hash(&hash)?;
+    fs.store.disk.check_room(content_length(&headers))?;
     let size = fs
         .store
         .put_stream(NodeId(id), &hash, body.into_data_stream())

@@ -50,6 +50,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         ErrorCode::Conflict => StatusCode::PRECONDITION_FAILED,
+        ErrorCode::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
     }
 }
 
