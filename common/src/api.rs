@@ -314,6 +314,73 @@ pub struct Grant {
     pub signature: String,
 }
 
+/// Who holds or waits for an application lock (`flock`, `fcntl`): a client session (chosen
+/// by the client at mount, renewed as one lease) and the kernel's lock owner within it (an open
+/// file for `flock`, a process for `fcntl` record locks).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LockOwner {
+    /// The client session.
+    pub session: UploadId,
+    /// The owner within it.
+    pub owner: u64,
+}
+
+/// `POST /v1/applocks/{id}/lock`: take a shared or exclusive application lock on a whole file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppLockRequest {
+    /// Who takes it.
+    pub owner: LockOwner,
+    /// Shared (read) rather than exclusive (write).
+    pub shared: bool,
+    /// How long to wait for it (capped by the server); 0: do not wait, answer at once (a
+    /// refused non-blocking request leaves no place in the queue).
+    pub wait_ms: u64,
+}
+
+/// Answer to an application lock request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum AppLockResponse {
+    /// Held; keep the session's lease renewed.
+    Granted {
+        /// Renew the session within this many milliseconds.
+        lease_ms: u64,
+    },
+    /// Waiting in line; ask again (within a lease time) to keep the place.
+    Queued {
+        /// 1 = next in line.
+        position: u64,
+    },
+    /// A non-blocking request that conflicts with a holder.
+    Busy,
+}
+
+/// `POST /v1/applocks/{id}/unlock` and `.../test`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppLockQuery {
+    /// Who asks.
+    pub owner: LockOwner,
+    /// For `test`: whether a shared request is meant.
+    #[serde(default)]
+    pub shared: bool,
+}
+
+/// Answer to `test`: a holder that would conflict, if any.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppLockConflict {
+    /// Whether that holder's lock is shared.
+    pub shared: bool,
+    /// Who holds it.
+    pub user: String,
+}
+
+/// `POST /v1/applocks/renew`: extends every application lock of a session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppLockRenew {
+    /// The session.
+    pub session: UploadId,
+}
+
 /// Answer to an acquire.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "state")]

@@ -57,6 +57,14 @@ pub const LOCK_RENEW: &str = "/v1/locks/{id}/renew";
 pub const LOCK_RELEASE: &str = "/v1/locks/{id}/release";
 /// Lock: every lock held or waited for.
 pub const LOCKS: &str = "/v1/locks";
+/// Lock: take an application lock (`flock`/`fcntl`) on a file.
+pub const APPLOCK_LOCK: &str = "/v1/applocks/{id}/lock";
+/// Lock: give an application lock up (or leave its queue).
+pub const APPLOCK_UNLOCK: &str = "/v1/applocks/{id}/unlock";
+/// Lock: which holder would conflict with a request (`F_GETLK`).
+pub const APPLOCK_TEST: &str = "/v1/applocks/{id}/test";
+/// Lock: renew every application lock of a client session.
+pub const APPLOCK_RENEW: &str = "/v1/applocks/renew";
 
 /// Auth: the RSA public key (SPKI PEM).
 pub const AUTH_PUBLIC_KEY: &str = "/v1/auth/public-key";
@@ -128,6 +136,11 @@ pub fn commit(id: NodeId) -> String {
 /// `/v1/locks/{id}/{action}` for `acquire`, `renew` or `release`.
 pub fn lock(id: NodeId, action: &str) -> String {
     format!("/v1/locks/{id}/{action}")
+}
+
+/// `/v1/applocks/{id}/{action}` (`lock`, `unlock`, `test`).
+pub fn applock(id: NodeId, action: &str) -> String {
+    format!("/v1/applocks/{id}/{action}")
 }
 
 /// `/v1/files/{id}`.

@@ -38,6 +38,12 @@ pub enum FsError {
     /// No such entry, known without asking (a fresh complete listing of the directory).
     #[error("no such entry")]
     Absent,
+    /// A lock asked for without waiting is held by someone else.
+    #[error("the lock is held elsewhere")]
+    WouldBlock,
+    /// A wait given up because the caller got a signal.
+    #[error("interrupted")]
+    Interrupted,
 }
 
 impl FsError {
@@ -78,6 +84,8 @@ impl FsError {
             FsError::Unsupported(_) => libc::ENOTSUP,
             FsError::NotAFile => libc::EINVAL,
             FsError::Absent => libc::ENOENT,
+            FsError::WouldBlock => libc::EAGAIN,
+            FsError::Interrupted => libc::EINTR,
             FsError::PushFailed(_) => libc::EIO,
         }
     }

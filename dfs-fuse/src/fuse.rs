@@ -16,8 +16,8 @@ use common::NodeId;
 use fuser::{
     AccessFlags, BackingId, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
-    WriteFlags,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
+    TimeOrNow, WriteFlags,
 };
 
 use crate::error::FsError;
@@ -159,6 +159,42 @@ fn errno(op: &str, e: &FsError) -> Errno {
     Errno::from_i32(e.errno())
 }
 
+/// The end of a lock covering the rest of a file (`OFFSET_MAX`).
+const OFFSET_MAX: u64 = i64::MAX as u64;
+
+/// A blocking lock wait that ends when caller `tid` gets a signal (EINTR), leaving the queue.
+async fn lock_unless_signalled(
+    fs: &DfsFs,
+    node: NodeId,
+    owner: u64,
+    shared: bool,
+    tid: u32,
+) -> Result<(), FsError> {
+    let outcome = {
+        let lock = fs.app_lock(node, owner, shared, true);
+        tokio::pin!(lock);
+        loop {
+            tokio::select! {
+                r = &mut lock => break Some(r),
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                    if crate::interrupt::signalled(tid) {
+                        break None;
+                    }
+                }
+            }
+        }
+    };
+    match outcome {
+        Some(r) => r,
+        None => {
+            if let Err(e) = fs.app_unlock(node, owner).await {
+                tracing::warn!(error = %e, "leaving a lock queue failed; the place lapses");
+            }
+            Err(FsError::Interrupted)
+        }
+    }
+}
+
 fn node(ino: INodeNo) -> NodeId {
     NodeId(ino.0)
 }
@@ -178,6 +214,16 @@ impl Filesystem for FuseAdapter {
             tracing::warn!(
                 ?missing,
                 "kernel lacks atomic O_TRUNC; truncating opens push twice"
+            );
+        }
+        // flock and fcntl locks come to dfs (for the whole cluster) instead of staying in
+        // this kernel.
+        if let Err(missing) =
+            config.add_capabilities(InitFlags::FUSE_POSIX_LOCKS | InitFlags::FUSE_FLOCK_LOCKS)
+        {
+            tracing::warn!(
+                ?missing,
+                "kernel lacks FUSE lock forwarding; flock/fcntl locks stay local to this client"
             );
         }
         // `ls -l`: names and attributes in one round trip per listing.
@@ -383,32 +429,50 @@ impl Filesystem for FuseAdapter {
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
-        _lock_owner: LockOwner,
+        lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
         let fs = self.fs.clone();
-        self.spawned(
-            "flush",
-            async move { fs.flush(fh.0).await },
-            move |r| match r {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno("flush", &e)),
-            },
-        );
+        let work = async move {
+            let r = fs.flush(fh.0).await;
+            // A close gives up the closing process's record locks on the file (POSIX), once
+            // its changes are pushed, so the next holder reads them.
+            if fs.app_lock_known(node(ino), lock_owner.0)
+                && let Err(e) = fs.app_unlock(node(ino), lock_owner.0).await
+            {
+                tracing::warn!(error = %e, "unlocking at close failed; the lock lapses with the lease");
+            }
+            r
+        };
+        self.spawned("flush", work, move |r| match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("flush", &e)),
+        });
     }
 
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        // The last close of an open file gives up its flock (the kernel names the owner).
+        if let Some(owner) = lock_owner
+            && self.fs.app_lock_known(node(ino), owner.0)
+        {
+            let fs = self.fs.clone();
+            self.rt.spawn(async move {
+                if let Err(e) = fs.app_unlock(node(ino), owner.0).await {
+                    tracing::warn!(error = %e, "unlocking at release failed; the lock lapses with the lease");
+                }
+            });
+        }
         // Recording unflushed changes may hash the whole file: not on a FUSE thread. Until it
         // is done the handle still counts as a writer, so no open replaces the copy meanwhile.
         let fs = self.fs.clone();
@@ -546,6 +610,71 @@ impl Filesystem for FuseAdapter {
             }
             Err(e) => reply.error(errno("statfs", &e)),
         }
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        reply: ReplyLock,
+    ) {
+        let fs = self.fs.clone();
+        let work = async move {
+            fs.app_test(node(ino), lock_owner.0, typ == libc::F_RDLCK)
+                .await
+        };
+        self.spawned("getlk", work, move |r| match r {
+            // Locks cover whole files: the conflicting one, from 0 to the end.
+            Ok(Some(c)) => {
+                let typ = if c.shared {
+                    libc::F_RDLCK
+                } else {
+                    libc::F_WRLCK
+                };
+                reply.locked(0, OFFSET_MAX, typ, 0);
+            }
+            Ok(None) => reply.locked(start, end, libc::F_UNLCK, pid),
+            Err(e) => reply.error(errno("getlk", &e)),
+        });
+    }
+
+    fn setlk(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        _start: u64,
+        _end: u64,
+        typ: i32,
+        _pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let fs = self.fs.clone();
+        let (node, owner, caller) = (node(ino), lock_owner.0, req.pid());
+        let work = async move {
+            match typ {
+                libc::F_UNLCK => fs.app_unlock(node, owner).await,
+                libc::F_RDLCK | libc::F_WRLCK if !sleep => {
+                    fs.app_lock(node, owner, typ == libc::F_RDLCK, false).await
+                }
+                libc::F_RDLCK | libc::F_WRLCK => {
+                    lock_unless_signalled(&fs, node, owner, typ == libc::F_RDLCK, caller).await
+                }
+                _ => Err(FsError::Unsupported("lock type")),
+            }
+        };
+        self.spawned("setlk", work, move |r| match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("setlk", &e)),
+        });
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {

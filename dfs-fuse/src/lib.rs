@@ -7,6 +7,7 @@ pub mod creds;
 pub mod error;
 pub mod fs;
 pub mod fuse;
+pub mod interrupt;
 pub mod metrics;
 pub mod progress;
 pub mod remote;

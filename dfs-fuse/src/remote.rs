@@ -742,6 +742,93 @@ impl Remote {
         }
     }
 
+    /// Asks for an application lock, waiting up to `wait` (one long poll; 0: answer at once).
+    pub async fn app_lock(
+        &self,
+        node: NodeId,
+        owner: &common::api::LockOwner,
+        shared: bool,
+        wait: Duration,
+    ) -> Result<common::api::AppLockResponse, RemoteError> {
+        let url = format!(
+            "{}{}",
+            self.lock_url().await?,
+            routes::applock(node, "lock")
+        );
+        let req = common::api::AppLockRequest {
+            owner: owner.clone(),
+            shared,
+            wait_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+        };
+        let token = self.token().await?;
+        let resp = self
+            .http
+            .post(&url)
+            .bearer_auth(token)
+            .timeout(wait + self.config.call_timeout)
+            .json(&req)
+            .send()
+            .await
+            .map_err(|e| {
+                self.invalidate_cluster();
+                net("application lock", e)
+            })?;
+        if !resp.status().is_success() {
+            return Err(api_error(resp).await);
+        }
+        resp.json().await.map_err(|e| net("application lock", e))
+    }
+
+    /// Gives an application lock up (or its place in the queue).
+    pub async fn app_unlock(
+        &self,
+        node: NodeId,
+        owner: &common::api::LockOwner,
+    ) -> Result<(), RemoteError> {
+        let url = format!(
+            "{}{}",
+            self.lock_url().await?,
+            routes::applock(node, "unlock")
+        );
+        let q = common::api::AppLockQuery {
+            owner: owner.clone(),
+            shared: false,
+        };
+        self.post::<_, serde_json::Value>(url, &q, "application unlock")
+            .await
+            .map(drop)
+    }
+
+    /// The holder a request would conflict with (`F_GETLK`).
+    pub async fn app_test(
+        &self,
+        node: NodeId,
+        owner: &common::api::LockOwner,
+        shared: bool,
+    ) -> Result<Option<common::api::AppLockConflict>, RemoteError> {
+        let url = format!(
+            "{}{}",
+            self.lock_url().await?,
+            routes::applock(node, "test")
+        );
+        let q = common::api::AppLockQuery {
+            owner: owner.clone(),
+            shared,
+        };
+        self.post(url, &q, "application lock test").await
+    }
+
+    /// Renews every application lock of `session`.
+    pub async fn app_renew(&self, session: &UploadId) -> Result<(), RemoteError> {
+        let url = format!("{}{}", self.lock_url().await?, routes::APPLOCK_RENEW);
+        let req = common::api::AppLockRenew {
+            session: session.clone(),
+        };
+        self.post::<_, serde_json::Value>(url, &req, "application lock renewal")
+            .await
+            .map(drop)
+    }
+
     /// Extends a held lock's lease.
     pub async fn renew(&self, node: NodeId, waiter: &WaiterId) -> Result<Grant, RemoteError> {
         let url = format!("{}{}", self.lock_url().await?, routes::lock(node, "renew"));

@@ -212,6 +212,7 @@ pub fn mount(remote: Remote, opts: &MountOptions) -> anyhow::Result<Mounted> {
         serve_metrics(&fs, addr, cancel.clone())?;
     }
     let uploader = tokio::spawn(fs.clone().run_uploader(cancel.clone()));
+    tokio::spawn(fs.clone().run_lock_renewals(cancel.clone()));
     fs.write_status();
     Ok(Mounted {
         session,

@@ -95,3 +95,83 @@ fn concurrent_writers_are_serialised_and_never_mixed() {
     }
     let _ = Duration::ZERO;
 }
+
+#[test]
+fn flock_appends_from_two_mounts_lose_nothing() {
+    let cluster = Cluster::start(&[]);
+    let a = Client::new(&cluster.url);
+    a.signup_login("alice");
+    let b = Client::new(&cluster.url);
+    b.signup_login("bob");
+    let ma = a.mount(&[]);
+    let mb = b.mount(&[]);
+    ok(ma.sh("touch log"));
+    assert!(eventually(Duration::from_secs(5), || mb
+        .sh("test -e log")
+        .status
+        .success()));
+    // `flock FILE cmd` opens the file before it locks it: the append must still start from
+    // the newest version, whichever mount wrote it.
+    let storm = |dir: std::path::PathBuf, tag: &'static str| {
+        std::thread::spawn(move || {
+            sh_in(
+                &dir,
+                &format!(
+                    "for i in $(seq 1 100); do flock log sh -c \"echo {tag}$i >> log\" || exit 1; done"
+                ),
+            )
+        })
+    };
+    let (ta, tb) = (storm(ma.dir.clone(), "a"), storm(mb.dir.clone(), "b"));
+    let (ra, rb) = (ta.join().unwrap(), tb.join().unwrap());
+    assert!(ra.status.success(), "{ra:?}\n{}", ma.log());
+    assert!(rb.status.success(), "{rb:?}\n{}", mb.log());
+    for m in [&ma, &mb] {
+        let all = eventually(Duration::from_secs(5), || {
+            ok(m.sh("wc -l < log")).trim() == "200"
+        });
+        let log = ok(m.sh("cat log"));
+        assert!(all, "{} lines:\n{log}", log.lines().count());
+        for tag in ["a", "b"] {
+            for i in 1..=100 {
+                assert!(
+                    log.lines().any(|l| l == format!("{tag}{i}")),
+                    "{tag}{i} missing:\n{log}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_lock_held_on_one_mount_excludes_the_other_and_a_waiter_can_give_up() {
+    let cluster = Cluster::start(&[]);
+    let a = Client::new(&cluster.url);
+    a.signup_login("alice");
+    let b = Client::new(&cluster.url);
+    b.signup_login("bob");
+    let ma = a.mount(&[]);
+    let mb = b.mount(&[]);
+    ok(ma.sh("touch f"));
+    assert!(eventually(Duration::from_secs(5), || mb
+        .sh("test -e f")
+        .status
+        .success()));
+    // Alice holds an exclusive lock for a while.
+    let dir = ma.dir.clone();
+    let holder = std::thread::spawn(move || sh_in(&dir, "flock f sleep 4"));
+    std::thread::sleep(Duration::from_millis(800));
+    // Bob cannot take it without waiting, nor a shared one.
+    assert!(!mb.sh("flock -n f true").status.success());
+    assert!(!mb.sh("flock -n -s f true").status.success());
+    // A blocking wait given up with Ctrl-C ends at once (not when the lock comes free) ...
+    let t = std::time::Instant::now();
+    let out = mb.sh("timeout -s INT 1 flock f true; echo $?");
+    assert_eq!(ok(out).trim(), "124", "the waiter was interrupted");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    // ... and leaves the queue: once alice's lock goes, bob gets it at once.
+    assert!(holder.join().unwrap().status.success());
+    let t = std::time::Instant::now();
+    ok(mb.sh("flock -w 5 f true"));
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+}

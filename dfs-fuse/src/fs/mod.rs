@@ -21,6 +21,7 @@ use crate::metrics::ClientMetrics;
 use crate::remote::{Remote, RemoteError};
 use dfs_server::keyed::KeyedMutex;
 
+mod applock;
 mod batch;
 mod conflict;
 mod evict;
@@ -83,6 +84,9 @@ pub struct Handle {
     node: NodeId,
     file: std::fs::File,
     writable: bool,
+    /// Opened with O_APPEND: every write goes to the end of the copy as it is now (the
+    /// kernel's offset may come from a size it cached before the copy was refreshed).
+    append: bool,
     /// Written through `write`/`setattr` since the last push.
     dirty: AtomicBool,
     /// (length, mtime) of the file at open or at the last push. Under kernel passthrough,
@@ -221,6 +225,12 @@ pub struct DfsFs {
     cached_since_evict: AtomicU64,
     evict_wanted: AtomicBool,
     opened_at: Mutex<HashMap<NodeId, SystemTime>>,
+    /// This mount's session at the lock service, the application locks it may hold or wait
+    /// for, their lease, and the renewal loop's wake-up (see `applock.rs`).
+    session: common::UploadId,
+    app_locks: Mutex<std::collections::HashSet<(NodeId, u64)>>,
+    app_lease_ms: AtomicU64,
+    lock_wake: tokio::sync::Notify,
     known: Mutex<known::Known>,
     uid: u32,
     gid: u32,
@@ -305,6 +315,10 @@ impl DfsFs {
             // The first uploader pass checks the budget.
             evict_wanted: AtomicBool::new(true),
             opened_at: Mutex::new(HashMap::new()),
+            session: common::UploadId::from_bytes(rand::random()),
+            app_locks: Mutex::new(std::collections::HashSet::new()),
+            app_lease_ms: AtomicU64::new(3000),
+            lock_wake: tokio::sync::Notify::new(),
             known: Mutex::new(known::Known::default()),
             uid: meta.uid(),
             gid: meta.gid(),
@@ -836,6 +850,7 @@ impl DfsFs {
             node,
             file,
             writable,
+            append: flags & libc::O_APPEND != 0,
             dirty: AtomicBool::new(dirty),
             baseline,
             baseline_at,
@@ -1057,6 +1072,11 @@ impl DfsFs {
         if !h.writable {
             return Err(FsError::BadHandle(fh));
         }
+        let offset = if h.append {
+            h.file.metadata()?.len()
+        } else {
+            offset
+        };
         h.file.write_all_at(data, offset)?;
         // A write after an explicit time makes "now" the modification time again.
         if let Some(f) = self

@@ -7,6 +7,7 @@
 //! - Fencing tokens come from one persisted counter, reserved in blocks: a restarted service
 //!   starts above everything it could have issued, so tokens never go back.
 
+pub mod app;
 pub mod routes;
 
 use std::collections::{HashMap, VecDeque};
@@ -121,6 +122,8 @@ pub struct LockService {
     locks: Mutex<HashMap<NodeId, FileLock>>,
     fences: Mutex<Fences>,
     config: LockConfig,
+    /// Application locks (`flock`, `fcntl`), apart from the write locks.
+    pub apps: app::AppLocks,
 }
 
 impl LockService {
@@ -147,6 +150,7 @@ impl LockService {
                 next: reserved + 1,
                 reserved_upto: reserved,
             }),
+            apps: app::AppLocks::new(config.lease, config.max_wait),
             config,
             fence_key: fence_key.to_owned(),
         })

@@ -19,6 +19,10 @@ pub fn router(svc: Arc<LockService>) -> Router {
         .route(routes::LOCK_RENEW, post(renew))
         .route(routes::LOCK_RELEASE, post(release))
         .route(routes::LOCKS, get(status))
+        .route(routes::APPLOCK_LOCK, post(app_lock))
+        .route(routes::APPLOCK_UNLOCK, post(app_unlock))
+        .route(routes::APPLOCK_TEST, post(app_test))
+        .route(routes::APPLOCK_RENEW, post(app_renew))
         .with_state(svc)
 }
 
@@ -61,4 +65,46 @@ async fn status(
     _who: Authed,
 ) -> ApiResult<Json<Vec<LockStatus>>> {
     Ok(Json(svc.status()?))
+}
+
+async fn app_lock(
+    axum::extract::State(svc): State,
+    Authed(who): Authed,
+    ApiPath(id): ApiPath<u64>,
+    ApiJson(req): ApiJson<common::api::AppLockRequest>,
+) -> ApiResult<Json<common::api::AppLockResponse>> {
+    let wait = Duration::from_millis(req.wait_ms);
+    Ok(Json(
+        svc.apps
+            .lock(NodeId(id), &req.owner, req.shared, who.name(), wait)
+            .await?,
+    ))
+}
+
+async fn app_unlock(
+    axum::extract::State(svc): State,
+    _who: Authed,
+    ApiPath(id): ApiPath<u64>,
+    ApiJson(req): ApiJson<common::api::AppLockQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    svc.apps.unlock(NodeId(id), &req.owner)?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn app_test(
+    axum::extract::State(svc): State,
+    _who: Authed,
+    ApiPath(id): ApiPath<u64>,
+    ApiJson(req): ApiJson<common::api::AppLockQuery>,
+) -> ApiResult<Json<Option<common::api::AppLockConflict>>> {
+    Ok(Json(svc.apps.test(NodeId(id), &req.owner, req.shared)?))
+}
+
+async fn app_renew(
+    axum::extract::State(svc): State,
+    _who: Authed,
+    ApiJson(req): ApiJson<common::api::AppLockRenew>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let held = svc.apps.renew(&req.session)?;
+    Ok(Json(serde_json::json!({ "held": held })))
 }

@@ -1,0 +1,201 @@
+//! Application locks through the mount: `flock` and `fcntl` locks are taken in the cluster's
+//! lock service (see `dfs_server::lock::app`), for the whole file, so that programs on
+//! different clients exclude each other as on one machine. The client renews its session's
+//! lease while it holds any; a client that dies loses them when the lease runs out.
+//!
+//! Content moves whole, so what a lock protects must be read fresh: when a lock is granted, a
+//! clean cached copy older than the servers' version is replaced at once, even if a handle has
+//! it open for reading (`flock FILE cmd` opens the file before it locks it); the next open
+//! then reads, and an append then extends, the newest version.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::NodeId;
+use common::api::{AppLockConflict, AppLockResponse, LockOwner};
+
+use super::DfsFs;
+use crate::cache::CacheEntry;
+use crate::error::{FsError, FsResult};
+
+/// The longest one request to the lock service waits before asking again.
+const LONG_POLL: Duration = Duration::from_secs(20);
+
+impl DfsFs {
+    fn app_owner(&self, owner: u64) -> LockOwner {
+        LockOwner {
+            session: self.session.clone(),
+            owner,
+        }
+    }
+
+    /// Takes a lock on `node` for `owner` (the kernel's lock owner), shared or exclusive;
+    /// `block`: waits for it (the caller may drop this future, then `app_unlock`), else answers
+    /// `WouldBlock` at once if it is held elsewhere.
+    pub async fn app_lock(
+        &self,
+        node: NodeId,
+        owner: u64,
+        shared: bool,
+        block: bool,
+    ) -> FsResult<()> {
+        let who = self.app_owner(owner);
+        self.app_locks_touched(node, owner, true);
+        loop {
+            let wait = if block { LONG_POLL } else { Duration::ZERO };
+            match self.remote.app_lock(node, &who, shared, wait).await? {
+                AppLockResponse::Granted { lease_ms } => {
+                    self.app_lease_ms
+                        .store(lease_ms, std::sync::atomic::Ordering::Relaxed);
+                    break;
+                }
+                AppLockResponse::Busy => {
+                    self.app_locks_touched(node, owner, false);
+                    return Err(FsError::WouldBlock);
+                }
+                AppLockResponse::Queued { .. } => {}
+            }
+        }
+        self.lock_wake.notify_one();
+        if let Err(e) = self.refresh_after_lock(node).await {
+            // The lock is held; the copy could not be brought up to date (the servers are
+            // away): the next open checks again, as always.
+            tracing::warn!(%node, error = %e, "refreshing a file after locking it failed");
+        }
+        Ok(())
+    }
+
+    /// Gives up `owner`'s lock on `node` (or its place in the queue).
+    pub async fn app_unlock(&self, node: NodeId, owner: u64) -> FsResult<()> {
+        self.remote.app_unlock(node, &self.app_owner(owner)).await?;
+        self.app_locks_touched(node, owner, false);
+        Ok(())
+    }
+
+    /// Whether `owner` may hold or wait for a lock on `node` (so that closing its file must
+    /// give it up); a close costs no round trip otherwise.
+    pub fn app_lock_known(&self, node: NodeId, owner: u64) -> bool {
+        self.app_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&(node, owner))
+    }
+
+    /// The holder a request of `owner` would conflict with (`F_GETLK`).
+    pub async fn app_test(
+        &self,
+        node: NodeId,
+        owner: u64,
+        shared: bool,
+    ) -> FsResult<Option<AppLockConflict>> {
+        Ok(self
+            .remote
+            .app_test(node, &self.app_owner(owner), shared)
+            .await?)
+    }
+
+    fn app_locks_touched(&self, node: NodeId, owner: u64, held: bool) {
+        let mut l = self.app_locks.lock().unwrap_or_else(|p| p.into_inner());
+        if held {
+            l.insert((node, owner));
+        } else {
+            l.remove(&(node, owner));
+        }
+    }
+
+    /// Renews this client's application locks (a third of the lease apart) until `cancel`.
+    pub async fn run_lock_renewals(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
+        loop {
+            let lease = self
+                .app_lease_ms
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .max(300);
+            let held = !self
+                .app_locks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty();
+            if held && let Err(e) = self.remote.app_renew(&self.session).await {
+                tracing::warn!(error = %e, "renewing application locks failed");
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = self.lock_wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(lease / 3)) => {}
+            }
+        }
+    }
+
+    /// After a lock is granted: replaces a clean copy older than the servers' version, even
+    /// one open here for reading (those handles keep the old bytes; new opens get the new).
+    async fn refresh_after_lock(&self, node: NodeId) -> FsResult<()> {
+        let lock = self.node_locks.get(node);
+        let Ok(_g) = tokio::time::timeout(self.config.close_timeout, lock.lock()).await else {
+            return Ok(());
+        };
+        if self.has_local_changes(node) {
+            return Ok(());
+        }
+        let Some(entry) = self.cache.get(node)? else {
+            return Ok(());
+        };
+        if !self.cache.path(node).exists() {
+            return Ok(());
+        }
+        let mut meta = self.remote.get(node).await?;
+        self.remember(&meta, None);
+        if meta.kind != common::FileKind::File {
+            return Ok(());
+        }
+        if meta.writeback.is_some() {
+            meta = self.wait_for_writeback(meta).await?;
+        }
+        if entry.hash == meta.hash {
+            return self.rebase(node, &meta);
+        }
+        let tmp = self.cache.tmp_path();
+        if meta.hash.as_str() == common::ContentHash::EMPTY_HEX {
+            std::fs::File::create(&tmp)?.sync_all()?;
+        } else if let Err(e) = self.remote.download(&meta, &tmp).await {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e.into());
+        }
+        if self.has_local_changes(node) {
+            // A writer opened meanwhile (it waited for no node lock: a pending copy): keep it.
+            let _ = std::fs::remove_file(&tmp);
+            return Ok(());
+        }
+        if self.open_here(node) {
+            // Kernel passthrough binds the inode to this very cache file while it is open:
+            // the new content goes into it in place. Until that is done and durable the
+            // index names no content for it, so a crash in between is caught by `recover`.
+            let rewrite = || -> FsResult<()> {
+                self.cache.put(
+                    node,
+                    &CacheEntry {
+                        writing: true,
+                        version: meta.version,
+                        ..CacheEntry::unknown()
+                    },
+                )?;
+                let mut src = std::fs::File::open(&tmp)?;
+                let mut dst = std::fs::OpenOptions::new()
+                    .write(true)
+                    .truncate(true)
+                    .open(self.cache.path(node))?;
+                std::io::copy(&mut src, &mut dst)?;
+                dst.sync_all()?;
+                Ok(())
+            };
+            let r = rewrite();
+            let _ = std::fs::remove_file(&tmp);
+            r?;
+        } else {
+            self.install(node, &tmp)?;
+        }
+        self.cached_more(meta.size);
+        self.cache.put(node, &CacheEntry::clean(&meta))?;
+        tracing::debug!(%node, version = meta.version, "copy refreshed for a lock holder");
+        Ok(())
+    }
+}

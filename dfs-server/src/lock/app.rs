@@ -1,0 +1,417 @@
+//! Application locks: `flock` and `fcntl` locks taken by programs on a mount, held here for the
+//! whole cluster. Shared or exclusive, on whole files (content moves whole, so a byte-range
+//! request locks the whole file). A FIFO queue per file: the head is granted as soon as it is
+//! compatible with the holders, and shared requests right behind it with it; nobody overtakes a
+//! waiting exclusive request. Holders belong to a client session whose lease the client renews;
+//! a client that dies loses its locks when the lease runs out. Waiters long-poll and are woken
+//! by a `Notify` (no polling); a waiter that stops asking for a lease time loses its place.
+//! Nothing here is persisted: after a restart no application lock is held.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::NodeId;
+use common::api::{AppLockConflict, AppLockResponse, LockOwner};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::error::{ServiceError, ServiceResult};
+
+struct Holder {
+    owner: LockOwner,
+    shared: bool,
+    user: String,
+    lease_until: Instant,
+}
+
+struct Waiter {
+    owner: LockOwner,
+    shared: bool,
+    user: String,
+    last_poll: Instant,
+}
+
+#[derive(Default)]
+struct FileLocks {
+    holders: Vec<Holder>,
+    queue: VecDeque<Waiter>,
+    notify: Arc<Notify>,
+}
+
+impl FileLocks {
+    /// Drops holders whose session lease ran out and waiters that stopped asking.
+    fn expire(&mut self, now: Instant, lease: Duration) -> bool {
+        let (h, q) = (self.holders.len(), self.queue.len());
+        self.holders.retain(|x| x.lease_until > now);
+        self.queue.retain(|w| w.last_poll + lease > now);
+        h != self.holders.len() || q != self.queue.len()
+    }
+
+    fn compatible(&self, shared: bool) -> bool {
+        self.holders.is_empty() || (shared && self.holders.iter().all(|h| h.shared))
+    }
+
+    /// Grants from the head of the queue while compatible. Returns whether any was granted.
+    fn promote(&mut self, now: Instant, lease: Duration) -> bool {
+        let mut any = false;
+        while let Some(w) = self.queue.front() {
+            if !self.compatible(w.shared) {
+                break;
+            }
+            let Some(w) = self.queue.pop_front() else {
+                break;
+            };
+            self.holders.push(Holder {
+                owner: w.owner,
+                shared: w.shared,
+                user: w.user,
+                lease_until: now + lease,
+            });
+            any = true;
+        }
+        any
+    }
+
+    fn next_deadline(&self, lease: Duration) -> Option<Instant> {
+        let h = self.holders.iter().map(|h| h.lease_until).min();
+        let w = self.queue.iter().map(|w| w.last_poll + lease).min();
+        match (h, w) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.holders.is_empty() && self.queue.is_empty()
+    }
+}
+
+/// Every application lock of the cluster.
+pub struct AppLocks {
+    table: Mutex<HashMap<NodeId, FileLocks>>,
+    lease: Duration,
+    max_wait: Duration,
+}
+
+impl AppLocks {
+    /// Locks whose sessions must renew within `lease`; one request waits at most `max_wait`.
+    pub fn new(lease: Duration, max_wait: Duration) -> Self {
+        AppLocks {
+            table: Mutex::new(HashMap::new()),
+            lease,
+            max_wait,
+        }
+    }
+
+    fn table(&self) -> ServiceResult<std::sync::MutexGuard<'_, HashMap<NodeId, FileLocks>>> {
+        self.table
+            .lock()
+            .map_err(|_| ServiceError::internal("application locks", "poisoned"))
+    }
+
+    fn granted(&self) -> AppLockResponse {
+        AppLockResponse::Granted {
+            lease_ms: u64::try_from(self.lease.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// One step: grant, queue (keeping the place), or for `wait == false` answer busy. Only
+    /// the first step of a request (`join`) takes a place in the queue: a waiter that gave up
+    /// (unlocked) while its request still waits here is not queued again by it.
+    fn step(
+        &self,
+        node: NodeId,
+        owner: &LockOwner,
+        shared: bool,
+        user: &str,
+        wait: bool,
+        join: bool,
+    ) -> ServiceResult<(AppLockResponse, Arc<Notify>, Option<Instant>)> {
+        let now = Instant::now();
+        let mut table = self.table()?;
+        let locks = table.entry(node).or_default();
+        let mut changed = locks.expire(now, self.lease);
+        if let Some(h) = locks.holders.iter_mut().find(|h| &h.owner == owner) {
+            if h.shared == shared || !shared {
+                // Held already, or an exclusive lock converted down to shared.
+                h.shared = shared;
+                h.lease_until = now + self.lease;
+                changed |= locks.promote(now, self.lease);
+                if changed {
+                    locks.notify.notify_waiters();
+                }
+                return Ok((self.granted(), locks.notify.clone(), None));
+            }
+            // Shared to exclusive: given up, then asked for anew (as Linux does for flock).
+            locks.holders.retain(|h| &h.owner != owner);
+            changed = true;
+        }
+        match locks.queue.iter_mut().find(|w| &w.owner == owner) {
+            Some(w) => {
+                w.last_poll = now;
+                w.shared = shared;
+            }
+            None if !join => {
+                // Given up meanwhile: this request ends.
+                return Ok((AppLockResponse::Busy, locks.notify.clone(), None));
+            }
+            None => locks.queue.push_back(Waiter {
+                owner: owner.clone(),
+                shared,
+                user: user.to_owned(),
+                last_poll: now,
+            }),
+        }
+        changed |= locks.promote(now, self.lease);
+        if changed {
+            locks.notify.notify_waiters();
+        }
+        if locks.holders.iter().any(|h| &h.owner == owner) {
+            return Ok((self.granted(), locks.notify.clone(), None));
+        }
+        if !wait {
+            locks.queue.retain(|w| &w.owner != owner);
+            return Ok((AppLockResponse::Busy, locks.notify.clone(), None));
+        }
+        let position = locks
+            .queue
+            .iter()
+            .position(|w| &w.owner == owner)
+            .map_or(0, |p| p + 1);
+        Ok((
+            AppLockResponse::Queued {
+                position: u64::try_from(position).unwrap_or(u64::MAX),
+            },
+            locks.notify.clone(),
+            locks.next_deadline(self.lease),
+        ))
+    }
+
+    /// Takes the lock, waiting up to `wait` (capped); `wait` zero: answers at once.
+    pub async fn lock(
+        &self,
+        node: NodeId,
+        owner: &LockOwner,
+        shared: bool,
+        user: &str,
+        wait: Duration,
+    ) -> ServiceResult<AppLockResponse> {
+        if wait.is_zero() {
+            return self
+                .step(node, owner, shared, user, false, true)
+                .map(|r| r.0);
+        }
+        let deadline = Instant::now() + wait.min(self.max_wait);
+        let mut join = true;
+        loop {
+            let (resp, notify, _) = self.step(node, owner, shared, user, true, join)?;
+            join = false;
+            if resp == AppLockResponse::Busy {
+                return Ok(resp);
+            }
+            if matches!(resp, AppLockResponse::Granted { .. }) {
+                return Ok(resp);
+            }
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let (resp, _, recheck) = self.step(node, owner, shared, user, true, false)?;
+            if !matches!(resp, AppLockResponse::Queued { .. }) || Instant::now() >= deadline {
+                return Ok(resp);
+            }
+            let wake = recheck.unwrap_or(deadline).min(deadline);
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
+    /// Gives the lock up, or the place in its queue. Idempotent.
+    pub fn unlock(&self, node: NodeId, owner: &LockOwner) -> ServiceResult<()> {
+        let now = Instant::now();
+        let mut table = self.table()?;
+        if let Some(locks) = table.get_mut(&node) {
+            locks.holders.retain(|h| &h.owner != owner);
+            locks.queue.retain(|w| &w.owner != owner);
+            locks.expire(now, self.lease);
+            locks.promote(now, self.lease);
+            locks.notify.notify_waiters();
+            if locks.idle() {
+                table.remove(&node);
+            }
+        }
+        Ok(())
+    }
+
+    /// A holder another owner's request (`shared` or not) would conflict with.
+    pub fn test(
+        &self,
+        node: NodeId,
+        owner: &LockOwner,
+        shared: bool,
+    ) -> ServiceResult<Option<AppLockConflict>> {
+        let now = Instant::now();
+        let mut table = self.table()?;
+        let Some(locks) = table.get_mut(&node) else {
+            return Ok(None);
+        };
+        locks.expire(now, self.lease);
+        Ok(locks
+            .holders
+            .iter()
+            .filter(|h| &h.owner != owner)
+            .find(|h| !(shared && h.shared))
+            .map(|h| AppLockConflict {
+                shared: h.shared,
+                user: h.user.clone(),
+            }))
+    }
+
+    /// Extends every lock of `session`; returns how many it holds.
+    pub fn renew(&self, session: &common::UploadId) -> ServiceResult<u64> {
+        let until = Instant::now() + self.lease;
+        let mut held = 0;
+        for locks in self.table()?.values_mut() {
+            for h in locks
+                .holders
+                .iter_mut()
+                .filter(|h| &h.owner.session == session)
+            {
+                h.lease_until = until;
+                held += 1;
+            }
+        }
+        Ok(held)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner(session: u8, owner: u64) -> LockOwner {
+        LockOwner {
+            session: common::UploadId::from_bytes([session; 16]),
+            owner,
+        }
+    }
+
+    fn locks() -> Arc<AppLocks> {
+        Arc::new(AppLocks::new(
+            Duration::from_millis(500),
+            Duration::from_secs(5),
+        ))
+    }
+
+    const N: NodeId = NodeId(7);
+    const NOW: Duration = Duration::ZERO;
+    const LONG: Duration = Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn shared_locks_share_and_exclusive_ones_exclude() {
+        let l = locks();
+        let granted = |r: &AppLockResponse| matches!(r, AppLockResponse::Granted { .. });
+        assert!(granted(
+            &l.lock(N, &owner(1, 1), true, "a", NOW).await.unwrap()
+        ));
+        assert!(granted(
+            &l.lock(N, &owner(2, 1), true, "b", NOW).await.unwrap()
+        ));
+        assert_eq!(
+            l.lock(N, &owner(3, 1), false, "c", NOW).await.unwrap(),
+            AppLockResponse::Busy
+        );
+        assert_eq!(
+            l.test(N, &owner(3, 1), false).unwrap().map(|c| c.shared),
+            Some(true)
+        );
+        assert!(l.test(N, &owner(3, 1), true).unwrap().is_none());
+        l.unlock(N, &owner(1, 1)).unwrap();
+        l.unlock(N, &owner(2, 1)).unwrap();
+        assert!(granted(
+            &l.lock(N, &owner(3, 1), false, "c", NOW).await.unwrap()
+        ));
+        assert_eq!(
+            l.lock(N, &owner(1, 1), true, "a", NOW).await.unwrap(),
+            AppLockResponse::Busy,
+            "a refused non-blocking request keeps no place"
+        );
+        l.unlock(N, &owner(3, 1)).unwrap();
+        assert!(l.table().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_waiter_is_woken_when_the_holder_unlocks_and_nobody_overtakes_it() {
+        let l = locks();
+        l.lock(N, &owner(1, 1), false, "a", NOW).await.unwrap();
+        let waiting = {
+            let l = l.clone();
+            tokio::spawn(async move { l.lock(N, &owner(2, 1), false, "b", LONG).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // A shared request behind a waiting exclusive one does not overtake it.
+        let late = {
+            let l = l.clone();
+            tokio::spawn(async move { l.lock(N, &owner(3, 1), true, "c", LONG).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished() && !late.is_finished());
+        let t = std::time::Instant::now();
+        l.unlock(N, &owner(1, 1)).unwrap();
+        let r = waiting.await.unwrap().unwrap();
+        assert!(matches!(r, AppLockResponse::Granted { .. }));
+        assert!(
+            t.elapsed() < Duration::from_millis(200),
+            "woken, not polled"
+        );
+        assert!(!late.is_finished());
+        l.unlock(N, &owner(2, 1)).unwrap();
+        assert!(matches!(
+            late.await.unwrap().unwrap(),
+            AppLockResponse::Granted { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_gave_up_is_not_queued_again_by_its_pending_request() {
+        let l = locks();
+        l.lock(N, &owner(1, 1), false, "a", NOW).await.unwrap();
+        // Bob's blocking request waits here; bob gives up (Ctrl-C) and unlocks, but the
+        // request itself goes on waiting (its connection is not noticed to be gone).
+        let ghost = {
+            let l = l.clone();
+            tokio::spawn(async move { l.lock(N, &owner(2, 1), false, "b", LONG).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        l.unlock(N, &owner(2, 1)).unwrap();
+        assert_eq!(ghost.await.unwrap().unwrap(), AppLockResponse::Busy);
+        l.unlock(N, &owner(1, 1)).unwrap();
+        assert!(l.table().unwrap().is_empty(), "nobody holds or waits");
+    }
+
+    #[tokio::test]
+    async fn a_dead_clients_locks_go_with_its_lease_and_renewal_keeps_them() {
+        let l = locks();
+        l.lock(N, &owner(1, 1), false, "a", NOW).await.unwrap();
+        l.lock(NodeId(8), &owner(2, 1), false, "b", NOW)
+            .await
+            .unwrap();
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert_eq!(l.renew(&owner(2, 0).session).unwrap(), 1);
+        }
+        // Session 1 stopped renewing: its lock is gone; session 2's is still held.
+        assert!(matches!(
+            l.lock(N, &owner(3, 1), false, "c", NOW).await.unwrap(),
+            AppLockResponse::Granted { .. }
+        ));
+        assert_eq!(
+            l.lock(NodeId(8), &owner(3, 1), false, "c", NOW)
+                .await
+                .unwrap(),
+            AppLockResponse::Busy
+        );
+    }
+}
