@@ -374,11 +374,14 @@ pub struct AppLockConflict {
     pub user: String,
 }
 
-/// `POST /v1/applocks/renew`: extends every application lock of a session.
+/// `POST /v1/applocks/renew`: extends the named application locks of a session.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AppLockRenew {
     /// The session.
     pub session: UploadId,
+    /// The (file, owner) pairs the client still holds; any other lock of the session (one
+    /// whose unlock was lost) is left to lapse.
+    pub locks: Vec<(NodeId, u64)>,
 }
 
 /// Answer to an acquire.

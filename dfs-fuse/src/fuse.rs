@@ -34,6 +34,9 @@ pub struct FuseAdapter {
     /// Passthrough wanted by the user; whether the kernel agreed is in `pt`.
     want_passthrough: bool,
     pt: Arc<Passthrough>,
+    /// The lock owners seen on each open file (open-file-description locks belong to the
+    /// file, and only its release can give them up).
+    lock_owners: Arc<Mutex<HashMap<u64, std::collections::HashSet<u64>>>>,
 }
 
 /// Kernel passthrough: whether it is on, and the backing files in use. Shared with the tasks
@@ -61,8 +64,9 @@ impl FuseAdapter {
         r
     }
 
-    /// Runs a core operation as a task and hands its result to `reply` there: the FUSE thread
-    /// is free at once.
+    /// Runs a core operation on a thread of the blocking pool and hands its result to `reply`
+    /// there: the FUSE thread is free at once, and the operation's own blocking work (hashing
+    /// a whole file, fsyncs) never holds one of the runtime's few workers.
     fn spawned<T: Send + 'static>(
         &self,
         op: &'static str,
@@ -70,9 +74,10 @@ impl FuseAdapter {
         reply: impl FnOnce(T) + Send + 'static,
     ) {
         let metrics = self.fs.metrics().clone();
-        self.rt.spawn(async move {
+        let rt = self.rt.clone();
+        self.rt.spawn_blocking(move || {
             let start = std::time::Instant::now();
-            let r = work.await;
+            let r = rt.block_on(work);
             metrics.fuse_op(op, start.elapsed());
             reply(r);
         });
@@ -90,6 +95,7 @@ impl FuseAdapter {
             fs,
             rt,
             want_passthrough: passthrough,
+            lock_owners: Arc::default(),
         }
     }
 }
@@ -462,16 +468,20 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        // The last close of an open file gives up its flock (the kernel names the owner).
-        if let Some(owner) = lock_owner
-            && self.fs.app_lock_known(node(ino), owner.0)
-        {
-            let fs = self.fs.clone();
-            self.rt.spawn(async move {
-                if let Err(e) = fs.app_unlock(node(ino), owner.0).await {
-                    tracing::warn!(error = %e, "unlocking at release failed; the lock lapses with the lease");
-                }
-            });
+        // The last close of an open file gives up its flock (the kernel names the owner) and
+        // any lock taken through it.
+        let mut owners = self
+            .lock_owners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh.0)
+            .unwrap_or_default();
+        owners.extend(lock_owner.map(|o| o.0));
+        for owner in owners {
+            if self.fs.app_lock_known(node(ino), owner) {
+                let _rt = self.rt.enter();
+                self.fs.app_unlock_later(node(ino), owner);
+            }
         }
         // Recording unflushed changes may hash the whole file: not on a FUSE thread. Until it
         // is done the handle still counts as a writer, so no open replaces the copy meanwhile.
@@ -648,7 +658,7 @@ impl Filesystem for FuseAdapter {
         &self,
         req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         lock_owner: LockOwner,
         _start: u64,
         _end: u64,
@@ -659,9 +669,17 @@ impl Filesystem for FuseAdapter {
     ) {
         let fs = self.fs.clone();
         let (node, owner, caller) = (node(ino), lock_owner.0, req.pid());
+        if typ != libc::F_UNLCK {
+            self.lock_owners
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(fh.0)
+                .or_default()
+                .insert(owner);
+        }
         let work = async move {
             match typ {
-                libc::F_UNLCK => fs.app_unlock(node, owner).await,
+                libc::F_UNLCK => fs.app_unlock_pushed(node, owner).await,
                 libc::F_RDLCK | libc::F_WRLCK if !sleep => {
                     fs.app_lock(node, owner, typ == libc::F_RDLCK, false).await
                 }

@@ -7,6 +7,10 @@
 
 /// Whether thread `tid` has a signal pending that it does not block or ignore, or is gone.
 pub fn signalled(tid: u32) -> bool {
+    if tid == 0 {
+        // No caller named (outside this pid namespace): nothing to watch.
+        return false;
+    }
     let Ok(status) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
         return true;
     };

@@ -39,6 +39,12 @@ impl Progress {
         self.last_ms.fetch_max(ms, Ordering::Relaxed);
     }
 
+    /// Counts as progress until `extra` from now (work known to be under way that shows none).
+    pub fn hold(&self, extra: Duration) {
+        let ms = u64::try_from((self.start.elapsed() + extra).as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
     /// When progress was last made.
     pub fn last(&self) -> Instant {
         self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))

@@ -619,6 +619,13 @@ impl Remote {
                 ))
             })
             .await;
+            let r = match r {
+                Ok(file) => file.sync_all().await.map_err(|e| RemoteError::Local {
+                    errno: e.raw_os_error().unwrap_or(libc::EIO),
+                    message: format!("syncing {}: {e}", dest.display()),
+                }),
+                Err(e) => Err(e),
+            };
             match r {
                 Ok(()) => {
                     self.stats.downloads.fetch_add(1, Ordering::Relaxed);
@@ -646,7 +653,7 @@ impl Remote {
         meta: &NodeMeta,
         dest: &Path,
         progress: &Progress,
-    ) -> Result<(), RemoteError> {
+    ) -> Result<tokio::fs::File, RemoteError> {
         let base = self.server_url(server).await?;
         let token = self.token().await?;
         let resp = self
@@ -684,8 +691,9 @@ impl Remote {
                 ),
             });
         }
-        out.into_inner().sync_all().await.map_err(io)?;
-        Ok(())
+        // Made durable by the caller, outside the no-progress window (an fsync of a large
+        // file makes no progress visible, yet is no stall).
+        Ok(out.into_inner())
     }
 
     /// Waits in the lock queue until granted or `deadline`; a waiter that gives up leaves
@@ -819,10 +827,15 @@ impl Remote {
     }
 
     /// Renews every application lock of `session`.
-    pub async fn app_renew(&self, session: &UploadId) -> Result<(), RemoteError> {
+    pub async fn app_renew(
+        &self,
+        session: &UploadId,
+        locks: Vec<(NodeId, u64)>,
+    ) -> Result<(), RemoteError> {
         let url = format!("{}{}", self.lock_url().await?, routes::APPLOCK_RENEW);
         let req = common::api::AppLockRenew {
             session: session.clone(),
+            locks,
         };
         self.post::<_, serde_json::Value>(url, &req, "application lock renewal")
             .await
@@ -895,8 +908,19 @@ impl Remote {
             reqwest::Body::from(buf)
         } else {
             let p = progress.clone();
-            let chunks = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20)
-                .inspect(move |_| p.tick());
+            let window = self.config.stall_timeout;
+            let mut sent = 0u64;
+            let chunks =
+                tokio_util::io::ReaderStream::with_capacity(file, 1 << 20).inspect(move |c| {
+                    p.tick();
+                    sent += c.as_ref().map_or(0, |b| b.len() as u64);
+                    if sent >= size {
+                        // The whole body is out: the servers' own work on it (fsyncs, the
+                        // replica's copy, the commit) shows no progress here; give it the time
+                        // a transfer of this size may take.
+                        p.hold(common::api::transfer_timeout(size).saturating_sub(window));
+                    }
+                });
             reqwest::Body::wrap_stream(chunks)
         };
         let placement: Vec<String> = meta

@@ -141,6 +141,28 @@ fn flock_appends_from_two_mounts_lose_nothing() {
             }
         }
     }
+    // The same with the file opened for appending before the lock is taken
+    // (`exec 9>>log; flock 9`): the open copy is brought up to date when the lock comes.
+    let storm = |dir: std::path::PathBuf, tag: &'static str| {
+        std::thread::spawn(move || {
+            sh_in(
+                &dir,
+                &format!(
+                    "for i in $(seq 1 50); do sh -c \"exec 9>>log2 && flock 9 && echo {tag}$i >&9\" || exit 1; done"
+                ),
+            )
+        })
+    };
+    let (ta, tb) = (storm(ma.dir.clone(), "a"), storm(mb.dir.clone(), "b"));
+    let (ra, rb) = (ta.join().unwrap(), tb.join().unwrap());
+    assert!(ra.status.success(), "{ra:?}\n{}", ma.log());
+    assert!(rb.status.success(), "{rb:?}\n{}", mb.log());
+    for m in [&ma, &mb] {
+        let all = eventually(Duration::from_secs(5), || {
+            ok(m.sh("wc -l < log2")).trim() == "100"
+        });
+        assert!(all, "{}", ok(m.sh("cat log2")));
+    }
 }
 
 #[test]

@@ -40,6 +40,8 @@ impl DfsFs {
         block: bool,
     ) -> FsResult<()> {
         let who = self.app_owner(owner);
+        // An unlock of this owner still on its way goes first.
+        drop(self.unlocking.get((node, owner)).lock().await);
         self.app_locks_touched(node, owner, true);
         loop {
             let wait = if block { LONG_POLL } else { Duration::ZERO };
@@ -65,11 +67,38 @@ impl DfsFs {
         Ok(())
     }
 
+    /// An explicit unlock (`flock -u`, `F_UNLCK`): changes made under the lock reach the
+    /// servers first, so that the next holder reads them.
+    pub async fn app_unlock_pushed(&self, node: NodeId, owner: u64) -> FsResult<()> {
+        if self.has_local_changes(node) {
+            let deadline = tokio::time::Instant::now() + self.config.close_timeout;
+            if let Err(e) = self.push(node, deadline, true).await {
+                tracing::warn!(%node, error = %e, "pushing before an unlock failed; the change stays pending");
+            }
+        }
+        self.app_unlock(node, owner).await
+    }
+
     /// Gives up `owner`'s lock on `node` (or its place in the queue).
     pub async fn app_unlock(&self, node: NodeId, owner: u64) -> FsResult<()> {
-        self.remote.app_unlock(node, &self.app_owner(owner)).await?;
+        // Once asked, the lock is no longer renewed whatever the answer: one whose unlock is
+        // lost lapses with the lease.
         self.app_locks_touched(node, owner, false);
+        self.remote.app_unlock(node, &self.app_owner(owner)).await?;
         Ok(())
+    }
+
+    /// Gives up `owner`'s lock on `node` in the background (a release, which the kernel does
+    /// not wait for); a later `app_lock` of the same owner waits for it.
+    pub fn app_unlock_later(self: &Arc<Self>, node: NodeId, owner: u64) {
+        let guard = self.unlocking.get((node, owner)).try_lock_owned().ok();
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.app_unlock(node, owner).await {
+                tracing::warn!(%node, error = %e, "unlocking at release failed; the lock lapses with its lease");
+            }
+            drop(guard);
+        });
     }
 
     /// Whether `owner` may hold or wait for a lock on `node` (so that closing its file must
@@ -110,12 +139,16 @@ impl DfsFs {
                 .app_lease_ms
                 .load(std::sync::atomic::Ordering::Relaxed)
                 .max(300);
-            let held = !self
+            let held: Vec<(NodeId, u64)> = self
                 .app_locks
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .is_empty();
-            if held && let Err(e) = self.remote.app_renew(&self.session).await {
+                .iter()
+                .copied()
+                .collect();
+            if !held.is_empty()
+                && let Err(e) = self.remote.app_renew(&self.session, held).await
+            {
                 tracing::warn!(error = %e, "renewing application locks failed");
             }
             tokio::select! {
@@ -126,6 +159,27 @@ impl DfsFs {
         }
     }
 
+    /// Whether the copy of `node` holds nothing the servers lack: nothing pending or
+    /// unrecorded, and no handle open on it wrote anything (an append handle opened before the
+    /// lock, as in `exec 9>>log; flock 9`, may still be brought up to date).
+    fn unchanged_here(&self, node: NodeId) -> bool {
+        if self.cache.is_pending(node) || self.is_unrecorded(node) {
+            return false;
+        }
+        let passthrough = self.passthrough.load(std::sync::atomic::Ordering::Relaxed);
+        self.handles_of(node).iter().all(|h| {
+            !h.writable || (!h.changed() && (h.append || !passthrough || h.provably_unchanged()))
+        })
+    }
+
+    /// Whether a failed refresh damaged the copy of `node` (its writers' closes fail).
+    pub(super) fn torn_copy(&self, node: NodeId) -> bool {
+        self.torn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&node)
+    }
+
     /// After a lock is granted: replaces a clean copy older than the servers' version, even
     /// one open here for reading (those handles keep the old bytes; new opens get the new).
     async fn refresh_after_lock(&self, node: NodeId) -> FsResult<()> {
@@ -133,7 +187,10 @@ impl DfsFs {
         let Ok(_g) = tokio::time::timeout(self.config.close_timeout, lock.lock()).await else {
             return Ok(());
         };
-        if self.has_local_changes(node) {
+        if !self.unchanged_here(node) {
+            return Ok(());
+        }
+        if self.torn_copy(node) {
             return Ok(());
         }
         let Some(entry) = self.cache.get(node)? else {
@@ -160,8 +217,8 @@ impl DfsFs {
             let _ = std::fs::remove_file(&tmp);
             return Err(e.into());
         }
-        if self.has_local_changes(node) {
-            // A writer opened meanwhile (it waited for no node lock: a pending copy): keep it.
+        if !self.unchanged_here(node) {
+            // Written meanwhile (a writer needs no node lock once the file is open): keep it.
             let _ = std::fs::remove_file(&tmp);
             return Ok(());
         }
@@ -189,12 +246,35 @@ impl DfsFs {
             };
             let r = rewrite();
             let _ = std::fs::remove_file(&tmp);
-            r?;
+            if let Err(e) = r {
+                // The copy is damaged. Nobody reads it as a version again: without writers it
+                // is dropped (fetched again by the next open); writers' closes fail rather
+                // than push it.
+                if self.writer_count(node) == 0 {
+                    self.cache.remove(node)?;
+                } else {
+                    self.torn
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(node);
+                }
+                return Err(e);
+            }
+            // The handles open on it did not change it: it is their starting point now.
+            for h in self.handles_of(node) {
+                h.mark_clean();
+            }
         } else {
             self.install(node, &tmp)?;
         }
         self.cached_more(meta.size);
-        self.cache.put(node, &CacheEntry::clean(&meta))?;
+        self.cache.put(
+            node,
+            &CacheEntry {
+                writing: self.writer_count(node) > 0,
+                ..CacheEntry::clean(&meta)
+            },
+        )?;
         tracing::debug!(%node, version = meta.version, "copy refreshed for a lock holder");
         Ok(())
     }

@@ -242,7 +242,7 @@ impl DfsFs {
     }
 
     /// Moves the snapshot `tmp` of `node` into the cache's `recovered/`, durably; its path.
-    fn set_aside(&self, tmp: &std::path::Path, node: NodeId) -> FsResult<String> {
+    pub(super) fn set_aside(&self, tmp: &std::path::Path, node: NodeId) -> FsResult<String> {
         let dir = self.cache.root().join("recovered");
         std::fs::create_dir_all(&dir)?;
         let stamp = humantime::format_rfc3339_seconds(SystemTime::now())

@@ -231,6 +231,12 @@ pub struct DfsFs {
     app_locks: Mutex<std::collections::HashSet<(NodeId, u64)>>,
     app_lease_ms: AtomicU64,
     lock_wake: tokio::sync::Notify,
+    /// Held while an unlock of (file, owner) is on its way, so that a new lock of the same
+    /// owner (the kernel reuses owner ids) is asked for only after it.
+    unlocking: dfs_server::keyed::KeyedMutex<(NodeId, u64)>,
+    /// Copies a failed in-place refresh left damaged while writers had them open: their
+    /// pushes are refused, and the next open without writers fetches the file again.
+    torn: Mutex<std::collections::HashSet<NodeId>>,
     known: Mutex<known::Known>,
     uid: u32,
     gid: u32,
@@ -319,6 +325,8 @@ impl DfsFs {
             app_locks: Mutex::new(std::collections::HashSet::new()),
             app_lease_ms: AtomicU64::new(3000),
             lock_wake: tokio::sync::Notify::new(),
+            unlocking: dfs_server::keyed::KeyedMutex::default(),
+            torn: Mutex::new(std::collections::HashSet::new()),
             known: Mutex::new(known::Known::default()),
             uid: meta.uid(),
             gid: meta.gid(),
@@ -399,6 +407,17 @@ impl DfsFs {
 
     fn known_meta(&self, id: NodeId) -> Option<NodeMeta> {
         self.known().meta(id)
+    }
+
+    /// The handles open on `node`.
+    fn handles_of(&self, node: NodeId) -> Vec<Arc<Handle>> {
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|h| h.node == node)
+            .cloned()
+            .collect()
     }
 
     fn open_here(&self, node: NodeId) -> bool {
@@ -720,6 +739,9 @@ impl DfsFs {
             }
             other => other?,
         };
+        // Eviction (which takes node locks) never sees the new copy before it is open.
+        let lock = self.node_locks.get(meta.id);
+        let _g = lock.lock().await;
         let path = self.cache.path(meta.id);
         std::fs::OpenOptions::new()
             .write(true)
@@ -909,6 +931,20 @@ impl DfsFs {
                 }
             },
         };
+        if self.torn_copy(node) && self.writer_count(node) == 0 {
+            // Damaged by a failed refresh: set aside (it may hold bytes written since, whose
+            // closes failed) and fetched again.
+            let path = self.cache.path(node);
+            if path.exists() {
+                let kept = self.set_aside(&path, node)?;
+                tracing::warn!(%node, kept, "a copy damaged by a failed refresh was set aside");
+            }
+            self.cache.remove(node)?;
+            self.torn
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&node);
+        }
         let entry = self.cache.get(node)?;
         let path = self.cache.path(node);
         let have_copy = entry.is_some() && path.exists();

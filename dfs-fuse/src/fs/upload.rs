@@ -92,6 +92,12 @@ impl DfsFs {
             )));
         };
         let started = std::time::Instant::now();
+        if self.torn_copy(node) {
+            return Err(FsError::Io(std::io::Error::other(
+                "the cached copy was damaged by a refresh that failed (cache disk full?); \
+                 changes written to it since are not pushed: reopen the file and write again",
+            )));
+        }
         let Some((mut entry, mut pending)) = self.mark_pending(node)? else {
             return self.apply_folded_attrs(node).await;
         };

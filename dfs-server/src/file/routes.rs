@@ -63,6 +63,21 @@ fn parse_placement(s: &str) -> Result<(ServerId, Vec<ServerId>), AppError> {
     }
 }
 
+/// The most of a refused body read and dropped before answering.
+const DISCARD_MAX: u64 = 1 << 30;
+
+/// Reads and drops up to `max` bytes of `body`.
+async fn discard(body: Body, max: u64) {
+    let mut stream = body.into_data_stream();
+    let mut seen = 0u64;
+    while let Some(Ok(chunk)) = futures_util::StreamExt::next(&mut stream).await {
+        seen += chunk.len() as u64;
+        if seen > max {
+            break;
+        }
+    }
+}
+
 /// The declared body length (0 if none).
 fn content_length(headers: &HeaderMap) -> u64 {
     headers
@@ -128,8 +143,13 @@ async fn write(
             })
             .transpose()?,
     };
-    // A write the disk cannot hold is refused before its body is read.
-    fs.store.disk.check_room(req.size.unwrap_or(0))?;
+    // A write the disk cannot hold is refused without storing its body. The body is read
+    // and dropped first (up to a bound): a server that answers before it has read the body
+    // makes the client see a reset connection instead of the answer.
+    if let Err(e) = fs.store.disk.check_room(req.size.unwrap_or(0)) {
+        discard(body, DISCARD_MAX).await;
+        return Err(e.into());
+    }
     Ok(Json(fs.write_primary(req, body.into_data_stream()).await?))
 }
 

@@ -143,6 +143,10 @@ impl AppLocks {
                 }
                 return Ok((self.granted(), locks.notify.clone(), None));
             }
+            if !wait && (locks.holders.len() > 1 || !locks.queue.is_empty()) {
+                // A non-blocking upgrade that cannot be had keeps the shared lock.
+                return Ok((AppLockResponse::Busy, locks.notify.clone(), None));
+            }
             // Shared to exclusive: given up, then asked for anew (as Linux does for flock).
             locks.holders.retain(|h| &h.owner != owner);
             changed = true;
@@ -269,21 +273,26 @@ impl AppLocks {
             }))
     }
 
-    /// Extends every lock of `session`; returns how many it holds.
-    pub fn renew(&self, session: &common::UploadId) -> ServiceResult<u64> {
+    /// Extends the locks `held` of `session` (file, owner); returns how many it holds. A lock
+    /// of the session it no longer names lapses with its lease.
+    pub fn renew(&self, session: &common::UploadId, held: &[(NodeId, u64)]) -> ServiceResult<u64> {
         let until = Instant::now() + self.lease;
-        let mut held = 0;
-        for locks in self.table()?.values_mut() {
+        let mut count = 0;
+        let mut table = self.table()?;
+        for (node, owner) in held.iter().take(100_000) {
+            let Some(locks) = table.get_mut(node) else {
+                continue;
+            };
             for h in locks
                 .holders
                 .iter_mut()
-                .filter(|h| &h.owner.session == session)
+                .filter(|h| &h.owner.session == session && h.owner.owner == *owner)
             {
                 h.lease_until = until;
-                held += 1;
+                count += 1;
             }
         }
-        Ok(held)
+        Ok(count)
     }
 }
 
@@ -398,10 +407,20 @@ mod tests {
         l.lock(NodeId(8), &owner(2, 1), false, "b", NOW)
             .await
             .unwrap();
+        // Session 2 also had a lock whose unlock was lost: it no longer names it.
+        l.lock(NodeId(9), &owner(2, 2), false, "b", NOW)
+            .await
+            .unwrap();
         for _ in 0..4 {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            assert_eq!(l.renew(&owner(2, 0).session).unwrap(), 1);
+            assert_eq!(l.renew(&owner(2, 0).session, &[(NodeId(8), 1)]).unwrap(), 1);
         }
+        assert!(matches!(
+            l.lock(NodeId(9), &owner(3, 1), false, "c", NOW)
+                .await
+                .unwrap(),
+            AppLockResponse::Granted { .. }
+        ));
         // Session 1 stopped renewing: its lock is gone; session 2's is still held.
         assert!(matches!(
             l.lock(N, &owner(3, 1), false, "c", NOW).await.unwrap(),

@@ -105,6 +105,6 @@ async fn app_renew(
     _who: Authed,
     ApiJson(req): ApiJson<common::api::AppLockRenew>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let held = svc.apps.renew(&req.session)?;
+    let held = svc.apps.renew(&req.session, &req.locks)?;
     Ok(Json(serde_json::json!({ "held": held })))
 }
