@@ -173,11 +173,12 @@ async fn lock_unless_signalled(
     fs: &DfsFs,
     node: NodeId,
     owner: u64,
-    shared: bool,
+    range: (u64, u64),
+    typ: Option<bool>,
     tid: u32,
 ) -> Result<(), FsError> {
     let outcome = {
-        let lock = fs.app_lock(node, owner, shared, true);
+        let lock = fs.app_setlk(node, owner, range, typ, true);
         tokio::pin!(lock);
         loop {
             tokio::select! {
@@ -660,8 +661,8 @@ impl Filesystem for FuseAdapter {
         ino: INodeNo,
         fh: FileHandle,
         lock_owner: LockOwner,
-        _start: u64,
-        _end: u64,
+        start: u64,
+        end: u64,
         typ: i32,
         _pid: u32,
         sleep: bool,
@@ -678,15 +679,17 @@ impl Filesystem for FuseAdapter {
                 .insert(owner);
         }
         let work = async move {
-            match typ {
-                libc::F_UNLCK => fs.app_unlock_pushed(node, owner).await,
-                libc::F_RDLCK | libc::F_WRLCK if !sleep => {
-                    fs.app_lock(node, owner, typ == libc::F_RDLCK, false).await
-                }
-                libc::F_RDLCK | libc::F_WRLCK => {
-                    lock_unless_signalled(&fs, node, owner, typ == libc::F_RDLCK, caller).await
-                }
-                _ => Err(FsError::Unsupported("lock type")),
+            let typ = match typ {
+                libc::F_UNLCK => None,
+                libc::F_RDLCK => Some(true),
+                libc::F_WRLCK => Some(false),
+                _ => return Err(FsError::Unsupported("lock type")),
+            };
+            let range = (start, end);
+            if sleep && typ.is_some() {
+                lock_unless_signalled(&fs, node, owner, range, typ, caller).await
+            } else {
+                fs.app_setlk(node, owner, range, typ, false).await
             }
         };
         self.spawned("setlk", work, move |r| match r {

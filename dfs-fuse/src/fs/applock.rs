@@ -21,6 +21,41 @@ use crate::error::{FsError, FsResult};
 /// The longest one request to the lock service waits before asking again.
 const LONG_POLL: Duration = Duration::from_secs(20);
 
+/// The byte ranges one owner has locked on one file: (first, last, shared), disjoint.
+pub type Ranges = Vec<(u64, u64, bool)>;
+
+/// `ranges` after an `fcntl` lock or unlock of `first..=last` (POSIX: the new request
+/// replaces whatever the owner had over that range; ranges outside it stay).
+pub fn apply_range(ranges: &Ranges, first: u64, last: u64, typ: Option<bool>) -> Ranges {
+    let mut out = Vec::with_capacity(ranges.len() + 2);
+    for &(a, b, sh) in ranges {
+        if b < first || a > last {
+            out.push((a, b, sh));
+            continue;
+        }
+        if a < first {
+            out.push((a, first - 1, sh));
+        }
+        if b > last {
+            out.push((last + 1, b, sh));
+        }
+    }
+    if let Some(shared) = typ {
+        out.push((first, last, shared));
+    }
+    out.sort_unstable();
+    out
+}
+
+/// The whole-file lock `ranges` need at the lock service: none, shared, or exclusive.
+pub fn needed(ranges: &Ranges) -> Option<bool> {
+    if ranges.is_empty() {
+        None
+    } else {
+        Some(ranges.iter().all(|r| r.2))
+    }
+}
+
 impl DfsFs {
     fn app_owner(&self, owner: u64) -> LockOwner {
         LockOwner {
@@ -51,10 +86,9 @@ impl DfsFs {
                         .store(lease_ms, std::sync::atomic::Ordering::Relaxed);
                     break;
                 }
-                AppLockResponse::Busy => {
-                    self.app_locks_touched(node, owner, false);
-                    return Err(FsError::WouldBlock);
-                }
+                // Stays known (and renewed) either way: an owner whose upgrade was refused
+                // keeps the lock it had.
+                AppLockResponse::Busy => return Err(FsError::WouldBlock),
                 AppLockResponse::Queued { .. } => {}
             }
         }
@@ -63,6 +97,43 @@ impl DfsFs {
             // The lock is held; the copy could not be brought up to date (the servers are
             // away): the next open checks again, as always.
             tracing::warn!(%node, error = %e, "refreshing a file after locking it failed");
+        }
+        Ok(())
+    }
+
+    /// A lock or unlock of a byte range (`typ`: Some(shared), None to unlock) by `owner`.
+    /// Content moves whole, so the lock service holds one whole-file lock per owner: the
+    /// strongest its ranges need, given up when none is left (so releasing one range, as
+    /// SQLite does, keeps the others locked). `block`: wait for a conflicting holder.
+    pub async fn app_setlk(
+        &self,
+        node: NodeId,
+        owner: u64,
+        (first, last): (u64, u64),
+        typ: Option<bool>,
+        block: bool,
+    ) -> FsResult<()> {
+        let key = (node, owner);
+        let before = self
+            .app_ranges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned()
+            .unwrap_or_default();
+        let after = apply_range(&before, first, last.max(first), typ);
+        let (had, need) = (needed(&before), needed(&after));
+        if had != need {
+            match need {
+                None => self.app_unlock_pushed(node, owner).await?,
+                Some(shared) => self.app_lock(node, owner, shared, block).await?,
+            }
+        }
+        let mut all = self.app_ranges.lock().unwrap_or_else(|p| p.into_inner());
+        if after.is_empty() {
+            all.remove(&key);
+        } else {
+            all.insert(key, after);
         }
         Ok(())
     }
@@ -84,6 +155,10 @@ impl DfsFs {
         // Once asked, the lock is no longer renewed whatever the answer: one whose unlock is
         // lost lapses with the lease.
         self.app_locks_touched(node, owner, false);
+        self.app_ranges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(node, owner));
         self.remote.app_unlock(node, &self.app_owner(owner)).await?;
         Ok(())
     }
@@ -277,5 +352,37 @@ impl DfsFs {
         )?;
         tracing::debug!(%node, version = meta.version, "copy refreshed for a lock holder");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const END: u64 = i64::MAX as u64;
+
+    #[test]
+    fn releasing_one_range_keeps_the_others_as_sqlite_needs() {
+        // SQLite: read-lock the PENDING byte, then the SHARED range, then release PENDING.
+        let r = apply_range(&vec![], 100, 100, Some(true));
+        let r = apply_range(&r, 200, 700, Some(true));
+        let r = apply_range(&r, 100, 100, None);
+        assert_eq!(r, vec![(200, 700, true)]);
+        assert_eq!(needed(&r), Some(true), "still read-locked");
+        // Write-lock a byte inside: exclusive; unlock it again: back to shared.
+        let w = apply_range(&r, 300, 300, Some(false));
+        assert_eq!(needed(&w), Some(false));
+        assert_eq!(
+            w,
+            vec![(200, 299, true), (300, 300, false), (301, 700, true)]
+        );
+        let back = apply_range(&w, 300, 300, None);
+        assert_eq!(needed(&back), Some(true));
+        // Unlocking the whole file drops everything.
+        assert_eq!(needed(&apply_range(&back, 0, END, None)), None);
+        assert_eq!(
+            apply_range(&vec![(0, END, false)], 0, 9, None),
+            vec![(10, END, false)]
+        );
     }
 }

@@ -229,6 +229,7 @@ pub struct DfsFs {
     /// for, their lease, and the renewal loop's wake-up (see `applock.rs`).
     session: common::UploadId,
     app_locks: Mutex<std::collections::HashSet<(NodeId, u64)>>,
+    app_ranges: Mutex<HashMap<(NodeId, u64), applock::Ranges>>,
     app_lease_ms: AtomicU64,
     lock_wake: tokio::sync::Notify,
     /// Held while an unlock of (file, owner) is on its way, so that a new lock of the same
@@ -323,6 +324,7 @@ impl DfsFs {
             opened_at: Mutex::new(HashMap::new()),
             session: common::UploadId::from_bytes(rand::random()),
             app_locks: Mutex::new(std::collections::HashSet::new()),
+            app_ranges: Mutex::new(HashMap::new()),
             app_lease_ms: AtomicU64::new(3000),
             lock_wake: tokio::sync::Notify::new(),
             unlocking: dfs_server::keyed::KeyedMutex::default(),

@@ -133,7 +133,7 @@ impl AppLocks {
         let locks = table.entry(node).or_default();
         let mut changed = locks.expire(now, self.lease);
         if let Some(h) = locks.holders.iter_mut().find(|h| &h.owner == owner) {
-            if h.shared == shared || !shared {
+            if h.shared == shared || shared {
                 // Held already, or an exclusive lock converted down to shared.
                 h.shared = shared;
                 h.lease_until = now + self.lease;
@@ -380,6 +380,43 @@ mod tests {
         assert!(matches!(
             late.await.unwrap().unwrap(),
             AppLockResponse::Granted { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn regression_an_upgrade_waits_for_the_other_readers_and_a_downgrade_is_at_once() {
+        let l = locks();
+        let granted = |r: &AppLockResponse| matches!(r, AppLockResponse::Granted { .. });
+        assert!(granted(
+            &l.lock(N, &owner(1, 1), true, "a", NOW).await.unwrap()
+        ));
+        assert!(granted(
+            &l.lock(N, &owner(2, 1), true, "b", NOW).await.unwrap()
+        ));
+        // Another reader holds it: no exclusive lock, and a's shared one stays.
+        assert_eq!(
+            l.lock(N, &owner(1, 1), false, "a", NOW).await.unwrap(),
+            AppLockResponse::Busy
+        );
+        assert_eq!(
+            l.test(N, &owner(3, 1), true).unwrap(),
+            None,
+            "both still read"
+        );
+        l.unlock(N, &owner(2, 1)).unwrap();
+        assert!(granted(
+            &l.lock(N, &owner(1, 1), false, "a", NOW).await.unwrap()
+        ));
+        assert!(
+            l.test(N, &owner(3, 1), true).unwrap().is_some(),
+            "now exclusive"
+        );
+        // Down to shared, at once: another reader gets in.
+        assert!(granted(
+            &l.lock(N, &owner(1, 1), true, "a", NOW).await.unwrap()
+        ));
+        assert!(granted(
+            &l.lock(N, &owner(3, 1), true, "c", NOW).await.unwrap()
         ));
     }
 
