@@ -51,6 +51,17 @@ impl CacheEntry {
         }
     }
 
+    /// A copy about to be replaced or emptied in place, for a change based on `version`: it
+    /// names no content (so nothing takes it for a version) and is marked as being written
+    /// (so `recover` looks at it after a crash).
+    pub fn being_replaced(version: u64) -> Self {
+        CacheEntry {
+            writing: true,
+            version,
+            ..CacheEntry::unknown()
+        }
+    }
+
     /// A copy equal to the server version `meta`.
     pub fn clean(meta: &common::NodeMeta) -> Self {
         CacheEntry {

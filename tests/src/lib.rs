@@ -567,17 +567,7 @@ impl SplitCluster {
     /// As `start`, with file server `name`'s data on a tmpfs of `bytes` (a small disk that
     /// fills up). Needs root, as FUSE tests do.
     pub fn start_with_small_disk(files: usize, name: &str, bytes: u64) -> SplitCluster {
-        let root = tempfile::tempdir().unwrap();
-        let dir_port = free_port();
-        let mut c = SplitCluster {
-            url: format!("http://127.0.0.1:{dir_port}"),
-            root,
-            dir_port,
-            procs: Default::default(),
-            files,
-            file_args: vec![],
-            small_disks: vec![],
-        };
+        let mut c = SplitCluster::unstarted(files, &[]);
         let disk = c.root.path().join(name);
         std::fs::create_dir_all(&disk).unwrap();
         let out = Command::new("mount")
@@ -587,14 +577,34 @@ impl SplitCluster {
             .unwrap();
         assert!(out.status.success(), "mounting a small disk: {out:?}");
         c.small_disks.push(disk);
-        c.start_service("directory");
-        c.start_service("lock");
-        c.start_service("auth");
-        for i in 1..=files {
-            c.start_service(&format!("file-{i}"));
-        }
-        c.wait_ready();
+        c.start_all();
         c
+    }
+
+    /// A cluster with its data dir and ports chosen, nothing running yet.
+    fn unstarted(files: usize, file_args: &[&str]) -> SplitCluster {
+        let root = tempfile::tempdir().unwrap();
+        let dir_port = free_port();
+        SplitCluster {
+            url: format!("http://127.0.0.1:{dir_port}"),
+            root,
+            dir_port,
+            procs: Default::default(),
+            files,
+            file_args: file_args.iter().map(|a| a.to_string()).collect(),
+            small_disks: vec![],
+        }
+    }
+
+    /// Starts every service and waits until the cluster map is complete.
+    fn start_all(&mut self) {
+        self.start_service("directory");
+        self.start_service("lock");
+        self.start_service("auth");
+        for i in 1..=self.files {
+            self.start_service(&format!("file-{i}"));
+        }
+        self.wait_ready();
     }
 
     /// Starts every service and waits until the cluster map is complete.
@@ -604,24 +614,8 @@ impl SplitCluster {
 
     /// As `start`, with extra flags for every file server.
     pub fn start_with(files: usize, file_args: &[&str]) -> SplitCluster {
-        let root = tempfile::tempdir().unwrap();
-        let dir_port = free_port();
-        let mut c = SplitCluster {
-            url: format!("http://127.0.0.1:{dir_port}"),
-            root,
-            dir_port,
-            procs: Default::default(),
-            files,
-            file_args: file_args.iter().map(|a| a.to_string()).collect(),
-            small_disks: vec![],
-        };
-        c.start_service("directory");
-        c.start_service("lock");
-        c.start_service("auth");
-        for i in 1..=files {
-            c.start_service(&format!("file-{i}"));
-        }
-        c.wait_ready();
+        let mut c = SplitCluster::unstarted(files, file_args);
+        c.start_all();
         c
     }
 

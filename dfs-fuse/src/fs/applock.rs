@@ -302,14 +302,8 @@ impl DfsFs {
             // the new content goes into it in place. Until that is done and durable the
             // index names no content for it, so a crash in between is caught by `recover`.
             let rewrite = || -> FsResult<()> {
-                self.cache.put(
-                    node,
-                    &CacheEntry {
-                        writing: true,
-                        version: meta.version,
-                        ..CacheEntry::unknown()
-                    },
-                )?;
+                self.cache
+                    .put(node, &CacheEntry::being_replaced(meta.version))?;
                 let mut src = std::fs::File::open(&tmp)?;
                 let mut dst = std::fs::OpenOptions::new()
                     .write(true)

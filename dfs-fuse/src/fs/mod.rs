@@ -987,14 +987,8 @@ impl DfsFs {
             // server version for it (and says it is being written, for `recover` after a
             // crash), so that nothing ever takes the emptied copy for `meta`'s content.
             // It keeps the version it replaces, which is what the change is based on.
-            self.cache.put(
-                node,
-                &CacheEntry {
-                    writing: true,
-                    version: meta.version,
-                    ..CacheEntry::unknown()
-                },
-            )?;
+            self.cache
+                .put(node, &CacheEntry::being_replaced(meta.version))?;
         }
         let result = self.fetch_and_open(node, flags, meta, truncating).await;
         if result.is_err() && truncated {
