@@ -1,5 +1,5 @@
 //! Two clients (own config and cache each, so two machines): visibility after close, cache
-//! hits, and concurrent writers serialised by the lock.
+//! hits, whole-file writes that never mix, and flock/fcntl locks across mounts.
 
 use std::time::Duration;
 
@@ -59,8 +59,14 @@ fn unchanged_file_is_served_from_the_cache_even_after_remount() {
     assert_eq!(cluster.server_downloads(), before + 2);
 }
 
+/// Whole-file writes racing from two mounts leave one writer's content, never a mix (the
+/// primary stores each upload as one blob). This cannot show the file's lock or the fencing
+/// at work, since uploads are whole either way: `dfs-server/tests/api.rs` does
+/// (`three_waiters_are_granted_in_fifo_order`: nobody is granted while the lock is held;
+/// `unrenewed_lease_passes_the_lock_and_stale_fence_is_refused`: a writer whose lease ran out
+/// cannot overwrite the next holder's version), and those fail if either is removed.
 #[test]
-fn concurrent_writers_are_serialised_and_never_mixed() {
+fn concurrent_whole_file_writes_from_two_mounts_never_mix() {
     let cluster = Cluster::start(&[]);
     let (a, b) = (Client::new(&cluster.url), Client::new(&cluster.url));
     a.signup_login("alice");
