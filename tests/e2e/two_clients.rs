@@ -1,6 +1,7 @@
 //! Two clients (own config and cache each, so two machines): visibility after close, cache
 //! hits, whole-file writes that never mix, and flock/fcntl locks across mounts.
 
+use std::process::Command;
 use std::time::Duration;
 
 use dfs_tests::*;
@@ -202,4 +203,72 @@ fn a_lock_held_on_one_mount_excludes_the_other_and_a_waiter_can_give_up() {
     let t = std::time::Instant::now();
     ok(mb.sh("flock -w 5 f true"));
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+}
+
+/// `fcntl` record locks with byte ranges, as SQLite takes them: releasing one range keeps the
+/// others locked, across mounts.
+#[test]
+fn releasing_one_fcntl_range_keeps_the_rest_locked_across_mounts() {
+    let cluster = Cluster::start(&[]);
+    let a = Client::new(&cluster.url);
+    a.signup_login("alice");
+    let b = Client::new(&cluster.url);
+    b.signup_login("bob");
+    let ma = a.mount(&[]);
+    let mb = b.mount(&[]);
+    ok(ma.sh("echo data > db"));
+    assert!(eventually(Duration::from_secs(5), || mb
+        .sh("test -e db")
+        .status
+        .success()));
+    // struct flock on x86_64/aarch64 Linux: short type, short whence, off_t start, off_t len,
+    // pid_t pid (32 bytes with padding).
+    let lk = r#"use Fcntl; open(my $fh, "+<", "db") or die "open: $!";
+        sub lk { my ($t, $s, $l, $cmd) = @_;
+                 fcntl($fh, $cmd, pack("s s x4 q q i x4", $t, 0, $s, $l, 0)) }"#;
+    let dir = ma.dir.clone();
+    let holder_script = format!(
+        r#"perl -e '{lk}
+        lk(F_RDLCK, 100, 1, F_SETLKW) or die "pending: $!";
+        lk(F_RDLCK, 200, 501, F_SETLKW) or die "shared: $!";
+        lk(F_UNLCK, 100, 1, F_SETLK) or die "unlock pending: $!";
+        open(my $ready, ">", "/tmp/dfs-fcntl-ready-$ENV{{DFS_MARK}}"); close($ready);
+        sleep 4;'"#
+    );
+    let marker = format!("/tmp/dfs-fcntl-ready-{}", std::process::id());
+    let _ = std::fs::remove_file(&marker);
+    let holder = std::thread::spawn(move || {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "cd \"$0\" && DFS_MARK={} {holder_script}",
+                std::process::id()
+            ))
+            .arg(&dir)
+            .output()
+            .unwrap()
+    });
+    assert!(
+        eventually(Duration::from_secs(10), || std::path::Path::new(&marker)
+            .exists()),
+        "the holder took its locks"
+    );
+    // Alice still holds the SHARED range: bob can read-lock but not write-lock.
+    let try_lock = |t: &str| {
+        mb.sh(&format!(
+            r#"perl -e '{lk} lk({t}, 300, 1, F_SETLK) ? exit 0 : exit 1'"#
+        ))
+        .status
+        .success()
+    };
+    assert!(
+        !try_lock("F_WRLCK"),
+        "a released range must not free the others"
+    );
+    assert!(try_lock("F_RDLCK"));
+    let out = holder.join().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let _ = std::fs::remove_file(&marker);
+    // Once alice's process is gone, her locks are too.
+    assert!(eventually(Duration::from_secs(5), || try_lock("F_WRLCK")));
 }
