@@ -358,3 +358,73 @@ async fn push_all(fs: &DfsFs) -> Vec<NodeId> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
     fs.push_pending(deadline, false).await.unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lease_that_runs_out_mid_push_never_reverts_a_newer_close() {
+    let scenario = fail::FailScenario::setup();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = dfs_server::cluster::ClusterConfig::new(
+        dir.path().to_path_buf(),
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    cfg.lock.lease = Duration::from_millis(400);
+    let cluster = dfs_server::cluster::start(cfg).await.unwrap();
+    let r = Remote::new(&cluster.directory_url, None, None, RemoteConfig::default());
+    r.signup("alice", "password123").await.unwrap();
+    let login = r.login("alice", "password123").await.unwrap();
+    let (ca, cb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = std::sync::Arc::new(core(&cluster.directory_url, login.clone(), ca.path()));
+    let b = core(&cluster.directory_url, login.clone(), cb.path());
+    let (attr, o) = a
+        .create(NodeId::ROOT, OsStr::new("f"), 0o644, libc::O_WRONLY)
+        .await
+        .unwrap();
+    let node = NodeId(attr.ino.0);
+    a.write(o.fh, 0, b"base").unwrap();
+    a.flush(o.fh).await.unwrap();
+    a.release(o.fh);
+    // A's next push takes the lock, then stalls past its lease with its renewals lost.
+    let o = a.open(node, libc::O_WRONLY | libc::O_TRUNC).await.unwrap();
+    a.write(o.fh, 0, b"alice").unwrap();
+    fail::cfg("push-hold", "1*return(1500)").unwrap();
+    fail::cfg("lock-renew", "return").unwrap();
+    let closing = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            let r = a.flush(o.fh).await;
+            a.release(o.fh);
+            (r, std::time::Instant::now())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // B's close gets the lock the lease gave up, and is acknowledged first.
+    b.lookup(NodeId::ROOT, OsStr::new("f")).await.unwrap();
+    let ob = b.open(node, libc::O_WRONLY | libc::O_TRUNC).await.unwrap();
+    b.write(ob.fh, 0, b"bob").unwrap();
+    b.flush(ob.fh).await.unwrap();
+    let bob_acked = std::time::Instant::now();
+    b.release(ob.fh);
+    let (r, alice_done) = closing.await.unwrap();
+    fail::remove("lock-renew");
+    fail::remove("push-hold");
+    // A's stale upload never lands after B's: the file is whatever the last acknowledged
+    // close wrote (A's close, still waiting, retried under a new lock: last close wins), and
+    // nothing acknowledged was silently replaced by an older push.
+    let other_cache = tempfile::tempdir().unwrap();
+    let other = core(&cluster.directory_url, login, other_cache.path());
+    let now = read_all(&other, node).await;
+    match r {
+        Ok(()) => {
+            assert!(alice_done > bob_acked);
+            assert_eq!(now, b"alice", "the last acknowledged close wins");
+        }
+        Err(e) => {
+            assert_eq!(now, b"bob", "a failed close changes nothing: {e}");
+            assert_eq!(a.pending().unwrap(), vec![node], "and its bytes are kept");
+        }
+    }
+    let meta = other.remote().get(node).await.unwrap();
+    assert!(meta.version >= 3, "bob's version was committed: {meta:?}");
+    cluster.shutdown().await;
+    scenario.teardown();
+}

@@ -24,6 +24,18 @@ const BATCH_WINDOW: Duration = Duration::from_millis(30);
 const BATCH_WINDOW_BUSY: Duration = Duration::from_millis(100);
 const BUSY_PASS: usize = 8;
 
+/// How long a test holds a push, lock granted, at the fault point `push-hold` (ms).
+fn push_hold() -> Option<u64> {
+    fail::fail_point!("push-hold", |v| v.and_then(|v| v.parse().ok()));
+    None
+}
+
+/// Whether a lease renewal goes out (a test may drop them at the fault point `lock-renew`).
+fn renewal_allowed() -> bool {
+    fail::fail_point!("lock-renew", |_| false);
+    true
+}
+
 impl DfsFs {
     /// Records the local copy of `node` as pending (keeping the upload id if the content is
     /// the same as an earlier pending attempt). Returns the pending upload, or None if the copy
@@ -292,6 +304,10 @@ impl DfsFs {
         self.metrics.stage("lock", t.elapsed());
         let renew_every = Duration::from_millis(grant.lease_ms / 3).max(Duration::from_millis(50));
         let upload = async {
+            // Tests hold a push here, lock granted, as long as they like (a slow client).
+            if let Some(ms) = push_hold() {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
             let meta = match self.known_meta(node) {
                 Some(m) if m.primary.is_some() => m,
                 _ => {
@@ -325,7 +341,13 @@ impl DfsFs {
             tokio::select! {
                 r = &mut upload => break r,
                 _ = tokio::time::sleep(renew_every) => {
-                    if let Err(e) = self.remote.renew(node, &waiter).await {
+                    let renewed = renewal_allowed();
+                    let r = if renewed {
+                        self.remote.renew(node, &waiter).await.map(drop)
+                    } else {
+                        Err(RemoteError::Network("fault injected: renewal lost".into()))
+                    };
+                    if let Err(e) = r {
                         tracing::warn!(%node, error = %e, "lock renewal failed");
                     }
                 }
