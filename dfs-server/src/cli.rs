@@ -187,6 +187,11 @@ pub struct FileArgs {
     /// `DATA/quarantine/` before the scrub deletes it; move it back into `objects/` to restore.
     #[arg(long, default_value_t = 86400)]
     quarantine_secs: u64,
+    /// Bytes of the data directory's disk kept back from files, so that the server's own
+    /// bookkeeping never meets a full disk; writes that would eat into it are refused with
+    /// "no space" (ENOSPC on the mount). Default: 5% of the disk, at most 1 GiB.
+    #[arg(long, value_name = "BYTES")]
+    reserve_bytes: Option<u64>,
 }
 
 /// Runs the command on a fresh tokio runtime until Ctrl-C or SIGTERM.
@@ -332,6 +337,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     capacity: a.max_file_bytes,
                     scrub_interval: Duration::from_secs(a.scrub_interval_secs),
                     quarantine: Duration::from_secs(a.quarantine_secs),
+                    reserve: a.reserve_bytes,
                     body_idle: Duration::from_secs(a.common.body_idle_secs),
                 };
                 let (_, tasks) =

@@ -203,6 +203,8 @@ pub struct FileServerOptions {
     pub scrub_interval: Duration,
     /// How long the scrub keeps the copies it sets aside.
     pub quarantine: Duration,
+    /// Bytes of the disk kept back from files; None: 5% of it, at most 1 GiB.
+    pub reserve: Option<u64>,
     /// How long a request body may send nothing before the request is dropped.
     pub body_idle: Duration,
 }
@@ -267,8 +269,9 @@ pub fn start_file_server(
     verifier: Arc<Verifier>,
     cancel: CancellationToken,
 ) -> anyhow::Result<(Arc<FileServer>, Vec<JoinHandle<()>>)> {
-    let store = FileStore::open(&opts.data, opts.max_file_bytes)
+    let mut store = FileStore::open(&opts.data, opts.max_file_bytes)
         .with_context(|| format!("opening file store {}", opts.data.display()))?;
+    store.disk = crate::file::space::Disk::new(&opts.data, opts.reserve);
     let mut fs = FileServer::new(
         cluster_key,
         store,
@@ -407,6 +410,7 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
             capacity: cfg.max_file_bytes,
             scrub_interval: cfg.scrub_interval,
             quarantine: crate::file::replicate::DEFAULT_QUARANTINE_GRACE,
+            reserve: None,
             body_idle: cfg.body_idle,
         };
         let (fs, t) = start_file_server(fl, opts, &key, verifier.clone(), cancel.clone())?;

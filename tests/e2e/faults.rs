@@ -257,3 +257,21 @@ fn a_full_server_is_enospc_through_the_mount_and_df_shows_the_real_disk() {
     ok(m.sh("rm big.bin && echo more > b.txt && cat a.txt b.txt"));
     assert_eq!(ok(m.sh("cat b.txt")), "more\n");
 }
+
+#[test]
+fn a_file_servers_reserve_is_kept_back_from_files() {
+    // A reserve as large as any disk: the server takes no bytes of files at all.
+    let cluster = SplitCluster::start_with(1, &["--reserve-bytes", &u64::MAX.to_string()]);
+    let a = Client::new(&cluster.url);
+    a.signup_login("alice");
+    let m = a.mount(&["--close-timeout-secs", "3"]);
+    ok(m.sh("touch empty"));
+    let out = m.sh("echo x | tee f >/dev/null");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("No space left on device"), "{err}");
+    assert_eq!(ok(m.sh("df -B1 --output=avail . | tail -1")).trim(), "0");
+    // Its bytes are kept, pending, until it is removed.
+    assert_eq!(ok(m.sh("cat f")), "x\n");
+    ok(m.sh("rm f"));
+}
