@@ -224,6 +224,12 @@ pub fn directory_metrics(svc: &Arc<DirectoryService>) -> Arc<Metrics> {
         "Namespace and version commits acknowledged as durable",
         Box::new(move || s.store_counters().1),
     );
+    let s = svc.clone();
+    m.counter(
+        "directory_store_recoveries",
+        "Reopenings of the directory's store after a failed durable commit",
+        Box::new(move || s.store_counters().2),
+    );
     m
 }
 

@@ -1,28 +1,12 @@
-//! The embedded transactional store (redb) that every service keeps its state in, plus the
-//! durable-file helpers (tmp + fsync + rename + dir fsync) used for blobs and keys.
+//! Record encoding for the services' redb stores (opened through `commit::GroupCommit`), plus
+//! the durable-file helpers (tmp + fsync + rename + dir fsync) used for blobs and keys.
 
 use std::path::Path;
 
-use redb::{Database, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{ServiceError, ServiceResult};
-
-/// Opens (or creates) the redb database at `path`, creating `tables` so that read transactions
-/// never see a missing table.
-pub fn open_db(path: &Path, tables: &[TableDefinition<'_, u64, &[u8]>]) -> ServiceResult<Database> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let db = Database::create(path)?;
-    let tx = db.begin_write()?;
-    for t in tables {
-        tx.open_table(*t)?;
-    }
-    tx.commit()?;
-    Ok(db)
-}
 
 /// Serialises a value for storage.
 pub fn encode<T: Serialize>(v: &T) -> ServiceResult<Vec<u8>> {

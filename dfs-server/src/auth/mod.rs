@@ -14,11 +14,12 @@ use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use common::api::{Claims, Credentials, Envelope, TokenResponse};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use rsa::sha2::{Digest, Sha256};
 use rsa::{PrivateKey, PublicKey};
 use serde::{Deserialize, Serialize};
 
+use crate::commit::GroupCommit;
 use crate::error::{ServiceError, ServiceResult};
 use crate::store::{decode, encode, now_ms};
 
@@ -64,7 +65,7 @@ struct RefreshRecord {
 
 /// Signup, login and token issue. Pure logic over a redb store and the key pair.
 pub struct AuthService {
-    db: Database,
+    db: GroupCommit,
     key: PrivateKey,
     public: PublicKey,
     config: AuthConfig,
@@ -95,12 +96,13 @@ impl AuthService {
     pub fn open(data_dir: &Path, config: AuthConfig) -> ServiceResult<Self> {
         std::fs::create_dir_all(data_dir)?;
         let key = keys::load_or_create(&data_dir.join("auth_key.pem"))?;
-        let db = Database::create(data_dir.join("auth.redb"))?;
-        let tx = db.begin_write()?;
-        tx.open_table(USERS)?;
-        tx.open_table(NONCES)?;
-        tx.open_table(REFRESH)?;
-        tx.commit()?;
+        let db = GroupCommit::open(&data_dir.join("auth.redb"))?;
+        db.write(|tx| {
+            tx.open_table(USERS)?;
+            tx.open_table(NONCES)?;
+            tx.open_table(REFRESH)?;
+            Ok(())
+        })?;
         let public = key.to_public_key();
         let dummy_phc = Argon2::default()
             .hash_password(&rand::random::<[u8; 16]>())
@@ -163,8 +165,7 @@ impl AuthService {
                 "credential envelope timestamp outside the replay window (check the clock)".into(),
             ));
         }
-        let tx = self.db.begin_write()?;
-        {
+        self.db.write(|tx| {
             let mut nonces = tx.open_table(NONCES)?;
             if nonces.get(creds.nonce.as_str())?.is_some() {
                 return Err(ServiceError::Replay("credential envelope replayed".into()));
@@ -175,8 +176,8 @@ impl AuthService {
                 creds.nonce.as_str(),
                 creds.timestamp_ms.saturating_add(window),
             )?;
-        }
-        tx.commit()?;
+            Ok(())
+        })?;
         Ok(creds)
     }
 
@@ -192,8 +193,7 @@ impl AuthService {
             .hash_password(creds.password.as_bytes())
             .map_err(|e| ServiceError::internal("hashing password", e))?
             .to_string();
-        let tx = self.db.begin_write()?;
-        {
+        self.db.write(|tx| {
             let mut users = tx.open_table(USERS)?;
             if users.get(creds.user.as_str())?.is_some() {
                 return Err(ServiceError::Exists(format!("user {}", creds.user)));
@@ -203,8 +203,8 @@ impl AuthService {
                 created_ms: now_ms(),
             })?;
             users.insert(creds.user.as_str(), rec.as_slice())?;
-        }
-        tx.commit()?;
+            Ok(())
+        })?;
         tracing::info!(user = %creds.user, "user signed up");
         Ok(creds.user)
     }
@@ -214,7 +214,7 @@ impl AuthService {
         let creds = self.open_envelope(env)?;
         let wrong = || ServiceError::Unauthorized("wrong user name or password".into());
         let rec: UserRecord = {
-            let tx = self.db.begin_read()?;
+            let tx = self.db.db()?.begin_read()?;
             let users = tx.open_table(USERS)?;
             let Some(v) = users.get(creds.user.as_str())? else {
                 if let Ok(parsed) = PasswordHash::new(&self.dummy_phc) {
@@ -235,15 +235,13 @@ impl AuthService {
     /// Exchanges a refresh token (single use) for a new token pair.
     pub fn refresh(&self, refresh_token: &str) -> ServiceResult<TokenResponse> {
         let key = hex::encode(Sha256::digest(refresh_token.as_bytes()));
-        let tx = self.db.begin_write()?;
-        let rec: RefreshRecord = {
+        let rec: RefreshRecord = self.db.write(|tx| {
             let mut table = tx.open_table(REFRESH)?;
             match table.remove(key.as_str())? {
-                Some(v) => decode(v.value())?,
-                None => return Err(ServiceError::Unauthorized("unknown refresh token".into())),
+                Some(v) => decode(v.value()),
+                None => Err(ServiceError::Unauthorized("unknown refresh token".into())),
             }
-        };
-        tx.commit()?;
+        })?;
         if rec.exp_ms <= now_ms() {
             return Err(ServiceError::Unauthorized(
                 "refresh token expired; log in again".into(),
@@ -267,8 +265,7 @@ impl AuthService {
             user: user.to_owned(),
             exp_ms: now.saturating_add(refresh_ttl),
         };
-        let tx = self.db.begin_write()?;
-        {
+        self.db.write(|tx| {
             let mut table = tx.open_table(REFRESH)?;
             table.retain(|_, v| {
                 decode::<RefreshRecord>(v)
@@ -277,8 +274,8 @@ impl AuthService {
             })?;
             let key = hex::encode(Sha256::digest(refresh_token.as_bytes()));
             table.insert(key.as_str(), encode(&rec)?.as_slice())?;
-        }
-        tx.commit()?;
+            Ok(())
+        })?;
         Ok(TokenResponse {
             token,
             expires_at_ms: exp_ms,
@@ -374,7 +371,8 @@ mod tests {
         };
         let auth = service(dir.path());
         assert_eq!(auth.public_key_pem().expect("pem"), pem1);
-        let tx = auth.db.begin_read().expect("read");
+        let db = auth.db.db().expect("db");
+        let tx = db.begin_read().expect("read");
         let users = tx.open_table(USERS).expect("table");
         let rec: UserRecord =
             decode(users.get("carol").expect("get").expect("row").value()).expect("decode");

@@ -15,8 +15,7 @@ use common::api::{
 };
 use common::{ContentHash, DirEntry, FenceToken, FileKind, NodeId, NodeMeta, ServerId, ValidName};
 use redb::{
-    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
-    WriteTransaction,
+    ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction,
 };
 
 use crate::commit::GroupCommit;
@@ -276,53 +275,54 @@ impl DirectoryService {
     /// Opens (or initialises, with an empty root) the store under `data_dir`.
     pub fn open(data_dir: &Path, config: DirectoryConfig) -> ServiceResult<Self> {
         std::fs::create_dir_all(data_dir)?;
-        let db = Database::create(data_dir.join("directory.redb"))?;
-        let tx = db.begin_write()?;
-        tx.open_table(CHILDREN)?;
-        let fresh = tx.open_table(META)?.get(NEXT_ID)?.is_none();
-        if fresh {
-            let now = now_ns();
-            put_node(
-                &tx,
-                &NodeMeta {
-                    id: NodeId::ROOT,
-                    parent: NodeId::ROOT,
-                    kind: FileKind::Dir,
-                    mode: 0o777,
-                    owner: "root".into(),
-                    size: 0,
-                    version: 0,
-                    mtime_ns: now,
-                    ctime_ns: now,
-                    committed_ns: now,
-                    hash: ContentHash::empty(),
-                    primary: None,
-                    replicas: vec![],
-                    holders: vec![],
-                    symlink_target: None,
-                    fence: FenceToken(0),
-                    recent_uploads: vec![],
-                    writeback: None,
-                },
-            )?;
-            tx.open_table(META)?.insert(NEXT_ID, NodeId::ROOT.0 + 1)?;
-        }
-        let cluster_id = {
-            let mut meta = tx.open_table(META)?;
-            let existing = meta.get(CLUSTER_ID)?.map(|v| v.value());
-            match existing {
-                Some(id) => id,
-                None => {
-                    let id = rand::random::<u64>();
-                    meta.insert(CLUSTER_ID, id)?;
-                    id
-                }
+        let store = GroupCommit::open(&data_dir.join("directory.redb"))?;
+        let (cluster_id, registry) = store.write(|tx| {
+            tx.open_table(CHILDREN)?;
+            let fresh = tx.open_table(META)?.get(NEXT_ID)?.is_none();
+            if fresh {
+                let now = now_ns();
+                put_node(
+                    tx,
+                    &NodeMeta {
+                        id: NodeId::ROOT,
+                        parent: NodeId::ROOT,
+                        kind: FileKind::Dir,
+                        mode: 0o777,
+                        owner: "root".into(),
+                        size: 0,
+                        version: 0,
+                        mtime_ns: now,
+                        ctime_ns: now,
+                        committed_ns: now,
+                        hash: ContentHash::empty(),
+                        primary: None,
+                        replicas: vec![],
+                        holders: vec![],
+                        symlink_target: None,
+                        fence: FenceToken(0),
+                        recent_uploads: vec![],
+                        writeback: None,
+                    },
+                )?;
+                tx.open_table(META)?.insert(NEXT_ID, NodeId::ROOT.0 + 1)?;
             }
-        };
-        let registry = Registry::open(&tx, config.heartbeat * config.missed_beats)?;
-        tx.commit()?;
+            let cluster_id = {
+                let mut meta = tx.open_table(META)?;
+                let existing = meta.get(CLUSTER_ID)?.map(|v| v.value());
+                match existing {
+                    Some(id) => id,
+                    None => {
+                        let id = rand::random::<u64>();
+                        meta.insert(CLUSTER_ID, id)?;
+                        id
+                    }
+                }
+            };
+            let registry = Registry::open(tx, config.heartbeat * config.missed_beats)?;
+            Ok((cluster_id, registry))
+        })?;
         let svc = DirectoryService {
-            store: GroupCommit::new(db),
+            store,
             registry,
             config,
             counts: Default::default(),
@@ -338,12 +338,14 @@ impl DirectoryService {
         format!("{:016x}", self.cluster_id)
     }
 
-    /// Durable commits (fsyncs) of the store, and writes acknowledged by them.
-    pub fn store_counters(&self) -> (u64, u64) {
+    /// Durable commits (fsyncs) of the store, writes acknowledged by them, and recoveries
+    /// after a failed one.
+    pub fn store_counters(&self) -> (u64, u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
         (
             self.store.flushes.load(Relaxed),
             self.store.durable_writes.load(Relaxed),
+            self.store.recoveries.load(Relaxed),
         )
     }
 
@@ -359,7 +361,7 @@ impl DirectoryService {
 
     /// Metadata of one node.
     pub fn get(&self, id: NodeId) -> ServiceResult<NodeMeta> {
-        let tx = self.store.db().begin_read()?;
+        let tx = self.store.db()?.begin_read()?;
         let nodes = tx.open_table(NODES)?;
         let v = nodes
             .get(id.0)?
@@ -369,7 +371,7 @@ impl DirectoryService {
 
     /// The node named `name` in directory `parent`.
     pub fn lookup(&self, parent: NodeId, name: &ValidName) -> ServiceResult<NodeMeta> {
-        let tx = self.store.db().begin_read()?;
+        let tx = self.store.db()?.begin_read()?;
         let children = tx.open_table(CHILDREN)?;
         let nodes = tx.open_table(NODES)?;
         let pv = nodes
@@ -390,7 +392,7 @@ impl DirectoryService {
 
     /// The entries of directory `parent`, sorted by name.
     pub fn list(&self, parent: NodeId) -> ServiceResult<Vec<DirEntry>> {
-        let tx = self.store.db().begin_read()?;
+        let tx = self.store.db()?.begin_read()?;
         let children = tx.open_table(CHILDREN)?;
         let nodes = tx.open_table(NODES)?;
         let pv = nodes
@@ -703,7 +705,7 @@ impl DirectoryService {
 
     /// Every regular file's metadata (for the repair loop).
     pub fn files(&self) -> ServiceResult<Vec<NodeMeta>> {
-        let tx = self.store.db().begin_read()?;
+        let tx = self.store.db()?.begin_read()?;
         let nodes = tx.open_table(NODES)?;
         let mut out = Vec::new();
         for row in nodes.iter()? {
@@ -796,7 +798,7 @@ impl DirectoryService {
 
     /// Node count and total bytes.
     pub fn statfs(&self) -> ServiceResult<StatFs> {
-        let tx = self.store.db().begin_read()?;
+        let tx = self.store.db()?.begin_read()?;
         let nodes = tx.open_table(NODES)?;
         let mut bytes = 0u64;
         for row in nodes.iter()? {

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use common::api::FileServerStats;
 use common::{ContentHash, FenceToken, NodeId};
 use futures_util::{Stream, StreamExt};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
@@ -104,15 +104,16 @@ impl FileStore {
         if old_tmp.exists() {
             std::fs::remove_dir_all(&old_tmp)?;
         }
-        let db = Database::create(root.join("file.redb"))?;
-        let tx = db.begin_write()?;
-        tx.open_table(FENCES)?;
-        tx.commit()?;
+        let db = GroupCommit::open(&root.join("file.redb"))?;
+        db.write(|tx| {
+            tx.open_table(FENCES)?;
+            Ok(())
+        })?;
         let packs = std::sync::Arc::new(pack::Packs::open(&root.join(PACKS))?);
         let store = FileStore {
             root,
             packs,
-            db: GroupCommit::new(db),
+            db,
             stats: Stats::default(),
             max_blob_bytes,
             disk: space::Disk::new(data_dir, None),
@@ -524,7 +525,7 @@ impl FileStore {
 
     /// Fails if `fence` is older than the newest accepted for `node`.
     pub fn check_fence(&self, node: NodeId, fence: FenceToken) -> ServiceResult<()> {
-        let tx = self.db.db().begin_read()?;
+        let tx = self.db.db()?.begin_read()?;
         let newest = tx.open_table(FENCES)?.get(node.0)?.map_or(0, |v| v.value());
         if fence.0 < newest {
             return Err(ServiceError::stale(fence, FenceToken(newest)));

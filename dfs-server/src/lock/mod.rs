@@ -17,10 +17,11 @@ use std::time::Duration;
 
 use common::api::{AcquireResponse, Grant, LockStatus, WaiterId};
 use common::{FenceToken, NodeId};
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{ReadableTable, TableDefinition};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::commit::GroupCommit;
 use crate::error::{ServiceError, ServiceResult};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("lock_meta");
@@ -95,7 +96,7 @@ impl FileLock {
 }
 
 struct Fences {
-    db: Database,
+    db: GroupCommit,
     next: u64,
     reserved_upto: u64,
 }
@@ -104,9 +105,10 @@ impl Fences {
     fn issue(&mut self) -> ServiceResult<FenceToken> {
         if self.next > self.reserved_upto {
             let upto = self.next + RESERVE_BLOCK;
-            let tx = self.db.begin_write()?;
-            tx.open_table(META)?.insert(RESERVED_KEY, upto)?;
-            tx.commit()?;
+            self.db.write(|tx| {
+                tx.open_table(META)?.insert(RESERVED_KEY, upto)?;
+                Ok(())
+            })?;
             self.reserved_upto = upto;
         }
         let t = self.next;
@@ -132,17 +134,14 @@ impl LockService {
     /// fencing tokens this service issued.
     pub fn open(data_dir: &Path, config: LockConfig, fence_key: &str) -> ServiceResult<Self> {
         std::fs::create_dir_all(data_dir)?;
-        let db = Database::create(data_dir.join("lock.redb"))?;
-        let reserved = {
-            let tx = db.begin_write()?;
-            let v = tx
+        let db = GroupCommit::open(&data_dir.join("lock.redb"))?;
+        let reserved = db.write(|tx| {
+            Ok(tx
                 .open_table(META)?
                 .get(RESERVED_KEY)?
                 .map(|v| v.value())
-                .unwrap_or(0);
-            tx.commit()?;
-            v
-        };
+                .unwrap_or(0))
+        })?;
         Ok(LockService {
             locks: Mutex::new(HashMap::new()),
             fences: Mutex::new(Fences {
