@@ -3,6 +3,9 @@
 //! one machine behave as two machines). Everything is stopped with SIGTERM, then killed.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a harness failure is a test failure
 
+mod disk;
+pub use disk::LoopDisk;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
