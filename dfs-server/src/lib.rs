@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod commit;
 pub mod directory;
 pub mod error;
+pub mod faults;
 pub mod file;
 pub mod http;
 pub mod keyed;

@@ -635,6 +635,7 @@ impl DirectoryService {
         if matches!(r, Err(ServiceError::Conflict(_))) {
             self.end_intent(id, &req.upload_id);
         }
+        crate::faults::commit_answer_lost()?;
         r
     }
 
@@ -681,6 +682,7 @@ impl DirectoryService {
                 self.end_intent(i.node, &i.commit.upload_id);
             }
         }
+        crate::faults::commit_answer_lost()?;
         Ok(results)
     }
 

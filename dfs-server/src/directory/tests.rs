@@ -796,3 +796,27 @@ fn new_files_avoid_a_server_short_of_space_and_statfs_shows_the_real_disks() {
     assert_eq!(s.total_bytes, 10 << 30);
     assert_eq!(s.free_bytes, ((1 << 20) + (9u64 << 30)) / 3);
 }
+
+/// Liveness is decided on tokio's clock, which tests pause and advance: a server is dead
+/// exactly when `missed_beats` heartbeat intervals pass without a beat, and alive again with
+/// its next one. Minutes of heartbeats take milliseconds.
+#[tokio::test(start_paused = true)]
+async fn a_server_is_dead_exactly_after_its_missed_beats_on_the_injected_clock() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path()); // heartbeat 2 s, 3 missed beats: dead after 6 s
+    let all = svc.registry.live();
+    assert_eq!(all.len(), 3);
+    let (quiet, rest) = (all[0], &all[1..]);
+    for _ in 0..100 {
+        tokio::time::advance(Duration::from_secs(2)).await;
+        for s in rest {
+            svc.registry.heartbeat(*s, None).expect("beat");
+        }
+    }
+    assert_eq!(svc.registry.live(), rest, "silent for 200 s");
+    svc.registry.heartbeat(quiet, None).expect("beat");
+    tokio::time::advance(Duration::from_millis(5_999)).await;
+    assert!(svc.registry.live().contains(&quiet), "alive until 6 s pass");
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert!(!svc.registry.live().contains(&quiet), "dead once they have");
+}

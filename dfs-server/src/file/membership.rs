@@ -154,7 +154,9 @@ impl FileServer {
                     }
                     Err(e) => tracing::warn!(error = %e, "registration failed; retrying"),
                 }
-            } else if let Some(id) = self.id() {
+            } else if let Some(id) = self.id()
+                && !crate::faults::heartbeat_lost(id)
+            {
                 // An fsync: on the blocking pool, not on a runtime worker.
                 let this = self.clone();
                 match tokio::task::spawn_blocking(move || this.store.flush_fences()).await {

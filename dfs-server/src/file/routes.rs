@@ -203,6 +203,7 @@ async fn replica_batch(
     body: Body,
 ) -> ApiResult<Json<BatchResponse<u64>>> {
     let _permit = batch_permit(&fs, 1)?;
+    crate::faults::replica_store()?;
     fs.store.disk.check_room(content_length(&headers))?;
     let frame = frame_of(&headers, body).await?;
     let results = fs.store_replica_batch(frame).await?;
@@ -237,6 +238,7 @@ async fn replica_put(
     body: Body,
 ) -> ApiResult<Json<serde_json::Value>> {
     let hash = parse_hash(&hash)?;
+    crate::faults::replica_store()?;
     fs.store.disk.check_room(content_length(&headers))?;
     let size = fs
         .store

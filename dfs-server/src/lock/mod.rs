@@ -455,6 +455,45 @@ mod tests {
         s.renew(node, &wid(2)).expect("holder renews");
     }
 
+    /// Leases are decided on tokio's clock, which tests pause and advance: a 10 s lease runs
+    /// out exactly at 10 s, in a test that takes milliseconds.
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_runs_out_exactly_on_the_injected_clock() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = svc(dir.path(), 10_000);
+        let node = NodeId(11);
+        let first = fence(
+            &s.acquire(node, &wid(1), "a", Duration::ZERO)
+                .await
+                .expect("acquire"),
+        );
+        tokio::time::advance(Duration::from_millis(9_999)).await;
+        let r = s
+            .acquire(node, &wid(2), "b", Duration::ZERO)
+            .await
+            .expect("queue");
+        assert!(matches!(r, AcquireResponse::Queued { .. }), "{r:?}");
+        s.renew(node, &wid(1)).expect("renewed in time");
+        tokio::time::advance(Duration::from_millis(9_999)).await;
+        s.renew(node, &wid(1)).expect("renewed in time again");
+        // The waiter keeps polling; the holder stops renewing.
+        tokio::time::advance(Duration::from_millis(5_000)).await;
+        s.acquire(node, &wid(2), "b", Duration::ZERO)
+            .await
+            .expect("poll");
+        tokio::time::advance(Duration::from_millis(5_000)).await;
+        let second = fence(
+            &s.acquire(node, &wid(2), "b", Duration::ZERO)
+                .await
+                .expect("granted once the lease ran out"),
+        );
+        assert!(second > first);
+        assert!(matches!(
+            s.renew(node, &wid(1)),
+            Err(ServiceError::NotHolder(_))
+        ));
+    }
+
     #[tokio::test]
     async fn restarted_service_never_reissues_a_fence() {
         let dir = tempfile::tempdir().expect("tempdir");
