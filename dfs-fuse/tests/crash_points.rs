@@ -128,7 +128,7 @@ async fn regression_a_change_that_cannot_be_recorded_stays_dirty_and_is_pushed_l
     // Meanwhile another client writes the file (its own cache is fine).
     fail::remove("record-pending");
     let other_cache = tempfile::tempdir().unwrap();
-    let other = core(&cluster.directory_url, login, other_cache.path());
+    let other = core(&cluster.directory_url, login.clone(), other_cache.path());
     other
         .lookup(NodeId::ROOT, OsStr::new("notes.txt"))
         .await
@@ -175,6 +175,10 @@ async fn regression_a_change_that_cannot_be_recorded_stays_dirty_and_is_pushed_l
         read_all(&other, NodeId(copy.ino.0)).await,
         b"v2, written while the cache was full\n"
     );
+    // `dfs status` still lists it after the client restarts.
+    drop(fs);
+    let again = core(&cluster.directory_url, login, cache.path());
+    assert_eq!(again.conflicts(), conflicts);
     cluster.shutdown().await;
     scenario.teardown();
 }

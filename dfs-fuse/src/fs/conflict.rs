@@ -18,6 +18,25 @@ use crate::remote::RemoteError;
 
 /// How many conflicts `dfs status` lists (the newest).
 const CONFLICTS_SHOWN: usize = 100;
+/// The cache file that keeps them across restarts of the client.
+const NOTES_FILE: &str = "conflicts.json";
+
+/// The conflicts a client found before it (re)started; none if it never found any. A file it
+/// cannot read is reported in the log and ignored (the copies themselves are untouched).
+pub fn load_notes(cache_root: &std::path::Path) -> Vec<ConflictNote> {
+    let path = cache_root.join(NOTES_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            tracing::warn!(file = %path.display(), error = %e, "the list of earlier conflicts is unreadable; starting a new one");
+            Vec::new()
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "reading the list of earlier conflicts");
+            Vec::new()
+        }
+    }
+}
 
 /// A conflict this client found, and where the refused content went.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,7 +173,15 @@ impl DfsFs {
         });
         let excess = notes.len().saturating_sub(CONFLICTS_SHOWN);
         notes.drain(..excess);
+        let saved = serde_json::to_vec_pretty(&*notes);
         drop(notes);
+        // Kept across restarts (the copy itself is already safe: this is only the record).
+        if let Err(e) = saved.map_err(|e| e.to_string()).and_then(|b| {
+            dfs_server::store::write_durable(&self.cache_root.join(NOTES_FILE), &b, 0o600)
+                .map_err(|e| e.to_string())
+        }) {
+            tracing::warn!(error = %e, "saving the list of conflicts failed; it is in the log");
+        }
         self.write_status();
         self.wake.notify_one();
         Ok(())
@@ -261,7 +288,7 @@ impl DfsFs {
         Ok(to.display().to_string())
     }
 
-    /// Conflicts found by this client since it started (the newest last).
+    /// Conflicts found by this client, also before a restart (the newest last).
     pub fn conflicts(&self) -> Vec<ConflictNote> {
         self.conflicts
             .lock()

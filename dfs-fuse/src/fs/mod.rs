@@ -316,7 +316,7 @@ impl DfsFs {
             unrecorded: Mutex::new(HashMap::new()),
             unrecorded_gen: AtomicU64::new(0),
             entry_updates: Mutex::new(()),
-            conflicts: Mutex::new(Vec::new()),
+            conflicts: Mutex::new(conflict::load_notes(cache_root)),
             cache_budget,
             cached_since_evict: AtomicU64::new(0),
             // The first uploader pass checks the budget.
