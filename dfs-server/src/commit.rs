@@ -37,8 +37,10 @@ pub type FlushFault = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
 /// backend fails fsyncs on demand.
 pub type Opener = Box<dyn Fn() -> Result<Database, redb::DatabaseError> + Send + Sync>;
 
-/// How long a recovery waits for readers of the old database to finish.
+/// How long a recovery waits for callers holding the old database to let go of it.
 const DRAIN: Duration = Duration::from_secs(2);
+/// Least time between attempts to open a store whose reopening failed.
+const RETRY_REOPEN: Duration = Duration::from_millis(200);
 
 #[derive(Default)]
 struct State {
@@ -67,6 +69,8 @@ pub struct GroupCommit {
     fault: Mutex<Option<FlushFault>>,
     /// Recoveries serialised.
     recovering: Mutex<()>,
+    /// When a closed store was last tried again.
+    last_reopen: Mutex<Option<Instant>>,
     /// Durable commits (fsyncs) made.
     pub flushes: AtomicU64,
     /// Writes acknowledged as durable.
@@ -138,6 +142,7 @@ impl GroupCommit {
             flushed: Condvar::new(),
             fault: Mutex::new(None),
             recovering: Mutex::new(()),
+            last_reopen: Mutex::new(None),
             flushes: AtomicU64::new(0),
             durable_writes: AtomicU64::new(0),
             recoveries: AtomicU64::new(0),
@@ -145,13 +150,40 @@ impl GroupCommit {
         })
     }
 
-    /// The database, for read transactions (unavailable only in the moment of a recovery).
+    /// The database, for read transactions. While a recovery could not open it again (the
+    /// disk still failing), each call tries again, at most every `RETRY_REOPEN`; meanwhile the
+    /// answer is "unavailable".
     pub fn db(&self) -> ServiceResult<Arc<Database>> {
+        if let Some(db) = self.db.read().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Ok(db);
+        }
+        let due = {
+            let mut last = self.last_reopen.lock().unwrap_or_else(|p| p.into_inner());
+            let due = last.is_none_or(|t| t.elapsed() >= RETRY_REOPEN);
+            if due {
+                *last = Some(Instant::now());
+            }
+            due
+        };
+        if due {
+            self.recover()?;
+        }
         self.db
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-            .ok_or_else(|| unavailable("the store is being recovered"))
+            .ok_or_else(|| unavailable("the store is closed until the disk lets it open again"))
+    }
+
+    /// Records that the store failed (redb refuses everything after an I/O error until it
+    /// is reopened): waiters fail, and the next write recovers it.
+    fn mark_failed(&self, why: String) {
+        tracing::error!(error = %why, "the store failed; it is recovered before the next write");
+        let mut s = self.state();
+        if s.failed.is_none() {
+            s.failed = Some(why);
+        }
+        self.flushed.notify_all();
     }
 
     /// Installs (or with `None` removes) a fault hook run before every flush.
@@ -184,7 +216,8 @@ impl GroupCommit {
         Ok(self.commit(f, false)?.0)
     }
 
-    /// Makes every lazy write so far durable (one fsync if there is anything to persist).
+    /// Makes every lazy write so far durable (one fsync if there is anything to persist). Lazy
+    /// writes a recovery undid are not brought back: they were ones whose loss is harmless.
     pub fn flush_lazy(&self) -> ServiceResult<()> {
         let ticket = {
             let s = self.state();
@@ -209,7 +242,14 @@ impl GroupCommit {
             self.recover()?;
         }
         let _active = Active::enter(&self.writers);
-        let mut tx = self.db()?.begin_write()?;
+        let mut tx = match self.db()?.begin_write() {
+            Ok(tx) => tx,
+            Err(e) => {
+                // After any I/O error redb refuses every transaction until it is reopened.
+                self.mark_failed(e.to_string());
+                return Err(unavailable(&e.to_string()));
+            }
+        };
         let value = f(&tx)?;
         // Numbered while this is the only write transaction, so numbers follow commit order: a
         // flusher that read `committed` waits in `begin_write` until this commit is done.
@@ -236,7 +276,10 @@ impl GroupCommit {
         };
         if !lead {
             tx.set_durability(Durability::None)?;
-            tx.commit()?;
+            if let Err(e) = tx.commit() {
+                self.mark_failed(e.to_string());
+                return Err(unavailable(&e.to_string()));
+            }
             return Ok((value, ticket));
         }
         let guard = FlushGuard(self);
@@ -256,7 +299,7 @@ impl GroupCommit {
         }
         self.flushed.notify_all();
         drop(s);
-        result?;
+        result.map_err(|e| unavailable(&e.to_string()))?;
         Ok((value, ticket))
     }
 
@@ -335,7 +378,9 @@ impl GroupCommit {
         }
         let old = self.db.write().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(old) = old {
-            // Readers hold the old database for one statement; wait for them, bounded.
+            // Callers hold the old database for one statement (`begin_read`/`begin_write`);
+            // wait for them, bounded. A transaction still open on it keeps redb's file lock,
+            // so opening again fails until it ends, and a later call tries again.
             let deadline = Instant::now() + DRAIN;
             let mut old = old;
             loop {
@@ -566,6 +611,37 @@ mod tests {
         let t = tx.open_table(T).expect("table");
         assert_eq!(t.get(1).expect("get").map(|v| v.value()), Some(1));
         assert_eq!(t.get(4).expect("get").map(|v| v.value()), Some(4));
+    }
+
+    #[test]
+    fn regression_a_store_that_cannot_be_reopened_yet_is_tried_again_by_readers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db.redb");
+        let refuse = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let r2 = refuse.clone();
+        let g = GroupCommit::with_opener(Box::new(move || {
+            if r2.load(Ordering::SeqCst) {
+                return Err(redb::DatabaseError::Storage(redb::StorageError::Io(
+                    std::io::Error::other("EIO opening"),
+                )));
+            }
+            Database::create(&path)
+        }))
+        .expect("open");
+        put(&g, 1).expect("healthy");
+        g.set_flush_fault(Some(Box::new(|| Err("EIO from fsync".into()))));
+        assert!(put(&g, 2).is_err());
+        g.set_flush_fault(None);
+        refuse.store(true, Ordering::SeqCst);
+        assert!(put(&g, 3).is_err(), "the disk still fails: the reopen does too");
+        assert!(g.db().is_err(), "closed meanwhile");
+        refuse.store(false, Ordering::SeqCst);
+        std::thread::sleep(RETRY_REOPEN + Duration::from_millis(50));
+        // A reader (a file server checks fences before it writes) brings it back.
+        let db = g.db().expect("reopened by a reader");
+        drop(db);
+        put(&g, 4).expect("writes again");
+        assert_eq!(g.recoveries.load(Ordering::Relaxed), 1);
     }
 
     #[test]

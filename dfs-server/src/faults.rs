@@ -6,7 +6,7 @@
 //!
 //! | point | where | action |
 //! |---|---|---|
-//! | `commit-answer-lost` | directory, after a version commit is durable | `return`: the caller gets 503 as if the answer was lost |
+//! | `commit-answer-lost` | directory, after a version commit (applied or refused) | `return`: the caller gets 503 as if the answer was lost |
 //! | `replica-store` | file server, a replica about to store a pushed copy | `return`: the replica refuses (503) |
 //! | `heartbeat-lost` | file server, before a heartbeat | `return(ID)`: server ID skips its beat |
 

@@ -3,9 +3,9 @@
 //! The whole cluster (directory, lock, auth and three file servers) keeps its data on a loop
 //! device; after the writes are acknowledged it is killed and the disk is cut off as a power
 //! failure would (`LoopDisk::crash_image`: only what reached the device). A cluster started
-//! on that image must have every acknowledged create, write, overwrite, rename and signup. A
-//! missing fsync anywhere on the path (blob, pack, directory or auth store) fails this test,
-//! which a `kill -9` alone never would.
+//! on that image must have every acknowledged create, write, overwrite, rename and signup.
+//! Removing the directory store's flush or the pack fdatasync fails this test (checked), which
+//! a `kill -9` alone never would; what it cannot see is listed in `LoopDisk`'s docs.
 
 use std::process::Command;
 

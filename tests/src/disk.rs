@@ -9,15 +9,18 @@
 //! `commit=600` (no periodic journal commit), `noauto_da_alloc` (no early write-back on
 //! replace-by-rename); delayed allocation (ext4's default) keeps unsynced data out of the
 //! journal, and the flusher writes back only data older than 30 s. So what an fsync should
-//! have made durable and did not is missing from the image. Needs root, as FUSE tests do.
+//! have made durable and did not is missing from the image, unless a later fsync on the same
+//! file system happened to cover it (ext4 has one journal: a directory entry is made durable
+//! by the next fsync of anything), or the test ran longer than the flusher's 30 s. Needs root
+//! and loop devices.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// An ext4 file system on a loop device, mounted in a temp dir; unmounted and detached on drop.
+/// An ext4 file system on a loop device, mounted in a temp dir; unmounted on drop (the loop
+/// device is set to detach itself then, also if the test panics halfway).
 pub struct LoopDisk {
     root: tempfile::TempDir,
-    device: String,
     /// Where it is mounted.
     pub path: PathBuf,
 }
@@ -46,26 +49,27 @@ impl LoopDisk {
     }
 
     fn attach(root: tempfile::TempDir, image: PathBuf) -> LoopDisk {
-        let device = run("losetup", &["-f", "--show", image.to_str().unwrap()]);
         let path = root.path().join("mnt");
         std::fs::create_dir_all(&path).unwrap();
-        let mounted = Command::new("mount")
-            .args(["-t", "ext4", "-o", "commit=600,noauto_da_alloc", &device])
-            .arg(&path)
-            .output()
-            .unwrap();
-        if !mounted.status.success() {
-            let _ = Command::new("losetup").args(["-d", &device]).status();
-            panic!(
-                "mount {device}: {}",
-                String::from_utf8_lossy(&mounted.stderr)
-            );
-        }
-        LoopDisk { root, device, path }
+        // `-o loop` sets the loop device to detach itself when the file system is unmounted.
+        run(
+            "mount",
+            &[
+                "-t",
+                "ext4",
+                "-o",
+                "loop,commit=600,noauto_da_alloc",
+                image.to_str().unwrap(),
+                path.to_str().unwrap(),
+            ],
+        );
+        LoopDisk { root, path }
     }
 
     /// What a power cut now would leave on the disk, mounted as a disk of its own (mounting
-    /// replays ext4's journal, as booting after the cut would).
+    /// replays ext4's journal, as booting after the cut would). Take it once the processes
+    /// writing to the disk have exited: a process killed inside fsync exits only after the
+    /// fsync returns, so no journal commit of theirs is half-written into the copy.
     pub fn crash_image(&self) -> LoopDisk {
         let root = tempfile::tempdir().unwrap();
         let image = root.path().join("disk.img");
@@ -91,6 +95,5 @@ impl LoopDisk {
 impl Drop for LoopDisk {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-        let _ = Command::new("losetup").args(["-d", &self.device]).status();
     }
 }

@@ -173,13 +173,16 @@ impl DfsFs {
         });
         let excess = notes.len().saturating_sub(CONFLICTS_SHOWN);
         notes.drain(..excess);
-        let saved = serde_json::to_vec_pretty(&*notes);
+        // Kept across restarts (the copy itself is already safe: this is only the record),
+        // written under the lock so that a newer list is never overwritten by an older one.
+        let saved = serde_json::to_vec_pretty(&*notes)
+            .map_err(|e| e.to_string())
+            .and_then(|b| {
+                dfs_server::store::write_durable(&self.cache_root.join(NOTES_FILE), &b, 0o600)
+                    .map_err(|e| e.to_string())
+            });
         drop(notes);
-        // Kept across restarts (the copy itself is already safe: this is only the record).
-        if let Err(e) = saved.map_err(|e| e.to_string()).and_then(|b| {
-            dfs_server::store::write_durable(&self.cache_root.join(NOTES_FILE), &b, 0o600)
-                .map_err(|e| e.to_string())
-        }) {
+        if let Err(e) = saved {
             tracing::warn!(error = %e, "saving the list of conflicts failed; it is in the log");
         }
         self.write_status();

@@ -859,18 +859,16 @@ impl DirectoryService {
                 self.cluster_id()
             )));
         }
-        self.store.write(|tx| {
-            let id = self.registry.register(tx, req)?;
-            Ok(id)
-        })
+        let (id, rec) = self.store.write(|tx| self.registry.register(tx, req))?;
+        self.registry.admit(id, rec)?;
+        Ok(id)
     }
 
     /// Records the URL of the lock or auth service (persisted).
     pub fn register_service(&self, req: &common::api::RegisterServiceRequest) -> ServiceResult<()> {
-        self.store.write(|tx| {
-            self.registry.register_service(tx, req)?;
-            Ok(())
-        })
+        self.store
+            .write(|tx| self.registry.register_service(tx, req))?;
+        self.registry.admit_service(req)
     }
 }
 

@@ -17,8 +17,9 @@ use crate::store::{decode, encode};
 const SERVERS: TableDefinition<u64, &[u8]> = TableDefinition::new("servers");
 const SERVICES: TableDefinition<&str, &str> = TableDefinition::new("services");
 
+/// What the directory keeps of a file server.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct ServerRecord {
+pub struct ServerRecord {
     url: String,
     capacity_bytes: u64,
 }
@@ -96,11 +97,13 @@ impl Registry {
     }
 
     /// Registers (or re-registers, keeping its id) a server at `req.url`.
+    /// Its record is written in `tx`; the registry in memory learns of it from `admit`, once
+    /// the transaction is durable (a failed commit, or a store recovery, must leave no ghost).
     pub fn register(
         &self,
         tx: &WriteTransaction,
         req: &RegisterServerRequest,
-    ) -> ServiceResult<ServerId> {
+    ) -> ServiceResult<(ServerId, ServerRecord)> {
         if req.url.len() > 512
             || !(req.url.starts_with("http://") || req.url.starts_with("https://"))
         {
@@ -108,20 +111,30 @@ impl Registry {
                 "server url must be an http(s) URL".into(),
             ));
         }
-        let mut inner = self.inner()?;
+        let mut table = tx.open_table(SERVERS)?;
         // Only the id the server remembers is reused: a server whose data was wiped comes back
-        // as a new server, so it is never counted as holding copies it lost.
-        let id = req
-            .previous_id
-            .filter(|id| inner.servers.contains_key(id))
-            .unwrap_or_else(|| ServerId(inner.servers.keys().last().map_or(1, |k| k.0 + 1)));
+        // as a new server, so it is never counted as holding copies it lost. Ids come from
+        // the store, so that two registrations in a row never share one.
+        let known = match req.previous_id {
+            Some(id) => table.get(id.0)?.is_some(),
+            None => false,
+        };
+        let id = match req.previous_id {
+            Some(id) if known => id,
+            _ => ServerId(table.last()?.map_or(1, |(k, _)| k.value() + 1)),
+        };
         let rec = ServerRecord {
             url: req.url.clone(),
             capacity_bytes: req.capacity_bytes,
         };
-        tx.open_table(SERVERS)?
-            .insert(id.0, encode(&rec)?.as_slice())?;
-        inner.servers.insert(
+        table.insert(id.0, encode(&rec)?.as_slice())?;
+        Ok((id, rec))
+    }
+
+    /// A registration whose transaction is durable: the server is known, and alive.
+    pub fn admit(&self, id: ServerId, rec: ServerRecord) -> ServiceResult<()> {
+        tracing::info!(server = %id, url = %rec.url, "file server registered");
+        self.inner()?.servers.insert(
             id,
             Entry {
                 rec,
@@ -129,8 +142,7 @@ impl Registry {
                 space: None,
             },
         );
-        tracing::info!(server = %id, url = %req.url, "file server registered");
-        Ok(id)
+        Ok(())
     }
 
     /// Records a heartbeat. An unknown id must register again.
@@ -165,6 +177,11 @@ impl Registry {
         }
         tx.open_table(SERVICES)?
             .insert(service_key(req.kind), req.url.as_str())?;
+        Ok(())
+    }
+
+    /// A service registration whose transaction is durable.
+    pub fn admit_service(&self, req: &RegisterServiceRequest) -> ServiceResult<()> {
         let mut inner = self.inner()?;
         match req.kind {
             ServiceKind::Lock => inner.lock_url = Some(req.url.clone()),
