@@ -57,15 +57,47 @@ pub struct RenameRequest {
     pub no_replace: bool,
 }
 
+/// `GET /v1/nodes/{id}?access=r|w|rw`: the metadata of a node about to be opened, refused
+/// (EACCES) unless the caller may read and/or write it. Without `access`, plain metadata.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NodeQuery {
+    /// `r`, `w` or `rw`.
+    #[serde(default)]
+    pub access: Option<String>,
+}
+
+impl NodeQuery {
+    /// The access asked for, as `perm::R`/`perm::W` bits (0: none).
+    pub fn want(&self) -> Result<u32, String> {
+        match self.access.as_deref() {
+            None | Some("") => Ok(0),
+            Some("r") => Ok(crate::perm::R),
+            Some("w") => Ok(crate::perm::W),
+            Some("rw") => Ok(crate::perm::R | crate::perm::W),
+            Some(other) => Err(format!("access must be r, w or rw, not {other:?}")),
+        }
+    }
+}
+
 /// `PATCH /v1/nodes/{id}`: metadata-only changes (size changes are new versions).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct SetAttrRequest {
-    /// New permission bits.
+    /// New permission bits (owner or administrator only).
     #[serde(default)]
     pub mode: Option<u32>,
-    /// New modification time (ns since the epoch).
+    /// New modification time (ns since the epoch): an explicit time needs the owner (or the
+    /// administrator), the current time (`mtime_now`) write permission.
     #[serde(default)]
     pub mtime_ns: Option<u64>,
+    /// `mtime_ns` is "now" (`utimensat` with `UTIME_NOW`, `touch`).
+    #[serde(default)]
+    pub mtime_now: bool,
+    /// New owner (administrator only).
+    #[serde(default)]
+    pub uid: Option<u32>,
+    /// New group (administrator, or the owner to a group it is in).
+    #[serde(default)]
+    pub gid: Option<u32>,
 }
 
 /// What a push's content was based on, so that no push overwrites a version its writer never
@@ -128,6 +160,10 @@ pub struct CommitRequest {
     pub holders: Vec<ServerId>,
     /// Who wrote it.
     pub writer: String,
+    /// The writer's identity: the directory refuses the commit if it may not write the file
+    /// (`None` from primaries older than permissions: not checked).
+    #[serde(default)]
+    pub writer_id: Option<crate::Identity>,
     /// The primary that stored it; the commit is refused if the directory names another.
     #[serde(default)]
     pub primary: Option<ServerId>,
@@ -460,6 +496,9 @@ pub struct TokenResponse {
     pub refresh_token: String,
     /// The user.
     pub user: String,
+    /// The user's identity as the token carries it (absent from older auth services).
+    #[serde(default)]
+    pub id: Option<crate::Identity>,
 }
 
 /// `GET /v1/auth/public-key`.
@@ -476,6 +515,36 @@ pub struct Claims {
     pub user: String,
     /// Expiry, ms since the epoch.
     pub exp_ms: u64,
+    /// Numeric identity: uid, gid, groups, administrator (tokens issued before identities
+    /// existed carry none and act as nobody in particular: uid and gid 0, no rights of root).
+    #[serde(default)]
+    pub id: crate::Identity,
+}
+
+/// One user, as the administrator sees it (`GET /v1/auth/users`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserInfo {
+    /// User name.
+    pub user: String,
+    /// Numeric identity.
+    pub id: crate::Identity,
+}
+
+/// `PATCH /v1/auth/users/{name}` (cluster key): what to change; absent fields stay.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetUserRequest {
+    /// New uid (unique among users).
+    #[serde(default)]
+    pub uid: Option<u32>,
+    /// New primary gid.
+    #[serde(default)]
+    pub gid: Option<u32>,
+    /// New list of further groups (replaces the old one).
+    #[serde(default)]
+    pub groups: Option<Vec<u32>>,
+    /// Make (or stop making) the user the administrator.
+    #[serde(default)]
+    pub admin: Option<bool>,
 }
 
 /// `GET /v1/stats` of a file server.

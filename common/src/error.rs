@@ -24,8 +24,11 @@ pub enum ErrorCode {
     InvalidMove,
     /// Missing, malformed or expired credentials.
     Unauthorized,
-    /// Authenticated, but not allowed.
+    /// Authenticated, but not allowed: an operation only the owner, the administrator or
+    /// another service may do (EPERM).
     Forbidden,
+    /// The node's permission bits refuse the caller this access (EACCES).
+    AccessDenied,
     /// A fencing token older than one already accepted.
     StaleFence,
     /// The body's SHA-256 differs from the declared hash.

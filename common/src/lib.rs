@@ -7,9 +7,11 @@ pub mod error;
 pub mod ids;
 pub mod meta;
 pub mod name;
+pub mod perm;
 pub mod routes;
 
 pub use error::{ErrorBody, ErrorCode};
 pub use ids::{ContentHash, FenceToken, NodeId, ServerId, UploadId};
 pub use meta::{DirEntry, FileKind, NodeMeta, WritebackIntent};
 pub use name::{NameError, ValidName};
+pub use perm::{Caller, Identity};

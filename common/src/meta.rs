@@ -32,6 +32,12 @@ pub struct NodeMeta {
     pub mode: u32,
     /// Name of the user who created it.
     pub owner: String,
+    /// Owner's uid (nodes made before ownership was stored: 0, the administrator's).
+    #[serde(default)]
+    pub uid: u32,
+    /// Group id.
+    #[serde(default)]
+    pub gid: u32,
     /// Size in bytes of the current version (target length for a symlink).
     pub size: u64,
     /// Server-assigned content version; starts at 0 (empty) and only grows.

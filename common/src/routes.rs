@@ -74,6 +74,15 @@ pub const AUTH_SIGNUP: &str = "/v1/auth/signup";
 pub const AUTH_LOGIN: &str = "/v1/auth/login";
 /// Auth: exchange a refresh token for a new token.
 pub const AUTH_REFRESH: &str = "/v1/auth/refresh";
+/// `GET`: every user and their identity (cluster key).
+pub const AUTH_USERS: &str = "/v1/auth/users";
+/// `PATCH`: change a user's identity (cluster key).
+pub const AUTH_USER: &str = "/v1/auth/users/{name}";
+
+/// `AUTH_USER` for one user.
+pub fn auth_user(name: &str) -> String {
+    format!("/v1/auth/users/{name}")
+}
 
 /// File server: upload a new version to the primary (PUT, streamed body).
 pub const FILE_WRITE: &str = "/v1/files/{id}";

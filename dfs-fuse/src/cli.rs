@@ -46,6 +46,54 @@ pub enum Command {
     Umount(UmountArgs),
     /// Show file servers, locks and this client's cache.
     Status(StatusArgs),
+    /// Users' numeric identities (uid, gid, groups, administrator): for the administrator,
+    /// with the cluster key. Changes reach a user's mounts with their next token (within the
+    /// token lifetime, an hour by default) or their next login.
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+/// `dfs user ...`.
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// List every user with uid, gid, groups and whether it is the administrator.
+    List(AdminArgs),
+    /// Change a user's uid, gid, groups or administrator flag.
+    Set(SetUserArgs),
+}
+
+/// The administrator's credentials: the cluster key.
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    #[command(flatten)]
+    server: ServerArg,
+    /// File with the cluster key (`dfs up` keeps it in its data directory as `cluster.key`).
+    #[arg(long, value_name = "PATH")]
+    cluster_key_file: PathBuf,
+}
+
+/// `dfs user set`.
+#[derive(Debug, Args)]
+pub struct SetUserArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// The user.
+    name: String,
+    /// New uid (no other user may have it).
+    #[arg(long)]
+    uid: Option<u32>,
+    /// New primary gid.
+    #[arg(long)]
+    gid: Option<u32>,
+    /// New list of further groups, comma-separated gids (empty: none).
+    #[arg(long, value_delimiter = ',', num_args = 0..)]
+    groups: Option<Vec<u32>>,
+    /// Make the user the administrator (acts as root everywhere, may chown).
+    #[arg(long = "admin", conflicts_with = "no_admin")]
+    admin_flag: bool,
+    /// Stop the user being the administrator.
+    #[arg(long)]
+    no_admin: bool,
 }
 
 /// `--server`.
@@ -289,8 +337,71 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Command::Umount(a) => umount(&a),
             Command::Status(a) => status(a).await,
+            Command::User(c) => user_command(c).await,
         }
     })
+}
+
+fn read_cluster_key(path: &std::path::Path) -> anyhow::Result<String> {
+    Ok(std::fs::read_to_string(path)
+        .with_context(|| format!("reading the cluster key {}", path.display()))?
+        .trim()
+        .to_owned())
+}
+
+fn print_user(u: &common::api::UserInfo) {
+    let groups: Vec<String> = u.id.groups.iter().map(|g| g.to_string()).collect();
+    println!(
+        "{:<20} uid {:<6} gid {:<6} groups {:<16} {}",
+        u.user,
+        u.id.uid,
+        u.id.gid,
+        if groups.is_empty() {
+            "-".into()
+        } else {
+            groups.join(",")
+        },
+        if u.id.admin { "administrator" } else { "" }
+    );
+}
+
+async fn user_command(c: UserCommand) -> anyhow::Result<()> {
+    match c {
+        UserCommand::List(a) => {
+            let key = read_cluster_key(&a.cluster_key_file)?;
+            let remote = Remote::new(&a.server.server, None, None, RemoteConfig::default());
+            let users = remote
+                .users(&key)
+                .await
+                .with_context(|| format!("listing users at {}", a.server.server))?;
+            for u in &users {
+                print_user(u);
+            }
+            Ok(())
+        }
+        UserCommand::Set(a) => {
+            let key = read_cluster_key(&a.admin.cluster_key_file)?;
+            let remote = Remote::new(&a.admin.server.server, None, None, RemoteConfig::default());
+            let req = common::api::SetUserRequest {
+                uid: a.uid,
+                gid: a.gid,
+                groups: a.groups,
+                admin: match (a.admin_flag, a.no_admin) {
+                    (true, _) => Some(true),
+                    (_, true) => Some(false),
+                    _ => None,
+                },
+            };
+            let u = remote
+                .set_user(&a.name, &req, &key)
+                .await
+                .with_context(|| {
+                    format!("changing user {} at {}", a.name, a.admin.server.server)
+                })?;
+            print_user(&u);
+            Ok(())
+        }
+    }
 }
 
 /// Unmounts, refusing while uploads are pending (unless `--force`), then waits for the

@@ -21,6 +21,9 @@ pub struct SavedLogin {
     /// When the token was obtained (ms since the epoch; 0 if unknown).
     #[serde(default)]
     pub issued_at_ms: u64,
+    /// The user's numeric identity (unknown for logins saved before identities existed).
+    #[serde(default)]
+    pub id: Option<common::Identity>,
 }
 
 impl SavedLogin {
@@ -32,6 +35,7 @@ impl SavedLogin {
             expires_at_ms: t.expires_at_ms,
             refresh_token: t.refresh_token,
             issued_at_ms: dfs_server::store::now_ms(),
+            id: t.id,
         }
     }
 

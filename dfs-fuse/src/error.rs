@@ -61,6 +61,7 @@ impl FsError {
                 }
                 ErrorCode::Unauthorized | ErrorCode::Replay => libc::EACCES,
                 ErrorCode::Forbidden => libc::EPERM,
+                ErrorCode::AccessDenied => libc::EACCES,
                 ErrorCode::TooLarge => libc::EFBIG,
                 ErrorCode::NoSpace => libc::ENOSPC,
                 ErrorCode::StaleFence

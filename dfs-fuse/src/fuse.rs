@@ -275,8 +275,8 @@ impl Filesystem for FuseAdapter {
         _req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
         size: Option<u64>,
         _atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
@@ -289,11 +289,15 @@ impl Filesystem for FuseAdapter {
         reply: ReplyAttr,
     ) {
         let fs = self.fs.clone();
-        let mtime = mtime.map(time_of);
-        let op = async move {
-            fs.setattr(node(ino), mode, size, mtime, fh.map(|f| f.0))
-                .await
+        let change = crate::fs::AttrChange {
+            mode,
+            uid,
+            gid,
+            size,
+            mtime_now: matches!(mtime, Some(TimeOrNow::Now)),
+            mtime: mtime.map(time_of),
         };
+        let op = async move { fs.setattr(node(ino), change, fh.map(|f| f.0)).await };
         self.spawned("setattr", op, move |r| match r {
             Ok(attr) => reply.attr(&TTL, &attr),
             Err(e) => reply.error(errno("setattr", &e)),

@@ -178,6 +178,8 @@ pub struct Remote {
     creds: Option<CredStore>,
     cluster: std::sync::Mutex<Option<ClusterInfo>>,
     config: RemoteConfig,
+    /// The identity of the current login, for what the mount shows (kept in step by `token`).
+    identity: std::sync::Mutex<Option<common::Identity>>,
     /// Counters.
     pub stats: Arc<ClientStats>,
 }
@@ -209,6 +211,7 @@ impl Remote {
             .build()
             .unwrap_or_default();
         Remote {
+            identity: std::sync::Mutex::new(login.as_ref().and_then(|l| l.id.clone())),
             server,
             http,
             stream,
@@ -265,6 +268,9 @@ impl Remote {
             .login
             .clone()
             .ok_or_else(|| RemoteError::NotLoggedIn(self.server.clone()))?;
+        if login.id.is_some() {
+            *self.identity.lock().unwrap_or_else(|p| p.into_inner()) = login.id.clone();
+        }
         let now = now_ms();
         if now < login.renew_at_ms() || (now < s.retry_refresh_at_ms && login.expires_at_ms > now) {
             return Ok(login.token);
@@ -469,6 +475,49 @@ impl Remote {
         Ok(resp)
     }
 
+    /// Every user and their identity (the administrator, with the cluster key).
+    pub async fn users(
+        &self,
+        cluster_key: &str,
+    ) -> Result<Vec<common::api::UserInfo>, RemoteError> {
+        let auth = self.auth_url().await?;
+        let resp = self
+            .http
+            .get(format!("{auth}{}", routes::AUTH_USERS))
+            .header(routes::CLUSTER_KEY_HEADER, cluster_key)
+            .timeout(self.config.call_timeout)
+            .send()
+            .await
+            .map_err(|e| net("users", e))?;
+        if !resp.status().is_success() {
+            return Err(api_error(resp).await);
+        }
+        resp.json().await.map_err(|e| net("users", e))
+    }
+
+    /// Changes a user's identity (the administrator, with the cluster key).
+    pub async fn set_user(
+        &self,
+        user: &str,
+        req: &common::api::SetUserRequest,
+        cluster_key: &str,
+    ) -> Result<common::api::UserInfo, RemoteError> {
+        let auth = self.auth_url().await?;
+        let resp = self
+            .http
+            .patch(format!("{auth}{}", routes::auth_user(user)))
+            .header(routes::CLUSTER_KEY_HEADER, cluster_key)
+            .timeout(self.config.call_timeout)
+            .json(req)
+            .send()
+            .await
+            .map_err(|e| net("set user", e))?;
+        if !resp.status().is_success() {
+            return Err(api_error(resp).await);
+        }
+        resp.json().await.map_err(|e| net("set user", e))
+    }
+
     /// Creates a user.
     pub async fn signup(&self, user: &str, password: &str) -> Result<(), RemoteError> {
         self.signup_as_admin(user, password, None).await
@@ -495,10 +544,31 @@ impl Remote {
             .await
             .map_err(|e| net("login", e))?;
         let login = SavedLogin::from_response(t);
+        *self.identity.lock().unwrap_or_else(|p| p.into_inner()) = login.id.clone();
         let mut session = self.session.lock().await;
         session.login = Some(login.clone());
         session.retry_refresh_at_ms = 0;
         Ok(login)
+    }
+
+    /// The cluster identity this client acts as (None: not logged in, or an old login).
+    pub fn identity(&self) -> Option<common::Identity> {
+        self.identity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Metadata of a node about to be opened with `flags`: refused (EACCES) unless this user
+    /// may read and/or write it, as `flags` ask.
+    pub async fn get_to_open(&self, id: NodeId, flags: i32) -> Result<NodeMeta, RemoteError> {
+        let access = match flags & libc::O_ACCMODE {
+            libc::O_WRONLY => "w",
+            libc::O_RDWR => "rw",
+            _ => "r",
+        };
+        let url = format!("{}?access={access}", self.dir(&routes::node(id)));
+        self.send(self.http.get(url), "open").await
     }
 
     /// Metadata of one node.

@@ -46,6 +46,15 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             && !matches!(&e, crate::remote::RemoteError::Api { code: common::ErrorCode::Exists, .. }) {
                 return Err(anyhow::anyhow!("creating the default user: {e}"));
             }
+        // The single user of a local cluster is its administrator (acts as root, may chown).
+        let admin = common::api::SetUserRequest {
+            admin: Some(true),
+            ..Default::default()
+        };
+        remote
+            .set_user(DEFAULT_USER, &admin, &cluster.cluster_key)
+            .await
+            .context("making the default user the administrator")?;
         let login = remote.login(DEFAULT_USER, &password).await.context("logging in the default user")?;
         creds.put(&server, Some(login))?;
         let cluster_id = remote.cluster(false).await?.cluster_id;

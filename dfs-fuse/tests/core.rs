@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::NodeId;
 use dfs_fuse::creds::SavedLogin;
 use dfs_fuse::error::FsError;
-use dfs_fuse::fs::DfsFs;
+use dfs_fuse::fs::{AttrChange, DfsFs};
 use dfs_fuse::remote::{Remote, RemoteConfig};
 use dfs_server::cluster::{ClusterConfig, ClusterHandle};
 use support::crash_image;
@@ -73,7 +73,7 @@ async fn a_close_on_one_client_is_seen_by_the_next_open_on_another() {
     let dir = tempfile::tempdir().unwrap();
     let c = cluster(&dir.path().join("cluster")).await;
     let a = core(&c, Some(login(&c, "alice").await), &dir.path().join("a"));
-    let b = core(&c, Some(login(&c, "bob").await), &dir.path().join("b"));
+    let b = core(&c, Some(login(&c, "alice").await), &dir.path().join("b"));
     write_file(&a, "f", b"version one").await.unwrap();
     assert_eq!(read_file(&b, "f").await, b"version one");
     write_file(&a, "f", b"version two").await.unwrap();
@@ -121,7 +121,7 @@ async fn regression_a_failed_close_pushed_later_never_overwrites_a_newer_version
     }
     // The cluster comes back (on another port); another client's close succeeds meanwhile.
     let c = cluster(&data).await;
-    let b = core(&c, Some(login(&c, "bob").await), &dir.path().join("b"));
+    let b = core(&c, Some(login(&c, "alice").await), &dir.path().join("b"));
     write_file(&b, "f", b"remote edit").await.unwrap();
     // After a restart of the client, its pending copy is still what it sees (never replaced
     // by a download).
@@ -164,7 +164,7 @@ async fn a_close_that_waits_replaces_a_newer_version_last_close_wins() {
     let dir = tempfile::tempdir().unwrap();
     let c = cluster(&dir.path().join("cluster")).await;
     let a = core(&c, Some(login(&c, "alice").await), &dir.path().join("a"));
-    let b = core(&c, Some(login(&c, "bob").await), &dir.path().join("b"));
+    let b = core(&c, Some(login(&c, "alice").await), &dir.path().join("b"));
     write_file(&a, "f", b"base").await.unwrap();
     // Both open the same version; bob closes first, alice last.
     let attr = a.lookup(NodeId::ROOT, OsStr::new("f")).await.unwrap();
@@ -233,7 +233,7 @@ async fn regression_truncating_open_of_an_uncached_file_is_pushed() {
     let dir = tempfile::tempdir().unwrap();
     let c = cluster(&dir.path().join("cluster")).await;
     let a = core(&c, Some(login(&c, "alice").await), &dir.path().join("a"));
-    let b = core(&c, Some(login(&c, "bob").await), &dir.path().join("b"));
+    let b = core(&c, Some(login(&c, "alice").await), &dir.path().join("b"));
     write_file(&a, "f", b"something").await.unwrap();
     // B has no copy: `: > f` opens with O_TRUNC and writes nothing.
     let attr = b.lookup(NodeId::ROOT, OsStr::new("f")).await.unwrap();
@@ -304,7 +304,7 @@ async fn writeback_close_returns_before_the_push_and_another_client_still_sees_i
     ));
     let b = std::sync::Arc::new(core(
         &c,
-        Some(login(&c, "bob").await),
+        Some(login(&c, "alice").await),
         &dir.path().join("b"),
     ));
     write_file(&a, "f", b"old").await.unwrap();
@@ -365,7 +365,7 @@ async fn a_writeback_close_survives_a_client_crash_and_is_pushed_after_restart()
         .await
         .unwrap();
     assert!(left.is_empty());
-    let b = core(&c, Some(login(&c, "bob").await), &dir.path().join("b"));
+    let b = core(&c, Some(login(&c, "alice").await), &dir.path().join("b"));
     assert_eq!(read_file(&b, "f").await, b"written before the crash");
     c.shutdown().await;
 }
@@ -397,7 +397,15 @@ async fn chmod_and_utimes_while_open_fold_into_the_push() {
     a.write(o.fh, 0, b"tar member").unwrap();
     let when = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
     let shown = a
-        .setattr(id, Some(0o600), None, Some(when), Some(o.fh))
+        .setattr(
+            id,
+            AttrChange {
+                mode: Some(0o600),
+                mtime: Some(when),
+                ..AttrChange::default()
+            },
+            Some(o.fh),
+        )
         .await
         .unwrap();
     assert_eq!(shown.perm, 0o600, "shown locally at once");
@@ -428,9 +436,16 @@ async fn writeback_closes_are_pushed_in_batches_with_their_folded_attributes() {
     }
     // tar's chmod after close, while the push is pending: folded into the batched push.
     let f3 = a.lookup(NodeId::ROOT, OsStr::new("f3")).await.unwrap();
-    a.setattr(NodeId(f3.ino.0), Some(0o600), None, None, None)
-        .await
-        .unwrap();
+    a.setattr(
+        NodeId(f3.ino.0),
+        AttrChange {
+            mode: Some(0o600),
+            ..AttrChange::default()
+        },
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(a.pending().unwrap().len(), 12);
     let left = a
         .push_pending(Instant::now() + Duration::from_secs(10), false)
@@ -444,7 +459,7 @@ async fn writeback_closes_are_pushed_in_batches_with_their_folded_attributes() {
         (1..=3).contains(&batches),
         "12 small files over 3 primaries go in at most 3 batches, not one by one ({batches})"
     );
-    let b = core(&c, Some(login(&c, "bob").await), &dir.path().join("b"));
+    let b = core(&c, Some(login(&c, "alice").await), &dir.path().join("b"));
     for i in 0..12 {
         assert_eq!(
             read_file(&b, &format!("f{i}")).await,
@@ -462,7 +477,7 @@ async fn names_known_absent_here_never_hide_another_clients_create_past_the_ttl(
     let dir = tempfile::tempdir().unwrap();
     let c = cluster(&dir.path().join("cluster")).await;
     let a = core(&c, Some(login(&c, "alice").await), &dir.path().join("a"));
-    let b = core(&c, Some(login(&c, "bob").await), &dir.path().join("b"));
+    let b = core(&c, Some(login(&c, "alice").await), &dir.path().join("b"));
     let d = a.mkdir(NodeId::ROOT, OsStr::new("d"), 0o755).await.unwrap();
     let d = NodeId(d.ino.0);
     // Made here: a new name in it is absent without asking; names made or moved here are found.
@@ -538,7 +553,7 @@ async fn regression_a_full_local_cache_is_enospc_not_eio() {
     write_file(&a, "big.bin", &big).await.unwrap();
     // A second client whose cache disk is smaller than the file.
     let disk = SmallDisk::mount(&dir.path().join("small"), "1m");
-    let b = core(&c, Some(login(&c, "bob").await), &disk.0);
+    let b = core(&c, Some(login(&c, "alice").await), &disk.0);
     let attr = b.lookup(NodeId::ROOT, OsStr::new("big.bin")).await.unwrap();
     let Err(e) = b.open(NodeId(attr.ino.0), libc::O_RDONLY).await else {
         panic!("a 3 MiB copy fit into a 1 MiB cache");
@@ -558,7 +573,7 @@ async fn regression_a_full_local_cache_is_enospc_not_eio() {
 async fn the_cache_keeps_its_budget_and_evicts_only_clean_closed_copies() {
     let dir = tempfile::tempdir().unwrap();
     let c = cluster(&dir.path().join("cluster")).await;
-    let b = core(&c, Some(login(&c, "bob").await), &dir.path().join("b"));
+    let b = core(&c, Some(login(&c, "alice").await), &dir.path().join("b"));
     let chunk = vec![7u8; 16 << 10];
     for i in 0..8 {
         write_file(&b, &format!("f{i}"), &chunk).await.unwrap();

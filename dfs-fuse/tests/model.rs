@@ -41,10 +41,11 @@ fn shared() -> &'static Shared {
                 ClusterConfig::new(dir.path().join("cluster"), "127.0.0.1:0".parse().unwrap());
             let cluster = dfs_server::cluster::start(cfg).await.unwrap();
             let r = Remote::new(&cluster.directory_url, None, None, RemoteConfig::default());
+            // One user on two machines: permissions between users are tested elsewhere.
+            r.signup("alice", "password123").await.unwrap();
             let mut logins = Vec::new();
-            for user in ["alice", "bob"] {
-                r.signup(user, "password123").await.unwrap();
-                logins.push(r.login(user, "password123").await.unwrap());
+            for _ in 0..2 {
+                logins.push(r.login("alice", "password123").await.unwrap());
             }
             let bob = logins.pop().unwrap();
             (cluster, logins.pop().unwrap(), bob)
@@ -287,7 +288,11 @@ async fn apply(
             let f = pick(m.files(), *file)?;
             let id = resolve(a, root_a, &f).await;
             let len = u64::from(*len % 80);
-            a.setattr(id, None, Some(len), None, None).await.unwrap();
+            let change = dfs_fuse::fs::AttrChange {
+                size: Some(len),
+                ..Default::default()
+            };
+            a.setattr(id, change, None).await.unwrap();
             let mut c = m.0[&f].clone().unwrap_or_default();
             c.resize(usize::try_from(len).unwrap(), 0);
             m.0.insert(f, Some(c));

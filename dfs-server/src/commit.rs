@@ -633,7 +633,10 @@ mod tests {
         assert!(put(&g, 2).is_err());
         g.set_flush_fault(None);
         refuse.store(true, Ordering::SeqCst);
-        assert!(put(&g, 3).is_err(), "the disk still fails: the reopen does too");
+        assert!(
+            put(&g, 3).is_err(),
+            "the disk still fails: the reopen does too"
+        );
         assert!(g.db().is_err(), "closed meanwhile");
         refuse.store(false, Ordering::SeqCst);
         std::thread::sleep(RETRY_REOPEN + Duration::from_millis(50));

@@ -33,9 +33,12 @@ pub enum ServiceError {
     /// Bad or expired credentials.
     #[error("{0}")]
     Unauthorized(String),
-    /// Not allowed.
+    /// Not allowed: only the owner, the administrator or another service may (EPERM).
     #[error("{0}")]
     Forbidden(String),
+    /// The permission bits refuse this access (EACCES).
+    #[error("permission denied: {0}")]
+    AccessDenied(String),
     /// A write fenced off by a newer lock holder.
     #[error("stale fencing token: {0}")]
     StaleFence(String),
@@ -88,6 +91,7 @@ impl ServiceError {
             ServiceError::InvalidMove => ErrorCode::InvalidMove,
             ServiceError::Unauthorized(_) => ErrorCode::Unauthorized,
             ServiceError::Forbidden(_) => ErrorCode::Forbidden,
+            ServiceError::AccessDenied(_) => ErrorCode::AccessDenied,
             ServiceError::StaleFence(_) => ErrorCode::StaleFence,
             ServiceError::HashMismatch { .. } => ErrorCode::HashMismatch,
             ServiceError::TooLarge(_) => ErrorCode::TooLarge,
@@ -122,6 +126,7 @@ impl ServiceError {
             ErrorCode::IsDir => ServiceError::IsDir(message),
             ErrorCode::Unauthorized | ErrorCode::Replay => ServiceError::Unauthorized(message),
             ErrorCode::Forbidden => ServiceError::Forbidden(message),
+            ErrorCode::AccessDenied => ServiceError::AccessDenied(message),
             ErrorCode::StaleFence => ServiceError::StaleFence(message),
             ErrorCode::HashMismatch => ServiceError::BadRequest(message),
             ErrorCode::TooLarge => ServiceError::TooLarge(message),

@@ -41,6 +41,7 @@ async fn signup_login_wrong_password_replay_and_expired_token() {
         .sign(&Claims {
             user: "alice".into(),
             exp_ms: 1,
+            id: common::Identity::default(),
         })
         .unwrap();
     let r = h

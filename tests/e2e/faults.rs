@@ -47,7 +47,7 @@ fn file_servers_stopped_during_close_keep_the_data_and_push_it_later() {
     }
     cluster.wait_ready();
     let b = Client::new(&cluster.url);
-    b.signup_login("bob");
+    b.signup_login("alice");
     let mb = b.mount(&[]);
     let pushed = eventually(Duration::from_secs(60), || {
         mb.sh("cat f.txt").stdout == b"v2\n"
@@ -86,7 +86,7 @@ fn a_failed_close_pushed_later_keeps_both_versions_as_a_conflict_copy() {
     let a = Client::new(&cluster.url);
     a.signup_login("alice");
     let b = Client::new(&cluster.url);
-    b.signup_login("bob");
+    b.signup_login("alice");
     let ma = a.mount(&["--close-timeout-secs", "2"]);
     let mb = b.mount(&[]);
     ok(ma.sh("echo base > notes.txt"));
@@ -194,7 +194,7 @@ fn a_stuck_file_server_never_freezes_the_mount_and_closes_end_within_the_timeout
     // Another client, with nothing cached, still opens files that have a copy on the stuck
     // server: each copy gets its share of the timeout, then the next is tried.
     let b = Client::new(&cluster.url);
-    b.signup_login("bob");
+    b.signup_login("alice");
     let mb = b.mount(&["--close-timeout-secs", "3"]);
     let t = std::time::Instant::now();
     assert_eq!(ok(mb.sh("cat other")), "cached\n");

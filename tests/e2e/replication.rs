@@ -51,7 +51,7 @@ fn killing_a_primary_mid_stream_loses_no_acknowledged_write_and_writes_resume() 
     let new_primary = cluster.meta_of("hot.txt")["primary"].as_u64().unwrap();
     assert_ne!(new_primary, primary, "the dead primary was replaced");
     let b = Client::new(&cluster.url);
-    b.signup_login("bob");
+    b.signup_login("alice");
     let mb = b.mount(&[]);
     for (name, content) in &acknowledged {
         assert_eq!(
@@ -75,7 +75,7 @@ fn a_dead_replica_does_not_stop_reads_and_catches_up_when_it_returns() {
     cluster.stop_service(&victim, true);
     // Reads from a fresh client keep working (a dead copy is skipped).
     let b = Client::new(&cluster.url);
-    b.signup_login("bob");
+    b.signup_login("alice");
     let mb = b.mount(&[]);
     assert_eq!(ok(mb.sh("cat r.txt")), "one\n");
     // A write while it is down: acknowledged by the other two.
@@ -120,7 +120,7 @@ fn a_corrupt_copy_is_found_by_the_scrub_repaired_and_never_served() {
     }
     // A fresh reader never gets the corrupt bytes.
     let b = Client::new(&cluster.url);
-    b.signup_login("bob");
+    b.signup_login("alice");
     let mb = b.mount(&[]);
     assert_eq!(ok(mb.sh("sha256sum < c.bin")), good);
     // The scrub finds both bad copies and the directory re-replicates good ones.
@@ -159,7 +159,7 @@ fn directory_lock_and_auth_killed_and_restarted_lose_nothing_and_leave_no_lock()
     // tee reports a failed close (a shell redirection would hide it).
     ok(m.sh("echo after | tee d/6.txt >/dev/null && echo again | tee d/1.txt >/dev/null"));
     let b = Client::new(&cluster.url);
-    b.signup_login("bob");
+    b.signup_login("alice");
     let mb = b.mount(&[]);
     assert_eq!(ok(mb.sh("ls d | wc -l")).trim(), "6");
     assert_eq!(ok(mb.sh("cat d/1.txt d/6.txt")), "again\nafter\n");
@@ -228,7 +228,7 @@ fn regression_a_file_server_told_a_wrong_or_wiped_directory_deletes_nothing() {
     cluster.start_service("directory");
     cluster.wait_ready();
     let b = Client::new(&cluster.url);
-    b.signup_login("bob");
+    b.signup_login("alice");
     let mb = b.mount(&[]);
     assert_eq!(
         ok(mb.sh("cat k1.txt k6.txt")),

@@ -11,7 +11,7 @@ fn write_through_a_is_read_through_b_after_close() {
     let cluster = Cluster::start(&[]);
     let (a, b) = (Client::new(&cluster.url), Client::new(&cluster.url));
     a.signup_login("alice");
-    b.signup_login("bob");
+    b.signup_login("alice");
     let (ma, mb) = (a.mount(&[]), b.mount(&[]));
     ok(ma.sh("echo 'from a' > shared.txt"));
     assert_eq!(ok(mb.sh("cat shared.txt")), "from a\n");
@@ -27,7 +27,7 @@ fn unchanged_file_is_served_from_the_cache_even_after_remount() {
     let cluster = Cluster::start(&[]);
     let (a, b) = (Client::new(&cluster.url), Client::new(&cluster.url));
     a.signup_login("alice");
-    b.signup_login("bob");
+    b.signup_login("alice");
     let ma = a.mount(&[]);
     ok(ma.sh("head -c 100000 /dev/urandom > data.bin"));
     let mb = b.mount(&[]);
@@ -71,7 +71,7 @@ fn concurrent_whole_file_writes_from_two_mounts_never_mix() {
     let cluster = Cluster::start(&[]);
     let (a, b) = (Client::new(&cluster.url), Client::new(&cluster.url));
     a.signup_login("alice");
-    b.signup_login("bob");
+    b.signup_login("alice");
     let (ma, mb) = (a.mount(&[]), b.mount(&[]));
     let src = tempfile::tempdir().unwrap();
     let (fa, fb) = (src.path().join("a"), src.path().join("b"));
@@ -109,7 +109,7 @@ fn flock_appends_from_two_mounts_lose_nothing() {
     let a = Client::new(&cluster.url);
     a.signup_login("alice");
     let b = Client::new(&cluster.url);
-    b.signup_login("bob");
+    b.signup_login("alice");
     let ma = a.mount(&[]);
     let mb = b.mount(&[]);
     ok(ma.sh("touch log"));
@@ -178,7 +178,7 @@ fn a_lock_held_on_one_mount_excludes_the_other_and_a_waiter_can_give_up() {
     let a = Client::new(&cluster.url);
     a.signup_login("alice");
     let b = Client::new(&cluster.url);
-    b.signup_login("bob");
+    b.signup_login("alice");
     let ma = a.mount(&[]);
     let mb = b.mount(&[]);
     ok(ma.sh("touch f"));
@@ -213,7 +213,7 @@ fn releasing_one_fcntl_range_keeps_the_rest_locked_across_mounts() {
     let a = Client::new(&cluster.url);
     a.signup_login("alice");
     let b = Client::new(&cluster.url);
-    b.signup_login("bob");
+    b.signup_login("alice");
     let ma = a.mount(&[]);
     let mb = b.mount(&[]);
     ok(ma.sh("echo data > db"));

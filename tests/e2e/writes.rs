@@ -72,7 +72,7 @@ fn writeback_close_survives_a_client_kill_and_is_pushed_by_the_next_mount() {
     // Whatever the dead process managed to push, the next mount of its cache pushes the rest.
     let m = a.mount(&["--writeback"]);
     let b = Client::new(&cluster.url);
-    b.signup_login("bob");
+    b.signup_login("alice");
     let mb = b.mount(&[]);
     let all = eventually(std::time::Duration::from_secs(30), || {
         (1..=5)

@@ -205,6 +205,8 @@ mod tests {
             kind: common::FileKind::File,
             mode: 0o644,
             owner: "t".into(),
+            uid: 0,
+            gid: 0,
             size: 0,
             version: 0,
             mtime_ns: 0,

@@ -29,6 +29,24 @@ mod known;
 mod recover;
 mod upload;
 
+/// What one setattr changes (each `None`: unchanged). `uid` and `gid` are as this mount
+/// shows them; `mtime_now` says `mtime` is "now" (`touch`), which needs only write permission.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AttrChange {
+    /// Permission bits.
+    pub mode: Option<u32>,
+    /// Owner.
+    pub uid: Option<u32>,
+    /// Group.
+    pub gid: Option<u32>,
+    /// Length (a new version, pushed at once).
+    pub size: Option<u64>,
+    /// Modification time.
+    pub mtime: Option<SystemTime>,
+    /// `mtime` is the current time.
+    pub mtime_now: bool,
+}
+
 /// Tunables of the core.
 #[derive(Debug, Clone)]
 pub struct FsConfig {
@@ -444,6 +462,27 @@ impl DfsFs {
         self.writer_count(node) > 0 || self.cache.is_pending(node) || self.is_unrecorded(node)
     }
 
+    /// Owner and group as this mount shows them (as sshfs `idmap=user`): this user's uid and
+    /// primary gid are shown as the mounting user's, everyone else's as they are. Before the
+    /// login says who this user is, everything shows as the mounting user's.
+    fn local_ids(&self, meta: &NodeMeta) -> (u32, u32) {
+        match self.remote.identity() {
+            None => (self.uid, self.gid),
+            Some(me) => (
+                if meta.uid == me.uid {
+                    self.uid
+                } else {
+                    meta.uid
+                },
+                if meta.gid == me.gid {
+                    self.gid
+                } else {
+                    meta.gid
+                },
+            ),
+        }
+    }
+
     /// The attributes the kernel sees: the directory's, with size and mtime of the local copy
     /// while it holds changes the servers do not have yet.
     pub fn attr(&self, meta: &NodeMeta) -> FileAttr {
@@ -460,6 +499,7 @@ impl DfsFs {
                 mtime = m.modified().unwrap_or(mtime);
             }
         }
+        let (uid, gid) = self.local_ids(meta);
         FileAttr {
             ino: INodeNo(meta.id.0),
             size,
@@ -471,8 +511,8 @@ impl DfsFs {
             kind: kind_of(meta.kind),
             perm: u16::try_from(mode & 0o7777).unwrap_or(0o644),
             nlink: if meta.kind == FileKind::Dir { 2 } else { 1 },
-            uid: self.uid,
-            gid: self.gid,
+            uid,
+            gid,
             rdev: 0,
             blksize: 4096,
             flags: 0,
@@ -544,11 +584,17 @@ impl DfsFs {
     pub async fn setattr(
         &self,
         id: NodeId,
-        mode: Option<u32>,
-        size: Option<u64>,
-        mtime: Option<SystemTime>,
+        change: AttrChange,
         fh: Option<u64>,
     ) -> FsResult<FileAttr> {
+        let AttrChange {
+            mode,
+            uid,
+            gid,
+            size,
+            mtime,
+            mtime_now,
+        } = change;
         if let Some(size) = size {
             match fh.map(|fh| self.handle(fh)).transpose()? {
                 Some(h) if h.writable => {
@@ -572,6 +618,34 @@ impl DfsFs {
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         let mode = mode.map(|m| m & 0o7777);
+        // Owner and group as the cluster knows them (this mount shows this user's as the
+        // mounting user's); unchanged ones are left out.
+        let (uid, gid) = {
+            let me = self.remote.identity();
+            let known = self.known_meta(id);
+            let uid = uid
+                .map(|u| match &me {
+                    Some(me) if u == self.uid => me.uid,
+                    _ => u,
+                })
+                .filter(|u| known.as_ref().is_none_or(|m| m.uid != *u));
+            let gid = gid
+                .map(|g| match &me {
+                    Some(me) if g == self.gid => me.gid,
+                    _ => g,
+                })
+                .filter(|g| known.as_ref().is_none_or(|m| m.gid != *g));
+            (uid, gid)
+        };
+        if uid.is_some() || gid.is_some() {
+            let req = SetAttrRequest {
+                uid,
+                gid,
+                ..SetAttrRequest::default()
+            };
+            let meta = self.remote.setattr(id, &req).await?;
+            self.remember(&meta, None);
+        }
         if mode.is_none() && mtime_ns.is_none() {
             // Nothing dfs stores changed (fchown, as tar does for every file, or a size change
             // already pushed above): answer like getattr, locally while what this client
@@ -600,7 +674,12 @@ impl DfsFs {
             drop(folded);
             return Ok(self.attr(&meta));
         }
-        let req = SetAttrRequest { mode, mtime_ns };
+        let req = SetAttrRequest {
+            mode,
+            mtime_ns,
+            mtime_now,
+            ..SetAttrRequest::default()
+        };
         let meta = self.remote.setattr(id, &req).await?;
         self.remember(&meta, None);
         Ok(self.attr(&meta))
@@ -950,7 +1029,7 @@ impl DfsFs {
         let entry = self.cache.get(node)?;
         let path = self.cache.path(node);
         let have_copy = entry.is_some() && path.exists();
-        let mut meta = match self.remote.get(node).await {
+        let mut meta = match self.remote.get_to_open(node, flags).await {
             Ok(m) => {
                 self.remember(&m, None);
                 m

@@ -468,6 +468,7 @@ impl DfsFs {
         let req = SetAttrRequest {
             mode: attrs.mode,
             mtime_ns: attrs.mtime_ns,
+            ..SetAttrRequest::default()
         };
         let m = self.remote.setattr(node, &req).await?;
         self.remember(&m, None);

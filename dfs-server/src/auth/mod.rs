@@ -13,7 +13,8 @@ use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-use common::api::{Claims, Credentials, Envelope, TokenResponse};
+use common::Identity;
+use common::api::{Claims, Credentials, Envelope, SetUserRequest, TokenResponse, UserInfo};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use rsa::sha2::{Digest, Sha256};
 use rsa::{PrivateKey, PublicKey};
@@ -55,6 +56,49 @@ impl Default for AuthConfig {
 struct UserRecord {
     phc: String,
     created_ms: u64,
+    /// Numeric identity; `None` only in records written before identities existed (given one
+    /// when the store is opened).
+    #[serde(default)]
+    id: Option<Identity>,
+}
+
+/// The next free uid: above every one in use, from `FIRST_UID`.
+fn next_uid(users: &impl ReadableTable<&'static str, &'static [u8]>) -> ServiceResult<u32> {
+    let mut next = common::perm::FIRST_UID;
+    for row in users.iter()? {
+        let (_, v) = row?;
+        if let Some(id) = decode::<UserRecord>(v.value())?.id {
+            next = next.max(id.uid.saturating_add(1));
+        }
+    }
+    Ok(next)
+}
+
+/// Gives every user record without an identity one (uid and gid the next free id), oldest
+/// first, so that users made before identities existed keep working.
+fn assign_missing_ids(tx: &redb::WriteTransaction) -> ServiceResult<()> {
+    let mut users = tx.open_table(USERS)?;
+    let mut missing: Vec<(u64, String, UserRecord)> = Vec::new();
+    for row in users.iter()? {
+        let (k, v) = row?;
+        let rec: UserRecord = decode(v.value())?;
+        if rec.id.is_none() {
+            missing.push((rec.created_ms, k.value().to_owned(), rec));
+        }
+    }
+    missing.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    for (_, name, mut rec) in missing {
+        let uid = next_uid(&users)?;
+        rec.id = Some(Identity {
+            uid,
+            gid: uid,
+            groups: vec![],
+            admin: false,
+        });
+        users.insert(name.as_str(), encode(&rec)?.as_slice())?;
+        tracing::info!(user = %name, uid, "user given a numeric identity");
+    }
+    Ok(())
 }
 
 #[derive(Serialize, Deserialize)]
@@ -101,7 +145,7 @@ impl AuthService {
             tx.open_table(USERS)?;
             tx.open_table(NONCES)?;
             tx.open_table(REFRESH)?;
-            Ok(())
+            assign_missing_ids(tx)
         })?;
         let public = key.to_public_key();
         let dummy_phc = Argon2::default()
@@ -198,9 +242,16 @@ impl AuthService {
             if users.get(creds.user.as_str())?.is_some() {
                 return Err(ServiceError::Exists(format!("user {}", creds.user)));
             }
+            let uid = next_uid(&users)?;
             let rec = encode(&UserRecord {
                 phc,
                 created_ms: now_ms(),
+                id: Some(Identity {
+                    uid,
+                    gid: uid,
+                    groups: vec![],
+                    admin: false,
+                }),
             })?;
             users.insert(creds.user.as_str(), rec.as_slice())?;
             Ok(())
@@ -250,14 +301,101 @@ impl AuthService {
         self.issue(&rec.user)
     }
 
-    /// Signs a token for `user` valid for the configured lifetime, plus a refresh token.
+    /// The user's record, as it is now.
+    fn record(&self, user: &str) -> ServiceResult<UserRecord> {
+        let db = self.db.db()?;
+        let tx = db.begin_read()?;
+        let users = tx.open_table(USERS)?;
+        let v = users
+            .get(user)?
+            .ok_or_else(|| ServiceError::Unauthorized(format!("user {user} no longer exists")))?;
+        decode(v.value())
+    }
+
+    /// Every user and their identity, by name.
+    pub fn users(&self) -> ServiceResult<Vec<UserInfo>> {
+        let db = self.db.db()?;
+        let tx = db.begin_read()?;
+        let users = tx.open_table(USERS)?;
+        let mut out = Vec::new();
+        for row in users.iter()? {
+            let (k, v) = row?;
+            let rec: UserRecord = decode(v.value())?;
+            out.push(UserInfo {
+                user: k.value().to_owned(),
+                id: rec.id.unwrap_or_default(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Changes a user's identity (administrator only, checked by the caller): uid, gid, groups,
+    /// administrator flag. A uid already taken by another user is refused. Takes effect in the
+    /// user's next token (at the latest when the current one is renewed).
+    pub fn set_user(&self, user: &str, req: &SetUserRequest) -> ServiceResult<UserInfo> {
+        validate_user(user)?;
+        if req.groups.as_ref().is_some_and(|g| g.len() > 64) {
+            return Err(ServiceError::TooLarge(
+                "a user is in at most 64 groups".into(),
+            ));
+        }
+        self.db.write(|tx| {
+            let mut users = tx.open_table(USERS)?;
+            let mut rec: UserRecord = match users.get(user)? {
+                Some(v) => decode(v.value())?,
+                None => return Err(ServiceError::NotFound(format!("user {user}"))),
+            };
+            let mut id = rec.id.clone().unwrap_or_default();
+            if let Some(uid) = req.uid
+                && uid != id.uid
+            {
+                for row in users.iter()? {
+                    let (k, v) = row?;
+                    if k.value() != user
+                        && decode::<UserRecord>(v.value())?
+                            .id
+                            .is_some_and(|o| o.uid == uid)
+                    {
+                        return Err(ServiceError::Exists(format!(
+                            "uid {uid} belongs to user {}",
+                            k.value()
+                        )));
+                    }
+                }
+                id.uid = uid;
+            }
+            if let Some(gid) = req.gid {
+                id.gid = gid;
+            }
+            if let Some(groups) = &req.groups {
+                let mut g = groups.clone();
+                g.sort_unstable();
+                g.dedup();
+                id.groups = g;
+            }
+            if let Some(admin) = req.admin {
+                id.admin = admin;
+            }
+            rec.id = Some(id.clone());
+            users.insert(user, encode(&rec)?.as_slice())?;
+            Ok(UserInfo {
+                user: user.to_owned(),
+                id,
+            })
+        })
+    }
+
+    /// Signs a token for `user` valid for the configured lifetime, plus a refresh token. The
+    /// token carries the user's identity as it is now.
     pub fn issue(&self, user: &str) -> ServiceResult<TokenResponse> {
+        let id = self.record(user)?.id.unwrap_or_default();
         let now = now_ms();
         let ttl = u64::try_from(self.config.token_ttl.as_millis()).unwrap_or(u64::MAX);
         let exp_ms = now.saturating_add(ttl);
         let token = self.sign(&Claims {
             user: user.to_owned(),
             exp_ms,
+            id: id.clone(),
         })?;
         let refresh_token = hex::encode(rand::random::<[u8; 32]>());
         let refresh_ttl = u64::try_from(self.config.refresh_ttl.as_millis()).unwrap_or(u64::MAX);
@@ -281,6 +419,7 @@ impl AuthService {
             expires_at_ms: exp_ms,
             refresh_token,
             user: user.to_owned(),
+            id: Some(id),
         })
     }
 
@@ -389,12 +528,15 @@ mod tests {
             .sign(&Claims {
                 user: "x".into(),
                 exp_ms: now_ms() - 1,
+                id: Identity::default(),
             })
             .expect("sign");
         assert!(matches!(
             verify_token_with(&pk, &expired, now_ms()),
             Err(ServiceError::Unauthorized(_))
         ));
+        auth.signup(&seal(&pk, "x", "password-1").expect("seal"))
+            .expect("signup");
         let t = auth.issue("x").expect("issue");
         let t2 = auth.refresh(&t.refresh_token).expect("refresh");
         assert_eq!(t2.user, "x");

@@ -19,6 +19,8 @@ pub fn router(svc: Arc<AuthService>) -> Router {
         .route(routes::AUTH_SIGNUP, post(signup))
         .route(routes::AUTH_LOGIN, post(login))
         .route(routes::AUTH_REFRESH, post(refresh))
+        .route(routes::AUTH_USERS, get(users))
+        .route(routes::AUTH_USER, axum::routing::patch(set_user))
         .with_state(svc)
 }
 
@@ -63,6 +65,24 @@ async fn hashing_slot(svc: &AuthService) -> Result<tokio::sync::SemaphorePermit<
         .acquire()
         .await
         .map_err(|e| AppError(ServiceError::internal("hashing slots", e)))
+}
+
+/// Every user and their identity (administrators, with the cluster key).
+async fn users(
+    axum::extract::State(svc): State,
+    _admin: ClusterOnly,
+) -> ApiResult<Json<Vec<common::api::UserInfo>>> {
+    Ok(Json(blocking(move || svc.users()).await?))
+}
+
+/// Changes a user's identity (administrators, with the cluster key).
+async fn set_user(
+    axum::extract::State(svc): State,
+    _admin: ClusterOnly,
+    crate::http::ApiPath(name): crate::http::ApiPath<String>,
+    ApiJson(req): ApiJson<common::api::SetUserRequest>,
+) -> ApiResult<Json<common::api::UserInfo>> {
+    Ok(Json(blocking(move || svc.set_user(&name, &req)).await?))
 }
 
 async fn refresh(

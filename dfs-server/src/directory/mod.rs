@@ -1,6 +1,7 @@
 //! `DirectoryService`: the namespace and every file's metadata in one redb store, plus the file
 //! server registry. Every namespace change is one transaction: rename is atomic.
 
+pub mod access;
 pub mod placement;
 pub mod registry;
 pub mod repair;
@@ -13,7 +14,11 @@ use common::api::{
     CommitRequest, CommitResponse, CreateRequest, IntentRequest, RenameRequest, SYMLINK_MAX,
     SetAttrRequest, StatFs, Superseded,
 };
-use common::{ContentHash, DirEntry, FenceToken, FileKind, NodeId, NodeMeta, ServerId, ValidName};
+use common::perm::{R, SETGID, SETUID, W, X};
+use common::{
+    Caller, ContentHash, DirEntry, FenceToken, FileKind, Identity, NodeId, NodeMeta, ServerId,
+    ValidName,
+};
 use redb::{
     ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction,
 };
@@ -142,6 +147,11 @@ fn commit_in(
             superseded: None,
         }));
     }
+    if let Some(who) = &req.writer_id
+        && let Err(e) = access::need_write(who, &meta)
+    {
+        return refusal(e);
+    }
     if req.fence < meta.fence {
         return refusal(ServiceError::stale(req.fence, meta.fence));
     }
@@ -227,8 +237,19 @@ fn commit_in(
     // close that announced the push (a writer that re-hashed and resent under a new
     // upload id does not leave readers waiting for an id that never comes).
     meta.writeback = None;
-    if let Some(m) = req.mode {
+    let writer = req
+        .writer_id
+        .clone()
+        .unwrap_or_else(|| Caller::cluster().id);
+    // A mode folded into the push (fchmod while open) is the owner's to make.
+    if let Some(m) = req.mode
+        && writer.owns(meta.uid)
+    {
         meta.mode = m;
+    }
+    // Writing drops set-user-id and set-group-id, unless the administrator writes.
+    if !writer.admin {
+        meta.mode &= !(SETUID | SETGID);
     }
     meta.mtime_ns = req.mtime_ns.unwrap_or(now);
     meta.ctime_ns = now;
@@ -287,8 +308,12 @@ impl DirectoryService {
                         id: NodeId::ROOT,
                         parent: NodeId::ROOT,
                         kind: FileKind::Dir,
-                        mode: 0o777,
+                        // Everyone may make entries at the top, and remove only their own
+                        // (as /tmp); the administrator makes private directories below it.
+                        mode: 0o1777,
                         owner: "root".into(),
+                        uid: 0,
+                        gid: 0,
                         size: 0,
                         version: 0,
                         mtime_ns: now,
@@ -359,6 +384,14 @@ impl DirectoryService {
         self.config.heartbeat
     }
 
+    /// Metadata of a node about to be opened for `want` (`R`, `W` or both) by `who`: refused
+    /// (EACCES) unless its permission bits allow it.
+    pub fn get_to_open(&self, id: NodeId, want: u32, who: &Identity) -> ServiceResult<NodeMeta> {
+        let meta = self.get(id)?;
+        access::need(who, &meta, want)?;
+        Ok(meta)
+    }
+
     /// Metadata of one node.
     pub fn get(&self, id: NodeId) -> ServiceResult<NodeMeta> {
         let tx = self.store.db()?.begin_read()?;
@@ -369,17 +402,24 @@ impl DirectoryService {
         decode(v.value())
     }
 
-    /// The node named `name` in directory `parent`.
-    pub fn lookup(&self, parent: NodeId, name: &ValidName) -> ServiceResult<NodeMeta> {
+    /// The node named `name` in directory `parent` (search permission on `parent` needed).
+    pub fn lookup(
+        &self,
+        parent: NodeId,
+        name: &ValidName,
+        who: &Identity,
+    ) -> ServiceResult<NodeMeta> {
         let tx = self.store.db()?.begin_read()?;
         let children = tx.open_table(CHILDREN)?;
         let nodes = tx.open_table(NODES)?;
         let pv = nodes
             .get(parent.0)?
             .ok_or_else(|| ServiceError::NotFound(format!("node {parent}")))?;
-        if decode::<NodeMeta>(pv.value())?.kind != FileKind::Dir {
+        let pmeta: NodeMeta = decode(pv.value())?;
+        if pmeta.kind != FileKind::Dir {
             return Err(ServiceError::NotDir(format!("node {parent}")));
         }
+        access::need(who, &pmeta, X)?;
         let id = children
             .get((parent.0, name.as_str()))?
             .ok_or_else(|| ServiceError::NotFound(format!("{:?} in node {parent}", name.as_str())))?
@@ -390,17 +430,19 @@ impl DirectoryService {
         decode(v.value())
     }
 
-    /// The entries of directory `parent`, sorted by name.
-    pub fn list(&self, parent: NodeId) -> ServiceResult<Vec<DirEntry>> {
+    /// The entries of directory `parent`, sorted by name (read permission on it needed).
+    pub fn list(&self, parent: NodeId, who: &Identity) -> ServiceResult<Vec<DirEntry>> {
         let tx = self.store.db()?.begin_read()?;
         let children = tx.open_table(CHILDREN)?;
         let nodes = tx.open_table(NODES)?;
         let pv = nodes
             .get(parent.0)?
             .ok_or_else(|| ServiceError::NotFound(format!("node {parent}")))?;
-        if decode::<NodeMeta>(pv.value())?.kind != FileKind::Dir {
+        let pmeta: NodeMeta = decode(pv.value())?;
+        if pmeta.kind != FileKind::Dir {
             return Err(ServiceError::NotDir(format!("node {parent}")));
         }
+        access::need(who, &pmeta, R)?;
         let mut out = Vec::new();
         for row in children.range((parent.0, "")..(parent.0.saturating_add(1), ""))? {
             let (k, v) = row?;
@@ -422,7 +464,7 @@ impl DirectoryService {
         &self,
         parent: NodeId,
         req: &CreateRequest,
-        owner: &str,
+        who: &Caller,
     ) -> ServiceResult<NodeMeta> {
         if req.mode > 0o7777 {
             return Err(ServiceError::BadRequest(format!(
@@ -460,10 +502,12 @@ impl DirectoryService {
             None
         };
         self.store.write(|tx| {
-            dir_node(tx, parent)?;
+            let pmeta = dir_node(tx, parent)?;
+            access::need(&who.id, &pmeta, W | X)?;
             if child_of(tx, parent, req.name.as_str())?.is_some() {
                 return Err(ServiceError::Exists(format!("{:?}", req.name.as_str())));
             }
+            let (uid, gid, mode) = access::new_node(&who.id, &pmeta, req.kind, req.mode);
             let id = {
                 let mut meta = tx.open_table(META)?;
                 let id = meta
@@ -486,8 +530,10 @@ impl DirectoryService {
                 id,
                 parent,
                 kind: req.kind,
-                mode: req.mode,
-                owner: owner.to_owned(),
+                mode,
+                owner: who.name.clone(),
+                uid,
+                gid,
                 size: target.as_ref().map_or(0, |t| t.len() as u64),
                 version: 0,
                 mtime_ns: now,
@@ -512,13 +558,21 @@ impl DirectoryService {
 
     /// unlink (`dir == false`: the entry must not be a directory) or rmdir (`dir == true`: it
     /// must be an empty directory). Returns the removed node.
-    pub fn remove(&self, parent: NodeId, name: &ValidName, dir: bool) -> ServiceResult<NodeMeta> {
+    pub fn remove(
+        &self,
+        parent: NodeId,
+        name: &ValidName,
+        dir: bool,
+        who: &Identity,
+    ) -> ServiceResult<NodeMeta> {
         self.store.write(|tx| {
-            dir_node(tx, parent)?;
+            let pmeta = dir_node(tx, parent)?;
+            access::need(who, &pmeta, X)?;
             let id = child_of(tx, parent, name.as_str())?.ok_or_else(|| {
                 ServiceError::NotFound(format!("{:?} in node {parent}", name.as_str()))
             })?;
             let meta = get_node(tx, id)?;
+            access::need_unlink(who, &pmeta, &meta)?;
             match (dir, meta.kind == FileKind::Dir) {
                 (true, false) => return Err(ServiceError::NotDir(format!("{:?}", name.as_str()))),
                 (false, true) => return Err(ServiceError::IsDir(format!("{:?}", name.as_str()))),
@@ -536,14 +590,21 @@ impl DirectoryService {
 
     /// Atomic rename; replaces an existing target (file over file, empty dir over dir).
     /// Returns the node that was replaced, if any.
-    pub fn rename(&self, req: &RenameRequest) -> ServiceResult<Option<NodeMeta>> {
+    pub fn rename(&self, req: &RenameRequest, who: &Identity) -> ServiceResult<Option<NodeMeta>> {
         self.store.write(|tx| {
-            dir_node(tx, req.parent)?;
-            dir_node(tx, req.new_parent)?;
+            let from = dir_node(tx, req.parent)?;
+            let to = dir_node(tx, req.new_parent)?;
+            access::need(who, &from, X)?;
             let id = child_of(tx, req.parent, req.name.as_str())?.ok_or_else(|| {
                 ServiceError::NotFound(format!("{:?} in node {}", req.name.as_str(), req.parent))
             })?;
             let mut meta = get_node(tx, id)?;
+            access::need_unlink(who, &from, &meta)?;
+            access::need(who, &to, W | X)?;
+            if meta.kind == FileKind::Dir && req.new_parent != req.parent {
+                // Its ".." changes: the moved directory must be writable too (POSIX).
+                access::need(who, &meta, W)?;
+            }
             if meta.kind == FileKind::Dir {
                 // The destination must not be the moved directory or inside it.
                 let mut cur = req.new_parent;
@@ -564,6 +625,7 @@ impl DirectoryService {
                 }
                 Some(old) => {
                     let old_meta = get_node(tx, old)?;
+                    access::need_unlink(who, &to, &old_meta)?;
                     match (meta.kind == FileKind::Dir, old_meta.kind == FileKind::Dir) {
                         (true, false) => {
                             return Err(ServiceError::NotDir(format!(
@@ -607,8 +669,13 @@ impl DirectoryService {
         })
     }
 
-    /// Changes mode and/or mtime.
-    pub fn setattr(&self, id: NodeId, req: &SetAttrRequest) -> ServiceResult<NodeMeta> {
+    /// Changes mode, owner, group and/or mtime, as far as `who` may (`access::apply_setattr`).
+    pub fn setattr(
+        &self,
+        id: NodeId,
+        req: &SetAttrRequest,
+        who: &Identity,
+    ) -> ServiceResult<NodeMeta> {
         if req.mode.is_some_and(|m| m > 0o7777) {
             return Err(ServiceError::BadRequest(
                 "mode has bits beyond 07777".into(),
@@ -616,12 +683,7 @@ impl DirectoryService {
         }
         self.store.write(|tx| {
             let mut meta = get_node(tx, id)?;
-            if let Some(m) = req.mode {
-                meta.mode = m;
-            }
-            if let Some(t) = req.mtime_ns {
-                meta.mtime_ns = t;
-            }
+            access::apply_setattr(who, &mut meta, req)?;
             meta.ctime_ns = now_ns();
             put_node(tx, &meta)?;
             Ok(meta)
@@ -689,13 +751,19 @@ impl DirectoryService {
     /// Records that a client will push `id` in the background (write-back), so that other
     /// clients' opens wait for it. Not waited onto disk: after a directory crash readers just
     /// stop waiting, as they do when the intent lapses.
-    pub fn set_intent(&self, id: NodeId, req: &IntentRequest) -> ServiceResult<NodeMeta> {
+    pub fn set_intent(
+        &self,
+        id: NodeId,
+        req: &IntentRequest,
+        who: &Identity,
+    ) -> ServiceResult<NodeMeta> {
         let until_ms = crate::store::now_ms() + req.lease_ms.min(common::api::MAX_INTENT_MS);
         self.store.write_lazy(|tx| {
             let mut meta = get_node(tx, id)?;
             if meta.kind != FileKind::File {
                 return Err(ServiceError::IsDir(format!("node {id}")));
             }
+            access::need_write(who, &meta)?;
             meta.writeback = Some(common::WritebackIntent {
                 upload_id: req.upload_id.clone(),
                 until_ms,

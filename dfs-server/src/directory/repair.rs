@@ -255,6 +255,8 @@ mod tests {
             kind: FileKind::File,
             mode: 0o644,
             owner: "t".into(),
+            uid: 0,
+            gid: 0,
             size: 3,
             version: 2,
             mtime_ns: 0,

@@ -61,28 +61,39 @@ async fn statfs(axum::extract::State(svc): State, _a: Authed) -> ApiResult<Json<
 
 async fn get_node(
     axum::extract::State(svc): State,
-    _a: Authed,
+    Authed(who): Authed,
     ApiPath(id): ApiPath<u64>,
+    ApiQuery(q): ApiQuery<common::api::NodeQuery>,
 ) -> ApiResult<Json<NodeMeta>> {
     // A point read of the store takes microseconds: no hop to the blocking pool.
-    Ok(Json(svc.get(NodeId(id))?))
+    let want = q
+        .want()
+        .map_err(|e| AppError(ServiceError::BadRequest(e)))?;
+    if want == 0 {
+        return Ok(Json(svc.get(NodeId(id))?));
+    }
+    Ok(Json(svc.get_to_open(NodeId(id), want, &who.caller().id)?))
 }
 
 async fn setattr(
     axum::extract::State(svc): State,
-    _a: Authed,
+    Authed(who): Authed,
     ApiPath(id): ApiPath<u64>,
     ApiJson(req): ApiJson<SetAttrRequest>,
 ) -> ApiResult<Json<NodeMeta>> {
-    Ok(Json(blocking(move || svc.setattr(NodeId(id), &req)).await?))
+    let who = who.caller().id;
+    Ok(Json(
+        blocking(move || svc.setattr(NodeId(id), &req, &who)).await?,
+    ))
 }
 
 async fn list(
     axum::extract::State(svc): State,
-    _a: Authed,
+    Authed(who): Authed,
     ApiPath(id): ApiPath<u64>,
 ) -> ApiResult<Json<Vec<DirEntry>>> {
-    Ok(Json(blocking(move || svc.list(NodeId(id))).await?))
+    let who = who.caller().id;
+    Ok(Json(blocking(move || svc.list(NodeId(id), &who)).await?))
 }
 
 async fn create(
@@ -92,37 +103,39 @@ async fn create(
     ApiJson(req): ApiJson<CreateRequest>,
 ) -> ApiResult<Json<NodeMeta>> {
     Ok(Json(
-        blocking(move || svc.create(NodeId(id), &req, who.name())).await?,
+        blocking(move || svc.create(NodeId(id), &req, &who.caller())).await?,
     ))
 }
 
 async fn lookup(
     axum::extract::State(svc): State,
-    _a: Authed,
+    Authed(who): Authed,
     ApiPath((id, n)): ApiPath<(u64, String)>,
 ) -> ApiResult<Json<NodeMeta>> {
     let n = name(&n)?;
-    Ok(Json(svc.lookup(NodeId(id), &n)?))
+    Ok(Json(svc.lookup(NodeId(id), &n, &who.caller().id)?))
 }
 
 async fn remove(
     axum::extract::State(svc): State,
-    _a: Authed,
+    Authed(who): Authed,
     ApiPath((id, n)): ApiPath<(u64, String)>,
     ApiQuery(q): ApiQuery<RemoveQuery>,
 ) -> ApiResult<Json<NodeMeta>> {
     let n = name(&n)?;
+    let who = who.caller().id;
     Ok(Json(
-        blocking(move || svc.remove(NodeId(id), &n, q.dir)).await?,
+        blocking(move || svc.remove(NodeId(id), &n, q.dir, &who)).await?,
     ))
 }
 
 async fn rename(
     axum::extract::State(svc): State,
-    _a: Authed,
+    Authed(who): Authed,
     ApiJson(req): ApiJson<RenameRequest>,
 ) -> ApiResult<Json<Option<NodeMeta>>> {
-    Ok(Json(blocking(move || svc.rename(&req)).await?))
+    let who = who.caller().id;
+    Ok(Json(blocking(move || svc.rename(&req, &who)).await?))
 }
 
 async fn register_server(
@@ -182,12 +195,13 @@ async fn commit_batch(
 /// A client announces a write-back push.
 async fn intent(
     axum::extract::State(svc): State,
-    _a: Authed,
+    Authed(who): Authed,
     ApiPath(id): ApiPath<u64>,
     ApiJson(req): ApiJson<common::api::IntentRequest>,
 ) -> ApiResult<Json<NodeMeta>> {
+    let who = who.caller().id;
     Ok(Json(
-        blocking(move || svc.set_intent(NodeId(id), &req)).await?,
+        blocking(move || svc.set_intent(NodeId(id), &req, &who)).await?,
     ))
 }
 

@@ -5,6 +5,11 @@ use common::{ContentHash, FenceToken, FileKind, NodeId, UploadId, ValidName};
 
 use super::*;
 
+/// The administrator: these tests are about the namespace, not permissions.
+fn admin() -> Identity {
+    Caller::cluster().id
+}
+
 fn n(s: &str) -> ValidName {
     ValidName::parse(s).expect("valid name")
 }
@@ -32,7 +37,7 @@ fn mk(svc: &DirectoryService, parent: NodeId, name: &str, kind: FileKind) -> Nod
             mode: 0o644,
             symlink_target: None,
         },
-        "t",
+        &Caller::cluster(),
     )
     .expect("create")
 }
@@ -51,6 +56,7 @@ fn commit(svc: &DirectoryService, id: NodeId, fence: u64, upload: u8) -> Service
             },
             holders: vec![],
             writer: "t".into(),
+            writer_id: None,
             primary: None,
             replicas: None,
             mode: None,
@@ -79,7 +85,10 @@ fn create_lookup_list_remove() {
     let svc = open(dir.path());
     let d = mk(&svc, NodeId::ROOT, "d", FileKind::Dir);
     let f = mk(&svc, d.id, "f", FileKind::File);
-    assert_eq!(svc.lookup(d.id, &n("f")).expect("lookup").id, f.id);
+    assert_eq!(
+        svc.lookup(d.id, &n("f"), &admin()).expect("lookup").id,
+        f.id
+    );
     assert!(matches!(
         svc.create(
             d.id,
@@ -89,27 +98,28 @@ fn create_lookup_list_remove() {
                 mode: 0o644,
                 symlink_target: None
             },
-            "t"
+            &Caller::cluster()
         ),
         Err(ServiceError::Exists(_))
     ));
-    assert_eq!(svc.list(d.id).expect("list").len(), 1);
+    assert_eq!(svc.list(d.id, &admin()).expect("list").len(), 1);
     assert!(matches!(
-        svc.remove(NodeId::ROOT, &n("d"), true),
+        svc.remove(NodeId::ROOT, &n("d"), true, &admin()),
         Err(ServiceError::NotEmpty(_))
     ));
     assert!(matches!(
-        svc.remove(d.id, &n("f"), true),
+        svc.remove(d.id, &n("f"), true, &admin()),
         Err(ServiceError::NotDir(_))
     ));
     assert!(matches!(
-        svc.remove(NodeId::ROOT, &n("d"), false),
+        svc.remove(NodeId::ROOT, &n("d"), false, &admin()),
         Err(ServiceError::IsDir(_))
     ));
-    svc.remove(d.id, &n("f"), false).expect("unlink");
-    svc.remove(NodeId::ROOT, &n("d"), true).expect("rmdir");
+    svc.remove(d.id, &n("f"), false, &admin()).expect("unlink");
+    svc.remove(NodeId::ROOT, &n("d"), true, &admin())
+        .expect("rmdir");
     assert!(matches!(
-        svc.lookup(NodeId::ROOT, &n("d")),
+        svc.lookup(NodeId::ROOT, &n("d"), &admin()),
         Err(ServiceError::NotFound(_))
     ));
     assert!(matches!(svc.get(f.id), Err(ServiceError::NotFound(_))));
@@ -122,18 +132,26 @@ fn rename_over_existing_file_replaces_it_atomically() {
     let a = mk(&svc, NodeId::ROOT, "a", FileKind::File);
     let b = mk(&svc, NodeId::ROOT, "b", FileKind::File);
     let replaced = svc
-        .rename(&RenameRequest {
-            parent: NodeId::ROOT,
-            name: n("a"),
-            new_parent: NodeId::ROOT,
-            new_name: n("b"),
-            no_replace: false,
-        })
+        .rename(
+            &RenameRequest {
+                parent: NodeId::ROOT,
+                name: n("a"),
+                new_parent: NodeId::ROOT,
+                new_name: n("b"),
+                no_replace: false,
+            },
+            &admin(),
+        )
         .expect("rename");
     assert_eq!(replaced.map(|m| m.id), Some(b.id));
-    assert_eq!(svc.lookup(NodeId::ROOT, &n("b")).expect("lookup").id, a.id);
-    assert!(svc.lookup(NodeId::ROOT, &n("a")).is_err());
-    assert_eq!(svc.list(NodeId::ROOT).expect("list").len(), 1);
+    assert_eq!(
+        svc.lookup(NodeId::ROOT, &n("b"), &admin())
+            .expect("lookup")
+            .id,
+        a.id
+    );
+    assert!(svc.lookup(NodeId::ROOT, &n("a"), &admin()).is_err());
+    assert_eq!(svc.list(NodeId::ROOT, &admin()).expect("list").len(), 1);
 }
 
 #[test]
@@ -143,13 +161,16 @@ fn rename_of_directory_into_itself_is_refused() {
     let d = mk(&svc, NodeId::ROOT, "d", FileKind::Dir);
     let sub = mk(&svc, d.id, "sub", FileKind::Dir);
     for target in [d.id, sub.id] {
-        let r = svc.rename(&RenameRequest {
-            parent: NodeId::ROOT,
-            name: n("d"),
-            new_parent: target,
-            new_name: n("x"),
-            no_replace: false,
-        });
+        let r = svc.rename(
+            &RenameRequest {
+                parent: NodeId::ROOT,
+                name: n("d"),
+                new_parent: target,
+                new_name: n("x"),
+                no_replace: false,
+            },
+            &admin(),
+        );
         assert!(matches!(r, Err(ServiceError::InvalidMove)), "{r:?}");
     }
 }
@@ -184,8 +205,8 @@ fn metadata_survives_restart() {
         f.id
     };
     let svc = DirectoryService::open(dir.path(), DirectoryConfig::default()).expect("reopen");
-    let d = svc.lookup(NodeId::ROOT, &n("keep")).expect("dir");
-    let f = svc.lookup(d.id, &n("f")).expect("file");
+    let d = svc.lookup(NodeId::ROOT, &n("keep"), &admin()).expect("dir");
+    let f = svc.lookup(d.id, &n("f"), &admin()).expect("file");
     assert_eq!((f.id, f.version), (id, 1));
     assert_eq!(svc.registry.live().len(), 3, "registrations persisted");
     let g = mk(&svc, NodeId::ROOT, "new", FileKind::File);
@@ -381,7 +402,7 @@ fn resolve(svc: &DirectoryService, path: &[String]) -> NodeId {
     let mut id = NodeId::ROOT;
     for part in path {
         id = svc
-            .lookup(id, &n(part))
+            .lookup(id, &n(part), &admin())
             .expect("path in model exists in service")
             .id;
     }
@@ -394,7 +415,7 @@ fn snapshot(
     prefix: Vec<String>,
     out: &mut Vec<(Vec<String>, bool)>,
 ) {
-    for e in svc.list(id).expect("list") {
+    for e in svc.list(id, &admin()).expect("list") {
         let mut p = prefix.clone();
         p.push(e.name.clone());
         let dir = e.meta.kind == FileKind::Dir;
@@ -420,7 +441,7 @@ proptest::proptest! {
                     let parent = dirs[parent % dirs.len()].clone();
                     let kind = if *dir { FileKind::Dir } else { FileKind::File };
                     let req = CreateRequest { name: n(name), kind, mode: 0o755, symlink_target: None };
-                    let got = svc.create(resolve(&svc, &parent), &req, "t").is_ok();
+                    let got = svc.create(resolve(&svc, &parent), &req, &Caller::cluster()).is_ok();
                     (m.create(&parent, name, *dir), got)
                 }
                 model::Op::Remove { target, dir } => {
@@ -428,7 +449,7 @@ proptest::proptest! {
                     if all.is_empty() { continue; }
                     let p = all[target % all.len()].clone();
                     let parent = resolve(&svc, &p[..p.len() - 1]);
-                    let got = svc.remove(parent, &n(&p[p.len() - 1]), *dir).is_ok();
+                    let got = svc.remove(parent, &n(&p[p.len() - 1]), *dir, &admin()).is_ok();
                     (m.remove(&p, *dir), got)
                 }
                 model::Op::Rename { src, dst_parent, name } => {
@@ -444,7 +465,7 @@ proptest::proptest! {
                         new_name: n(name),
                         no_replace: false,
                     };
-                    let got = svc.rename(&req).is_ok();
+                    let got = svc.rename(&req, &admin()).is_ok();
                     (m.rename(&src, &dst, name), got)
                 }
             };
@@ -475,6 +496,7 @@ fn regression_a_commit_with_a_stale_placement_or_too_few_copies_is_refused() {
         },
         holders,
         writer: "t".into(),
+        writer_id: None,
         primary: Some(primary),
         replicas: Some(replicas),
         mode: None,
@@ -536,6 +558,7 @@ async fn regression_a_repair_pass_never_waits_for_its_copies() {
             },
             holders: vec![primary, f.replicas[0]],
             writer: "t".into(),
+            writer_id: None,
             primary: Some(primary),
             replicas: Some(f.replicas.clone()),
             mode: None,
@@ -586,6 +609,7 @@ fn a_batch_commit_refuses_items_alone_and_applies_the_rest_durably() {
             .take(2)
             .collect(),
         writer: "t".into(),
+        writer_id: None,
         primary: f.primary,
         replicas: Some(f.replicas.clone()),
         mode: None,
@@ -642,6 +666,7 @@ fn commit_on(
             },
             holders: vec![],
             writer: "t".into(),
+            writer_id: None,
             primary: None,
             replicas: None,
             mode: None,
@@ -723,6 +748,7 @@ fn a_retry_of_the_current_content_is_answered_without_a_new_version() {
                 },
                 holders: vec![],
                 writer: "t".into(),
+                writer_id: None,
                 primary: None,
                 replicas: None,
                 mode: None,
@@ -748,6 +774,7 @@ fn a_refused_write_back_push_ends_the_wait_it_announced() {
             upload_id: UploadId::from_bytes([7; 16]),
             lease_ms: 30_000,
         },
+        &admin(),
     )
     .expect("intent");
     let r = commit_on(&svc, f.id, 2, 7, 0, false);
@@ -819,4 +846,289 @@ async fn a_server_is_dead_exactly_after_its_missed_beats_on_the_injected_clock()
     assert!(svc.registry.live().contains(&quiet), "alive until 6 s pass");
     tokio::time::advance(Duration::from_millis(1)).await;
     assert!(!svc.registry.live().contains(&quiet), "dead once they have");
+}
+
+fn user(uid: u32, groups: &[u32]) -> Caller {
+    Caller {
+        name: format!("u{uid}"),
+        id: Identity {
+            uid,
+            gid: uid,
+            groups: groups.to_vec(),
+            admin: false,
+        },
+    }
+}
+
+fn mk_as(
+    svc: &DirectoryService,
+    who: &Caller,
+    parent: NodeId,
+    name: &str,
+    kind: FileKind,
+    mode: u32,
+) -> ServiceResult<NodeMeta> {
+    svc.create(
+        parent,
+        &CreateRequest {
+            name: n(name),
+            kind,
+            mode,
+            symlink_target: None,
+        },
+        who,
+    )
+}
+
+#[test]
+fn permissions_follow_posix_for_lookup_create_remove_and_rename() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let (alice, bob) = (user(10_000, &[]), user(10_001, &[]));
+    let home = mk_as(&svc, &alice, NodeId::ROOT, "alice", FileKind::Dir, 0o755).expect("mkdir");
+    assert_eq!((home.uid, home.gid), (10_000, 10_000));
+    let secret = mk_as(&svc, &alice, home.id, "secret", FileKind::File, 0o600).expect("create");
+    // Bob may look in (0755) but not create, remove or rename there.
+    svc.lookup(home.id, &n("secret"), &bob.id)
+        .expect("search allowed");
+    fn denied<T>(r: ServiceResult<T>) -> bool {
+        matches!(r, Err(ServiceError::AccessDenied(_)))
+    }
+    assert!(denied(mk_as(
+        &svc,
+        &bob,
+        home.id,
+        "mine",
+        FileKind::File,
+        0o644
+    )));
+    assert!(denied(svc.remove(home.id, &n("secret"), false, &bob.id)));
+    let mv = RenameRequest {
+        parent: home.id,
+        name: n("secret"),
+        new_parent: NodeId::ROOT,
+        new_name: n("stolen"),
+        no_replace: false,
+    };
+    assert!(denied(svc.rename(&mv, &bob.id)));
+    // ... nor open her 0600 file.
+    assert!(denied(svc.get_to_open(secret.id, common::perm::R, &bob.id)));
+    svc.get_to_open(secret.id, common::perm::R | common::perm::W, &alice.id)
+        .expect("the owner may");
+    // A private directory (0700) hides its names.
+    svc.setattr(
+        home.id,
+        &SetAttrRequest {
+            mode: Some(0o700),
+            ..Default::default()
+        },
+        &alice.id,
+    )
+    .expect("owner chmod");
+    assert!(denied(svc.lookup(home.id, &n("secret"), &bob.id)));
+    assert!(denied(svc.list(home.id, &bob.id)));
+    // The administrator passes every check.
+    svc.remove(home.id, &n("secret"), false, &admin())
+        .expect("admin");
+}
+
+#[test]
+fn the_sticky_root_lets_everyone_create_but_remove_only_their_own() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    assert_eq!(svc.get(NodeId::ROOT).expect("root").mode, 0o1777);
+    let (alice, bob) = (user(10_000, &[]), user(10_001, &[]));
+    mk_as(&svc, &alice, NodeId::ROOT, "a.txt", FileKind::File, 0o666).expect("alice");
+    mk_as(&svc, &bob, NodeId::ROOT, "b.txt", FileKind::File, 0o644).expect("bob");
+    assert!(matches!(
+        svc.remove(NodeId::ROOT, &n("a.txt"), false, &bob.id),
+        Err(ServiceError::AccessDenied(_))
+    ));
+    // Renaming over someone else's entry is removing it.
+    let over = RenameRequest {
+        parent: NodeId::ROOT,
+        name: n("b.txt"),
+        new_parent: NodeId::ROOT,
+        new_name: n("a.txt"),
+        no_replace: false,
+    };
+    assert!(matches!(
+        svc.rename(&over, &bob.id),
+        Err(ServiceError::AccessDenied(_))
+    ));
+    svc.remove(NodeId::ROOT, &n("b.txt"), false, &bob.id)
+        .expect("his own");
+}
+
+#[test]
+fn chmod_chown_and_chgrp_follow_posix() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let (alice, bob) = (user(10_000, &[500]), user(10_001, &[]));
+    let f = mk_as(&svc, &alice, NodeId::ROOT, "f", FileKind::File, 0o644).expect("create");
+    let set = |who: &Caller, req: SetAttrRequest| svc.setattr(f.id, &req, &who.id);
+    let perm = |r: ServiceResult<NodeMeta>| matches!(r, Err(ServiceError::Forbidden(_)));
+    assert!(perm(set(
+        &bob,
+        SetAttrRequest {
+            mode: Some(0o777),
+            ..Default::default()
+        }
+    )));
+    assert!(
+        perm(set(
+            &alice,
+            SetAttrRequest {
+                uid: Some(10_001),
+                ..Default::default()
+            }
+        )),
+        "only the administrator gives files away"
+    );
+    assert!(
+        perm(set(
+            &alice,
+            SetAttrRequest {
+                gid: Some(600),
+                ..Default::default()
+            }
+        )),
+        "not her group"
+    );
+    let m = set(
+        &alice,
+        SetAttrRequest {
+            gid: Some(500),
+            mode: Some(0o2775),
+            ..Default::default()
+        },
+    )
+    .expect("chgrp to her group");
+    assert_eq!((m.gid, m.mode), (500, 0o2775));
+    // Explicit times are the owner's; "now" is anyone's who may write.
+    assert!(perm(set(
+        &bob,
+        SetAttrRequest {
+            mtime_ns: Some(1),
+            ..Default::default()
+        }
+    )));
+    assert!(matches!(
+        set(
+            &bob,
+            SetAttrRequest {
+                mtime_ns: Some(1),
+                mtime_now: true,
+                ..Default::default()
+            }
+        ),
+        Err(ServiceError::AccessDenied(_))
+    ));
+    let m = set(
+        &Caller::cluster(),
+        SetAttrRequest {
+            uid: Some(10_001),
+            ..Default::default()
+        },
+    )
+    .expect("admin chown");
+    assert_eq!(m.uid, 10_001);
+    assert_eq!(m.mode, 0o2775, "the administrator's chown keeps the bits");
+    let m = set(
+        &bob,
+        SetAttrRequest {
+            gid: Some(10_001),
+            ..Default::default()
+        },
+    )
+    .expect("bob's now");
+    assert_eq!(
+        m.mode & 0o6000,
+        0,
+        "chgrp by a non-administrator drops set-id bits"
+    );
+}
+
+#[test]
+fn a_setgid_directory_passes_its_group_on_and_a_write_needs_write_permission() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let (alice, bob) = (user(10_000, &[500]), user(10_001, &[500]));
+    let shared = mk_as(&svc, &alice, NodeId::ROOT, "shared", FileKind::Dir, 0o775).expect("mkdir");
+    svc.setattr(
+        shared.id,
+        &SetAttrRequest {
+            gid: Some(500),
+            mode: Some(0o2775),
+            ..Default::default()
+        },
+        &alice.id,
+    )
+    .expect("chgrp");
+    let sub =
+        mk_as(&svc, &bob, shared.id, "sub", FileKind::Dir, 0o755).expect("group member creates");
+    assert_eq!(
+        (sub.gid, sub.mode & 0o2000),
+        (500, 0o2000),
+        "inherits group and setgid"
+    );
+    let f = mk_as(&svc, &bob, shared.id, "f", FileKind::File, 0o644).expect("file");
+    assert_eq!(f.gid, 500);
+    // Alice (group 500) may not write bob's 0644 file: the directory refuses the commit.
+    let mut req = CommitRequest {
+        hash: ContentHash::from_digest(&[9; 32]),
+        size: 1,
+        fence: FenceToken(1),
+        upload_id: UploadId::from_bytes([9; 16]),
+        base: common::api::PushBase {
+            version: 0,
+            waiting: true,
+        },
+        holders: f.holders.clone(),
+        writer: "alice".into(),
+        writer_id: Some(alice.id.clone()),
+        primary: f.primary,
+        replicas: Some(f.replicas.clone()),
+        mode: None,
+        mtime_ns: None,
+    };
+    assert!(matches!(
+        svc.commit(f.id, &req),
+        Err(ServiceError::AccessDenied(_))
+    ));
+    req.writer_id = Some(bob.id.clone());
+    assert_eq!(
+        svc.commit(f.id, &req)
+            .expect("the owner writes")
+            .meta
+            .version,
+        1
+    );
+}
+
+#[test]
+fn regression_the_owner_writes_a_file_it_created_read_only() {
+    // git makes its objects with open(O_CREAT, 0444) and writes through that descriptor.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let alice = user(10_000, &[]);
+    let f = mk_as(&svc, &alice, NodeId::ROOT, "obj", FileKind::File, 0o444).expect("create");
+    let req = CommitRequest {
+        hash: ContentHash::from_digest(&[7; 32]),
+        size: 1,
+        fence: FenceToken(1),
+        upload_id: UploadId::from_bytes([7; 16]),
+        base: common::api::PushBase {
+            version: 0,
+            waiting: true,
+        },
+        holders: f.holders.clone(),
+        writer: "alice".into(),
+        writer_id: Some(alice.id.clone()),
+        primary: f.primary,
+        replicas: Some(f.replicas.clone()),
+        mode: None,
+        mtime_ns: None,
+    };
+    assert_eq!(svc.commit(f.id, &req).expect("owner").meta.version, 1);
 }

@@ -163,7 +163,7 @@ impl FileServer {
     /// `write_primary`, with the I/O shared across the batch (see the module docs).
     pub async fn write_batch(
         self: &Arc<Self>,
-        writer: &str,
+        writer: &common::Caller,
         frame: Bytes,
     ) -> ServiceResult<Vec<ItemResult<NodeMeta>>> {
         let Frame { header, bodies } = parse_frame(
@@ -298,7 +298,8 @@ impl FileServer {
                     upload_id: p.item.upload_id.clone(),
                     base: p.item.base,
                     holders: p.holders.clone(),
-                    writer: writer.to_owned(),
+                    writer: writer.name.clone(),
+                    writer_id: Some(writer.id.clone()),
                     primary: Some(me),
                     replicas: Some(p.replicas.clone()),
                     mode: p.item.mode,

@@ -70,7 +70,7 @@ pub struct WriteRequest {
     /// What the content was based on.
     pub base: common::api::PushBase,
     /// Who writes.
-    pub writer: String,
+    pub writer: common::Caller,
     /// The placement the writer knows, `(primary, replicas)`; `None`: ask the directory.
     pub placement: Option<(ServerId, Vec<ServerId>)>,
     /// The body's length, when declared (forwarded to the replicas).
@@ -297,7 +297,8 @@ impl FileServer {
             upload_id: req.upload_id,
             base: req.base,
             holders: holders.clone(),
-            writer: req.writer,
+            writer: req.writer.name,
+            writer_id: Some(req.writer.id),
             primary: Some(me),
             replicas: Some(replicas.clone()),
             mode: req.mode,

@@ -114,7 +114,7 @@ async fn write(
             .map_err(|e| AppError(ServiceError::BadRequest(e.to_string())))?,
         base: common::api::PushBase::parse_header(header_str(&headers, routes::BASE_HEADER)?)
             .ok_or_else(|| bad("base header must be a version, optionally followed by ;waiting"))?,
-        writer: who.name().to_owned(),
+        writer: who.caller(),
         placement: headers
             .get(routes::PLACEMENT_HEADER)
             .map(|v| parse_placement(v.to_str().unwrap_or("")))
@@ -192,7 +192,7 @@ async fn write_batch(
     let _permit = batch_permit(&fs, 0)?;
     fs.store.disk.check_room(content_length(&headers))?;
     let frame = frame_of(&headers, body).await?;
-    let results = fs.write_batch(who.name(), frame).await?;
+    let results = fs.write_batch(&who.caller(), frame).await?;
     Ok(Json(BatchResponse { results }))
 }
 

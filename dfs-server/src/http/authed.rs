@@ -18,8 +18,8 @@ use crate::store::now_ms;
 /// The authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
-    /// A user, by name, from a valid token.
-    User(String),
+    /// A user, from a valid token: name and identity.
+    User(Claims),
     /// Another dfs service, from the cluster key.
     Cluster,
 }
@@ -28,8 +28,19 @@ impl Principal {
     /// Name recorded as owner/writer.
     pub fn name(&self) -> &str {
         match self {
-            Principal::User(u) => u,
+            Principal::User(c) => &c.user,
             Principal::Cluster => "@cluster",
+        }
+    }
+
+    /// Who the request acts as (another service acts as the administrator).
+    pub fn caller(&self) -> common::Caller {
+        match self {
+            Principal::User(c) => common::Caller {
+                name: c.user.clone(),
+                id: c.id.clone(),
+            },
+            Principal::Cluster => common::Caller::cluster(),
         }
     }
 }
@@ -193,7 +204,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Authed {
             AppError(ServiceError::Unauthorized("expected a Bearer token".into()))
         })?;
         let claims = verifier.verify_token(token).await?;
-        Ok(Authed(Principal::User(claims.user)))
+        Ok(Authed(Principal::User(claims)))
     }
 }
 

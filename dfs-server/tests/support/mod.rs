@@ -101,7 +101,7 @@ impl Harness {
         let req = CreateRequest {
             name: ValidName::parse(name).unwrap(),
             kind,
-            mode: 0o644,
+            mode: if kind == FileKind::Dir { 0o755 } else { 0o644 },
             symlink_target: None,
         };
         let r = self
