@@ -74,6 +74,9 @@ pub const AUTH_SIGNUP: &str = "/v1/auth/signup";
 pub const AUTH_LOGIN: &str = "/v1/auth/login";
 /// Auth: exchange a refresh token for a new token.
 pub const AUTH_REFRESH: &str = "/v1/auth/refresh";
+/// Response header of an open the directory authorised (`GET /v1/nodes/{id}?access=r`), and
+/// request header of the download: the capability a file server serves a blob against.
+pub const CAPABILITY_HEADER: &str = "x-dfs-capability";
 /// `GET`: every user and their identity (cluster key).
 pub const AUTH_USERS: &str = "/v1/auth/users";
 /// `PATCH`: change a user's identity (cluster key).

@@ -180,6 +180,10 @@ pub struct Remote {
     config: RemoteConfig,
     /// The identity of the current login, for what the mount shows (kept in step by `token`).
     identity: std::sync::Mutex<Option<common::Identity>>,
+    /// Capabilities the directory gave with authorised opens, by (node, content hash): what a
+    /// download shows the file servers. The newest per node only.
+    capabilities:
+        std::sync::Mutex<std::collections::HashMap<NodeId, (common::ContentHash, String)>>,
     /// Counters.
     pub stats: Arc<ClientStats>,
 }
@@ -212,6 +216,7 @@ impl Remote {
             .unwrap_or_default();
         Remote {
             identity: std::sync::Mutex::new(login.as_ref().and_then(|l| l.id.clone())),
+            capabilities: std::sync::Mutex::new(std::collections::HashMap::new()),
             server,
             http,
             stream,
@@ -336,6 +341,19 @@ impl Remote {
         req: reqwest::RequestBuilder,
         what: &str,
     ) -> Result<T, RemoteError> {
+        self.send_raw(req, what)
+            .await?
+            .json()
+            .await
+            .map_err(|e| net(what, e))
+    }
+
+    /// `send`, answering the response itself (for its headers).
+    async fn send_raw(
+        &self,
+        req: reqwest::RequestBuilder,
+        what: &str,
+    ) -> Result<reqwest::Response, RemoteError> {
         let token = self.token().await?;
         let resp = req
             .bearer_auth(token)
@@ -350,7 +368,7 @@ impl Remote {
         if !resp.status().is_success() {
             return Err(api_error(resp).await);
         }
-        resp.json().await.map_err(|e| net(what, e))
+        Ok(resp)
     }
 
     async fn post<B: Serialize, T: DeserializeOwned>(
@@ -568,7 +586,33 @@ impl Remote {
             _ => "r",
         };
         let url = format!("{}?access={access}", self.dir(&routes::node(id)));
-        self.send(self.http.get(url), "open").await
+        let resp = self.send_raw(self.http.get(url), "open").await?;
+        let cap = resp
+            .headers()
+            .get(routes::CAPABILITY_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let meta: NodeMeta = resp.json().await.map_err(|e| net("open", e))?;
+        let mut caps = self.capabilities.lock().unwrap_or_else(|p| p.into_inner());
+        match cap {
+            Some(c) => {
+                caps.insert(id, (meta.hash.clone(), c));
+            }
+            None => {
+                caps.remove(&id);
+            }
+        }
+        Ok(meta)
+    }
+
+    /// The capability to download version `hash` of `node`, if an open gave one.
+    fn capability(&self, node: NodeId, hash: &common::ContentHash) -> Option<String> {
+        self.capabilities
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&node)
+            .filter(|(h, _)| h == hash)
+            .map(|(_, c)| c.clone())
     }
 
     /// Metadata of one node.
@@ -654,6 +698,11 @@ impl Remote {
     /// order) and then the primary; a server that fails or sends bytes that do not hash right
     /// is skipped. `dest` is fsynced before this returns.
     pub async fn download(&self, meta: &NodeMeta, dest: &Path) -> Result<(), RemoteError> {
+        if self.capability(meta.id, &meta.hash).is_none() {
+            // Metadata from a plain read (a wait for a write-back push, a retry): the file
+            // servers want the directory's word that this user may read it.
+            self.get_to_open(meta.id, libc::O_RDONLY).await?;
+        }
         let mut order: Vec<_> = meta
             .holders
             .iter()
@@ -726,13 +775,14 @@ impl Remote {
     ) -> Result<tokio::fs::File, RemoteError> {
         let base = self.server_url(server).await?;
         let token = self.token().await?;
-        let resp = self
+        let mut req = self
             .stream
             .get(format!("{base}{}", routes::file_read(meta.id, &meta.hash)))
-            .bearer_auth(token)
-            .send()
-            .await
-            .map_err(|e| net("download", e))?;
+            .bearer_auth(token);
+        if let Some(cap) = self.capability(meta.id, &meta.hash) {
+            req = req.header(routes::CAPABILITY_HEADER, cap);
+        }
+        let resp = req.send().await.map_err(|e| net("download", e))?;
         if !resp.status().is_success() {
             return Err(api_error(resp).await);
         }

@@ -232,7 +232,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     missed_beats: a.missed_beats,
                 };
                 let svc = Arc::new(
-                    DirectoryService::open(&a.common.data, cfg).context("opening the directory")?,
+                    DirectoryService::open(&a.common.data, cfg)
+                        .context("opening the directory")?
+                        .with_capability_key(&key),
                 );
                 let (l, url) = cluster::bind(a.listen).await?;
                 let verifier = Arc::new(Verifier::new(&key, None, Some(url.clone())));

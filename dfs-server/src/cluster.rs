@@ -340,7 +340,8 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
 
     let directory = Arc::new(
         DirectoryService::open(&cfg.data.join("directory"), cfg.directory.clone())
-            .context("opening the directory service")?,
+            .context("opening the directory service")?
+            .with_capability_key(&key),
     );
     let (dl, directory_url) = bind(cfg.listen).await.context("directory service")?;
     tasks.push(start_repair(

@@ -9,6 +9,7 @@
 //! `cluster` starts them, alone or all in one process; `cli` is the `dfs-server` command.
 
 pub mod auth;
+pub mod capability;
 pub mod cli;
 pub mod cluster;
 pub mod commit;

@@ -705,3 +705,50 @@ async fn regression_a_batch_respects_the_servers_file_size_limit() {
     assert_eq!(meta.version, 0);
     h.cluster.shutdown().await;
 }
+
+#[tokio::test]
+async fn file_servers_serve_a_user_only_what_the_directory_let_them_open() {
+    let h = Harness::new(|_| {}).await;
+    let secret = h.create(NodeId::ROOT, "secret", FileKind::File).await;
+    let public = h.create(NodeId::ROOT, "public", FileKind::File).await;
+    for (f, body) in [(&secret, b"alice's secret"), (&public, b"alice's public")] {
+        let r = h.write(f, body, 1, f.id.0 as u8).await;
+        assert!(r.status().is_success());
+    }
+    let r = h
+        .http
+        .patch(h.dir(&routes::node(secret.id)))
+        .bearer_auth(&h.token)
+        .json(&serde_json::json!({ "mode": 0o600 }))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let secret: NodeMeta = h.get_json(&routes::node(secret.id)).await;
+    let public: NodeMeta = h.get_json(&routes::node(public.id)).await;
+    let server = secret.holders[0];
+    // Alice reads through an open; without one, or with one for another file, she does not.
+    assert!(h.read_from(server, &secret).await.status().is_success());
+    let none = h.read_with(server, &secret, None).await;
+    assert_eq!(error_code(none).await, (403, ErrorCode::AccessDenied));
+    let other = h.capability(public.id).await.unwrap();
+    let wrong = h.read_with(server, &secret, Some(&other)).await;
+    assert_eq!(error_code(wrong).await, (403, ErrorCode::AccessDenied));
+
+    // Bob gets no capability for her 0600 file, only for what everyone may read.
+    let mut bob = h;
+    bob.token = signup_login(&bob.http, &bob.cluster, "bob").await.token;
+    assert!(bob.capability(secret.id).await.is_none());
+    let r = bob
+        .http
+        .get(format!("{}?access=r", bob.dir(&routes::node(secret.id))))
+        .bearer_auth(&bob.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (403, ErrorCode::AccessDenied));
+    let stolen = bob.read_with(server, &secret, Some(&other)).await;
+    assert_eq!(error_code(stolen).await, (403, ErrorCode::AccessDenied));
+    assert!(bob.read_from(server, &public).await.status().is_success());
+    bob.cluster.shutdown().await;
+}

@@ -274,7 +274,7 @@ impl DfsFs {
         if !self.cache.path(node).exists() {
             return Ok(());
         }
-        let mut meta = self.remote.get(node).await?;
+        let mut meta = self.remote.get_to_open(node, libc::O_RDONLY).await?;
         self.remember(&meta, None);
         if meta.kind != common::FileKind::File {
             return Ok(());

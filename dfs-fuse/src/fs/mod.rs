@@ -1115,7 +1115,7 @@ impl DfsFs {
             // gone from the servers: read the metadata again and retry once.
             let mut result = self.remote.download(&meta, &tmp).await;
             if result.as_ref().is_err_and(|e| e.is_not_found()) {
-                meta = self.remote.get(node).await?;
+                meta = self.remote.get_to_open(node, libc::O_RDONLY).await?;
                 result = self.remote.download(&meta, &tmp).await;
             }
             if matches!(&result, Err(RemoteError::Local { errno, .. }) if *errno == libc::ENOSPC)

@@ -63,6 +63,8 @@ pub struct DirectoryService {
     config: DirectoryConfig,
     counts: std::sync::Mutex<std::collections::HashMap<ServerId, (u64, u64)>>,
     cluster_id: u64,
+    /// Signs the capabilities file servers serve blobs against (the cluster key).
+    capability_key: String,
 }
 
 fn get_node(tx: &WriteTransaction, id: NodeId) -> ServiceResult<NodeMeta> {
@@ -352,6 +354,7 @@ impl DirectoryService {
             config,
             counts: Default::default(),
             cluster_id,
+            capability_key: String::new(),
         };
         svc.set_counts(&svc.files()?);
         Ok(svc)
@@ -384,12 +387,35 @@ impl DirectoryService {
         self.config.heartbeat
     }
 
+    /// The key capabilities are signed with (the cluster key, which the file servers that
+    /// check them hold).
+    pub fn with_capability_key(mut self, key: &str) -> Self {
+        self.capability_key = key.to_owned();
+        self
+    }
+
     /// Metadata of a node about to be opened for `want` (`R`, `W` or both) by `who`: refused
-    /// (EACCES) unless its permission bits allow it.
-    pub fn get_to_open(&self, id: NodeId, want: u32, who: &Identity) -> ServiceResult<NodeMeta> {
+    /// (EACCES) unless its permission bits allow it. With read access comes the capability
+    /// to download the current version from any file server holding it.
+    pub fn get_to_open(
+        &self,
+        id: NodeId,
+        want: u32,
+        who: &Identity,
+    ) -> ServiceResult<(NodeMeta, Option<String>)> {
         let meta = self.get(id)?;
         access::need(who, &meta, want)?;
-        Ok(meta)
+        let cap = (want & R != 0 && meta.kind == FileKind::File).then(|| {
+            crate::capability::issue(
+                &self.capability_key,
+                id,
+                &meta.hash,
+                who.uid,
+                want,
+                crate::store::now_ms(),
+            )
+        });
+        Ok((meta, cap))
     }
 
     /// Metadata of one node.

@@ -64,15 +64,23 @@ async fn get_node(
     Authed(who): Authed,
     ApiPath(id): ApiPath<u64>,
     ApiQuery(q): ApiQuery<common::api::NodeQuery>,
-) -> ApiResult<Json<NodeMeta>> {
+) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
     // A point read of the store takes microseconds: no hop to the blocking pool.
     let want = q
         .want()
         .map_err(|e| AppError(ServiceError::BadRequest(e)))?;
     if want == 0 {
-        return Ok(Json(svc.get(NodeId(id))?));
+        return Ok(Json(svc.get(NodeId(id))?).into_response());
     }
-    Ok(Json(svc.get_to_open(NodeId(id), want, &who.caller().id)?))
+    let (meta, cap) = svc.get_to_open(NodeId(id), want, &who.caller().id)?;
+    let mut resp = Json(meta).into_response();
+    if let Some(cap) = cap
+        && let Ok(v) = axum::http::HeaderValue::from_str(&cap)
+    {
+        resp.headers_mut().insert(routes::CAPABILITY_HEADER, v);
+    }
+    Ok(resp)
 }
 
 async fn setattr(

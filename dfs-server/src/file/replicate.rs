@@ -139,6 +139,23 @@ impl FileServer {
 
     /// The primary's write path (see the module docs for the acknowledgement rule).
     ///
+    /// Refuses (EACCES) a download not covered by a capability the directory signed.
+    pub fn check_capability(
+        &self,
+        cap: &str,
+        node: NodeId,
+        hash: &ContentHash,
+    ) -> ServiceResult<()> {
+        crate::capability::verify(
+            &self.fence_key,
+            cap,
+            node,
+            hash,
+            common::perm::R,
+            crate::store::now_ms(),
+        )
+    }
+
     /// Latency budget (small file, placement known from the writer): fence check (memory),
     /// body streamed into the local temp file *and* to every replica at once, local fsync +
     /// rename + shard fsync in parallel with the replicas' own, then one commit at the directory

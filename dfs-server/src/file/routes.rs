@@ -212,10 +212,23 @@ async fn replica_batch(
 
 async fn read(
     axum::extract::State(fs): State,
-    _who: Authed,
+    Authed(who): Authed,
     ApiPath((id, hash)): ApiPath<(u64, String)>,
+    headers: HeaderMap,
 ) -> ApiResult<Response> {
     let hash = parse_hash(&hash)?;
+    if matches!(who, crate::http::authed::Principal::User(_)) {
+        // Users read only what the directory let them open (another service needs no word).
+        let cap = headers
+            .get(routes::CAPABILITY_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                AppError(ServiceError::AccessDenied(
+                    "no capability: open the file through the directory first".into(),
+                ))
+            })?;
+        fs.check_capability(cap, NodeId(id), &hash)?;
+    }
     fs.store.stats.downloads.fetch_add(1, Ordering::Relaxed);
     if hash.as_str() == ContentHash::EMPTY_HEX {
         return Ok(([(header::CONTENT_LENGTH, "0")], Body::empty()).into_response());

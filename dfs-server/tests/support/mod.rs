@@ -233,14 +233,44 @@ impl Harness {
             .unwrap()
     }
 
+    /// Reads `meta`'s version from `server` as a client does: opens it at the directory for
+    /// the capability first.
     pub async fn read_from(&self, server: common::ServerId, meta: &NodeMeta) -> reqwest::Response {
-        let url = self.server_url(server).await;
-        self.http
-            .get(format!("{url}{}", routes::file_read(meta.id, &meta.hash)))
+        let cap = self.capability(meta.id).await;
+        self.read_with(server, meta, cap.as_deref()).await
+    }
+
+    /// The capability an open for reading gets from the directory (None if refused).
+    pub async fn capability(&self, id: NodeId) -> Option<String> {
+        let r = self
+            .http
+            .get(format!("{}?access=r", self.dir(&routes::node(id))))
             .bearer_auth(&self.token)
             .send()
             .await
-            .unwrap()
+            .unwrap();
+        r.headers()
+            .get(routes::CAPABILITY_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    }
+
+    /// Reads `meta`'s version from `server` with `cap` (or none).
+    pub async fn read_with(
+        &self,
+        server: common::ServerId,
+        meta: &NodeMeta,
+        cap: Option<&str>,
+    ) -> reqwest::Response {
+        let url = self.server_url(server).await;
+        let mut req = self
+            .http
+            .get(format!("{url}{}", routes::file_read(meta.id, &meta.hash)))
+            .bearer_auth(&self.token);
+        if let Some(c) = cap {
+            req = req.header(routes::CAPABILITY_HEADER, c);
+        }
+        req.send().await.unwrap()
     }
 }
 
