@@ -57,8 +57,10 @@ pub struct RenameRequest {
     pub no_replace: bool,
 }
 
-/// `GET /v1/nodes/{id}?access=r|w|rw`: the metadata of a node about to be opened, refused
-/// (EACCES) unless the caller may read and/or write it. Without `access`, plain metadata.
+/// `GET /v1/nodes/{id}?access=r|w|rw|commit`: the metadata of a node about to be opened,
+/// refused (EACCES) unless the caller may read and/or write it (`commit`: write new versions,
+/// as its owner or with write permission; the capability answered lets the caller queue for
+/// the file's write lock). Without `access`, plain metadata.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct NodeQuery {
     /// `r`, `w` or `rw`.
@@ -74,7 +76,8 @@ impl NodeQuery {
             Some("r") => Ok(crate::perm::R),
             Some("w") => Ok(crate::perm::W),
             Some("rw") => Ok(crate::perm::R | crate::perm::W),
-            Some(other) => Err(format!("access must be r, w or rw, not {other:?}")),
+            Some("commit") => Ok(crate::perm::COMMIT),
+            Some(other) => Err(format!("access must be r, w, rw or commit, not {other:?}")),
         }
     }
 }
@@ -515,9 +518,9 @@ pub struct Claims {
     pub user: String,
     /// Expiry, ms since the epoch.
     pub exp_ms: u64,
-    /// Numeric identity: uid, gid, groups, administrator (tokens issued before identities
-    /// existed carry none and act as nobody in particular: uid and gid 0, no rights of root).
-    #[serde(default)]
+    /// Numeric identity: uid, gid, groups, administrator. Tokens issued before identities
+    /// existed carry none and act as `nobody` (65534): they own nothing.
+    #[serde(default = "crate::Identity::nobody")]
     pub id: crate::Identity,
 }
 

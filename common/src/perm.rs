@@ -54,6 +54,11 @@ pub const W: u32 = 2;
 /// Execute (search, for a directory) permission bit.
 pub const X: u32 = 1;
 
+/// Not a mode bit: to write new versions of a file, which its owner may (even a read-only
+/// file it created) or anyone with write permission. Asked for by a writer's client before
+/// it queues for the file's write lock.
+pub const COMMIT: u32 = 8;
+
 /// Set-user-id bit of a mode.
 pub const SETUID: u32 = 0o4000;
 /// Set-group-id bit of a mode.
@@ -61,7 +66,20 @@ pub const SETGID: u32 = 0o2000;
 /// Sticky bit of a mode (on a directory: only owners may remove or rename entries).
 pub const STICKY: u32 = 0o1000;
 
+/// The uid and gid of `nobody`: an identity that owns nothing.
+pub const NOBODY: u32 = 65_534;
+
 impl Identity {
+    /// `nobody`: what a token without an identity acts as.
+    pub fn nobody() -> Self {
+        Identity {
+            uid: NOBODY,
+            gid: NOBODY,
+            groups: vec![],
+            admin: false,
+        }
+    }
+
     /// Whether `gid` is the caller's primary group or one of its groups.
     pub fn in_group(&self, gid: u32) -> bool {
         self.gid == gid || self.groups.contains(&gid)

@@ -184,6 +184,8 @@ pub struct Remote {
     /// download shows the file servers. The newest per node only.
     capabilities:
         std::sync::Mutex<std::collections::HashMap<NodeId, (common::ContentHash, String)>>,
+    /// Capabilities to queue for write locks, by node, with when they were given (ms).
+    commit_caps: std::sync::Mutex<std::collections::HashMap<NodeId, (String, u64)>>,
     /// Counters.
     pub stats: Arc<ClientStats>,
 }
@@ -217,6 +219,7 @@ impl Remote {
         Remote {
             identity: std::sync::Mutex::new(login.as_ref().and_then(|l| l.id.clone())),
             capabilities: std::sync::Mutex::new(std::collections::HashMap::new()),
+            commit_caps: std::sync::Mutex::new(std::collections::HashMap::new()),
             server,
             http,
             stream,
@@ -594,7 +597,8 @@ impl Remote {
             .map(str::to_owned);
         let meta: NodeMeta = resp.json().await.map_err(|e| net("open", e))?;
         let mut caps = self.capabilities.lock().unwrap_or_else(|p| p.into_inner());
-        match cap {
+        // A write-only open's capability lets no one download.
+        match cap.filter(|_| access.contains('r')) {
             Some(c) => {
                 caps.insert(id, (meta.hash.clone(), c));
             }
@@ -603,6 +607,43 @@ impl Remote {
             }
         }
         Ok(meta)
+    }
+
+    /// The capability to queue for `node`'s write lock: the one the directory gave last, or a
+    /// new one (`fresh`, or none yet, or one near its expiry). Refused (EACCES) if this user
+    /// may not write the file.
+    async fn commit_capability(&self, node: NodeId, fresh: bool) -> Result<String, RemoteError> {
+        let now = now_ms();
+        let half = dfs_server::capability::TTL_MS / 2;
+        if !fresh
+            && let Some((cap, at)) = self
+                .commit_caps
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&node)
+            && now.saturating_sub(*at) < half
+        {
+            return Ok(cap.clone());
+        }
+        let url = format!("{}?access=commit", self.dir(&routes::node(node)));
+        let resp = self
+            .send_raw(self.http.get(url), "write permission")
+            .await?;
+        let cap = resp
+            .headers()
+            .get(routes::CAPABILITY_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .ok_or_else(|| RemoteError::Api {
+                code: ErrorCode::Unavailable,
+                message: "the directory answered no capability".into(),
+            })?;
+        let mut caps = self.commit_caps.lock().unwrap_or_else(|p| p.into_inner());
+        if caps.len() > 4096 {
+            caps.clear();
+        }
+        caps.insert(node, (cap.clone(), now));
+        Ok(cap)
     }
 
     /// The capability to download version `hash` of `node`, if an open gave one.
@@ -829,6 +870,7 @@ impl Remote {
             self.lock_url().await?,
             routes::lock(node, "acquire")
         );
+        let mut fresh = false;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let wait_ms = u64::try_from(left.min(Duration::from_secs(20)).as_millis()).unwrap_or(0);
@@ -836,11 +878,13 @@ impl Remote {
                 waiter: waiter.clone(),
                 wait_ms,
             };
+            let cap = self.commit_capability(node, fresh).await?;
             let token = self.token().await?;
             let resp = self
                 .http
                 .post(&url)
                 .bearer_auth(token)
+                .header(routes::CAPABILITY_HEADER, cap)
                 .timeout(left + self.config.call_timeout)
                 .json(&req)
                 .send()
@@ -850,7 +894,21 @@ impl Remote {
                     net("lock", e)
                 })?;
             if !resp.status().is_success() {
-                return Err(api_error(resp).await);
+                let e = api_error(resp).await;
+                if !fresh
+                    && matches!(
+                        &e,
+                        RemoteError::Api {
+                            code: ErrorCode::AccessDenied,
+                            ..
+                        }
+                    )
+                {
+                    // Expired, or from before a chmod: ask the directory once more.
+                    fresh = true;
+                    continue;
+                }
+                return Err(e);
             }
             match resp
                 .json::<AcquireResponse>()

@@ -621,3 +621,56 @@ async fn the_cache_keeps_its_budget_and_evicts_only_clean_closed_copies() {
     );
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_push_refused_for_permission_is_kept_aside_not_retried_forever() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let a = core(&c, Some(login(&c, "alice").await), &dir.path().join("a"));
+    let b = core(&c, Some(login(&c, "bob").await), &dir.path().join("b"));
+    let (attr, o) = a
+        .create(NodeId::ROOT, OsStr::new("shared"), 0o666, libc::O_WRONLY)
+        .await
+        .unwrap();
+    a.write(o.fh, 0, b"alice\n").unwrap();
+    a.flush(o.fh).await.unwrap();
+    a.release(o.fh);
+    let node = NodeId(attr.ino.0);
+    // Bob opens it while anyone may write it; Alice takes that away before his close.
+    b.lookup(NodeId::ROOT, OsStr::new("shared")).await.unwrap();
+    let o = b.open(node, libc::O_WRONLY | libc::O_TRUNC).await.unwrap();
+    b.write(o.fh, 0, b"bob\n").unwrap();
+    let change = AttrChange {
+        mode: Some(0o644),
+        ..AttrChange::default()
+    };
+    a.setattr(node, change, None).await.unwrap();
+    let e = b.flush(o.fh).await.expect_err("no permission any more");
+    assert_eq!(e.errno(), libc::EACCES, "{e}");
+    b.release(o.fh);
+    // Bob's bytes are not lost and not pending for ever: the background push keeps them
+    // aside and lists them.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(150)).await; // past the retry interval
+        b.push_pending(tokio::time::Instant::now() + Duration::from_secs(10), false)
+            .await
+            .unwrap();
+    }
+    assert!(
+        b.unsettled().unwrap().is_empty(),
+        "nothing retried for ever"
+    );
+    let notes = b.conflicts();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert_eq!(read_file(&a, "shared").await, b"alice\n");
+    let copy = a
+        .lookup(NodeId::ROOT, OsStr::new(&notes[0].kept_as))
+        .await
+        .unwrap();
+    let o = a.open(NodeId(copy.ino.0), libc::O_RDONLY).await;
+    // The copy is Bob's (0644 from the original's mode): Alice may read it.
+    let o = o.unwrap();
+    assert_eq!(a.read(o.fh, 0, 100).unwrap(), b"bob\n");
+    a.release(o.fh);
+    c.shutdown().await;
+}

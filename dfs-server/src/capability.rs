@@ -55,6 +55,28 @@ pub fn verify(
     want: u32,
     now_ms: u64,
 ) -> ServiceResult<()> {
+    check(key, cap, node, Some(hash), want, now_ms)
+}
+
+/// As `verify`, for any version of `node` (a writer queueing for its lock writes a new one).
+pub fn verify_node(
+    key: &str,
+    cap: &str,
+    node: NodeId,
+    want: u32,
+    now_ms: u64,
+) -> ServiceResult<()> {
+    check(key, cap, node, None, want, now_ms)
+}
+
+fn check(
+    key: &str,
+    cap: &str,
+    node: NodeId,
+    hash: Option<&ContentHash>,
+    want: u32,
+    now_ms: u64,
+) -> ServiceResult<()> {
     let denied = |why: &str| ServiceError::AccessDenied(format!("capability {why}"));
     let (body, sig) = cap.rsplit_once('.').ok_or_else(|| denied("malformed"))?;
     let sig = hex::decode(sig).map_err(|_| denied("malformed"))?;
@@ -68,7 +90,7 @@ pub fn verify(
     if version != "v1" {
         return Err(denied("of an unknown version"));
     }
-    if n != node.0.to_string() || h != hash.as_str() {
+    if n != node.0.to_string() || hash.is_some_and(|hash| h != hash.as_str()) {
         return Err(denied("for another file or version"));
     }
     let access: u32 = access.parse().map_err(|_| denied("malformed"))?;
@@ -118,5 +140,12 @@ mod tests {
             "tampered"
         );
         assert!(verify("k", "garbage", NodeId(7), &h, R, 2_000).is_err());
+        let w = issue("k", NodeId(7), &h, 10_000, W, 1_000);
+        verify_node("k", &w, NodeId(7), W, 2_000).expect("any version, for the lock");
+        assert!(
+            verify_node("k", &cap, NodeId(7), W, 2_000).is_err(),
+            "a reader's"
+        );
+        assert!(verify_node("k", &w, NodeId(8), W, 2_000).is_err());
     }
 }

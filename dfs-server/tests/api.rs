@@ -165,7 +165,7 @@ async fn create_write_read_rename_unlink_and_every_replica_has_the_same_hash() {
 #[tokio::test]
 async fn three_waiters_are_granted_in_fifo_order() {
     let h = std::sync::Arc::new(Harness::new(|_| {}).await);
-    let node = NodeId(42);
+    let node = h.create(NodeId::ROOT, "queued", FileKind::File).await.id;
     let first = granted(&h.acquire(node, 1, 0).await);
     let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
@@ -750,5 +750,48 @@ async fn file_servers_serve_a_user_only_what_the_directory_let_them_open() {
     let stolen = bob.read_with(server, &secret, Some(&other)).await;
     assert_eq!(error_code(stolen).await, (403, ErrorCode::AccessDenied));
     assert!(bob.read_from(server, &public).await.status().is_success());
+    bob.cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn only_a_user_who_may_write_a_file_queues_for_its_lock() {
+    let h = Harness::new(|_| {}).await;
+    let f = h.create(NodeId::ROOT, "locked", FileKind::File).await;
+    let url = format!("{}{}", h.cluster.lock_url, routes::lock(f.id, "acquire"));
+    let body = serde_json::json!({ "waiter": UploadId::from_bytes([1; 16]), "wait_ms": 0 });
+    // Without the directory's word, no one queues (a user could otherwise hold any lock).
+    let r = h
+        .http
+        .post(&url)
+        .bearer_auth(&h.token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (403, ErrorCode::AccessDenied));
+    let mine = h.commit_capability(f.id).await;
+    assert!(!mine.is_empty(), "the owner may write");
+    granted(&h.acquire(f.id, 2, 0).await);
+    h.release(f.id, 2).await;
+    // Bob may not write Alice's 0644 file: no capability, and hers is no use to him on
+    // another file.
+    let mut bob = h;
+    bob.token = signup_login(&bob.http, &bob.cluster, "bob").await.token;
+    assert!(bob.commit_capability(f.id).await.is_empty());
+    let other = bob.create(NodeId::ROOT, "bobs", FileKind::File).await;
+    let r = bob
+        .http
+        .post(format!(
+            "{}{}",
+            bob.cluster.lock_url,
+            routes::lock(other.id, "acquire")
+        ))
+        .bearer_auth(&bob.token)
+        .header(routes::CAPABILITY_HEADER, mine)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (403, ErrorCode::AccessDenied));
     bob.cluster.shutdown().await;
 }

@@ -165,6 +165,23 @@ impl DfsFs {
                     self.keep_conflict_copy(node, &pending).await?;
                     return Ok(());
                 }
+                Err(
+                    e @ RemoteError::Api {
+                        code: common::ErrorCode::AccessDenied,
+                        ..
+                    },
+                ) => {
+                    // This user may not write the file (any more: a chmod since the open). A
+                    // close that waits is told EACCES; the change stays pending, and the next
+                    // background push keeps it aside as for a conflict instead of retrying
+                    // for ever.
+                    tracing::warn!(%node, error = %e, "push refused: no permission to write this file");
+                    if waiting {
+                        return Err(e.into());
+                    }
+                    self.keep_conflict_copy(node, &pending).await?;
+                    return Ok(());
+                }
                 Err(RemoteError::Api {
                     code: common::ErrorCode::HashMismatch,
                     ..

@@ -334,6 +334,14 @@ impl AuthService {
     /// user's next token (at the latest when the current one is renewed).
     pub fn set_user(&self, user: &str, req: &SetUserRequest) -> ServiceResult<UserInfo> {
         validate_user(user)?;
+        // uid 0 owns what was made before owners were stored, and nobody/u32::MAX are
+        // sentinels: no user gets them.
+        let reserved = |id: u32| id == 0 || id == common::perm::NOBODY || id == u32::MAX;
+        if req.uid.is_some_and(reserved) || req.gid.is_some_and(reserved) {
+            return Err(ServiceError::BadRequest(
+                "uid and gid 0, 65534 and 4294967295 are reserved".into(),
+            ));
+        }
         if req.groups.as_ref().is_some_and(|g| g.len() > 64) {
             return Err(ServiceError::TooLarge(
                 "a user is in at most 64 groups".into(),
@@ -517,6 +525,16 @@ mod tests {
             decode(users.get("carol").expect("get").expect("row").value()).expect("decode");
         assert!(rec.phc.starts_with("$argon2id$"), "{}", rec.phc);
         assert!(!rec.phc.contains("sekrit-pass"));
+    }
+
+    #[test]
+    fn regression_a_token_without_an_identity_acts_as_nobody() {
+        let c: Claims = serde_json::from_str(r#"{"user":"old","exp_ms":1}"#).expect("parse");
+        assert_eq!(c.id, Identity::nobody());
+        assert!(
+            !c.id.owns(0),
+            "it owns none of the files from before owners"
+        );
     }
 
     #[test]

@@ -243,15 +243,16 @@ fn commit_in(
         .writer_id
         .clone()
         .unwrap_or_else(|| Caller::cluster().id);
-    // A mode folded into the push (fchmod while open) is the owner's to make.
+    // Writing drops set-user-id and set-group-id, unless the administrator writes; a mode
+    // folded into the push (fchmod while open, `cp -p`) comes after the write and is the
+    // owner's to make.
+    if !writer.admin {
+        meta.mode &= !(SETUID | SETGID);
+    }
     if let Some(m) = req.mode
         && writer.owns(meta.uid)
     {
         meta.mode = m;
-    }
-    // Writing drops set-user-id and set-group-id, unless the administrator writes.
-    if !writer.admin {
-        meta.mode &= !(SETUID | SETGID);
     }
     meta.mtime_ns = req.mtime_ns.unwrap_or(now);
     meta.ctime_ns = now;
@@ -345,6 +346,13 @@ impl DirectoryService {
                     }
                 }
             };
+            // The root of a cluster from before permissions (0777, nobody's): sticky, as a new
+            // one is, so that no user can rename away another's top-level entries.
+            let mut root = get_node(tx, NodeId::ROOT)?;
+            if root.mode == 0o777 && root.uid == 0 {
+                root.mode = 0o1777;
+                put_node(tx, &root)?;
+            }
             let registry = Registry::open(tx, config.heartbeat * config.missed_beats)?;
             Ok((cluster_id, registry))
         })?;
@@ -404,8 +412,14 @@ impl DirectoryService {
         who: &Identity,
     ) -> ServiceResult<(NodeMeta, Option<String>)> {
         let meta = self.get(id)?;
-        access::need(who, &meta, want)?;
-        let cap = (want & R != 0 && meta.kind == FileKind::File).then(|| {
+        let want = if want & common::perm::COMMIT != 0 {
+            access::need_write(who, &meta)?;
+            W
+        } else {
+            access::need(who, &meta, want)?;
+            want
+        };
+        let cap = (meta.kind == FileKind::File).then(|| {
             crate::capability::issue(
                 &self.capability_key,
                 id,
@@ -529,10 +543,12 @@ impl DirectoryService {
         };
         self.store.write(|tx| {
             let pmeta = dir_node(tx, parent)?;
-            access::need(&who.id, &pmeta, W | X)?;
+            access::need(&who.id, &pmeta, X)?;
+            // An existing name is EEXIST even where the caller may not create (as Linux).
             if child_of(tx, parent, req.name.as_str())?.is_some() {
                 return Err(ServiceError::Exists(format!("{:?}", req.name.as_str())));
             }
+            access::need(&who.id, &pmeta, W | X)?;
             let (uid, gid, mode) = access::new_node(&who.id, &pmeta, req.kind, req.mode);
             let id = {
                 let mut meta = tx.open_table(META)?;

@@ -155,6 +155,17 @@ impl LockService {
         })
     }
 
+    /// Refuses (EACCES) a capability that does not let its holder write `node`.
+    pub fn check_capability(&self, cap: &str, node: NodeId) -> ServiceResult<()> {
+        crate::capability::verify_node(
+            &self.fence_key,
+            cap,
+            node,
+            common::perm::W,
+            crate::store::now_ms(),
+        )
+    }
+
     /// The configured lease.
     pub fn lease(&self) -> Duration {
         self.config.lease

@@ -32,8 +32,21 @@ async fn acquire(
     axum::extract::State(svc): State,
     Authed(who): Authed,
     ApiPath(id): ApiPath<u64>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<AcquireRequest>,
 ) -> ApiResult<Json<AcquireResponse>> {
+    if matches!(who, crate::http::authed::Principal::User(_)) {
+        // Only someone who may write the file queues for its lock: the directory's word.
+        let cap = headers
+            .get(common::routes::CAPABILITY_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                crate::http::AppError(crate::error::ServiceError::AccessDenied(
+                    "no capability: ask the directory for the right to write this file".into(),
+                ))
+            })?;
+        svc.check_capability(cap, NodeId(id))?;
+    }
     let wait = Duration::from_millis(req.wait_ms);
     Ok(Json(
         svc.acquire(NodeId(id), &req.waiter, who.name(), wait)

@@ -163,6 +163,10 @@ impl Harness {
                 routes::lock(node, "acquire")
             ))
             .bearer_auth(&self.token)
+            .header(
+                routes::CAPABILITY_HEADER,
+                self.commit_capability(node).await,
+            )
             .json(&req)
             .send()
             .await
@@ -238,6 +242,22 @@ impl Harness {
     pub async fn read_from(&self, server: common::ServerId, meta: &NodeMeta) -> reqwest::Response {
         let cap = self.capability(meta.id).await;
         self.read_with(server, meta, cap.as_deref()).await
+    }
+
+    /// The capability to queue for `id`'s write lock (empty if refused).
+    pub async fn commit_capability(&self, id: NodeId) -> String {
+        let r = self
+            .http
+            .get(format!("{}?access=commit", self.dir(&routes::node(id))))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        r.headers()
+            .get(routes::CAPABILITY_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
     }
 
     /// The capability an open for reading gets from the directory (None if refused).
