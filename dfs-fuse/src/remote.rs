@@ -596,6 +596,12 @@ impl Remote {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let meta: NodeMeta = resp.json().await.map_err(|e| net("open", e))?;
+        if access.contains('w')
+            && let Some(c) = &cap
+        {
+            // An open for writing says this user may write: its close needs no other word.
+            self.remember_commit_capability(id, c.clone());
+        }
         let mut caps = self.capabilities.lock().unwrap_or_else(|p| p.into_inner());
         // A write-only open's capability lets no one download.
         match cap.filter(|_| access.contains('r')) {
@@ -638,11 +644,7 @@ impl Remote {
                 code: ErrorCode::Unavailable,
                 message: "the directory answered no capability".into(),
             })?;
-        let mut caps = self.commit_caps.lock().unwrap_or_else(|p| p.into_inner());
-        if caps.len() > 4096 {
-            caps.clear();
-        }
-        caps.insert(node, (cap.clone(), now));
+        self.remember_commit_capability(node, cap.clone());
         Ok(cap)
     }
 
@@ -687,8 +689,29 @@ impl Remote {
         parent: NodeId,
         req: &CreateRequest,
     ) -> Result<NodeMeta, RemoteError> {
-        self.post(self.dir(&routes::children(parent)), req, "create")
-            .await
+        let resp = self
+            .send_raw(
+                self.http
+                    .post(self.dir(&routes::children(parent)))
+                    .json(req),
+                "create",
+            )
+            .await?;
+        let cap = header_of(&resp, routes::CAPABILITY_HEADER);
+        let meta: NodeMeta = resp.json().await.map_err(|e| net("create", e))?;
+        if let Some(cap) = cap {
+            self.remember_commit_capability(meta.id, cap);
+        }
+        Ok(meta)
+    }
+
+    /// Keeps a capability to queue for `node`'s write lock.
+    fn remember_commit_capability(&self, node: NodeId, cap: String) {
+        let mut caps = self.commit_caps.lock().unwrap_or_else(|p| p.into_inner());
+        if caps.len() > 4096 {
+            caps.clear();
+        }
+        caps.insert(node, (cap, now_ms()));
     }
 
     /// unlink or rmdir.
@@ -1213,4 +1236,12 @@ impl Remote {
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         Ok(answer.results)
     }
+}
+
+/// A response header as text.
+fn header_of(resp: &reqwest::Response, name: &str) -> Option<String> {
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
 }

@@ -402,6 +402,20 @@ impl DirectoryService {
         self
     }
 
+    /// The capability for `uid` to write new versions of file `meta` (given to its creator).
+    pub fn write_capability(&self, meta: &NodeMeta, uid: u32) -> Option<String> {
+        (meta.kind == FileKind::File).then(|| {
+            crate::capability::issue(
+                &self.capability_key,
+                meta.id,
+                &meta.hash,
+                uid,
+                W,
+                crate::store::now_ms(),
+            )
+        })
+    }
+
     /// Metadata of a node about to be opened for `want` (`R`, `W` or both) by `who`: refused
     /// (EACCES) unless its permission bits allow it. With read access comes the capability
     /// to download the current version from any file server holding it.

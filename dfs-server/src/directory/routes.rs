@@ -109,10 +109,22 @@ async fn create(
     Authed(who): Authed,
     ApiPath(id): ApiPath<u64>,
     ApiJson(req): ApiJson<CreateRequest>,
-) -> ApiResult<Json<NodeMeta>> {
-    Ok(Json(
-        blocking(move || svc.create(NodeId(id), &req, &who.caller())).await?,
-    ))
+) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
+    let caller = who.caller();
+    let uid = caller.id.uid;
+    let key_svc = svc.clone();
+    let meta = blocking(move || svc.create(NodeId(id), &req, &caller)).await?;
+    // The creator writes what it just made: the capability to queue for its write lock
+    // comes with the answer, saving its first close a round trip.
+    let cap = key_svc.write_capability(&meta, uid);
+    let mut resp = Json(meta).into_response();
+    if let Some(cap) = cap
+        && let Ok(v) = axum::http::HeaderValue::from_str(&cap)
+    {
+        resp.headers_mut().insert(routes::CAPABILITY_HEADER, v);
+    }
+    Ok(resp)
 }
 
 async fn lookup(
