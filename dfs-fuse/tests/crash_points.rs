@@ -400,7 +400,31 @@ async fn a_lease_that_runs_out_mid_push_never_reverts_a_newer_close() {
             (r, std::time::Instant::now())
         })
     };
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Wait until A's push holds the lock (and so is in its hold: the one hold is A's, never
+    // B's, however slow the machine), then past its lease.
+    let http = reqwest::Client::new();
+    let locks = format!("{}{}", cluster.lock_url, common::routes::LOCKS);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let held: Vec<common::api::LockStatus> = http
+            .get(&locks)
+            .bearer_auth(&login.token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if held.iter().any(|l| l.node == node && l.holder.is_some()) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A never took the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
     // B's close gets the lock the lease gave up, and is acknowledged first.
     b.lookup(NodeId::ROOT, OsStr::new("f")).await.unwrap();
     let ob = b.open(node, libc::O_WRONLY | libc::O_TRUNC).await.unwrap();
