@@ -590,11 +590,7 @@ impl Remote {
         };
         let url = format!("{}?access={access}", self.dir(&routes::node(id)));
         let resp = self.send_raw(self.http.get(url), "open").await?;
-        let cap = resp
-            .headers()
-            .get(routes::CAPABILITY_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let cap = header_of(&resp, routes::CAPABILITY_HEADER);
         let meta: NodeMeta = resp.json().await.map_err(|e| net("open", e))?;
         if access.contains('w')
             && let Some(c) = &cap
@@ -635,15 +631,10 @@ impl Remote {
         let resp = self
             .send_raw(self.http.get(url), "write permission")
             .await?;
-        let cap = resp
-            .headers()
-            .get(routes::CAPABILITY_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-            .ok_or_else(|| RemoteError::Api {
-                code: ErrorCode::Unavailable,
-                message: "the directory answered no capability".into(),
-            })?;
+        let cap = header_of(&resp, routes::CAPABILITY_HEADER).ok_or_else(|| RemoteError::Api {
+            code: ErrorCode::Unavailable,
+            message: "the directory answered no capability".into(),
+        })?;
         self.remember_commit_capability(node, cap.clone());
         Ok(cap)
     }

@@ -246,25 +246,19 @@ impl Harness {
 
     /// The capability to queue for `id`'s write lock (empty if refused).
     pub async fn commit_capability(&self, id: NodeId) -> String {
-        let r = self
-            .http
-            .get(format!("{}?access=commit", self.dir(&routes::node(id))))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap();
-        r.headers()
-            .get(routes::CAPABILITY_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned()
+        self.capability_for(id, "commit").await.unwrap_or_default()
     }
 
     /// The capability an open for reading gets from the directory (None if refused).
     pub async fn capability(&self, id: NodeId) -> Option<String> {
+        self.capability_for(id, "r").await
+    }
+
+    /// The capability the directory answers `GET ?access=ACCESS` with (None if refused).
+    async fn capability_for(&self, id: NodeId, access: &str) -> Option<String> {
         let r = self
             .http
-            .get(format!("{}?access=r", self.dir(&routes::node(id))))
+            .get(format!("{}?access={access}", self.dir(&routes::node(id))))
             .bearer_auth(&self.token)
             .send()
             .await
