@@ -66,10 +66,45 @@ pub const SETGID: u32 = 0o2000;
 /// Sticky bit of a mode (on a directory: only owners may remove or rename entries).
 pub const STICKY: u32 = 0o1000;
 
+/// Most supplementary groups an identity carries on the wire (Linux allows 65536; a request
+/// header must stay small).
+pub const MAX_GROUPS: usize = 256;
+
 /// The uid and gid of `nobody`: an identity that owns nothing.
 pub const NOBODY: u32 = 65_534;
 
 impl Identity {
+    /// The header value an administrator's `--local-ids` mount sends for a local caller.
+    pub fn act_as_header(&self) -> String {
+        let groups: Vec<String> = self.groups.iter().map(u32::to_string).collect();
+        format!("{}:{}:{}", self.uid, self.gid, groups.join(","))
+    }
+
+    /// The local caller named by an `x-dfs-act-as` value: the local root (uid 0) is the
+    /// administrator, every other uid an ordinary user. None if malformed or with more than
+    /// [`MAX_GROUPS`] groups.
+    pub fn from_act_as_header(value: &str) -> Option<Identity> {
+        let mut parts = value.splitn(3, ':');
+        let uid: u32 = parts.next()?.parse().ok()?;
+        let gid: u32 = parts.next()?.parse().ok()?;
+        let groups = match parts.next()? {
+            "" => vec![],
+            g => g
+                .split(',')
+                .map(|x| x.parse().ok())
+                .collect::<Option<Vec<u32>>>()?,
+        };
+        if groups.len() > MAX_GROUPS {
+            return None;
+        }
+        Some(Identity {
+            uid,
+            gid,
+            groups,
+            admin: uid == 0,
+        })
+    }
+
     /// `nobody`: what a token without an identity acts as.
     pub fn nobody() -> Self {
         Identity {
@@ -127,6 +162,24 @@ mod tests {
             groups: groups.to_vec(),
             admin: false,
         }
+    }
+
+    #[test]
+    fn an_act_as_header_round_trips_and_only_local_root_is_the_administrator() {
+        let alice = user(1000, 1000, &[27, 100]);
+        let header = alice.act_as_header();
+        assert_eq!(header, "1000:1000:27,100");
+        assert_eq!(Identity::from_act_as_header(&header), Some(alice));
+        let root = Identity::from_act_as_header("0:0:").expect("root");
+        assert!(root.admin && root.groups.is_empty());
+        for bad in ["", "1000", "1000:x:", "1000:1000:1,,2", "-1:0:", "1:2:3:4"] {
+            assert_eq!(Identity::from_act_as_header(bad), None, "{bad:?}");
+        }
+        let many: Vec<String> = (0..=MAX_GROUPS).map(|g| g.to_string()).collect();
+        assert_eq!(
+            Identity::from_act_as_header(&format!("1:1:{}", many.join(","))),
+            None
+        );
     }
 
     #[test]

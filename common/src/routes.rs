@@ -77,6 +77,9 @@ pub const AUTH_REFRESH: &str = "/v1/auth/refresh";
 /// Response header of an open the directory authorised (`GET /v1/nodes/{id}?access=r`), and
 /// request header of the download: the capability a file server serves a blob against.
 pub const CAPABILITY_HEADER: &str = "x-dfs-capability";
+/// Header of an administrator's `--local-ids` mount: the local caller the request acts as
+/// (`uid:gid:group,group,...`, [`crate::perm::Identity::act_as_header`]).
+pub const ACT_AS_HEADER: &str = "x-dfs-act-as";
 /// `GET`: every user and their identity (cluster key).
 pub const AUTH_USERS: &str = "/v1/auth/users";
 /// `PATCH`: change a user's identity (cluster key).

@@ -795,3 +795,132 @@ async fn only_a_user_who_may_write_a_file_queues_for_its_lock() {
     assert_eq!(error_code(r).await, (403, ErrorCode::AccessDenied));
     bob.cluster.shutdown().await;
 }
+
+/// A create request as `who` through an act-as header (None: the token's own identity).
+async fn create_as(
+    h: &Harness,
+    token: &str,
+    who: Option<&str>,
+    parent: NodeId,
+    name: &str,
+    kind: FileKind,
+    mode: u32,
+) -> reqwest::Response {
+    let req = common::api::CreateRequest {
+        name: ValidName::parse(name).unwrap(),
+        kind,
+        mode,
+        symlink_target: None,
+    };
+    let mut r = h
+        .http
+        .post(h.dir(&routes::children(parent)))
+        .bearer_auth(token)
+        .json(&req);
+    if let Some(who) = who {
+        r = r.header(routes::ACT_AS_HEADER, who);
+    }
+    r.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn an_administrators_local_ids_mount_acts_as_each_local_caller() {
+    let h = Harness::new(|_| {}).await;
+    // alice becomes the administrator; her next login carries it.
+    let r = h
+        .http
+        .patch(format!(
+            "{}{}",
+            h.cluster.auth_url,
+            routes::auth_user("alice")
+        ))
+        .header(routes::CLUSTER_KEY_HEADER, &h.cluster.cluster_key)
+        .json(&common::api::SetUserRequest {
+            admin: Some(true),
+            ..Default::default()
+        })
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let pk = public_key(&h.http, &h.cluster).await;
+    let env = dfs_server::auth::seal(&pk, "alice", "password123").unwrap();
+    let admin: common::api::TokenResponse =
+        post_envelope(&h.http, &h.cluster, routes::AUTH_LOGIN, &env)
+            .await
+            .json()
+            .await
+            .unwrap();
+    let bob = signup_login(&h.http, &h.cluster, "bob").await.token;
+
+    // Local root makes a 0755 directory (it owns it) and a 0777 one.
+    let r = create_as(
+        &h,
+        &admin.token,
+        Some("0:0:"),
+        NodeId::ROOT,
+        "etc",
+        FileKind::Dir,
+        0o755,
+    )
+    .await;
+    assert!(r.status().is_success(), "{}", r.status());
+    let etc: NodeMeta = r.json().await.unwrap();
+    assert_eq!((etc.uid, etc.gid), (0, 0));
+    let r = create_as(
+        &h,
+        &admin.token,
+        Some("0:0:"),
+        NodeId::ROOT,
+        "tmp",
+        FileKind::Dir,
+        0o777,
+    )
+    .await;
+    let tmp: NodeMeta = r.json().await.unwrap();
+
+    // Local uid 12345 may not write in root's 0755 directory: the directory refuses it,
+    // although the token is the administrator's.
+    let r = create_as(
+        &h,
+        &admin.token,
+        Some("12345:500:7"),
+        etc.id,
+        "x",
+        FileKind::File,
+        0o644,
+    )
+    .await;
+    assert_eq!(error_code(r).await, (403, ErrorCode::AccessDenied));
+    // In the 0777 one it may, and the file is its own.
+    let r = create_as(
+        &h,
+        &admin.token,
+        Some("12345:500:7"),
+        tmp.id,
+        "x",
+        FileKind::File,
+        0o644,
+    )
+    .await;
+    assert!(r.status().is_success(), "{}", r.status());
+    let x: NodeMeta = r.json().await.unwrap();
+    assert_eq!((x.uid, x.gid), (12345, 500));
+
+    // An ordinary user naming an identity is refused, not acted on nor ignored.
+    let r = create_as(&h, &bob, Some("0:0:"), tmp.id, "y", FileKind::File, 0o644).await;
+    assert_eq!(error_code(r).await, (403, ErrorCode::Forbidden));
+    // A malformed one is a bad request.
+    let r = create_as(
+        &h,
+        &admin.token,
+        Some("root"),
+        tmp.id,
+        "z",
+        FileKind::File,
+        0o644,
+    )
+    .await;
+    assert_eq!(error_code(r).await, (400, ErrorCode::BadRequest));
+    h.cluster.shutdown().await;
+}

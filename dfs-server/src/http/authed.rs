@@ -204,8 +204,34 @@ impl<S: Send + Sync> FromRequestParts<S> for Authed {
             AppError(ServiceError::Unauthorized("expected a Bearer token".into()))
         })?;
         let claims = verifier.verify_token(token).await?;
-        Ok(Authed(Principal::User(claims)))
+        Ok(Authed(Principal::User(act_as(parts, claims)?)))
     }
+}
+
+/// The claims a request acts with: the token's own, or, from an administrator's `--local-ids`
+/// mount, the local caller's identity it names in `x-dfs-act-as` (a trusted host, as NFS's
+/// AUTH_SYS). Anyone else naming an identity is refused, never silently ignored.
+fn act_as(parts: &Parts, mut claims: Claims) -> Result<Claims, AppError> {
+    let Some(value) = parts.headers.get(common::routes::ACT_AS_HEADER) else {
+        return Ok(claims);
+    };
+    if !claims.id.admin {
+        return Err(AppError(ServiceError::Forbidden(format!(
+            "{} is not an administrator: only an administrator's mount may act as local users (--local-ids)",
+            claims.user
+        ))));
+    }
+    claims.id = value
+        .to_str()
+        .ok()
+        .and_then(common::Identity::from_act_as_header)
+        .ok_or_else(|| {
+            AppError(ServiceError::BadRequest(format!(
+                "malformed {} header: expected uid:gid:group,...",
+                common::routes::ACT_AS_HEADER
+            )))
+        })?;
+    Ok(claims)
 }
 
 /// Extractor: only other dfs services (cluster key) may call.
