@@ -56,7 +56,8 @@ pub fn need_unlink(who: &Identity, dir: &NodeMeta, entry: &NodeMeta) -> ServiceR
     if who.may_unlink_from(dir.uid, dir.mode, entry.uid) {
         return Ok(());
     }
-    Err(ServiceError::AccessDenied(format!(
+    // EPERM, not EACCES, as unlink(2) and rename(2) say for a sticky directory.
+    Err(ServiceError::Forbidden(format!(
         "node {} is in sticky directory {} and uid {} owns neither",
         entry.id, dir.id, who.uid
     )))

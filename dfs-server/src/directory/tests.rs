@@ -940,9 +940,10 @@ fn the_sticky_root_lets_everyone_create_but_remove_only_their_own() {
     let (alice, bob) = (user(10_000, &[]), user(10_001, &[]));
     mk_as(&svc, &alice, NodeId::ROOT, "a.txt", FileKind::File, 0o666).expect("alice");
     mk_as(&svc, &bob, NodeId::ROOT, "b.txt", FileKind::File, 0o644).expect("bob");
+    // EPERM (Forbidden), as unlink(2) says, not EACCES.
     assert!(matches!(
         svc.remove(NodeId::ROOT, &n("a.txt"), false, &bob.id),
-        Err(ServiceError::AccessDenied(_))
+        Err(ServiceError::Forbidden(_))
     ));
     // Renaming over someone else's entry is removing it.
     let over = RenameRequest {
@@ -954,7 +955,7 @@ fn the_sticky_root_lets_everyone_create_but_remove_only_their_own() {
     };
     assert!(matches!(
         svc.rename(&over, &bob.id),
-        Err(ServiceError::AccessDenied(_))
+        Err(ServiceError::Forbidden(_))
     ));
     svc.remove(NodeId::ROOT, &n("b.txt"), false, &bob.id)
         .expect("his own");
