@@ -189,6 +189,7 @@ impl CacheArgs {
             passthrough: !self.no_passthrough,
             cluster_id: cluster_id.to_owned(),
             metrics: self.metrics,
+            local_ids: false,
         })
     }
 }
@@ -218,6 +219,12 @@ pub struct MountArgs {
     server: ServerArg,
     #[command(flatten)]
     cache: CacheArgs,
+    /// Act as the calling local user: every operation acts as the calling process's uid, gid
+    /// and supplementary groups, and the cluster checks permissions with those (as NFS
+    /// AUTH_SYS from a trusted host). The mount is shared by the machine's users
+    /// (allow_other) and shows owners as they are. Needs the administrator's login.
+    #[arg(long)]
+    local_ids: bool,
 }
 
 /// `umount`.
@@ -332,7 +339,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 session::preflight(&a.mountpoint)?;
                 let remote = session::connect(&server, &CredStore::default_location()?).await?;
                 let cluster_id = remote.cluster(false).await?.cluster_id;
-                let opts = a.cache.options(&server, a.mountpoint, &cluster_id)?;
+                let mut opts = a.cache.options(&server, a.mountpoint, &cluster_id)?;
+                opts.local_ids = a.local_ids;
                 session::run_mount(remote, opts).await
             }
             Command::Umount(a) => umount(&a),

@@ -57,9 +57,14 @@ struct Backing {
 
 impl FuseAdapter {
     /// Runs a core operation to completion on this FUSE thread and records its latency.
-    fn timed<T>(&self, op: &'static str, f: impl std::future::Future<Output = T>) -> T {
+    fn timed<T>(
+        &self,
+        req: &Request,
+        op: &'static str,
+        f: impl std::future::Future<Output = T>,
+    ) -> T {
         let start = std::time::Instant::now();
-        let r = self.rt.block_on(f);
+        let r = self.rt.block_on(crate::caller::scope(self.caller(req), f));
         self.fs.metrics().fuse_op(op, start.elapsed());
         r
     }
@@ -69,18 +74,29 @@ impl FuseAdapter {
     /// a whole file, fsyncs) never holds one of the runtime's few workers.
     fn spawned<T: Send + 'static>(
         &self,
+        req: &Request,
         op: &'static str,
         work: impl std::future::Future<Output = T> + Send + 'static,
         reply: impl FnOnce(T) + Send + 'static,
     ) {
         let metrics = self.fs.metrics().clone();
         let rt = self.rt.clone();
+        let work = crate::caller::scope(self.caller(req), work);
         self.rt.spawn_blocking(move || {
             let start = std::time::Instant::now();
             let r = rt.block_on(work);
             metrics.fuse_op(op, start.elapsed());
             reply(r);
         });
+    }
+
+    /// Whom an operation acts for: on a `--local-ids` mount the calling process (uid, gid and
+    /// supplementary groups), else the mount's own login.
+    fn caller(&self, req: &Request) -> Option<common::Identity> {
+        self.fs
+            .remote()
+            .local_ids()
+            .then(|| crate::caller::of_request(req.uid(), req.gid(), req.pid()))
     }
 
     /// An adapter running core operations on `rt`, using kernel passthrough for open files
@@ -256,15 +272,15 @@ impl Filesystem for FuseAdapter {
         self.fs.write_status();
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.timed("lookup", self.fs.lookup(node(parent), name)) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.timed(req, "lookup", self.fs.lookup(node(parent), name)) {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
             Err(e) => reply.error(errno("lookup", &e)),
         }
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.timed("getattr", self.fs.getattr(node(ino))) {
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.timed(req, "getattr", self.fs.getattr(node(ino))) {
             Ok((attr, ttl)) => reply.attr(&ttl, &attr),
             Err(e) => reply.error(errno("getattr", &e)),
         }
@@ -272,7 +288,7 @@ impl Filesystem for FuseAdapter {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -298,14 +314,14 @@ impl Filesystem for FuseAdapter {
             mtime: mtime.map(time_of),
         };
         let op = async move { fs.setattr(node(ino), change, fh.map(|f| f.0)).await };
-        self.spawned("setattr", op, move |r| match r {
+        self.spawned(req, "setattr", op, move |r| match r {
             Ok(attr) => reply.attr(&TTL, &attr),
             Err(e) => reply.error(errno("setattr", &e)),
         });
     }
 
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.timed("readlink", self.fs.readlink(node(ino))) {
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.timed(req, "readlink", self.fs.readlink(node(ino))) {
             Ok(t) => reply.data(t.as_bytes()),
             Err(e) => reply.error(errno("readlink", &e)),
         }
@@ -313,28 +329,32 @@ impl Filesystem for FuseAdapter {
 
     fn mkdir(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
         umask: u32,
         reply: ReplyEntry,
     ) {
-        match self.timed("mkdir", self.fs.mkdir(node(parent), name, mode & !umask)) {
+        match self.timed(
+            req,
+            "mkdir",
+            self.fs.mkdir(node(parent), name, mode & !umask),
+        ) {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
             Err(e) => reply.error(errno("mkdir", &e)),
         }
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.timed("unlink", self.fs.unlink(node(parent), name)) {
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.timed(req, "unlink", self.fs.unlink(node(parent), name)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("unlink", &e)),
         }
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.timed("rmdir", self.fs.rmdir(node(parent), name)) {
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.timed(req, "rmdir", self.fs.rmdir(node(parent), name)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("rmdir", &e)),
         }
@@ -342,13 +362,17 @@ impl Filesystem for FuseAdapter {
 
     fn symlink(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         link_name: &OsStr,
         target: &Path,
         reply: ReplyEntry,
     ) {
-        match self.timed("symlink", self.fs.symlink(node(parent), link_name, target)) {
+        match self.timed(
+            req,
+            "symlink",
+            self.fs.symlink(node(parent), link_name, target),
+        ) {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
             Err(e) => reply.error(errno("symlink", &e)),
         }
@@ -356,7 +380,7 @@ impl Filesystem for FuseAdapter {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -365,6 +389,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         match self.timed(
+            req,
             "rename",
             self.fs
                 .rename(node(parent), name, node(newparent), newname, flags.bits()),
@@ -385,11 +410,11 @@ impl Filesystem for FuseAdapter {
         reply.error(Errno::from_i32(libc::EPERM));
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let fs = self.fs.clone();
         let pt = self.pt.clone();
         let op = async move { fs.open(node(ino), flags.0).await };
-        self.spawned("open", op, move |r| match r {
+        self.spawned(req, "open", op, move |r| match r {
             Ok(o) => {
                 match pt.backing_for(ino.0, o.fh, o.handle.file(), |f| reply.open_backing(f)) {
                     Some(id) => {
@@ -439,7 +464,7 @@ impl Filesystem for FuseAdapter {
 
     fn flush(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         lock_owner: LockOwner,
@@ -457,7 +482,7 @@ impl Filesystem for FuseAdapter {
             }
             r
         };
-        self.spawned("flush", work, move |r| match r {
+        self.spawned(req, "flush", work, move |r| match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("flush", &e)),
         });
@@ -502,7 +527,7 @@ impl Filesystem for FuseAdapter {
 
     fn fsync(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         _datasync: bool,
@@ -510,6 +535,7 @@ impl Filesystem for FuseAdapter {
     ) {
         let fs = self.fs.clone();
         self.spawned(
+            req,
             "fsync",
             async move { fs.fsync(fh.0).await },
             move |r| match r {
@@ -519,8 +545,8 @@ impl Filesystem for FuseAdapter {
         );
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.timed("opendir", self.fs.opendir(node(ino))) {
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.timed(req, "opendir", self.fs.opendir(node(ino))) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno("opendir", &e)),
         }
@@ -602,8 +628,8 @@ impl Filesystem for FuseAdapter {
         reply.ok();
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.timed("statfs", self.fs.statfs()) {
+    fn statfs(&self, req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.timed(req, "statfs", self.fs.statfs()) {
             Ok(s) => {
                 // The cluster's disks, one copy's worth (see `StatFs`); before any server
                 // reported its space, the bytes stored and no room beyond.
@@ -629,7 +655,7 @@ impl Filesystem for FuseAdapter {
 
     fn getlk(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         lock_owner: LockOwner,
@@ -644,7 +670,7 @@ impl Filesystem for FuseAdapter {
             fs.app_test(node(ino), lock_owner.0, typ == libc::F_RDLCK)
                 .await
         };
-        self.spawned("getlk", work, move |r| match r {
+        self.spawned(req, "getlk", work, move |r| match r {
             // Locks cover whole files: the conflicting one, from 0 to the end.
             Ok(Some(c)) => {
                 let typ = if c.shared {
@@ -696,7 +722,7 @@ impl Filesystem for FuseAdapter {
                 fs.app_setlk(node, owner, range, typ, false).await
             }
         };
-        self.spawned("setlk", work, move |r| match r {
+        self.spawned(req, "setlk", work, move |r| match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("setlk", &e)),
         });
@@ -708,7 +734,7 @@ impl Filesystem for FuseAdapter {
 
     fn create(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
@@ -720,7 +746,7 @@ impl Filesystem for FuseAdapter {
         let pt = self.pt.clone();
         let name = name.to_owned();
         let op = async move { fs.create(node(parent), &name, mode & !umask, flags).await };
-        self.spawned("create", op, move |r| match r {
+        self.spawned(req, "create", op, move |r| match r {
             Ok((attr, o)) => {
                 match pt.backing_for(attr.ino.0, o.fh, o.handle.file(), |f| reply.open_backing(f)) {
                     Some(id) => reply.created_passthrough(

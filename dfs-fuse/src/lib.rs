@@ -2,6 +2,7 @@
 //! (`remote`), saved logins (`creds`) and the `dfs` command (`cli`, `session`, `up`).
 
 pub mod cache;
+pub mod caller;
 pub mod cli;
 pub mod creds;
 pub mod error;

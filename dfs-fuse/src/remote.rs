@@ -188,6 +188,8 @@ pub struct Remote {
     commit_caps: std::sync::Mutex<std::collections::HashMap<NodeId, (String, u64)>>,
     /// Counters.
     pub stats: Arc<ClientStats>,
+    /// A `--local-ids` mount: requests made for a local caller (`caller::current`) name it.
+    local_ids: std::sync::atomic::AtomicBool,
 }
 
 fn now_ms() -> u64 {
@@ -231,7 +233,34 @@ impl Remote {
             cluster: std::sync::Mutex::new(None),
             config,
             stats: Arc::new(ClientStats::default()),
+            local_ids: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Makes this a `--local-ids` client: every request made for a local caller
+    /// (`caller::scope`) acts as that caller (`x-dfs-act-as`), which the services accept only
+    /// from an administrator's token.
+    pub fn set_local_ids(&self, on: bool) {
+        self.local_ids
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether this is a `--local-ids` client.
+    pub fn local_ids(&self) -> bool {
+        self.local_ids.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The header naming the local caller a request acts for (none outside a caller's
+    /// operation, or on an ordinary mount: then it acts as the login itself).
+    fn act_as(&self) -> reqwest::header::HeaderMap {
+        let mut h = reqwest::header::HeaderMap::new();
+        if self.local_ids()
+            && let Some(id) = crate::caller::current()
+            && let Ok(v) = reqwest::header::HeaderValue::from_str(&id.act_as_header())
+        {
+            h.insert(routes::ACT_AS_HEADER, v);
+        }
+        h
     }
 
     /// This client with transfers given up after `window` without progress.
@@ -360,6 +389,7 @@ impl Remote {
         let token = self.token().await?;
         let resp = req
             .bearer_auth(token)
+            .headers(self.act_as())
             .timeout(self.config.call_timeout)
             .send()
             .await
@@ -833,7 +863,8 @@ impl Remote {
         let mut req = self
             .stream
             .get(format!("{base}{}", routes::file_read(meta.id, &meta.hash)))
-            .bearer_auth(token);
+            .bearer_auth(token)
+            .headers(self.act_as());
         if let Some(cap) = self.capability(meta.id, &meta.hash) {
             req = req.header(routes::CAPABILITY_HEADER, cap);
         }
@@ -898,6 +929,7 @@ impl Remote {
                 .http
                 .post(&url)
                 .bearer_auth(token)
+                .headers(self.act_as())
                 .header(routes::CAPABILITY_HEADER, cap)
                 .timeout(left + self.config.call_timeout)
                 .json(&req)
@@ -965,6 +997,7 @@ impl Remote {
             .http
             .post(&url)
             .bearer_auth(token)
+            .headers(self.act_as())
             .timeout(wait + self.config.call_timeout)
             .json(&req)
             .send()
@@ -1134,6 +1167,7 @@ impl Remote {
         }
         let resp = req
             .bearer_auth(token)
+            .headers(self.act_as())
             .header(routes::FENCE_HEADER, grant.fence.0.to_string())
             .header(routes::FENCE_SIG_HEADER, &grant.signature)
             .header(routes::HASH_HEADER, hash.as_str())
@@ -1185,6 +1219,7 @@ impl Remote {
             .stream
             .post(format!("{server}{}", routes::FILE_BATCH_WRITE))
             .bearer_auth(token)
+            .headers(self.act_as())
             .header(reqwest::header::CONTENT_LENGTH, len)
             .body(frame)
             .send();

@@ -33,6 +33,42 @@ pub struct MountOptions {
     pub cluster_id: String,
     /// Where to serve the client's Prometheus metrics (`GET /metrics`), if anywhere.
     pub metrics: Option<std::net::SocketAddr>,
+    /// `--local-ids`: every operation acts as the calling local process's uid, gid and groups
+    /// (the administrator's login only), and the mount is shared by the machine's users.
+    pub local_ids: bool,
+}
+
+/// Whether this process may mount with `allow_other`: root may; anyone else only if
+/// `/etc/fuse.conf` says `user_allow_other`.
+pub fn may_allow_other() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self belongs to the process's effective uid.
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    root || std::fs::read_to_string("/etc/fuse.conf").is_ok_and(|c| {
+        c.lines()
+            .any(|l| l.split('#').next().unwrap_or_default().trim() == "user_allow_other")
+    })
+}
+
+/// Refuses a `--local-ids` mount that would not work, before mounting: the login must be the
+/// administrator's (the services accept a named local caller from no one else), and the mount
+/// must be shareable (`allow_other`).
+pub fn check_local_ids(remote: &Remote) -> anyhow::Result<()> {
+    if !remote.identity().is_some_and(|id| id.admin) {
+        bail!(
+            "--local-ids needs the administrator's login, and this login is not the \
+             administrator's (the cluster key holder runs `dfs user set NAME --admin \
+             --cluster-key-file KEY`, then `dfs login` again); or mount without --local-ids"
+        );
+    }
+    if !may_allow_other() {
+        bail!(
+            "--local-ids shares the mount with the machine's users (allow_other), which FUSE \
+             allows a non-root user only with `user_allow_other` in /etc/fuse.conf: add it, \
+             mount as root, or mount without --local-ids"
+        );
+    }
+    Ok(())
 }
 
 /// File in the cache directory holding the pid of the process that mounts it.
@@ -174,6 +210,10 @@ pub struct Mounted {
 /// background uploader on the current runtime.
 pub fn mount(remote: Remote, opts: &MountOptions) -> anyhow::Result<Mounted> {
     preflight(&opts.mountpoint)?;
+    if opts.local_ids {
+        check_local_ids(&remote)?;
+        remote.set_local_ids(true);
+    }
     let fs = Arc::new(
         DfsFs::new(remote, &opts.cache_dir, opts.fs.clone(), &opts.cluster_id)
             .with_context(|| format!("opening the cache {}", opts.cache_dir.display()))?,
@@ -199,6 +239,11 @@ pub fn mount(remote: Remote, opts: &MountOptions) -> anyhow::Result<Mounted> {
         MountOption::NoDev,
         MountOption::NoSuid,
     ];
+    if opts.local_ids {
+        // The kernel checks each caller against the real owners and modes first
+        // (default_permissions); the cluster then checks again as that caller.
+        config.acl = fuser::SessionACL::All;
+    }
     config.n_threads = Some(8);
     let adapter = FuseAdapter::new(
         fs.clone(),

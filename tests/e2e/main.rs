@@ -5,6 +5,7 @@ mod bad_input;
 mod basic;
 mod faults;
 mod large;
+mod local_ids;
 mod permissions;
 mod power_loss;
 mod replication;

@@ -112,6 +112,9 @@ pub struct Handle {
     baseline: Mutex<Option<(u64, SystemTime)>>,
     /// When `baseline` was taken.
     baseline_at: Mutex<SystemTime>,
+    /// On a `--local-ids` mount, the local caller that opened it: closes and fsyncs push as
+    /// the one whose open was authorised to write, whoever closes.
+    opener: Option<common::Identity>,
 }
 
 fn stamp(file: &std::fs::File) -> Option<(u64, SystemTime)> {
@@ -464,8 +467,12 @@ impl DfsFs {
 
     /// Owner and group as this mount shows them (as sshfs `idmap=user`): this user's uid and
     /// primary gid are shown as the mounting user's, everyone else's as they are. Before the
-    /// login says who this user is, everything shows as the mounting user's.
+    /// login says who this user is, everything shows as the mounting user's. A `--local-ids`
+    /// mount shows every owner as it is: its callers are local users acting as themselves.
     fn local_ids(&self, meta: &NodeMeta) -> (u32, u32) {
+        if self.remote.local_ids() {
+            return (meta.uid, meta.gid);
+        }
         match self.remote.identity() {
             None => (self.uid, self.gid),
             Some(me) => (
@@ -621,7 +628,7 @@ impl DfsFs {
         // Owner and group as the cluster knows them (this mount shows this user's as the
         // mounting user's); unchanged ones are left out.
         let (uid, gid) = {
-            let me = self.remote.identity();
+            let me = self.remote.identity().filter(|_| !self.remote.local_ids());
             let known = self.known_meta(id);
             let uid = uid
                 .map(|u| match &me {
@@ -957,6 +964,7 @@ impl DfsFs {
             dirty: AtomicBool::new(dirty),
             baseline,
             baseline_at,
+            opener: crate::caller::current(),
         });
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles
@@ -1258,7 +1266,8 @@ impl DfsFs {
         // wins).
         // (Only a writer's close or fsync: an fsync of a read-only handle that finds an old
         // pending change pushes it as a later push would.)
-        match self.push(h.node, deadline, h.writable).await {
+        let push = self.push(h.node, deadline, h.writable);
+        match crate::caller::scope(h.opener.clone(), push).await {
             Ok(()) => Ok(()),
             Err(e) => {
                 // Keep the handle dirty too, so release records the change even if `push`
