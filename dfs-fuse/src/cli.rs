@@ -268,6 +268,11 @@ pub struct UpArgs {
     pub listen: SocketAddr,
     #[command(flatten)]
     pub cache: CacheArgs,
+    /// Mount as the `dfs` user for the mounting local user only, instead of acting as each
+    /// calling local user (the default when the mount can be shared: as root, or with
+    /// `user_allow_other` in /etc/fuse.conf).
+    #[arg(long)]
+    pub no_local_ids: bool,
 }
 
 fn read_password(from_stdin: bool, confirm: bool) -> anyhow::Result<String> {

@@ -58,7 +58,17 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         let login = remote.login(DEFAULT_USER, &password).await.context("logging in the default user")?;
         creds.put(&server, Some(login))?;
         let cluster_id = remote.cluster(false).await?.cluster_id;
-        let opts = a.cache.options(&server, a.mountpoint.clone(), &cluster_id)?;
+        let mut opts = a.cache.options(&server, a.mountpoint.clone(), &cluster_id)?;
+        // Local POSIX behaviour by default: each local user (and a program that switches
+        // users) acts as itself. A non-root user whose FUSE may not share mounts keeps the
+        // mount as the `dfs` user, for itself only, as before.
+        opts.local_ids = !a.no_local_ids && session::may_allow_other();
+        if !a.no_local_ids && !opts.local_ids {
+            eprintln!(
+                "dfs: mounting as the dfs user for this local user only: acting as each local \
+                 user (--local-ids) needs `user_allow_other` in /etc/fuse.conf or root"
+            );
+        }
         let m = session::mount(remote, &opts)?;
         if fresh {
             write_hello(&a.mountpoint).await?;

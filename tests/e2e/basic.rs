@@ -38,6 +38,22 @@ fn dfs_up_serves_hello_and_keeps_files_across_restarts() {
         "vim -u NONE -N -n -e -s -c 'normal ihello from vim' -c 'wq' notes.txt",
     ));
     assert_eq!(ok(sh_in(&mnt, "cat notes.txt")), "hello from vim\n");
+    // Mounted as root, `dfs up` acts as each local caller (--local-ids): a process that
+    // drops to uid 1000 makes a file of its own and may not change root's.
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    ok(sh_in(
+        &mnt,
+        "setpriv --reuid=1000 --regid=1000 --clear-groups sh -c \
+         'echo mine > mine && ! echo x >> notes.txt 2>/dev/null'",
+    ));
+    assert_eq!(
+        ok(sh_in(&mnt, "stat -c '%u %g' mine notes.txt")),
+        "1000 1000\n0 0\n"
+    );
     let status = terminate(&mut up, Duration::from_secs(60)).expect("dfs up exits on SIGTERM");
     assert!(status.success(), "dfs up exit status {status}");
     assert!(!is_mounted(&mnt));
