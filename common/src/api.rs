@@ -533,6 +533,39 @@ pub struct UserInfo {
     pub id: crate::Identity,
 }
 
+/// A named group (`GET /v1/auth/groups`): its gid and the users in it, whose tokens carry
+/// the gid among their groups.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupInfo {
+    /// Group name.
+    pub name: String,
+    /// Group id (unique among groups).
+    pub gid: u32,
+    /// Member user names, sorted.
+    pub members: Vec<String>,
+}
+
+/// `POST /v1/auth/groups/{name}` (cluster key): creates the group if it does not exist (with
+/// `gid`, or the next free id) and adds `members`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddGroupRequest {
+    /// The gid of a new group (an existing group must already have it).
+    #[serde(default)]
+    pub gid: Option<u32>,
+    /// Users to add.
+    #[serde(default)]
+    pub members: Vec<String>,
+}
+
+/// `POST /v1/auth/groups/{name}/remove` (cluster key): removes `members` from the group, or,
+/// with none named, the group itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoveGroupRequest {
+    /// Users to remove (none: remove the group).
+    #[serde(default)]
+    pub members: Vec<String>,
+}
+
 /// `PATCH /v1/auth/users/{name}` (cluster key): what to change; absent fields stay.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetUserRequest {

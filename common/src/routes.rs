@@ -90,6 +90,23 @@ pub fn auth_user(name: &str) -> String {
     format!("/v1/auth/users/{name}")
 }
 
+/// Auth: `GET` every group with its gid and members (cluster key).
+pub const AUTH_GROUPS: &str = "/v1/auth/groups";
+/// `POST`: create a group and/or add members to it (cluster key).
+pub const AUTH_GROUP: &str = "/v1/auth/groups/{name}";
+/// `POST`: remove members from a group, or the group itself (cluster key).
+pub const AUTH_GROUP_REMOVE: &str = "/v1/auth/groups/{name}/remove";
+
+/// `AUTH_GROUP` for one group.
+pub fn auth_group(name: &str) -> String {
+    format!("/v1/auth/groups/{name}")
+}
+
+/// `AUTH_GROUP_REMOVE` for one group.
+pub fn auth_group_remove(name: &str) -> String {
+    format!("/v1/auth/groups/{name}/remove")
+}
+
 /// File server: upload a new version to the primary (PUT, streamed body).
 pub const FILE_WRITE: &str = "/v1/files/{id}";
 /// File server: download one exact content (GET, streamed body).

@@ -51,6 +51,37 @@ pub enum Command {
     /// token lifetime, an hour by default) or their next login.
     #[command(subcommand)]
     User(UserCommand),
+    /// Named groups (name, gid, members): for the administrator, with the cluster key. Members'
+    /// tokens carry the group's gid from their next renewal (within the token lifetime, an
+    /// hour by default) or their next login.
+    #[command(subcommand)]
+    Group(GroupCommand),
+}
+
+/// `dfs group ...`.
+#[derive(Debug, Subcommand)]
+pub enum GroupCommand {
+    /// List every group with its gid and members.
+    List(AdminArgs),
+    /// Create a group (if it does not exist) and add users to it.
+    Add(GroupArgs),
+    /// Remove users from a group, or, with no users named, the group itself (refused while
+    /// it is a user's primary group; files keep its gid).
+    Remove(GroupArgs),
+}
+
+/// `dfs group add|remove`.
+#[derive(Debug, Args)]
+pub struct GroupArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// The group (1 to 32 characters of A-Z a-z 0-9 . _ -).
+    name: String,
+    /// Users to add or remove.
+    users: Vec<String>,
+    /// gid of a new group (add only; default: the next free id).
+    #[arg(long)]
+    gid: Option<u32>,
 }
 
 /// `dfs user ...`.
@@ -351,6 +382,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Umount(a) => umount(&a),
             Command::Status(a) => status(a).await,
             Command::User(c) => user_command(c).await,
+            Command::Group(c) => group_command(c).await,
         }
     })
 }
@@ -412,6 +444,74 @@ async fn user_command(c: UserCommand) -> anyhow::Result<()> {
                     format!("changing user {} at {}", a.name, a.admin.server.server)
                 })?;
             print_user(&u);
+            Ok(())
+        }
+    }
+}
+
+fn print_group(g: &common::api::GroupInfo) {
+    println!(
+        "{:<20} gid {:<6} members {}",
+        g.name,
+        g.gid,
+        if g.members.is_empty() {
+            "-".into()
+        } else {
+            g.members.join(",")
+        }
+    );
+}
+
+async fn group_command(c: GroupCommand) -> anyhow::Result<()> {
+    match c {
+        GroupCommand::List(a) => {
+            let key = read_cluster_key(&a.cluster_key_file)?;
+            let remote = Remote::new(&a.server.server, None, None, RemoteConfig::default());
+            let groups = remote
+                .groups(&key)
+                .await
+                .with_context(|| format!("listing groups at {}", a.server.server))?;
+            for g in &groups {
+                print_group(g);
+            }
+            Ok(())
+        }
+        GroupCommand::Add(a) => {
+            let key = read_cluster_key(&a.admin.cluster_key_file)?;
+            let remote = Remote::new(&a.admin.server.server, None, None, RemoteConfig::default());
+            let req = common::api::AddGroupRequest {
+                gid: a.gid,
+                members: a.users,
+            };
+            let g = remote
+                .add_group(&a.name, &req, &key)
+                .await
+                .with_context(|| {
+                    format!("adding to group {} at {}", a.name, a.admin.server.server)
+                })?;
+            print_group(&g);
+            Ok(())
+        }
+        GroupCommand::Remove(a) => {
+            if a.gid.is_some() {
+                bail!("--gid is for `dfs group add`");
+            }
+            let key = read_cluster_key(&a.admin.cluster_key_file)?;
+            let remote = Remote::new(&a.admin.server.server, None, None, RemoteConfig::default());
+            let req = common::api::RemoveGroupRequest { members: a.users };
+            let left = remote
+                .remove_group(&a.name, &req, &key)
+                .await
+                .with_context(|| {
+                    format!(
+                        "removing from group {} at {}",
+                        a.name, a.admin.server.server
+                    )
+                })?;
+            match left {
+                Some(g) => print_group(&g),
+                None => println!("group {} removed", a.name),
+            }
             Ok(())
         }
     }

@@ -569,6 +569,74 @@ impl Remote {
         resp.json().await.map_err(|e| net("set user", e))
     }
 
+    /// An administrator's call to the auth service with the cluster key: `body` posted to
+    /// `path` (or a GET without one).
+    async fn admin_call<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Option<&impl Serialize>,
+        cluster_key: &str,
+        what: &str,
+    ) -> Result<T, RemoteError> {
+        let url = format!("{}{path}", self.auth_url().await?);
+        let req = match body {
+            Some(b) => self.http.post(url).json(b),
+            None => self.http.get(url),
+        };
+        let resp = req
+            .header(routes::CLUSTER_KEY_HEADER, cluster_key)
+            .timeout(self.config.call_timeout)
+            .send()
+            .await
+            .map_err(|e| net(what, e))?;
+        if !resp.status().is_success() {
+            return Err(api_error(resp).await);
+        }
+        resp.json().await.map_err(|e| net(what, e))
+    }
+
+    /// Every named group (the administrator, with the cluster key).
+    pub async fn groups(
+        &self,
+        cluster_key: &str,
+    ) -> Result<Vec<common::api::GroupInfo>, RemoteError> {
+        self.admin_call(routes::AUTH_GROUPS, None::<&()>, cluster_key, "groups")
+            .await
+    }
+
+    /// Creates a group and/or adds members (the administrator, with the cluster key).
+    pub async fn add_group(
+        &self,
+        name: &str,
+        req: &common::api::AddGroupRequest,
+        cluster_key: &str,
+    ) -> Result<common::api::GroupInfo, RemoteError> {
+        self.admin_call(
+            &routes::auth_group(name),
+            Some(req),
+            cluster_key,
+            "add group",
+        )
+        .await
+    }
+
+    /// Removes members, or the group with none named (the administrator, with the cluster
+    /// key); the group as it is now, None once removed.
+    pub async fn remove_group(
+        &self,
+        name: &str,
+        req: &common::api::RemoveGroupRequest,
+        cluster_key: &str,
+    ) -> Result<Option<common::api::GroupInfo>, RemoteError> {
+        self.admin_call(
+            &routes::auth_group_remove(name),
+            Some(req),
+            cluster_key,
+            "remove group",
+        )
+        .await
+    }
+
     /// Creates a user.
     pub async fn signup(&self, user: &str, password: &str) -> Result<(), RemoteError> {
         self.signup_as_admin(user, password, None).await

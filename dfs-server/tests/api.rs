@@ -924,3 +924,217 @@ async fn an_administrators_local_ids_mount_acts_as_each_local_caller() {
     assert_eq!(error_code(r).await, (400, ErrorCode::BadRequest));
     h.cluster.shutdown().await;
 }
+
+/// `POST` of an administrator's group change with the cluster key (or `token`'s bearer).
+async fn group_call<B: serde::Serialize>(
+    h: &Harness,
+    path: &str,
+    body: &B,
+    token: Option<&str>,
+) -> reqwest::Response {
+    let r = h
+        .http
+        .post(format!("{}{path}", h.cluster.auth_url))
+        .json(body);
+    match token {
+        Some(t) => r.bearer_auth(t),
+        None => r.header(routes::CLUSTER_KEY_HEADER, &h.cluster.cluster_key),
+    }
+    .send()
+    .await
+    .unwrap()
+}
+
+async fn refreshed(h: &Harness, t: &common::api::TokenResponse) -> common::api::TokenResponse {
+    let r = h
+        .http
+        .post(format!("{}{}", h.cluster.auth_url, routes::AUTH_REFRESH))
+        .json(&common::api::RefreshRequest {
+            refresh_token: t.refresh_token.clone(),
+        })
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    r.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn the_administrator_manages_groups_and_members_tokens_carry_them_from_renewal() {
+    use common::api::{AddGroupRequest, GroupInfo, RemoveGroupRequest};
+    let h = Harness::new(|_| {}).await;
+    let pk = public_key(&h.http, &h.cluster).await;
+    let alice: common::api::TokenResponse = post_envelope(
+        &h.http,
+        &h.cluster,
+        routes::AUTH_LOGIN,
+        &dfs_server::auth::seal(&pk, "alice", "password123").unwrap(),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let bob = signup_login(&h.http, &h.cluster, "bob").await;
+    let add = |members: &[&str], gid: Option<u32>| AddGroupRequest {
+        gid,
+        members: members.iter().map(|m| m.to_string()).collect(),
+    };
+
+    // Only the cluster key manages groups.
+    let r = group_call(
+        &h,
+        &routes::auth_group("staff"),
+        &add(&["bob"], None),
+        Some(&h.token),
+    )
+    .await;
+    assert_eq!(error_code(r).await, (403, ErrorCode::Forbidden));
+
+    // A new group takes the next free id (alice 10000, bob 10001).
+    let r = group_call(
+        &h,
+        &routes::auth_group("staff"),
+        &add(&["bob", "alice"], None),
+        None,
+    )
+    .await;
+    let staff: GroupInfo = r.json().await.unwrap();
+    assert_eq!(staff.gid, 10_002);
+    assert_eq!(staff.members, vec!["alice", "bob"]);
+    // gids are unique, and not a user's private group; names and members are checked.
+    for (name, req, want) in [
+        ("staff", add(&[], Some(5000)), (409, ErrorCode::Exists)),
+        ("ops", add(&[], Some(10_002)), (409, ErrorCode::Exists)),
+        ("ops", add(&[], Some(10_001)), (409, ErrorCode::Exists)),
+        ("ops", add(&[], Some(0)), (400, ErrorCode::BadRequest)),
+        (
+            "ops",
+            add(&["nosuchuser"], None),
+            (404, ErrorCode::NotFound),
+        ),
+        ("bad!name", add(&[], None), (400, ErrorCode::BadRequest)),
+    ] {
+        let r = group_call(&h, &routes::auth_group(name), &req, None).await;
+        assert_eq!(error_code(r).await, want, "{name} {req:?}");
+    }
+    // A user signing up later never gets a group's id as its private group.
+    let carol = signup_login(&h.http, &h.cluster, "carol").await;
+    assert_eq!(carol.id.as_ref().unwrap().uid, 10_003);
+
+    // Tokens carry the group from their next renewal.
+    assert!(!bob.id.as_ref().unwrap().groups.contains(&10_002));
+    let bob = refreshed(&h, &bob).await;
+    assert_eq!(bob.id.as_ref().unwrap().groups, vec![10_002]);
+    let alice = refreshed(&h, &alice).await;
+    let users: Vec<common::api::UserInfo> = h
+        .http
+        .get(format!("{}{}", h.cluster.auth_url, routes::AUTH_USERS))
+        .header(routes::CLUSTER_KEY_HEADER, &h.cluster.cluster_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let of = |u: &str| {
+        users
+            .iter()
+            .find(|x| x.user == u)
+            .unwrap()
+            .id
+            .groups
+            .clone()
+    };
+    assert_eq!((of("bob"), of("carol")), (vec![10_002], vec![]));
+
+    // The directory grants by it: alice's 0770 directory of group staff lets bob in, not carol.
+    let r = create_as(
+        &h,
+        &alice.token,
+        None,
+        NodeId::ROOT,
+        "shared",
+        FileKind::Dir,
+        0o770,
+    )
+    .await;
+    let shared: NodeMeta = r.json().await.unwrap();
+    let r = h
+        .http
+        .patch(h.dir(&routes::node(shared.id)))
+        .bearer_auth(&alice.token)
+        .json(&common::api::SetAttrRequest {
+            gid: Some(10_002),
+            ..Default::default()
+        })
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.status().is_success(),
+        "chgrp to her group: {}",
+        r.status()
+    );
+    let r = create_as(&h, &bob.token, None, shared.id, "b", FileKind::File, 0o644).await;
+    assert!(r.status().is_success(), "{}", r.status());
+    let r = create_as(
+        &h,
+        &carol.token,
+        None,
+        shared.id,
+        "c",
+        FileKind::File,
+        0o644,
+    )
+    .await;
+    assert_eq!(error_code(r).await, (403, ErrorCode::AccessDenied));
+
+    // Removing a member: their next token lacks the group.
+    let r = group_call(
+        &h,
+        &routes::auth_group_remove("staff"),
+        &RemoveGroupRequest {
+            members: vec!["bob".into()],
+        },
+        None,
+    )
+    .await;
+    let left: Option<GroupInfo> = r.json().await.unwrap();
+    assert_eq!(left.unwrap().members, vec!["alice"]);
+    assert!(refreshed(&h, &bob).await.id.unwrap().groups.is_empty());
+
+    // A group that is someone's primary group stays; then it goes.
+    let set_gid = |gid: u32| {
+        h.http
+            .patch(format!(
+                "{}{}",
+                h.cluster.auth_url,
+                routes::auth_user("carol")
+            ))
+            .header(routes::CLUSTER_KEY_HEADER, &h.cluster.cluster_key)
+            .json(&common::api::SetUserRequest {
+                gid: Some(gid),
+                ..Default::default()
+            })
+            .send()
+    };
+    assert!(set_gid(10_002).await.unwrap().status().is_success());
+    let remove = RemoveGroupRequest::default();
+    let r = group_call(&h, &routes::auth_group_remove("staff"), &remove, None).await;
+    assert_eq!(error_code(r).await, (400, ErrorCode::BadRequest));
+    assert!(set_gid(10_003).await.unwrap().status().is_success());
+    let r = group_call(&h, &routes::auth_group_remove("staff"), &remove, None).await;
+    assert!(r.status().is_success(), "{}", r.status());
+    let groups: Vec<GroupInfo> = h
+        .http
+        .get(format!("{}{}", h.cluster.auth_url, routes::AUTH_GROUPS))
+        .header(routes::CLUSTER_KEY_HEADER, &h.cluster.cluster_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(groups.is_empty(), "{groups:?}");
+    h.cluster.shutdown().await;
+}

@@ -4,6 +4,7 @@
 mod bad_input;
 mod basic;
 mod faults;
+mod groups;
 mod large;
 mod local_ids;
 mod permissions;

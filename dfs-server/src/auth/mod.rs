@@ -14,7 +14,10 @@ use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use common::Identity;
-use common::api::{Claims, Credentials, Envelope, SetUserRequest, TokenResponse, UserInfo};
+use common::api::{
+    AddGroupRequest, Claims, Credentials, Envelope, GroupInfo, RemoveGroupRequest, SetUserRequest,
+    TokenResponse, UserInfo,
+};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use rsa::sha2::{Digest, Sha256};
 use rsa::{PrivateKey, PublicKey};
@@ -27,6 +30,19 @@ use crate::store::{decode, encode, now_ms};
 const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
 const NONCES: TableDefinition<&str, u64> = TableDefinition::new("nonces");
 const REFRESH: TableDefinition<&str, &[u8]> = TableDefinition::new("refresh_tokens");
+/// Named groups: name → `GroupRecord`.
+const GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("groups");
+
+/// Most named groups a user may be a member of (with at most 64 explicit ones, a token's
+/// groups stay well under `common::perm::MAX_GROUPS`).
+const MAX_NAMED_GROUPS: usize = 64;
+
+#[derive(Serialize, Deserialize)]
+struct GroupRecord {
+    gid: u32,
+    /// Member user names, sorted, no duplicates.
+    members: Vec<String>,
+}
 
 /// Tunables of the auth service.
 #[derive(Debug, Clone)]
@@ -62,8 +78,13 @@ struct UserRecord {
     id: Option<Identity>,
 }
 
-/// The next free uid: above every one in use, from `FIRST_UID`.
-fn next_uid(users: &impl ReadableTable<&'static str, &'static [u8]>) -> ServiceResult<u32> {
+/// The next free uid: above every uid in use and every named group's gid (a new user's
+/// private group takes the same number, which must not be a shared group's), from
+/// `FIRST_UID`.
+fn next_uid(
+    users: &impl ReadableTable<&'static str, &'static [u8]>,
+    groups: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> ServiceResult<u32> {
     let mut next = common::perm::FIRST_UID;
     for row in users.iter()? {
         let (_, v) = row?;
@@ -71,12 +92,38 @@ fn next_uid(users: &impl ReadableTable<&'static str, &'static [u8]>) -> ServiceR
             next = next.max(id.uid.saturating_add(1));
         }
     }
+    for row in groups.iter()? {
+        let (_, v) = row?;
+        next = next.max(decode::<GroupRecord>(v.value())?.gid.saturating_add(1));
+    }
     Ok(next)
+}
+
+/// `id` with the gids of the named groups `user` is a member of added to its groups (what a
+/// token carries).
+fn with_named_groups(
+    mut id: Identity,
+    user: &str,
+    groups: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> ServiceResult<Identity> {
+    for row in groups.iter()? {
+        let (_, v) = row?;
+        let g: GroupRecord = decode(v.value())?;
+        if g.members.binary_search_by(|m| m.as_str().cmp(user)).is_ok() {
+            id.groups.push(g.gid);
+        }
+    }
+    let primary = id.gid;
+    id.groups.retain(|g| *g != primary);
+    id.groups.sort_unstable();
+    id.groups.dedup();
+    Ok(id)
 }
 
 /// Gives every user record without an identity one (uid and gid the next free id), oldest
 /// first, so that users made before identities existed keep working.
 fn assign_missing_ids(tx: &redb::WriteTransaction) -> ServiceResult<()> {
+    let groups = tx.open_table(GROUPS)?;
     let mut users = tx.open_table(USERS)?;
     let mut missing: Vec<(u64, String, UserRecord)> = Vec::new();
     for row in users.iter()? {
@@ -88,7 +135,7 @@ fn assign_missing_ids(tx: &redb::WriteTransaction) -> ServiceResult<()> {
     }
     missing.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
     for (_, name, mut rec) in missing {
-        let uid = next_uid(&users)?;
+        let uid = next_uid(&users, &groups)?;
         rec.id = Some(Identity {
             uid,
             gid: uid,
@@ -120,6 +167,13 @@ pub struct AuthService {
     dummy_phc: String,
 }
 
+/// uid 0 owns what was made before owners were stored, and nobody/u32::MAX are sentinels:
+/// no user or group gets them.
+fn reserved_id(id: u32) -> bool {
+    id == 0 || id == common::perm::NOBODY || id == u32::MAX
+}
+
+/// A user or group name: 1 to 32 characters of A-Z a-z 0-9 . _ -.
 fn validate_user(user: &str) -> ServiceResult<()> {
     let ok = !user.is_empty()
         && user.len() <= 32
@@ -145,6 +199,7 @@ impl AuthService {
             tx.open_table(USERS)?;
             tx.open_table(NONCES)?;
             tx.open_table(REFRESH)?;
+            tx.open_table(GROUPS)?;
             assign_missing_ids(tx)
         })?;
         let public = key.to_public_key();
@@ -242,7 +297,7 @@ impl AuthService {
             if users.get(creds.user.as_str())?.is_some() {
                 return Err(ServiceError::Exists(format!("user {}", creds.user)));
             }
-            let uid = next_uid(&users)?;
+            let uid = next_uid(&users, &tx.open_table(GROUPS)?)?;
             let rec = encode(&UserRecord {
                 phc,
                 created_ms: now_ms(),
@@ -312,21 +367,193 @@ impl AuthService {
         decode(v.value())
     }
 
-    /// Every user and their identity, by name.
+    /// Every user and their identity, by name, with the groups a token of theirs carries
+    /// (named groups included).
     pub fn users(&self) -> ServiceResult<Vec<UserInfo>> {
         let db = self.db.db()?;
         let tx = db.begin_read()?;
         let users = tx.open_table(USERS)?;
+        let groups = tx.open_table(GROUPS)?;
         let mut out = Vec::new();
         for row in users.iter()? {
             let (k, v) = row?;
             let rec: UserRecord = decode(v.value())?;
             out.push(UserInfo {
                 user: k.value().to_owned(),
-                id: rec.id.unwrap_or_default(),
+                id: with_named_groups(rec.id.unwrap_or_default(), k.value(), &groups)?,
             });
         }
         Ok(out)
+    }
+
+    /// Every named group, by name.
+    pub fn groups(&self) -> ServiceResult<Vec<GroupInfo>> {
+        let db = self.db.db()?;
+        let tx = db.begin_read()?;
+        let groups = tx.open_table(GROUPS)?;
+        let mut out = Vec::new();
+        for row in groups.iter()? {
+            let (k, v) = row?;
+            let g: GroupRecord = decode(v.value())?;
+            out.push(GroupInfo {
+                name: k.value().to_owned(),
+                gid: g.gid,
+                members: g.members,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Creates group `name` if it does not exist (with `req.gid`, unique among groups and not
+    /// another user's private group, or the next free id) and adds `req.members`, who must be
+    /// users. Members' tokens carry the gid from their next renewal.
+    pub fn add_group(&self, name: &str, req: &AddGroupRequest) -> ServiceResult<GroupInfo> {
+        validate_user(name)?;
+        if req.gid.is_some_and(reserved_id) {
+            return Err(ServiceError::BadRequest(
+                "gid 0, 65534 and 4294967295 are reserved".into(),
+            ));
+        }
+        for m in &req.members {
+            validate_user(m)?;
+        }
+        self.db.write(|tx| {
+            let users = tx.open_table(USERS)?;
+            let mut groups = tx.open_table(GROUPS)?;
+            let existing: Option<GroupRecord> = match groups.get(name)? {
+                Some(v) => Some(decode(v.value())?),
+                None => None,
+            };
+            let mut rec = match existing {
+                Some(g) => {
+                    if let Some(gid) = req.gid
+                        && gid != g.gid
+                    {
+                        return Err(ServiceError::Exists(format!(
+                            "group {name} with gid {} (not {gid})",
+                            g.gid
+                        )));
+                    }
+                    g
+                }
+                None => {
+                    let gid = match req.gid {
+                        Some(gid) => gid,
+                        None => next_uid(&users, &groups)?,
+                    };
+                    for row in groups.iter()? {
+                        let (k, v) = row?;
+                        if decode::<GroupRecord>(v.value())?.gid == gid {
+                            return Err(ServiceError::Exists(format!(
+                                "gid {gid} (group {})",
+                                k.value()
+                            )));
+                        }
+                    }
+                    for row in users.iter()? {
+                        let (k, v) = row?;
+                        if decode::<UserRecord>(v.value())?
+                            .id
+                            .is_some_and(|id| id.uid == gid && id.gid == gid)
+                        {
+                            return Err(ServiceError::Exists(format!(
+                                "gid {gid} (the private group of user {})",
+                                k.value()
+                            )));
+                        }
+                    }
+                    GroupRecord {
+                        gid,
+                        members: vec![],
+                    }
+                }
+            };
+            for m in &req.members {
+                if users.get(m.as_str())?.is_none() {
+                    return Err(ServiceError::NotFound(format!("user {m}")));
+                }
+                let mut named = 0;
+                for row in groups.iter()? {
+                    let (k, v) = row?;
+                    if k.value() != name
+                        && decode::<GroupRecord>(v.value())?
+                            .members
+                            .binary_search(m)
+                            .is_ok()
+                    {
+                        named += 1;
+                    }
+                }
+                if named >= MAX_NAMED_GROUPS {
+                    return Err(ServiceError::TooLarge(format!(
+                        "user {m} is already in {MAX_NAMED_GROUPS} groups"
+                    )));
+                }
+                if let Err(at) = rec.members.binary_search(m) {
+                    rec.members.insert(at, m.clone());
+                }
+            }
+            groups.insert(name, encode(&rec)?.as_slice())?;
+            Ok(GroupInfo {
+                name: name.to_owned(),
+                gid: rec.gid,
+                members: rec.members,
+            })
+        })
+    }
+
+    /// Removes `req.members` from group `name`; with none named, removes the group itself,
+    /// unless it is a user's primary group (files keep its gid, which then has no name).
+    /// Returns the group as it is now, None once removed.
+    pub fn remove_group(
+        &self,
+        name: &str,
+        req: &RemoveGroupRequest,
+    ) -> ServiceResult<Option<GroupInfo>> {
+        validate_user(name)?;
+        self.db.write(|tx| {
+            let users = tx.open_table(USERS)?;
+            let mut groups = tx.open_table(GROUPS)?;
+            let mut rec: GroupRecord = match groups.get(name)? {
+                Some(v) => decode(v.value())?,
+                None => return Err(ServiceError::NotFound(format!("group {name}"))),
+            };
+            if req.members.is_empty() {
+                for row in users.iter()? {
+                    let (k, v) = row?;
+                    if decode::<UserRecord>(v.value())?
+                        .id
+                        .is_some_and(|id| id.gid == rec.gid)
+                    {
+                        return Err(ServiceError::BadRequest(format!(
+                            "group {name} (gid {}) is the primary group of user {}: give them \
+                             another gid first (dfs user set {} --gid N)",
+                            rec.gid,
+                            k.value(),
+                            k.value()
+                        )));
+                    }
+                }
+                groups.remove(name)?;
+                return Ok(None);
+            }
+            for m in &req.members {
+                match rec.members.binary_search(m) {
+                    Ok(at) => {
+                        rec.members.remove(at);
+                    }
+                    Err(_) => {
+                        return Err(ServiceError::NotFound(format!("user {m} in group {name}")));
+                    }
+                }
+            }
+            groups.insert(name, encode(&rec)?.as_slice())?;
+            Ok(Some(GroupInfo {
+                name: name.to_owned(),
+                gid: rec.gid,
+                members: rec.members,
+            }))
+        })
     }
 
     /// Changes a user's identity (administrator only, checked by the caller): uid, gid, groups,
@@ -334,10 +561,7 @@ impl AuthService {
     /// user's next token (at the latest when the current one is renewed).
     pub fn set_user(&self, user: &str, req: &SetUserRequest) -> ServiceResult<UserInfo> {
         validate_user(user)?;
-        // uid 0 owns what was made before owners were stored, and nobody/u32::MAX are
-        // sentinels: no user gets them.
-        let reserved = |id: u32| id == 0 || id == common::perm::NOBODY || id == u32::MAX;
-        if req.uid.is_some_and(reserved) || req.gid.is_some_and(reserved) {
+        if req.uid.is_some_and(reserved_id) || req.gid.is_some_and(reserved_id) {
             return Err(ServiceError::BadRequest(
                 "uid and gid 0, 65534 and 4294967295 are reserved".into(),
             ));
@@ -388,7 +612,7 @@ impl AuthService {
             users.insert(user, encode(&rec)?.as_slice())?;
             Ok(UserInfo {
                 user: user.to_owned(),
-                id,
+                id: with_named_groups(id, user, &tx.open_table(GROUPS)?)?,
             })
         })
     }
@@ -397,6 +621,11 @@ impl AuthService {
     /// token carries the user's identity as it is now.
     pub fn issue(&self, user: &str) -> ServiceResult<TokenResponse> {
         let id = self.record(user)?.id.unwrap_or_default();
+        let id = {
+            let db = self.db.db()?;
+            let tx = db.begin_read()?;
+            with_named_groups(id, user, &tx.open_table(GROUPS)?)?
+        };
         let now = now_ms();
         let ttl = u64::try_from(self.config.token_ttl.as_millis()).unwrap_or(u64::MAX);
         let exp_ms = now.saturating_add(ttl);

@@ -1,4 +1,5 @@
-//! HTTP routes of the auth service: public key, signup, login, refresh.
+//! HTTP routes of the auth service: public key, signup, login, refresh, and the administrator's
+//! users and groups.
 
 use std::sync::Arc;
 
@@ -21,6 +22,9 @@ pub fn router(svc: Arc<AuthService>) -> Router {
         .route(routes::AUTH_REFRESH, post(refresh))
         .route(routes::AUTH_USERS, get(users))
         .route(routes::AUTH_USER, axum::routing::patch(set_user))
+        .route(routes::AUTH_GROUPS, get(groups))
+        .route(routes::AUTH_GROUP, post(add_group))
+        .route(routes::AUTH_GROUP_REMOVE, post(remove_group))
         .with_state(svc)
 }
 
@@ -83,6 +87,35 @@ async fn set_user(
     ApiJson(req): ApiJson<common::api::SetUserRequest>,
 ) -> ApiResult<Json<common::api::UserInfo>> {
     Ok(Json(blocking(move || svc.set_user(&name, &req)).await?))
+}
+
+/// Every named group (administrators, with the cluster key).
+async fn groups(
+    axum::extract::State(svc): State,
+    _admin: ClusterOnly,
+) -> ApiResult<Json<Vec<common::api::GroupInfo>>> {
+    Ok(Json(blocking(move || svc.groups()).await?))
+}
+
+/// Creates a group and/or adds members (administrators, with the cluster key).
+async fn add_group(
+    axum::extract::State(svc): State,
+    _admin: ClusterOnly,
+    crate::http::ApiPath(name): crate::http::ApiPath<String>,
+    ApiJson(req): ApiJson<common::api::AddGroupRequest>,
+) -> ApiResult<Json<common::api::GroupInfo>> {
+    Ok(Json(blocking(move || svc.add_group(&name, &req)).await?))
+}
+
+/// Removes members, or the group (administrators, with the cluster key); answers the group
+/// as it is now, `null` once removed.
+async fn remove_group(
+    axum::extract::State(svc): State,
+    _admin: ClusterOnly,
+    crate::http::ApiPath(name): crate::http::ApiPath<String>,
+    ApiJson(req): ApiJson<common::api::RemoveGroupRequest>,
+) -> ApiResult<Json<Option<common::api::GroupInfo>>> {
+    Ok(Json(blocking(move || svc.remove_group(&name, &req)).await?))
 }
 
 async fn refresh(
