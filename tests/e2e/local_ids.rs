@@ -190,6 +190,16 @@ fn root_tar_on_a_local_ids_mount_restores_owners_and_users_get_local_permissions
         ok(m.sh("cat t/secret t/sg/f")),
         ok(sh_in(&local, "cat t/secret t/sg/f"))
     );
+
+    // Permission is checked at open: a process that opens a file as root and then drops to
+    // a uid that may not write it still writes through that open, and its close pushes.
+    let dropped = r#"perl -e 'use POSIX; open(my $f, ">>", "t/exe") or die "open: $!";
+        POSIX::setgid(1004); POSIX::setuid(1004) or die "setuid: $!";
+        open(my $g, ">>", "t/exe") and die "reopened"; print $f "dropped\n";
+        close($f) or die "close: $!"; print "ok\n"'"#;
+    assert_eq!(ok(sh_in(&local, dropped)), "ok\n");
+    assert_eq!(ok(m.sh(dropped)), "ok\n");
+    assert_eq!(ok(m.sh("cat t/exe")), "exe\ndropped\n");
 }
 
 #[test]

@@ -1212,8 +1212,13 @@ impl DfsFs {
 
     /// flush (every close) and fsync: push the handle's changes, waiting at most the close
     /// timeout. On failure the changes stay in the cache, pending, and are retried.
+    /// On a `--local-ids` mount it acts as the handle's opener, whoever closes.
     pub async fn flush(&self, fh: u64) -> FsResult<()> {
         let h = self.handle(fh)?;
+        crate::caller::scope(h.opener.clone(), self.flush_handle(h)).await
+    }
+
+    async fn flush_handle(&self, h: Arc<Handle>) -> FsResult<()> {
         // Under passthrough the writes bypass us and (size, mtime) may not move for a same-size
         // rewrite within one timestamp tick: let the content hash decide instead.
         let passthrough = self.passthrough.load(Ordering::Relaxed);
@@ -1244,9 +1249,13 @@ impl DfsFs {
         self.push_now(&h).await
     }
 
-    /// fsync: waits for the servers in every mode.
+    /// fsync: waits for the servers in every mode (as the handle's opener, as `flush`).
     pub async fn fsync(&self, fh: u64) -> FsResult<()> {
         let h = self.handle(fh)?;
+        crate::caller::scope(h.opener.clone(), self.fsync_handle(h)).await
+    }
+
+    async fn fsync_handle(&self, h: Arc<Handle>) -> FsResult<()> {
         let passthrough = self.passthrough.load(Ordering::Relaxed);
         if h.writable {
             self.record_unrecorded(h.node)?;
@@ -1266,8 +1275,7 @@ impl DfsFs {
         // wins).
         // (Only a writer's close or fsync: an fsync of a read-only handle that finds an old
         // pending change pushes it as a later push would.)
-        let push = self.push(h.node, deadline, h.writable);
-        match crate::caller::scope(h.opener.clone(), push).await {
+        match self.push(h.node, deadline, h.writable).await {
             Ok(()) => Ok(()),
             Err(e) => {
                 // Keep the handle dirty too, so release records the change even if `push`
