@@ -44,10 +44,13 @@ pub fn may_allow_other() -> bool {
     use std::os::unix::fs::MetadataExt;
     // /proc/self belongs to the process's effective uid.
     let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
-    root || std::fs::read_to_string("/etc/fuse.conf").is_ok_and(|c| {
-        c.lines()
-            .any(|l| l.split('#').next().unwrap_or_default().trim() == "user_allow_other")
-    })
+    root || std::fs::read_to_string("/etc/fuse.conf").is_ok_and(|c| allows_other(&c))
+}
+
+/// Whether a `/etc/fuse.conf` text lets users mount with `allow_other`.
+fn allows_other(conf: &str) -> bool {
+    conf.lines()
+        .any(|l| l.split('#').next().unwrap_or_default().trim() == "user_allow_other")
 }
 
 /// Refuses a `--local-ids` mount that would not work, before mounting: the login must be the
@@ -403,5 +406,18 @@ pub fn report_pending(pending: Vec<common::NodeId>) -> anyhow::Result<()> {
             pending.len(),
             ids.join(", ")
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_an_uncommented_user_allow_other_lets_users_share_mounts() {
+        assert!(super::allows_other(
+            "# mount_max = 1000\nuser_allow_other\n"
+        ));
+        assert!(super::allows_other("  user_allow_other  # shared mounts\n"));
+        assert!(!super::allows_other("#user_allow_other\n"));
+        assert!(!super::allows_other("mount_max = 1000\n"));
     }
 }
