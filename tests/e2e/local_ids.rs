@@ -135,6 +135,9 @@ const UNPRIVILEGED: &[(u32, u32, &[u32], &str)] = &[
     (1000, 1000, &[], "chmod 777 t/exe"),
     (1002, 1000, &[], "chmod 750 t/exe"),
     (1002, 1000, &[], "chown 1000 t/exe"),
+    // chgrp by the owner, only to a group the caller is in.
+    (1000, 1000, &[], "chgrp 1002 t/a"),
+    (1000, 1000, &[1002], "chgrp 1002 t/a"),
     // Not root: no new file at the top of the tree, no removing root's directory.
     (1000, 1000, &[], "mkdir t/mine"),
     (1000, 1000, &[], "rmdir t/tmp"),
