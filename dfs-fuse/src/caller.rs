@@ -10,17 +10,53 @@ use std::io::Read;
 use common::Identity;
 
 tokio::task_local! {
-    static CALLER: Option<Identity>;
+    static CALLER: Option<Who>;
+}
+
+/// The caller of a scope: known, or named by a FUSE request (uid, gid, pid) whose groups are
+/// read the first time a request to the cluster needs them (most ops the client answers
+/// itself need none).
+struct Who {
+    request: Option<(u32, u32, u32)>,
+    id: std::sync::OnceLock<Identity>,
+}
+
+impl Who {
+    fn identity(&self) -> Identity {
+        self.id
+            .get_or_init(|| {
+                let (uid, gid, pid) = self.request.unwrap_or_default();
+                of_request(uid, gid, pid)
+            })
+            .clone()
+    }
 }
 
 /// Runs `f` acting for `id` (None: the mount's own login).
 pub async fn scope<F: Future>(id: Option<Identity>, f: F) -> F::Output {
-    CALLER.scope(id, f).await
+    let who = id.map(|id| Who {
+        request: None,
+        id: id.into(),
+    });
+    CALLER.scope(who, f).await
+}
+
+/// Runs `f` acting for the caller of a FUSE request, `(uid, gid, pid)` (None: the mount's own
+/// login); see [`of_request`].
+pub async fn scope_request<F: Future>(request: Option<(u32, u32, u32)>, f: F) -> F::Output {
+    let who = request.map(|r| Who {
+        request: Some(r),
+        id: std::sync::OnceLock::new(),
+    });
+    CALLER.scope(who, f).await
 }
 
 /// The local caller the running operation acts for, if any.
 pub fn current() -> Option<Identity> {
-    CALLER.try_with(Clone::clone).ok().flatten()
+    CALLER
+        .try_with(|w| w.as_ref().map(Who::identity))
+        .ok()
+        .flatten()
 }
 
 /// Most bytes of `/proc/<pid>/status` read: the `Groups:` line comes early, after a few short
@@ -125,5 +161,26 @@ mod tests {
         let (uid, gid) = (fs("Uid:"), fs("Gid:"));
         assert!(groups_of(pid, uid, gid).is_some());
         assert_eq!(of_request(uid, gid, pid).uid, uid);
+    }
+
+    #[tokio::test]
+    async fn a_scope_names_its_caller_and_only_inside_it() {
+        assert_eq!(current(), None);
+        let pid = std::process::id();
+        let got = scope_request(Some((0, 0, pid)), async { current() }).await;
+        assert!(got.is_some_and(|id| id.uid == 0 && id.admin));
+        let alice = Identity {
+            uid: 1000,
+            gid: 1000,
+            groups: vec![24],
+            admin: false,
+        };
+        let inner = scope_request(
+            Some((0, 0, pid)),
+            scope(Some(alice.clone()), async { current() }),
+        )
+        .await;
+        assert_eq!(inner, Some(alice));
+        assert_eq!(scope(None, async { current() }).await, None);
     }
 }

@@ -64,7 +64,9 @@ impl FuseAdapter {
         f: impl std::future::Future<Output = T>,
     ) -> T {
         let start = std::time::Instant::now();
-        let r = self.rt.block_on(crate::caller::scope(self.caller(req), f));
+        let r = self
+            .rt
+            .block_on(crate::caller::scope_request(self.caller(req), f));
         self.fs.metrics().fuse_op(op, start.elapsed());
         r
     }
@@ -81,7 +83,7 @@ impl FuseAdapter {
     ) {
         let metrics = self.fs.metrics().clone();
         let rt = self.rt.clone();
-        let work = crate::caller::scope(self.caller(req), work);
+        let work = crate::caller::scope_request(self.caller(req), work);
         self.rt.spawn_blocking(move || {
             let start = std::time::Instant::now();
             let r = rt.block_on(work);
@@ -92,11 +94,11 @@ impl FuseAdapter {
 
     /// Whom an operation acts for: on a `--local-ids` mount the calling process (uid, gid and
     /// supplementary groups), else the mount's own login.
-    fn caller(&self, req: &Request) -> Option<common::Identity> {
+    fn caller(&self, req: &Request) -> Option<(u32, u32, u32)> {
         self.fs
             .remote()
             .local_ids()
-            .then(|| crate::caller::of_request(req.uid(), req.gid(), req.pid()))
+            .then(|| (req.uid(), req.gid(), req.pid()))
     }
 
     /// An adapter running core operations on `rt`, using kernel passthrough for open files
