@@ -160,9 +160,20 @@ fn unprivileged_run(root: &Path) -> String {
 
 #[test]
 fn root_tar_on_a_local_ids_mount_restores_owners_and_users_get_local_permissions() {
+    tar_and_unprivileged_users(&["--local-ids"]);
+}
+
+/// The same in write-back mode, where pushes run in the background as the administrator and
+/// tar's attribute changes are folded into them.
+#[test]
+fn root_tar_and_unprivileged_users_on_a_local_ids_mount_in_writeback_mode() {
+    tar_and_unprivileged_users(&["--local-ids", "--writeback"]);
+}
+
+fn tar_and_unprivileged_users(flags: &[&str]) {
     let cluster = Cluster::start(&[]);
     let admin = admin_client(&cluster);
-    let m = admin.mount(&["--local-ids"]);
+    let m = admin.mount(flags);
     open_up(m.dir.parent().unwrap());
     let tmp = tempfile::tempdir().unwrap();
     open_up(tmp.path());
