@@ -811,6 +811,7 @@ async fn create_as(
         kind,
         mode,
         symlink_target: None,
+        rdev: 0,
     };
     let mut r = h
         .http

@@ -294,6 +294,10 @@ fn kind_of(k: FileKind) -> FileType {
         FileKind::File => FileType::RegularFile,
         FileKind::Dir => FileType::Directory,
         FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::CharDev => FileType::CharDevice,
+        FileKind::BlockDev => FileType::BlockDevice,
     }
 }
 
@@ -755,6 +759,7 @@ impl DfsFs {
             kind,
             mode: mode & 0o7777,
             symlink_target: target,
+            rdev: 0,
         };
         let m = self.remote.create(parent, &req).await.inspect_err(|_| {
             // The name may exist after all (made by another client).
