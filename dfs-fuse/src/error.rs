@@ -44,6 +44,12 @@ pub enum FsError {
     /// A wait given up because the caller got a signal.
     #[error("interrupted")]
     Interrupted,
+    /// The permission bits refuse this mount's user the access asked (`access(2)`).
+    #[error("permission denied")]
+    AccessDenied,
+    /// An argument the operation does not take.
+    #[error("invalid argument: {0}")]
+    Invalid(&'static str),
 }
 
 impl FsError {
@@ -87,6 +93,8 @@ impl FsError {
             FsError::Absent => libc::ENOENT,
             FsError::WouldBlock => libc::EAGAIN,
             FsError::Interrupted => libc::EINTR,
+            FsError::AccessDenied => libc::EACCES,
+            FsError::Invalid(_) => libc::EINVAL,
             FsError::PushFailed(_) => libc::EIO,
         }
     }

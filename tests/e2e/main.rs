@@ -6,6 +6,7 @@ mod basic;
 mod faults;
 mod large;
 mod permissions;
+mod posix;
 mod power_loss;
 mod replication;
 mod two_clients;

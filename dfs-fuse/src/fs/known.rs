@@ -185,6 +185,31 @@ impl Known {
         Some((self.by_id.get(&id)?.clone(), left))
     }
 
+    /// Directory `dir` gained (`delta` > 0) or lost subdirectories here: its link count
+    /// follows locally.
+    pub fn dir_links(&mut self, dir: NodeId, delta: i64) {
+        if let Some(m) = self.by_id.get_mut(&dir)
+            && m.nlink != 0
+        {
+            let n = i64::from(m.nlink).saturating_add(delta).max(2);
+            m.nlink = u32::try_from(n).unwrap_or(u32::MAX);
+        }
+    }
+
+    /// This client just changed node `id`'s metadata (renamed it): its ctime moves on to
+    /// `now_ns` locally, as the directory's did.
+    pub fn touched_node(&mut self, id: NodeId, now_ns: u64) {
+        if let Some(m) = self.by_id.get_mut(&id) {
+            m.ctime_ns = now_ns;
+        }
+    }
+
+    /// What is known of `id` may be out of date (a change here whose effect on it is not
+    /// known): the next getattr asks the directory.
+    pub fn stale(&mut self, id: NodeId) {
+        self.heard.remove(&id);
+    }
+
     /// This client just changed directory `dir`: its times move on to `now_ns` locally.
     pub fn touched_dir(&mut self, dir: NodeId, now_ns: u64) {
         if let Some(m) = self.by_id.get_mut(&dir) {
