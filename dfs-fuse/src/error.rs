@@ -70,6 +70,7 @@ impl FsError {
                 ErrorCode::AccessDenied => libc::EACCES,
                 ErrorCode::TooLarge => libc::EFBIG,
                 ErrorCode::NoSpace => libc::ENOSPC,
+                ErrorCode::NameTooLong => libc::ENAMETOOLONG,
                 ErrorCode::StaleFence
                 | ErrorCode::HashMismatch
                 | ErrorCode::NotHolder

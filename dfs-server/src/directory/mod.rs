@@ -629,6 +629,12 @@ impl DirectoryService {
             {
                 Some(t.clone())
             }
+            (FileKind::Symlink, Some(t)) if t.len() > SYMLINK_MAX => {
+                return Err(ServiceError::NameTooLong(format!(
+                    "symlink target is {} bytes, more than {SYMLINK_MAX}",
+                    t.len()
+                )));
+            }
             (FileKind::Symlink, _) => {
                 return Err(ServiceError::BadRequest(format!(
                     "symlink target must be 1 to {SYMLINK_MAX} bytes without NUL"
