@@ -741,3 +741,38 @@ async fn access_answers_for_this_mounts_user_with_the_clusters_rules() {
     );
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_utimes_with_an_atime_still_folds_the_mtime_of_an_open_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let a = core(&c, Some(login(&c, "alice").await), &dir.path().join("a"));
+    let (attr, o) = a
+        .create(NodeId::ROOT, OsStr::new("t"), 0o644, libc::O_WRONLY)
+        .await
+        .unwrap();
+    let id = NodeId(attr.ino.0);
+    a.write(o.fh, 0, b"tar member").unwrap();
+    // tar and `cp -p` set both times on the open file: the push must not put its commit
+    // time over the mtime.
+    let atime = std::time::UNIX_EPOCH + Duration::from_secs(1_100_000_000);
+    let mtime = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    a.setattr(
+        id,
+        AttrChange {
+            atime: Some(atime),
+            mtime: Some(mtime),
+            ..AttrChange::default()
+        },
+        Some(o.fh),
+    )
+    .await
+    .unwrap();
+    a.flush(o.fh).await.unwrap();
+    a.release(o.fh);
+    let after = a.remote().get(id).await.unwrap();
+    assert_eq!(after.version, 1);
+    assert_eq!(after.mtime_ns, 1_000_000_000 * 1_000_000_000);
+    assert_eq!(after.atime_ns, 1_100_000_000 * 1_000_000_000);
+    c.shutdown().await;
+}

@@ -664,20 +664,31 @@ impl DfsFs {
             t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                 .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
         };
-        let mtime_ns = ns_of(mtime);
+        let mut mtime = mtime;
+        let mut mtime_ns = ns_of(mtime);
         let atime_ns = ns_of(atime);
         if atime_ns.is_some() {
-            // Access times are never folded into a push: their own request, now.
+            // Access times are never folded into a push: their own request, now. The mtime
+            // goes with it unless it is folded (a file with changes not pushed yet, whose push
+            // would otherwise set the commit time over it) or goes with a chmod below.
+            let folds = self
+                .known_meta(id)
+                .is_some_and(|m| m.kind == FileKind::File && self.has_local_changes(id));
+            let with_mtime = !folds && mode.is_none();
             let req = SetAttrRequest {
                 atime_ns,
                 atime_now,
-                mtime_ns: if mode.is_none() { mtime_ns } else { None },
-                mtime_now,
+                mtime_ns: mtime_ns.filter(|_| with_mtime),
+                mtime_now: mtime_now && with_mtime,
                 ..SetAttrRequest::default()
             };
             let meta = self.remote.setattr(id, &req).await?;
             self.remember(&meta, None);
-            if mode.is_none() && uid.is_none() && gid.is_none() {
+            if with_mtime {
+                mtime = None;
+                mtime_ns = None;
+            }
+            if mode.is_none() && mtime_ns.is_none() && uid.is_none() && gid.is_none() {
                 return Ok(self.attr(&meta));
             }
         }
