@@ -254,6 +254,34 @@ mod tests {
     const TTL: Duration = Duration::from_secs(1);
 
     #[test]
+    fn link_counts_follow_local_changes_and_a_stale_node_is_asked_again() {
+        let mut k = Known::default();
+        let t0 = Instant::now();
+        let dir = NodeMeta {
+            kind: common::FileKind::Dir,
+            nlink: 2,
+            ..meta(7)
+        };
+        k.remember(&dir, None, t0);
+        k.dir_links(dir.id, 1);
+        k.dir_links(dir.id, 1);
+        k.dir_links(dir.id, -1);
+        let links = |k: &Known| k.meta(dir.id).map(|m| m.nlink);
+        assert_eq!(links(&k), Some(3));
+        k.dir_links(dir.id, -5);
+        assert_eq!(links(&k), Some(2), "never below a directory's own two");
+        k.touched_node(dir.id, 42);
+        assert_eq!(k.meta(dir.id).map(|m| m.ctime_ns), Some(42));
+        assert!(k.recent(dir.id, TTL, t0).is_some());
+        k.stale(dir.id);
+        assert!(k.recent(dir.id, TTL, t0).is_none(), "asked again");
+        assert!(
+            k.meta(dir.id).is_some(),
+            "still known for when the directory is down"
+        );
+    }
+
+    #[test]
     fn a_name_is_absent_only_from_a_fresh_complete_listing() {
         let mut k = Known::default();
         let t0 = Instant::now();
