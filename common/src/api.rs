@@ -31,6 +31,20 @@ pub struct CreateRequest {
     /// Target, for a symlink only.
     #[serde(default)]
     pub symlink_target: Option<String>,
+    /// Device number, for a character or block device only.
+    #[serde(default)]
+    pub rdev: u64,
+}
+
+/// `POST /v1/link`: one more name for an existing file (`link(2)`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LinkRequest {
+    /// The node to name (not a directory).
+    pub node: NodeId,
+    /// Directory of the new name.
+    pub new_parent: NodeId,
+    /// The new name.
+    pub new_name: ValidName,
 }
 
 /// Query of `DELETE /v1/nodes/{id}/children/{name}`.
@@ -95,6 +109,12 @@ pub struct SetAttrRequest {
     /// `mtime_ns` is "now" (`utimensat` with `UTIME_NOW`, `touch`).
     #[serde(default)]
     pub mtime_now: bool,
+    /// New access time (ns since the epoch), under the same rules as `mtime_ns`.
+    #[serde(default)]
+    pub atime_ns: Option<u64>,
+    /// `atime_ns` is "now".
+    #[serde(default)]
+    pub atime_now: bool,
     /// New owner (administrator only).
     #[serde(default)]
     pub uid: Option<u32>,

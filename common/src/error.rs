@@ -55,6 +55,8 @@ pub enum ErrorCode {
     Conflict,
     /// A file server (or every one that could take the file) is out of space.
     NoSpace,
+    /// A name over 255 bytes, or a symlink target over 4096 (ENAMETOOLONG).
+    NameTooLong,
 }
 
 /// Body of every non-2xx response.

@@ -17,6 +17,31 @@ pub enum FileKind {
     Dir,
     /// A symbolic link; its target is stored in the directory itself.
     Symlink,
+    /// A named pipe: metadata only; readers and writers meet in one client's kernel.
+    Fifo,
+    /// A UNIX socket's name (`bind`): metadata only, like a FIFO.
+    Socket,
+    /// A character device (`rdev` names it): metadata only, made by the administrator.
+    CharDev,
+    /// A block device (`rdev` names it): metadata only, made by the administrator.
+    BlockDev,
+}
+
+impl FileKind {
+    /// A FIFO, socket or device: a node with a mode and no content, whose opens the client's
+    /// kernel serves itself.
+    pub fn is_special(self) -> bool {
+        matches!(
+            self,
+            FileKind::Fifo | FileKind::Socket | FileKind::CharDev | FileKind::BlockDev
+        )
+    }
+
+    /// A character or block device (only the administrator makes one, as only root may
+    /// `mknod` one).
+    pub fn is_device(self) -> bool {
+        matches!(self, FileKind::CharDev | FileKind::BlockDev)
+    }
 }
 
 /// Everything the directory knows of one node.
@@ -26,7 +51,7 @@ pub struct NodeMeta {
     pub id: NodeId,
     /// The directory that holds it (the root is its own parent).
     pub parent: NodeId,
-    /// File, directory or symlink.
+    /// File, directory, symlink or special file.
     pub kind: FileKind,
     /// Permission bits (`0o7777` at most).
     pub mode: u32,
@@ -46,6 +71,17 @@ pub struct NodeMeta {
     pub mtime_ns: u64,
     /// Change time of the metadata, nanoseconds since the Unix epoch.
     pub ctime_ns: u64,
+    /// Access time, nanoseconds since the Unix epoch: set at creation and by `utimensat`
+    /// (whole-file reads from a cache do not move it, as with `noatime`).
+    #[serde(default)]
+    pub atime_ns: u64,
+    /// Link count: names of a file (hard links), 2 + subdirectories for a directory. A store
+    /// from before hard links is counted once when it is opened (format 2).
+    #[serde(default)]
+    pub nlink: u32,
+    /// Device number of a character or block device (0 otherwise).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rdev: u64,
     /// When the directory committed the current version (ns since the epoch); unlike
     /// `mtime_ns`, users cannot set it.
     #[serde(default)]
@@ -70,6 +106,10 @@ pub struct NodeMeta {
     /// (until the push commits or the intent expires) so that they see the new content.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub writeback: Option<WritebackIntent>,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// A write-back push announced but not yet committed.

@@ -34,6 +34,8 @@ pub const CLUSTER: &str = "/v1/cluster";
 pub const STATFS: &str = "/v1/statfs";
 /// Directory: atomic rename.
 pub const RENAME: &str = "/v1/rename";
+/// Directory: one more name for a file (hard link).
+pub const LINK: &str = "/v1/link";
 /// Directory: one node's metadata (GET) or setattr (PATCH).
 pub const NODE: &str = "/v1/nodes/{id}";
 /// Directory: list (GET) or create in (POST) a directory.

@@ -44,6 +44,12 @@ pub enum FsError {
     /// A wait given up because the caller got a signal.
     #[error("interrupted")]
     Interrupted,
+    /// The permission bits refuse this mount's user the access asked (`access(2)`).
+    #[error("permission denied")]
+    AccessDenied,
+    /// An argument the operation does not take.
+    #[error("invalid argument: {0}")]
+    Invalid(&'static str),
 }
 
 impl FsError {
@@ -64,6 +70,7 @@ impl FsError {
                 ErrorCode::AccessDenied => libc::EACCES,
                 ErrorCode::TooLarge => libc::EFBIG,
                 ErrorCode::NoSpace => libc::ENOSPC,
+                ErrorCode::NameTooLong => libc::ENAMETOOLONG,
                 ErrorCode::StaleFence
                 | ErrorCode::HashMismatch
                 | ErrorCode::NotHolder
@@ -87,6 +94,8 @@ impl FsError {
             FsError::Absent => libc::ENOENT,
             FsError::WouldBlock => libc::EAGAIN,
             FsError::Interrupted => libc::EINTR,
+            FsError::AccessDenied => libc::EACCES,
+            FsError::Invalid(_) => libc::EINVAL,
             FsError::PushFailed(_) => libc::EIO,
         }
     }

@@ -296,7 +296,7 @@ impl Filesystem for FuseAdapter {
         uid: Option<u32>,
         gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<TimeOrNow>,
+        atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
         fh: Option<FileHandle>,
@@ -314,6 +314,8 @@ impl Filesystem for FuseAdapter {
             size,
             mtime_now: matches!(mtime, Some(TimeOrNow::Now)),
             mtime: mtime.map(time_of),
+            atime_now: matches!(atime, Some(TimeOrNow::Now)),
+            atime: atime.map(time_of),
         };
         let op = async move { fs.setattr(node(ino), change, fh.map(|f| f.0)).await };
         self.spawned(req, "setattr", op, move |r| match r {
@@ -403,13 +405,20 @@ impl Filesystem for FuseAdapter {
 
     fn link(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _newparent: INodeNo,
-        _newname: &OsStr,
+        req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::from_i32(libc::EPERM));
+        match self.timed(
+            req,
+            "link",
+            self.fs.link(node(ino), node(newparent), newname),
+        ) {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(errno("link", &e)),
+        }
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -730,8 +739,11 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
-        reply.ok();
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        match self.timed(req, "access", self.fs.access(node(ino), mask.bits())) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("access", &e)),
+        }
     }
 
     fn create(
@@ -809,14 +821,18 @@ impl Filesystem for FuseAdapter {
 
     fn mknod(
         &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        _rdev: u32,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::from_i32(libc::EPERM));
+        let mode = mode & !(umask & 0o7777);
+        match self.timed(req, "mknod", self.fs.mknod(node(parent), name, mode, rdev)) {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(errno("mknod", &e)),
+        }
     }
 }

@@ -817,6 +817,11 @@ impl Remote {
         self.send(self.http.delete(url), "remove").await
     }
 
+    /// One more name for a file; returns the node with its new link count.
+    pub async fn link(&self, req: &common::api::LinkRequest) -> Result<NodeMeta, RemoteError> {
+        self.post(self.dir(routes::LINK), req, "link").await
+    }
+
     /// Atomic rename; returns the replaced node.
     pub async fn rename(&self, req: &RenameRequest) -> Result<Option<NodeMeta>, RemoteError> {
         self.post(self.dir(routes::RENAME), req, "rename").await

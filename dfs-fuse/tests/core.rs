@@ -674,3 +674,105 @@ async fn regression_a_push_refused_for_permission_is_kept_aside_not_retried_fore
     a.release(o.fh);
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_unlinking_one_name_of_a_linked_file_keeps_its_pending_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let a = std::sync::Arc::new(core_with(
+        &c,
+        Some(login(&c, "alice").await),
+        &dir.path().join("a"),
+        true,
+    ));
+    let b = core(&c, Some(login(&c, "alice").await), &dir.path().join("b"));
+    write_file(&a, "f", b"pending").await.unwrap();
+    assert_eq!(a.pending().unwrap().len(), 1, "write-back: not pushed yet");
+    let f = a.lookup(NodeId::ROOT, OsStr::new("f")).await.unwrap();
+    let g = a
+        .link(NodeId(f.ino.0), NodeId::ROOT, OsStr::new("g"))
+        .await
+        .unwrap();
+    assert_eq!((g.ino, g.nlink), (f.ino, 2));
+    // One of two names goes: the copy, and its change, stay.
+    a.unlink(NodeId::ROOT, OsStr::new("f")).await.unwrap();
+    assert_eq!(a.pending().unwrap().len(), 1, "the pending change is kept");
+    assert_eq!(a.getattr(NodeId(f.ino.0)).await.unwrap().0.nlink, 1);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let uploader = tokio::spawn(a.clone().run_uploader(cancel.clone()));
+    assert_eq!(read_file(&b, "g").await, b"pending");
+    cancel.cancel();
+    uploader.await.unwrap();
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn access_answers_for_this_mounts_user_with_the_clusters_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let a = core(&c, Some(login(&c, "alice").await), &dir.path().join("a"));
+    let b = core(&c, Some(login(&c, "bob").await), &dir.path().join("b"));
+    let (_, o) = a
+        .create(NodeId::ROOT, OsStr::new("f"), 0o640, libc::O_WRONLY)
+        .await
+        .unwrap();
+    a.flush(o.fh).await.unwrap();
+    a.release(o.fh);
+    let d = a.mkdir(NodeId::ROOT, OsStr::new("d"), 0o711).await.unwrap();
+    let f = NodeId(b.lookup(NodeId::ROOT, OsStr::new("f")).await.unwrap().ino.0);
+    let d = NodeId(d.ino.0);
+    let errno = |r: Result<(), FsError>| r.map_err(|e| e.errno());
+    assert_eq!(errno(a.access(f, libc::R_OK | libc::W_OK).await), Ok(()));
+    assert_eq!(
+        errno(a.access(f, libc::X_OK).await),
+        Err(libc::EACCES),
+        "no x bit"
+    );
+    assert_eq!(errno(b.access(f, libc::F_OK).await), Ok(()));
+    assert_eq!(errno(b.access(f, libc::R_OK).await), Err(libc::EACCES));
+    assert_eq!(errno(b.access(d, libc::X_OK).await), Ok(()));
+    assert_eq!(
+        errno(b.access(d, libc::R_OK | libc::X_OK).await),
+        Err(libc::EACCES)
+    );
+    assert_eq!(
+        errno(b.access(NodeId(9999), libc::F_OK).await),
+        Err(libc::ENOENT)
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_utimes_with_an_atime_still_folds_the_mtime_of_an_open_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let a = core(&c, Some(login(&c, "alice").await), &dir.path().join("a"));
+    let (attr, o) = a
+        .create(NodeId::ROOT, OsStr::new("t"), 0o644, libc::O_WRONLY)
+        .await
+        .unwrap();
+    let id = NodeId(attr.ino.0);
+    a.write(o.fh, 0, b"tar member").unwrap();
+    // tar and `cp -p` set both times on the open file: the push must not put its commit
+    // time over the mtime.
+    let atime = std::time::UNIX_EPOCH + Duration::from_secs(1_100_000_000);
+    let mtime = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    a.setattr(
+        id,
+        AttrChange {
+            atime: Some(atime),
+            mtime: Some(mtime),
+            ..AttrChange::default()
+        },
+        Some(o.fh),
+    )
+    .await
+    .unwrap();
+    a.flush(o.fh).await.unwrap();
+    a.release(o.fh);
+    let after = a.remote().get(id).await.unwrap();
+    assert_eq!(after.version, 1);
+    assert_eq!(after.mtime_ns, 1_000_000_000 * 1_000_000_000);
+    assert_eq!(after.atime_ns, 1_100_000_000 * 1_000_000_000);
+    c.shutdown().await;
+}

@@ -75,6 +75,9 @@ pub enum ServiceError {
     Conflict(String),
     #[error("out of space: {0}")]
     NoSpace(String),
+    /// A symlink target (or name) over its length limit.
+    #[error("{0}")]
+    NameTooLong(String),
 }
 
 impl ServiceError {
@@ -82,6 +85,9 @@ impl ServiceError {
     pub fn code(&self) -> ErrorCode {
         match self {
             ServiceError::BadRequest(_) => ErrorCode::BadRequest,
+            ServiceError::InvalidName(NameError::TooLong(_)) | ServiceError::NameTooLong(_) => {
+                ErrorCode::NameTooLong
+            }
             ServiceError::InvalidName(_) => ErrorCode::InvalidName,
             ServiceError::NotFound(_) => ErrorCode::NotFound,
             ServiceError::Exists(_) => ErrorCode::Exists,
@@ -136,6 +142,7 @@ impl ServiceError {
             ErrorCode::NoRoute => ServiceError::NoRoute(message),
             ErrorCode::Conflict => ServiceError::Conflict(message),
             ErrorCode::NoSpace => ServiceError::NoSpace(message),
+            ErrorCode::NameTooLong => ServiceError::NameTooLong(message),
         }
     }
 

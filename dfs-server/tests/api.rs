@@ -811,6 +811,7 @@ async fn create_as(
         kind,
         mode,
         symlink_target: None,
+        rdev: 0,
     };
     let mut r = h
         .http
@@ -1137,4 +1138,66 @@ async fn the_administrator_manages_groups_and_members_tokens_carry_them_from_ren
         .unwrap();
     assert!(groups.is_empty(), "{groups:?}");
     h.cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn links_and_long_names_answer_their_own_codes() {
+    let h = Harness::new(|_| {}).await;
+    let f = h.create(NodeId::ROOT, "f", FileKind::File).await;
+    let d = h.create(NodeId::ROOT, "d", FileKind::Dir).await;
+    let link = |node: NodeId, name: &str| {
+        let body =
+            serde_json::json!({ "node": node, "new_parent": NodeId::ROOT, "new_name": name });
+        h.http
+            .post(h.dir(routes::LINK))
+            .bearer_auth(&h.token)
+            .json(&body)
+            .send()
+    };
+    let r = link(f.id, "g").await.unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let linked: NodeMeta = r.json().await.unwrap();
+    assert_eq!((linked.id, linked.nlink), (f.id, 2));
+    assert_eq!(
+        error_code(link(f.id, "d").await.unwrap()).await,
+        (409, ErrorCode::Exists)
+    );
+    assert_eq!(
+        error_code(link(d.id, "d2").await.unwrap()).await,
+        (403, ErrorCode::Forbidden),
+        "no hard links to directories (EPERM)"
+    );
+    // Too long: a name in the path, a symlink target.
+    let r = h
+        .http
+        .get(h.dir(&routes::child(NodeId::ROOT, &"x".repeat(256))))
+        .bearer_auth(&h.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (400, ErrorCode::NameTooLong));
+    let body = serde_json::json!({
+        "name": "l", "kind": "symlink", "mode": 511, "symlink_target": "t".repeat(4097)
+    });
+    let r = h
+        .http
+        .post(h.dir(&routes::children(NodeId::ROOT)))
+        .bearer_auth(&h.token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (400, ErrorCode::NameTooLong));
+    // A FIFO made by an old client's body (no rdev) is a plain node.
+    let body = serde_json::json!({ "name": "p", "kind": "fifo", "mode": 420 });
+    let r = h
+        .http
+        .post(h.dir(&routes::children(NodeId::ROOT)))
+        .bearer_auth(&h.token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let p: NodeMeta = r.json().await.unwrap();
+    assert_eq!((p.kind, p.nlink, p.rdev), (FileKind::Fifo, 1, 0));
 }

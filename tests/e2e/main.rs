@@ -8,6 +8,7 @@ mod groups;
 mod large;
 mod local_ids;
 mod permissions;
+mod posix;
 mod power_loss;
 mod replication;
 mod two_clients;

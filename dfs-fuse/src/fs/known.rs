@@ -185,6 +185,31 @@ impl Known {
         Some((self.by_id.get(&id)?.clone(), left))
     }
 
+    /// Directory `dir` gained (`delta` > 0) or lost subdirectories here: its link count
+    /// follows locally.
+    pub fn dir_links(&mut self, dir: NodeId, delta: i64) {
+        if let Some(m) = self.by_id.get_mut(&dir)
+            && m.nlink != 0
+        {
+            let n = i64::from(m.nlink).saturating_add(delta).max(2);
+            m.nlink = u32::try_from(n).unwrap_or(u32::MAX);
+        }
+    }
+
+    /// This client just changed node `id`'s metadata (renamed it): its ctime moves on to
+    /// `now_ns` locally, as the directory's did.
+    pub fn touched_node(&mut self, id: NodeId, now_ns: u64) {
+        if let Some(m) = self.by_id.get_mut(&id) {
+            m.ctime_ns = now_ns;
+        }
+    }
+
+    /// What is known of `id` may be out of date (a change here whose effect on it is not
+    /// known): the next getattr asks the directory.
+    pub fn stale(&mut self, id: NodeId) {
+        self.heard.remove(&id);
+    }
+
     /// This client just changed directory `dir`: its times move on to `now_ns` locally.
     pub fn touched_dir(&mut self, dir: NodeId, now_ns: u64) {
         if let Some(m) = self.by_id.get_mut(&dir) {
@@ -211,6 +236,9 @@ mod tests {
             version: 0,
             mtime_ns: 0,
             ctime_ns: 0,
+            atime_ns: 0,
+            nlink: 1,
+            rdev: 0,
             committed_ns: 0,
             hash: common::ContentHash::empty(),
             primary: None,
@@ -224,6 +252,34 @@ mod tests {
     }
 
     const TTL: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn link_counts_follow_local_changes_and_a_stale_node_is_asked_again() {
+        let mut k = Known::default();
+        let t0 = Instant::now();
+        let dir = NodeMeta {
+            kind: common::FileKind::Dir,
+            nlink: 2,
+            ..meta(7)
+        };
+        k.remember(&dir, None, t0);
+        k.dir_links(dir.id, 1);
+        k.dir_links(dir.id, 1);
+        k.dir_links(dir.id, -1);
+        let links = |k: &Known| k.meta(dir.id).map(|m| m.nlink);
+        assert_eq!(links(&k), Some(3));
+        k.dir_links(dir.id, -5);
+        assert_eq!(links(&k), Some(2), "never below a directory's own two");
+        k.touched_node(dir.id, 42);
+        assert_eq!(k.meta(dir.id).map(|m| m.ctime_ns), Some(42));
+        assert!(k.recent(dir.id, TTL, t0).is_some());
+        k.stale(dir.id);
+        assert!(k.recent(dir.id, TTL, t0).is_none(), "asked again");
+        assert!(
+            k.meta(dir.id).is_some(),
+            "still known for when the directory is down"
+        );
+    }
 
     #[test]
     fn a_name_is_absent_only_from_a_fresh_complete_listing() {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::api::{CreateRequest, RenameRequest, SetAttrRequest, StatFs};
+use common::api::{CreateRequest, LinkRequest, RenameRequest, SetAttrRequest, StatFs};
 use common::{ContentHash, FileKind, NodeId, NodeMeta, ValidName};
 use fuser::{FileAttr, FileType, INodeNo};
 use sha2::{Digest, Sha256};
@@ -45,6 +45,10 @@ pub struct AttrChange {
     pub mtime: Option<SystemTime>,
     /// `mtime` is the current time.
     pub mtime_now: bool,
+    /// Access time.
+    pub atime: Option<SystemTime>,
+    /// `atime` is the current time.
+    pub atime_now: bool,
 }
 
 /// Tunables of the core.
@@ -297,6 +301,40 @@ fn kind_of(k: FileKind) -> FileType {
         FileKind::File => FileType::RegularFile,
         FileKind::Dir => FileType::Directory,
         FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::CharDev => FileType::CharDevice,
+        FileKind::BlockDev => FileType::BlockDevice,
+    }
+}
+
+/// The kind `mknod(2)` asks for with `mode`'s file type bits (none: a regular file).
+fn kind_of_mode(mode: u32) -> FsResult<FileKind> {
+    match mode & libc::S_IFMT {
+        0 | libc::S_IFREG => Ok(FileKind::File),
+        libc::S_IFIFO => Ok(FileKind::Fifo),
+        libc::S_IFSOCK => Ok(FileKind::Socket),
+        libc::S_IFCHR => Ok(FileKind::CharDev),
+        libc::S_IFBLK => Ok(FileKind::BlockDev),
+        _ => Err(FsError::Invalid("mknod of a directory or symlink")),
+    }
+}
+
+/// Gives the clean copy at `path` the modification time of the version it holds (best
+/// effort: a copy that keeps the time it was fetched only shows a wrong mtime while open).
+fn match_mtime(path: &std::path::Path, meta: &NodeMeta) {
+    if let Ok(f) = std::fs::OpenOptions::new().write(true).open(path) {
+        let _ = f.set_modified(ns_to_time(meta.mtime_ns));
+    }
+}
+
+/// `st_nlink` of a node: its count, or (from a directory that predates counts) 2 for a
+/// directory and 1 for anything else.
+fn nlink_of(meta: &NodeMeta) -> u32 {
+    match (meta.nlink, meta.kind) {
+        (0, FileKind::Dir) => 2,
+        (0, _) => 1,
+        (n, _) => n,
     }
 }
 
@@ -507,20 +545,26 @@ impl DfsFs {
             }
         }
         let (uid, gid) = self.local_ids(meta);
+        let atime = if meta.atime_ns == 0 {
+            mtime
+        } else {
+            ns_to_time(meta.atime_ns)
+        };
         FileAttr {
             ino: INodeNo(meta.id.0),
             size,
             blocks: size.div_ceil(512),
-            atime: mtime,
+            atime,
             mtime,
             ctime: ns_to_time(meta.ctime_ns),
             crtime: ns_to_time(meta.ctime_ns),
             kind: kind_of(meta.kind),
             perm: u16::try_from(mode & 0o7777).unwrap_or(0o644),
-            nlink: if meta.kind == FileKind::Dir { 2 } else { 1 },
+            nlink: nlink_of(meta),
             uid,
             gid,
-            rdev: 0,
+            // The kernel's dev_t is 32 bits wide on the FUSE wire.
+            rdev: u32::try_from(meta.rdev).unwrap_or(0),
             blksize: 4096,
             flags: 0,
         }
@@ -601,6 +645,8 @@ impl DfsFs {
             size,
             mtime,
             mtime_now,
+            atime,
+            atime_now,
         } = change;
         if let Some(size) = size {
             match fh.map(|fh| self.handle(fh)).transpose()? {
@@ -621,9 +667,38 @@ impl DfsFs {
                 }
             }
         }
-        let mtime_ns = mtime
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        let ns_of = |t: Option<SystemTime>| {
+            t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        };
+        let mut mtime = mtime;
+        let mut mtime_ns = ns_of(mtime);
+        let atime_ns = ns_of(atime);
+        if atime_ns.is_some() {
+            // Access times are never folded into a push: their own request, now. The mtime
+            // goes with it unless it is folded (a file with changes not pushed yet, whose push
+            // would otherwise set the commit time over it) or goes with a chmod below.
+            let folds = self
+                .known_meta(id)
+                .is_some_and(|m| m.kind == FileKind::File && self.has_local_changes(id));
+            let with_mtime = !folds && mode.is_none();
+            let req = SetAttrRequest {
+                atime_ns,
+                atime_now,
+                mtime_ns: mtime_ns.filter(|_| with_mtime),
+                mtime_now: mtime_now && with_mtime,
+                ..SetAttrRequest::default()
+            };
+            let meta = self.remote.setattr(id, &req).await?;
+            self.remember(&meta, None);
+            if with_mtime {
+                mtime = None;
+                mtime_ns = None;
+            }
+            if mode.is_none() && mtime_ns.is_none() && uid.is_none() && gid.is_none() {
+                return Ok(self.attr(&meta));
+            }
+        }
         let mode = mode.map(|m| m & 0o7777);
         // Owner and group as the cluster knows them (this mount shows this user's as the
         // mounting user's); unchanged ones are left out.
@@ -762,6 +837,7 @@ impl DfsFs {
             kind,
             mode: mode & 0o7777,
             symlink_target: target,
+            rdev: 0,
         };
         let m = self.remote.create(parent, &req).await.inspect_err(|_| {
             // The name may exist after all (made by another client).
@@ -780,7 +856,97 @@ impl DfsFs {
         // Empty, and every later change there by this client is recorded: lookups of new
         // names in it are answered here while that is fresh.
         self.known().made_dir(m.id, Instant::now());
+        self.known().dir_links(parent, 1);
         Ok(self.attr(&m))
+    }
+
+    /// mknod: a FIFO, a socket (`bind`), a device (the administrator's only), or an empty
+    /// regular file. Special files have no content: the kernel serves their opens itself.
+    pub async fn mknod(
+        &self,
+        parent: NodeId,
+        name: &OsStr,
+        mode: u32,
+        rdev: u32,
+    ) -> FsResult<FileAttr> {
+        let kind = kind_of_mode(mode)?;
+        if kind == FileKind::File {
+            let (attr, opened) = self
+                .create(parent, name, mode & 0o7777, libc::O_WRONLY | libc::O_EXCL)
+                .await?;
+            self.release(opened.fh);
+            return Ok(attr);
+        }
+        let name = name_of(name)?;
+        let req = CreateRequest {
+            name: name.clone(),
+            kind,
+            mode: mode & 0o7777,
+            symlink_target: None,
+            rdev: if kind.is_device() { u64::from(rdev) } else { 0 },
+        };
+        let m = self
+            .remote
+            .create(parent, &req)
+            .await
+            .inspect_err(|_| self.known().unsure(parent))?;
+        self.remember(&m, Some((parent, name.as_str())));
+        self.touched_dir(parent);
+        Ok(self.attr(&m))
+    }
+
+    /// link: one more name for a file (EPERM for a directory).
+    pub async fn link(
+        &self,
+        node: NodeId,
+        new_parent: NodeId,
+        new_name: &OsStr,
+    ) -> FsResult<FileAttr> {
+        let name = name_of(new_name)?;
+        let req = LinkRequest {
+            node,
+            new_parent,
+            new_name: name.clone(),
+        };
+        let m = self
+            .remote
+            .link(&req)
+            .await
+            .inspect_err(|_| self.known().unsure(new_parent))?;
+        self.remember(&m, Some((new_parent, name.as_str())));
+        self.touched_dir(new_parent);
+        Ok(self.attr(&m))
+    }
+
+    /// access(2) for this mount's identity (`mask`: `F_OK` or `R_OK | W_OK | X_OK`), decided
+    /// with the cluster's rules on the attributes as this client knows them (fresh within the
+    /// attribute TTL). The directory still decides every operation itself.
+    pub async fn access(&self, id: NodeId, mask: i32) -> FsResult<()> {
+        let meta = match self.recent_meta(id) {
+            Some((m, _)) => m,
+            None => self.meta(id).await?,
+        };
+        // On a --local-ids mount the caller of the request, else this mount's login.
+        let Some(me) = crate::caller::current().or_else(|| self.remote.identity()) else {
+            return Ok(());
+        };
+        let want = [
+            (libc::R_OK, common::perm::R),
+            (libc::W_OK, common::perm::W),
+            (libc::X_OK, common::perm::X),
+        ]
+        .iter()
+        .filter(|(m, _)| mask & m != 0)
+        .fold(0, |w, (_, b)| w | b);
+        let mode = match self.folded_attrs(id).mode {
+            Some(m) if meta.kind == FileKind::File => m,
+            _ => meta.mode,
+        };
+        if want == 0 || me.may(meta.uid, meta.gid, mode, want, meta.kind == FileKind::Dir) {
+            Ok(())
+        } else {
+            Err(FsError::AccessDenied)
+        }
     }
 
     /// symlink.
@@ -842,6 +1008,17 @@ impl DfsFs {
         Ok((self.attr(&meta), opened))
     }
 
+    /// A name of `removed` is gone (unlink, or replaced by a rename), which the directory
+    /// answered with the links left: its last name drops the cached copy (open handles read on
+    /// from the file they hold); with names left, the copy, pending changes and all, stays.
+    fn gone_name(&self, removed: &NodeMeta) {
+        if removed.nlink == 0 {
+            self.drop_cached(removed.id);
+        } else {
+            self.remember(removed, None);
+        }
+    }
+
     fn drop_cached(&self, node: NodeId) {
         self.writeback_dirty
             .lock()
@@ -862,7 +1039,7 @@ impl DfsFs {
             .inspect_err(|_| self.known().unsure(parent))?;
         self.forget_name(parent, name.as_str());
         self.touched_dir(parent);
-        self.drop_cached(removed.id);
+        self.gone_name(&removed);
         Ok(())
     }
 
@@ -875,6 +1052,7 @@ impl DfsFs {
             .inspect_err(|_| self.known().unsure(parent))?;
         self.forget_name(parent, name.as_str());
         self.touched_dir(parent);
+        self.known().dir_links(parent, -1);
         Ok(())
     }
 
@@ -897,6 +1075,7 @@ impl DfsFs {
             new_name: name_of(new_name)?,
             no_replace: flags & libc::RENAME_NOREPLACE != 0,
         };
+        let moved = self.known().by_name(parent, req.name.as_str());
         let replaced = self.remote.rename(&req).await.inspect_err(|_| {
             let mut k = self.known();
             k.unsure(parent);
@@ -906,8 +1085,30 @@ impl DfsFs {
             .renamed(parent, req.name.as_str(), new_parent, req.new_name.as_str());
         self.touched_dir(parent);
         self.touched_dir(new_parent);
+        {
+            // Link counts of the parents: a directory moved takes its `..` along, one
+            // replaced takes its own away.
+            let mut k = self.known();
+            if let Some(m) = &moved {
+                k.touched_node(m.id, dfs_server::store::now_ns());
+            }
+            match moved.map(|m| m.kind) {
+                Some(FileKind::Dir) => {
+                    k.dir_links(parent, -1);
+                    k.dir_links(new_parent, 1);
+                }
+                Some(_) => {}
+                None => {
+                    k.stale(parent);
+                    k.stale(new_parent);
+                }
+            }
+            if replaced.as_ref().is_some_and(|r| r.kind == FileKind::Dir) {
+                k.dir_links(new_parent, -1);
+            }
+        }
         if let Some(old) = replaced {
-            self.drop_cached(old.id);
+            self.gone_name(&old);
         }
         Ok(())
     }
@@ -1063,6 +1264,10 @@ impl DfsFs {
             // The copy is the current content, whichever version it was fetched as: changes
             // made to it now are based on the current version.
             self.rebase(node, &meta)?;
+            // What getattr shows while the file is open for writing comes from the copy: it
+            // has the server's times, not the time it was fetched or pushed (another client may
+            // have set them since).
+            match_mtime(&path, &meta);
         }
         if have_copy && (local_changes || fresh) {
             return self.open_local(node, flags, false);
@@ -1137,6 +1342,7 @@ impl DfsFs {
                 return Err(e.into());
             }
         }
+        match_mtime(&tmp, &meta);
         self.install(node, &tmp)?;
         self.cached_more(meta.size);
         let entry = CacheEntry {

@@ -80,6 +80,29 @@ pub fn new_node(who: &Identity, parent: &NodeMeta, kind: FileKind, mode: u32) ->
     (who.uid, gid, mode)
 }
 
+/// Refuses (EPERM) a device node unless `who` is the administrator (as only root may
+/// `mknod(2)` one); FIFOs and sockets need only what any new entry needs.
+pub fn need_mknod(who: &Identity, kind: FileKind) -> ServiceResult<()> {
+    if kind.is_device() && !who.admin {
+        return Err(ServiceError::Forbidden(format!(
+            "only the administrator may make device nodes (caller uid {})",
+            who.uid
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a hard link to `node`: EPERM for a directory (link(2)), as Linux does.
+pub fn need_linkable(node: &NodeMeta) -> ServiceResult<()> {
+    if node.kind == FileKind::Dir {
+        return Err(ServiceError::Forbidden(format!(
+            "node {} is a directory; directories have no hard links",
+            node.id
+        )));
+    }
+    Ok(())
+}
+
 fn not_permitted(what: &str, who: &Identity, node: &NodeMeta) -> ServiceError {
     ServiceError::Forbidden(format!(
         "only the owner (uid {}) or the administrator may {what} node {} (caller uid {})",
@@ -118,14 +141,16 @@ pub fn apply_setattr(
     if req.mode.is_some() && !who.owns(meta.uid) {
         return Err(not_permitted("change the mode of", who, meta));
     }
-    if req.mtime_ns.is_some() {
-        if req.mtime_now {
-            if !who.owns(meta.uid) {
-                need(who, meta, W)?;
-            }
-        } else if !who.owns(meta.uid) {
+    // utimensat(2): an explicit time needs the owner; times set only to now (UTIME_NOW, the
+    // other one omitted or now too) need the owner or write permission.
+    let explicit =
+        (req.mtime_ns.is_some() && !req.mtime_now) || (req.atime_ns.is_some() && !req.atime_now);
+    if explicit {
+        if !who.owns(meta.uid) {
             return Err(not_permitted("set the times of", who, meta));
         }
+    } else if (req.mtime_ns.is_some() || req.atime_ns.is_some()) && !who.owns(meta.uid) {
+        need(who, meta, W)?;
     }
     // Ownership first, then the mode: a chown by anyone but the administrator drops the
     // set-id bits of the old mode, and a mode given with it is judged against the new group.
@@ -148,6 +173,9 @@ pub fn apply_setattr(
     }
     if let Some(t) = req.mtime_ns {
         meta.mtime_ns = t;
+    }
+    if let Some(t) = req.atime_ns {
+        meta.atime_ns = t;
     }
     Ok(())
 }

@@ -11,8 +11,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::api::{
-    CommitRequest, CommitResponse, CreateRequest, IntentRequest, RenameRequest, SYMLINK_MAX,
-    SetAttrRequest, StatFs, Superseded,
+    CommitRequest, CommitResponse, CreateRequest, IntentRequest, LinkRequest, RenameRequest,
+    SYMLINK_MAX, SetAttrRequest, StatFs, Superseded,
 };
 use common::perm::{R, SETGID, SETUID, W, X};
 use common::{
@@ -33,6 +33,9 @@ const CHILDREN: TableDefinition<(u64, &str), u64> = TableDefinition::new("childr
 const META: TableDefinition<&str, u64> = TableDefinition::new("dir_meta");
 const NEXT_ID: &str = "next_node_id";
 const CLUSTER_ID: &str = "cluster_id";
+/// The store's format: 2 counts links (`nlink`) and stores access times.
+const FORMAT: &str = "format";
+const FORMAT_LINKS: u64 = 2;
 
 /// Tunables of the directory.
 #[derive(Debug, Clone)]
@@ -118,10 +121,96 @@ fn update_if_current_in(
 }
 
 fn touch_dir(tx: &WriteTransaction, id: NodeId, now: u64) -> ServiceResult<()> {
+    touch_dir_links(tx, id, now, 0)
+}
+
+/// An entry of directory `id` changed at `now`, and it gained (`subdirs` > 0) or lost
+/// subdirectories, each of which is a link to it (its `..`).
+fn touch_dir_links(tx: &WriteTransaction, id: NodeId, now: u64, subdirs: i64) -> ServiceResult<()> {
     let mut meta = get_node(tx, id)?;
     meta.mtime_ns = now;
     meta.ctime_ns = now;
+    let links = i64::from(meta.nlink).saturating_add(subdirs).max(2);
+    meta.nlink = u32::try_from(links).unwrap_or(u32::MAX);
     put_node(tx, &meta)
+}
+
+/// A directory that still holds a name of `id`, for a node whose recorded parent lost its
+/// name of it (hard links). Scans every entry: only an unlink or rename of a multiply
+/// linked file's recorded name comes here.
+fn another_parent(tx: &WriteTransaction, id: NodeId) -> ServiceResult<Option<NodeId>> {
+    let children = tx.open_table(CHILDREN)?;
+    for row in children.iter()? {
+        let (k, v) = row?;
+        if v.value() == id.0 {
+            return Ok(Some(NodeId(k.value().0)));
+        }
+    }
+    Ok(None)
+}
+
+/// One name of non-directory `meta` (in `parent`) is gone: the node goes with its last name,
+/// else it keeps the others, with one link less. Returns the node with its new count (0:
+/// freed).
+fn drop_link(
+    tx: &WriteTransaction,
+    mut meta: NodeMeta,
+    parent: NodeId,
+    now: u64,
+) -> ServiceResult<NodeMeta> {
+    meta.nlink = meta.nlink.saturating_sub(1);
+    if meta.nlink == 0 {
+        tx.open_table(NODES)?.remove(meta.id.0)?;
+        return Ok(meta);
+    }
+    meta.ctime_ns = now;
+    if meta.parent == parent
+        && let Some(p) = another_parent(tx, meta.id)?
+    {
+        meta.parent = p;
+    }
+    put_node(tx, &meta)?;
+    Ok(meta)
+}
+
+/// Counts every node's links once, for a store written before links were counted: a file's
+/// names, 2 + subdirectories for a directory. Access times start as the modification times.
+fn count_links(tx: &WriteTransaction) -> ServiceResult<()> {
+    let mut names: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
+    {
+        let children = tx.open_table(CHILDREN)?;
+        for row in children.iter()? {
+            let (_, v) = row?;
+            *names.entry(v.value()).or_default() += 1;
+        }
+    }
+    let mut metas = Vec::new();
+    {
+        let nodes = tx.open_table(NODES)?;
+        for row in nodes.iter()? {
+            let (_, v) = row?;
+            metas.push(decode::<NodeMeta>(v.value())?);
+        }
+    }
+    let mut subdirs: std::collections::HashMap<NodeId, u32> = std::collections::HashMap::new();
+    for m in &metas {
+        if m.kind == FileKind::Dir && m.id != NodeId::ROOT {
+            *subdirs.entry(m.parent).or_default() += 1;
+        }
+    }
+    for mut m in metas {
+        m.nlink = if m.kind == FileKind::Dir {
+            2u32.saturating_add(subdirs.get(&m.id).copied().unwrap_or(0))
+        } else {
+            names.get(&m.id.0).copied().unwrap_or(0).max(1)
+        };
+        if m.atime_ns == 0 {
+            m.atime_ns = m.mtime_ns;
+        }
+        put_node(tx, &m)?;
+    }
+    tx.open_table(META)?.insert(FORMAT, FORMAT_LINKS)?;
+    Ok(())
 }
 
 /// One commit inside `tx`. The outer error is a storage failure (the whole transaction
@@ -321,6 +410,9 @@ impl DirectoryService {
                         version: 0,
                         mtime_ns: now,
                         ctime_ns: now,
+                        atime_ns: now,
+                        nlink: 2,
+                        rdev: 0,
                         committed_ns: now,
                         hash: ContentHash::empty(),
                         primary: None,
@@ -333,6 +425,11 @@ impl DirectoryService {
                     },
                 )?;
                 tx.open_table(META)?.insert(NEXT_ID, NodeId::ROOT.0 + 1)?;
+                tx.open_table(META)?.insert(FORMAT, FORMAT_LINKS)?;
+            }
+            let format = tx.open_table(META)?.get(FORMAT)?.map_or(1, |v| v.value());
+            if format < FORMAT_LINKS {
+                count_links(tx)?;
             }
             let cluster_id = {
                 let mut meta = tx.open_table(META)?;
@@ -512,8 +609,8 @@ impl DirectoryService {
         Ok(out)
     }
 
-    /// Creates a file, directory or symlink. A new file is empty (version 0) and is placed on
-    /// distinct live servers.
+    /// Creates a file, directory, symlink or special file (FIFO, socket; devices only by the
+    /// administrator). A new file is empty (version 0) and is placed on distinct live servers.
     pub fn create(
         &self,
         parent: NodeId,
@@ -532,6 +629,12 @@ impl DirectoryService {
             {
                 Some(t.clone())
             }
+            (FileKind::Symlink, Some(t)) if t.len() > SYMLINK_MAX => {
+                return Err(ServiceError::NameTooLong(format!(
+                    "symlink target is {} bytes, more than {SYMLINK_MAX}",
+                    t.len()
+                )));
+            }
             (FileKind::Symlink, _) => {
                 return Err(ServiceError::BadRequest(format!(
                     "symlink target must be 1 to {SYMLINK_MAX} bytes without NUL"
@@ -544,6 +647,11 @@ impl DirectoryService {
             }
             (_, None) => None,
         };
+        if req.rdev != 0 && !req.kind.is_device() {
+            return Err(ServiceError::BadRequest(
+                "only device nodes have a device number".into(),
+            ));
+        }
         let placement = if req.kind == FileKind::File {
             let (roomy, short) = self.registry.live_by_room();
             Some(placement::place_by_room(
@@ -563,6 +671,7 @@ impl DirectoryService {
                 return Err(ServiceError::Exists(format!("{:?}", req.name.as_str())));
             }
             access::need(&who.id, &pmeta, W | X)?;
+            access::need_mknod(&who.id, req.kind)?;
             let (uid, gid, mode) = access::new_node(&who.id, &pmeta, req.kind, req.mode);
             let id = {
                 let mut meta = tx.open_table(META)?;
@@ -594,6 +703,9 @@ impl DirectoryService {
                 version: 0,
                 mtime_ns: now,
                 ctime_ns: now,
+                atime_ns: now,
+                nlink: if req.kind == FileKind::Dir { 2 } else { 1 },
+                rdev: req.rdev,
                 committed_ns: now,
                 hash: ContentHash::empty(),
                 primary,
@@ -607,13 +719,15 @@ impl DirectoryService {
             put_node(tx, &meta)?;
             tx.open_table(CHILDREN)?
                 .insert((parent.0, req.name.as_str()), id.0)?;
-            touch_dir(tx, parent, now)?;
+            let subdirs = i64::from(req.kind == FileKind::Dir);
+            touch_dir_links(tx, parent, now, subdirs)?;
             Ok(meta)
         })
     }
 
     /// unlink (`dir == false`: the entry must not be a directory) or rmdir (`dir == true`: it
-    /// must be an empty directory). Returns the removed node.
+    /// must be an empty directory). Returns the node with its links left: 0 if it is gone (a
+    /// directory, or a file's last name), more if other names of the file remain.
     pub fn remove(
         &self,
         parent: NodeId,
@@ -638,14 +752,21 @@ impl DirectoryService {
                 _ => {}
             }
             tx.open_table(CHILDREN)?.remove((parent.0, name.as_str()))?;
-            tx.open_table(NODES)?.remove(id.0)?;
-            touch_dir(tx, parent, now_ns())?;
+            let now = now_ns();
+            if meta.kind == FileKind::Dir {
+                tx.open_table(NODES)?.remove(id.0)?;
+                touch_dir_links(tx, parent, now, -1)?;
+                return Ok(NodeMeta { nlink: 0, ..meta });
+            }
+            let meta = drop_link(tx, meta, parent, now)?;
+            touch_dir(tx, parent, now)?;
             Ok(meta)
         })
     }
 
     /// Atomic rename; replaces an existing target (file over file, empty dir over dir).
-    /// Returns the node that was replaced, if any.
+    /// Returns the node that was replaced, if any, with its links left (0: it is gone). Link
+    /// counts follow: a directory moved to another parent moves its `..` link with it.
     pub fn rename(&self, req: &RenameRequest, who: &Identity) -> ServiceResult<Option<NodeMeta>> {
         self.store.write(|tx| {
             let from = dir_node(tx, req.parent)?;
@@ -703,7 +824,6 @@ impl DirectoryService {
                         }
                         _ => {}
                     }
-                    tx.open_table(NODES)?.remove(old.0)?;
                     Some(old_meta)
                 }
                 None => None,
@@ -714,18 +834,62 @@ impl DirectoryService {
                 children.insert((req.new_parent.0, req.new_name.as_str()), id.0)?;
             }
             let now = now_ns();
+            // Subdirectories each parent gains (its `..` links to it).
+            let mut from_links = 0i64;
+            let mut to_links = 0i64;
+            let replaced = match replaced {
+                Some(old) if old.kind == FileKind::Dir => {
+                    tx.open_table(NODES)?.remove(old.id.0)?;
+                    to_links -= 1;
+                    Some(NodeMeta { nlink: 0, ..old })
+                }
+                Some(old) => Some(drop_link(tx, old, req.new_parent, now)?),
+                None => None,
+            };
+            if meta.kind == FileKind::Dir {
+                from_links -= 1;
+                to_links += 1;
+            }
             meta.parent = req.new_parent;
             meta.ctime_ns = now;
             put_node(tx, &meta)?;
-            touch_dir(tx, req.parent, now)?;
-            if req.new_parent != req.parent {
-                touch_dir(tx, req.new_parent, now)?;
+            if req.new_parent == req.parent {
+                touch_dir_links(tx, req.parent, now, from_links + to_links)?;
+            } else {
+                touch_dir_links(tx, req.parent, now, from_links)?;
+                touch_dir_links(tx, req.new_parent, now, to_links)?;
             }
             Ok(replaced)
         })
     }
 
-    /// Changes mode, owner, group and/or mtime, as far as `who` may (`access::apply_setattr`).
+    /// One more name for file `req.node` (`link(2)`): write and search permission on the new
+    /// parent, EEXIST for a name that exists, EPERM for a directory. Returns the node with its
+    /// new link count.
+    pub fn link(&self, req: &LinkRequest, who: &Identity) -> ServiceResult<NodeMeta> {
+        self.store.write(|tx| {
+            let to = dir_node(tx, req.new_parent)?;
+            access::need(who, &to, X)?;
+            let mut meta = get_node(tx, req.node)?;
+            if child_of(tx, req.new_parent, req.new_name.as_str())?.is_some() {
+                return Err(ServiceError::Exists(format!("{:?}", req.new_name.as_str())));
+            }
+            access::need(who, &to, W | X)?;
+            access::need_linkable(&meta)?;
+            meta.nlink = meta.nlink.checked_add(1).ok_or_else(|| {
+                ServiceError::TooLarge(format!("node {} has too many links", meta.id))
+            })?;
+            let now = now_ns();
+            meta.ctime_ns = now;
+            put_node(tx, &meta)?;
+            tx.open_table(CHILDREN)?
+                .insert((req.new_parent.0, req.new_name.as_str()), meta.id.0)?;
+            touch_dir(tx, req.new_parent, now)?;
+            Ok(meta)
+        })
+    }
+
+    /// Changes mode, owner, group and/or times, as far as `who` may (`access::apply_setattr`).
     pub fn setattr(
         &self,
         id: NodeId,

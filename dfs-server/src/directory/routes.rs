@@ -21,6 +21,7 @@ pub fn router(svc: Arc<DirectoryService>) -> Router {
         .route(routes::CLUSTER, get(cluster))
         .route(routes::STATFS, get(statfs))
         .route(routes::RENAME, post(rename))
+        .route(routes::LINK, post(link))
         .route(routes::NODE, get(get_node).patch(setattr))
         .route(routes::CHILDREN, get(list).post(create))
         .route(routes::CHILD, get(lookup).delete(remove))
@@ -156,6 +157,15 @@ async fn rename(
 ) -> ApiResult<Json<Option<NodeMeta>>> {
     let who = who.caller().id;
     Ok(Json(blocking(move || svc.rename(&req, &who)).await?))
+}
+
+async fn link(
+    axum::extract::State(svc): State,
+    Authed(who): Authed,
+    ApiJson(req): ApiJson<common::api::LinkRequest>,
+) -> ApiResult<Json<NodeMeta>> {
+    let who = who.caller().id;
+    Ok(Json(blocking(move || svc.link(&req, &who)).await?))
 }
 
 async fn register_server(

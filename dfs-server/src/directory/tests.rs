@@ -1,6 +1,8 @@
 //! Unit tests of the directory's namespace logic, without HTTP.
 
-use common::api::{CommitRequest, CreateRequest, RegisterServerRequest, RenameRequest};
+use common::api::{
+    CommitRequest, CreateRequest, LinkRequest, RegisterServerRequest, RenameRequest,
+};
 use common::{ContentHash, FenceToken, FileKind, NodeId, UploadId, ValidName};
 
 use super::*;
@@ -36,6 +38,7 @@ fn mk(svc: &DirectoryService, parent: NodeId, name: &str, kind: FileKind) -> Nod
             kind,
             mode: 0o644,
             symlink_target: None,
+            rdev: 0,
         },
         &Caller::cluster(),
     )
@@ -96,7 +99,8 @@ fn create_lookup_list_remove() {
                 name: n("f"),
                 kind: FileKind::File,
                 mode: 0o644,
-                symlink_target: None
+                symlink_target: None,
+                rdev: 0,
             },
             &Caller::cluster()
         ),
@@ -256,7 +260,8 @@ fn regression_a_server_of_another_cluster_is_refused_not_taken_in() {
         .expect("a server of this cluster joins");
 }
 
-/// Reference model: the namespace as a map from path to kind, with POSIX rules.
+/// Reference model: the namespace as a map from path to kind and node (hard links share one),
+/// with POSIX rules.
 mod model {
     use std::collections::BTreeMap;
 
@@ -276,6 +281,11 @@ mod model {
             dir: bool,
         },
         Rename {
+            src: usize,
+            dst_parent: usize,
+            name: String,
+        },
+        Link {
             src: usize,
             dst_parent: usize,
             name: String,
@@ -305,18 +315,51 @@ mod model {
                     name,
                 }
             }),
+            (any::<usize>(), any::<usize>(), name()).prop_map(|(src, dst_parent, name)| {
+                Op::Link {
+                    src,
+                    dst_parent,
+                    name,
+                }
+            }),
         ]
     }
 
     #[derive(Default)]
     pub struct Model {
-        /// path -> is_dir (the root, the empty path, is implicit).
-        pub nodes: BTreeMap<Path, bool>,
+        /// path -> (is_dir, node) (the root, the empty path, is implicit).
+        pub nodes: BTreeMap<Path, (bool, u64)>,
+        next: u64,
     }
 
     impl Model {
         pub fn is_dir(&self, p: &Path) -> bool {
-            p.is_empty() || self.nodes.get(p) == Some(&true)
+            p.is_empty() || self.nodes.get(p).is_some_and(|e| e.0)
+        }
+
+        /// Links of the node at `p`: its names for a file, 2 + subdirectories for a directory.
+        pub fn nlink(&self, p: &Path) -> u32 {
+            let Some(&(dir, node)) = self.nodes.get(p) else {
+                return 2 + self.children(p).filter(|c| self.is_dir(c)).count() as u32;
+            };
+            if dir {
+                2 + self.children(p).filter(|c| self.is_dir(c)).count() as u32
+            } else {
+                self.nodes.values().filter(|e| e.1 == node).count() as u32
+            }
+        }
+
+        pub fn link(&mut self, src: &Path, dst_parent: &Path, name: &str) -> bool {
+            let Some(&(dir, node)) = self.nodes.get(src) else {
+                return false;
+            };
+            let mut dst = dst_parent.clone();
+            dst.push(name.to_owned());
+            if dir || !self.is_dir(dst_parent) || self.nodes.contains_key(&dst) {
+                return false;
+            }
+            self.nodes.insert(dst, (false, node));
+            true
         }
 
         /// Every directory, root first (ops pick their parent by index into this).
@@ -325,7 +368,7 @@ mod model {
             v.extend(
                 self.nodes
                     .iter()
-                    .filter(|(_, d)| **d)
+                    .filter(|(_, d)| d.0)
                     .map(|(p, _)| p.clone()),
             );
             v
@@ -348,12 +391,13 @@ mod model {
             if !self.is_dir(parent) || self.nodes.contains_key(&p) {
                 return false;
             }
-            self.nodes.insert(p, dir);
+            self.next += 1;
+            self.nodes.insert(p, (dir, self.next));
             true
         }
 
         pub fn remove(&mut self, p: &Path, dir: bool) -> bool {
-            let Some(&is_dir) = self.nodes.get(p) else {
+            let Some(&(is_dir, _)) = self.nodes.get(p) else {
                 return false;
             };
             if is_dir != dir || (is_dir && self.children(p).next().is_some()) {
@@ -364,7 +408,7 @@ mod model {
         }
 
         pub fn rename(&mut self, src: &Path, dst_parent: &Path, name: &str) -> bool {
-            let Some(&src_dir) = self.nodes.get(src) else {
+            let Some(&(src_dir, src_node)) = self.nodes.get(src) else {
                 return false;
             };
             if !self.is_dir(dst_parent) || (src_dir && dst_parent.starts_with(src)) {
@@ -375,13 +419,17 @@ mod model {
             if &dst == src {
                 return true;
             }
-            if let Some(&dst_dir) = self.nodes.get(&dst) {
+            if let Some(&(dst_dir, dst_node)) = self.nodes.get(&dst) {
+                if dst_node == src_node {
+                    // Two names of one file: rename(2) does nothing.
+                    return true;
+                }
                 if dst_dir != src_dir || (dst_dir && self.children(&dst).next().is_some()) {
                     return false;
                 }
                 self.nodes.remove(&dst);
             }
-            let moved: Vec<(Path, bool)> = self
+            let moved: Vec<(Path, (bool, u64))> = self
                 .nodes
                 .iter()
                 .filter(|(k, _)| k.starts_with(src))
@@ -409,17 +457,15 @@ fn resolve(svc: &DirectoryService, path: &[String]) -> NodeId {
     id
 }
 
-fn snapshot(
-    svc: &DirectoryService,
-    id: NodeId,
-    prefix: Vec<String>,
-    out: &mut Vec<(Vec<String>, bool)>,
-) {
+/// Every path below `id`: (path, is_dir, node, links).
+type Snapshot = Vec<(Vec<String>, bool, NodeId, u32)>;
+
+fn snapshot(svc: &DirectoryService, id: NodeId, prefix: Vec<String>, out: &mut Snapshot) {
     for e in svc.list(id, &admin()).expect("list") {
         let mut p = prefix.clone();
         p.push(e.name.clone());
         let dir = e.meta.kind == FileKind::Dir;
-        out.push((p.clone(), dir));
+        out.push((p.clone(), dir, e.meta.id, e.meta.nlink));
         if dir {
             snapshot(svc, e.meta.id, p, out);
         }
@@ -440,7 +486,7 @@ proptest::proptest! {
                     let dirs = m.dirs();
                     let parent = dirs[parent % dirs.len()].clone();
                     let kind = if *dir { FileKind::Dir } else { FileKind::File };
-                    let req = CreateRequest { name: n(name), kind, mode: 0o755, symlink_target: None };
+                    let req = CreateRequest { name: n(name), kind, mode: 0o755, symlink_target: None, rdev: 0 };
                     let got = svc.create(resolve(&svc, &parent), &req, &Caller::cluster()).is_ok();
                     (m.create(&parent, name, *dir), got)
                 }
@@ -468,13 +514,36 @@ proptest::proptest! {
                     let got = svc.rename(&req, &admin()).is_ok();
                     (m.rename(&src, &dst, name), got)
                 }
+                model::Op::Link { src, dst_parent, name } => {
+                    let all = m.all();
+                    if all.is_empty() { continue; }
+                    let src = all[src % all.len()].clone();
+                    let dirs = m.dirs();
+                    let dst = dirs[dst_parent % dirs.len()].clone();
+                    let req = LinkRequest {
+                        node: resolve(&svc, &src),
+                        new_parent: resolve(&svc, &dst),
+                        new_name: n(name),
+                    };
+                    let got = svc.link(&req, &admin()).is_ok();
+                    (m.link(&src, &dst, name), got)
+                }
             };
             proptest::prop_assert_eq!(want, got, "op {:?}", op);
             let mut actual = Vec::new();
             snapshot(&svc, NodeId::ROOT, vec![], &mut actual);
             actual.sort();
-            let expected: Vec<(Vec<String>, bool)> = m.nodes.iter().map(|(k, v)| (k.clone(), *v)).collect();
-            proptest::prop_assert_eq!(expected, actual, "after {:?}", op);
+            let paths: Vec<(Vec<String>, bool)> = actual.iter().map(|e| (e.0.clone(), e.1)).collect();
+            let expected: Vec<(Vec<String>, bool)> = m.nodes.iter().map(|(k, v)| (k.clone(), v.0)).collect();
+            proptest::prop_assert_eq!(expected, paths, "after {:?}", op);
+            // Names share a node exactly when the model's do, and every count is right.
+            for (a, b) in actual.iter().zip(m.nodes.values()) {
+                for (c, d) in actual.iter().zip(m.nodes.values()) {
+                    proptest::prop_assert_eq!(a.2 == c.2, b.1 == d.1, "{:?} and {:?}", a.0, c.0);
+                }
+                proptest::prop_assert_eq!(a.3, m.nlink(&a.0), "links of {:?} after {:?}", a.0, op);
+            }
+            proptest::prop_assert_eq!(svc.get(NodeId::ROOT).expect("root").nlink, m.nlink(&vec![]));
         }
     }
 }
@@ -875,6 +944,7 @@ fn mk_as(
             kind,
             mode,
             symlink_target: None,
+            rdev: 0,
         },
         who,
     )
@@ -1132,4 +1202,316 @@ fn regression_the_owner_writes_a_file_it_created_read_only() {
         mtime_ns: None,
     };
     assert_eq!(svc.commit(f.id, &req).expect("owner").meta.version, 1);
+}
+
+fn link(
+    svc: &DirectoryService,
+    who: &Identity,
+    node: NodeId,
+    parent: NodeId,
+    name: &str,
+) -> ServiceResult<NodeMeta> {
+    svc.link(
+        &LinkRequest {
+            node,
+            new_parent: parent,
+            new_name: n(name),
+        },
+        who,
+    )
+}
+
+#[test]
+fn hard_links_share_one_node_which_goes_with_its_last_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let alice = user(10_000, &[]);
+    let a = mk_as(&svc, &alice, NodeId::ROOT, "a", FileKind::Dir, 0o755).expect("mkdir");
+    let b = mk_as(&svc, &alice, NodeId::ROOT, "b", FileKind::Dir, 0o755).expect("mkdir");
+    let f = mk_as(&svc, &alice, a.id, "f", FileKind::File, 0o644).expect("create");
+    assert_eq!(f.nlink, 1);
+    std::thread::sleep(Duration::from_millis(2));
+    let linked = link(&svc, &alice.id, f.id, b.id, "g").expect("link");
+    assert_eq!(linked.nlink, 2);
+    assert!(linked.ctime_ns > f.ctime_ns, "link changes ctime");
+    assert_eq!(
+        svc.lookup(b.id, &n("g"), &alice.id).expect("lookup").id,
+        f.id
+    );
+    // Content and attributes are the node's: a chmod through one name shows through the other.
+    svc.setattr(
+        f.id,
+        &SetAttrRequest {
+            mode: Some(0o600),
+            ..Default::default()
+        },
+        &alice.id,
+    )
+    .expect("chmod");
+    assert_eq!(
+        svc.lookup(b.id, &n("g"), &alice.id).expect("lookup").mode,
+        0o600
+    );
+    // Unlinking the recorded parent's name keeps the node, with a parent that still names it.
+    let left = svc.remove(a.id, &n("f"), false, &alice.id).expect("unlink");
+    assert_eq!(left.nlink, 1);
+    assert!(left.ctime_ns >= linked.ctime_ns, "unlink changes ctime");
+    let now = svc.get(f.id).expect("still there");
+    assert_eq!((now.nlink, now.parent), (1, b.id));
+    // The last name frees it.
+    let gone = svc.remove(b.id, &n("g"), false, &alice.id).expect("unlink");
+    assert_eq!(gone.nlink, 0);
+    assert!(matches!(svc.get(f.id), Err(ServiceError::NotFound(_))));
+}
+
+#[test]
+fn link_errors_are_the_ones_posix_gives() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let (alice, bob) = (user(10_000, &[]), user(10_001, &[]));
+    let home = mk_as(&svc, &alice, NodeId::ROOT, "home", FileKind::Dir, 0o755).expect("mkdir");
+    let f = mk_as(&svc, &alice, home.id, "f", FileKind::File, 0o644).expect("create");
+    // A directory: EPERM.
+    assert!(matches!(
+        link(&svc, &alice.id, home.id, NodeId::ROOT, "h"),
+        Err(ServiceError::Forbidden(_))
+    ));
+    // An existing name: EEXIST, even where the caller may not create.
+    assert!(matches!(
+        link(&svc, &bob.id, f.id, home.id, "f"),
+        Err(ServiceError::Exists(_))
+    ));
+    // No write permission on the new parent: EACCES.
+    assert!(matches!(
+        link(&svc, &bob.id, f.id, home.id, "g"),
+        Err(ServiceError::AccessDenied(_))
+    ));
+    // The new parent must be a directory.
+    assert!(matches!(
+        link(&svc, &alice.id, f.id, f.id, "g"),
+        Err(ServiceError::NotDir(_))
+    ));
+    assert!(matches!(
+        link(&svc, &alice.id, NodeId(9999), home.id, "g"),
+        Err(ServiceError::NotFound(_))
+    ));
+    assert_eq!(
+        svc.get(f.id).expect("f").nlink,
+        1,
+        "nothing refused counted"
+    );
+}
+
+#[test]
+fn a_rename_over_another_name_of_a_linked_file_keeps_the_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let f = mk(&svc, NodeId::ROOT, "f", FileKind::File);
+    let g = mk(&svc, NodeId::ROOT, "g", FileKind::File);
+    link(&svc, &admin(), g.id, NodeId::ROOT, "h").expect("link");
+    let rename = |from: &str, to: &str| RenameRequest {
+        parent: NodeId::ROOT,
+        name: n(from),
+        new_parent: NodeId::ROOT,
+        new_name: n(to),
+        no_replace: false,
+    };
+    // f replaces g, one of g's two names: g lives on as h.
+    let replaced = svc
+        .rename(&rename("f", "g"), &admin())
+        .expect("rename")
+        .expect("replaced");
+    assert_eq!((replaced.id, replaced.nlink), (g.id, 1));
+    assert_eq!(
+        svc.lookup(NodeId::ROOT, &n("h"), &admin()).expect("h").id,
+        g.id
+    );
+    assert_eq!(
+        svc.lookup(NodeId::ROOT, &n("g"), &admin()).expect("g").id,
+        f.id
+    );
+    // Two names of one node: rename does nothing.
+    link(&svc, &admin(), f.id, NodeId::ROOT, "f2").expect("link");
+    assert!(
+        svc.rename(&rename("f2", "g"), &admin())
+            .expect("rename")
+            .is_none()
+    );
+    assert_eq!(svc.get(f.id).expect("f").nlink, 2);
+    assert!(svc.lookup(NodeId::ROOT, &n("f2"), &admin()).is_ok());
+}
+
+#[test]
+fn directory_link_counts_follow_mkdir_rmdir_and_rename() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let links = |id: NodeId| svc.get(id).expect("node").nlink;
+    assert_eq!(links(NodeId::ROOT), 2);
+    let a = mk(&svc, NodeId::ROOT, "a", FileKind::Dir);
+    let b = mk(&svc, NodeId::ROOT, "b", FileKind::Dir);
+    let c = mk(&svc, a.id, "c", FileKind::Dir);
+    mk(&svc, a.id, "file", FileKind::File);
+    assert_eq!(
+        (links(NodeId::ROOT), links(a.id), links(b.id), links(c.id)),
+        (4, 3, 2, 2)
+    );
+    let mv = RenameRequest {
+        parent: a.id,
+        name: n("c"),
+        new_parent: b.id,
+        new_name: n("c"),
+        no_replace: false,
+    };
+    svc.rename(&mv, &admin()).expect("rename");
+    assert_eq!((links(a.id), links(b.id)), (2, 3));
+    // An empty directory replaced by another: the parent loses one.
+    mk(&svc, NodeId::ROOT, "d", FileKind::Dir);
+    let over = RenameRequest {
+        parent: b.id,
+        name: n("c"),
+        new_parent: NodeId::ROOT,
+        new_name: n("d"),
+        no_replace: false,
+    };
+    svc.rename(&over, &admin()).expect("rename over");
+    assert_eq!((links(NodeId::ROOT), links(b.id)), (5, 2));
+    svc.remove(NodeId::ROOT, &n("d"), true, &admin())
+        .expect("rmdir");
+    assert_eq!(links(NodeId::ROOT), 4);
+}
+
+#[test]
+fn special_files_anyone_may_make_devices_only_the_administrator() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let alice = user(10_000, &[]);
+    let mknod = |who: &Caller, name: &str, kind: FileKind, rdev: u64| {
+        svc.create(
+            NodeId::ROOT,
+            &CreateRequest {
+                name: n(name),
+                kind,
+                mode: 0o640,
+                symlink_target: None,
+                rdev,
+            },
+            who,
+        )
+    };
+    let fifo = mknod(&alice, "fifo", FileKind::Fifo, 0).expect("mkfifo");
+    assert_eq!(
+        (fifo.kind, fifo.uid, fifo.mode, fifo.nlink),
+        (FileKind::Fifo, 10_000, 0o640, 1)
+    );
+    assert!(fifo.primary.is_none(), "no content, no placement");
+    mknod(&alice, "sock", FileKind::Socket, 0).expect("bind");
+    for kind in [FileKind::CharDev, FileKind::BlockDev] {
+        assert!(matches!(
+            mknod(&alice, "dev", kind, 0x0103),
+            Err(ServiceError::Forbidden(_))
+        ));
+    }
+    let null = mknod(&Caller::cluster(), "null", FileKind::CharDev, 0x0103).expect("mknod");
+    assert_eq!(svc.get(null.id).expect("null").rdev, 0x0103);
+    assert!(matches!(
+        mknod(&alice, "f2", FileKind::Fifo, 7),
+        Err(ServiceError::BadRequest(_))
+    ));
+    // They link, rename and go like any file.
+    link(&svc, &alice.id, fifo.id, NodeId::ROOT, "fifo2").expect("link");
+    svc.remove(NodeId::ROOT, &n("fifo"), false, &alice.id)
+        .expect("unlink");
+    assert_eq!(svc.get(fifo.id).expect("fifo").nlink, 1);
+}
+
+#[test]
+fn times_set_to_now_need_write_permission_explicit_ones_the_owner() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let (alice, bob) = (user(10_000, &[]), user(10_001, &[]));
+    let f = mk_as(&svc, &alice, NodeId::ROOT, "f", FileKind::File, 0o666).expect("create");
+    let times =
+        |atime: Option<u64>, atime_now: bool, mtime: Option<u64>, mtime_now: bool| SetAttrRequest {
+            atime_ns: atime,
+            atime_now,
+            mtime_ns: mtime,
+            mtime_now,
+            ..Default::default()
+        };
+    // UTIME_NOW for both, or for one with the other omitted: write permission is enough.
+    svc.setattr(f.id, &times(Some(5), true, Some(5), true), &bob.id)
+        .expect("now, now");
+    let m = svc
+        .setattr(f.id, &times(Some(7), true, None, false), &bob.id)
+        .expect("now, omit");
+    assert_eq!(m.atime_ns, 7);
+    // An explicit time: the owner only (EPERM).
+    assert!(matches!(
+        svc.setattr(f.id, &times(Some(1), false, None, false), &bob.id),
+        Err(ServiceError::Forbidden(_))
+    ));
+    assert!(matches!(
+        svc.setattr(f.id, &times(Some(1), true, Some(1), false), &bob.id),
+        Err(ServiceError::Forbidden(_))
+    ));
+    let m = svc
+        .setattr(f.id, &times(Some(1), false, None, false), &alice.id)
+        .expect("owner");
+    assert_eq!(m.atime_ns, 1);
+    assert_eq!(m.mtime_ns, 5, "an omitted time stays");
+    // Without write permission, not even now (EACCES).
+    svc.setattr(
+        f.id,
+        &SetAttrRequest {
+            mode: Some(0o644),
+            ..Default::default()
+        },
+        &alice.id,
+    )
+    .expect("chmod");
+    assert!(matches!(
+        svc.setattr(f.id, &times(Some(9), true, Some(9), true), &bob.id),
+        Err(ServiceError::AccessDenied(_))
+    ));
+}
+
+#[test]
+fn a_store_from_before_link_counts_is_counted_once_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, f) = {
+        let svc = open(dir.path());
+        let a = mk(&svc, NodeId::ROOT, "a", FileKind::Dir);
+        mk(&svc, a.id, "sub", FileKind::Dir);
+        let f = mk(&svc, a.id, "f", FileKind::File);
+        // What an earlier build wrote: no counts, no access times, no format.
+        svc.store
+            .write(|tx| {
+                let ids: Vec<u64> = {
+                    let nodes = tx.open_table(NODES)?;
+                    nodes
+                        .iter()?
+                        .map(|r| r.map(|(k, _)| k.value()))
+                        .collect::<Result<_, _>>()?
+                };
+                for id in ids {
+                    let mut v = serde_json::to_value(get_node(tx, NodeId(id))?)?;
+                    let fields = v.as_object_mut().expect("a node is an object");
+                    for k in ["nlink", "atime_ns", "rdev"] {
+                        fields.remove(k);
+                    }
+                    let old = serde_json::to_vec(&v)?;
+                    tx.open_table(NODES)?.insert(id, old.as_slice())?;
+                }
+                tx.open_table(CHILDREN)?
+                    .insert((NodeId::ROOT.0, "f-too"), f.id.0)?;
+                tx.open_table(META)?.remove(FORMAT)?;
+                Ok(())
+            })
+            .expect("rewrite");
+        (a, f)
+    };
+    let svc = open(dir.path());
+    let links = |id: NodeId| svc.get(id).expect("node").nlink;
+    assert_eq!((links(NodeId::ROOT), links(a.id), links(f.id)), (3, 3, 2));
+    assert_ne!(svc.get(f.id).expect("f").atime_ns, 0);
 }

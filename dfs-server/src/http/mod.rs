@@ -37,7 +37,8 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | ErrorCode::InvalidName
         | ErrorCode::NotDir
         | ErrorCode::IsDir
-        | ErrorCode::InvalidMove => StatusCode::BAD_REQUEST,
+        | ErrorCode::InvalidMove
+        | ErrorCode::NameTooLong => StatusCode::BAD_REQUEST,
         ErrorCode::NotFound | ErrorCode::NoRoute => StatusCode::NOT_FOUND,
         ErrorCode::Exists | ErrorCode::NotEmpty | ErrorCode::StaleFence | ErrorCode::NotHolder => {
             StatusCode::CONFLICT

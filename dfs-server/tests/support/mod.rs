@@ -103,6 +103,7 @@ impl Harness {
             kind,
             mode: if kind == FileKind::Dir { 0o755 } else { 0o644 },
             symlink_target: None,
+            rdev: 0,
         };
         let r = self
             .http
