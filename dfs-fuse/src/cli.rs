@@ -96,12 +96,26 @@ pub struct SetUserArgs {
     no_admin: bool,
 }
 
-/// `--server`.
+/// `--server` and how to trust it.
 #[derive(Debug, Args)]
 pub struct ServerArg {
-    /// URL of the cluster's directory service.
+    /// URL of the cluster's directory service (https:// for a cluster serving TLS).
     #[arg(long, default_value = DEFAULT_SERVER, env = "DFS_SERVER", value_name = "URL")]
     pub server: String,
+    /// CA certificate(s) (PEM) that signed the cluster's TLS certificates; trusted instead of
+    /// the system's roots.
+    #[arg(long, value_name = "PEM", env = "DFS_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl ServerArg {
+    /// Client settings that trust `--ca-file` (or the system's roots).
+    pub fn remote_config(&self) -> anyhow::Result<RemoteConfig> {
+        Ok(RemoteConfig {
+            tls: dfs_server::tls::ClientTls::from_flag(self.ca_file.as_deref())?,
+            ..RemoteConfig::default()
+        })
+    }
 }
 
 /// `signup` / `login`.
@@ -302,7 +316,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     None => None,
                 };
                 let pw = read_password(a.password_stdin, true)?;
-                let remote = Remote::new(&a.server.server, None, None, RemoteConfig::default());
+                let remote = Remote::new(&a.server.server, None, None, a.server.remote_config()?);
                 remote
                     .signup_as_admin(&a.user, &pw, key.as_deref())
                     .await
@@ -313,7 +327,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Login(a) => {
                 let pw = read_password(a.password_stdin, false)?;
                 let creds = CredStore::default_location()?;
-                let remote = Remote::new(&a.server.server, None, None, RemoteConfig::default());
+                let remote = Remote::new(&a.server.server, None, None, a.server.remote_config()?);
                 let login = remote
                     .login(&a.user, &pw)
                     .await
@@ -330,7 +344,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Mount(a) => {
                 let server = a.server.server.trim_end_matches('/').to_owned();
                 session::preflight(&a.mountpoint)?;
-                let remote = session::connect(&server, &CredStore::default_location()?).await?;
+                let remote = session::connect(
+                    &server,
+                    &CredStore::default_location()?,
+                    a.server.remote_config()?,
+                )
+                .await?;
                 let cluster_id = remote.cluster(false).await?.cluster_id;
                 let opts = a.cache.options(&server, a.mountpoint, &cluster_id)?;
                 session::run_mount(remote, opts).await
@@ -369,7 +388,7 @@ async fn user_command(c: UserCommand) -> anyhow::Result<()> {
     match c {
         UserCommand::List(a) => {
             let key = read_cluster_key(&a.cluster_key_file)?;
-            let remote = Remote::new(&a.server.server, None, None, RemoteConfig::default());
+            let remote = Remote::new(&a.server.server, None, None, a.server.remote_config()?);
             let users = remote
                 .users(&key)
                 .await
@@ -381,7 +400,12 @@ async fn user_command(c: UserCommand) -> anyhow::Result<()> {
         }
         UserCommand::Set(a) => {
             let key = read_cluster_key(&a.admin.cluster_key_file)?;
-            let remote = Remote::new(&a.admin.server.server, None, None, RemoteConfig::default());
+            let remote = Remote::new(
+                &a.admin.server.server,
+                None,
+                None,
+                a.admin.server.remote_config()?,
+            );
             let req = common::api::SetUserRequest {
                 uid: a.uid,
                 gid: a.gid,
@@ -481,19 +505,17 @@ fn umount(a: &UmountArgs) -> anyhow::Result<()> {
 
 async fn status(a: StatusArgs) -> anyhow::Result<()> {
     // Status is what one runs when servers misbehave: never wait long on any of them.
-    let quick = reqwest::Client::builder()
+    let config = a.server.remote_config()?;
+    let quick = config
+        .tls
+        .builder()
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(5))
         .build()
         .context("building the HTTP client")?;
     let server = a.server.server.trim_end_matches('/').to_owned();
     let creds = CredStore::default_location()?;
-    let remote = Remote::new(
-        &server,
-        creds.get(&server)?,
-        Some(creds),
-        RemoteConfig::default(),
-    );
+    let remote = Remote::new(&server, creds.get(&server)?, Some(creds), config);
     let cluster = remote
         .cluster(true)
         .await

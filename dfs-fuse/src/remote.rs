@@ -85,10 +85,11 @@ impl RemoteError {
 }
 
 fn net(what: &str, e: reqwest::Error) -> RemoteError {
+    let text = dfs_server::tls::describe(&e);
     if e.is_timeout() {
-        RemoteError::Timeout(format!("{what}: {e}"))
+        RemoteError::Timeout(format!("{what}: {text}"))
     } else {
-        RemoteError::Network(format!("{what}: {e}"))
+        RemoteError::Network(format!("{what}: {text}"))
     }
 }
 
@@ -141,6 +142,8 @@ pub struct RemoteConfig {
     /// How long an upload or download may make no progress before it is given up (it has no
     /// total deadline: a transfer that keeps moving is never cut off).
     pub stall_timeout: Duration,
+    /// The roots https URLs are checked against (`--ca-file`, else the system's).
+    pub tls: dfs_server::tls::ClientTls,
 }
 
 impl Default for RemoteConfig {
@@ -148,6 +151,7 @@ impl Default for RemoteConfig {
         RemoteConfig {
             call_timeout: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(30),
+            tls: dfs_server::tls::ClientTls::system(),
         }
     }
 }
@@ -204,14 +208,18 @@ impl Remote {
         config: RemoteConfig,
     ) -> Self {
         let server = server.trim_end_matches('/').to_owned();
-        let http = reqwest::Client::builder()
+        let http = config
+            .tls
+            .builder()
             .connect_timeout(Duration::from_secs(3))
             .timeout(config.call_timeout + Duration::from_secs(30))
             .build()
             .unwrap_or_default();
         // Bodies get a per-request deadline scaled to their size (reqwest's read_timeout would cap
         // the whole upload, fsyncs and replication included, at a fixed time).
-        let stream = reqwest::Client::builder()
+        let stream = config
+            .tls
+            .builder()
             .connect_timeout(Duration::from_secs(3))
             .tcp_keepalive(Duration::from_secs(15))
             .build()

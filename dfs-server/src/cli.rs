@@ -16,6 +16,7 @@ use crate::directory::{DirectoryConfig, DirectoryService};
 use crate::http::{Verifier, finish};
 use crate::lock::{LockConfig, LockService};
 use crate::peer::Peer;
+use crate::tls::{ClientTls, ServerTls};
 
 /// dfs cluster services: directory, lock, auth and file servers.
 ///
@@ -60,6 +61,34 @@ pub struct Common {
     /// it holds, such as a file's write mutex, released).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub body_idle_secs: u64,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// TLS flags of every service.
+#[derive(Debug, Args)]
+pub struct TlsArgs {
+    /// Serve over TLS with this certificate chain (PEM, leaf first); with --tls-key. The URLs
+    /// this service prints and registers are then https://.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificate(s) (PEM) to trust when calling other services at https:// URLs, instead
+    /// of the system's roots.
+    #[arg(long, value_name = "PEM", env = "DFS_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The server certificate, if asked for, and the client roots.
+    pub fn load(&self) -> anyhow::Result<(Option<ServerTls>, ClientTls)> {
+        Ok((
+            ServerTls::from_flags(self.tls_cert.as_deref(), self.tls_key.as_deref())?,
+            ClientTls::from_flag(self.ca_file.as_deref())?,
+        ))
+    }
 }
 
 impl Common {
@@ -114,6 +143,8 @@ pub struct AllArgs {
     /// it holds, such as a file's write mutex, released).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub body_idle_secs: u64,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// `directory`.
@@ -149,7 +180,7 @@ pub struct ServiceArgs {
     /// URL of the directory service, where this service registers.
     #[arg(long, value_name = "URL")]
     directory: String,
-    /// URL others reach this service at [default: http://LISTEN].
+    /// URL others reach this service at [default: http://LISTEN, https:// with --tls-cert].
     #[arg(long, value_name = "URL")]
     advertise: Option<String>,
     /// Lock lease in milliseconds (lock service only).
@@ -174,7 +205,7 @@ pub struct FileArgs {
     /// URL of the directory service, where this server registers and heartbeats.
     #[arg(long, value_name = "URL")]
     directory: String,
-    /// URL others reach this server at [default: http://LISTEN].
+    /// URL others reach this server at [default: http://LISTEN, https:// with --tls-cert].
     #[arg(long, value_name = "URL")]
     advertise: Option<String>,
     /// Largest file accepted, in bytes.
@@ -212,6 +243,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.auth.token_ttl = Duration::from_secs(a.token_ttl_secs);
                 cfg.auth.open_signup = !a.closed_signup;
                 cfg.body_idle = Duration::from_secs(a.body_idle_secs);
+                (cfg.tls, cfg.client_tls) = a.tls.load()?;
                 let handle = cluster::start(cfg).await?;
                 println!("dfs cluster up; directory: {}", handle.directory_url);
                 println!(
@@ -226,6 +258,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Command::Directory(a) => {
                 let key = a.common.key()?;
+                let (tls, client_tls) = a.common.tls.load()?;
                 let cfg = DirectoryConfig {
                     replication: a.replication,
                     heartbeat: Duration::from_millis(a.heartbeat_ms),
@@ -236,15 +269,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         .context("opening the directory")?
                         .with_capability_key(&key),
                 );
-                let (l, url) = cluster::bind(a.listen).await?;
-                let verifier = Arc::new(Verifier::new(&key, None, Some(url.clone())));
+                let (l, url) = cluster::bind(a.listen, tls.as_ref()).await?;
+                let verifier =
+                    Arc::new(Verifier::new(&key, None, Some(url.clone())).with_tls(&client_tls));
                 println!("dfs directory listening on {url}");
                 let repair = crate::directory::repair::RepairConfig {
                     interval: Duration::from_millis(a.repair_interval_ms),
                     ..Default::default()
                 };
                 vec![
-                    cluster::start_repair(svc.clone(), &key, repair, cancel.clone()),
+                    cluster::start_repair(svc.clone(), &key, repair, &client_tls, cancel.clone()),
                     cluster::serve(
                         l,
                         finish(
@@ -259,6 +293,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Command::Lock(a) => {
                 let key = a.common.key()?;
+                let (tls, client_tls) = a.common.tls.load()?;
                 let cfg = LockConfig {
                     lease: Duration::from_millis(a.lease_ms),
                     ..LockConfig::default()
@@ -267,9 +302,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     LockService::open(&a.common.data, cfg, &key)
                         .context("opening the lock service")?,
                 );
-                let (l, url) = cluster::bind(a.listen).await?;
+                let (l, url) = cluster::bind(a.listen, tls.as_ref()).await?;
                 let url = a.advertise.unwrap_or(url);
-                let verifier = Arc::new(Verifier::new(&key, None, Some(a.directory.clone())));
+                let verifier = Arc::new(
+                    Verifier::new(&key, None, Some(a.directory.clone())).with_tls(&client_tls),
+                );
                 println!("dfs lock service listening on {url}");
                 vec![
                     cluster::serve(
@@ -283,7 +320,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         cancel.clone(),
                     ),
                     cluster::register_service_loop(
-                        Peer::new(&key),
+                        Peer::with_tls(&key, &client_tls),
                         a.directory,
                         ServiceKind::Lock,
                         url,
@@ -293,6 +330,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Command::Auth(a) => {
                 let key = a.common.key()?;
+                let (tls, client_tls) = a.common.tls.load()?;
                 let cfg = AuthConfig {
                     token_ttl: Duration::from_secs(a.token_ttl_secs),
                     open_signup: !a.closed_signup,
@@ -301,7 +339,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 let svc = Arc::new(
                     AuthService::open(&a.common.data, cfg).context("opening the auth service")?,
                 );
-                let (l, url) = cluster::bind(a.listen).await?;
+                let (l, url) = cluster::bind(a.listen, tls.as_ref()).await?;
                 let url = a.advertise.unwrap_or(url);
                 let verifier = Arc::new(Verifier::new(&key, Some(svc.public_key().clone()), None));
                 println!("dfs auth service listening on {url}");
@@ -317,7 +355,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         cancel.clone(),
                     ),
                     cluster::register_service_loop(
-                        Peer::new(&key),
+                        Peer::with_tls(&key, &client_tls),
                         a.directory,
                         ServiceKind::Auth,
                         url,
@@ -327,9 +365,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Command::File(a) => {
                 let key = a.common.key()?;
-                let (l, url) = cluster::bind(a.listen).await?;
+                let (tls, client_tls) = a.common.tls.load()?;
+                let (l, url) = cluster::bind(a.listen, tls.as_ref()).await?;
                 let url = a.advertise.unwrap_or(url);
-                let verifier = Arc::new(Verifier::new(&key, None, Some(a.directory.clone())));
+                let verifier = Arc::new(
+                    Verifier::new(&key, None, Some(a.directory.clone())).with_tls(&client_tls),
+                );
                 println!("dfs file server listening on {url}");
                 let opts = cluster::FileServerOptions {
                     data: a.common.data.clone(),
@@ -341,6 +382,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     quarantine: Duration::from_secs(a.quarantine_secs),
                     reserve: a.reserve_bytes,
                     body_idle: Duration::from_secs(a.common.body_idle_secs),
+                    client_tls,
                 };
                 let (_, tasks) =
                     cluster::start_file_server(l, opts, &key, verifier, cancel.clone())?;

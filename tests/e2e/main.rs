@@ -8,5 +8,6 @@ mod large;
 mod permissions;
 mod power_loss;
 mod replication;
+mod tls;
 mod two_clients;
 mod writes;

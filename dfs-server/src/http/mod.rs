@@ -3,6 +3,7 @@
 
 pub mod authed;
 pub mod idle;
+pub mod listen;
 
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
