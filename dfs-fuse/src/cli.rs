@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
-use crate::creds::CredStore;
+use crate::creds::{CredStore, KnownKeys};
 use crate::fs::{ClientStatus, FsConfig};
 use crate::remote::{Remote, RemoteConfig};
 use crate::session::{self, MountOptions};
@@ -133,6 +133,88 @@ pub struct LoginArgs {
     /// runs with --closed-signup; signup only).
     #[arg(long, value_name = "PATH")]
     cluster_key_file: Option<PathBuf>,
+    /// Seal the password only with the auth key of this fingerprint (`SHA256:` + base64, as
+    /// `dfs-server` logs it at start), and pin it for this server. Without it the key the
+    /// server presents at the first signup or login is pinned (trust on first use) and any
+    /// other is refused later.
+    #[arg(long, value_name = "SHA256:...", value_parser = parse_fingerprint)]
+    auth_key_fingerprint: Option<String>,
+}
+
+fn parse_fingerprint(s: &str) -> Result<String, String> {
+    match s.strip_prefix("SHA256:") {
+        Some(b)
+            if b.len() == 43
+                && b.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/') =>
+        {
+            Ok(s.to_owned())
+        }
+        _ => Err(
+            "a fingerprint is SHA256: followed by 43 base64 characters, as dfs-server logs it"
+                .into(),
+        ),
+    }
+}
+
+impl LoginArgs {
+    /// A client for signup or login that seals only with the pinned auth key (the flag's, else
+    /// the one known for this server), and where that pin lives.
+    fn remote(&self) -> anyhow::Result<(Remote, KnownKeys)> {
+        let remote = Remote::new(
+            &self.server.server,
+            None,
+            None,
+            self.server.remote_config()?,
+        );
+        let known = KnownKeys::default_location()?;
+        let pin = match &self.auth_key_fingerprint {
+            Some(f) => Some(f.clone()),
+            None => known.get(remote.server())?,
+        };
+        remote.pin_auth_key(pin);
+        Ok((remote, known))
+    }
+
+    /// After a signup or login: pins the key it sealed with (first use, or a new
+    /// `--auth-key-fingerprint`), or explains a refused key.
+    fn settle<T>(
+        &self,
+        remote: &Remote,
+        known: &KnownKeys,
+        what: &str,
+        result: Result<T, crate::remote::RemoteError>,
+    ) -> anyhow::Result<T> {
+        let server = remote.server();
+        match result {
+            Err(crate::remote::RemoteError::AuthKeyChanged { expected, found }) => {
+                if self.auth_key_fingerprint.is_some() {
+                    bail!(
+                        "{what} at {server}: the auth service presents key {found}, not {expected} \
+                         as given with --auth-key-fingerprint; nothing was sent"
+                    )
+                }
+                bail!(
+                    "{what} at {server}: the auth service's key changed: it presents {found}, but \
+                     this client pinned {expected} (in {path}). Someone may be intercepting the \
+                     login; nothing was sent. If the cluster's auth key was replaced on purpose, \
+                     check the new fingerprint with its administrator (dfs-server logs it at \
+                     start), then remove the entry for {server} from {path} or pass \
+                     --auth-key-fingerprint {found}",
+                    path = known.path().display()
+                )
+            }
+            Err(e) => Err(e).with_context(|| format!("{what} at {server}")),
+            Ok(v) => {
+                if let Some(used) = remote.auth_key_used()
+                    && known.get(server)?.as_deref() != Some(used.as_str())
+                {
+                    known.put(server, &used)?;
+                }
+                Ok(v)
+            }
+        }
+    }
 }
 
 /// Cache and timing flags shared by `mount` and `up`.
@@ -316,22 +398,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     None => None,
                 };
                 let pw = read_password(a.password_stdin, true)?;
-                let remote = Remote::new(&a.server.server, None, None, a.server.remote_config()?);
-                remote
-                    .signup_as_admin(&a.user, &pw, key.as_deref())
-                    .await
-                    .with_context(|| format!("signup at {}", a.server.server))?;
+                let (remote, known) = a.remote()?;
+                let done = remote.signup_as_admin(&a.user, &pw, key.as_deref()).await;
+                a.settle(&remote, &known, "signup", done)?;
                 println!("user {} created on {}", a.user, a.server.server);
                 Ok(())
             }
             Command::Login(a) => {
                 let pw = read_password(a.password_stdin, false)?;
                 let creds = CredStore::default_location()?;
-                let remote = Remote::new(&a.server.server, None, None, a.server.remote_config()?);
-                let login = remote
-                    .login(&a.user, &pw)
-                    .await
-                    .with_context(|| format!("login at {}", a.server.server))?;
+                let (remote, known) = a.remote()?;
+                let done = remote.login(&a.user, &pw).await;
+                let login = a.settle(&remote, &known, "login", done)?;
                 creds.put(remote.server(), Some(login))?;
                 println!("logged in to {} as {}", a.server.server, a.user);
                 Ok(())

@@ -74,7 +74,9 @@ impl FsError {
                 | ErrorCode::Conflict => libc::EIO,
             },
             FsError::Remote(RemoteError::Timeout(_)) => libc::ETIMEDOUT,
-            FsError::Remote(RemoteError::NotLoggedIn(_)) => libc::EACCES,
+            FsError::Remote(RemoteError::NotLoggedIn(_) | RemoteError::AuthKeyChanged { .. }) => {
+                libc::EACCES
+            }
             FsError::Remote(RemoteError::Network(_) | RemoteError::Io(_)) => libc::EIO,
             FsError::Remote(RemoteError::Local { errno, .. }) => *errno,
             FsError::Cache(_) => libc::EIO,

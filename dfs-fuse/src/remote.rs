@@ -57,6 +57,18 @@ pub enum RemoteError {
     /// No saved login for this server.
     #[error("not logged in to {0}; run `dfs login --server {0}`")]
     NotLoggedIn(String),
+    /// The auth service presented a public key other than the one pinned: credentials are
+    /// not sealed with it (it may be someone in the middle).
+    #[error(
+        "the auth service's key changed: it presents {found}, this client pinned {expected}; \
+         nothing was sent"
+    )]
+    AuthKeyChanged {
+        /// The pinned fingerprint.
+        expected: String,
+        /// The fingerprint presented.
+        found: String,
+    },
 }
 
 impl RemoteError {
@@ -190,6 +202,10 @@ pub struct Remote {
         std::sync::Mutex<std::collections::HashMap<NodeId, (common::ContentHash, String)>>,
     /// Capabilities to queue for write locks, by node, with when they were given (ms).
     commit_caps: std::sync::Mutex<std::collections::HashMap<NodeId, (String, u64)>>,
+    /// The auth key fingerprint credentials may be sealed with (None: any, trust on first use).
+    auth_key_pin: std::sync::Mutex<Option<String>>,
+    /// The fingerprint of the auth key last used to seal credentials.
+    auth_key_used: std::sync::Mutex<Option<String>>,
     /// Counters.
     pub stats: Arc<ClientStats>,
 }
@@ -238,8 +254,24 @@ impl Remote {
             creds,
             cluster: std::sync::Mutex::new(None),
             config,
+            auth_key_pin: std::sync::Mutex::new(None),
+            auth_key_used: std::sync::Mutex::new(None),
             stats: Arc::new(ClientStats::default()),
         }
+    }
+
+    /// Seals credentials (signup, login) only with the auth key of this fingerprint
+    /// (`dfs_server::auth::keys::fingerprint`); None: with whatever key the service presents.
+    pub fn pin_auth_key(&self, fingerprint: Option<String>) {
+        *self.auth_key_pin.lock().unwrap_or_else(|p| p.into_inner()) = fingerprint;
+    }
+
+    /// The fingerprint of the auth key the last signup or login sealed with.
+    pub fn auth_key_used(&self) -> Option<String> {
+        self.auth_key_used
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// This client with transfers given up after `window` without progress.
@@ -484,6 +516,19 @@ impl Remote {
             .map_err(|e| net("auth key", e))?;
         let key = PublicKey::from_public_key_pem(&pk.pem)
             .map_err(|e| RemoteError::Io(format!("bad auth public key: {e}")))?;
+        let found = dfs_server::auth::keys::fingerprint(&key)
+            .map_err(|e| RemoteError::Io(format!("bad auth public key: {e}")))?;
+        let pinned = self
+            .auth_key_pin
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(expected) = pinned
+            && expected != found
+        {
+            return Err(RemoteError::AuthKeyChanged { expected, found });
+        }
+        *self.auth_key_used.lock().unwrap_or_else(|p| p.into_inner()) = Some(found);
         let env = dfs_server::auth::seal(&key, user, password).map_err(|e| RemoteError::Api {
             code: ErrorCode::BadRequest,
             message: e.to_string(),

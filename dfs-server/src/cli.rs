@@ -246,6 +246,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 (cfg.tls, cfg.client_tls) = a.tls.load()?;
                 let handle = cluster::start(cfg).await?;
                 println!("dfs cluster up; directory: {}", handle.directory_url);
+                println!("auth key fingerprint: {}", handle.auth.fingerprint()?);
                 println!(
                     "lock: {}  auth: {}  file servers: {}",
                     handle.lock_url,
@@ -342,7 +343,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 let (l, url) = cluster::bind(a.listen, tls.as_ref()).await?;
                 let url = a.advertise.unwrap_or(url);
                 let verifier = Arc::new(Verifier::new(&key, Some(svc.public_key().clone()), None));
-                println!("dfs auth service listening on {url}");
+                println!(
+                    "dfs auth service listening on {url}; key fingerprint {}",
+                    svc.fingerprint()?
+                );
                 vec![
                     cluster::serve(
                         l,

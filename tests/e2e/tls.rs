@@ -110,3 +110,74 @@ fn plain_http_to_tls_an_unknown_ca_and_a_bad_pem_fail_clearly() {
         .unwrap();
     fails_with(out, "/nonexistent/cert.pem");
 }
+
+/// The fingerprint `dfs-server all` printed at start.
+fn printed_fingerprint(data: &std::path::Path) -> String {
+    let mut found = String::new();
+    let printed = eventually(Duration::from_secs(10), || {
+        let log = std::fs::read_to_string(data.join("stdout.log")).unwrap_or_default();
+        match log
+            .lines()
+            .find_map(|l| l.strip_prefix("auth key fingerprint: "))
+        {
+            Some(f) => {
+                found = f.trim().to_owned();
+                true
+            }
+            None => false,
+        }
+    });
+    assert!(printed, "no fingerprint printed");
+    found
+}
+
+#[test]
+fn the_auth_key_is_pinned_at_first_login_and_a_changed_one_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let data = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut cluster = Cluster::start_at(data.path(), &listen, &[]);
+    let first = printed_fingerprint(data.path());
+    assert!(first.starts_with("SHA256:") && first.len() == 50, "{first}");
+    let alice = Client::new(&cluster.url);
+    alice.signup_login("alice");
+    let pins = alice.config_dir().join("dfs/known_auth_keys.json");
+    assert!(std::fs::read_to_string(&pins).unwrap().contains(&first));
+    let mode = std::fs::metadata(&pins).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the pins are private");
+
+    // A fingerprint given explicitly is checked before the password leaves.
+    let bob = Client::new(&cluster.url);
+    let wrong = format!("SHA256:{}", "A".repeat(43));
+    fails_with(
+        bob.run(
+            &["login", "--user", "alice", "--password-stdin"]
+                .into_iter()
+                .chain(["--auth-key-fingerprint", wrong.as_str()])
+                .collect::<Vec<_>>(),
+            "password123\n",
+        ),
+        &format!("presents key {first}, not {wrong}"),
+    );
+    assert!(!bob.config_dir().join("dfs/known_auth_keys.json").exists());
+
+    // The auth key is replaced (its file lost): Alice's client refuses to seal her password
+    // with the new one, and says where the pin is.
+    cluster.stop();
+    std::fs::remove_file(data.path().join("auth/auth_key.pem")).unwrap();
+    let _cluster = Cluster::start_at(data.path(), &listen, &[]);
+    let second = printed_fingerprint(data.path());
+    assert_ne!(first, second);
+    let login = ["login", "--user", "alice", "--password-stdin"];
+    let out = alice.run(&login, "password123\n");
+    fails_with(out.clone(), "the auth service's key changed");
+    fails_with(out, pins.to_str().unwrap());
+    // Told the new fingerprint, she pins it, and logs in as usual from then on.
+    let explicit: Vec<&str> = login
+        .into_iter()
+        .chain(["--auth-key-fingerprint", second.as_str()])
+        .collect();
+    ok(alice.run(&explicit, "password123\n"));
+    assert!(std::fs::read_to_string(&pins).unwrap().contains(&second));
+    ok(alice.run(&login, "password123\n"));
+}

@@ -2,8 +2,10 @@
 
 use std::path::Path;
 
-use rsa::PrivateKey;
-use rsa::pkcs8::{DecodePrivateKey, EncodePrivateKey, LineEnding};
+use base64::Engine;
+use rsa::pkcs8::{DecodePrivateKey, EncodePrivateKey, EncodePublicKey, LineEnding};
+use rsa::sha2::{Digest, Sha256};
+use rsa::{PrivateKey, PublicKey};
 
 use crate::error::{ServiceError, ServiceResult};
 use crate::store::write_durable;
@@ -11,6 +13,18 @@ use crate::store::write_durable;
 /// RSA modulus size. 2048 bits leaves 190 bytes of OAEP-SHA256 plaintext, enough for the
 /// credential envelope (user ≤ 32 bytes, password ≤ 64 bytes, nonce, timestamp).
 pub const KEY_BITS: usize = 2048;
+
+/// The fingerprint clients pin: `SHA256:` and the SHA-256 of the public key's DER
+/// (SubjectPublicKeyInfo) in base64 without padding, as `ssh-keygen -l` writes its own.
+pub fn fingerprint(public: &PublicKey) -> ServiceResult<String> {
+    let der = public
+        .to_public_key_der()
+        .map_err(|e| ServiceError::internal("encoding public key", e))?;
+    Ok(format!(
+        "SHA256:{}",
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(Sha256::digest(der.as_bytes()))
+    ))
+}
 
 /// Loads `path`, or generates a key pair and stores it there durably.
 pub fn load_or_create(path: &Path) -> ServiceResult<PrivateKey> {

@@ -148,6 +148,10 @@ impl AuthService {
             assign_missing_ids(tx)
         })?;
         let public = key.to_public_key();
+        tracing::info!(
+            fingerprint = %keys::fingerprint(&public)?,
+            "auth public key (clients pin it at first login; give it out for --auth-key-fingerprint)"
+        );
         let dummy_phc = Argon2::default()
             .hash_password(&rand::random::<[u8; 16]>())
             .map_err(|e| ServiceError::internal("hashing", e))?
@@ -171,6 +175,11 @@ impl AuthService {
     /// The public key clients encrypt envelopes with and services verify tokens with.
     pub fn public_key(&self) -> &PublicKey {
         &self.public
+    }
+
+    /// The public key's fingerprint (`keys::fingerprint`), what clients pin.
+    pub fn fingerprint(&self) -> ServiceResult<String> {
+        keys::fingerprint(&self.public)
     }
 
     /// The public key as SPKI PEM.
