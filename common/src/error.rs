@@ -55,6 +55,8 @@ pub enum ErrorCode {
     Conflict,
     /// A file server (or every one that could take the file) is out of space.
     NoSpace,
+    /// Too many login or signup attempts for this user or from this address: try again later.
+    RateLimited,
 }
 
 /// Body of every non-2xx response.

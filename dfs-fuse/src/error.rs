@@ -64,6 +64,7 @@ impl FsError {
                 ErrorCode::AccessDenied => libc::EACCES,
                 ErrorCode::TooLarge => libc::EFBIG,
                 ErrorCode::NoSpace => libc::ENOSPC,
+                ErrorCode::RateLimited => libc::EAGAIN,
                 ErrorCode::StaleFence
                 | ErrorCode::HashMismatch
                 | ErrorCode::NotHolder

@@ -92,7 +92,11 @@ impl TlsArgs {
 }
 
 impl Common {
-    fn key(&self) -> anyhow::Result<String> {
+    /// Makes the data directory private (0700; created if missing), then reads or creates
+    /// the cluster key.
+    fn prepare(&self) -> anyhow::Result<String> {
+        cluster::create_private_dir(&self.data)
+            .with_context(|| format!("creating {}", self.data.display()))?;
         let path = self
             .cluster_key_file
             .clone()
@@ -139,6 +143,8 @@ pub struct AllArgs {
     /// (`dfs signup --cluster-key-file PATH`); otherwise anyone who reaches the auth service can.
     #[arg(long)]
     pub closed_signup: bool,
+    #[command(flatten)]
+    pub limits: LoginLimitArgs,
     /// Seconds a request body may send nothing before the request is dropped (and whatever
     /// it holds, such as a file's write mutex, released).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
@@ -192,6 +198,27 @@ pub struct ServiceArgs {
     /// Only callers with the cluster key may sign users up (auth service only).
     #[arg(long)]
     closed_signup: bool,
+    #[command(flatten)]
+    limits: LoginLimitArgs,
+}
+
+/// Login and signup rate limits of the auth service.
+#[derive(Debug, Args)]
+pub struct LoginLimitArgs {
+    /// Login and signup attempts allowed per user name and minute (all at once if saved up);
+    /// past it the auth service answers 429 "too many attempts" until one is earned back.
+    #[arg(long, default_value_t = crate::auth::DEFAULT_LOGINS_PER_USER, value_parser = clap::value_parser!(u32).range(1..))]
+    pub logins_per_user_per_minute: u32,
+    /// Login and signup attempts allowed per source address and minute.
+    #[arg(long, default_value_t = crate::auth::DEFAULT_LOGINS_PER_ADDR, value_parser = clap::value_parser!(u32).range(1..))]
+    pub logins_per_addr_per_minute: u32,
+}
+
+impl LoginLimitArgs {
+    fn apply(&self, cfg: &mut AuthConfig) {
+        cfg.per_user = crate::auth::limit::Rate::per_minute(self.logins_per_user_per_minute);
+        cfg.per_addr = crate::auth::limit::Rate::per_minute(self.logins_per_addr_per_minute);
+    }
 }
 
 /// `file`.
@@ -242,6 +269,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.lock.lease = Duration::from_millis(a.lease_ms);
                 cfg.auth.token_ttl = Duration::from_secs(a.token_ttl_secs);
                 cfg.auth.open_signup = !a.closed_signup;
+                a.limits.apply(&mut cfg.auth);
                 cfg.body_idle = Duration::from_secs(a.body_idle_secs);
                 (cfg.tls, cfg.client_tls) = a.tls.load()?;
                 let handle = cluster::start(cfg).await?;
@@ -258,7 +286,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             Command::Directory(a) => {
-                let key = a.common.key()?;
+                let key = a.common.prepare()?;
                 let (tls, client_tls) = a.common.tls.load()?;
                 let cfg = DirectoryConfig {
                     replication: a.replication,
@@ -293,7 +321,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 ]
             }
             Command::Lock(a) => {
-                let key = a.common.key()?;
+                let key = a.common.prepare()?;
                 let (tls, client_tls) = a.common.tls.load()?;
                 let cfg = LockConfig {
                     lease: Duration::from_millis(a.lease_ms),
@@ -330,13 +358,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 ]
             }
             Command::Auth(a) => {
-                let key = a.common.key()?;
+                let key = a.common.prepare()?;
                 let (tls, client_tls) = a.common.tls.load()?;
-                let cfg = AuthConfig {
+                let mut cfg = AuthConfig {
                     token_ttl: Duration::from_secs(a.token_ttl_secs),
                     open_signup: !a.closed_signup,
                     ..AuthConfig::default()
                 };
+                a.limits.apply(&mut cfg);
                 let svc = Arc::new(
                     AuthService::open(&a.common.data, cfg).context("opening the auth service")?,
                 );
@@ -368,7 +397,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 ]
             }
             Command::File(a) => {
-                let key = a.common.key()?;
+                let key = a.common.prepare()?;
                 let (tls, client_tls) = a.common.tls.load()?;
                 let (l, url) = cluster::bind(a.listen, tls.as_ref()).await?;
                 let url = a.advertise.unwrap_or(url);

@@ -113,13 +113,20 @@ impl ClusterHandle {
     }
 }
 
-/// Creates `dir` (and parents) with mode 0700: it holds every file's content and the keys.
+/// Creates `dir` (and parents) with mode 0700, or makes an existing one 0700: it holds file
+/// contents, users' password hashes and keys.
 pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(dir)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::info!(dir = %dir.display(), mode = format!("{:o}", mode & 0o777), "data directory made private (0700)");
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 /// Reads the cluster key at `path`, creating a random one (mode 0600) if missing.
@@ -337,7 +344,12 @@ pub fn start_repair(
 
 /// Starts directory, lock, auth and N file servers in this process, on loopback.
 pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
-    create_private_dir(&cfg.data).with_context(|| format!("creating {}", cfg.data.display()))?;
+    let dirs = ["auth".to_owned(), "directory".to_owned(), "lock".to_owned()]
+        .into_iter()
+        .chain((1..=cfg.file_servers).map(|i| format!("file-{i}")));
+    for d in std::iter::once(cfg.data.clone()).chain(dirs.map(|d| cfg.data.join(d))) {
+        create_private_dir(&d).with_context(|| format!("creating {}", d.display()))?;
+    }
     let cancel = CancellationToken::new();
     let key = load_or_create_cluster_key(&cfg.data.join("cluster.key"))?;
     let peer = Peer::with_tls(&key, &cfg.client_tls);

@@ -75,6 +75,9 @@ pub enum ServiceError {
     Conflict(String),
     #[error("out of space: {0}")]
     NoSpace(String),
+    /// Too many login or signup attempts (per user or per address).
+    #[error("{0}")]
+    RateLimited(String),
 }
 
 impl ServiceError {
@@ -103,6 +106,7 @@ impl ServiceError {
             ServiceError::NoRoute(_) => ErrorCode::NoRoute,
             ServiceError::Conflict(_) => ErrorCode::Conflict,
             ServiceError::NoSpace(_) => ErrorCode::NoSpace,
+            ServiceError::RateLimited(_) => ErrorCode::RateLimited,
         }
     }
 
@@ -136,6 +140,7 @@ impl ServiceError {
             ErrorCode::NoRoute => ServiceError::NoRoute(message),
             ErrorCode::Conflict => ServiceError::Conflict(message),
             ErrorCode::NoSpace => ServiceError::NoSpace(message),
+            ErrorCode::RateLimited => ServiceError::RateLimited(message),
         }
     }
 
