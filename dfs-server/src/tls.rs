@@ -220,3 +220,63 @@ fn hint(e: &rustls::Error) -> Option<String> {
 /// (most likely) a plain HTTP request, answered with this.
 pub const PLAIN_HTTP_ON_TLS: &str = "this dfs service speaks TLS only: use an https:// URL \
      (with --ca-file PEM if its certificate is not signed by a system root)";
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A self-signed certificate for 127.0.0.1 and its key, as PEM files in `dir`.
+    fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (c, k) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    fn error_of<T>(r: anyhow::Result<T>) -> String {
+        match r {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn a_certificate_loads_and_bad_files_are_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = self_signed(dir.path(), "a");
+        assert!(ServerTls::load(&cert, &key).is_ok());
+        let missing = dir.path().join("missing.pem");
+        assert!(error_of(ServerTls::load(&missing, &key)).contains("missing.pem"));
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        assert!(error_of(ServerTls::load(&empty, &key)).contains("holds no PEM certificate"));
+        // A key that belongs to another certificate.
+        let (_, other_key) = self_signed(dir.path(), "b");
+        let e = error_of(ServerTls::load(&cert, &other_key));
+        assert!(e.contains("does not fit the certificate"), "{e}");
+        assert!(
+            error_of(ServerTls::from_flags(Some(&cert), None)).contains("go together"),
+            "one without the other"
+        );
+        assert!(ServerTls::from_flags(None, None).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_ca_file_must_hold_a_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = self_signed(dir.path(), "a");
+        assert!(ClientTls::from_ca_file(&cert).is_ok());
+        assert!(error_of(ClientTls::from_ca_file(&key)).contains("holds no PEM certificate"));
+        let missing = dir.path().join("nope.pem");
+        assert!(error_of(ClientTls::from_ca_file(&missing)).contains("nope.pem"));
+    }
+}

@@ -22,6 +22,9 @@ pub struct ClientAddr(pub SocketAddr);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes finished but not yet taken by the server.
 const READY_QUEUE: usize = 64;
+/// Most handshakes in progress at once; past it the accept loop waits (the kernel's backlog
+/// holds new connections meanwhile).
+const MAX_HANDSHAKES: usize = 1024;
 
 /// A bound service socket.
 pub struct DfsListener {
@@ -82,7 +85,11 @@ async fn accept_tls(
     acceptor: tokio_rustls::TlsAcceptor,
     ready: tokio::sync::mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
 ) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let (tcp, addr) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
@@ -93,6 +100,7 @@ async fn accept_tls(
         let acceptor = acceptor.clone();
         let ready = ready.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(tcp, acceptor)).await {
                 Ok(Ok(Some(tls))) => {
                     let _ = ready.send((tls, addr)).await;
