@@ -357,6 +357,9 @@ pub struct UpArgs {
     pub listen: SocketAddr,
     #[command(flatten)]
     pub cache: CacheArgs,
+    /// TLS (without: plain HTTP on loopback). `--ca-file` is trusted by this mount too.
+    #[command(flatten)]
+    pub tls: dfs_server::cli::TlsArgs,
 }
 
 fn read_password(from_stdin: bool, confirm: bool) -> anyhow::Result<String> {

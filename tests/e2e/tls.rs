@@ -181,3 +181,38 @@ fn the_auth_key_is_pinned_at_first_login_and_a_changed_one_is_refused() {
     assert!(std::fs::read_to_string(&pins).unwrap().contains(&second));
     ok(alice.run(&login, "password123\n"));
 }
+
+#[test]
+fn dfs_up_serves_tls_when_asked() {
+    require_fuse();
+    let certs = TestCerts::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let mut up = std::process::Command::new(bin("dfs"))
+        .current_dir(tmp.path())
+        .args(["up", "--listen", "127.0.0.1:0"])
+        .args(certs.server_args())
+        .env("XDG_CONFIG_HOME", home.join("config"))
+        .env("XDG_CACHE_HOME", home.join("cache"))
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mnt = tmp.path().join("mnt");
+    if !eventually(Duration::from_secs(60), || is_mounted(&mnt)) {
+        terminate(&mut up, Duration::from_secs(5));
+        panic!("dfs up did not mount");
+    }
+    assert!(ok(sh_in(&mnt, "cat Hello.txt")).starts_with("Hello from dfs!"));
+    ok(sh_in(&mnt, "echo over tls > n.txt"));
+    assert_eq!(ok(sh_in(&mnt, "cat n.txt")), "over tls\n");
+    let status = terminate(&mut up, Duration::from_secs(60)).expect("dfs up exits on SIGTERM");
+    assert!(status.success(), "dfs up exit status {status}");
+    let mut printed = String::new();
+    std::io::Read::read_to_string(&mut up.stdout.take().unwrap(), &mut printed).unwrap();
+    assert!(
+        printed.contains("directory: https://127.0.0.1:"),
+        "{printed}"
+    );
+}
