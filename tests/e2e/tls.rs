@@ -111,33 +111,13 @@ fn plain_http_to_tls_an_unknown_ca_and_a_bad_pem_fail_clearly() {
     fails_with(out, "/nonexistent/cert.pem");
 }
 
-/// The fingerprint `dfs-server all` printed at start.
-fn printed_fingerprint(data: &std::path::Path) -> String {
-    let mut found = String::new();
-    let printed = eventually(Duration::from_secs(10), || {
-        let log = std::fs::read_to_string(data.join("stdout.log")).unwrap_or_default();
-        match log
-            .lines()
-            .find_map(|l| l.strip_prefix("auth key fingerprint: "))
-        {
-            Some(f) => {
-                found = f.trim().to_owned();
-                true
-            }
-            None => false,
-        }
-    });
-    assert!(printed, "no fingerprint printed");
-    found
-}
-
 #[test]
 fn the_auth_key_is_pinned_at_first_login_and_a_changed_one_is_refused() {
     use std::os::unix::fs::PermissionsExt;
     let data = tempfile::tempdir().unwrap();
     let listen = format!("127.0.0.1:{}", free_port());
     let mut cluster = Cluster::start_at(data.path(), &listen, &[]);
-    let first = printed_fingerprint(data.path());
+    let first = cluster.auth_key_fingerprint();
     assert!(first.starts_with("SHA256:") && first.len() == 50, "{first}");
     let alice = Client::new(&cluster.url);
     alice.signup_login("alice");
@@ -165,8 +145,8 @@ fn the_auth_key_is_pinned_at_first_login_and_a_changed_one_is_refused() {
     // with the new one, and says where the pin is.
     cluster.stop();
     std::fs::remove_file(data.path().join("auth/auth_key.pem")).unwrap();
-    let _cluster = Cluster::start_at(data.path(), &listen, &[]);
-    let second = printed_fingerprint(data.path());
+    let cluster = Cluster::start_at(data.path(), &listen, &[]);
+    let second = cluster.auth_key_fingerprint();
     assert_ne!(first, second);
     let login = ["login", "--user", "alice", "--password-stdin"];
     let out = alice.run(&login, "password123\n");

@@ -265,6 +265,21 @@ impl Cluster {
         self.child.id()
     }
 
+    /// The auth key fingerprint this cluster printed at start (what clients pin).
+    pub fn auth_key_fingerprint(&self) -> String {
+        let mut found = None;
+        let printed = eventually(Duration::from_secs(10), || {
+            let log = std::fs::read_to_string(self.data.join("stdout.log")).unwrap_or_default();
+            found = log
+                .lines()
+                .find_map(|l| l.strip_prefix("auth key fingerprint: "))
+                .map(|f| f.trim().to_owned());
+            found.is_some()
+        });
+        assert!(printed, "the cluster printed no auth key fingerprint");
+        found.unwrap()
+    }
+
     /// Stops it (SIGTERM) and waits.
     pub fn stop(&mut self) {
         terminate(&mut self.child, Duration::from_secs(20));
