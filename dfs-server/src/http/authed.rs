@@ -122,8 +122,9 @@ impl Verifier {
             .directory_url
             .as_deref()
             .ok_or_else(|| ServiceError::Unavailable("auth public key not known yet".into()))?;
-        let unavailable =
-            |e: reqwest::Error| ServiceError::Unavailable(format!("fetching auth key: {e}"));
+        let unavailable = |e: reqwest::Error| {
+            ServiceError::Unavailable(format!("fetching auth key: {}", crate::tls::describe(&e)))
+        };
         let info: ClusterInfo = self
             .http
             .get(format!("{dir}{}", common::routes::CLUSTER))
