@@ -57,6 +57,8 @@ pub enum ErrorCode {
     NoSpace,
     /// A name over 255 bytes, or a symlink target over 4096 (ENAMETOOLONG).
     NameTooLong,
+    /// Too many login or signup attempts for this user or from this address: try again later.
+    RateLimited,
 }
 
 /// Body of every non-2xx response.

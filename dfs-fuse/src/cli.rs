@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
-use crate::creds::CredStore;
+use crate::creds::{CredStore, KnownKeys};
 use crate::fs::{ClientStatus, FsConfig};
 use crate::remote::{Remote, RemoteConfig};
 use crate::session::{self, MountOptions};
@@ -127,12 +127,26 @@ pub struct SetUserArgs {
     no_admin: bool,
 }
 
-/// `--server`.
+/// `--server` and how to trust it.
 #[derive(Debug, Args)]
 pub struct ServerArg {
-    /// URL of the cluster's directory service.
+    /// URL of the cluster's directory service (https:// for a cluster serving TLS).
     #[arg(long, default_value = DEFAULT_SERVER, env = "DFS_SERVER", value_name = "URL")]
     pub server: String,
+    /// CA certificate(s) (PEM) that signed the cluster's TLS certificates; trusted instead of
+    /// the system's roots.
+    #[arg(long, value_name = "PEM", env = "DFS_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl ServerArg {
+    /// Client settings that trust `--ca-file` (or the system's roots).
+    pub fn remote_config(&self) -> anyhow::Result<RemoteConfig> {
+        Ok(RemoteConfig {
+            tls: dfs_server::tls::ClientTls::from_flag(self.ca_file.as_deref())?,
+            ..RemoteConfig::default()
+        })
+    }
 }
 
 /// `signup` / `login`.
@@ -150,6 +164,88 @@ pub struct LoginArgs {
     /// runs with --closed-signup; signup only).
     #[arg(long, value_name = "PATH")]
     cluster_key_file: Option<PathBuf>,
+    /// Seal the password only with the auth key of this fingerprint (`SHA256:` + base64, as
+    /// `dfs-server` logs it at start), and pin it for this server. Without it the key the
+    /// server presents at the first signup or login is pinned (trust on first use) and any
+    /// other is refused later.
+    #[arg(long, value_name = "SHA256:...", value_parser = parse_fingerprint)]
+    auth_key_fingerprint: Option<String>,
+}
+
+fn parse_fingerprint(s: &str) -> Result<String, String> {
+    match s.strip_prefix("SHA256:") {
+        Some(b)
+            if b.len() == 43
+                && b.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/') =>
+        {
+            Ok(s.to_owned())
+        }
+        _ => Err(
+            "a fingerprint is SHA256: followed by 43 base64 characters, as dfs-server logs it"
+                .into(),
+        ),
+    }
+}
+
+impl LoginArgs {
+    /// A client for signup or login that seals only with the pinned auth key (the flag's, else
+    /// the one known for this server), and where that pin lives.
+    fn remote(&self) -> anyhow::Result<(Remote, KnownKeys)> {
+        let remote = Remote::new(
+            &self.server.server,
+            None,
+            None,
+            self.server.remote_config()?,
+        );
+        let known = KnownKeys::default_location()?;
+        let pin = match &self.auth_key_fingerprint {
+            Some(f) => Some(f.clone()),
+            None => known.get(remote.server())?,
+        };
+        remote.pin_auth_key(pin);
+        Ok((remote, known))
+    }
+
+    /// After a signup or login: pins the key it sealed with (first use, or a new
+    /// `--auth-key-fingerprint`), or explains a refused key.
+    fn settle<T>(
+        &self,
+        remote: &Remote,
+        known: &KnownKeys,
+        what: &str,
+        result: Result<T, crate::remote::RemoteError>,
+    ) -> anyhow::Result<T> {
+        let server = remote.server();
+        match result {
+            Err(crate::remote::RemoteError::AuthKeyChanged { expected, found }) => {
+                if self.auth_key_fingerprint.is_some() {
+                    bail!(
+                        "{what} at {server}: the auth service presents key {found}, not {expected} \
+                         as given with --auth-key-fingerprint; nothing was sent"
+                    )
+                }
+                bail!(
+                    "{what} at {server}: the auth service's key changed: it presents {found}, but \
+                     this client pinned {expected} (in {path}). Someone may be intercepting the \
+                     login; nothing was sent. If the cluster's auth key was replaced on purpose, \
+                     check the new fingerprint with its administrator (dfs-server logs it at \
+                     start), then remove the entry for {server} from {path} or pass \
+                     --auth-key-fingerprint {found}",
+                    path = known.path().display()
+                )
+            }
+            Err(e) => Err(e).with_context(|| format!("{what} at {server}")),
+            Ok(v) => {
+                if let Some(used) = remote.auth_key_used()
+                    && known.get(server)?.as_deref() != Some(used.as_str())
+                {
+                    known.put(server, &used)?;
+                }
+                Ok(v)
+            }
+        }
+    }
 }
 
 /// Cache and timing flags shared by `mount` and `up`.
@@ -304,6 +400,9 @@ pub struct UpArgs {
     /// `user_allow_other` in /etc/fuse.conf).
     #[arg(long)]
     pub no_local_ids: bool,
+    /// TLS (without: plain HTTP on loopback). `--ca-file` is trusted by this mount too.
+    #[command(flatten)]
+    pub tls: dfs_server::cli::TlsArgs,
 }
 
 fn read_password(from_stdin: bool, confirm: bool) -> anyhow::Result<String> {
@@ -345,22 +444,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     None => None,
                 };
                 let pw = read_password(a.password_stdin, true)?;
-                let remote = Remote::new(&a.server.server, None, None, RemoteConfig::default());
-                remote
-                    .signup_as_admin(&a.user, &pw, key.as_deref())
-                    .await
-                    .with_context(|| format!("signup at {}", a.server.server))?;
+                let (remote, known) = a.remote()?;
+                let done = remote.signup_as_admin(&a.user, &pw, key.as_deref()).await;
+                a.settle(&remote, &known, "signup", done)?;
                 println!("user {} created on {}", a.user, a.server.server);
                 Ok(())
             }
             Command::Login(a) => {
                 let pw = read_password(a.password_stdin, false)?;
                 let creds = CredStore::default_location()?;
-                let remote = Remote::new(&a.server.server, None, None, RemoteConfig::default());
-                let login = remote
-                    .login(&a.user, &pw)
-                    .await
-                    .with_context(|| format!("login at {}", a.server.server))?;
+                let (remote, known) = a.remote()?;
+                let done = remote.login(&a.user, &pw).await;
+                let login = a.settle(&remote, &known, "login", done)?;
                 creds.put(remote.server(), Some(login))?;
                 println!("logged in to {} as {}", a.server.server, a.user);
                 Ok(())
@@ -373,7 +468,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Mount(a) => {
                 let server = a.server.server.trim_end_matches('/').to_owned();
                 session::preflight(&a.mountpoint)?;
-                let remote = session::connect(&server, &CredStore::default_location()?).await?;
+                let remote = session::connect(
+                    &server,
+                    &CredStore::default_location()?,
+                    a.server.remote_config()?,
+                )
+                .await?;
                 let cluster_id = remote.cluster(false).await?.cluster_id;
                 let mut opts = a.cache.options(&server, a.mountpoint, &cluster_id)?;
                 opts.local_ids = a.local_ids;
@@ -414,7 +514,7 @@ async fn user_command(c: UserCommand) -> anyhow::Result<()> {
     match c {
         UserCommand::List(a) => {
             let key = read_cluster_key(&a.cluster_key_file)?;
-            let remote = Remote::new(&a.server.server, None, None, RemoteConfig::default());
+            let remote = Remote::new(&a.server.server, None, None, a.server.remote_config()?);
             let users = remote
                 .users(&key)
                 .await
@@ -426,7 +526,12 @@ async fn user_command(c: UserCommand) -> anyhow::Result<()> {
         }
         UserCommand::Set(a) => {
             let key = read_cluster_key(&a.admin.cluster_key_file)?;
-            let remote = Remote::new(&a.admin.server.server, None, None, RemoteConfig::default());
+            let remote = Remote::new(
+                &a.admin.server.server,
+                None,
+                None,
+                a.admin.server.remote_config()?,
+            );
             let req = common::api::SetUserRequest {
                 uid: a.uid,
                 gid: a.gid,
@@ -594,19 +699,17 @@ fn umount(a: &UmountArgs) -> anyhow::Result<()> {
 
 async fn status(a: StatusArgs) -> anyhow::Result<()> {
     // Status is what one runs when servers misbehave: never wait long on any of them.
-    let quick = reqwest::Client::builder()
+    let config = a.server.remote_config()?;
+    let quick = config
+        .tls
+        .builder()
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(5))
         .build()
         .context("building the HTTP client")?;
     let server = a.server.server.trim_end_matches('/').to_owned();
     let creds = CredStore::default_location()?;
-    let remote = Remote::new(
-        &server,
-        creds.get(&server)?,
-        Some(creds),
-        RemoteConfig::default(),
-    );
+    let remote = Remote::new(&server, creds.get(&server)?, Some(creds), config);
     let cluster = remote
         .cluster(true)
         .await

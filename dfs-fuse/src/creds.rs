@@ -103,3 +103,59 @@ impl CredStore {
             .with_context(|| format!("writing {}", self.path.display()))
     }
 }
+
+/// The auth keys this client trusts, one fingerprint per directory URL (keyed as logins are),
+/// in `known_auth_keys.json` next to the credentials (mode 0600): pinned at the first signup or
+/// login (trust on first use, as ssh's `known_hosts`) or given with `--auth-key-fingerprint`,
+/// and kept across logouts.
+#[derive(Debug, Clone)]
+pub struct KnownKeys {
+    path: PathBuf,
+}
+
+impl KnownKeys {
+    /// The default location, beside the credentials file.
+    pub fn default_location() -> anyhow::Result<Self> {
+        let creds = CredStore::default_location()?;
+        Ok(KnownKeys::beside(&creds))
+    }
+
+    /// The file next to `creds`.
+    pub fn beside(creds: &CredStore) -> Self {
+        KnownKeys {
+            path: creds.path().with_file_name("known_auth_keys.json"),
+        }
+    }
+
+    /// Its path (named in the error a changed key gives).
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    fn load_all(&self) -> anyhow::Result<BTreeMap<String, String>> {
+        match std::fs::read(&self.path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .with_context(|| format!("parsing {}", self.path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", self.path.display())),
+        }
+    }
+
+    /// The fingerprint pinned for `server`, if any.
+    pub fn get(&self, server: &str) -> anyhow::Result<Option<String>> {
+        Ok(self.load_all()?.remove(server))
+    }
+
+    /// Pins `fingerprint` for `server`.
+    pub fn put(&self, server: &str, fingerprint: &str) -> anyhow::Result<()> {
+        let mut all = self.load_all()?;
+        all.insert(server.to_owned(), fingerprint.to_owned());
+        let data = serde_json::to_vec_pretty(&all)?;
+        if let Some(dir) = self.path.parent() {
+            dfs_server::cluster::create_private_dir(dir)
+                .with_context(|| format!("creating {}", dir.display()))?;
+        }
+        dfs_server::store::write_durable(&self.path, &data, 0o600)
+            .with_context(|| format!("writing {}", self.path.display()))
+    }
+}

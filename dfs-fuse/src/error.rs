@@ -71,6 +71,7 @@ impl FsError {
                 ErrorCode::TooLarge => libc::EFBIG,
                 ErrorCode::NoSpace => libc::ENOSPC,
                 ErrorCode::NameTooLong => libc::ENAMETOOLONG,
+                ErrorCode::RateLimited => libc::EAGAIN,
                 ErrorCode::StaleFence
                 | ErrorCode::HashMismatch
                 | ErrorCode::NotHolder
@@ -81,7 +82,9 @@ impl FsError {
                 | ErrorCode::Conflict => libc::EIO,
             },
             FsError::Remote(RemoteError::Timeout(_)) => libc::ETIMEDOUT,
-            FsError::Remote(RemoteError::NotLoggedIn(_)) => libc::EACCES,
+            FsError::Remote(RemoteError::NotLoggedIn(_) | RemoteError::AuthKeyChanged { .. }) => {
+                libc::EACCES
+            }
             FsError::Remote(RemoteError::Network(_) | RemoteError::Io(_)) => libc::EIO,
             FsError::Remote(RemoteError::Local { errno, .. }) => *errno,
             FsError::Cache(_) => libc::EIO,

@@ -57,6 +57,18 @@ pub enum RemoteError {
     /// No saved login for this server.
     #[error("not logged in to {0}; run `dfs login --server {0}`")]
     NotLoggedIn(String),
+    /// The auth service presented a public key other than the one pinned: credentials are
+    /// not sealed with it (it may be someone in the middle).
+    #[error(
+        "the auth service's key changed: it presents {found}, this client pinned {expected}; \
+         nothing was sent"
+    )]
+    AuthKeyChanged {
+        /// The pinned fingerprint.
+        expected: String,
+        /// The fingerprint presented.
+        found: String,
+    },
 }
 
 impl RemoteError {
@@ -85,10 +97,11 @@ impl RemoteError {
 }
 
 fn net(what: &str, e: reqwest::Error) -> RemoteError {
+    let text = dfs_server::tls::describe(&e);
     if e.is_timeout() {
-        RemoteError::Timeout(format!("{what}: {e}"))
+        RemoteError::Timeout(format!("{what}: {text}"))
     } else {
-        RemoteError::Network(format!("{what}: {e}"))
+        RemoteError::Network(format!("{what}: {text}"))
     }
 }
 
@@ -141,6 +154,8 @@ pub struct RemoteConfig {
     /// How long an upload or download may make no progress before it is given up (it has no
     /// total deadline: a transfer that keeps moving is never cut off).
     pub stall_timeout: Duration,
+    /// The roots https URLs are checked against (`--ca-file`, else the system's).
+    pub tls: dfs_server::tls::ClientTls,
 }
 
 impl Default for RemoteConfig {
@@ -148,6 +163,7 @@ impl Default for RemoteConfig {
         RemoteConfig {
             call_timeout: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(30),
+            tls: dfs_server::tls::ClientTls::system(),
         }
     }
 }
@@ -186,6 +202,10 @@ pub struct Remote {
         std::sync::Mutex<std::collections::HashMap<NodeId, (common::ContentHash, String)>>,
     /// Capabilities to queue for write locks, by node, with when they were given (ms).
     commit_caps: std::sync::Mutex<std::collections::HashMap<NodeId, (String, u64)>>,
+    /// The auth key fingerprint credentials may be sealed with (None: any, trust on first use).
+    auth_key_pin: std::sync::Mutex<Option<String>>,
+    /// The fingerprint of the auth key last used to seal credentials.
+    auth_key_used: std::sync::Mutex<Option<String>>,
     /// Counters.
     pub stats: Arc<ClientStats>,
     /// A `--local-ids` mount: requests made for a local caller (`caller::current`) name it.
@@ -206,14 +226,18 @@ impl Remote {
         config: RemoteConfig,
     ) -> Self {
         let server = server.trim_end_matches('/').to_owned();
-        let http = reqwest::Client::builder()
+        let http = config
+            .tls
+            .builder()
             .connect_timeout(Duration::from_secs(3))
             .timeout(config.call_timeout + Duration::from_secs(30))
             .build()
             .unwrap_or_default();
         // Bodies get a per-request deadline scaled to their size (reqwest's read_timeout would cap
         // the whole upload, fsyncs and replication included, at a fixed time).
-        let stream = reqwest::Client::builder()
+        let stream = config
+            .tls
+            .builder()
             .connect_timeout(Duration::from_secs(3))
             .tcp_keepalive(Duration::from_secs(15))
             .build()
@@ -232,6 +256,8 @@ impl Remote {
             creds,
             cluster: std::sync::Mutex::new(None),
             config,
+            auth_key_pin: std::sync::Mutex::new(None),
+            auth_key_used: std::sync::Mutex::new(None),
             stats: Arc::new(ClientStats::default()),
             local_ids: std::sync::atomic::AtomicBool::new(false),
         }
@@ -261,6 +287,20 @@ impl Remote {
             h.insert(routes::ACT_AS_HEADER, v);
         }
         h
+    }
+
+    /// Seals credentials (signup, login) only with the auth key of this fingerprint
+    /// (`dfs_server::auth::keys::fingerprint`); None: with whatever key the service presents.
+    pub fn pin_auth_key(&self, fingerprint: Option<String>) {
+        *self.auth_key_pin.lock().unwrap_or_else(|p| p.into_inner()) = fingerprint;
+    }
+
+    /// The fingerprint of the auth key the last signup or login sealed with.
+    pub fn auth_key_used(&self) -> Option<String> {
+        self.auth_key_used
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// This client with transfers given up after `window` without progress.
@@ -506,6 +546,19 @@ impl Remote {
             .map_err(|e| net("auth key", e))?;
         let key = PublicKey::from_public_key_pem(&pk.pem)
             .map_err(|e| RemoteError::Io(format!("bad auth public key: {e}")))?;
+        let found = dfs_server::auth::keys::fingerprint(&key)
+            .map_err(|e| RemoteError::Io(format!("bad auth public key: {e}")))?;
+        let pinned = self
+            .auth_key_pin
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(expected) = pinned
+            && expected != found
+        {
+            return Err(RemoteError::AuthKeyChanged { expected, found });
+        }
+        *self.auth_key_used.lock().unwrap_or_else(|p| p.into_inner()) = Some(found);
         let env = dfs_server::auth::seal(&key, user, password).map_err(|e| RemoteError::Api {
             code: ErrorCode::BadRequest,
             message: e.to_string(),

@@ -172,16 +172,15 @@ pub fn preflight(mountpoint: &Path) -> anyhow::Result<()> {
 
 /// Builds the remote for `server` from the saved login, checking that the server answers
 /// and that the login is still accepted.
-pub async fn connect(server: &str, creds: &CredStore) -> anyhow::Result<Remote> {
+pub async fn connect(
+    server: &str,
+    creds: &CredStore,
+    config: RemoteConfig,
+) -> anyhow::Result<Remote> {
     let login = creds.get(server)?.with_context(|| {
         format!("not logged in to {server}; run `dfs login --server {server} --user NAME`")
     })?;
-    let remote = Remote::new(
-        server,
-        Some(login),
-        Some(creds.clone()),
-        RemoteConfig::default(),
-    );
+    let remote = Remote::new(server, Some(login), Some(creds.clone()), config);
     remote
         .cluster(true)
         .await

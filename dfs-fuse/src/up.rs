@@ -24,7 +24,13 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", a.mountpoint.display()))?;
     session::preflight(&a.mountpoint)?;
     let fresh = !a.data.join("directory").exists();
-    let cluster = cluster::start(ClusterConfig::new(a.data.clone(), a.listen)).await?;
+    let mut cfg = ClusterConfig::new(a.data.clone(), a.listen);
+    (cfg.tls, cfg.client_tls) = a.tls.load()?;
+    let config = RemoteConfig {
+        tls: cfg.client_tls.clone(),
+        ..RemoteConfig::default()
+    };
+    let cluster = cluster::start(cfg).await?;
     let server = cluster.directory_url.clone();
     let result = async {
         let pw_path = a.data.join("default-user.password");
@@ -41,7 +47,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             }
         };
         let creds = CredStore::default_location()?;
-        let remote = Remote::new(&server, None, Some(creds.clone()), RemoteConfig::default());
+        let remote = Remote::new(&server, None, Some(creds.clone()), config);
         if let Err(e) = remote.signup(DEFAULT_USER, &password).await
             && !matches!(&e, crate::remote::RemoteError::Api { code: common::ErrorCode::Exists, .. }) {
                 return Err(anyhow::anyhow!("creating the default user: {e}"));

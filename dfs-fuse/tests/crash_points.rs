@@ -402,7 +402,7 @@ async fn a_lease_that_runs_out_mid_push_never_reverts_a_newer_close() {
     };
     // Wait until A's push holds the lock (and so is in its hold: the one hold is A's, never
     // B's, however slow the machine), then past its lease.
-    let http = reqwest::Client::new();
+    let http = dfs_server::tls::client();
     let locks = format!("{}{}", cluster.lock_url, common::routes::LOCKS);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {

@@ -16,6 +16,7 @@ use crate::directory::{DirectoryConfig, DirectoryService};
 use crate::http::{Verifier, finish};
 use crate::lock::{LockConfig, LockService};
 use crate::peer::Peer;
+use crate::tls::{ClientTls, ServerTls};
 
 /// dfs cluster services: directory, lock, auth and file servers.
 ///
@@ -60,10 +61,42 @@ pub struct Common {
     /// it holds, such as a file's write mutex, released).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub body_idle_secs: u64,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// TLS flags of every service.
+#[derive(Debug, Args)]
+pub struct TlsArgs {
+    /// Serve over TLS with this certificate chain (PEM, leaf first); with --tls-key. The URLs
+    /// this service prints and registers are then https://.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificate(s) (PEM) to trust when calling other services at https:// URLs, instead
+    /// of the system's roots.
+    #[arg(long, value_name = "PEM", env = "DFS_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The server certificate, if asked for, and the client roots.
+    pub fn load(&self) -> anyhow::Result<(Option<ServerTls>, ClientTls)> {
+        Ok((
+            ServerTls::from_flags(self.tls_cert.as_deref(), self.tls_key.as_deref())?,
+            ClientTls::from_flag(self.ca_file.as_deref())?,
+        ))
+    }
 }
 
 impl Common {
-    fn key(&self) -> anyhow::Result<String> {
+    /// Makes the data directory private (0700; created if missing), then reads or creates
+    /// the cluster key.
+    fn prepare(&self) -> anyhow::Result<String> {
+        cluster::create_private_dir(&self.data)
+            .with_context(|| format!("creating {}", self.data.display()))?;
         let path = self
             .cluster_key_file
             .clone()
@@ -110,10 +143,14 @@ pub struct AllArgs {
     /// (`dfs signup --cluster-key-file PATH`); otherwise anyone who reaches the auth service can.
     #[arg(long)]
     pub closed_signup: bool,
+    #[command(flatten)]
+    pub limits: LoginLimitArgs,
     /// Seconds a request body may send nothing before the request is dropped (and whatever
     /// it holds, such as a file's write mutex, released).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub body_idle_secs: u64,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// `directory`.
@@ -149,7 +186,7 @@ pub struct ServiceArgs {
     /// URL of the directory service, where this service registers.
     #[arg(long, value_name = "URL")]
     directory: String,
-    /// URL others reach this service at [default: http://LISTEN].
+    /// URL others reach this service at [default: http://LISTEN, https:// with --tls-cert].
     #[arg(long, value_name = "URL")]
     advertise: Option<String>,
     /// Lock lease in milliseconds (lock service only).
@@ -161,6 +198,27 @@ pub struct ServiceArgs {
     /// Only callers with the cluster key may sign users up (auth service only).
     #[arg(long)]
     closed_signup: bool,
+    #[command(flatten)]
+    limits: LoginLimitArgs,
+}
+
+/// Login and signup rate limits of the auth service.
+#[derive(Debug, Args)]
+pub struct LoginLimitArgs {
+    /// Login and signup attempts allowed per user name and minute (all at once if saved up);
+    /// past it the auth service answers 429 "too many attempts" until one is earned back.
+    #[arg(long, default_value_t = crate::auth::DEFAULT_LOGINS_PER_USER, value_parser = clap::value_parser!(u32).range(1..))]
+    pub logins_per_user_per_minute: u32,
+    /// Login and signup attempts allowed per source address and minute.
+    #[arg(long, default_value_t = crate::auth::DEFAULT_LOGINS_PER_ADDR, value_parser = clap::value_parser!(u32).range(1..))]
+    pub logins_per_addr_per_minute: u32,
+}
+
+impl LoginLimitArgs {
+    fn apply(&self, cfg: &mut AuthConfig) {
+        cfg.per_user = crate::auth::limit::Rate::per_minute(self.logins_per_user_per_minute);
+        cfg.per_addr = crate::auth::limit::Rate::per_minute(self.logins_per_addr_per_minute);
+    }
 }
 
 /// `file`.
@@ -174,7 +232,7 @@ pub struct FileArgs {
     /// URL of the directory service, where this server registers and heartbeats.
     #[arg(long, value_name = "URL")]
     directory: String,
-    /// URL others reach this server at [default: http://LISTEN].
+    /// URL others reach this server at [default: http://LISTEN, https:// with --tls-cert].
     #[arg(long, value_name = "URL")]
     advertise: Option<String>,
     /// Largest file accepted, in bytes.
@@ -211,9 +269,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.lock.lease = Duration::from_millis(a.lease_ms);
                 cfg.auth.token_ttl = Duration::from_secs(a.token_ttl_secs);
                 cfg.auth.open_signup = !a.closed_signup;
+                a.limits.apply(&mut cfg.auth);
                 cfg.body_idle = Duration::from_secs(a.body_idle_secs);
+                (cfg.tls, cfg.client_tls) = a.tls.load()?;
                 let handle = cluster::start(cfg).await?;
                 println!("dfs cluster up; directory: {}", handle.directory_url);
+                println!("auth key fingerprint: {}", handle.auth.fingerprint()?);
                 println!(
                     "lock: {}  auth: {}  file servers: {}",
                     handle.lock_url,
@@ -225,7 +286,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             Command::Directory(a) => {
-                let key = a.common.key()?;
+                let key = a.common.prepare()?;
+                let (tls, client_tls) = a.common.tls.load()?;
                 let cfg = DirectoryConfig {
                     replication: a.replication,
                     heartbeat: Duration::from_millis(a.heartbeat_ms),
@@ -236,15 +298,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         .context("opening the directory")?
                         .with_capability_key(&key),
                 );
-                let (l, url) = cluster::bind(a.listen).await?;
-                let verifier = Arc::new(Verifier::new(&key, None, Some(url.clone())));
+                let (l, url) = cluster::bind(a.listen, tls.as_ref()).await?;
+                let verifier =
+                    Arc::new(Verifier::new(&key, None, Some(url.clone())).with_tls(&client_tls));
                 println!("dfs directory listening on {url}");
                 let repair = crate::directory::repair::RepairConfig {
                     interval: Duration::from_millis(a.repair_interval_ms),
                     ..Default::default()
                 };
                 vec![
-                    cluster::start_repair(svc.clone(), &key, repair, cancel.clone()),
+                    cluster::start_repair(svc.clone(), &key, repair, &client_tls, cancel.clone()),
                     cluster::serve(
                         l,
                         finish(
@@ -258,7 +321,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 ]
             }
             Command::Lock(a) => {
-                let key = a.common.key()?;
+                let key = a.common.prepare()?;
+                let (tls, client_tls) = a.common.tls.load()?;
                 let cfg = LockConfig {
                     lease: Duration::from_millis(a.lease_ms),
                     ..LockConfig::default()
@@ -267,9 +331,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     LockService::open(&a.common.data, cfg, &key)
                         .context("opening the lock service")?,
                 );
-                let (l, url) = cluster::bind(a.listen).await?;
+                let (l, url) = cluster::bind(a.listen, tls.as_ref()).await?;
                 let url = a.advertise.unwrap_or(url);
-                let verifier = Arc::new(Verifier::new(&key, None, Some(a.directory.clone())));
+                let verifier = Arc::new(
+                    Verifier::new(&key, None, Some(a.directory.clone())).with_tls(&client_tls),
+                );
                 println!("dfs lock service listening on {url}");
                 vec![
                     cluster::serve(
@@ -283,7 +349,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         cancel.clone(),
                     ),
                     cluster::register_service_loop(
-                        Peer::new(&key),
+                        Peer::with_tls(&key, &client_tls),
                         a.directory,
                         ServiceKind::Lock,
                         url,
@@ -292,19 +358,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 ]
             }
             Command::Auth(a) => {
-                let key = a.common.key()?;
-                let cfg = AuthConfig {
+                let key = a.common.prepare()?;
+                let (tls, client_tls) = a.common.tls.load()?;
+                let mut cfg = AuthConfig {
                     token_ttl: Duration::from_secs(a.token_ttl_secs),
                     open_signup: !a.closed_signup,
                     ..AuthConfig::default()
                 };
+                a.limits.apply(&mut cfg);
                 let svc = Arc::new(
                     AuthService::open(&a.common.data, cfg).context("opening the auth service")?,
                 );
-                let (l, url) = cluster::bind(a.listen).await?;
+                let (l, url) = cluster::bind(a.listen, tls.as_ref()).await?;
                 let url = a.advertise.unwrap_or(url);
                 let verifier = Arc::new(Verifier::new(&key, Some(svc.public_key().clone()), None));
-                println!("dfs auth service listening on {url}");
+                println!(
+                    "dfs auth service listening on {url}; key fingerprint {}",
+                    svc.fingerprint()?
+                );
                 vec![
                     cluster::serve(
                         l,
@@ -317,7 +388,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         cancel.clone(),
                     ),
                     cluster::register_service_loop(
-                        Peer::new(&key),
+                        Peer::with_tls(&key, &client_tls),
                         a.directory,
                         ServiceKind::Auth,
                         url,
@@ -326,10 +397,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 ]
             }
             Command::File(a) => {
-                let key = a.common.key()?;
-                let (l, url) = cluster::bind(a.listen).await?;
+                let key = a.common.prepare()?;
+                let (tls, client_tls) = a.common.tls.load()?;
+                let (l, url) = cluster::bind(a.listen, tls.as_ref()).await?;
                 let url = a.advertise.unwrap_or(url);
-                let verifier = Arc::new(Verifier::new(&key, None, Some(a.directory.clone())));
+                let verifier = Arc::new(
+                    Verifier::new(&key, None, Some(a.directory.clone())).with_tls(&client_tls),
+                );
                 println!("dfs file server listening on {url}");
                 let opts = cluster::FileServerOptions {
                     data: a.common.data.clone(),
@@ -341,6 +415,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     quarantine: Duration::from_secs(a.quarantine_secs),
                     reserve: a.reserve_bytes,
                     body_idle: Duration::from_secs(a.common.body_idle_secs),
+                    client_tls,
                 };
                 let (_, tasks) =
                     cluster::start_file_server(l, opts, &key, verifier, cancel.clone())?;

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use common::api::{RegisterServiceRequest, ServiceKind};
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -19,9 +18,11 @@ use crate::directory::{DirectoryConfig, DirectoryService};
 use crate::file::FileStore;
 use crate::file::replicate::FileServer;
 use crate::http::Verifier;
+use crate::http::listen::{ClientAddr, DfsListener};
 use crate::lock::{LockConfig, LockService};
 use crate::metrics::Metrics;
 use crate::peer::Peer;
+use crate::tls::{ClientTls, ServerTls};
 
 /// Default address of the directory in `all` mode and for clients.
 pub const DEFAULT_DIRECTORY_ADDR: &str = "127.0.0.1:7070";
@@ -53,6 +54,10 @@ pub struct ClusterConfig {
     pub scrub_interval: Duration,
     /// How long a request body may send nothing before the request is dropped.
     pub body_idle: Duration,
+    /// Serve every service over TLS with this certificate (None: plain HTTP).
+    pub tls: Option<ServerTls>,
+    /// The roots the services trust when they call each other over https.
+    pub client_tls: ClientTls,
 }
 
 impl ClusterConfig {
@@ -69,6 +74,8 @@ impl ClusterConfig {
             repair: RepairConfig::default(),
             scrub_interval: DEFAULT_SCRUB_INTERVAL,
             body_idle: crate::http::idle::DEFAULT_BODY_IDLE,
+            tls: None,
+            client_tls: ClientTls::system(),
         }
     }
 }
@@ -106,13 +113,20 @@ impl ClusterHandle {
     }
 }
 
-/// Creates `dir` (and parents) with mode 0700: it holds every file's content and the keys.
+/// Creates `dir` (and parents) with mode 0700, or makes an existing one 0700: it holds file
+/// contents, users' password hashes and keys.
 pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(dir)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::info!(dir = %dir.display(), mode = format!("{:o}", mode & 0o777), "data directory made private (0700)");
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 /// Reads the cluster key at `path`, creating a random one (mode 0600) if missing.
@@ -135,24 +149,29 @@ pub fn load_or_create_cluster_key(path: &Path) -> anyhow::Result<String> {
     }
 }
 
-/// Binds `addr`, returning the listener and its `http://` URL.
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<(TcpListener, String)> {
-    let l = TcpListener::bind(addr)
+/// Binds `addr` (TLS with `tls`), returning the listener and its `http://` or `https://` URL.
+pub async fn bind(
+    addr: SocketAddr,
+    tls: Option<&ServerTls>,
+) -> anyhow::Result<(DfsListener, String)> {
+    let l = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
-    let url = format!("http://{}", l.local_addr()?);
+    let l = DfsListener::new(l, tls).with_context(|| format!("listening on {addr}"))?;
+    let url = l.url();
     Ok((l, url))
 }
 
 /// Serves `router` on `listener` until `cancel`.
 pub fn serve(
-    listener: TcpListener,
+    listener: DfsListener,
     router: axum::Router,
     cancel: CancellationToken,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let shutdown = cancel.clone();
-        if let Err(e) = axum::serve(listener, router)
+        let app = router.into_make_service_with_connect_info::<ClientAddr>();
+        if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await
         {
@@ -207,6 +226,8 @@ pub struct FileServerOptions {
     pub reserve: Option<u64>,
     /// How long a request body may send nothing before the request is dropped.
     pub body_idle: Duration,
+    /// The roots it trusts when calling the directory and other file servers over https.
+    pub client_tls: ClientTls,
 }
 
 /// The directory's metrics: HTTP latency plus its store's fsyncs and durable writes.
@@ -269,7 +290,7 @@ pub fn file_metrics(fs: &Arc<FileServer>) -> Arc<Metrics> {
 
 /// Starts one file server on `listener`: HTTP, registration + heartbeats, and the scrub loop.
 pub fn start_file_server(
-    listener: TcpListener,
+    listener: DfsListener,
     opts: FileServerOptions,
     cluster_key: &str,
     verifier: Arc<Verifier>,
@@ -281,7 +302,7 @@ pub fn start_file_server(
     let mut fs = FileServer::new(
         cluster_key,
         store,
-        Peer::new(cluster_key),
+        Peer::with_tls(cluster_key, &opts.client_tls),
         opts.directory,
         &opts.data,
     );
@@ -310,11 +331,12 @@ pub fn start_repair(
     directory: Arc<DirectoryService>,
     cluster_key: &str,
     cfg: RepairConfig,
+    client_tls: &ClientTls,
     cancel: CancellationToken,
 ) -> JoinHandle<()> {
     tokio::spawn(crate::directory::repair::run(
         directory,
-        Peer::new(cluster_key),
+        Peer::with_tls(cluster_key, client_tls),
         cfg,
         cancel,
     ))
@@ -322,10 +344,16 @@ pub fn start_repair(
 
 /// Starts directory, lock, auth and N file servers in this process, on loopback.
 pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
-    create_private_dir(&cfg.data).with_context(|| format!("creating {}", cfg.data.display()))?;
+    let dirs = ["auth".to_owned(), "directory".to_owned(), "lock".to_owned()]
+        .into_iter()
+        .chain((1..=cfg.file_servers).map(|i| format!("file-{i}")));
+    for d in std::iter::once(cfg.data.clone()).chain(dirs.map(|d| cfg.data.join(d))) {
+        create_private_dir(&d).with_context(|| format!("creating {}", d.display()))?;
+    }
     let cancel = CancellationToken::new();
     let key = load_or_create_cluster_key(&cfg.data.join("cluster.key"))?;
-    let peer = Peer::new(&key);
+    let peer = Peer::with_tls(&key, &cfg.client_tls);
+    let tls = cfg.tls.as_ref();
     let mut tasks = Vec::new();
 
     let auth_dir = cfg.data.join("auth");
@@ -336,18 +364,21 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
             .context("auth start-up task")?
             .context("opening the auth service")?,
     );
-    let verifier = Arc::new(Verifier::new(&key, Some(auth.public_key().clone()), None));
+    let verifier = Arc::new(
+        Verifier::new(&key, Some(auth.public_key().clone()), None).with_tls(&cfg.client_tls),
+    );
 
     let directory = Arc::new(
         DirectoryService::open(&cfg.data.join("directory"), cfg.directory.clone())
             .context("opening the directory service")?
             .with_capability_key(&key),
     );
-    let (dl, directory_url) = bind(cfg.listen).await.context("directory service")?;
+    let (dl, directory_url) = bind(cfg.listen, tls).await.context("directory service")?;
     tasks.push(start_repair(
         directory.clone(),
         &key,
         cfg.repair.clone(),
+        &cfg.client_tls,
         cancel.clone(),
     ));
     tasks.push(serve(
@@ -362,7 +393,7 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
     ));
 
     let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
-    let (al, auth_url) = bind(loopback).await.context("auth service")?;
+    let (al, auth_url) = bind(loopback, tls).await.context("auth service")?;
     tasks.push(serve(
         al,
         crate::http::finish(
@@ -378,7 +409,7 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
         LockService::open(&cfg.data.join("lock"), cfg.lock.clone(), &key)
             .context("opening the lock service")?,
     );
-    let (ll, lock_url) = bind(loopback).await.context("lock service")?;
+    let (ll, lock_url) = bind(loopback, tls).await.context("lock service")?;
     tasks.push(serve(
         ll,
         crate::http::finish(
@@ -408,7 +439,7 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
 
     let mut file_urls = Vec::new();
     for i in 1..=cfg.file_servers {
-        let (fl, url) = bind(loopback).await.context("file server")?;
+        let (fl, url) = bind(loopback, tls).await.context("file server")?;
         let opts = FileServerOptions {
             data: cfg.data.join(format!("file-{i}")),
             url: url.clone(),
@@ -419,6 +450,7 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
             quarantine: crate::file::replicate::DEFAULT_QUARANTINE_GRACE,
             reserve: None,
             body_idle: cfg.body_idle,
+            client_tls: cfg.client_tls.clone(),
         };
         let (fs, t) = start_file_server(fl, opts, &key, verifier.clone(), cancel.clone())?;
         tasks.extend(t);

@@ -78,6 +78,9 @@ pub enum ServiceError {
     /// A symlink target (or name) over its length limit.
     #[error("{0}")]
     NameTooLong(String),
+    /// Too many login or signup attempts (per user or per address).
+    #[error("{0}")]
+    RateLimited(String),
 }
 
 impl ServiceError {
@@ -109,6 +112,7 @@ impl ServiceError {
             ServiceError::NoRoute(_) => ErrorCode::NoRoute,
             ServiceError::Conflict(_) => ErrorCode::Conflict,
             ServiceError::NoSpace(_) => ErrorCode::NoSpace,
+            ServiceError::RateLimited(_) => ErrorCode::RateLimited,
         }
     }
 
@@ -143,6 +147,7 @@ impl ServiceError {
             ErrorCode::Conflict => ServiceError::Conflict(message),
             ErrorCode::NoSpace => ServiceError::NoSpace(message),
             ErrorCode::NameTooLong => ServiceError::NameTooLong(message),
+            ErrorCode::RateLimited => ServiceError::RateLimited(message),
         }
     }
 

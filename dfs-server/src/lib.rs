@@ -23,6 +23,7 @@ pub mod lock;
 pub mod metrics;
 pub mod peer;
 pub mod store;
+pub mod tls;
 
 /// Initialises `tracing` with `RUST_LOG` (default `info`) on stderr.
 pub fn init_tracing() {

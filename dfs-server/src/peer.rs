@@ -32,9 +32,15 @@ pub async fn error_from_response(resp: reqwest::Response) -> ServiceError {
 
 impl Peer {
     /// A client with request timeouts; `cluster_key` authenticates it to other services.
+    /// https URLs are checked against the system's roots.
     pub fn new(cluster_key: &str) -> Self {
+        Peer::with_tls(cluster_key, &crate::tls::ClientTls::system())
+    }
+
+    /// As `new`, trusting `tls`'s roots for https URLs.
+    pub fn with_tls(cluster_key: &str, tls: &crate::tls::ClientTls) -> Self {
         let build = |timeout: Option<Duration>| {
-            let mut b = reqwest::Client::builder().connect_timeout(Duration::from_secs(3));
+            let mut b = tls.builder().connect_timeout(Duration::from_secs(3));
             // Streaming requests get a deadline scaled to their size per request instead.
             if let Some(t) = timeout {
                 b = b.timeout(t);
@@ -59,7 +65,9 @@ impl Peer {
             .header(routes::CLUSTER_KEY_HEADER, &self.cluster_key)
             .send()
             .await
-            .map_err(|e| ServiceError::Unavailable(format!("{what}: {e}")))?;
+            .map_err(|e| {
+                ServiceError::Unavailable(format!("{what}: {}", crate::tls::describe(&e)))
+            })?;
         if !resp.status().is_success() {
             return Err(error_from_response(resp).await);
         }

@@ -79,6 +79,34 @@ pub fn create_durable_new(path: &Path, data: &[u8], mode: u32) -> ServiceResult<
     }
 }
 
+/// Takes an exclusive lock on `dir` (a `flock` of `dir/lock`, made 0600 if missing), held
+/// until the returned file is dropped or the process ends: a second process starting on the
+/// same data directory is refused at once, before it reads or makes anything there.
+pub fn lock_dir(dir: &Path, what: &str) -> ServiceResult<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("lock");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)?;
+    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(f),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(ServiceError::Unavailable(format!(
+            "another {what} is already running on {} (it holds the lock on {}); stop it or \
+             give this one another --data",
+            dir.display(),
+            path.display()
+        ))),
+        Err(e) => Err(ServiceError::internal(
+            &format!("locking {}", path.display()),
+            e,
+        )),
+    }
+}
+
 /// fsyncs a directory so that a rename into it survives a crash.
 pub fn sync_dir(dir: &Path) -> ServiceResult<()> {
     std::fs::File::open(dir)?.sync_all()?;

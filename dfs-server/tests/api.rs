@@ -234,7 +234,7 @@ async fn unrenewed_lease_passes_the_lock_and_stale_fence_is_refused() {
 #[tokio::test]
 async fn directory_restart_keeps_all_metadata() {
     let dir = tempfile::tempdir().unwrap();
-    let http = reqwest::Client::new();
+    let http = dfs_server::tls::client();
     let (token, f) = {
         let cluster = start_on(dir.path(), |_| {}).await;
         let token = signup_login(&http, &cluster, "bob").await.token;
@@ -477,7 +477,7 @@ async fn a_fence_the_lock_service_did_not_sign_is_refused() {
 async fn closed_signup_needs_the_cluster_key() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = start_on(dir.path(), |c| c.auth.open_signup = false).await;
-    let http = reqwest::Client::new();
+    let http = dfs_server::tls::client();
     let pk = public_key(&http, &cluster).await;
     let env = dfs_server::auth::seal(&pk, "mallory", "password123").unwrap();
     let r = post_envelope(&http, &cluster, routes::AUTH_SIGNUP, &env).await;
@@ -1200,4 +1200,85 @@ async fn links_and_long_names_answer_their_own_codes() {
         .unwrap();
     let p: NodeMeta = r.json().await.unwrap();
     assert_eq!((p.kind, p.nlink, p.rdev), (FileKind::Fifo, 1, 0));
+}
+
+async fn login_as(h: &Harness, path: &str, user: &str) -> reqwest::Response {
+    let pk = public_key(&h.http, &h.cluster).await;
+    let env = dfs_server::auth::seal(&pk, user, "password123").unwrap();
+    post_envelope(&h.http, &h.cluster, path, &env).await
+}
+
+#[tokio::test]
+async fn logins_past_the_rate_per_user_and_per_address_get_429_with_a_clear_message() {
+    use dfs_server::auth::limit::Rate;
+    let slow = Duration::from_secs(600);
+    let h = Harness::new(|c| {
+        c.auth.per_user = Rate {
+            burst: 3,
+            every: slow,
+        };
+        c.auth.per_addr = Rate {
+            burst: 6,
+            every: slow,
+        };
+    })
+    .await;
+    // The harness's signup and login used two of alice's three, two of the address's six.
+    assert!(
+        login_as(&h, routes::AUTH_LOGIN, "alice")
+            .await
+            .status()
+            .is_success()
+    );
+    let r = login_as(&h, routes::AUTH_LOGIN, "alice").await;
+    assert_eq!(r.status().as_u16(), 429);
+    let body: common::ErrorBody = r.json().await.unwrap();
+    assert_eq!(body.code, ErrorCode::RateLimited);
+    assert!(
+        body.message
+            .contains("too many login or signup attempts for user alice; try again in"),
+        "{}",
+        body.message
+    );
+    // Bob has attempts of his own, but the address runs out.
+    assert!(
+        login_as(&h, routes::AUTH_SIGNUP, "bob")
+            .await
+            .status()
+            .is_success()
+    );
+    assert!(
+        login_as(&h, routes::AUTH_LOGIN, "bob")
+            .await
+            .status()
+            .is_success()
+    );
+    let r = login_as(&h, routes::AUTH_LOGIN, "bob").await;
+    assert_eq!(r.status().as_u16(), 429);
+    let body: common::ErrorBody = r.json().await.unwrap();
+    assert!(
+        body.message.contains("address 127.0.0.1"),
+        "{}",
+        body.message
+    );
+}
+
+#[tokio::test]
+async fn a_limited_user_may_log_in_again_once_an_attempt_is_earned_back() {
+    use dfs_server::auth::limit::Rate;
+    let every = Duration::from_millis(1500);
+    let h = Harness::new(|c| c.auth.per_user = Rate { burst: 2, every }).await;
+    let started = std::time::Instant::now();
+    for path in [routes::AUTH_SIGNUP, routes::AUTH_LOGIN] {
+        assert!(login_as(&h, path, "carol").await.status().is_success());
+    }
+    let r = login_as(&h, routes::AUTH_LOGIN, "carol").await;
+    assert_eq!(r.status().as_u16(), 429, "both attempts are spent");
+    assert!(
+        started.elapsed() < every,
+        "the machine is too slow for this test's timing"
+    );
+    tokio::time::sleep(every + Duration::from_millis(100)).await;
+    let r = login_as(&h, routes::AUTH_LOGIN, "carol").await;
+    assert!(r.status().is_success(), "{}", r.status());
 }

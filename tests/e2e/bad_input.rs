@@ -48,7 +48,7 @@ fn a_token_the_server_no_longer_accepts_gives_eacces_at_once_and_loses_nothing()
     // Restart the cluster with a new auth key: every token issued before is now forged.
     cluster.stop();
     std::fs::remove_file(data.path().join("auth").join("auth_key.pem")).unwrap();
-    let _cluster = Cluster::start_at(data.path(), &listen, &[]);
+    let cluster = Cluster::start_at(data.path(), &listen, &[]);
     let start = Instant::now();
     let out = sh_in(m.dir.parent().unwrap(), "ls mnt");
     assert!(!out.status.success());
@@ -69,8 +69,16 @@ fn a_token_the_server_no_longer_accepts_gives_eacces_at_once_and_loses_nothing()
         "{err}"
     );
     drop(m);
-    // Nothing was lost: after logging in again the file is there.
-    c.signup_login("alice");
+    // Nothing was lost: after logging in again (pinning the new auth key, as the client asks
+    // when the key changed) the file is there.
+    let fp = cluster.auth_key_fingerprint();
+    ok(c.run(
+        &["login", "--user", "alice", "--password-stdin"]
+            .into_iter()
+            .chain(["--auth-key-fingerprint", fp.as_str()])
+            .collect::<Vec<_>>(),
+        "password123\n",
+    ));
     let m = c.mount(&[]);
     assert_eq!(ok(m.sh("cat keep.txt")), "precious\n");
 }

@@ -1,6 +1,7 @@
 //! End-to-end tests: one test binary (linked once), real clusters and real FUSE mounts.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod auth_guard;
 mod bad_input;
 mod basic;
 mod faults;
@@ -11,5 +12,6 @@ mod permissions;
 mod posix;
 mod power_loss;
 mod replication;
+mod tls;
 mod two_clients;
 mod writes;

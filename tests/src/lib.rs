@@ -4,7 +4,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a harness failure is a test failure
 
 mod disk;
+mod tls;
 pub use disk::LoopDisk;
+pub use tls::TestCerts;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -62,7 +64,16 @@ pub fn http_get_text(url: &str) -> String {
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(async { reqwest::get(url).await.unwrap().text().await.unwrap() })
+    rt.block_on(async {
+        dfs_server::tls::client()
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    })
 }
 
 /// Where the file server with data directory `data` keeps the blob `(node, hash)`: a record in
@@ -254,6 +265,21 @@ impl Cluster {
         self.child.id()
     }
 
+    /// The auth key fingerprint this cluster printed at start (what clients pin).
+    pub fn auth_key_fingerprint(&self) -> String {
+        let mut found = None;
+        let printed = eventually(Duration::from_secs(10), || {
+            let log = std::fs::read_to_string(self.data.join("stdout.log")).unwrap_or_default();
+            found = log
+                .lines()
+                .find_map(|l| l.strip_prefix("auth key fingerprint: "))
+                .map(|f| f.trim().to_owned());
+            found.is_some()
+        });
+        assert!(printed, "the cluster printed no auth key fingerprint");
+        found.unwrap()
+    }
+
     /// Stops it (SIGTERM) and waits.
     pub fn stop(&mut self) {
         terminate(&mut self.child, Duration::from_secs(20));
@@ -313,12 +339,21 @@ pub fn http_get_json(url: &str) -> serde_json::Value {
 
 /// Blocking GET of a JSON document, with an optional (header, value).
 pub fn http_get_json_with(url: &str, header: Option<(&str, &str)>) -> serde_json::Value {
+    http_get_json_using(&dfs_server::tls::client(), url, header)
+}
+
+/// Blocking GET of a JSON document with `client`, with an optional (header, value).
+pub fn http_get_json_using(
+    client: &reqwest::Client,
+    url: &str,
+    header: Option<(&str, &str)>,
+) -> serde_json::Value {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut req = reqwest::Client::new().get(url);
+        let mut req = client.get(url);
         if let Some((k, v)) = header {
             req = req.header(k, v);
         }
@@ -331,6 +366,8 @@ pub struct Client {
     home: tempfile::TempDir,
     /// Directory URL.
     pub server: String,
+    /// `--ca-file` for every command (`DFS_CA_FILE`).
+    ca_file: Option<PathBuf>,
 }
 
 impl Client {
@@ -345,6 +382,15 @@ impl Client {
         Client {
             home: tempfile::tempdir().unwrap(),
             server: server.to_owned(),
+            ca_file: None,
+        }
+    }
+
+    /// A client of the TLS cluster at `server` that trusts the CA file `ca`.
+    pub fn with_ca(server: &str, ca: &Path) -> Client {
+        Client {
+            ca_file: Some(ca.to_path_buf()),
+            ..Client::new(server)
         }
     }
 
@@ -365,7 +411,11 @@ impl Client {
             .env("XDG_CACHE_HOME", self.cache_dir())
             .env("RUST_LOG", "warn")
             .env("DFS_SERVER", &self.server)
+            .env_remove("DFS_CA_FILE")
             .stdin(Stdio::null());
+        if let Some(ca) = &self.ca_file {
+            c.env("DFS_CA_FILE", ca);
+        }
         c
     }
 
@@ -562,6 +612,10 @@ pub struct SplitCluster {
     pub procs: std::collections::BTreeMap<String, Child>,
     files: usize,
     file_args: Vec<String>,
+    /// Flags for every service (TLS).
+    service_args: Vec<String>,
+    /// The client roots when the services serve TLS.
+    tls: Option<dfs_server::tls::ClientTls>,
     /// Small disks (tmpfs) mounted for data dirs, unmounted on drop.
     small_disks: Vec<PathBuf>,
 }
@@ -595,8 +649,21 @@ impl SplitCluster {
             procs: Default::default(),
             files,
             file_args: file_args.iter().map(|a| a.to_string()).collect(),
+            service_args: vec![],
+            tls: None,
             small_disks: vec![],
         }
+    }
+
+    /// As `start`, with every service serving TLS with `certs` and calling the others over
+    /// https.
+    pub fn start_tls(files: usize, certs: &TestCerts) -> SplitCluster {
+        let mut c = SplitCluster::unstarted(files, &[]);
+        c.url = format!("https://127.0.0.1:{}", c.dir_port);
+        c.service_args = certs.server_args();
+        c.tls = Some(dfs_server::tls::ClientTls::from_ca_file(&certs.ca).unwrap());
+        c.start_all();
+        c
     }
 
     /// Starts every service and waits until the cluster map is complete.
@@ -650,6 +717,7 @@ impl SplitCluster {
         if kind == "file" {
             cmd.args(&self.file_args);
         }
+        cmd.args(&self.service_args);
         let log = std::fs::File::create(self.root.path().join(format!("{name}.log"))).unwrap();
         let child = cmd
             .env("RUST_LOG", "info")
@@ -688,8 +756,9 @@ impl SplitCluster {
                 .enable_all()
                 .build()
                 .unwrap();
+            let http = self.tls.clone().unwrap_or_default().client();
             let info: Option<serde_json::Value> = rt.block_on(async {
-                let r = reqwest::Client::new()
+                let r = http
                     .get(format!("{}{}", self.url, common::routes::CLUSTER))
                     .send()
                     .await
@@ -728,7 +797,8 @@ impl SplitCluster {
         let key = std::fs::read_to_string(self.root.path().join("cluster.key")).unwrap();
         let path = common::routes::child(common::NodeId::ROOT, name);
         let header = (common::routes::CLUSTER_KEY_HEADER, key.trim());
-        http_get_json_with(&format!("{}{path}", self.url), Some(header))
+        let client = self.tls.clone().unwrap_or_default().client();
+        http_get_json_using(&client, &format!("{}{path}", self.url), Some(header))
     }
 
     /// Every service log, for failure messages.

@@ -2,6 +2,7 @@
 //! a nonce + timestamp replay window, and RSA-PSS signed bearer tokens with refresh tokens.
 
 pub mod keys;
+pub mod limit;
 pub mod routes;
 pub mod token;
 
@@ -44,6 +45,11 @@ struct GroupRecord {
     members: Vec<String>,
 }
 
+/// Default login and signup attempts per minute (and at once) for one user name.
+pub const DEFAULT_LOGINS_PER_USER: u32 = 10;
+/// Default login and signup attempts per minute (and at once) from one address.
+pub const DEFAULT_LOGINS_PER_ADDR: u32 = 60;
+
 /// Tunables of the auth service.
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
@@ -55,6 +61,10 @@ pub struct AuthConfig {
     pub replay_window: Duration,
     /// Anyone may sign up (else only callers with the cluster key).
     pub open_signup: bool,
+    /// Login and signup attempts allowed per user name.
+    pub per_user: limit::Rate,
+    /// Login and signup attempts allowed per source address.
+    pub per_addr: limit::Rate,
 }
 
 impl Default for AuthConfig {
@@ -64,6 +74,8 @@ impl Default for AuthConfig {
             refresh_ttl: Duration::from_secs(30 * 24 * 3600),
             replay_window: Duration::from_secs(300),
             open_signup: true,
+            per_user: limit::Rate::per_minute(DEFAULT_LOGINS_PER_USER),
+            per_addr: limit::Rate::per_minute(DEFAULT_LOGINS_PER_ADDR),
         }
     }
 }
@@ -165,6 +177,10 @@ pub struct AuthService {
     pub hashing: tokio::sync::Semaphore,
     /// A hash to verify against for unknown users, so timing does not reveal which exist.
     dummy_phc: String,
+    /// Login and signup attempts per user and per address.
+    pub limits: limit::LoginLimits,
+    /// The data directory's lock, held while the service lives.
+    _lock: std::fs::File,
 }
 
 /// uid 0 owns what was made before owners were stored, and nobody/u32::MAX are sentinels:
@@ -192,7 +208,10 @@ fn validate_user(user: &str) -> ServiceResult<()> {
 impl AuthService {
     /// Opens the store and key pair under `data_dir` (creating both on first start).
     pub fn open(data_dir: &Path, config: AuthConfig) -> ServiceResult<Self> {
-        std::fs::create_dir_all(data_dir)?;
+        crate::cluster::create_private_dir(data_dir)?;
+        // Before the key is read or made: two auth services on one directory could otherwise
+        // each make a key, and clients would be told two different ones.
+        let lock = crate::store::lock_dir(data_dir, "auth service")?;
         let key = keys::load_or_create(&data_dir.join("auth_key.pem"))?;
         let db = GroupCommit::open(&data_dir.join("auth.redb"))?;
         db.write(|tx| {
@@ -203,6 +222,10 @@ impl AuthService {
             assign_missing_ids(tx)
         })?;
         let public = key.to_public_key();
+        tracing::info!(
+            fingerprint = %keys::fingerprint(&public)?,
+            "auth public key (clients pin it at first login; give it out for --auth-key-fingerprint)"
+        );
         let dummy_phc = Argon2::default()
             .hash_password(&rand::random::<[u8; 16]>())
             .map_err(|e| ServiceError::internal("hashing", e))?
@@ -212,9 +235,27 @@ impl AuthService {
             db,
             key,
             public,
-            config,
             hashing: tokio::sync::Semaphore::new(cores),
             dummy_phc,
+            limits: limit::LoginLimits::new(config.per_user, config.per_addr),
+            config,
+            _lock: lock,
+        })
+    }
+
+    /// One login or signup attempt for `user`, refused past the per-user rate.
+    fn limit_user(&self, user: &str) -> ServiceResult<()> {
+        self.limits.check_user(user).map_err(|l| {
+            tracing::warn!(%l, "login attempts limited");
+            ServiceError::RateLimited(l.to_string())
+        })
+    }
+
+    /// One login or signup attempt from `addr`, refused past the per-address rate.
+    pub fn limit_addr(&self, addr: std::net::IpAddr) -> ServiceResult<()> {
+        self.limits.check_addr(addr).map_err(|l| {
+            tracing::warn!(%l, "login attempts limited");
+            ServiceError::RateLimited(l.to_string())
         })
     }
 
@@ -226,6 +267,11 @@ impl AuthService {
     /// The public key clients encrypt envelopes with and services verify tokens with.
     pub fn public_key(&self) -> &PublicKey {
         &self.public
+    }
+
+    /// The public key's fingerprint (`keys::fingerprint`), what clients pin.
+    pub fn fingerprint(&self) -> ServiceResult<String> {
+        keys::fingerprint(&self.public)
     }
 
     /// The public key as SPKI PEM.
@@ -283,6 +329,7 @@ impl AuthService {
     /// Creates a user from a sealed envelope.
     pub fn signup(&self, env: &Envelope) -> ServiceResult<String> {
         let creds = self.open_envelope(env)?;
+        self.limit_user(&creds.user)?;
         if !(8..=64).contains(&creds.password.len()) {
             return Err(ServiceError::BadRequest(
                 "password must be 8 to 64 bytes".into(),
@@ -318,6 +365,7 @@ impl AuthService {
     /// Checks a sealed user/password pair and issues tokens.
     pub fn login(&self, env: &Envelope) -> ServiceResult<TokenResponse> {
         let creds = self.open_envelope(env)?;
+        self.limit_user(&creds.user)?;
         let wrong = || ServiceError::Unauthorized("wrong user name or password".into());
         let rec: UserRecord = {
             let tx = self.db.db()?.begin_read()?;

@@ -11,6 +11,7 @@ use common::routes;
 use super::AuthService;
 use crate::error::ServiceError;
 use crate::http::authed::ClusterOnly;
+use crate::http::listen::ClientAddr;
 use crate::http::{ApiJson, ApiResult, AppError, blocking};
 
 /// The auth router over a shared service.
@@ -36,11 +37,43 @@ async fn public_key(axum::extract::State(svc): State) -> ApiResult<Json<PublicKe
     }))
 }
 
+/// The address a request came from, when the server knows it (always, when served by
+/// `cluster::serve`).
+struct Source(Option<std::net::IpAddr>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Source {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Source(
+            parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<ClientAddr>>()
+                .map(|c| c.0.0.ip()),
+        ))
+    }
+}
+
+fn limit_source(svc: &AuthService, source: &Source) -> Result<(), AppError> {
+    match source.0 {
+        Some(ip) => svc.limit_addr(ip).map_err(AppError),
+        None => Ok(()),
+    }
+}
+
 async fn signup(
     axum::extract::State(svc): State,
+    source: Source,
     admin: Result<ClusterOnly, AppError>,
     ApiJson(env): ApiJson<Envelope>,
 ) -> ApiResult<Json<serde_json::Value>> {
+    // The administrator signing users up with the cluster key is not limited by address.
+    if admin.is_err() {
+        limit_source(&svc, &source)?;
+    }
     if !svc.open_signup() && admin.is_err() {
         return Err(AppError(ServiceError::Forbidden(
             "signup is closed on this cluster: an administrator signs users up with the cluster key"
@@ -55,8 +88,10 @@ async fn signup(
 
 async fn login(
     axum::extract::State(svc): State,
+    source: Source,
     ApiJson(env): ApiJson<Envelope>,
 ) -> ApiResult<Json<TokenResponse>> {
+    limit_source(&svc, &source)?;
     let held = svc.clone();
     let _slot = hashing_slot(&held).await?;
     Ok(Json(blocking(move || svc.login(&env)).await?))

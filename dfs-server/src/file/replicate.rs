@@ -497,10 +497,9 @@ pub(super) fn live_replicas(
 
 /// Sends one replica push and maps its failure.
 async fn send_replica(request: reqwest::RequestBuilder, base: String) -> ServiceResult<()> {
-    let resp = request
-        .send()
-        .await
-        .map_err(|e| ServiceError::Unavailable(format!("pushing to {base}: {e}")))?;
+    let resp = request.send().await.map_err(|e| {
+        ServiceError::Unavailable(format!("pushing to {base}: {}", crate::tls::describe(&e)))
+    })?;
     if !resp.status().is_success() {
         return Err(error_from_response(resp).await);
     }

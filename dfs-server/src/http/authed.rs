@@ -76,12 +76,22 @@ impl Verifier {
             cluster_key_digest: digest(cluster_key),
             public_key: RwLock::new(public_key),
             directory_url,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(5))
-                .build()
-                .unwrap_or_default(),
+            http: Self::client(&crate::tls::ClientTls::system()),
             verified: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
+    }
+
+    /// This verifier, fetching the auth key over https with `tls`'s roots.
+    pub fn with_tls(mut self, tls: &crate::tls::ClientTls) -> Self {
+        self.http = Self::client(tls);
+        self
+    }
+
+    fn client(tls: &crate::tls::ClientTls) -> reqwest::Client {
+        tls.builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap_or_else(|_| crate::tls::client())
     }
 
     /// Whether `key` is the cluster key (compared as digests, so timing reveals nothing useful).
@@ -112,8 +122,9 @@ impl Verifier {
             .directory_url
             .as_deref()
             .ok_or_else(|| ServiceError::Unavailable("auth public key not known yet".into()))?;
-        let unavailable =
-            |e: reqwest::Error| ServiceError::Unavailable(format!("fetching auth key: {e}"));
+        let unavailable = |e: reqwest::Error| {
+            ServiceError::Unavailable(format!("fetching auth key: {}", crate::tls::describe(&e)))
+        };
         let info: ClusterInfo = self
             .http
             .get(format!("{dir}{}", common::routes::CLUSTER))

@@ -3,6 +3,7 @@
 
 pub mod authed;
 pub mod idle;
+pub mod listen;
 
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
@@ -52,6 +53,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         ErrorCode::Conflict => StatusCode::PRECONDITION_FAILED,
         ErrorCode::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
+        ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
     }
 }
 

@@ -1,0 +1,198 @@
+//! Transport security: every service on TLS with a CA the test makes, a real mount whose
+//! files round-trip over https (client to services, file server to file server and to the
+//! directory), and the clear refusals: plain HTTP to a TLS service, an unknown CA, a bad PEM.
+
+use std::time::Duration;
+
+use dfs_tests::*;
+
+#[test]
+fn a_mount_round_trips_files_with_every_service_on_tls() {
+    let certs = TestCerts::new();
+    let cluster = SplitCluster::start_tls(2, &certs);
+    assert!(cluster.url.starts_with("https://"));
+    let map = http_get_json_using(
+        &certs.client(),
+        &format!("{}{}", cluster.url, common::routes::CLUSTER),
+        None,
+    );
+    for url in [&map["auth_url"], &map["lock_url"]]
+        .into_iter()
+        .chain(map["servers"].as_array().unwrap().iter().map(|s| &s["url"]))
+    {
+        assert!(
+            url.as_str().unwrap().starts_with("https://127.0.0.1:"),
+            "every service registers an https URL: {map}"
+        );
+    }
+
+    let a = Client::with_ca(&cluster.url, &certs.ca);
+    a.signup_login("alice");
+    let ma = a.mount(&[]);
+    ok(ma.sh("echo 'sealed in transit' > t.txt && mkdir d && seq 1 20000 > d/big"));
+    // The primary pushed its copy to the other file server over https.
+    let meta = cluster.meta_of("t.txt");
+    let (node, hash) = (
+        meta["id"].as_u64().unwrap(),
+        meta["hash"].as_str().unwrap().to_owned(),
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            ["file-1", "file-2"]
+                .iter()
+                .all(|f| has_blob(&cluster.data_dir(f), node, &hash))
+        }),
+        "both file servers hold the file: {}",
+        cluster.logs()
+    );
+
+    // Another client (fresh cache) downloads over https what the first wrote.
+    let b = Client::with_ca(&cluster.url, &certs.ca);
+    b.signup_login("bob");
+    let mb = b.mount(&[]);
+    assert_eq!(ok(mb.sh("cat t.txt")), "sealed in transit\n");
+    assert_eq!(ok(mb.sh("wc -l < d/big")).trim(), "20000");
+    let status = ok(b.run(&["status"], ""));
+    assert!(status.contains("https://"), "{status}");
+    drop(mb);
+    drop(ma);
+}
+
+fn fails_with(out: std::process::Output, what: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(what),
+        "expected {what:?}: status {} stderr {err}",
+        out.status
+    );
+}
+
+#[test]
+fn plain_http_to_tls_an_unknown_ca_and_a_bad_pem_fail_clearly() {
+    let certs = TestCerts::new();
+    let args = certs.server_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let cluster = Cluster::start(&args);
+    assert!(cluster.url.starts_with("https://"), "{}", cluster.url);
+    let trusted = Client::with_ca(&cluster.url, &certs.ca);
+    trusted.signup_login("alice");
+
+    // The same server named with http://: the service answers in plain HTTP that it speaks
+    // TLS only.
+    let plain_url = cluster.url.replace("https://", "http://");
+    let plain = Client::with_ca(&plain_url, &certs.ca);
+    fails_with(
+        plain.run(
+            &["login", "--user", "alice", "--password-stdin"],
+            "password123\n",
+        ),
+        "speaks TLS only: use an https:// URL",
+    );
+
+    // https, without the CA: the message says what to pass.
+    let untrusting = Client::new(&cluster.url);
+    fails_with(
+        untrusting.run(
+            &["login", "--user", "alice", "--password-stdin"],
+            "password123\n",
+        ),
+        "--ca-file",
+    );
+
+    // A bad PEM path names the file.
+    let data = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(bin("dfs-server"))
+        .args(["all", "--listen", "127.0.0.1:0", "--data"])
+        .arg(data.path())
+        .args(["--tls-cert", "/nonexistent/cert.pem", "--tls-key"])
+        .arg(&certs.key)
+        .output()
+        .unwrap();
+    fails_with(out, "/nonexistent/cert.pem");
+}
+
+#[test]
+fn the_auth_key_is_pinned_at_first_login_and_a_changed_one_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let data = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut cluster = Cluster::start_at(data.path(), &listen, &[]);
+    let first = cluster.auth_key_fingerprint();
+    assert!(first.starts_with("SHA256:") && first.len() == 50, "{first}");
+    let alice = Client::new(&cluster.url);
+    alice.signup_login("alice");
+    let pins = alice.config_dir().join("dfs/known_auth_keys.json");
+    assert!(std::fs::read_to_string(&pins).unwrap().contains(&first));
+    let mode = std::fs::metadata(&pins).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the pins are private");
+
+    // A fingerprint given explicitly is checked before the password leaves.
+    let bob = Client::new(&cluster.url);
+    let wrong = format!("SHA256:{}", "A".repeat(43));
+    fails_with(
+        bob.run(
+            &["login", "--user", "alice", "--password-stdin"]
+                .into_iter()
+                .chain(["--auth-key-fingerprint", wrong.as_str()])
+                .collect::<Vec<_>>(),
+            "password123\n",
+        ),
+        &format!("presents key {first}, not {wrong}"),
+    );
+    assert!(!bob.config_dir().join("dfs/known_auth_keys.json").exists());
+
+    // The auth key is replaced (its file lost): Alice's client refuses to seal her password
+    // with the new one, and says where the pin is.
+    cluster.stop();
+    std::fs::remove_file(data.path().join("auth/auth_key.pem")).unwrap();
+    let cluster = Cluster::start_at(data.path(), &listen, &[]);
+    let second = cluster.auth_key_fingerprint();
+    assert_ne!(first, second);
+    let login = ["login", "--user", "alice", "--password-stdin"];
+    let out = alice.run(&login, "password123\n");
+    fails_with(out.clone(), "the auth service's key changed");
+    fails_with(out, pins.to_str().unwrap());
+    // Told the new fingerprint, she pins it, and logs in as usual from then on.
+    let explicit: Vec<&str> = login
+        .into_iter()
+        .chain(["--auth-key-fingerprint", second.as_str()])
+        .collect();
+    ok(alice.run(&explicit, "password123\n"));
+    assert!(std::fs::read_to_string(&pins).unwrap().contains(&second));
+    ok(alice.run(&login, "password123\n"));
+}
+
+#[test]
+fn dfs_up_serves_tls_when_asked() {
+    require_fuse();
+    let certs = TestCerts::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let mut up = std::process::Command::new(bin("dfs"))
+        .current_dir(tmp.path())
+        .args(["up", "--listen", "127.0.0.1:0"])
+        .args(certs.server_args())
+        .env("XDG_CONFIG_HOME", home.join("config"))
+        .env("XDG_CACHE_HOME", home.join("cache"))
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mnt = tmp.path().join("mnt");
+    if !eventually(Duration::from_secs(60), || is_mounted(&mnt)) {
+        terminate(&mut up, Duration::from_secs(5));
+        panic!("dfs up did not mount");
+    }
+    assert!(ok(sh_in(&mnt, "cat Hello.txt")).starts_with("Hello from dfs!"));
+    ok(sh_in(&mnt, "echo over tls > n.txt"));
+    assert_eq!(ok(sh_in(&mnt, "cat n.txt")), "over tls\n");
+    let status = terminate(&mut up, Duration::from_secs(60)).expect("dfs up exits on SIGTERM");
+    assert!(status.success(), "dfs up exit status {status}");
+    let mut printed = String::new();
+    std::io::Read::read_to_string(&mut up.stdout.take().unwrap(), &mut printed).unwrap();
+    assert!(
+        printed.contains("directory: https://127.0.0.1:"),
+        "{printed}"
+    );
+}
