@@ -776,3 +776,115 @@ async fn regression_utimes_with_an_atime_still_folds_the_mtime_of_an_open_file()
     assert_eq!(after.atime_ns, 1_100_000_000 * 1_000_000_000);
     c.shutdown().await;
 }
+
+/// A `--local-ids` core: the administrator's login ("admin", made one with the cluster key),
+/// acting for each local caller named with `caller::scope`. Also makes `/shared`, 0777.
+async fn local_ids_core(c: &ClusterHandle, cache: &std::path::Path) -> (DfsFs, NodeId) {
+    let r = Remote::new(&c.directory_url, None, None, RemoteConfig::default());
+    let _ = r.signup("admin", "password123").await;
+    let set = common::api::SetUserRequest {
+        admin: Some(true),
+        ..Default::default()
+    };
+    r.set_user("admin", &set, &c.cluster_key).await.unwrap();
+    let admin = r.login("admin", "password123").await.unwrap();
+    let fs = core(c, Some(admin), cache);
+    fs.remote().set_local_ids(true);
+    let shared = match fs.lookup(NodeId::ROOT, OsStr::new("shared")).await {
+        Ok(a) => NodeId(a.ino.0),
+        Err(_) => {
+            let a = fs
+                .mkdir(NodeId::ROOT, OsStr::new("shared"), 0o777)
+                .await
+                .unwrap();
+            NodeId(a.ino.0)
+        }
+    };
+    (fs, shared)
+}
+
+/// A local user of a `--local-ids` mount (its private group has its uid).
+fn local(uid: u32) -> common::Identity {
+    common::Identity {
+        uid,
+        gid: uid,
+        groups: vec![],
+        admin: false,
+    }
+}
+
+/// Runs `f` as local user `who` on a `--local-ids` core.
+async fn as_user<F: std::future::Future>(who: u32, f: F) -> F::Output {
+    dfs_fuse::caller::scope(Some(local(who)), f).await
+}
+
+/// A file `name` in `dir` made by `who` (mode `mode`) with `data` pushed, and its node.
+async fn make_as(fs: &DfsFs, who: u32, dir: NodeId, name: &str, mode: u32, data: &[u8]) -> NodeId {
+    as_user(who, async {
+        let (attr, o) = fs
+            .create(dir, OsStr::new(name), mode, libc::O_WRONLY)
+            .await
+            .unwrap();
+        fs.write(o.fh, 0, data).unwrap();
+        fs.flush(o.fh).await.unwrap();
+        fs.release(o.fh);
+        NodeId(attr.ino.0)
+    })
+    .await
+}
+
+/// The content of `node` as the servers hold it (read through a fresh core of `login`).
+async fn server_content(c: &ClusterHandle, node: NodeId, cache: &std::path::Path) -> Vec<u8> {
+    let r = core(c, Some(login(c, "reader").await), cache);
+    let meta = r.remote().get(node).await.unwrap();
+    let tmp = cache.join("content");
+    r.remote().download(&meta, &tmp).await.unwrap();
+    std::fs::read(&tmp).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_readers_fsync_never_moves_a_writers_pending_change_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let (fs, shared) = local_ids_core(&c, &dir.path().join("a")).await;
+    let node = make_as(&fs, 1000, shared, "notes", 0o644, b"one\n").await;
+    // Alice's change is recorded as pending by her close (released without a flush, as
+    // after an mmap write), not pushed yet.
+    as_user(1000, async {
+        let o = fs.open(node, libc::O_WRONLY | libc::O_TRUNC).await.unwrap();
+        fs.write(o.fh, 0, b"two\n").unwrap();
+        fs.release(o.fh);
+    })
+    .await;
+    assert_eq!(fs.pending().unwrap(), vec![node]);
+    // Bob may read it, not write it: his fsync must not push as him, nor take the change away.
+    as_user(1001, async {
+        let o = fs.open(node, libc::O_RDONLY).await.unwrap();
+        let _ = fs.fsync(o.fh).await;
+        fs.release(o.fh);
+    })
+    .await;
+    assert!(fs.conflicts().is_empty(), "{:?}", fs.conflicts());
+    let names: Vec<String> = {
+        let fh = fs.opendir(shared).await.unwrap();
+        let n = fs
+            .listing(fh)
+            .unwrap()
+            .iter()
+            .map(|i| i.name.clone())
+            .collect();
+        fs.releasedir(fh);
+        n
+    };
+    assert_eq!(names, [".", "..", "notes"], "no conflict copy");
+    // Alice's change is on the servers, or still pending to be pushed as her.
+    fs.push_pending(Instant::now() + Duration::from_secs(10), false)
+        .await
+        .unwrap();
+    assert!(fs.pending().unwrap().is_empty());
+    assert_eq!(
+        server_content(&c, node, &dir.path().join("r")).await,
+        b"two\n"
+    );
+    c.shutdown().await;
+}

@@ -1455,10 +1455,14 @@ impl DfsFs {
         self.push_now(&h).await
     }
 
-    /// fsync: waits for the servers in every mode (as the handle's opener, as `flush`).
+    /// fsync: waits for the servers in every mode. A writer's fsync acts as the handle's
+    /// opener, as `flush`. A read-only handle's fsync that finds a change pending (written
+    /// through another handle) never pushes as its reader, who may not write the file: it
+    /// pushes that change as a background push would.
     pub async fn fsync(&self, fh: u64) -> FsResult<()> {
         let h = self.handle(fh)?;
-        crate::caller::scope(h.opener.clone(), self.fsync_handle(h)).await
+        let who = if h.writable { h.opener.clone() } else { None };
+        crate::caller::scope(who, self.fsync_handle(h)).await
     }
 
     async fn fsync_handle(&self, h: Arc<Handle>) -> FsResult<()> {

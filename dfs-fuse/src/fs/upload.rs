@@ -172,11 +172,15 @@ impl DfsFs {
                     },
                 ) => {
                     // This user may not write the file (any more: a chmod since the open). A
-                    // close that waits is told EACCES; the change stays pending, and the next
-                    // background push keeps it aside as for a conflict instead of retrying
-                    // for ever.
+                    // close that waits is told EACCES; the change stays pending. On an
+                    // ordinary mount every change is this login's own, and the next background
+                    // push keeps it aside as for a conflict instead of retrying for ever. On a
+                    // `--local-ids` mount the change may be another local user's than the
+                    // one this push acted as: a refusal for permission never takes it away
+                    // (no conflict copy, no `recovered/`); it stays pending, listed by
+                    // `dfs status`, retried with a long back-off.
                     tracing::warn!(%node, error = %e, "push refused: no permission to write this file");
-                    if waiting {
+                    if waiting || self.remote.local_ids() {
                         return Err(e.into());
                     }
                     self.keep_conflict_copy(node, &pending).await?;
@@ -399,10 +403,10 @@ impl DfsFs {
             Err(e) => {
                 // Refusals the user must act on back off long; anything else (servers away,
                 // a failover in progress) is transient.
-                use common::ErrorCode::{BadRequest, TooLarge, Unauthorized};
+                use common::ErrorCode::{AccessDenied, BadRequest, TooLarge, Unauthorized};
                 let cap = match &e {
                     FsError::Remote(RemoteError::Api {
-                        code: Unauthorized | TooLarge | BadRequest,
+                        code: Unauthorized | TooLarge | BadRequest | AccessDenied,
                         ..
                     }) => Duration::from_secs(300),
                     _ => Duration::from_secs(10),
