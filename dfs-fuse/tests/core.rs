@@ -888,3 +888,81 @@ async fn regression_a_readers_fsync_never_moves_a_writers_pending_change_aside()
     );
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_an_owners_chmod_goes_through_while_another_local_user_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let (fs, shared) = local_ids_core(&c, &dir.path().join("a")).await;
+    let node = make_as(&fs, 1000, shared, "f", 0o666, b"one\n").await;
+    // Bob writes the file (anyone may); meanwhile Alice, its owner, takes that away.
+    let o = as_user(1001, fs.open(node, libc::O_WRONLY)).await.unwrap();
+    fs.write(o.fh, 0, b"bob\n").unwrap();
+    let chmod = AttrChange {
+        mode: Some(0o600),
+        ..AttrChange::default()
+    };
+    as_user(1000, fs.setattr(node, chmod, None)).await.unwrap();
+    assert_eq!(
+        fs.remote().get(node).await.unwrap().mode & 0o7777,
+        0o600,
+        "the owner's chmod is at the directory at once, not folded into Bob's push"
+    );
+    // Bob's close is judged with the new mode, and never undoes or fails for her chmod.
+    let e = fs
+        .flush(o.fh)
+        .await
+        .expect_err("Bob may not write any more");
+    assert_eq!(e.errno(), libc::EACCES, "{e}");
+    fs.release(o.fh);
+    assert_eq!(fs.remote().get(node).await.unwrap().mode & 0o7777, 0o600);
+    // A time the writer sets on its own open file is still folded (tar, `cp -p`).
+    let o = as_user(1000, fs.open(node, libc::O_WRONLY)).await.unwrap();
+    fs.write(o.fh, 0, b"alice\n").unwrap();
+    let mtime = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    let touch = AttrChange {
+        mtime: Some(mtime),
+        ..AttrChange::default()
+    };
+    as_user(1000, fs.setattr(node, touch, Some(o.fh)))
+        .await
+        .unwrap();
+    as_user(1000, fs.flush(o.fh)).await.unwrap();
+    fs.release(o.fh);
+    let after = fs.remote().get(node).await.unwrap();
+    assert_eq!(after.mtime_ns, 1_000_000_000 * 1_000_000_000);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_folded_chmod_the_directory_drops_fails_the_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let a = core(&c, Some(login(&c, "alice").await), &dir.path().join("a"));
+    let (admin, _) = local_ids_core(&c, &dir.path().join("admin")).await;
+    let bob = login(&c, "bob").await.id.unwrap();
+    let (attr, o) = a
+        .create(NodeId::ROOT, OsStr::new("f"), 0o666, libc::O_WRONLY)
+        .await
+        .unwrap();
+    let node = NodeId(attr.ino.0);
+    a.write(o.fh, 0, b"alice\n").unwrap();
+    let chmod = AttrChange {
+        mode: Some(0o640),
+        ..AttrChange::default()
+    };
+    a.setattr(node, chmod, Some(o.fh)).await.unwrap();
+    // The administrator gives the file to Bob before Alice's close pushes her chmod.
+    let chown = AttrChange {
+        uid: Some(bob.uid),
+        ..AttrChange::default()
+    };
+    admin.setattr(node, chown, None).await.unwrap();
+    let e = a.flush(o.fh).await.expect_err("her chmod was not applied");
+    assert_eq!(e.errno(), libc::EPERM, "{e}");
+    a.release(o.fh);
+    let meta = a.remote().get(node).await.unwrap();
+    assert_eq!(meta.mode & 0o7777, 0o666);
+    assert_eq!(meta.version, 1, "the content is committed");
+    c.shutdown().await;
+}

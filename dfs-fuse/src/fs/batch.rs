@@ -194,7 +194,12 @@ impl DfsFs {
                     match r {
                         ItemResult::Ok(meta) => {
                             match self.settle_push(t.node, &t.pending, &t.attrs, &meta) {
-                                Ok(()) => self.metrics.push_done(started.elapsed()),
+                                Ok(()) => {
+                                    self.metrics.push_done(started.elapsed());
+                                    // Nobody waits: a folded mode not applied is logged.
+                                    let _ =
+                                        self.folded_mode_applied(t.node, &t.attrs, &meta, false);
+                                }
                                 Err(e) => {
                                     tracing::warn!(node = %t.node, error = %e, "recording a pushed file failed");
                                     left.push(t.node);

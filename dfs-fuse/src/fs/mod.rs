@@ -673,6 +673,7 @@ impl DfsFs {
         };
         let mut mtime = mtime;
         let mut mtime_ns = ns_of(mtime);
+        let mut mtime_now = mtime_now;
         let atime_ns = ns_of(atime);
         if atime_ns.is_some() {
             // Access times are never folded into a push: their own request, now. The mtime
@@ -734,27 +735,46 @@ impl DfsFs {
             // heard is fresh.
             return Ok(self.getattr(id).await?.0);
         }
+        let mut mode = mode;
         if let Some(meta) = self.known_meta(id)
             && meta.kind == FileKind::File
             && self.has_local_changes(id)
         {
             // fchmod/futimens on a file open for writing (GNU tar, `cp -p`, `rsync -t`), or
             // times set on a file whose new content is not pushed yet: folded into the push
-            // that follows, instead of a round trip and a commit of their own now. The local
-            // copy carries the time meanwhile (its mtime is what getattr shows until then).
-            if let Some(t) = mtime
-                && let Ok(f) = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(self.cache.path(id))
-            {
-                let _ = f.set_modified(t);
+            // that follows, instead of a round trip and a commit of their own now (an mtime
+            // must be: the push would set its commit time over it). The local copy carries
+            // the time meanwhile (its mtime is what getattr shows until then). Only what the
+            // push will apply as its caller asked is folded (see `folds`); the rest goes to
+            // the directory now, as its caller.
+            let (fold_mode, fold_mtime) = self.folds(id);
+            let fold_mode = mode.filter(|_| fold_mode);
+            let fold_mtime = mtime_ns.filter(|_| fold_mtime);
+            if fold_mode.is_some() || fold_mtime.is_some() {
+                if fold_mtime.is_some()
+                    && let Some(t) = mtime
+                    && let Ok(f) = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(self.cache.path(id))
+                {
+                    let _ = f.set_modified(t);
+                }
+                let mut folded = self.folded.lock().unwrap_or_else(|p| p.into_inner());
+                let f = folded.entry(id).or_default();
+                f.mode = fold_mode.or(f.mode);
+                f.mtime_ns = fold_mtime.or(f.mtime_ns);
+                drop(folded);
+                if fold_mode.is_some() {
+                    mode = None;
+                }
+                if fold_mtime.is_some() {
+                    mtime_ns = None;
+                    mtime_now = false;
+                }
+                if mode.is_none() && mtime_ns.is_none() {
+                    return Ok(self.attr(&meta));
+                }
             }
-            let mut folded = self.folded.lock().unwrap_or_else(|p| p.into_inner());
-            let f = folded.entry(id).or_default();
-            f.mode = mode.or(f.mode);
-            f.mtime_ns = mtime_ns.or(f.mtime_ns);
-            drop(folded);
-            return Ok(self.attr(&meta));
         }
         let req = SetAttrRequest {
             mode,
@@ -765,6 +785,35 @@ impl DfsFs {
         let meta = self.remote.setattr(id, &req).await?;
         self.remember(&meta, None);
         Ok(self.attr(&meta))
+    }
+
+    /// Which attribute changes of the caller running now may be folded into the next push of
+    /// `node` (mode, mtime): only those that push applies as the caller asked. On an ordinary
+    /// mount every push acts as this mount's login, the caller of every change. On a
+    /// `--local-ids` mount a mode change never folds (it goes to the directory at once, judged
+    /// for its caller: a push by another local user would drop it, or fail the close of a
+    /// writer who never made it), and an mtime folds only when every push it can ride
+    /// with acts as this caller (or as the mount's login, which applies any time).
+    fn folds(&self, node: NodeId) -> (bool, bool) {
+        if !self.remote.local_ids() {
+            return (true, true);
+        }
+        let me = crate::caller::current().map(|i| i.uid);
+        let same = self
+            .pushers(node)
+            .iter()
+            .all(|p| p.as_ref().is_none_or(|p| Some(p.uid) == me));
+        (false, same)
+    }
+
+    /// Who the pushes of `node` that may follow act as (None: the mount's login): the openers
+    /// of its handles open for writing, and whoever pushes a change already pending.
+    fn pushers(&self, node: NodeId) -> Vec<Option<common::Identity>> {
+        self.handles_of(node)
+            .into_iter()
+            .filter(|h| h.writable)
+            .map(|h| h.opener.clone())
+            .collect()
     }
 
     /// opendir: lists the directory once; the kernel then pages through this snapshot (one
@@ -1495,7 +1544,7 @@ impl DfsFs {
                 // close() reports EIO for a push that did not happen (the data stays pending),
                 // except for the causes the user must act on.
                 Err(match e.errno() {
-                    libc::EACCES | libc::EFBIG | libc::ENOSPC => e,
+                    libc::EACCES | libc::EPERM | libc::EFBIG | libc::ENOSPC => e,
                     _ => FsError::PushFailed(e.to_string()),
                 })
             }

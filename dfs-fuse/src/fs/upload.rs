@@ -133,7 +133,7 @@ impl DfsFs {
                 Ok(meta) => {
                     self.settle_push(node, &pending, &attrs, &meta)?;
                     self.metrics.push_done(started.elapsed());
-                    return Ok(());
+                    return self.folded_mode_applied(node, &attrs, &meta, waiting);
                 }
                 // Only the directory saying so means the file is gone (a NotFound from another
                 // service, e.g. an unknown route after a restart, does not).
@@ -460,6 +460,29 @@ impl DfsFs {
             .insert(node, pending.size);
         self.wake.notify_one();
         Ok(true)
+    }
+
+    /// A mode folded into a push that the directory did not apply (it applies one only from
+    /// the file's owner, and the owner changed since the chmod) is never lost silently: it is
+    /// logged, and the close or fsync waiting for the push is told EPERM (the content is
+    /// committed).
+    pub(super) fn folded_mode_applied(
+        &self,
+        node: NodeId,
+        attrs: &FoldedAttrs,
+        meta: &NodeMeta,
+        waiting: bool,
+    ) -> FsResult<()> {
+        match attrs.mode {
+            Some(m) if meta.mode & 0o7777 != m => {
+                tracing::warn!(%node, mode = %format!("{m:o}"), "a chmod folded into a push was not applied: the pusher does not own the file (any more)");
+                if waiting {
+                    return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::EPERM)));
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Attribute changes waiting for the next push of `node`.
