@@ -803,6 +803,13 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
                 let nodes: Vec<String> = c.pending_uploads.iter().map(|n| n.to_string()).collect();
                 println!("  pending: node {}", nodes.join(", node "));
             }
+            if !c.refused_uploads.is_empty() {
+                let nodes: Vec<String> = c.refused_uploads.iter().map(|n| n.to_string()).collect();
+                println!(
+                    "  refused for permission (kept pending, retried; never pushed as anyone else): node {}",
+                    nodes.join(", node ")
+                );
+            }
             for k in &c.conflicts {
                 let place = if k.in_mount {
                     "kept next to it as"

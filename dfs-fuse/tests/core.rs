@@ -966,3 +966,60 @@ async fn regression_a_folded_chmod_the_directory_drops_fails_the_close() {
     assert_eq!(meta.version, 1, "the content is committed");
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_change_refused_to_its_writer_is_never_pushed_as_the_administrator() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    for writeback in [false, true] {
+        let cache = dir.path().join(format!("a{writeback}"));
+        let (fs, shared) = local_ids_core(&c, &cache).await;
+        let fs = if writeback {
+            drop(fs);
+            let admin = fs_login_of(&c).await;
+            let fs = core_with(&c, Some(admin), &cache, true);
+            fs.remote().set_local_ids(true);
+            fs
+        } else {
+            fs
+        };
+        let name = format!("f{writeback}");
+        let node = make_as(&fs, 1000, shared, &name, 0o666, b"one\n").await;
+        fs.push_pending(Instant::now() + Duration::from_secs(5), false)
+            .await
+            .unwrap();
+        let o = as_user(1001, fs.open(node, libc::O_WRONLY | libc::O_TRUNC))
+            .await
+            .unwrap();
+        fs.write(o.fh, 0, b"bob\n").unwrap();
+        let chmod = AttrChange {
+            mode: Some(0o644),
+            ..AttrChange::default()
+        };
+        as_user(1000, fs.setattr(node, chmod, None)).await.unwrap();
+        // Default mode: Bob's close is refused. Write-back: it returns, and the push comes later.
+        let closed = fs.flush(o.fh).await;
+        if !writeback {
+            assert_eq!(closed.expect_err("refused").errno(), libc::EACCES);
+        }
+        fs.release(o.fh);
+        // Background pushes act as Bob, not as the mount's administrator login.
+        for _ in 0..2 {
+            fs.push_pending(Instant::now() + Duration::from_secs(5), false)
+                .await
+                .unwrap();
+        }
+        assert_eq!(fs.pending().unwrap(), vec![node], "kept pending");
+        assert_eq!(fs.status().unwrap().refused_uploads, vec![node.0]);
+        assert!(fs.conflicts().is_empty());
+        let meta = fs.remote().get(node).await.unwrap();
+        assert_eq!((meta.version, meta.size), (1, 4), "{meta:?}");
+    }
+    c.shutdown().await;
+}
+
+/// The administrator's login again (as made by `local_ids_core`).
+async fn fs_login_of(c: &ClusterHandle) -> SavedLogin {
+    let r = Remote::new(&c.directory_url, None, None, RemoteConfig::default());
+    r.login("admin", "password123").await.unwrap()
+}

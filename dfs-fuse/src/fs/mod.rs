@@ -213,6 +213,10 @@ pub struct ClientStatus {
     /// Conflicts found since the mount started, and where each refused change was kept.
     #[serde(default)]
     pub conflicts: Vec<conflict::ConflictNote>,
+    /// Pending changes whose push was refused for permission (`--local-ids`): kept here,
+    /// retried with a long back-off, never committed as anyone else.
+    #[serde(default)]
+    pub refused_uploads: Vec<u64>,
 }
 
 pub use conflict::{ConflictNote, conflict_name};
@@ -226,6 +230,11 @@ pub struct DfsFs {
     listings: Mutex<HashMap<u64, Arc<Vec<DirItem>>>>,
     retry_at: Mutex<HashMap<NodeId, (Instant, Duration)>>,
     folded: Mutex<HashMap<NodeId, FoldedAttrs>>,
+    /// `--local-ids`: the local caller whose handle made each pending change (None: the
+    /// mount's login), whom its background pushes act as; in memory only (see `actor_now`).
+    actors: Mutex<HashMap<NodeId, Option<common::Identity>>>,
+    /// `--local-ids`: pending changes whose push was refused for permission.
+    refused: Mutex<std::collections::HashSet<NodeId>>,
     /// Sizes of the write-back pushes waiting (the `writeback_max_dirty` bound).
     writeback_dirty: Mutex<HashMap<NodeId, u64>>,
     status_at: Mutex<Option<Instant>>,
@@ -366,6 +375,8 @@ impl DfsFs {
             listings: Mutex::new(HashMap::new()),
             retry_at: Mutex::new(HashMap::new()),
             folded: Mutex::new(HashMap::new()),
+            actors: Mutex::new(HashMap::new()),
+            refused: Mutex::new(std::collections::HashSet::new()),
             writeback_dirty: Mutex::new(HashMap::new()),
             status_at: Mutex::new(None),
             next_fh: AtomicU64::new(1),
@@ -806,14 +817,25 @@ impl DfsFs {
         (false, same)
     }
 
-    /// Who the pushes of `node` that may follow act as (None: the mount's login): the openers
-    /// of its handles open for writing, and whoever pushes a change already pending.
+    /// Who the next push of `node` may act as (None: the mount's login): the openers of its
+    /// handles open for writing, or, with none, whoever pushes the change already pending.
     fn pushers(&self, node: NodeId) -> Vec<Option<common::Identity>> {
-        self.handles_of(node)
+        let mut who: Vec<Option<common::Identity>> = self
+            .handles_of(node)
             .into_iter()
             .filter(|h| h.writable)
             .map(|h| h.opener.clone())
-            .collect()
+            .collect();
+        // With writers open, the next push is a writer's close (which carries any change
+        // pending from before); else a background push of the pending change.
+        if who.is_empty() && self.cache.is_pending(node) {
+            // Unknown (not even the owner heard of): nobody this caller can be.
+            who.push(
+                self.actor_now(node)
+                    .unwrap_or_else(|| Some(common::Identity::nobody())),
+            );
+        }
+        who
     }
 
     /// opendir: lists the directory once; the kernel then pages through this snapshot (one
@@ -1069,6 +1091,7 @@ impl DfsFs {
     }
 
     fn drop_cached(&self, node: NodeId) {
+        self.forget_actor(node);
         self.writeback_dirty
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -1489,6 +1512,9 @@ impl DfsFs {
         // record survives it through the cache journal).
         // From here on the change is recorded as pending by `push`, so the handle is clean.
         h.mark_clean();
+        if h.writable {
+            self.note_actor(h.node, h.opener.as_ref());
+        }
         if self.config.writeback {
             match self.writeback(&h).await {
                 Ok(true) => return Ok(()),
@@ -1510,7 +1536,11 @@ impl DfsFs {
     /// pushes that change as a background push would.
     pub async fn fsync(&self, fh: u64) -> FsResult<()> {
         let h = self.handle(fh)?;
-        let who = if h.writable { h.opener.clone() } else { None };
+        let who = if h.writable {
+            h.opener.clone()
+        } else {
+            self.push_actor(h.node).await?
+        };
         crate::caller::scope(who, self.fsync_handle(h)).await
     }
 
@@ -1524,6 +1554,9 @@ impl DfsFs {
             return Ok(());
         }
         h.mark_clean();
+        if h.writable {
+            self.note_actor(h.node, h.opener.as_ref());
+        }
         self.push_now(&h).await
     }
 
@@ -1563,7 +1596,9 @@ impl DfsFs {
             // replace the copy in between.
             let mut recorded = true;
             if h.changed() {
-                // Written after the last flush (e.g. through an mmap): record and push later.
+                // Written after the last flush (e.g. through an mmap): record and push later,
+                // as its opener.
+                self.note_actor(h.node, h.opener.as_ref());
                 if let Err(e) = self.mark_pending(h.node) {
                     recorded = false;
                     let generation = self.unrecorded_gen.fetch_add(1, Ordering::Relaxed) + 1;
@@ -1608,6 +1643,7 @@ impl DfsFs {
                 .recent_push_latency()
                 .map(|(a, b)| (a.as_secs_f64() * 1e3, b.as_secs_f64() * 1e3)),
             conflicts: self.conflicts(),
+            refused_uploads: self.refused_uploads(),
         })
     }
 

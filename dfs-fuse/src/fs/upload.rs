@@ -10,6 +10,17 @@ use common::{NodeId, NodeMeta, UploadId};
 use tokio::time::Instant;
 
 use super::{DfsFs, FoldedAttrs, hash_file};
+
+/// The identity of `meta`'s owner as a local caller (its private group, no others): who a
+/// push of a change whose maker is unknown acts as on a `--local-ids` mount.
+fn owner_of(meta: &NodeMeta) -> common::Identity {
+    common::Identity {
+        uid: meta.uid,
+        gid: meta.gid,
+        groups: vec![],
+        admin: meta.uid == 0,
+    }
+}
 use crate::cache::{CacheEntry, Pending};
 use crate::error::{FsError, FsResult};
 use crate::remote::RemoteError;
@@ -180,6 +191,12 @@ impl DfsFs {
                     // (no conflict copy, no `recovered/`); it stays pending, listed by
                     // `dfs status`, retried with a long back-off.
                     tracing::warn!(%node, error = %e, "push refused: no permission to write this file");
+                    if self.remote.local_ids() {
+                        self.refused
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(node);
+                    }
                     if waiting || self.remote.local_ids() {
                         return Err(e.into());
                     }
@@ -277,6 +294,9 @@ impl DfsFs {
             .is_some_and(|p| p.upload_id == pending.upload_id)
         {
             entry.pending = None;
+            if self.writer_count(node) == 0 {
+                self.forget_actor(node);
+            }
         }
         fail::fail_point!("settle-before-write");
         if entry.pending.is_some() {
@@ -392,8 +412,13 @@ impl DfsFs {
         if backoff && waiting.is_some_and(|(at, _)| at > now) {
             return;
         }
-        // Nobody waits for this push: it applies only over the version it was based on.
-        match self.push(node, deadline, false).await {
+        // Nobody waits for this push: it applies only over the version it was based on. It
+        // acts as the local caller whose handle made the change (`--local-ids`).
+        let pushed = match self.push_actor(node).await {
+            Ok(who) => crate::caller::scope(who, self.push(node, deadline, false)).await,
+            Err(e) => Err(e),
+        };
+        match pushed {
             Ok(()) => {
                 self.retry_at
                     .lock()
@@ -460,6 +485,73 @@ impl DfsFs {
             .insert(node, pending.size);
         self.wake.notify_one();
         Ok(true)
+    }
+
+    /// On a `--local-ids` mount, records that the change of `node` about to be pending was
+    /// made through a handle opened by `opener` (None: the mount's login): pushes no caller
+    /// waits for act as it.
+    pub(super) fn note_actor(&self, node: NodeId, opener: Option<&common::Identity>) {
+        if self.remote.local_ids() {
+            self.actors
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(node, opener.cloned());
+        }
+    }
+
+    /// Forgets who made the change of `node` (pushed, kept aside, or gone).
+    pub(super) fn forget_actor(&self, node: NodeId) {
+        self.actors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&node);
+        self.refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&node);
+    }
+
+    /// Who a push of `node` that no caller waits for acts as, if that can be told without
+    /// asking the directory: the mount's login on an ordinary mount; on a `--local-ids` mount
+    /// the local caller whose handle made the change, or, when this process did not see it
+    /// made (a change left pending by an earlier run), the file's owner as last heard.
+    pub(super) fn actor_now(&self, node: NodeId) -> Option<Option<common::Identity>> {
+        if !self.remote.local_ids() {
+            return Some(None);
+        }
+        if let Some(who) = self
+            .actors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&node)
+        {
+            return Some(who.clone());
+        }
+        self.known_meta(node).map(|m| Some(owner_of(&m)))
+    }
+
+    /// `actor_now`, asking the directory for the owner if need be.
+    pub(super) async fn push_actor(&self, node: NodeId) -> FsResult<Option<common::Identity>> {
+        if let Some(who) = self.actor_now(node) {
+            return Ok(who);
+        }
+        let meta = crate::caller::scope(None, self.remote.get(node)).await?;
+        self.remember(&meta, None);
+        Ok(Some(owner_of(&meta)))
+    }
+
+    /// Pending changes a push refused for permission (`--local-ids`): kept, listed by
+    /// `dfs status`, retried with a long back-off.
+    pub(super) fn refused_uploads(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|n| n.0)
+            .collect();
+        v.sort_unstable();
+        v
     }
 
     /// A mode folded into a push that the directory did not apply (it applies one only from
@@ -622,7 +714,9 @@ impl DfsFs {
         let left: Vec<Vec<NodeId>> =
             futures_util::StreamExt::collect(futures_util::StreamExt::buffer_unordered(
                 futures_util::stream::iter(
-                    batches.into_iter().map(|b| self.push_batch(b, deadline)),
+                    batches
+                        .into_iter()
+                        .map(|(who, b)| crate::caller::scope(who, self.push_batch(b, deadline))),
                 ),
                 2,
             ))
