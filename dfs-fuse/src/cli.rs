@@ -396,10 +396,15 @@ pub struct UpArgs {
     #[command(flatten)]
     pub cache: CacheArgs,
     /// Mount as the `dfs` user for the mounting local user only, instead of acting as each
-    /// calling local user (the default when the mount can be shared: as root, or with
-    /// `user_allow_other` in /etc/fuse.conf).
-    #[arg(long)]
+    /// calling local user (the default when run as root).
+    #[arg(long, conflicts_with = "local_ids")]
     pub no_local_ids: bool,
+    /// Act as each calling local user (`dfs mount --local-ids`) also when run as a user other
+    /// than root: the mount is then shared with the machine's users (needs
+    /// `user_allow_other` in /etc/fuse.conf), and files made before by the `dfs` user stay
+    /// its own.
+    #[arg(long)]
+    pub local_ids: bool,
     /// TLS (without: plain HTTP on loopback). `--ca-file` is trusted by this mount too.
     #[command(flatten)]
     pub tls: dfs_server::cli::TlsArgs,
