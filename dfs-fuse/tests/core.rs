@@ -1023,3 +1023,42 @@ async fn fs_login_of(c: &ClusterHandle) -> SavedLogin {
     let r = Remote::new(&c.directory_url, None, None, RemoteConfig::default());
     r.login("admin", "password123").await.unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_mount_whose_login_lost_the_administrator_flag_fails_at_once_and_keeps_the_change()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let (fs, shared) = local_ids_core(&c, &dir.path().join("a")).await;
+    let node = make_as(&fs, 1000, shared, "f", 0o644, b"one\n").await;
+    let o = as_user(1000, fs.open(node, libc::O_WRONLY)).await.unwrap();
+    fs.write(o.fh, 0, b"two\n").unwrap();
+    // The login stops being the administrator (and the mount's token says so).
+    let set = common::api::SetUserRequest {
+        admin: Some(false),
+        ..Default::default()
+    };
+    fs.remote()
+        .set_user("admin", &set, &c.cluster_key)
+        .await
+        .unwrap();
+    fs.remote().login("admin", "password123").await.unwrap();
+    let started = std::time::Instant::now();
+    let e = fs
+        .flush(o.fh)
+        .await
+        .expect_err("no longer the administrator");
+    assert_eq!(e.errno(), libc::EPERM, "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "a permanent refusal, not retried until the close timeout: {:?}",
+        started.elapsed()
+    );
+    fs.release(o.fh);
+    fs.push_pending(Instant::now() + Duration::from_secs(5), false)
+        .await
+        .unwrap();
+    assert_eq!(fs.pending().unwrap(), vec![node], "the change is kept");
+    assert!(fs.conflicts().is_empty());
+    c.shutdown().await;
+}

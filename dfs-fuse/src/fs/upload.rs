@@ -428,10 +428,12 @@ impl DfsFs {
             Err(e) => {
                 // Refusals the user must act on back off long; anything else (servers away,
                 // a failover in progress) is transient.
-                use common::ErrorCode::{AccessDenied, BadRequest, TooLarge, Unauthorized};
+                use common::ErrorCode::{
+                    AccessDenied, BadRequest, NotAdministrator, TooLarge, Unauthorized,
+                };
                 let cap = match &e {
                     FsError::Remote(RemoteError::Api {
-                        code: Unauthorized | TooLarge | BadRequest | AccessDenied,
+                        code: Unauthorized | TooLarge | BadRequest | AccessDenied | NotAdministrator,
                         ..
                     }) => Duration::from_secs(300),
                     _ => Duration::from_secs(10),

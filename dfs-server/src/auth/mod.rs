@@ -533,7 +533,7 @@ impl AuthService {
                     }
                 }
                 if named >= MAX_NAMED_GROUPS {
-                    return Err(ServiceError::TooLarge(format!(
+                    return Err(ServiceError::BadRequest(format!(
                         "user {m} is already in {MAX_NAMED_GROUPS} groups"
                     )));
                 }
@@ -573,7 +573,7 @@ impl AuthService {
                         .id
                         .is_some_and(|id| id.gid == rec.gid)
                     {
-                        return Err(ServiceError::BadRequest(format!(
+                        return Err(ServiceError::InUse(format!(
                             "group {name} (gid {}) is the primary group of user {}: give them \
                              another gid first (dfs user set {} --gid N)",
                             rec.gid,
@@ -615,7 +615,7 @@ impl AuthService {
             ));
         }
         if req.groups.as_ref().is_some_and(|g| g.len() > 64) {
-            return Err(ServiceError::TooLarge(
+            return Err(ServiceError::BadRequest(
                 "a user is in at most 64 groups".into(),
             ));
         }
@@ -842,5 +842,38 @@ mod tests {
         let mut forged = t2.token.clone();
         forged.insert(3, 'A');
         assert!(verify_token_with(&pk, &forged, now_ms()).is_err());
+    }
+
+    #[test]
+    fn regression_a_user_in_too_many_groups_is_a_bad_request_not_a_body_too_large() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let auth = service(dir.path());
+        let pk = auth.public_key().clone();
+        auth.signup(&seal(&pk, "dora", "password-1").expect("seal"))
+            .expect("signup");
+        let join = |g: usize| {
+            auth.add_group(
+                &format!("g{g}"),
+                &AddGroupRequest {
+                    gid: None,
+                    members: vec!["dora".into()],
+                },
+            )
+        };
+        for g in 0..MAX_NAMED_GROUPS {
+            join(g).expect("joins");
+        }
+        assert!(
+            matches!(join(MAX_NAMED_GROUPS), Err(ServiceError::BadRequest(_))),
+            "the uploader takes TooLarge for a body over its limit"
+        );
+        let many = SetUserRequest {
+            groups: Some((1..=65).collect()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            auth.set_user("dora", &many),
+            Err(ServiceError::BadRequest(_))
+        ));
     }
 }
