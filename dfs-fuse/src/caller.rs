@@ -163,8 +163,26 @@ mod tests {
                 .expect("id")
         };
         let (uid, gid) = (fs("Uid:"), fs("Gid:"));
-        assert!(groups_of(pid, uid, gid).is_some());
-        assert_eq!(of_request(uid, gid, pid).uid, uid);
+        // The process's real supplementary groups, read here on their own: every number
+        // after `Groups:`, less the primary gid.
+        let mut real: Vec<u32> = text
+            .lines()
+            .find(|l| l.starts_with("Groups:"))
+            .expect("a Groups line")
+            .split_whitespace()
+            .skip(1)
+            .map(|g| g.parse().expect("a gid"))
+            .filter(|g| *g != gid)
+            .collect();
+        real.sort_unstable();
+        let mut read = groups_of(pid, uid, gid).expect("its own status");
+        read.sort_unstable();
+        assert_eq!(read, real);
+        let id = of_request(uid, gid, pid);
+        assert_eq!((id.uid, id.gid), (uid, gid));
+        let mut carried = id.groups;
+        carried.sort_unstable();
+        assert_eq!(carried, real);
     }
 
     #[tokio::test]

@@ -45,11 +45,17 @@ fn dfs_up_serves_hello_and_keeps_files_across_restarts() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    ok(sh_in(
+    let denied = sh_in(
         &mnt,
         "setpriv --reuid=1000 --regid=1000 --clear-groups sh -c \
-         'echo mine > mine && ! echo x >> notes.txt 2>/dev/null'",
-    ));
+         'echo mine > mine && echo x >> notes.txt'",
+    );
+    // Refused for permission, and only that: not any other failure.
+    assert!(
+        !denied.status.success()
+            && String::from_utf8_lossy(&denied.stderr).contains("notes.txt: Permission denied"),
+        "{denied:?}"
+    );
     assert_eq!(
         ok(sh_in(&mnt, "stat -c '%u %g' mine notes.txt")),
         "1000 1000\n0 0\n"
