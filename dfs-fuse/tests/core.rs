@@ -1062,3 +1062,39 @@ async fn regression_a_mount_whose_login_lost_the_administrator_flag_fails_at_onc
     assert!(fs.conflicts().is_empty());
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_left_pending_by_an_earlier_run_is_pushed_as_the_files_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let cache = dir.path().join("a");
+    let node = {
+        let (fs, shared) = local_ids_core(&c, &cache).await;
+        let node = make_as(&fs, 1000, shared, "tool", 0o755, b"v1\n").await;
+        let suid = AttrChange {
+            mode: Some(0o4755),
+            ..AttrChange::default()
+        };
+        as_user(1000, fs.setattr(node, suid, None)).await.unwrap();
+        assert_eq!(fs.remote().get(node).await.unwrap().mode & 0o7777, 0o4755);
+        as_user(1000, async {
+            let o = fs.open(node, libc::O_WRONLY | libc::O_TRUNC).await.unwrap();
+            fs.write(o.fh, 0, b"v2\n").unwrap();
+            fs.release(o.fh);
+        })
+        .await;
+        assert_eq!(fs.pending().unwrap(), vec![node]);
+        node
+    };
+    // The next run does not know who made the change: it pushes as the file's owner, an
+    // ordinary user, whose write drops set-user-id (the administrator's would keep it).
+    let fs = core(&c, Some(fs_login_of(&c).await), &cache);
+    fs.remote().set_local_ids(true);
+    fs.push_pending(Instant::now() + Duration::from_secs(5), false)
+        .await
+        .unwrap();
+    assert!(fs.pending().unwrap().is_empty());
+    let meta = fs.remote().get(node).await.unwrap();
+    assert_eq!((meta.size, meta.mode & 0o7777), (3, 0o755), "{meta:?}");
+    c.shutdown().await;
+}
