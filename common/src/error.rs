@@ -59,6 +59,13 @@ pub enum ErrorCode {
     NameTooLong,
     /// Too many login or signup attempts for this user or from this address: try again later.
     RateLimited,
+    /// A request names a local caller to act for (`x-dfs-act-as`) but its login is not (any
+    /// more) the administrator's: a `--local-ids` mount whose login lost the flag. Permanent
+    /// until the login is made the administrator again and renewed (EPERM).
+    NotAdministrator,
+    /// The thing is still in use and cannot go: a named group that is some user's primary
+    /// group (EBUSY).
+    InUse,
 }
 
 /// Body of every non-2xx response.

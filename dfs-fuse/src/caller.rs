@@ -15,37 +15,41 @@ tokio::task_local! {
 
 /// The caller of a scope: known, or named by a FUSE request (uid, gid, pid) whose groups are
 /// read the first time a request to the cluster needs them (most ops the client answers
-/// itself need none).
-struct Who {
-    request: Option<(u32, u32, u32)>,
-    id: std::sync::OnceLock<Identity>,
+/// itself need none). Either way the identity is explicit: there is no default to fall back
+/// to (a default identity would be uid 0, the administrator).
+enum Who {
+    Known(Identity),
+    Request {
+        uid: u32,
+        gid: u32,
+        pid: u32,
+        id: std::sync::OnceLock<Identity>,
+    },
 }
 
 impl Who {
     fn identity(&self) -> Identity {
-        self.id
-            .get_or_init(|| {
-                let (uid, gid, pid) = self.request.unwrap_or_default();
-                of_request(uid, gid, pid)
-            })
-            .clone()
+        match self {
+            Who::Known(id) => id.clone(),
+            Who::Request { uid, gid, pid, id } => {
+                id.get_or_init(|| of_request(*uid, *gid, *pid)).clone()
+            }
+        }
     }
 }
 
 /// Runs `f` acting for `id` (None: the mount's own login).
 pub async fn scope<F: Future>(id: Option<Identity>, f: F) -> F::Output {
-    let who = id.map(|id| Who {
-        request: None,
-        id: id.into(),
-    });
-    CALLER.scope(who, f).await
+    CALLER.scope(id.map(Who::Known), f).await
 }
 
 /// Runs `f` acting for the caller of a FUSE request, `(uid, gid, pid)` (None: the mount's own
 /// login); see [`of_request`].
 pub async fn scope_request<F: Future>(request: Option<(u32, u32, u32)>, f: F) -> F::Output {
-    let who = request.map(|r| Who {
-        request: Some(r),
+    let who = request.map(|(uid, gid, pid)| Who::Request {
+        uid,
+        gid,
+        pid,
         id: std::sync::OnceLock::new(),
     });
     CALLER.scope(who, f).await
@@ -159,8 +163,26 @@ mod tests {
                 .expect("id")
         };
         let (uid, gid) = (fs("Uid:"), fs("Gid:"));
-        assert!(groups_of(pid, uid, gid).is_some());
-        assert_eq!(of_request(uid, gid, pid).uid, uid);
+        // The process's real supplementary groups, read here on their own: every number
+        // after `Groups:`, less the primary gid.
+        let mut real: Vec<u32> = text
+            .lines()
+            .find(|l| l.starts_with("Groups:"))
+            .expect("a Groups line")
+            .split_whitespace()
+            .skip(1)
+            .map(|g| g.parse().expect("a gid"))
+            .filter(|g| *g != gid)
+            .collect();
+        real.sort_unstable();
+        let mut read = groups_of(pid, uid, gid).expect("its own status");
+        read.sort_unstable();
+        assert_eq!(read, real);
+        let id = of_request(uid, gid, pid);
+        assert_eq!((id.uid, id.gid), (uid, gid));
+        let mut carried = id.groups;
+        carried.sort_unstable();
+        assert_eq!(carried, real);
     }
 
     #[tokio::test]

@@ -396,10 +396,15 @@ pub struct UpArgs {
     #[command(flatten)]
     pub cache: CacheArgs,
     /// Mount as the `dfs` user for the mounting local user only, instead of acting as each
-    /// calling local user (the default when the mount can be shared: as root, or with
-    /// `user_allow_other` in /etc/fuse.conf).
-    #[arg(long)]
+    /// calling local user (the default when run as root).
+    #[arg(long, conflicts_with = "local_ids")]
     pub no_local_ids: bool,
+    /// Act as each calling local user (`dfs mount --local-ids`) also when run as a user other
+    /// than root: the mount is then shared with the machine's users (needs
+    /// `user_allow_other` in /etc/fuse.conf), and files made before by the `dfs` user stay
+    /// its own.
+    #[arg(long)]
+    pub local_ids: bool,
     /// TLS (without: plain HTTP on loopback). `--ca-file` is trusted by this mount too.
     #[command(flatten)]
     pub tls: dfs_server::cli::TlsArgs,
@@ -802,6 +807,13 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
             if !c.pending_uploads.is_empty() {
                 let nodes: Vec<String> = c.pending_uploads.iter().map(|n| n.to_string()).collect();
                 println!("  pending: node {}", nodes.join(", node "));
+            }
+            if !c.refused_uploads.is_empty() {
+                let nodes: Vec<String> = c.refused_uploads.iter().map(|n| n.to_string()).collect();
+                println!(
+                    "  refused for permission (kept pending, retried; never pushed as anyone else): node {}",
+                    nodes.join(", node ")
+                );
             }
             for k in &c.conflicts {
                 let place = if k.in_mount {

@@ -66,7 +66,8 @@ impl FsError {
                     libc::EINVAL
                 }
                 ErrorCode::Unauthorized | ErrorCode::Replay => libc::EACCES,
-                ErrorCode::Forbidden => libc::EPERM,
+                ErrorCode::Forbidden | ErrorCode::NotAdministrator => libc::EPERM,
+                ErrorCode::InUse => libc::EBUSY,
                 ErrorCode::AccessDenied => libc::EACCES,
                 ErrorCode::TooLarge => libc::EFBIG,
                 ErrorCode::NoSpace => libc::ENOSPC,

@@ -277,16 +277,23 @@ impl Remote {
     }
 
     /// The header naming the local caller a request acts for (none outside a caller's
-    /// operation, or on an ordinary mount: then it acts as the login itself).
-    fn act_as(&self) -> reqwest::header::HeaderMap {
+    /// operation, or on an ordinary mount: then it acts as the login itself). On a
+    /// `--local-ids` mount, a caller whose header cannot be made fails the request (EPERM):
+    /// sending none would act as the administrator.
+    fn act_as(&self) -> Result<reqwest::header::HeaderMap, RemoteError> {
         let mut h = reqwest::header::HeaderMap::new();
         if self.local_ids()
             && let Some(id) = crate::caller::current()
-            && let Ok(v) = reqwest::header::HeaderValue::from_str(&id.act_as_header())
         {
+            let v = reqwest::header::HeaderValue::from_str(&id.act_as_header()).map_err(|e| {
+                RemoteError::Local {
+                    errno: libc::EPERM,
+                    message: format!("naming local caller uid {} to the cluster: {e}", id.uid),
+                }
+            })?;
             h.insert(routes::ACT_AS_HEADER, v);
         }
-        h
+        Ok(h)
     }
 
     /// Seals credentials (signup, login) only with the auth key of this fingerprint
@@ -429,7 +436,7 @@ impl Remote {
         let token = self.token().await?;
         let resp = req
             .bearer_auth(token)
-            .headers(self.act_as())
+            .headers(self.act_as()?)
             .timeout(self.config.call_timeout)
             .send()
             .await
@@ -990,7 +997,7 @@ impl Remote {
             .stream
             .get(format!("{base}{}", routes::file_read(meta.id, &meta.hash)))
             .bearer_auth(token)
-            .headers(self.act_as());
+            .headers(self.act_as()?);
         if let Some(cap) = self.capability(meta.id, &meta.hash) {
             req = req.header(routes::CAPABILITY_HEADER, cap);
         }
@@ -1055,7 +1062,7 @@ impl Remote {
                 .http
                 .post(&url)
                 .bearer_auth(token)
-                .headers(self.act_as())
+                .headers(self.act_as()?)
                 .header(routes::CAPABILITY_HEADER, cap)
                 .timeout(left + self.config.call_timeout)
                 .json(&req)
@@ -1123,7 +1130,7 @@ impl Remote {
             .http
             .post(&url)
             .bearer_auth(token)
-            .headers(self.act_as())
+            .headers(self.act_as()?)
             .timeout(wait + self.config.call_timeout)
             .json(&req)
             .send()
@@ -1293,7 +1300,7 @@ impl Remote {
         }
         let resp = req
             .bearer_auth(token)
-            .headers(self.act_as())
+            .headers(self.act_as()?)
             .header(routes::FENCE_HEADER, grant.fence.0.to_string())
             .header(routes::FENCE_SIG_HEADER, &grant.signature)
             .header(routes::HASH_HEADER, hash.as_str())
@@ -1345,7 +1352,7 @@ impl Remote {
             .stream
             .post(format!("{server}{}", routes::FILE_BATCH_WRITE))
             .bearer_auth(token)
-            .headers(self.act_as())
+            .headers(self.act_as()?)
             .header(reqwest::header::CONTENT_LENGTH, len)
             .body(frame)
             .send();
@@ -1396,4 +1403,39 @@ fn header_of(resp: &reqwest::Response, name: &str) -> Option<String> {
         .get(name)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(r: &Remote) -> Option<String> {
+        r.act_as()
+            .expect("made")
+            .get(routes::ACT_AS_HEADER)
+            .map(|v| v.to_str().expect("ascii").to_owned())
+    }
+
+    #[tokio::test]
+    async fn a_local_ids_request_names_exactly_its_caller() {
+        let r = Remote::new("http://127.0.0.1:9", None, None, RemoteConfig::default());
+        let alice = common::Identity {
+            uid: 1000,
+            gid: 1000,
+            groups: vec![24],
+            admin: false,
+        };
+        // An ordinary mount never names anyone.
+        let ordinary = crate::caller::scope(Some(alice.clone()), async { header(&r) }).await;
+        assert_eq!(ordinary, None);
+        r.set_local_ids(true);
+        let named = crate::caller::scope(Some(alice), async { header(&r) }).await;
+        assert_eq!(named.as_deref(), Some("1000:1000:24"));
+        // A request's caller is its own uid and gid (pid 0: no groups read), never root.
+        let request =
+            crate::caller::scope_request(Some((1001, 100, 0)), async { header(&r) }).await;
+        assert_eq!(request.as_deref(), Some("1001:100:"));
+        // Outside any caller's scope: the mount's own login.
+        assert_eq!(header(&r), None);
+    }
 }

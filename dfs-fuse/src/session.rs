@@ -41,10 +41,14 @@ pub struct MountOptions {
 /// Whether this process may mount with `allow_other`: root may; anyone else only if
 /// `/etc/fuse.conf` says `user_allow_other`.
 pub fn may_allow_other() -> bool {
+    running_as_root() || std::fs::read_to_string("/etc/fuse.conf").is_ok_and(|c| allows_other(&c))
+}
+
+/// Whether this process runs as root (its effective uid is 0).
+pub fn running_as_root() -> bool {
     use std::os::unix::fs::MetadataExt;
     // /proc/self belongs to the process's effective uid.
-    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
-    root || std::fs::read_to_string("/etc/fuse.conf").is_ok_and(|c| allows_other(&c))
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
 /// Whether a `/etc/fuse.conf` text lets users mount with `allow_other`.

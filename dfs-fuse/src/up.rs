@@ -24,7 +24,19 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", a.mountpoint.display()))?;
     session::preflight(&a.mountpoint)?;
     let fresh = !a.data.join("directory").exists();
+    let local_ids = local_ids_by_default(session::running_as_root(), a.local_ids, a.no_local_ids);
+    if local_ids && !session::may_allow_other() {
+        anyhow::bail!(
+            "--local-ids shares the mount with the machine's users (allow_other), which FUSE \
+             allows a non-root user only with `user_allow_other` in /etc/fuse.conf: add it, \
+             run as root, or leave out --local-ids"
+        );
+    }
     let mut cfg = ClusterConfig::new(a.data.clone(), a.listen);
+    // On a --local-ids mount a cluster uid is a local uid: with open signup any local user
+    // could sign up until given the cluster uid of another local user, and act as that user
+    // through a mount of their own. Only the cluster key holder signs users up then.
+    cfg.auth.open_signup = !local_ids;
     (cfg.tls, cfg.client_tls) = a.tls.load()?;
     let config = RemoteConfig {
         tls: cfg.client_tls.clone(),
@@ -48,7 +60,8 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         };
         let creds = CredStore::default_location()?;
         let remote = Remote::new(&server, None, Some(creds.clone()), config);
-        if let Err(e) = remote.signup(DEFAULT_USER, &password).await
+        let key = Some(cluster.cluster_key.as_str());
+        if let Err(e) = remote.signup_as_admin(DEFAULT_USER, &password, key).await
             && !matches!(&e, crate::remote::RemoteError::Api { code: common::ErrorCode::Exists, .. }) {
                 return Err(anyhow::anyhow!("creating the default user: {e}"));
             }
@@ -65,22 +78,19 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         creds.put(&server, Some(login))?;
         let cluster_id = remote.cluster(false).await?.cluster_id;
         let mut opts = a.cache.options(&server, a.mountpoint.clone(), &cluster_id)?;
-        // Local POSIX behaviour by default: each local user (and a program that switches
-        // users) acts as itself. A non-root user whose FUSE may not share mounts keeps the
-        // mount as the `dfs` user, for itself only, as before.
-        opts.local_ids = !a.no_local_ids && session::may_allow_other();
-        if !a.no_local_ids && !opts.local_ids {
-            eprintln!(
-                "dfs: mounting as the dfs user for this local user only: acting as each local \
-                 user (--local-ids) needs `user_allow_other` in /etc/fuse.conf or root"
-            );
-        }
+        opts.local_ids = local_ids;
         let m = session::mount(remote, &opts)?;
         if fresh {
             write_hello(&a.mountpoint).await?;
         }
         println!("dfs is up: mounted at {}", a.mountpoint.display());
         println!("directory: {server}   (another client: dfs login --server {server} ...; dfs mount DIR --server {server})");
+        if local_ids {
+            println!(
+                "signup is closed (local uids are cluster uids): dfs signup --server {server} --cluster-key-file {} --user NAME",
+                a.data.join("cluster.key").display()
+            );
+        }
         println!("press Ctrl-C to unmount and stop");
         m.wait().await;
         session::report_pending(m.unmount().await?)
@@ -90,10 +100,35 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     result
 }
 
+/// Whether `dfs up` mounts with `--local-ids`: when asked (`--local-ids`), never when asked
+/// not to, and otherwise only when run as root. Local POSIX behaviour (each local user, and a
+/// program that switches users, acting as itself) is root's default; a user other than root
+/// mounts as the `dfs` user for itself only, as before: sharing its mount with every local
+/// user, and making its older files (the `dfs` user's) read-only to itself, is asked for.
+pub fn local_ids_by_default(root: bool, asked: bool, refused: bool) -> bool {
+    !refused && (asked || root)
+}
+
 async fn write_hello(mountpoint: &std::path::Path) -> anyhow::Result<()> {
     let path = mountpoint.join("Hello.txt");
     tokio::time::timeout(Duration::from_secs(60), tokio::fs::write(&path, HELLO))
         .await
         .context("writing Hello.txt timed out")?
         .with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::local_ids_by_default;
+
+    #[test]
+    fn only_root_acts_as_each_local_user_unless_asked() {
+        assert!(local_ids_by_default(true, false, false));
+        assert!(!local_ids_by_default(true, false, true));
+        assert!(
+            !local_ids_by_default(false, false, false),
+            "a user's own dfs up stays private"
+        );
+        assert!(local_ids_by_default(false, true, false));
+    }
 }

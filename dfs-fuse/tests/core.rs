@@ -776,3 +776,325 @@ async fn regression_utimes_with_an_atime_still_folds_the_mtime_of_an_open_file()
     assert_eq!(after.atime_ns, 1_100_000_000 * 1_000_000_000);
     c.shutdown().await;
 }
+
+/// A `--local-ids` core: the administrator's login ("admin", made one with the cluster key),
+/// acting for each local caller named with `caller::scope`. Also makes `/shared`, 0777.
+async fn local_ids_core(c: &ClusterHandle, cache: &std::path::Path) -> (DfsFs, NodeId) {
+    let r = Remote::new(&c.directory_url, None, None, RemoteConfig::default());
+    let _ = r.signup("admin", "password123").await;
+    let set = common::api::SetUserRequest {
+        admin: Some(true),
+        ..Default::default()
+    };
+    r.set_user("admin", &set, &c.cluster_key).await.unwrap();
+    let admin = r.login("admin", "password123").await.unwrap();
+    let fs = core(c, Some(admin), cache);
+    fs.remote().set_local_ids(true);
+    let shared = match fs.lookup(NodeId::ROOT, OsStr::new("shared")).await {
+        Ok(a) => NodeId(a.ino.0),
+        Err(_) => {
+            let a = fs
+                .mkdir(NodeId::ROOT, OsStr::new("shared"), 0o777)
+                .await
+                .unwrap();
+            NodeId(a.ino.0)
+        }
+    };
+    (fs, shared)
+}
+
+/// A local user of a `--local-ids` mount (its private group has its uid).
+fn local(uid: u32) -> common::Identity {
+    common::Identity {
+        uid,
+        gid: uid,
+        groups: vec![],
+        admin: false,
+    }
+}
+
+/// Runs `f` as local user `who` on a `--local-ids` core.
+async fn as_user<F: std::future::Future>(who: u32, f: F) -> F::Output {
+    dfs_fuse::caller::scope(Some(local(who)), f).await
+}
+
+/// A file `name` in `dir` made by `who` (mode `mode`) with `data` pushed, and its node.
+async fn make_as(fs: &DfsFs, who: u32, dir: NodeId, name: &str, mode: u32, data: &[u8]) -> NodeId {
+    as_user(who, async {
+        let (attr, o) = fs
+            .create(dir, OsStr::new(name), mode, libc::O_WRONLY)
+            .await
+            .unwrap();
+        fs.write(o.fh, 0, data).unwrap();
+        fs.flush(o.fh).await.unwrap();
+        fs.release(o.fh);
+        NodeId(attr.ino.0)
+    })
+    .await
+}
+
+/// The content of `node` as the servers hold it (read through a fresh core of `login`).
+async fn server_content(c: &ClusterHandle, node: NodeId, cache: &std::path::Path) -> Vec<u8> {
+    let r = core(c, Some(login(c, "reader").await), cache);
+    let meta = r.remote().get(node).await.unwrap();
+    let tmp = cache.join("content");
+    r.remote().download(&meta, &tmp).await.unwrap();
+    std::fs::read(&tmp).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_readers_fsync_never_moves_a_writers_pending_change_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let (fs, shared) = local_ids_core(&c, &dir.path().join("a")).await;
+    let node = make_as(&fs, 1000, shared, "notes", 0o644, b"one\n").await;
+    // Alice's change is recorded as pending by her close (released without a flush, as
+    // after an mmap write), not pushed yet.
+    as_user(1000, async {
+        let o = fs.open(node, libc::O_WRONLY | libc::O_TRUNC).await.unwrap();
+        fs.write(o.fh, 0, b"two\n").unwrap();
+        fs.release(o.fh);
+    })
+    .await;
+    assert_eq!(fs.pending().unwrap(), vec![node]);
+    // Bob may read it, not write it: his fsync must not push as him, nor take the change away.
+    as_user(1001, async {
+        let o = fs.open(node, libc::O_RDONLY).await.unwrap();
+        let _ = fs.fsync(o.fh).await;
+        fs.release(o.fh);
+    })
+    .await;
+    assert!(fs.conflicts().is_empty(), "{:?}", fs.conflicts());
+    let names: Vec<String> = {
+        let fh = fs.opendir(shared).await.unwrap();
+        let n = fs
+            .listing(fh)
+            .unwrap()
+            .iter()
+            .map(|i| i.name.clone())
+            .collect();
+        fs.releasedir(fh);
+        n
+    };
+    assert_eq!(names, [".", "..", "notes"], "no conflict copy");
+    // Alice's change is on the servers, or still pending to be pushed as her.
+    fs.push_pending(Instant::now() + Duration::from_secs(10), false)
+        .await
+        .unwrap();
+    assert!(fs.pending().unwrap().is_empty());
+    assert_eq!(
+        server_content(&c, node, &dir.path().join("r")).await,
+        b"two\n"
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_an_owners_chmod_goes_through_while_another_local_user_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let (fs, shared) = local_ids_core(&c, &dir.path().join("a")).await;
+    let node = make_as(&fs, 1000, shared, "f", 0o666, b"one\n").await;
+    // Bob writes the file (anyone may); meanwhile Alice, its owner, takes that away.
+    let o = as_user(1001, fs.open(node, libc::O_WRONLY)).await.unwrap();
+    fs.write(o.fh, 0, b"bob\n").unwrap();
+    let chmod = AttrChange {
+        mode: Some(0o600),
+        ..AttrChange::default()
+    };
+    as_user(1000, fs.setattr(node, chmod, None)).await.unwrap();
+    assert_eq!(
+        fs.remote().get(node).await.unwrap().mode & 0o7777,
+        0o600,
+        "the owner's chmod is at the directory at once, not folded into Bob's push"
+    );
+    // Bob's close is judged with the new mode, and never undoes or fails for her chmod.
+    let e = fs
+        .flush(o.fh)
+        .await
+        .expect_err("Bob may not write any more");
+    assert_eq!(e.errno(), libc::EACCES, "{e}");
+    fs.release(o.fh);
+    assert_eq!(fs.remote().get(node).await.unwrap().mode & 0o7777, 0o600);
+    // A time the writer sets on its own open file is still folded (tar, `cp -p`).
+    let o = as_user(1000, fs.open(node, libc::O_WRONLY)).await.unwrap();
+    fs.write(o.fh, 0, b"alice\n").unwrap();
+    let mtime = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    let touch = AttrChange {
+        mtime: Some(mtime),
+        ..AttrChange::default()
+    };
+    as_user(1000, fs.setattr(node, touch, Some(o.fh)))
+        .await
+        .unwrap();
+    as_user(1000, fs.flush(o.fh)).await.unwrap();
+    fs.release(o.fh);
+    let after = fs.remote().get(node).await.unwrap();
+    assert_eq!(after.mtime_ns, 1_000_000_000 * 1_000_000_000);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_folded_chmod_the_directory_drops_fails_the_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let a = core(&c, Some(login(&c, "alice").await), &dir.path().join("a"));
+    let (admin, _) = local_ids_core(&c, &dir.path().join("admin")).await;
+    let bob = login(&c, "bob").await.id.unwrap();
+    let (attr, o) = a
+        .create(NodeId::ROOT, OsStr::new("f"), 0o666, libc::O_WRONLY)
+        .await
+        .unwrap();
+    let node = NodeId(attr.ino.0);
+    a.write(o.fh, 0, b"alice\n").unwrap();
+    let chmod = AttrChange {
+        mode: Some(0o640),
+        ..AttrChange::default()
+    };
+    a.setattr(node, chmod, Some(o.fh)).await.unwrap();
+    // The administrator gives the file to Bob before Alice's close pushes her chmod.
+    let chown = AttrChange {
+        uid: Some(bob.uid),
+        ..AttrChange::default()
+    };
+    admin.setattr(node, chown, None).await.unwrap();
+    let e = a.flush(o.fh).await.expect_err("her chmod was not applied");
+    assert_eq!(e.errno(), libc::EPERM, "{e}");
+    a.release(o.fh);
+    let meta = a.remote().get(node).await.unwrap();
+    assert_eq!(meta.mode & 0o7777, 0o666);
+    assert_eq!(meta.version, 1, "the content is committed");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_change_refused_to_its_writer_is_never_pushed_as_the_administrator() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    for writeback in [false, true] {
+        let cache = dir.path().join(format!("a{writeback}"));
+        let (fs, shared) = local_ids_core(&c, &cache).await;
+        let fs = if writeback {
+            drop(fs);
+            let admin = fs_login_of(&c).await;
+            let fs = core_with(&c, Some(admin), &cache, true);
+            fs.remote().set_local_ids(true);
+            fs
+        } else {
+            fs
+        };
+        let name = format!("f{writeback}");
+        let node = make_as(&fs, 1000, shared, &name, 0o666, b"one\n").await;
+        fs.push_pending(Instant::now() + Duration::from_secs(5), false)
+            .await
+            .unwrap();
+        let o = as_user(1001, fs.open(node, libc::O_WRONLY | libc::O_TRUNC))
+            .await
+            .unwrap();
+        fs.write(o.fh, 0, b"bob\n").unwrap();
+        let chmod = AttrChange {
+            mode: Some(0o644),
+            ..AttrChange::default()
+        };
+        as_user(1000, fs.setattr(node, chmod, None)).await.unwrap();
+        // Default mode: Bob's close is refused. Write-back: it returns, and the push comes later.
+        let closed = fs.flush(o.fh).await;
+        if !writeback {
+            assert_eq!(closed.expect_err("refused").errno(), libc::EACCES);
+        }
+        fs.release(o.fh);
+        // Background pushes act as Bob, not as the mount's administrator login.
+        for _ in 0..2 {
+            fs.push_pending(Instant::now() + Duration::from_secs(5), false)
+                .await
+                .unwrap();
+        }
+        assert_eq!(fs.pending().unwrap(), vec![node], "kept pending");
+        assert_eq!(fs.status().unwrap().refused_uploads, vec![node.0]);
+        assert!(fs.conflicts().is_empty());
+        let meta = fs.remote().get(node).await.unwrap();
+        assert_eq!((meta.version, meta.size), (1, 4), "{meta:?}");
+    }
+    c.shutdown().await;
+}
+
+/// The administrator's login again (as made by `local_ids_core`).
+async fn fs_login_of(c: &ClusterHandle) -> SavedLogin {
+    let r = Remote::new(&c.directory_url, None, None, RemoteConfig::default());
+    r.login("admin", "password123").await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_mount_whose_login_lost_the_administrator_flag_fails_at_once_and_keeps_the_change()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let (fs, shared) = local_ids_core(&c, &dir.path().join("a")).await;
+    let node = make_as(&fs, 1000, shared, "f", 0o644, b"one\n").await;
+    let o = as_user(1000, fs.open(node, libc::O_WRONLY)).await.unwrap();
+    fs.write(o.fh, 0, b"two\n").unwrap();
+    // The login stops being the administrator (and the mount's token says so).
+    let set = common::api::SetUserRequest {
+        admin: Some(false),
+        ..Default::default()
+    };
+    fs.remote()
+        .set_user("admin", &set, &c.cluster_key)
+        .await
+        .unwrap();
+    fs.remote().login("admin", "password123").await.unwrap();
+    let started = std::time::Instant::now();
+    let e = fs
+        .flush(o.fh)
+        .await
+        .expect_err("no longer the administrator");
+    assert_eq!(e.errno(), libc::EPERM, "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "a permanent refusal, not retried until the close timeout: {:?}",
+        started.elapsed()
+    );
+    fs.release(o.fh);
+    fs.push_pending(Instant::now() + Duration::from_secs(5), false)
+        .await
+        .unwrap();
+    assert_eq!(fs.pending().unwrap(), vec![node], "the change is kept");
+    assert!(fs.conflicts().is_empty());
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_left_pending_by_an_earlier_run_is_pushed_as_the_files_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let cache = dir.path().join("a");
+    let node = {
+        let (fs, shared) = local_ids_core(&c, &cache).await;
+        let node = make_as(&fs, 1000, shared, "tool", 0o755, b"v1\n").await;
+        let suid = AttrChange {
+            mode: Some(0o4755),
+            ..AttrChange::default()
+        };
+        as_user(1000, fs.setattr(node, suid, None)).await.unwrap();
+        assert_eq!(fs.remote().get(node).await.unwrap().mode & 0o7777, 0o4755);
+        as_user(1000, async {
+            let o = fs.open(node, libc::O_WRONLY | libc::O_TRUNC).await.unwrap();
+            fs.write(o.fh, 0, b"v2\n").unwrap();
+            fs.release(o.fh);
+        })
+        .await;
+        assert_eq!(fs.pending().unwrap(), vec![node]);
+        node
+    };
+    // The next run does not know who made the change: it pushes as the file's owner, an
+    // ordinary user, whose write drops set-user-id (the administrator's would keep it).
+    let fs = core(&c, Some(fs_login_of(&c).await), &cache);
+    fs.remote().set_local_ids(true);
+    fs.push_pending(Instant::now() + Duration::from_secs(5), false)
+        .await
+        .unwrap();
+    assert!(fs.pending().unwrap().is_empty());
+    let meta = fs.remote().get(node).await.unwrap();
+    assert_eq!((meta.size, meta.mode & 0o7777), (3, 0o755), "{meta:?}");
+    c.shutdown().await;
+}

@@ -81,6 +81,12 @@ pub enum ServiceError {
     /// Too many login or signup attempts (per user or per address).
     #[error("{0}")]
     RateLimited(String),
+    /// An `x-dfs-act-as` header from a login that is not the administrator's.
+    #[error("{0}")]
+    NotAdministrator(String),
+    /// Still in use (a group that is some user's primary group).
+    #[error("{0}")]
+    InUse(String),
 }
 
 impl ServiceError {
@@ -113,6 +119,8 @@ impl ServiceError {
             ServiceError::Conflict(_) => ErrorCode::Conflict,
             ServiceError::NoSpace(_) => ErrorCode::NoSpace,
             ServiceError::RateLimited(_) => ErrorCode::RateLimited,
+            ServiceError::NotAdministrator(_) => ErrorCode::NotAdministrator,
+            ServiceError::InUse(_) => ErrorCode::InUse,
         }
     }
 
@@ -148,6 +156,8 @@ impl ServiceError {
             ErrorCode::NoSpace => ServiceError::NoSpace(message),
             ErrorCode::NameTooLong => ServiceError::NameTooLong(message),
             ErrorCode::RateLimited => ServiceError::RateLimited(message),
+            ErrorCode::NotAdministrator => ServiceError::NotAdministrator(message),
+            ErrorCode::InUse => ServiceError::InUse(message),
         }
     }
 

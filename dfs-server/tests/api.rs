@@ -910,7 +910,7 @@ async fn an_administrators_local_ids_mount_acts_as_each_local_caller() {
 
     // An ordinary user naming an identity is refused, not acted on nor ignored.
     let r = create_as(&h, &bob, Some("0:0:"), tmp.id, "y", FileKind::File, 0o644).await;
-    assert_eq!(error_code(r).await, (403, ErrorCode::Forbidden));
+    assert_eq!(error_code(r).await, (403, ErrorCode::NotAdministrator));
     // A malformed one is a bad request.
     let r = create_as(
         &h,
@@ -1122,7 +1122,7 @@ async fn the_administrator_manages_groups_and_members_tokens_carry_them_from_ren
     assert!(set_gid(10_002).await.unwrap().status().is_success());
     let remove = RemoveGroupRequest::default();
     let r = group_call(&h, &routes::auth_group_remove("staff"), &remove, None).await;
-    assert_eq!(error_code(r).await, (400, ErrorCode::BadRequest));
+    assert_eq!(error_code(r).await, (409, ErrorCode::InUse));
     assert!(set_gid(10_003).await.unwrap().status().is_success());
     let r = group_call(&h, &routes::auth_group_remove("staff"), &remove, None).await;
     assert!(r.status().is_success(), "{}", r.status());

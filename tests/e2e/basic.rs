@@ -45,15 +45,40 @@ fn dfs_up_serves_hello_and_keeps_files_across_restarts() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    ok(sh_in(
+    let denied = sh_in(
         &mnt,
         "setpriv --reuid=1000 --regid=1000 --clear-groups sh -c \
-         'echo mine > mine && ! echo x >> notes.txt 2>/dev/null'",
-    ));
+         'echo mine > mine && echo x >> notes.txt'",
+    );
+    // Refused for permission, and only that: not any other failure.
+    assert!(
+        !denied.status.success()
+            && String::from_utf8_lossy(&denied.stderr).contains("notes.txt: Permission denied"),
+        "{denied:?}"
+    );
     assert_eq!(
         ok(sh_in(&mnt, "stat -c '%u %g' mine notes.txt")),
         "1000 1000\n0 0\n"
     );
+    // Local uids are cluster uids here: nobody may sign up (and so pick a uid) without the
+    // cluster key.
+    let creds = std::fs::read(home.join("config/dfs/credentials.json")).unwrap();
+    let creds: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&creds).unwrap();
+    let url = creds.keys().next().expect("dfs up's login").clone();
+    let outsider = Client::new(&url);
+    let signup = |extra: &[&str]| {
+        let mut args = vec!["signup", "--user", "mallory", "--password-stdin"];
+        args.extend_from_slice(extra);
+        outsider.run(&args, "password123\n")
+    };
+    let refused = signup(&[]);
+    assert!(
+        !refused.status.success()
+            && String::from_utf8_lossy(&refused.stderr).contains("signup is closed"),
+        "{refused:?}"
+    );
+    let key = tmp.path().join(".dfs/cluster.key");
+    ok(signup(&["--cluster-key-file", key.to_str().unwrap()]));
     let status = terminate(&mut up, Duration::from_secs(60)).expect("dfs up exits on SIGTERM");
     assert!(status.success(), "dfs up exit status {status}");
     assert!(!is_mounted(&mnt));

@@ -30,6 +30,13 @@ struct Taken {
     item: BatchItem,
 }
 
+/// What files of one batch share: their primary, and the `x-dfs-act-as` value of the local
+/// caller they act as (None: the mount's login).
+type BatchKey = (ServerId, Option<String>);
+
+/// Files pushed in one request, and the local caller they act as (None: the mount's login).
+pub(super) type Batch = (Option<common::Identity>, Vec<NodeId>);
+
 impl DfsFs {
     /// Splits pending `nodes` into batches (same primary, small, not open for writing, not
     /// backing off) and the rest.
@@ -37,9 +44,11 @@ impl DfsFs {
         &self,
         nodes: Vec<NodeId>,
         backoff: bool,
-    ) -> (Vec<Vec<NodeId>>, Vec<NodeId>) {
+    ) -> (Vec<Batch>, Vec<NodeId>) {
         let now = Instant::now();
-        let mut by_primary: BTreeMap<ServerId, Vec<(NodeId, u64)>> = BTreeMap::new();
+        // On a `--local-ids` mount a batch is one request, so one identity: files go in
+        // batches of the same local caller (see `actor_now`).
+        let mut by_primary: BTreeMap<BatchKey, Vec<(NodeId, u64)>> = BTreeMap::new();
         let mut single = Vec::new();
         for node in nodes {
             let size = std::fs::metadata(self.cache.path(node)).map(|m| m.len());
@@ -50,24 +59,29 @@ impl DfsFs {
                     .unwrap_or_else(|p| p.into_inner())
                     .get(&node)
                     .is_some_and(|(at, _)| *at > now);
-            match (self.known_meta(node).and_then(|m| m.primary), size) {
-                (Some(p), Ok(size))
+            let actor = self.actor_now(node);
+            match (self.known_meta(node).and_then(|m| m.primary), size, actor) {
+                (Some(p), Ok(size), Some(actor))
                     if size <= MAX_BATCH_ITEM_BYTES && !waiting && self.writer_count(node) == 0 =>
                 {
-                    by_primary.entry(p).or_default().push((node, size));
+                    let who = actor.map(|a| a.act_as_header());
+                    by_primary.entry((p, who)).or_default().push((node, size));
                 }
                 _ => single.push(node),
             }
         }
         let mut batches = Vec::new();
-        for (_, files) in by_primary {
+        for ((_, who), files) in by_primary {
+            let who = who
+                .as_deref()
+                .and_then(common::Identity::from_act_as_header);
             let mut batch = Vec::new();
             let mut bytes = 0;
             for (node, size) in files {
                 if !batch.is_empty()
                     && (batch.len() == MAX_BATCH_ITEMS || bytes + size > MAX_BATCH_BYTES)
                 {
-                    batches.push(std::mem::take(&mut batch));
+                    batches.push((who.clone(), std::mem::take(&mut batch)));
                     bytes = 0;
                 }
                 batch.push(node);
@@ -77,7 +91,7 @@ impl DfsFs {
                 0 => {}
                 // Alone, a batch buys nothing.
                 1 => single.extend(batch),
-                _ => batches.push(batch),
+                _ => batches.push((who.clone(), batch)),
             }
         }
         (batches, single)
@@ -194,7 +208,12 @@ impl DfsFs {
                     match r {
                         ItemResult::Ok(meta) => {
                             match self.settle_push(t.node, &t.pending, &t.attrs, &meta) {
-                                Ok(()) => self.metrics.push_done(started.elapsed()),
+                                Ok(()) => {
+                                    self.metrics.push_done(started.elapsed());
+                                    // Nobody waits: a folded mode not applied is logged.
+                                    let _ =
+                                        self.folded_mode_applied(t.node, &t.attrs, &meta, false);
+                                }
                                 Err(e) => {
                                     tracing::warn!(node = %t.node, error = %e, "recording a pushed file failed");
                                     left.push(t.node);

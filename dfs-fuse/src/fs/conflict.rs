@@ -149,6 +149,7 @@ impl DfsFs {
                 && !self.is_unrecorded(node)
             {
                 e.pending = None;
+                self.forget_actor(node);
                 // The copy holds our content, which no server version has.
                 e.version = 0;
                 e.hash = pending.hash.clone();

@@ -213,6 +213,10 @@ pub struct ClientStatus {
     /// Conflicts found since the mount started, and where each refused change was kept.
     #[serde(default)]
     pub conflicts: Vec<conflict::ConflictNote>,
+    /// Pending changes whose push was refused for permission (`--local-ids`): kept here,
+    /// retried with a long back-off, never committed as anyone else.
+    #[serde(default)]
+    pub refused_uploads: Vec<u64>,
 }
 
 pub use conflict::{ConflictNote, conflict_name};
@@ -226,6 +230,11 @@ pub struct DfsFs {
     listings: Mutex<HashMap<u64, Arc<Vec<DirItem>>>>,
     retry_at: Mutex<HashMap<NodeId, (Instant, Duration)>>,
     folded: Mutex<HashMap<NodeId, FoldedAttrs>>,
+    /// `--local-ids`: the local caller whose handle made each pending change (None: the
+    /// mount's login), whom its background pushes act as; in memory only (see `actor_now`).
+    actors: Mutex<HashMap<NodeId, Option<common::Identity>>>,
+    /// `--local-ids`: pending changes whose push was refused for permission.
+    refused: Mutex<std::collections::HashSet<NodeId>>,
     /// Sizes of the write-back pushes waiting (the `writeback_max_dirty` bound).
     writeback_dirty: Mutex<HashMap<NodeId, u64>>,
     status_at: Mutex<Option<Instant>>,
@@ -366,6 +375,8 @@ impl DfsFs {
             listings: Mutex::new(HashMap::new()),
             retry_at: Mutex::new(HashMap::new()),
             folded: Mutex::new(HashMap::new()),
+            actors: Mutex::new(HashMap::new()),
+            refused: Mutex::new(std::collections::HashSet::new()),
             writeback_dirty: Mutex::new(HashMap::new()),
             status_at: Mutex::new(None),
             next_fh: AtomicU64::new(1),
@@ -673,6 +684,7 @@ impl DfsFs {
         };
         let mut mtime = mtime;
         let mut mtime_ns = ns_of(mtime);
+        let mut mtime_now = mtime_now;
         let atime_ns = ns_of(atime);
         if atime_ns.is_some() {
             // Access times are never folded into a push: their own request, now. The mtime
@@ -734,27 +746,46 @@ impl DfsFs {
             // heard is fresh.
             return Ok(self.getattr(id).await?.0);
         }
+        let mut mode = mode;
         if let Some(meta) = self.known_meta(id)
             && meta.kind == FileKind::File
             && self.has_local_changes(id)
         {
             // fchmod/futimens on a file open for writing (GNU tar, `cp -p`, `rsync -t`), or
             // times set on a file whose new content is not pushed yet: folded into the push
-            // that follows, instead of a round trip and a commit of their own now. The local
-            // copy carries the time meanwhile (its mtime is what getattr shows until then).
-            if let Some(t) = mtime
-                && let Ok(f) = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(self.cache.path(id))
-            {
-                let _ = f.set_modified(t);
+            // that follows, instead of a round trip and a commit of their own now (an mtime
+            // must be: the push would set its commit time over it). The local copy carries
+            // the time meanwhile (its mtime is what getattr shows until then). Only what the
+            // push will apply as its caller asked is folded (see `folds`); the rest goes to
+            // the directory now, as its caller.
+            let (fold_mode, fold_mtime) = self.folds(id);
+            let fold_mode = mode.filter(|_| fold_mode);
+            let fold_mtime = mtime_ns.filter(|_| fold_mtime);
+            if fold_mode.is_some() || fold_mtime.is_some() {
+                if fold_mtime.is_some()
+                    && let Some(t) = mtime
+                    && let Ok(f) = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(self.cache.path(id))
+                {
+                    let _ = f.set_modified(t);
+                }
+                let mut folded = self.folded.lock().unwrap_or_else(|p| p.into_inner());
+                let f = folded.entry(id).or_default();
+                f.mode = fold_mode.or(f.mode);
+                f.mtime_ns = fold_mtime.or(f.mtime_ns);
+                drop(folded);
+                if fold_mode.is_some() {
+                    mode = None;
+                }
+                if fold_mtime.is_some() {
+                    mtime_ns = None;
+                    mtime_now = false;
+                }
+                if mode.is_none() && mtime_ns.is_none() {
+                    return Ok(self.attr(&meta));
+                }
             }
-            let mut folded = self.folded.lock().unwrap_or_else(|p| p.into_inner());
-            let f = folded.entry(id).or_default();
-            f.mode = mode.or(f.mode);
-            f.mtime_ns = mtime_ns.or(f.mtime_ns);
-            drop(folded);
-            return Ok(self.attr(&meta));
         }
         let req = SetAttrRequest {
             mode,
@@ -765,6 +796,46 @@ impl DfsFs {
         let meta = self.remote.setattr(id, &req).await?;
         self.remember(&meta, None);
         Ok(self.attr(&meta))
+    }
+
+    /// Which attribute changes of the caller running now may be folded into the next push of
+    /// `node` (mode, mtime): only those that push applies as the caller asked. On an ordinary
+    /// mount every push acts as this mount's login, the caller of every change. On a
+    /// `--local-ids` mount a mode change never folds (it goes to the directory at once, judged
+    /// for its caller: a push by another local user would drop it, or fail the close of a
+    /// writer who never made it), and an mtime folds only when every push it can ride
+    /// with acts as this caller (or as the mount's login, which applies any time).
+    fn folds(&self, node: NodeId) -> (bool, bool) {
+        if !self.remote.local_ids() {
+            return (true, true);
+        }
+        let me = crate::caller::current().map(|i| i.uid);
+        let same = self
+            .pushers(node)
+            .iter()
+            .all(|p| p.as_ref().is_none_or(|p| Some(p.uid) == me));
+        (false, same)
+    }
+
+    /// Who the next push of `node` may act as (None: the mount's login): the openers of its
+    /// handles open for writing, or, with none, whoever pushes the change already pending.
+    fn pushers(&self, node: NodeId) -> Vec<Option<common::Identity>> {
+        let mut who: Vec<Option<common::Identity>> = self
+            .handles_of(node)
+            .into_iter()
+            .filter(|h| h.writable)
+            .map(|h| h.opener.clone())
+            .collect();
+        // With writers open, the next push is a writer's close (which carries any change
+        // pending from before); else a background push of the pending change.
+        if who.is_empty() && self.cache.is_pending(node) {
+            // Unknown (not even the owner heard of): nobody this caller can be.
+            who.push(
+                self.actor_now(node)
+                    .unwrap_or_else(|| Some(common::Identity::nobody())),
+            );
+        }
+        who
     }
 
     /// opendir: lists the directory once; the kernel then pages through this snapshot (one
@@ -1020,6 +1091,7 @@ impl DfsFs {
     }
 
     fn drop_cached(&self, node: NodeId) {
+        self.forget_actor(node);
         self.writeback_dirty
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -1440,6 +1512,9 @@ impl DfsFs {
         // record survives it through the cache journal).
         // From here on the change is recorded as pending by `push`, so the handle is clean.
         h.mark_clean();
+        if h.writable {
+            self.note_actor(h.node, h.opener.as_ref());
+        }
         if self.config.writeback {
             match self.writeback(&h).await {
                 Ok(true) => return Ok(()),
@@ -1455,10 +1530,18 @@ impl DfsFs {
         self.push_now(&h).await
     }
 
-    /// fsync: waits for the servers in every mode (as the handle's opener, as `flush`).
+    /// fsync: waits for the servers in every mode. A writer's fsync acts as the handle's
+    /// opener, as `flush`. A read-only handle's fsync that finds a change pending (written
+    /// through another handle) never pushes as its reader, who may not write the file: it
+    /// pushes that change as a background push would.
     pub async fn fsync(&self, fh: u64) -> FsResult<()> {
         let h = self.handle(fh)?;
-        crate::caller::scope(h.opener.clone(), self.fsync_handle(h)).await
+        let who = if h.writable {
+            h.opener.clone()
+        } else {
+            self.push_actor(h.node).await?
+        };
+        crate::caller::scope(who, self.fsync_handle(h)).await
     }
 
     async fn fsync_handle(&self, h: Arc<Handle>) -> FsResult<()> {
@@ -1471,6 +1554,9 @@ impl DfsFs {
             return Ok(());
         }
         h.mark_clean();
+        if h.writable {
+            self.note_actor(h.node, h.opener.as_ref());
+        }
         self.push_now(&h).await
     }
 
@@ -1491,7 +1577,7 @@ impl DfsFs {
                 // close() reports EIO for a push that did not happen (the data stays pending),
                 // except for the causes the user must act on.
                 Err(match e.errno() {
-                    libc::EACCES | libc::EFBIG | libc::ENOSPC => e,
+                    libc::EACCES | libc::EPERM | libc::EFBIG | libc::ENOSPC => e,
                     _ => FsError::PushFailed(e.to_string()),
                 })
             }
@@ -1510,7 +1596,9 @@ impl DfsFs {
             // replace the copy in between.
             let mut recorded = true;
             if h.changed() {
-                // Written after the last flush (e.g. through an mmap): record and push later.
+                // Written after the last flush (e.g. through an mmap): record and push later,
+                // as its opener.
+                self.note_actor(h.node, h.opener.as_ref());
                 if let Err(e) = self.mark_pending(h.node) {
                     recorded = false;
                     let generation = self.unrecorded_gen.fetch_add(1, Ordering::Relaxed) + 1;
@@ -1555,6 +1643,7 @@ impl DfsFs {
                 .recent_push_latency()
                 .map(|(a, b)| (a.as_secs_f64() * 1e3, b.as_secs_f64() * 1e3)),
             conflicts: self.conflicts(),
+            refused_uploads: self.refused_uploads(),
         })
     }
 

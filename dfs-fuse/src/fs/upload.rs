@@ -10,6 +10,17 @@ use common::{NodeId, NodeMeta, UploadId};
 use tokio::time::Instant;
 
 use super::{DfsFs, FoldedAttrs, hash_file};
+
+/// The identity of `meta`'s owner as a local caller (its private group, no others): who a
+/// push of a change whose maker is unknown acts as on a `--local-ids` mount.
+fn owner_of(meta: &NodeMeta) -> common::Identity {
+    common::Identity {
+        uid: meta.uid,
+        gid: meta.gid,
+        groups: vec![],
+        admin: meta.uid == 0,
+    }
+}
 use crate::cache::{CacheEntry, Pending};
 use crate::error::{FsError, FsResult};
 use crate::remote::RemoteError;
@@ -133,7 +144,7 @@ impl DfsFs {
                 Ok(meta) => {
                     self.settle_push(node, &pending, &attrs, &meta)?;
                     self.metrics.push_done(started.elapsed());
-                    return Ok(());
+                    return self.folded_mode_applied(node, &attrs, &meta, waiting);
                 }
                 // Only the directory saying so means the file is gone (a NotFound from another
                 // service, e.g. an unknown route after a restart, does not).
@@ -172,11 +183,21 @@ impl DfsFs {
                     },
                 ) => {
                     // This user may not write the file (any more: a chmod since the open). A
-                    // close that waits is told EACCES; the change stays pending, and the next
-                    // background push keeps it aside as for a conflict instead of retrying
-                    // for ever.
+                    // close that waits is told EACCES; the change stays pending. On an
+                    // ordinary mount every change is this login's own, and the next background
+                    // push keeps it aside as for a conflict instead of retrying for ever. On a
+                    // `--local-ids` mount the change may be another local user's than the
+                    // one this push acted as: a refusal for permission never takes it away
+                    // (no conflict copy, no `recovered/`); it stays pending, listed by
+                    // `dfs status`, retried with a long back-off.
                     tracing::warn!(%node, error = %e, "push refused: no permission to write this file");
-                    if waiting {
+                    if self.remote.local_ids() {
+                        self.refused
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(node);
+                    }
+                    if waiting || self.remote.local_ids() {
                         return Err(e.into());
                     }
                     self.keep_conflict_copy(node, &pending).await?;
@@ -273,6 +294,9 @@ impl DfsFs {
             .is_some_and(|p| p.upload_id == pending.upload_id)
         {
             entry.pending = None;
+            if self.writer_count(node) == 0 {
+                self.forget_actor(node);
+            }
         }
         fail::fail_point!("settle-before-write");
         if entry.pending.is_some() {
@@ -388,8 +412,13 @@ impl DfsFs {
         if backoff && waiting.is_some_and(|(at, _)| at > now) {
             return;
         }
-        // Nobody waits for this push: it applies only over the version it was based on.
-        match self.push(node, deadline, false).await {
+        // Nobody waits for this push: it applies only over the version it was based on. It
+        // acts as the local caller whose handle made the change (`--local-ids`).
+        let pushed = match self.push_actor(node).await {
+            Ok(who) => crate::caller::scope(who, self.push(node, deadline, false)).await,
+            Err(e) => Err(e),
+        };
+        match pushed {
             Ok(()) => {
                 self.retry_at
                     .lock()
@@ -399,10 +428,12 @@ impl DfsFs {
             Err(e) => {
                 // Refusals the user must act on back off long; anything else (servers away,
                 // a failover in progress) is transient.
-                use common::ErrorCode::{BadRequest, TooLarge, Unauthorized};
+                use common::ErrorCode::{
+                    AccessDenied, BadRequest, NotAdministrator, TooLarge, Unauthorized,
+                };
                 let cap = match &e {
                     FsError::Remote(RemoteError::Api {
-                        code: Unauthorized | TooLarge | BadRequest,
+                        code: Unauthorized | TooLarge | BadRequest | AccessDenied | NotAdministrator,
                         ..
                     }) => Duration::from_secs(300),
                     _ => Duration::from_secs(10),
@@ -456,6 +487,96 @@ impl DfsFs {
             .insert(node, pending.size);
         self.wake.notify_one();
         Ok(true)
+    }
+
+    /// On a `--local-ids` mount, records that the change of `node` about to be pending was
+    /// made through a handle opened by `opener` (None: the mount's login): pushes no caller
+    /// waits for act as it.
+    pub(super) fn note_actor(&self, node: NodeId, opener: Option<&common::Identity>) {
+        if self.remote.local_ids() {
+            self.actors
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(node, opener.cloned());
+        }
+    }
+
+    /// Forgets who made the change of `node` (pushed, kept aside, or gone).
+    pub(super) fn forget_actor(&self, node: NodeId) {
+        self.actors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&node);
+        self.refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&node);
+    }
+
+    /// Who a push of `node` that no caller waits for acts as, if that can be told without
+    /// asking the directory: the mount's login on an ordinary mount; on a `--local-ids` mount
+    /// the local caller whose handle made the change, or, when this process did not see it
+    /// made (a change left pending by an earlier run), the file's owner as last heard.
+    pub(super) fn actor_now(&self, node: NodeId) -> Option<Option<common::Identity>> {
+        if !self.remote.local_ids() {
+            return Some(None);
+        }
+        if let Some(who) = self
+            .actors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&node)
+        {
+            return Some(who.clone());
+        }
+        self.known_meta(node).map(|m| Some(owner_of(&m)))
+    }
+
+    /// `actor_now`, asking the directory for the owner if need be.
+    pub(super) async fn push_actor(&self, node: NodeId) -> FsResult<Option<common::Identity>> {
+        if let Some(who) = self.actor_now(node) {
+            return Ok(who);
+        }
+        let meta = crate::caller::scope(None, self.remote.get(node)).await?;
+        self.remember(&meta, None);
+        Ok(Some(owner_of(&meta)))
+    }
+
+    /// Pending changes a push refused for permission (`--local-ids`): kept, listed by
+    /// `dfs status`, retried with a long back-off.
+    pub(super) fn refused_uploads(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|n| n.0)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// A mode folded into a push that the directory did not apply (it applies one only from
+    /// the file's owner, and the owner changed since the chmod) is never lost silently: it is
+    /// logged, and the close or fsync waiting for the push is told EPERM (the content is
+    /// committed).
+    pub(super) fn folded_mode_applied(
+        &self,
+        node: NodeId,
+        attrs: &FoldedAttrs,
+        meta: &NodeMeta,
+        waiting: bool,
+    ) -> FsResult<()> {
+        match attrs.mode {
+            Some(m) if meta.mode & 0o7777 != m => {
+                tracing::warn!(%node, mode = %format!("{m:o}"), "a chmod folded into a push was not applied: the pusher does not own the file (any more)");
+                if waiting {
+                    return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::EPERM)));
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Attribute changes waiting for the next push of `node`.
@@ -595,7 +716,9 @@ impl DfsFs {
         let left: Vec<Vec<NodeId>> =
             futures_util::StreamExt::collect(futures_util::StreamExt::buffer_unordered(
                 futures_util::stream::iter(
-                    batches.into_iter().map(|b| self.push_batch(b, deadline)),
+                    batches
+                        .into_iter()
+                        .map(|(who, b)| crate::caller::scope(who, self.push_batch(b, deadline))),
                 ),
                 2,
             ))

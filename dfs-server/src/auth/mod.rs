@@ -97,16 +97,25 @@ fn next_uid(
     users: &impl ReadableTable<&'static str, &'static [u8]>,
     groups: &impl ReadableTable<&'static str, &'static [u8]>,
 ) -> ServiceResult<u32> {
+    // Past every id in use: each user's uid and gid (a primary gid need not be a private
+    // group), and each named group's gid; never a reserved id.
     let mut next = common::perm::FIRST_UID;
     for row in users.iter()? {
         let (_, v) = row?;
         if let Some(id) = decode::<UserRecord>(v.value())?.id {
             next = next.max(id.uid.saturating_add(1));
+            next = next.max(id.gid.saturating_add(1));
         }
     }
     for row in groups.iter()? {
         let (_, v) = row?;
         next = next.max(decode::<GroupRecord>(v.value())?.gid.saturating_add(1));
+    }
+    while reserved_id(next) {
+        if next == u32::MAX {
+            return Err(ServiceError::Unavailable("no free uid left".into()));
+        }
+        next += 1;
     }
     Ok(next)
 }
@@ -498,14 +507,18 @@ impl AuthService {
                             )));
                         }
                     }
+                    // Nor any user's primary gid: a private group (uid = gid) must never
+                    // gain members, and naming a gid users already have as their primary
+                    // group would make that group's removal refused for reasons its
+                    // creator never saw; give such users the new group's gid afterwards.
                     for row in users.iter()? {
                         let (k, v) = row?;
                         if decode::<UserRecord>(v.value())?
                             .id
-                            .is_some_and(|id| id.uid == gid && id.gid == gid)
+                            .is_some_and(|id| id.gid == gid)
                         {
                             return Err(ServiceError::Exists(format!(
-                                "gid {gid} (the private group of user {})",
+                                "gid {gid} (the primary group of user {})",
                                 k.value()
                             )));
                         }
@@ -533,7 +546,7 @@ impl AuthService {
                     }
                 }
                 if named >= MAX_NAMED_GROUPS {
-                    return Err(ServiceError::TooLarge(format!(
+                    return Err(ServiceError::BadRequest(format!(
                         "user {m} is already in {MAX_NAMED_GROUPS} groups"
                     )));
                 }
@@ -573,7 +586,7 @@ impl AuthService {
                         .id
                         .is_some_and(|id| id.gid == rec.gid)
                     {
-                        return Err(ServiceError::BadRequest(format!(
+                        return Err(ServiceError::InUse(format!(
                             "group {name} (gid {}) is the primary group of user {}: give them \
                              another gid first (dfs user set {} --gid N)",
                             rec.gid,
@@ -615,7 +628,7 @@ impl AuthService {
             ));
         }
         if req.groups.as_ref().is_some_and(|g| g.len() > 64) {
-            return Err(ServiceError::TooLarge(
+            return Err(ServiceError::BadRequest(
                 "a user is in at most 64 groups".into(),
             ));
         }
@@ -655,6 +668,21 @@ impl AuthService {
             }
             if let Some(admin) = req.admin {
                 id.admin = admin;
+            }
+            // A private group (uid = gid) is the user's alone: it may not be a named group,
+            // whose members would share it.
+            if id.uid == id.gid && (req.uid.is_some() || req.gid.is_some()) {
+                for row in tx.open_table(GROUPS)?.iter()? {
+                    let (k, v) = row?;
+                    if decode::<GroupRecord>(v.value())?.gid == id.gid {
+                        return Err(ServiceError::Exists(format!(
+                            "uid {} = gid {} would make group {} the private group of user {user}",
+                            id.uid,
+                            id.gid,
+                            k.value()
+                        )));
+                    }
+                }
             }
             rec.id = Some(id.clone());
             users.insert(user, encode(&rec)?.as_slice())?;
@@ -842,5 +870,84 @@ mod tests {
         let mut forged = t2.token.clone();
         forged.insert(3, 'A');
         assert!(verify_token_with(&pk, &forged, now_ms()).is_err());
+    }
+
+    #[test]
+    fn regression_a_user_in_too_many_groups_is_a_bad_request_not_a_body_too_large() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let auth = service(dir.path());
+        let pk = auth.public_key().clone();
+        auth.signup(&seal(&pk, "dora", "password-1").expect("seal"))
+            .expect("signup");
+        let join = |g: usize| {
+            auth.add_group(
+                &format!("g{g}"),
+                &AddGroupRequest {
+                    gid: None,
+                    members: vec!["dora".into()],
+                },
+            )
+        };
+        for g in 0..MAX_NAMED_GROUPS {
+            join(g).expect("joins");
+        }
+        assert!(
+            matches!(join(MAX_NAMED_GROUPS), Err(ServiceError::BadRequest(_))),
+            "the uploader takes TooLarge for a body over its limit"
+        );
+        let many = SetUserRequest {
+            groups: Some((1..=65).collect()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            auth.set_user("dora", &many),
+            Err(ServiceError::BadRequest(_))
+        ));
+    }
+
+    #[test]
+    fn regression_ids_never_make_a_private_group_a_named_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let auth = service(dir.path());
+        let pk = auth.public_key().clone();
+        for u in ["ann", "ben"] {
+            auth.signup(&seal(&pk, u, "password-1").expect("seal"))
+                .expect("signup");
+        }
+        let group = |name: &str, gid: Option<u32>| {
+            auth.add_group(
+                name,
+                &AddGroupRequest {
+                    gid,
+                    members: vec![],
+                },
+            )
+        };
+        let set = |user: &str, uid: Option<u32>, gid: Option<u32>| {
+            auth.set_user(
+                user,
+                &SetUserRequest {
+                    uid,
+                    gid,
+                    ..Default::default()
+                },
+            )
+        };
+        let staff = group("staff", None).expect("group").gid;
+        // ben's primary gid becomes 30000 (no group has it): no new group may take it, and
+        // the next ids skip it.
+        set("ben", None, Some(30_000)).expect("gid");
+        assert!(matches!(
+            group("ops", Some(30_000)),
+            Err(ServiceError::Exists(_))
+        ));
+        assert_eq!(group("ops", None).expect("group").gid, 30_001);
+        // uid = gid = a named group's gid would make it ann's private group.
+        assert!(matches!(
+            set("ann", Some(staff), Some(staff)),
+            Err(ServiceError::Exists(_))
+        ));
+        // A named group as a primary group (uid differs) is allowed.
+        set("ann", None, Some(staff)).expect("primary group");
     }
 }

@@ -227,7 +227,7 @@ fn act_as(parts: &Parts, mut claims: Claims) -> Result<Claims, AppError> {
         return Ok(claims);
     };
     if !claims.id.admin {
-        return Err(AppError(ServiceError::Forbidden(format!(
+        return Err(AppError(ServiceError::NotAdministrator(format!(
             "{} is not an administrator: only an administrator's mount may act as local users (--local-ids)",
             claims.user
         ))));
