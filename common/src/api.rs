@@ -36,11 +36,17 @@ pub struct CreateRequest {
     pub rdev: u64,
 }
 
-/// `POST /v1/link`: one more name for an existing file (`link(2)`).
+/// `POST /v1/link`: one more name for an existing file (`link(2)`). The file is named by an
+/// existing name as well as its id: as link(2) does, the directory checks search permission
+/// on the way to it, so a node id alone (ids are sequential) reaches nothing.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LinkRequest {
     /// The node to name (not a directory).
     pub node: NodeId,
+    /// A directory holding a name of `node` (search permission on it needed).
+    pub parent: NodeId,
+    /// That name of `node` in `parent`.
+    pub name: ValidName,
     /// Directory of the new name.
     pub new_parent: NodeId,
     /// The new name.

@@ -173,6 +173,21 @@ impl Known {
         self.by_id.get(id).cloned()
     }
 
+    /// A name of `id` as last heard: in `hint` (its recorded parent) if there is one there,
+    /// else in any directory known.
+    pub fn a_name(&self, id: NodeId, hint: NodeId) -> Option<(NodeId, String)> {
+        let in_dir = |dir: NodeId, names: &HashMap<String, NodeId>| {
+            names
+                .iter()
+                .find(|(_, n)| **n == id)
+                .map(|(name, _)| (dir, name.clone()))
+        };
+        if let Some(found) = self.names.get(&hint).and_then(|n| in_dir(hint, n)) {
+            return Some(found);
+        }
+        self.names.iter().find_map(|(dir, n)| in_dir(*dir, n))
+    }
+
     /// The metadata of `id`, as last heard.
     pub fn meta(&self, id: NodeId) -> Option<NodeMeta> {
         self.by_id.get(&id).cloned()

@@ -903,8 +903,23 @@ impl DfsFs {
         new_name: &OsStr,
     ) -> FsResult<FileAttr> {
         let name = name_of(new_name)?;
+        // The directory wants the name the file was reached by (it checks search permission
+        // there); the kernel looked it up just before. If it is forgotten, the recorded
+        // parent's listing has one.
+        let hint = self.meta(node).await?.parent;
+        let mut source = self.known().a_name(node, hint);
+        if source.is_none() {
+            let entries = self.remote.list(hint).await?;
+            source = entries
+                .into_iter()
+                .find(|e| e.meta.id == node)
+                .map(|e| (hint, e.name));
+        }
+        let (parent, source_name) = source.ok_or(FsError::Absent)?;
         let req = LinkRequest {
             node,
+            parent,
+            name: name_of(OsStr::new(&source_name))?,
             new_parent,
             new_name: name.clone(),
         };

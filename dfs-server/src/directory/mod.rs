@@ -863,11 +863,22 @@ impl DirectoryService {
         })
     }
 
-    /// One more name for file `req.node` (`link(2)`): write and search permission on the new
-    /// parent, EEXIST for a name that exists, EPERM for a directory. Returns the node with its
-    /// new link count.
+    /// One more name for file `req.node` (`link(2)`), reached through its existing name
+    /// `req.name` in `req.parent`: search permission on that parent (as on every directory of
+    /// the path), write and search permission on the new parent, EEXIST for a name that
+    /// exists, EPERM for a directory. Returns the node with its new link count.
     pub fn link(&self, req: &LinkRequest, who: &Identity) -> ServiceResult<NodeMeta> {
         self.store.write(|tx| {
+            let from = dir_node(tx, req.parent)?;
+            access::need(who, &from, X)?;
+            if child_of(tx, req.parent, req.name.as_str())? != Some(req.node) {
+                return Err(ServiceError::NotFound(format!(
+                    "{:?} in node {} is not node {}",
+                    req.name.as_str(),
+                    req.parent,
+                    req.node
+                )));
+            }
             let to = dir_node(tx, req.new_parent)?;
             access::need(who, &to, X)?;
             let mut meta = get_node(tx, req.node)?;

@@ -522,6 +522,8 @@ proptest::proptest! {
                     let dst = dirs[dst_parent % dirs.len()].clone();
                     let req = LinkRequest {
                         node: resolve(&svc, &src),
+                        parent: resolve(&svc, &src[..src.len() - 1]),
+                        name: n(&src[src.len() - 1]),
                         new_parent: resolve(&svc, &dst),
                         new_name: n(name),
                     };
@@ -1204,6 +1206,8 @@ fn regression_the_owner_writes_a_file_it_created_read_only() {
     assert_eq!(svc.commit(f.id, &req).expect("owner").meta.version, 1);
 }
 
+/// Links `node` through a name of it in its recorded parent (any name, as the client sends
+/// the one it reached the file by).
 fn link(
     svc: &DirectoryService,
     who: &Identity,
@@ -1211,9 +1215,20 @@ fn link(
     parent: NodeId,
     name: &str,
 ) -> ServiceResult<NodeMeta> {
+    let (src_parent, src_name) = svc
+        .get(node)
+        .ok()
+        .and_then(|m| {
+            let entries = svc.list(m.parent, &admin()).ok()?;
+            let e = entries.into_iter().find(|e| e.meta.id == node)?;
+            Some((m.parent, e.name))
+        })
+        .unwrap_or((NodeId::ROOT, "absent".into()));
     svc.link(
         &LinkRequest {
             node,
+            parent: src_parent,
+            name: n(&src_name),
             new_parent: parent,
             new_name: n(name),
         },
@@ -1262,6 +1277,54 @@ fn hard_links_share_one_node_which_goes_with_its_last_name() {
     let gone = svc.remove(b.id, &n("g"), false, &alice.id).expect("unlink");
     assert_eq!(gone.nlink, 0);
     assert!(matches!(svc.get(f.id), Err(ServiceError::NotFound(_))));
+}
+
+#[test]
+fn regression_link_needs_search_permission_on_the_source_and_its_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let (alice, bob) = (user(10_000, &[]), user(10_001, &[]));
+    let private =
+        mk_as(&svc, &alice, NodeId::ROOT, "private", FileKind::Dir, 0o700).expect("mkdir");
+    let secret = mk_as(&svc, &alice, private.id, "secret", FileKind::File, 0o644).expect("create");
+    let mine = mk_as(&svc, &bob, NodeId::ROOT, "mine", FileKind::Dir, 0o755).expect("mkdir");
+    let req = |parent: NodeId, name: &str| LinkRequest {
+        node: secret.id,
+        parent,
+        name: n(name),
+        new_parent: mine.id,
+        new_name: n("stolen"),
+    };
+    // Bob cannot search alice's 0700 directory: no link out of it (EACCES).
+    assert!(matches!(
+        svc.link(&req(private.id, "secret"), &bob.id),
+        Err(ServiceError::AccessDenied(_))
+    ));
+    // Nor through a name that is not the node's.
+    assert!(matches!(
+        svc.link(&req(mine.id, "secret"), &bob.id),
+        Err(ServiceError::NotFound(_))
+    ));
+    assert!(matches!(
+        svc.link(&req(NodeId::ROOT, "mine"), &bob.id),
+        Err(ServiceError::NotFound(_))
+    ));
+    assert!(matches!(
+        svc.lookup(mine.id, &n("stolen"), &bob.id),
+        Err(ServiceError::NotFound(_))
+    ));
+    assert_eq!(svc.get(secret.id).expect("secret").nlink, 1);
+    // Alice may.
+    let linked = svc
+        .link(
+            &LinkRequest {
+                new_parent: private.id,
+                ..req(private.id, "secret")
+            },
+            &alice.id,
+        )
+        .expect("owner links");
+    assert_eq!(linked.nlink, 2);
 }
 
 #[test]
