@@ -30,12 +30,17 @@ pub use registry::Registry;
 
 const NODES: TableDefinition<u64, &[u8]> = TableDefinition::new("nodes");
 const CHILDREN: TableDefinition<(u64, &str), u64> = TableDefinition::new("children");
+/// The reverse of `children`: `(node, parent, name)` for every entry, kept in the same
+/// transactions, so that a node's names are a range read (hard links).
+const NAMES: TableDefinition<(u64, u64, &str), ()> = TableDefinition::new("names");
 const META: TableDefinition<&str, u64> = TableDefinition::new("dir_meta");
 const NEXT_ID: &str = "next_node_id";
 const CLUSTER_ID: &str = "cluster_id";
-/// The store's format: 2 counts links (`nlink`) and stores access times.
+/// The store's format: 2 counts links (`nlink`) and stores access times; 3 indexes every
+/// node's names (`names`).
 const FORMAT: &str = "format";
 const FORMAT_LINKS: u64 = 2;
+const FORMAT_NAMES: u64 = 3;
 
 /// Tunables of the directory.
 #[derive(Debug, Clone)]
@@ -91,6 +96,20 @@ fn child_of(tx: &WriteTransaction, parent: NodeId, name: &str) -> ServiceResult<
         .map(|v| NodeId(v.value())))
 }
 
+/// Enters `name` in `parent` for node `id`, in `children` and its reverse index.
+fn add_name(tx: &WriteTransaction, parent: NodeId, name: &str, id: NodeId) -> ServiceResult<()> {
+    tx.open_table(CHILDREN)?.insert((parent.0, name), id.0)?;
+    tx.open_table(NAMES)?.insert((id.0, parent.0, name), ())?;
+    Ok(())
+}
+
+/// Removes `name` of node `id` from `parent`, in `children` and its reverse index.
+fn remove_name(tx: &WriteTransaction, parent: NodeId, name: &str, id: NodeId) -> ServiceResult<()> {
+    tx.open_table(CHILDREN)?.remove((parent.0, name))?;
+    tx.open_table(NAMES)?.remove((id.0, parent.0, name))?;
+    Ok(())
+}
+
 fn has_children(tx: &WriteTransaction, dir: NodeId) -> ServiceResult<bool> {
     let children = tx.open_table(CHILDREN)?;
     let mut range = children.range((dir.0, "")..(dir.0.saturating_add(1), ""))?;
@@ -136,17 +155,29 @@ fn touch_dir_links(tx: &WriteTransaction, id: NodeId, now: u64, subdirs: i64) ->
 }
 
 /// A directory that still holds a name of `id`, for a node whose recorded parent lost its
-/// name of it (hard links). Scans every entry: only an unlink or rename of a multiply
-/// linked file's recorded name comes here.
+/// name of it (hard links): one read of the names index.
 fn another_parent(tx: &WriteTransaction, id: NodeId) -> ServiceResult<Option<NodeId>> {
+    let names = tx.open_table(NAMES)?;
+    let mut range = names.range((id.0, 0, "")..(id.0.saturating_add(1), 0, ""))?;
+    match range.next() {
+        Some(row) => Ok(Some(NodeId(row?.0.value().1))),
+        None => Ok(None),
+    }
+}
+
+/// Builds the names index from `children`, for a store written before it (format < 3).
+/// Returns the number of names indexed.
+fn index_names(tx: &WriteTransaction) -> ServiceResult<u64> {
     let children = tx.open_table(CHILDREN)?;
+    let mut names = tx.open_table(NAMES)?;
+    let mut count = 0u64;
     for row in children.iter()? {
         let (k, v) = row?;
-        if v.value() == id.0 {
-            return Ok(Some(NodeId(k.value().0)));
-        }
+        let (parent, name) = k.value();
+        names.insert((v.value(), parent, name), ())?;
+        count += 1;
     }
-    Ok(None)
+    Ok(count)
 }
 
 /// One name of non-directory `meta` (in `parent`) is gone: the node goes with its last name,
@@ -391,6 +422,7 @@ impl DirectoryService {
         let store = GroupCommit::open(&data_dir.join("directory.redb"))?;
         let (cluster_id, registry) = store.write(|tx| {
             tx.open_table(CHILDREN)?;
+            tx.open_table(NAMES)?;
             let fresh = tx.open_table(META)?.get(NEXT_ID)?.is_none();
             if fresh {
                 let now = now_ns();
@@ -425,11 +457,16 @@ impl DirectoryService {
                     },
                 )?;
                 tx.open_table(META)?.insert(NEXT_ID, NodeId::ROOT.0 + 1)?;
-                tx.open_table(META)?.insert(FORMAT, FORMAT_LINKS)?;
+                tx.open_table(META)?.insert(FORMAT, FORMAT_NAMES)?;
             }
             let format = tx.open_table(META)?.get(FORMAT)?.map_or(1, |v| v.value());
             if format < FORMAT_LINKS {
                 count_links(tx)?;
+            }
+            if format < FORMAT_NAMES {
+                let names = index_names(tx)?;
+                tx.open_table(META)?.insert(FORMAT, FORMAT_NAMES)?;
+                tracing::info!(names, "directory store upgraded to format 3: names indexed");
             }
             let cluster_id = {
                 let mut meta = tx.open_table(META)?;
@@ -717,8 +754,7 @@ impl DirectoryService {
                 writeback: None,
             };
             put_node(tx, &meta)?;
-            tx.open_table(CHILDREN)?
-                .insert((parent.0, req.name.as_str()), id.0)?;
+            add_name(tx, parent, req.name.as_str(), id)?;
             let subdirs = i64::from(req.kind == FileKind::Dir);
             touch_dir_links(tx, parent, now, subdirs)?;
             Ok(meta)
@@ -751,7 +787,7 @@ impl DirectoryService {
                 }
                 _ => {}
             }
-            tx.open_table(CHILDREN)?.remove((parent.0, name.as_str()))?;
+            remove_name(tx, parent, name.as_str(), id)?;
             let now = now_ns();
             if meta.kind == FileKind::Dir {
                 tx.open_table(NODES)?.remove(id.0)?;
@@ -828,11 +864,11 @@ impl DirectoryService {
                 }
                 None => None,
             };
-            {
-                let mut children = tx.open_table(CHILDREN)?;
-                children.remove((req.parent.0, req.name.as_str()))?;
-                children.insert((req.new_parent.0, req.new_name.as_str()), id.0)?;
+            if let Some(old) = &replaced {
+                remove_name(tx, req.new_parent, req.new_name.as_str(), old.id)?;
             }
+            remove_name(tx, req.parent, req.name.as_str(), id)?;
+            add_name(tx, req.new_parent, req.new_name.as_str(), id)?;
             let now = now_ns();
             // Subdirectories each parent gains (its `..` links to it).
             let mut from_links = 0i64;
@@ -893,8 +929,7 @@ impl DirectoryService {
             let now = now_ns();
             meta.ctime_ns = now;
             put_node(tx, &meta)?;
-            tx.open_table(CHILDREN)?
-                .insert((req.new_parent.0, req.new_name.as_str()), meta.id.0)?;
+            add_name(tx, req.new_parent, req.new_name.as_str(), meta.id)?;
             touch_dir(tx, req.new_parent, now)?;
             Ok(meta)
         })

@@ -457,6 +457,37 @@ fn resolve(svc: &DirectoryService, path: &[String]) -> NodeId {
     id
 }
 
+/// The names index as it is, and as `children` says it should be: `(node, parent, name)`.
+type NameRows = Vec<(u64, u64, String)>;
+
+fn names_index(svc: &DirectoryService) -> (NameRows, NameRows) {
+    let tx = svc.store.db().expect("db").begin_read().expect("read");
+    let mut want: NameRows = tx
+        .open_table(CHILDREN)
+        .expect("children")
+        .iter()
+        .expect("iter")
+        .map(|r| {
+            let (k, v) = r.expect("row");
+            let (parent, name) = k.value();
+            (v.value(), parent, name.to_owned())
+        })
+        .collect();
+    want.sort();
+    let got: NameRows = tx
+        .open_table(NAMES)
+        .expect("names")
+        .iter()
+        .expect("iter")
+        .map(|r| {
+            let (k, ()) = r.map(|(k, v)| (k, v.value())).expect("row");
+            let (node, parent, name) = k.value();
+            (node, parent, name.to_owned())
+        })
+        .collect();
+    (got, want)
+}
+
 /// Every path below `id`: (path, is_dir, node, links).
 type Snapshot = Vec<(Vec<String>, bool, NodeId, u32)>;
 
@@ -546,6 +577,17 @@ proptest::proptest! {
                 proptest::prop_assert_eq!(a.3, m.nlink(&a.0), "links of {:?} after {:?}", a.0, op);
             }
             proptest::prop_assert_eq!(svc.get(NodeId::ROOT).expect("root").nlink, m.nlink(&vec![]));
+            // The names index is exactly `children`, reversed.
+            let (got, want) = names_index(&svc);
+            proptest::prop_assert_eq!(&got, &want, "names index after {:?}", op);
+            // Every node's recorded parent holds one of its names.
+            for (node, _, _) in &want {
+                let parent = svc.get(NodeId(*node)).expect("named node").parent;
+                proptest::prop_assert!(
+                    want.iter().any(|(n, p, _)| n == node && *p == parent.0),
+                    "node {} records parent {} after {:?}", node, parent, op
+                );
+            }
         }
     }
 }
@@ -1567,6 +1609,7 @@ fn a_store_from_before_link_counts_is_counted_once_at_open() {
                 }
                 tx.open_table(CHILDREN)?
                     .insert((NodeId::ROOT.0, "f-too"), f.id.0)?;
+                tx.delete_table(NAMES)?;
                 tx.open_table(META)?.remove(FORMAT)?;
                 Ok(())
             })
@@ -1577,4 +1620,11 @@ fn a_store_from_before_link_counts_is_counted_once_at_open() {
     let links = |id: NodeId| svc.get(id).expect("node").nlink;
     assert_eq!((links(NodeId::ROOT), links(a.id), links(f.id)), (3, 3, 2));
     assert_ne!(svc.get(f.id).expect("f").atime_ns, 0);
+    // The names index is built from the entries.
+    let (got, want) = names_index(&svc);
+    assert_eq!(got, want);
+    // and serves the unlink of the recorded parent's name: the node moves to its other one.
+    svc.remove(a.id, &n("f"), false, &admin()).expect("unlink");
+    let f = svc.get(f.id).expect("f keeps a name");
+    assert_eq!((f.parent, f.nlink), (NodeId::ROOT, 1));
 }
