@@ -75,12 +75,32 @@ pub struct DirectoryService {
     capability_key: String,
 }
 
+/// A node as stored. A non-directory whose record has no link count (`nlink` 0: a field its
+/// writer did not know) has its names counted, never taken as having none.
 fn get_node(tx: &WriteTransaction, id: NodeId) -> ServiceResult<NodeMeta> {
-    let nodes = tx.open_table(NODES)?;
-    let v = nodes
-        .get(id.0)?
-        .ok_or_else(|| ServiceError::NotFound(format!("node {id}")))?;
-    decode(v.value())
+    let mut meta: NodeMeta = {
+        let nodes = tx.open_table(NODES)?;
+        let v = nodes
+            .get(id.0)?
+            .ok_or_else(|| ServiceError::NotFound(format!("node {id}")))?;
+        decode(v.value())?
+    };
+    if meta.nlink == 0 && meta.kind != FileKind::Dir {
+        meta.nlink = count_names(tx, id)?;
+        tracing::warn!(%id, nlink = meta.nlink, "node stored without a link count; counted its names");
+    }
+    Ok(meta)
+}
+
+/// How many names node `id` has (the names index).
+fn count_names(tx: &WriteTransaction, id: NodeId) -> ServiceResult<u32> {
+    let names = tx.open_table(NAMES)?;
+    let mut count = 0u32;
+    for row in names.range((id.0, 0, "")..(id.0.saturating_add(1), 0, ""))? {
+        row?;
+        count = count.saturating_add(1);
+    }
+    Ok(count)
 }
 
 fn put_node(tx: &WriteTransaction, meta: &NodeMeta) -> ServiceResult<()> {
@@ -191,8 +211,14 @@ fn drop_link(
 ) -> ServiceResult<NodeMeta> {
     meta.nlink = meta.nlink.saturating_sub(1);
     if meta.nlink == 0 {
-        tx.open_table(NODES)?.remove(meta.id.0)?;
-        return Ok(meta);
+        // Never delete a node that still has a name, whatever its count said.
+        let left = count_names(tx, meta.id)?;
+        if left == 0 {
+            tx.open_table(NODES)?.remove(meta.id.0)?;
+            return Ok(meta);
+        }
+        tracing::warn!(id = %meta.id, left, "link count was short of the names; recounted");
+        meta.nlink = left;
     }
     meta.ctime_ns = now;
     if meta.parent == parent
@@ -206,7 +232,8 @@ fn drop_link(
 
 /// Counts every node's links once, for a store written before links were counted: a file's
 /// names, 2 + subdirectories for a directory. Access times start as the modification times.
-fn count_links(tx: &WriteTransaction) -> ServiceResult<()> {
+/// Returns the number of nodes counted.
+fn count_links(tx: &WriteTransaction) -> ServiceResult<u64> {
     let mut names: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
     {
         let children = tx.open_table(CHILDREN)?;
@@ -229,6 +256,7 @@ fn count_links(tx: &WriteTransaction) -> ServiceResult<()> {
             *subdirs.entry(m.parent).or_default() += 1;
         }
     }
+    let counted = metas.len() as u64;
     for mut m in metas {
         m.nlink = if m.kind == FileKind::Dir {
             2u32.saturating_add(subdirs.get(&m.id).copied().unwrap_or(0))
@@ -241,7 +269,7 @@ fn count_links(tx: &WriteTransaction) -> ServiceResult<()> {
         put_node(tx, &m)?;
     }
     tx.open_table(META)?.insert(FORMAT, FORMAT_LINKS)?;
-    Ok(())
+    Ok(counted)
 }
 
 /// One commit inside `tx`. The outer error is a storage failure (the whole transaction
@@ -421,6 +449,19 @@ impl DirectoryService {
         std::fs::create_dir_all(data_dir)?;
         let store = GroupCommit::open(&data_dir.join("directory.redb"))?;
         let (cluster_id, registry) = store.write(|tx| {
+            // A store a newer dfs wrote may hold what this one would misread or undo: refuse
+            // it before touching anything (there is no downgrade).
+            let stored = tx.open_table(META)?.get(FORMAT)?.map(|v| v.value());
+            if let Some(f) = stored
+                && f > FORMAT_NAMES
+            {
+                return Err(ServiceError::Internal(format!(
+                    "the directory store {} is format {f}, written by a newer dfs; this dfs-server \
+                     knows formats up to {FORMAT_NAMES} and does not downgrade a store: run the \
+                     newer dfs-server",
+                    data_dir.join("directory.redb").display()
+                )));
+            }
             tx.open_table(CHILDREN)?;
             tx.open_table(NAMES)?;
             let fresh = tx.open_table(META)?.get(NEXT_ID)?.is_none();
@@ -461,12 +502,22 @@ impl DirectoryService {
             }
             let format = tx.open_table(META)?.get(FORMAT)?.map_or(1, |v| v.value());
             if format < FORMAT_LINKS {
-                count_links(tx)?;
+                let nodes = count_links(tx)?;
+                tracing::info!(
+                    from = format,
+                    nodes,
+                    "directory store upgrade: links counted"
+                );
             }
             if format < FORMAT_NAMES {
                 let names = index_names(tx)?;
                 tx.open_table(META)?.insert(FORMAT, FORMAT_NAMES)?;
-                tracing::info!(names, "directory store upgraded to format 3: names indexed");
+                tracing::info!(
+                    from = format,
+                    to = FORMAT_NAMES,
+                    names,
+                    "directory store upgrade: names indexed"
+                );
             }
             let cluster_id = {
                 let mut meta = tx.open_table(META)?;

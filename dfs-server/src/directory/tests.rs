@@ -1628,3 +1628,114 @@ fn a_store_from_before_link_counts_is_counted_once_at_open() {
     let f = svc.get(f.id).expect("f keeps a name");
     assert_eq!((f.parent, f.nlink), (NodeId::ROOT, 1));
 }
+
+#[test]
+fn regression_a_store_of_a_newer_format_is_refused_untouched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let svc = open(dir.path());
+        svc.store
+            .write(|tx| {
+                tx.open_table(META)?.insert(FORMAT, FORMAT_NAMES + 1)?;
+                Ok(())
+            })
+            .expect("rewrite");
+    }
+    let err = match DirectoryService::open(dir.path(), DirectoryConfig::default()) {
+        Ok(_) => panic!("a newer store was opened"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("newer dfs"), "{err}");
+    assert!(
+        err.contains(&format!("format {}", FORMAT_NAMES + 1)),
+        "{err}"
+    );
+}
+
+#[test]
+fn regression_a_node_stored_without_a_link_count_keeps_its_other_names() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let f = mk(&svc, NodeId::ROOT, "f", FileKind::File);
+    link(&svc, &admin(), f.id, NodeId::ROOT, "g").expect("link");
+    // Its record loses the count (as a writer that did not know the field would leave it).
+    svc.store
+        .write(|tx| {
+            let mut v = serde_json::to_value(get_node(tx, f.id)?)?;
+            v.as_object_mut().expect("object").remove("nlink");
+            let old = serde_json::to_vec(&v)?;
+            tx.open_table(NODES)?.insert(f.id.0, old.as_slice())?;
+            Ok(())
+        })
+        .expect("rewrite");
+    assert_eq!(
+        svc.get(f.id).expect("f").nlink,
+        0,
+        "the record has no count"
+    );
+    // Removing one name leaves the node, with the names it still has.
+    let left = svc
+        .remove(NodeId::ROOT, &n("f"), false, &admin())
+        .expect("unlink");
+    assert_eq!(left.nlink, 1);
+    let g = svc
+        .lookup(NodeId::ROOT, &n("g"), &admin())
+        .expect("g still names it");
+    assert_eq!((g.id, g.nlink), (f.id, 1));
+    let gone = svc
+        .remove(NodeId::ROOT, &n("g"), false, &admin())
+        .expect("unlink");
+    assert_eq!(gone.nlink, 0);
+    assert!(matches!(svc.get(f.id), Err(ServiceError::NotFound(_))));
+}
+
+#[test]
+fn the_store_upgrade_is_idempotent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = {
+        let svc = open(dir.path());
+        let a = mk(&svc, NodeId::ROOT, "a", FileKind::Dir);
+        let f = mk(&svc, a.id, "f", FileKind::File);
+        link(&svc, &admin(), f.id, NodeId::ROOT, "g").expect("link");
+        // A format 1 store: no counts, no index.
+        svc.store
+            .write(|tx| {
+                let mut v = serde_json::to_value(get_node(tx, f.id)?)?;
+                v.as_object_mut().expect("object").remove("nlink");
+                let old = serde_json::to_vec(&v)?;
+                tx.open_table(NODES)?.insert(f.id.0, old.as_slice())?;
+                tx.delete_table(NAMES)?;
+                tx.open_table(META)?.remove(FORMAT)?;
+                Ok(())
+            })
+            .expect("rewrite");
+        f
+    };
+    let state = || {
+        let svc = DirectoryService::open(dir.path(), DirectoryConfig::default()).expect("open");
+        let mut all = Vec::new();
+        snapshot(&svc, NodeId::ROOT, vec![], &mut all);
+        let format = svc
+            .store
+            .db()
+            .expect("db")
+            .begin_read()
+            .expect("read")
+            .open_table(META)
+            .expect("meta")
+            .get(FORMAT)
+            .expect("get")
+            .map(|v| v.value());
+        (
+            all,
+            names_index(&svc),
+            format,
+            svc.get(f.id).expect("f").nlink,
+        )
+    };
+    let first = state();
+    assert_eq!(first.1.0, first.1.1, "the index is built");
+    assert_eq!((first.2, first.3), (Some(FORMAT_NAMES), 2));
+    assert_eq!(state(), first, "reopening changes nothing");
+    assert_eq!(state(), first, "nor does a third open");
+}
