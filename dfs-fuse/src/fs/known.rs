@@ -173,19 +173,20 @@ impl Known {
         self.by_id.get(id).cloned()
     }
 
-    /// A name of `id` as last heard: in `hint` (its recorded parent) if there is one there,
-    /// else in any directory known.
-    pub fn a_name(&self, id: NodeId, hint: NodeId) -> Option<(NodeId, String)> {
-        let in_dir = |dir: NodeId, names: &HashMap<String, NodeId>| {
-            names
-                .iter()
-                .find(|(_, n)| **n == id)
-                .map(|(name, _)| (dir, name.clone()))
-        };
-        if let Some(found) = self.names.get(&hint).and_then(|n| in_dir(hint, n)) {
-            return Some(found);
-        }
-        self.names.iter().find_map(|(dir, n)| in_dir(*dir, n))
+    /// The names of `id` as last heard, those in `hint` (its recorded parent) first.
+    pub fn names_of(&self, id: NodeId, hint: NodeId) -> Vec<(NodeId, String)> {
+        let mut out: Vec<(NodeId, String)> = self
+            .names
+            .iter()
+            .flat_map(|(dir, names)| {
+                names
+                    .iter()
+                    .filter(|(_, n)| **n == id)
+                    .map(|(name, _)| (*dir, name.clone()))
+            })
+            .collect();
+        out.sort_by_key(|(dir, _)| *dir != hint);
+        out
     }
 
     /// The metadata of `id`, as last heard.

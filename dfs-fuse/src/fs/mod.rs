@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::api::{CreateRequest, LinkRequest, RenameRequest, SetAttrRequest, StatFs};
-use common::{ContentHash, FileKind, NodeId, NodeMeta, ValidName};
+use common::{ContentHash, ErrorCode, FileKind, NodeId, NodeMeta, ValidName};
 use fuser::{FileAttr, FileType, INodeNo};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
@@ -28,6 +28,9 @@ mod evict;
 mod known;
 mod recover;
 mod upload;
+
+/// How many names of a file known here a link tries before asking for its parent's listing.
+const LINK_SOURCES_TRIED: usize = 4;
 
 /// What one setattr changes (each `None`: unchanged). `uid` and `gid` are as this mount
 /// shows them; `mtime_now` says `mtime` is "now" (`touch`), which needs only write permission.
@@ -903,31 +906,44 @@ impl DfsFs {
         new_name: &OsStr,
     ) -> FsResult<FileAttr> {
         let name = name_of(new_name)?;
-        // The directory wants the name the file was reached by (it checks search permission
-        // there); the kernel looked it up just before. If it is forgotten, the recorded
-        // parent's listing has one.
+        // The directory wants a name the file is reached by (it checks search permission
+        // there): the kernel looked one up just before. A name known here may be stale (gone
+        // on another client): then the next, and last the recorded parent's listing.
         let hint = self.meta(node).await?.parent;
-        let mut source = self.known().a_name(node, hint);
-        if source.is_none() {
-            let entries = self.remote.list(hint).await?;
-            source = entries
-                .into_iter()
-                .find(|e| e.meta.id == node)
-                .map(|e| (hint, e.name));
-        }
-        let (parent, source_name) = source.ok_or(FsError::Absent)?;
-        let req = LinkRequest {
-            node,
-            parent,
-            name: name_of(OsStr::new(&source_name))?,
-            new_parent,
-            new_name: name.clone(),
+        let mut sources = self.known().names_of(node, hint);
+        sources.truncate(LINK_SOURCES_TRIED);
+        let mut listed = false;
+        let m = loop {
+            if sources.is_empty() && !listed {
+                listed = true;
+                sources = self
+                    .remote
+                    .list(hint)
+                    .await?
+                    .into_iter()
+                    .filter(|e| e.meta.id == node)
+                    .map(|e| (hint, e.name))
+                    .collect();
+            }
+            if sources.is_empty() {
+                return Err(FsError::Absent);
+            }
+            let (parent, source) = sources.remove(0);
+            let req = LinkRequest {
+                node,
+                parent,
+                name: name_of(OsStr::new(&source))?,
+                new_parent,
+                new_name: name.clone(),
+            };
+            match self.remote.link(&req).await {
+                Err(RemoteError::Api {
+                    code: ErrorCode::NotFound,
+                    ..
+                }) => self.forget_name(parent, &source),
+                r => break r.inspect_err(|_| self.known().unsure(new_parent))?,
+            }
         };
-        let m = self
-            .remote
-            .link(&req)
-            .await
-            .inspect_err(|_| self.known().unsure(new_parent))?;
         self.remember(&m, Some((new_parent, name.as_str())));
         self.touched_dir(new_parent);
         Ok(self.attr(&m))
