@@ -670,6 +670,9 @@ impl DfsFs {
                 }
             }
         }
+        // truncate(2) asks for mtime now with the new size: the push above stamped it (a
+        // request of its own would be "one time now", which only the owner may set).
+        let mtime = mtime.filter(|_| size.is_none() || !mtime_now || atime.is_some());
         let ns_of = |t: Option<SystemTime>| {
             t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                 .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
@@ -684,7 +687,10 @@ impl DfsFs {
             let folds = self
                 .known_meta(id)
                 .is_some_and(|m| m.kind == FileKind::File && self.has_local_changes(id));
-            let with_mtime = !folds && mode.is_none();
+            // Both now (`touch`) goes as one request: write permission is enough for that
+            // pair only, never for one time now alone.
+            let touch = atime_now && mtime_now && mtime_ns.is_some();
+            let with_mtime = touch || (!folds && mode.is_none());
             let req = SetAttrRequest {
                 atime_ns,
                 atime_now,
@@ -694,6 +700,15 @@ impl DfsFs {
             };
             let meta = self.remote.setattr(id, &req).await?;
             self.remember(&meta, None);
+            if with_mtime && folds {
+                // The local copy's time is what getattr shows until its push: it follows.
+                if let Ok(f) = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(self.cache.path(id))
+                {
+                    let _ = f.set_modified(ns_to_time(meta.mtime_ns));
+                }
+            }
             if with_mtime {
                 mtime = None;
                 mtime_ns = None;
@@ -745,6 +760,12 @@ impl DfsFs {
             // times set on a file whose new content is not pushed yet: folded into the push
             // that follows, instead of a round trip and a commit of their own now. The local
             // copy carries the time meanwhile (its mtime is what getattr shows until then).
+            // Both are the owner's to make (a time here is never "both now", which goes on
+            // its own above): refused now, as the directory would, not at the push.
+            let me = crate::caller::current().or_else(|| self.remote.identity());
+            if me.is_some_and(|me| !me.owns(meta.uid)) {
+                return Err(FsError::NotOwner("change the mode or set the times"));
+            }
             if let Some(t) = mtime
                 && let Ok(f) = std::fs::OpenOptions::new()
                     .write(true)

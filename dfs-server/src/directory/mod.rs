@@ -402,7 +402,13 @@ fn commit_in(
     {
         meta.mode = m;
     }
-    meta.mtime_ns = req.mtime_ns.unwrap_or(now);
+    // A time folded into the push (futimens or `touch -m` while the file had unpushed
+    // changes) is set by the writer under utimensat's rule for a time other than "both now":
+    // the owner's (or the administrator's) to make; anyone else's push is stamped now.
+    meta.mtime_ns = match req.mtime_ns {
+        Some(t) if writer.owns(meta.uid) => t,
+        _ => now,
+    };
     meta.ctime_ns = now;
     meta.committed_ns = now;
     put_node(tx, &meta)?;
@@ -1000,8 +1006,9 @@ impl DirectoryService {
         }
         self.store.write(|tx| {
             let mut meta = get_node(tx, id)?;
-            access::apply_setattr(who, &mut meta, req)?;
-            meta.ctime_ns = now_ns();
+            let now = now_ns();
+            access::apply_setattr(who, &mut meta, req, now)?;
+            meta.ctime_ns = now;
             put_node(tx, &meta)?;
             Ok(meta)
         })

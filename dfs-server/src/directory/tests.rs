@@ -1134,6 +1134,8 @@ fn chmod_chown_and_chgrp_follow_posix() {
             SetAttrRequest {
                 mtime_ns: Some(1),
                 mtime_now: true,
+                atime_ns: Some(1),
+                atime_now: true,
                 ..Default::default()
             }
         ),
@@ -1246,6 +1248,48 @@ fn regression_the_owner_writes_a_file_it_created_read_only() {
         mtime_ns: None,
     };
     assert_eq!(svc.commit(f.id, &req).expect("owner").meta.version, 1);
+}
+
+#[test]
+fn regression_a_time_folded_into_a_push_is_the_owners_to_set() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let (alice, bob) = (user(10_000, &[]), user(10_001, &[]));
+    let f = mk_as(&svc, &alice, NodeId::ROOT, "shared", FileKind::File, 0o666).expect("create");
+    let push = |who: &Caller, version: u64, byte: u8| CommitRequest {
+        hash: ContentHash::from_digest(&[byte; 32]),
+        size: 1,
+        fence: FenceToken(1),
+        upload_id: UploadId::from_bytes([byte; 16]),
+        base: common::api::PushBase {
+            version,
+            waiting: true,
+        },
+        holders: f.holders.clone(),
+        writer: who.name.clone(),
+        writer_id: Some(who.id.clone()),
+        primary: f.primary,
+        replicas: Some(f.replicas.clone()),
+        mode: None,
+        mtime_ns: Some(1),
+    };
+    // Bob may write the file but not set its times: his push is stamped now.
+    let before = now_ns();
+    let m = svc
+        .commit(f.id, &push(&bob, 0, 1))
+        .expect("bob writes")
+        .meta;
+    assert!(
+        m.mtime_ns >= before,
+        "bob's folded time was applied: {}",
+        m.mtime_ns
+    );
+    // Alice, the owner, may (`cp -p`, `rsync -t`).
+    let m = svc
+        .commit(f.id, &push(&alice, 1, 2))
+        .expect("alice writes")
+        .meta;
+    assert_eq!(m.mtime_ns, 1);
 }
 
 /// Links `node` through a name of it in its recorded parent (any name, as the client sends
@@ -1543,13 +1587,30 @@ fn times_set_to_now_need_write_permission_explicit_ones_the_owner() {
             mtime_now,
             ..Default::default()
         };
-    // UTIME_NOW for both, or for one with the other omitted: write permission is enough.
-    svc.setattr(f.id, &times(Some(5), true, Some(5), true), &bob.id)
-        .expect("now, now");
+    // UTIME_NOW for both (`touch`): write permission is enough, and the times are the
+    // directory's clock, not the ones the request carries.
+    let before = now_ns();
     let m = svc
-        .setattr(f.id, &times(Some(7), true, None, false), &bob.id)
-        .expect("now, omit");
-    assert_eq!(m.atime_ns, 7);
+        .setattr(f.id, &times(Some(5), true, Some(5), true), &bob.id)
+        .expect("now, now");
+    assert!(m.atime_ns >= before && m.mtime_ns >= before, "{m:?}");
+    // One now, the other omitted (`touch -a`, `touch -m`): the owner only (EPERM), as Linux.
+    for req in [
+        times(Some(7), true, None, false),
+        times(None, false, Some(7), true),
+    ] {
+        assert!(
+            matches!(
+                svc.setattr(f.id, &req, &bob.id),
+                Err(ServiceError::Forbidden(_))
+            ),
+            "{req:?}"
+        );
+    }
+    let m = svc
+        .setattr(f.id, &times(None, false, Some(7), true), &alice.id)
+        .expect("owner, touch -m");
+    assert!(m.mtime_ns >= before, "now, not the request's 7");
     // An explicit time: the owner only (EPERM).
     assert!(matches!(
         svc.setattr(f.id, &times(Some(1), false, None, false), &bob.id),
@@ -1559,6 +1620,8 @@ fn times_set_to_now_need_write_permission_explicit_ones_the_owner() {
         svc.setattr(f.id, &times(Some(1), true, Some(1), false), &bob.id),
         Err(ServiceError::Forbidden(_))
     ));
+    svc.setattr(f.id, &times(None, false, Some(5), false), &alice.id)
+        .expect("owner");
     let m = svc
         .setattr(f.id, &times(Some(1), false, None, false), &alice.id)
         .expect("owner");
