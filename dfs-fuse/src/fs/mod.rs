@@ -457,7 +457,7 @@ impl DfsFs {
     /// This client just changed directory `dir` (an entry created, removed or renamed): its
     /// times move on locally, so the kernel's getattr after the change needs no round trip.
     fn touched_dir(&self, dir: NodeId) {
-        self.known().touched_dir(dir, dfs_server::store::now_ns());
+        self.known().touched_dir(dir, common::meta::now_ns());
     }
 
     /// What this client heard of `id` less than `ATTR_TTL` ago, with the time left.
@@ -1142,7 +1142,7 @@ impl DfsFs {
             // replaced takes its own away.
             let mut k = self.known();
             if let Some(m) = &moved {
-                k.touched_node(m.id, dfs_server::store::now_ns());
+                k.touched_node(m.id, common::meta::now_ns());
             }
             match moved.map(|m| m.kind) {
                 Some(FileKind::Dir) => {
