@@ -59,6 +59,8 @@ pub enum ErrorCode {
     NameTooLong,
     /// Too many login or signup attempts for this user or from this address: try again later.
     RateLimited,
+    /// A file that already has as many names as a link count can hold (EMLINK).
+    TooManyLinks,
 }
 
 /// Body of every non-2xx response.

@@ -76,6 +76,7 @@ impl FsError {
                 ErrorCode::NoSpace => libc::ENOSPC,
                 ErrorCode::NameTooLong => libc::ENAMETOOLONG,
                 ErrorCode::RateLimited => libc::EAGAIN,
+                ErrorCode::TooManyLinks => libc::EMLINK,
                 ErrorCode::StaleFence
                 | ErrorCode::HashMismatch
                 | ErrorCode::NotHolder

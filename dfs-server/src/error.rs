@@ -81,6 +81,9 @@ pub enum ServiceError {
     /// Too many login or signup attempts (per user or per address).
     #[error("{0}")]
     RateLimited(String),
+    /// A link to a file whose link count is at its maximum (EMLINK).
+    #[error("{0}")]
+    TooManyLinks(String),
 }
 
 impl ServiceError {
@@ -113,6 +116,7 @@ impl ServiceError {
             ServiceError::Conflict(_) => ErrorCode::Conflict,
             ServiceError::NoSpace(_) => ErrorCode::NoSpace,
             ServiceError::RateLimited(_) => ErrorCode::RateLimited,
+            ServiceError::TooManyLinks(_) => ErrorCode::TooManyLinks,
         }
     }
 
@@ -148,6 +152,7 @@ impl ServiceError {
             ErrorCode::NoSpace => ServiceError::NoSpace(message),
             ErrorCode::NameTooLong => ServiceError::NameTooLong(message),
             ErrorCode::RateLimited => ServiceError::RateLimited(message),
+            ErrorCode::TooManyLinks => ServiceError::TooManyLinks(message),
         }
     }
 

@@ -981,7 +981,7 @@ impl DirectoryService {
             access::need(who, &to, W | X)?;
             access::need_linkable(&meta)?;
             meta.nlink = meta.nlink.checked_add(1).ok_or_else(|| {
-                ServiceError::TooLarge(format!("node {} has too many links", meta.id))
+                ServiceError::TooManyLinks(format!("node {} has too many links", meta.id))
             })?;
             let now = now_ns();
             meta.ctime_ns = now;

@@ -1802,3 +1802,23 @@ fn the_store_upgrade_is_idempotent() {
     assert_eq!(state(), first, "reopening changes nothing");
     assert_eq!(state(), first, "nor does a third open");
 }
+
+#[test]
+fn regression_a_link_past_the_largest_count_is_emlink_not_too_large() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let f = mk(&svc, NodeId::ROOT, "f", FileKind::File);
+    svc.store
+        .write(|tx| {
+            let mut m = get_node(tx, f.id)?;
+            m.nlink = u32::MAX;
+            put_node(tx, &m)
+        })
+        .expect("rewrite");
+    let r = link(&svc, &admin(), f.id, NodeId::ROOT, "g");
+    assert!(matches!(r, Err(ServiceError::TooManyLinks(_))), "{r:?}");
+    assert_eq!(
+        ServiceError::TooManyLinks(String::new()).code(),
+        common::ErrorCode::TooManyLinks
+    );
+}

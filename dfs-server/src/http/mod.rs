@@ -41,9 +41,11 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | ErrorCode::InvalidMove
         | ErrorCode::NameTooLong => StatusCode::BAD_REQUEST,
         ErrorCode::NotFound | ErrorCode::NoRoute => StatusCode::NOT_FOUND,
-        ErrorCode::Exists | ErrorCode::NotEmpty | ErrorCode::StaleFence | ErrorCode::NotHolder => {
-            StatusCode::CONFLICT
-        }
+        ErrorCode::Exists
+        | ErrorCode::NotEmpty
+        | ErrorCode::StaleFence
+        | ErrorCode::NotHolder
+        | ErrorCode::TooManyLinks => StatusCode::CONFLICT,
         ErrorCode::Unauthorized | ErrorCode::Replay => StatusCode::UNAUTHORIZED,
         ErrorCode::Forbidden | ErrorCode::AccessDenied => StatusCode::FORBIDDEN,
         ErrorCode::NotPrimary => StatusCode::MISDIRECTED_REQUEST,
