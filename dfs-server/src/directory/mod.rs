@@ -889,10 +889,12 @@ impl DirectoryService {
                 }
             }
             let replaced = match child_of(tx, req.new_parent, req.new_name.as_str())? {
-                Some(old) if old == id => return Ok(None),
+                // RENAME_NOREPLACE: any existing name is EEXIST, even one of the same node
+                // (as Linux checks before it finds the two names are one file).
                 Some(_) if req.no_replace => {
                     return Err(ServiceError::Exists(format!("{:?}", req.new_name.as_str())));
                 }
+                Some(old) if old == id => return Ok(None),
                 Some(old) => {
                     let old_meta = get_node(tx, old)?;
                     access::need_unlink(who, &to, &old_meta)?;

@@ -1822,3 +1822,25 @@ fn regression_a_link_past_the_largest_count_is_emlink_not_too_large() {
         common::ErrorCode::TooManyLinks
     );
 }
+
+#[test]
+fn regression_rename_noreplace_onto_another_name_of_the_same_file_is_eexist() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let f = mk(&svc, NodeId::ROOT, "f", FileKind::File);
+    link(&svc, &admin(), f.id, NodeId::ROOT, "g").expect("link");
+    let rename = |no_replace: bool| RenameRequest {
+        parent: NodeId::ROOT,
+        name: n("f"),
+        new_parent: NodeId::ROOT,
+        new_name: n("g"),
+        no_replace,
+    };
+    assert!(matches!(
+        svc.rename(&rename(true), &admin()),
+        Err(ServiceError::Exists(_))
+    ));
+    // Without the flag, rename(2) between two names of one file does nothing.
+    assert!(svc.rename(&rename(false), &admin()).expect("rename").is_none());
+    assert_eq!(svc.list(NodeId::ROOT, &admin()).expect("list").len(), 2);
+}
