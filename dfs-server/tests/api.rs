@@ -1179,6 +1179,21 @@ async fn links_and_long_names_answer_their_own_codes() {
         .await
         .unwrap();
     assert_eq!(error_code(r).await, (400, ErrorCode::NameTooLong));
+    // In a JSON body too (a create, a link's new name).
+    let body = serde_json::json!({ "name": "x".repeat(256), "kind": "file", "mode": 420 });
+    let r = h
+        .http
+        .post(h.dir(&routes::children(NodeId::ROOT)))
+        .bearer_auth(&h.token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (400, ErrorCode::NameTooLong));
+    assert_eq!(
+        error_code(link(f.id, &"y".repeat(256)).await.unwrap()).await,
+        (400, ErrorCode::NameTooLong)
+    );
     let body = serde_json::json!({
         "name": "l", "kind": "symlink", "mode": 511, "symlink_target": "t".repeat(4097)
     });
