@@ -103,6 +103,8 @@ fn hard_links_share_one_node_count_their_names_and_free_it_with_the_last() {
     // Directories: 2 + subdirectories; a hard link to one is EPERM; rename moves a link.
     ok(m.sh("mkdir d e && mkdir d/x d/y"));
     assert_eq!(stat(&m, "%h", "d e"), "4\n2\n");
+    // Documentation only: the kernel refuses a link to a directory before asking dfs (the
+    // directory's own EPERM: directory/tests.rs `link_errors_are_the_ones_posix_gives`).
     assert_eq!(errno(&m, "link(\"d\", \"dl\")"), "EPERM");
     ok(m.sh("mv d/x e/"));
     assert_eq!(stat(&m, "%h", "d e"), "3\n3\n");
@@ -194,7 +196,8 @@ fn every_refusal_has_the_errno_posix_gives() {
         errno(&ma, "sysopen(F, \"late\", O_WRONLY|O_CREAT|O_EXCL)"),
         "EEXIST"
     );
-    // O_NOFOLLOW and symlink loops.
+    // O_NOFOLLOW and symlink loops. Documentation only: the kernel resolves symlinks and
+    // answers ELOOP itself; dfs only stores the links.
     assert_eq!(
         errno(&ma, "sysopen(F, \"home/l\", O_RDONLY|O_NOFOLLOW)"),
         "ELOOP"
@@ -218,6 +221,14 @@ fn every_refusal_has_the_errno_posix_gives() {
     assert_eq!(errno(&ma, "rmdir(\"home/d\")"), "ENOTEMPTY");
     ok(ma.sh("mkdir home/e"));
     assert_eq!(errno(&ma, "rename(\"home/e\", \"home/d\")"), "ENOTEMPTY");
+    // Documentation only, from here to the next section: the kernel answers these before a
+    // request reaches dfs (an existing name it has looked up, a rename into the source's own
+    // subtree, a link or rename out of the mount, a link to a directory). Where dfs decides
+    // the same rule itself, a service test proves it: directory/tests.rs
+    // `link_errors_are_the_ones_posix_gives` (EEXIST, EPERM),
+    // `rename_of_directory_into_itself_is_refused` (EINVAL), and api.rs
+    // `links_and_long_names_answer_their_own_codes`. EXDEV is the kernel's alone: one
+    // request to dfs never names two mounts.
     assert_eq!(errno(&ma, "mkdir(\"home/d\")"), "EEXIST");
     assert_eq!(errno(&ma, "link(\"home/f\", \"home/l\")"), "EEXIST");
     assert_eq!(errno(&ma, "rename(\"home\", \"home/d/sub\")"), "EINVAL");

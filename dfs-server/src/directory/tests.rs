@@ -1841,6 +1841,10 @@ fn regression_rename_noreplace_onto_another_name_of_the_same_file_is_eexist() {
         Err(ServiceError::Exists(_))
     ));
     // Without the flag, rename(2) between two names of one file does nothing.
-    assert!(svc.rename(&rename(false), &admin()).expect("rename").is_none());
+    assert!(
+        svc.rename(&rename(false), &admin())
+            .expect("rename")
+            .is_none()
+    );
     assert_eq!(svc.list(NodeId::ROOT, &admin()).expect("list").len(), 2);
 }

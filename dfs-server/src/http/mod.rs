@@ -86,10 +86,8 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
             // A name field over NAME_MAX (`ValidName` refuses it while the body is read):
             // ENAMETOOLONG, as in a path. serde keeps only the message of the refusal.
             Err(r @ JsonRejection::JsonDataError(_))
-                if r.body_text().contains(&format!(
-                    "bytes long, more than {}",
-                    common::name::NAME_MAX
-                )) =>
+                if r.body_text()
+                    .contains(&format!("bytes long, more than {}", common::name::NAME_MAX)) =>
             {
                 Err(AppError(ServiceError::NameTooLong(r.body_text())))
             }
