@@ -33,7 +33,8 @@ mod upload;
 const LINK_SOURCES_TRIED: usize = 4;
 
 /// What one setattr changes (each `None`: unchanged). `uid` and `gid` are as this mount
-/// shows them; `mtime_now` says `mtime` is "now" (`touch`), which needs only write permission.
+/// shows them; `mtime_now` and `atime_now` say a time is "now": both now (`touch`) needs only
+/// write permission, any other time change the owner (utimensat(2) on Linux).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct AttrChange {
     /// Permission bits.
