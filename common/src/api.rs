@@ -36,11 +36,17 @@ pub struct CreateRequest {
     pub rdev: u64,
 }
 
-/// `POST /v1/link`: one more name for an existing file (`link(2)`).
+/// `POST /v1/link`: one more name for an existing file (`link(2)`). The file is named by an
+/// existing name as well as its id: as link(2) does, the directory checks search permission
+/// on the way to it, so a node id alone (ids are sequential) reaches nothing.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LinkRequest {
     /// The node to name (not a directory).
     pub node: NodeId,
+    /// A directory holding a name of `node` (search permission on it needed).
+    pub parent: NodeId,
+    /// That name of `node` in `parent`.
+    pub name: ValidName,
     /// Directory of the new name.
     pub new_parent: NodeId,
     /// The new name.
@@ -102,17 +108,20 @@ pub struct SetAttrRequest {
     /// New permission bits (owner or administrator only).
     #[serde(default)]
     pub mode: Option<u32>,
-    /// New modification time (ns since the epoch): an explicit time needs the owner (or the
-    /// administrator), the current time (`mtime_now`) write permission.
+    /// New modification time (ns since the epoch). Setting both times to now (`mtime_now`
+    /// and `atime_now`, `touch`) needs write permission or the owner; any other time change
+    /// (explicit, or one time now and the other omitted) needs the owner (or the
+    /// administrator), as utimensat(2) on Linux.
     #[serde(default)]
     pub mtime_ns: Option<u64>,
-    /// `mtime_ns` is "now" (`utimensat` with `UTIME_NOW`, `touch`).
+    /// Set the modification time to now (`UTIME_NOW`): the directory uses its own clock, not
+    /// `mtime_ns`, which must still be given to say the time changes.
     #[serde(default)]
     pub mtime_now: bool,
     /// New access time (ns since the epoch), under the same rules as `mtime_ns`.
     #[serde(default)]
     pub atime_ns: Option<u64>,
-    /// `atime_ns` is "now".
+    /// Set the access time to now, by the directory's clock (see `mtime_now`).
     #[serde(default)]
     pub atime_now: bool,
     /// New owner (administrator only).

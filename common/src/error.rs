@@ -66,6 +66,8 @@ pub enum ErrorCode {
     /// The thing is still in use and cannot go: a named group that is some user's primary
     /// group (EBUSY).
     InUse,
+    /// A file that already has as many names as a link count can hold (EMLINK).
+    TooManyLinks,
 }
 
 /// Body of every non-2xx response.

@@ -4,6 +4,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{ContentHash, FenceToken, NodeId, ServerId, UploadId};
 
+/// Nanoseconds since the Unix epoch, by this machine's clock: the unit of every time in
+/// [`NodeMeta`] (0 if the clock is before the epoch).
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 /// How many applied upload ids a node remembers.
 pub const RECENT_UPLOADS: usize = 32;
 

@@ -50,6 +50,10 @@ pub enum FsError {
     /// An argument the operation does not take.
     #[error("invalid argument: {0}")]
     Invalid(&'static str),
+    /// Only the owner (or the administrator) may make this change (EPERM), known without
+    /// asking: a change folded into a later push is judged when made, not at the push.
+    #[error("only the owner may {0}")]
+    NotOwner(&'static str),
 }
 
 impl FsError {
@@ -73,6 +77,7 @@ impl FsError {
                 ErrorCode::NoSpace => libc::ENOSPC,
                 ErrorCode::NameTooLong => libc::ENAMETOOLONG,
                 ErrorCode::RateLimited => libc::EAGAIN,
+                ErrorCode::TooManyLinks => libc::EMLINK,
                 ErrorCode::StaleFence
                 | ErrorCode::HashMismatch
                 | ErrorCode::NotHolder
@@ -100,6 +105,7 @@ impl FsError {
             FsError::Interrupted => libc::EINTR,
             FsError::AccessDenied => libc::EACCES,
             FsError::Invalid(_) => libc::EINVAL,
+            FsError::NotOwner(_) => libc::EPERM,
             FsError::PushFailed(_) => libc::EIO,
         }
     }

@@ -830,9 +830,14 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         let mode = mode & !(umask & 0o7777);
-        match self.timed(req, "mknod", self.fs.mknod(node(parent), name, mode, rdev)) {
+        // A task, as create: mknod(S_IFREG) makes a file (with its placement), which must not
+        // hold one of the few FUSE threads for its round trip.
+        let fs = self.fs.clone();
+        let name = name.to_owned();
+        let op = async move { fs.mknod(node(parent), &name, mode, rdev).await };
+        self.spawned(req, "mknod", op, move |r| match r {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
             Err(e) => reply.error(errno("mknod", &e)),
-        }
+        });
     }
 }

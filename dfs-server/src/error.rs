@@ -87,6 +87,9 @@ pub enum ServiceError {
     /// Still in use (a group that is some user's primary group).
     #[error("{0}")]
     InUse(String),
+    /// A link to a file whose link count is at its maximum (EMLINK).
+    #[error("{0}")]
+    TooManyLinks(String),
 }
 
 impl ServiceError {
@@ -121,6 +124,7 @@ impl ServiceError {
             ServiceError::RateLimited(_) => ErrorCode::RateLimited,
             ServiceError::NotAdministrator(_) => ErrorCode::NotAdministrator,
             ServiceError::InUse(_) => ErrorCode::InUse,
+            ServiceError::TooManyLinks(_) => ErrorCode::TooManyLinks,
         }
     }
 
@@ -158,6 +162,7 @@ impl ServiceError {
             ErrorCode::RateLimited => ServiceError::RateLimited(message),
             ErrorCode::NotAdministrator => ServiceError::NotAdministrator(message),
             ErrorCode::InUse => ServiceError::InUse(message),
+            ErrorCode::TooManyLinks => ServiceError::TooManyLinks(message),
         }
     }
 

@@ -1146,8 +1146,11 @@ async fn links_and_long_names_answer_their_own_codes() {
     let f = h.create(NodeId::ROOT, "f", FileKind::File).await;
     let d = h.create(NodeId::ROOT, "d", FileKind::Dir).await;
     let link = |node: NodeId, name: &str| {
-        let body =
-            serde_json::json!({ "node": node, "new_parent": NodeId::ROOT, "new_name": name });
+        let src = if node == f.id { "f" } else { "d" };
+        let body = serde_json::json!({
+            "node": node, "parent": NodeId::ROOT, "name": src,
+            "new_parent": NodeId::ROOT, "new_name": name
+        });
         h.http
             .post(h.dir(routes::LINK))
             .bearer_auth(&h.token)
@@ -1176,6 +1179,21 @@ async fn links_and_long_names_answer_their_own_codes() {
         .await
         .unwrap();
     assert_eq!(error_code(r).await, (400, ErrorCode::NameTooLong));
+    // In a JSON body too (a create, a link's new name).
+    let body = serde_json::json!({ "name": "x".repeat(256), "kind": "file", "mode": 420 });
+    let r = h
+        .http
+        .post(h.dir(&routes::children(NodeId::ROOT)))
+        .bearer_auth(&h.token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (400, ErrorCode::NameTooLong));
+    assert_eq!(
+        error_code(link(f.id, &"y".repeat(256)).await.unwrap()).await,
+        (400, ErrorCode::NameTooLong)
+    );
     let body = serde_json::json!({
         "name": "l", "kind": "symlink", "mode": 511, "symlink_target": "t".repeat(4097)
     });
@@ -1281,4 +1299,54 @@ async fn a_limited_user_may_log_in_again_once_an_attempt_is_earned_back() {
     tokio::time::sleep(every + Duration::from_millis(100)).await;
     let r = login_as(&h, routes::AUTH_LOGIN, "carol").await;
     assert!(r.status().is_success(), "{}", r.status());
+}
+
+#[tokio::test]
+async fn regression_a_user_cannot_link_a_file_out_of_a_directory_they_cannot_search() {
+    let h = Harness::new(|_| {}).await;
+    let private = h.create(NodeId::ROOT, "private", FileKind::Dir).await;
+    let r = h
+        .http
+        .patch(h.dir(&routes::node(private.id)))
+        .bearer_auth(&h.token)
+        .json(&serde_json::json!({ "mode": 0o700 }))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let secret = h.create(private.id, "secret", FileKind::File).await;
+    let bob = signup_login(&h.http, &h.cluster, "bob").await.token;
+    let link = |body: serde_json::Value| {
+        h.http
+            .post(h.dir(routes::LINK))
+            .bearer_auth(&bob)
+            .json(&body)
+            .send()
+    };
+    // Through alice's 0700 directory: EACCES, as link(2) gives.
+    let r = link(serde_json::json!({
+        "node": secret.id, "parent": private.id, "name": "secret",
+        "new_parent": NodeId::ROOT, "new_name": "stolen"
+    }))
+    .await
+    .unwrap();
+    assert_eq!(error_code(r).await, (403, ErrorCode::AccessDenied));
+    // By the node id alone (the old body): refused, nothing linked.
+    let r = link(serde_json::json!({
+        "node": secret.id, "new_parent": NodeId::ROOT, "new_name": "stolen"
+    }))
+    .await
+    .unwrap();
+    assert_eq!(error_code(r).await, (400, ErrorCode::BadRequest));
+    let r = h
+        .http
+        .get(h.dir(&routes::child(NodeId::ROOT, "stolen")))
+        .bearer_auth(&h.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (404, ErrorCode::NotFound));
+    let meta: NodeMeta = h.get_json(&routes::node(secret.id)).await;
+    assert_eq!(meta.nlink, 1);
+    h.cluster.shutdown().await;
 }

@@ -173,6 +173,22 @@ impl Known {
         self.by_id.get(id).cloned()
     }
 
+    /// The names of `id` as last heard, those in `hint` (its recorded parent) first.
+    pub fn names_of(&self, id: NodeId, hint: NodeId) -> Vec<(NodeId, String)> {
+        let mut out: Vec<(NodeId, String)> = self
+            .names
+            .iter()
+            .flat_map(|(dir, names)| {
+                names
+                    .iter()
+                    .filter(|(_, n)| **n == id)
+                    .map(|(name, _)| (*dir, name.clone()))
+            })
+            .collect();
+        out.sort_by_key(|(dir, _)| *dir != hint);
+        out
+    }
+
     /// The metadata of `id`, as last heard.
     pub fn meta(&self, id: NodeId) -> Option<NodeMeta> {
         self.by_id.get(&id).cloned()

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::api::{CreateRequest, LinkRequest, RenameRequest, SetAttrRequest, StatFs};
-use common::{ContentHash, FileKind, NodeId, NodeMeta, ValidName};
+use common::{ContentHash, ErrorCode, FileKind, NodeId, NodeMeta, ValidName};
 use fuser::{FileAttr, FileType, INodeNo};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
@@ -29,8 +29,12 @@ mod known;
 mod recover;
 mod upload;
 
+/// How many names of a file known here a link tries before asking for its parent's listing.
+const LINK_SOURCES_TRIED: usize = 4;
+
 /// What one setattr changes (each `None`: unchanged). `uid` and `gid` are as this mount
-/// shows them; `mtime_now` says `mtime` is "now" (`touch`), which needs only write permission.
+/// shows them; `mtime_now` and `atime_now` say a time is "now": both now (`touch`) needs only
+/// write permission, any other time change the owner (utimensat(2) on Linux).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct AttrChange {
     /// Permission bits.
@@ -465,7 +469,7 @@ impl DfsFs {
     /// This client just changed directory `dir` (an entry created, removed or renamed): its
     /// times move on locally, so the kernel's getattr after the change needs no round trip.
     fn touched_dir(&self, dir: NodeId) {
-        self.known().touched_dir(dir, dfs_server::store::now_ns());
+        self.known().touched_dir(dir, common::meta::now_ns());
     }
 
     /// What this client heard of `id` less than `ATTR_TTL` ago, with the time left.
@@ -678,6 +682,9 @@ impl DfsFs {
                 }
             }
         }
+        // truncate(2) asks for mtime now with the new size: the push above stamped it (a
+        // request of its own would be "one time now", which only the owner may set).
+        let mtime = mtime.filter(|_| size.is_none() || !mtime_now || atime.is_some());
         let ns_of = |t: Option<SystemTime>| {
             t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                 .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
@@ -693,7 +700,10 @@ impl DfsFs {
             let folds = self
                 .known_meta(id)
                 .is_some_and(|m| m.kind == FileKind::File && self.has_local_changes(id));
-            let with_mtime = !folds && mode.is_none();
+            // Both now (`touch`) goes as one request: write permission is enough for that
+            // pair only, never for one time now alone.
+            let touch = atime_now && mtime_now && mtime_ns.is_some();
+            let with_mtime = touch || (!folds && mode.is_none());
             let req = SetAttrRequest {
                 atime_ns,
                 atime_now,
@@ -703,6 +713,15 @@ impl DfsFs {
             };
             let meta = self.remote.setattr(id, &req).await?;
             self.remember(&meta, None);
+            if with_mtime && folds {
+                // The local copy's time is what getattr shows until its push: it follows.
+                if let Ok(f) = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(self.cache.path(id))
+                {
+                    let _ = f.set_modified(ns_to_time(meta.mtime_ns));
+                }
+            }
             if with_mtime {
                 mtime = None;
                 mtime_ns = None;
@@ -762,6 +781,12 @@ impl DfsFs {
             let fold_mode = mode.filter(|_| fold_mode);
             let fold_mtime = mtime_ns.filter(|_| fold_mtime);
             if fold_mode.is_some() || fold_mtime.is_some() {
+                // Both are the owner's to make (a time here is never "both now", which goes
+                // on its own above): refused now, as the directory would, not at the push.
+                let me = crate::caller::current().or_else(|| self.remote.identity());
+                if me.is_some_and(|me| !me.owns(meta.uid)) {
+                    return Err(FsError::NotOwner("change the mode or set the times"));
+                }
                 if fold_mtime.is_some()
                     && let Some(t) = mtime
                     && let Ok(f) = std::fs::OpenOptions::new()
@@ -974,16 +999,44 @@ impl DfsFs {
         new_name: &OsStr,
     ) -> FsResult<FileAttr> {
         let name = name_of(new_name)?;
-        let req = LinkRequest {
-            node,
-            new_parent,
-            new_name: name.clone(),
+        // The directory wants a name the file is reached by (it checks search permission
+        // there): the kernel looked one up just before. A name known here may be stale (gone
+        // on another client): then the next, and last the recorded parent's listing.
+        let hint = self.meta(node).await?.parent;
+        let mut sources = self.known().names_of(node, hint);
+        sources.truncate(LINK_SOURCES_TRIED);
+        let mut listed = false;
+        let m = loop {
+            if sources.is_empty() && !listed {
+                listed = true;
+                sources = self
+                    .remote
+                    .list(hint)
+                    .await?
+                    .into_iter()
+                    .filter(|e| e.meta.id == node)
+                    .map(|e| (hint, e.name))
+                    .collect();
+            }
+            if sources.is_empty() {
+                return Err(FsError::Absent);
+            }
+            let (parent, source) = sources.remove(0);
+            let req = LinkRequest {
+                node,
+                parent,
+                name: name_of(OsStr::new(&source))?,
+                new_parent,
+                new_name: name.clone(),
+            };
+            match self.remote.link(&req).await {
+                Err(RemoteError::Api {
+                    code: ErrorCode::NotFound,
+                    ..
+                }) => self.forget_name(parent, &source),
+                r => break r.inspect_err(|_| self.known().unsure(new_parent))?,
+            }
         };
-        let m = self
-            .remote
-            .link(&req)
-            .await
-            .inspect_err(|_| self.known().unsure(new_parent))?;
         self.remember(&m, Some((new_parent, name.as_str())));
         self.touched_dir(new_parent);
         Ok(self.attr(&m))
@@ -1162,7 +1215,7 @@ impl DfsFs {
             // replaced takes its own away.
             let mut k = self.known();
             if let Some(m) = &moved {
-                k.touched_node(m.id, dfs_server::store::now_ns());
+                k.touched_node(m.id, common::meta::now_ns());
             }
             match moved.map(|m| m.kind) {
                 Some(FileKind::Dir) => {

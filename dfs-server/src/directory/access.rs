@@ -111,14 +111,16 @@ fn not_permitted(what: &str, who: &Identity, node: &NodeMeta) -> ServiceError {
 }
 
 /// Applies a setattr to `meta` if `who` may make it, by POSIX's rules: chmod and explicit
-/// times need the owner (EPERM otherwise); setting the time to now needs the owner or write
+/// times need the owner (EPERM otherwise); setting both times to now needs the owner or write
 /// permission (EACCES); chown needs the administrator; chgrp needs the owner and a group it is
 /// in; chmod by a non-member of the file's group drops set-group-id; chown or chgrp by anyone
-/// but the administrator drops set-user-id and set-group-id.
+/// but the administrator drops set-user-id and set-group-id. A time set to now is `now` (the
+/// directory's clock), whatever time the request carries.
 pub fn apply_setattr(
     who: &Identity,
     meta: &mut NodeMeta,
     req: &SetAttrRequest,
+    now: u64,
 ) -> ServiceResult<()> {
     if let Some(uid) = req.uid
         && uid != meta.uid
@@ -141,16 +143,17 @@ pub fn apply_setattr(
     if req.mode.is_some() && !who.owns(meta.uid) {
         return Err(not_permitted("change the mode of", who, meta));
     }
-    // utimensat(2): an explicit time needs the owner; times set only to now (UTIME_NOW, the
-    // other one omitted or now too) need the owner or write permission.
-    let explicit =
-        (req.mtime_ns.is_some() && !req.mtime_now) || (req.atime_ns.is_some() && !req.atime_now);
-    if explicit {
+    // utimensat(2) as Linux judges it: both times set to now (UTIME_NOW twice, or a NULL
+    // `times`: `touch`) need the owner or write permission (EACCES); any other change of the
+    // times, an explicit one or one set to now with the other omitted (`touch -a`,
+    // `touch -m`), needs the owner (EPERM).
+    let touch = req.mtime_ns.is_some() && req.mtime_now && req.atime_ns.is_some() && req.atime_now;
+    if touch {
         if !who.owns(meta.uid) {
-            return Err(not_permitted("set the times of", who, meta));
+            need(who, meta, W)?;
         }
     } else if (req.mtime_ns.is_some() || req.atime_ns.is_some()) && !who.owns(meta.uid) {
-        need(who, meta, W)?;
+        return Err(not_permitted("set the times of", who, meta));
     }
     // Ownership first, then the mode: a chown by anyone but the administrator drops the
     // set-id bits of the old mode, and a mode given with it is judged against the new group.
@@ -172,10 +175,10 @@ pub fn apply_setattr(
         meta.mode = m;
     }
     if let Some(t) = req.mtime_ns {
-        meta.mtime_ns = t;
+        meta.mtime_ns = if req.mtime_now { now } else { t };
     }
     if let Some(t) = req.atime_ns {
-        meta.atime_ns = t;
+        meta.atime_ns = if req.atime_now { now } else { t };
     }
     Ok(())
 }

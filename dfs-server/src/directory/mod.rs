@@ -30,12 +30,17 @@ pub use registry::Registry;
 
 const NODES: TableDefinition<u64, &[u8]> = TableDefinition::new("nodes");
 const CHILDREN: TableDefinition<(u64, &str), u64> = TableDefinition::new("children");
+/// The reverse of `children`: `(node, parent, name)` for every entry, kept in the same
+/// transactions, so that a node's names are a range read (hard links).
+const NAMES: TableDefinition<(u64, u64, &str), ()> = TableDefinition::new("names");
 const META: TableDefinition<&str, u64> = TableDefinition::new("dir_meta");
 const NEXT_ID: &str = "next_node_id";
 const CLUSTER_ID: &str = "cluster_id";
-/// The store's format: 2 counts links (`nlink`) and stores access times.
+/// The store's format: 2 counts links (`nlink`) and stores access times; 3 indexes every
+/// node's names (`names`).
 const FORMAT: &str = "format";
 const FORMAT_LINKS: u64 = 2;
+const FORMAT_NAMES: u64 = 3;
 
 /// Tunables of the directory.
 #[derive(Debug, Clone)]
@@ -70,12 +75,32 @@ pub struct DirectoryService {
     capability_key: String,
 }
 
+/// A node as stored. A non-directory whose record has no link count (`nlink` 0: a field its
+/// writer did not know) has its names counted, never taken as having none.
 fn get_node(tx: &WriteTransaction, id: NodeId) -> ServiceResult<NodeMeta> {
-    let nodes = tx.open_table(NODES)?;
-    let v = nodes
-        .get(id.0)?
-        .ok_or_else(|| ServiceError::NotFound(format!("node {id}")))?;
-    decode(v.value())
+    let mut meta: NodeMeta = {
+        let nodes = tx.open_table(NODES)?;
+        let v = nodes
+            .get(id.0)?
+            .ok_or_else(|| ServiceError::NotFound(format!("node {id}")))?;
+        decode(v.value())?
+    };
+    if meta.nlink == 0 && meta.kind != FileKind::Dir {
+        meta.nlink = count_names(tx, id)?;
+        tracing::warn!(%id, nlink = meta.nlink, "node stored without a link count; counted its names");
+    }
+    Ok(meta)
+}
+
+/// How many names node `id` has (the names index).
+fn count_names(tx: &WriteTransaction, id: NodeId) -> ServiceResult<u32> {
+    let names = tx.open_table(NAMES)?;
+    let mut count = 0u32;
+    for row in names.range((id.0, 0, "")..(id.0.saturating_add(1), 0, ""))? {
+        row?;
+        count = count.saturating_add(1);
+    }
+    Ok(count)
 }
 
 fn put_node(tx: &WriteTransaction, meta: &NodeMeta) -> ServiceResult<()> {
@@ -89,6 +114,20 @@ fn child_of(tx: &WriteTransaction, parent: NodeId, name: &str) -> ServiceResult<
         .open_table(CHILDREN)?
         .get((parent.0, name))?
         .map(|v| NodeId(v.value())))
+}
+
+/// Enters `name` in `parent` for node `id`, in `children` and its reverse index.
+fn add_name(tx: &WriteTransaction, parent: NodeId, name: &str, id: NodeId) -> ServiceResult<()> {
+    tx.open_table(CHILDREN)?.insert((parent.0, name), id.0)?;
+    tx.open_table(NAMES)?.insert((id.0, parent.0, name), ())?;
+    Ok(())
+}
+
+/// Removes `name` of node `id` from `parent`, in `children` and its reverse index.
+fn remove_name(tx: &WriteTransaction, parent: NodeId, name: &str, id: NodeId) -> ServiceResult<()> {
+    tx.open_table(CHILDREN)?.remove((parent.0, name))?;
+    tx.open_table(NAMES)?.remove((id.0, parent.0, name))?;
+    Ok(())
 }
 
 fn has_children(tx: &WriteTransaction, dir: NodeId) -> ServiceResult<bool> {
@@ -136,17 +175,29 @@ fn touch_dir_links(tx: &WriteTransaction, id: NodeId, now: u64, subdirs: i64) ->
 }
 
 /// A directory that still holds a name of `id`, for a node whose recorded parent lost its
-/// name of it (hard links). Scans every entry: only an unlink or rename of a multiply
-/// linked file's recorded name comes here.
+/// name of it (hard links): one read of the names index.
 fn another_parent(tx: &WriteTransaction, id: NodeId) -> ServiceResult<Option<NodeId>> {
+    let names = tx.open_table(NAMES)?;
+    let mut range = names.range((id.0, 0, "")..(id.0.saturating_add(1), 0, ""))?;
+    match range.next() {
+        Some(row) => Ok(Some(NodeId(row?.0.value().1))),
+        None => Ok(None),
+    }
+}
+
+/// Builds the names index from `children`, for a store written before it (format < 3).
+/// Returns the number of names indexed.
+fn index_names(tx: &WriteTransaction) -> ServiceResult<u64> {
     let children = tx.open_table(CHILDREN)?;
+    let mut names = tx.open_table(NAMES)?;
+    let mut count = 0u64;
     for row in children.iter()? {
         let (k, v) = row?;
-        if v.value() == id.0 {
-            return Ok(Some(NodeId(k.value().0)));
-        }
+        let (parent, name) = k.value();
+        names.insert((v.value(), parent, name), ())?;
+        count += 1;
     }
-    Ok(None)
+    Ok(count)
 }
 
 /// One name of non-directory `meta` (in `parent`) is gone: the node goes with its last name,
@@ -160,8 +211,14 @@ fn drop_link(
 ) -> ServiceResult<NodeMeta> {
     meta.nlink = meta.nlink.saturating_sub(1);
     if meta.nlink == 0 {
-        tx.open_table(NODES)?.remove(meta.id.0)?;
-        return Ok(meta);
+        // Never delete a node that still has a name, whatever its count said.
+        let left = count_names(tx, meta.id)?;
+        if left == 0 {
+            tx.open_table(NODES)?.remove(meta.id.0)?;
+            return Ok(meta);
+        }
+        tracing::warn!(id = %meta.id, left, "link count was short of the names; recounted");
+        meta.nlink = left;
     }
     meta.ctime_ns = now;
     if meta.parent == parent
@@ -175,7 +232,8 @@ fn drop_link(
 
 /// Counts every node's links once, for a store written before links were counted: a file's
 /// names, 2 + subdirectories for a directory. Access times start as the modification times.
-fn count_links(tx: &WriteTransaction) -> ServiceResult<()> {
+/// Returns the number of nodes counted.
+fn count_links(tx: &WriteTransaction) -> ServiceResult<u64> {
     let mut names: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
     {
         let children = tx.open_table(CHILDREN)?;
@@ -198,6 +256,7 @@ fn count_links(tx: &WriteTransaction) -> ServiceResult<()> {
             *subdirs.entry(m.parent).or_default() += 1;
         }
     }
+    let counted = metas.len() as u64;
     for mut m in metas {
         m.nlink = if m.kind == FileKind::Dir {
             2u32.saturating_add(subdirs.get(&m.id).copied().unwrap_or(0))
@@ -210,7 +269,7 @@ fn count_links(tx: &WriteTransaction) -> ServiceResult<()> {
         put_node(tx, &m)?;
     }
     tx.open_table(META)?.insert(FORMAT, FORMAT_LINKS)?;
-    Ok(())
+    Ok(counted)
 }
 
 /// One commit inside `tx`. The outer error is a storage failure (the whole transaction
@@ -343,7 +402,13 @@ fn commit_in(
     {
         meta.mode = m;
     }
-    meta.mtime_ns = req.mtime_ns.unwrap_or(now);
+    // A time folded into the push (futimens or `touch -m` while the file had unpushed
+    // changes) is set by the writer under utimensat's rule for a time other than "both now":
+    // the owner's (or the administrator's) to make; anyone else's push is stamped now.
+    meta.mtime_ns = match req.mtime_ns {
+        Some(t) if writer.owns(meta.uid) => t,
+        _ => now,
+    };
     meta.ctime_ns = now;
     meta.committed_ns = now;
     put_node(tx, &meta)?;
@@ -390,7 +455,21 @@ impl DirectoryService {
         std::fs::create_dir_all(data_dir)?;
         let store = GroupCommit::open(&data_dir.join("directory.redb"))?;
         let (cluster_id, registry) = store.write(|tx| {
+            // A store a newer dfs wrote may hold what this one would misread or undo: refuse
+            // it before touching anything (there is no downgrade).
+            let stored = tx.open_table(META)?.get(FORMAT)?.map(|v| v.value());
+            if let Some(f) = stored
+                && f > FORMAT_NAMES
+            {
+                return Err(ServiceError::Internal(format!(
+                    "the directory store {} is format {f}, written by a newer dfs; this dfs-server \
+                     knows formats up to {FORMAT_NAMES} and does not downgrade a store: run the \
+                     newer dfs-server",
+                    data_dir.join("directory.redb").display()
+                )));
+            }
             tx.open_table(CHILDREN)?;
+            tx.open_table(NAMES)?;
             let fresh = tx.open_table(META)?.get(NEXT_ID)?.is_none();
             if fresh {
                 let now = now_ns();
@@ -425,11 +504,26 @@ impl DirectoryService {
                     },
                 )?;
                 tx.open_table(META)?.insert(NEXT_ID, NodeId::ROOT.0 + 1)?;
-                tx.open_table(META)?.insert(FORMAT, FORMAT_LINKS)?;
+                tx.open_table(META)?.insert(FORMAT, FORMAT_NAMES)?;
             }
             let format = tx.open_table(META)?.get(FORMAT)?.map_or(1, |v| v.value());
             if format < FORMAT_LINKS {
-                count_links(tx)?;
+                let nodes = count_links(tx)?;
+                tracing::info!(
+                    from = format,
+                    nodes,
+                    "directory store upgrade: links counted"
+                );
+            }
+            if format < FORMAT_NAMES {
+                let names = index_names(tx)?;
+                tx.open_table(META)?.insert(FORMAT, FORMAT_NAMES)?;
+                tracing::info!(
+                    from = format,
+                    to = FORMAT_NAMES,
+                    names,
+                    "directory store upgrade: names indexed"
+                );
             }
             let cluster_id = {
                 let mut meta = tx.open_table(META)?;
@@ -717,8 +811,7 @@ impl DirectoryService {
                 writeback: None,
             };
             put_node(tx, &meta)?;
-            tx.open_table(CHILDREN)?
-                .insert((parent.0, req.name.as_str()), id.0)?;
+            add_name(tx, parent, req.name.as_str(), id)?;
             let subdirs = i64::from(req.kind == FileKind::Dir);
             touch_dir_links(tx, parent, now, subdirs)?;
             Ok(meta)
@@ -751,7 +844,7 @@ impl DirectoryService {
                 }
                 _ => {}
             }
-            tx.open_table(CHILDREN)?.remove((parent.0, name.as_str()))?;
+            remove_name(tx, parent, name.as_str(), id)?;
             let now = now_ns();
             if meta.kind == FileKind::Dir {
                 tx.open_table(NODES)?.remove(id.0)?;
@@ -796,10 +889,12 @@ impl DirectoryService {
                 }
             }
             let replaced = match child_of(tx, req.new_parent, req.new_name.as_str())? {
-                Some(old) if old == id => return Ok(None),
+                // RENAME_NOREPLACE: any existing name is EEXIST, even one of the same node
+                // (as Linux checks before it finds the two names are one file).
                 Some(_) if req.no_replace => {
                     return Err(ServiceError::Exists(format!("{:?}", req.new_name.as_str())));
                 }
+                Some(old) if old == id => return Ok(None),
                 Some(old) => {
                     let old_meta = get_node(tx, old)?;
                     access::need_unlink(who, &to, &old_meta)?;
@@ -828,11 +923,11 @@ impl DirectoryService {
                 }
                 None => None,
             };
-            {
-                let mut children = tx.open_table(CHILDREN)?;
-                children.remove((req.parent.0, req.name.as_str()))?;
-                children.insert((req.new_parent.0, req.new_name.as_str()), id.0)?;
+            if let Some(old) = &replaced {
+                remove_name(tx, req.new_parent, req.new_name.as_str(), old.id)?;
             }
+            remove_name(tx, req.parent, req.name.as_str(), id)?;
+            add_name(tx, req.new_parent, req.new_name.as_str(), id)?;
             let now = now_ns();
             // Subdirectories each parent gains (its `..` links to it).
             let mut from_links = 0i64;
@@ -863,11 +958,22 @@ impl DirectoryService {
         })
     }
 
-    /// One more name for file `req.node` (`link(2)`): write and search permission on the new
-    /// parent, EEXIST for a name that exists, EPERM for a directory. Returns the node with its
-    /// new link count.
+    /// One more name for file `req.node` (`link(2)`), reached through its existing name
+    /// `req.name` in `req.parent`: search permission on that parent (as on every directory of
+    /// the path), write and search permission on the new parent, EEXIST for a name that
+    /// exists, EPERM for a directory. Returns the node with its new link count.
     pub fn link(&self, req: &LinkRequest, who: &Identity) -> ServiceResult<NodeMeta> {
         self.store.write(|tx| {
+            let from = dir_node(tx, req.parent)?;
+            access::need(who, &from, X)?;
+            if child_of(tx, req.parent, req.name.as_str())? != Some(req.node) {
+                return Err(ServiceError::NotFound(format!(
+                    "{:?} in node {} is not node {}",
+                    req.name.as_str(),
+                    req.parent,
+                    req.node
+                )));
+            }
             let to = dir_node(tx, req.new_parent)?;
             access::need(who, &to, X)?;
             let mut meta = get_node(tx, req.node)?;
@@ -877,13 +983,12 @@ impl DirectoryService {
             access::need(who, &to, W | X)?;
             access::need_linkable(&meta)?;
             meta.nlink = meta.nlink.checked_add(1).ok_or_else(|| {
-                ServiceError::TooLarge(format!("node {} has too many links", meta.id))
+                ServiceError::TooManyLinks(format!("node {} has too many links", meta.id))
             })?;
             let now = now_ns();
             meta.ctime_ns = now;
             put_node(tx, &meta)?;
-            tx.open_table(CHILDREN)?
-                .insert((req.new_parent.0, req.new_name.as_str()), meta.id.0)?;
+            add_name(tx, req.new_parent, req.new_name.as_str(), meta.id)?;
             touch_dir(tx, req.new_parent, now)?;
             Ok(meta)
         })
@@ -903,8 +1008,9 @@ impl DirectoryService {
         }
         self.store.write(|tx| {
             let mut meta = get_node(tx, id)?;
-            access::apply_setattr(who, &mut meta, req)?;
-            meta.ctime_ns = now_ns();
+            let now = now_ns();
+            access::apply_setattr(who, &mut meta, req, now)?;
+            meta.ctime_ns = now;
             put_node(tx, &meta)?;
             Ok(meta)
         })

@@ -457,6 +457,37 @@ fn resolve(svc: &DirectoryService, path: &[String]) -> NodeId {
     id
 }
 
+/// The names index as it is, and as `children` says it should be: `(node, parent, name)`.
+type NameRows = Vec<(u64, u64, String)>;
+
+fn names_index(svc: &DirectoryService) -> (NameRows, NameRows) {
+    let tx = svc.store.db().expect("db").begin_read().expect("read");
+    let mut want: NameRows = tx
+        .open_table(CHILDREN)
+        .expect("children")
+        .iter()
+        .expect("iter")
+        .map(|r| {
+            let (k, v) = r.expect("row");
+            let (parent, name) = k.value();
+            (v.value(), parent, name.to_owned())
+        })
+        .collect();
+    want.sort();
+    let got: NameRows = tx
+        .open_table(NAMES)
+        .expect("names")
+        .iter()
+        .expect("iter")
+        .map(|r| {
+            let (k, ()) = r.map(|(k, v)| (k, v.value())).expect("row");
+            let (node, parent, name) = k.value();
+            (node, parent, name.to_owned())
+        })
+        .collect();
+    (got, want)
+}
+
 /// Every path below `id`: (path, is_dir, node, links).
 type Snapshot = Vec<(Vec<String>, bool, NodeId, u32)>;
 
@@ -522,6 +553,8 @@ proptest::proptest! {
                     let dst = dirs[dst_parent % dirs.len()].clone();
                     let req = LinkRequest {
                         node: resolve(&svc, &src),
+                        parent: resolve(&svc, &src[..src.len() - 1]),
+                        name: n(&src[src.len() - 1]),
                         new_parent: resolve(&svc, &dst),
                         new_name: n(name),
                     };
@@ -544,6 +577,17 @@ proptest::proptest! {
                 proptest::prop_assert_eq!(a.3, m.nlink(&a.0), "links of {:?} after {:?}", a.0, op);
             }
             proptest::prop_assert_eq!(svc.get(NodeId::ROOT).expect("root").nlink, m.nlink(&vec![]));
+            // The names index is exactly `children`, reversed.
+            let (got, want) = names_index(&svc);
+            proptest::prop_assert_eq!(&got, &want, "names index after {:?}", op);
+            // Every node's recorded parent holds one of its names.
+            for (node, _, _) in &want {
+                let parent = svc.get(NodeId(*node)).expect("named node").parent;
+                proptest::prop_assert!(
+                    want.iter().any(|(n, p, _)| n == node && *p == parent.0),
+                    "node {} records parent {} after {:?}", node, parent, op
+                );
+            }
         }
     }
 }
@@ -1090,6 +1134,8 @@ fn chmod_chown_and_chgrp_follow_posix() {
             SetAttrRequest {
                 mtime_ns: Some(1),
                 mtime_now: true,
+                atime_ns: Some(1),
+                atime_now: true,
                 ..Default::default()
             }
         ),
@@ -1204,6 +1250,50 @@ fn regression_the_owner_writes_a_file_it_created_read_only() {
     assert_eq!(svc.commit(f.id, &req).expect("owner").meta.version, 1);
 }
 
+#[test]
+fn regression_a_time_folded_into_a_push_is_the_owners_to_set() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let (alice, bob) = (user(10_000, &[]), user(10_001, &[]));
+    let f = mk_as(&svc, &alice, NodeId::ROOT, "shared", FileKind::File, 0o666).expect("create");
+    let push = |who: &Caller, version: u64, byte: u8| CommitRequest {
+        hash: ContentHash::from_digest(&[byte; 32]),
+        size: 1,
+        fence: FenceToken(1),
+        upload_id: UploadId::from_bytes([byte; 16]),
+        base: common::api::PushBase {
+            version,
+            waiting: true,
+        },
+        holders: f.holders.clone(),
+        writer: who.name.clone(),
+        writer_id: Some(who.id.clone()),
+        primary: f.primary,
+        replicas: Some(f.replicas.clone()),
+        mode: None,
+        mtime_ns: Some(1),
+    };
+    // Bob may write the file but not set its times: his push is stamped now.
+    let before = now_ns();
+    let m = svc
+        .commit(f.id, &push(&bob, 0, 1))
+        .expect("bob writes")
+        .meta;
+    assert!(
+        m.mtime_ns >= before,
+        "bob's folded time was applied: {}",
+        m.mtime_ns
+    );
+    // Alice, the owner, may (`cp -p`, `rsync -t`).
+    let m = svc
+        .commit(f.id, &push(&alice, 1, 2))
+        .expect("alice writes")
+        .meta;
+    assert_eq!(m.mtime_ns, 1);
+}
+
+/// Links `node` through a name of it in its recorded parent (any name, as the client sends
+/// the one it reached the file by).
 fn link(
     svc: &DirectoryService,
     who: &Identity,
@@ -1211,9 +1301,20 @@ fn link(
     parent: NodeId,
     name: &str,
 ) -> ServiceResult<NodeMeta> {
+    let (src_parent, src_name) = svc
+        .get(node)
+        .ok()
+        .and_then(|m| {
+            let entries = svc.list(m.parent, &admin()).ok()?;
+            let e = entries.into_iter().find(|e| e.meta.id == node)?;
+            Some((m.parent, e.name))
+        })
+        .unwrap_or((NodeId::ROOT, "absent".into()));
     svc.link(
         &LinkRequest {
             node,
+            parent: src_parent,
+            name: n(&src_name),
             new_parent: parent,
             new_name: n(name),
         },
@@ -1262,6 +1363,54 @@ fn hard_links_share_one_node_which_goes_with_its_last_name() {
     let gone = svc.remove(b.id, &n("g"), false, &alice.id).expect("unlink");
     assert_eq!(gone.nlink, 0);
     assert!(matches!(svc.get(f.id), Err(ServiceError::NotFound(_))));
+}
+
+#[test]
+fn regression_link_needs_search_permission_on_the_source_and_its_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let (alice, bob) = (user(10_000, &[]), user(10_001, &[]));
+    let private =
+        mk_as(&svc, &alice, NodeId::ROOT, "private", FileKind::Dir, 0o700).expect("mkdir");
+    let secret = mk_as(&svc, &alice, private.id, "secret", FileKind::File, 0o644).expect("create");
+    let mine = mk_as(&svc, &bob, NodeId::ROOT, "mine", FileKind::Dir, 0o755).expect("mkdir");
+    let req = |parent: NodeId, name: &str| LinkRequest {
+        node: secret.id,
+        parent,
+        name: n(name),
+        new_parent: mine.id,
+        new_name: n("stolen"),
+    };
+    // Bob cannot search alice's 0700 directory: no link out of it (EACCES).
+    assert!(matches!(
+        svc.link(&req(private.id, "secret"), &bob.id),
+        Err(ServiceError::AccessDenied(_))
+    ));
+    // Nor through a name that is not the node's.
+    assert!(matches!(
+        svc.link(&req(mine.id, "secret"), &bob.id),
+        Err(ServiceError::NotFound(_))
+    ));
+    assert!(matches!(
+        svc.link(&req(NodeId::ROOT, "mine"), &bob.id),
+        Err(ServiceError::NotFound(_))
+    ));
+    assert!(matches!(
+        svc.lookup(mine.id, &n("stolen"), &bob.id),
+        Err(ServiceError::NotFound(_))
+    ));
+    assert_eq!(svc.get(secret.id).expect("secret").nlink, 1);
+    // Alice may.
+    let linked = svc
+        .link(
+            &LinkRequest {
+                new_parent: private.id,
+                ..req(private.id, "secret")
+            },
+            &alice.id,
+        )
+        .expect("owner links");
+    assert_eq!(linked.nlink, 2);
 }
 
 #[test]
@@ -1438,13 +1587,30 @@ fn times_set_to_now_need_write_permission_explicit_ones_the_owner() {
             mtime_now,
             ..Default::default()
         };
-    // UTIME_NOW for both, or for one with the other omitted: write permission is enough.
-    svc.setattr(f.id, &times(Some(5), true, Some(5), true), &bob.id)
-        .expect("now, now");
+    // UTIME_NOW for both (`touch`): write permission is enough, and the times are the
+    // directory's clock, not the ones the request carries.
+    let before = now_ns();
     let m = svc
-        .setattr(f.id, &times(Some(7), true, None, false), &bob.id)
-        .expect("now, omit");
-    assert_eq!(m.atime_ns, 7);
+        .setattr(f.id, &times(Some(5), true, Some(5), true), &bob.id)
+        .expect("now, now");
+    assert!(m.atime_ns >= before && m.mtime_ns >= before, "{m:?}");
+    // One now, the other omitted (`touch -a`, `touch -m`): the owner only (EPERM), as Linux.
+    for req in [
+        times(Some(7), true, None, false),
+        times(None, false, Some(7), true),
+    ] {
+        assert!(
+            matches!(
+                svc.setattr(f.id, &req, &bob.id),
+                Err(ServiceError::Forbidden(_))
+            ),
+            "{req:?}"
+        );
+    }
+    let m = svc
+        .setattr(f.id, &times(None, false, Some(7), true), &alice.id)
+        .expect("owner, touch -m");
+    assert!(m.mtime_ns >= before, "now, not the request's 7");
     // An explicit time: the owner only (EPERM).
     assert!(matches!(
         svc.setattr(f.id, &times(Some(1), false, None, false), &bob.id),
@@ -1454,6 +1620,8 @@ fn times_set_to_now_need_write_permission_explicit_ones_the_owner() {
         svc.setattr(f.id, &times(Some(1), true, Some(1), false), &bob.id),
         Err(ServiceError::Forbidden(_))
     ));
+    svc.setattr(f.id, &times(None, false, Some(5), false), &alice.id)
+        .expect("owner");
     let m = svc
         .setattr(f.id, &times(Some(1), false, None, false), &alice.id)
         .expect("owner");
@@ -1504,6 +1672,7 @@ fn a_store_from_before_link_counts_is_counted_once_at_open() {
                 }
                 tx.open_table(CHILDREN)?
                     .insert((NodeId::ROOT.0, "f-too"), f.id.0)?;
+                tx.delete_table(NAMES)?;
                 tx.open_table(META)?.remove(FORMAT)?;
                 Ok(())
             })
@@ -1514,4 +1683,168 @@ fn a_store_from_before_link_counts_is_counted_once_at_open() {
     let links = |id: NodeId| svc.get(id).expect("node").nlink;
     assert_eq!((links(NodeId::ROOT), links(a.id), links(f.id)), (3, 3, 2));
     assert_ne!(svc.get(f.id).expect("f").atime_ns, 0);
+    // The names index is built from the entries.
+    let (got, want) = names_index(&svc);
+    assert_eq!(got, want);
+    // and serves the unlink of the recorded parent's name: the node moves to its other one.
+    svc.remove(a.id, &n("f"), false, &admin()).expect("unlink");
+    let f = svc.get(f.id).expect("f keeps a name");
+    assert_eq!((f.parent, f.nlink), (NodeId::ROOT, 1));
+}
+
+#[test]
+fn regression_a_store_of_a_newer_format_is_refused_untouched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let svc = open(dir.path());
+        svc.store
+            .write(|tx| {
+                tx.open_table(META)?.insert(FORMAT, FORMAT_NAMES + 1)?;
+                Ok(())
+            })
+            .expect("rewrite");
+    }
+    let err = match DirectoryService::open(dir.path(), DirectoryConfig::default()) {
+        Ok(_) => panic!("a newer store was opened"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("newer dfs"), "{err}");
+    assert!(
+        err.contains(&format!("format {}", FORMAT_NAMES + 1)),
+        "{err}"
+    );
+}
+
+#[test]
+fn regression_a_node_stored_without_a_link_count_keeps_its_other_names() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let f = mk(&svc, NodeId::ROOT, "f", FileKind::File);
+    link(&svc, &admin(), f.id, NodeId::ROOT, "g").expect("link");
+    // Its record loses the count (as a writer that did not know the field would leave it).
+    svc.store
+        .write(|tx| {
+            let mut v = serde_json::to_value(get_node(tx, f.id)?)?;
+            v.as_object_mut().expect("object").remove("nlink");
+            let old = serde_json::to_vec(&v)?;
+            tx.open_table(NODES)?.insert(f.id.0, old.as_slice())?;
+            Ok(())
+        })
+        .expect("rewrite");
+    assert_eq!(
+        svc.get(f.id).expect("f").nlink,
+        0,
+        "the record has no count"
+    );
+    // Removing one name leaves the node, with the names it still has.
+    let left = svc
+        .remove(NodeId::ROOT, &n("f"), false, &admin())
+        .expect("unlink");
+    assert_eq!(left.nlink, 1);
+    let g = svc
+        .lookup(NodeId::ROOT, &n("g"), &admin())
+        .expect("g still names it");
+    assert_eq!((g.id, g.nlink), (f.id, 1));
+    let gone = svc
+        .remove(NodeId::ROOT, &n("g"), false, &admin())
+        .expect("unlink");
+    assert_eq!(gone.nlink, 0);
+    assert!(matches!(svc.get(f.id), Err(ServiceError::NotFound(_))));
+}
+
+#[test]
+fn the_store_upgrade_is_idempotent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = {
+        let svc = open(dir.path());
+        let a = mk(&svc, NodeId::ROOT, "a", FileKind::Dir);
+        let f = mk(&svc, a.id, "f", FileKind::File);
+        link(&svc, &admin(), f.id, NodeId::ROOT, "g").expect("link");
+        // A format 1 store: no counts, no index.
+        svc.store
+            .write(|tx| {
+                let mut v = serde_json::to_value(get_node(tx, f.id)?)?;
+                v.as_object_mut().expect("object").remove("nlink");
+                let old = serde_json::to_vec(&v)?;
+                tx.open_table(NODES)?.insert(f.id.0, old.as_slice())?;
+                tx.delete_table(NAMES)?;
+                tx.open_table(META)?.remove(FORMAT)?;
+                Ok(())
+            })
+            .expect("rewrite");
+        f
+    };
+    let state = || {
+        let svc = DirectoryService::open(dir.path(), DirectoryConfig::default()).expect("open");
+        let mut all = Vec::new();
+        snapshot(&svc, NodeId::ROOT, vec![], &mut all);
+        let format = svc
+            .store
+            .db()
+            .expect("db")
+            .begin_read()
+            .expect("read")
+            .open_table(META)
+            .expect("meta")
+            .get(FORMAT)
+            .expect("get")
+            .map(|v| v.value());
+        (
+            all,
+            names_index(&svc),
+            format,
+            svc.get(f.id).expect("f").nlink,
+        )
+    };
+    let first = state();
+    assert_eq!(first.1.0, first.1.1, "the index is built");
+    assert_eq!((first.2, first.3), (Some(FORMAT_NAMES), 2));
+    assert_eq!(state(), first, "reopening changes nothing");
+    assert_eq!(state(), first, "nor does a third open");
+}
+
+#[test]
+fn regression_a_link_past_the_largest_count_is_emlink_not_too_large() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let f = mk(&svc, NodeId::ROOT, "f", FileKind::File);
+    svc.store
+        .write(|tx| {
+            let mut m = get_node(tx, f.id)?;
+            m.nlink = u32::MAX;
+            put_node(tx, &m)
+        })
+        .expect("rewrite");
+    let r = link(&svc, &admin(), f.id, NodeId::ROOT, "g");
+    assert!(matches!(r, Err(ServiceError::TooManyLinks(_))), "{r:?}");
+    assert_eq!(
+        ServiceError::TooManyLinks(String::new()).code(),
+        common::ErrorCode::TooManyLinks
+    );
+}
+
+#[test]
+fn regression_rename_noreplace_onto_another_name_of_the_same_file_is_eexist() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let f = mk(&svc, NodeId::ROOT, "f", FileKind::File);
+    link(&svc, &admin(), f.id, NodeId::ROOT, "g").expect("link");
+    let rename = |no_replace: bool| RenameRequest {
+        parent: NodeId::ROOT,
+        name: n("f"),
+        new_parent: NodeId::ROOT,
+        new_name: n("g"),
+        no_replace,
+    };
+    assert!(matches!(
+        svc.rename(&rename(true), &admin()),
+        Err(ServiceError::Exists(_))
+    ));
+    // Without the flag, rename(2) between two names of one file does nothing.
+    assert!(
+        svc.rename(&rename(false), &admin())
+            .expect("rename")
+            .is_none()
+    );
+    assert_eq!(svc.list(NodeId::ROOT, &admin()).expect("list").len(), 2);
 }

@@ -45,7 +45,8 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | ErrorCode::NotEmpty
         | ErrorCode::StaleFence
         | ErrorCode::NotHolder
-        | ErrorCode::InUse => StatusCode::CONFLICT,
+        | ErrorCode::InUse
+        | ErrorCode::TooManyLinks => StatusCode::CONFLICT,
         ErrorCode::Unauthorized | ErrorCode::Replay => StatusCode::UNAUTHORIZED,
         ErrorCode::Forbidden | ErrorCode::AccessDenied | ErrorCode::NotAdministrator => {
             StatusCode::FORBIDDEN
@@ -84,6 +85,14 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
                 if r.status() == StatusCode::PAYLOAD_TOO_LARGE =>
             {
                 Err(AppError(ServiceError::TooLarge(r.body_text())))
+            }
+            // A name field over NAME_MAX (`ValidName` refuses it while the body is read):
+            // ENAMETOOLONG, as in a path. serde keeps only the message of the refusal.
+            Err(r @ JsonRejection::JsonDataError(_))
+                if r.body_text()
+                    .contains(&format!("bytes long, more than {}", common::name::NAME_MAX)) =>
+            {
+                Err(AppError(ServiceError::NameTooLong(r.body_text())))
             }
             Err(r) => Err(AppError(ServiceError::BadRequest(r.body_text()))),
         }
