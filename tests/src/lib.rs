@@ -765,13 +765,24 @@ impl SplitCluster {
                     .ok()?;
                 r.json().await.ok()
             });
-            info.is_some_and(|i| {
-                !i["auth_url"].is_null()
-                    && !i["lock_url"].is_null()
-                    && i["servers"]
-                        .as_array()
-                        .is_some_and(|s| s.iter().filter(|s| s["alive"] == true).count() >= files)
-            })
+            let Some(i) = info else { return false };
+            // The map may name a service restarted a moment ago, before it listens again:
+            // ready means each named service answers too.
+            let answers = |url: &serde_json::Value| {
+                url.as_str().is_some_and(|u| {
+                    rt.block_on(async {
+                        http.get(format!("{u}{}", common::routes::HEALTH))
+                            .send()
+                            .await
+                            .is_ok_and(|r| r.status().is_success())
+                    })
+                })
+            };
+            answers(&i["auth_url"])
+                && answers(&i["lock_url"])
+                && i["servers"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().filter(|s| s["alive"] == true).count() >= files)
         });
         assert!(ready, "split cluster did not become ready: {}", self.logs());
     }
