@@ -197,7 +197,7 @@ impl LoginArgs {
             None,
             None,
             self.server.remote_config()?,
-        );
+        )?;
         let known = KnownKeys::default_location()?;
         let pin = match &self.auth_key_fingerprint {
             Some(f) => Some(f.clone()),
@@ -514,7 +514,7 @@ async fn user_command(c: UserCommand) -> anyhow::Result<()> {
     match c {
         UserCommand::List(a) => {
             let key = read_cluster_key(&a.cluster_key_file)?;
-            let remote = Remote::new(&a.server.server, None, None, a.server.remote_config()?);
+            let remote = Remote::new(&a.server.server, None, None, a.server.remote_config()?)?;
             let users = remote
                 .users(&key)
                 .await
@@ -531,7 +531,7 @@ async fn user_command(c: UserCommand) -> anyhow::Result<()> {
                 None,
                 None,
                 a.admin.server.remote_config()?,
-            );
+            )?;
             let req = common::api::SetUserRequest {
                 uid: a.uid,
                 gid: a.gid,
@@ -571,7 +571,7 @@ async fn group_command(c: GroupCommand) -> anyhow::Result<()> {
     match c {
         GroupCommand::List(a) => {
             let key = read_cluster_key(&a.cluster_key_file)?;
-            let remote = Remote::new(&a.server.server, None, None, RemoteConfig::default());
+            let remote = Remote::new(&a.server.server, None, None, RemoteConfig::default())?;
             let groups = remote
                 .groups(&key)
                 .await
@@ -583,7 +583,7 @@ async fn group_command(c: GroupCommand) -> anyhow::Result<()> {
         }
         GroupCommand::Add(a) => {
             let key = read_cluster_key(&a.admin.cluster_key_file)?;
-            let remote = Remote::new(&a.admin.server.server, None, None, RemoteConfig::default());
+            let remote = Remote::new(&a.admin.server.server, None, None, RemoteConfig::default())?;
             let req = common::api::AddGroupRequest {
                 gid: a.gid,
                 members: a.users,
@@ -602,7 +602,7 @@ async fn group_command(c: GroupCommand) -> anyhow::Result<()> {
                 bail!("--gid is for `dfs group add`");
             }
             let key = read_cluster_key(&a.admin.cluster_key_file)?;
-            let remote = Remote::new(&a.admin.server.server, None, None, RemoteConfig::default());
+            let remote = Remote::new(&a.admin.server.server, None, None, RemoteConfig::default())?;
             let req = common::api::RemoveGroupRequest { members: a.users };
             let left = remote
                 .remove_group(&a.name, &req, &key)
@@ -702,14 +702,14 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
     let config = a.server.remote_config()?;
     let quick = config
         .tls
-        .builder()
+        .builder()?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(5))
         .build()
         .context("building the HTTP client")?;
     let server = a.server.server.trim_end_matches('/').to_owned();
     let creds = CredStore::default_location()?;
-    let remote = Remote::new(&server, creds.get(&server)?, Some(creds), config);
+    let remote = Remote::new(&server, creds.get(&server)?, Some(creds), config)?;
     let cluster = remote
         .cluster(true)
         .await

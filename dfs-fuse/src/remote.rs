@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use anyhow::Context;
+
 use common::api::{
     AcquireRequest, AcquireResponse, ClusterInfo, CreateRequest, Grant, LockRequest,
     PublicKeyResponse, RefreshRequest, RenameRequest, SetAttrRequest, StatFs, TokenResponse,
@@ -224,25 +226,25 @@ impl Remote {
         login: Option<SavedLogin>,
         creds: Option<CredStore>,
         config: RemoteConfig,
-    ) -> Self {
+    ) -> anyhow::Result<Self> {
         let server = server.trim_end_matches('/').to_owned();
         let http = config
             .tls
-            .builder()
+            .builder()?
             .connect_timeout(Duration::from_secs(3))
             .timeout(config.call_timeout + Duration::from_secs(30))
             .build()
-            .unwrap_or_default();
+            .context("building the HTTP client")?;
         // Bodies get a per-request deadline scaled to their size (reqwest's read_timeout would cap
         // the whole upload, fsyncs and replication included, at a fixed time).
         let stream = config
             .tls
-            .builder()
+            .builder()?
             .connect_timeout(Duration::from_secs(3))
             .tcp_keepalive(Duration::from_secs(15))
             .build()
-            .unwrap_or_default();
-        Remote {
+            .context("building the HTTP client for file bodies")?;
+        Ok(Remote {
             identity: std::sync::Mutex::new(login.as_ref().and_then(|l| l.id.clone())),
             capabilities: std::sync::Mutex::new(std::collections::HashMap::new()),
             commit_caps: std::sync::Mutex::new(std::collections::HashMap::new()),
@@ -260,7 +262,7 @@ impl Remote {
             auth_key_used: std::sync::Mutex::new(None),
             stats: Arc::new(ClientStats::default()),
             local_ids: std::sync::atomic::AtomicBool::new(false),
-        }
+        })
     }
 
     /// Makes this a `--local-ids` client: every request made for a local caller

@@ -47,7 +47,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             }
         };
         let creds = CredStore::default_location()?;
-        let remote = Remote::new(&server, None, Some(creds.clone()), config);
+        let remote = Remote::new(&server, None, Some(creds.clone()), config)?;
         if let Err(e) = remote.signup(DEFAULT_USER, &password).await
             && !matches!(&e, crate::remote::RemoteError::Api { code: common::ErrorCode::Exists, .. }) {
                 return Err(anyhow::anyhow!("creating the default user: {e}"));

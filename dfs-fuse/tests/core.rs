@@ -23,7 +23,7 @@ async fn cluster(dir: &std::path::Path) -> ClusterHandle {
 }
 
 async fn login(c: &ClusterHandle, user: &str) -> SavedLogin {
-    let r = Remote::new(&c.directory_url, None, None, RemoteConfig::default());
+    let r = Remote::new(&c.directory_url, None, None, RemoteConfig::default()).unwrap();
     // A user from before a restart already exists.
     let _ = r.signup(user, "password123").await;
     r.login(user, "password123").await.unwrap()

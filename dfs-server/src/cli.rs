@@ -299,15 +299,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         .with_capability_key(&key),
                 );
                 let (l, url) = cluster::bind(a.listen, tls.as_ref()).await?;
-                let verifier =
-                    Arc::new(Verifier::new(&key, None, Some(url.clone())).with_tls(&client_tls));
+                let verifier = Arc::new(Verifier::new(&key, None, Some(url.clone()), &client_tls)?);
                 println!("dfs directory listening on {url}");
                 let repair = crate::directory::repair::RepairConfig {
                     interval: Duration::from_millis(a.repair_interval_ms),
                     ..Default::default()
                 };
                 vec![
-                    cluster::start_repair(svc.clone(), &key, repair, &client_tls, cancel.clone()),
+                    cluster::start_repair(svc.clone(), &key, repair, &client_tls, cancel.clone())?,
                     cluster::serve(
                         l,
                         finish(
@@ -333,9 +332,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 let (l, url) = cluster::bind(a.listen, tls.as_ref()).await?;
                 let url = a.advertise.unwrap_or(url);
-                let verifier = Arc::new(
-                    Verifier::new(&key, None, Some(a.directory.clone())).with_tls(&client_tls),
-                );
+                let verifier = Arc::new(Verifier::new(
+                    &key,
+                    None,
+                    Some(a.directory.clone()),
+                    &client_tls,
+                )?);
                 println!("dfs lock service listening on {url}");
                 vec![
                     cluster::serve(
@@ -349,7 +351,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         cancel.clone(),
                     ),
                     cluster::register_service_loop(
-                        Peer::with_tls(&key, &client_tls),
+                        Peer::with_tls(&key, &client_tls)?,
                         a.directory,
                         ServiceKind::Lock,
                         url,
@@ -371,7 +373,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 let (l, url) = cluster::bind(a.listen, tls.as_ref()).await?;
                 let url = a.advertise.unwrap_or(url);
-                let verifier = Arc::new(Verifier::new(&key, Some(svc.public_key().clone()), None));
+                let verifier = Arc::new(Verifier::new(
+                    &key,
+                    Some(svc.public_key().clone()),
+                    None,
+                    &client_tls,
+                )?);
                 println!(
                     "dfs auth service listening on {url}; key fingerprint {}",
                     svc.fingerprint()?
@@ -388,7 +395,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         cancel.clone(),
                     ),
                     cluster::register_service_loop(
-                        Peer::with_tls(&key, &client_tls),
+                        Peer::with_tls(&key, &client_tls)?,
                         a.directory,
                         ServiceKind::Auth,
                         url,
@@ -401,9 +408,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 let (tls, client_tls) = a.common.tls.load()?;
                 let (l, url) = cluster::bind(a.listen, tls.as_ref()).await?;
                 let url = a.advertise.unwrap_or(url);
-                let verifier = Arc::new(
-                    Verifier::new(&key, None, Some(a.directory.clone())).with_tls(&client_tls),
-                );
+                let verifier = Arc::new(Verifier::new(
+                    &key,
+                    None,
+                    Some(a.directory.clone()),
+                    &client_tls,
+                )?);
                 println!("dfs file server listening on {url}");
                 let opts = cluster::FileServerOptions {
                     data: a.common.data.clone(),

@@ -234,7 +234,7 @@ async fn unrenewed_lease_passes_the_lock_and_stale_fence_is_refused() {
 #[tokio::test]
 async fn directory_restart_keeps_all_metadata() {
     let dir = tempfile::tempdir().unwrap();
-    let http = dfs_server::tls::client();
+    let http = dfs_server::tls::client().expect("an HTTP client");
     let (token, f) = {
         let cluster = start_on(dir.path(), |_| {}).await;
         let token = signup_login(&http, &cluster, "bob").await.token;
@@ -477,7 +477,7 @@ async fn a_fence_the_lock_service_did_not_sign_is_refused() {
 async fn closed_signup_needs_the_cluster_key() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = start_on(dir.path(), |c| c.auth.open_signup = false).await;
-    let http = dfs_server::tls::client();
+    let http = dfs_server::tls::client().expect("an HTTP client");
     let pk = public_key(&http, &cluster).await;
     let env = dfs_server::auth::seal(&pk, "mallory", "password123").unwrap();
     let r = post_envelope(&http, &cluster, routes::AUTH_SIGNUP, &env).await;

@@ -196,3 +196,44 @@ fn dfs_up_serves_tls_when_asked() {
         "{printed}"
     );
 }
+
+/// Where a machine without CA certificates looks for them (nowhere).
+const NO_SYSTEM_ROOTS: [(&str, &str); 2] = [
+    ("SSL_CERT_FILE", "/nonexistent/dfs-test/ca.pem"),
+    ("SSL_CERT_DIR", "/nonexistent/dfs-test/certs"),
+];
+
+#[test]
+fn without_system_ca_certificates_plain_http_works_and_https_says_what_to_pass() {
+    // Plain HTTP needs no CA certificates: neither the services nor the dfs command read them.
+    let cluster = Cluster::start_with_env(&[], &NO_SYSTEM_ROOTS);
+    assert!(cluster.url.starts_with("http://"), "{}", cluster.url);
+    let c = Client::new(&cluster.url);
+    let out = c.run_with_env(
+        &["signup", "--user", "alice", "--password-stdin"],
+        "password123\n",
+        &NO_SYSTEM_ROOTS,
+    );
+    assert!(out.status.success(), "signup without system roots: {out:?}");
+    let out = c.run_with_env(
+        &["login", "--user", "alice", "--password-stdin"],
+        "password123\n",
+        &NO_SYSTEM_ROOTS,
+    );
+    assert!(out.status.success(), "login without system roots: {out:?}");
+    let out = c.run_with_env(&["status"], "", &NO_SYSTEM_ROOTS);
+    assert!(out.status.success(), "status without system roots: {out:?}");
+
+    // An https URL without --ca-file on such a machine: a clear error, not a panic.
+    let certs = TestCerts::new();
+    let args = certs.server_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let tls = Cluster::start_with_env(&args, &NO_SYSTEM_ROOTS);
+    assert!(tls.url.starts_with("https://"), "{}", tls.url);
+    let out = Client::new(&tls.url).run_with_env(
+        &["login", "--user", "alice", "--password-stdin"],
+        "password123\n",
+        &NO_SYSTEM_ROOTS,
+    );
+    fails_with(out, "no CA certificates could be loaded from the system");
+}

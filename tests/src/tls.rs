@@ -59,6 +59,7 @@ impl TestCerts {
         dfs_server::tls::ClientTls::from_ca_file(&self.ca)
             .unwrap()
             .client()
+            .unwrap()
     }
 }
 

@@ -635,7 +635,7 @@ async fn regression_a_repair_pass_never_waits_for_its_copies() {
         },
     )
     .expect("two copies");
-    let peer = crate::peer::Peer::new("key");
+    let peer = crate::peer::Peer::new("key").expect("a peer");
     let cfg = repair::RepairConfig::default();
     let inflight = repair::InFlight::default();
     let (_, started) = tokio::time::timeout(

@@ -67,31 +67,26 @@ fn digest(s: &str) -> [u8; 32] {
 
 impl Verifier {
     /// A verifier with a known public key (in-process auth) or one to fetch via `directory_url`.
+    /// The key is fetched over https with `tls`'s roots. An error if its HTTP client cannot
+    /// be built.
     pub fn new(
         cluster_key: &str,
         public_key: Option<PublicKey>,
         directory_url: Option<String>,
-    ) -> Self {
-        Verifier {
+        tls: &crate::tls::ClientTls,
+    ) -> anyhow::Result<Self> {
+        let http = tls
+            .builder()?
+            .timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| anyhow::anyhow!("building the HTTP client for the auth key: {e}"))?;
+        Ok(Verifier {
             cluster_key_digest: digest(cluster_key),
             public_key: RwLock::new(public_key),
             directory_url,
-            http: Self::client(&crate::tls::ClientTls::system()),
+            http,
             verified: std::sync::Mutex::new(std::collections::HashMap::new()),
-        }
-    }
-
-    /// This verifier, fetching the auth key over https with `tls`'s roots.
-    pub fn with_tls(mut self, tls: &crate::tls::ClientTls) -> Self {
-        self.http = Self::client(tls);
-        self
-    }
-
-    fn client(tls: &crate::tls::ClientTls) -> reqwest::Client {
-        tls.builder()
-            .timeout(Duration::from_secs(5))
-            .build()
-            .unwrap_or_else(|_| crate::tls::client())
+        })
     }
 
     /// Whether `key` is the cluster key (compared as digests, so timing reveals nothing useful).
