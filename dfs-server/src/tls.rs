@@ -394,4 +394,36 @@ mod tests {
         let missing = dir.path().join("nope.pem");
         assert!(error_of(ClientTls::from_ca_file(&missing)).contains("nope.pem"));
     }
+
+    #[test]
+    fn a_truncated_or_damaged_ca_file_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, _) = self_signed(dir.path(), "a");
+        let pem = std::fs::read_to_string(&cert).unwrap();
+        let lines: Vec<&str> = pem.lines().collect();
+        assert!(lines.len() > 4, "{pem}");
+        // Cut off halfway: the END line lost.
+        let half = dir.path().join("half.pem");
+        std::fs::write(&half, lines[..lines.len() / 2].join("\n")).unwrap();
+        let e = error_of(ClientTls::from_ca_file(&half));
+        assert!(e.contains("half.pem"), "{e}");
+        // Base64 lines lost from the middle, the PEM wrapping intact: the DER is damaged.
+        let damaged = dir.path().join("damaged.pem");
+        let mut kept = vec![lines[0]];
+        kept.extend(&lines[3..]);
+        std::fs::write(&damaged, kept.join("\n")).unwrap();
+        let e = error_of(ClientTls::from_ca_file(&damaged));
+        assert!(
+            e.contains("damaged.pem") && e.contains("not a valid CA certificate"),
+            "{e}"
+        );
+        // One good certificate does not excuse a bad one after it.
+        let mixed = dir.path().join("mixed.pem");
+        std::fs::write(&mixed, format!("{pem}{}\n", kept.join("\n"))).unwrap();
+        let e = error_of(ClientTls::from_ca_file(&mixed));
+        assert!(
+            e.contains("mixed.pem") && e.contains("certificate 2"),
+            "{e}"
+        );
+    }
 }
