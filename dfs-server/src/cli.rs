@@ -299,7 +299,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         .with_capability_key(&key),
                 );
                 let (l, url) = cluster::bind(a.listen, tls.as_ref()).await?;
-                let verifier = Arc::new(Verifier::new(&key, None, Some(url.clone()), &client_tls)?);
+                // The auth service's URL comes from this directory's own registry: its bound
+                // URL may be 0.0.0.0 or an address its certificate does not name.
+                let registry = svc.clone();
+                let verifier = Arc::new(
+                    Verifier::new(&key, None, None, &client_tls)?
+                        .with_auth_url(Box::new(move || registry.registry.services().1)),
+                );
                 println!("dfs directory listening on {url}");
                 let repair = crate::directory::repair::RepairConfig {
                     interval: Duration::from_millis(a.repair_interval_ms),
