@@ -205,8 +205,9 @@ pub struct ServiceArgs {
 /// Login and signup rate limits of the auth service.
 #[derive(Debug, Args)]
 pub struct LoginLimitArgs {
-    /// Login and signup attempts allowed per user name and minute (all at once if saved up);
-    /// past it the auth service answers 429 "too many attempts" until one is earned back.
+    /// Failed login and signup attempts allowed per user name and source address and minute
+    /// (all at once if saved up); past it the auth service answers 429 "too many attempts" to
+    /// that user from that address until one is earned back. Successes spend nothing.
     #[arg(long, default_value_t = crate::auth::DEFAULT_LOGINS_PER_USER, value_parser = clap::value_parser!(u32).range(1..))]
     pub logins_per_user_per_minute: u32,
     /// Login and signup attempts allowed per source address and minute.
