@@ -455,7 +455,8 @@ impl Remote {
         self.send(self.http.post(url).json(body), what).await
     }
 
-    /// The cluster map (fetched once, refreshed with `refresh = true`).
+    /// The cluster map (fetched once, refreshed with `refresh = true`). A map from an https://
+    /// directory that names a plain http:// service is refused.
     pub async fn cluster(&self, refresh: bool) -> Result<ClusterInfo, RemoteError> {
         if !refresh && let Some(c) = self.cluster.lock().ok().and_then(|c| c.clone()) {
             return Ok(c);
@@ -471,6 +472,9 @@ impl Remote {
             return Err(api_error(resp).await);
         }
         let info: ClusterInfo = resp.json().await.map_err(|e| net("cluster map", e))?;
+        // An https directory naming a plain service: refuse it rather than downgrade.
+        info.check_https(&self.server)
+            .map_err(RemoteError::Network)?;
         if let Ok(mut c) = self.cluster.lock() {
             *c = Some(info.clone());
         }

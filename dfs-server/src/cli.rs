@@ -297,7 +297,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 let svc = Arc::new(
                     DirectoryService::open(&a.common.data, cfg)
                         .context("opening the directory")?
-                        .with_capability_key(&key),
+                        .with_capability_key(&key)
+                        .https_only(tls.is_some()),
                 );
                 let (l, url) = cluster::bind(a.listen, tls.as_ref()).await?;
                 // The auth service's URL comes from this directory's own registry: its bound

@@ -374,7 +374,8 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
     let directory = Arc::new(
         DirectoryService::open(&cfg.data.join("directory"), cfg.directory.clone())
             .context("opening the directory service")?
-            .with_capability_key(&key),
+            .with_capability_key(&key)
+            .https_only(cfg.tls.is_some()),
     );
     let (dl, directory_url) = bind(cfg.listen, tls).await.context("directory service")?;
     tasks.push(start_repair(

@@ -90,12 +90,16 @@ impl Peer {
     }
 
     /// The directory's cluster map.
+    /// A map from an https:// directory naming a plain http:// service is refused.
     pub async fn cluster(&self, dir: &str) -> ServiceResult<ClusterInfo> {
-        self.send(
-            self.http.get(format!("{dir}{}", routes::CLUSTER)),
-            "cluster map",
-        )
-        .await
+        let info: ClusterInfo = self
+            .send(
+                self.http.get(format!("{dir}{}", routes::CLUSTER)),
+                "cluster map",
+            )
+            .await?;
+        info.check_https(dir).map_err(ServiceError::Unavailable)?;
+        Ok(info)
     }
 
     /// One node's metadata from the directory.

@@ -146,6 +146,7 @@ impl Verifier {
                     .json()
                     .await
                     .map_err(unavailable)?;
+                info.check_https(dir).map_err(ServiceError::Unavailable)?;
                 info.auth_url.ok_or_else(no_auth)?
             }
             (None, None) => {
