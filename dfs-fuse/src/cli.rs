@@ -237,10 +237,22 @@ impl LoginArgs {
             }
             Err(e) => Err(e).with_context(|| format!("{what} at {server}")),
             Ok(v) => {
-                if let Some(used) = remote.auth_key_used()
-                    && known.get(server)?.as_deref() != Some(used.as_str())
-                {
-                    known.put(server, &used)?;
+                if let Some(used) = remote.auth_key_used() {
+                    let before = known.get(server)?;
+                    if before.as_deref() != Some(used.as_str()) {
+                        known.put(server, &used)?;
+                        // Trust on first use is only as good as a look at what was trusted.
+                        let how = match before {
+                            None => "first use",
+                            Some(_) => "given with --auth-key-fingerprint",
+                        };
+                        eprintln!(
+                            "dfs: pinned the auth key of {server}: {used} ({how}; kept in {}). \
+                             Check it against the fingerprint the cluster's administrator sees \
+                             (dfs-server prints it at start).",
+                            known.path().display()
+                        );
+                    }
                 }
                 Ok(v)
             }

@@ -120,6 +120,20 @@ fn the_auth_key_is_pinned_at_first_login_and_a_changed_one_is_refused() {
     let first = cluster.auth_key_fingerprint();
     assert!(first.starts_with("SHA256:") && first.len() == 50, "{first}");
     let alice = Client::new(&cluster.url);
+    // The first signup pins the key, and says which.
+    let out = alice.run(
+        &["signup", "--user", "alice", "--password-stdin"],
+        "password123\n",
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success()
+            && err.contains(&format!(
+                "pinned the auth key of {}: {first} (first use",
+                cluster.url
+            )),
+        "{err}"
+    );
     alice.signup_login("alice");
     let pins = alice.config_dir().join("dfs/known_auth_keys.json");
     assert!(std::fs::read_to_string(&pins).unwrap().contains(&first));
