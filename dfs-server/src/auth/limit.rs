@@ -91,6 +91,11 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
             tokens: f64::from(self.rate.burst),
             at: now,
         };
+        if !self.map.contains_key(key) && self.map.len() >= MAX_KEYS {
+            // Every remembered key is still spending: a new one waits rather than push out
+            // one of them (the map stays bounded and no limit is forgotten).
+            return Err(self.rate.every);
+        }
         let b = self.map.get(key).copied().unwrap_or(fresh);
         let tokens = self.refilled(b, now);
         if tokens >= 1.0 {
@@ -107,8 +112,8 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
         }
     }
 
-    /// Forgets full buckets (they hold nothing a fresh one would not), then, if that is not
-    /// enough, half of the rest.
+    /// Forgets full buckets (they hold nothing a fresh one would not), and only those: a
+    /// drained bucket forgotten would hand its key a fresh burst.
     fn evict(&mut self, now: Instant) {
         let burst = f64::from(self.rate.burst);
         let rate = self.rate;
@@ -117,12 +122,6 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
                 now.saturating_duration_since(b.at).as_secs_f64() / rate.every.as_secs_f64();
             b.tokens + earned < burst
         });
-        if self.map.len() >= MAX_KEYS / 2 {
-            let drop: Vec<K> = self.map.keys().take(self.map.len() / 2).cloned().collect();
-            for k in drop {
-                self.map.remove(&k);
-            }
-        }
     }
 }
 
@@ -154,9 +153,28 @@ pub struct LoginLimits {
     addrs: std::sync::Mutex<Buckets<IpAddr>>,
 }
 
+/// The key an address is limited by: IPv4 as it is, IPv6 by its /64 (one host usually has a
+/// whole /64 to pick addresses from), IPv4-mapped IPv6 as the IPv4 address.
+pub fn addr_key(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(_) => addr,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        },
+    }
+}
+
+fn show(addr: IpAddr) -> String {
+    match addr {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("{a}/64"),
+    }
+}
+
 fn user_at(user: &str, addr: Option<IpAddr>) -> String {
     match addr {
-        Some(a) => format!("user {user} from address {a}"),
+        Some(a) => format!("user {user} from address {}", show(a)),
         None => format!("user {user}"),
     }
 }
@@ -175,6 +193,7 @@ impl LoginLimits {
     /// before any password hash): refused while its failures from there are spent. Spends
     /// nothing.
     pub fn check_user(&self, user: &str, addr: Option<IpAddr>) -> Result<(), Limited> {
+        let addr = addr.map(addr_key);
         self.users
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -187,6 +206,7 @@ impl LoginLimits {
 
     /// An attempt for `user` from `addr` failed: it spends one of that pair's tokens.
     pub fn failed(&self, user: &str, addr: Option<IpAddr>) {
+        let addr = addr.map(addr_key);
         // Err: already spent; the next attempt is refused by `check_user`.
         let _ = self
             .users
@@ -197,6 +217,7 @@ impl LoginLimits {
 
     /// An attempt for `user` from `addr` succeeded: that pair's failures are forgotten.
     pub fn succeeded(&self, user: &str, addr: Option<IpAddr>) {
+        let addr = addr.map(addr_key);
         self.users
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -206,12 +227,13 @@ impl LoginLimits {
 
     /// One attempt from `addr` (checked before the envelope is opened).
     pub fn check_addr(&self, addr: IpAddr) -> Result<(), Limited> {
+        let addr = addr_key(addr);
         self.addrs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take(&addr, Instant::now())
             .map_err(|retry_after| Limited {
-                what: format!("address {addr}"),
+                what: format!("address {}", show(addr)),
                 retry_after,
             })
     }
@@ -279,6 +301,56 @@ mod tests {
         let e = l.check_addr(a).unwrap_err();
         assert!(e.to_string().contains("address 127.0.0.1"), "{e}");
         assert!(l.check_addr(b).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ipv6_addresses_are_limited_by_their_64() {
+        let l = LoginLimits::new(Rate::per_minute(100), Rate::per_minute(2));
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff:eeee:dddd:cccc".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert!(l.check_addr(a).is_ok() && l.check_addr(b).is_ok());
+        let e = l.check_addr(a).unwrap_err();
+        assert!(e.to_string().contains("address 2001:db8:1:2::/64"), "{e}");
+        assert!(l.check_addr(other).is_ok(), "another /64 is apart");
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(addr_key(mapped), IpAddr::from([10, 0, 0, 1]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn eviction_forgets_only_full_buckets_never_a_drained_one() {
+        let mut b = Buckets::new(Rate {
+            burst: 1,
+            every: Duration::from_secs(60),
+        });
+        let now = Instant::now();
+        // One drained bucket, then the map filled with buckets that are full again later.
+        b.take(&0usize, now).unwrap();
+        for k in 1..MAX_KEYS {
+            b.map.insert(
+                k,
+                Bucket {
+                    tokens: 1.0,
+                    at: now,
+                },
+            );
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let later = Instant::now();
+        b.take(&MAX_KEYS, later).unwrap();
+        assert!(b.take(&0, later).is_err(), "the drained bucket was kept");
+        assert!(b.map.len() <= 2, "full ones went: {}", b.map.len());
+        // A map full of drained buckets refuses a new key rather than forget one.
+        let mut d = Buckets::new(Rate {
+            burst: 1,
+            every: Duration::from_secs(60),
+        });
+        for k in 0..MAX_KEYS {
+            d.take(&k, later).unwrap();
+        }
+        assert!(d.take(&MAX_KEYS, later).is_err());
+        assert!(d.take(&0, later).is_err(), "still drained");
+        assert_eq!(d.map.len(), MAX_KEYS);
     }
 
     #[tokio::test(start_paused = true)]
