@@ -361,6 +361,30 @@ pub struct ClusterInfo {
     pub cluster_id: String,
 }
 
+impl ClusterInfo {
+    /// A map fetched from an https:// directory must name only https:// services: a plain URL
+    /// in it would send tokens, the cluster key and files in clear. Err names the first one.
+    pub fn check_https(&self, directory_url: &str) -> Result<(), String> {
+        if !directory_url.starts_with("https://") {
+            return Ok(());
+        }
+        let urls = self
+            .lock_url
+            .iter()
+            .chain(self.auth_url.iter())
+            .chain(self.servers.iter().map(|s| &s.url));
+        for url in urls {
+            if !url.starts_with("https://") {
+                return Err(format!(
+                    "the TLS directory {directory_url} names a plain-HTTP service {url}: refusing \
+                     to send anything to it in clear (serve it with TLS)"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// `POST /v1/locks/{id}/acquire`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AcquireRequest {
@@ -753,4 +777,41 @@ pub struct HolderItem {
 pub struct AddHoldersRequest {
     /// The copies.
     pub items: Vec<HolderItem>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(lock: &str, server: &str) -> ClusterInfo {
+        ClusterInfo {
+            lock_url: Some(lock.into()),
+            auth_url: Some("https://auth:7072".into()),
+            servers: vec![ServerStatus {
+                id: ServerId(1),
+                url: server.into(),
+                alive: true,
+                last_heartbeat_ms_ago: None,
+                capacity_bytes: 1,
+                space: None,
+                primaries: 0,
+                replicas: 0,
+            }],
+            replication: 2,
+            cluster_id: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_map_from_a_tls_directory_names_only_tls_services() {
+        let all_tls = map("https://lock:7071", "https://f1:7073");
+        assert!(all_tls.check_https("https://dir:7070").is_ok());
+        let plain_server = map("https://lock:7071", "http://f1:7073");
+        let e = plain_server.check_https("https://dir:7070").unwrap_err();
+        assert!(e.contains("http://f1:7073"), "{e}");
+        let plain_lock = map("http://lock:7071", "https://f1:7073");
+        assert!(plain_lock.check_https("https://dir:7070").is_err());
+        // A plain directory's map is not judged: that cluster is plain already.
+        assert!(plain_server.check_https("http://dir:7070").is_ok());
+    }
 }

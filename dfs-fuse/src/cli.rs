@@ -197,7 +197,7 @@ impl LoginArgs {
             None,
             None,
             self.server.remote_config()?,
-        );
+        )?;
         let known = KnownKeys::default_location()?;
         let pin = match &self.auth_key_fingerprint {
             Some(f) => Some(f.clone()),
@@ -237,10 +237,22 @@ impl LoginArgs {
             }
             Err(e) => Err(e).with_context(|| format!("{what} at {server}")),
             Ok(v) => {
-                if let Some(used) = remote.auth_key_used()
-                    && known.get(server)?.as_deref() != Some(used.as_str())
-                {
-                    known.put(server, &used)?;
+                if let Some(used) = remote.auth_key_used() {
+                    let before = known.get(server)?;
+                    if before.as_deref() != Some(used.as_str()) {
+                        known.put(server, &used)?;
+                        // Trust on first use is only as good as a look at what was trusted.
+                        let how = match before {
+                            None => "first use",
+                            Some(_) => "given with --auth-key-fingerprint",
+                        };
+                        eprintln!(
+                            "dfs: pinned the auth key of {server}: {used} ({how}; kept in {}). \
+                             Check it against the fingerprint the cluster's administrator sees \
+                             (dfs-server prints it at start).",
+                            known.path().display()
+                        );
+                    }
                 }
                 Ok(v)
             }
@@ -519,7 +531,7 @@ async fn user_command(c: UserCommand) -> anyhow::Result<()> {
     match c {
         UserCommand::List(a) => {
             let key = read_cluster_key(&a.cluster_key_file)?;
-            let remote = Remote::new(&a.server.server, None, None, a.server.remote_config()?);
+            let remote = Remote::new(&a.server.server, None, None, a.server.remote_config()?)?;
             let users = remote
                 .users(&key)
                 .await
@@ -536,7 +548,7 @@ async fn user_command(c: UserCommand) -> anyhow::Result<()> {
                 None,
                 None,
                 a.admin.server.remote_config()?,
-            );
+            )?;
             let req = common::api::SetUserRequest {
                 uid: a.uid,
                 gid: a.gid,
@@ -576,7 +588,7 @@ async fn group_command(c: GroupCommand) -> anyhow::Result<()> {
     match c {
         GroupCommand::List(a) => {
             let key = read_cluster_key(&a.cluster_key_file)?;
-            let remote = Remote::new(&a.server.server, None, None, RemoteConfig::default());
+            let remote = Remote::new(&a.server.server, None, None, RemoteConfig::default())?;
             let groups = remote
                 .groups(&key)
                 .await
@@ -588,7 +600,7 @@ async fn group_command(c: GroupCommand) -> anyhow::Result<()> {
         }
         GroupCommand::Add(a) => {
             let key = read_cluster_key(&a.admin.cluster_key_file)?;
-            let remote = Remote::new(&a.admin.server.server, None, None, RemoteConfig::default());
+            let remote = Remote::new(&a.admin.server.server, None, None, RemoteConfig::default())?;
             let req = common::api::AddGroupRequest {
                 gid: a.gid,
                 members: a.users,
@@ -607,7 +619,7 @@ async fn group_command(c: GroupCommand) -> anyhow::Result<()> {
                 bail!("--gid is for `dfs group add`");
             }
             let key = read_cluster_key(&a.admin.cluster_key_file)?;
-            let remote = Remote::new(&a.admin.server.server, None, None, RemoteConfig::default());
+            let remote = Remote::new(&a.admin.server.server, None, None, RemoteConfig::default())?;
             let req = common::api::RemoveGroupRequest { members: a.users };
             let left = remote
                 .remove_group(&a.name, &req, &key)
@@ -707,14 +719,14 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
     let config = a.server.remote_config()?;
     let quick = config
         .tls
-        .builder()
+        .builder()?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(5))
         .build()
         .context("building the HTTP client")?;
     let server = a.server.server.trim_end_matches('/').to_owned();
     let creds = CredStore::default_location()?;
-    let remote = Remote::new(&server, creds.get(&server)?, Some(creds), config);
+    let remote = Remote::new(&server, creds.get(&server)?, Some(creds), config)?;
     let cluster = remote
         .cluster(true)
         .await

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use anyhow::Context;
+
 use common::api::{
     AcquireRequest, AcquireResponse, ClusterInfo, CreateRequest, Grant, LockRequest,
     PublicKeyResponse, RefreshRequest, RenameRequest, SetAttrRequest, StatFs, TokenResponse,
@@ -224,25 +226,25 @@ impl Remote {
         login: Option<SavedLogin>,
         creds: Option<CredStore>,
         config: RemoteConfig,
-    ) -> Self {
+    ) -> anyhow::Result<Self> {
         let server = server.trim_end_matches('/').to_owned();
         let http = config
             .tls
-            .builder()
+            .builder()?
             .connect_timeout(Duration::from_secs(3))
             .timeout(config.call_timeout + Duration::from_secs(30))
             .build()
-            .unwrap_or_default();
+            .context("building the HTTP client")?;
         // Bodies get a per-request deadline scaled to their size (reqwest's read_timeout would cap
         // the whole upload, fsyncs and replication included, at a fixed time).
         let stream = config
             .tls
-            .builder()
+            .builder()?
             .connect_timeout(Duration::from_secs(3))
             .tcp_keepalive(Duration::from_secs(15))
             .build()
-            .unwrap_or_default();
-        Remote {
+            .context("building the HTTP client for file bodies")?;
+        Ok(Remote {
             identity: std::sync::Mutex::new(login.as_ref().and_then(|l| l.id.clone())),
             capabilities: std::sync::Mutex::new(std::collections::HashMap::new()),
             commit_caps: std::sync::Mutex::new(std::collections::HashMap::new()),
@@ -260,7 +262,7 @@ impl Remote {
             auth_key_used: std::sync::Mutex::new(None),
             stats: Arc::new(ClientStats::default()),
             local_ids: std::sync::atomic::AtomicBool::new(false),
-        }
+        })
     }
 
     /// Makes this a `--local-ids` client: every request made for a local caller
@@ -460,7 +462,8 @@ impl Remote {
         self.send(self.http.post(url).json(body), what).await
     }
 
-    /// The cluster map (fetched once, refreshed with `refresh = true`).
+    /// The cluster map (fetched once, refreshed with `refresh = true`). A map from an https://
+    /// directory that names a plain http:// service is refused.
     pub async fn cluster(&self, refresh: bool) -> Result<ClusterInfo, RemoteError> {
         if !refresh && let Some(c) = self.cluster.lock().ok().and_then(|c| c.clone()) {
             return Ok(c);
@@ -476,6 +479,9 @@ impl Remote {
             return Err(api_error(resp).await);
         }
         let info: ClusterInfo = resp.json().await.map_err(|e| net("cluster map", e))?;
+        // An https directory naming a plain service: refuse it rather than downgrade.
+        info.check_https(&self.server)
+            .map_err(RemoteError::Network)?;
         if let Ok(mut c) = self.cluster.lock() {
             *c = Some(info.clone());
         }
@@ -1418,7 +1424,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_local_ids_request_names_exactly_its_caller() {
-        let r = Remote::new("http://127.0.0.1:9", None, None, RemoteConfig::default());
+        let r =
+            Remote::new("http://127.0.0.1:9", None, None, RemoteConfig::default()).expect("client");
         let alice = common::Identity {
             uid: 1000,
             gid: 1000,

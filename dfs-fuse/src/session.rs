@@ -184,7 +184,7 @@ pub async fn connect(
     let login = creds.get(server)?.with_context(|| {
         format!("not logged in to {server}; run `dfs login --server {server} --user NAME`")
     })?;
-    let remote = Remote::new(server, Some(login), Some(creds.clone()), config);
+    let remote = Remote::new(server, Some(login), Some(creds.clone()), config)?;
     remote
         .cluster(true)
         .await

@@ -6,7 +6,7 @@ use anyhow::Context;
 use dfs_server::cluster::{self, ClusterConfig};
 
 use crate::cli::UpArgs;
-use crate::creds::CredStore;
+use crate::creds::{CredStore, KnownKeys};
 use crate::remote::{Remote, RemoteConfig};
 use crate::session;
 
@@ -59,7 +59,16 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             }
         };
         let creds = CredStore::default_location()?;
-        let remote = Remote::new(&server, None, Some(creds.clone()), config);
+        // This cluster's auth key was made (or read) by this very process: pin it for this
+        // URL, replacing a pin of an earlier cluster there, so that `dfs login` to it works
+        // after the data was made anew.
+        let fingerprint = cluster.auth.fingerprint()?;
+        let known = KnownKeys::beside(&creds);
+        if known.get(&server)?.as_deref() != Some(fingerprint.as_str()) {
+            known.put(&server, &fingerprint)?;
+        }
+        let remote = Remote::new(&server, None, Some(creds.clone()), config)?;
+        remote.pin_auth_key(Some(fingerprint));
         let key = Some(cluster.cluster_key.as_str());
         if let Err(e) = remote.signup_as_admin(DEFAULT_USER, &password, key).await
             && !matches!(&e, crate::remote::RemoteError::Api { code: common::ErrorCode::Exists, .. }) {

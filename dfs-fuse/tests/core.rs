@@ -23,7 +23,7 @@ async fn cluster(dir: &std::path::Path) -> ClusterHandle {
 }
 
 async fn login(c: &ClusterHandle, user: &str) -> SavedLogin {
-    let r = Remote::new(&c.directory_url, None, None, RemoteConfig::default());
+    let r = Remote::new(&c.directory_url, None, None, RemoteConfig::default()).unwrap();
     // A user from before a restart already exists.
     let _ = r.signup(user, "password123").await;
     r.login(user, "password123").await.unwrap()
@@ -780,7 +780,7 @@ async fn regression_utimes_with_an_atime_still_folds_the_mtime_of_an_open_file()
 /// A `--local-ids` core: the administrator's login ("admin", made one with the cluster key),
 /// acting for each local caller named with `caller::scope`. Also makes `/shared`, 0777.
 async fn local_ids_core(c: &ClusterHandle, cache: &std::path::Path) -> (DfsFs, NodeId) {
-    let r = Remote::new(&c.directory_url, None, None, RemoteConfig::default());
+    let r = Remote::new(&c.directory_url, None, None, RemoteConfig::default()).expect("client");
     let _ = r.signup("admin", "password123").await;
     let set = common::api::SetUserRequest {
         admin: Some(true),
@@ -1020,7 +1020,7 @@ async fn regression_a_change_refused_to_its_writer_is_never_pushed_as_the_admini
 
 /// The administrator's login again (as made by `local_ids_core`).
 async fn fs_login_of(c: &ClusterHandle) -> SavedLogin {
-    let r = Remote::new(&c.directory_url, None, None, RemoteConfig::default());
+    let r = Remote::new(&c.directory_url, None, None, RemoteConfig::default()).expect("client");
     r.login("admin", "password123").await.unwrap()
 }
 

@@ -39,7 +39,7 @@ async fn cluster_with_user() -> (
         "127.0.0.1:0".parse().unwrap(),
     );
     let cluster = dfs_server::cluster::start(cfg).await.unwrap();
-    let r = Remote::new(&cluster.directory_url, None, None, RemoteConfig::default());
+    let r = Remote::new(&cluster.directory_url, None, None, RemoteConfig::default()).unwrap();
     r.signup("alice", "password123").await.unwrap();
     let login = r.login("alice", "password123").await.unwrap();
     (dir, cluster, login)
@@ -373,7 +373,7 @@ async fn a_lease_that_runs_out_mid_push_never_reverts_a_newer_close() {
     );
     cfg.lock.lease = Duration::from_millis(400);
     let cluster = dfs_server::cluster::start(cfg).await.unwrap();
-    let r = Remote::new(&cluster.directory_url, None, None, RemoteConfig::default());
+    let r = Remote::new(&cluster.directory_url, None, None, RemoteConfig::default()).unwrap();
     r.signup("alice", "password123").await.unwrap();
     let login = r.login("alice", "password123").await.unwrap();
     let (ca, cb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -402,7 +402,7 @@ async fn a_lease_that_runs_out_mid_push_never_reverts_a_newer_close() {
     };
     // Wait until A's push holds the lock (and so is in its hold: the one hold is A's, never
     // B's, however slow the machine), then past its lease.
-    let http = dfs_server::tls::client();
+    let http = dfs_server::tls::client().expect("an HTTP client");
     let locks = format!("{}{}", cluster.lock_url, common::routes::LOCKS);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {

@@ -40,7 +40,8 @@ fn shared() -> &'static Shared {
             let cfg =
                 ClusterConfig::new(dir.path().join("cluster"), "127.0.0.1:0".parse().unwrap());
             let cluster = dfs_server::cluster::start(cfg).await.unwrap();
-            let r = Remote::new(&cluster.directory_url, None, None, RemoteConfig::default());
+            let r =
+                Remote::new(&cluster.directory_url, None, None, RemoteConfig::default()).unwrap();
             // One user on two machines: permissions between users are tested elsewhere.
             r.signup("alice", "password123").await.unwrap();
             let mut logins = Vec::new();
@@ -67,7 +68,8 @@ fn client(login: &SavedLogin, cache: &std::path::Path) -> DfsFs {
         Some(login.clone()),
         None,
         RemoteConfig::default(),
-    );
+    )
+    .unwrap();
     let config = FsConfig {
         close_timeout: Duration::from_secs(5),
         retry_interval: Duration::from_millis(100),

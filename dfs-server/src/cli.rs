@@ -205,8 +205,9 @@ pub struct ServiceArgs {
 /// Login and signup rate limits of the auth service.
 #[derive(Debug, Args)]
 pub struct LoginLimitArgs {
-    /// Login and signup attempts allowed per user name and minute (all at once if saved up);
-    /// past it the auth service answers 429 "too many attempts" until one is earned back.
+    /// Failed login and signup attempts allowed per user name and source address and minute
+    /// (all at once if saved up); past it the auth service answers 429 "too many attempts" to
+    /// that user from that address until one is earned back. Successes spend nothing.
     #[arg(long, default_value_t = crate::auth::DEFAULT_LOGINS_PER_USER, value_parser = clap::value_parser!(u32).range(1..))]
     pub logins_per_user_per_minute: u32,
     /// Login and signup attempts allowed per source address and minute.
@@ -296,18 +297,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 let svc = Arc::new(
                     DirectoryService::open(&a.common.data, cfg)
                         .context("opening the directory")?
-                        .with_capability_key(&key),
+                        .with_capability_key(&key)
+                        .https_only(tls.is_some()),
                 );
                 let (l, url) = cluster::bind(a.listen, tls.as_ref()).await?;
-                let verifier =
-                    Arc::new(Verifier::new(&key, None, Some(url.clone())).with_tls(&client_tls));
+                // The auth service's URL comes from this directory's own registry: its bound
+                // URL may be 0.0.0.0 or an address its certificate does not name.
+                let registry = svc.clone();
+                let verifier = Arc::new(
+                    Verifier::new(&key, None, None, &client_tls)?
+                        .with_auth_url(Box::new(move || registry.registry.services().1)),
+                );
                 println!("dfs directory listening on {url}");
                 let repair = crate::directory::repair::RepairConfig {
                     interval: Duration::from_millis(a.repair_interval_ms),
                     ..Default::default()
                 };
                 vec![
-                    cluster::start_repair(svc.clone(), &key, repair, &client_tls, cancel.clone()),
+                    cluster::start_repair(svc.clone(), &key, repair, &client_tls, cancel.clone())?,
                     cluster::serve(
                         l,
                         finish(
@@ -333,9 +340,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 let (l, url) = cluster::bind(a.listen, tls.as_ref()).await?;
                 let url = a.advertise.unwrap_or(url);
-                let verifier = Arc::new(
-                    Verifier::new(&key, None, Some(a.directory.clone())).with_tls(&client_tls),
-                );
+                let verifier = Arc::new(Verifier::new(
+                    &key,
+                    None,
+                    Some(a.directory.clone()),
+                    &client_tls,
+                )?);
                 println!("dfs lock service listening on {url}");
                 vec![
                     cluster::serve(
@@ -349,7 +359,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         cancel.clone(),
                     ),
                     cluster::register_service_loop(
-                        Peer::with_tls(&key, &client_tls),
+                        Peer::with_tls(&key, &client_tls)?,
                         a.directory,
                         ServiceKind::Lock,
                         url,
@@ -371,7 +381,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 let (l, url) = cluster::bind(a.listen, tls.as_ref()).await?;
                 let url = a.advertise.unwrap_or(url);
-                let verifier = Arc::new(Verifier::new(&key, Some(svc.public_key().clone()), None));
+                let verifier = Arc::new(Verifier::new(
+                    &key,
+                    Some(svc.public_key().clone()),
+                    None,
+                    &client_tls,
+                )?);
                 println!(
                     "dfs auth service listening on {url}; key fingerprint {}",
                     svc.fingerprint()?
@@ -388,7 +403,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         cancel.clone(),
                     ),
                     cluster::register_service_loop(
-                        Peer::with_tls(&key, &client_tls),
+                        Peer::with_tls(&key, &client_tls)?,
                         a.directory,
                         ServiceKind::Auth,
                         url,
@@ -401,9 +416,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 let (tls, client_tls) = a.common.tls.load()?;
                 let (l, url) = cluster::bind(a.listen, tls.as_ref()).await?;
                 let url = a.advertise.unwrap_or(url);
-                let verifier = Arc::new(
-                    Verifier::new(&key, None, Some(a.directory.clone())).with_tls(&client_tls),
-                );
+                let verifier = Arc::new(Verifier::new(
+                    &key,
+                    None,
+                    Some(a.directory.clone()),
+                    &client_tls,
+                )?);
                 println!("dfs file server listening on {url}");
                 let opts = cluster::FileServerOptions {
                     data: a.common.data.clone(),

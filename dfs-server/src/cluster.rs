@@ -302,7 +302,7 @@ pub fn start_file_server(
     let mut fs = FileServer::new(
         cluster_key,
         store,
-        Peer::with_tls(cluster_key, &opts.client_tls),
+        Peer::with_tls(cluster_key, &opts.client_tls)?,
         opts.directory,
         &opts.data,
     );
@@ -333,13 +333,13 @@ pub fn start_repair(
     cfg: RepairConfig,
     client_tls: &ClientTls,
     cancel: CancellationToken,
-) -> JoinHandle<()> {
-    tokio::spawn(crate::directory::repair::run(
+) -> anyhow::Result<JoinHandle<()>> {
+    Ok(tokio::spawn(crate::directory::repair::run(
         directory,
-        Peer::with_tls(cluster_key, client_tls),
+        Peer::with_tls(cluster_key, client_tls)?,
         cfg,
         cancel,
-    ))
+    )))
 }
 
 /// Starts directory, lock, auth and N file servers in this process, on loopback.
@@ -352,7 +352,7 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
     }
     let cancel = CancellationToken::new();
     let key = load_or_create_cluster_key(&cfg.data.join("cluster.key"))?;
-    let peer = Peer::with_tls(&key, &cfg.client_tls);
+    let peer = Peer::with_tls(&key, &cfg.client_tls)?;
     let tls = cfg.tls.as_ref();
     let mut tasks = Vec::new();
 
@@ -364,14 +364,18 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
             .context("auth start-up task")?
             .context("opening the auth service")?,
     );
-    let verifier = Arc::new(
-        Verifier::new(&key, Some(auth.public_key().clone()), None).with_tls(&cfg.client_tls),
-    );
+    let verifier = Arc::new(Verifier::new(
+        &key,
+        Some(auth.public_key().clone()),
+        None,
+        &cfg.client_tls,
+    )?);
 
     let directory = Arc::new(
         DirectoryService::open(&cfg.data.join("directory"), cfg.directory.clone())
             .context("opening the directory service")?
-            .with_capability_key(&key),
+            .with_capability_key(&key)
+            .https_only(cfg.tls.is_some()),
     );
     let (dl, directory_url) = bind(cfg.listen, tls).await.context("directory service")?;
     tasks.push(start_repair(
@@ -380,7 +384,7 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
         cfg.repair.clone(),
         &cfg.client_tls,
         cancel.clone(),
-    ));
+    )?);
     tasks.push(serve(
         dl,
         crate::http::finish(

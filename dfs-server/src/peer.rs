@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
+
 use common::api::{
     ClusterInfo, CommitRequest, RegisterServerRequest, RegisterServerResponse,
     RegisterServiceRequest,
@@ -33,27 +35,29 @@ pub async fn error_from_response(resp: reqwest::Response) -> ServiceError {
 impl Peer {
     /// A client with request timeouts; `cluster_key` authenticates it to other services.
     /// https URLs are checked against the system's roots.
-    pub fn new(cluster_key: &str) -> Self {
+    pub fn new(cluster_key: &str) -> anyhow::Result<Self> {
         Peer::with_tls(cluster_key, &crate::tls::ClientTls::system())
     }
 
-    /// As `new`, trusting `tls`'s roots for https URLs.
-    pub fn with_tls(cluster_key: &str, tls: &crate::tls::ClientTls) -> Self {
-        let build = |timeout: Option<Duration>| {
-            let mut b = tls.builder().connect_timeout(Duration::from_secs(3));
+    /// As `new`, trusting `tls`'s roots for https URLs. An error if the HTTP clients cannot
+    /// be built.
+    pub fn with_tls(cluster_key: &str, tls: &crate::tls::ClientTls) -> anyhow::Result<Self> {
+        let build = |timeout: Option<Duration>| -> anyhow::Result<reqwest::Client> {
+            let mut b = tls.builder()?.connect_timeout(Duration::from_secs(3));
             // Streaming requests get a deadline scaled to their size per request instead.
             if let Some(t) = timeout {
                 b = b.timeout(t);
             } else {
                 b = b.tcp_keepalive(Duration::from_secs(15));
             }
-            b.build().unwrap_or_default()
+            b.build()
+                .context("building the HTTP client for other services")
         };
-        Peer {
-            http: build(Some(Duration::from_secs(10))),
-            streaming: build(None),
+        Ok(Peer {
+            http: build(Some(Duration::from_secs(10)))?,
+            streaming: build(None)?,
             cluster_key: cluster_key.to_owned(),
-        }
+        })
     }
 
     async fn send<T: DeserializeOwned>(
@@ -86,12 +90,16 @@ impl Peer {
     }
 
     /// The directory's cluster map.
+    /// A map from an https:// directory naming a plain http:// service is refused.
     pub async fn cluster(&self, dir: &str) -> ServiceResult<ClusterInfo> {
-        self.send(
-            self.http.get(format!("{dir}{}", routes::CLUSTER)),
-            "cluster map",
-        )
-        .await
+        let info: ClusterInfo = self
+            .send(
+                self.http.get(format!("{dir}{}", routes::CLUSTER)),
+                "cluster map",
+            )
+            .await?;
+        info.check_https(dir).map_err(ServiceError::Unavailable)?;
+        Ok(info)
     }
 
     /// One node's metadata from the directory.

@@ -96,9 +96,13 @@ impl ServerTls {
 
 /// Which certificate authorities an HTTP client trusts: the system's (the default) or only
 /// those of a `--ca-file`.
+///
+/// The system's roots are read the first time a server certificate must be checked against
+/// them (once per process), never when a client is built: plain-HTTP clusters run on machines
+/// with no CA certificates at all, and an https URL then fails with a message saying so.
 #[derive(Clone, Default)]
 pub struct ClientTls {
-    ca: Option<(PathBuf, Arc<Vec<reqwest::Certificate>>)>,
+    ca: Option<(PathBuf, Arc<rustls::RootCertStore>)>,
 }
 
 impl std::fmt::Debug for ClientTls {
@@ -116,17 +120,28 @@ impl ClientTls {
         ClientTls::default()
     }
 
-    /// Trusts only the certificates in the PEM file `path` (a private cluster's CA).
+    /// Trusts only the certificates in the PEM file `path` (a private cluster's CA). Every
+    /// certificate in it must parse and be accepted as a trust anchor, and there must be one.
     pub fn from_ca_file(path: &Path) -> anyhow::Result<Self> {
-        let pem = std::fs::read(path)
-            .with_context(|| format!("reading the CA file {}", path.display()))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .with_context(|| format!("reading the CA file {}", path.display()))?
+            .collect::<Result<_, _>>()
             .with_context(|| format!("parsing the CA file {}", path.display()))?;
         if certs.is_empty() {
             anyhow::bail!("the CA file {} holds no PEM certificate", path.display());
         }
+        let mut store = rustls::RootCertStore::empty();
+        for (i, cert) in certs.into_iter().enumerate() {
+            store.add(cert).with_context(|| {
+                format!(
+                    "the CA file {}: certificate {} is not a valid CA certificate",
+                    path.display(),
+                    i + 1
+                )
+            })?;
+        }
         Ok(ClientTls {
-            ca: Some((path.to_path_buf(), Arc::new(certs))),
+            ca: Some((path.to_path_buf(), Arc::new(store))),
         })
     }
 
@@ -135,29 +150,129 @@ impl ClientTls {
         ca_file.map_or_else(|| Ok(ClientTls::system()), ClientTls::from_ca_file)
     }
 
-    /// A client builder that speaks http and, with these roots, https. Every HTTP client of
-    /// dfs starts here.
-    pub fn builder(&self) -> reqwest::ClientBuilder {
+    /// The rustls configuration clients get: these roots (the system's read lazily), HTTP/1.1.
+    fn config(&self) -> anyhow::Result<rustls::ClientConfig> {
         install_provider();
-        let b = reqwest::Client::builder();
-        match &self.ca {
-            Some((_, certs)) => b.tls_certs_only(certs.iter().cloned()),
-            None => b,
-        }
+        let provider = Arc::new(provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .context("TLS protocol versions")?;
+        let mut config = match &self.ca {
+            Some((_, store)) => builder
+                .with_root_certificates(store.clone())
+                .with_no_client_auth(),
+            None => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(SystemRoots { provider }))
+                .with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(config)
+    }
+
+    /// A client builder that speaks http and, with these roots, https. Every HTTP client of
+    /// dfs starts here; building it reads no CA certificates.
+    pub fn builder(&self) -> anyhow::Result<reqwest::ClientBuilder> {
+        Ok(reqwest::Client::builder().tls_backend_preconfigured(self.config()?))
     }
 
     /// A client with these roots and no other settings (tests, one-off calls).
-    pub fn client(&self) -> reqwest::Client {
-        self.builder().build().unwrap_or_else(|e| {
-            tracing::error!(error = %e, "building an HTTP client; using a default one");
-            reqwest::Client::new()
-        })
+    pub fn client(&self) -> anyhow::Result<reqwest::Client> {
+        self.builder()?.build().context("building the HTTP client")
     }
 }
 
-/// A plain client (system roots), with the provider installed: what tests and tools use.
-pub fn client() -> reqwest::Client {
+/// A plain client (system roots, read on first https use): what tests and tools use.
+pub fn client() -> anyhow::Result<reqwest::Client> {
     ClientTls::system().client()
+}
+
+/// The system's roots, read once per process on first need; an error when there are none.
+fn system_roots() -> Result<Arc<rustls::RootCertStore>, rustls::Error> {
+    static ROOTS: std::sync::OnceLock<Result<Arc<rustls::RootCertStore>, String>> =
+        std::sync::OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let found = rustls_native_certs::load_native_certs();
+            let mut store = rustls::RootCertStore::empty();
+            let (_, ignored) = store.add_parsable_certificates(found.certs);
+            if ignored > 0 {
+                tracing::warn!(ignored, "system CA certificates ignored as unparsable");
+            }
+            for e in &found.errors {
+                tracing::warn!(error = %e, "reading the system's CA certificates");
+            }
+            if store.is_empty() {
+                return Err(NO_SYSTEM_ROOTS.to_owned());
+            }
+            Ok(Arc::new(store))
+        })
+        .clone()
+        .map_err(rustls::Error::General)
+}
+
+/// What an https URL without `--ca-file` answers on a machine without CA certificates.
+pub const NO_SYSTEM_ROOTS: &str = "no CA certificates could be loaded from the system \
+     (SSL_CERT_FILE, SSL_CERT_DIR, /etc/ssl): pass the cluster's CA certificate with --ca-file PEM";
+
+/// Checks server certificates against the system's roots, read on first use.
+#[derive(Debug)]
+struct SystemRoots {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for SystemRoots {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls_pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let roots = system_roots()?;
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            roots,
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(format!("system CA certificates: {e}")))?;
+        verifier.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 /// What a failed request says, with the causes reqwest keeps to itself, plus what to do when
@@ -278,5 +393,37 @@ mod tests {
         assert!(error_of(ClientTls::from_ca_file(&key)).contains("holds no PEM certificate"));
         let missing = dir.path().join("nope.pem");
         assert!(error_of(ClientTls::from_ca_file(&missing)).contains("nope.pem"));
+    }
+
+    #[test]
+    fn a_truncated_or_damaged_ca_file_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, _) = self_signed(dir.path(), "a");
+        let pem = std::fs::read_to_string(&cert).unwrap();
+        let lines: Vec<&str> = pem.lines().collect();
+        assert!(lines.len() > 4, "{pem}");
+        // Cut off halfway: the END line lost.
+        let half = dir.path().join("half.pem");
+        std::fs::write(&half, lines[..lines.len() / 2].join("\n")).unwrap();
+        let e = error_of(ClientTls::from_ca_file(&half));
+        assert!(e.contains("half.pem"), "{e}");
+        // Base64 lines lost from the middle, the PEM wrapping intact: the DER is damaged.
+        let damaged = dir.path().join("damaged.pem");
+        let mut kept = vec![lines[0]];
+        kept.extend(&lines[3..]);
+        std::fs::write(&damaged, kept.join("\n")).unwrap();
+        let e = error_of(ClientTls::from_ca_file(&damaged));
+        assert!(
+            e.contains("damaged.pem") && e.contains("not a valid CA certificate"),
+            "{e}"
+        );
+        // One good certificate does not excuse a bad one after it.
+        let mixed = dir.path().join("mixed.pem");
+        std::fs::write(&mixed, format!("{pem}{}\n", kept.join("\n"))).unwrap();
+        let e = error_of(ClientTls::from_ca_file(&mixed));
+        assert!(
+            e.contains("mixed.pem") && e.contains("certificate 2"),
+            "{e}"
+        );
     }
 }

@@ -223,7 +223,7 @@ fn floor(scratch: &Path, directory_url: &str) -> (Duration, Duration) {
         .build()
         .unwrap();
     let rtt = rt.block_on(async {
-        let client = dfs_server::tls::client();
+        let client = dfs_server::tls::client().expect("an HTTP client");
         let url = format!("{directory_url}/health");
         client.get(&url).send().await.unwrap();
         let start = Instant::now();

@@ -18,21 +18,30 @@ fn mode_of(p: &Path) -> u32 {
 }
 
 #[test]
-fn past_the_login_rate_the_client_says_so_and_when_to_try_again() {
+fn past_the_failed_login_rate_the_client_says_so_and_when_to_try_again() {
     let cluster = Cluster::start(&["--logins-per-user-per-minute", "2"]);
     let c = Client::new(&cluster.url);
-    c.signup_login("alice"); // both of this minute's attempts
-    let out = c.run(
-        &["login", "--user", "alice", "--password-stdin"],
-        "password123\n",
-    );
+    c.signup_login("alice");
+    let login = |password: &str| {
+        c.run(
+            &["login", "--user", "alice", "--password-stdin"],
+            &format!("{password}\n"),
+        )
+    };
+    // Successes spend nothing; two wrong passwords spend this address's attempts for alice.
+    assert!(login("password123").status.success());
+    for _ in 0..2 {
+        assert!(!login("wrong-password").status.success());
+    }
+    let out = login("password123");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success()
-            && err.contains("too many login or signup attempts for user alice; try again in"),
+            && err.contains("too many login or signup attempts for user alice from address"),
         "{err}"
     );
-    // Another user is not held back by alice's attempts.
+    assert!(err.contains("try again in"), "{err}");
+    // Another user is not held back by alice's failures.
     Client::new(&cluster.url).signup_login("bob");
 }
 

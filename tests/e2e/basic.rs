@@ -177,3 +177,66 @@ fn a_mount_outlives_its_login_token() {
         "the renewed token was saved for the next mount"
     );
 }
+
+#[test]
+fn dfs_up_pins_the_key_it_made_so_a_remade_cluster_on_the_same_url_can_be_logged_into() {
+    require_fuse();
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let start = || {
+        let mut child = Command::new(bin("dfs"))
+            .current_dir(tmp.path())
+            .args(["up", "--listen", &format!("127.0.0.1:{port}")])
+            .env("XDG_CONFIG_HOME", home.join("config"))
+            .env("XDG_CACHE_HOME", home.join("cache"))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        if !eventually(Duration::from_secs(60), || {
+            is_mounted(&tmp.path().join("mnt"))
+        }) {
+            terminate(&mut child, Duration::from_secs(5));
+            panic!("dfs up did not mount");
+        }
+        // Wait for the Hello.txt of a fresh cluster: a dfs up stopped while writing it into its
+        // own mount does not exit (a known problem, not this test's).
+        let hello = ok(sh_in(&tmp.path().join("mnt"), "cat Hello.txt"));
+        assert!(hello.starts_with("Hello from dfs!"), "{hello}");
+        child
+    };
+    let dfs = |args: &[&str]| {
+        let mut child = Command::new(bin("dfs"))
+            .args(args)
+            .args(["--server", &url, "--password-stdin"])
+            .env("XDG_CONFIG_HOME", home.join("config"))
+            .env("XDG_CACHE_HOME", home.join("cache"))
+            .env_remove("DFS_CA_FILE")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"password123\n").unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let pins = home.join("config/dfs/known_auth_keys.json");
+    let mut up = start();
+    let first = std::fs::read_to_string(&pins).expect("dfs up pinned its key");
+    assert!(first.contains(&url), "{first}");
+    ok(dfs(&["signup", "--user", "bob"]));
+    assert!(terminate(&mut up, Duration::from_secs(60)).is_some_and(|s| s.success()));
+
+    // The cluster is made anew (a new auth key) on the same URL: dfs up replaces its pin, and
+    // logging in to it works; a user of this cluster signs up again.
+    std::fs::remove_dir_all(tmp.path().join(".dfs")).unwrap();
+    let mut up = start();
+    let second = std::fs::read_to_string(&pins).unwrap();
+    assert_ne!(first, second, "the pin follows the new key");
+    ok(dfs(&["signup", "--user", "bob"]));
+    ok(dfs(&["login", "--user", "bob"]));
+    assert!(terminate(&mut up, Duration::from_secs(60)).is_some_and(|s| s.success()));
+}

@@ -48,7 +48,7 @@ fn one_gib_upload_with_bounded_server_memory() {
         .build()
         .unwrap();
     let meta: common::NodeMeta = rt.block_on(async {
-        let http = dfs_server::tls::client();
+        let http = dfs_server::tls::client().expect("an HTTP client");
         let create = serde_json::json!({ "name": "big.bin", "kind": "file", "mode": 420 });
         let meta: common::NodeMeta = http
             .post(format!(

@@ -120,6 +120,20 @@ fn the_auth_key_is_pinned_at_first_login_and_a_changed_one_is_refused() {
     let first = cluster.auth_key_fingerprint();
     assert!(first.starts_with("SHA256:") && first.len() == 50, "{first}");
     let alice = Client::new(&cluster.url);
+    // The first signup pins the key, and says which.
+    let out = alice.run(
+        &["signup", "--user", "alice", "--password-stdin"],
+        "password123\n",
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success()
+            && err.contains(&format!(
+                "pinned the auth key of {}: {first} (first use",
+                cluster.url
+            )),
+        "{err}"
+    );
     alice.signup_login("alice");
     let pins = alice.config_dir().join("dfs/known_auth_keys.json");
     assert!(std::fs::read_to_string(&pins).unwrap().contains(&first));
@@ -195,4 +209,146 @@ fn dfs_up_serves_tls_when_asked() {
         printed.contains("directory: https://127.0.0.1:"),
         "{printed}"
     );
+}
+
+/// Where a machine without CA certificates looks for them (nowhere).
+const NO_SYSTEM_ROOTS: [(&str, &str); 2] = [
+    ("SSL_CERT_FILE", "/nonexistent/dfs-test/ca.pem"),
+    ("SSL_CERT_DIR", "/nonexistent/dfs-test/certs"),
+];
+
+#[test]
+fn without_system_ca_certificates_plain_http_works_and_https_says_what_to_pass() {
+    // Plain HTTP needs no CA certificates: neither the services nor the dfs command read them.
+    let cluster = Cluster::start_with_env(&[], &NO_SYSTEM_ROOTS);
+    assert!(cluster.url.starts_with("http://"), "{}", cluster.url);
+    let c = Client::new(&cluster.url);
+    let out = c.run_with_env(
+        &["signup", "--user", "alice", "--password-stdin"],
+        "password123\n",
+        &NO_SYSTEM_ROOTS,
+    );
+    assert!(out.status.success(), "signup without system roots: {out:?}");
+    let out = c.run_with_env(
+        &["login", "--user", "alice", "--password-stdin"],
+        "password123\n",
+        &NO_SYSTEM_ROOTS,
+    );
+    assert!(out.status.success(), "login without system roots: {out:?}");
+    let out = c.run_with_env(&["status"], "", &NO_SYSTEM_ROOTS);
+    assert!(out.status.success(), "status without system roots: {out:?}");
+
+    // An https URL without --ca-file on such a machine: a clear error, not a panic.
+    let certs = TestCerts::new();
+    let args = certs.server_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let tls = Cluster::start_with_env(&args, &NO_SYSTEM_ROOTS);
+    assert!(tls.url.starts_with("https://"), "{}", tls.url);
+    let out = Client::new(&tls.url).run_with_env(
+        &["login", "--user", "alice", "--password-stdin"],
+        "password123\n",
+        &NO_SYSTEM_ROOTS,
+    );
+    fails_with(out, "no CA certificates could be loaded from the system");
+}
+
+/// Spawns `dfs-server ARGS` with its output in `log`.
+fn spawn_service(args: &[String], log: &std::path::Path) -> std::process::Child {
+    let log = std::fs::File::create(log).unwrap();
+    std::process::Command::new(bin("dfs-server"))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn a_split_tls_directory_whose_certificate_names_a_host_verifies_tokens() {
+    // The certificate names only `localhost`: the directory's bound URL (https://127.0.0.1:P)
+    // is not a name it may be reached by, so it must find the auth service through its own
+    // registry, not by calling itself.
+    let certs = TestCerts::for_names(&["localhost"]);
+    let root = tempfile::tempdir().unwrap();
+    let key = root.path().join("cluster.key");
+    let (dir_port, auth_port) = (free_port(), free_port());
+    let dir_url = format!("https://localhost:{dir_port}");
+    let common = |name: &str| -> Vec<String> {
+        let mut a = vec![
+            "--data".to_owned(),
+            root.path().join(name).display().to_string(),
+            "--cluster-key-file".to_owned(),
+            key.display().to_string(),
+        ];
+        a.extend(certs.server_args());
+        a
+    };
+    let mut dir_args = vec!["directory".to_owned()];
+    dir_args.extend(common("directory"));
+    dir_args.extend(["--listen".to_owned(), format!("127.0.0.1:{dir_port}")]);
+    let mut directory = spawn_service(&dir_args, &root.path().join("directory.log"));
+    assert!(
+        eventually(Duration::from_secs(20), || key.exists()),
+        "cluster key not created"
+    );
+    let mut auth_args = vec!["auth".to_owned()];
+    auth_args.extend(common("auth"));
+    auth_args.extend([
+        "--directory".to_owned(),
+        dir_url.clone(),
+        "--listen".to_owned(),
+        format!("127.0.0.1:{auth_port}"),
+        "--advertise".to_owned(),
+        format!("https://localhost:{auth_port}"),
+    ]);
+    let mut auth = spawn_service(&auth_args, &root.path().join("auth.log"));
+    let logs = || {
+        ["directory.log", "auth.log"]
+            .iter()
+            .map(|l| std::fs::read_to_string(root.path().join(l)).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    };
+    let http = certs.client();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let registered = eventually(Duration::from_secs(30), || {
+        rt.block_on(async {
+            let r = http
+                .get(format!("{dir_url}{}", common::routes::CLUSTER))
+                .send()
+                .await
+                .ok()?;
+            r.json::<serde_json::Value>().await.ok()
+        })
+        .is_some_and(|m| !m["auth_url"].is_null())
+    });
+    assert!(registered, "auth did not register: {}", logs());
+
+    let c = Client::with_ca(&dir_url, &certs.ca);
+    c.signup_login("alice");
+    let creds: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(c.config_dir().join("dfs").join("credentials.json")).unwrap(),
+    )
+    .unwrap();
+    let token = creds[&dir_url]["token"].as_str().unwrap().to_owned();
+    // A user request to the directory: its token is checked with the auth key it fetched.
+    let status = rt.block_on(async {
+        http.get(format!(
+            "{dir_url}{}",
+            common::routes::node(common::NodeId::ROOT)
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+    });
+    assert!(status.is_success(), "GET root: {status}: {}", logs());
+    terminate(&mut auth, Duration::from_secs(20));
+    terminate(&mut directory, Duration::from_secs(20));
 }

@@ -66,6 +66,7 @@ pub fn http_get_text(url: &str) -> String {
         .unwrap();
     rt.block_on(async {
         dfs_server::tls::client()
+            .expect("an HTTP client")
             .get(url)
             .send()
             .await
@@ -239,7 +240,26 @@ impl Cluster {
 
     /// Starts a cluster on `data` listening at `listen`.
     pub fn start_at(data: &Path, listen: &str, extra: &[&str]) -> Cluster {
+        Cluster::start_at_with_env(data, listen, extra, &[])
+    }
+
+    /// As `start`, with these environment variables set for the server.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Cluster {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = Cluster::start_at_with_env(tmp.path(), "127.0.0.1:0", extra, env);
+        c._tmp = Some(tmp);
+        c
+    }
+
+    /// As `start_at`, with these environment variables set for the server.
+    pub fn start_at_with_env(
+        data: &Path,
+        listen: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Cluster {
         let mut child = Command::new(bin("dfs-server"))
+            .envs(env.iter().copied())
             .arg("all")
             .arg("--data")
             .arg(data)
@@ -339,7 +359,11 @@ pub fn http_get_json(url: &str) -> serde_json::Value {
 
 /// Blocking GET of a JSON document, with an optional (header, value).
 pub fn http_get_json_with(url: &str, header: Option<(&str, &str)>) -> serde_json::Value {
-    http_get_json_using(&dfs_server::tls::client(), url, header)
+    http_get_json_using(
+        &dfs_server::tls::client().expect("an HTTP client"),
+        url,
+        header,
+    )
 }
 
 /// Blocking GET of a JSON document with `client`, with an optional (header, value).
@@ -421,8 +445,14 @@ impl Client {
 
     /// Runs `dfs ARGS` with `stdin` as input.
     pub fn run(&self, args: &[&str], stdin: &str) -> Output {
+        self.run_with_env(args, stdin, &[])
+    }
+
+    /// As `run`, with these environment variables set.
+    pub fn run_with_env(&self, args: &[&str], stdin: &str, env: &[(&str, &str)]) -> Output {
         let mut child = self
             .dfs()
+            .envs(env.iter().copied())
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -756,7 +786,12 @@ impl SplitCluster {
                 .enable_all()
                 .build()
                 .unwrap();
-            let http = self.tls.clone().unwrap_or_default().client();
+            let http = self
+                .tls
+                .clone()
+                .unwrap_or_default()
+                .client()
+                .expect("an HTTP client");
             let info: Option<serde_json::Value> = rt.block_on(async {
                 let r = http
                     .get(format!("{}{}", self.url, common::routes::CLUSTER))
@@ -808,7 +843,12 @@ impl SplitCluster {
         let key = std::fs::read_to_string(self.root.path().join("cluster.key")).unwrap();
         let path = common::routes::child(common::NodeId::ROOT, name);
         let header = (common::routes::CLUSTER_KEY_HEADER, key.trim());
-        let client = self.tls.clone().unwrap_or_default().client();
+        let client = self
+            .tls
+            .clone()
+            .unwrap_or_default()
+            .client()
+            .expect("an HTTP client");
         http_get_json_using(&client, &format!("{}{path}", self.url), Some(header))
     }
 

@@ -17,6 +17,11 @@ pub struct TestCerts {
 impl TestCerts {
     /// A fresh CA and a loopback server certificate.
     pub fn new() -> TestCerts {
+        TestCerts::for_names(&["127.0.0.1", "localhost"])
+    }
+
+    /// A fresh CA and a server certificate naming `names` (IP addresses or DNS names).
+    pub fn for_names(names: &[&str]) -> TestCerts {
         use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
         let dir = tempfile::tempdir().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -26,7 +31,7 @@ impl TestCerts {
             .push(DnType::CommonName, "dfs test CA");
         let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
         let leaf_key = KeyPair::generate().unwrap();
-        let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        let leaf = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
             .unwrap()
             .signed_by(&leaf_key, &ca)
             .unwrap();
@@ -59,6 +64,7 @@ impl TestCerts {
         dfs_server::tls::ClientTls::from_ca_file(&self.ca)
             .unwrap()
             .client()
+            .unwrap()
     }
 }
 

@@ -14,7 +14,7 @@ pub fn core_at(
     cache: &std::path::Path,
     writeback: bool,
 ) -> DfsFs {
-    let remote = Remote::new(url, login, None, RemoteConfig::default());
+    let remote = Remote::new(url, login, None, RemoteConfig::default()).unwrap();
     let config = FsConfig {
         close_timeout: Duration::from_secs(2),
         retry_interval: Duration::from_millis(100),
@@ -32,7 +32,7 @@ pub fn core_with_config(
     cache: &std::path::Path,
     config: FsConfig,
 ) -> DfsFs {
-    let remote = Remote::new(url, login, None, RemoteConfig::default());
+    let remote = Remote::new(url, login, None, RemoteConfig::default()).unwrap();
     let config = FsConfig {
         close_timeout: Duration::from_secs(2),
         retry_interval: Duration::from_millis(100),

@@ -1,6 +1,15 @@
-//! Login and signup rate limits: a token bucket per user name and one per source address, on
-//! tokio's clock (tests pause and advance it). In memory: a restart forgets them, and the maps
-//! are bounded (idle buckets go first), so a flood of made-up names cannot grow them.
+//! Login and signup rate limits, on tokio's clock (tests pause and advance it):
+//!
+//! - every attempt spends a token of its source address's bucket (this bounds the password
+//!   hashing one address can cause);
+//! - every *failed* attempt (wrong password, unknown user, taken name) spends a token of the
+//!   bucket of its (user name, source address); once that is empty, attempts for that user
+//!   from that address are refused before any password is checked. A success spends nothing
+//!   and clears its (user, address) bucket, so nobody's failures from another address can
+//!   keep a user out, the administrator included.
+//!
+//! In memory: a restart forgets them, and the maps are bounded (idle buckets go first), so a
+//! flood of made-up names cannot grow them.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -60,6 +69,19 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
         (b.tokens + earned).min(f64::from(self.rate.burst))
     }
 
+    /// Whether `key` has a token to spend (spending none), or how long until it has.
+    fn peek(&self, key: &K, now: Instant) -> Result<(), Duration> {
+        let Some(b) = self.map.get(key).copied() else {
+            return Ok(());
+        };
+        let tokens = self.refilled(b, now);
+        if tokens >= 1.0 {
+            Ok(())
+        } else {
+            Err(self.rate.every.mul_f64(1.0 - tokens))
+        }
+    }
+
     /// Takes one token for `key`, or says how long until one is earned.
     fn take(&mut self, key: &K, now: Instant) -> Result<(), Duration> {
         if !self.map.contains_key(key) && self.map.len() >= MAX_KEYS {
@@ -69,6 +91,11 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
             tokens: f64::from(self.rate.burst),
             at: now,
         };
+        if !self.map.contains_key(key) && self.map.len() >= MAX_KEYS {
+            // Every remembered key is still spending: a new one waits rather than push out
+            // one of them (the map stays bounded and no limit is forgotten).
+            return Err(self.rate.every);
+        }
         let b = self.map.get(key).copied().unwrap_or(fresh);
         let tokens = self.refilled(b, now);
         if tokens >= 1.0 {
@@ -85,8 +112,8 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
         }
     }
 
-    /// Forgets full buckets (they hold nothing a fresh one would not), then, if that is not
-    /// enough, half of the rest.
+    /// Forgets full buckets (they hold nothing a fresh one would not), and only those: a
+    /// drained bucket forgotten would hand its key a fresh burst.
     fn evict(&mut self, now: Instant) {
         let burst = f64::from(self.rate.burst);
         let rate = self.rate;
@@ -95,12 +122,6 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
                 now.saturating_duration_since(b.at).as_secs_f64() / rate.every.as_secs_f64();
             b.tokens + earned < burst
         });
-        if self.map.len() >= MAX_KEYS / 2 {
-            let drop: Vec<K> = self.map.keys().take(self.map.len() / 2).cloned().collect();
-            for k in drop {
-                self.map.remove(&k);
-            }
-        }
     }
 }
 
@@ -127,12 +148,40 @@ impl std::fmt::Display for Limited {
 /// The login and signup limits of one auth service.
 #[derive(Debug)]
 pub struct LoginLimits {
-    users: std::sync::Mutex<Buckets<String>>,
+    /// Failed attempts by (user name, source address; None: a caller without one).
+    users: std::sync::Mutex<Buckets<(String, Option<IpAddr>)>>,
     addrs: std::sync::Mutex<Buckets<IpAddr>>,
 }
 
+/// The key an address is limited by: IPv4 as it is, IPv6 by its /64 (one host usually has a
+/// whole /64 to pick addresses from), IPv4-mapped IPv6 as the IPv4 address.
+pub fn addr_key(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(_) => addr,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        },
+    }
+}
+
+fn show(addr: IpAddr) -> String {
+    match addr {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("{a}/64"),
+    }
+}
+
+fn user_at(user: &str, addr: Option<IpAddr>) -> String {
+    match addr {
+        Some(a) => format!("user {user} from address {}", show(a)),
+        None => format!("user {user}"),
+    }
+}
+
 impl LoginLimits {
-    /// Limits with these rates per user name and per source address.
+    /// Limits with these rates: failed attempts per user name and source address, all
+    /// attempts per source address.
     pub fn new(per_user: Rate, per_addr: Rate) -> Self {
         LoginLimits {
             users: std::sync::Mutex::new(Buckets::new(per_user)),
@@ -140,26 +189,51 @@ impl LoginLimits {
         }
     }
 
+    /// Whether `user` may be tried from `addr` (checked once the envelope names the user,
+    /// before any password hash): refused while its failures from there are spent. Spends
+    /// nothing.
+    pub fn check_user(&self, user: &str, addr: Option<IpAddr>) -> Result<(), Limited> {
+        let addr = addr.map(addr_key);
+        self.users
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .peek(&(user.to_owned(), addr), Instant::now())
+            .map_err(|retry_after| Limited {
+                what: user_at(user, addr),
+                retry_after,
+            })
+    }
+
+    /// An attempt for `user` from `addr` failed: it spends one of that pair's tokens.
+    pub fn failed(&self, user: &str, addr: Option<IpAddr>) {
+        let addr = addr.map(addr_key);
+        // Err: already spent; the next attempt is refused by `check_user`.
+        let _ = self
+            .users
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(&(user.to_owned(), addr), Instant::now());
+    }
+
+    /// An attempt for `user` from `addr` succeeded: that pair's failures are forgotten.
+    pub fn succeeded(&self, user: &str, addr: Option<IpAddr>) {
+        let addr = addr.map(addr_key);
+        self.users
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map
+            .remove(&(user.to_owned(), addr));
+    }
+
     /// One attempt from `addr` (checked before the envelope is opened).
     pub fn check_addr(&self, addr: IpAddr) -> Result<(), Limited> {
+        let addr = addr_key(addr);
         self.addrs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take(&addr, Instant::now())
             .map_err(|retry_after| Limited {
-                what: format!("address {addr}"),
-                retry_after,
-            })
-    }
-
-    /// One attempt for `user` (checked once the envelope names it, before any password hash).
-    pub fn check_user(&self, user: &str) -> Result<(), Limited> {
-        self.users
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take(&user.to_owned(), Instant::now())
-            .map_err(|retry_after| Limited {
-                what: format!("user {user}"),
+                what: format!("address {}", show(addr)),
                 retry_after,
             })
     }
@@ -170,7 +244,7 @@ mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
-    async fn a_burst_is_allowed_then_one_per_interval_and_keys_are_apart() {
+    async fn failures_are_limited_per_user_and_address_and_a_success_spends_nothing() {
         let l = LoginLimits::new(
             Rate {
                 burst: 3,
@@ -178,30 +252,44 @@ mod tests {
             },
             Rate::per_minute(100),
         );
-        for _ in 0..3 {
-            assert!(l.check_user("alice").is_ok());
+        let attacker: Option<IpAddr> = Some([10, 0, 0, 9].into());
+        let owner: Option<IpAddr> = Some([10, 0, 0, 1].into());
+        for _ in 0..20 {
+            if l.check_user("alice", attacker).is_ok() {
+                l.failed("alice", attacker);
+            }
         }
-        let refused = l.check_user("alice").unwrap_err();
-        assert_eq!(refused.retry_after, Duration::from_secs(10));
+        let refused = l.check_user("alice", attacker).unwrap_err();
+        assert!(refused.retry_after <= Duration::from_secs(10));
         assert!(
             refused
                 .to_string()
-                .contains("user alice; try again in 10 s")
+                .contains("user alice from address 10.0.0.9; try again in"),
+            "{refused}"
         );
-        assert!(l.check_user("bob").is_ok(), "another user is not limited");
-        tokio::time::advance(Duration::from_secs(5)).await;
-        assert_eq!(
-            l.check_user("alice").unwrap_err().retry_after,
-            Duration::from_secs(5)
+        // The owner, elsewhere, is not touched by the attacker's failures.
+        for _ in 0..10 {
+            assert!(l.check_user("alice", owner).is_ok());
+            l.succeeded("alice", owner);
+        }
+        assert!(
+            l.check_user("bob", attacker).is_ok(),
+            "another user is apart"
         );
-        tokio::time::advance(Duration::from_secs(5)).await;
-        assert!(l.check_user("alice").is_ok(), "one earned back");
-        assert!(l.check_user("alice").is_err());
+        // One failure earned back per interval, never more than the burst.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(l.check_user("alice", attacker).is_ok(), "one earned back");
+        l.failed("alice", attacker);
+        assert!(l.check_user("alice", attacker).is_err());
         tokio::time::advance(Duration::from_secs(300)).await;
         for _ in 0..3 {
-            assert!(l.check_user("alice").is_ok(), "never more than the burst");
+            assert!(l.check_user("alice", attacker).is_ok());
+            l.failed("alice", attacker);
         }
-        assert!(l.check_user("alice").is_err());
+        assert!(l.check_user("alice", attacker).is_err());
+        // A success from there clears that pair's failures.
+        l.succeeded("alice", attacker);
+        assert!(l.check_user("alice", attacker).is_ok());
     }
 
     #[tokio::test(start_paused = true)]
@@ -216,10 +304,60 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn ipv6_addresses_are_limited_by_their_64() {
+        let l = LoginLimits::new(Rate::per_minute(100), Rate::per_minute(2));
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff:eeee:dddd:cccc".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert!(l.check_addr(a).is_ok() && l.check_addr(b).is_ok());
+        let e = l.check_addr(a).unwrap_err();
+        assert!(e.to_string().contains("address 2001:db8:1:2::/64"), "{e}");
+        assert!(l.check_addr(other).is_ok(), "another /64 is apart");
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(addr_key(mapped), IpAddr::from([10, 0, 0, 1]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn eviction_forgets_only_full_buckets_never_a_drained_one() {
+        let mut b = Buckets::new(Rate {
+            burst: 1,
+            every: Duration::from_secs(60),
+        });
+        let now = Instant::now();
+        // One drained bucket, then the map filled with buckets that are full again later.
+        b.take(&0usize, now).unwrap();
+        for k in 1..MAX_KEYS {
+            b.map.insert(
+                k,
+                Bucket {
+                    tokens: 1.0,
+                    at: now,
+                },
+            );
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let later = Instant::now();
+        b.take(&MAX_KEYS, later).unwrap();
+        assert!(b.take(&0, later).is_err(), "the drained bucket was kept");
+        assert!(b.map.len() <= 2, "full ones went: {}", b.map.len());
+        // A map full of drained buckets refuses a new key rather than forget one.
+        let mut d = Buckets::new(Rate {
+            burst: 1,
+            every: Duration::from_secs(60),
+        });
+        for k in 0..MAX_KEYS {
+            d.take(&k, later).unwrap();
+        }
+        assert!(d.take(&MAX_KEYS, later).is_err());
+        assert!(d.take(&0, later).is_err(), "still drained");
+        assert_eq!(d.map.len(), MAX_KEYS);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn the_map_stays_bounded_under_a_flood_of_names() {
         let l = LoginLimits::new(Rate::per_minute(1), Rate::per_minute(1));
         for i in 0..(MAX_KEYS + 10) {
-            let _ = l.check_user(&format!("u{i}"));
+            l.failed(&format!("u{i}"), None);
         }
         let n = l.users.lock().unwrap().map.len();
         assert!(n <= MAX_KEYS, "{n}");

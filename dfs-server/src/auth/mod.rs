@@ -45,7 +45,8 @@ struct GroupRecord {
     members: Vec<String>,
 }
 
-/// Default login and signup attempts per minute (and at once) for one user name.
+/// Default failed login and signup attempts per minute (and at once) for one user name from
+/// one address.
 pub const DEFAULT_LOGINS_PER_USER: u32 = 10;
 /// Default login and signup attempts per minute (and at once) from one address.
 pub const DEFAULT_LOGINS_PER_ADDR: u32 = 60;
@@ -61,7 +62,7 @@ pub struct AuthConfig {
     pub replay_window: Duration,
     /// Anyone may sign up (else only callers with the cluster key).
     pub open_signup: bool,
-    /// Login and signup attempts allowed per user name.
+    /// Failed login and signup attempts allowed per user name and source address.
     pub per_user: limit::Rate,
     /// Login and signup attempts allowed per source address.
     pub per_addr: limit::Rate,
@@ -253,8 +254,8 @@ impl AuthService {
     }
 
     /// One login or signup attempt for `user`, refused past the per-user rate.
-    fn limit_user(&self, user: &str) -> ServiceResult<()> {
-        self.limits.check_user(user).map_err(|l| {
+    fn limit_user(&self, user: &str, addr: Option<std::net::IpAddr>) -> ServiceResult<()> {
+        self.limits.check_user(user, addr).map_err(|l| {
             tracing::warn!(%l, "login attempts limited");
             ServiceError::RateLimited(l.to_string())
         })
@@ -337,8 +338,27 @@ impl AuthService {
 
     /// Creates a user from a sealed envelope.
     pub fn signup(&self, env: &Envelope) -> ServiceResult<String> {
+        self.signup_from(env, None)
+    }
+
+    /// Creates a user from a sealed envelope sent from `addr`; a refusal counts as a failed
+    /// attempt for that name from there (`limit`).
+    pub fn signup_from(
+        &self,
+        env: &Envelope,
+        addr: Option<std::net::IpAddr>,
+    ) -> ServiceResult<String> {
         let creds = self.open_envelope(env)?;
-        self.limit_user(&creds.user)?;
+        self.limit_user(&creds.user, addr)?;
+        let user = creds.user.clone();
+        let r = self.signup_checked(creds);
+        if r.is_err() {
+            self.limits.failed(&user, addr);
+        }
+        r
+    }
+
+    fn signup_checked(&self, creds: Credentials) -> ServiceResult<String> {
         if !(8..=64).contains(&creds.password.len()) {
             return Err(ServiceError::BadRequest(
                 "password must be 8 to 64 bytes".into(),
@@ -373,8 +393,29 @@ impl AuthService {
 
     /// Checks a sealed user/password pair and issues tokens.
     pub fn login(&self, env: &Envelope) -> ServiceResult<TokenResponse> {
+        self.login_from(env, None)
+    }
+
+    /// As `login`, sent from `addr`: a wrong password or unknown user counts as a failed
+    /// attempt for that name from there, a success clears them (`limit`).
+    pub fn login_from(
+        &self,
+        env: &Envelope,
+        addr: Option<std::net::IpAddr>,
+    ) -> ServiceResult<TokenResponse> {
         let creds = self.open_envelope(env)?;
-        self.limit_user(&creds.user)?;
+        self.limit_user(&creds.user, addr)?;
+        let user = creds.user.clone();
+        let r = self.login_checked(creds);
+        match &r {
+            Ok(_) => self.limits.succeeded(&user, addr),
+            Err(ServiceError::Unauthorized(_)) => self.limits.failed(&user, addr),
+            Err(_) => {}
+        }
+        r
+    }
+
+    fn login_checked(&self, creds: Credentials) -> ServiceResult<TokenResponse> {
         let wrong = || ServiceError::Unauthorized("wrong user name or password".into());
         let rec: UserRecord = {
             let tx = self.db.db()?.begin_read()?;

@@ -82,7 +82,8 @@ async fn signup(
     }
     let held = svc.clone();
     let _slot = hashing_slot(&held).await?;
-    let user = blocking(move || svc.signup(&env)).await?;
+    let addr = source.0;
+    let user = blocking(move || svc.signup_from(&env, addr)).await?;
     Ok(Json(serde_json::json!({ "user": user })))
 }
 
@@ -94,7 +95,8 @@ async fn login(
     limit_source(&svc, &source)?;
     let held = svc.clone();
     let _slot = hashing_slot(&held).await?;
-    Ok(Json(blocking(move || svc.login(&env)).await?))
+    let addr = source.0;
+    Ok(Json(blocking(move || svc.login_from(&env, addr)).await?))
 }
 
 /// Waits for one of the password-hashing slots (one per core), so a flood of logins queues

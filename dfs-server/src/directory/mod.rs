@@ -73,6 +73,8 @@ pub struct DirectoryService {
     cluster_id: u64,
     /// Signs the capabilities file servers serve blobs against (the cluster key).
     capability_key: String,
+    /// This directory serves TLS: services must register https:// URLs.
+    https_only: bool,
 }
 
 /// A node as stored. A non-directory whose record has no link count (`nlink` 0: a field its
@@ -554,6 +556,7 @@ impl DirectoryService {
             counts: Default::default(),
             cluster_id,
             capability_key: String::new(),
+            https_only: false,
         };
         svc.set_counts(&svc.files()?);
         Ok(svc)
@@ -591,6 +594,23 @@ impl DirectoryService {
     pub fn with_capability_key(mut self, key: &str) -> Self {
         self.capability_key = key.to_owned();
         self
+    }
+
+    /// A directory serving TLS (`on`): it refuses registrations of plain http:// URLs, which
+    /// would silently send its clients' tokens and files in clear.
+    pub fn https_only(mut self, on: bool) -> Self {
+        self.https_only = on;
+        self
+    }
+
+    fn check_scheme(&self, what: &str, url: &str) -> ServiceResult<()> {
+        if self.https_only && !url.starts_with("https://") {
+            return Err(ServiceError::BadRequest(format!(
+                "this directory serves TLS only: the {what} at {url} must register an https:// \
+                 URL (serve it with --tls-cert and --tls-key)"
+            )));
+        }
+        Ok(())
     }
 
     /// The capability for `uid` to write new versions of file `meta` (given to its creator).
@@ -1244,6 +1264,7 @@ impl DirectoryService {
         &self,
         req: &common::api::RegisterServerRequest,
     ) -> ServiceResult<common::ServerId> {
+        self.check_scheme("file server", &req.url)?;
         if let Some(theirs) = &req.cluster_id
             && *theirs != self.cluster_id()
         {
@@ -1260,6 +1281,7 @@ impl DirectoryService {
 
     /// Records the URL of the lock or auth service (persisted).
     pub fn register_service(&self, req: &common::api::RegisterServiceRequest) -> ServiceResult<()> {
+        self.check_scheme(&format!("{:?} service", req.kind).to_lowercase(), &req.url)?;
         self.store
             .write(|tx| self.registry.register_service(tx, req))?;
         self.registry.admit_service(req)

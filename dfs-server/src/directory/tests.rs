@@ -260,6 +260,52 @@ fn regression_a_server_of_another_cluster_is_refused_not_taken_in() {
         .expect("a server of this cluster joins");
 }
 
+#[test]
+fn a_tls_directory_refuses_plain_http_registrations() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = DirectoryService::open(dir.path(), DirectoryConfig::default())
+        .expect("open")
+        .https_only(true);
+    let server = |url: &str| RegisterServerRequest {
+        url: url.into(),
+        capacity_bytes: 1,
+        previous_id: None,
+        cluster_id: None,
+    };
+    let refused = svc.register_server(&server("http://127.0.0.1:9100"));
+    assert!(
+        matches!(refused, Err(ServiceError::BadRequest(ref m))
+            if m.contains("must register an https:// URL") && m.contains("http://127.0.0.1:9100")),
+        "{refused:?}"
+    );
+    assert!(svc.registry.live().is_empty(), "not registered");
+    svc.register_server(&server("https://127.0.0.1:9100"))
+        .expect("an https server joins");
+    for kind in [
+        common::api::ServiceKind::Lock,
+        common::api::ServiceKind::Auth,
+    ] {
+        let req = |url: &str| common::api::RegisterServiceRequest {
+            kind,
+            url: url.into(),
+        };
+        let refused = svc.register_service(&req("http://127.0.0.1:9200"));
+        assert!(
+            matches!(refused, Err(ServiceError::BadRequest(ref m)) if m.contains("https://")),
+            "{refused:?}"
+        );
+        svc.register_service(&req("https://127.0.0.1:9200"))
+            .expect("an https service joins");
+    }
+    assert_eq!(
+        svc.registry.services(),
+        (
+            Some("https://127.0.0.1:9200".to_owned()),
+            Some("https://127.0.0.1:9200".to_owned())
+        )
+    );
+}
+
 /// Reference model: the namespace as a map from path to kind and node (hard links share one),
 /// with POSIX rules.
 mod model {
@@ -679,7 +725,7 @@ async fn regression_a_repair_pass_never_waits_for_its_copies() {
         },
     )
     .expect("two copies");
-    let peer = crate::peer::Peer::new("key");
+    let peer = crate::peer::Peer::new("key").expect("a peer");
     let cfg = repair::RepairConfig::default();
     let inflight = repair::InFlight::default();
     let (_, started) = tokio::time::timeout(

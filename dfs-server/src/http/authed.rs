@@ -45,12 +45,19 @@ impl Principal {
     }
 }
 
+/// Tells a verifier where the auth service is (`None`: not registered yet).
+pub type AuthUrlSource = Box<dyn Fn() -> Option<String> + Send + Sync>;
+
 /// Verifies user tokens and the cluster key. Holds the auth public key, fetched lazily through the
 /// directory when the service runs in its own process.
 pub struct Verifier {
     cluster_key_digest: [u8; 32],
     public_key: RwLock<Option<PublicKey>>,
     directory_url: Option<String>,
+    /// Where the auth service is, asked before `directory_url`: the directory's own registry
+    /// (the directory must not call itself through its bound address, which may be 0.0.0.0
+    /// or not named by its certificate).
+    auth_url: Option<AuthUrlSource>,
     http: reqwest::Client,
     /// Tokens whose signature was already checked, by SHA-256 of the token: an RSA verification
     /// costs far more than the request it guards, and a client sends the same token for an
@@ -67,31 +74,34 @@ fn digest(s: &str) -> [u8; 32] {
 
 impl Verifier {
     /// A verifier with a known public key (in-process auth) or one to fetch via `directory_url`.
+    /// The key is fetched over https with `tls`'s roots. An error if its HTTP client cannot
+    /// be built.
     pub fn new(
         cluster_key: &str,
         public_key: Option<PublicKey>,
         directory_url: Option<String>,
-    ) -> Self {
-        Verifier {
+        tls: &crate::tls::ClientTls,
+    ) -> anyhow::Result<Self> {
+        let http = tls
+            .builder()?
+            .timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| anyhow::anyhow!("building the HTTP client for the auth key: {e}"))?;
+        Ok(Verifier {
             cluster_key_digest: digest(cluster_key),
             public_key: RwLock::new(public_key),
             directory_url,
-            http: Self::client(&crate::tls::ClientTls::system()),
+            auth_url: None,
+            http,
             verified: std::sync::Mutex::new(std::collections::HashMap::new()),
-        }
+        })
     }
 
-    /// This verifier, fetching the auth key over https with `tls`'s roots.
-    pub fn with_tls(mut self, tls: &crate::tls::ClientTls) -> Self {
-        self.http = Self::client(tls);
+    /// This verifier, finding the auth service with `source` (the directory's registry)
+    /// instead of asking a directory for its cluster map.
+    pub fn with_auth_url(mut self, source: AuthUrlSource) -> Self {
+        self.auth_url = Some(source);
         self
-    }
-
-    fn client(tls: &crate::tls::ClientTls) -> reqwest::Client {
-        tls.builder()
-            .timeout(Duration::from_secs(5))
-            .build()
-            .unwrap_or_else(|_| crate::tls::client())
     }
 
     /// Whether `key` is the cluster key (compared as digests, so timing reveals nothing useful).
@@ -118,27 +128,33 @@ impl Verifier {
         if let Some(k) = self.cached_key() {
             return Ok(k);
         }
-        let dir = self
-            .directory_url
-            .as_deref()
-            .ok_or_else(|| ServiceError::Unavailable("auth public key not known yet".into()))?;
         let unavailable = |e: reqwest::Error| {
             ServiceError::Unavailable(format!("fetching auth key: {}", crate::tls::describe(&e)))
         };
-        let info: ClusterInfo = self
-            .http
-            .get(format!("{dir}{}", common::routes::CLUSTER))
-            .header(common::routes::CLUSTER_KEY_HEADER, "")
-            .send()
-            .await
-            .and_then(|r| r.error_for_status())
-            .map_err(unavailable)?
-            .json()
-            .await
-            .map_err(unavailable)?;
-        let auth = info
-            .auth_url
-            .ok_or_else(|| ServiceError::Unavailable("no auth service registered".into()))?;
+        let no_auth = || ServiceError::Unavailable("no auth service registered".into());
+        let auth = match (&self.auth_url, self.directory_url.as_deref()) {
+            (Some(source), _) => source().ok_or_else(no_auth)?,
+            (None, Some(dir)) => {
+                let info: ClusterInfo = self
+                    .http
+                    .get(format!("{dir}{}", common::routes::CLUSTER))
+                    .header(common::routes::CLUSTER_KEY_HEADER, "")
+                    .send()
+                    .await
+                    .and_then(|r| r.error_for_status())
+                    .map_err(unavailable)?
+                    .json()
+                    .await
+                    .map_err(unavailable)?;
+                info.check_https(dir).map_err(ServiceError::Unavailable)?;
+                info.auth_url.ok_or_else(no_auth)?
+            }
+            (None, None) => {
+                return Err(ServiceError::Unavailable(
+                    "auth public key not known yet".into(),
+                ));
+            }
+        };
         let pk: PublicKeyResponse = self
             .http
             .get(format!("{auth}{}", common::routes::AUTH_PUBLIC_KEY))

@@ -18,8 +18,11 @@ use crate::tls::{PLAIN_HTTP_ON_TLS, ServerTls};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientAddr(pub SocketAddr);
 
-/// How long a TLS handshake may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a TLS handshake may take, first byte included.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Most handshakes in progress at once from one source (IPv6: one /64); past it new
+/// connections from there are closed at once, so one source cannot take every slot.
+const MAX_HANDSHAKES_PER_SOURCE: usize = 32;
 /// Handshakes finished but not yet taken by the server.
 const READY_QUEUE: usize = 64;
 /// Most handshakes in progress at once; past it the accept loop waits (the kernel's backlog
@@ -86,6 +89,7 @@ async fn accept_tls(
     ready: tokio::sync::mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
 ) {
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let per_source = PerSource::new(MAX_HANDSHAKES_PER_SOURCE);
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
@@ -97,10 +101,15 @@ async fn accept_tls(
                 continue;
             }
         };
+        let Some(source_slot) = per_source.enter(addr.ip()) else {
+            tracing::debug!(%addr, "too many TLS handshakes from this source; closed");
+            continue;
+        };
         let acceptor = acceptor.clone();
         let ready = ready.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            let _source_slot = source_slot;
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(tcp, acceptor)).await {
                 Ok(Ok(Some(tls))) => {
                     let _ = ready.send((tls, addr)).await;
@@ -110,6 +119,55 @@ async fn accept_tls(
                 Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
             }
         });
+    }
+}
+
+/// Handshakes in progress per source address (IPv6 by /64, as the login limits).
+#[derive(Clone)]
+struct PerSource {
+    max: usize,
+    counts: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+}
+
+/// One handshake's place in its source's count, given back when dropped.
+struct SourceSlot {
+    ip: std::net::IpAddr,
+    of: PerSource,
+}
+
+impl PerSource {
+    fn new(max: usize) -> Self {
+        PerSource {
+            max,
+            counts: Default::default(),
+        }
+    }
+
+    /// A place for one more handshake from `ip`, or None when it has `max` already.
+    fn enter(&self, ip: std::net::IpAddr) -> Option<SourceSlot> {
+        let ip = crate::auth::limit::addr_key(ip);
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = counts.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            ip,
+            of: self.clone(),
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut counts = self.of.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -172,5 +230,65 @@ impl axum::serve::Listener for DfsListener {
 impl Connected<IncomingStream<'_, DfsListener>> for ClientAddr {
     fn connect_info(stream: IncomingStream<'_, DfsListener>) -> Self {
         *stream.remote_addr()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[test]
+    fn handshakes_per_source_are_capped_and_given_back() {
+        let per = PerSource::new(MAX_HANDSHAKES_PER_SOURCE);
+        let a: std::net::IpAddr = [127, 0, 0, 1].into();
+        let held: Vec<SourceSlot> = (0..MAX_HANDSHAKES_PER_SOURCE)
+            .map(|_| per.enter(a).unwrap())
+            .collect();
+        assert!(per.enter(a).is_none(), "the 33rd is refused");
+        assert!(
+            per.enter([127, 0, 0, 2].into()).is_some(),
+            "another source is apart"
+        );
+        // One /64 is one source.
+        let v6 = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let six: Vec<SourceSlot> = (0..MAX_HANDSHAKES_PER_SOURCE)
+            .map(|i| per.enter(v6(&format!("2001:db8::{:x}", i + 1))).unwrap())
+            .collect();
+        assert!(per.enter(v6("2001:db8::ffff")).is_none());
+        drop(held);
+        drop(six);
+        assert!(per.enter(a).is_some(), "places come back");
+        assert!(per.counts.lock().unwrap().len() <= 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_never_starts_a_handshake_is_closed_after_the_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        let tls = ServerTls::load(&c, &k).unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = DfsListener::new(tcp, Some(&tls)).unwrap();
+        let started = std::time::Instant::now();
+        let mut idle = TcpStream::connect(listener.local).await.unwrap();
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut buf))
+            .await
+            .expect("closed within the timeout")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "closed without a byte");
+        let took = started.elapsed();
+        assert!(
+            took >= HANDSHAKE_TIMEOUT - Duration::from_millis(100) && took < Duration::from_secs(8),
+            "{took:?}"
+        );
     }
 }

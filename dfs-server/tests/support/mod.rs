@@ -83,7 +83,7 @@ impl Harness {
     pub async fn new(tweak: impl FnOnce(&mut ClusterConfig)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let cluster = start_on(dir.path(), tweak).await;
-        let http = dfs_server::tls::client();
+        let http = dfs_server::tls::client().expect("an HTTP client");
         let token = signup_login(&http, &cluster, "alice").await.token;
         Harness {
             cluster,
