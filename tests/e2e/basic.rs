@@ -224,10 +224,13 @@ fn dfs_up_pins_the_key_it_made_so_a_remade_cluster_on_the_same_url_can_be_logged
         child.wait_with_output().unwrap()
     };
     let pins = home.join("config/dfs/known_auth_keys.json");
+    // Run as root, dfs up closes signup (--local-ids): users sign up with the cluster key.
+    let key = tmp.path().join(".dfs/cluster.key");
+    let key = key.to_str().unwrap();
     let mut up = start();
     let first = std::fs::read_to_string(&pins).expect("dfs up pinned its key");
     assert!(first.contains(&url), "{first}");
-    ok(dfs(&["signup", "--user", "bob"]));
+    ok(dfs(&["signup", "--user", "bob", "--cluster-key-file", key]));
     assert!(terminate(&mut up, Duration::from_secs(60)).is_some_and(|s| s.success()));
 
     // The cluster is made anew (a new auth key) on the same URL: dfs up replaces its pin, and
@@ -236,7 +239,7 @@ fn dfs_up_pins_the_key_it_made_so_a_remade_cluster_on_the_same_url_can_be_logged
     let mut up = start();
     let second = std::fs::read_to_string(&pins).unwrap();
     assert_ne!(first, second, "the pin follows the new key");
-    ok(dfs(&["signup", "--user", "bob"]));
+    ok(dfs(&["signup", "--user", "bob", "--cluster-key-file", key]));
     ok(dfs(&["login", "--user", "bob"]));
     assert!(terminate(&mut up, Duration::from_secs(60)).is_some_and(|s| s.success()));
 }
