@@ -588,7 +588,7 @@ async fn group_command(c: GroupCommand) -> anyhow::Result<()> {
     match c {
         GroupCommand::List(a) => {
             let key = read_cluster_key(&a.cluster_key_file)?;
-            let remote = Remote::new(&a.server.server, None, None, RemoteConfig::default())?;
+            let remote = Remote::new(&a.server.server, None, None, a.server.remote_config()?)?;
             let groups = remote
                 .groups(&key)
                 .await
@@ -600,7 +600,12 @@ async fn group_command(c: GroupCommand) -> anyhow::Result<()> {
         }
         GroupCommand::Add(a) => {
             let key = read_cluster_key(&a.admin.cluster_key_file)?;
-            let remote = Remote::new(&a.admin.server.server, None, None, RemoteConfig::default())?;
+            let remote = Remote::new(
+                &a.admin.server.server,
+                None,
+                None,
+                a.admin.server.remote_config()?,
+            )?;
             let req = common::api::AddGroupRequest {
                 gid: a.gid,
                 members: a.users,
@@ -619,7 +624,12 @@ async fn group_command(c: GroupCommand) -> anyhow::Result<()> {
                 bail!("--gid is for `dfs group add`");
             }
             let key = read_cluster_key(&a.admin.cluster_key_file)?;
-            let remote = Remote::new(&a.admin.server.server, None, None, RemoteConfig::default())?;
+            let remote = Remote::new(
+                &a.admin.server.server,
+                None,
+                None,
+                a.admin.server.remote_config()?,
+            )?;
             let req = common::api::RemoveGroupRequest { members: a.users };
             let left = remote
                 .remove_group(&a.name, &req, &key)

@@ -28,6 +28,15 @@ fn a_mount_round_trips_files_with_every_service_on_tls() {
 
     let a = Client::with_ca(&cluster.url, &certs.ca);
     a.signup_login("alice");
+    // Administrator commands trust the CA too (they send the cluster key).
+    let key = cluster.cluster_key_file();
+    let key = key.to_str().unwrap();
+    ok(a.run(
+        &["group", "add", "staff", "alice", "--cluster-key-file", key],
+        "",
+    ));
+    assert!(ok(a.run(&["group", "list", "--cluster-key-file", key], "")).contains("staff"));
+    ok(a.run(&["user", "list", "--cluster-key-file", key], ""));
     let ma = a.mount(&[]);
     ok(ma.sh("echo 'sealed in transit' > t.txt && mkdir d && seq 1 20000 > d/big"));
     // The primary pushed its copy to the other file server over https.

@@ -827,6 +827,11 @@ impl SplitCluster {
         self.root.path().join(name)
     }
 
+    /// The cluster key file every service of this cluster shares.
+    pub fn cluster_key_file(&self) -> PathBuf {
+        self.root.path().join("cluster.key")
+    }
+
     /// The process name (`file-N`) of file server `id`.
     pub fn file_service_of(&self, id: u64) -> String {
         (1..=self.files)
