@@ -302,12 +302,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 let (l, url) = cluster::bind(a.listen, tls.as_ref()).await?;
                 // The auth service's URL comes from this directory's own registry: its bound
-                // URL may be 0.0.0.0 or an address its certificate does not name.
+                // URL may be 0.0.0.0 or an address its certificate does not name. A TLS
+                // directory never fetches the key that signs tokens in clear: a plain-HTTP URL
+                // left in its registry from before TLS counts as no auth service at all.
                 let registry = svc.clone();
-                let verifier = Arc::new(
-                    Verifier::new(&key, None, None, &client_tls)?
-                        .with_auth_url(Box::new(move || registry.registry.services().1)),
-                );
+                let https_only = tls.is_some();
+                let verifier =
+                    Arc::new(Verifier::new(&key, None, None, &client_tls)?.with_auth_url(
+                        Box::new(move || {
+                            registry
+                                .registry
+                                .services()
+                                .1
+                                .filter(|u| !https_only || u.starts_with("https://"))
+                        }),
+                    ));
                 println!("dfs directory listening on {url}");
                 let repair = crate::directory::repair::RepairConfig {
                     interval: Duration::from_millis(a.repair_interval_ms),

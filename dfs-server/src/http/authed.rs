@@ -72,6 +72,13 @@ fn digest(s: &str) -> [u8; 32] {
     Sha256::digest(s.as_bytes()).into()
 }
 
+/// The auth URL a directory's verifier may fetch the token-signing key from: a TLS directory
+/// (`https_only`) never takes a plain-HTTP one (say, left in its registry from before the
+/// cluster moved to TLS), which a man in the middle could answer with a key of his own.
+pub fn usable_auth_url(url: Option<String>, https_only: bool) -> Option<String> {
+    url.filter(|u| !https_only || u.starts_with("https://"))
+}
+
 impl Verifier {
     /// A verifier with a known public key (in-process auth) or one to fetch via `directory_url`.
     /// The key is fetched over https with `tls`'s roots. An error if its HTTP client cannot
@@ -274,5 +281,20 @@ impl<S: Send + Sync> FromRequestParts<S> for ClusterOnly {
                 "internal endpoint: cluster key required".into(),
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::usable_auth_url;
+
+    #[test]
+    fn regression_a_tls_directory_never_fetches_the_auth_key_from_a_plain_url() {
+        let plain = Some("http://auth:7072".to_owned());
+        let tls = Some("https://auth:7072".to_owned());
+        assert_eq!(usable_auth_url(plain.clone(), true), None);
+        assert_eq!(usable_auth_url(tls.clone(), true), tls);
+        assert_eq!(usable_auth_url(plain.clone(), false), plain);
+        assert_eq!(usable_auth_url(None, true), None);
     }
 }
