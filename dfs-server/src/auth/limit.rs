@@ -69,16 +69,11 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
         (b.tokens + earned).min(f64::from(self.rate.burst))
     }
 
-    /// Whether `key` has a token to spend (spending none), or how long until it has.
-    fn peek(&self, key: &K, now: Instant) -> Result<(), Duration> {
-        let Some(b) = self.map.get(key).copied() else {
-            return Ok(());
-        };
-        let tokens = self.refilled(b, now);
-        if tokens >= 1.0 {
-            Ok(())
-        } else {
-            Err(self.rate.every.mul_f64(1.0 - tokens))
+    /// Gives back one token taken for `key` (never past the burst).
+    fn refund(&mut self, key: &K, now: Instant) {
+        if let Some(b) = self.map.get(key).copied() {
+            let tokens = (self.refilled(b, now) + 1.0).min(f64::from(self.rate.burst));
+            self.map.insert(key.clone(), Bucket { tokens, at: now });
         }
     }
 
@@ -189,30 +184,31 @@ impl LoginLimits {
         }
     }
 
-    /// Whether `user` may be tried from `addr` (checked once the envelope names the user,
-    /// before any password hash): refused while its failures from there are spent. Spends
-    /// nothing.
+    /// One attempt for `user` from `addr` (checked once the envelope names the user, before
+    /// any password hash): spends one of that pair's tokens up front, so attempts sent in
+    /// parallel cannot all pass before the first failure is counted; refused while they are
+    /// spent. An attempt that turns out not to be a failure gives its token back
+    /// (`not_failed`) or clears the pair (`succeeded`).
     pub fn check_user(&self, user: &str, addr: Option<IpAddr>) -> Result<(), Limited> {
         let addr = addr.map(addr_key);
         self.users
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .peek(&(user.to_owned(), addr), Instant::now())
+            .take(&(user.to_owned(), addr), Instant::now())
             .map_err(|retry_after| Limited {
                 what: user_at(user, addr),
                 retry_after,
             })
     }
 
-    /// An attempt for `user` from `addr` failed: it spends one of that pair's tokens.
-    pub fn failed(&self, user: &str, addr: Option<IpAddr>) {
+    /// An attempt for `user` from `addr` ended other than by a wrong password (a signup made,
+    /// a service error): the token it spent comes back.
+    pub fn not_failed(&self, user: &str, addr: Option<IpAddr>) {
         let addr = addr.map(addr_key);
-        // Err: already spent; the next attempt is refused by `check_user`.
-        let _ = self
-            .users
+        self.users
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .take(&(user.to_owned(), addr), Instant::now());
+            .refund(&(user.to_owned(), addr), Instant::now());
     }
 
     /// An attempt for `user` from `addr` succeeded: that pair's failures are forgotten.
@@ -254,11 +250,12 @@ mod tests {
         );
         let attacker: Option<IpAddr> = Some([10, 0, 0, 9].into());
         let owner: Option<IpAddr> = Some([10, 0, 0, 1].into());
-        for _ in 0..20 {
-            if l.check_user("alice", attacker).is_ok() {
-                l.failed("alice", attacker);
-            }
-        }
+        // Attempts sent together: each spends a token before any is judged, so no more than
+        // the burst get through however many are in flight.
+        let through = (0..20)
+            .filter(|_| l.check_user("alice", attacker).is_ok())
+            .count();
+        assert_eq!(through, 3);
         let refused = l.check_user("alice", attacker).unwrap_err();
         assert!(refused.retry_after <= Duration::from_secs(10));
         assert!(
@@ -279,12 +276,14 @@ mod tests {
         // One failure earned back per interval, never more than the burst.
         tokio::time::advance(Duration::from_secs(10)).await;
         assert!(l.check_user("alice", attacker).is_ok(), "one earned back");
-        l.failed("alice", attacker);
+        assert!(l.check_user("alice", attacker).is_err());
+        // An attempt that was no failure (say, the service erred) gives its token back.
+        l.not_failed("alice", attacker);
+        assert!(l.check_user("alice", attacker).is_ok(), "given back");
         assert!(l.check_user("alice", attacker).is_err());
         tokio::time::advance(Duration::from_secs(300)).await;
         for _ in 0..3 {
             assert!(l.check_user("alice", attacker).is_ok());
-            l.failed("alice", attacker);
         }
         assert!(l.check_user("alice", attacker).is_err());
         // A success from there clears that pair's failures.
@@ -357,7 +356,7 @@ mod tests {
     async fn the_map_stays_bounded_under_a_flood_of_names() {
         let l = LoginLimits::new(Rate::per_minute(1), Rate::per_minute(1));
         for i in 0..(MAX_KEYS + 10) {
-            l.failed(&format!("u{i}"), None);
+            let _ = l.check_user(&format!("u{i}"), None);
         }
         let n = l.users.lock().unwrap().map.len();
         assert!(n <= MAX_KEYS, "{n}");

@@ -352,8 +352,8 @@ impl AuthService {
         self.limit_user(&creds.user, addr)?;
         let user = creds.user.clone();
         let r = self.signup_checked(creds);
-        if r.is_err() {
-            self.limits.failed(&user, addr);
+        if r.is_ok() {
+            self.limits.not_failed(&user, addr);
         }
         r
     }
@@ -409,8 +409,8 @@ impl AuthService {
         let r = self.login_checked(creds);
         match &r {
             Ok(_) => self.limits.succeeded(&user, addr),
-            Err(ServiceError::Unauthorized(_)) => self.limits.failed(&user, addr),
-            Err(_) => {}
+            Err(ServiceError::Unauthorized(_)) => {}
+            Err(_) => self.limits.not_failed(&user, addr),
         }
         r
     }
