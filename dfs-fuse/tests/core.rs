@@ -1064,6 +1064,39 @@ async fn regression_a_mount_whose_login_lost_the_administrator_flag_fails_at_onc
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn regression_a_change_left_pending_for_a_file_deleted_meanwhile_is_dropped_not_stuck() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let cache = dir.path().join("a");
+    let (node, shared) = {
+        let (fs, shared) = local_ids_core(&c, &cache).await;
+        let node = make_as(&fs, 1000, shared, "gone", 0o644, b"v1\n").await;
+        as_user(1000, async {
+            let o = fs.open(node, libc::O_WRONLY | libc::O_TRUNC).await.unwrap();
+            fs.write(o.fh, 0, b"v2\n").unwrap();
+            fs.release(o.fh);
+        })
+        .await;
+        assert_eq!(fs.pending().unwrap(), vec![node]);
+        (node, shared)
+    };
+    // Deleted by someone else while this client was away; the next run knows neither who
+    // made the change nor the file: the push finds it gone and drops the copy.
+    let fs = core(&c, Some(fs_login_of(&c).await), &cache);
+    fs.remote()
+        .remove(shared, &common::ValidName::parse("gone").unwrap(), false)
+        .await
+        .unwrap();
+    fs.remote().set_local_ids(true);
+    let _ = fs
+        .push_pending(Instant::now() + Duration::from_secs(5), false)
+        .await;
+    assert!(fs.pending().unwrap().is_empty(), "not stuck pending");
+    assert!(fs.remote().get(node).await.is_err_and(|e| e.is_not_found()));
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_change_left_pending_by_an_earlier_run_is_pushed_as_the_files_owner() {
     let dir = tempfile::tempdir().unwrap();
     let c = cluster(&dir.path().join("cluster")).await;

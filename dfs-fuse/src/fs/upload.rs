@@ -537,9 +537,17 @@ impl DfsFs {
         if let Some(who) = self.actor_now(node) {
             return Ok(who);
         }
-        let meta = crate::caller::scope(None, self.remote.get(node)).await?;
-        self.remember(&meta, None);
-        Ok(Some(owner_of(&meta)))
+        match crate::caller::scope(None, self.remote.get(node)).await {
+            Ok(meta) => {
+                self.remember(&meta, None);
+                Ok(Some(owner_of(&meta)))
+            }
+            // Deleted while this client was away: no one may write it any more, and the push
+            // (as the mount's login) meets the directory's "not found" and drops the copy,
+            // instead of the change staying pending forever.
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Pending changes a push refused for permission (`--local-ids`): kept, listed by
