@@ -6,15 +6,6 @@ use std::time::Duration;
 
 use dfs_tests::*;
 
-fn fails_with(out: std::process::Output, what: &str) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains(what),
-        "expected {what:?}: status {} stderr {err}",
-        out.status
-    );
-}
-
 #[test]
 fn users_get_exactly_the_access_their_modes_give_and_the_administrator_gives_files_away() {
     let cluster = Cluster::start(&[]);

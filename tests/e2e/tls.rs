@@ -67,15 +67,6 @@ fn a_mount_round_trips_files_with_every_service_on_tls() {
     drop(ma);
 }
 
-fn fails_with(out: std::process::Output, what: &str) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains(what),
-        "expected {what:?}: status {} stderr {err}",
-        out.status
-    );
-}
-
 #[test]
 fn plain_http_to_tls_an_unknown_ca_and_a_bad_pem_fail_clearly() {
     let certs = TestCerts::new();

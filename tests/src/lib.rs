@@ -605,6 +605,16 @@ pub fn sh_in(dir: &Path, script: &str) -> Output {
         .unwrap()
 }
 
+/// Asserts a command failed with `what` in its standard error (an errno's text, a message).
+pub fn fails_with(out: Output, what: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(what),
+        "expected {what:?}: status {} stderr {err}",
+        out.status
+    );
+}
+
 /// Asserts a shell command succeeded, printing its output otherwise; returns stdout.
 pub fn ok(out: Output) -> String {
     assert!(
