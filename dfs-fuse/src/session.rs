@@ -326,6 +326,12 @@ impl Mounted {
     /// Waits until Ctrl-C/SIGTERM or until the file system is unmounted from outside
     /// (`dfs umount`).
     pub async fn wait(&self) {
+        self.wait_for(dfs_server::cli::shutdown_signal()).await
+    }
+
+    /// Waits until `stop` resolves (a signal caught by the caller) or until the file system is
+    /// unmounted from outside.
+    pub async fn wait_for(&self, stop: impl std::future::Future<Output = ()>) {
         let external = async {
             loop {
                 if self.session.guard.is_finished() {
@@ -335,7 +341,7 @@ impl Mounted {
             }
         };
         tokio::select! {
-            _ = dfs_server::cli::shutdown_signal() => {
+            _ = stop => {
                 // A second signal ends the process at once: pending uploads are durable in the
                 // cache and pushed by the next mount.
                 tokio::spawn(async {

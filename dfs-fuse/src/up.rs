@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use dfs_server::cluster::{self, ClusterConfig};
+use tokio_util::sync::CancellationToken;
 
 use crate::cli::UpArgs;
 use crate::creds::{CredStore, KnownKeys};
@@ -18,6 +19,18 @@ const HELLO: &str = "Hello from dfs!\n\nThis directory is a distributed file sys
 /// Starts the cluster, signs the default user up and in, writes `Hello.txt` into a fresh
 /// store, mounts, and on Ctrl-C/SIGTERM unmounts (pushing pending uploads) and stops.
 pub async fn run(a: UpArgs) -> anyhow::Result<()> {
+    // Catch Ctrl-C/SIGTERM from the very start: a signal during start-up (even while Hello.txt
+    // is written into the mount) must stop this process cleanly, not kill it with its mount
+    // half set up, and must not be lost before the mount waits for it.
+    let stop = CancellationToken::new();
+    let signal = dfs_server::cli::listen_for_shutdown();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            signal.await;
+            stop.cancel();
+        }
+    });
     dfs_server::cluster::create_private_dir(&a.data)
         .with_context(|| format!("creating {}", a.data.display()))?;
     std::fs::create_dir_all(&a.mountpoint)
@@ -42,9 +55,12 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         tls: cfg.client_tls.clone(),
         ..RemoteConfig::default()
     };
-    let cluster = cluster::start(cfg).await?;
+    let cluster = tokio::select! {
+        c = cluster::start(cfg) => c?,
+        _ = stop.cancelled() => return Ok(()),
+    };
     let server = cluster.directory_url.clone();
-    let result = async {
+    let start = async {
         let pw_path = a.data.join("default-user.password");
         let password = match std::fs::read_to_string(&pw_path) {
             Ok(p) => p.trim().to_owned(),
@@ -71,9 +87,16 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         remote.pin_auth_key(Some(fingerprint));
         let key = Some(cluster.cluster_key.as_str());
         if let Err(e) = remote.signup_as_admin(DEFAULT_USER, &password, key).await
-            && !matches!(&e, crate::remote::RemoteError::Api { code: common::ErrorCode::Exists, .. }) {
-                return Err(anyhow::anyhow!("creating the default user: {e}"));
-            }
+            && !matches!(
+                &e,
+                crate::remote::RemoteError::Api {
+                    code: common::ErrorCode::Exists,
+                    ..
+                }
+            )
+        {
+            return Err(anyhow::anyhow!("creating the default user: {e}"));
+        }
         // The single user of a local cluster is its administrator (acts as root, may chown).
         let admin = common::api::SetUserRequest {
             admin: Some(true),
@@ -83,14 +106,38 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             .set_user(DEFAULT_USER, &admin, &cluster.cluster_key)
             .await
             .context("making the default user the administrator")?;
-        let login = remote.login(DEFAULT_USER, &password).await.context("logging in the default user")?;
+        let login = remote
+            .login(DEFAULT_USER, &password)
+            .await
+            .context("logging in the default user")?;
         creds.put(&server, Some(login))?;
         let cluster_id = remote.cluster(false).await?.cluster_id;
-        let mut opts = a.cache.options(&server, a.mountpoint.clone(), &cluster_id)?;
+        let mut opts = a
+            .cache
+            .options(&server, a.mountpoint.clone(), &cluster_id)?;
         opts.local_ids = local_ids;
-        let m = session::mount(remote, &opts)?;
+        session::mount(remote, &opts)
+    };
+    let result = async {
+        let m = tokio::select! {
+            m = start => m?,
+            _ = stop.cancelled() => return Ok(()),
+        };
+        // Hello.txt is written into this process's own mount, which the FUSE session serves
+        // meanwhile: a signal caught during the write is acted on once it is done, by the
+        // unmount below.
         if fresh {
-            write_hello(&a.mountpoint).await?;
+            let written = write_hello(&a.mountpoint).await;
+            // The kernel releases the file only after close() returned: an unmount before that
+            // release would leave Hello.txt "open for writing" and the drain waiting for it.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while m.fs.open_writers() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if let Err(e) = written {
+                m.unmount().await?;
+                return Err(e);
+            }
         }
         println!("dfs is up: mounted at {}", a.mountpoint.display());
         println!("directory: {server}   (another client: dfs login --server {server} ...; dfs mount DIR --server {server})");
@@ -101,7 +148,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             );
         }
         println!("press Ctrl-C to unmount and stop");
-        m.wait().await;
+        m.wait_for(stop.cancelled()).await;
         session::report_pending(m.unmount().await?)
     }
     .await;
@@ -118,11 +165,22 @@ pub fn local_ids_by_default(root: bool, asked: bool, refused: bool) -> bool {
     !refused && (asked || root)
 }
 
+/// Writes `Hello.txt` into the mount on a thread of its own (not the runtime's blocking pool,
+/// whose shutdown would wait for a write stuck in the mount), for up to 60 s.
 async fn write_hello(mountpoint: &std::path::Path) -> anyhow::Result<()> {
     let path = mountpoint.join("Hello.txt");
-    tokio::time::timeout(Duration::from_secs(60), tokio::fs::write(&path, HELLO))
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let p = path.clone();
+    std::thread::Builder::new()
+        .name("dfs-hello".into())
+        .spawn(move || {
+            let _ = tx.send(std::fs::write(&p, HELLO));
+        })
+        .context("starting the Hello.txt writer")?;
+    tokio::time::timeout(Duration::from_secs(60), rx)
         .await
         .context("writing Hello.txt timed out")?
+        .context("the Hello.txt writer stopped")?
         .with_context(|| format!("writing {}", path.display()))
 }
 

@@ -460,20 +460,34 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Resolves on Ctrl-C, SIGTERM or SIGHUP (call again to wait for the next one).
 pub async fn shutdown_signal() {
+    listen_for_shutdown().await
+}
+
+/// Catches Ctrl-C, SIGTERM and SIGHUP from now on (they no longer end the process at once)
+/// and returns a future that resolves on the first one caught, even one caught before it is
+/// first polled.
+pub fn listen_for_shutdown() -> impl Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
-    let wait = |kind: SignalKind| async move {
-        match signal(kind) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    let mut int = signal(SignalKind::interrupt()).ok();
+    let mut term = signal(SignalKind::terminate()).ok();
+    // A closed terminal: shut down cleanly rather than die with the mount left behind.
+    let mut hup = signal(SignalKind::hangup()).ok();
+    async move {
+        tokio::select! {
+            _ = next_signal(int.as_mut()) => {}
+            _ = next_signal(term.as_mut()) => {}
+            _ = next_signal(hup.as_mut()) => {}
         }
-    };
-    tokio::select! {
-        _ = wait(SignalKind::interrupt()) => {}
-        _ = wait(SignalKind::terminate()) => {}
-        // A closed terminal: shut down cleanly rather than die with the mount left behind.
-        _ = wait(SignalKind::hangup()) => {}
+        tracing::info!("shutting down");
     }
-    tracing::info!("shutting down");
+}
+
+/// Resolves on the next signal `s` catches (never, without a handler).
+async fn next_signal(s: Option<&mut tokio::signal::unix::Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending::<()>().await,
+    }
 }

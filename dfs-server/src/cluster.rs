@@ -114,17 +114,38 @@ impl ClusterHandle {
 }
 
 /// Creates `dir` (and parents) with mode 0700, or makes an existing one 0700: it holds file
-/// contents, users' password hashes and keys.
+/// contents, users' password hashes and keys. An existing directory this process may not
+/// chmod (provisioned by an administrator, e.g. owner root, mode 0770, group dfs) is used as
+/// it is, with a warning: its access is the administrator's choice.
 pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    make_private_dir(dir, |d| {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
+    })
+}
+
+/// [`create_private_dir`] with the chmod to 0700 given (tests make it fail as a directory
+/// owned by someone else would, which a test run as root cannot otherwise see).
+fn make_private_dir(
+    dir: &Path,
+    chmod_private: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
-    let mode = std::fs::metadata(dir)?.permissions().mode();
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        tracing::info!(dir = %dir.display(), mode = format!("{:o}", mode & 0o777), "data directory made private (0700)");
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        match chmod_private(dir) {
+            Ok(()) => {
+                tracing::info!(dir = %dir.display(), mode = format!("{mode:o}"), "data directory made private (0700)")
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                tracing::warn!(dir = %dir.display(), mode = format!("{mode:o}"), "data directory is not this user's to make private (0700); using it as it is")
+            }
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }
@@ -483,4 +504,50 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
         cancel,
         tasks,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::make_private_dir;
+
+    fn mode(p: &std::path::Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn new_data_dirs_are_private_and_open_existing_ones_are_made_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fresh = tmp.path().join("a/b");
+        super::create_private_dir(&fresh).unwrap();
+        assert_eq!(mode(&fresh), 0o700);
+        let open = tmp.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o770)).unwrap();
+        super::create_private_dir(&open).unwrap();
+        assert_eq!(mode(&open), 0o700);
+    }
+
+    #[test]
+    fn a_data_dir_the_service_may_not_chmod_is_used_as_it_is() {
+        let tmp = tempfile::tempdir().unwrap();
+        let provisioned = tmp.path().join("provisioned");
+        std::fs::create_dir(&provisioned).unwrap();
+        std::fs::set_permissions(&provisioned, std::fs::Permissions::from_mode(0o770)).unwrap();
+        let eperm = |_: &std::path::Path| Err(std::io::Error::from_raw_os_error(libc::EPERM));
+        make_private_dir(&provisioned, eperm).expect("an admin's directory is usable");
+        assert_eq!(
+            mode(&provisioned),
+            0o770,
+            "left as the administrator made it"
+        );
+        // Any other failure still stops the service.
+        let eio = |_: &std::path::Path| Err(std::io::Error::from_raw_os_error(libc::EIO));
+        assert!(make_private_dir(&provisioned, eio).is_err());
+        // A new directory below it is still private.
+        let inner = provisioned.join("inner");
+        make_private_dir(&inner, eperm).unwrap();
+        assert_eq!(mode(&inner), 0o700);
+    }
 }

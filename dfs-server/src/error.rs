@@ -90,6 +90,10 @@ pub enum ServiceError {
     /// A link to a file whose link count is at its maximum (EMLINK).
     #[error("{0}")]
     TooManyLinks(String),
+    /// A service's data directory is locked by another running process: a start-up error of a
+    /// binary, never an answer to a request.
+    #[error("{0}")]
+    DataDirInUse(String),
 }
 
 impl ServiceError {
@@ -125,6 +129,9 @@ impl ServiceError {
             ServiceError::NotAdministrator(_) => ErrorCode::NotAdministrator,
             ServiceError::InUse(_) => ErrorCode::InUse,
             ServiceError::TooManyLinks(_) => ErrorCode::TooManyLinks,
+            // Never sent; were it ever, the client would learn only that the server failed,
+            // and the server log would say which directory (as for any internal error).
+            ServiceError::DataDirInUse(_) => ErrorCode::Internal,
         }
     }
 

@@ -94,7 +94,7 @@ pub fn lock_dir(dir: &Path, what: &str) -> ServiceResult<std::fs::File> {
         .open(&path)?;
     match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => Ok(f),
-        Err(rustix::io::Errno::WOULDBLOCK) => Err(ServiceError::Unavailable(format!(
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(ServiceError::DataDirInUse(format!(
             "another {what} is already running on {} (it holds the lock on {}); stop it or \
              give this one another --data",
             dir.display(),
@@ -122,3 +122,23 @@ pub fn now_ms() -> u64 {
 }
 
 pub use common::meta::now_ns;
+
+#[cfg(test)]
+mod tests {
+    use crate::error::ServiceError;
+
+    #[test]
+    fn a_locked_data_dir_is_refused_as_in_use_not_as_unavailable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let _held = super::lock_dir(tmp.path(), "auth service").unwrap();
+        match super::lock_dir(tmp.path(), "auth service") {
+            Err(ServiceError::DataDirInUse(m)) => {
+                assert!(
+                    m.contains("another auth service is already running on"),
+                    "{m}"
+                )
+            }
+            other => panic!("expected DataDirInUse, got {other:?}"),
+        }
+    }
+}

@@ -202,8 +202,7 @@ fn dfs_up_pins_the_key_it_made_so_a_remade_cluster_on_the_same_url_can_be_logged
             terminate(&mut child, Duration::from_secs(5));
             panic!("dfs up did not mount");
         }
-        // Wait for the Hello.txt of a fresh cluster: a dfs up stopped while writing it into its
-        // own mount does not exit (a known problem, not this test's).
+        // The Hello.txt of a fresh cluster is there.
         let hello = ok(sh_in(&tmp.path().join("mnt"), "cat Hello.txt"));
         assert!(hello.starts_with("Hello from dfs!"), "{hello}");
         child
@@ -242,4 +241,78 @@ fn dfs_up_pins_the_key_it_made_so_a_remade_cluster_on_the_same_url_can_be_logged
     ok(dfs(&["signup", "--user", "bob", "--cluster-key-file", key]));
     ok(dfs(&["login", "--user", "bob"]));
     assert!(terminate(&mut up, Duration::from_secs(60)).is_some_and(|s| s.success()));
+}
+
+#[test]
+fn dfs_up_stopped_while_it_writes_hello_exits_and_unmounts() {
+    require_fuse();
+    // Each round stops a fresh `dfs up` as soon as its mount appears, while it may still be
+    // writing Hello.txt into its own mount.
+    for round in 0..5 {
+        let tmp = tempfile::tempdir().unwrap();
+        let home = tmp.path().join("home");
+        let mnt = tmp.path().join("mnt");
+        let mut child = Command::new(bin("dfs"))
+            .current_dir(tmp.path())
+            .args(["up", "--listen", "127.0.0.1:0"])
+            .env("XDG_CONFIG_HOME", home.join("config"))
+            .env("XDG_CACHE_HOME", home.join("cache"))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(tmp.path().join("up.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !is_mounted(&mnt) && std::time::Instant::now() < deadline {
+            if let Ok(Some(s)) = child.try_wait() {
+                panic!("round {round}: dfs up exited with {s} before mounting");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mounted = is_mounted(&mnt);
+        // Not `terminate`: its final wait would hang on a process stuck in its own mount.
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let exited = eventually(Duration::from_secs(30), || {
+            matches!(child.try_wait(), Ok(Some(_)))
+        });
+        let left_mounted = is_mounted(&mnt);
+        if !exited || left_mounted {
+            // Free a process stuck on its mount (abort the FUSE connection), then detach it.
+            if let Some(dev) = fuse_connection(&mnt) {
+                let _ = std::fs::write(format!("/sys/fs/fuse/connections/{dev}/abort"), "1");
+            }
+            let _ = child.kill();
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(&mnt)
+                .status();
+            eventually(Duration::from_secs(10), || {
+                matches!(child.try_wait(), Ok(Some(_)))
+            });
+        }
+        let status = exited;
+        assert!(mounted, "round {round}: dfs up did not mount");
+        assert!(
+            status,
+            "round {round}: dfs up did not exit within 30 s of SIGTERM: {}",
+            std::fs::read_to_string(tmp.path().join("up.log")).unwrap_or_default()
+        );
+        assert!(!left_mounted, "round {round}: dfs up left its mount behind");
+    }
+}
+
+/// The FUSE connection number (the device minor) of the mount at `dir`.
+fn fuse_connection(dir: &std::path::Path) -> Option<String> {
+    let want = dir.to_string_lossy().to_string();
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let line = info
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(want.as_str()))?;
+    let dev = line.split(' ').nth(2)?;
+    Some(dev.split_once(':')?.1.to_owned())
 }
