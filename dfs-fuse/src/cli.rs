@@ -103,6 +103,20 @@ pub struct AdminArgs {
     cluster_key_file: PathBuf,
 }
 
+impl AdminArgs {
+    /// A client of `--server` (trusting `--ca-file`) and the cluster key it acts with.
+    fn connect(&self) -> anyhow::Result<(Remote, String)> {
+        let key = read_cluster_key(&self.cluster_key_file)?;
+        let remote = Remote::new(
+            &self.server.server,
+            None,
+            None,
+            self.server.remote_config()?,
+        )?;
+        Ok((remote, key))
+    }
+}
+
 /// `dfs user set`.
 #[derive(Debug, Args)]
 pub struct SetUserArgs {
@@ -530,8 +544,7 @@ fn print_user(u: &common::api::UserInfo) {
 async fn user_command(c: UserCommand) -> anyhow::Result<()> {
     match c {
         UserCommand::List(a) => {
-            let key = read_cluster_key(&a.cluster_key_file)?;
-            let remote = Remote::new(&a.server.server, None, None, a.server.remote_config()?)?;
+            let (remote, key) = a.connect()?;
             let users = remote
                 .users(&key)
                 .await
@@ -542,13 +555,7 @@ async fn user_command(c: UserCommand) -> anyhow::Result<()> {
             Ok(())
         }
         UserCommand::Set(a) => {
-            let key = read_cluster_key(&a.admin.cluster_key_file)?;
-            let remote = Remote::new(
-                &a.admin.server.server,
-                None,
-                None,
-                a.admin.server.remote_config()?,
-            )?;
+            let (remote, key) = a.admin.connect()?;
             let req = common::api::SetUserRequest {
                 uid: a.uid,
                 gid: a.gid,
@@ -587,8 +594,7 @@ fn print_group(g: &common::api::GroupInfo) {
 async fn group_command(c: GroupCommand) -> anyhow::Result<()> {
     match c {
         GroupCommand::List(a) => {
-            let key = read_cluster_key(&a.cluster_key_file)?;
-            let remote = Remote::new(&a.server.server, None, None, a.server.remote_config()?)?;
+            let (remote, key) = a.connect()?;
             let groups = remote
                 .groups(&key)
                 .await
@@ -599,13 +605,7 @@ async fn group_command(c: GroupCommand) -> anyhow::Result<()> {
             Ok(())
         }
         GroupCommand::Add(a) => {
-            let key = read_cluster_key(&a.admin.cluster_key_file)?;
-            let remote = Remote::new(
-                &a.admin.server.server,
-                None,
-                None,
-                a.admin.server.remote_config()?,
-            )?;
+            let (remote, key) = a.admin.connect()?;
             let req = common::api::AddGroupRequest {
                 gid: a.gid,
                 members: a.users,
@@ -623,13 +623,7 @@ async fn group_command(c: GroupCommand) -> anyhow::Result<()> {
             if a.gid.is_some() {
                 bail!("--gid is for `dfs group add`");
             }
-            let key = read_cluster_key(&a.admin.cluster_key_file)?;
-            let remote = Remote::new(
-                &a.admin.server.server,
-                None,
-                None,
-                a.admin.server.remote_config()?,
-            )?;
+            let (remote, key) = a.admin.connect()?;
             let req = common::api::RemoveGroupRequest { members: a.users };
             let left = remote
                 .remove_group(&a.name, &req, &key)
