@@ -131,6 +131,17 @@ impl Verifier {
         self.public_key.read().ok().and_then(|k| k.clone())
     }
 
+    /// GETs `url` and reads its JSON answer (an error status is an error).
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, url: String) -> reqwest::Result<T> {
+        self.http
+            .get(url)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await
+    }
+
     async fn key(&self) -> ServiceResult<PublicKey> {
         if let Some(k) = self.cached_key() {
             return Ok(k);
@@ -143,14 +154,7 @@ impl Verifier {
             (Some(source), _) => source().ok_or_else(no_auth)?,
             (None, Some(dir)) => {
                 let info: ClusterInfo = self
-                    .http
-                    .get(format!("{dir}{}", common::routes::CLUSTER))
-                    .header(common::routes::CLUSTER_KEY_HEADER, "")
-                    .send()
-                    .await
-                    .and_then(|r| r.error_for_status())
-                    .map_err(unavailable)?
-                    .json()
+                    .get_json(format!("{dir}{}", common::routes::CLUSTER))
                     .await
                     .map_err(unavailable)?;
                 info.check_https(dir).map_err(ServiceError::Unavailable)?;
@@ -163,13 +167,7 @@ impl Verifier {
             }
         };
         let pk: PublicKeyResponse = self
-            .http
-            .get(format!("{auth}{}", common::routes::AUTH_PUBLIC_KEY))
-            .send()
-            .await
-            .and_then(|r| r.error_for_status())
-            .map_err(unavailable)?
-            .json()
+            .get_json(format!("{auth}{}", common::routes::AUTH_PUBLIC_KEY))
             .await
             .map_err(unavailable)?;
         let key = PublicKey::from_public_key_pem(&pk.pem)
