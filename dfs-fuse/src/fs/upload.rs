@@ -150,7 +150,9 @@ impl DfsFs {
                 // service, e.g. an unknown route after a restart, does not).
                 Err(e)
                     if e.is_not_found()
-                        && self.remote.get(node).await.is_err_and(|d| d.is_not_found()) =>
+                        && tokio::time::timeout_at(until(&progress), self.remote.get(node))
+                            .await
+                            .is_ok_and(|r| r.is_err_and(|d| d.is_not_found())) =>
                 {
                     tracing::info!(%node, "file was deleted; dropping its unpushed changes");
                     self.drop_cached(node);
@@ -227,7 +229,11 @@ impl DfsFs {
                     if moved || e.is_unreachable() {
                         // The placement may have moved (failover): learn the current one before
                         // resending, instead of knocking at a dead or deposed primary again.
-                        if let Ok(m) = self.remote.get(node).await {
+                        // Within this push's time: the directory may be what is down, and the
+                        // metadata read retries for as long as the op timeout.
+                        if let Ok(Ok(m)) =
+                            tokio::time::timeout_at(until(&progress), self.remote.get(node)).await
+                        {
                             self.remember(&m, None);
                         }
                     }
