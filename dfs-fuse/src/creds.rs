@@ -239,3 +239,74 @@ impl KnownKeys {
             .with_context(|| format!("writing {}", self.path.display()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn login(token: &str) -> SavedLogin {
+        SavedLogin {
+            user: "alice".into(),
+            token: token.into(),
+            expires_at_ms: 1,
+            refresh_token: format!("r-{token}"),
+            issued_at_ms: 0,
+            id: None,
+        }
+    }
+
+    #[test]
+    fn a_login_saved_by_url_is_found_once_and_then_kept_by_cluster_id() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let creds = CredStore::at(tmp.path().join("dfs").join("credentials.json"));
+        // An older client saved it under the URL it used.
+        creds
+            .put("http://127.0.0.1:7070", Some(login("old")))
+            .expect("saved");
+        let a = vec!["http://127.0.0.1:7070".to_owned()];
+        let found = creds.get_for("c1", &a).expect("read").expect("found by URL");
+        assert_eq!(found.token, "old");
+        // Moved: one entry, under the cluster id, so its single-use refresh token lives once.
+        assert!(creds.get("http://127.0.0.1:7070").expect("read").is_none());
+        // Any URL of the cluster (an alias, a second directory, or none of the old ones) finds it.
+        let other = vec![
+            "http://localhost:7070".to_owned(),
+            "http://127.0.0.2:7070".to_owned(),
+        ];
+        let again = creds.get_for("c1", &other).expect("read").expect("by cluster id");
+        assert_eq!(again.token, "old");
+        // Another cluster does not.
+        assert!(creds.get_for("c2", &a).expect("read").is_none());
+        // Renewed and forgotten by cluster id.
+        creds.put_for("c1", &other, Some(login("new"))).expect("saved");
+        assert_eq!(creds.get_for("c1", &a).expect("read").expect("kept").token, "new");
+        creds.put_for("c1", &a, None).expect("forgotten");
+        assert!(creds.get_for("c1", &a).expect("read").is_none());
+    }
+
+    #[test]
+    fn an_auth_key_pin_follows_the_cluster_and_stays_on_its_urls() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let creds = CredStore::at(tmp.path().join("dfs").join("credentials.json"));
+        let known = KnownKeys::beside(&creds);
+        let a = "http://127.0.0.1:7070".to_owned();
+        // An older client's pin by URL still guards that URL, whatever cluster it claims.
+        known.put(&a, "SHA256:old").expect("pinned");
+        assert_eq!(
+            known.get_for("fresh", std::slice::from_ref(&a)).expect("read").as_deref(),
+            Some("SHA256:old")
+        );
+        known
+            .put_for("c1", std::slice::from_ref(&a), "SHA256:k1")
+            .expect("pinned");
+        // A new URL of the same cluster meets the cluster's pin.
+        let b = vec!["http://127.0.0.2:7070".to_owned()];
+        assert_eq!(known.get_for("c1", &b).expect("read").as_deref(), Some("SHA256:k1"));
+        // A known URL claiming another cluster still meets the URL's pin.
+        assert_eq!(
+            known.get_for("c9", std::slice::from_ref(&a)).expect("read").as_deref(),
+            Some("SHA256:k1")
+        );
+        assert_eq!(known.get_for("c9", &b).expect("read"), None);
+    }
+}

@@ -1717,6 +1717,203 @@ mod tests {
             .map(|v| v.to_str().expect("ascii").to_owned())
     }
 
+    /// A fake directory on loopback: its cluster map names `cluster_id`; `rename` and `list`
+    /// answer the scripted (status, JSON body) in turn (then 200 `[]`), and every such request's
+    /// request id and protocol header are recorded.
+    #[derive(Clone)]
+    struct Fake {
+        cluster_id: String,
+        answers: Arc<std::sync::Mutex<std::collections::VecDeque<(u16, String)>>>,
+        seen: Arc<std::sync::Mutex<Vec<(Option<String>, Option<String>)>>>,
+    }
+
+    impl Fake {
+        async fn start(cluster_id: &str, script: &[(u16, &str)]) -> (Fake, String) {
+            use axum::routing::{get, post};
+            let fake = Fake {
+                cluster_id: cluster_id.to_owned(),
+                answers: Arc::new(std::sync::Mutex::new(
+                    script.iter().map(|(c, b)| (*c, (*b).to_owned())).collect(),
+                )),
+                seen: Arc::default(),
+            };
+            let app = axum::Router::new()
+                .route(routes::CLUSTER, get(Fake::map))
+                .route(routes::RENAME, post(Fake::op))
+                .route(routes::CHILDREN, get(Fake::op))
+                .with_state(fake.clone());
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let url = format!("http://{}", l.local_addr().expect("addr"));
+            tokio::spawn(async move { axum::serve(l, app).await });
+            (fake, url)
+        }
+
+        async fn map(
+            axum::extract::State(f): axum::extract::State<Fake>,
+        ) -> axum::Json<ClusterInfo> {
+            axum::Json(ClusterInfo {
+                lock_url: None,
+                auth_url: None,
+                servers: vec![],
+                replication: 3,
+                cluster_id: f.cluster_id.clone(),
+            })
+        }
+
+        async fn op(
+            axum::extract::State(f): axum::extract::State<Fake>,
+            headers: axum::http::HeaderMap,
+        ) -> axum::response::Response {
+            let h = |n: &str| {
+                headers
+                    .get(n)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            f.seen
+                .lock()
+                .expect("seen")
+                .push((h(routes::REQUEST_ID), h(routes::PROTOCOL_HEADER)));
+            let (status, body) = f
+                .answers
+                .lock()
+                .expect("answers")
+                .pop_front()
+                .unwrap_or((200, "[]".into()));
+            axum::response::Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from(body))
+                .expect("response")
+        }
+
+        fn seen(&self) -> Vec<(Option<String>, Option<String>)> {
+            self.seen.lock().expect("seen").clone()
+        }
+    }
+
+    fn logged_in(urls: &str, op_timeout: Duration) -> Remote {
+        let now = now_ms();
+        let login = SavedLogin {
+            user: "alice".into(),
+            token: "t".into(),
+            expires_at_ms: now + 3_600_000,
+            refresh_token: "r".into(),
+            issued_at_ms: now,
+            id: None,
+        };
+        let config = RemoteConfig {
+            op_timeout,
+            ..RemoteConfig::default()
+        };
+        Remote::new(urls, Some(login), None, config).expect("client")
+    }
+
+    /// A loopback address nothing listens on.
+    async fn dead_url() -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", l.local_addr().expect("addr"));
+        drop(l);
+        url
+    }
+
+    const UNAVAILABLE: &str = r#"{"code":"unavailable","message":"restarting"}"#;
+
+    fn rename_req() -> RenameRequest {
+        serde_json::from_value(serde_json::json!({
+            "parent": 1, "name": "a", "new_parent": 1, "new_name": "b"
+        }))
+        .expect("a rename request")
+    }
+
+    #[tokio::test]
+    async fn a_change_is_retried_through_unavailable_with_one_request_id() {
+        let script = [
+            (503, UNAVAILABLE),
+            (503, UNAVAILABLE),
+            (200, "null"),
+            (200, "null"),
+        ];
+        let (fake, url) = Fake::start("aa", &script).await;
+        let r = logged_in(&url, Duration::from_secs(10));
+        let replaced = r.rename(&rename_req()).await.expect("renamed after two 503s");
+        assert!(replaced.is_none());
+        let seen = fake.seen();
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        let id = seen[0].0.clone().expect("a request id");
+        assert!(
+            !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+            "{id}"
+        );
+        for (rid, proto) in &seen {
+            assert_eq!(rid.as_deref(), Some(id.as_str()), "the same id on every retry");
+            assert_eq!(proto.as_deref(), Some("1"), "every request names its protocol");
+        }
+        // The next operation is another one: a new id.
+        r.rename(&rename_req()).await.expect("renamed");
+        assert_ne!(fake.seen()[3].0.as_deref(), Some(id.as_str()));
+        // A read carries no request id.
+        r.list(NodeId::ROOT).await.expect("listed");
+        assert_eq!(fake.seen()[4].0, None);
+    }
+
+    #[tokio::test]
+    async fn a_definite_answer_is_never_retried() {
+        let exists = r#"{"code":"exists","message":"b exists"}"#;
+        let mismatch = r#"{"code":"protocol_mismatch","message":"speaks 2"}"#;
+        let (fake, url) = Fake::start("aa", &[(409, exists), (426, mismatch)]).await;
+        let r = logged_in(&url, Duration::from_secs(10));
+        let e = r.rename(&rename_req()).await.expect_err("refused");
+        assert!(matches!(e, RemoteError::Api { code: ErrorCode::Exists, .. }), "{e:?}");
+        let e = r.list(NodeId::ROOT).await.expect_err("refused");
+        assert!(
+            matches!(e, RemoteError::Api { code: ErrorCode::ProtocolMismatch, .. }),
+            "{e:?}"
+        );
+        assert_eq!(crate::error::FsError::Remote(e).errno(), libc::EPROTO);
+        assert_eq!(fake.seen().len(), 2, "one request each");
+    }
+
+    #[tokio::test]
+    async fn a_dead_directory_url_is_failed_over_and_left() {
+        let dead = dead_url().await;
+        let (fake, url) = Fake::start("aa", &[]).await;
+        let r = logged_in(&format!("{dead}, {url}/"), Duration::from_secs(10));
+        r.list(NodeId::ROOT).await.expect("listed through the live URL");
+        assert_eq!(r.current_server(), url, "stays on the URL that answered");
+        r.list(NodeId::ROOT).await.expect("listed");
+        assert_eq!(fake.seen().len(), 2);
+        assert_eq!(r.cluster_id().as_deref(), Some("aa"));
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_directory_fails_after_the_op_timeout() {
+        let dead = dead_url().await;
+        let r = logged_in(&dead, Duration::from_millis(800));
+        let t = std::time::Instant::now();
+        let e = r.list(NodeId::ROOT).await.expect_err("nothing answers");
+        let took = t.elapsed();
+        assert!(matches!(e, RemoteError::Network(_)), "{e:?}");
+        assert!(took >= Duration::from_millis(750), "retried for the op timeout: {took:?}");
+        assert!(took < Duration::from_secs(5), "then gave up: {took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_directory_url_of_another_cluster_is_never_used() {
+        let (ours, a) = Fake::start("aa", &[(503, UNAVAILABLE); 64]).await;
+        let (theirs, b) = Fake::start("bb", &[]).await;
+        let r = logged_in(&format!("{a},{b}"), Duration::from_millis(800));
+        assert_eq!(r.cluster(true).await.expect("map").cluster_id, "aa");
+        let e = r.list(NodeId::ROOT).await.expect_err("only the other cluster answers");
+        assert!(matches!(e, RemoteError::Network(_) | RemoteError::Api { .. }), "{e:?}");
+        assert!(!ours.seen().is_empty());
+        assert!(theirs.seen().is_empty(), "nothing was sent to another cluster's directory");
+    }
+
     #[tokio::test]
     async fn a_local_ids_request_names_exactly_its_caller() {
         let r =

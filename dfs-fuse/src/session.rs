@@ -486,4 +486,39 @@ mod tests {
         assert!(!super::allows_other("#user_allow_other\n"));
         assert!(!super::allows_other("mount_max = 1000\n"));
     }
+
+    #[test]
+    fn a_cache_kept_per_url_moves_to_the_cluster_id_once() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let base = tmp.path();
+        let url = "http://127.0.0.1:7070".to_owned();
+        let old = base.join("dfs").join("127.0.0.1_7070").join("abc123");
+        std::fs::create_dir_all(old.join("files")).expect("old cache");
+        std::fs::write(old.join("files").join("5"), b"pending").expect("a pending copy");
+        let dir = cache_dir_under(base, &["http://localhost:7070".to_owned(), url.clone()], "abc123")
+            .expect("cache dir");
+        assert_eq!(dir, base.join("dfs").join("clusters").join("abc123"));
+        assert_eq!(std::fs::read(dir.join("files").join("5")).expect("moved"), b"pending");
+        assert!(!old.exists());
+        // Any URL list of the cluster finds it now, the old one included.
+        let again = cache_dir_under(base, &["http://127.0.0.2:1".to_owned()], "abc123")
+            .expect("cache dir");
+        assert_eq!(again, dir);
+        // Another cluster gets its own.
+        let other = cache_dir_under(base, std::slice::from_ref(&url), "def456").expect("cache dir");
+        assert_ne!(other, dir);
+    }
+
+    #[test]
+    fn a_cache_in_use_by_a_running_mount_is_left_where_it_is() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let base = tmp.path();
+        let old = base.join("dfs").join("127.0.0.1_7070").join("abc123");
+        std::fs::create_dir_all(&old).expect("old cache");
+        // This test process stands for the running mount.
+        std::fs::write(old.join(MOUNT_PID_FILE), std::process::id().to_string()).expect("pid");
+        let dir = cache_dir_under(base, &["http://127.0.0.1:7070".to_owned()], "abc123")
+            .expect("cache dir");
+        assert_eq!(dir, old);
+    }
 }
