@@ -340,7 +340,16 @@ impl DfsFs {
     ) -> Result<NodeMeta, RemoteError> {
         let waiter = UploadId::from_bytes(rand::random());
         let t = std::time::Instant::now();
-        let grant = match self.remote.acquire(node, &waiter, deadline).await {
+        // Bounded by the push's deadline: the write capability comes from the directory, whose
+        // calls otherwise retry for the whole op timeout.
+        let acquired = tokio::time::timeout_at(deadline, self.remote.acquire(node, &waiter, deadline))
+            .await
+            .unwrap_or_else(|_| {
+                Err(RemoteError::Timeout(
+                    "no lock grant before the push's deadline".into(),
+                ))
+            });
+        let grant = match acquired {
             Ok(g) => g,
             Err(e) => {
                 // A grant whose answer was lost must not block everyone for a whole lease.
@@ -358,7 +367,11 @@ impl DfsFs {
             let meta = match self.known_meta(node) {
                 Some(m) if m.primary.is_some() => m,
                 _ => {
-                    let m = self.remote.get(node).await?;
+                    let m = tokio::time::timeout_at(deadline, self.remote.get(node))
+                        .await
+                        .map_err(|_| {
+                            RemoteError::Timeout("the file's metadata before the push's deadline".into())
+                        })??;
                     self.remember(&m, None);
                     m
                 }
