@@ -213,7 +213,12 @@ impl KnownKeys {
     }
 
     /// Pins `fingerprint` for cluster `cluster_id` and for each of `urls`.
-    pub fn put_for(&self, cluster_id: &str, urls: &[String], fingerprint: &str) -> anyhow::Result<()> {
+    pub fn put_for(
+        &self,
+        cluster_id: &str,
+        urls: &[String],
+        fingerprint: &str,
+    ) -> anyhow::Result<()> {
         let mut all = self.load_all()?;
         all.insert(cluster_key(cluster_id), fingerprint.to_owned());
         for u in urls {
@@ -264,7 +269,10 @@ mod tests {
             .put("http://127.0.0.1:7070", Some(login("old")))
             .expect("saved");
         let a = vec!["http://127.0.0.1:7070".to_owned()];
-        let found = creds.get_for("c1", &a).expect("read").expect("found by URL");
+        let found = creds
+            .get_for("c1", &a)
+            .expect("read")
+            .expect("found by URL");
         assert_eq!(found.token, "old");
         // Moved: one entry, under the cluster id, so its single-use refresh token lives once.
         assert!(creds.get("http://127.0.0.1:7070").expect("read").is_none());
@@ -273,13 +281,21 @@ mod tests {
             "http://localhost:7070".to_owned(),
             "http://127.0.0.2:7070".to_owned(),
         ];
-        let again = creds.get_for("c1", &other).expect("read").expect("by cluster id");
+        let again = creds
+            .get_for("c1", &other)
+            .expect("read")
+            .expect("by cluster id");
         assert_eq!(again.token, "old");
         // Another cluster does not.
         assert!(creds.get_for("c2", &a).expect("read").is_none());
         // Renewed and forgotten by cluster id.
-        creds.put_for("c1", &other, Some(login("new"))).expect("saved");
-        assert_eq!(creds.get_for("c1", &a).expect("read").expect("kept").token, "new");
+        creds
+            .put_for("c1", &other, Some(login("new")))
+            .expect("saved");
+        assert_eq!(
+            creds.get_for("c1", &a).expect("read").expect("kept").token,
+            "new"
+        );
         creds.put_for("c1", &a, None).expect("forgotten");
         assert!(creds.get_for("c1", &a).expect("read").is_none());
     }
@@ -293,7 +309,10 @@ mod tests {
         // An older client's pin by URL still guards that URL, whatever cluster it claims.
         known.put(&a, "SHA256:old").expect("pinned");
         assert_eq!(
-            known.get_for("fresh", std::slice::from_ref(&a)).expect("read").as_deref(),
+            known
+                .get_for("fresh", std::slice::from_ref(&a))
+                .expect("read")
+                .as_deref(),
             Some("SHA256:old")
         );
         known
@@ -301,10 +320,16 @@ mod tests {
             .expect("pinned");
         // A new URL of the same cluster meets the cluster's pin.
         let b = vec!["http://127.0.0.2:7070".to_owned()];
-        assert_eq!(known.get_for("c1", &b).expect("read").as_deref(), Some("SHA256:k1"));
+        assert_eq!(
+            known.get_for("c1", &b).expect("read").as_deref(),
+            Some("SHA256:k1")
+        );
         // A known URL claiming another cluster still meets the URL's pin.
         assert_eq!(
-            known.get_for("c9", std::slice::from_ref(&a)).expect("read").as_deref(),
+            known
+                .get_for("c9", std::slice::from_ref(&a))
+                .expect("read")
+                .as_deref(),
             Some("SHA256:k1")
         );
         assert_eq!(known.get_for("c9", &b).expect("read"), None);

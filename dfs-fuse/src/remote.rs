@@ -560,8 +560,7 @@ impl Remote {
         let theirs = header_of(resp, routes::PROTOCOL_HEADER)
             .and_then(|v| v.trim().parse::<u32>().ok())
             .unwrap_or(1);
-        if theirs != routes::PROTOCOL_VERSION
-            && !self.protocol_noted.swap(true, Ordering::Relaxed)
+        if theirs != routes::PROTOCOL_VERSION && !self.protocol_noted.swap(true, Ordering::Relaxed)
         {
             tracing::warn!(
                 url = %resp.url(),
@@ -1840,18 +1839,31 @@ mod tests {
         ];
         let (fake, url) = Fake::start("aa", &script).await;
         let r = logged_in(&url, Duration::from_secs(10));
-        let replaced = r.rename(&rename_req()).await.expect("renamed after two 503s");
+        let replaced = r
+            .rename(&rename_req())
+            .await
+            .expect("renamed after two 503s");
         assert!(replaced.is_none());
         let seen = fake.seen();
         assert_eq!(seen.len(), 3, "{seen:?}");
         let id = seen[0].0.clone().expect("a request id");
         assert!(
-            !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+            !id.is_empty()
+                && id.len() <= 64
+                && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
             "{id}"
         );
         for (rid, proto) in &seen {
-            assert_eq!(rid.as_deref(), Some(id.as_str()), "the same id on every retry");
-            assert_eq!(proto.as_deref(), Some("1"), "every request names its protocol");
+            assert_eq!(
+                rid.as_deref(),
+                Some(id.as_str()),
+                "the same id on every retry"
+            );
+            assert_eq!(
+                proto.as_deref(),
+                Some("1"),
+                "every request names its protocol"
+            );
         }
         // The next operation is another one: a new id.
         r.rename(&rename_req()).await.expect("renamed");
@@ -1868,10 +1880,25 @@ mod tests {
         let (fake, url) = Fake::start("aa", &[(409, exists), (426, mismatch)]).await;
         let r = logged_in(&url, Duration::from_secs(10));
         let e = r.rename(&rename_req()).await.expect_err("refused");
-        assert!(matches!(e, RemoteError::Api { code: ErrorCode::Exists, .. }), "{e:?}");
+        assert!(
+            matches!(
+                e,
+                RemoteError::Api {
+                    code: ErrorCode::Exists,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
         let e = r.list(NodeId::ROOT).await.expect_err("refused");
         assert!(
-            matches!(e, RemoteError::Api { code: ErrorCode::ProtocolMismatch, .. }),
+            matches!(
+                e,
+                RemoteError::Api {
+                    code: ErrorCode::ProtocolMismatch,
+                    ..
+                }
+            ),
             "{e:?}"
         );
         assert_eq!(crate::error::FsError::Remote(e).errno(), libc::EPROTO);
@@ -1883,7 +1910,9 @@ mod tests {
         let dead = dead_url().await;
         let (fake, url) = Fake::start("aa", &[]).await;
         let r = logged_in(&format!("{dead}, {url}/"), Duration::from_secs(10));
-        r.list(NodeId::ROOT).await.expect("listed through the live URL");
+        r.list(NodeId::ROOT)
+            .await
+            .expect("listed through the live URL");
         assert_eq!(r.current_server(), url, "stays on the URL that answered");
         r.list(NodeId::ROOT).await.expect("listed");
         assert_eq!(fake.seen().len(), 2);
@@ -1898,7 +1927,10 @@ mod tests {
         let e = r.list(NodeId::ROOT).await.expect_err("nothing answers");
         let took = t.elapsed();
         assert!(matches!(e, RemoteError::Network(_)), "{e:?}");
-        assert!(took >= Duration::from_millis(750), "retried for the op timeout: {took:?}");
+        assert!(
+            took >= Duration::from_millis(750),
+            "retried for the op timeout: {took:?}"
+        );
         assert!(took < Duration::from_secs(5), "then gave up: {took:?}");
     }
 
@@ -1908,10 +1940,19 @@ mod tests {
         let (theirs, b) = Fake::start("bb", &[]).await;
         let r = logged_in(&format!("{a},{b}"), Duration::from_millis(800));
         assert_eq!(r.cluster(true).await.expect("map").cluster_id, "aa");
-        let e = r.list(NodeId::ROOT).await.expect_err("only the other cluster answers");
-        assert!(matches!(e, RemoteError::Network(_) | RemoteError::Api { .. }), "{e:?}");
+        let e = r
+            .list(NodeId::ROOT)
+            .await
+            .expect_err("only the other cluster answers");
+        assert!(
+            matches!(e, RemoteError::Network(_) | RemoteError::Api { .. }),
+            "{e:?}"
+        );
         assert!(!ours.seen().is_empty());
-        assert!(theirs.seen().is_empty(), "nothing was sent to another cluster's directory");
+        assert!(
+            theirs.seen().is_empty(),
+            "nothing was sent to another cluster's directory"
+        );
     }
 
     #[tokio::test]

@@ -157,9 +157,8 @@ pub fn cache_dir_under(
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("creating {}", parent.display()))?;
         }
-        std::fs::rename(&old, &dir).with_context(|| {
-            format!("moving the cache {} to {}", old.display(), dir.display())
-        })?;
+        std::fs::rename(&old, &dir)
+            .with_context(|| format!("moving the cache {} to {}", old.display(), dir.display()))?;
         dfs_server::store::sync_dir(parent_or_self(&dir))
             .and_then(|()| dfs_server::store::sync_dir(parent_or_self(&old)))
             .with_context(|| format!("syncing the move of the cache to {}", dir.display()))?;
@@ -495,14 +494,21 @@ mod tests {
         let old = base.join("dfs").join("127.0.0.1_7070").join("abc123");
         std::fs::create_dir_all(old.join("files")).expect("old cache");
         std::fs::write(old.join("files").join("5"), b"pending").expect("a pending copy");
-        let dir = cache_dir_under(base, &["http://localhost:7070".to_owned(), url.clone()], "abc123")
-            .expect("cache dir");
+        let dir = cache_dir_under(
+            base,
+            &["http://localhost:7070".to_owned(), url.clone()],
+            "abc123",
+        )
+        .expect("cache dir");
         assert_eq!(dir, base.join("dfs").join("clusters").join("abc123"));
-        assert_eq!(std::fs::read(dir.join("files").join("5")).expect("moved"), b"pending");
+        assert_eq!(
+            std::fs::read(dir.join("files").join("5")).expect("moved"),
+            b"pending"
+        );
         assert!(!old.exists());
         // Any URL list of the cluster finds it now, the old one included.
-        let again = cache_dir_under(base, &["http://127.0.0.2:1".to_owned()], "abc123")
-            .expect("cache dir");
+        let again =
+            cache_dir_under(base, &["http://127.0.0.2:1".to_owned()], "abc123").expect("cache dir");
         assert_eq!(again, dir);
         // Another cluster gets its own.
         let other = cache_dir_under(base, std::slice::from_ref(&url), "def456").expect("cache dir");

@@ -1162,10 +1162,7 @@ async fn namespace_ops_and_closes_ride_out_a_cluster_restart() {
     let alice = login(&c, "alice").await;
     let a = patient_core(&url, alice.clone(), &dir.path().join("a"));
     write_file(&a, "before", b"written before").await.unwrap();
-    let d = a
-        .mkdir(NodeId::ROOT, OsStr::new("d"), 0o755)
-        .await
-        .unwrap();
+    let d = a.mkdir(NodeId::ROOT, OsStr::new("d"), 0o755).await.unwrap();
 
     // The whole cluster (directory, lock, auth, file servers) goes away for 1.5 s.
     c.shutdown().await;

@@ -1415,7 +1415,12 @@ async fn every_service_names_its_protocol_and_refuses_a_newer_one() {
     for base in &services {
         // This build's own requests (the header is set by every dfs client) are served, and
         // the answer names the service's protocol.
-        let r = h.http.get(format!("{base}{}", routes::HEALTH)).send().await.unwrap();
+        let r = h
+            .http
+            .get(format!("{base}{}", routes::HEALTH))
+            .send()
+            .await
+            .unwrap();
         assert!(r.status().is_success(), "{base}");
         assert_eq!(
             r.headers()[routes::PROTOCOL_HEADER].to_str().unwrap(),
@@ -1441,18 +1446,26 @@ async fn every_service_names_its_protocol_and_refuses_a_newer_one() {
             let body: common::ErrorBody = r.json().await.unwrap();
             assert_eq!(body.code, ErrorCode::ProtocolMismatch, "{base}: {body:?}");
             assert!(
-                body.message.contains(&format!("speaks dfs protocol {}", routes::PROTOCOL_VERSION)),
+                body.message
+                    .contains(&format!("speaks dfs protocol {}", routes::PROTOCOL_VERSION)),
                 "{body:?}"
             );
         }
     }
     // A request without the header (a client from before it) is taken as version 1.
-    let addr = h.cluster.directory_url.trim_start_matches("http://").to_owned();
+    let addr = h
+        .cluster
+        .directory_url
+        .trim_start_matches("http://")
+        .to_owned();
     let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     s.write_all(
-        format!("GET {} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n", routes::CLUSTER)
-            .as_bytes(),
+        format!(
+            "GET {} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n",
+            routes::CLUSTER
+        )
+        .as_bytes(),
     )
     .await
     .unwrap();
@@ -1460,7 +1473,11 @@ async fn every_service_names_its_protocol_and_refuses_a_newer_one() {
     s.read_to_string(&mut answer).await.unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(
-        answer.contains(&format!("{}: {}", routes::PROTOCOL_HEADER, routes::PROTOCOL_VERSION)),
+        answer.contains(&format!(
+            "{}: {}",
+            routes::PROTOCOL_HEADER,
+            routes::PROTOCOL_VERSION
+        )),
         "{answer}"
     );
 }

@@ -342,13 +342,14 @@ impl DfsFs {
         let t = std::time::Instant::now();
         // Bounded by the push's deadline: the write capability comes from the directory, whose
         // calls otherwise retry for the whole op timeout.
-        let acquired = tokio::time::timeout_at(deadline, self.remote.acquire(node, &waiter, deadline))
-            .await
-            .unwrap_or_else(|_| {
-                Err(RemoteError::Timeout(
-                    "no lock grant before the push's deadline".into(),
-                ))
-            });
+        let acquired =
+            tokio::time::timeout_at(deadline, self.remote.acquire(node, &waiter, deadline))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(RemoteError::Timeout(
+                        "no lock grant before the push's deadline".into(),
+                    ))
+                });
         let grant = match acquired {
             Ok(g) => g,
             Err(e) => {
@@ -370,7 +371,9 @@ impl DfsFs {
                     let m = tokio::time::timeout_at(deadline, self.remote.get(node))
                         .await
                         .map_err(|_| {
-                            RemoteError::Timeout("the file's metadata before the push's deadline".into())
+                            RemoteError::Timeout(
+                                "the file's metadata before the push's deadline".into(),
+                            )
                         })??;
                     self.remember(&m, None);
                     m

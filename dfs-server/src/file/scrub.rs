@@ -51,7 +51,8 @@ impl FileServer {
             let meta = match self
                 .directory
                 .call(|d| async move { self.peer.node(&d, node).await })
-                .await {
+                .await
+            {
                 Ok(m) => m,
                 Err(ServiceError::NotFound(_)) => {
                     if !self.set_aside(node, &hash, "its file was deleted").await {
@@ -167,9 +168,10 @@ impl FileServer {
             ));
         }
         match self
-                .directory
-                .call(|d| async move { self.peer.node(&d, node).await })
-                .await {
+            .directory
+            .call(|d| async move { self.peer.node(&d, node).await })
+            .await
+        {
             Ok(meta) if &meta.hash == hash => Err(ServiceError::Forbidden(format!(
                 "{hash} is the current version of node {node}; not dropping it"
             ))),

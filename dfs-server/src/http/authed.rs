@@ -163,7 +163,10 @@ impl Verifier {
                         .get_json::<ClusterInfo>(format!("{dir}{}", common::routes::CLUSTER))
                         .await
                     {
-                        Ok(info) => info.check_https(dir).map(|()| info).map_err(ServiceError::Unavailable),
+                        Ok(info) => info
+                            .check_https(dir)
+                            .map(|()| info)
+                            .map_err(ServiceError::Unavailable),
                         Err(e) => Err(unavailable(e)),
                     };
                     if found.is_ok() {
