@@ -1723,8 +1723,11 @@ mod tests {
     struct Fake {
         cluster_id: String,
         answers: Arc<std::sync::Mutex<std::collections::VecDeque<(u16, String)>>>,
-        seen: Arc<std::sync::Mutex<Vec<(Option<String>, Option<String>)>>>,
+        seen: Arc<std::sync::Mutex<Vec<Seen>>>,
     }
+
+    /// A request's `x-dfs-request-id` and `x-dfs-protocol`.
+    type Seen = (Option<String>, Option<String>);
 
     impl Fake {
         async fn start(cluster_id: &str, script: &[(u16, &str)]) -> (Fake, String) {
@@ -1788,7 +1791,7 @@ mod tests {
                 .expect("response")
         }
 
-        fn seen(&self) -> Vec<(Option<String>, Option<String>)> {
+        fn seen(&self) -> Vec<Seen> {
             self.seen.lock().expect("seen").clone()
         }
     }

@@ -476,6 +476,8 @@ pub fn report_pending(pending: Vec<common::NodeId>) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::{MOUNT_PID_FILE, cache_dir_under};
+
     #[test]
     fn only_an_uncommented_user_allow_other_lets_users_share_mounts() {
         assert!(super::allows_other(

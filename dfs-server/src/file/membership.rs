@@ -188,10 +188,10 @@ impl FileServer {
                         None
                     }
                 };
-                let (peer, space) = (&self.peer, &space);
+                let peer = &self.peer;
                 match self
                     .directory
-                    .call(|d| async move { peer.heartbeat(&d, id, space.clone()).await })
+                    .call(|d| async move { peer.heartbeat(&d, id, space).await })
                     .await
                 {
                     Ok(()) => {}
