@@ -166,6 +166,12 @@ pub struct RemoteConfig {
 /// Default of `--op-timeout-secs`.
 pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a metadata read waits for the directory when the caller has an answer of its own
+/// to fall back on (what it heard before, a cached copy): long enough to ride out a failover
+/// to another directory URL or a quick restart, short enough that cached files stay readable
+/// while the directory is down.
+pub const FALLBACK_WAIT: Duration = Duration::from_secs(2);
+
 impl Default for RemoteConfig {
     fn default() -> Self {
         RemoteConfig {
@@ -586,8 +592,29 @@ impl Remote {
         change: bool,
         build: &(dyn Fn(&str) -> reqwest::RequestBuilder + Send + Sync),
     ) -> Result<reqwest::Response, RemoteError> {
-        self.dir_retry(what, change.then(new_request_id), true, build)
+        self.dir_retry(
+            what,
+            change.then(new_request_id),
+            true,
+            self.config.op_timeout,
+            build,
+        )
+        .await
+    }
+
+    /// A read that retries for `bound` only (at most the op timeout): for callers with a local
+    /// answer to fall back on.
+    async fn dir_read_within<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        bound: Duration,
+        build: &(dyn Fn(&str) -> reqwest::RequestBuilder + Send + Sync),
+    ) -> Result<T, RemoteError> {
+        self.dir_retry(what, None, true, bound.min(self.config.op_timeout), build)
+            .await?
+            .json()
             .await
+            .map_err(|e| net(what, e))
     }
 
     async fn dir_retry(
@@ -595,9 +622,10 @@ impl Remote {
         what: &str,
         request_id: Option<String>,
         authed: bool,
+        bound: Duration,
         build: &(dyn Fn(&str) -> reqwest::RequestBuilder + Send + Sync),
     ) -> Result<reqwest::Response, RemoteError> {
-        let deadline = tokio::time::Instant::now() + self.config.op_timeout;
+        let deadline = tokio::time::Instant::now() + bound;
         let n = self.dirs.urls.len();
         let mut backoff = RETRY_FIRST;
         let mut failures = 0usize;
@@ -626,7 +654,7 @@ impl Remote {
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {
-                tracing::warn!(%what, error = %e, after = ?self.config.op_timeout, "directory operation failed for the whole op timeout");
+                tracing::warn!(%what, error = %e, after = ?bound, "directory unavailable for the whole wait; giving up");
                 return Err(e);
             }
             if failures.is_multiple_of(n) {
@@ -738,7 +766,7 @@ impl Remote {
             return Ok(c);
         }
         let resp = self
-            .dir_retry("cluster map", None, false, &|d| {
+            .dir_retry("cluster map", None, false, self.config.op_timeout, &|d| {
                 self.http.get(format!("{d}{}", routes::CLUSTER))
             })
             .await?;
@@ -1020,6 +1048,18 @@ impl Remote {
     /// Metadata of a node about to be opened with `flags`: refused (EACCES) unless this user
     /// may read and/or write it, as `flags` ask.
     pub async fn get_to_open(&self, id: NodeId, flags: i32) -> Result<NodeMeta, RemoteError> {
+        self.get_to_open_within(id, flags, self.config.op_timeout)
+            .await
+    }
+
+    /// `get_to_open`, waiting for the directory for `bound` only (the caller has a cached copy
+    /// to open instead).
+    pub async fn get_to_open_within(
+        &self,
+        id: NodeId,
+        flags: i32,
+        bound: Duration,
+    ) -> Result<NodeMeta, RemoteError> {
         let access = match flags & libc::O_ACCMODE {
             libc::O_WRONLY => "w",
             libc::O_RDWR => "rw",
@@ -1027,7 +1067,13 @@ impl Remote {
         };
         let path = format!("{}?access={access}", routes::node(id));
         let resp = self
-            .dir_call("open", false, &|d| self.http.get(format!("{d}{path}")))
+            .dir_retry(
+                "open",
+                None,
+                true,
+                bound.min(self.config.op_timeout),
+                &|d| self.http.get(format!("{d}{path}")),
+            )
             .await?;
         let cap = header_of(&resp, routes::CAPABILITY_HEADER);
         let meta: NodeMeta = resp.json().await.map_err(|e| net("open", e))?;
@@ -1111,17 +1157,44 @@ impl Remote {
             .await
     }
 
+    /// `get`, waiting for the directory for `bound` only (the caller has an answer of its own).
+    pub async fn get_within(&self, id: NodeId, bound: Duration) -> Result<NodeMeta, RemoteError> {
+        let path = routes::node(id);
+        self.dir_read_within("getattr", bound, &|d| self.http.get(format!("{d}{path}")))
+            .await
+    }
+
     /// Looks `name` up in `parent`.
     pub async fn lookup(&self, parent: NodeId, name: &ValidName) -> Result<NodeMeta, RemoteError> {
+        self.lookup_within(parent, name, self.config.op_timeout)
+            .await
+    }
+
+    /// `lookup`, waiting for the directory for `bound` only.
+    pub async fn lookup_within(
+        &self,
+        parent: NodeId,
+        name: &ValidName,
+        bound: Duration,
+    ) -> Result<NodeMeta, RemoteError> {
         let path = routes::child(parent, name.as_str());
-        self.dir_json("lookup", false, &|d| self.http.get(format!("{d}{path}")))
+        self.dir_read_within("lookup", bound, &|d| self.http.get(format!("{d}{path}")))
             .await
     }
 
     /// Lists a directory.
     pub async fn list(&self, parent: NodeId) -> Result<Vec<DirEntry>, RemoteError> {
+        self.list_within(parent, self.config.op_timeout).await
+    }
+
+    /// `list`, waiting for the directory for `bound` only.
+    pub async fn list_within(
+        &self,
+        parent: NodeId,
+        bound: Duration,
+    ) -> Result<Vec<DirEntry>, RemoteError> {
         let path = routes::children(parent);
-        self.dir_json("readdir", false, &|d| self.http.get(format!("{d}{path}")))
+        self.dir_read_within("readdir", bound, &|d| self.http.get(format!("{d}{path}")))
             .await
     }
 

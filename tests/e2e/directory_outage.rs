@@ -63,7 +63,7 @@ fn a_client_keeps_its_login_cache_and_pending_uploads_across_directory_urls() {
     let mut cluster = SplitCluster::start(1);
     let mut a = Client::new(&cluster.url);
     a.signup_login("alice");
-    let m = a.mount(&["--close-timeout-secs", "2"]);
+    let m = a.mount(&["--close-timeout-secs", "2", "--drain-timeout-secs", "2"]);
     ok(m.sh("echo cached > c.txt"));
     // A change that cannot reach a file server stays pending in the cache.
     cluster.stop_service("file-1", false);
