@@ -1481,3 +1481,48 @@ async fn every_service_names_its_protocol_and_refuses_a_newer_one() {
         "{answer}"
     );
 }
+
+#[tokio::test]
+async fn a_service_fails_over_to_the_directory_url_that_answers_and_stays_there() {
+    let h = Harness::new(|_| {}).await;
+    let dead = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let live = h.cluster.directory_url.clone();
+    let dirs = dfs_server::peer::Directories::parse(&format!("{dead}, {live}/")).unwrap();
+    let peer = dfs_server::peer::Peer::new(&h.cluster.cluster_key).unwrap();
+    let peer = &peer;
+    let map = dirs
+        .call(|d| async move { peer.cluster(&d).await })
+        .await
+        .unwrap();
+    assert!(!map.cluster_id.is_empty());
+    assert_eq!(dirs.current(), live, "stays on the URL that answered");
+    // A definite answer is not failed over: it is the answer.
+    let missing = dirs
+        .call(|d| async move { peer.node(&d, NodeId(999_999)).await })
+        .await;
+    assert!(
+        matches!(missing, Err(dfs_server::error::ServiceError::NotFound(_))),
+        "{missing:?}"
+    );
+    // With no directory answering, a bounded ride-out gives up after its bound.
+    let none = dfs_server::peer::Directories::parse(&dead).unwrap();
+    let t = std::time::Instant::now();
+    let r = none
+        .call_within(Duration::from_millis(600), |d| async move {
+            peer.cluster(&d).await
+        })
+        .await;
+    assert!(
+        matches!(r, Err(dfs_server::error::ServiceError::Unavailable(_))),
+        "{r:?}"
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(550),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+}
