@@ -1473,7 +1473,9 @@ async fn the_change_feed_names_node_ids_only_never_a_name_in_a_directory_one_can
     // ... and the feed tells him no name and no metadata of it, only that ids changed.
     let (body, got) = poll_changes(&h, &bob, Some(epoch), start, 0).await;
     assert!(!got.resync);
-    for secret_word in ["salary", "carol", "layoffs", "xlsx", "private", "mode", "size"] {
+    for secret_word in [
+        "salary", "carol", "layoffs", "xlsx", "private", "mode", "size",
+    ] {
         assert!(!body.contains(secret_word), "{secret_word} leaked: {body}");
     }
     let what: Vec<ChangeKind> = got.changes.iter().map(|c| c.what).collect();
@@ -1489,7 +1491,10 @@ async fn the_change_feed_names_node_ids_only_never_a_name_in_a_directory_one_can
         },
         ChangeKind::Node { node: secret.id },
     ] {
-        assert!(what.contains(&expected), "{expected:?} missing from {what:?}");
+        assert!(
+            what.contains(&expected),
+            "{expected:?} missing from {what:?}"
+        );
     }
     assert!(got.changes.windows(2).all(|w| w[0].seq <= w[1].seq));
     assert!(got.next > start);
@@ -1509,9 +1514,15 @@ async fn the_change_feed_names_node_ids_only_never_a_name_in_a_directory_one_can
         assert!(r.status().is_success());
     };
     let ((_, woken), ()) = tokio::join!(poll, remove);
-    assert!(t0.elapsed() < Duration::from_secs(10), "woken by the change");
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "woken by the change"
+    );
     let what: Vec<ChangeKind> = woken.changes.iter().map(|c| c.what).collect();
-    assert!(what.contains(&ChangeKind::Gone { node: secret.id }), "{what:?}");
+    assert!(
+        what.contains(&ChangeKind::Gone { node: secret.id }),
+        "{what:?}"
+    );
 
     // Another epoch (a restarted directory) or a wait beyond the bound.
     let (_, other) = poll_changes(&h, &bob, Some(epoch ^ 1), woken.next, 0).await;

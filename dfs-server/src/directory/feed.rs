@@ -24,9 +24,13 @@ use tokio_util::sync::CancellationToken;
 /// (about a minute of a busy directory) resynchronises.
 pub const DEFAULT_CAPACITY: usize = 65_536;
 
+/// The client a change came from (`x-dfs-origin`, random per client process): its own polls
+/// skip it, since that client changed its caches itself when it made the change.
+pub type Origin = Option<u128>;
+
 /// Changes kept in order, with the position of the oldest one dropped.
 struct Ring {
-    changes: VecDeque<Change>,
+    changes: VecDeque<(Change, Origin)>,
     /// Highest sequence number no longer (wholly) kept: a client positioned below it missed
     /// changes.
     floor: u64,
@@ -94,9 +98,14 @@ impl Feed {
     /// Publishes the changes of one operation under the next sequence number (called once the
     /// operation is committed).
     pub fn publish(&self, what: impl IntoIterator<Item = ChangeKind>) {
+        self.publish_from(None, what);
+    }
+
+    /// [`publish`](Self::publish) for a change made at the request of client `origin`.
+    pub fn publish_from(&self, origin: Origin, what: impl IntoIterator<Item = ChangeKind>) {
         let mut ring = self.ring();
         let seq = ring.head + 1;
-        self.push(&mut ring, seq, what);
+        self.push(&mut ring, seq, origin, what);
     }
 
     /// Publishes changes under sequence number `seq` (an etcd revision), which must be above
@@ -107,14 +116,20 @@ impl Feed {
         if seq <= ring.head {
             return false;
         }
-        self.push(&mut ring, seq, what);
+        self.push(&mut ring, seq, None, what);
         true
     }
 
-    fn push(&self, ring: &mut Ring, seq: u64, what: impl IntoIterator<Item = ChangeKind>) {
+    fn push(
+        &self,
+        ring: &mut Ring,
+        seq: u64,
+        origin: Origin,
+        what: impl IntoIterator<Item = ChangeKind>,
+    ) {
         let mut any = false;
         for what in what {
-            ring.changes.push_back(Change { seq, what });
+            ring.changes.push_back((Change { seq, what }, origin));
             any = true;
         }
         if !any {
@@ -122,7 +137,7 @@ impl Feed {
         }
         ring.head = seq;
         while ring.changes.len() > self.capacity {
-            if let Some(old) = ring.changes.pop_front() {
+            if let Some((old, _)) = ring.changes.pop_front() {
                 ring.floor = old.seq;
             }
         }
@@ -130,9 +145,10 @@ impl Feed {
     }
 
     /// The changes after `after` for a client at `epoch`, at most `max` (never cutting one
-    /// sequence number's changes apart); `resync` when the epoch is not this one, when
-    /// `after` is ahead of the feed, or when changes after it were dropped from the ring.
-    pub fn read(&self, epoch: Option<u64>, after: u64, max: usize) -> ChangesResponse {
+    /// sequence number's changes apart), leaving out those client `me` made; `resync` when
+    /// the epoch is not this one, when `after` is ahead of the feed, or when changes after it
+    /// were dropped from the ring.
+    pub fn read(&self, epoch: Option<u64>, after: u64, max: usize, me: Origin) -> ChangesResponse {
         let ring = self.ring();
         let resync = |next| ChangesResponse {
             epoch: self.epoch,
@@ -143,15 +159,18 @@ impl Feed {
         if epoch != Some(self.epoch) || after > ring.head || after < ring.floor {
             return resync(ring.head);
         }
-        let start = ring.changes.partition_point(|c| c.seq <= after);
+        let start = ring.changes.partition_point(|(c, _)| c.seq <= after);
         let mut changes: Vec<Change> = Vec::new();
-        for c in ring.changes.range(start..) {
-            if changes.len() >= max.max(1) && changes.last().is_some_and(|l| l.seq != c.seq) {
+        let mut next = after;
+        for (c, origin) in ring.changes.range(start..) {
+            if changes.len() >= max.max(1) && next != c.seq {
                 break;
             }
-            changes.push(*c);
+            next = c.seq;
+            if me.is_none() || *origin != me {
+                changes.push(*c);
+            }
         }
-        let next = changes.last().map_or(after, |c| c.seq);
         ChangesResponse {
             epoch: self.epoch,
             resync: false,
@@ -168,6 +187,7 @@ impl Feed {
         epoch: Option<u64>,
         after: u64,
         max: usize,
+        me: Origin,
         wait: Duration,
     ) -> ChangesResponse {
         let deadline = tokio::time::Instant::now() + wait;
@@ -176,8 +196,8 @@ impl Feed {
             // Subscribed (or marked seen) before reading: a change published after the read
             // wakes the wait below.
             rx.borrow_and_update();
-            let r = self.read(epoch, after, max);
-            if r.resync || !r.changes.is_empty() || self.closed.is_cancelled() {
+            let r = self.read(epoch, after, max, me);
+            if r.resync || r.next != after || self.closed.is_cancelled() {
                 return r;
             }
             tokio::select! {
@@ -219,7 +239,7 @@ mod tests {
             ChangeKind::Gone { node: NodeId(2) },
         ]);
         f.publish([node(3)]);
-        let r = f.read(Some(7), 0, 100);
+        let r = f.read(Some(7), 0, 100, None);
         assert!(!r.resync);
         assert_eq!(
             nodes(&r),
@@ -238,9 +258,9 @@ mod tests {
             "one operation, one sequence number"
         );
         assert_eq!(r.next, 3);
-        let r = f.read(Some(7), 2, 100);
+        let r = f.read(Some(7), 2, 100, None);
         assert_eq!(nodes(&r), vec![(3, node(3))]);
-        let r = f.read(Some(7), 3, 100);
+        let r = f.read(Some(7), 3, 100, None);
         assert!(!r.resync && r.changes.is_empty());
         assert_eq!(r.next, 3, "nothing new: the same position");
     }
@@ -252,12 +272,12 @@ mod tests {
             f.publish([node(i)]);
         }
         f.publish([node(100), node(101), node(102)]);
-        let r = f.read(Some(1), 0, 4);
+        let r = f.read(Some(1), 0, 4, None);
         assert_eq!(r.changes.len(), 4);
         assert_eq!(r.next, 4);
-        let r = f.read(Some(1), 9, 1);
+        let r = f.read(Some(1), 9, 1, None);
         assert_eq!(r.changes.len(), 1);
-        let r = f.read(Some(1), 10, 1);
+        let r = f.read(Some(1), 10, 1, None);
         assert_eq!(r.changes.len(), 3, "the three changes of seq 11 together");
         assert_eq!(r.next, 11);
     }
@@ -267,19 +287,19 @@ mod tests {
         let f = Feed::new(5, 4);
         f.publish([node(1)]);
         f.publish([node(2)]);
-        assert!(f.read(None, 0, 10).resync, "first poll");
-        assert_eq!(f.read(None, 0, 10).next, 2, "told where the feed is");
-        assert!(f.read(Some(6), 0, 10).resync, "another epoch");
-        assert!(f.read(Some(5), 3, 10).resync, "ahead of the feed");
-        assert!(!f.read(Some(5), 0, 10).resync);
+        assert!(f.read(None, 0, 10, None).resync, "first poll");
+        assert_eq!(f.read(None, 0, 10, None).next, 2, "told where the feed is");
+        assert!(f.read(Some(6), 0, 10, None).resync, "another epoch");
+        assert!(f.read(Some(5), 3, 10, None).resync, "ahead of the feed");
+        assert!(!f.read(Some(5), 0, 10, None).resync);
         for i in 3..=6 {
             f.publish([node(i)]);
         }
         // Ring of 4: seqs 3..=6 kept, 1 and 2 dropped.
-        let r = f.read(Some(5), 1, 10);
+        let r = f.read(Some(5), 1, 10, None);
         assert!(r.resync, "changes after 1 (seq 2) were dropped");
         assert_eq!(r.next, 6);
-        let r = f.read(Some(5), 2, 10);
+        let r = f.read(Some(5), 2, 10, None);
         assert!(!r.resync, "everything after 2 is still kept");
         assert_eq!(r.changes.len(), 4);
     }
@@ -289,11 +309,11 @@ mod tests {
         let f = Feed::new(5, 3);
         f.publish([node(1)]);
         f.publish([node(2), node(3), node(4)]);
-        assert!(f.read(Some(5), 0, 10).resync, "seq 1 dropped");
+        assert!(f.read(Some(5), 0, 10, None).resync, "seq 1 dropped");
         f.publish([node(5)]);
         // One change of seq 2 was dropped to make room.
-        assert!(f.read(Some(5), 1, 10).resync);
-        assert_eq!(f.read(Some(5), 2, 10).changes.len(), 1);
+        assert!(f.read(Some(5), 1, 10, None).resync);
+        assert_eq!(f.read(Some(5), 2, 10, None).changes.len(), 1);
     }
 
     #[test]
@@ -303,14 +323,35 @@ mod tests {
         assert!(!f.publish_at(100, [node(2)]), "a repeated revision");
         assert!(!f.publish_at(50, [node(2)]));
         assert!(f.publish_at(105, [node(3)]));
-        let r = f.read(Some(9), 100, 10);
+        let r = f.read(Some(9), 100, 10, None);
         assert_eq!(nodes(&r), vec![(105, node(3))]);
         assert!(
-            !f.read(Some(9), 101, 10).resync,
+            !f.read(Some(9), 101, 10, None).resync,
             "a gap in revisions is no loss"
         );
         f.publish([]);
-        assert_eq!(f.read(None, 0, 10).next, 105, "an empty publish is nothing");
+        assert_eq!(
+            f.read(None, 0, 10, None).next,
+            105,
+            "an empty publish is nothing"
+        );
+    }
+
+    #[test]
+    fn a_client_is_not_told_its_own_changes_but_moves_past_them() {
+        let f = Feed::new(2, 100);
+        f.publish_from(Some(1), [node(1)]);
+        f.publish_from(Some(2), [node(2)]);
+        f.publish([node(3)]);
+        let r = f.read(Some(2), 0, 100, Some(1));
+        assert_eq!(nodes(&r), vec![(2, node(2)), (3, node(3))]);
+        let r = f.read(Some(2), 0, 100, Some(2));
+        assert_eq!(nodes(&r), vec![(1, node(1)), (3, node(3))]);
+        f.publish_from(Some(2), [node(4)]);
+        let r = f.read(Some(2), 3, 1, Some(2));
+        assert!(r.changes.is_empty());
+        assert_eq!(r.next, 4, "past its own change");
+        assert_eq!(f.read(Some(2), 0, 100, None).changes.len(), 4);
     }
 
     #[tokio::test(start_paused = true)]
@@ -318,13 +359,13 @@ mod tests {
         let f = Arc::new(Feed::new(3, 10));
         f.publish([node(1)]);
         let t0 = tokio::time::Instant::now();
-        let r = f.wait(Some(3), 0, 10, Duration::from_secs(30)).await;
+        let r = f.wait(Some(3), 0, 10, None, Duration::from_secs(30)).await;
         assert_eq!(r.changes.len(), 1);
         assert_eq!(t0.elapsed(), Duration::ZERO, "answered at once");
 
         let poll = tokio::spawn({
             let f = f.clone();
-            async move { f.wait(Some(3), 1, 10, Duration::from_secs(30)).await }
+            async move { f.wait(Some(3), 1, 10, None, Duration::from_secs(30)).await }
         });
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(!poll.is_finished(), "nothing new: waiting");
@@ -338,21 +379,24 @@ mod tests {
     async fn a_poll_without_changes_ends_at_its_deadline_or_when_closed() {
         let f = Arc::new(Feed::new(3, 10));
         let t0 = tokio::time::Instant::now();
-        let r = f.wait(Some(3), 0, 10, Duration::from_secs(5)).await;
+        let r = f.wait(Some(3), 0, 10, None, Duration::from_secs(5)).await;
         assert!(!r.resync && r.changes.is_empty());
         assert_eq!(r.next, 0);
         assert_eq!(t0.elapsed(), Duration::from_secs(5));
 
         let poll = tokio::spawn({
             let f = f.clone();
-            async move { f.wait(Some(3), 0, 10, Duration::from_secs(30)).await }
+            async move { f.wait(Some(3), 0, 10, None, Duration::from_secs(30)).await }
         });
         tokio::time::sleep(Duration::from_secs(1)).await;
         f.close();
         let r = poll.await.expect("poll task");
         assert!(r.changes.is_empty());
-        assert!(t0.elapsed() < Duration::from_secs(7), "closing ends the wait");
-        let r = f.wait(Some(3), 0, 10, Duration::from_secs(30)).await;
+        assert!(
+            t0.elapsed() < Duration::from_secs(7),
+            "closing ends the wait"
+        );
+        let r = f.wait(Some(3), 0, 10, None, Duration::from_secs(30)).await;
         assert!(r.changes.is_empty(), "a closed feed never waits");
         assert!(t0.elapsed() < Duration::from_secs(7));
     }

@@ -50,6 +50,34 @@ pub fn router_with_feed(svc: Arc<DirectoryService>, feed: Arc<Feed>) -> Router {
 /// The feed handle every changing route publishes to.
 type Changes = Extension<Arc<Feed>>;
 
+/// The client a request comes from (`x-dfs-origin`: 32 hex digits, random per client
+/// process), if it names one: its feed polls leave out the changes it made itself.
+struct Origin(super::feed::Origin);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Origin {
+    type Rejection = AppError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let Some(v) = parts.headers.get(routes::ORIGIN_HEADER) else {
+            return Ok(Origin(None));
+        };
+        v.to_str()
+            .ok()
+            .filter(|s| s.len() == 32)
+            .and_then(|s| u128::from_str_radix(s, 16).ok())
+            .map(|o| Origin(Some(o)))
+            .ok_or_else(|| {
+                AppError(ServiceError::BadRequest(format!(
+                    "{} must be 32 hex digits",
+                    routes::ORIGIN_HEADER
+                )))
+            })
+    }
+}
+
 type State = axum::extract::State<Arc<DirectoryService>>;
 
 fn name(s: &str) -> Result<ValidName, AppError> {
@@ -73,6 +101,7 @@ async fn cluster(axum::extract::State(svc): State) -> ApiResult<Json<ClusterInfo
 async fn changes(
     Extension(feed): Changes,
     _a: Authed,
+    Origin(me): Origin,
     ApiQuery(q): ApiQuery<ChangesQuery>,
 ) -> ApiResult<Json<ChangesResponse>> {
     if q.wait_ms > common::api::CHANGES_MAX_WAIT_MS {
@@ -87,6 +116,7 @@ async fn changes(
             q.epoch,
             q.after,
             common::api::CHANGES_MAX_PER_ANSWER,
+            me,
             wait,
         )
         .await,
@@ -124,13 +154,14 @@ async fn get_node(
 async fn setattr(
     axum::extract::State(svc): State,
     Extension(feed): Changes,
+    Origin(origin): Origin,
     Authed(who): Authed,
     ApiPath(id): ApiPath<u64>,
     ApiJson(req): ApiJson<SetAttrRequest>,
 ) -> ApiResult<Json<NodeMeta>> {
     let who = who.caller().id;
     let meta = blocking(move || svc.setattr(NodeId(id), &req, &who)).await?;
-    feed.publish([ChangeKind::Node { node: meta.id }]);
+    feed.publish_from(origin, [ChangeKind::Node { node: meta.id }]);
     Ok(Json(meta))
 }
 
@@ -146,6 +177,7 @@ async fn list(
 async fn create(
     axum::extract::State(svc): State,
     Extension(feed): Changes,
+    Origin(origin): Origin,
     Authed(who): Authed,
     ApiPath(id): ApiPath<u64>,
     ApiJson(req): ApiJson<CreateRequest>,
@@ -155,10 +187,13 @@ async fn create(
     let uid = caller.id.uid;
     let key_svc = svc.clone();
     let meta = blocking(move || svc.create(NodeId(id), &req, &caller)).await?;
-    feed.publish([ChangeKind::Entry {
-        dir: NodeId(id),
-        node: meta.id,
-    }]);
+    feed.publish_from(
+        origin,
+        [ChangeKind::Entry {
+            dir: NodeId(id),
+            node: meta.id,
+        }],
+    );
     // The creator writes what it just made: the capability to queue for its write lock
     // comes with the answer, saving its first close a round trip.
     let cap = key_svc.write_capability(&meta, uid);
@@ -183,6 +218,7 @@ async fn lookup(
 async fn remove(
     axum::extract::State(svc): State,
     Extension(feed): Changes,
+    Origin(origin): Origin,
     Authed(who): Authed,
     ApiPath((id, n)): ApiPath<(u64, String)>,
     ApiQuery(q): ApiQuery<RemoveQuery>,
@@ -190,13 +226,16 @@ async fn remove(
     let n = name(&n)?;
     let who = who.caller().id;
     let meta = blocking(move || svc.remove(NodeId(id), &n, q.dir, &who)).await?;
-    feed.publish([
-        ChangeKind::Entry {
-            dir: NodeId(id),
-            node: meta.id,
-        },
-        node_change(&meta),
-    ]);
+    feed.publish_from(
+        origin,
+        [
+            ChangeKind::Entry {
+                dir: NodeId(id),
+                node: meta.id,
+            },
+            node_change(&meta),
+        ],
+    );
     Ok(Json(meta))
 }
 
@@ -212,6 +251,7 @@ fn node_change(meta: &NodeMeta) -> ChangeKind {
 async fn rename(
     axum::extract::State(svc): State,
     Extension(feed): Changes,
+    Origin(origin): Origin,
     Authed(who): Authed,
     ApiJson(req): ApiJson<RenameRequest>,
 ) -> ApiResult<Json<Option<NodeMeta>>> {
@@ -239,26 +279,30 @@ async fn rename(
         });
         what.push(node_change(r));
     }
-    feed.publish(what);
+    feed.publish_from(origin, what);
     Ok(Json(replaced))
 }
 
 async fn link(
     axum::extract::State(svc): State,
     Extension(feed): Changes,
+    Origin(origin): Origin,
     Authed(who): Authed,
     ApiJson(req): ApiJson<common::api::LinkRequest>,
 ) -> ApiResult<Json<NodeMeta>> {
     let who = who.caller().id;
     let new_parent = req.new_parent;
     let meta = blocking(move || svc.link(&req, &who)).await?;
-    feed.publish([
-        ChangeKind::Entry {
-            dir: new_parent,
-            node: meta.id,
-        },
-        ChangeKind::Node { node: meta.id },
-    ]);
+    feed.publish_from(
+        origin,
+        [
+            ChangeKind::Entry {
+                dir: new_parent,
+                node: meta.id,
+            },
+            ChangeKind::Node { node: meta.id },
+        ],
+    );
     Ok(Json(meta))
 }
 
