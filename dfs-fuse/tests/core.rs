@@ -1168,7 +1168,11 @@ async fn another_clients_rename_and_write_reach_this_clients_kernel_through_the_
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(b.feed_up(), "subscribed");
-    assert_eq!(b.ttl(), dfs_fuse::fs::feed::FEED_TTL, "long TTLs while healthy");
+    assert_eq!(
+        b.ttl(),
+        dfs_fuse::fs::feed::FEED_TTL,
+        "long TTLs while healthy"
+    );
 
     write_file(&a, "f", b"one").await.unwrap();
     let f = b.lookup(NodeId::ROOT, OsStr::new("f")).await.unwrap();
@@ -1219,9 +1223,13 @@ async fn another_clients_rename_and_write_reach_this_clients_kernel_through_the_
     );
 
     // A new version: B's attributes of the file are dropped, and asked again.
-    write_file(&a, "g", b"a longer second version").await.unwrap();
+    write_file(&a, "g", b"a longer second version")
+        .await
+        .unwrap();
     kernel.0.lock().unwrap().clear();
-    write_file(&a, "g", b"third, longer still, version").await.unwrap();
+    write_file(&a, "g", b"third, longer still, version")
+        .await
+        .unwrap();
     assert!(heard(Invalidation::Inode(f)).await);
     assert_eq!(b.getattr(f).await.unwrap().0.size, 28);
     cancel.cancel();

@@ -1537,5 +1537,50 @@ async fn the_change_feed_names_node_ids_only_never_a_name_in_a_directory_one_can
     assert_eq!(error_code(r).await, (400, ErrorCode::BadRequest));
     let r = h.http.get(h.dir(routes::CHANGES)).send().await.unwrap();
     assert_eq!(error_code(r).await, (401, ErrorCode::Unauthorized));
+    // A client is not told its own changes (it named itself in x-dfs-origin), but another is.
+    let me = "0123456789abcdef0123456789abcdef";
+    let r = h
+        .http
+        .post(h.dir(&routes::children(NodeId::ROOT)))
+        .bearer_auth(&bob)
+        .header(routes::ORIGIN_HEADER, me)
+        .json(&serde_json::json!({ "name": "bobs", "kind": "file", "mode": 420 }))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let bobs: NodeMeta = r.json().await.unwrap();
+    let own = h
+        .http
+        .get(format!(
+            "{}?epoch={epoch}&after={}&wait_ms=0",
+            h.dir(routes::CHANGES),
+            woken.next
+        ))
+        .bearer_auth(&bob)
+        .header(routes::ORIGIN_HEADER, me)
+        .send()
+        .await
+        .unwrap();
+    let own: common::api::ChangesResponse = own.json().await.unwrap();
+    assert!(own.changes.is_empty() && own.next > woken.next, "{own:?}");
+    let (_, other) = poll_changes(&h, &h.token, Some(epoch), woken.next, 0).await;
+    assert!(
+        other.changes.iter().any(|c| c.what
+            == ChangeKind::Entry {
+                dir: NodeId::ROOT,
+                node: bobs.id
+            }),
+        "{other:?}"
+    );
+    let r = h
+        .http
+        .get(h.dir(routes::CHANGES))
+        .bearer_auth(&bob)
+        .header(routes::ORIGIN_HEADER, "not-hex")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (400, ErrorCode::BadRequest));
     h.cluster.shutdown().await;
 }
