@@ -186,8 +186,9 @@ pub struct Opened {
     pub handle: Arc<Handle>,
 }
 
-/// How long the kernel may cache attributes and entries (the README's metadata bound). A
-/// getattr answered from what this client heard less than that long ago gets the rest of it.
+/// How long the kernel may cache attributes and entries while the change feed is down (the
+/// README's metadata bound then; `feed::FEED_TTL` while it is up). A getattr answered from
+/// what this client heard less than the TTL ago gets the rest of it.
 pub const ATTR_TTL: Duration = Duration::from_secs(1);
 
 /// What `dfs status` shows of this client; also written to `status.json` in the cache.
@@ -653,8 +654,8 @@ impl DfsFs {
 
     /// getattr.
     /// getattr, with how long the kernel may cache the answer. What this client heard from
-    /// the directory (or changed itself) less than `ATTR_TTL` ago is answered locally, cached
-    /// for the rest of that time, so no answer is older than `ATTR_TTL` when it expires.
+    /// the directory (or changed itself) less than the TTL ago (`ttl()`) and the feed has not
+    /// reported changed since is answered locally, cached for the rest of that time.
     pub async fn getattr(&self, id: NodeId) -> FsResult<(FileAttr, Duration)> {
         if let Some((meta, left)) = self.recent_meta(id) {
             return Ok((self.attr(&meta), left));
