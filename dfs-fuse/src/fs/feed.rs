@@ -28,8 +28,11 @@ pub const FEED_TTL: Duration = Duration::from_secs(15);
 /// How long one poll waits at the directory for a change.
 pub const POLL_WAIT: Duration = Duration::from_secs(10);
 
-/// After a failed poll, the next one waits this long (the directory may be restarting).
+/// After a failed poll, the next one waits this long (the directory may be restarting),
+/// doubling with each failure in a row up to `RETRY_MAX` (a directory without a feed, or
+/// down for long, is not asked twice a second).
 const RETRY_AFTER: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// One thing the kernel must forget.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -228,6 +231,7 @@ impl DfsFs {
     /// failure it drops everything held and subscribes again.
     pub async fn run_feed(self: Arc<Self>, cancel: CancellationToken) {
         let mut at: Option<(u64, u64)> = None;
+        let mut retry = RETRY_AFTER;
         loop {
             // The kernel takes invalidations on one thread: never run far ahead of it.
             while self.feed.kernel.get().is_some_and(|k| k.backlog() > 64) {
@@ -246,6 +250,7 @@ impl DfsFs {
             };
             match polled {
                 Ok(r) if r.resync => {
+                    retry = RETRY_AFTER;
                     if at.is_some() {
                         tracing::info!(
                             "change feed restarted or fell behind; dropping cached metadata"
@@ -258,6 +263,7 @@ impl DfsFs {
                     self.feed.up.store(true, Ordering::Release);
                 }
                 Ok(r) => {
+                    retry = RETRY_AFTER;
                     self.apply_changes(&r.changes);
                     at = Some((r.epoch, r.next));
                 }
@@ -274,8 +280,9 @@ impl DfsFs {
                     at = None;
                     tokio::select! {
                         _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(RETRY_AFTER) => {}
+                        _ = tokio::time::sleep(retry) => {}
                     }
+                    retry = (retry * 2).min(RETRY_MAX);
                 }
             }
         }
