@@ -137,6 +137,11 @@ pub const FILE_BATCH_WRITE: &str = "/v1/batch/files";
 pub const REPLICA_BATCH: &str = "/v1/internal/batch/files";
 /// Batched version commit, primary to directory.
 pub const COMMIT_BATCH: &str = "/v1/internal/batch/commit";
+/// `GET`: the change feed (long poll; `ChangesQuery`, `ChangesResponse`).
+pub const CHANGES: &str = "/v1/changes";
+/// The client process a directory request comes from (32 hex digits, random per process):
+/// the change feed does not tell a client the changes it made itself.
+pub const ORIGIN_HEADER: &str = "x-dfs-origin";
 /// Late copies of a batched upload join the holders, primary to directory.
 pub const ADD_HOLDERS_BATCH: &str = "/v1/internal/batch/add-holders";
 /// File server counters.

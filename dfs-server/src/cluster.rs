@@ -409,7 +409,10 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
     tasks.push(serve(
         dl,
         crate::http::finish(
-            crate::directory::routes::router(directory.clone()),
+            crate::directory::routes::router_with_feed(
+                directory.clone(),
+                crate::directory::feed::Feed::until(cancel.clone()),
+            ),
             verifier.clone(),
             directory_metrics(&directory),
             cfg.body_idle,

@@ -2,6 +2,7 @@
 //! server registry. Every namespace change is one transaction: rename is atomic.
 
 pub mod access;
+pub mod feed;
 pub mod placement;
 pub mod registry;
 pub mod repair;
