@@ -20,6 +20,7 @@ pub mod file;
 pub mod http;
 pub mod keyed;
 pub mod lock;
+pub mod meta;
 pub mod metrics;
 pub mod peer;
 pub mod store;

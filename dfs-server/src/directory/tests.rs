@@ -507,32 +507,21 @@ fn resolve(svc: &DirectoryService, path: &[String]) -> NodeId {
 type NameRows = Vec<(u64, u64, String)>;
 
 fn names_index(svc: &DirectoryService) -> (NameRows, NameRows) {
-    let tx = svc.store.db().expect("db").begin_read().expect("read");
-    let mut want: NameRows = tx
-        .open_table(CHILDREN)
-        .expect("children")
-        .iter()
-        .expect("iter")
-        .map(|r| {
-            let (k, v) = r.expect("row");
-            let (parent, name) = k.value();
-            (v.value(), parent, name.to_owned())
-        })
+    let (children, names) = svc
+        .store
+        .read(|tx| Ok((tx.all(CHILDREN)?, tx.all(NAMES)?)))
+        .expect("read");
+    let mut want: NameRows = children
+        .into_iter()
+        .map(|((parent, name), node)| (node, parent, name))
         .collect();
     want.sort();
-    let got: NameRows = tx
-        .open_table(NAMES)
-        .expect("names")
-        .iter()
-        .expect("iter")
-        .map(|r| {
-            let (k, ()) = r.map(|(k, v)| (k, v.value())).expect("row");
-            let (node, parent, name) = k.value();
-            (node, parent, name.to_owned())
-        })
-        .collect();
+    let got: NameRows = names.into_iter().map(|(k, ())| k).collect();
     (got, want)
 }
+
+/// The redb `names` table, which a store from before format 3 does not have.
+const RAW_NAMES: redb::TableDefinition<(u64, u64, &str), ()> = redb::TableDefinition::new("names");
 
 /// Every path below `id`: (path, is_dir, node, links).
 type Snapshot = Vec<(Vec<String>, bool, NodeId, u32)>;
@@ -1700,13 +1689,7 @@ fn a_store_from_before_link_counts_is_counted_once_at_open() {
         // What an earlier build wrote: no counts, no access times, no format.
         svc.store
             .write(|tx| {
-                let ids: Vec<u64> = {
-                    let nodes = tx.open_table(NODES)?;
-                    nodes
-                        .iter()?
-                        .map(|r| r.map(|(k, _)| k.value()))
-                        .collect::<Result<_, _>>()?
-                };
+                let ids: Vec<u64> = tx.all(NODES)?.into_iter().map(|(k, _)| k).collect();
                 for id in ids {
                     let mut v = serde_json::to_value(get_node(tx, NodeId(id))?)?;
                     let fields = v.as_object_mut().expect("a node is an object");
@@ -1714,12 +1697,11 @@ fn a_store_from_before_link_counts_is_counted_once_at_open() {
                         fields.remove(k);
                     }
                     let old = serde_json::to_vec(&v)?;
-                    tx.open_table(NODES)?.insert(id, old.as_slice())?;
+                    tx.put(NODES, &id, &old)?;
                 }
-                tx.open_table(CHILDREN)?
-                    .insert((NodeId::ROOT.0, "f-too"), f.id.0)?;
-                tx.delete_table(NAMES)?;
-                tx.open_table(META)?.remove(FORMAT)?;
+                tx.put(CHILDREN, &(NodeId::ROOT.0, "f-too".to_owned()), &f.id.0)?;
+                tx.redb().expect("a redb store").delete_table(RAW_NAMES)?;
+                tx.delete(META, &FORMAT.to_owned())?;
                 Ok(())
             })
             .expect("rewrite");
@@ -1745,7 +1727,7 @@ fn regression_a_store_of_a_newer_format_is_refused_untouched() {
         let svc = open(dir.path());
         svc.store
             .write(|tx| {
-                tx.open_table(META)?.insert(FORMAT, FORMAT_NAMES + 1)?;
+                tx.put(META, &FORMAT.to_owned(), &(FORMAT_NAMES + 1))?;
                 Ok(())
             })
             .expect("rewrite");
@@ -1773,7 +1755,7 @@ fn regression_a_node_stored_without_a_link_count_keeps_its_other_names() {
             let mut v = serde_json::to_value(get_node(tx, f.id)?)?;
             v.as_object_mut().expect("object").remove("nlink");
             let old = serde_json::to_vec(&v)?;
-            tx.open_table(NODES)?.insert(f.id.0, old.as_slice())?;
+            tx.put(NODES, &f.id.0, &old)?;
             Ok(())
         })
         .expect("rewrite");
@@ -1812,9 +1794,9 @@ fn the_store_upgrade_is_idempotent() {
                 let mut v = serde_json::to_value(get_node(tx, f.id)?)?;
                 v.as_object_mut().expect("object").remove("nlink");
                 let old = serde_json::to_vec(&v)?;
-                tx.open_table(NODES)?.insert(f.id.0, old.as_slice())?;
-                tx.delete_table(NAMES)?;
-                tx.open_table(META)?.remove(FORMAT)?;
+                tx.put(NODES, &f.id.0, &old)?;
+                tx.redb().expect("a redb store").delete_table(RAW_NAMES)?;
+                tx.delete(META, &FORMAT.to_owned())?;
                 Ok(())
             })
             .expect("rewrite");
@@ -1824,17 +1806,7 @@ fn the_store_upgrade_is_idempotent() {
         let svc = DirectoryService::open(dir.path(), DirectoryConfig::default()).expect("open");
         let mut all = Vec::new();
         snapshot(&svc, NodeId::ROOT, vec![], &mut all);
-        let format = svc
-            .store
-            .db()
-            .expect("db")
-            .begin_read()
-            .expect("read")
-            .open_table(META)
-            .expect("meta")
-            .get(FORMAT)
-            .expect("get")
-            .map(|v| v.value());
+        let format = svc.store.read(|tx| meta_get(tx, FORMAT)).expect("format");
         (
             all,
             names_index(&svc),

@@ -1,0 +1,582 @@
+//! The etcd engine: the directory's metadata in an etcd cluster, so that several directory
+//! instances can share one namespace.
+//!
+//! Layout: a row of table `t` with key `k` is the etcd key `<prefix>/<t>/<k encoded>`
+//! (`MetaKey::encode`: byte order is key order), its value the bytes redb stores for it.
+//!
+//! Transactions are optimistic. Within one run of the closure every read is served at one
+//! revision (the first read is linearizable and fixes it; later ones read at it), so the
+//! closure sees a consistent snapshot; writes are buffered (and read back by later reads of
+//! the same run). Each key read is recorded with its `mod_revision` (0 when absent), each
+//! range read with the part of the key space it covered. The commit is one etcd `Txn`: if
+//! every read key's `mod_revision` is still the one read, and no key in any range read has a
+//! `mod_revision` above the snapshot (`< rev + 1`: catches inserts), apply every buffered write;
+//! else nothing is applied and the closure runs again on a new snapshot, at most
+//! `MAX_ATTEMPTS` times with jittered backoff, then the write fails as unavailable. A closure
+//! that wrote nothing commits nothing (its answer is as of its linearizable snapshot).
+//!
+//! etcd limits a transaction to `--max-txn-ops` compares and as many writes (128 by
+//! default). The directory's transactions stay under it (the largest, a batch commit of 64
+//! files, compares and writes 64 nodes and a batch of holders is applied 32 files per
+//! transaction); a store refusing one says so in the error.
+//!
+//! The directory's code is synchronous. Every call into the client runs on a blocking thread
+//! (`blocking`: `block_in_place` on a multi-threaded runtime's worker, a scoped thread from a
+//! current-thread runtime, in place on any other thread) and drives the async client with
+//! `Handle::block_on` of the store's own small runtime, so no runtime worker is ever blocked
+//! on etcd. Every call has a timeout (`OP_TIMEOUT`).
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use etcd_client::{Compare, CompareOp, GetOptions, KvClient, TxnOp};
+
+use super::{Inner, MetaKey, MetaValue, Table, Txn};
+use crate::error::{ServiceError, ServiceResult};
+
+/// How long one etcd call may take.
+pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Runs of a write's closure before it fails as unavailable (each after a conflict).
+pub const MAX_ATTEMPTS: u32 = 16;
+/// Keys fetched per range request.
+const PAGE: usize = 512;
+
+/// `--meta etcd://host:port[,host:port...][/prefix]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdConfig {
+    /// Client URLs (`http://host:port`).
+    pub endpoints: Vec<String>,
+    /// Every key of this cluster's metadata starts with `<prefix>/`.
+    pub prefix: String,
+}
+
+impl EtcdConfig {
+    /// The prefix when the URL names none.
+    pub const DEFAULT_PREFIX: &'static str = "dfs";
+
+    /// Parses `etcd://h1:2379,h2:2379[/prefix]`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let rest = s.strip_prefix("etcd://").ok_or_else(|| {
+            format!("--meta {s:?}: expected redb or etcd://host:port[,host:port...][/prefix]")
+        })?;
+        let (hosts, prefix) = match rest.split_once('/') {
+            Some((h, p)) => (h, p.trim_end_matches('/')),
+            None => (rest, Self::DEFAULT_PREFIX),
+        };
+        let mut endpoints = Vec::new();
+        for h in hosts.split(',') {
+            let ok = h.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty()
+                    && port.parse::<u16>().is_ok()
+                    && host
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || ".-[]:".contains(c))
+            });
+            if !ok {
+                return Err(format!("--meta {s:?}: {h:?} is not host:port"));
+            }
+            endpoints.push(format!("http://{h}"));
+        }
+        if prefix.is_empty()
+            || prefix.len() > 128
+            || !prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+        {
+            return Err(format!(
+                "--meta {s:?}: the prefix must be 1 to 128 characters of [A-Za-z0-9-_./]"
+            ));
+        }
+        Ok(EtcdConfig {
+            endpoints,
+            prefix: prefix.to_owned(),
+        })
+    }
+}
+
+/// What a transaction shares with its store.
+struct Shared {
+    handle: tokio::runtime::Handle,
+    kv: KvClient,
+    /// `<prefix>/`
+    prefix: Vec<u8>,
+    endpoints: String,
+}
+
+/// A metadata store in etcd.
+pub struct EtcdStore {
+    shared: Arc<Shared>,
+    /// The runtime the client's connections live on (`None` once dropped).
+    runtime: Option<tokio::runtime::Runtime>,
+    commits: AtomicU64,
+    writes: AtomicU64,
+    conflicts: AtomicU64,
+}
+
+impl Drop for EtcdStore {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which an async context forbids: let it go in the background.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Runs `f` where it may block (see the module docs).
+pub fn blocking<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        Ok(_) => std::thread::scope(|s| match s.spawn(f).join() {
+            Ok(v) => v,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }),
+        Err(_) => f(),
+    }
+}
+
+impl Shared {
+    /// Runs one etcd call to completion, bounded by `OP_TIMEOUT`. Only on a blocking thread.
+    fn call<T>(
+        &self,
+        what: &str,
+        fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> ServiceResult<T> {
+        match self.handle.block_on(tokio::time::timeout(OP_TIMEOUT, fut)) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                let msg = e.to_string();
+                if msg.contains("too many operations") {
+                    return Err(ServiceError::Internal(format!(
+                        "etcd at {} refused a transaction as too large ({msg}): raise its \
+                         --max-txn-ops",
+                        self.endpoints
+                    )));
+                }
+                Err(ServiceError::Unavailable(format!(
+                    "etcd at {} failed {what}: {msg}",
+                    self.endpoints
+                )))
+            }
+            Err(_) => Err(ServiceError::Unavailable(format!(
+                "etcd at {} did not answer {what} within {} s",
+                self.endpoints,
+                OP_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    fn table_start(&self, table: &str) -> Vec<u8> {
+        let mut k = self.prefix.clone();
+        k.extend_from_slice(table.as_bytes());
+        k.push(b'/');
+        k
+    }
+
+    fn key<K: MetaKey>(&self, table: &str, key: &K) -> Vec<u8> {
+        let mut k = self.table_start(table);
+        key.encode(&mut k);
+        k
+    }
+}
+
+impl EtcdStore {
+    /// Connects to the cluster and checks that it answers.
+    pub fn connect(config: &EtcdConfig) -> ServiceResult<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("dfs-etcd")
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let endpoints = config.endpoints.join(",");
+        let options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(OP_TIMEOUT)
+            .with_timeout(OP_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(10), OP_TIMEOUT);
+        let eps = config.endpoints.clone();
+        let client = blocking(|| {
+            handle.block_on(tokio::time::timeout(
+                OP_TIMEOUT,
+                etcd_client::Client::connect(eps, Some(options)),
+            ))
+        });
+        let client = match client {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                return Err(ServiceError::Unavailable(format!(
+                    "connecting to etcd at {endpoints}: {e}"
+                )));
+            }
+            Err(_) => {
+                return Err(ServiceError::Unavailable(format!(
+                    "etcd at {endpoints} did not answer within {} s",
+                    OP_TIMEOUT.as_secs()
+                )));
+            }
+        };
+        let mut prefix = config.prefix.as_bytes().to_vec();
+        prefix.push(b'/');
+        let store = EtcdStore {
+            shared: Arc::new(Shared {
+                handle,
+                kv: client.kv_client(),
+                prefix,
+                endpoints,
+            }),
+            runtime: Some(runtime),
+            commits: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            conflicts: AtomicU64::new(0),
+        };
+        // A first linearizable read: a cluster without quorum fails the start, not a request.
+        let s = &store.shared;
+        blocking(|| {
+            let mut kv = s.kv.clone();
+            s.call(
+                "a first read",
+                kv.get(s.prefix.clone(), Some(GetOptions::new().with_count_only())),
+            )
+        })?;
+        Ok(store)
+    }
+
+    pub(super) fn write<T: Send>(
+        &self,
+        mut f: impl FnMut(&Txn) -> ServiceResult<T> + Send,
+    ) -> ServiceResult<T> {
+        blocking(|| {
+            for attempt in 0..MAX_ATTEMPTS {
+                if attempt > 0 {
+                    self.conflicts.fetch_add(1, Ordering::Relaxed);
+                    backoff(attempt);
+                }
+                let tx = EtcdTxn::new(self.shared.clone(), true);
+                let value = f(&Txn(Inner::Etcd(&tx)))?;
+                match tx.commit()? {
+                    Commit::Nothing => return Ok(value),
+                    Commit::Applied => {
+                        self.commits.fetch_add(1, Ordering::Relaxed);
+                        self.writes.fetch_add(1, Ordering::Relaxed);
+                        return Ok(value);
+                    }
+                    Commit::Conflict => {
+                        tracing::debug!(attempt, "etcd transaction conflicted; running it again");
+                    }
+                }
+            }
+            Err(ServiceError::Unavailable(format!(
+                "a metadata transaction conflicted with concurrent writers {MAX_ATTEMPTS} times \
+                 in a row at etcd {}; retry",
+                self.shared.endpoints
+            )))
+        })
+    }
+
+    pub(super) fn read<T: Send>(
+        &self,
+        f: impl FnOnce(&Txn) -> ServiceResult<T> + Send,
+    ) -> ServiceResult<T> {
+        blocking(|| {
+            let tx = EtcdTxn::new(self.shared.clone(), false);
+            f(&Txn(Inner::Etcd(&tx)))
+        })
+    }
+
+    pub(super) fn counters(&self) -> (u64, u64, u64) {
+        (
+            self.commits.load(Ordering::Relaxed),
+            self.writes.load(Ordering::Relaxed),
+            self.conflicts.load(Ordering::Relaxed),
+        )
+    }
+
+    pub(super) fn describe(&self) -> String {
+        format!(
+            "the etcd store at {} under {:?}",
+            self.shared.endpoints,
+            String::from_utf8_lossy(&self.shared.prefix)
+        )
+    }
+}
+
+/// Sleeps before run `attempt` (≥ 1): 1 ms doubling to 64 ms, times a random 0.5–1.5.
+fn backoff(attempt: u32) {
+    let base = 1u64 << attempt.min(6);
+    let jitter = 0.5 + rand::random::<f64>();
+    std::thread::sleep(Duration::from_secs_f64(base as f64 * jitter / 1000.0));
+}
+
+enum Commit {
+    Nothing,
+    Applied,
+    Conflict,
+}
+
+#[derive(Default)]
+struct State {
+    /// The snapshot's revision, fixed by the first read.
+    rev: Option<i64>,
+    /// Keys read from etcd: their `mod_revision` (0: absent) and value.
+    seen: BTreeMap<Vec<u8>, (i64, Option<Vec<u8>>)>,
+    /// Key ranges `[start, end)` read.
+    ranges: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Buffered writes (`None`: a delete).
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+/// One run of a transaction's closure (or a read view).
+pub struct EtcdTxn {
+    shared: Arc<Shared>,
+    writable: bool,
+    state: RefCell<State>,
+}
+
+fn corrupt(what: &str, key: &[u8]) -> ServiceError {
+    ServiceError::internal(
+        "decoding an etcd record",
+        format!("{what} of {:?}", String::from_utf8_lossy(key)),
+    )
+}
+
+impl EtcdTxn {
+    fn new(shared: Arc<Shared>, writable: bool) -> Self {
+        EtcdTxn {
+            shared,
+            writable,
+            state: RefCell::new(State::default()),
+        }
+    }
+
+    fn options(&self, st: &State) -> GetOptions {
+        match st.rev {
+            Some(r) => GetOptions::new().with_revision(r),
+            None => GetOptions::new(),
+        }
+    }
+
+    pub(super) fn get<K: MetaKey, V: MetaValue>(
+        &self,
+        t: Table<K, V>,
+        key: &K,
+    ) -> ServiceResult<Option<V>> {
+        let k = self.shared.key(t.name, key);
+        let mut st = self.state.borrow_mut();
+        let bytes = if let Some(w) = st.writes.get(&k) {
+            w.clone()
+        } else if let Some((_, v)) = st.seen.get(&k) {
+            v.clone()
+        } else {
+            let mut kv = self.shared.kv.clone();
+            let opts = self.options(&st);
+            let resp = self.shared.call("a read", kv.get(k.clone(), Some(opts)))?;
+            if st.rev.is_none() {
+                st.rev = resp.header().map(|h| h.revision());
+            }
+            let found = resp
+                .kvs()
+                .first()
+                .map(|kv| (kv.mod_revision(), Some(kv.value().to_vec())))
+                .unwrap_or((0, None));
+            let v = found.1.clone();
+            st.seen.insert(k.clone(), found);
+            v
+        };
+        bytes
+            .map(|b| V::from_bytes(&b).ok_or_else(|| corrupt("value", &k)))
+            .transpose()
+    }
+
+    pub(super) fn put<K: MetaKey, V: MetaValue>(
+        &self,
+        t: Table<K, V>,
+        key: &K,
+        value: &V,
+    ) -> ServiceResult<()> {
+        if !self.writable {
+            return Err(super::read_only());
+        }
+        let k = self.shared.key(t.name, key);
+        self.state
+            .borrow_mut()
+            .writes
+            .insert(k, Some(value.to_bytes()));
+        Ok(())
+    }
+
+    pub(super) fn delete<K: MetaKey, V: MetaValue>(
+        &self,
+        t: Table<K, V>,
+        key: &K,
+    ) -> ServiceResult<()> {
+        if !self.writable {
+            return Err(super::read_only());
+        }
+        let k = self.shared.key(t.name, key);
+        self.state.borrow_mut().writes.insert(k, None);
+        Ok(())
+    }
+
+    pub(super) fn range<K: MetaKey, V: MetaValue>(
+        &self,
+        t: Table<K, V>,
+        lo: Option<&K>,
+        hi: Option<&K>,
+        limit: Option<usize>,
+    ) -> ServiceResult<Vec<(K, V)>> {
+        let table = self.shared.table_start(t.name);
+        let start = lo.map_or_else(|| table.clone(), |k| self.shared.key(t.name, k));
+        let end = hi.map_or_else(
+            || {
+                // The first key after every `<prefix>/<table>/...`.
+                let mut e = table.clone();
+                if let Some(last) = e.last_mut() {
+                    *last += 1;
+                }
+                e
+            },
+            |k| self.shared.key(t.name, k),
+        );
+        if start >= end {
+            return Ok(vec![]);
+        }
+        let mut st = self.state.borrow_mut();
+        let buffered = st.writes.range(start.clone()..end.clone()).count();
+        // Enough rows that, after this run's own deletes, `limit` remain if the range has them.
+        let want = limit.map(|l| l.saturating_add(buffered));
+        let mut fetched: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        let mut cursor = start.clone();
+        let mut truncated = false;
+        loop {
+            let page = want.map_or(PAGE, |w| (w - fetched.len()).min(PAGE));
+            let opts = self
+                .options(&st)
+                .with_range(end.clone())
+                .with_limit(i64::try_from(page).unwrap_or(i64::MAX));
+            let mut kv = self.shared.kv.clone();
+            let resp = self
+                .shared
+                .call("a range read", kv.get(cursor.clone(), Some(opts)))?;
+            if st.rev.is_none() {
+                st.rev = resp.header().map(|h| h.revision());
+            }
+            let more = resp.more();
+            for item in resp.kvs() {
+                st.seen.insert(
+                    item.key().to_vec(),
+                    (item.mod_revision(), Some(item.value().to_vec())),
+                );
+                fetched.insert(item.key().to_vec(), item.value().to_vec());
+            }
+            let Some(last) = fetched.keys().next_back().cloned() else {
+                break;
+            };
+            if !more {
+                break;
+            }
+            if want.is_some_and(|w| fetched.len() >= w) {
+                truncated = true;
+                break;
+            }
+            cursor = last;
+            cursor.push(0);
+        }
+        // The part of the key space this read covered: inserts there conflict.
+        let covered_end = match fetched.keys().next_back() {
+            Some(last) if truncated => {
+                let mut e = last.clone();
+                e.push(0);
+                e
+            }
+            _ => end.clone(),
+        };
+        st.ranges.push((start.clone(), covered_end.clone()));
+        for (k, w) in st.writes.range(start..covered_end) {
+            match w {
+                Some(v) => fetched.insert(k.clone(), v.clone()),
+                None => fetched.remove(k),
+            };
+        }
+        let mut out = Vec::new();
+        for (k, v) in fetched {
+            if limit.is_some_and(|l| out.len() >= l) {
+                break;
+            }
+            let key = k
+                .get(table.len()..)
+                .and_then(K::decode)
+                .ok_or_else(|| corrupt("key", &k))?;
+            let value = V::from_bytes(&v).ok_or_else(|| corrupt("value", &k))?;
+            out.push((key, value));
+        }
+        Ok(out)
+    }
+
+    /// Commits the buffered writes if nothing read changed since the snapshot.
+    fn commit(self) -> ServiceResult<Commit> {
+        let st = self.state.into_inner();
+        if st.writes.is_empty() {
+            return Ok(Commit::Nothing);
+        }
+        let mut compares: Vec<Compare> = st
+            .seen
+            .iter()
+            .map(|(k, (rev, _))| Compare::mod_revision(k.clone(), CompareOp::Equal, *rev))
+            .collect();
+        if let Some(rev) = st.rev {
+            compares.extend(st.ranges.iter().map(|(s, e)| {
+                Compare::mod_revision(s.clone(), CompareOp::Less, rev + 1).with_range(e.clone())
+            }));
+        }
+        let ops: Vec<TxnOp> = st
+            .writes
+            .into_iter()
+            .map(|(k, w)| match w {
+                Some(v) => TxnOp::put(k, v, None),
+                None => TxnOp::delete(k, None),
+            })
+            .collect();
+        let txn = etcd_client::Txn::new().when(compares).and_then(ops);
+        let mut kv = self.shared.kv.clone();
+        let resp = self.shared.call("a transaction", kv.txn(txn))?;
+        Ok(if resp.succeeded() {
+            Commit::Applied
+        } else {
+            Commit::Conflict
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meta_urls_parse_and_bad_ones_say_why() {
+        let c = EtcdConfig::parse("etcd://h1:2379,10.0.0.2:2380/clusters/a").expect("parse");
+        assert_eq!(
+            c.endpoints,
+            vec![
+                "http://h1:2379".to_owned(),
+                "http://10.0.0.2:2380".to_owned()
+            ]
+        );
+        assert_eq!(c.prefix, "clusters/a");
+        assert_eq!(
+            EtcdConfig::parse("etcd://h:1").expect("parse").prefix,
+            "dfs"
+        );
+        for bad in [
+            "etcd://",
+            "etcd://h",
+            "etcd://h:x",
+            "http://h:1",
+            "etcd://h:1/a b",
+        ] {
+            assert!(EtcdConfig::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
