@@ -5,6 +5,7 @@ pub mod access;
 pub mod placement;
 pub mod registry;
 pub mod repair;
+pub mod requests;
 pub mod routes;
 
 use std::path::Path;
@@ -23,6 +24,7 @@ use common::{
     ValidName,
 };
 pub use registry::Registry;
+pub use requests::RequestId;
 
 pub(crate) const NODES: Table<u64, Vec<u8>> = Table::new("nodes");
 pub(crate) const CHILDREN: Table<(u64, String), u64> = Table::new("children");
@@ -738,6 +740,17 @@ impl DirectoryService {
         req: &CreateRequest,
         who: &Caller,
     ) -> ServiceResult<NodeMeta> {
+        self.create_with_id(parent, req, who, None)
+    }
+
+    /// `create`, applied once per request id `rid` (`requests`).
+    pub fn create_with_id(
+        &self,
+        parent: NodeId,
+        req: &CreateRequest,
+        who: &Caller,
+        rid: Option<&RequestId>,
+    ) -> ServiceResult<NodeMeta> {
         if req.mode > 0o7777 {
             return Err(ServiceError::BadRequest(format!(
                 "mode {:o} has bits beyond 07777",
@@ -784,7 +797,7 @@ impl DirectoryService {
         } else {
             None
         };
-        self.store.write(|tx| {
+        self.once(who.id.uid, rid, |tx| {
             let pmeta = dir_node(tx, parent)?;
             access::need(&who.id, &pmeta, X)?;
             // An existing name is EEXIST even where the caller may not create (as Linux).
@@ -851,7 +864,19 @@ impl DirectoryService {
         dir: bool,
         who: &Identity,
     ) -> ServiceResult<NodeMeta> {
-        self.store.write(|tx| {
+        self.remove_with_id(parent, name, dir, who, None)
+    }
+
+    /// `remove`, applied once per request id `rid` (`requests`).
+    pub fn remove_with_id(
+        &self,
+        parent: NodeId,
+        name: &ValidName,
+        dir: bool,
+        who: &Identity,
+        rid: Option<&RequestId>,
+    ) -> ServiceResult<NodeMeta> {
+        self.once(who.uid, rid, |tx| {
             let pmeta = dir_node(tx, parent)?;
             access::need(who, &pmeta, X)?;
             let id = child_of(tx, parent, name.as_str())?.ok_or_else(|| {
@@ -884,7 +909,17 @@ impl DirectoryService {
     /// Returns the node that was replaced, if any, with its links left (0: it is gone). Link
     /// counts follow: a directory moved to another parent moves its `..` link with it.
     pub fn rename(&self, req: &RenameRequest, who: &Identity) -> ServiceResult<Option<NodeMeta>> {
-        self.store.write(|tx| {
+        self.rename_with_id(req, who, None)
+    }
+
+    /// `rename`, applied once per request id `rid` (`requests`).
+    pub fn rename_with_id(
+        &self,
+        req: &RenameRequest,
+        who: &Identity,
+        rid: Option<&RequestId>,
+    ) -> ServiceResult<Option<NodeMeta>> {
+        self.once(who.uid, rid, |tx| {
             let from = dir_node(tx, req.parent)?;
             let to = dir_node(tx, req.new_parent)?;
             access::need(who, &from, X)?;
@@ -986,7 +1021,17 @@ impl DirectoryService {
     /// the path), write and search permission on the new parent, EEXIST for a name that
     /// exists, EPERM for a directory. Returns the node with its new link count.
     pub fn link(&self, req: &LinkRequest, who: &Identity) -> ServiceResult<NodeMeta> {
-        self.store.write(|tx| {
+        self.link_with_id(req, who, None)
+    }
+
+    /// `link`, applied once per request id `rid` (`requests`).
+    pub fn link_with_id(
+        &self,
+        req: &LinkRequest,
+        who: &Identity,
+        rid: Option<&RequestId>,
+    ) -> ServiceResult<NodeMeta> {
+        self.once(who.uid, rid, |tx| {
             let from = dir_node(tx, req.parent)?;
             access::need(who, &from, X)?;
             if child_of(tx, req.parent, req.name.as_str())? != Some(req.node) {
@@ -1024,12 +1069,23 @@ impl DirectoryService {
         req: &SetAttrRequest,
         who: &Identity,
     ) -> ServiceResult<NodeMeta> {
+        self.setattr_with_id(id, req, who, None)
+    }
+
+    /// `setattr`, applied once per request id `rid` (`requests`).
+    pub fn setattr_with_id(
+        &self,
+        id: NodeId,
+        req: &SetAttrRequest,
+        who: &Identity,
+        rid: Option<&RequestId>,
+    ) -> ServiceResult<NodeMeta> {
         if req.mode.is_some_and(|m| m > 0o7777) {
             return Err(ServiceError::BadRequest(
                 "mode has bits beyond 07777".into(),
             ));
         }
-        self.store.write(|tx| {
+        self.once(who.uid, rid, |tx| {
             let mut meta = get_node(tx, id)?;
             let now = now_ns();
             access::apply_setattr(who, &mut meta, req, now)?;
@@ -1037,6 +1093,54 @@ impl DirectoryService {
             put_node(tx, &meta)?;
             Ok(meta)
         })
+    }
+
+    /// Runs namespace change `op` in one durable transaction, once per request id (see
+    /// `requests`): a remembered answer is returned without running `op`.
+    fn once<T: serde::Serialize + serde::de::DeserializeOwned + Send>(
+        &self,
+        uid: u32,
+        rid: Option<&RequestId>,
+        mut op: impl FnMut(&Txn) -> ServiceResult<T> + Send,
+    ) -> ServiceResult<T> {
+        let Some(rid) = rid else {
+            return self.store.write(op);
+        };
+        let key = requests::key(uid, rid);
+        let first = self.store.write(|tx| {
+            let now = crate::store::now_ms();
+            if let Some(answer) = requests::recall(tx, &key, now)? {
+                return Ok(answer);
+            }
+            requests::expire(tx, now)?;
+            let value = op(tx)?;
+            requests::remember(tx, &key, Ok(&value), now)?;
+            Ok(Ok(value))
+        });
+        let refusal = match first {
+            Ok(answer) => return answer,
+            Err(e) if requests::is_refusal(&e) => e,
+            Err(e) => return Err(e),
+        };
+        // The refusal aborted the operation's transaction: remember it in one of its own,
+        // unless an answer was remembered meanwhile (a concurrent retry), which then stands.
+        let body = refusal.to_body();
+        let second = self.store.write(|tx| {
+            let now = crate::store::now_ms();
+            if let Some(answer) = requests::recall::<T>(tx, &key, now)? {
+                return Ok(Some(answer));
+            }
+            requests::remember::<T>(tx, &key, Err(&body), now)?;
+            Ok(None)
+        });
+        match second {
+            Ok(Some(answer)) => answer,
+            Ok(None) => Err(refusal),
+            Err(e) => {
+                tracing::warn!(error = %e, "remembering a refusal failed; a retry runs again");
+                Err(refusal)
+            }
+        }
     }
 
     /// Records a new version written by a primary. Applies each upload id once; refuses a fence

@@ -10,7 +10,7 @@ use common::api::{
 };
 use common::{DirEntry, NodeId, NodeMeta, ServerId, ValidName, routes};
 
-use super::DirectoryService;
+use super::{DirectoryService, RequestId};
 use crate::error::ServiceError;
 use crate::http::authed::ClusterOnly;
 use crate::http::{ApiJson, ApiPath, ApiQuery, ApiResult, AppError, Authed, blocking};
@@ -41,6 +41,21 @@ type State = axum::extract::State<Arc<DirectoryService>>;
 
 fn name(s: &str) -> Result<ValidName, AppError> {
     ValidName::parse(s).map_err(|e| AppError(ServiceError::InvalidName(e)))
+}
+
+/// The request id of a namespace change, if the client sent one (`x-dfs-request-id`).
+fn request_id(headers: &axum::http::HeaderMap) -> Result<Option<RequestId>, AppError> {
+    let Some(v) = headers.get(routes::REQUEST_ID) else {
+        return Ok(None);
+    };
+    let s = v.to_str().map_err(|_| {
+        AppError(ServiceError::BadRequest(format!(
+            "{} must be 1 to {} characters of [A-Za-z0-9-]",
+            routes::REQUEST_ID,
+            super::requests::MAX_LEN
+        )))
+    })?;
+    Ok(Some(RequestId::parse(s)?))
 }
 
 /// Cluster map: public, since a client needs it to find the auth service before logging in.
@@ -88,11 +103,13 @@ async fn setattr(
     axum::extract::State(svc): State,
     Authed(who): Authed,
     ApiPath(id): ApiPath<u64>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<SetAttrRequest>,
 ) -> ApiResult<Json<NodeMeta>> {
     let who = who.caller().id;
+    let rid = request_id(&headers)?;
     Ok(Json(
-        blocking(move || svc.setattr(NodeId(id), &req, &who)).await?,
+        blocking(move || svc.setattr_with_id(NodeId(id), &req, &who, rid.as_ref())).await?,
     ))
 }
 
@@ -109,13 +126,16 @@ async fn create(
     axum::extract::State(svc): State,
     Authed(who): Authed,
     ApiPath(id): ApiPath<u64>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<CreateRequest>,
 ) -> ApiResult<axum::response::Response> {
     use axum::response::IntoResponse;
     let caller = who.caller();
     let uid = caller.id.uid;
     let key_svc = svc.clone();
-    let meta = blocking(move || svc.create(NodeId(id), &req, &caller)).await?;
+    let rid = request_id(&headers)?;
+    let meta =
+        blocking(move || svc.create_with_id(NodeId(id), &req, &caller, rid.as_ref())).await?;
     // The creator writes what it just made: the capability to queue for its write lock
     // comes with the answer, saving its first close a round trip.
     let cap = key_svc.write_capability(&meta, uid);
@@ -142,30 +162,40 @@ async fn remove(
     Authed(who): Authed,
     ApiPath((id, n)): ApiPath<(u64, String)>,
     ApiQuery(q): ApiQuery<RemoveQuery>,
+    headers: axum::http::HeaderMap,
 ) -> ApiResult<Json<NodeMeta>> {
     let n = name(&n)?;
     let who = who.caller().id;
+    let rid = request_id(&headers)?;
     Ok(Json(
-        blocking(move || svc.remove(NodeId(id), &n, q.dir, &who)).await?,
+        blocking(move || svc.remove_with_id(NodeId(id), &n, q.dir, &who, rid.as_ref())).await?,
     ))
 }
 
 async fn rename(
     axum::extract::State(svc): State,
     Authed(who): Authed,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<RenameRequest>,
 ) -> ApiResult<Json<Option<NodeMeta>>> {
     let who = who.caller().id;
-    Ok(Json(blocking(move || svc.rename(&req, &who)).await?))
+    let rid = request_id(&headers)?;
+    Ok(Json(
+        blocking(move || svc.rename_with_id(&req, &who, rid.as_ref())).await?,
+    ))
 }
 
 async fn link(
     axum::extract::State(svc): State,
     Authed(who): Authed,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<common::api::LinkRequest>,
 ) -> ApiResult<Json<NodeMeta>> {
     let who = who.caller().id;
-    Ok(Json(blocking(move || svc.link(&req, &who)).await?))
+    let rid = request_id(&headers)?;
+    Ok(Json(
+        blocking(move || svc.link_with_id(&req, &who, rid.as_ref())).await?,
+    ))
 }
 
 async fn register_server(
