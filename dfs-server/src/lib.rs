@@ -24,6 +24,8 @@ pub mod meta;
 pub mod metrics;
 pub mod peer;
 pub mod store;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod tls;
 
 /// Initialises `tracing` with `RUST_LOG` (default `info`) on stderr.

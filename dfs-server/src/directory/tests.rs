@@ -16,8 +16,56 @@ fn n(s: &str) -> ValidName {
     ValidName::parse(s).expect("valid name")
 }
 
+/// The suite, once per engine: `on_redb`, and `on_etcd` against this test binary's etcd
+/// (`crate::testing::shared_etcd`), each test under a key prefix of its own. Each module
+/// defines `open_raw` (a directory over its engine, in or named after `dir`) and `CASES`
+/// (property test cases: fewer on etcd, where every transaction is a consensus round).
+macro_rules! conformance {
+    ($($item:item)*) => {
+        mod on_redb {
+            use super::*;
+
+            const CASES: u32 = 48;
+
+            fn open_raw(dir: &Path) -> ServiceResult<DirectoryService> {
+                DirectoryService::open(dir, DirectoryConfig::default())
+            }
+
+            $($item)*
+        }
+
+        mod on_etcd {
+            use super::*;
+
+            const CASES: u32 = 8;
+
+            fn open_raw(dir: &Path) -> ServiceResult<DirectoryService> {
+                open_on_etcd(dir)
+            }
+
+            $($item)*
+        }
+    };
+}
+
+/// A directory over the shared test etcd, under a prefix named after `dir` (a reopen of the
+/// same `dir` finds the same namespace). Without etcd the test fails, saying what to install.
+fn open_on_etcd(dir: &Path) -> ServiceResult<DirectoryService> {
+    let etcd = crate::testing::shared_etcd().unwrap_or_else(|e| panic!("{e}"));
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("a tempdir has a name")
+        .replace(|c: char| !c.is_ascii_alphanumeric(), "-");
+    let meta =
+        crate::meta::MetaConfig::parse(&etcd.meta_url(&format!("test/{name}"))).expect("meta url");
+    DirectoryService::open_meta(dir, &meta, DirectoryConfig::default())
+}
+
+conformance! {
+
 fn open(dir: &Path) -> DirectoryService {
-    let svc = DirectoryService::open(dir, DirectoryConfig::default()).expect("open");
+    let svc = open_raw(dir).expect("open");
     for i in 0..3 {
         svc.register_server(&RegisterServerRequest {
             url: format!("http://127.0.0.1:{}", 9000 + i),
@@ -208,7 +256,7 @@ fn metadata_survives_restart() {
         commit(&svc, f.id, 1, 9).expect("commit");
         f.id
     };
-    let svc = DirectoryService::open(dir.path(), DirectoryConfig::default()).expect("reopen");
+    let svc = open_raw(dir.path()).expect("reopen");
     let d = svc.lookup(NodeId::ROOT, &n("keep"), &admin()).expect("dir");
     let f = svc.lookup(d.id, &n("f"), &admin()).expect("file");
     assert_eq!((f.id, f.version), (id, 1));
@@ -263,7 +311,7 @@ fn regression_a_server_of_another_cluster_is_refused_not_taken_in() {
 #[test]
 fn a_tls_directory_refuses_plain_http_registrations() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let svc = DirectoryService::open(dir.path(), DirectoryConfig::default())
+    let svc = open_raw(dir.path())
         .expect("open")
         .https_only(true);
     let server = |url: &str| RegisterServerRequest {
@@ -523,6 +571,20 @@ fn names_index(svc: &DirectoryService) -> (NameRows, NameRows) {
 /// The redb `names` table, which a store from before format 3 does not have.
 const RAW_NAMES: redb::TableDefinition<(u64, u64, &str), ()> = redb::TableDefinition::new("names");
 
+/// Makes the store one from before the names index: on redb without the table, as such a
+/// store is; on etcd (never of an older format, but the upgrade code is the same) without
+/// its rows.
+fn drop_names_index(tx: &Txn) -> ServiceResult<()> {
+    if let Some(w) = tx.redb() {
+        w.delete_table(RAW_NAMES)?;
+        return Ok(());
+    }
+    for (k, ()) in tx.all(NAMES)? {
+        tx.delete(NAMES, &k)?;
+    }
+    Ok(())
+}
+
 /// Every path below `id`: (path, is_dir, node, links).
 type Snapshot = Vec<(Vec<String>, bool, NodeId, u32)>;
 
@@ -539,7 +601,7 @@ fn snapshot(svc: &DirectoryService, id: NodeId, prefix: Vec<String>, out: &mut S
 }
 
 proptest::proptest! {
-    #![proptest_config(proptest::prelude::ProptestConfig { cases: 48, ..Default::default() })]
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: CASES, ..Default::default() })]
 
     #[test]
     fn namespace_matches_the_reference_model(ops in proptest::collection::vec(model::op(), 1..40)) {
@@ -680,7 +742,7 @@ async fn regression_a_repair_pass_never_waits_for_its_copies() {
         .collect();
     let dir = tempfile::tempdir().expect("tempdir");
     let svc = std::sync::Arc::new(
-        DirectoryService::open(dir.path(), DirectoryConfig::default()).expect("open"),
+        open_raw(dir.path()).expect("open"),
     );
     for l in &holes {
         svc.register_server(&RegisterServerRequest {
@@ -1700,7 +1762,7 @@ fn a_store_from_before_link_counts_is_counted_once_at_open() {
                     tx.put(NODES, &id, &old)?;
                 }
                 tx.put(CHILDREN, &(NodeId::ROOT.0, "f-too".to_owned()), &f.id.0)?;
-                tx.redb().expect("a redb store").delete_table(RAW_NAMES)?;
+                drop_names_index(tx)?;
                 tx.delete(META, &FORMAT.to_owned())?;
                 Ok(())
             })
@@ -1732,7 +1794,7 @@ fn regression_a_store_of_a_newer_format_is_refused_untouched() {
             })
             .expect("rewrite");
     }
-    let err = match DirectoryService::open(dir.path(), DirectoryConfig::default()) {
+    let err = match open_raw(dir.path()) {
         Ok(_) => panic!("a newer store was opened"),
         Err(e) => e.to_string(),
     };
@@ -1795,7 +1857,7 @@ fn the_store_upgrade_is_idempotent() {
                 v.as_object_mut().expect("object").remove("nlink");
                 let old = serde_json::to_vec(&v)?;
                 tx.put(NODES, &f.id.0, &old)?;
-                tx.redb().expect("a redb store").delete_table(RAW_NAMES)?;
+                drop_names_index(tx)?;
                 tx.delete(META, &FORMAT.to_owned())?;
                 Ok(())
             })
@@ -1803,7 +1865,7 @@ fn the_store_upgrade_is_idempotent() {
         f
     };
     let state = || {
-        let svc = DirectoryService::open(dir.path(), DirectoryConfig::default()).expect("open");
+        let svc = open_raw(dir.path()).expect("open");
         let mut all = Vec::new();
         snapshot(&svc, NodeId::ROOT, vec![], &mut all);
         let format = svc.store.read(|tx| meta_get(tx, FORMAT)).expect("format");
@@ -1865,4 +1927,135 @@ fn regression_rename_noreplace_onto_another_name_of_the_same_file_is_eexist() {
             .is_none()
     );
     assert_eq!(svc.list(NodeId::ROOT, &admin()).expect("list").len(), 2);
+}
+
+
+fn rid(s: &str) -> RequestId {
+    RequestId::parse(s).expect("request id")
+}
+
+fn create_req(name: &str, kind: FileKind) -> CreateRequest {
+    CreateRequest {
+        name: n(name),
+        kind,
+        mode: 0o644,
+        symlink_target: None,
+        rdev: 0,
+    }
+}
+
+#[test]
+fn a_create_retried_with_the_same_id_returns_the_same_node_not_eexist() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let alice = user(10_000, &[]);
+    let id = rid("c-1");
+    let req = create_req("f", FileKind::File);
+    let first = svc
+        .create_with_id(NodeId::ROOT, &req, &alice, Some(&id))
+        .expect("create");
+    // The answer was lost; the client sends the same request again.
+    let again = svc
+        .create_with_id(NodeId::ROOT, &req, &alice, Some(&id))
+        .expect("a retry is answered, not refused as EEXIST");
+    assert_eq!(again, first);
+    assert_eq!(svc.list(NodeId::ROOT, &admin()).expect("list").len(), 1);
+    // Without the id (or with another), it is a second create: EEXIST.
+    assert!(matches!(
+        svc.create_with_id(NodeId::ROOT, &req, &alice, Some(&rid("c-2"))),
+        Err(ServiceError::Exists(_))
+    ));
+    assert!(matches!(
+        svc.create(NodeId::ROOT, &req, &alice),
+        Err(ServiceError::Exists(_))
+    ));
+}
+
+#[test]
+fn a_rename_retried_after_its_source_was_made_again_is_not_applied_twice() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let a = mk(&svc, NodeId::ROOT, "a", FileKind::File);
+    let req = RenameRequest {
+        parent: NodeId::ROOT,
+        name: n("a"),
+        new_parent: NodeId::ROOT,
+        new_name: n("b"),
+        no_replace: false,
+    };
+    let id = rid("rename-a-b");
+    let first = svc
+        .rename_with_id(&req, &admin(), Some(&id))
+        .expect("rename");
+    assert_eq!(first, None);
+    // Someone makes a new `a`; then the rename's retry arrives.
+    let a2 = mk(&svc, NodeId::ROOT, "a", FileKind::File);
+    let again = svc
+        .rename_with_id(&req, &admin(), Some(&id))
+        .expect("the remembered answer");
+    assert_eq!(again, first);
+    let look = |name: &str| svc.lookup(NodeId::ROOT, &n(name), &admin()).map(|m| m.id);
+    assert_eq!(look("a").expect("the new a stays"), a2.id);
+    assert_eq!(look("b").expect("b is the first a"), a.id);
+}
+
+#[test]
+fn a_refusal_is_remembered_and_ids_are_each_callers_own() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let (alice, bob) = (user(10_000, &[]), user(10_001, &[]));
+    let id = rid("rm-x");
+    let refused = svc.remove_with_id(NodeId::ROOT, &n("x"), false, &alice.id, Some(&id));
+    assert!(matches!(refused, Err(ServiceError::NotFound(_))), "{refused:?}");
+    let x = mk_as(&svc, &alice, NodeId::ROOT, "x", FileKind::File, 0o644).expect("create");
+    // The retry gets the first answer (ENOENT), and `x` is not removed by it.
+    let again = svc
+        .remove_with_id(NodeId::ROOT, &n("x"), false, &alice.id, Some(&id))
+        .expect_err("the remembered refusal");
+    assert_eq!(again.code(), common::ErrorCode::NotFound, "{again}");
+    assert_eq!(
+        svc.lookup(NodeId::ROOT, &n("x"), &admin()).expect("x").id,
+        x.id
+    );
+    // Bob's request with the same id is his own: it runs, and is refused for what it is
+    // (Bob may not remove Alice's file from the sticky root), not answered with Alice's ENOENT.
+    let bobs = svc.remove_with_id(NodeId::ROOT, &n("x"), false, &bob.id, Some(&id));
+    assert!(matches!(bobs, Err(ServiceError::Forbidden(_))), "{bobs:?}");
+}
+
+#[test]
+fn remembered_answers_expire_a_bounded_few_per_operation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let old = 1_000u64;
+    svc.store
+        .write(|tx| {
+            for i in 0..(requests::EXPIRE_PER_OP as u32 + 3) {
+                requests::remember(tx, &(7, format!("old-{i}")), Ok(&i), old)?;
+            }
+            Ok(())
+        })
+        .expect("remember");
+    let count = || {
+        svc.store
+            .read(|tx| Ok((tx.all(requests::REQUESTS)?.len(), tx.all(requests::REQUEST_EXPIRY)?.len())))
+            .expect("count")
+    };
+    assert_eq!(count(), (requests::EXPIRE_PER_OP + 3, requests::EXPIRE_PER_OP + 3));
+    // Expired answers are not served...
+    let stale = svc
+        .store
+        .write(|tx| requests::recall::<u32>(tx, &(7, "old-0".into()), crate::store::now_ms()))
+        .expect("recall");
+    assert!(stale.is_none());
+    // ...and each operation with an id removes a few of them.
+    svc.create_with_id(
+        NodeId::ROOT,
+        &create_req("z", FileKind::File),
+        &Caller::cluster(),
+        Some(&rid("new")),
+    )
+    .expect("create");
+    assert_eq!(count(), (4, 4), "8 expired ones removed, 3 left and the new one");
+}
 }

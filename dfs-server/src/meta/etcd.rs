@@ -145,7 +145,11 @@ impl Shared {
         what: &str,
         fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
     ) -> ServiceResult<T> {
-        match self.handle.block_on(tokio::time::timeout(OP_TIMEOUT, fut)) {
+        // The timer is made inside the runtime (a `Sleep` needs its time driver).
+        match self
+            .handle
+            .block_on(async { tokio::time::timeout(OP_TIMEOUT, fut).await })
+        {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 let msg = e.to_string();
@@ -199,10 +203,10 @@ impl EtcdStore {
             .with_keep_alive(Duration::from_secs(10), OP_TIMEOUT);
         let eps = config.endpoints.clone();
         let client = blocking(|| {
-            handle.block_on(tokio::time::timeout(
-                OP_TIMEOUT,
-                etcd_client::Client::connect(eps, Some(options)),
-            ))
+            handle.block_on(async {
+                tokio::time::timeout(OP_TIMEOUT, etcd_client::Client::connect(eps, Some(options)))
+                    .await
+            })
         });
         let client = match client {
             Ok(Ok(c)) => c,
