@@ -583,4 +583,160 @@ mod tests {
             assert!(EtcdConfig::parse(bad).is_err(), "{bad}");
         }
     }
+
+    use std::sync::atomic::AtomicU32;
+
+    const T: Table<(u64, String), u64> = Table::new("t");
+
+    /// A store on the test binary's etcd under a prefix of its own.
+    fn store() -> EtcdStore {
+        let etcd = crate::testing::shared_etcd().unwrap_or_else(|e| panic!("{e}"));
+        let prefix = format!("unit/{:016x}", rand::random::<u64>());
+        EtcdStore::connect(&EtcdConfig::parse(&etcd.meta_url(&prefix)).expect("url"))
+            .expect("connect")
+    }
+
+    /// A second client on the same keys (another directory instance).
+    fn twin(s: &EtcdStore) -> EtcdStore {
+        let etcd = crate::testing::shared_etcd().unwrap_or_else(|e| panic!("{e}"));
+        let prefix = String::from_utf8(s.shared.prefix.clone()).expect("utf-8");
+        EtcdStore::connect(
+            &EtcdConfig::parse(&etcd.meta_url(prefix.trim_end_matches('/'))).expect("url"),
+        )
+        .expect("connect")
+    }
+
+    fn k(dir: u64, name: &str) -> (u64, String) {
+        (dir, name.to_owned())
+    }
+
+    #[test]
+    fn an_insert_into_a_range_read_makes_the_writer_run_again() {
+        let a = store();
+        let other = twin(&a);
+        let runs = AtomicU32::new(0);
+        // "rmdir 5 if it is empty": between the emptiness check and the commit, another
+        // instance creates an entry in 5. The rmdir must not commit over it.
+        let seen = a
+            .write(|tx| {
+                let run = runs.fetch_add(1, Ordering::SeqCst);
+                let kids = tx.range(T, Some(&k(5, "")), Some(&k(6, "")), Some(1))?;
+                if run == 0 {
+                    other.write(|t2| t2.put(T, &k(5, "new"), &9))?;
+                }
+                if kids.is_empty() {
+                    tx.put(T, &k(0, "removed-5"), &5)?;
+                }
+                Ok(kids.len())
+            })
+            .expect("write");
+        assert_eq!(runs.load(Ordering::SeqCst), 2, "the first run conflicted");
+        assert_eq!(seen, 1, "the second run saw the new entry");
+        let gone = a.read(|tx| tx.get(T, &k(0, "removed-5"))).expect("read");
+        assert_eq!(gone, None, "nothing of the first run was applied");
+    }
+
+    #[test]
+    fn a_key_read_absent_then_made_elsewhere_conflicts_and_a_deleted_one_too() {
+        let a = store();
+        let other = twin(&a);
+        let runs = AtomicU32::new(0);
+        let found = a
+            .write(|tx| {
+                let run = runs.fetch_add(1, Ordering::SeqCst);
+                let v = tx.get(T, &k(1, "x"))?;
+                if run == 0 {
+                    other.write(|t2| t2.put(T, &k(1, "x"), &1))?;
+                }
+                tx.put(T, &k(1, "y"), &v.unwrap_or(0))?;
+                Ok(v)
+            })
+            .expect("write");
+        assert_eq!((runs.load(Ordering::SeqCst), found), (2, Some(1)));
+        // A row of a range read deleted by another instance before the commit.
+        let runs = AtomicU32::new(0);
+        let rows = a
+            .write(|tx| {
+                let run = runs.fetch_add(1, Ordering::SeqCst);
+                let rows = tx.range(T, Some(&k(1, "")), Some(&k(2, "")), None)?;
+                if run == 0 {
+                    other.write(|t2| t2.delete(T, &k(1, "x")))?;
+                }
+                tx.put(T, &k(9, "count"), &(rows.len() as u64))?;
+                Ok(rows.len())
+            })
+            .expect("write");
+        assert_eq!((runs.load(Ordering::SeqCst), rows), (2, 1));
+    }
+
+    #[test]
+    fn a_range_reads_its_own_writes_and_deletes_within_its_limit() {
+        let a = store();
+        a.write(|tx| {
+            for (i, n) in ["a", "b", "c", "d"].iter().enumerate() {
+                tx.put(T, &k(3, n), &(i as u64))?;
+            }
+            Ok(())
+        })
+        .expect("seed");
+        let rows = a
+            .write(|tx| {
+                tx.delete(T, &k(3, "a"))?;
+                tx.delete(T, &k(3, "b"))?;
+                tx.put(T, &k(3, "bb"), &7)?;
+                let first = tx.range(T, Some(&k(3, "")), Some(&k(4, "")), Some(2))?;
+                let all = tx.range(T, Some(&k(3, "")), Some(&k(4, "")), None)?;
+                Ok((first, all.len()))
+            })
+            .expect("write");
+        assert_eq!(rows.0, vec![(k(3, "bb"), 7), (k(3, "c"), 2)]);
+        assert_eq!(rows.1, 3);
+        assert_eq!(a.read(|tx| tx.all(T)).expect("read").len(), 3);
+    }
+
+    #[test]
+    fn endless_conflicts_end_in_a_clear_error_after_the_bound() {
+        let a = store();
+        let other = twin(&a);
+        let runs = AtomicU32::new(0);
+        let r = a.write(|tx| {
+            runs.fetch_add(1, Ordering::SeqCst);
+            let v = tx.get(T, &k(0, "hot"))?.unwrap_or(0);
+            other.write(|t2| t2.put(T, &k(0, "hot"), &(v + 1000)))?;
+            tx.put(T, &k(0, "hot"), &(v + 1))
+        });
+        match r {
+            Err(ServiceError::Unavailable(m)) => assert!(m.contains("conflicted"), "{m}"),
+            other => panic!("expected unavailable, got {other:?}"),
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), MAX_ATTEMPTS);
+    }
+
+    #[test]
+    fn concurrent_writers_on_two_instances_lose_no_update() {
+        let a = std::sync::Arc::new(store());
+        let b = std::sync::Arc::new(twin(&a));
+        let threads: Vec<_> = (0..4)
+            .map(|i| {
+                let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+                std::thread::spawn(move || {
+                    for _ in 0..5 {
+                        s.write(|tx| {
+                            let n = tx.get(T, &k(0, "counter"))?.unwrap_or(0);
+                            tx.put(T, &k(0, "counter"), &(n + 1))
+                        })
+                        .expect("increment");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("join");
+        }
+        // Linearizable: the other instance reads every increment at once.
+        assert_eq!(
+            b.read(|tx| tx.get(T, &k(0, "counter"))).expect("read"),
+            Some(20)
+        );
+    }
 }
