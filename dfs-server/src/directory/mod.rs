@@ -39,6 +39,8 @@ const CLUSTER_ID: &str = "cluster_id";
 const FORMAT: &str = "format";
 const FORMAT_LINKS: u64 = 2;
 const FORMAT_NAMES: u64 = 3;
+/// Copies recorded per transaction by `add_holders`.
+const HOLDERS_PER_TXN: usize = 32;
 
 /// A number kept in `dir_meta`.
 fn meta_get(tx: &Txn, key: &str) -> ServiceResult<Option<u64>> {
@@ -1297,16 +1299,22 @@ impl DirectoryService {
         }
         let live = self.registry.live();
         let replication = usize::try_from(self.config.replication).unwrap_or(usize::MAX);
-        self.store.write_lazy(|tx| {
-            for item in items {
-                match add_holder_in(tx, item, &live, replication) {
-                    // Deleted meanwhile: nothing to record.
-                    Ok(()) | Err(ServiceError::NotFound(_)) => {}
-                    Err(e) => return Err(e),
+        // Each copy is recorded alone (a lost one is found again by the repair loop), so
+        // they need not share one transaction: 32 files per transaction stays well within
+        // etcd's `--max-txn-ops` (128 by default).
+        for chunk in items.chunks(HOLDERS_PER_TXN) {
+            self.store.write_lazy(|tx| {
+                for item in chunk {
+                    match add_holder_in(tx, item, &live, replication) {
+                        // Deleted meanwhile: nothing to record.
+                        Ok(()) | Err(ServiceError::NotFound(_)) => {}
+                        Err(e) => return Err(e),
+                    }
                 }
-            }
-            Ok(())
-        })
+                Ok(())
+            })?;
+        }
+        Ok(())
     }
 
     /// Records that `server` no longer holds `hash` of `id` (a scrub found it corrupt).

@@ -2058,4 +2058,64 @@ fn remembered_answers_expire_a_bounded_few_per_operation() {
     .expect("create");
     assert_eq!(count(), (4, 4), "8 expired ones removed, 3 left and the new one");
 }
+
+/// The largest batches the routes admit fit one transaction of either engine (etcd refuses
+/// more than `--max-txn-ops`, 128 by default, compares or writes in one).
+#[test]
+fn the_largest_batches_are_recorded_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    // More files than etcd's default --max-txn-ops: a holders batch may name them all.
+    let all: Vec<NodeMeta> = (0..130)
+        .map(|i| mk(&svc, NodeId::ROOT, &format!("f{i}"), FileKind::File))
+        .collect();
+    let files = &all[..common::api::MAX_BATCH_ITEMS];
+    let hash = ContentHash::from_digest(&[9; 32]);
+    let batch = common::api::CommitBatchRequest {
+        items: files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| common::api::CommitBatchItem {
+                node: f.id,
+                commit: CommitRequest {
+                    hash: hash.clone(),
+                    size: 1,
+                    fence: FenceToken(1),
+                    upload_id: UploadId::from_bytes([u8::try_from(i).expect("small"); 16]),
+                    base: common::api::PushBase {
+                        version: 0,
+                        waiting: true,
+                    },
+                    holders: f.primary.iter().chain(&f.replicas).copied().take(2).collect(),
+                    writer: "t".into(),
+                    writer_id: None,
+                    primary: f.primary,
+                    replicas: Some(f.replicas.clone()),
+                    mode: None,
+                    mtime_ns: None,
+                },
+            })
+            .collect(),
+    };
+    let results = svc.commit_batch(&batch).expect("batch");
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    // Every file's third copy, of the version each file is at.
+    let late: Vec<common::api::HolderItem> = all
+        .iter()
+        .enumerate()
+        .map(|(i, f)| common::api::HolderItem {
+            node: f.id,
+            hash: if i < files.len() {
+                hash.clone()
+            } else {
+                f.hash.clone()
+            },
+            server: *f.replicas.last().expect("three copies"),
+        })
+        .collect();
+    svc.add_holders(&late).expect("add holders");
+    for f in files {
+        assert_eq!(svc.get(f.id).expect("file").holders.len(), 3, "node {}", f.id);
+    }
+}
 }
