@@ -52,19 +52,17 @@ impl EtcdServer {
     /// Starts a one-member etcd and waits (at most `START_TIMEOUT`) until it is healthy.
     /// `extra` are further flags (e.g. `--max-txn-ops`).
     pub fn start(extra: &[&str]) -> Result<Self, String> {
-        let found = Command::new("etcd")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        if !found.is_ok_and(|s| s.success()) {
-            return Err(
-                "the etcd binary is not on PATH: install etcd-server (apt-get install \
-                 etcd-server etcd-client) to run the etcd tests"
-                    .into(),
-            );
-        }
-        let (client, peer) = (free_port()?, free_port()?);
+        let mut one = start_cluster(1, extra)?;
+        one.pop().ok_or_else(|| "no member started".to_owned())
+    }
+
+    fn spawn(
+        name: &str,
+        client: u16,
+        peer: u16,
+        initial_cluster: &str,
+        extra: &[&str],
+    ) -> Result<Self, String> {
         let data_dir = std::env::temp_dir().join(format!(
             "dfs-etcd-{}-{client}-{:08x}",
             std::process::id(),
@@ -76,7 +74,7 @@ impl EtcdServer {
         let peer_url = format!("http://127.0.0.1:{peer}");
         let mut args: Vec<String> = vec![
             "--name".into(),
-            "t".into(),
+            name.into(),
             "--data-dir".into(),
             data_dir.join("member").display().to_string(),
             "--listen-client-urls".into(),
@@ -86,9 +84,9 @@ impl EtcdServer {
             "--listen-peer-urls".into(),
             peer_url.clone(),
             "--initial-advertise-peer-urls".into(),
-            peer_url.clone(),
+            peer_url,
             "--initial-cluster".into(),
-            format!("t={peer_url}"),
+            initial_cluster.into(),
             "--log-level".into(),
             "warn".into(),
         ];
@@ -113,26 +111,29 @@ rm -rf "$dir""#;
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| format!("starting etcd: {e}"))?;
-        let mut server = EtcdServer {
+        Ok(EtcdServer {
             child,
             endpoint,
             data_dir,
-        };
-        let deadline = Instant::now() + START_TIMEOUT;
+        })
+    }
+
+    /// Waits until this member answers healthy, or fails with its log.
+    fn wait_healthy(&mut self, deadline: Instant) -> Result<(), String> {
         while Instant::now() < deadline {
-            if healthy(&server.endpoint) {
-                return Ok(server);
+            if healthy(&self.endpoint) {
+                return Ok(());
             }
-            if let Ok(Some(status)) = server.child.try_wait() {
-                return Err(format!("etcd exited at start ({status}): {}", server.log()));
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!("etcd exited at start ({status}): {}", self.log()));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         Err(format!(
             "etcd on {} was not healthy within {} s: {}",
-            server.endpoint,
+            self.endpoint,
             START_TIMEOUT.as_secs(),
-            server.log()
+            self.log()
         ))
     }
 
@@ -143,10 +144,58 @@ rm -rf "$dir""#;
         log.get(start..).unwrap_or_default().to_owned()
     }
 
-    /// `--meta` for this server under `prefix`.
+    /// `--meta` for this member under `prefix`.
     pub fn meta_url(&self, prefix: &str) -> String {
         format!("etcd://{}/{prefix}", self.endpoint)
     }
+}
+
+fn etcd_installed() -> Result<(), String> {
+    let found = Command::new("etcd")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if found.is_ok_and(|s| s.success()) {
+        Ok(())
+    } else {
+        Err(
+            "the etcd binary is not on PATH: install etcd-server (apt-get install \
+             etcd-server etcd-client) to run the etcd tests"
+                .into(),
+        )
+    }
+}
+
+/// Starts an etcd cluster of `members` members on loopback (`m0`, `m1`, ...) and waits, at
+/// most `START_TIMEOUT`, until every member is healthy (which needs a quorum). Dropping a
+/// member stops it: a test takes members down by dropping them.
+pub fn start_cluster(members: usize, extra: &[&str]) -> Result<Vec<EtcdServer>, String> {
+    etcd_installed()?;
+    let ports = (0..members)
+        .map(|_| Ok((free_port()?, free_port()?)))
+        .collect::<Result<Vec<_>, String>>()?;
+    let initial = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut servers = Vec::new();
+    for (i, (client, peer)) in ports.iter().enumerate() {
+        servers.push(EtcdServer::spawn(
+            &format!("m{i}"),
+            *client,
+            *peer,
+            &initial,
+            extra,
+        )?);
+    }
+    let deadline = Instant::now() + START_TIMEOUT;
+    for s in &mut servers {
+        s.wait_healthy(deadline)?;
+    }
+    Ok(servers)
 }
 
 impl Drop for EtcdServer {

@@ -739,4 +739,23 @@ mod tests {
             Some(20)
         );
     }
+
+    #[test]
+    fn a_store_on_three_members_keeps_writing_with_one_down() {
+        let mut members = crate::testing::start_cluster(3, &[]).unwrap_or_else(|e| panic!("{e}"));
+        let hosts: Vec<&str> = members.iter().map(|m| m.endpoint.as_str()).collect();
+        let url = format!("etcd://{}/three", hosts.join(","));
+        let a = EtcdStore::connect(&EtcdConfig::parse(&url).expect("url")).expect("connect");
+        a.write(|tx| tx.put(T, &k(0, "before"), &1)).expect("write");
+        // The first member goes away; the other two are a quorum.
+        drop(members.remove(0));
+        let mut wrote = false;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !wrote && std::time::Instant::now() < deadline {
+            wrote = a.write(|tx| tx.put(T, &k(0, "after"), &2)).is_ok();
+        }
+        assert!(wrote, "no write with two members of three up");
+        let rows = a.read(|tx| tx.all(T)).expect("read");
+        assert_eq!(rows, vec![(k(0, "after"), 2), (k(0, "before"), 1)]);
+    }
 }
