@@ -259,7 +259,12 @@ impl EtcdStore {
                     backoff(attempt);
                 }
                 let tx = EtcdTxn::new(self.shared.clone(), true);
-                let value = f(&Txn(Inner::Etcd(&tx)))?;
+                let value = match f(&Txn(Inner::Etcd(&tx))) {
+                    Ok(v) => v,
+                    // The snapshot's revision was compacted away meanwhile: a new snapshot.
+                    Err(_) if tx.compacted.get() => continue,
+                    Err(e) => return Err(e),
+                };
                 match tx.commit()? {
                     Commit::Nothing => return Ok(value),
                     Commit::Applied => {
@@ -282,11 +287,17 @@ impl EtcdStore {
 
     pub(super) fn read<T: Send>(
         &self,
-        f: impl FnOnce(&Txn) -> ServiceResult<T> + Send,
+        mut f: impl FnMut(&Txn) -> ServiceResult<T> + Send,
     ) -> ServiceResult<T> {
         blocking(|| {
-            let tx = EtcdTxn::new(self.shared.clone(), false);
-            f(&Txn(Inner::Etcd(&tx)))
+            let mut attempt = 0;
+            loop {
+                let tx = EtcdTxn::new(self.shared.clone(), false);
+                match f(&Txn(Inner::Etcd(&tx))) {
+                    Err(_) if tx.compacted.get() && attempt + 1 < MAX_ATTEMPTS => attempt += 1,
+                    r => return r,
+                }
+            }
         })
     }
 
@@ -337,6 +348,8 @@ pub struct EtcdTxn {
     shared: Arc<Shared>,
     writable: bool,
     state: RefCell<State>,
+    /// A read at the snapshot's revision found it compacted: the run starts again.
+    compacted: std::cell::Cell<bool>,
 }
 
 fn corrupt(what: &str, key: &[u8]) -> ServiceError {
@@ -352,6 +365,15 @@ impl EtcdTxn {
             shared,
             writable,
             state: RefCell::new(State::default()),
+            compacted: std::cell::Cell::new(false),
+        }
+    }
+
+    /// Notes a read refused because its revision was compacted (etcd's "required revision has
+    /// been compacted").
+    fn note(&self, e: &ServiceError) {
+        if e.to_string().contains("compacted") {
+            self.compacted.set(true);
         }
     }
 
@@ -376,7 +398,10 @@ impl EtcdTxn {
         } else {
             let mut kv = self.shared.kv.clone();
             let opts = self.options(&st);
-            let resp = self.shared.call("a read", kv.get(k.clone(), Some(opts)))?;
+            let resp = self
+                .shared
+                .call("a read", kv.get(k.clone(), Some(opts)))
+                .inspect_err(|e| self.note(e))?;
             if st.rev.is_none() {
                 st.rev = resp.header().map(|h| h.revision());
             }
@@ -463,7 +488,8 @@ impl EtcdTxn {
             let mut kv = self.shared.kv.clone();
             let resp = self
                 .shared
-                .call("a range read", kv.get(cursor.clone(), Some(opts)))?;
+                .call("a range read", kv.get(cursor.clone(), Some(opts)))
+                .inspect_err(|e| self.note(e))?;
             if st.rev.is_none() {
                 st.rev = resp.header().map(|h| h.revision());
             }
@@ -757,5 +783,40 @@ mod tests {
         assert!(wrote, "no write with two members of three up");
         let rows = a.read(|tx| tx.all(T)).expect("read");
         assert_eq!(rows, vec![(k(0, "after"), 2), (k(0, "before"), 1)]);
+    }
+
+    #[test]
+    fn a_snapshot_compacted_away_mid_run_is_taken_again() {
+        let a = store();
+        let other = twin(&a);
+        a.write(|tx| tx.put(T, &k(0, "x"), &1)).expect("seed");
+        let runs = AtomicU32::new(0);
+        let got = a
+            .write(|tx| {
+                let run = runs.fetch_add(1, Ordering::SeqCst);
+                let x = tx.get(T, &k(0, "x"))?.unwrap_or(0);
+                if run == 0 {
+                    // Another writer moves on and the history up to now is compacted: this
+                    // run's snapshot is gone.
+                    other.write(|t2| t2.put(T, &k(0, "z"), &3))?;
+                    let s = &other.shared;
+                    let rev = blocking(|| {
+                        let mut kv = s.kv.clone();
+                        s.call("a read", kv.get(s.prefix.clone(), None))
+                    })?
+                    .header()
+                    .map(|h| h.revision())
+                    .expect("a header");
+                    blocking(|| {
+                        let mut kv = s.kv.clone();
+                        s.call("a compaction", kv.compact(rev, None))
+                    })?;
+                }
+                let z = tx.get(T, &k(0, "z"))?.unwrap_or(0);
+                tx.put(T, &k(0, "sum"), &(x + z))?;
+                Ok(x + z)
+            })
+            .expect("write");
+        assert_eq!((runs.load(Ordering::SeqCst), got), (2, 4));
     }
 }

@@ -381,10 +381,11 @@ impl MetaStore {
         }
     }
 
-    /// Runs `f` on a consistent read view.
+    /// Runs `f` on a consistent read view (on etcd again, on a newer one, if the revision it
+    /// read at was compacted meanwhile: `f` may run more than once).
     pub fn read<T: Send>(
         &self,
-        f: impl FnOnce(&Txn) -> ServiceResult<T> + Send,
+        f: impl FnMut(&Txn) -> ServiceResult<T> + Send,
     ) -> ServiceResult<T> {
         match self {
             MetaStore::Redb(s) => s.read(f),

@@ -50,7 +50,7 @@ impl RedbStore {
         }
     }
 
-    pub(super) fn read<T>(&self, f: impl FnOnce(&Txn) -> ServiceResult<T>) -> ServiceResult<T> {
+    pub(super) fn read<T>(&self, mut f: impl FnMut(&Txn) -> ServiceResult<T>) -> ServiceResult<T> {
         let tx = self.store.db()?.begin_read()?;
         f(&Txn(Inner::RedbRead(&tx)))
     }
