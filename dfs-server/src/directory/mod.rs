@@ -1,4 +1,5 @@
-//! `DirectoryService`: the namespace and every file's metadata in one redb store, plus the file
+//! `DirectoryService`: the namespace and every file's metadata in one metadata store (redb or
+//! etcd, `crate::meta`), plus the file
 //! server registry. Every namespace change is one transaction: rename is atomic.
 
 pub mod access;
@@ -72,7 +73,7 @@ impl Default for DirectoryConfig {
     }
 }
 
-/// The namespace service. Pure logic over redb; the registry decides placement.
+/// The namespace service. Pure logic over the metadata store; the registry decides placement.
 pub struct DirectoryService {
     store: MetaStore,
     /// File servers, liveness and lock/auth URLs.

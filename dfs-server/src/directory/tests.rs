@@ -568,21 +568,10 @@ fn names_index(svc: &DirectoryService) -> (NameRows, NameRows) {
     (got, want)
 }
 
-/// The redb `names` table, which a store from before format 3 does not have.
-const RAW_NAMES: redb::TableDefinition<(u64, u64, &str), ()> = redb::TableDefinition::new("names");
-
-/// Makes the store one from before the names index: on redb without the table, as such a
-/// store is; on etcd (never of an older format, but the upgrade code is the same) without
-/// its rows.
+/// Makes the store one from before the names index (on redb without the table, as such a
+/// store is; on etcd, never of an older format but upgraded by the same code, without rows).
 fn drop_names_index(tx: &Txn) -> ServiceResult<()> {
-    if let Some(w) = tx.redb() {
-        w.delete_table(RAW_NAMES)?;
-        return Ok(());
-    }
-    for (k, ()) in tx.all(NAMES)? {
-        tx.delete(NAMES, &k)?;
-    }
-    Ok(())
+    tx.drop_table(NAMES)
 }
 
 /// Every path below `id`: (path, is_dir, node, links).

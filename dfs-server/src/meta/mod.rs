@@ -308,12 +308,22 @@ impl Txn<'_> {
         self.range(table, None, None, None)
     }
 
-    /// The redb write transaction under this one, for redb-only code (store format upgrades
-    /// and their tests); `None` on etcd and in read views.
-    pub fn redb(&self) -> Option<&::redb::WriteTransaction> {
+    /// Removes `table` whole (format upgrades that retire one, and tests that make a store
+    /// of an older format): redb deletes the table, etcd each of its rows (one write per row:
+    /// a small table only, see `--max-txn-ops`).
+    pub fn drop_table<K: MetaKey, V: MetaValue>(&self, table: Table<K, V>) -> ServiceResult<()> {
         match &self.0 {
-            Inner::RedbWrite(tx) => Some(tx),
-            _ => None,
+            Inner::RedbWrite(tx) => {
+                tx.delete_table(::redb::TableDefinition::<K::Redb, V::Redb>::new(table.name))?;
+                Ok(())
+            }
+            Inner::RedbRead(_) => Err(read_only()),
+            Inner::Etcd(_) => {
+                for (k, _) in self.all(table)? {
+                    self.delete(table, &k)?;
+                }
+                Ok(())
+            }
         }
     }
 }
