@@ -1,6 +1,6 @@
 //! `DirectoryService`: the namespace and every file's metadata in one metadata store (redb or
-//! etcd, `crate::meta`), plus the file
-//! server registry. Every namespace change is one transaction: rename is atomic.
+//! etcd, `crate::meta`), plus the file server registry. Every namespace change is one
+//! transaction: rename is atomic.
 
 pub mod access;
 pub mod placement;
