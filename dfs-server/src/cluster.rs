@@ -275,6 +275,12 @@ pub fn directory_metrics(svc: &Arc<DirectoryService>) -> Arc<Metrics> {
         "Reopenings of the directory's store after a failed durable commit",
         Box::new(move || s.store_counters().2),
     );
+    let s = svc.clone();
+    m.counter(
+        "directory_store_conflicts",
+        "Metadata transactions run again after a conflict with another writer (etcd)",
+        Box::new(move || s.store_conflicts()),
+    );
     m
 }
 

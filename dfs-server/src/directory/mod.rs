@@ -608,6 +608,11 @@ impl DirectoryService {
         self.store.counters()
     }
 
+    /// Metadata transactions run again after a conflict with another writer (etcd).
+    pub fn store_conflicts(&self) -> u64 {
+        self.store.conflicts()
+    }
+
     /// The configured replication factor.
     pub fn replication(&self) -> u32 {
         self.config.replication

@@ -305,8 +305,12 @@ impl EtcdStore {
         (
             self.commits.load(Ordering::Relaxed),
             self.writes.load(Ordering::Relaxed),
-            self.conflicts.load(Ordering::Relaxed),
+            0,
         )
+    }
+
+    pub(super) fn conflicts(&self) -> u64 {
+        self.conflicts.load(Ordering::Relaxed)
     }
 
     pub(super) fn describe(&self) -> String {

@@ -403,12 +403,20 @@ impl MetaStore {
         }
     }
 
-    /// (durable commits, writes acknowledged by them, recoveries): redb's group commit, or
-    /// for etcd (transactions committed, writes acknowledged, conflicts retried).
+    /// (durable commits, writes acknowledged by them, recoveries after a failed commit): of
+    /// redb's group commit; on etcd (transactions committed, the same, 0).
     pub fn counters(&self) -> (u64, u64, u64) {
         match self {
             MetaStore::Redb(s) => s.counters(),
             MetaStore::Etcd(s) => s.counters(),
+        }
+    }
+
+    /// Transactions run again after a conflict (etcd; 0 on redb, which has one writer).
+    pub fn conflicts(&self) -> u64 {
+        match self {
+            MetaStore::Redb(_) => 0,
+            MetaStore::Etcd(s) => s.conflicts(),
         }
     }
 
