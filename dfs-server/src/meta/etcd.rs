@@ -41,6 +41,8 @@ use crate::error::{ServiceError, ServiceResult};
 pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Runs of a write's closure before it fails as unavailable (each after a conflict).
 pub const MAX_ATTEMPTS: u32 = 16;
+/// Pause before sending again a call no member received.
+const RESEND_PAUSE: Duration = Duration::from_millis(20);
 /// Keys fetched per range request.
 const PAGE: usize = 512;
 
@@ -140,36 +142,53 @@ pub fn blocking<T: Send>(f: impl FnOnce() -> T + Send) -> T {
 
 impl Shared {
     /// Runs one etcd call to completion, bounded by `OP_TIMEOUT`. Only on a blocking thread.
-    fn call<T>(
-        &self,
-        what: &str,
-        fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-    ) -> ServiceResult<T> {
-        // The timer is made inside the runtime (a `Sleep` needs its time driver).
-        match self
-            .handle
-            .block_on(async { tokio::time::timeout(OP_TIMEOUT, fut).await })
-        {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                let msg = e.to_string();
-                if msg.contains("too many operations") {
-                    return Err(ServiceError::Internal(format!(
-                        "etcd at {} refused a transaction as too large ({msg}): raise its \
-                         --max-txn-ops",
+    /// Runs one etcd call (`make` builds it) to completion, bounded by `OP_TIMEOUT` in all.
+    /// A call that never left this process (no connection to the member the client's
+    /// balancer picked, e.g. one that is down) is sent again, to whichever member the
+    /// balancer picks next; nothing that may have reached etcd is sent twice here. Only on a
+    /// blocking thread.
+    fn call<T, F>(&self, what: &str, make: impl Fn(KvClient) -> F) -> ServiceResult<T>
+    where
+        F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = std::time::Instant::now() + OP_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            // The timer is made inside the runtime (a `Sleep` needs its time driver).
+            let r = self
+                .handle
+                .block_on(async { tokio::time::timeout(left, make(self.kv.clone())).await });
+            match r {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => {
+                    let msg = e.to_string();
+                    if msg.contains("tcp connect error")
+                        && std::time::Instant::now() + RESEND_PAUSE < deadline
+                    {
+                        tracing::debug!(error = %msg, "etcd member unreachable; sending again");
+                        std::thread::sleep(RESEND_PAUSE);
+                        continue;
+                    }
+                    if msg.contains("too many operations") {
+                        return Err(ServiceError::Internal(format!(
+                            "etcd at {} refused a transaction as too large ({msg}): raise its \
+                             --max-txn-ops",
+                            self.endpoints
+                        )));
+                    }
+                    return Err(ServiceError::Unavailable(format!(
+                        "etcd at {} failed {what}: {msg}",
                         self.endpoints
                     )));
                 }
-                Err(ServiceError::Unavailable(format!(
-                    "etcd at {} failed {what}: {msg}",
-                    self.endpoints
-                )))
+                Err(_) => {
+                    return Err(ServiceError::Unavailable(format!(
+                        "etcd at {} did not answer {what} within {} s",
+                        self.endpoints,
+                        OP_TIMEOUT.as_secs()
+                    )));
+                }
             }
-            Err(_) => Err(ServiceError::Unavailable(format!(
-                "etcd at {} did not answer {what} within {} s",
-                self.endpoints,
-                OP_TIMEOUT.as_secs()
-            ))),
         }
     }
 
@@ -239,11 +258,10 @@ impl EtcdStore {
         // A first linearizable read: a cluster without quorum fails the start, not a request.
         let s = &store.shared;
         blocking(|| {
-            let mut kv = s.kv.clone();
-            s.call(
-                "a first read",
-                kv.get(s.prefix.clone(), Some(GetOptions::new().with_count_only())),
-            )
+            s.call("a first read", |mut kv| {
+                let key = s.prefix.clone();
+                async move { kv.get(key, Some(GetOptions::new().with_count_only())).await }
+            })
         })?;
         Ok(store)
     }
@@ -400,11 +418,13 @@ impl EtcdTxn {
         } else if let Some((_, v)) = st.seen.get(&k) {
             v.clone()
         } else {
-            let mut kv = self.shared.kv.clone();
             let opts = self.options(&st);
             let resp = self
                 .shared
-                .call("a read", kv.get(k.clone(), Some(opts)))
+                .call("a read", |mut kv| {
+                    let (key, opts) = (k.clone(), opts.clone());
+                    async move { kv.get(key, Some(opts)).await }
+                })
                 .inspect_err(|e| self.note(e))?;
             if st.rev.is_none() {
                 st.rev = resp.header().map(|h| h.revision());
@@ -489,10 +509,12 @@ impl EtcdTxn {
                 .options(&st)
                 .with_range(end.clone())
                 .with_limit(i64::try_from(page).unwrap_or(i64::MAX));
-            let mut kv = self.shared.kv.clone();
             let resp = self
                 .shared
-                .call("a range read", kv.get(cursor.clone(), Some(opts)))
+                .call("a range read", |mut kv| {
+                    let (key, opts) = (cursor.clone(), opts.clone());
+                    async move { kv.get(key, Some(opts)).await }
+                })
                 .inspect_err(|e| self.note(e))?;
             if st.rev.is_none() {
                 st.rev = resp.header().map(|h| h.revision());
@@ -574,8 +596,10 @@ impl EtcdTxn {
             })
             .collect();
         let txn = etcd_client::Txn::new().when(compares).and_then(ops);
-        let mut kv = self.shared.kv.clone();
-        let resp = self.shared.call("a transaction", kv.txn(txn))?;
+        let resp = self.shared.call("a transaction", |mut kv| {
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })?;
         Ok(if resp.succeeded() {
             Commit::Applied
         } else {
@@ -785,8 +809,13 @@ mod tests {
             wrote = a.write(|tx| tx.put(T, &k(0, "after"), &2)).is_ok();
         }
         assert!(wrote, "no write with two members of three up");
-        let rows = a.read(|tx| tx.all(T)).expect("read");
-        assert_eq!(rows, vec![(k(0, "after"), 2), (k(0, "before"), 1)]);
+        // Once a leader is elected, no call fails for the member that is down (the client's
+        // balancer still picks it at times: such calls are sent again).
+        for i in 0..20u64 {
+            a.write(|tx| tx.put(T, &k(1, "n"), &i)).expect("write");
+            let rows = a.read(|tx| tx.all(T)).expect("read");
+            assert_eq!(rows.len(), 3);
+        }
     }
 
     #[test]
@@ -805,15 +834,18 @@ mod tests {
                     other.write(|t2| t2.put(T, &k(0, "z"), &3))?;
                     let s = &other.shared;
                     let rev = blocking(|| {
-                        let mut kv = s.kv.clone();
-                        s.call("a read", kv.get(s.prefix.clone(), None))
+                        s.call("a read", |mut kv| {
+                            let key = s.prefix.clone();
+                            async move { kv.get(key, None).await }
+                        })
                     })?
                     .header()
                     .map(|h| h.revision())
                     .expect("a header");
                     blocking(|| {
-                        let mut kv = s.kv.clone();
-                        s.call("a compaction", kv.compact(rev, None))
+                        s.call("a compaction", |mut kv| async move {
+                            kv.compact(rev, None).await
+                        })
                     })?;
                 }
                 let z = tx.get(T, &k(0, "z"))?.unwrap_or(0);
