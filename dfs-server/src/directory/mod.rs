@@ -12,9 +12,6 @@ pub mod routes;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::error::{ServiceError, ServiceResult};
-use crate::meta::{MetaConfig, MetaStore, Table, Txn};
-use crate::store::{decode, encode, now_ns};
 use common::api::{
     CommitRequest, CommitResponse, CreateRequest, IntentRequest, LinkRequest, RenameRequest,
     SYMLINK_MAX, SetAttrRequest, StatFs, Superseded,
@@ -24,15 +21,19 @@ use common::{
     Caller, ContentHash, DirEntry, FenceToken, FileKind, Identity, NodeId, NodeMeta, ServerId,
     ValidName,
 };
+
+use crate::error::{ServiceError, ServiceResult};
+use crate::meta::{MetaConfig, MetaStore, Table, Txn};
+use crate::store::{decode, encode, now_ns};
 pub use registry::Registry;
 pub use requests::RequestId;
 
-pub(crate) const NODES: Table<u64, Vec<u8>> = Table::new("nodes");
-pub(crate) const CHILDREN: Table<(u64, String), u64> = Table::new("children");
+const NODES: Table<u64, Vec<u8>> = Table::new("nodes");
+const CHILDREN: Table<(u64, String), u64> = Table::new("children");
 /// The reverse of `children`: `(node, parent, name)` for every entry, kept in the same
 /// transactions, so that a node's names are a range read (hard links).
-pub(crate) const NAMES: Table<(u64, u64, String), ()> = Table::new("names");
-pub(crate) const META: Table<String, u64> = Table::new("dir_meta");
+const NAMES: Table<(u64, u64, String), ()> = Table::new("names");
+const META: Table<String, u64> = Table::new("dir_meta");
 const NEXT_ID: &str = "next_node_id";
 const CLUSTER_ID: &str = "cluster_id";
 /// The store's format: 2 counts links (`nlink`) and stores access times; 3 indexes every
