@@ -497,7 +497,7 @@ impl DirectoryService {
 
     /// Opens (or initialises, with an empty root) the namespace in `store`.
     pub fn with_store(store: MetaStore, config: DirectoryConfig) -> ServiceResult<Self> {
-        let (cluster_id, registry) = store.write(|tx| {
+        let cluster_id = store.write(|tx| {
             // A store a newer dfs wrote may hold what this one would misread or undo: refuse
             // it before touching anything (there is no downgrade).
             let stored = meta_get(tx, FORMAT)?;
@@ -581,9 +581,12 @@ impl DirectoryService {
                 root.mode = 0o1777;
                 put_node(tx, &root)?;
             }
-            let registry = Registry::open(tx, config.heartbeat * config.missed_beats)?;
-            Ok((cluster_id, registry))
+            Ok(cluster_id)
         })?;
+        // A read view: a registry of any size is never part of a write (etcd compares every
+        // key a write read).
+        let registry =
+            store.read(|tx| Registry::open(tx, config.heartbeat * config.missed_beats))?;
         let svc = DirectoryService {
             store,
             registry,
@@ -727,11 +730,12 @@ impl DirectoryService {
         self.store.read(|tx| {
             let pmeta = read_dir(tx, parent)?;
             access::need(who, &pmeta, R)?;
-            let mut out = Vec::new();
-            for (name, id) in children_of(tx, parent, None)? {
-                let meta = tx
-                    .get(NODES, &id.0)?
-                    .ok_or_else(|| ServiceError::internal("list", "dangling entry"))?;
+            let entries = children_of(tx, parent, None)?;
+            let ids: Vec<u64> = entries.iter().map(|(_, id)| id.0).collect();
+            let metas = tx.get_many(NODES, &ids)?;
+            let mut out = Vec::with_capacity(entries.len());
+            for ((name, _), meta) in entries.into_iter().zip(metas) {
+                let meta = meta.ok_or_else(|| ServiceError::internal("list", "dangling entry"))?;
                 out.push(DirEntry {
                     name,
                     meta: decode(&meta)?,

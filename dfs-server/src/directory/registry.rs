@@ -113,7 +113,7 @@ impl Registry {
         };
         let id = match req.previous_id {
             Some(id) if known => id,
-            _ => ServerId(tx.all(SERVERS)?.last().map_or(1, |(k, _)| k + 1)),
+            _ => ServerId(tx.last(SERVERS)?.map_or(1, |(k, _)| k + 1)),
         };
         let rec = ServerRecord {
             url: req.url.clone(),

@@ -2107,6 +2107,33 @@ fn the_largest_batches_are_recorded_whole() {
         assert_eq!(svc.get(f.id).expect("file").holders.len(), 3, "node {}", f.id);
     }
 }
+
+/// More file servers than etcd compares in one transaction: registering one reads only the
+/// greatest id, and the registry is loaded at open outside any write.
+#[test]
+fn many_file_servers_register_with_sequential_ids_and_are_known_after_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path());
+    let mut last = None;
+    for i in 0..140u16 {
+        let id = svc
+            .register_server(&RegisterServerRequest {
+                url: format!("http://127.0.0.2:{}", 10_000 + i),
+                capacity_bytes: 1,
+                previous_id: None,
+                cluster_id: None,
+            })
+            .expect("register");
+        if let Some(prev) = last {
+            assert_eq!(id.0, prev + 1);
+        }
+        last = Some(id.0);
+    }
+    assert_eq!(last, Some(143), "3 servers from open, then 140");
+    drop(svc);
+    let svc = open_raw(dir.path()).expect("reopen");
+    assert_eq!(svc.registry.status(&Default::default()).len(), 143);
+}
 }
 
 /// Two directory instances on one etcd prefix (one cluster, two processes' worth of

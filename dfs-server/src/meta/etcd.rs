@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, GetOptions, KvClient, TxnOp};
+use etcd_client::{Compare, CompareOp, GetOptions, KvClient, SortOrder, SortTarget, TxnOp};
 
 use super::{Inner, MetaKey, MetaValue, Table, Txn};
 use crate::error::{ServiceError, ServiceResult};
@@ -43,6 +43,8 @@ pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_ATTEMPTS: u32 = 16;
 /// Pause before sending again a call no member received.
 const RESEND_PAUSE: Duration = Duration::from_millis(20);
+/// Point reads per etcd transaction in `get_many` (within `--max-txn-ops`).
+const GETS_PER_TXN: usize = 64;
 /// Keys fetched per range request.
 const PAGE: usize = 512;
 
@@ -443,6 +445,81 @@ impl EtcdTxn {
             .transpose()
     }
 
+    /// The values of `keys`, as `get` gives them, in few round trips: after the first read
+    /// (which fixes the snapshot), one etcd transaction of up to `GETS_PER_TXN` reads at the
+    /// snapshot's revision per batch.
+    pub(super) fn get_many<K: MetaKey, V: MetaValue>(
+        &self,
+        t: Table<K, V>,
+        keys: &[K],
+    ) -> ServiceResult<Vec<Option<V>>> {
+        let encoded: Vec<Vec<u8>> = keys.iter().map(|k| self.shared.key(t.name, k)).collect();
+        let mut missing: Vec<Vec<u8>> = {
+            let st = self.state.borrow();
+            encoded
+                .iter()
+                .filter(|k| !st.writes.contains_key(*k) && !st.seen.contains_key(*k))
+                .cloned()
+                .collect()
+        };
+        missing.sort();
+        missing.dedup();
+        if self.state.borrow().rev.is_none()
+            && let Some(first) = keys.first()
+        {
+            // The first read fixes the snapshot (linearizably).
+            self.get(t, first)?;
+            missing.retain(|k| !self.state.borrow().seen.contains_key(k));
+        }
+        for batch in missing.chunks(GETS_PER_TXN) {
+            let rev = self.state.borrow().rev.unwrap_or(0);
+            let ops: Vec<TxnOp> = batch
+                .iter()
+                .map(|k| TxnOp::get(k.clone(), Some(GetOptions::new().with_revision(rev))))
+                .collect();
+            let txn = etcd_client::Txn::new().and_then(ops);
+            let resp = self
+                .shared
+                .call("a batch of reads", |mut kv| {
+                    let txn = txn.clone();
+                    async move { kv.txn(txn).await }
+                })
+                .inspect_err(|e| self.note(e))?;
+            let mut st = self.state.borrow_mut();
+            let answers = resp.op_responses();
+            if answers.len() != batch.len() {
+                return Err(ServiceError::internal(
+                    "etcd batch of reads",
+                    format!("{} answers to {} reads", answers.len(), batch.len()),
+                ));
+            }
+            for (k, answer) in batch.iter().zip(answers) {
+                let etcd_client::TxnOpResponse::Get(got) = answer else {
+                    return Err(ServiceError::internal("etcd batch of reads", "not a read"));
+                };
+                let found = got
+                    .kvs()
+                    .first()
+                    .map(|kv| (kv.mod_revision(), Some(kv.value().to_vec())))
+                    .unwrap_or((0, None));
+                st.seen.insert(k.clone(), found);
+            }
+        }
+        let st = self.state.borrow();
+        encoded
+            .iter()
+            .map(|k| {
+                let bytes = match st.writes.get(k) {
+                    Some(w) => w.clone(),
+                    None => st.seen.get(k).and_then(|(_, v)| v.clone()),
+                };
+                bytes
+                    .map(|b| V::from_bytes(&b).ok_or_else(|| corrupt("value", k)))
+                    .transpose()
+            })
+            .collect()
+    }
+
     pub(super) fn put<K: MetaKey, V: MetaValue>(
         &self,
         t: Table<K, V>,
@@ -569,6 +646,66 @@ impl EtcdTxn {
             out.push((key, value));
         }
         Ok(out)
+    }
+
+    /// The row of `t` with the greatest key. Read as one key (compared at commit) and the span
+    /// after it (an insert there conflicts).
+    pub(super) fn last<K: MetaKey, V: MetaValue>(
+        &self,
+        t: Table<K, V>,
+    ) -> ServiceResult<Option<(K, V)>> {
+        let table = self.shared.table_start(t.name);
+        let mut end = table.clone();
+        if let Some(l) = end.last_mut() {
+            *l += 1;
+        }
+        if self
+            .state
+            .borrow()
+            .writes
+            .range(table.clone()..end.clone())
+            .next()
+            .is_some()
+        {
+            // This run wrote to the table: the whole of it, with those writes.
+            return Ok(self.all_rows(t)?.pop());
+        }
+        let mut st = self.state.borrow_mut();
+        let opts = self
+            .options(&st)
+            .with_range(end.clone())
+            .with_sort(SortTarget::Key, SortOrder::Descend)
+            .with_limit(1);
+        let resp = self
+            .shared
+            .call("a read of the last key", |mut kv| {
+                let (key, opts) = (table.clone(), opts.clone());
+                async move { kv.get(key, Some(opts)).await }
+            })
+            .inspect_err(|e| self.note(e))?;
+        if st.rev.is_none() {
+            st.rev = resp.header().map(|h| h.revision());
+        }
+        let Some(item) = resp.kvs().first() else {
+            st.ranges.push((table, end));
+            return Ok(None);
+        };
+        let k = item.key().to_vec();
+        st.seen.insert(
+            k.clone(),
+            (item.mod_revision(), Some(item.value().to_vec())),
+        );
+        st.ranges.push((k.clone(), end));
+        let key = k
+            .get(table.len()..)
+            .and_then(K::decode)
+            .ok_or_else(|| corrupt("key", &k))?;
+        let value = V::from_bytes(item.value()).ok_or_else(|| corrupt("value", &k))?;
+        Ok(Some((key, value)))
+    }
+
+    fn all_rows<K: MetaKey, V: MetaValue>(&self, t: Table<K, V>) -> ServiceResult<Vec<(K, V)>> {
+        self.range(t, None, None, None)
     }
 
     /// Commits the buffered writes if nothing read changed since the snapshot.
@@ -854,5 +991,45 @@ mod tests {
             })
             .expect("write");
         assert_eq!((runs.load(Ordering::SeqCst), got), (2, 4));
+    }
+
+    #[test]
+    fn many_point_reads_come_in_batches_at_the_snapshot_and_are_checked_at_commit() {
+        let a = store();
+        let other = twin(&a);
+        for part in [0..50u64, 50..100] {
+            a.write(|tx| {
+                for i in part.clone() {
+                    tx.put(T, &k(7, &format!("{i:03}")), &i)?;
+                }
+                Ok(())
+            })
+            .expect("seed");
+        }
+        // Two batches of reads; one commit comparing each key read (within --max-txn-ops).
+        let keys: Vec<(u64, String)> = (0..102u64).map(|i| k(7, &format!("{i:03}"))).collect();
+        let runs = AtomicU32::new(0);
+        let got = a
+            .write(|tx| {
+                let run = runs.fetch_add(1, Ordering::SeqCst);
+                tx.put(T, &k(7, "000"), &1000)?;
+                let got = tx.get_many(T, &keys)?;
+                if run == 0 {
+                    other.write(|t2| t2.put(T, &k(7, "099"), &0))?;
+                }
+                tx.put(T, &k(8, "sum"), &got.iter().flatten().sum::<u64>())?;
+                Ok(got)
+            })
+            .expect("write");
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            2,
+            "a key read in a batch changed: run again"
+        );
+        assert_eq!(got.len(), 102);
+        assert_eq!(got[0], Some(1000), "this run's own write");
+        assert_eq!(got[1], Some(1));
+        assert_eq!(got[99], Some(0), "the second run sees the other's value");
+        assert_eq!((got[100], got[101]), (None, None));
     }
 }

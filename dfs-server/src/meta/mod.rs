@@ -257,6 +257,19 @@ impl Txn<'_> {
         }
     }
 
+    /// The values of `keys` in `table`, in their order: `get` of each, in few round trips on
+    /// etcd.
+    pub fn get_many<K: MetaKey, V: MetaValue>(
+        &self,
+        table: Table<K, V>,
+        keys: &[K],
+    ) -> ServiceResult<Vec<Option<V>>> {
+        match &self.0 {
+            Inner::Etcd(tx) => tx.get_many(table, keys),
+            _ => keys.iter().map(|k| self.get(table, k)).collect(),
+        }
+    }
+
     /// Sets `key` to `value` in `table`.
     pub fn put<K: MetaKey, V: MetaValue>(
         &self,
@@ -300,6 +313,18 @@ impl Txn<'_> {
             Inner::RedbWrite(tx) => redb::range_w(tx, table, lo, hi, limit),
             Inner::RedbRead(tx) => redb::range_r(tx, table, lo, hi, limit),
             Inner::Etcd(tx) => tx.range(table, lo, hi, limit),
+        }
+    }
+
+    /// The row of `table` with the greatest key.
+    pub fn last<K: MetaKey, V: MetaValue>(
+        &self,
+        table: Table<K, V>,
+    ) -> ServiceResult<Option<(K, V)>> {
+        match &self.0 {
+            Inner::RedbWrite(tx) => redb::last_w(tx, table),
+            Inner::RedbRead(_) => Ok(self.all(table)?.pop()),
+            Inner::Etcd(tx) => tx.last(table),
         }
     }
 

@@ -169,3 +169,12 @@ pub(super) fn range_r<K: MetaKey, V: MetaValue>(
     };
     collect(table.range(bounds(lo, hi))?, limit)
 }
+
+pub(super) fn last_w<K: MetaKey, V: MetaValue>(
+    tx: &redb::WriteTransaction,
+    t: Table<K, V>,
+) -> ServiceResult<Option<(K, V)>> {
+    let table = tx.open_table(def(t))?;
+    let last = table.last()?;
+    Ok(last.map(|(k, v)| (K::from_redb(k.value()), V::from_redb(v.value()))))
+}
