@@ -27,6 +27,9 @@ pub const BASE_HEADER: &str = "x-dfs-base";
 pub const MODE_HEADER: &str = "x-dfs-mode";
 /// Header of an upload: explicit modification time to apply with the new version (ns).
 pub const MTIME_HEADER: &str = "x-dfs-mtime-ns";
+/// Header of a namespace change: the client's id for the operation, the same on every retry of
+/// it, so that the directory applies it once (≤ 64 characters of `[A-Za-z0-9-]`).
+pub const REQUEST_ID: &str = "x-dfs-request-id";
 
 /// Directory: cluster map (lock and auth URLs, file servers).
 pub const CLUSTER: &str = "/v1/cluster";

@@ -1584,3 +1584,92 @@ async fn the_change_feed_names_node_ids_only_never_a_name_in_a_directory_one_can
     assert_eq!(error_code(r).await, (400, ErrorCode::BadRequest));
     h.cluster.shutdown().await;
 }
+
+/// A create or remove sent again with the same `x-dfs-request-id` (its answer was lost) is
+/// answered as the first one was, not EEXIST or ENOENT; a malformed id is refused as a bad
+/// request, naming the header.
+#[tokio::test]
+async fn a_request_id_makes_a_retried_namespace_change_answer_once() {
+    let h = Harness::new(|_| {}).await;
+    let create = |id: &str| {
+        let body = serde_json::json!({"name": "f", "kind": "file", "mode": 420});
+        h.http
+            .post(h.dir(&routes::children(NodeId::ROOT)))
+            .bearer_auth(&h.token)
+            .header(routes::REQUEST_ID, id)
+            .json(&body)
+            .send()
+    };
+    let first = create("create-f-1").await.unwrap();
+    assert!(first.status().is_success(), "{}", first.status());
+    let first: NodeMeta = first.json().await.unwrap();
+    let again = create("create-f-1").await.unwrap();
+    assert!(again.status().is_success(), "{}", again.status());
+    assert_eq!(again.json::<NodeMeta>().await.unwrap().id, first.id);
+    assert_eq!(
+        error_code(create("create-f-2").await.unwrap()).await,
+        (409, ErrorCode::Exists)
+    );
+    let bad = create("not an id!").await.unwrap();
+    assert_eq!(bad.status().as_u16(), 400);
+    let body: common::ErrorBody = bad.json().await.unwrap();
+    assert!(
+        body.message.contains(routes::REQUEST_ID),
+        "{}",
+        body.message
+    );
+    let remove = || {
+        h.http
+            .delete(h.dir(&format!("{}/f", routes::children(NodeId::ROOT))))
+            .bearer_auth(&h.token)
+            .header(routes::REQUEST_ID, "rm-f")
+            .send()
+    };
+    for _ in 0..2 {
+        let r = remove().await.unwrap();
+        assert!(r.status().is_success(), "a retried unlink: {}", r.status());
+        assert_eq!(r.json::<NodeMeta>().await.unwrap().nlink, 0);
+    }
+}
+
+/// `all` with `--meta etcd://...`: the namespace lives in etcd, and a cluster started again
+/// on the same prefix (its data directory gone: nothing of the namespace is local) finds it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_on_etcd_keeps_its_namespace_there() {
+    let etcd = dfs_server::testing::shared_etcd().unwrap_or_else(|e| panic!("{e}"));
+    let meta = dfs_server::meta::MetaConfig::parse(
+        &etcd.meta_url(&format!("api/{:08x}", rand::random::<u32>())),
+    )
+    .unwrap();
+    let m = meta.clone();
+    let h = Harness::new(move |c| c.meta = m).await;
+    let d = h.create(NodeId::ROOT, "d", FileKind::Dir).await;
+    let f = h.create(d.id, "f", FileKind::File).await;
+    let r = h
+        .http
+        .post(h.dir(routes::RENAME))
+        .bearer_auth(&h.token)
+        .json(&RenameRequest {
+            parent: d.id,
+            name: ValidName::parse("f").unwrap(),
+            new_parent: NodeId::ROOT,
+            new_name: ValidName::parse("g").unwrap(),
+            no_replace: false,
+        })
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "rename: {}", r.status());
+    let cluster_id = h.cluster_info().await.cluster_id;
+    let Harness { cluster, _dir, .. } = h;
+    cluster.shutdown().await;
+    drop(_dir);
+    let h = Harness::new(move |c| c.meta = meta).await;
+    assert_eq!(h.cluster_info().await.cluster_id, cluster_id);
+    let g: NodeMeta = h
+        .get_json(&format!("{}/g", routes::children(NodeId::ROOT)))
+        .await;
+    assert_eq!(g.id, f.id);
+    let entries: Vec<common::DirEntry> = h.get_json(&routes::children(d.id)).await;
+    assert!(entries.is_empty());
+}

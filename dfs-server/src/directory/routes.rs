@@ -11,8 +11,8 @@ use common::api::{
 };
 use common::{DirEntry, NodeId, NodeMeta, ServerId, ValidName, routes};
 
-use super::DirectoryService;
 use super::feed::Feed;
+use super::{DirectoryService, RequestId};
 use crate::error::ServiceError;
 use crate::http::authed::ClusterOnly;
 use crate::http::{ApiJson, ApiPath, ApiQuery, ApiResult, AppError, Authed, blocking};
@@ -82,6 +82,21 @@ type State = axum::extract::State<Arc<DirectoryService>>;
 
 fn name(s: &str) -> Result<ValidName, AppError> {
     ValidName::parse(s).map_err(|e| AppError(ServiceError::InvalidName(e)))
+}
+
+/// The request id of a namespace change, if the client sent one (`x-dfs-request-id`).
+fn request_id(headers: &axum::http::HeaderMap) -> Result<Option<RequestId>, AppError> {
+    let Some(v) = headers.get(routes::REQUEST_ID) else {
+        return Ok(None);
+    };
+    let s = v.to_str().map_err(|_| {
+        AppError(ServiceError::BadRequest(format!(
+            "{} must be 1 to {} characters of [A-Za-z0-9-]",
+            routes::REQUEST_ID,
+            super::requests::MAX_LEN
+        )))
+    })?;
+    Ok(Some(RequestId::parse(s)?))
 }
 
 /// Cluster map: public, since a client needs it to find the auth service before logging in.
@@ -157,10 +172,13 @@ async fn setattr(
     Origin(origin): Origin,
     Authed(who): Authed,
     ApiPath(id): ApiPath<u64>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<SetAttrRequest>,
 ) -> ApiResult<Json<NodeMeta>> {
     let who = who.caller().id;
-    let meta = blocking(move || svc.setattr(NodeId(id), &req, &who)).await?;
+    let rid = request_id(&headers)?;
+    let meta =
+        blocking(move || svc.setattr_with_id(NodeId(id), &req, &who, rid.as_ref())).await?;
     feed.publish_from(origin, [ChangeKind::Node { node: meta.id }]);
     Ok(Json(meta))
 }
@@ -180,13 +198,16 @@ async fn create(
     Origin(origin): Origin,
     Authed(who): Authed,
     ApiPath(id): ApiPath<u64>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<CreateRequest>,
 ) -> ApiResult<axum::response::Response> {
     use axum::response::IntoResponse;
     let caller = who.caller();
     let uid = caller.id.uid;
     let key_svc = svc.clone();
-    let meta = blocking(move || svc.create(NodeId(id), &req, &caller)).await?;
+    let rid = request_id(&headers)?;
+    let meta =
+        blocking(move || svc.create_with_id(NodeId(id), &req, &caller, rid.as_ref())).await?;
     feed.publish_from(
         origin,
         [ChangeKind::Entry {
@@ -222,10 +243,13 @@ async fn remove(
     Authed(who): Authed,
     ApiPath((id, n)): ApiPath<(u64, String)>,
     ApiQuery(q): ApiQuery<RemoveQuery>,
+    headers: axum::http::HeaderMap,
 ) -> ApiResult<Json<NodeMeta>> {
     let n = name(&n)?;
     let who = who.caller().id;
-    let meta = blocking(move || svc.remove(NodeId(id), &n, q.dir, &who)).await?;
+    let rid = request_id(&headers)?;
+    let meta =
+        blocking(move || svc.remove_with_id(NodeId(id), &n, q.dir, &who, rid.as_ref())).await?;
     feed.publish_from(
         origin,
         [
@@ -253,6 +277,7 @@ async fn rename(
     Extension(feed): Changes,
     Origin(origin): Origin,
     Authed(who): Authed,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<RenameRequest>,
 ) -> ApiResult<Json<Option<NodeMeta>>> {
     let who = who.caller().id;
@@ -262,7 +287,8 @@ async fn rename(
     // directories are published whatever it names.
     let moved = svc.lookup(req.parent, &req.name, &who).ok().map(|m| m.id);
     let (parent, new_parent) = (req.parent, req.new_parent);
-    let replaced = blocking(move || svc.rename(&req, &who)).await?;
+    let rid = request_id(&headers)?;
+    let replaced = blocking(move || svc.rename_with_id(&req, &who, rid.as_ref())).await?;
     let mut what = Vec::with_capacity(5);
     if let Some(node) = moved {
         what.push(ChangeKind::Entry { dir: parent, node });
@@ -288,11 +314,13 @@ async fn link(
     Extension(feed): Changes,
     Origin(origin): Origin,
     Authed(who): Authed,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<common::api::LinkRequest>,
 ) -> ApiResult<Json<NodeMeta>> {
     let who = who.caller().id;
     let new_parent = req.new_parent;
-    let meta = blocking(move || svc.link(&req, &who)).await?;
+    let rid = request_id(&headers)?;
+    let meta = blocking(move || svc.link_with_id(&req, &who, rid.as_ref())).await?;
     feed.publish_from(
         origin,
         [
