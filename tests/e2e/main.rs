@@ -6,6 +6,7 @@ mod bad_input;
 mod basic;
 mod directory_outage;
 mod faults;
+mod feed;
 mod groups;
 mod large;
 mod local_ids;
