@@ -699,6 +699,10 @@ impl Remote {
         if !resp.status().is_success() {
             return Err(api_error(resp).await);
         }
+        // Tests lose the answer of a namespace change the directory applied.
+        fail::fail_point!("dir-answer-lost", request_id.is_some(), |_| Err(
+            RemoteError::Network("fault injected: the directory's answer was lost".into())
+        ));
         Ok(resp)
     }
 
