@@ -44,6 +44,54 @@ pub enum Command {
     Auth(ServiceArgs),
     /// One file server (stores file contents, replicates writes).
     File(FileArgs),
+    /// The directory's metadata: export it to a file, import it into etcd (moving a redb
+    /// cluster onto etcd: stop it, export, import, start it with --meta etcd://...).
+    #[command(subcommand)]
+    Meta(MetaCommand),
+}
+
+/// `meta`.
+#[derive(Debug, Subcommand)]
+pub enum MetaCommand {
+    /// Writes every table of a stopped directory's store, and the fence base its lock
+    /// service's tokens reached, to a file (JSON lines).
+    Export(ExportArgs),
+    /// Reads an export into an empty etcd prefix (or finishes an unfinished import of it).
+    Import(ImportArgs),
+}
+
+/// `meta export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The directory's data directory (holding directory.redb; `all`: DATA/directory).
+    #[arg(long, value_name = "DIR", required_if_eq("meta", "redb"))]
+    pub data: Option<PathBuf>,
+    /// The store to export: `redb` (in --data) or `etcd://HOST:PORT[,...][/PREFIX]`.
+    #[arg(long, default_value = "redb", value_name = "STORE")]
+    pub meta: crate::meta::MetaConfig,
+    /// The lock service's data directory (holding lock.redb; `all`: DATA/lock), stopped:
+    /// fencing tokens on etcd continue above the highest one it issued. Required with a redb
+    /// store.
+    #[arg(long, value_name = "DIR")]
+    pub lock_data: Option<PathBuf>,
+    /// The file to write (made whole or not at all: written aside, fsynced, renamed).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+/// `meta import`.
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The etcd prefix to fill: `etcd://HOST:PORT[,...][/PREFIX]`.
+    #[arg(long, value_name = "STORE")]
+    pub meta: crate::meta::MetaConfig,
+    /// The file `meta export` wrote.
+    #[arg(long = "in", value_name = "FILE")]
+    pub input: PathBuf,
+    /// Delete whatever the prefix holds first (else a non-empty prefix is refused, unless it
+    /// holds an unfinished import of the same cluster, which is finished).
+    #[arg(long)]
+    pub replace: bool,
 }
 
 /// Flags shared by every service.
@@ -268,6 +316,9 @@ pub struct FileArgs {
 
 /// Runs the command on a fresh tokio runtime until Ctrl-C or SIGTERM.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Meta(m) = cli.command {
+        return run_meta(m);
+    }
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     rt.block_on(async move {
         let cancel = CancellationToken::new();
@@ -437,6 +488,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     ),
                 ]
             }
+            Command::Meta(m) => return run_meta(m),
             Command::File(a) => {
                 let key = a.common.prepare()?;
                 let (tls, client_tls) = a.common.tls.load()?;
@@ -473,6 +525,99 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// `meta export` and `meta import`.
+fn run_meta(cmd: MetaCommand) -> anyhow::Result<()> {
+    use crate::meta::{MetaConfig, MetaStore, migrate};
+    use std::io::Write;
+    match cmd {
+        MetaCommand::Export(a) => {
+            let store = match &a.meta {
+                MetaConfig::Redb => {
+                    let data = a.data.as_ref().context("--data is required with a redb store")?;
+                    let path = data.join("directory.redb");
+                    anyhow::ensure!(
+                        path.exists(),
+                        "{} does not exist: --data names the directory's data directory",
+                        path.display()
+                    );
+                    MetaStore::Redb(
+                        crate::meta::redb::RedbStore::open(&path)
+                            .with_context(|| format!("opening {} (is the directory stopped?)", path.display()))?,
+                    )
+                }
+                MetaConfig::Etcd(c) => MetaStore::Etcd(
+                    crate::meta::etcd::EtcdStore::connect(c).context("connecting to etcd")?,
+                ),
+            };
+            let high_water = match &a.lock_data {
+                Some(dir) => {
+                    let path = dir.join("lock.redb");
+                    anyhow::ensure!(
+                        path.exists(),
+                        "{} does not exist: --lock-data names the lock service's data directory",
+                        path.display()
+                    );
+                    crate::lock::fence_high_water(dir).with_context(|| {
+                        format!("reading {} (is the lock service stopped?)", path.display())
+                    })?
+                }
+                None => {
+                    anyhow::ensure!(
+                        !matches!(a.meta, MetaConfig::Redb),
+                        "--lock-data is required with a redb store: fencing tokens on etcd must                          continue above every token its lock service issued"
+                    );
+                    0
+                }
+            };
+            let tmp = a.out.with_extension("partial");
+            let file = std::fs::File::create(&tmp)
+                .with_context(|| format!("creating {}", tmp.display()))?;
+            let mut w = std::io::BufWriter::new(file);
+            let summary = migrate::export(&store, high_water, &mut w)
+                .with_context(|| format!("exporting {}", store.describe()))?;
+            w.flush()?;
+            let file = w.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()
+                .with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &a.out)
+                .with_context(|| format!("renaming to {}", a.out.display()))?;
+            if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                crate::store::sync_dir(dir)?;
+            }
+            println!(
+                "exported cluster {} (store format {}): {} rows, fence base {}, to {}",
+                summary.header.cluster_id,
+                summary.header.store_format,
+                summary.rows,
+                summary.header.fence_base,
+                a.out.display()
+            );
+        }
+        MetaCommand::Import(a) => {
+            let MetaConfig::Etcd(c) = &a.meta else {
+                anyhow::bail!("meta import writes into etcd: --meta etcd://HOST:PORT[,...][/PREFIX]");
+            };
+            let store = MetaStore::Etcd(
+                crate::meta::etcd::EtcdStore::connect(c).context("connecting to etcd")?,
+            );
+            let file = std::fs::File::open(&a.input)
+                .with_context(|| format!("opening {}", a.input.display()))?;
+            let mut r = std::io::BufReader::new(file);
+            let summary = migrate::import(&store, &mut r, a.replace)
+                .with_context(|| format!("importing {} into {}", a.input.display(), store.describe()))?;
+            println!(
+                "imported cluster {} (store format {}): {} rows, fence base {}{}",
+                summary.header.cluster_id,
+                summary.header.store_format,
+                summary.rows,
+                summary.header.fence_base,
+                if summary.resumed { " (finished an unfinished import)" } else { "" }
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Resolves on Ctrl-C, SIGTERM or SIGHUP (call again to wait for the next one).

@@ -666,6 +666,8 @@ pub struct SplitCluster {
     file_args: Vec<String>,
     /// Flags for every service (TLS).
     service_args: Vec<String>,
+    /// Further flags for the directory (e.g. `--meta etcd://...`), from its next start on.
+    pub directory_args: Vec<String>,
     /// The client roots when the services serve TLS.
     tls: Option<dfs_server::tls::ClientTls>,
     /// Small disks (tmpfs) mounted for data dirs, unmounted on drop.
@@ -702,6 +704,7 @@ impl SplitCluster {
             files,
             file_args: file_args.iter().map(|a| a.to_string()).collect(),
             service_args: vec![],
+            directory_args: vec![],
             tls: None,
             small_disks: vec![],
         }
@@ -762,7 +765,8 @@ impl SplitCluster {
         if kind == "directory" {
             cmd.arg("--listen")
                 .arg(format!("127.0.0.1:{}", self.dir_port))
-                .args(["--heartbeat-ms", "300", "--repair-interval-ms", "200"]);
+                .args(["--heartbeat-ms", "300", "--repair-interval-ms", "200"])
+                .args(&self.directory_args);
         } else {
             cmd.arg("--directory").arg(directory);
         }

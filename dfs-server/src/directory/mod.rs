@@ -34,12 +34,28 @@ const CHILDREN: Table<(u64, String), u64> = Table::new("children");
 /// The reverse of `children`: `(node, parent, name)` for every entry, kept in the same
 /// transactions, so that a node's names are a range read (hard links).
 const NAMES: Table<(u64, u64, String), ()> = Table::new("names");
-const META: Table<String, u64> = Table::new("dir_meta");
+pub(crate) const META: Table<String, u64> = Table::new("dir_meta");
 const NEXT_ID: &str = "next_node_id";
-const CLUSTER_ID: &str = "cluster_id";
+pub(crate) const CLUSTER_ID: &str = "cluster_id";
+/// Set (to the cluster id) in `dir_meta` while `meta import` fills a store, removed by its
+/// last transaction: a directory refuses to open a store an import has not finished.
+pub(crate) const IMPORTING: &str = "import_incomplete";
+
+/// Every table of the directory's store, in one place: `meta export` and `meta import` copy
+/// each of them, whatever its types. A new table is one more line here.
+pub const TABLES: &[&dyn crate::meta::AnyTable] = &[
+    &NODES,
+    &CHILDREN,
+    &NAMES,
+    &META,
+    &registry::SERVERS,
+    &registry::SERVICES,
+    &requests::REQUESTS,
+    &requests::REQUEST_EXPIRY,
+];
 /// The store's format: 2 counts links (`nlink`) and stores access times; 3 indexes every
 /// node's names (`names`).
-const FORMAT: &str = "format";
+pub(crate) const FORMAT: &str = "format";
 const FORMAT_LINKS: u64 = 2;
 const FORMAT_NAMES: u64 = 3;
 /// Copies recorded per transaction by `add_holders`.
@@ -509,6 +525,13 @@ impl DirectoryService {
                     "{} is format {f}, written by a newer dfs; this dfs-server knows formats \
                      up to {FORMAT_NAMES} and does not downgrade a store: run the newer \
                      dfs-server",
+                    store.describe()
+                )));
+            }
+            if let Some(id) = meta_get(tx, IMPORTING)? {
+                return Err(ServiceError::Internal(format!(
+                    "{} holds an unfinished import of cluster {id:016x}: run `dfs-server meta \
+                     import` with the same file again to finish it",
                     store.describe()
                 )));
             }

@@ -27,6 +27,8 @@ use crate::error::{ServiceError, ServiceResult};
 const META: TableDefinition<&str, u64> = TableDefinition::new("lock_meta");
 const RESERVED_KEY: &str = "fence_reserved_upto";
 const RESERVE_BLOCK: u64 = 1024;
+/// The lock store's format (`lock_meta` `format`): 1, the first with a format record.
+pub const LOCK_FORMAT: u64 = 1;
 
 /// Tunables of the lock service.
 #[derive(Debug, Clone)]
@@ -117,6 +119,25 @@ impl Fences {
     }
 }
 
+/// The highest fencing token the lock store in `data_dir` may have issued (its reserved
+/// block's end; 0 without a store): `meta export` carries it as the etcd fence base. Opens the
+/// store, so the lock service must be stopped.
+pub fn fence_high_water(data_dir: &Path) -> ServiceResult<u64> {
+    let path = data_dir.join("lock.redb");
+    if !path.exists() {
+        return Ok(0);
+    }
+    let db = GroupCommit::open(&path)?;
+    db.write(|tx| {
+        crate::store::check_format(tx, META, &path, LOCK_FORMAT)?;
+        Ok(tx
+            .open_table(META)?
+            .get(RESERVED_KEY)?
+            .map(|v| v.value())
+            .unwrap_or(0))
+    })
+}
+
 /// The lock table. All state but the fence counter is in memory: after a restart no lock is
 /// held, and every old holder's token is below every new one.
 pub struct LockService {
@@ -134,8 +155,10 @@ impl LockService {
     /// fencing tokens this service issued.
     pub fn open(data_dir: &Path, config: LockConfig, fence_key: &str) -> ServiceResult<Self> {
         std::fs::create_dir_all(data_dir)?;
-        let db = GroupCommit::open(&data_dir.join("lock.redb"))?;
+        let path = data_dir.join("lock.redb");
+        let db = GroupCommit::open(&path)?;
         let reserved = db.write(|tx| {
+            crate::store::check_format(tx, META, &path, LOCK_FORMAT)?;
             Ok(tx
                 .open_table(META)?
                 .get(RESERVED_KEY)?
