@@ -482,7 +482,10 @@ mod tests {
         }
         std::fs::create_dir(dir.path().join("tmp")).expect("mkdir");
         std::fs::write(dir.path().join("tmp/x"), b"x").expect("write");
-        let err = CacheDir::open(dir.path()).err().expect("refused").to_string();
+        let err = CacheDir::open(dir.path())
+            .err()
+            .expect("refused")
+            .to_string();
         assert!(
             err.contains("index.redb")
                 && err.contains(&format!("format {newer}"))

@@ -233,12 +233,19 @@ mod format_tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("lock.redb");
         let newer = LOCK_FORMAT + 1;
-        make(&path, "lock_meta", &[("format", newer), ("fence_reserved_upto", 7)]);
+        make(
+            &path,
+            "lock_meta",
+            &[("format", newer), ("fence_reserved_upto", 7)],
+        );
         let err = LockService::open(dir.path(), LockConfig::default(), "k")
             .err()
             .expect("refused");
         assert_refused(err, "lock.redb", newer, LOCK_FORMAT);
-        assert!(fence_high_water(dir.path()).is_err(), "the export refuses it too");
+        assert!(
+            fence_high_water(dir.path()).is_err(),
+            "the export refuses it too"
+        );
         assert_eq!(read(&path, "lock_meta", "format"), Some(newer), "untouched");
         assert_eq!(read(&path, "lock_meta", "fence_reserved_upto"), Some(7));
 

@@ -102,8 +102,7 @@ fn a_redb_cluster_moves_to_etcd_keeping_its_id_caches_pending_uploads_and_fences
     // A second import into the same prefix is refused: it is not empty.
     let again = meta(&["import", "--meta", &url, "--in", path_str(&export)]);
     assert!(
-        !again.status.success()
-            && String::from_utf8_lossy(&again.stderr).contains("--replace"),
+        !again.status.success() && String::from_utf8_lossy(&again.stderr).contains("--replace"),
         "{again:?}"
     );
     // The fence base the etcd lock engine adds to its revision-based tokens is above every
@@ -156,8 +155,7 @@ fn a_redb_cluster_moves_to_etcd_keeping_its_id_caches_pending_uploads_and_fences
     );
     // The node counter moved across: a new node takes a fresh id.
     let new_id = cluster.meta_of("new")["id"].as_u64().unwrap();
-    let old_ids = (cluster.meta_of("d")["id"].as_u64().unwrap()).max(
-        cluster.meta_of("p.txt")["id"].as_u64().unwrap(),
-    );
+    let old_ids = (cluster.meta_of("d")["id"].as_u64().unwrap())
+        .max(cluster.meta_of("p.txt")["id"].as_u64().unwrap());
     assert!(new_id > old_ids, "{new_id} {old_ids}");
 }

@@ -349,8 +349,11 @@ impl EtcdStore {
                 s.call("counting keys", |mut kv| {
                     let (key, end) = (start.clone(), end.clone());
                     async move {
-                        kv.get(key, Some(GetOptions::new().with_range(end).with_count_only()))
-                            .await
+                        kv.get(
+                            key,
+                            Some(GetOptions::new().with_range(end).with_count_only()),
+                        )
+                        .await
                     }
                 })
             })?;
@@ -1158,8 +1161,16 @@ mod tests {
             .expect("get");
             r.kvs().first().map(|kv| kv.value().to_vec())
         };
-        assert_eq!(get(&a), Some(ETCD_FORMAT.to_string().into_bytes()), "stamped");
-        assert_eq!(a.key_count().expect("count").0, 0, "the record is not content");
+        assert_eq!(
+            get(&a),
+            Some(ETCD_FORMAT.to_string().into_bytes()),
+            "stamped"
+        );
+        assert_eq!(
+            a.key_count().expect("count").0,
+            0,
+            "the record is not content"
+        );
         let newer = (ETCD_FORMAT + 1).to_string();
         let k = key.clone();
         blocking(|| {

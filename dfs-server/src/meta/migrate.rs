@@ -217,11 +217,15 @@ fn next_line(input: &mut impl BufRead, buf: &mut Vec<u8>) -> ServiceResult<Optio
 }
 
 fn table_named(name: &str) -> ServiceResult<&'static dyn AnyTable> {
-    TABLES.iter().copied().find(|t| t.name() == name).ok_or_else(|| {
-        bad_file(format!(
-            "table {name:?} is not one this dfs-server knows (an export of a newer dfs?)"
-        ))
-    })
+    TABLES
+        .iter()
+        .copied()
+        .find(|t| t.name() == name)
+        .ok_or_else(|| {
+            bad_file(format!(
+                "table {name:?} is not one this dfs-server knows (an export of a newer dfs?)"
+            ))
+        })
 }
 
 /// Reads the header of an export.
@@ -462,7 +466,10 @@ mod tests {
         )
         .expect("opens");
         assert_eq!(d.cluster_id(), other);
-        assert!(read_fence_base(&store).expect("base") > 777, "never lowered");
+        assert!(
+            read_fence_base(&store).expect("base") > 777,
+            "never lowered"
+        );
     }
 
     #[test]
