@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -10,11 +9,10 @@ use clap::{Args, Parser, Subcommand};
 use common::api::ServiceKind;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{AuthConfig, AuthService};
+use crate::auth::AuthConfig;
 use crate::cluster::{self, ClusterConfig, DEFAULT_DIRECTORY_ADDR, DEFAULT_MAX_FILE_BYTES};
-use crate::directory::{DirectoryConfig, DirectoryService};
-use crate::http::{Verifier, finish};
-use crate::lock::{LockConfig, LockService};
+use crate::directory::DirectoryConfig;
+use crate::lock::LockConfig;
 use crate::peer::Peer;
 use crate::tls::{ClientTls, ServerTls};
 
@@ -359,50 +357,29 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     heartbeat: Duration::from_millis(a.heartbeat_ms),
                     missed_beats: a.missed_beats,
                 };
-                let svc = Arc::new(
-                    DirectoryService::open_meta(&a.common.data, &a.meta, cfg)
-                        .context("opening the directory")?
-                        .with_capability_key(&key)
-                        .https_only(tls.is_some()),
-                );
+                let svc =
+                    cluster::open_directory(&a.common.data, &a.meta, cfg, &key, tls.is_some())?;
                 let (l, url) = cluster::bind(a.listen, tls.as_ref()).await?;
-                // The auth service's URL comes from this directory's own registry: its bound
-                // URL may be 0.0.0.0 or an address its certificate does not name. A TLS
-                // directory never fetches the key that signs tokens in clear: a plain-HTTP URL
-                // left in its registry from before TLS counts as no auth service at all.
-                let registry = svc.clone();
-                let https_only = tls.is_some();
-                let verifier =
-                    Arc::new(Verifier::new(&key, None, None, &client_tls)?.with_auth_url(
-                        Box::new(move || {
-                            registry
-                                .registry
-                                .services()
-                                .1
-                                .filter(|u| !https_only || u.starts_with("https://"))
-                        }),
-                    ));
+                let verifier = cluster::verifier(
+                    &key,
+                    cluster::AuthKey::ViaRegistry(svc.clone()),
+                    &client_tls,
+                )?;
                 println!("dfs directory listening on {url}");
                 let repair = crate::directory::repair::RepairConfig {
                     interval: Duration::from_millis(a.repair_interval_ms),
                     ..Default::default()
                 };
-                vec![
-                    cluster::start_repair(svc.clone(), &key, repair, &client_tls, cancel.clone())?,
-                    cluster::serve(
-                        l,
-                        finish(
-                            crate::directory::routes::router_with_feed(
-                                svc.clone(),
-                                crate::directory::feed::Feed::until(cancel.clone()),
-                            ),
-                            verifier,
-                            cluster::directory_metrics(&svc),
-                            Duration::from_secs(a.common.body_idle_secs),
-                        ),
-                        cancel.clone(),
-                    ),
-                ]
+                cluster::start_directory(
+                    &svc,
+                    l,
+                    verifier,
+                    &key,
+                    repair,
+                    &client_tls,
+                    Duration::from_secs(a.common.body_idle_secs),
+                    cancel.clone(),
+                )?
             }
             Command::Lock(a) => {
                 let key = a.common.prepare()?;
@@ -411,28 +388,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     lease: Duration::from_millis(a.lease_ms),
                     ..LockConfig::default()
                 };
-                let svc = Arc::new(
-                    LockService::open(&a.common.data, cfg, &key)
-                        .context("opening the lock service")?,
-                );
+                let svc = cluster::open_lock(&a.common.data, cfg, &key)?;
                 let (l, url) = cluster::bind(a.listen, tls.as_ref()).await?;
                 let url = a.advertise.unwrap_or(url);
-                let verifier = Arc::new(Verifier::new(
+                let verifier = cluster::verifier(
                     &key,
-                    None,
-                    Some(a.directory.clone()),
+                    cluster::AuthKey::ViaDirectory(a.directory.clone()),
                     &client_tls,
-                )?);
+                )?;
                 println!("dfs lock service listening on {url}");
                 vec![
-                    cluster::serve(
+                    cluster::start_lock(
+                        svc,
                         l,
-                        finish(
-                            crate::lock::routes::router(svc),
-                            verifier,
-                            Arc::new(crate::metrics::Metrics::new()),
-                            Duration::from_secs(a.common.body_idle_secs),
-                        ),
+                        verifier,
+                        Duration::from_secs(a.common.body_idle_secs),
                         cancel.clone(),
                     ),
                     cluster::register_service_loop(
@@ -453,30 +423,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     ..AuthConfig::default()
                 };
                 a.limits.apply(&mut cfg);
-                let svc = Arc::new(
-                    AuthService::open(&a.common.data, cfg).context("opening the auth service")?,
-                );
+                let svc = cluster::open_auth(&a.common.data, cfg).await?;
                 let (l, url) = cluster::bind(a.listen, tls.as_ref()).await?;
                 let url = a.advertise.unwrap_or(url);
-                let verifier = Arc::new(Verifier::new(
+                let verifier = cluster::verifier(
                     &key,
-                    Some(svc.public_key().clone()),
-                    None,
+                    cluster::AuthKey::Known(svc.public_key().clone()),
                     &client_tls,
-                )?);
+                )?;
                 println!(
                     "dfs auth service listening on {url}; key fingerprint {}",
                     svc.fingerprint()?
                 );
                 vec![
-                    cluster::serve(
+                    cluster::start_auth(
+                        svc,
                         l,
-                        finish(
-                            crate::auth::routes::router(svc),
-                            verifier,
-                            Arc::new(crate::metrics::Metrics::new()),
-                            Duration::from_secs(a.common.body_idle_secs),
-                        ),
+                        verifier,
+                        Duration::from_secs(a.common.body_idle_secs),
                         cancel.clone(),
                     ),
                     cluster::register_service_loop(
@@ -494,12 +458,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 let (tls, client_tls) = a.common.tls.load()?;
                 let (l, url) = cluster::bind(a.listen, tls.as_ref()).await?;
                 let url = a.advertise.unwrap_or(url);
-                let verifier = Arc::new(Verifier::new(
+                let verifier = cluster::verifier(
                     &key,
-                    None,
-                    Some(a.directory.clone()),
+                    cluster::AuthKey::ViaDirectory(a.directory.clone()),
                     &client_tls,
-                )?);
+                )?;
                 println!("dfs file server listening on {url}");
                 let opts = cluster::FileServerOptions {
                     data: a.common.data.clone(),
@@ -535,17 +498,19 @@ fn run_meta(cmd: MetaCommand) -> anyhow::Result<()> {
         MetaCommand::Export(a) => {
             let store = match &a.meta {
                 MetaConfig::Redb => {
-                    let data = a.data.as_ref().context("--data is required with a redb store")?;
+                    let data = a
+                        .data
+                        .as_ref()
+                        .context("--data is required with a redb store")?;
                     let path = data.join("directory.redb");
                     anyhow::ensure!(
                         path.exists(),
                         "{} does not exist: --data names the directory's data directory",
                         path.display()
                     );
-                    MetaStore::Redb(
-                        crate::meta::redb::RedbStore::open(&path)
-                            .with_context(|| format!("opening {} (is the directory stopped?)", path.display()))?,
-                    )
+                    MetaStore::Redb(crate::meta::redb::RedbStore::open(&path).with_context(
+                        || format!("opening {} (is the directory stopped?)", path.display()),
+                    )?)
                 }
                 MetaConfig::Etcd(c) => MetaStore::Etcd(
                     crate::meta::etcd::EtcdStore::connect(c).context("connecting to etcd")?,
@@ -597,7 +562,9 @@ fn run_meta(cmd: MetaCommand) -> anyhow::Result<()> {
         }
         MetaCommand::Import(a) => {
             let MetaConfig::Etcd(c) = &a.meta else {
-                anyhow::bail!("meta import writes into etcd: --meta etcd://HOST:PORT[,...][/PREFIX]");
+                anyhow::bail!(
+                    "meta import writes into etcd: --meta etcd://HOST:PORT[,...][/PREFIX]"
+                );
             };
             let store = MetaStore::Etcd(
                 crate::meta::etcd::EtcdStore::connect(c).context("connecting to etcd")?,
@@ -605,15 +572,20 @@ fn run_meta(cmd: MetaCommand) -> anyhow::Result<()> {
             let file = std::fs::File::open(&a.input)
                 .with_context(|| format!("opening {}", a.input.display()))?;
             let mut r = std::io::BufReader::new(file);
-            let summary = migrate::import(&store, &mut r, a.replace)
-                .with_context(|| format!("importing {} into {}", a.input.display(), store.describe()))?;
+            let summary = migrate::import(&store, &mut r, a.replace).with_context(|| {
+                format!("importing {} into {}", a.input.display(), store.describe())
+            })?;
             println!(
                 "imported cluster {} (store format {}): {} rows, fence base {}{}",
                 summary.header.cluster_id,
                 summary.header.store_format,
                 summary.rows,
                 summary.header.fence_base,
-                if summary.resumed { " (finished an unfinished import)" } else { "" }
+                if summary.resumed {
+                    " (finished an unfinished import)"
+                } else {
+                    ""
+                }
             );
         }
     }

@@ -665,6 +665,11 @@ impl DirectoryService {
         self
     }
 
+    /// Whether this directory serves TLS (`https_only`).
+    pub fn is_https_only(&self) -> bool {
+        self.https_only
+    }
+
     fn check_scheme(&self, what: &str, url: &str) -> ServiceResult<()> {
         if self.https_only && !url.starts_with("https://") {
             return Err(ServiceError::BadRequest(format!(
