@@ -1199,4 +1199,25 @@ mod tests {
         );
         assert_eq!(get(&a), Some(newer.into_bytes()), "untouched");
     }
+
+    #[test]
+    fn the_fence_base_row_is_the_lock_engines_key_in_decimal() {
+        let a = store();
+        let (table, key) = crate::meta::FENCE_BASE;
+        a.write(|tx| tx.put(table, &key.to_owned(), &"123456".to_owned()))
+            .expect("write");
+        let mut raw = a.shared.prefix.clone();
+        raw.extend_from_slice(crate::meta::FENCE_BASE_KEY.as_bytes());
+        let got = blocking(|| {
+            a.shared.call("get", |mut kv| {
+                let k = raw.clone();
+                async move { kv.get(k, None).await }
+            })
+        })
+        .expect("get");
+        assert_eq!(
+            got.kvs().first().map(|kv| kv.value().to_vec()),
+            Some(b"123456".to_vec())
+        );
+    }
 }
