@@ -2,9 +2,11 @@
 //! server registry. Every namespace change is one transaction: rename is atomic.
 
 pub mod access;
+mod counters;
 pub mod placement;
 pub mod registry;
 pub mod repair;
+pub mod replicas;
 pub mod routes;
 
 use std::path::Path;
@@ -20,7 +22,7 @@ use common::{
     ValidName,
 };
 use redb::{
-    ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction,
+    ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
 };
 
 use crate::commit::GroupCommit;
@@ -69,7 +71,6 @@ pub struct DirectoryService {
     /// File servers, liveness and lock/auth URLs.
     pub registry: Registry,
     config: DirectoryConfig,
-    counts: std::sync::Mutex<std::collections::HashMap<ServerId, (u64, u64)>>,
     cluster_id: u64,
     /// Signs the capabilities file servers serve blobs against (the cluster key).
     capability_key: String,
@@ -157,8 +158,10 @@ fn update_if_current_in(
     if &meta.hash != hash {
         return Ok(());
     }
+    let before = meta.clone();
     f(&mut meta);
-    put_node(tx, &meta)
+    put_node(tx, &meta)?;
+    replicas::node_changed(tx, Some(&before), Some(&meta))
 }
 
 fn touch_dir(tx: &WriteTransaction, id: NodeId, now: u64) -> ServiceResult<()> {
@@ -217,6 +220,7 @@ fn drop_link(
         let left = count_names(tx, meta.id)?;
         if left == 0 {
             tx.open_table(NODES)?.remove(meta.id.0)?;
+            replicas::node_changed(tx, Some(&meta), None)?;
             return Ok(meta);
         }
         tracing::warn!(id = %meta.id, left, "link count was short of the names; recounted");
@@ -371,6 +375,7 @@ fn commit_in(
             "mode has bits beyond 07777".into(),
         ));
     }
+    let before = meta.clone();
     let superseded = Superseded {
         hash: meta.hash.clone(),
         holders: meta.holders.clone(),
@@ -414,6 +419,7 @@ fn commit_in(
     meta.ctime_ns = now;
     meta.committed_ns = now;
     put_node(tx, &meta)?;
+    replicas::node_changed(tx, Some(&before), Some(&meta))?;
     tracing::debug!(%id, version = meta.version, writer = %req.writer, "version committed");
     Ok(Ok(CommitResponse {
         meta,
@@ -461,13 +467,14 @@ impl DirectoryService {
             // it before touching anything (there is no downgrade).
             let stored = tx.open_table(META)?.get(FORMAT)?.map(|v| v.value());
             if let Some(f) = stored
-                && f > FORMAT_NAMES
+                && f > replicas::FORMAT
             {
                 return Err(ServiceError::Internal(format!(
                     "the directory store {} is format {f}, written by a newer dfs; this dfs-server \
-                     knows formats up to {FORMAT_NAMES} and does not downgrade a store: run the \
+                     knows formats up to {} and does not downgrade a store: run the \
                      newer dfs-server",
-                    data_dir.join("directory.redb").display()
+                    data_dir.join("directory.redb").display(),
+                    replicas::FORMAT
                 )));
             }
             tx.open_table(CHILDREN)?;
@@ -527,6 +534,7 @@ impl DirectoryService {
                     "directory store upgrade: names indexed"
                 );
             }
+            replicas::open(tx, config.replication, fresh)?;
             let cluster_id = {
                 let mut meta = tx.open_table(META)?;
                 let existing = meta.get(CLUSTER_ID)?.map(|v| v.value());
@@ -553,12 +561,10 @@ impl DirectoryService {
             store,
             registry,
             config,
-            counts: Default::default(),
             cluster_id,
             capability_key: String::new(),
             https_only: false,
         };
-        svc.set_counts(&svc.files()?);
         Ok(svc)
     }
 
@@ -831,6 +837,7 @@ impl DirectoryService {
                 writeback: None,
             };
             put_node(tx, &meta)?;
+            replicas::node_changed(tx, None, Some(&meta))?;
             add_name(tx, parent, req.name.as_str(), id)?;
             let subdirs = i64::from(req.kind == FileKind::Dir);
             touch_dir_links(tx, parent, now, subdirs)?;
@@ -868,6 +875,7 @@ impl DirectoryService {
             let now = now_ns();
             if meta.kind == FileKind::Dir {
                 tx.open_table(NODES)?.remove(id.0)?;
+                replicas::node_changed(tx, Some(&meta), None)?;
                 touch_dir_links(tx, parent, now, -1)?;
                 return Ok(NodeMeta { nlink: 0, ..meta });
             }
@@ -955,6 +963,7 @@ impl DirectoryService {
             let replaced = match replaced {
                 Some(old) if old.kind == FileKind::Dir => {
                     tx.open_table(NODES)?.remove(old.id.0)?;
+                    replicas::node_changed(tx, Some(&old), None)?;
                     to_links -= 1;
                     Some(NodeMeta { nlink: 0, ..old })
                 }
@@ -1212,51 +1221,33 @@ impl DirectoryService {
         self.update_if_current(id, hash, |m| m.holders.retain(|h| *h != server))
     }
 
-    /// Node count and total bytes.
+    /// Node count and total bytes (from the counters kept with every change).
     pub fn statfs(&self) -> ServiceResult<StatFs> {
-        let tx = self.store.db()?.begin_read()?;
-        let nodes = tx.open_table(NODES)?;
-        let mut bytes = 0u64;
-        for row in nodes.iter()? {
-            let (_, v) = row?;
-            let m: NodeMeta = decode(v.value())?;
-            if m.kind == FileKind::File {
-                bytes = bytes.saturating_add(m.size);
-            }
-        }
+        let (nodes, bytes) = counters::totals(&self.store.db()?.begin_read()?)?;
         // Every file takes `copies` bytes of disk per byte: the size and room one copy has.
         let (total, free, reporting) = self.registry.live_space();
         let copies = u64::from(self.config.replication)
             .min(reporting as u64)
             .max(1);
         Ok(StatFs {
-            nodes: nodes.len()?,
+            nodes,
             bytes,
             total_bytes: total / copies,
             free_bytes: free / copies,
         })
     }
 
-    /// Per-server (primaries, replicas) counts, as of the last repair pass (computing them
-    /// scans every node, so requests never do it).
+    /// Per-server (primaries, replicas) counts, from the counters kept with every change.
     pub fn placement_counts(&self) -> std::collections::HashMap<ServerId, (u64, u64)> {
-        self.counts.lock().map(|c| c.clone()).unwrap_or_default()
-    }
-
-    /// Recomputes the placement counts from `files`.
-    pub fn set_counts(&self, files: &[NodeMeta]) {
-        let mut counts = std::collections::HashMap::new();
-        for m in files {
-            if let Some(p) = m.primary {
-                counts.entry(p).or_insert((0, 0)).0 += 1;
-            }
-            for r in &m.replicas {
-                counts.entry(*r).or_insert((0, 0)).1 += 1;
-            }
-        }
-        if let Ok(mut c) = self.counts.lock() {
-            *c = counts;
-        }
+        let counts = self
+            .store
+            .db()
+            .and_then(|db| Ok(db.begin_read()?))
+            .and_then(|tx| replicas::placement_counts(&tx));
+        counts.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "reading the placement counters failed");
+            Default::default()
+        })
     }
 
     /// Registers a file server (persisted) and marks it alive.

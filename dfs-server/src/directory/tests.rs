@@ -623,6 +623,8 @@ proptest::proptest! {
                 proptest::prop_assert_eq!(a.3, m.nlink(&a.0), "links of {:?} after {:?}", a.0, op);
             }
             proptest::prop_assert_eq!(svc.get(NodeId::ROOT).expect("root").nlink, m.nlink(&vec![]));
+            // The counters, holdings and queue are what a scan would make of the nodes.
+            proptest::prop_assert_eq!(replicas::check_against_scan(&svc), Ok(()), "after {:?}", op);
             // The names index is exactly `children`, reversed.
             let (got, want) = names_index(&svc);
             proptest::prop_assert_eq!(&got, &want, "names index after {:?}", op);
@@ -1745,7 +1747,7 @@ fn regression_a_store_of_a_newer_format_is_refused_untouched() {
         let svc = open(dir.path());
         svc.store
             .write(|tx| {
-                tx.open_table(META)?.insert(FORMAT, FORMAT_NAMES + 1)?;
+                tx.open_table(META)?.insert(FORMAT, replicas::FORMAT + 1)?;
                 Ok(())
             })
             .expect("rewrite");
@@ -1756,7 +1758,7 @@ fn regression_a_store_of_a_newer_format_is_refused_untouched() {
     };
     assert!(err.contains("newer dfs"), "{err}");
     assert!(
-        err.contains(&format!("format {}", FORMAT_NAMES + 1)),
+        err.contains(&format!("format {}", replicas::FORMAT + 1)),
         "{err}"
     );
 }
@@ -1844,7 +1846,7 @@ fn the_store_upgrade_is_idempotent() {
     };
     let first = state();
     assert_eq!(first.1.0, first.1.1, "the index is built");
-    assert_eq!((first.2, first.3), (Some(FORMAT_NAMES), 2));
+    assert_eq!((first.2, first.3), (Some(replicas::FORMAT), 2));
     assert_eq!(state(), first, "reopening changes nothing");
     assert_eq!(state(), first, "nor does a third open");
 }
