@@ -829,13 +829,36 @@ impl Remote {
         .await
     }
 
-    /// Lists a directory.
+    /// Lists a whole directory, page by page (the server bounds each page; the cursor is the
+    /// last name of the previous one, so an entry made or removed meanwhile is seen at most
+    /// once).
     pub async fn list(&self, parent: NodeId) -> Result<Vec<DirEntry>, RemoteError> {
-        self.send(
-            self.http.get(self.dir(&routes::children(parent))),
-            "readdir",
-        )
-        .await
+        let mut out: Vec<DirEntry> = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page: common::api::ListPage = self
+                .send(
+                    self.http.get(self.dir(&routes::children_page(
+                        parent,
+                        after.as_deref(),
+                        common::api::LIST_MAX_ENTRIES,
+                    ))),
+                    "readdir",
+                )
+                .await?;
+            out.extend(page.entries);
+            match page.next {
+                // A cursor must move forward, or the listing would never end: an answer that
+                // does not is as unusable as one that does not parse.
+                Some(next) if after.as_ref().is_none_or(|a| next > *a) => after = Some(next),
+                Some(_) => {
+                    return Err(RemoteError::Network(format!(
+                        "readdir: the listing of node {parent} did not move past {after:?}"
+                    )));
+                }
+                None => return Ok(out),
+            }
+        }
     }
 
     /// Creates a node.

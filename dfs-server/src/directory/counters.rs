@@ -56,8 +56,12 @@ pub(super) fn totals(tx: &ReadTransaction) -> ServiceResult<(u64, u64)> {
     let meta = tx.open_table(META)?;
     let (mut nodes, mut bytes) = (0u64, 0u64);
     for shard in 0..SHARDS {
-        let n = meta.get(key("nodes", shard).as_str())?.map_or(0, |v| v.value());
-        let b = meta.get(key("bytes", shard).as_str())?.map_or(0, |v| v.value());
+        let n = meta
+            .get(key("nodes", shard).as_str())?
+            .map_or(0, |v| v.value());
+        let b = meta
+            .get(key("bytes", shard).as_str())?
+            .map_or(0, |v| v.value());
         nodes = nodes.saturating_add(n);
         bytes = bytes.saturating_add(b);
     }

@@ -3,6 +3,7 @@
 
 pub mod access;
 mod counters;
+mod paging;
 pub mod placement;
 pub mod registry;
 pub mod repair;
@@ -21,9 +22,7 @@ use common::{
     Caller, ContentHash, DirEntry, FenceToken, FileKind, Identity, NodeId, NodeMeta, ServerId,
     ValidName,
 };
-use redb::{
-    ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
-};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
 use crate::commit::GroupCommit;
 use crate::error::{ServiceError, ServiceResult};

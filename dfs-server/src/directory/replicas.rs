@@ -24,9 +24,7 @@
 use std::collections::BTreeSet;
 
 use common::{FileKind, NodeId, NodeMeta, ServerId};
-use redb::{
-    ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
-};
+use redb::{ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
 use super::{DirectoryService, META, NODES, counters};
 use crate::error::ServiceResult;
@@ -497,11 +495,8 @@ impl DirectoryService {
                 });
                 match super::repair::plan(&current, live, self.replication()) {
                     super::repair::Repair::None => {
-                        let live_holders = current
-                            .holders
-                            .iter()
-                            .filter(|h| live.contains(h))
-                            .count();
+                        let live_holders =
+                            current.holders.iter().filter(|h| live.contains(h)).count();
                         if live_holders >= want {
                             dequeue(tx, *id)?;
                         } else {
@@ -525,7 +520,10 @@ impl DirectoryService {
     /// unparks the parked entries. A server is taken as returned only on a heartbeat heard in
     /// this run (not while it is presumed alive after a restart of the directory). Returns
     /// (deaths, returns and joins).
-    pub fn note_servers(&self, servers: &[(ServerId, bool, bool)]) -> ServiceResult<(usize, usize)> {
+    pub fn note_servers(
+        &self,
+        servers: &[(ServerId, bool, bool)],
+    ) -> ServiceResult<(usize, usize)> {
         let seen: std::collections::HashMap<ServerId, bool> = {
             let tx = self.store.db()?.begin_read()?;
             seen(&tx)?.into_iter().collect()
@@ -573,7 +571,12 @@ impl DirectoryService {
 #[cfg(test)]
 pub(super) fn check_against_scan(svc: &DirectoryService) -> Result<(), String> {
     let e = |e: crate::error::ServiceError| e.to_string();
-    let tx = svc.store.db().map_err(e)?.begin_read().map_err(|x| x.to_string())?;
+    let tx = svc
+        .store
+        .db()
+        .map_err(e)?
+        .begin_read()
+        .map_err(|x| x.to_string())?;
     let run = || -> ServiceResult<Result<(), String>> {
         let (mut nodes, mut bytes) = (0u64, 0u64);
         let mut holdings = BTreeSet::new();
@@ -774,7 +777,12 @@ mod tests {
             mk(&svc, "d", FileKind::Dir);
             let short = mk(&svc, "short", FileKind::File);
             let full = mk(&svc, "full", FileKind::File);
-            commit(&svc, &short, 0, &[short.primary.expect("p"), short.replicas[0]]);
+            commit(
+                &svc,
+                &short,
+                0,
+                &[short.primary.expect("p"), short.replicas[0]],
+            );
             let mut all = vec![full.primary.expect("p")];
             all.extend(&full.replicas);
             commit(&svc, &full, 0, &all);
@@ -834,7 +842,11 @@ mod tests {
             svc.registry.heartbeat(*r, None).expect("beat");
         }
         let (promoted, started) = repair::pass(&svc, &peer, &cfg, &inflight).await;
-        assert_eq!((promoted, started), (1, 0), "failed over, found through the index");
+        assert_eq!(
+            (promoted, started),
+            (1, 0),
+            "failed over, found through the index"
+        );
         let now = svc.get(f.id).expect("f");
         assert_ne!(now.primary, Some(p));
         // Two live servers hold it: all there are; the entry waits for a third.
