@@ -2,6 +2,7 @@
 //! server registry. Every namespace change is one transaction: rename is atomic.
 
 pub mod access;
+mod bulk;
 mod counters;
 mod paging;
 pub mod placement;

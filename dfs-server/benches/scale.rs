@@ -1,0 +1,239 @@
+//! Benchmark: cost proportional to work (issue 10). The same namespace operations and repair
+//! passes, timed on a warm redb store holding a small namespace and a large one: a create and
+//! a remove in one directory of that size, a lookup in it, `statfs`, a page of its listing,
+//! and a repair pass over the same queued work (64 files short of a copy). Printed as medians
+//! and large/small ratios (the goal: within 1.5x); nothing is asserted.
+//!
+//! ```sh
+//! cargo bench -p dfs-server --bench scale
+//! ```
+//!
+//! The large namespace is written through the store directly, untimed (`bulk_load`).
+//! `DFS_SCALE_NODES` (default 1000000) sets its size, for a quick look; `DFS_SCALE_ROUNDS`
+//! (default 200) the timed rounds of each operation.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::api::{CommitRequest, CreateRequest, PushBase, RegisterServerRequest};
+use common::{Caller, ContentHash, FenceToken, FileKind, NodeId, ServerId, UploadId, ValidName};
+use dfs_server::directory::repair::{self, InFlight, RepairConfig};
+use dfs_server::directory::{DirectoryConfig, DirectoryService};
+
+/// Files queued for repair in every namespace: the work a pass has to do.
+const QUEUED: usize = 64;
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+fn name(s: &str) -> ValidName {
+    ValidName::parse(s).unwrap()
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+struct Times {
+    create_remove: Duration,
+    lookup: Duration,
+    statfs: Duration,
+    list_page: Duration,
+    repair_pass: Duration,
+    load: Duration,
+}
+
+fn create(svc: &DirectoryService, parent: NodeId, n: &str) -> common::NodeMeta {
+    let req = CreateRequest {
+        name: name(n),
+        kind: FileKind::File,
+        mode: 0o644,
+        symlink_target: None,
+        rdev: 0,
+    };
+    svc.create(parent, &req, &Caller::cluster()).unwrap()
+}
+
+fn run(nodes: u64, rounds: usize, rt: &tokio::runtime::Runtime) -> Times {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Arc::new(DirectoryService::open(dir.path(), DirectoryConfig::default()).unwrap());
+    // Three file servers on closed loopback ports: a copy fails at once, so every pass finds
+    // the same work queued.
+    let mut servers = Vec::new();
+    for _ in 0..3 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        drop(l);
+        servers.push(
+            svc.register_server(&RegisterServerRequest {
+                url,
+                capacity_bytes: 1 << 40,
+                previous_id: None,
+                cluster_id: None,
+            })
+            .unwrap(),
+        );
+    }
+    let big = {
+        let req = CreateRequest {
+            name: name("big"),
+            kind: FileKind::Dir,
+            mode: 0o755,
+            symlink_target: None,
+            rdev: 0,
+        };
+        svc.create(NodeId::ROOT, &req, &Caller::cluster())
+            .unwrap()
+            .id
+    };
+    let started = Instant::now();
+    svc.bulk_load(
+        big,
+        "f",
+        nodes,
+        50_000,
+        servers[0],
+        &[servers[1], servers[2]],
+    )
+    .unwrap();
+    let load = started.elapsed();
+    // The queued work: files with a new version held by two servers of three.
+    for i in 0..QUEUED {
+        let f = create(&svc, big, &format!("short{i}"));
+        let holders: Vec<ServerId> = f.primary.into_iter().chain([f.replicas[0]]).collect();
+        svc.commit(
+            f.id,
+            &CommitRequest {
+                hash: ContentHash::from_digest(&[7; 32]),
+                size: 1,
+                fence: FenceToken(1),
+                upload_id: UploadId::from_bytes([7; 16]),
+                base: PushBase {
+                    version: 0,
+                    waiting: true,
+                },
+                holders,
+                writer: "bench".into(),
+                writer_id: None,
+                primary: f.primary,
+                replicas: Some(f.replicas.clone()),
+                mode: None,
+                mtime_ns: None,
+            },
+        )
+        .unwrap();
+    }
+    assert_eq!(svc.repair_queue_len().unwrap(), QUEUED as u64);
+    let peer = dfs_server::peer::Peer::new("bench").unwrap();
+    // Interval 0: an entry re-dated after a failed copy is due again at once.
+    let cfg = RepairConfig {
+        interval: Duration::ZERO,
+        max_copies_per_pass: 8,
+    };
+    let inflight = InFlight::default();
+    let timed = |f: &mut dyn FnMut()| {
+        for _ in 0..rounds / 4 + 1 {
+            f(); // warm
+        }
+        median(
+            (0..rounds)
+                .map(|_| {
+                    let t = Instant::now();
+                    f();
+                    t.elapsed()
+                })
+                .collect(),
+        )
+    };
+    let mut i = 0u64;
+    let create_remove = timed(&mut || {
+        i += 1;
+        let n = format!("tmp{i}");
+        create(&svc, big, &n);
+        svc.remove(big, &name(&n), false, &Caller::cluster().id)
+            .unwrap();
+    });
+    let mut k = 0u64;
+    let lookup = timed(&mut || {
+        k = (k + 7919) % nodes.max(1);
+        svc.lookup(big, &name(&format!("f{k}")), &Caller::cluster().id)
+            .unwrap();
+    });
+    let statfs = timed(&mut || {
+        svc.statfs().unwrap();
+    });
+    let mut j = 0u64;
+    let list_page = timed(&mut || {
+        j = (j + 7919) % nodes.max(1);
+        let after = name(&format!("f{j}"));
+        svc.list_page(big, Some(&after), Some(100), &Caller::cluster().id)
+            .unwrap();
+    });
+    let repair_pass = timed(&mut || {
+        rt.block_on(repair::pass(&svc, &peer, &cfg, &inflight));
+    });
+    assert!(svc.repair_queue_len().unwrap() >= QUEUED as u64);
+    Times {
+        create_remove,
+        lookup,
+        statfs,
+        list_page,
+        repair_pass,
+        load,
+    }
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a test run (`cargo test --benches`) does not: stay quick.
+    let benching = std::env::args().any(|a| a == "--bench");
+    let big = env("DFS_SCALE_NODES", if benching { 1_000_000 } else { 10_000 });
+    let rounds = usize::try_from(env("DFS_SCALE_ROUNDS", if benching { 200 } else { 20 }))
+        .unwrap_or(200)
+        .max(1);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let small = 1000;
+    let a = run(small, rounds, &rt);
+    let b = run(big, rounds, &rt);
+    println!(
+        "namespace of {small} vs {big} nodes (redb, warm; median of {rounds} rounds; loaded in \
+         {:.1?} and {:.1?}, untimed)",
+        a.load, b.load
+    );
+    println!(
+        "{:<34} {:>12} {:>12} {:>8}",
+        "operation", small, big, "ratio"
+    );
+    let rows = [
+        (
+            "create + remove in one directory",
+            a.create_remove,
+            b.create_remove,
+        ),
+        ("lookup in that directory", a.lookup, b.lookup),
+        ("statfs", a.statfs, b.statfs),
+        ("list page (100 entries)", a.list_page, b.list_page),
+        (
+            "repair pass (64 files queued)",
+            a.repair_pass,
+            b.repair_pass,
+        ),
+    ];
+    for (what, x, y) in rows {
+        println!(
+            "{what:<34} {:>12} {:>12} {:>7.2}x",
+            format!("{x:.1?}"),
+            format!("{y:.1?}"),
+            y.as_secs_f64() / x.as_secs_f64().max(1e-9)
+        );
+    }
+}
