@@ -80,6 +80,20 @@ fn run(nodes: u64, rounds: usize, rt: &tokio::runtime::Runtime) -> Times {
             .unwrap(),
         );
     }
+    // Their heartbeats, for as long as the run lasts (loading a large namespace takes longer
+    // than a server stays alive without one).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let beats = {
+        let (svc, stop, servers) = (svc.clone(), stop.clone(), servers.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for s in &servers {
+                    svc.registry.heartbeat(*s, None).unwrap();
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
     let big = {
         let req = CreateRequest {
             name: name("big"),
@@ -179,6 +193,8 @@ fn run(nodes: u64, rounds: usize, rt: &tokio::runtime::Runtime) -> Times {
         rt.block_on(repair::pass(&svc, &peer, &cfg, &inflight));
     });
     assert!(svc.repair_queue_len().unwrap() >= QUEUED as u64);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    beats.join().unwrap();
     Times {
         create_remove,
         lookup,
