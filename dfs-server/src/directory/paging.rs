@@ -72,3 +72,55 @@ impl DirectoryService {
         Ok(ListPage { entries, next })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use common::api::CreateRequest;
+    use common::{Caller, FileKind, NodeId, ValidName};
+
+    use super::*;
+    use crate::directory::DirectoryConfig;
+
+    #[test]
+    fn a_page_ends_at_its_byte_budget_and_the_cursor_carries_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let svc = DirectoryService::open(dir.path(), DirectoryConfig::default()).expect("open");
+        // Symlinks with the longest targets: 600 of them are well past one page's bytes.
+        let target = "t".repeat(common::api::SYMLINK_MAX);
+        for i in 0..600 {
+            let req = CreateRequest {
+                name: ValidName::parse(&format!("l{i:03}")).expect("name"),
+                kind: FileKind::Symlink,
+                mode: 0o777,
+                symlink_target: Some(target.clone()),
+                rdev: 0,
+            };
+            svc.create(NodeId::ROOT, &req, &Caller::cluster())
+                .expect("symlink");
+        }
+        let who = Caller::cluster().id;
+        let mut names = Vec::new();
+        let mut after: Option<ValidName> = None;
+        let mut pages = 0;
+        loop {
+            let page = svc
+                .list_page(NodeId::ROOT, after.as_ref(), None, &who)
+                .expect("page");
+            pages += 1;
+            let bytes: usize = page
+                .entries
+                .iter()
+                .map(|e| e.name.len() + crate::store::encode(&e.meta).expect("encode").len())
+                .sum();
+            assert!(bytes <= LIST_MAX_BYTES, "{bytes} bytes in a page");
+            names.extend(page.entries.into_iter().map(|e| e.name));
+            match page.next {
+                Some(n) => after = Some(ValidName::parse(&n).expect("cursor")),
+                None => break,
+            }
+        }
+        assert!(pages >= 3, "{pages} pages");
+        let want: Vec<String> = (0..600).map(|i| format!("l{i:03}")).collect();
+        assert_eq!(names, want);
+    }
+}

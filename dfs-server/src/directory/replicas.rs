@@ -539,8 +539,11 @@ impl DirectoryService {
             };
             let Some(live) = change else { continue };
             // Its files first, in chunks; the state last, so that a crash in between does it
-            // all again (queueing is idempotent).
-            let mut from = Some(0u64);
+            // all again (queueing is idempotent). A server seen for the first time, alive,
+            // holds only what it was given since it registered, which the transactions that
+            // gave it queued as needed: nothing of its own to queue.
+            let joined = live && !seen.contains_key(&server);
+            let mut from = (!joined).then_some(0u64);
             while let Some(f) = from {
                 from = self.store.write(|tx| enqueue_held(tx, server, f, now))?;
             }
@@ -820,6 +823,26 @@ mod tests {
         assert!(!first.3.contains(&full.id));
         assert_eq!(first.4.values().map(|c| c.0).sum::<u64>(), 2);
         assert_eq!(state(), first, "reopening changes nothing");
+    }
+
+    #[test]
+    fn regression_servers_a_pass_sees_first_queue_none_of_their_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let svc = std::sync::Arc::new(open(dir.path()));
+        for i in 0..5 {
+            mk(&svc, &format!("f{i}"), FileKind::File);
+        }
+        // The first pass meets every server: the files they were given are whole, and not
+        // queued (a pass would only take them out again, at a cost growing with the files).
+        let servers: Vec<(ServerId, bool, bool)> = svc
+            .registry
+            .live()
+            .into_iter()
+            .map(|s| (s, true, true))
+            .collect();
+        assert_eq!(servers.len(), 3);
+        assert_eq!(svc.note_servers(&servers).expect("note"), (0, 3));
+        assert_eq!(queue(&svc), 0);
     }
 
     #[tokio::test(start_paused = true)]
