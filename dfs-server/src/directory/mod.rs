@@ -1128,21 +1128,6 @@ impl DirectoryService {
         })
     }
 
-    /// Every regular file's metadata (for the repair loop).
-    pub fn files(&self) -> ServiceResult<Vec<NodeMeta>> {
-        let tx = self.store.db()?.begin_read()?;
-        let nodes = tx.open_table(NODES)?;
-        let mut out = Vec::new();
-        for row in nodes.iter()? {
-            let (_, v) = row?;
-            let m: NodeMeta = decode(v.value())?;
-            if m.kind == FileKind::File {
-                out.push(m);
-            }
-        }
-        Ok(out)
-    }
-
     /// Applies `f` to the metadata of file `id` if its content is still `hash` (a concurrent
     /// commit wins over a repair step planned for the older version).
     fn update_if_current(
