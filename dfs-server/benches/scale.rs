@@ -45,15 +45,6 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-struct Times {
-    create_remove: Duration,
-    lookup: Duration,
-    statfs: Duration,
-    list_page: Duration,
-    repair_pass: Duration,
-    load: Duration,
-}
-
 fn create(svc: &DirectoryService, parent: NodeId, n: &str) -> common::NodeMeta {
     let req = CreateRequest {
         name: name(n),
@@ -65,7 +56,22 @@ fn create(svc: &DirectoryService, parent: NodeId, n: &str) -> common::NodeMeta {
     svc.create(parent, &req, &Caller::cluster()).unwrap()
 }
 
-fn run(nodes: u64, rounds: usize, rt: &tokio::runtime::Runtime) -> Times {
+/// One namespace, loaded, with its queued work and its servers' heartbeats.
+struct Bench {
+    svc: Arc<DirectoryService>,
+    big: NodeId,
+    nodes: u64,
+    peer: dfs_server::peer::Peer,
+    cfg: RepairConfig,
+    inflight: InFlight,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    beats: Option<std::thread::JoinHandle<()>>,
+    load: Duration,
+    round: u64,
+    _dir: tempfile::TempDir,
+}
+
+fn setup(nodes: u64) -> Bench {
     let dir = tempfile::tempdir().unwrap();
     let svc = Arc::new(DirectoryService::open(dir.path(), DirectoryConfig::default()).unwrap());
     // Three file servers on closed loopback ports: a copy fails at once, so every pass finds
@@ -156,64 +162,75 @@ fn run(nodes: u64, rounds: usize, rt: &tokio::runtime::Runtime) -> Times {
         max_copies_per_pass: 8,
     };
     let inflight = InFlight::default();
-    let timed = |f: &mut dyn FnMut()| {
-        for _ in 0..rounds / 4 + 1 {
-            f(); // warm
-        }
-        median(
-            (0..rounds)
-                .map(|_| {
-                    let t = Instant::now();
-                    f();
-                    t.elapsed()
-                })
-                .collect(),
-        )
-    };
-    let mut i = 0u64;
-    let create_remove = timed(&mut || {
-        i += 1;
-        let n = format!("tmp{i}");
-        create(&svc, big, &n);
-        svc.remove(big, &name(&n), false, &Caller::cluster().id)
-            .unwrap();
-    });
-    // Warm: the same 256 names, spread over the whole directory, so that what is timed is the
-    // depth of the store's trees, not first reads of pages from the disk.
-    let spread = |i: u64| (i % WARM_NAMES) * (nodes / WARM_NAMES).max(1) % nodes.max(1);
-    let mut k = 0u64;
-    let lookup = timed(&mut || {
-        k += 1;
-        svc.lookup(
-            big,
-            &name(&format!("f{}", spread(k))),
-            &Caller::cluster().id,
-        )
-        .unwrap();
-    });
-    let statfs = timed(&mut || {
-        svc.statfs().unwrap();
-    });
-    let mut j = 0u64;
-    let list_page = timed(&mut || {
-        j += 1;
-        let after = name(&format!("f{}", spread(j)));
-        svc.list_page(big, Some(&after), Some(100), &Caller::cluster().id)
-            .unwrap();
-    });
-    let repair_pass = timed(&mut || {
-        rt.block_on(repair::pass(&svc, &peer, &cfg, &inflight));
-    });
-    assert!(svc.repair_queue_len().unwrap() >= QUEUED as u64);
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    beats.join().unwrap();
-    Times {
-        create_remove,
-        lookup,
-        statfs,
-        list_page,
-        repair_pass,
+    Bench {
+        svc,
+        big,
+        nodes,
+        peer,
+        cfg,
+        inflight,
+        stop,
+        beats: Some(beats),
         load,
+        round: 0,
+        _dir: dir,
+    }
+}
+
+/// The operations timed.
+#[derive(Clone, Copy)]
+enum Op {
+    CreateRemove,
+    Lookup,
+    Statfs,
+    ListPage,
+    RepairPass,
+}
+
+impl Bench {
+    /// A name of the loaded directory: the same 256 names, spread over the whole directory,
+    /// cycled through (warm: what is timed is the depth of the store's trees, not first reads
+    /// of pages from the disk).
+    fn spread(&self) -> ValidName {
+        let k = (self.round % WARM_NAMES) * (self.nodes / WARM_NAMES).max(1) % self.nodes.max(1);
+        name(&format!("f{k}"))
+    }
+
+    fn run(&mut self, op: Op, rt: &tokio::runtime::Runtime) -> Duration {
+        self.round += 1;
+        let who = Caller::cluster().id;
+        let (svc, big) = (&self.svc, self.big);
+        let tmp = format!("tmp{}", self.round);
+        let spread = self.spread();
+        let t = Instant::now();
+        match op {
+            Op::CreateRemove => {
+                create(svc, big, &tmp);
+                svc.remove(big, &name(&tmp), false, &who).unwrap();
+            }
+            Op::Lookup => {
+                svc.lookup(big, &spread, &who).unwrap();
+            }
+            Op::Statfs => {
+                svc.statfs().unwrap();
+            }
+            Op::ListPage => {
+                svc.list_page(big, Some(&spread), Some(100), &who).unwrap();
+            }
+            Op::RepairPass => {
+                rt.block_on(repair::pass(svc, &self.peer, &self.cfg, &self.inflight));
+            }
+        }
+        t.elapsed()
+    }
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(b) = self.beats.take() {
+            let _ = b.join();
+        }
     }
 }
 
@@ -230,32 +247,40 @@ fn main() {
         .build()
         .unwrap();
     let small = 1000;
-    let a = run(small, rounds, &rt);
-    let b = run(big, rounds, &rt);
+    let mut a = setup(small);
+    let mut b = setup(big);
     println!(
-        "namespace of {small} vs {big} nodes (redb, warm; median of {rounds} rounds; loaded in \
-         {:.1?} and {:.1?}, untimed)",
+        "namespace of {small} vs {big} nodes (redb, warm; median of {rounds} rounds, the two \
+         namespaces taking turns; loaded in {:.1?} and {:.1?}, untimed)",
         a.load, b.load
     );
     println!(
         "{:<34} {:>12} {:>12} {:>8}",
         "operation", small, big, "ratio"
     );
-    let rows = [
-        (
-            "create + remove in one directory",
-            a.create_remove,
-            b.create_remove,
-        ),
-        ("lookup in that directory", a.lookup, b.lookup),
-        ("statfs", a.statfs, b.statfs),
-        ("list page (100 entries)", a.list_page, b.list_page),
-        (
-            "repair pass (64 files queued)",
-            a.repair_pass,
-            b.repair_pass,
-        ),
+    let ops = [
+        ("create + remove in one directory", Op::CreateRemove),
+        ("lookup in that directory", Op::Lookup),
+        ("statfs", Op::Statfs),
+        ("list page (100 entries)", Op::ListPage),
+        ("repair pass (64 files queued)", Op::RepairPass),
     ];
+    let mut rows = Vec::new();
+    for (what, op) in ops {
+        for _ in 0..rounds / 4 + 1 {
+            a.run(op, &rt); // warm
+            b.run(op, &rt);
+        }
+        // Turns, so that whatever else the machine does weighs on both alike.
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            x.push(a.run(op, &rt));
+            y.push(b.run(op, &rt));
+        }
+        rows.push((what, median(x), median(y)));
+    }
+    assert!(a.svc.repair_queue_len().unwrap() >= QUEUED as u64);
+    assert!(b.svc.repair_queue_len().unwrap() >= QUEUED as u64);
     for (what, x, y) in rows {
         println!(
             "{what:<34} {:>12} {:>12} {:>7.2}x",
