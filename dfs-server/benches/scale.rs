@@ -2,7 +2,8 @@
 //! passes, timed on a warm redb store holding a small namespace and a large one: a create and
 //! a remove in one directory of that size, a lookup in it, `statfs`, a page of its listing,
 //! and a repair pass over the same queued work (64 files short of a copy). Printed as medians
-//! and large/small ratios (the goal: within 1.5x); nothing is asserted. Warm: every operation
+//! and large/small ratios (the goal: within 1.5x); nothing is asserted. The two namespaces
+//! take turns round by round, so that the machine's other load weighs on both alike. Warm: every operation
 //! runs a quarter of its rounds untimed first, and lookups and listings cycle through 256
 //! names spread over the directory.
 //!
