@@ -845,3 +845,73 @@ mod tests {
         assert!(plain_server.check_https("http://dir:7070").is_ok());
     }
 }
+
+/// Longest a change-feed request may wait for a change (`wait_ms` of `GET /v1/changes`).
+pub const CHANGES_MAX_WAIT_MS: u64 = 30_000;
+
+/// Most changes one change-feed answer carries; a client behind asks again at once.
+pub const CHANGES_MAX_PER_ANSWER: usize = 1024;
+
+/// Query of `GET /v1/changes` (the change feed, a long poll).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ChangesQuery {
+    /// The feed's epoch as the client last heard it (None: the first request, always answered
+    /// with `resync` and the feed's current position).
+    #[serde(default)]
+    pub epoch: Option<u64>,
+    /// The last sequence number the client has seen; changes after it are answered.
+    #[serde(default)]
+    pub after: u64,
+    /// How long to wait when there is no change yet, in ms (at most `CHANGES_MAX_WAIT_MS`).
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+/// What one change names: only node ids, never a name or any metadata, so the feed tells no
+/// one what a directory they cannot read holds (see ARCHITECTURE.md, "Change feed").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ChangeKind {
+    /// Directory `dir` gained or lost a name of `node` (its entries and its own attributes
+    /// changed).
+    Entry {
+        /// The directory.
+        dir: NodeId,
+        /// The node named or unnamed there.
+        node: NodeId,
+    },
+    /// The attributes or the content of `node` changed.
+    Node {
+        /// The node.
+        node: NodeId,
+    },
+    /// `node` no longer exists.
+    Gone {
+        /// The node.
+        node: NodeId,
+    },
+}
+
+/// One change of the feed, with its sequence number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    /// Its place in the feed: grows with every change within an epoch (gaps allowed).
+    pub seq: u64,
+    /// What changed.
+    #[serde(flatten)]
+    pub what: ChangeKind,
+}
+
+/// Answer of `GET /v1/changes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangesResponse {
+    /// The feed's epoch (new at every start of the directory).
+    pub epoch: u64,
+    /// The client must drop everything it caches and continue after `next`: the epoch
+    /// differs, or the changes it asked for are no longer kept.
+    pub resync: bool,
+    /// Changes after the requested sequence number, oldest first (empty on resync).
+    pub changes: Vec<Change>,
+    /// The sequence number to ask after next time.
+    pub next: u64,
+}

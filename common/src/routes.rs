@@ -27,6 +27,9 @@ pub const BASE_HEADER: &str = "x-dfs-base";
 pub const MODE_HEADER: &str = "x-dfs-mode";
 /// Header of an upload: explicit modification time to apply with the new version (ns).
 pub const MTIME_HEADER: &str = "x-dfs-mtime-ns";
+/// Header of a namespace change: the client's id for the operation, the same on every retry of
+/// it, so that the directory applies it once (≤ 64 characters of `[A-Za-z0-9-]`).
+pub const REQUEST_ID: &str = "x-dfs-request-id";
 
 /// Directory: cluster map (lock and auth URLs, file servers).
 pub const CLUSTER: &str = "/v1/cluster";
@@ -137,6 +140,11 @@ pub const FILE_BATCH_WRITE: &str = "/v1/batch/files";
 pub const REPLICA_BATCH: &str = "/v1/internal/batch/files";
 /// Batched version commit, primary to directory.
 pub const COMMIT_BATCH: &str = "/v1/internal/batch/commit";
+/// `GET`: the change feed (long poll; `ChangesQuery`, `ChangesResponse`).
+pub const CHANGES: &str = "/v1/changes";
+/// The client process a directory request comes from (32 hex digits, random per process):
+/// the change feed does not tell a client the changes it made itself.
+pub const ORIGIN_HEADER: &str = "x-dfs-origin";
 /// Late copies of a batched upload join the holders, primary to directory.
 pub const ADD_HOLDERS_BATCH: &str = "/v1/internal/batch/add-holders";
 /// File server counters.

@@ -23,9 +23,10 @@ use fuser::{
 use crate::error::FsError;
 use crate::fs::DfsFs;
 
-/// How long the kernel may cache entries and attributes: the bound on how stale another
-/// client's namespace change can look.
-pub const TTL: Duration = crate::fs::ATTR_TTL;
+/// The kernel's entry and attribute TTL is chosen per reply (`DfsFs::reply_ttl`): long while
+/// the change feed is healthy, the short `ATTR_TTL` otherwise.
+use crate::fs::feed::{Invalidation, KernelCache};
+use tokio::time::Instant as Since;
 
 /// The fuser adapter.
 pub struct FuseAdapter {
@@ -37,6 +38,68 @@ pub struct FuseAdapter {
     /// The lock owners seen on each open file (open-file-description locks belong to the
     /// file, and only its release can give them up).
     lock_owners: Arc<Mutex<HashMap<u64, std::collections::HashSet<u64>>>>,
+    /// When each open directory listing was asked for (the TTL of its READDIRPLUS entries).
+    listed_at: Mutex<HashMap<u64, Since>>,
+}
+
+/// Sends invalidations to the kernel through fuser's `Notifier` on a thread of its own: a
+/// notification can wait on the kernel, which may be waiting on a FUSE thread (deadlock in a
+/// handler) or hold up the runtime (in a worker).
+pub struct NotifierThread {
+    tx: std::sync::mpsc::Sender<Vec<Invalidation>>,
+    backlog: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl NotifierThread {
+    /// Starts the thread; it ends when the core drops its end.
+    pub fn start(notifier: fuser::Notifier) -> std::io::Result<Arc<Self>> {
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<Invalidation>>();
+        let backlog = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let left = backlog.clone();
+        std::thread::Builder::new()
+            .name("dfs-notify".into())
+            .spawn(move || {
+                for batch in rx {
+                    for inv in batch {
+                        // ENOENT (not in the kernel's cache) is already taken as success.
+                        let r = match &inv {
+                            Invalidation::Entry { parent, name } => {
+                                notifier.inval_entry(INodeNo(parent.0), OsStr::new(name))
+                            }
+                            Invalidation::Inode(id) => notifier.inval_inode(INodeNo(id.0), 0, 0),
+                            Invalidation::Delete {
+                                parent,
+                                child,
+                                name,
+                            } => notifier.delete(
+                                INodeNo(parent.0),
+                                INodeNo(child.0),
+                                OsStr::new(name),
+                            ),
+                        };
+                        if let Err(e) = r {
+                            // After an unmount every notification fails; nothing to drop then.
+                            tracing::debug!(?inv, error = %e, "kernel invalidation failed");
+                        }
+                    }
+                    left.fetch_sub(1, Ordering::Relaxed);
+                }
+            })?;
+        Ok(Arc::new(NotifierThread { tx, backlog }))
+    }
+}
+
+impl KernelCache for NotifierThread {
+    fn invalidate(&self, batch: Vec<Invalidation>) {
+        self.backlog.fetch_add(1, Ordering::Relaxed);
+        if self.tx.send(batch).is_err() {
+            self.backlog.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn backlog(&self) -> usize {
+        self.backlog.load(Ordering::Relaxed)
+    }
 }
 
 /// Kernel passthrough: whether it is on, and the backing files in use. Shared with the tasks
@@ -114,6 +177,7 @@ impl FuseAdapter {
             rt,
             want_passthrough: passthrough,
             lock_owners: Arc::default(),
+            listed_at: Mutex::default(),
         }
     }
 }
@@ -220,6 +284,12 @@ async fn lock_unless_signalled(
     }
 }
 
+/// The TTL of a reply about `nodes` to a request that began at `since`.
+fn ttl(fs: &DfsFs, since: Since, nodes: &[u64]) -> Duration {
+    let ids: Vec<NodeId> = nodes.iter().map(|n| NodeId(*n)).collect();
+    fs.reply_ttl(since, &ids)
+}
+
 fn node(ino: INodeNo) -> NodeId {
     NodeId(ino.0)
 }
@@ -275,15 +345,21 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let since = Since::now();
         match self.timed(req, "lookup", self.fs.lookup(node(parent), name)) {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Ok(attr) => reply.entry(
+                &ttl(&self.fs, since, &[parent.0, attr.ino.0]),
+                &attr,
+                Generation(0),
+            ),
             Err(e) => reply.error(errno("lookup", &e)),
         }
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let since = Since::now();
         match self.timed(req, "getattr", self.fs.getattr(node(ino))) {
-            Ok((attr, ttl)) => reply.attr(&ttl, &attr),
+            Ok((attr, left)) => reply.attr(&left.min(ttl(&self.fs, since, &[ino.0])), &attr),
             Err(e) => reply.error(errno("getattr", &e)),
         }
     }
@@ -317,9 +393,11 @@ impl Filesystem for FuseAdapter {
             atime_now: matches!(atime, Some(TimeOrNow::Now)),
             atime: atime.map(time_of),
         };
+        let since = Since::now();
+        let core = self.fs.clone();
         let op = async move { fs.setattr(node(ino), change, fh.map(|f| f.0)).await };
         self.spawned(req, "setattr", op, move |r| match r {
-            Ok(attr) => reply.attr(&TTL, &attr),
+            Ok(attr) => reply.attr(&ttl(&core, since, &[ino.0]), &attr),
             Err(e) => reply.error(errno("setattr", &e)),
         });
     }
@@ -340,12 +418,17 @@ impl Filesystem for FuseAdapter {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        let since = Since::now();
         match self.timed(
             req,
             "mkdir",
             self.fs.mkdir(node(parent), name, mode & !umask),
         ) {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Ok(attr) => reply.entry(
+                &ttl(&self.fs, since, &[parent.0, attr.ino.0]),
+                &attr,
+                Generation(0),
+            ),
             Err(e) => reply.error(errno("mkdir", &e)),
         }
     }
@@ -372,12 +455,17 @@ impl Filesystem for FuseAdapter {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let since = Since::now();
         match self.timed(
             req,
             "symlink",
             self.fs.symlink(node(parent), link_name, target),
         ) {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Ok(attr) => reply.entry(
+                &ttl(&self.fs, since, &[parent.0, attr.ino.0]),
+                &attr,
+                Generation(0),
+            ),
             Err(e) => reply.error(errno("symlink", &e)),
         }
     }
@@ -411,12 +499,17 @@ impl Filesystem for FuseAdapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let since = Since::now();
         match self.timed(
             req,
             "link",
             self.fs.link(node(ino), node(newparent), newname),
         ) {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Ok(attr) => reply.entry(
+                &ttl(&self.fs, since, &[newparent.0, attr.ino.0]),
+                &attr,
+                Generation(0),
+            ),
             Err(e) => reply.error(errno("link", &e)),
         }
     }
@@ -557,8 +650,15 @@ impl Filesystem for FuseAdapter {
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let since = Since::now();
         match self.timed(req, "opendir", self.fs.opendir(node(ino))) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => {
+                self.listed_at
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(fh, since);
+                reply.opened(FileHandle(fh), FopenFlags::empty())
+            }
             Err(e) => reply.error(errno("opendir", &e)),
         }
     }
@@ -588,11 +688,17 @@ impl Filesystem for FuseAdapter {
     fn readdirplus(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: fuser::ReplyDirectoryPlus,
     ) {
+        let since = self
+            .listed_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fh.0)
+            .copied();
         match self.fs.listing(fh.0) {
             Ok(items) => {
                 let skip = usize::try_from(offset).unwrap_or(usize::MAX);
@@ -602,7 +708,8 @@ impl Filesystem for FuseAdapter {
                         INodeNo(it.ino),
                         off,
                         &it.name,
-                        &TTL,
+                        // A listing not known here: the short TTL.
+                        &since.map_or(crate::fs::ATTR_TTL, |s| ttl(&self.fs, s, &[ino.0, it.ino])),
                         &it.attr,
                         Generation(0),
                     ) {
@@ -624,6 +731,10 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         self.fs.releasedir(fh.0);
+        self.listed_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh.0);
         reply.ok();
     }
 
@@ -759,12 +870,14 @@ impl Filesystem for FuseAdapter {
         let fs = self.fs.clone();
         let pt = self.pt.clone();
         let name = name.to_owned();
+        let (since, core) = (Since::now(), self.fs.clone());
         let op = async move { fs.create(node(parent), &name, mode & !umask, flags).await };
         self.spawned(req, "create", op, move |r| match r {
             Ok((attr, o)) => {
+                let ttl = ttl(&core, since, &[parent.0, attr.ino.0]);
                 match pt.backing_for(attr.ino.0, o.fh, o.handle.file(), |f| reply.open_backing(f)) {
                     Some(id) => reply.created_passthrough(
-                        &TTL,
+                        &ttl,
                         &attr,
                         Generation(0),
                         FileHandle(o.fh),
@@ -772,7 +885,7 @@ impl Filesystem for FuseAdapter {
                         &id,
                     ),
                     None => reply.created(
-                        &TTL,
+                        &ttl,
                         &attr,
                         Generation(0),
                         FileHandle(o.fh),
@@ -834,9 +947,14 @@ impl Filesystem for FuseAdapter {
         // hold one of the few FUSE threads for its round trip.
         let fs = self.fs.clone();
         let name = name.to_owned();
+        let (since, core) = (Since::now(), self.fs.clone());
         let op = async move { fs.mknod(node(parent), &name, mode, rdev).await };
         self.spawned(req, "mknod", op, move |r| match r {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Ok(attr) => reply.entry(
+                &ttl(&core, since, &[parent.0, attr.ino.0]),
+                &attr,
+                Generation(0),
+            ),
             Err(e) => reply.error(errno("mknod", &e)),
         });
     }

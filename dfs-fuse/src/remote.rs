@@ -233,6 +233,7 @@ impl Remote {
             .builder()?
             .connect_timeout(Duration::from_secs(3))
             .timeout(config.call_timeout + Duration::from_secs(30))
+            .default_headers(origin_header())
             .build()
             .context("building the HTTP client")?;
         // Bodies get a per-request deadline scaled to their size (reqwest's read_timeout would cap
@@ -1424,6 +1425,54 @@ impl Remote {
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         Ok(answer.results)
     }
+}
+
+/// The change feed (issue 10), apart from the calls above: the subscriber's long poll.
+impl Remote {
+    /// The changes after `after` in feed `epoch` (None: first poll, answered with a resync),
+    /// waiting up to `wait` (at most the feed's bound) for one. The request's deadline is
+    /// the wait plus the call timeout, so a directory that stopped answering is noticed.
+    pub async fn changes(
+        &self,
+        epoch: Option<u64>,
+        after: u64,
+        wait: Duration,
+    ) -> Result<common::api::ChangesResponse, RemoteError> {
+        let wait_ms = u64::try_from(wait.as_millis())
+            .unwrap_or(u64::MAX)
+            .min(common::api::CHANGES_MAX_WAIT_MS);
+        let mut url = format!(
+            "{}?after={after}&wait_ms={wait_ms}",
+            self.dir(routes::CHANGES)
+        );
+        if let Some(e) = epoch {
+            url.push_str(&format!("&epoch={e}"));
+        }
+        let token = self.token().await?;
+        let resp = self
+            .http
+            .get(url)
+            .bearer_auth(token)
+            .timeout(Duration::from_millis(wait_ms) + self.config.call_timeout)
+            .send()
+            .await
+            .map_err(|e| net("change feed", e))?;
+        if !resp.status().is_success() {
+            return Err(api_error(resp).await);
+        }
+        resp.json().await.map_err(|e| net("change feed", e))
+    }
+}
+
+/// The header naming this client process to the directory (`x-dfs-origin`, random per
+/// process), sent with every request: the change feed leaves out what it changed itself.
+fn origin_header() -> reqwest::header::HeaderMap {
+    let mut h = reqwest::header::HeaderMap::new();
+    let origin = format!("{:032x}", rand::random::<u128>());
+    if let Ok(v) = reqwest::header::HeaderValue::from_str(&origin) {
+        h.insert(routes::ORIGIN_HEADER, v);
+    }
+    h
 }
 
 /// A response header as text.

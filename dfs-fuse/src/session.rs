@@ -262,6 +262,13 @@ pub fn mount(remote: Remote, opts: &MountOptions) -> anyhow::Result<Mounted> {
     if let Some(addr) = opts.metrics {
         serve_metrics(&fs, addr, cancel.clone())?;
     }
+    // Another client's changes reach the kernel through the change feed: invalidations go
+    // to the kernel from a thread of their own, never from a FUSE or runtime thread.
+    fs.set_kernel_cache(
+        crate::fuse::NotifierThread::start(session.notifier())
+            .context("starting the kernel notification thread")?,
+    );
+    tokio::spawn(fs.clone().run_feed(cancel.clone()));
     let uploader = tokio::spawn(fs.clone().run_uploader(cancel.clone()));
     tokio::spawn(fs.clone().run_lock_renewals(cancel.clone()));
     fs.write_status();
@@ -297,6 +304,18 @@ fn serve_metrics(
         "client_downloads",
         "Whole-file downloads since mount",
         Box::new(move || stats.downloads.load(std::sync::atomic::Ordering::Relaxed)),
+    );
+    let f = fs.clone();
+    metrics.registry.counter(
+        "client_feed_up",
+        "1 while the change feed is healthy (long TTLs), else 0",
+        Box::new(move || u64::from(f.feed_up())),
+    );
+    let f = fs.clone();
+    metrics.registry.counter(
+        "client_feed_resyncs",
+        "Times everything cached was dropped because the change feed was lost or restarted",
+        Box::new(move || f.feed_resyncs()),
     );
     let app = axum::Router::new().route(
         common::routes::METRICS,

@@ -1131,3 +1131,107 @@ async fn a_change_left_pending_by_an_earlier_run_is_pushed_as_the_files_owner() 
     assert_eq!((meta.size, meta.mode & 0o7777), (3, 0o755), "{meta:?}");
     c.shutdown().await;
 }
+
+/// What a core asked the kernel to forget (the adapter's `Notifier` thread in a mount).
+#[derive(Default)]
+struct Recorded(std::sync::Mutex<Vec<dfs_fuse::fs::feed::Invalidation>>);
+
+impl dfs_fuse::fs::feed::KernelCache for Recorded {
+    fn invalidate(&self, batch: Vec<dfs_fuse::fs::feed::Invalidation>) {
+        self.0.lock().unwrap().extend(batch);
+    }
+}
+
+impl Recorded {
+    fn has(&self, f: impl Fn(&dfs_fuse::fs::feed::Invalidation) -> bool) -> bool {
+        self.0.lock().unwrap().iter().any(f)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn another_clients_rename_and_write_reach_this_clients_kernel_through_the_feed() {
+    use dfs_fuse::fs::feed::Invalidation;
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let a = core(&c, Some(login(&c, "alice").await), &dir.path().join("a"));
+    let b = std::sync::Arc::new(core(
+        &c,
+        Some(login(&c, "alice").await),
+        &dir.path().join("b"),
+    ));
+    let kernel = std::sync::Arc::new(Recorded::default());
+    b.set_kernel_cache(kernel.clone());
+    let cancel = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(b.clone().run_feed(cancel.clone()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !b.feed_up() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(b.feed_up(), "subscribed");
+    assert_eq!(
+        b.ttl(),
+        dfs_fuse::fs::feed::FEED_TTL,
+        "long TTLs while healthy"
+    );
+
+    write_file(&a, "f", b"one").await.unwrap();
+    let f = b.lookup(NodeId::ROOT, OsStr::new("f")).await.unwrap();
+    let f = NodeId(f.ino.0);
+    assert_eq!(b.getattr(f).await.unwrap().0.size, 3);
+    // B's own change never comes back to it.
+    let mine = b
+        .mkdir(NodeId::ROOT, OsStr::new("mine"), 0o755)
+        .await
+        .unwrap();
+    let mine = NodeId(mine.ino.0);
+
+    let rename = common::api::RenameRequest {
+        parent: NodeId::ROOT,
+        name: common::ValidName::parse("f").unwrap(),
+        new_parent: NodeId::ROOT,
+        new_name: common::ValidName::parse("g").unwrap(),
+        no_replace: false,
+    };
+    a.remote().rename(&rename).await.unwrap();
+    let heard = |what: Invalidation| {
+        let kernel = kernel.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while !kernel.has(|i| *i == what) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            kernel.has(|i| *i == what)
+        }
+    };
+    assert!(
+        heard(Invalidation::Entry {
+            parent: NodeId::ROOT,
+            name: "f".into()
+        })
+        .await,
+        "the old name is dropped from the kernel"
+    );
+    assert!(heard(Invalidation::Inode(NodeId::ROOT)).await);
+    assert!(
+        b.lookup(NodeId::ROOT, OsStr::new("f")).await.is_err(),
+        "and from what B knows, well within the TTL"
+    );
+    assert!(b.lookup(NodeId::ROOT, OsStr::new("g")).await.is_ok());
+    assert!(
+        !kernel.has(|i| *i == Invalidation::Inode(mine)),
+        "B's own mkdir (published before A's rename) is not echoed"
+    );
+
+    // A new version: B's attributes of the file are dropped, and asked again.
+    write_file(&a, "g", b"a longer second version")
+        .await
+        .unwrap();
+    kernel.0.lock().unwrap().clear();
+    write_file(&a, "g", b"third, longer still, version")
+        .await
+        .unwrap();
+    assert!(heard(Invalidation::Inode(f)).await);
+    assert_eq!(b.getattr(f).await.unwrap().0.size, 28);
+    cancel.cancel();
+    c.shutdown().await;
+}

@@ -133,6 +133,11 @@ pub struct AllArgs {
     /// Missed heartbeats after which a file server counts as dead.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub missed_beats: u32,
+    /// Where the directory keeps its metadata: `redb` (a file in the data directory) or an
+    /// etcd cluster, `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` (prefix default `dfs`), which
+    /// several directories can share.
+    #[arg(long, default_value = "redb", value_name = "STORE")]
+    pub meta: crate::meta::MetaConfig,
     /// Milliseconds between repair passes (primary failover, re-replication).
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(50..))]
     pub repair_interval_ms: u64,
@@ -173,6 +178,11 @@ pub struct DirectoryArgs {
     /// Milliseconds between repair passes (primary failover, re-replication).
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(50..))]
     repair_interval_ms: u64,
+    /// Where the directory keeps its metadata: `redb` (a file in the data directory) or an
+    /// etcd cluster, `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` (prefix default `dfs`), which
+    /// several directories can share.
+    #[arg(long, default_value = "redb", value_name = "STORE")]
+    meta: crate::meta::MetaConfig,
 }
 
 /// `lock` and `auth`.
@@ -265,6 +275,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.directory.replication = a.replication;
                 cfg.directory.heartbeat = Duration::from_millis(a.heartbeat_ms);
                 cfg.directory.missed_beats = a.missed_beats;
+                cfg.meta = a.meta;
                 cfg.repair.interval = Duration::from_millis(a.repair_interval_ms);
                 cfg.scrub_interval = Duration::from_secs(a.scrub_interval_secs);
                 cfg.lock.lease = Duration::from_millis(a.lease_ms);
@@ -295,7 +306,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     missed_beats: a.missed_beats,
                 };
                 let svc = Arc::new(
-                    DirectoryService::open(&a.common.data, cfg)
+                    DirectoryService::open_meta(&a.common.data, &a.meta, cfg)
                         .context("opening the directory")?
                         .with_capability_key(&key)
                         .https_only(tls.is_some()),
@@ -327,7 +338,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     cluster::serve(
                         l,
                         finish(
-                            crate::directory::routes::router(svc.clone()),
+                            crate::directory::routes::router_with_feed(
+                                svc.clone(),
+                                crate::directory::feed::Feed::until(cancel.clone()),
+                            ),
                             verifier,
                             cluster::directory_metrics(&svc),
                             Duration::from_secs(a.common.body_idle_secs),

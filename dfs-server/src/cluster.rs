@@ -42,6 +42,8 @@ pub struct ClusterConfig {
     pub file_servers: usize,
     /// Directory tunables.
     pub directory: DirectoryConfig,
+    /// Where the directory keeps its metadata (redb under `data/directory`, or etcd).
+    pub meta: crate::meta::MetaConfig,
     /// Lock tunables.
     pub lock: LockConfig,
     /// Auth tunables.
@@ -68,6 +70,7 @@ impl ClusterConfig {
             listen,
             file_servers: 3,
             directory: DirectoryConfig::default(),
+            meta: crate::meta::MetaConfig::Redb,
             lock: LockConfig::default(),
             auth: AuthConfig::default(),
             max_file_bytes: DEFAULT_MAX_FILE_BYTES,
@@ -272,6 +275,12 @@ pub fn directory_metrics(svc: &Arc<DirectoryService>) -> Arc<Metrics> {
         "Reopenings of the directory's store after a failed durable commit",
         Box::new(move || s.store_counters().2),
     );
+    let s = svc.clone();
+    m.counter(
+        "directory_store_conflicts",
+        "Metadata transactions run again after a conflict with another writer (etcd)",
+        Box::new(move || s.store_conflicts()),
+    );
     m
 }
 
@@ -393,10 +402,14 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
     )?);
 
     let directory = Arc::new(
-        DirectoryService::open(&cfg.data.join("directory"), cfg.directory.clone())
-            .context("opening the directory service")?
-            .with_capability_key(&key)
-            .https_only(cfg.tls.is_some()),
+        DirectoryService::open_meta(
+            &cfg.data.join("directory"),
+            &cfg.meta,
+            cfg.directory.clone(),
+        )
+        .context("opening the directory service")?
+        .with_capability_key(&key)
+        .https_only(cfg.tls.is_some()),
     );
     let (dl, directory_url) = bind(cfg.listen, tls).await.context("directory service")?;
     tasks.push(start_repair(
@@ -409,7 +422,10 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
     tasks.push(serve(
         dl,
         crate::http::finish(
-            crate::directory::routes::router(directory.clone()),
+            crate::directory::routes::router_with_feed(
+                directory.clone(),
+                crate::directory::feed::Feed::until(cancel.clone()),
+            ),
             verifier.clone(),
             directory_metrics(&directory),
             cfg.body_idle,

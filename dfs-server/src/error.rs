@@ -94,6 +94,10 @@ pub enum ServiceError {
     /// binary, never an answer to a request.
     #[error("{0}")]
     DataDirInUse(String),
+    /// The answer remembered for a retried request (`directory::requests`): its refusal, as
+    /// it was given the first time.
+    #[error("{}", .0.message)]
+    Remembered(common::ErrorBody),
 }
 
 impl ServiceError {
@@ -132,6 +136,7 @@ impl ServiceError {
             // Never sent; were it ever, the client would learn only that the server failed,
             // and the server log would say which directory (as for any internal error).
             ServiceError::DataDirInUse(_) => ErrorCode::Internal,
+            ServiceError::Remembered(body) => body.code,
         }
     }
 

@@ -20,9 +20,12 @@ pub mod file;
 pub mod http;
 pub mod keyed;
 pub mod lock;
+pub mod meta;
 pub mod metrics;
 pub mod peer;
 pub mod store;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod tls;
 
 /// Initialises `tracing` with `RUST_LOG` (default `info`) on stderr.

@@ -1468,3 +1468,275 @@ async fn a_listing_is_paged_by_a_name_cursor_and_bounded_by_the_server() {
     assert_eq!(page(Some("a%2Fb".into()), "1").await.unwrap().status(), 400);
     h.cluster.shutdown().await;
 }
+
+async fn poll_changes(
+    h: &Harness,
+    token: &str,
+    epoch: Option<u64>,
+    after: u64,
+    wait_ms: u64,
+) -> (String, common::api::ChangesResponse) {
+    let mut url = format!("{}?after={after}&wait_ms={wait_ms}", h.dir(routes::CHANGES));
+    if let Some(e) = epoch {
+        url.push_str(&format!("&epoch={e}"));
+    }
+    let r = h.http.get(url).bearer_auth(token).send().await.unwrap();
+    assert!(r.status().is_success(), "changes: {}", r.status());
+    let body = r.text().await.unwrap();
+    let parsed = serde_json::from_str(&body).unwrap();
+    (body, parsed)
+}
+
+#[tokio::test]
+async fn the_change_feed_names_node_ids_only_never_a_name_in_a_directory_one_cannot_read() {
+    use common::api::ChangeKind;
+    let h = Harness::new(|_| {}).await;
+    let bob = signup_login(&h.http, &h.cluster, "bob").await.token;
+    // Bob subscribes: the first poll is a resync that says where the feed is.
+    let (_, first) = poll_changes(&h, &bob, None, 0, 0).await;
+    assert!(first.resync);
+    let (epoch, start) = (first.epoch, first.next);
+
+    let private = h.create(NodeId::ROOT, "private", FileKind::Dir).await;
+    let r = h
+        .http
+        .patch(h.dir(&routes::node(private.id)))
+        .bearer_auth(&h.token)
+        .json(&serde_json::json!({ "mode": 0o700 }))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let secret = h
+        .create(private.id, "salary-of-carol.xlsx", FileKind::File)
+        .await;
+    let r = h.write(&secret, b"a lot", 1, 1).await;
+    assert!(r.status().is_success(), "write: {}", r.status());
+    let rename = RenameRequest {
+        parent: private.id,
+        name: ValidName::parse("salary-of-carol.xlsx").unwrap(),
+        new_parent: private.id,
+        new_name: ValidName::parse("layoffs-2027.txt").unwrap(),
+        no_replace: false,
+    };
+    let r = h
+        .http
+        .post(h.dir(routes::RENAME))
+        .bearer_auth(&h.token)
+        .json(&rename)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    // Bob may not list the directory ...
+    let r = h
+        .http
+        .get(h.dir(&routes::children(private.id)))
+        .bearer_auth(&bob)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (403, ErrorCode::AccessDenied));
+    // ... and the feed tells him no name and no metadata of it, only that ids changed.
+    let (body, got) = poll_changes(&h, &bob, Some(epoch), start, 0).await;
+    assert!(!got.resync);
+    for secret_word in [
+        "salary", "carol", "layoffs", "xlsx", "private", "mode", "size",
+    ] {
+        assert!(!body.contains(secret_word), "{secret_word} leaked: {body}");
+    }
+    let what: Vec<ChangeKind> = got.changes.iter().map(|c| c.what).collect();
+    for expected in [
+        ChangeKind::Entry {
+            dir: NodeId::ROOT,
+            node: private.id,
+        },
+        ChangeKind::Node { node: private.id },
+        ChangeKind::Entry {
+            dir: private.id,
+            node: secret.id,
+        },
+        ChangeKind::Node { node: secret.id },
+    ] {
+        assert!(
+            what.contains(&expected),
+            "{expected:?} missing from {what:?}"
+        );
+    }
+    assert!(got.changes.windows(2).all(|w| w[0].seq <= w[1].seq));
+    assert!(got.next > start);
+
+    // A poll with nothing new waits, and a change wakes it at once.
+    let t0 = std::time::Instant::now();
+    let poll = poll_changes(&h, &bob, Some(epoch), got.next, 20_000);
+    let remove = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let r = h
+            .http
+            .delete(h.dir(&routes::child(private.id, "layoffs-2027.txt")))
+            .bearer_auth(&h.token)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    };
+    let ((_, woken), ()) = tokio::join!(poll, remove);
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "woken by the change"
+    );
+    let what: Vec<ChangeKind> = woken.changes.iter().map(|c| c.what).collect();
+    assert!(
+        what.contains(&ChangeKind::Gone { node: secret.id }),
+        "{what:?}"
+    );
+
+    // Another epoch (a restarted directory) or a wait beyond the bound.
+    let (_, other) = poll_changes(&h, &bob, Some(epoch ^ 1), woken.next, 0).await;
+    assert!(other.resync);
+    let r = h
+        .http
+        .get(format!("{}?after=0&wait_ms=30001", h.dir(routes::CHANGES)))
+        .bearer_auth(&bob)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (400, ErrorCode::BadRequest));
+    let r = h.http.get(h.dir(routes::CHANGES)).send().await.unwrap();
+    assert_eq!(error_code(r).await, (401, ErrorCode::Unauthorized));
+    // A client is not told its own changes (it named itself in x-dfs-origin), but another is.
+    let me = "0123456789abcdef0123456789abcdef";
+    let r = h
+        .http
+        .post(h.dir(&routes::children(NodeId::ROOT)))
+        .bearer_auth(&bob)
+        .header(routes::ORIGIN_HEADER, me)
+        .json(&serde_json::json!({ "name": "bobs", "kind": "file", "mode": 420 }))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let bobs: NodeMeta = r.json().await.unwrap();
+    let own = h
+        .http
+        .get(format!(
+            "{}?epoch={epoch}&after={}&wait_ms=0",
+            h.dir(routes::CHANGES),
+            woken.next
+        ))
+        .bearer_auth(&bob)
+        .header(routes::ORIGIN_HEADER, me)
+        .send()
+        .await
+        .unwrap();
+    let own: common::api::ChangesResponse = own.json().await.unwrap();
+    assert!(own.changes.is_empty() && own.next > woken.next, "{own:?}");
+    let (_, other) = poll_changes(&h, &h.token, Some(epoch), woken.next, 0).await;
+    assert!(
+        other.changes.iter().any(|c| c.what
+            == ChangeKind::Entry {
+                dir: NodeId::ROOT,
+                node: bobs.id
+            }),
+        "{other:?}"
+    );
+    let r = h
+        .http
+        .get(h.dir(routes::CHANGES))
+        .bearer_auth(&bob)
+        .header(routes::ORIGIN_HEADER, "not-hex")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (400, ErrorCode::BadRequest));
+    h.cluster.shutdown().await;
+}
+
+/// A create or remove sent again with the same `x-dfs-request-id` (its answer was lost) is
+/// answered as the first one was, not EEXIST or ENOENT; a malformed id is refused as a bad
+/// request, naming the header.
+#[tokio::test]
+async fn a_request_id_makes_a_retried_namespace_change_answer_once() {
+    let h = Harness::new(|_| {}).await;
+    let create = |id: &str| {
+        let body = serde_json::json!({"name": "f", "kind": "file", "mode": 420});
+        h.http
+            .post(h.dir(&routes::children(NodeId::ROOT)))
+            .bearer_auth(&h.token)
+            .header(routes::REQUEST_ID, id)
+            .json(&body)
+            .send()
+    };
+    let first = create("create-f-1").await.unwrap();
+    assert!(first.status().is_success(), "{}", first.status());
+    let first: NodeMeta = first.json().await.unwrap();
+    let again = create("create-f-1").await.unwrap();
+    assert!(again.status().is_success(), "{}", again.status());
+    assert_eq!(again.json::<NodeMeta>().await.unwrap().id, first.id);
+    assert_eq!(
+        error_code(create("create-f-2").await.unwrap()).await,
+        (409, ErrorCode::Exists)
+    );
+    let bad = create("not an id!").await.unwrap();
+    assert_eq!(bad.status().as_u16(), 400);
+    let body: common::ErrorBody = bad.json().await.unwrap();
+    assert!(
+        body.message.contains(routes::REQUEST_ID),
+        "{}",
+        body.message
+    );
+    let remove = || {
+        h.http
+            .delete(h.dir(&format!("{}/f", routes::children(NodeId::ROOT))))
+            .bearer_auth(&h.token)
+            .header(routes::REQUEST_ID, "rm-f")
+            .send()
+    };
+    for _ in 0..2 {
+        let r = remove().await.unwrap();
+        assert!(r.status().is_success(), "a retried unlink: {}", r.status());
+        assert_eq!(r.json::<NodeMeta>().await.unwrap().nlink, 0);
+    }
+}
+
+/// `all` with `--meta etcd://...`: the namespace lives in etcd, and a cluster started again
+/// on the same prefix (its data directory gone: nothing of the namespace is local) finds it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_on_etcd_keeps_its_namespace_there() {
+    let etcd = dfs_server::testing::shared_etcd().unwrap_or_else(|e| panic!("{e}"));
+    let meta = dfs_server::meta::MetaConfig::parse(
+        &etcd.meta_url(&format!("api/{:08x}", rand::random::<u32>())),
+    )
+    .unwrap();
+    let m = meta.clone();
+    let h = Harness::new(move |c| c.meta = m).await;
+    let d = h.create(NodeId::ROOT, "d", FileKind::Dir).await;
+    let f = h.create(d.id, "f", FileKind::File).await;
+    let r = h
+        .http
+        .post(h.dir(routes::RENAME))
+        .bearer_auth(&h.token)
+        .json(&RenameRequest {
+            parent: d.id,
+            name: ValidName::parse("f").unwrap(),
+            new_parent: NodeId::ROOT,
+            new_name: ValidName::parse("g").unwrap(),
+            no_replace: false,
+        })
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "rename: {}", r.status());
+    let cluster_id = h.cluster_info().await.cluster_id;
+    let Harness { cluster, _dir, .. } = h;
+    cluster.shutdown().await;
+    drop(_dir);
+    let h = Harness::new(move |c| c.meta = meta).await;
+    assert_eq!(h.cluster_info().await.cluster_id, cluster_id);
+    let g: NodeMeta = h
+        .get_json(&format!("{}/g", routes::children(NodeId::ROOT)))
+        .await;
+    assert_eq!(g.id, f.id);
+    let page: common::api::ListPage = h.get_json(&routes::children(d.id)).await;
+    assert!(page.entries.is_empty() && page.next.is_none());
+}

@@ -5,6 +5,7 @@ mod auth_guard;
 mod bad_input;
 mod basic;
 mod faults;
+mod feed;
 mod groups;
 mod large;
 mod local_ids;

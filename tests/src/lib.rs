@@ -5,6 +5,9 @@
 
 mod disk;
 mod tls;
+/// A throwaway etcd on loopback (`EtcdServer::start`, or the binary's `shared_etcd`), for
+/// directories started with `--meta etcd://...`.
+pub use dfs_server::testing as etcd;
 pub use disk::LoopDisk;
 pub use tls::TestCerts;
 

@@ -14,6 +14,11 @@ use common::{DirEntry, NodeId, NodeMeta};
 /// A directory with more entries than this is not listed again just to answer lookups.
 pub(super) const RELIST_MAX_ENTRIES: usize = 512;
 
+/// How long after the change feed said a node changed an answer about it is not taken as
+/// fresh: the request may have been answered before the change (a request lasts at most the
+/// call timeout; beyond this window the short TTL bounds what remains).
+pub(super) const FEED_RACE: Duration = Duration::from_secs(10);
+
 /// How to answer a lookup (see [`Known::lookup`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Lookup {
@@ -39,6 +44,11 @@ pub(super) struct Known {
     /// Changes this client made per directory: a listing requested before one of them
     /// happened may not show it, so it does not replace what is known.
     changes: HashMap<NodeId, u64>,
+    /// When the change feed last said each node (or directory) changed.
+    feed_touched: HashMap<NodeId, Instant>,
+    /// When everything was last distrusted (the feed lost), and how many times.
+    distrusted_at: Option<Instant>,
+    distrusts: u64,
 }
 
 /// Taken before a listing request: when and at which change of the directory.
@@ -46,13 +56,14 @@ pub(super) struct Known {
 pub(super) struct ListingStart {
     at: Instant,
     changes: u64,
+    distrusts: u64,
 }
 
 impl Known {
     /// Records `meta`, heard now, under `name` in its parent if given.
     pub fn remember(&mut self, meta: &NodeMeta, name: Option<(NodeId, &str)>, now: Instant) {
         self.by_id.insert(meta.id, meta.clone());
-        self.heard.insert(meta.id, now);
+        self.heard(meta.id, now);
         if let Some((parent, name)) = name {
             self.changed(parent);
             self.names
@@ -60,6 +71,71 @@ impl Known {
                 .or_default()
                 .insert(name.to_owned(), meta.id);
         }
+    }
+
+    /// `id` was heard of at `now`: fresh unless the feed said it changed so recently that
+    /// the answer may predate the change.
+    fn heard(&mut self, id: NodeId, now: Instant) {
+        let horizon = now.checked_sub(FEED_RACE).unwrap_or(now);
+        if self.touched_since(id, horizon) || self.distrusted_at.is_some_and(|t| t >= horizon) {
+            self.heard.remove(&id);
+        } else {
+            self.heard.insert(id, now);
+        }
+    }
+
+    /// Whether the change feed said `id` changed at or after `since`.
+    pub fn touched_since(&self, id: NodeId, since: Instant) -> bool {
+        self.feed_touched.get(&id).is_some_and(|t| *t >= since)
+    }
+
+    /// The change feed says `id` changed: nothing heard of it before is fresh, and nothing
+    /// heard within `FEED_RACE` after either.
+    pub fn feed_changed(&mut self, id: NodeId, now: Instant) {
+        self.heard.remove(&id);
+        if self.feed_touched.len() >= 4096 {
+            let horizon = now.checked_sub(FEED_RACE).unwrap_or(now);
+            self.feed_touched.retain(|_, t| *t >= horizon);
+        }
+        self.feed_touched.insert(id, now);
+    }
+
+    /// The names `dir` is known to have for `node`.
+    pub fn names_for(&self, dir: NodeId, node: NodeId) -> Vec<String> {
+        self.names
+            .get(&dir)
+            .map(|n| {
+                n.iter()
+                    .filter(|(_, id)| **id == node)
+                    .map(|(name, _)| name.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Nothing known is fresh any more (the change feed was lost): every name and every node
+    /// known, for the caller to drop from the kernel too. What is known stays, for when the
+    /// directory cannot be reached.
+    pub fn distrust_all(&mut self) -> (Vec<(NodeId, String)>, Vec<NodeId>) {
+        let names: Vec<(NodeId, String)> = self
+            .names
+            .iter()
+            .flat_map(|(dir, n)| n.keys().map(|name| (*dir, name.clone())))
+            .collect();
+        let dirs: Vec<NodeId> = self
+            .names
+            .keys()
+            .chain(self.complete.keys())
+            .copied()
+            .collect();
+        for dir in dirs {
+            self.changed(dir);
+        }
+        self.complete.clear();
+        self.heard.clear();
+        self.distrusts += 1;
+        self.distrusted_at = Some(Instant::now());
+        (names, self.by_id.keys().copied().collect())
     }
 
     fn changed(&mut self, dir: NodeId) {
@@ -71,35 +147,53 @@ impl Known {
         ListingStart {
             at: now,
             changes: self.changes.get(&dir).copied().unwrap_or(0),
+            distrusts: self.distrusts,
         }
     }
 
     /// A full listing of `dir`, requested at `start`: its names are exactly these, as of the
     /// request (not the answer). If this client changed the directory meanwhile, the listing
     /// may predate the change: its names are added, nothing is removed, and the directory is
-    /// not taken as known completely.
-    pub fn listed(&mut self, dir: NodeId, entries: &[DirEntry], start: ListingStart) {
-        let current = self.changes.get(&dir).copied().unwrap_or(0) == start.changes;
+    /// not taken as known completely. Returns the names known before that the listing shows
+    /// gone or naming another node (the kernel may still hold them).
+    pub fn listed(
+        &mut self,
+        dir: NodeId,
+        entries: &[DirEntry],
+        start: ListingStart,
+    ) -> Vec<String> {
+        let current = self.changes.get(&dir).copied().unwrap_or(0) == start.changes
+            && self.distrusts == start.distrusts;
+        let old = self.names.remove(&dir).unwrap_or_default();
         let mut names = if current {
             HashMap::with_capacity(entries.len())
         } else {
-            self.names.remove(&dir).unwrap_or_default()
+            old.clone()
         };
         for e in entries {
             self.by_id.insert(e.meta.id, e.meta.clone());
-            self.heard.insert(e.meta.id, start.at);
+            self.heard(e.meta.id, start.at);
             if current {
                 names.insert(e.name.clone(), e.meta.id);
             } else {
                 names.entry(e.name.clone()).or_insert(e.meta.id);
             }
         }
+        let dropped = if current {
+            old.into_iter()
+                .filter(|(name, id)| names.get(name) != Some(id))
+                .map(|(name, _)| name)
+                .collect()
+        } else {
+            Vec::new()
+        };
         self.names.insert(dir, names);
         if current {
             self.complete.insert(dir, start.at);
         } else {
             self.complete.remove(&dir);
         }
+        dropped
     }
 
     /// `dir` was just made by this client: empty, and known completely.

@@ -25,6 +25,7 @@ mod applock;
 mod batch;
 mod conflict;
 mod evict;
+pub mod feed;
 mod known;
 mod recover;
 mod upload;
@@ -185,8 +186,9 @@ pub struct Opened {
     pub handle: Arc<Handle>,
 }
 
-/// How long the kernel may cache attributes and entries (the README's metadata bound). A
-/// getattr answered from what this client heard less than that long ago gets the rest of it.
+/// How long the kernel may cache attributes and entries while the change feed is down (the
+/// README's metadata bound then; `feed::FEED_TTL` while it is up). A getattr answered from
+/// what this client heard less than the TTL ago gets the rest of it.
 pub const ATTR_TTL: Duration = Duration::from_secs(1);
 
 /// What `dfs status` shows of this client; also written to `status.json` in the cache.
@@ -276,6 +278,8 @@ pub struct DfsFs {
     /// pushes are refused, and the next open without writers fetches the file again.
     torn: Mutex<std::collections::HashSet<NodeId>>,
     known: Mutex<known::Known>,
+    /// The change feed's state (see `feed.rs`).
+    feed: feed::FeedState,
     uid: u32,
     gid: u32,
     config: FsConfig,
@@ -402,6 +406,7 @@ impl DfsFs {
             unlocking: dfs_server::keyed::KeyedMutex::default(),
             torn: Mutex::new(std::collections::HashSet::new()),
             known: Mutex::new(known::Known::default()),
+            feed: feed::FeedState::default(),
             uid: meta.uid(),
             gid: meta.gid(),
             config,
@@ -470,9 +475,20 @@ impl DfsFs {
         self.known().touched_dir(dir, common::meta::now_ns());
     }
 
-    /// What this client heard of `id` less than `ATTR_TTL` ago, with the time left.
+    /// What this client heard of `id` less than the TTL ago (`ttl()`), with the time left.
     fn recent_meta(&self, id: NodeId) -> Option<(NodeMeta, Duration)> {
-        self.known().recent(id, ATTR_TTL, Instant::now())
+        let ttl = self.ttl();
+        self.known().recent(id, ttl, Instant::now())
+    }
+
+    /// Names a listing of `dir` showed gone or naming another node: the kernel forgets them.
+    fn names_dropped(&self, dir: NodeId, names: Vec<String>) {
+        self.to_kernel(
+            names
+                .into_iter()
+                .map(|name| feed::Invalidation::Entry { parent: dir, name })
+                .collect(),
+        );
     }
 
     fn forget_name(&self, parent: NodeId, name: &str) {
@@ -602,18 +618,20 @@ impl DfsFs {
     /// lookup.
     pub async fn lookup(&self, parent: NodeId, name: &OsStr) -> FsResult<FileAttr> {
         let name = name_of(name)?;
+        let ttl = self.ttl();
         let how = self
             .known()
-            .lookup(parent, name.as_str(), ATTR_TTL, Instant::now());
+            .lookup(parent, name.as_str(), ttl, Instant::now());
         match how {
             known::Lookup::Absent => return Err(FsError::Absent),
             known::Lookup::Relist => {
                 let start = self.known().listing_start(parent, Instant::now());
                 if let Ok(entries) = self.remote.list(parent).await {
                     let mut k = self.known();
-                    k.listed(parent, &entries, start);
+                    let dropped = k.listed(parent, &entries, start);
                     let found = k.by_name(parent, name.as_str());
                     drop(k);
+                    self.names_dropped(parent, dropped);
                     return found.map(|m| self.attr(&m)).ok_or(FsError::Absent);
                 }
             }
@@ -634,13 +652,13 @@ impl DfsFs {
 
     /// getattr.
     /// getattr, with how long the kernel may cache the answer. What this client heard from
-    /// the directory (or changed itself) less than `ATTR_TTL` ago is answered locally, cached
-    /// for the rest of that time, so no answer is older than `ATTR_TTL` when it expires.
+    /// the directory (or changed itself) less than the TTL ago (`ttl()`) and the feed has not
+    /// reported changed since is answered locally, cached for the rest of that time.
     pub async fn getattr(&self, id: NodeId) -> FsResult<(FileAttr, Duration)> {
         if let Some((meta, left)) = self.recent_meta(id) {
             return Ok((self.attr(&meta), left));
         }
-        Ok((self.attr(&self.meta(id).await?), ATTR_TTL))
+        Ok((self.attr(&self.meta(id).await?), self.ttl()))
     }
 
     /// setattr: mode and mtime at the directory; size as a new version (truncate locally,
@@ -882,7 +900,8 @@ impl DfsFs {
                 attr: dir_attr,
             },
         ];
-        self.known().listed(id, &entries, start);
+        let dropped = self.known().listed(id, &entries, start);
+        self.names_dropped(id, dropped);
         for e in entries {
             out.push(DirItem {
                 ino: e.meta.id.0,

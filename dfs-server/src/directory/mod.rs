@@ -1,14 +1,17 @@
-//! `DirectoryService`: the namespace and every file's metadata in one redb store, plus the file
-//! server registry. Every namespace change is one transaction: rename is atomic.
+//! `DirectoryService`: the namespace and every file's metadata in one metadata store (redb or
+//! etcd, `crate::meta`), plus the file server registry. Every namespace change is one
+//! transaction: rename is atomic.
 
 pub mod access;
 mod bulk;
 mod counters;
+pub mod feed;
 mod paging;
 pub mod placement;
 pub mod registry;
 pub mod repair;
 pub mod replicas;
+pub mod requests;
 pub mod routes;
 
 use std::path::Path;
@@ -23,19 +26,19 @@ use common::{
     Caller, ContentHash, DirEntry, FenceToken, FileKind, Identity, NodeId, NodeMeta, ServerId,
     ValidName,
 };
-use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
-use crate::commit::GroupCommit;
 use crate::error::{ServiceError, ServiceResult};
+use crate::meta::{MetaConfig, MetaStore, Table, Txn};
 use crate::store::{decode, encode, now_ns};
 pub use registry::Registry;
+pub use requests::RequestId;
 
-const NODES: TableDefinition<u64, &[u8]> = TableDefinition::new("nodes");
-const CHILDREN: TableDefinition<(u64, &str), u64> = TableDefinition::new("children");
+const NODES: Table<u64, Vec<u8>> = Table::new("nodes");
+const CHILDREN: Table<(u64, String), u64> = Table::new("children");
 /// The reverse of `children`: `(node, parent, name)` for every entry, kept in the same
 /// transactions, so that a node's names are a range read (hard links).
-const NAMES: TableDefinition<(u64, u64, &str), ()> = TableDefinition::new("names");
-const META: TableDefinition<&str, u64> = TableDefinition::new("dir_meta");
+const NAMES: Table<(u64, u64, String), ()> = Table::new("names");
+const META: Table<String, u64> = Table::new("dir_meta");
 const NEXT_ID: &str = "next_node_id";
 const CLUSTER_ID: &str = "cluster_id";
 /// The store's format: 2 counts links (`nlink`) and stores access times; 3 indexes every
@@ -43,6 +46,17 @@ const CLUSTER_ID: &str = "cluster_id";
 const FORMAT: &str = "format";
 const FORMAT_LINKS: u64 = 2;
 const FORMAT_NAMES: u64 = 3;
+/// Copies recorded per transaction by `add_holders`.
+const HOLDERS_PER_TXN: usize = 32;
+
+/// A number kept in `dir_meta`.
+fn meta_get(tx: &Txn, key: &str) -> ServiceResult<Option<u64>> {
+    tx.get(META, &key.to_owned())
+}
+
+fn meta_put(tx: &Txn, key: &str, value: u64) -> ServiceResult<()> {
+    tx.put(META, &key.to_owned(), &value)
+}
 
 /// Tunables of the directory.
 #[derive(Debug, Clone)]
@@ -65,9 +79,9 @@ impl Default for DirectoryConfig {
     }
 }
 
-/// The namespace service. Pure logic over redb; the registry decides placement.
+/// The namespace service. Pure logic over the metadata store; the registry decides placement.
 pub struct DirectoryService {
-    store: GroupCommit,
+    store: MetaStore,
     /// File servers, liveness and lock/auth URLs.
     pub registry: Registry,
     config: DirectoryConfig,
@@ -80,13 +94,12 @@ pub struct DirectoryService {
 
 /// A node as stored. A non-directory whose record has no link count (`nlink` 0: a field its
 /// writer did not know) has its names counted, never taken as having none.
-fn get_node(tx: &WriteTransaction, id: NodeId) -> ServiceResult<NodeMeta> {
+fn get_node(tx: &Txn, id: NodeId) -> ServiceResult<NodeMeta> {
     let mut meta: NodeMeta = {
-        let nodes = tx.open_table(NODES)?;
-        let v = nodes
-            .get(id.0)?
+        let v = tx
+            .get(NODES, &id.0)?
             .ok_or_else(|| ServiceError::NotFound(format!("node {id}")))?;
-        decode(v.value())?
+        decode(&v)?
     };
     if meta.nlink == 0 && meta.kind != FileKind::Dir {
         meta.nlink = count_names(tx, id)?;
@@ -95,51 +108,83 @@ fn get_node(tx: &WriteTransaction, id: NodeId) -> ServiceResult<NodeMeta> {
     Ok(meta)
 }
 
+/// The names of node `id` (the names index), at most `limit`: `(parent, name)`.
+fn names_of(tx: &Txn, id: NodeId, limit: Option<usize>) -> ServiceResult<Vec<(u64, String)>> {
+    let rows = tx.range(
+        NAMES,
+        Some(&(id.0, 0, String::new())),
+        Some(&(id.0.saturating_add(1), 0, String::new())),
+        limit,
+    )?;
+    Ok(rows.into_iter().map(|((_, p, n), ())| (p, n)).collect())
+}
+
 /// How many names node `id` has (the names index).
-fn count_names(tx: &WriteTransaction, id: NodeId) -> ServiceResult<u32> {
-    let names = tx.open_table(NAMES)?;
-    let mut count = 0u32;
-    for row in names.range((id.0, 0, "")..(id.0.saturating_add(1), 0, ""))? {
-        row?;
-        count = count.saturating_add(1);
-    }
-    Ok(count)
+fn count_names(tx: &Txn, id: NodeId) -> ServiceResult<u32> {
+    Ok(u32::try_from(names_of(tx, id, None)?.len()).unwrap_or(u32::MAX))
 }
 
-fn put_node(tx: &WriteTransaction, meta: &NodeMeta) -> ServiceResult<()> {
-    tx.open_table(NODES)?
-        .insert(meta.id.0, encode(meta)?.as_slice())?;
-    Ok(())
+fn put_node(tx: &Txn, meta: &NodeMeta) -> ServiceResult<()> {
+    tx.put(NODES, &meta.id.0, &encode(meta)?)
 }
 
-fn child_of(tx: &WriteTransaction, parent: NodeId, name: &str) -> ServiceResult<Option<NodeId>> {
-    Ok(tx
-        .open_table(CHILDREN)?
-        .get((parent.0, name))?
-        .map(|v| NodeId(v.value())))
+fn delete_node(tx: &Txn, id: NodeId) -> ServiceResult<()> {
+    tx.delete(NODES, &id.0)
+}
+
+fn child_of(tx: &Txn, parent: NodeId, name: &str) -> ServiceResult<Option<NodeId>> {
+    Ok(tx.get(CHILDREN, &(parent.0, name.to_owned()))?.map(NodeId))
 }
 
 /// Enters `name` in `parent` for node `id`, in `children` and its reverse index.
-fn add_name(tx: &WriteTransaction, parent: NodeId, name: &str, id: NodeId) -> ServiceResult<()> {
-    tx.open_table(CHILDREN)?.insert((parent.0, name), id.0)?;
-    tx.open_table(NAMES)?.insert((id.0, parent.0, name), ())?;
+fn add_name(tx: &Txn, parent: NodeId, name: &str, id: NodeId) -> ServiceResult<()> {
+    tx.put(CHILDREN, &(parent.0, name.to_owned()), &id.0)?;
+    tx.put(NAMES, &(id.0, parent.0, name.to_owned()), &())?;
     Ok(())
 }
 
 /// Removes `name` of node `id` from `parent`, in `children` and its reverse index.
-fn remove_name(tx: &WriteTransaction, parent: NodeId, name: &str, id: NodeId) -> ServiceResult<()> {
-    tx.open_table(CHILDREN)?.remove((parent.0, name))?;
-    tx.open_table(NAMES)?.remove((id.0, parent.0, name))?;
+fn remove_name(tx: &Txn, parent: NodeId, name: &str, id: NodeId) -> ServiceResult<()> {
+    tx.delete(CHILDREN, &(parent.0, name.to_owned()))?;
+    tx.delete(NAMES, &(id.0, parent.0, name.to_owned()))?;
     Ok(())
 }
 
-fn has_children(tx: &WriteTransaction, dir: NodeId) -> ServiceResult<bool> {
-    let children = tx.open_table(CHILDREN)?;
-    let mut range = children.range((dir.0, "")..(dir.0.saturating_add(1), ""))?;
-    Ok(range.next().is_some())
+/// The entries of directory `dir` in name order, at most `limit`: `(name, node)`.
+fn children_of(
+    tx: &Txn,
+    dir: NodeId,
+    limit: Option<usize>,
+) -> ServiceResult<Vec<(String, NodeId)>> {
+    let rows = tx.range(
+        CHILDREN,
+        Some(&(dir.0, String::new())),
+        Some(&(dir.0.saturating_add(1), String::new())),
+        limit,
+    )?;
+    Ok(rows
+        .into_iter()
+        .map(|((_, n), id)| (n, NodeId(id)))
+        .collect())
 }
 
-fn dir_node(tx: &WriteTransaction, id: NodeId) -> ServiceResult<NodeMeta> {
+fn has_children(tx: &Txn, dir: NodeId) -> ServiceResult<bool> {
+    Ok(!children_of(tx, dir, Some(1))?.is_empty())
+}
+
+/// Directory `id` as stored (read views: no recount of links).
+fn read_dir(tx: &Txn, id: NodeId) -> ServiceResult<NodeMeta> {
+    let v = tx
+        .get(NODES, &id.0)?
+        .ok_or_else(|| ServiceError::NotFound(format!("node {id}")))?;
+    let meta: NodeMeta = decode(&v)?;
+    if meta.kind != FileKind::Dir {
+        return Err(ServiceError::NotDir(format!("node {id}")));
+    }
+    Ok(meta)
+}
+
+fn dir_node(tx: &Txn, id: NodeId) -> ServiceResult<NodeMeta> {
     let meta = get_node(tx, id)?;
     if meta.kind != FileKind::Dir {
         return Err(ServiceError::NotDir(format!("node {id}")));
@@ -149,10 +194,10 @@ fn dir_node(tx: &WriteTransaction, id: NodeId) -> ServiceResult<NodeMeta> {
 
 /// Applies `f` to file `id` if its content is still `hash`.
 fn update_if_current_in(
-    tx: &WriteTransaction,
+    tx: &Txn,
     id: NodeId,
     hash: &ContentHash,
-    f: impl FnOnce(&mut NodeMeta),
+    f: impl Fn(&mut NodeMeta),
 ) -> ServiceResult<()> {
     let mut meta = get_node(tx, id)?;
     if &meta.hash != hash {
@@ -164,13 +209,13 @@ fn update_if_current_in(
     replicas::node_changed(tx, Some(&before), Some(&meta))
 }
 
-fn touch_dir(tx: &WriteTransaction, id: NodeId, now: u64) -> ServiceResult<()> {
+fn touch_dir(tx: &Txn, id: NodeId, now: u64) -> ServiceResult<()> {
     touch_dir_links(tx, id, now, 0)
 }
 
 /// An entry of directory `id` changed at `now`, and it gained (`subdirs` > 0) or lost
 /// subdirectories, each of which is a link to it (its `..`).
-fn touch_dir_links(tx: &WriteTransaction, id: NodeId, now: u64, subdirs: i64) -> ServiceResult<()> {
+fn touch_dir_links(tx: &Txn, id: NodeId, now: u64, subdirs: i64) -> ServiceResult<()> {
     let mut meta = get_node(tx, id)?;
     meta.mtime_ns = now;
     meta.ctime_ns = now;
@@ -181,25 +226,16 @@ fn touch_dir_links(tx: &WriteTransaction, id: NodeId, now: u64, subdirs: i64) ->
 
 /// A directory that still holds a name of `id`, for a node whose recorded parent lost its
 /// name of it (hard links): one read of the names index.
-fn another_parent(tx: &WriteTransaction, id: NodeId) -> ServiceResult<Option<NodeId>> {
-    let names = tx.open_table(NAMES)?;
-    let mut range = names.range((id.0, 0, "")..(id.0.saturating_add(1), 0, ""))?;
-    match range.next() {
-        Some(row) => Ok(Some(NodeId(row?.0.value().1))),
-        None => Ok(None),
-    }
+fn another_parent(tx: &Txn, id: NodeId) -> ServiceResult<Option<NodeId>> {
+    Ok(names_of(tx, id, Some(1))?.first().map(|(p, _)| NodeId(*p)))
 }
 
 /// Builds the names index from `children`, for a store written before it (format < 3).
 /// Returns the number of names indexed.
-fn index_names(tx: &WriteTransaction) -> ServiceResult<u64> {
-    let children = tx.open_table(CHILDREN)?;
-    let mut names = tx.open_table(NAMES)?;
+fn index_names(tx: &Txn) -> ServiceResult<u64> {
     let mut count = 0u64;
-    for row in children.iter()? {
-        let (k, v) = row?;
-        let (parent, name) = k.value();
-        names.insert((v.value(), parent, name), ())?;
+    for ((parent, name), id) in tx.all(CHILDREN)? {
+        tx.put(NAMES, &(id, parent, name), &())?;
         count += 1;
     }
     Ok(count)
@@ -208,18 +244,13 @@ fn index_names(tx: &WriteTransaction) -> ServiceResult<u64> {
 /// One name of non-directory `meta` (in `parent`) is gone: the node goes with its last name,
 /// else it keeps the others, with one link less. Returns the node with its new count (0:
 /// freed).
-fn drop_link(
-    tx: &WriteTransaction,
-    mut meta: NodeMeta,
-    parent: NodeId,
-    now: u64,
-) -> ServiceResult<NodeMeta> {
+fn drop_link(tx: &Txn, mut meta: NodeMeta, parent: NodeId, now: u64) -> ServiceResult<NodeMeta> {
     meta.nlink = meta.nlink.saturating_sub(1);
     if meta.nlink == 0 {
         // Never delete a node that still has a name, whatever its count said.
         let left = count_names(tx, meta.id)?;
         if left == 0 {
-            tx.open_table(NODES)?.remove(meta.id.0)?;
+            delete_node(tx, meta.id)?;
             replicas::node_changed(tx, Some(&meta), None)?;
             return Ok(meta);
         }
@@ -239,22 +270,14 @@ fn drop_link(
 /// Counts every node's links once, for a store written before links were counted: a file's
 /// names, 2 + subdirectories for a directory. Access times start as the modification times.
 /// Returns the number of nodes counted.
-fn count_links(tx: &WriteTransaction) -> ServiceResult<u64> {
+fn count_links(tx: &Txn) -> ServiceResult<u64> {
     let mut names: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
-    {
-        let children = tx.open_table(CHILDREN)?;
-        for row in children.iter()? {
-            let (_, v) = row?;
-            *names.entry(v.value()).or_default() += 1;
-        }
+    for (_, id) in tx.all(CHILDREN)? {
+        *names.entry(id).or_default() += 1;
     }
     let mut metas = Vec::new();
-    {
-        let nodes = tx.open_table(NODES)?;
-        for row in nodes.iter()? {
-            let (_, v) = row?;
-            metas.push(decode::<NodeMeta>(v.value())?);
-        }
+    for (_, v) in tx.all(NODES)? {
+        metas.push(decode::<NodeMeta>(&v)?);
     }
     let mut subdirs: std::collections::HashMap<NodeId, u32> = std::collections::HashMap::new();
     for m in &metas {
@@ -274,14 +297,14 @@ fn count_links(tx: &WriteTransaction) -> ServiceResult<u64> {
         }
         put_node(tx, &m)?;
     }
-    tx.open_table(META)?.insert(FORMAT, FORMAT_LINKS)?;
+    meta_put(tx, FORMAT, FORMAT_LINKS)?;
     Ok(counted)
 }
 
 /// One commit inside `tx`. The outer error is a storage failure (the whole transaction
 /// aborts); the inner one a refusal of this commit, which then wrote nothing.
 fn commit_in(
-    tx: &WriteTransaction,
+    tx: &Txn,
     id: NodeId,
     req: &CommitRequest,
 ) -> ServiceResult<ServiceResult<CommitResponse>> {
@@ -430,7 +453,7 @@ fn commit_in(
 /// `server` holds the current version of `item.node` (ignored if the version moved on); it joins
 /// the placement if it was not a member, replacing dead members that hold nothing current.
 fn add_holder_in(
-    tx: &WriteTransaction,
+    tx: &Txn,
     item: &common::api::HolderItem,
     live: &[ServerId],
     replication: usize,
@@ -458,64 +481,80 @@ fn add_holder_in(
 }
 
 impl DirectoryService {
-    /// Opens (or initialises, with an empty root) the store under `data_dir`.
+    /// Opens (or initialises, with an empty root) the redb store under `data_dir`.
     pub fn open(data_dir: &Path, config: DirectoryConfig) -> ServiceResult<Self> {
-        std::fs::create_dir_all(data_dir)?;
-        let store = GroupCommit::open(&data_dir.join("directory.redb"))?;
-        let (cluster_id, registry) = store.write(|tx| {
+        Self::open_meta(data_dir, &MetaConfig::Redb, config)
+    }
+
+    /// Opens (or initialises) the store `meta` names: redb under `data_dir`, or etcd.
+    pub fn open_meta(
+        data_dir: &Path,
+        meta: &MetaConfig,
+        config: DirectoryConfig,
+    ) -> ServiceResult<Self> {
+        let store = match meta {
+            MetaConfig::Redb => {
+                std::fs::create_dir_all(data_dir)?;
+                MetaStore::Redb(crate::meta::redb::RedbStore::open(
+                    &data_dir.join("directory.redb"),
+                )?)
+            }
+            MetaConfig::Etcd(c) => MetaStore::Etcd(crate::meta::etcd::EtcdStore::connect(c)?),
+        };
+        Self::with_store(store, config)
+    }
+
+    /// Opens (or initialises, with an empty root) the namespace in `store`.
+    pub fn with_store(store: MetaStore, config: DirectoryConfig) -> ServiceResult<Self> {
+        let cluster_id = store.write(|tx| {
             // A store a newer dfs wrote may hold what this one would misread or undo: refuse
             // it before touching anything (there is no downgrade).
-            let stored = tx.open_table(META)?.get(FORMAT)?.map(|v| v.value());
+            let stored = meta_get(tx, FORMAT)?;
             if let Some(f) = stored
                 && f > replicas::FORMAT
             {
                 return Err(ServiceError::Internal(format!(
-                    "the directory store {} is format {f}, written by a newer dfs; this dfs-server \
-                     knows formats up to {} and does not downgrade a store: run the \
-                     newer dfs-server",
-                    data_dir.join("directory.redb").display(),
+                    "{} is format {f}, written by a newer dfs; this dfs-server knows formats \
+                     up to {} and does not downgrade a store: run the newer dfs-server",
+                    store.describe(),
                     replicas::FORMAT
                 )));
             }
-            tx.open_table(CHILDREN)?;
-            tx.open_table(NAMES)?;
-            let fresh = tx.open_table(META)?.get(NEXT_ID)?.is_none();
+            let fresh = meta_get(tx, NEXT_ID)?.is_none();
             if fresh {
                 let now = now_ns();
-                put_node(
-                    tx,
-                    &NodeMeta {
-                        id: NodeId::ROOT,
-                        parent: NodeId::ROOT,
-                        kind: FileKind::Dir,
-                        // Everyone may make entries at the top, and remove only their own
-                        // (as /tmp); the administrator makes private directories below it.
-                        mode: 0o1777,
-                        owner: "root".into(),
-                        uid: 0,
-                        gid: 0,
-                        size: 0,
-                        version: 0,
-                        mtime_ns: now,
-                        ctime_ns: now,
-                        atime_ns: now,
-                        nlink: 2,
-                        rdev: 0,
-                        committed_ns: now,
-                        hash: ContentHash::empty(),
-                        primary: None,
-                        replicas: vec![],
-                        holders: vec![],
-                        symlink_target: None,
-                        fence: FenceToken(0),
-                        recent_uploads: vec![],
-                        writeback: None,
-                    },
-                )?;
-                tx.open_table(META)?.insert(NEXT_ID, NodeId::ROOT.0 + 1)?;
-                tx.open_table(META)?.insert(FORMAT, FORMAT_NAMES)?;
+                let root = NodeMeta {
+                    id: NodeId::ROOT,
+                    parent: NodeId::ROOT,
+                    kind: FileKind::Dir,
+                    // Everyone may make entries at the top, and remove only their own
+                    // (as /tmp); the administrator makes private directories below it.
+                    mode: 0o1777,
+                    owner: "root".into(),
+                    uid: 0,
+                    gid: 0,
+                    size: 0,
+                    version: 0,
+                    mtime_ns: now,
+                    ctime_ns: now,
+                    atime_ns: now,
+                    nlink: 2,
+                    rdev: 0,
+                    committed_ns: now,
+                    hash: ContentHash::empty(),
+                    primary: None,
+                    replicas: vec![],
+                    holders: vec![],
+                    symlink_target: None,
+                    fence: FenceToken(0),
+                    recent_uploads: vec![],
+                    writeback: None,
+                };
+                put_node(tx, &root)?;
+                meta_put(tx, NEXT_ID, NodeId::ROOT.0 + 1)?;
+                meta_put(tx, FORMAT, FORMAT_NAMES)?;
             }
-            let format = tx.open_table(META)?.get(FORMAT)?.map_or(1, |v| v.value());
+            let format = meta_get(tx, FORMAT)?.unwrap_or(1);
             if format < FORMAT_LINKS {
                 let nodes = count_links(tx)?;
                 tracing::info!(
@@ -526,7 +565,7 @@ impl DirectoryService {
             }
             if format < FORMAT_NAMES {
                 let names = index_names(tx)?;
-                tx.open_table(META)?.insert(FORMAT, FORMAT_NAMES)?;
+                meta_put(tx, FORMAT, FORMAT_NAMES)?;
                 tracing::info!(
                     from = format,
                     to = FORMAT_NAMES,
@@ -535,16 +574,12 @@ impl DirectoryService {
                 );
             }
             replicas::open(tx, config.replication, fresh)?;
-            let cluster_id = {
-                let mut meta = tx.open_table(META)?;
-                let existing = meta.get(CLUSTER_ID)?.map(|v| v.value());
-                match existing {
-                    Some(id) => id,
-                    None => {
-                        let id = rand::random::<u64>();
-                        meta.insert(CLUSTER_ID, id)?;
-                        id
-                    }
+            let cluster_id = match meta_get(tx, CLUSTER_ID)? {
+                Some(id) => id,
+                None => {
+                    let id = rand::random::<u64>();
+                    meta_put(tx, CLUSTER_ID, id)?;
+                    id
                 }
             };
             // The root of a cluster from before permissions (0777, nobody's): sticky, as a new
@@ -554,9 +589,12 @@ impl DirectoryService {
                 root.mode = 0o1777;
                 put_node(tx, &root)?;
             }
-            let registry = Registry::open(tx, config.heartbeat * config.missed_beats)?;
-            Ok((cluster_id, registry))
+            Ok(cluster_id)
         })?;
+        // A read view: a registry of any size is never part of a write (etcd compares every
+        // key a write read).
+        let registry =
+            store.read(|tx| Registry::open(tx, config.heartbeat * config.missed_beats))?;
         let svc = DirectoryService {
             store,
             registry,
@@ -577,12 +615,12 @@ impl DirectoryService {
     /// Durable commits (fsyncs) of the store, writes acknowledged by them, and recoveries
     /// after a failed one.
     pub fn store_counters(&self) -> (u64, u64, u64) {
-        use std::sync::atomic::Ordering::Relaxed;
-        (
-            self.store.flushes.load(Relaxed),
-            self.store.durable_writes.load(Relaxed),
-            self.store.recoveries.load(Relaxed),
-        )
+        self.store.counters()
+    }
+
+    /// Metadata transactions run again after a conflict with another writer (etcd).
+    pub fn store_conflicts(&self) -> u64 {
+        self.store.conflicts()
     }
 
     /// The configured replication factor.
@@ -665,12 +703,12 @@ impl DirectoryService {
 
     /// Metadata of one node.
     pub fn get(&self, id: NodeId) -> ServiceResult<NodeMeta> {
-        let tx = self.store.db()?.begin_read()?;
-        let nodes = tx.open_table(NODES)?;
-        let v = nodes
-            .get(id.0)?
-            .ok_or_else(|| ServiceError::NotFound(format!("node {id}")))?;
-        decode(v.value())
+        self.store.read(|tx| {
+            let v = tx
+                .get(NODES, &id.0)?
+                .ok_or_else(|| ServiceError::NotFound(format!("node {id}")))?;
+            decode(&v)
+        })
     }
 
     /// The node named `name` in directory `parent` (search permission on `parent` needed).
@@ -680,53 +718,37 @@ impl DirectoryService {
         name: &ValidName,
         who: &Identity,
     ) -> ServiceResult<NodeMeta> {
-        let tx = self.store.db()?.begin_read()?;
-        let children = tx.open_table(CHILDREN)?;
-        let nodes = tx.open_table(NODES)?;
-        let pv = nodes
-            .get(parent.0)?
-            .ok_or_else(|| ServiceError::NotFound(format!("node {parent}")))?;
-        let pmeta: NodeMeta = decode(pv.value())?;
-        if pmeta.kind != FileKind::Dir {
-            return Err(ServiceError::NotDir(format!("node {parent}")));
-        }
-        access::need(who, &pmeta, X)?;
-        let id = children
-            .get((parent.0, name.as_str()))?
-            .ok_or_else(|| ServiceError::NotFound(format!("{:?} in node {parent}", name.as_str())))?
-            .value();
-        let v = nodes
-            .get(id)?
-            .ok_or_else(|| ServiceError::internal("lookup", "dangling entry"))?;
-        decode(v.value())
+        self.store.read(|tx| {
+            let pmeta = read_dir(tx, parent)?;
+            access::need(who, &pmeta, X)?;
+            let id = child_of(tx, parent, name.as_str())?.ok_or_else(|| {
+                ServiceError::NotFound(format!("{:?} in node {parent}", name.as_str()))
+            })?;
+            let v = tx
+                .get(NODES, &id.0)?
+                .ok_or_else(|| ServiceError::internal("lookup", "dangling entry"))?;
+            decode(&v)
+        })
     }
 
     /// The entries of directory `parent`, sorted by name (read permission on it needed).
     pub fn list(&self, parent: NodeId, who: &Identity) -> ServiceResult<Vec<DirEntry>> {
-        let tx = self.store.db()?.begin_read()?;
-        let children = tx.open_table(CHILDREN)?;
-        let nodes = tx.open_table(NODES)?;
-        let pv = nodes
-            .get(parent.0)?
-            .ok_or_else(|| ServiceError::NotFound(format!("node {parent}")))?;
-        let pmeta: NodeMeta = decode(pv.value())?;
-        if pmeta.kind != FileKind::Dir {
-            return Err(ServiceError::NotDir(format!("node {parent}")));
-        }
-        access::need(who, &pmeta, R)?;
-        let mut out = Vec::new();
-        for row in children.range((parent.0, "")..(parent.0.saturating_add(1), ""))? {
-            let (k, v) = row?;
-            let name = k.value().1.to_owned();
-            let meta = nodes
-                .get(v.value())?
-                .ok_or_else(|| ServiceError::internal("list", "dangling entry"))?;
-            out.push(DirEntry {
-                name,
-                meta: decode(meta.value())?,
-            });
-        }
-        Ok(out)
+        self.store.read(|tx| {
+            let pmeta = read_dir(tx, parent)?;
+            access::need(who, &pmeta, R)?;
+            let entries = children_of(tx, parent, None)?;
+            let ids: Vec<u64> = entries.iter().map(|(_, id)| id.0).collect();
+            let metas = tx.get_many(NODES, &ids)?;
+            let mut out = Vec::with_capacity(entries.len());
+            for ((name, _), meta) in entries.into_iter().zip(metas) {
+                let meta = meta.ok_or_else(|| ServiceError::internal("list", "dangling entry"))?;
+                out.push(DirEntry {
+                    name,
+                    meta: decode(&meta)?,
+                });
+            }
+            Ok(out)
+        })
     }
 
     /// Creates a file, directory, symlink or special file (FIFO, socket; devices only by the
@@ -736,6 +758,17 @@ impl DirectoryService {
         parent: NodeId,
         req: &CreateRequest,
         who: &Caller,
+    ) -> ServiceResult<NodeMeta> {
+        self.create_with_id(parent, req, who, None)
+    }
+
+    /// `create`, applied once per request id `rid` (`requests`).
+    pub fn create_with_id(
+        &self,
+        parent: NodeId,
+        req: &CreateRequest,
+        who: &Caller,
+        rid: Option<&RequestId>,
     ) -> ServiceResult<NodeMeta> {
         if req.mode > 0o7777 {
             return Err(ServiceError::BadRequest(format!(
@@ -783,7 +816,7 @@ impl DirectoryService {
         } else {
             None
         };
-        self.store.write(|tx| {
+        self.once(who.id.uid, rid, |tx| {
             let pmeta = dir_node(tx, parent)?;
             access::need(&who.id, &pmeta, X)?;
             // An existing name is EEXIST even where the caller may not create (as Linux).
@@ -794,17 +827,13 @@ impl DirectoryService {
             access::need_mknod(&who.id, req.kind)?;
             let (uid, gid, mode) = access::new_node(&who.id, &pmeta, req.kind, req.mode);
             let id = {
-                let mut meta = tx.open_table(META)?;
-                let id = meta
-                    .get(NEXT_ID)?
-                    .map(|v| v.value())
-                    .unwrap_or(NodeId::ROOT.0 + 1);
-                meta.insert(NEXT_ID, id + 1)?;
+                let id = meta_get(tx, NEXT_ID)?.unwrap_or(NodeId::ROOT.0 + 1);
+                meta_put(tx, NEXT_ID, id + 1)?;
                 NodeId(id)
             };
             let now = now_ns();
-            let (primary, replicas) = match placement {
-                Some(p) => (Some(p.primary), p.replicas),
+            let (primary, replicas) = match &placement {
+                Some(p) => (Some(p.primary), p.replicas.clone()),
                 None => (None, vec![]),
             };
             let holders = primary
@@ -831,7 +860,7 @@ impl DirectoryService {
                 primary,
                 replicas,
                 holders,
-                symlink_target: target,
+                symlink_target: target.clone(),
                 fence: FenceToken(0),
                 recent_uploads: vec![],
                 writeback: None,
@@ -855,7 +884,19 @@ impl DirectoryService {
         dir: bool,
         who: &Identity,
     ) -> ServiceResult<NodeMeta> {
-        self.store.write(|tx| {
+        self.remove_with_id(parent, name, dir, who, None)
+    }
+
+    /// `remove`, applied once per request id `rid` (`requests`).
+    pub fn remove_with_id(
+        &self,
+        parent: NodeId,
+        name: &ValidName,
+        dir: bool,
+        who: &Identity,
+        rid: Option<&RequestId>,
+    ) -> ServiceResult<NodeMeta> {
+        self.once(who.uid, rid, |tx| {
             let pmeta = dir_node(tx, parent)?;
             access::need(who, &pmeta, X)?;
             let id = child_of(tx, parent, name.as_str())?.ok_or_else(|| {
@@ -874,7 +915,7 @@ impl DirectoryService {
             remove_name(tx, parent, name.as_str(), id)?;
             let now = now_ns();
             if meta.kind == FileKind::Dir {
-                tx.open_table(NODES)?.remove(id.0)?;
+                delete_node(tx, id)?;
                 replicas::node_changed(tx, Some(&meta), None)?;
                 touch_dir_links(tx, parent, now, -1)?;
                 return Ok(NodeMeta { nlink: 0, ..meta });
@@ -889,7 +930,17 @@ impl DirectoryService {
     /// Returns the node that was replaced, if any, with its links left (0: it is gone). Link
     /// counts follow: a directory moved to another parent moves its `..` link with it.
     pub fn rename(&self, req: &RenameRequest, who: &Identity) -> ServiceResult<Option<NodeMeta>> {
-        self.store.write(|tx| {
+        self.rename_with_id(req, who, None)
+    }
+
+    /// `rename`, applied once per request id `rid` (`requests`).
+    pub fn rename_with_id(
+        &self,
+        req: &RenameRequest,
+        who: &Identity,
+        rid: Option<&RequestId>,
+    ) -> ServiceResult<Option<NodeMeta>> {
+        self.once(who.uid, rid, |tx| {
             let from = dir_node(tx, req.parent)?;
             let to = dir_node(tx, req.new_parent)?;
             access::need(who, &from, X)?;
@@ -962,7 +1013,7 @@ impl DirectoryService {
             let mut to_links = 0i64;
             let replaced = match replaced {
                 Some(old) if old.kind == FileKind::Dir => {
-                    tx.open_table(NODES)?.remove(old.id.0)?;
+                    delete_node(tx, old.id)?;
                     replicas::node_changed(tx, Some(&old), None)?;
                     to_links -= 1;
                     Some(NodeMeta { nlink: 0, ..old })
@@ -992,7 +1043,17 @@ impl DirectoryService {
     /// the path), write and search permission on the new parent, EEXIST for a name that
     /// exists, EPERM for a directory. Returns the node with its new link count.
     pub fn link(&self, req: &LinkRequest, who: &Identity) -> ServiceResult<NodeMeta> {
-        self.store.write(|tx| {
+        self.link_with_id(req, who, None)
+    }
+
+    /// `link`, applied once per request id `rid` (`requests`).
+    pub fn link_with_id(
+        &self,
+        req: &LinkRequest,
+        who: &Identity,
+        rid: Option<&RequestId>,
+    ) -> ServiceResult<NodeMeta> {
+        self.once(who.uid, rid, |tx| {
             let from = dir_node(tx, req.parent)?;
             access::need(who, &from, X)?;
             if child_of(tx, req.parent, req.name.as_str())? != Some(req.node) {
@@ -1030,12 +1091,23 @@ impl DirectoryService {
         req: &SetAttrRequest,
         who: &Identity,
     ) -> ServiceResult<NodeMeta> {
+        self.setattr_with_id(id, req, who, None)
+    }
+
+    /// `setattr`, applied once per request id `rid` (`requests`).
+    pub fn setattr_with_id(
+        &self,
+        id: NodeId,
+        req: &SetAttrRequest,
+        who: &Identity,
+        rid: Option<&RequestId>,
+    ) -> ServiceResult<NodeMeta> {
         if req.mode.is_some_and(|m| m > 0o7777) {
             return Err(ServiceError::BadRequest(
                 "mode has bits beyond 07777".into(),
             ));
         }
-        self.store.write(|tx| {
+        self.once(who.uid, rid, |tx| {
             let mut meta = get_node(tx, id)?;
             let now = now_ns();
             access::apply_setattr(who, &mut meta, req, now)?;
@@ -1043,6 +1115,54 @@ impl DirectoryService {
             put_node(tx, &meta)?;
             Ok(meta)
         })
+    }
+
+    /// Runs namespace change `op` in one durable transaction, once per request id (see
+    /// `requests`): a remembered answer is returned without running `op`.
+    fn once<T: serde::Serialize + serde::de::DeserializeOwned + Send>(
+        &self,
+        uid: u32,
+        rid: Option<&RequestId>,
+        mut op: impl FnMut(&Txn) -> ServiceResult<T> + Send,
+    ) -> ServiceResult<T> {
+        let Some(rid) = rid else {
+            return self.store.write(op);
+        };
+        let key = requests::key(uid, rid);
+        let first = self.store.write(|tx| {
+            let now = crate::store::now_ms();
+            if let Some(answer) = requests::recall(tx, &key, now)? {
+                return Ok(answer);
+            }
+            requests::expire(tx, now)?;
+            let value = op(tx)?;
+            requests::remember(tx, &key, Ok(&value), now)?;
+            Ok(Ok(value))
+        });
+        let refusal = match first {
+            Ok(answer) => return answer,
+            Err(e) if requests::is_refusal(&e) => e,
+            Err(e) => return Err(e),
+        };
+        // The refusal aborted the operation's transaction: remember it in one of its own,
+        // unless an answer was remembered meanwhile (a concurrent retry), which then stands.
+        let body = refusal.to_body();
+        let second = self.store.write(|tx| {
+            let now = crate::store::now_ms();
+            if let Some(answer) = requests::recall::<T>(tx, &key, now)? {
+                return Ok(Some(answer));
+            }
+            requests::remember::<T>(tx, &key, Err(&body), now)?;
+            Ok(None)
+        });
+        match second {
+            Ok(Some(answer)) => answer,
+            Ok(None) => Err(refusal),
+            Err(e) => {
+                tracing::warn!(error = %e, "remembering a refusal failed; a retry runs again");
+                Err(refusal)
+            }
+        }
     }
 
     /// Records a new version written by a primary. Applies each upload id once; refuses a fence
@@ -1134,9 +1254,10 @@ impl DirectoryService {
         &self,
         id: NodeId,
         hash: &ContentHash,
-        f: impl FnOnce(&mut NodeMeta),
+        f: impl Fn(&mut NodeMeta) + Sync,
     ) -> ServiceResult<()> {
-        self.store.write(|tx| update_if_current_in(tx, id, hash, f))
+        self.store
+            .write(|tx| update_if_current_in(tx, id, hash, &f))
     }
 
     /// Failover: `to`, a holder of the current version, becomes the primary; the old primary
@@ -1184,16 +1305,22 @@ impl DirectoryService {
         }
         let live = self.registry.live();
         let replication = usize::try_from(self.config.replication).unwrap_or(usize::MAX);
-        self.store.write_lazy(|tx| {
-            for item in items {
-                match add_holder_in(tx, item, &live, replication) {
-                    // Deleted meanwhile: nothing to record.
-                    Ok(()) | Err(ServiceError::NotFound(_)) => {}
-                    Err(e) => return Err(e),
+        // Each copy is recorded alone (a lost one is found again by the repair loop), so
+        // they need not share one transaction: 32 files per transaction stays well within
+        // etcd's `--max-txn-ops` (128 by default).
+        for chunk in items.chunks(HOLDERS_PER_TXN) {
+            self.store.write_lazy(|tx| {
+                for item in chunk {
+                    match add_holder_in(tx, item, &live, replication) {
+                        // Deleted meanwhile: nothing to record.
+                        Ok(()) | Err(ServiceError::NotFound(_)) => {}
+                        Err(e) => return Err(e),
+                    }
                 }
-            }
-            Ok(())
-        })
+                Ok(())
+            })?;
+        }
+        Ok(())
     }
 
     /// Records that `server` no longer holds `hash` of `id` (a scrub found it corrupt).
@@ -1208,7 +1335,7 @@ impl DirectoryService {
 
     /// Node count and total bytes (from the counters kept with every change).
     pub fn statfs(&self) -> ServiceResult<StatFs> {
-        let (nodes, bytes) = counters::totals(&self.store.db()?.begin_read()?)?;
+        let (nodes, bytes) = self.store.read(counters::totals)?;
         // Every file takes `copies` bytes of disk per byte: the size and room one copy has.
         let (total, free, reporting) = self.registry.live_space();
         let copies = u64::from(self.config.replication)
@@ -1224,11 +1351,7 @@ impl DirectoryService {
 
     /// Per-server (primaries, replicas) counts, from the counters kept with every change.
     pub fn placement_counts(&self) -> std::collections::HashMap<ServerId, (u64, u64)> {
-        let counts = self
-            .store
-            .db()
-            .and_then(|db| Ok(db.begin_read()?))
-            .and_then(|tx| replicas::placement_counts(&tx));
+        let counts = self.store.read(replicas::placement_counts);
         counts.unwrap_or_else(|e| {
             tracing::warn!(error = %e, "reading the placement counters failed");
             Default::default()

@@ -7,15 +7,15 @@ use std::time::Duration;
 
 use common::ServerId;
 use common::api::{RegisterServerRequest, RegisterServiceRequest, ServerStatus, ServiceKind};
-use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::error::{ServiceError, ServiceResult};
+use crate::meta::{Table, Txn};
 use crate::store::{decode, encode};
 
-const SERVERS: TableDefinition<u64, &[u8]> = TableDefinition::new("servers");
-const SERVICES: TableDefinition<&str, &str> = TableDefinition::new("services");
+const SERVERS: Table<u64, Vec<u8>> = Table::new("servers");
+const SERVICES: Table<String, String> = Table::new("services");
 
 /// What the directory keeps of a file server.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -54,27 +54,20 @@ fn service_key(kind: ServiceKind) -> &'static str {
 impl Registry {
     /// Loads registrations from the store. Servers known from before a restart count as alive
     /// for one dead-after period, so the cluster is usable while their heartbeats resume.
-    pub fn open(tx: &WriteTransaction, dead_after: Duration) -> ServiceResult<Self> {
+    pub fn open(tx: &Txn, dead_after: Duration) -> ServiceResult<Self> {
         let mut servers = BTreeMap::new();
-        for row in tx.open_table(SERVERS)?.iter()? {
-            let (k, v) = row?;
+        for (k, v) in tx.all(SERVERS)? {
             servers.insert(
-                ServerId(k.value()),
+                ServerId(k),
                 Entry {
-                    rec: decode(v.value())?,
+                    rec: decode(&v)?,
                     last_beat: None,
                     space: None,
                 },
             );
         }
-        let services = tx.open_table(SERVICES)?;
-        let lock_url = services
-            .get(service_key(ServiceKind::Lock))?
-            .map(|v| v.value().to_owned());
-        let auth_url = services
-            .get(service_key(ServiceKind::Auth))?
-            .map(|v| v.value().to_owned());
-        drop(services);
+        let lock_url = tx.get(SERVICES, &service_key(ServiceKind::Lock).to_owned())?;
+        let auth_url = tx.get(SERVICES, &service_key(ServiceKind::Auth).to_owned())?;
         Ok(Registry {
             inner: Mutex::new(Inner {
                 servers,
@@ -101,7 +94,7 @@ impl Registry {
     /// the transaction is durable (a failed commit, or a store recovery, must leave no ghost).
     pub fn register(
         &self,
-        tx: &WriteTransaction,
+        tx: &Txn,
         req: &RegisterServerRequest,
     ) -> ServiceResult<(ServerId, ServerRecord)> {
         if req.url.len() > 512
@@ -111,23 +104,22 @@ impl Registry {
                 "server url must be an http(s) URL".into(),
             ));
         }
-        let mut table = tx.open_table(SERVERS)?;
         // Only the id the server remembers is reused: a server whose data was wiped comes back
         // as a new server, so it is never counted as holding copies it lost. Ids come from
         // the store, so that two registrations in a row never share one.
         let known = match req.previous_id {
-            Some(id) => table.get(id.0)?.is_some(),
+            Some(id) => tx.get(SERVERS, &id.0)?.is_some(),
             None => false,
         };
         let id = match req.previous_id {
             Some(id) if known => id,
-            _ => ServerId(table.last()?.map_or(1, |(k, _)| k.value() + 1)),
+            _ => ServerId(tx.last(SERVERS)?.map_or(1, |(k, _)| k + 1)),
         };
         let rec = ServerRecord {
             url: req.url.clone(),
             capacity_bytes: req.capacity_bytes,
         };
-        table.insert(id.0, encode(&rec)?.as_slice())?;
+        tx.put(SERVERS, &id.0, &encode(&rec)?)?;
         Ok((id, rec))
     }
 
@@ -165,18 +157,13 @@ impl Registry {
     }
 
     /// Records the lock or auth service URL.
-    pub fn register_service(
-        &self,
-        tx: &WriteTransaction,
-        req: &RegisterServiceRequest,
-    ) -> ServiceResult<()> {
+    pub fn register_service(&self, tx: &Txn, req: &RegisterServiceRequest) -> ServiceResult<()> {
         if req.url.len() > 512 || !req.url.starts_with("http") {
             return Err(ServiceError::BadRequest(
                 "service url must be an http(s) URL".into(),
             ));
         }
-        tx.open_table(SERVICES)?
-            .insert(service_key(req.kind), req.url.as_str())?;
+        tx.put(SERVICES, &service_key(req.kind).to_owned(), &req.url)?;
         Ok(())
     }
 

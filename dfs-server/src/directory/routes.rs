@@ -3,22 +3,30 @@
 use std::sync::Arc;
 
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use common::api::{
-    ClusterInfo, CommitRequest, CreateRequest, ListPage, ListQuery, RegisterServerRequest,
-    RegisterServerResponse, RegisterServiceRequest, RemoveQuery, RenameRequest, SetAttrRequest,
-    StatFs,
+    ChangeKind, ChangesQuery, ChangesResponse, ClusterInfo, CommitRequest, CreateRequest, ListPage,
+    ListQuery, RegisterServerRequest, RegisterServerResponse, RegisterServiceRequest, RemoveQuery,
+    RenameRequest, SetAttrRequest, StatFs,
 };
 use common::{NodeId, NodeMeta, ServerId, ValidName, routes};
 
-use super::DirectoryService;
+use super::feed::Feed;
+use super::{DirectoryService, RequestId};
 use crate::error::ServiceError;
 use crate::http::authed::ClusterOnly;
 use crate::http::{ApiJson, ApiPath, ApiQuery, ApiResult, AppError, Authed, blocking};
 
-/// The directory router over a shared service.
+/// The directory router over a shared service, with a change feed of its own.
 pub fn router(svc: Arc<DirectoryService>) -> Router {
+    router_with_feed(svc, Arc::new(Feed::default()))
+}
+
+/// The directory router publishing every change it makes to `feed` (which the caller closes
+/// when the service stops, so that no long poll holds the shutdown).
+pub fn router_with_feed(svc: Arc<DirectoryService>, feed: Arc<Feed>) -> Router {
     Router::new()
+        .route(routes::CHANGES, get(changes))
         .route(routes::CLUSTER, get(cluster))
         .route(routes::STATFS, get(statfs))
         .route(routes::RENAME, post(rename))
@@ -35,13 +43,60 @@ pub fn router(svc: Arc<DirectoryService>) -> Router {
         .route(routes::DROP_HOLDER, post(drop_holder))
         .route(routes::ADD_HOLDER, post(add_holder))
         .route(routes::INTENT, post(intent))
+        .layer(Extension(feed))
         .with_state(svc)
+}
+
+/// The feed handle every changing route publishes to.
+type Changes = Extension<Arc<Feed>>;
+
+/// The client a request comes from (`x-dfs-origin`: 32 hex digits, random per client
+/// process), if it names one: its feed polls leave out the changes it made itself.
+struct Origin(super::feed::Origin);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Origin {
+    type Rejection = AppError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let Some(v) = parts.headers.get(routes::ORIGIN_HEADER) else {
+            return Ok(Origin(None));
+        };
+        v.to_str()
+            .ok()
+            .filter(|s| s.len() == 32)
+            .and_then(|s| u128::from_str_radix(s, 16).ok())
+            .map(|o| Origin(Some(o)))
+            .ok_or_else(|| {
+                AppError(ServiceError::BadRequest(format!(
+                    "{} must be 32 hex digits",
+                    routes::ORIGIN_HEADER
+                )))
+            })
+    }
 }
 
 type State = axum::extract::State<Arc<DirectoryService>>;
 
 fn name(s: &str) -> Result<ValidName, AppError> {
     ValidName::parse(s).map_err(|e| AppError(ServiceError::InvalidName(e)))
+}
+
+/// The request id of a namespace change, if the client sent one (`x-dfs-request-id`).
+fn request_id(headers: &axum::http::HeaderMap) -> Result<Option<RequestId>, AppError> {
+    let Some(v) = headers.get(routes::REQUEST_ID) else {
+        return Ok(None);
+    };
+    let s = v.to_str().map_err(|_| {
+        AppError(ServiceError::BadRequest(format!(
+            "{} must be 1 to {} characters of [A-Za-z0-9-]",
+            routes::REQUEST_ID,
+            super::requests::MAX_LEN
+        )))
+    })?;
+    Ok(Some(RequestId::parse(s)?))
 }
 
 /// Cluster map: public, since a client needs it to find the auth service before logging in.
@@ -55,6 +110,32 @@ async fn cluster(axum::extract::State(svc): State) -> ApiResult<Json<ClusterInfo
         replication: svc.replication(),
         cluster_id: svc.cluster_id(),
     }))
+}
+
+/// The change feed: a long poll open to every logged-in user (it names node ids only).
+async fn changes(
+    Extension(feed): Changes,
+    _a: Authed,
+    Origin(me): Origin,
+    ApiQuery(q): ApiQuery<ChangesQuery>,
+) -> ApiResult<Json<ChangesResponse>> {
+    if q.wait_ms > common::api::CHANGES_MAX_WAIT_MS {
+        return Err(AppError(ServiceError::BadRequest(format!(
+            "wait_ms is at most {}",
+            common::api::CHANGES_MAX_WAIT_MS
+        ))));
+    }
+    let wait = std::time::Duration::from_millis(q.wait_ms);
+    Ok(Json(
+        feed.wait(
+            q.epoch,
+            q.after,
+            common::api::CHANGES_MAX_PER_ANSWER,
+            me,
+            wait,
+        )
+        .await,
+    ))
 }
 
 async fn statfs(axum::extract::State(svc): State, _a: Authed) -> ApiResult<Json<StatFs>> {
@@ -87,14 +168,18 @@ async fn get_node(
 
 async fn setattr(
     axum::extract::State(svc): State,
+    Extension(feed): Changes,
+    Origin(origin): Origin,
     Authed(who): Authed,
     ApiPath(id): ApiPath<u64>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<SetAttrRequest>,
 ) -> ApiResult<Json<NodeMeta>> {
     let who = who.caller().id;
-    Ok(Json(
-        blocking(move || svc.setattr(NodeId(id), &req, &who)).await?,
-    ))
+    let rid = request_id(&headers)?;
+    let meta = blocking(move || svc.setattr_with_id(NodeId(id), &req, &who, rid.as_ref())).await?;
+    feed.publish_from(origin, [ChangeKind::Node { node: meta.id }]);
+    Ok(Json(meta))
 }
 
 async fn list(
@@ -112,15 +197,27 @@ async fn list(
 
 async fn create(
     axum::extract::State(svc): State,
+    Extension(feed): Changes,
+    Origin(origin): Origin,
     Authed(who): Authed,
     ApiPath(id): ApiPath<u64>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<CreateRequest>,
 ) -> ApiResult<axum::response::Response> {
     use axum::response::IntoResponse;
     let caller = who.caller();
     let uid = caller.id.uid;
     let key_svc = svc.clone();
-    let meta = blocking(move || svc.create(NodeId(id), &req, &caller)).await?;
+    let rid = request_id(&headers)?;
+    let meta =
+        blocking(move || svc.create_with_id(NodeId(id), &req, &caller, rid.as_ref())).await?;
+    feed.publish_from(
+        origin,
+        [ChangeKind::Entry {
+            dir: NodeId(id),
+            node: meta.id,
+        }],
+    );
     // The creator writes what it just made: the capability to queue for its write lock
     // comes with the answer, saving its first close a round trip.
     let cap = key_svc.write_capability(&meta, uid);
@@ -144,33 +241,100 @@ async fn lookup(
 
 async fn remove(
     axum::extract::State(svc): State,
+    Extension(feed): Changes,
+    Origin(origin): Origin,
     Authed(who): Authed,
     ApiPath((id, n)): ApiPath<(u64, String)>,
     ApiQuery(q): ApiQuery<RemoveQuery>,
+    headers: axum::http::HeaderMap,
 ) -> ApiResult<Json<NodeMeta>> {
     let n = name(&n)?;
     let who = who.caller().id;
-    Ok(Json(
-        blocking(move || svc.remove(NodeId(id), &n, q.dir, &who)).await?,
-    ))
+    let rid = request_id(&headers)?;
+    let meta =
+        blocking(move || svc.remove_with_id(NodeId(id), &n, q.dir, &who, rid.as_ref())).await?;
+    feed.publish_from(
+        origin,
+        [
+            ChangeKind::Entry {
+                dir: NodeId(id),
+                node: meta.id,
+            },
+            node_change(&meta),
+        ],
+    );
+    Ok(Json(meta))
+}
+
+/// A node whose links changed: gone when none is left, else changed.
+fn node_change(meta: &NodeMeta) -> ChangeKind {
+    if meta.nlink == 0 {
+        ChangeKind::Gone { node: meta.id }
+    } else {
+        ChangeKind::Node { node: meta.id }
+    }
 }
 
 async fn rename(
     axum::extract::State(svc): State,
+    Extension(feed): Changes,
+    Origin(origin): Origin,
     Authed(who): Authed,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<RenameRequest>,
 ) -> ApiResult<Json<Option<NodeMeta>>> {
     let who = who.caller().id;
-    Ok(Json(blocking(move || svc.rename(&req, &who)).await?))
+    // The node being moved, for the feed (the rename answers only the node it replaced). A
+    // point read as the caller, who needs search permission there for the rename anyway; a
+    // race with another rename of the same name may name the wrong node, but both
+    // directories are published whatever it names.
+    let moved = svc.lookup(req.parent, &req.name, &who).ok().map(|m| m.id);
+    let (parent, new_parent) = (req.parent, req.new_parent);
+    let rid = request_id(&headers)?;
+    let replaced = blocking(move || svc.rename_with_id(&req, &who, rid.as_ref())).await?;
+    let mut what = Vec::with_capacity(5);
+    if let Some(node) = moved {
+        what.push(ChangeKind::Entry { dir: parent, node });
+        what.push(ChangeKind::Entry {
+            dir: new_parent,
+            node,
+        });
+        what.push(ChangeKind::Node { node });
+    }
+    if let Some(r) = &replaced {
+        what.push(ChangeKind::Entry {
+            dir: new_parent,
+            node: r.id,
+        });
+        what.push(node_change(r));
+    }
+    feed.publish_from(origin, what);
+    Ok(Json(replaced))
 }
 
 async fn link(
     axum::extract::State(svc): State,
+    Extension(feed): Changes,
+    Origin(origin): Origin,
     Authed(who): Authed,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<common::api::LinkRequest>,
 ) -> ApiResult<Json<NodeMeta>> {
     let who = who.caller().id;
-    Ok(Json(blocking(move || svc.link(&req, &who)).await?))
+    let new_parent = req.new_parent;
+    let rid = request_id(&headers)?;
+    let meta = blocking(move || svc.link_with_id(&req, &who, rid.as_ref())).await?;
+    feed.publish_from(
+        origin,
+        [
+            ChangeKind::Entry {
+                dir: new_parent,
+                node: meta.id,
+            },
+            ChangeKind::Node { node: meta.id },
+        ],
+    );
+    Ok(Json(meta))
 }
 
 async fn register_server(
@@ -209,19 +373,29 @@ async fn register_service(
 
 async fn commit(
     axum::extract::State(svc): State,
+    Extension(feed): Changes,
     _c: ClusterOnly,
     ApiPath(id): ApiPath<u64>,
     ApiJson(req): ApiJson<CommitRequest>,
 ) -> ApiResult<Json<common::api::CommitResponse>> {
-    Ok(Json(blocking(move || svc.commit(NodeId(id), &req)).await?))
+    let r = blocking(move || svc.commit(NodeId(id), &req)).await?;
+    feed.publish([ChangeKind::Node { node: NodeId(id) }]);
+    Ok(Json(r))
 }
 
 async fn commit_batch(
     axum::extract::State(svc): State,
+    Extension(feed): Changes,
     _c: ClusterOnly,
     ApiJson(req): ApiJson<common::api::CommitBatchRequest>,
 ) -> ApiResult<Json<common::api::BatchResponse<common::api::CommitResponse>>> {
     let results = blocking(move || svc.commit_batch(&req)).await?;
+    feed.publish(
+        results
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .map(|r| ChangeKind::Node { node: r.meta.id }),
+    );
     Ok(Json(common::api::BatchResponse {
         results: results.into_iter().map(crate::error::item_result).collect(),
     }))

@@ -1,0 +1,403 @@
+//! The change feed (issue 10): every namespace or content change the directory made, numbered,
+//! in a bounded ring that clients long-poll (`GET /v1/changes`) to drop exactly what their
+//! kernel caches hold of it. Pure logic, no HTTP: the routes publish after a change is
+//! committed and answer polls from here.
+//!
+//! A change names node ids only (`ChangeKind`), never a name or metadata: the feed is open to
+//! every logged-in user, and ids tell no one what a directory they cannot read holds.
+//!
+//! The source of sequence numbers is the publisher's: today the directory process numbers
+//! each operation in memory ([`Feed::publish`]) and a restart starts a new epoch (clients
+//! resynchronise). On a multi-instance directory over etcd, a watch on the namespace prefix
+//! feeds [`Feed::publish_at`] with each event's revision: every instance then numbers alike,
+//! and a client may poll any of them with the same position.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use common::api::{Change, ChangeKind, ChangesResponse};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// How many changes the ring keeps by default: a client that falls further behind than this
+/// (about a minute of a busy directory) resynchronises.
+pub const DEFAULT_CAPACITY: usize = 65_536;
+
+/// The client a change came from (`x-dfs-origin`, random per client process): its own polls
+/// skip it, since that client changed its caches itself when it made the change.
+pub type Origin = Option<u128>;
+
+/// Changes kept in order, with the position of the oldest one dropped.
+struct Ring {
+    changes: VecDeque<(Change, Origin)>,
+    /// Highest sequence number no longer (wholly) kept: a client positioned below it missed
+    /// changes.
+    floor: u64,
+    /// Highest sequence number published.
+    head: u64,
+}
+
+/// The feed: a ring of recent changes, an epoch and the wake-up of waiting polls.
+pub struct Feed {
+    epoch: u64,
+    capacity: usize,
+    ring: Mutex<Ring>,
+    head: watch::Sender<u64>,
+    closed: CancellationToken,
+}
+
+impl Default for Feed {
+    fn default() -> Self {
+        Feed::new(rand::random::<u64>() | 1, DEFAULT_CAPACITY)
+    }
+}
+
+impl Feed {
+    /// A feed of epoch `epoch` keeping the last `capacity` changes (at least one).
+    pub fn new(epoch: u64, capacity: usize) -> Self {
+        Feed {
+            epoch,
+            capacity: capacity.max(1),
+            ring: Mutex::new(Ring {
+                changes: VecDeque::new(),
+                floor: 0,
+                head: 0,
+            }),
+            head: watch::Sender::new(0),
+            closed: CancellationToken::new(),
+        }
+    }
+
+    /// This feed's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Ends every poll waiting now or later at once (the service is stopping: a long poll must
+    /// not hold its graceful shutdown).
+    pub fn close(&self) {
+        self.closed.cancel();
+    }
+
+    /// A shared feed of a new epoch, closed when `cancel` fires (call within a runtime).
+    pub fn until(cancel: CancellationToken) -> std::sync::Arc<Self> {
+        let feed = std::sync::Arc::new(Feed::default());
+        let f = feed.clone();
+        tokio::spawn(async move {
+            cancel.cancelled().await;
+            f.close();
+        });
+        feed
+    }
+
+    fn ring(&self) -> std::sync::MutexGuard<'_, Ring> {
+        self.ring.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publishes the changes of one operation under the next sequence number (called once the
+    /// operation is committed).
+    pub fn publish(&self, what: impl IntoIterator<Item = ChangeKind>) {
+        self.publish_from(None, what);
+    }
+
+    /// [`publish`](Self::publish) for a change made at the request of client `origin`.
+    pub fn publish_from(&self, origin: Origin, what: impl IntoIterator<Item = ChangeKind>) {
+        let mut ring = self.ring();
+        let seq = ring.head + 1;
+        self.push(&mut ring, seq, origin, what);
+    }
+
+    /// Publishes changes under sequence number `seq` (an etcd revision), which must be above
+    /// every one published before; a lower one is ignored and false returned (a watch that
+    /// delivers an event twice).
+    pub fn publish_at(&self, seq: u64, what: impl IntoIterator<Item = ChangeKind>) -> bool {
+        let mut ring = self.ring();
+        if seq <= ring.head {
+            return false;
+        }
+        self.push(&mut ring, seq, None, what);
+        true
+    }
+
+    fn push(
+        &self,
+        ring: &mut Ring,
+        seq: u64,
+        origin: Origin,
+        what: impl IntoIterator<Item = ChangeKind>,
+    ) {
+        let mut any = false;
+        for what in what {
+            ring.changes.push_back((Change { seq, what }, origin));
+            any = true;
+        }
+        if !any {
+            return;
+        }
+        ring.head = seq;
+        while ring.changes.len() > self.capacity {
+            if let Some((old, _)) = ring.changes.pop_front() {
+                ring.floor = old.seq;
+            }
+        }
+        self.head.send_replace(seq);
+    }
+
+    /// The changes after `after` for a client at `epoch`, at most `max` (never cutting one
+    /// sequence number's changes apart), leaving out those client `me` made; `resync` when
+    /// the epoch is not this one, when `after` is ahead of the feed, or when changes after it
+    /// were dropped from the ring.
+    pub fn read(&self, epoch: Option<u64>, after: u64, max: usize, me: Origin) -> ChangesResponse {
+        let ring = self.ring();
+        let resync = |next| ChangesResponse {
+            epoch: self.epoch,
+            resync: true,
+            changes: Vec::new(),
+            next,
+        };
+        if epoch != Some(self.epoch) || after > ring.head || after < ring.floor {
+            return resync(ring.head);
+        }
+        let start = ring.changes.partition_point(|(c, _)| c.seq <= after);
+        let mut changes: Vec<Change> = Vec::new();
+        let mut next = after;
+        for (c, origin) in ring.changes.range(start..) {
+            if changes.len() >= max.max(1) && next != c.seq {
+                break;
+            }
+            next = c.seq;
+            if me.is_none() || *origin != me {
+                changes.push(*c);
+            }
+        }
+        ChangesResponse {
+            epoch: self.epoch,
+            resync: false,
+            changes,
+            next,
+        }
+    }
+
+    /// [`read`](Self::read), waiting up to `wait` for a change when there is none yet: answers
+    /// at once when there are changes (or a resync), when one is published, when `wait` ends
+    /// (with none), or when the feed is closed.
+    pub async fn wait(
+        &self,
+        epoch: Option<u64>,
+        after: u64,
+        max: usize,
+        me: Origin,
+        wait: Duration,
+    ) -> ChangesResponse {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut rx = self.head.subscribe();
+        loop {
+            // Subscribed (or marked seen) before reading: a change published after the read
+            // wakes the wait below.
+            rx.borrow_and_update();
+            let r = self.read(epoch, after, max, me);
+            if r.resync || r.next != after || self.closed.is_cancelled() {
+                return r;
+            }
+            tokio::select! {
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return r;
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => return r,
+                _ = self.closed.cancelled() => return r,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::NodeId;
+    use std::sync::Arc;
+
+    fn node(n: u64) -> ChangeKind {
+        ChangeKind::Node { node: NodeId(n) }
+    }
+
+    fn nodes(r: &ChangesResponse) -> Vec<(u64, ChangeKind)> {
+        r.changes.iter().map(|c| (c.seq, c.what)).collect()
+    }
+
+    #[test]
+    fn changes_come_in_order_after_the_position_asked() {
+        let f = Feed::new(7, 100);
+        f.publish([node(1)]);
+        f.publish([
+            ChangeKind::Entry {
+                dir: NodeId(1),
+                node: NodeId(2),
+            },
+            ChangeKind::Gone { node: NodeId(2) },
+        ]);
+        f.publish([node(3)]);
+        let r = f.read(Some(7), 0, 100, None);
+        assert!(!r.resync);
+        assert_eq!(
+            nodes(&r),
+            vec![
+                (1, node(1)),
+                (
+                    2,
+                    ChangeKind::Entry {
+                        dir: NodeId(1),
+                        node: NodeId(2)
+                    }
+                ),
+                (2, ChangeKind::Gone { node: NodeId(2) }),
+                (3, node(3)),
+            ],
+            "one operation, one sequence number"
+        );
+        assert_eq!(r.next, 3);
+        let r = f.read(Some(7), 2, 100, None);
+        assert_eq!(nodes(&r), vec![(3, node(3))]);
+        let r = f.read(Some(7), 3, 100, None);
+        assert!(!r.resync && r.changes.is_empty());
+        assert_eq!(r.next, 3, "nothing new: the same position");
+    }
+
+    #[test]
+    fn an_answer_is_bounded_but_never_splits_an_operation() {
+        let f = Feed::new(1, 1000);
+        for i in 0..10 {
+            f.publish([node(i)]);
+        }
+        f.publish([node(100), node(101), node(102)]);
+        let r = f.read(Some(1), 0, 4, None);
+        assert_eq!(r.changes.len(), 4);
+        assert_eq!(r.next, 4);
+        let r = f.read(Some(1), 9, 1, None);
+        assert_eq!(r.changes.len(), 1);
+        let r = f.read(Some(1), 10, 1, None);
+        assert_eq!(r.changes.len(), 3, "the three changes of seq 11 together");
+        assert_eq!(r.next, 11);
+    }
+
+    #[test]
+    fn a_client_resyncs_on_another_epoch_a_first_poll_a_future_position_or_a_gap() {
+        let f = Feed::new(5, 4);
+        f.publish([node(1)]);
+        f.publish([node(2)]);
+        assert!(f.read(None, 0, 10, None).resync, "first poll");
+        assert_eq!(f.read(None, 0, 10, None).next, 2, "told where the feed is");
+        assert!(f.read(Some(6), 0, 10, None).resync, "another epoch");
+        assert!(f.read(Some(5), 3, 10, None).resync, "ahead of the feed");
+        assert!(!f.read(Some(5), 0, 10, None).resync);
+        for i in 3..=6 {
+            f.publish([node(i)]);
+        }
+        // Ring of 4: seqs 3..=6 kept, 1 and 2 dropped.
+        let r = f.read(Some(5), 1, 10, None);
+        assert!(r.resync, "changes after 1 (seq 2) were dropped");
+        assert_eq!(r.next, 6);
+        let r = f.read(Some(5), 2, 10, None);
+        assert!(!r.resync, "everything after 2 is still kept");
+        assert_eq!(r.changes.len(), 4);
+    }
+
+    #[test]
+    fn an_operation_partly_dropped_from_the_ring_makes_its_readers_resync() {
+        let f = Feed::new(5, 3);
+        f.publish([node(1)]);
+        f.publish([node(2), node(3), node(4)]);
+        assert!(f.read(Some(5), 0, 10, None).resync, "seq 1 dropped");
+        f.publish([node(5)]);
+        // One change of seq 2 was dropped to make room.
+        assert!(f.read(Some(5), 1, 10, None).resync);
+        assert_eq!(f.read(Some(5), 2, 10, None).changes.len(), 1);
+    }
+
+    #[test]
+    fn publish_at_takes_only_growing_positions() {
+        let f = Feed::new(9, 10);
+        assert!(f.publish_at(100, [node(1)]));
+        assert!(!f.publish_at(100, [node(2)]), "a repeated revision");
+        assert!(!f.publish_at(50, [node(2)]));
+        assert!(f.publish_at(105, [node(3)]));
+        let r = f.read(Some(9), 100, 10, None);
+        assert_eq!(nodes(&r), vec![(105, node(3))]);
+        assert!(
+            !f.read(Some(9), 101, 10, None).resync,
+            "a gap in revisions is no loss"
+        );
+        f.publish([]);
+        assert_eq!(
+            f.read(None, 0, 10, None).next,
+            105,
+            "an empty publish is nothing"
+        );
+    }
+
+    #[test]
+    fn a_client_is_not_told_its_own_changes_but_moves_past_them() {
+        let f = Feed::new(2, 100);
+        f.publish_from(Some(1), [node(1)]);
+        f.publish_from(Some(2), [node(2)]);
+        f.publish([node(3)]);
+        let r = f.read(Some(2), 0, 100, Some(1));
+        assert_eq!(nodes(&r), vec![(2, node(2)), (3, node(3))]);
+        let r = f.read(Some(2), 0, 100, Some(2));
+        assert_eq!(nodes(&r), vec![(1, node(1)), (3, node(3))]);
+        f.publish_from(Some(2), [node(4)]);
+        let r = f.read(Some(2), 3, 1, Some(2));
+        assert!(r.changes.is_empty());
+        assert_eq!(r.next, 4, "past its own change");
+        assert_eq!(f.read(Some(2), 0, 100, None).changes.len(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_poll_answers_at_once_with_changes_and_waits_without() {
+        let f = Arc::new(Feed::new(3, 10));
+        f.publish([node(1)]);
+        let t0 = tokio::time::Instant::now();
+        let r = f.wait(Some(3), 0, 10, None, Duration::from_secs(30)).await;
+        assert_eq!(r.changes.len(), 1);
+        assert_eq!(t0.elapsed(), Duration::ZERO, "answered at once");
+
+        let poll = tokio::spawn({
+            let f = f.clone();
+            async move { f.wait(Some(3), 1, 10, None, Duration::from_secs(30)).await }
+        });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!poll.is_finished(), "nothing new: waiting");
+        f.publish([node(2)]);
+        let r = poll.await.expect("poll task");
+        assert_eq!(nodes(&r), vec![(2, node(2))], "woken by the publish");
+        assert!(t0.elapsed() < Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_poll_without_changes_ends_at_its_deadline_or_when_closed() {
+        let f = Arc::new(Feed::new(3, 10));
+        let t0 = tokio::time::Instant::now();
+        let r = f.wait(Some(3), 0, 10, None, Duration::from_secs(5)).await;
+        assert!(!r.resync && r.changes.is_empty());
+        assert_eq!(r.next, 0);
+        assert_eq!(t0.elapsed(), Duration::from_secs(5));
+
+        let poll = tokio::spawn({
+            let f = f.clone();
+            async move { f.wait(Some(3), 0, 10, None, Duration::from_secs(30)).await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        f.close();
+        let r = poll.await.expect("poll task");
+        assert!(r.changes.is_empty());
+        assert!(
+            t0.elapsed() < Duration::from_secs(7),
+            "closing ends the wait"
+        );
+        let r = f.wait(Some(3), 0, 10, None, Duration::from_secs(30)).await;
+        assert!(r.changes.is_empty(), "a closed feed never waits");
+        assert!(t0.elapsed() < Duration::from_secs(7));
+    }
+}

@@ -1,0 +1,1035 @@
+//! The etcd engine: the directory's metadata in an etcd cluster, so that several directory
+//! instances can share one namespace.
+//!
+//! Layout: a row of table `t` with key `k` is the etcd key `<prefix>/<t>/<k encoded>`
+//! (`MetaKey::encode`: byte order is key order), its value the bytes redb stores for it.
+//!
+//! Transactions are optimistic. Within one run of the closure every read is served at one
+//! revision (the first read is linearizable and fixes it; later ones read at it), so the
+//! closure sees a consistent snapshot; writes are buffered (and read back by later reads of
+//! the same run). Each key read is recorded with its `mod_revision` (0 when absent), each
+//! range read with the part of the key space it covered. The commit is one etcd `Txn`: if
+//! every read key's `mod_revision` is still the one read, and no key in any range read has a
+//! `mod_revision` above the snapshot (`< rev + 1`: catches inserts), apply every buffered write;
+//! else nothing is applied and the closure runs again on a new snapshot, at most
+//! `MAX_ATTEMPTS` times with jittered backoff, then the write fails as unavailable. A closure
+//! that wrote nothing commits nothing (its answer is as of its linearizable snapshot).
+//!
+//! etcd limits a transaction to `--max-txn-ops` compares and as many writes (128 by
+//! default). The directory's transactions stay under it (the largest, a batch commit of 64
+//! files, compares and writes 64 nodes and a batch of holders is applied 32 files per
+//! transaction); a store refusing one says so in the error.
+//!
+//! The directory's code is synchronous. Every call into the client runs on a blocking thread
+//! (`blocking`: `block_in_place` on a multi-threaded runtime's worker, a scoped thread from a
+//! current-thread runtime, in place on any other thread) and drives the async client with
+//! `Handle::block_on` of the store's own small runtime, so no runtime worker is ever blocked
+//! on etcd. Every call has a timeout (`OP_TIMEOUT`).
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use etcd_client::{Compare, CompareOp, GetOptions, KvClient, SortOrder, SortTarget, TxnOp};
+
+use super::{Inner, MetaKey, MetaValue, Table, Txn};
+use crate::error::{ServiceError, ServiceResult};
+
+/// How long one etcd call may take.
+pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Runs of a write's closure before it fails as unavailable (each after a conflict).
+pub const MAX_ATTEMPTS: u32 = 16;
+/// Pause before sending again a call no member received.
+const RESEND_PAUSE: Duration = Duration::from_millis(20);
+/// Point reads per etcd transaction in `get_many` (within `--max-txn-ops`).
+const GETS_PER_TXN: usize = 64;
+/// Keys fetched per range request.
+const PAGE: usize = 512;
+
+/// `--meta etcd://host:port[,host:port...][/prefix]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdConfig {
+    /// Client URLs (`http://host:port`).
+    pub endpoints: Vec<String>,
+    /// Every key of this cluster's metadata starts with `<prefix>/`.
+    pub prefix: String,
+}
+
+impl EtcdConfig {
+    /// The prefix when the URL names none.
+    pub const DEFAULT_PREFIX: &'static str = "dfs";
+
+    /// Parses `etcd://h1:2379,h2:2379[/prefix]`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let rest = s.strip_prefix("etcd://").ok_or_else(|| {
+            format!("--meta {s:?}: expected redb or etcd://host:port[,host:port...][/prefix]")
+        })?;
+        let (hosts, prefix) = match rest.split_once('/') {
+            Some((h, p)) => (h, p.trim_end_matches('/')),
+            None => (rest, Self::DEFAULT_PREFIX),
+        };
+        let mut endpoints = Vec::new();
+        for h in hosts.split(',') {
+            let ok = h.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty()
+                    && port.parse::<u16>().is_ok()
+                    && host
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || ".-[]:".contains(c))
+            });
+            if !ok {
+                return Err(format!("--meta {s:?}: {h:?} is not host:port"));
+            }
+            endpoints.push(format!("http://{h}"));
+        }
+        if prefix.is_empty()
+            || prefix.len() > 128
+            || !prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+        {
+            return Err(format!(
+                "--meta {s:?}: the prefix must be 1 to 128 characters of [A-Za-z0-9-_./]"
+            ));
+        }
+        Ok(EtcdConfig {
+            endpoints,
+            prefix: prefix.to_owned(),
+        })
+    }
+}
+
+/// What a transaction shares with its store.
+struct Shared {
+    handle: tokio::runtime::Handle,
+    kv: KvClient,
+    /// `<prefix>/`
+    prefix: Vec<u8>,
+    endpoints: String,
+}
+
+/// A metadata store in etcd.
+pub struct EtcdStore {
+    shared: Arc<Shared>,
+    /// The runtime the client's connections live on (`None` once dropped).
+    runtime: Option<tokio::runtime::Runtime>,
+    commits: AtomicU64,
+    writes: AtomicU64,
+    conflicts: AtomicU64,
+}
+
+impl Drop for EtcdStore {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which an async context forbids: let it go in the background.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Runs `f` where it may block (see the module docs).
+pub fn blocking<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        Ok(_) => std::thread::scope(|s| match s.spawn(f).join() {
+            Ok(v) => v,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }),
+        Err(_) => f(),
+    }
+}
+
+impl Shared {
+    /// Runs one etcd call to completion, bounded by `OP_TIMEOUT`. Only on a blocking thread.
+    /// Runs one etcd call (`make` builds it) to completion, bounded by `OP_TIMEOUT` in all.
+    /// A call that never left this process (no connection to the member the client's
+    /// balancer picked, e.g. one that is down) is sent again, to whichever member the
+    /// balancer picks next; nothing that may have reached etcd is sent twice here. Only on a
+    /// blocking thread.
+    fn call<T, F>(&self, what: &str, make: impl Fn(KvClient) -> F) -> ServiceResult<T>
+    where
+        F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = std::time::Instant::now() + OP_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            // The timer is made inside the runtime (a `Sleep` needs its time driver).
+            let r = self
+                .handle
+                .block_on(async { tokio::time::timeout(left, make(self.kv.clone())).await });
+            match r {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => {
+                    let msg = e.to_string();
+                    if msg.contains("tcp connect error")
+                        && std::time::Instant::now() + RESEND_PAUSE < deadline
+                    {
+                        tracing::debug!(error = %msg, "etcd member unreachable; sending again");
+                        std::thread::sleep(RESEND_PAUSE);
+                        continue;
+                    }
+                    if msg.contains("too many operations") {
+                        return Err(ServiceError::Internal(format!(
+                            "etcd at {} refused a transaction as too large ({msg}): raise its \
+                             --max-txn-ops",
+                            self.endpoints
+                        )));
+                    }
+                    return Err(ServiceError::Unavailable(format!(
+                        "etcd at {} failed {what}: {msg}",
+                        self.endpoints
+                    )));
+                }
+                Err(_) => {
+                    return Err(ServiceError::Unavailable(format!(
+                        "etcd at {} did not answer {what} within {} s",
+                        self.endpoints,
+                        OP_TIMEOUT.as_secs()
+                    )));
+                }
+            }
+        }
+    }
+
+    fn table_start(&self, table: &str) -> Vec<u8> {
+        let mut k = self.prefix.clone();
+        k.extend_from_slice(table.as_bytes());
+        k.push(b'/');
+        k
+    }
+
+    fn key<K: MetaKey>(&self, table: &str, key: &K) -> Vec<u8> {
+        let mut k = self.table_start(table);
+        key.encode(&mut k);
+        k
+    }
+}
+
+impl EtcdStore {
+    /// Connects to the cluster and checks that it answers.
+    pub fn connect(config: &EtcdConfig) -> ServiceResult<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("dfs-etcd")
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let endpoints = config.endpoints.join(",");
+        let options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(OP_TIMEOUT)
+            .with_timeout(OP_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(10), OP_TIMEOUT);
+        let eps = config.endpoints.clone();
+        let client = blocking(|| {
+            handle.block_on(async {
+                tokio::time::timeout(OP_TIMEOUT, etcd_client::Client::connect(eps, Some(options)))
+                    .await
+            })
+        });
+        let client = match client {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                return Err(ServiceError::Unavailable(format!(
+                    "connecting to etcd at {endpoints}: {e}"
+                )));
+            }
+            Err(_) => {
+                return Err(ServiceError::Unavailable(format!(
+                    "etcd at {endpoints} did not answer within {} s",
+                    OP_TIMEOUT.as_secs()
+                )));
+            }
+        };
+        let mut prefix = config.prefix.as_bytes().to_vec();
+        prefix.push(b'/');
+        let store = EtcdStore {
+            shared: Arc::new(Shared {
+                handle,
+                kv: client.kv_client(),
+                prefix,
+                endpoints,
+            }),
+            runtime: Some(runtime),
+            commits: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            conflicts: AtomicU64::new(0),
+        };
+        // A first linearizable read: a cluster without quorum fails the start, not a request.
+        let s = &store.shared;
+        blocking(|| {
+            s.call("a first read", |mut kv| {
+                let key = s.prefix.clone();
+                async move { kv.get(key, Some(GetOptions::new().with_count_only())).await }
+            })
+        })?;
+        Ok(store)
+    }
+
+    pub(super) fn write<T: Send>(
+        &self,
+        mut f: impl FnMut(&Txn) -> ServiceResult<T> + Send,
+    ) -> ServiceResult<T> {
+        blocking(|| {
+            for attempt in 0..MAX_ATTEMPTS {
+                if attempt > 0 {
+                    self.conflicts.fetch_add(1, Ordering::Relaxed);
+                    backoff(attempt);
+                }
+                let tx = EtcdTxn::new(self.shared.clone(), true);
+                let value = match f(&Txn(Inner::Etcd(&tx))) {
+                    Ok(v) => v,
+                    // The snapshot's revision was compacted away meanwhile: a new snapshot.
+                    Err(_) if tx.compacted.get() => continue,
+                    Err(e) => return Err(e),
+                };
+                match tx.commit()? {
+                    Commit::Nothing => return Ok(value),
+                    Commit::Applied => {
+                        self.commits.fetch_add(1, Ordering::Relaxed);
+                        self.writes.fetch_add(1, Ordering::Relaxed);
+                        return Ok(value);
+                    }
+                    Commit::Conflict => {
+                        tracing::debug!(attempt, "etcd transaction conflicted; running it again");
+                    }
+                }
+            }
+            Err(ServiceError::Unavailable(format!(
+                "a metadata transaction conflicted with concurrent writers {MAX_ATTEMPTS} times \
+                 in a row at etcd {}; retry",
+                self.shared.endpoints
+            )))
+        })
+    }
+
+    pub(super) fn read<T: Send>(
+        &self,
+        mut f: impl FnMut(&Txn) -> ServiceResult<T> + Send,
+    ) -> ServiceResult<T> {
+        blocking(|| {
+            let mut attempt = 0;
+            loop {
+                let tx = EtcdTxn::new(self.shared.clone(), false);
+                match f(&Txn(Inner::Etcd(&tx))) {
+                    Err(_) if tx.compacted.get() && attempt + 1 < MAX_ATTEMPTS => attempt += 1,
+                    r => return r,
+                }
+            }
+        })
+    }
+
+    pub(super) fn counters(&self) -> (u64, u64, u64) {
+        (
+            self.commits.load(Ordering::Relaxed),
+            self.writes.load(Ordering::Relaxed),
+            0,
+        )
+    }
+
+    pub(super) fn conflicts(&self) -> u64 {
+        self.conflicts.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn describe(&self) -> String {
+        format!(
+            "the etcd store at {} under {:?}",
+            self.shared.endpoints,
+            String::from_utf8_lossy(&self.shared.prefix)
+        )
+    }
+}
+
+/// Sleeps before run `attempt` (≥ 1): 1 ms doubling to 64 ms, times a random 0.5–1.5.
+fn backoff(attempt: u32) {
+    let base = 1u64 << attempt.min(6);
+    let jitter = 0.5 + rand::random::<f64>();
+    std::thread::sleep(Duration::from_secs_f64(base as f64 * jitter / 1000.0));
+}
+
+enum Commit {
+    Nothing,
+    Applied,
+    Conflict,
+}
+
+#[derive(Default)]
+struct State {
+    /// The snapshot's revision, fixed by the first read.
+    rev: Option<i64>,
+    /// Keys read from etcd: their `mod_revision` (0: absent) and value.
+    seen: BTreeMap<Vec<u8>, (i64, Option<Vec<u8>>)>,
+    /// Key ranges `[start, end)` read.
+    ranges: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Buffered writes (`None`: a delete).
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+/// One run of a transaction's closure (or a read view).
+pub struct EtcdTxn {
+    shared: Arc<Shared>,
+    writable: bool,
+    state: RefCell<State>,
+    /// A read at the snapshot's revision found it compacted: the run starts again.
+    compacted: std::cell::Cell<bool>,
+}
+
+fn corrupt(what: &str, key: &[u8]) -> ServiceError {
+    ServiceError::internal(
+        "decoding an etcd record",
+        format!("{what} of {:?}", String::from_utf8_lossy(key)),
+    )
+}
+
+impl EtcdTxn {
+    fn new(shared: Arc<Shared>, writable: bool) -> Self {
+        EtcdTxn {
+            shared,
+            writable,
+            state: RefCell::new(State::default()),
+            compacted: std::cell::Cell::new(false),
+        }
+    }
+
+    /// Notes a read refused because its revision was compacted (etcd's "required revision has
+    /// been compacted").
+    fn note(&self, e: &ServiceError) {
+        if e.to_string().contains("compacted") {
+            self.compacted.set(true);
+        }
+    }
+
+    fn options(&self, st: &State) -> GetOptions {
+        match st.rev {
+            Some(r) => GetOptions::new().with_revision(r),
+            None => GetOptions::new(),
+        }
+    }
+
+    pub(super) fn get<K: MetaKey, V: MetaValue>(
+        &self,
+        t: Table<K, V>,
+        key: &K,
+    ) -> ServiceResult<Option<V>> {
+        let k = self.shared.key(t.name, key);
+        let mut st = self.state.borrow_mut();
+        let bytes = if let Some(w) = st.writes.get(&k) {
+            w.clone()
+        } else if let Some((_, v)) = st.seen.get(&k) {
+            v.clone()
+        } else {
+            let opts = self.options(&st);
+            let resp = self
+                .shared
+                .call("a read", |mut kv| {
+                    let (key, opts) = (k.clone(), opts.clone());
+                    async move { kv.get(key, Some(opts)).await }
+                })
+                .inspect_err(|e| self.note(e))?;
+            if st.rev.is_none() {
+                st.rev = resp.header().map(|h| h.revision());
+            }
+            let found = resp
+                .kvs()
+                .first()
+                .map(|kv| (kv.mod_revision(), Some(kv.value().to_vec())))
+                .unwrap_or((0, None));
+            let v = found.1.clone();
+            st.seen.insert(k.clone(), found);
+            v
+        };
+        bytes
+            .map(|b| V::from_bytes(&b).ok_or_else(|| corrupt("value", &k)))
+            .transpose()
+    }
+
+    /// The values of `keys`, as `get` gives them, in few round trips: after the first read
+    /// (which fixes the snapshot), one etcd transaction of up to `GETS_PER_TXN` reads at the
+    /// snapshot's revision per batch.
+    pub(super) fn get_many<K: MetaKey, V: MetaValue>(
+        &self,
+        t: Table<K, V>,
+        keys: &[K],
+    ) -> ServiceResult<Vec<Option<V>>> {
+        let encoded: Vec<Vec<u8>> = keys.iter().map(|k| self.shared.key(t.name, k)).collect();
+        let mut missing: Vec<Vec<u8>> = {
+            let st = self.state.borrow();
+            encoded
+                .iter()
+                .filter(|k| !st.writes.contains_key(*k) && !st.seen.contains_key(*k))
+                .cloned()
+                .collect()
+        };
+        missing.sort();
+        missing.dedup();
+        if self.state.borrow().rev.is_none()
+            && let Some(first) = keys.first()
+        {
+            // The first read fixes the snapshot (linearizably).
+            self.get(t, first)?;
+            missing.retain(|k| !self.state.borrow().seen.contains_key(k));
+        }
+        for batch in missing.chunks(GETS_PER_TXN) {
+            let rev = self.state.borrow().rev.unwrap_or(0);
+            let ops: Vec<TxnOp> = batch
+                .iter()
+                .map(|k| TxnOp::get(k.clone(), Some(GetOptions::new().with_revision(rev))))
+                .collect();
+            let txn = etcd_client::Txn::new().and_then(ops);
+            let resp = self
+                .shared
+                .call("a batch of reads", |mut kv| {
+                    let txn = txn.clone();
+                    async move { kv.txn(txn).await }
+                })
+                .inspect_err(|e| self.note(e))?;
+            let mut st = self.state.borrow_mut();
+            let answers = resp.op_responses();
+            if answers.len() != batch.len() {
+                return Err(ServiceError::internal(
+                    "etcd batch of reads",
+                    format!("{} answers to {} reads", answers.len(), batch.len()),
+                ));
+            }
+            for (k, answer) in batch.iter().zip(answers) {
+                let etcd_client::TxnOpResponse::Get(got) = answer else {
+                    return Err(ServiceError::internal("etcd batch of reads", "not a read"));
+                };
+                let found = got
+                    .kvs()
+                    .first()
+                    .map(|kv| (kv.mod_revision(), Some(kv.value().to_vec())))
+                    .unwrap_or((0, None));
+                st.seen.insert(k.clone(), found);
+            }
+        }
+        let st = self.state.borrow();
+        encoded
+            .iter()
+            .map(|k| {
+                let bytes = match st.writes.get(k) {
+                    Some(w) => w.clone(),
+                    None => st.seen.get(k).and_then(|(_, v)| v.clone()),
+                };
+                bytes
+                    .map(|b| V::from_bytes(&b).ok_or_else(|| corrupt("value", k)))
+                    .transpose()
+            })
+            .collect()
+    }
+
+    pub(super) fn put<K: MetaKey, V: MetaValue>(
+        &self,
+        t: Table<K, V>,
+        key: &K,
+        value: &V,
+    ) -> ServiceResult<()> {
+        if !self.writable {
+            return Err(super::read_only());
+        }
+        let k = self.shared.key(t.name, key);
+        self.state
+            .borrow_mut()
+            .writes
+            .insert(k, Some(value.to_bytes()));
+        Ok(())
+    }
+
+    pub(super) fn delete<K: MetaKey, V: MetaValue>(
+        &self,
+        t: Table<K, V>,
+        key: &K,
+    ) -> ServiceResult<()> {
+        if !self.writable {
+            return Err(super::read_only());
+        }
+        let k = self.shared.key(t.name, key);
+        self.state.borrow_mut().writes.insert(k, None);
+        Ok(())
+    }
+
+    pub(super) fn range<K: MetaKey, V: MetaValue>(
+        &self,
+        t: Table<K, V>,
+        lo: Option<&K>,
+        hi: Option<&K>,
+        limit: Option<usize>,
+    ) -> ServiceResult<Vec<(K, V)>> {
+        let table = self.shared.table_start(t.name);
+        let start = lo.map_or_else(|| table.clone(), |k| self.shared.key(t.name, k));
+        let end = hi.map_or_else(
+            || {
+                // The first key after every `<prefix>/<table>/...`.
+                let mut e = table.clone();
+                if let Some(last) = e.last_mut() {
+                    *last += 1;
+                }
+                e
+            },
+            |k| self.shared.key(t.name, k),
+        );
+        if start >= end {
+            return Ok(vec![]);
+        }
+        let mut st = self.state.borrow_mut();
+        let buffered = st.writes.range(start.clone()..end.clone()).count();
+        // Enough rows that, after this run's own deletes, `limit` remain if the range has them.
+        let want = limit.map(|l| l.saturating_add(buffered));
+        let mut fetched: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        let mut cursor = start.clone();
+        let mut truncated = false;
+        loop {
+            let page = want.map_or(PAGE, |w| (w - fetched.len()).min(PAGE));
+            let opts = self
+                .options(&st)
+                .with_range(end.clone())
+                .with_limit(i64::try_from(page).unwrap_or(i64::MAX));
+            let resp = self
+                .shared
+                .call("a range read", |mut kv| {
+                    let (key, opts) = (cursor.clone(), opts.clone());
+                    async move { kv.get(key, Some(opts)).await }
+                })
+                .inspect_err(|e| self.note(e))?;
+            if st.rev.is_none() {
+                st.rev = resp.header().map(|h| h.revision());
+            }
+            let more = resp.more();
+            for item in resp.kvs() {
+                st.seen.insert(
+                    item.key().to_vec(),
+                    (item.mod_revision(), Some(item.value().to_vec())),
+                );
+                fetched.insert(item.key().to_vec(), item.value().to_vec());
+            }
+            let Some(last) = fetched.keys().next_back().cloned() else {
+                break;
+            };
+            if !more {
+                break;
+            }
+            if want.is_some_and(|w| fetched.len() >= w) {
+                truncated = true;
+                break;
+            }
+            cursor = last;
+            cursor.push(0);
+        }
+        // The part of the key space this read covered: inserts there conflict.
+        let covered_end = match fetched.keys().next_back() {
+            Some(last) if truncated => {
+                let mut e = last.clone();
+                e.push(0);
+                e
+            }
+            _ => end.clone(),
+        };
+        st.ranges.push((start.clone(), covered_end.clone()));
+        for (k, w) in st.writes.range(start..covered_end) {
+            match w {
+                Some(v) => fetched.insert(k.clone(), v.clone()),
+                None => fetched.remove(k),
+            };
+        }
+        let mut out = Vec::new();
+        for (k, v) in fetched {
+            if limit.is_some_and(|l| out.len() >= l) {
+                break;
+            }
+            let key = k
+                .get(table.len()..)
+                .and_then(K::decode)
+                .ok_or_else(|| corrupt("key", &k))?;
+            let value = V::from_bytes(&v).ok_or_else(|| corrupt("value", &k))?;
+            out.push((key, value));
+        }
+        Ok(out)
+    }
+
+    /// The row of `t` with the greatest key. Read as one key (compared at commit) and the span
+    /// after it (an insert there conflicts).
+    pub(super) fn last<K: MetaKey, V: MetaValue>(
+        &self,
+        t: Table<K, V>,
+    ) -> ServiceResult<Option<(K, V)>> {
+        let table = self.shared.table_start(t.name);
+        let mut end = table.clone();
+        if let Some(l) = end.last_mut() {
+            *l += 1;
+        }
+        if self
+            .state
+            .borrow()
+            .writes
+            .range(table.clone()..end.clone())
+            .next()
+            .is_some()
+        {
+            // This run wrote to the table: the whole of it, with those writes.
+            return Ok(self.all_rows(t)?.pop());
+        }
+        let mut st = self.state.borrow_mut();
+        let opts = self
+            .options(&st)
+            .with_range(end.clone())
+            .with_sort(SortTarget::Key, SortOrder::Descend)
+            .with_limit(1);
+        let resp = self
+            .shared
+            .call("a read of the last key", |mut kv| {
+                let (key, opts) = (table.clone(), opts.clone());
+                async move { kv.get(key, Some(opts)).await }
+            })
+            .inspect_err(|e| self.note(e))?;
+        if st.rev.is_none() {
+            st.rev = resp.header().map(|h| h.revision());
+        }
+        let Some(item) = resp.kvs().first() else {
+            st.ranges.push((table, end));
+            return Ok(None);
+        };
+        let k = item.key().to_vec();
+        st.seen.insert(
+            k.clone(),
+            (item.mod_revision(), Some(item.value().to_vec())),
+        );
+        st.ranges.push((k.clone(), end));
+        let key = k
+            .get(table.len()..)
+            .and_then(K::decode)
+            .ok_or_else(|| corrupt("key", &k))?;
+        let value = V::from_bytes(item.value()).ok_or_else(|| corrupt("value", &k))?;
+        Ok(Some((key, value)))
+    }
+
+    fn all_rows<K: MetaKey, V: MetaValue>(&self, t: Table<K, V>) -> ServiceResult<Vec<(K, V)>> {
+        self.range(t, None, None, None)
+    }
+
+    /// Commits the buffered writes if nothing read changed since the snapshot.
+    fn commit(self) -> ServiceResult<Commit> {
+        let st = self.state.into_inner();
+        if st.writes.is_empty() {
+            return Ok(Commit::Nothing);
+        }
+        let mut compares: Vec<Compare> = st
+            .seen
+            .iter()
+            .map(|(k, (rev, _))| Compare::mod_revision(k.clone(), CompareOp::Equal, *rev))
+            .collect();
+        if let Some(rev) = st.rev {
+            compares.extend(st.ranges.iter().map(|(s, e)| {
+                Compare::mod_revision(s.clone(), CompareOp::Less, rev + 1).with_range(e.clone())
+            }));
+        }
+        let ops: Vec<TxnOp> = st
+            .writes
+            .into_iter()
+            .map(|(k, w)| match w {
+                Some(v) => TxnOp::put(k, v, None),
+                None => TxnOp::delete(k, None),
+            })
+            .collect();
+        let txn = etcd_client::Txn::new().when(compares).and_then(ops);
+        let resp = self.shared.call("a transaction", |mut kv| {
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })?;
+        Ok(if resp.succeeded() {
+            Commit::Applied
+        } else {
+            Commit::Conflict
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meta_urls_parse_and_bad_ones_say_why() {
+        let c = EtcdConfig::parse("etcd://h1:2379,10.0.0.2:2380/clusters/a").expect("parse");
+        assert_eq!(
+            c.endpoints,
+            vec![
+                "http://h1:2379".to_owned(),
+                "http://10.0.0.2:2380".to_owned()
+            ]
+        );
+        assert_eq!(c.prefix, "clusters/a");
+        assert_eq!(
+            EtcdConfig::parse("etcd://h:1").expect("parse").prefix,
+            "dfs"
+        );
+        for bad in [
+            "etcd://",
+            "etcd://h",
+            "etcd://h:x",
+            "http://h:1",
+            "etcd://h:1/a b",
+        ] {
+            assert!(EtcdConfig::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    use std::sync::atomic::AtomicU32;
+
+    const T: Table<(u64, String), u64> = Table::new("t");
+
+    /// A store on the test binary's etcd under a prefix of its own.
+    fn store() -> EtcdStore {
+        let etcd = crate::testing::shared_etcd().unwrap_or_else(|e| panic!("{e}"));
+        let prefix = format!("unit/{:016x}", rand::random::<u64>());
+        EtcdStore::connect(&EtcdConfig::parse(&etcd.meta_url(&prefix)).expect("url"))
+            .expect("connect")
+    }
+
+    /// A second client on the same keys (another directory instance).
+    fn twin(s: &EtcdStore) -> EtcdStore {
+        let etcd = crate::testing::shared_etcd().unwrap_or_else(|e| panic!("{e}"));
+        let prefix = String::from_utf8(s.shared.prefix.clone()).expect("utf-8");
+        EtcdStore::connect(
+            &EtcdConfig::parse(&etcd.meta_url(prefix.trim_end_matches('/'))).expect("url"),
+        )
+        .expect("connect")
+    }
+
+    fn k(dir: u64, name: &str) -> (u64, String) {
+        (dir, name.to_owned())
+    }
+
+    #[test]
+    fn an_insert_into_a_range_read_makes_the_writer_run_again() {
+        let a = store();
+        let other = twin(&a);
+        let runs = AtomicU32::new(0);
+        // "rmdir 5 if it is empty": between the emptiness check and the commit, another
+        // instance creates an entry in 5. The rmdir must not commit over it.
+        let seen = a
+            .write(|tx| {
+                let run = runs.fetch_add(1, Ordering::SeqCst);
+                let kids = tx.range(T, Some(&k(5, "")), Some(&k(6, "")), Some(1))?;
+                if run == 0 {
+                    other.write(|t2| t2.put(T, &k(5, "new"), &9))?;
+                }
+                if kids.is_empty() {
+                    tx.put(T, &k(0, "removed-5"), &5)?;
+                }
+                Ok(kids.len())
+            })
+            .expect("write");
+        assert_eq!(runs.load(Ordering::SeqCst), 2, "the first run conflicted");
+        assert_eq!(seen, 1, "the second run saw the new entry");
+        let gone = a.read(|tx| tx.get(T, &k(0, "removed-5"))).expect("read");
+        assert_eq!(gone, None, "nothing of the first run was applied");
+    }
+
+    #[test]
+    fn a_key_read_absent_then_made_elsewhere_conflicts_and_a_deleted_one_too() {
+        let a = store();
+        let other = twin(&a);
+        let runs = AtomicU32::new(0);
+        let found = a
+            .write(|tx| {
+                let run = runs.fetch_add(1, Ordering::SeqCst);
+                let v = tx.get(T, &k(1, "x"))?;
+                if run == 0 {
+                    other.write(|t2| t2.put(T, &k(1, "x"), &1))?;
+                }
+                tx.put(T, &k(1, "y"), &v.unwrap_or(0))?;
+                Ok(v)
+            })
+            .expect("write");
+        assert_eq!((runs.load(Ordering::SeqCst), found), (2, Some(1)));
+        // A row of a range read deleted by another instance before the commit.
+        let runs = AtomicU32::new(0);
+        let rows = a
+            .write(|tx| {
+                let run = runs.fetch_add(1, Ordering::SeqCst);
+                let rows = tx.range(T, Some(&k(1, "")), Some(&k(2, "")), None)?;
+                if run == 0 {
+                    other.write(|t2| t2.delete(T, &k(1, "x")))?;
+                }
+                tx.put(T, &k(9, "count"), &(rows.len() as u64))?;
+                Ok(rows.len())
+            })
+            .expect("write");
+        assert_eq!((runs.load(Ordering::SeqCst), rows), (2, 1));
+    }
+
+    #[test]
+    fn a_range_reads_its_own_writes_and_deletes_within_its_limit() {
+        let a = store();
+        a.write(|tx| {
+            for (i, n) in ["a", "b", "c", "d"].iter().enumerate() {
+                tx.put(T, &k(3, n), &(i as u64))?;
+            }
+            Ok(())
+        })
+        .expect("seed");
+        let rows = a
+            .write(|tx| {
+                tx.delete(T, &k(3, "a"))?;
+                tx.delete(T, &k(3, "b"))?;
+                tx.put(T, &k(3, "bb"), &7)?;
+                let first = tx.range(T, Some(&k(3, "")), Some(&k(4, "")), Some(2))?;
+                let all = tx.range(T, Some(&k(3, "")), Some(&k(4, "")), None)?;
+                Ok((first, all.len()))
+            })
+            .expect("write");
+        assert_eq!(rows.0, vec![(k(3, "bb"), 7), (k(3, "c"), 2)]);
+        assert_eq!(rows.1, 3);
+        assert_eq!(a.read(|tx| tx.all(T)).expect("read").len(), 3);
+    }
+
+    #[test]
+    fn endless_conflicts_end_in_a_clear_error_after_the_bound() {
+        let a = store();
+        let other = twin(&a);
+        let runs = AtomicU32::new(0);
+        let r = a.write(|tx| {
+            runs.fetch_add(1, Ordering::SeqCst);
+            let v = tx.get(T, &k(0, "hot"))?.unwrap_or(0);
+            other.write(|t2| t2.put(T, &k(0, "hot"), &(v + 1000)))?;
+            tx.put(T, &k(0, "hot"), &(v + 1))
+        });
+        match r {
+            Err(ServiceError::Unavailable(m)) => assert!(m.contains("conflicted"), "{m}"),
+            other => panic!("expected unavailable, got {other:?}"),
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), MAX_ATTEMPTS);
+    }
+
+    #[test]
+    fn concurrent_writers_on_two_instances_lose_no_update() {
+        let a = std::sync::Arc::new(store());
+        let b = std::sync::Arc::new(twin(&a));
+        let threads: Vec<_> = (0..4)
+            .map(|i| {
+                let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+                std::thread::spawn(move || {
+                    for _ in 0..5 {
+                        s.write(|tx| {
+                            let n = tx.get(T, &k(0, "counter"))?.unwrap_or(0);
+                            tx.put(T, &k(0, "counter"), &(n + 1))
+                        })
+                        .expect("increment");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("join");
+        }
+        // Linearizable: the other instance reads every increment at once.
+        assert_eq!(
+            b.read(|tx| tx.get(T, &k(0, "counter"))).expect("read"),
+            Some(20)
+        );
+    }
+
+    #[test]
+    fn a_store_on_three_members_keeps_writing_with_one_down() {
+        let mut members = crate::testing::start_cluster(3, &[]).unwrap_or_else(|e| panic!("{e}"));
+        let hosts: Vec<&str> = members.iter().map(|m| m.endpoint.as_str()).collect();
+        let url = format!("etcd://{}/three", hosts.join(","));
+        let a = EtcdStore::connect(&EtcdConfig::parse(&url).expect("url")).expect("connect");
+        a.write(|tx| tx.put(T, &k(0, "before"), &1)).expect("write");
+        // The first member goes away; the other two are a quorum.
+        drop(members.remove(0));
+        let mut wrote = false;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !wrote && std::time::Instant::now() < deadline {
+            wrote = a.write(|tx| tx.put(T, &k(0, "after"), &2)).is_ok();
+        }
+        assert!(wrote, "no write with two members of three up");
+        // Once a leader is elected, no call fails for the member that is down (the client's
+        // balancer still picks it at times: such calls are sent again).
+        for i in 0..20u64 {
+            a.write(|tx| tx.put(T, &k(1, "n"), &i)).expect("write");
+            let rows = a.read(|tx| tx.all(T)).expect("read");
+            assert_eq!(rows.len(), 3);
+        }
+    }
+
+    #[test]
+    fn a_snapshot_compacted_away_mid_run_is_taken_again() {
+        let a = store();
+        let other = twin(&a);
+        a.write(|tx| tx.put(T, &k(0, "x"), &1)).expect("seed");
+        let runs = AtomicU32::new(0);
+        let got = a
+            .write(|tx| {
+                let run = runs.fetch_add(1, Ordering::SeqCst);
+                let x = tx.get(T, &k(0, "x"))?.unwrap_or(0);
+                if run == 0 {
+                    // Another writer moves on and the history up to now is compacted: this
+                    // run's snapshot is gone.
+                    other.write(|t2| t2.put(T, &k(0, "z"), &3))?;
+                    let s = &other.shared;
+                    let rev = blocking(|| {
+                        s.call("a read", |mut kv| {
+                            let key = s.prefix.clone();
+                            async move { kv.get(key, None).await }
+                        })
+                    })?
+                    .header()
+                    .map(|h| h.revision())
+                    .expect("a header");
+                    blocking(|| {
+                        s.call("a compaction", |mut kv| async move {
+                            kv.compact(rev, None).await
+                        })
+                    })?;
+                }
+                let z = tx.get(T, &k(0, "z"))?.unwrap_or(0);
+                tx.put(T, &k(0, "sum"), &(x + z))?;
+                Ok(x + z)
+            })
+            .expect("write");
+        assert_eq!((runs.load(Ordering::SeqCst), got), (2, 4));
+    }
+
+    #[test]
+    fn many_point_reads_come_in_batches_at_the_snapshot_and_are_checked_at_commit() {
+        let a = store();
+        let other = twin(&a);
+        for part in [0..50u64, 50..100] {
+            a.write(|tx| {
+                for i in part.clone() {
+                    tx.put(T, &k(7, &format!("{i:03}")), &i)?;
+                }
+                Ok(())
+            })
+            .expect("seed");
+        }
+        // Two batches of reads; one commit comparing each key read (within --max-txn-ops).
+        let keys: Vec<(u64, String)> = (0..102u64).map(|i| k(7, &format!("{i:03}"))).collect();
+        let runs = AtomicU32::new(0);
+        let got = a
+            .write(|tx| {
+                let run = runs.fetch_add(1, Ordering::SeqCst);
+                tx.put(T, &k(7, "000"), &1000)?;
+                let got = tx.get_many(T, &keys)?;
+                if run == 0 {
+                    other.write(|t2| t2.put(T, &k(7, "099"), &0))?;
+                }
+                tx.put(T, &k(8, "sum"), &got.iter().flatten().sum::<u64>())?;
+                Ok(got)
+            })
+            .expect("write");
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            2,
+            "a key read in a batch changed: run again"
+        );
+        assert_eq!(got.len(), 102);
+        assert_eq!(got[0], Some(1000), "this run's own write");
+        assert_eq!(got[1], Some(1));
+        assert_eq!(got[99], Some(0), "the second run sees the other's value");
+        assert_eq!((got[100], got[101]), (None, None));
+    }
+}

@@ -1,0 +1,162 @@
+//! The change feed through real mounts (issue 10): another client's rename, create, delete
+//! and overwrite reach this client's kernel well within the long TTL, and a restarted
+//! directory makes the client drop what it holds and subscribe again.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use dfs_tests::*;
+
+/// The long TTL the client gives the kernel while the feed is healthy (`fs::feed::FEED_TTL`).
+const FEED_TTL: Duration = Duration::from_secs(15);
+
+/// How long a change may take to show at the other client in these tests: far below the TTL,
+/// so only the feed can explain it.
+const DELIVERY: Duration = Duration::from_secs(2);
+
+fn metrics(port: u16) -> HashMap<String, f64> {
+    parse_metrics(&http_get_text(&format!("http://127.0.0.1:{port}/metrics")))
+}
+
+fn feed_up(port: u16) -> bool {
+    metrics(port).get("dfs_client_feed_up_total") == Some(&1.0)
+}
+
+fn resyncs(port: u16) -> f64 {
+    metrics(port)
+        .get("dfs_client_feed_resyncs_total")
+        .copied()
+        .unwrap_or(0.0)
+}
+
+/// Lookups and getattrs that reached the client (not answered from the kernel's cache).
+fn kernel_misses(port: u16) -> f64 {
+    metrics(port)
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with("dfs_latency_seconds_count{")
+                && k.contains("kind=\"fuse_op\"")
+                && (k.contains("name=\"lookup\"") || k.contains("name=\"getattr\""))
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
+fn mount_with_metrics(c: &Client) -> (Mount, u16) {
+    let port = free_port();
+    let m = c.mount(&["--metrics", &format!("127.0.0.1:{port}")]);
+    assert!(
+        eventually(Duration::from_secs(10), || feed_up(port)),
+        "the change feed never came up: {}",
+        m.log()
+    );
+    (m, port)
+}
+
+#[test]
+fn another_clients_rename_create_delete_and_overwrite_show_well_within_the_ttl() {
+    let cluster = Cluster::start(&[]);
+    let (a, b) = (Client::new(&cluster.url), Client::new(&cluster.url));
+    a.signup_login("alice");
+    b.signup_login("alice");
+    let ma = a.mount(&[]);
+    let (mb, port) = mount_with_metrics(&b);
+    ok(ma.sh("mkdir d && echo one > d/a && echo bee > d/b && echo short > d/c"));
+    // B's kernel holds the entries and attributes, and B knows `d` completely.
+    ok(mb.sh("ls -l d >/dev/null && stat d/a d/b d/c >/dev/null && cat d/a d/b d/c >/dev/null"));
+    assert!(mb.path("d/new").symlink_metadata().is_err());
+    // Past the short TTL, B's kernel still answers from its cache: the long TTL is in force
+    // (so what follows cannot be the TTL's doing). Answers given while A's own changes were
+    // still arriving got the short TTL; those were asked again by now.
+    std::thread::sleep(Duration::from_millis(1500));
+    ok(mb.sh("stat d d/a d/b d/c >/dev/null"));
+    std::thread::sleep(Duration::from_millis(1500));
+    let misses = kernel_misses(port);
+    for p in ["d", "d/a", "d/b", "d/c"] {
+        std::fs::metadata(mb.path(p)).unwrap();
+    }
+    assert_eq!(
+        kernel_misses(port),
+        misses,
+        "stat after the short TTL is answered by B's kernel"
+    );
+
+    ok(ma.sh("mv d/a d/a2 && echo fresh > d/new && rm d/b && echo 'a much longer content' > d/c"));
+    let t0 = Instant::now();
+    let seen = eventually(DELIVERY, || {
+        mb.path("d/a").symlink_metadata().is_err()
+            && mb.path("d/a2").exists()
+            && mb.path("d/new").exists()
+            && mb.path("d/b").symlink_metadata().is_err()
+            && std::fs::metadata(mb.path("d/c")).is_ok_and(|m| m.len() == 22)
+    });
+    assert!(seen, "B's kernel still shows the old namespace");
+    assert!(t0.elapsed() < FEED_TTL);
+    assert_eq!(ok(mb.sh("ls d")), "a2\nc\nnew\n");
+    assert_eq!(
+        ok(mb.sh("cat d/c d/a2 d/new")),
+        "a much longer content\none\nfresh\n"
+    );
+}
+
+/// Sends `signal` (`-STOP`, `-CONT`) to process `pid`.
+fn signal(pid: u32, signal: &str) {
+    let st = std::process::Command::new("kill")
+        .arg(signal)
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(st.success(), "kill {signal} {pid}");
+}
+
+#[test]
+fn a_restarted_directory_makes_the_client_resync_and_nothing_stale_survives() {
+    let mut cluster = SplitCluster::start(1);
+    let (a, b) = (Client::new(&cluster.url), Client::new(&cluster.url));
+    a.signup_login("alice");
+    b.signup_login("alice");
+    let ma = a.mount(&[]);
+    let (mb, port) = mount_with_metrics(&b);
+    ok(ma.sh("echo one > r.txt"));
+    ok(mb.sh("cat r.txt >/dev/null && stat r.txt >/dev/null"));
+    // As above: B's kernel holds r.txt's attributes with the long TTL.
+    std::thread::sleep(Duration::from_millis(1500));
+    ok(mb.sh("stat r.txt >/dev/null"));
+    std::thread::sleep(Duration::from_millis(1500));
+    let misses = kernel_misses(port);
+    assert_eq!(std::fs::metadata(mb.path("r.txt")).unwrap().len(), 4);
+    assert_eq!(kernel_misses(port), misses, "answered by B's kernel");
+    let before = resyncs(port);
+
+    // B sleeps through a directory restart and a change made in the new directory's feed
+    // before B subscribes to it: no change event will ever tell B; only the resync can.
+    signal(mb.pid(), "-STOP");
+    cluster.stop_service("directory", true);
+    cluster.start_service("directory");
+    cluster.wait_ready();
+    let wrote = eventually(Duration::from_secs(20), || {
+        ma.sh("echo 'two, and longer' > r.txt").status.success()
+    });
+    signal(mb.pid(), "-CONT");
+    assert!(wrote, "A writes again after the restart");
+
+    let t0 = Instant::now();
+    let seen = eventually(DELIVERY, || {
+        std::fs::metadata(mb.path("r.txt")).is_ok_and(|m| m.len() == 16)
+    });
+    assert!(
+        seen,
+        "B's kernel still holds the size from before the restart"
+    );
+    assert!(t0.elapsed() < FEED_TTL);
+    assert_eq!(ok(mb.sh("cat r.txt")), "two, and longer\n");
+    assert!(
+        resyncs(port) >= before + 1.0,
+        "B dropped what it held when the feed was lost"
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || feed_up(port)),
+        "B subscribed to the new directory's feed: {}",
+        mb.log()
+    );
+}
