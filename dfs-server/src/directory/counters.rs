@@ -7,10 +7,10 @@
 //! transactions on an engine with optimistic concurrency (etcd) rarely touch the same key.
 
 use common::{FileKind, NodeMeta};
-use redb::{ReadTransaction, ReadableTable, WriteTransaction};
 
-use super::META;
+use super::{meta_get, meta_put};
 use crate::error::ServiceResult;
+use crate::meta::Txn;
 
 /// Shards per counter.
 pub const SHARDS: u64 = 16;
@@ -24,20 +24,18 @@ fn bytes_of(m: &NodeMeta) -> u64 {
     if m.kind == FileKind::File { m.size } else { 0 }
 }
 
-fn add(tx: &WriteTransaction, key: &str, delta: i128) -> ServiceResult<()> {
+fn add(tx: &Txn, key: &str, delta: i128) -> ServiceResult<()> {
     if delta == 0 {
         return Ok(());
     }
-    let mut meta = tx.open_table(META)?;
-    let cur = meta.get(key)?.map_or(0, |v| v.value());
+    let cur = meta_get(tx, key)?.unwrap_or(0);
     let new = (i128::from(cur) + delta).clamp(0, i128::from(u64::MAX));
-    meta.insert(key, u64::try_from(new).unwrap_or(u64::MAX))?;
-    Ok(())
+    meta_put(tx, key, u64::try_from(new).unwrap_or(u64::MAX))
 }
 
 /// A node changed from `before` to `after` (`None`: absent) in `tx`: the totals follow.
 pub(super) fn changed(
-    tx: &WriteTransaction,
+    tx: &Txn,
     before: Option<&NodeMeta>,
     after: Option<&NodeMeta>,
 ) -> ServiceResult<()> {
@@ -52,45 +50,17 @@ pub(super) fn changed(
 }
 
 /// (nodes, bytes) of the whole namespace.
-pub(super) fn totals(tx: &ReadTransaction) -> ServiceResult<(u64, u64)> {
-    let meta = tx.open_table(META)?;
+pub(super) fn totals(tx: &Txn) -> ServiceResult<(u64, u64)> {
+    let keys: Vec<String> = (0..SHARDS)
+        .flat_map(|shard| [key("nodes", shard), key("bytes", shard)])
+        .collect();
+    let values = tx.get_many(super::META, &keys)?;
     let (mut nodes, mut bytes) = (0u64, 0u64);
-    for shard in 0..SHARDS {
-        let n = meta
-            .get(key("nodes", shard).as_str())?
-            .map_or(0, |v| v.value());
-        let b = meta
-            .get(key("bytes", shard).as_str())?
-            .map_or(0, |v| v.value());
+    for pair in values.chunks(2) {
+        let n = pair.first().copied().flatten().unwrap_or(0);
+        let b = pair.get(1).copied().flatten().unwrap_or(0);
         nodes = nodes.saturating_add(n);
         bytes = bytes.saturating_add(b);
     }
     Ok((nodes, bytes))
-}
-
-/// Sets the counters from scratch (`tally`: per shard, nodes and bytes), at the upgrade that
-/// introduces them.
-pub(super) fn set_all(tx: &WriteTransaction, tally: &[(u64, u64)]) -> ServiceResult<()> {
-    let mut meta = tx.open_table(META)?;
-    for shard in 0..SHARDS {
-        let (n, b) = usize::try_from(shard)
-            .ok()
-            .and_then(|i| tally.get(i))
-            .copied()
-            .unwrap_or((0, 0));
-        meta.insert(key("nodes", shard).as_str(), n)?;
-        meta.insert(key("bytes", shard).as_str(), b)?;
-    }
-    Ok(())
-}
-
-/// Adds node `m` to a tally for [`set_all`].
-pub(super) fn tally(tally: &mut [(u64, u64)], m: &NodeMeta) {
-    if let Some(t) = usize::try_from(m.id.0 % SHARDS)
-        .ok()
-        .and_then(|i| tally.get_mut(i))
-    {
-        t.0 += 1;
-        t.1 = t.1.saturating_add(bytes_of(m));
-    }
 }

@@ -46,8 +46,10 @@ const CLUSTER_ID: &str = "cluster_id";
 const FORMAT: &str = "format";
 const FORMAT_LINKS: u64 = 2;
 const FORMAT_NAMES: u64 = 3;
+/// Versions committed per etcd transaction by `commit_batch`.
+const COMMITS_PER_ETCD_TXN: usize = 16;
 /// Copies recorded per transaction by `add_holders`.
-const HOLDERS_PER_TXN: usize = 32;
+const HOLDERS_PER_TXN: usize = 24;
 
 /// A number kept in `dir_meta`.
 fn meta_get(tx: &Txn, key: &str) -> ServiceResult<Option<u64>> {
@@ -552,7 +554,7 @@ impl DirectoryService {
                 };
                 put_node(tx, &root)?;
                 meta_put(tx, NEXT_ID, NodeId::ROOT.0 + 1)?;
-                meta_put(tx, FORMAT, FORMAT_NAMES)?;
+                replicas::init(tx, config.replication, &root)?;
             }
             let format = meta_get(tx, FORMAT)?.unwrap_or(1);
             if format < FORMAT_LINKS {
@@ -573,7 +575,6 @@ impl DirectoryService {
                     "directory store upgrade: names indexed"
                 );
             }
-            replicas::open(tx, config.replication, fresh)?;
             let cluster_id = match meta_get(tx, CLUSTER_ID)? {
                 Some(id) => id,
                 None => {
@@ -591,6 +592,7 @@ impl DirectoryService {
             }
             Ok(cluster_id)
         })?;
+        replicas::open(&store, config.replication)?;
         // A read view: a registry of any size is never part of a write (etcd compares every
         // key a write read).
         let registry =
@@ -1208,12 +1210,24 @@ impl DirectoryService {
                 common::api::MAX_BATCH_ITEMS
             )));
         }
-        let results: Vec<ServiceResult<CommitResponse>> = self.store.write(|tx| {
-            req.items
-                .iter()
-                .map(|i| commit_in(tx, i.node, &i.commit))
-                .collect()
-        })?;
+        // One transaction on redb. On etcd a commit reads and writes a few keys of its own
+        // (its node, its repair queue entry) besides the shared counters' shards: a batch
+        // goes in chunks that stay within `--max-txn-ops`, each durable before the next. A
+        // batch cut short by an error is retried whole by its client, and a version already
+        // committed by an earlier chunk is recognised by its upload id.
+        let per = match &self.store {
+            MetaStore::Redb(_) => req.items.len().max(1),
+            MetaStore::Etcd(_) => COMMITS_PER_ETCD_TXN,
+        };
+        let mut results: Vec<ServiceResult<CommitResponse>> = Vec::with_capacity(req.items.len());
+        for part in req.items.chunks(per) {
+            let done: Vec<ServiceResult<CommitResponse>> = self.store.write(|tx| {
+                part.iter()
+                    .map(|i| commit_in(tx, i.node, &i.commit))
+                    .collect()
+            })?;
+            results.extend(done);
+        }
         for (i, r) in req.items.iter().zip(&results) {
             if matches!(r, Err(ServiceError::Conflict(_))) {
                 self.end_intent(i.node, &i.commit.upload_id);
@@ -1306,8 +1320,9 @@ impl DirectoryService {
         let live = self.registry.live();
         let replication = usize::try_from(self.config.replication).unwrap_or(usize::MAX);
         // Each copy is recorded alone (a lost one is found again by the repair loop), so
-        // they need not share one transaction: 32 files per transaction stays well within
-        // etcd's `--max-txn-ops` (128 by default).
+        // they need not share one transaction: 24 files per transaction (each up to four
+        // writes with the holdings index and the repair queue) stays within etcd's
+        // `--max-txn-ops` (128 by default).
         for chunk in items.chunks(HOLDERS_PER_TXN) {
             self.store.write_lazy(|tx| {
                 for item in chunk {

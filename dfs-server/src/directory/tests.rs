@@ -50,7 +50,15 @@ macro_rules! conformance {
 
 /// A directory over the shared test etcd, under a prefix named after `dir` (a reopen of the
 /// same `dir` finds the same namespace). Without etcd the test fails, saying what to install.
-fn open_on_etcd(dir: &Path) -> ServiceResult<DirectoryService> {
+pub(super) fn open_on_etcd(dir: &Path) -> ServiceResult<DirectoryService> {
+    open_on_etcd_with(dir, DirectoryConfig::default())
+}
+
+/// [`open_on_etcd`] with `config`.
+pub(super) fn open_on_etcd_with(
+    dir: &Path,
+    config: DirectoryConfig,
+) -> ServiceResult<DirectoryService> {
     let etcd = crate::testing::shared_etcd().unwrap_or_else(|e| panic!("{e}"));
     let name = dir
         .file_name()
@@ -59,7 +67,7 @@ fn open_on_etcd(dir: &Path) -> ServiceResult<DirectoryService> {
         .replace(|c: char| !c.is_ascii_alphanumeric(), "-");
     let meta =
         crate::meta::MetaConfig::parse(&etcd.meta_url(&format!("test/{name}"))).expect("meta url");
-    DirectoryService::open_meta(dir, &meta, DirectoryConfig::default())
+    DirectoryService::open_meta(dir, &meta, config)
 }
 
 conformance! {
@@ -2050,8 +2058,9 @@ fn remembered_answers_expire_a_bounded_few_per_operation() {
     assert_eq!(count(), (4, 4), "8 expired ones removed, 3 left and the new one");
 }
 
-/// The largest batches the routes admit fit one transaction of either engine (etcd refuses
-/// more than `--max-txn-ops`, 128 by default, compares or writes in one).
+/// The largest batches the routes admit are recorded whole on either engine (etcd refuses
+/// more than `--max-txn-ops`, 128 by default, compares or writes in one transaction: the
+/// directory cuts them into chunks there).
 #[test]
 fn the_largest_batches_are_recorded_whole() {
     let dir = tempfile::tempdir().expect("tempdir");
