@@ -15,6 +15,7 @@ mod permissions;
 mod posix;
 mod power_loss;
 mod replication;
+mod scale;
 mod tls;
 mod two_clients;
 mod writes;
