@@ -56,6 +56,11 @@ pub const TABLES: &[&dyn crate::meta::AnyTable] = &[
     &registry::SERVICES,
     &requests::REQUESTS,
     &requests::REQUEST_EXPIRY,
+    &replicas::HOLDINGS,
+    &replicas::QUEUE,
+    &replicas::QUEUE_DUE,
+    &replicas::PLACED,
+    &replicas::SEEN,
 ];
 /// The store's format: 2 counts links (`nlink`) and stores access times; 3 indexes every
 /// node's names (`names`).
