@@ -447,7 +447,8 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
     ));
 
     let lock = Arc::new(
-        LockService::open(&cfg.data.join("lock"), cfg.lock.clone(), &key)
+        LockService::build(&cfg.meta, &cfg.data.join("lock"), cfg.lock.clone(), &key)
+            .await
             .context("opening the lock service")?,
     );
     let (ll, lock_url) = bind(loopback, tls).await.context("lock service")?;

@@ -177,8 +177,7 @@ async fn setattr(
 ) -> ApiResult<Json<NodeMeta>> {
     let who = who.caller().id;
     let rid = request_id(&headers)?;
-    let meta =
-        blocking(move || svc.setattr_with_id(NodeId(id), &req, &who, rid.as_ref())).await?;
+    let meta = blocking(move || svc.setattr_with_id(NodeId(id), &req, &who, rid.as_ref())).await?;
     feed.publish_from(origin, [ChangeKind::Node { node: meta.id }]);
     Ok(Json(meta))
 }
