@@ -12,9 +12,11 @@
 //!
 //! Every key is attached to an etcd lease of its own (the configured lease, in whole seconds):
 //! a holder's renewal and a waiter's poll are keepalives of its key's lease, so a dead holder
-//! or a waiter that stopped polling goes when etcd expires the lease and deletes the key. etcd
-//! 3.4 extends every lease to its full TTL when a new leader takes over, so a holder that
-//! died loses its lock within the lease plus an election (and etcd's 0.5 s expiry check).
+//! or a waiter that stopped polling goes when etcd expires the lease and deletes the key
+//! (within the lease and etcd's 0.5 s expiry check). etcd 3.4 gives every lease its full TTL
+//! again (plus its election timeout) when a new leader takes over, so after a leader change a
+//! dead holder's lock goes at most a lease and an election timeout after the new leader took
+//! over (ARCHITECTURE.md, *Locks on etcd*).
 //!
 //! A write lock's fencing token is `fence_base + create revision of the holder's key`: the
 //! heads of a file's queue follow one another in create-revision order, and revisions never
@@ -583,23 +585,30 @@ impl EtcdLocks {
         }
     }
 
-    /// Changes the mode of an existing request in place (its place and lease kept).
-    async fn set_mode(&self, e: &Entry, shared: bool) -> ServiceResult<bool> {
+    /// Changes the mode of an existing request in place (its place and lease kept). To
+    /// shared, it only widens what is granted; to exclusive it could take a grant back from
+    /// a shared request behind it, so then only while the request is the file's only one
+    /// (`prefix`: every key of the file must have its create revision).
+    async fn set_mode(&self, e: &Entry, shared: bool, prefix: &str) -> ServiceResult<bool> {
         let mut value = e.value.clone();
         if let Some(first) = value.first_mut() {
             *first = if shared { b's' } else { b'x' };
         }
-        let txn = etcd_client::Txn::new()
-            .when([Compare::create_revision(
-                e.key.clone(),
-                CompareOp::Equal,
-                e.create,
-            )])
-            .and_then([TxnOp::put(
-                e.key.clone(),
-                value,
-                Some(PutOptions::new().with_ignore_lease()),
-            )]);
+        let guard = if shared {
+            Compare::create_revision(e.key.clone(), CompareOp::Equal, e.create)
+        } else {
+            let mut end = prefix.as_bytes().to_vec();
+            if let Some(last) = end.last_mut() {
+                *last += 1;
+            }
+            Compare::create_revision(prefix.as_bytes().to_vec(), CompareOp::Equal, e.create)
+                .with_range(end)
+        };
+        let txn = etcd_client::Txn::new().when([guard]).and_then([TxnOp::put(
+            e.key.clone(),
+            value,
+            Some(PutOptions::new().with_ignore_lease()),
+        )]);
         let r = self
             .call("a lock mode change", |mut c| {
                 let txn = txn.clone();
@@ -635,16 +644,17 @@ impl EtcdLocks {
                 if is_shared(&e.value) == shared || shared {
                     // Held already, or an exclusive lock converted down to shared.
                     if !is_shared(&e.value) && shared {
-                        self.set_mode(&e, true).await?;
+                        self.set_mode(&e, true, &prefix).await?;
                     }
                     if self.keep_alive(e.lease).await? {
                         return Ok((self.granted_app(), q.rev, e.lease));
                     }
-                } else if q.entries.len() == 1 {
+                } else if q.entries.len() == 1
+                    && self.set_mode(&e, false, &prefix).await?
+                    && self.keep_alive(e.lease).await?
+                {
                     // The only one: shared to exclusive in place.
-                    if self.set_mode(&e, false).await? && self.keep_alive(e.lease).await? {
-                        return Ok((self.granted_app(), q.rev, e.lease));
-                    }
+                    return Ok((self.granted_app(), q.rev, e.lease));
                 } else if !blocking {
                     // A non-blocking upgrade that cannot be had keeps the shared lock.
                     return Ok((AppLockResponse::Busy, q.rev, e.lease));
@@ -655,10 +665,18 @@ impl EtcdLocks {
                 }
             }
             Some((_, e)) => {
-                if is_shared(&e.value) != shared {
-                    self.set_mode(&e, shared).await?;
+                if !is_shared(&e.value) && shared {
+                    self.set_mode(&e, true, &prefix).await?;
+                } else if is_shared(&e.value) && !shared {
+                    // A waiting shared request turned exclusive: asked anew at the back (in
+                    // place it could take a grant back from shared requests behind it).
+                    self.revoke(e.lease).await;
+                    self.create(&key, &value).await?;
                 }
-                self.keep_alive(e.lease).await?;
+                if !is_shared(&e.value) || shared {
+                    // Polling keeps the place (a lapsed key is asked anew below).
+                    self.keep_alive(e.lease).await?;
+                }
             }
             None if !join => {
                 // Given up meanwhile (or lapsed): this request ends.
@@ -668,7 +686,12 @@ impl EtcdLocks {
                 self.create(&key, &value).await?;
             }
         }
-        let q = self.list(&prefix).await?;
+        let mut q = self.list(&prefix).await?;
+        if join && q.position(&key).is_none() {
+            // Its lease lapsed meanwhile: this request asks anew.
+            self.create(&key, &value).await?;
+            q = self.list(&prefix).await?;
+        }
         let Some(pos) = q.position(&key) else {
             return Ok((AppLockResponse::Busy, q.rev, 0));
         };
