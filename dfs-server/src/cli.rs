@@ -135,7 +135,7 @@ pub struct AllArgs {
     pub missed_beats: u32,
     /// Where the directory keeps its metadata: `redb` (a file in the data directory) or an
     /// etcd cluster, `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` (prefix default `dfs`), which
-    /// several directories can share.
+    /// several directories can share. With etcd the lock service keeps its locks there too.
     #[arg(long, default_value = "redb", value_name = "STORE")]
     pub meta: crate::meta::MetaConfig,
     /// Milliseconds between repair passes (primary failover, re-replication).
