@@ -88,3 +88,76 @@ fn flock_appends_from_two_mounts_lose_nothing_with_locks_on_etcd() {
         keys()
     );
 }
+
+/// The lock URL the cluster map names.
+fn mapped_lock(cluster: &SplitCluster) -> String {
+    http_get_json(&format!("{}{}", cluster.url, common::routes::CLUSTER))["lock_url"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The URL a lock instance printed at start.
+fn instance_url(cluster: &SplitCluster, name: &str) -> String {
+    let log = cluster.data_dir(name).with_extension("log");
+    let mut url = String::new();
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            url = text
+                .lines()
+                .find_map(|l| l.strip_prefix("dfs lock service listening on "))
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            !url.is_empty()
+        }),
+        "{name} printed no URL: {}",
+        cluster.logs()
+    );
+    url
+}
+
+#[test]
+fn writes_and_locks_go_on_when_the_lock_instance_in_the_map_is_killed() {
+    let etcd = etcd::shared_etcd().unwrap_or_else(|e| panic!("{e}"));
+    let prefix = format!("e2e-lock-failover-{}", std::process::id());
+    let mut cluster = SplitCluster::start_on_etcd(2, &etcd.meta_url(&prefix));
+    cluster.start_service("lock-2");
+    let urls = [
+        ("lock", instance_url(&cluster, "lock")),
+        ("lock-2", instance_url(&cluster, "lock-2")),
+    ];
+    let c = Client::new(&cluster.url);
+    c.signup_login("alice");
+    let m = c.mount(&[]);
+    ok(m.sh("echo one > f && flock f true"));
+    // Kill -9 the instance the map names; the other registers again within 5 s.
+    let mapped = mapped_lock(&cluster);
+    let (dead, _) = urls
+        .iter()
+        .find(|(_, u)| *u == mapped)
+        .unwrap_or_else(|| panic!("the map names {mapped}, not one of {urls:?}"));
+    cluster.stop_service(dead, true);
+    let killed = std::time::Instant::now();
+    assert!(
+        eventually(Duration::from_secs(10), || mapped_lock(&cluster) != mapped),
+        "the map still names the dead instance"
+    );
+    // Closes (write locks) and flock (application locks) work again through the other.
+    let mut n = 0;
+    let back = eventually(Duration::from_secs(20), || {
+        n += 1;
+        m.sh(&format!("echo two{n} > f && flock f true"))
+            .status
+            .success()
+    });
+    assert!(
+        back,
+        "no write within 20 s: {}\n{}",
+        m.log(),
+        cluster.logs()
+    );
+    assert!(killed.elapsed() < Duration::from_secs(25));
+    assert_eq!(ok(m.sh("cat f")), format!("two{n}\n"));
+}
