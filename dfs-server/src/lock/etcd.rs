@@ -33,8 +33,8 @@ use common::api::{AcquireResponse, AppLockConflict, AppLockResponse, Grant, Lock
 use common::api::{LockStatus, WaiterId};
 use common::{FenceToken, NodeId, UploadId};
 use etcd_client::{
-    Client, Compare, CompareOp, GetOptions, PutOptions, TxnOp, TxnOpResponse, WatchFilterType,
-    WatchOptions,
+    Client, Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, TxnOp,
+    TxnOpResponse, WatchFilterType, WatchOptions,
 };
 use tokio::time::Instant;
 
@@ -46,7 +46,8 @@ use crate::meta::etcd::EtcdConfig;
 pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause before sending again a call no member received.
 const RESEND_PAUSE: Duration = Duration::from_millis(20);
-/// Most keys one listing reads (a file's queue, or `status`).
+/// Most keys one listing reads (a file's queue, oldest first, or `status`): a waiter further
+/// back than this finds no place and is refused as unavailable.
 const MAX_KEYS: i64 = 10_000;
 /// Times one acquire call joins a queue that keeps losing its key (lapsed or released).
 const MAX_JOINS: u32 = 3;
@@ -290,7 +291,13 @@ impl EtcdLocks {
         let txn = etcd_client::Txn::new().and_then([
             TxnOp::get(
                 prefix.as_bytes().to_vec(),
-                Some(GetOptions::new().with_prefix().with_limit(MAX_KEYS)),
+                // Oldest first on etcd's side, so a cut list keeps the head of the queue.
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_sort(SortTarget::Create, SortOrder::Ascend)
+                        .with_limit(MAX_KEYS),
+                ),
             ),
             TxnOp::get(self.base_key.clone(), None),
         ]);
@@ -427,8 +434,15 @@ impl EtcdLocks {
             tokio::select! {
                 m = stream.message() => match m {
                     Ok(Some(resp)) if resp.events().is_empty() && !resp.canceled() => {}
-                    // An event, a cancelled watch (compacted) or a broken stream: look again.
-                    _ => return,
+                    // An event: look again.
+                    Ok(Some(resp)) if !resp.canceled() => return,
+                    // A cancelled watch (compacted) or a broken stream: look again, after a
+                    // short pause so that a stream that keeps ending cannot spin.
+                    _ => {
+                        let pause = Instant::now() + Duration::from_millis(100);
+                        tokio::time::sleep_until(pause.min(until)).await;
+                        return;
+                    }
                 },
                 _ = tokio::time::sleep_until(next_keep) => {
                     match self.keep_alive(lease).await {
