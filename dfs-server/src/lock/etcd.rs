@@ -477,6 +477,8 @@ impl EtcdLocks {
             joined = self.keep_alive(e.lease).await?;
         }
         let mut joins = 0;
+        // Whether the key's lease was renewed since the last wait.
+        let mut fresh = true;
         loop {
             if !joined {
                 if joins == MAX_JOINS {
@@ -487,6 +489,7 @@ impl EtcdLocks {
                 joins += 1;
                 self.create(&key, user.as_bytes()).await?;
                 joined = true;
+                fresh = true;
             }
             let q = self.list(&prefix).await?;
             let Some(pos) = q.position(&key) else {
@@ -496,6 +499,11 @@ impl EtcdLocks {
             };
             let me = &q.entries[pos];
             if pos == 0 {
+                // The grant promises a whole lease from now.
+                if !fresh && !self.keep_alive(me.lease).await? {
+                    joined = false;
+                    continue;
+                }
                 let fence = fence_of(q.base, me.create)?;
                 tracing::debug!(%node, %fence, user, "lock granted");
                 return Ok(AcquireResponse::Granted(self.grant(node, fence)));
@@ -508,6 +516,7 @@ impl EtcdLocks {
             let lease = me.lease;
             self.wait_change(&prefix, q.rev, true, deadline, lease)
                 .await;
+            fresh = false;
         }
     }
 
