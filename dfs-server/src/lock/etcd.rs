@@ -286,9 +286,9 @@ impl EtcdLocks {
         }))
     }
 
-    /// Every key under `prefix` in create-revision order, and the fence base, at one revision.
-    async fn list(&self, prefix: &str) -> ServiceResult<Queue> {
-        let txn = etcd_client::Txn::new().and_then([
+    /// The reads of a queue: every key under `prefix`, oldest first, and the fence base.
+    fn queue_reads(&self, prefix: &str) -> [TxnOp; 2] {
+        [
             TxnOp::get(
                 prefix.as_bytes().to_vec(),
                 // Oldest first on etcd's side, so a cut list keeps the head of the queue.
@@ -300,37 +300,84 @@ impl EtcdLocks {
                 ),
             ),
             TxnOp::get(self.base_key.clone(), None),
-        ]);
+        ]
+    }
+
+    /// The queue from the answers to `queue_reads` (the last two of `resp`).
+    fn parse_queue(resp: etcd_client::TxnResponse) -> ServiceResult<Queue> {
+        let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let ops = resp.op_responses();
+        let [.., TxnOpResponse::Get(keys), TxnOpResponse::Get(base)] = ops.as_slice() else {
+            return Err(ServiceError::internal("etcd queue read", "not two reads"));
+        };
+        let mut entries: Vec<Entry> = keys
+            .kvs()
+            .iter()
+            .map(|kv| Entry {
+                key: kv.key().to_vec(),
+                create: kv.create_revision(),
+                lease: kv.lease(),
+                value: kv.value().to_vec(),
+            })
+            .collect();
+        entries.sort_by_key(|e| e.create);
+        let base = match base.kvs().first() {
+            Some(kv) => parse_base(kv.value())?,
+            None => 0,
+        };
+        Ok(Queue { entries, rev, base })
+    }
+
+    /// Every key under `prefix` in create-revision order, and the fence base, at one revision.
+    async fn list(&self, prefix: &str) -> ServiceResult<Queue> {
+        let txn = etcd_client::Txn::new().and_then(self.queue_reads(prefix));
         let resp = self
             .call("a queue read", |mut c| {
                 let txn = txn.clone();
                 async move { c.txn(txn).await }
             })
             .await?;
-        let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
-        let mut entries = Vec::new();
-        let mut base = 0;
-        for (i, op) in resp.op_responses().into_iter().enumerate() {
-            let TxnOpResponse::Get(got) = op else {
-                return Err(ServiceError::internal("etcd queue read", "not a read"));
-            };
-            if i == 0 {
-                entries = got
-                    .kvs()
-                    .iter()
-                    .map(|kv| Entry {
-                        key: kv.key().to_vec(),
-                        create: kv.create_revision(),
-                        lease: kv.lease(),
-                        value: kv.value().to_vec(),
-                    })
-                    .collect();
-            } else if let Some(kv) = got.kvs().first() {
-                base = parse_base(kv.value())?;
-            }
+        Self::parse_queue(resp)
+    }
+
+    /// Creates `key` with `value` on a lease of its own unless it exists, and reads the
+    /// queue under `prefix`, in one etcd transaction (an uncontended acquire's one round trip
+    /// after the lease grant). Returns the queue and whether it made the key.
+    async fn join_and_list(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        prefix: &str,
+    ) -> ServiceResult<(Queue, bool)> {
+        let ttl = self.ttl;
+        let lease = self
+            .call("a lease grant", |mut c| async move {
+                c.lease_grant(ttl, None).await
+            })
+            .await?
+            .id();
+        let mut then = vec![TxnOp::put(
+            key.to_vec(),
+            value.to_vec(),
+            Some(PutOptions::new().with_lease(lease)),
+        )];
+        then.extend(self.queue_reads(prefix));
+        let txn = etcd_client::Txn::new()
+            .when([Compare::create_revision(key.to_vec(), CompareOp::Equal, 0)])
+            .and_then(then)
+            .or_else(self.queue_reads(prefix));
+        let resp = self
+            .call("a queue join", |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await;
+        let made = resp.as_ref().is_ok_and(|r| r.succeeded());
+        if !made {
+            // It existed (a poll), or the call failed: the new lease is not needed.
+            self.revoke(lease).await;
         }
-        entries.sort_by_key(|e| e.create);
-        Ok(Queue { entries, rev, base })
+        Ok((Self::parse_queue(resp?)?, made))
     }
 
     /// Creates `key` with `value` on a lease of its own, unless it exists. Returns whether it
@@ -471,39 +518,33 @@ impl EtcdLocks {
         let deadline = Instant::now() + wait.min(self.config.max_wait);
         let key = self.waiter_key(node, waiter);
         let prefix = self.file_prefix('w', node);
-        // Polling keeps the place: the key's lease is extended, or the key made anew.
-        let mut joined = false;
-        if let Some(e) = self.get(&key).await? {
-            joined = self.keep_alive(e.lease).await?;
-        }
-        let mut joins = 0;
-        // Whether the key's lease was renewed since the last wait.
-        let mut fresh = true;
+        let mut joins = 1;
+        let (mut q, made) = self.join_and_list(&key, user.as_bytes(), &prefix).await?;
+        // Whether the key's lease is whole (made or renewed since the last wait). A poll
+        // keeps its place by renewing it.
+        let mut fresh = made;
         loop {
-            if !joined {
-                if joins == MAX_JOINS {
-                    return Err(ServiceError::Unavailable(format!(
-                        "the queue of {node} lost this waiter {MAX_JOINS} times in one call"
-                    )));
-                }
-                joins += 1;
-                self.create(&key, user.as_bytes()).await?;
-                joined = true;
-                fresh = true;
-            }
-            let q = self.list(&prefix).await?;
-            let Some(pos) = q.position(&key) else {
-                // Its lease lapsed (or it was released meanwhile): join again.
-                joined = false;
-                continue;
-            };
-            let me = &q.entries[pos];
-            if pos == 0 {
-                // The grant promises a whole lease from now.
-                if !fresh && !self.keep_alive(me.lease).await? {
-                    joined = false;
+            let me = match q.position(&key) {
+                Some(pos) => (pos, q.entries[pos].clone()),
+                None => {
+                    // Its lease lapsed (or it was released meanwhile): join again.
+                    if joins == MAX_JOINS {
+                        return Err(ServiceError::Unavailable(format!(
+                            "the queue of {node} lost this waiter {MAX_JOINS} times in one call"
+                        )));
+                    }
+                    joins += 1;
+                    let (again, made) = self.join_and_list(&key, user.as_bytes(), &prefix).await?;
+                    (q, fresh) = (again, made);
                     continue;
                 }
+            };
+            let (pos, me) = me;
+            if !fresh && !self.keep_alive(me.lease).await? {
+                q = self.list(&prefix).await?;
+                continue;
+            }
+            if pos == 0 {
                 let fence = fence_of(q.base, me.create)?;
                 tracing::debug!(%node, %fence, user, "lock granted");
                 return Ok(AcquireResponse::Granted(self.grant(node, fence)));
@@ -513,10 +554,10 @@ impl EtcdLocks {
                     position: u64::try_from(pos).unwrap_or(u64::MAX),
                 });
             }
-            let lease = me.lease;
-            self.wait_change(&prefix, q.rev, true, deadline, lease)
+            self.wait_change(&prefix, q.rev, true, deadline, me.lease)
                 .await;
             fresh = false;
+            q = self.list(&prefix).await?;
         }
     }
 
@@ -538,12 +579,20 @@ impl EtcdLocks {
         Ok(self.grant(node, fence_of(q.base, head.create)?))
     }
 
+    /// Deletes `key` (one round trip; its lease, with no key left, lapses on its own).
+    async fn delete(&self, key: Vec<u8>) -> ServiceResult<()> {
+        self.call("a delete", |mut c| {
+            let key = key.clone();
+            async move { c.delete(key, None).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
     /// Releases the lock (or leaves the queue). Idempotent.
     pub async fn release(&self, node: NodeId, waiter: &WaiterId) -> ServiceResult<()> {
-        if let Some(e) = self.get(&self.waiter_key(node, waiter)).await? {
-            self.revoke(e.lease).await;
-            tracing::debug!(%node, "lock released");
-        }
+        self.delete(self.waiter_key(node, waiter)).await?;
+        tracing::debug!(%node, "lock released");
         Ok(())
     }
 
@@ -733,10 +782,7 @@ impl EtcdLocks {
 
     /// Gives an application lock up, or its place in the queue. Idempotent.
     pub async fn app_unlock(&self, node: NodeId, owner: &LockOwner) -> ServiceResult<()> {
-        if let Some(e) = self.get(&self.owner_key(node, owner)).await? {
-            self.revoke(e.lease).await;
-        }
-        Ok(())
+        self.delete(self.owner_key(node, owner)).await
     }
 
     /// A holder another owner's request (`shared` or not) would conflict with.
