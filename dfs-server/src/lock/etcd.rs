@@ -846,3 +846,59 @@ fn fence_of(base: u64, create: i64) -> ServiceResult<FenceToken> {
         .map(FenceToken)
         .ok_or_else(|| ServiceError::internal("a fencing token", "out of range"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner(n: u8) -> LockOwner {
+        LockOwner {
+            session: UploadId::from_bytes([n; 16]),
+            owner: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_in_place_is_refused_once_another_request_joined() {
+        let etcd = crate::testing::shared_etcd().unwrap_or_else(|e| panic!("{e}"));
+        let prefix = format!("locks-unit/{:016x}", rand::random::<u64>());
+        let config = EtcdConfig::parse(&etcd.meta_url(&prefix)).expect("url");
+        let locks = LockConfig {
+            lease: Duration::from_secs(2),
+            max_wait: Duration::from_secs(5),
+        };
+        let l = EtcdLocks::connect(&config, locks, "k")
+            .await
+            .expect("connect");
+        let node = NodeId(5);
+        let granted = |r: AppLockResponse| matches!(r, AppLockResponse::Granted { .. });
+        let zero = Duration::ZERO;
+        assert!(granted(
+            l.app_lock(node, &owner(1), true, "a", zero)
+                .await
+                .expect("lock")
+        ));
+        let files = l.file_prefix('a', node);
+        // What an upgrade of 1 read while it was alone...
+        let alone = l.list(&files).await.expect("list").entries[0].clone();
+        // ... then 2 joins, shared behind shared: granted.
+        assert!(granted(
+            l.app_lock(node, &owner(2), true, "b", zero)
+                .await
+                .expect("lock")
+        ));
+        // The upgrade must not take 2's grant back.
+        assert!(!l.set_mode(&alone, false, &files).await.expect("set mode"));
+        assert_eq!(
+            l.app_test(node, &owner(3), true).await.expect("test"),
+            None,
+            "both still read"
+        );
+        // Alone again: in place.
+        l.app_unlock(node, &owner(2)).await.expect("unlock");
+        let alone = l.list(&files).await.expect("list").entries[0].clone();
+        assert!(l.set_mode(&alone, false, &files).await.expect("set mode"));
+        let c = l.app_test(node, &owner(3), true).await.expect("test");
+        assert_eq!(c.map(|c| c.shared), Some(false));
+    }
+}
