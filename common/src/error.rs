@@ -68,6 +68,9 @@ pub enum ErrorCode {
     InUse,
     /// A file that already has as many names as a link count can hold (EMLINK).
     TooManyLinks,
+    /// The request speaks a newer dfs protocol (`x-dfs-protocol`) than this service knows:
+    /// one side must be upgraded (EPROTO).
+    ProtocolMismatch,
 }
 
 /// Body of every non-2xx response.

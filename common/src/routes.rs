@@ -7,6 +7,11 @@ use crate::ids::{ContentHash, NodeId};
 pub const HEALTH: &str = "/health";
 /// Prometheus text exposition, on every service and on a client started with `--metrics`.
 pub const METRICS: &str = "/metrics";
+/// The dfs protocol version this build speaks: sent on every request and every answer in
+/// [`PROTOCOL_HEADER`]. Raised when a change breaks what an older peer understands.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Header carrying the sender's protocol version (a request without it is taken as version 1).
+pub const PROTOCOL_HEADER: &str = "x-dfs-protocol";
 /// Header carrying the cluster key on service-to-service calls.
 pub const CLUSTER_KEY_HEADER: &str = "x-dfs-cluster-key";
 /// Header carrying the writer's fencing token on an upload.

@@ -144,8 +144,11 @@ pub struct SetUserArgs {
 /// `--server` and how to trust it.
 #[derive(Debug, Args)]
 pub struct ServerArg {
-    /// URL of the cluster's directory service (https:// for a cluster serving TLS).
-    #[arg(long, default_value = DEFAULT_SERVER, env = "DFS_SERVER", value_name = "URL")]
+    /// URL of the cluster's directory service (https:// for a cluster serving TLS), or
+    /// several, comma-separated, of one cluster: requests go to one and move on to the next
+    /// when it does not answer. Logins, pinned keys and the cache belong to the cluster (its
+    /// id), so adding or removing a URL later loses nothing.
+    #[arg(long, default_value = DEFAULT_SERVER, env = "DFS_SERVER", value_name = "URL[,URL...]")]
     pub server: String,
     /// CA certificate(s) (PEM) that signed the cluster's TLS certificates; trusted instead of
     /// the system's roots.
@@ -204,21 +207,27 @@ fn parse_fingerprint(s: &str) -> Result<String, String> {
 
 impl LoginArgs {
     /// A client for signup or login that seals only with the pinned auth key (the flag's, else
-    /// the one known for this server), and where that pin lives.
-    fn remote(&self) -> anyhow::Result<(Remote, KnownKeys)> {
+    /// the one known for this cluster or any of its URLs), where that pin lives, and the
+    /// cluster id.
+    async fn remote(&self) -> anyhow::Result<(Remote, KnownKeys, String)> {
         let remote = Remote::new(
             &self.server.server,
             None,
             None,
             self.server.remote_config()?,
         )?;
+        let cluster_id = remote
+            .cluster(true)
+            .await
+            .with_context(|| format!("cannot reach the dfs directory at {}", remote.server()))?
+            .cluster_id;
         let known = KnownKeys::default_location()?;
         let pin = match &self.auth_key_fingerprint {
             Some(f) => Some(f.clone()),
-            None => known.get(remote.server())?,
+            None => known.get_for(&cluster_id, remote.servers())?,
         };
         remote.pin_auth_key(pin);
-        Ok((remote, known))
+        Ok((remote, known, cluster_id))
     }
 
     /// After a signup or login: pins the key it sealed with (first use, or a new
@@ -227,6 +236,7 @@ impl LoginArgs {
         &self,
         remote: &Remote,
         known: &KnownKeys,
+        cluster_id: &str,
         what: &str,
         result: Result<T, crate::remote::RemoteError>,
     ) -> anyhow::Result<T> {
@@ -252,9 +262,9 @@ impl LoginArgs {
             Err(e) => Err(e).with_context(|| format!("{what} at {server}")),
             Ok(v) => {
                 if let Some(used) = remote.auth_key_used() {
-                    let before = known.get(server)?;
+                    let before = known.get_for(cluster_id, remote.servers())?;
                     if before.as_deref() != Some(used.as_str()) {
-                        known.put(server, &used)?;
+                        known.put_for(cluster_id, remote.servers(), &used)?;
                         // Trust on first use is only as good as a look at what was trusted.
                         let how = match before {
                             None => "first use",
@@ -277,7 +287,7 @@ impl LoginArgs {
 /// Cache and timing flags shared by `mount` and `up`.
 #[derive(Debug, Args)]
 pub struct CacheArgs {
-    /// Cache directory [default: the user cache dir (XDG_CACHE_HOME)/dfs/<server>].
+    /// Cache directory [default: the user cache dir (XDG_CACHE_HOME)/dfs/clusters/<cluster id>].
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
     /// Seconds close() and fsync() wait for an upload before failing with EIO (longer only
@@ -292,6 +302,13 @@ pub struct CacheArgs {
     /// never evicted. Default: a quarter of the cache's file system.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     cache_size: Option<u64>,
+    /// Seconds a namespace operation or metadata read (lookup, stat, readdir, create, mkdir,
+    /// unlink, rename, chmod, the metadata an open fetches, statfs) keeps retrying while the
+    /// directory does not answer or answers "unavailable" (a restart, a failover to another
+    /// --server URL), with pauses from 50 ms doubling to 1 s; then it fails with EIO. A
+    /// definite answer (no such file, permission denied) is never retried.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    op_timeout_secs: u64,
     /// Seconds unmount waits for pending uploads before giving up (they stay in the cache).
     #[arg(long, default_value_t = 60)]
     drain_timeout_secs: u64,
@@ -317,19 +334,24 @@ pub struct CacheArgs {
 }
 
 impl CacheArgs {
-    /// Mount options for `server` at `mountpoint`.
+    /// `--op-timeout-secs`.
+    pub fn op_timeout(&self) -> Duration {
+        Duration::from_secs(self.op_timeout_secs)
+    }
+
+    /// Mount options for the directory at `servers` at `mountpoint`.
     pub fn options(
         &self,
-        server: &str,
+        servers: &[String],
         mountpoint: PathBuf,
         cluster_id: &str,
     ) -> anyhow::Result<MountOptions> {
         Ok(MountOptions {
             mountpoint,
-            server: server.to_owned(),
+            server: servers.join(","),
             cache_dir: match &self.cache_dir {
                 Some(d) => d.clone(),
-                None => session::default_cache_dir(server, cluster_id)?,
+                None => session::default_cache_dir(servers, cluster_id)?,
             },
             fs: FsConfig {
                 close_timeout: Duration::from_secs(self.close_timeout_secs),
@@ -475,38 +497,56 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     None => None,
                 };
                 let pw = read_password(a.password_stdin, true)?;
-                let (remote, known) = a.remote()?;
+                let (remote, known, cluster_id) = a.remote().await?;
                 let done = remote.signup_as_admin(&a.user, &pw, key.as_deref()).await;
-                a.settle(&remote, &known, "signup", done)?;
+                a.settle(&remote, &known, &cluster_id, "signup", done)?;
                 println!("user {} created on {}", a.user, a.server.server);
                 Ok(())
             }
             Command::Login(a) => {
                 let pw = read_password(a.password_stdin, false)?;
                 let creds = CredStore::default_location()?;
-                let (remote, known) = a.remote()?;
+                let (remote, known, cluster_id) = a.remote().await?;
                 let done = remote.login(&a.user, &pw).await;
-                let login = a.settle(&remote, &known, "login", done)?;
-                creds.put(remote.server(), Some(login))?;
+                let login = a.settle(&remote, &known, &cluster_id, "login", done)?;
+                creds.put_for(&cluster_id, remote.servers(), Some(login))?;
                 println!("logged in to {} as {}", a.server.server, a.user);
                 Ok(())
             }
             Command::Logout(a) => {
-                CredStore::default_location()?.put(a.server.trim_end_matches('/'), None)?;
+                let creds = CredStore::default_location()?;
+                let remote = Remote::new(&a.server, None, None, a.remote_config()?)?;
+                // Logins are kept per cluster: ask a directory which one this is. Entries an
+                // older client kept under these URLs go either way.
+                match remote.cluster(true).await {
+                    Ok(c) => creds.put_for(&c.cluster_id, remote.servers(), None)?,
+                    Err(e) => {
+                        for u in remote.servers() {
+                            creds.put(u, None)?;
+                        }
+                        bail!(
+                            "cannot reach the dfs directory at {} ({e}), so its cluster's login \
+                             was not found; logins saved by URL were removed",
+                            a.server
+                        );
+                    }
+                }
                 println!("logged out of {}", a.server);
                 Ok(())
             }
             Command::Mount(a) => {
-                let server = a.server.server.trim_end_matches('/').to_owned();
+                let server = a.server.server.clone();
                 session::preflight(&a.mountpoint)?;
-                let remote = session::connect(
-                    &server,
-                    &CredStore::default_location()?,
-                    a.server.remote_config()?,
-                )
-                .await?;
+                let config = RemoteConfig {
+                    op_timeout: a.cache.op_timeout(),
+                    ..a.server.remote_config()?
+                };
+                let remote =
+                    session::connect(&server, &CredStore::default_location()?, config).await?;
                 let cluster_id = remote.cluster(false).await?.cluster_id;
-                let mut opts = a.cache.options(&server, a.mountpoint, &cluster_id)?;
+                let mut opts = a
+                    .cache
+                    .options(remote.servers(), a.mountpoint, &cluster_id)?;
                 opts.local_ids = a.local_ids;
                 session::run_mount(remote, opts).await
             }
@@ -728,16 +768,16 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
         .timeout(Duration::from_secs(5))
         .build()
         .context("building the HTTP client")?;
-    let server = a.server.server.trim_end_matches('/').to_owned();
+    let server = a.server.server.clone();
     let creds = CredStore::default_location()?;
-    let remote = Remote::new(&server, creds.get(&server)?, Some(creds), config)?;
+    let remote = Remote::new(&server, None, Some(creds.clone()), config)?;
     let cluster = remote
         .cluster(true)
         .await
         .with_context(|| format!("cannot reach {server}"))?;
     let cache_dir = match a.cache_dir {
         Some(d) => d,
-        None => session::default_cache_dir(&server, &cluster.cluster_id)?,
+        None => session::default_cache_dir(remote.servers(), &cluster.cluster_id)?,
     };
     let client: Option<ClientStatus> = std::fs::read(cache_dir.join("status.json"))
         .ok()
@@ -861,10 +901,16 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
 }
 
 async fn creds_token(remote: &Remote) -> Option<String> {
+    let id = remote.cluster_id()?;
+    let login = CredStore::default_location()
+        .ok()?
+        .get_for(&id, remote.servers())
+        .ok()??;
+    remote.set_login(login).await;
     remote.get(common::NodeId::ROOT).await.ok()?;
     CredStore::default_location()
         .ok()?
-        .get(remote.server())
+        .get_for(&id, remote.servers())
         .ok()?
         .map(|l| l.token)
 }

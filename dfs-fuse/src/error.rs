@@ -78,6 +78,7 @@ impl FsError {
                 ErrorCode::NameTooLong => libc::ENAMETOOLONG,
                 ErrorCode::RateLimited => libc::EAGAIN,
                 ErrorCode::TooManyLinks => libc::EMLINK,
+                ErrorCode::ProtocolMismatch => libc::EPROTO,
                 ErrorCode::StaleFence
                 | ErrorCode::HashMismatch
                 | ErrorCode::NotHolder

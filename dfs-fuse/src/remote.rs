@@ -158,7 +158,19 @@ pub struct RemoteConfig {
     pub stall_timeout: Duration,
     /// The roots https URLs are checked against (`--ca-file`, else the system's).
     pub tls: dfs_server::tls::ClientTls,
+    /// How long a directory operation is retried (and failed over between directory URLs)
+    /// while the directory is unreachable or answers `unavailable` (`--op-timeout-secs`).
+    pub op_timeout: Duration,
 }
+
+/// Default of `--op-timeout-secs`.
+pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a metadata read waits for the directory when the caller has an answer of its own
+/// to fall back on (what it heard before, a cached copy): long enough to ride out a failover
+/// to another directory URL or a quick restart, short enough that cached files stay readable
+/// while the directory is down.
+pub const FALLBACK_WAIT: Duration = Duration::from_secs(2);
 
 impl Default for RemoteConfig {
     fn default() -> Self {
@@ -166,8 +178,50 @@ impl Default for RemoteConfig {
             call_timeout: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(30),
             tls: dfs_server::tls::ClientTls::system(),
+            op_timeout: DEFAULT_OP_TIMEOUT,
         }
     }
+}
+
+/// First and largest pause between retries of a directory operation (each jittered).
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// Whether a failed directory call may be sent again: no answer, or `unavailable`. Any
+/// definite answer (4xx, an internal error) is final.
+fn retryable(e: &RemoteError) -> bool {
+    matches!(e, RemoteError::Network(_) | RemoteError::Timeout(_))
+        || matches!(
+            e,
+            RemoteError::Api {
+                code: ErrorCode::Unavailable,
+                ..
+            }
+        )
+}
+
+/// A fresh operation id (`x-dfs-request-id`): 32 hex digits.
+pub fn new_request_id() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}
+
+/// Splits a `--server` value (`URL` or `URL,URL,...`) into trimmed URLs without a trailing
+/// slash; empty entries are dropped.
+pub fn parse_servers(spec: &str) -> Vec<String> {
+    spec.split(',')
+        .map(|u| u.trim().trim_end_matches('/').to_owned())
+        .filter(|u| !u.is_empty())
+        .collect()
+}
+
+/// The directory URLs a client knows and the one its requests go to: a request that finds
+/// no answer (or `unavailable`) moves on to the next, and the client stays on the one that
+/// answered. Each URL is asked for its cluster id before its first use, and one that names
+/// another cluster than the first is never used.
+struct Directories {
+    urls: Vec<String>,
+    current: std::sync::atomic::AtomicUsize,
+    checked: Vec<std::sync::atomic::AtomicBool>,
 }
 
 struct Session {
@@ -189,7 +243,14 @@ pub struct ClientStats {
 
 /// The cluster as the client sees it.
 pub struct Remote {
+    /// `--server` as given (for messages).
     server: String,
+    dirs: Directories,
+    /// The cluster id of the directory (learnt from the first cluster map): what saved logins
+    /// are keyed by, and what every other directory URL must name.
+    cluster_id: std::sync::Mutex<Option<String>>,
+    /// Whether a peer's other protocol version has been logged already.
+    protocol_noted: std::sync::atomic::AtomicBool,
     http: reqwest::Client,
     stream: reqwest::Client,
     session: tokio::sync::Mutex<Session>,
@@ -227,7 +288,11 @@ impl Remote {
         creds: Option<CredStore>,
         config: RemoteConfig,
     ) -> anyhow::Result<Self> {
-        let server = server.trim_end_matches('/').to_owned();
+        let urls = parse_servers(server);
+        if urls.is_empty() {
+            anyhow::bail!("no directory URL given");
+        }
+        let server = urls.join(",");
         let http = config
             .tls
             .builder()?
@@ -249,6 +314,16 @@ impl Remote {
             identity: std::sync::Mutex::new(login.as_ref().and_then(|l| l.id.clone())),
             capabilities: std::sync::Mutex::new(std::collections::HashMap::new()),
             commit_caps: std::sync::Mutex::new(std::collections::HashMap::new()),
+            dirs: Directories {
+                checked: urls
+                    .iter()
+                    .map(|_| std::sync::atomic::AtomicBool::new(false))
+                    .collect(),
+                urls,
+                current: std::sync::atomic::AtomicUsize::new(0),
+            },
+            cluster_id: std::sync::Mutex::new(None),
+            protocol_noted: std::sync::atomic::AtomicBool::new(false),
             server,
             http,
             stream,
@@ -329,19 +404,48 @@ impl Remote {
             .map(|l| l.user.clone())
     }
 
-    /// The directory URL.
+    /// The directory URLs as given (`URL` or `URL,URL,...`).
     pub fn server(&self) -> &str {
         &self.server
     }
 
-    fn dir(&self, path: &str) -> String {
-        format!("{}{path}", self.server)
+    /// Every directory URL, in the order given.
+    pub fn servers(&self) -> &[String] {
+        &self.dirs.urls
+    }
+
+    /// The directory URL requests go to now.
+    pub fn current_server(&self) -> String {
+        self.dirs.urls[self.dirs.current.load(Ordering::Relaxed) % self.dirs.urls.len()].clone()
+    }
+
+    /// The cluster id, once a cluster map was fetched.
+    pub fn cluster_id(&self) -> Option<String> {
+        self.cluster_id
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Starts using `login` (found once the cluster id was known).
+    pub async fn set_login(&self, login: SavedLogin) {
+        *self.identity.lock().unwrap_or_else(|p| p.into_inner()) = login.id.clone();
+        let mut s = self.session.lock().await;
+        s.login = Some(login);
+        s.retry_refresh_at_ms = 0;
+    }
+
+    /// The saved login of this cluster (by cluster id; a login saved by URL before is found
+    /// by any of this client's URLs and moved to the cluster id).
+    fn saved_login(&self) -> Option<SavedLogin> {
+        let id = self.cluster_id()?;
+        self.creds.as_ref()?.get_for(&id, &self.dirs.urls).ok()?
     }
 
     /// A login another `dfs` process saved for this server that is newer than `than` (refresh
     /// tokens are single use: whoever refreshed first holds the live one).
     fn newer_saved_login(&self, than: &SavedLogin) -> Option<SavedLogin> {
-        let saved = self.creds.as_ref()?.get(&self.server).ok()??;
+        let saved = self.saved_login()?;
         (saved.refresh_token != than.refresh_token && saved.expires_at_ms > than.expires_at_ms)
             .then_some(saved)
     }
@@ -372,7 +476,8 @@ impl Remote {
                 let token = t.token.clone();
                 let renewed = SavedLogin::from_response(t);
                 if let Some(c) = &self.creds
-                    && let Err(e) = c.put(&self.server, Some(renewed.clone()))
+                    && let Some(id) = self.cluster_id()
+                    && let Err(e) = c.put_for(&id, &self.dirs.urls, Some(renewed.clone()))
                 {
                     tracing::warn!(error = %e, "saving the renewed token failed");
                 }
@@ -448,10 +553,206 @@ impl Remote {
                 self.invalidate_cluster();
                 net(what, e)
             })?;
+        self.note_protocol(&resp);
         if !resp.status().is_success() {
             return Err(api_error(resp).await);
         }
         Ok(resp)
+    }
+
+    /// Logs once when a service speaks another protocol version than this client, naming
+    /// both (an older service refuses nothing this client sends today; a newer one says
+    /// `protocol_mismatch` if it can no longer serve it).
+    fn note_protocol(&self, resp: &reqwest::Response) {
+        let theirs = header_of(resp, routes::PROTOCOL_HEADER)
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .unwrap_or(1);
+        if theirs != routes::PROTOCOL_VERSION && !self.protocol_noted.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                url = %resp.url(),
+                service_protocol = theirs,
+                client_protocol = routes::PROTOCOL_VERSION,
+                "the service at {} speaks dfs protocol {theirs}; this client speaks {} \
+                 (protocols 1 to {1} supported)",
+                resp.url().origin().ascii_serialization(),
+                routes::PROTOCOL_VERSION,
+            );
+        }
+    }
+
+    /// A directory call: `build` makes the request for a directory URL; it is sent to the
+    /// current URL, and on no answer or `unavailable` sent again (to the next URL if there
+    /// are several, after a jittered pause from 50 ms doubling to 1 s once every URL failed)
+    /// until `--op-timeout-secs` have passed; then the last error is returned. A definite
+    /// answer is returned at once. `change`: the operation changes the namespace and carries
+    /// one request id on every attempt (`x-dfs-request-id`), so the directory applies it once.
+    async fn dir_call(
+        &self,
+        what: &str,
+        change: bool,
+        build: &(dyn Fn(&str) -> reqwest::RequestBuilder + Send + Sync),
+    ) -> Result<reqwest::Response, RemoteError> {
+        self.dir_retry(
+            what,
+            change.then(new_request_id),
+            true,
+            self.config.op_timeout,
+            build,
+        )
+        .await
+    }
+
+    /// A read that retries for `bound` only (at most the op timeout): for callers with a local
+    /// answer to fall back on.
+    async fn dir_read_within<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        bound: Duration,
+        build: &(dyn Fn(&str) -> reqwest::RequestBuilder + Send + Sync),
+    ) -> Result<T, RemoteError> {
+        self.dir_retry(what, None, true, bound.min(self.config.op_timeout), build)
+            .await?
+            .json()
+            .await
+            .map_err(|e| net(what, e))
+    }
+
+    async fn dir_retry(
+        &self,
+        what: &str,
+        request_id: Option<String>,
+        authed: bool,
+        bound: Duration,
+        build: &(dyn Fn(&str) -> reqwest::RequestBuilder + Send + Sync),
+    ) -> Result<reqwest::Response, RemoteError> {
+        let deadline = tokio::time::Instant::now() + bound;
+        let n = self.dirs.urls.len();
+        let mut backoff = RETRY_FIRST;
+        let mut failures = 0usize;
+        loop {
+            let idx = self.dirs.current.load(Ordering::Relaxed) % n;
+            let url = &self.dirs.urls[idx];
+            let attempt = self
+                .dir_attempt(idx, url, request_id.as_deref(), authed, build, what)
+                .await;
+            let e = match attempt {
+                Ok(resp) => return Ok(resp),
+                Err(e) if retryable(&e) => e,
+                Err(e) => return Err(e),
+            };
+            failures += 1;
+            if n > 1 {
+                let next = (idx + 1) % n;
+                if self
+                    .dirs
+                    .current
+                    .compare_exchange(idx, next, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    tracing::warn!(from = %url, to = %self.dirs.urls[next], error = %e, "directory failed; trying the next one");
+                }
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                tracing::warn!(%what, error = %e, after = ?bound, "directory unavailable for the whole wait; giving up");
+                return Err(e);
+            }
+            if failures.is_multiple_of(n) {
+                // Every URL failed once more: pause (jittered, 50% to 100%) before the next round.
+                let jitter = 0.5 + rand::random::<f64>() / 2.0;
+                let pause = backoff.mul_f64(jitter).min(deadline - now);
+                tracing::debug!(%what, error = %e, ?pause, "directory unavailable; retrying");
+                tokio::time::sleep(pause).await;
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
+        }
+    }
+
+    async fn dir_attempt(
+        &self,
+        idx: usize,
+        url: &str,
+        request_id: Option<&str>,
+        authed: bool,
+        build: &(dyn Fn(&str) -> reqwest::RequestBuilder + Send + Sync),
+        what: &str,
+    ) -> Result<reqwest::Response, RemoteError> {
+        let mut req = build(url).timeout(self.config.call_timeout);
+        if authed {
+            if !self.dirs.checked[idx].load(Ordering::Relaxed) {
+                self.check_directory(idx, url).await?;
+            }
+            // Boxed: a token refresh asks the cluster map, which comes through here.
+            let token = Box::pin(self.token()).await?;
+            req = req.bearer_auth(token).headers(self.act_as()?);
+        }
+        if let Some(id) = request_id {
+            req = req.header(routes::REQUEST_ID, id);
+        }
+        let resp = req.send().await.map_err(|e| {
+            // A restarted service may be at a new address: fetch the map again next time.
+            self.invalidate_cluster();
+            net(what, e)
+        })?;
+        self.note_protocol(&resp);
+        if !resp.status().is_success() {
+            return Err(api_error(resp).await);
+        }
+        // Tests lose the answer of a namespace change the directory applied.
+        fail::fail_point!("dir-answer-lost", request_id.is_some(), |_| Err(
+            RemoteError::Network("fault injected: the directory's answer was lost".into())
+        ));
+        Ok(resp)
+    }
+
+    /// Asks the directory at `url` for its cluster map before its first use, and refuses it
+    /// (as unreachable: the next URL is tried) if it names another cluster than the one this
+    /// client knows.
+    async fn check_directory(&self, idx: usize, url: &str) -> Result<(), RemoteError> {
+        let resp = self
+            .http
+            .get(format!("{url}{}", routes::CLUSTER))
+            .timeout(self.config.call_timeout)
+            .send()
+            .await
+            .map_err(|e| net("cluster map", e))?;
+        self.note_protocol(&resp);
+        if !resp.status().is_success() {
+            return Err(api_error(resp).await);
+        }
+        let info: ClusterInfo = resp.json().await.map_err(|e| net("cluster map", e))?;
+        self.adopt_map(idx, url, info).map(drop)
+    }
+
+    /// Checks a cluster map from the directory at `url` (https, cluster id) and keeps it.
+    fn adopt_map(
+        &self,
+        idx: usize,
+        url: &str,
+        info: ClusterInfo,
+    ) -> Result<ClusterInfo, RemoteError> {
+        // An https directory naming a plain service: refuse it rather than downgrade.
+        info.check_https(url).map_err(RemoteError::Network)?;
+        {
+            let mut known = self.cluster_id.lock().unwrap_or_else(|p| p.into_inner());
+            match known.as_deref() {
+                Some(id) if id != info.cluster_id => {
+                    tracing::error!(%url, theirs = %info.cluster_id, ours = %id, "this directory URL belongs to another cluster; not using it");
+                    return Err(RemoteError::Network(format!(
+                        "the directory at {url} is of cluster {}, not {id}",
+                        info.cluster_id
+                    )));
+                }
+                Some(_) => {}
+                None => *known = Some(info.cluster_id.clone()),
+            }
+        }
+        self.dirs.checked[idx].store(true, Ordering::Relaxed);
+        if let Ok(mut c) = self.cluster.lock() {
+            *c = Some(info.clone());
+        }
+        Ok(info)
     }
 
     async fn post<B: Serialize, T: DeserializeOwned>(
@@ -470,23 +771,27 @@ impl Remote {
             return Ok(c);
         }
         let resp = self
-            .http
-            .get(self.dir(routes::CLUSTER))
-            .timeout(self.config.call_timeout)
-            .send()
-            .await
-            .map_err(|e| net("cluster map", e))?;
-        if !resp.status().is_success() {
-            return Err(api_error(resp).await);
-        }
+            .dir_retry("cluster map", None, false, self.config.op_timeout, &|d| {
+                self.http.get(format!("{d}{}", routes::CLUSTER))
+            })
+            .await?;
+        let url = resp.url().origin().ascii_serialization();
         let info: ClusterInfo = resp.json().await.map_err(|e| net("cluster map", e))?;
-        // An https directory naming a plain service: refuse it rather than downgrade.
-        info.check_https(&self.server)
-            .map_err(RemoteError::Network)?;
-        if let Ok(mut c) = self.cluster.lock() {
-            *c = Some(info.clone());
+        let idx = self.dirs.current.load(Ordering::Relaxed) % self.dirs.urls.len();
+        let from = self.dirs.urls[idx].clone();
+        let adopted = self.adopt_map(idx, &from, info);
+        if adopted.is_err() {
+            // Not ours: the next call starts at the next URL.
+            let n = self.dirs.urls.len();
+            let _ = self.dirs.current.compare_exchange(
+                idx,
+                (idx + 1) % n,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            tracing::debug!(%url, "cluster map refused");
         }
-        Ok(info)
+        adopted
     }
 
     /// The URL of the auth or lock service from the cluster map (fetched again once if the
@@ -748,13 +1053,33 @@ impl Remote {
     /// Metadata of a node about to be opened with `flags`: refused (EACCES) unless this user
     /// may read and/or write it, as `flags` ask.
     pub async fn get_to_open(&self, id: NodeId, flags: i32) -> Result<NodeMeta, RemoteError> {
+        self.get_to_open_within(id, flags, self.config.op_timeout)
+            .await
+    }
+
+    /// `get_to_open`, waiting for the directory for `bound` only (the caller has a cached copy
+    /// to open instead).
+    pub async fn get_to_open_within(
+        &self,
+        id: NodeId,
+        flags: i32,
+        bound: Duration,
+    ) -> Result<NodeMeta, RemoteError> {
         let access = match flags & libc::O_ACCMODE {
             libc::O_WRONLY => "w",
             libc::O_RDWR => "rw",
             _ => "r",
         };
-        let url = format!("{}?access={access}", self.dir(&routes::node(id)));
-        let resp = self.send_raw(self.http.get(url), "open").await?;
+        let path = format!("{}?access={access}", routes::node(id));
+        let resp = self
+            .dir_retry(
+                "open",
+                None,
+                true,
+                bound.min(self.config.op_timeout),
+                &|d| self.http.get(format!("{d}{path}")),
+            )
+            .await?;
         let cap = header_of(&resp, routes::CAPABILITY_HEADER);
         let meta: NodeMeta = resp.json().await.map_err(|e| net("open", e))?;
         if access.contains('w')
@@ -792,9 +1117,11 @@ impl Remote {
         {
             return Ok(cap.clone());
         }
-        let url = format!("{}?access=commit", self.dir(&routes::node(node)));
+        let path = format!("{}?access=commit", routes::node(node));
         let resp = self
-            .send_raw(self.http.get(url), "write permission")
+            .dir_call("write permission", false, &|d| {
+                self.http.get(format!("{d}{path}"))
+            })
             .await?;
         let cap = header_of(&resp, routes::CAPABILITY_HEADER).ok_or_else(|| RemoteError::Api {
             code: ErrorCode::Unavailable,
@@ -814,29 +1141,66 @@ impl Remote {
             .map(|(_, c)| c.clone())
     }
 
+    /// A directory call (see `dir_call`) answered with JSON.
+    async fn dir_json<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        change: bool,
+        build: &(dyn Fn(&str) -> reqwest::RequestBuilder + Send + Sync),
+    ) -> Result<T, RemoteError> {
+        self.dir_call(what, change, build)
+            .await?
+            .json()
+            .await
+            .map_err(|e| net(what, e))
+    }
+
     /// Metadata of one node.
     pub async fn get(&self, id: NodeId) -> Result<NodeMeta, RemoteError> {
-        self.send(self.http.get(self.dir(&routes::node(id))), "getattr")
+        let path = routes::node(id);
+        self.dir_json("getattr", false, &|d| self.http.get(format!("{d}{path}")))
+            .await
+    }
+
+    /// `get`, waiting for the directory for `bound` only (the caller has an answer of its own).
+    pub async fn get_within(&self, id: NodeId, bound: Duration) -> Result<NodeMeta, RemoteError> {
+        let path = routes::node(id);
+        self.dir_read_within("getattr", bound, &|d| self.http.get(format!("{d}{path}")))
             .await
     }
 
     /// Looks `name` up in `parent`.
     pub async fn lookup(&self, parent: NodeId, name: &ValidName) -> Result<NodeMeta, RemoteError> {
-        self.send(
-            self.http
-                .get(self.dir(&routes::child(parent, name.as_str()))),
-            "lookup",
-        )
-        .await
+        self.lookup_within(parent, name, self.config.op_timeout)
+            .await
+    }
+
+    /// `lookup`, waiting for the directory for `bound` only.
+    pub async fn lookup_within(
+        &self,
+        parent: NodeId,
+        name: &ValidName,
+        bound: Duration,
+    ) -> Result<NodeMeta, RemoteError> {
+        let path = routes::child(parent, name.as_str());
+        self.dir_read_within("lookup", bound, &|d| self.http.get(format!("{d}{path}")))
+            .await
     }
 
     /// Lists a directory.
     pub async fn list(&self, parent: NodeId) -> Result<Vec<DirEntry>, RemoteError> {
-        self.send(
-            self.http.get(self.dir(&routes::children(parent))),
-            "readdir",
-        )
-        .await
+        self.list_within(parent, self.config.op_timeout).await
+    }
+
+    /// `list`, waiting for the directory for `bound` only.
+    pub async fn list_within(
+        &self,
+        parent: NodeId,
+        bound: Duration,
+    ) -> Result<Vec<DirEntry>, RemoteError> {
+        let path = routes::children(parent);
+        self.dir_read_within("readdir", bound, &|d| self.http.get(format!("{d}{path}")))
+            .await
     }
 
     /// Creates a node.
@@ -845,13 +1209,11 @@ impl Remote {
         parent: NodeId,
         req: &CreateRequest,
     ) -> Result<NodeMeta, RemoteError> {
+        let path = routes::children(parent);
         let resp = self
-            .send_raw(
-                self.http
-                    .post(self.dir(&routes::children(parent)))
-                    .json(req),
-                "create",
-            )
+            .dir_call("create", true, &|d| {
+                self.http.post(format!("{d}{path}")).json(req)
+            })
             .await?;
         let cap = header_of(&resp, routes::CAPABILITY_HEADER);
         let meta: NodeMeta = resp.json().await.map_err(|e| net("create", e))?;
@@ -877,29 +1239,33 @@ impl Remote {
         name: &ValidName,
         dir: bool,
     ) -> Result<NodeMeta, RemoteError> {
-        let url = format!(
-            "{}?dir={dir}",
-            self.dir(&routes::child(parent, name.as_str()))
-        );
-        self.send(self.http.delete(url), "remove").await
+        let path = format!("{}?dir={dir}", routes::child(parent, name.as_str()));
+        self.dir_json("remove", true, &|d| self.http.delete(format!("{d}{path}")))
+            .await
     }
 
     /// One more name for a file; returns the node with its new link count.
     pub async fn link(&self, req: &common::api::LinkRequest) -> Result<NodeMeta, RemoteError> {
-        self.post(self.dir(routes::LINK), req, "link").await
+        self.dir_json("link", true, &|d| {
+            self.http.post(format!("{d}{}", routes::LINK)).json(req)
+        })
+        .await
     }
 
     /// Atomic rename; returns the replaced node.
     pub async fn rename(&self, req: &RenameRequest) -> Result<Option<NodeMeta>, RemoteError> {
-        self.post(self.dir(routes::RENAME), req, "rename").await
+        self.dir_json("rename", true, &|d| {
+            self.http.post(format!("{d}{}", routes::RENAME)).json(req)
+        })
+        .await
     }
 
     /// Mode/mtime change.
     pub async fn setattr(&self, id: NodeId, req: &SetAttrRequest) -> Result<NodeMeta, RemoteError> {
-        self.send(
-            self.http.patch(self.dir(&routes::node(id))).json(req),
-            "setattr",
-        )
+        let path = routes::node(id);
+        self.dir_json("setattr", true, &|d| {
+            self.http.patch(format!("{d}{path}")).json(req)
+        })
         .await
     }
 
@@ -909,14 +1275,19 @@ impl Remote {
         id: NodeId,
         req: &common::api::IntentRequest,
     ) -> Result<NodeMeta, RemoteError> {
-        self.post(self.dir(&routes::intent(id)), req, "intent")
-            .await
+        let path = routes::intent(id);
+        self.dir_json("intent", true, &|d| {
+            self.http.post(format!("{d}{path}")).json(req)
+        })
+        .await
     }
 
     /// Totals.
     pub async fn statfs(&self) -> Result<StatFs, RemoteError> {
-        self.send(self.http.get(self.dir(routes::STATFS)), "statfs")
-            .await
+        self.dir_json("statfs", false, &|d| {
+            self.http.get(format!("{d}{}", routes::STATFS))
+        })
+        .await
     }
 
     /// Downloads the exact content `meta.hash` into `dest`, trying the replicas (in random
@@ -1419,8 +1790,9 @@ impl Remote {
             .unwrap_or(u64::MAX)
             .min(common::api::CHANGES_MAX_WAIT_MS);
         let mut url = format!(
-            "{}?after={after}&wait_ms={wait_ms}",
-            self.dir(routes::CHANGES)
+            "{}{}?after={after}&wait_ms={wait_ms}",
+            self.current_server(),
+            routes::CHANGES
         );
         if let Some(e) = epoch {
             url.push_str(&format!("&epoch={e}"));
@@ -1469,6 +1841,248 @@ mod tests {
             .expect("made")
             .get(routes::ACT_AS_HEADER)
             .map(|v| v.to_str().expect("ascii").to_owned())
+    }
+
+    /// A fake directory on loopback: its cluster map names `cluster_id`; `rename` and `list`
+    /// answer the scripted (status, JSON body) in turn (then 200 `[]`), and every such request's
+    /// request id and protocol header are recorded.
+    #[derive(Clone)]
+    struct Fake {
+        cluster_id: String,
+        answers: Arc<std::sync::Mutex<std::collections::VecDeque<(u16, String)>>>,
+        seen: Arc<std::sync::Mutex<Vec<Seen>>>,
+    }
+
+    /// A request's `x-dfs-request-id` and `x-dfs-protocol`.
+    type Seen = (Option<String>, Option<String>);
+
+    impl Fake {
+        async fn start(cluster_id: &str, script: &[(u16, &str)]) -> (Fake, String) {
+            use axum::routing::{get, post};
+            let fake = Fake {
+                cluster_id: cluster_id.to_owned(),
+                answers: Arc::new(std::sync::Mutex::new(
+                    script.iter().map(|(c, b)| (*c, (*b).to_owned())).collect(),
+                )),
+                seen: Arc::default(),
+            };
+            let app = axum::Router::new()
+                .route(routes::CLUSTER, get(Fake::map))
+                .route(routes::RENAME, post(Fake::op))
+                .route(routes::CHILDREN, get(Fake::op))
+                .with_state(fake.clone());
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let url = format!("http://{}", l.local_addr().expect("addr"));
+            tokio::spawn(async move { axum::serve(l, app).await });
+            (fake, url)
+        }
+
+        async fn map(
+            axum::extract::State(f): axum::extract::State<Fake>,
+        ) -> axum::Json<ClusterInfo> {
+            axum::Json(ClusterInfo {
+                lock_url: None,
+                auth_url: None,
+                servers: vec![],
+                replication: 3,
+                cluster_id: f.cluster_id.clone(),
+            })
+        }
+
+        async fn op(
+            axum::extract::State(f): axum::extract::State<Fake>,
+            headers: axum::http::HeaderMap,
+        ) -> axum::response::Response {
+            let h = |n: &str| {
+                headers
+                    .get(n)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            f.seen
+                .lock()
+                .expect("seen")
+                .push((h(routes::REQUEST_ID), h(routes::PROTOCOL_HEADER)));
+            let (status, body) = f
+                .answers
+                .lock()
+                .expect("answers")
+                .pop_front()
+                .unwrap_or((200, "[]".into()));
+            axum::response::Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from(body))
+                .expect("response")
+        }
+
+        fn seen(&self) -> Vec<Seen> {
+            self.seen.lock().expect("seen").clone()
+        }
+    }
+
+    fn logged_in(urls: &str, op_timeout: Duration) -> Remote {
+        let now = now_ms();
+        let login = SavedLogin {
+            user: "alice".into(),
+            token: "t".into(),
+            expires_at_ms: now + 3_600_000,
+            refresh_token: "r".into(),
+            issued_at_ms: now,
+            id: None,
+        };
+        let config = RemoteConfig {
+            op_timeout,
+            ..RemoteConfig::default()
+        };
+        Remote::new(urls, Some(login), None, config).expect("client")
+    }
+
+    /// A loopback address nothing listens on.
+    async fn dead_url() -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", l.local_addr().expect("addr"));
+        drop(l);
+        url
+    }
+
+    const UNAVAILABLE: &str = r#"{"code":"unavailable","message":"restarting"}"#;
+
+    fn rename_req() -> RenameRequest {
+        serde_json::from_value(serde_json::json!({
+            "parent": 1, "name": "a", "new_parent": 1, "new_name": "b"
+        }))
+        .expect("a rename request")
+    }
+
+    #[tokio::test]
+    async fn a_change_is_retried_through_unavailable_with_one_request_id() {
+        let script = [
+            (503, UNAVAILABLE),
+            (503, UNAVAILABLE),
+            (200, "null"),
+            (200, "null"),
+        ];
+        let (fake, url) = Fake::start("aa", &script).await;
+        let r = logged_in(&url, Duration::from_secs(10));
+        let replaced = r
+            .rename(&rename_req())
+            .await
+            .expect("renamed after two 503s");
+        assert!(replaced.is_none());
+        let seen = fake.seen();
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        let id = seen[0].0.clone().expect("a request id");
+        assert!(
+            !id.is_empty()
+                && id.len() <= 64
+                && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+            "{id}"
+        );
+        for (rid, proto) in &seen {
+            assert_eq!(
+                rid.as_deref(),
+                Some(id.as_str()),
+                "the same id on every retry"
+            );
+            assert_eq!(
+                proto.as_deref(),
+                Some("1"),
+                "every request names its protocol"
+            );
+        }
+        // The next operation is another one: a new id.
+        r.rename(&rename_req()).await.expect("renamed");
+        assert_ne!(fake.seen()[3].0.as_deref(), Some(id.as_str()));
+        // A read carries no request id.
+        r.list(NodeId::ROOT).await.expect("listed");
+        assert_eq!(fake.seen()[4].0, None);
+    }
+
+    #[tokio::test]
+    async fn a_definite_answer_is_never_retried() {
+        let exists = r#"{"code":"exists","message":"b exists"}"#;
+        let mismatch = r#"{"code":"protocol_mismatch","message":"speaks 2"}"#;
+        let (fake, url) = Fake::start("aa", &[(409, exists), (426, mismatch)]).await;
+        let r = logged_in(&url, Duration::from_secs(10));
+        let e = r.rename(&rename_req()).await.expect_err("refused");
+        assert!(
+            matches!(
+                e,
+                RemoteError::Api {
+                    code: ErrorCode::Exists,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let e = r.list(NodeId::ROOT).await.expect_err("refused");
+        assert!(
+            matches!(
+                e,
+                RemoteError::Api {
+                    code: ErrorCode::ProtocolMismatch,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(crate::error::FsError::Remote(e).errno(), libc::EPROTO);
+        assert_eq!(fake.seen().len(), 2, "one request each");
+    }
+
+    #[tokio::test]
+    async fn a_dead_directory_url_is_failed_over_and_left() {
+        let dead = dead_url().await;
+        let (fake, url) = Fake::start("aa", &[]).await;
+        let r = logged_in(&format!("{dead}, {url}/"), Duration::from_secs(10));
+        r.list(NodeId::ROOT)
+            .await
+            .expect("listed through the live URL");
+        assert_eq!(r.current_server(), url, "stays on the URL that answered");
+        r.list(NodeId::ROOT).await.expect("listed");
+        assert_eq!(fake.seen().len(), 2);
+        assert_eq!(r.cluster_id().as_deref(), Some("aa"));
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_directory_fails_after_the_op_timeout() {
+        let dead = dead_url().await;
+        let r = logged_in(&dead, Duration::from_millis(800));
+        let t = std::time::Instant::now();
+        let e = r.list(NodeId::ROOT).await.expect_err("nothing answers");
+        let took = t.elapsed();
+        assert!(matches!(e, RemoteError::Network(_)), "{e:?}");
+        assert!(
+            took >= Duration::from_millis(750),
+            "retried for the op timeout: {took:?}"
+        );
+        assert!(took < Duration::from_secs(5), "then gave up: {took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_directory_url_of_another_cluster_is_never_used() {
+        let (ours, a) = Fake::start("aa", &[(503, UNAVAILABLE); 64]).await;
+        let (theirs, b) = Fake::start("bb", &[]).await;
+        let r = logged_in(&format!("{a},{b}"), Duration::from_millis(800));
+        assert_eq!(r.cluster(true).await.expect("map").cluster_id, "aa");
+        let e = r
+            .list(NodeId::ROOT)
+            .await
+            .expect_err("only the other cluster answers");
+        assert!(
+            matches!(e, RemoteError::Network(_) | RemoteError::Api { .. }),
+            "{e:?}"
+        );
+        assert!(!ours.seen().is_empty());
+        assert!(
+            theirs.seen().is_empty(),
+            "nothing was sent to another cluster's directory"
+        );
     }
 
     #[tokio::test]

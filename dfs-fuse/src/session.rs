@@ -117,11 +117,65 @@ pub fn mounted_cache_dir(mountpoint: &Path) -> Option<PathBuf> {
     Some(PathBuf::from(dir))
 }
 
-/// The default cache directory for `server`: `dirs::cache_dir()/dfs/<server>/<cluster id>`
-/// (a recreated cluster reuses node ids, so its files must never meet another's cache).
-pub fn default_cache_dir(server: &str, cluster_id: &str) -> anyhow::Result<PathBuf> {
+/// The default cache directory of cluster `cluster_id`: `dirs::cache_dir()/dfs/clusters/<id>`
+/// (keyed by cluster, not by directory URL: adding, removing or renaming a URL keeps the cache
+/// and its pending uploads; a recreated cluster, which reuses node ids, has a new id). A cache
+/// an older client kept per URL (`dfs/<url>/<id>`, for any of `servers`) is moved here once,
+/// unless a mount is using it now (then it is used where it is).
+pub fn default_cache_dir(servers: &[String], cluster_id: &str) -> anyhow::Result<PathBuf> {
     let base = dirs::cache_dir().context("no cache directory (set HOME or XDG_CACHE_HOME)")?;
-    let key: String = server
+    cache_dir_under(&base, servers, cluster_id)
+}
+
+/// `default_cache_dir` under `base` (the user's cache directory).
+pub fn cache_dir_under(
+    base: &Path,
+    servers: &[String],
+    cluster_id: &str,
+) -> anyhow::Result<PathBuf> {
+    let cluster: String = cluster_id
+        .chars()
+        .filter(|c| c.is_ascii_hexdigit())
+        .collect();
+    if cluster.is_empty() {
+        bail!("the directory named no usable cluster id ({cluster_id:?})");
+    }
+    let dir = base.join("dfs").join("clusters").join(&cluster);
+    if dir.exists() {
+        return Ok(dir);
+    }
+    for server in servers {
+        let old = base.join("dfs").join(url_key(server)).join(&cluster);
+        if !old.is_dir() {
+            continue;
+        }
+        if mounted_by_live_process(&old) {
+            tracing::warn!(cache = %old.display(), "the cache is in use by a running mount; using it where it is");
+            return Ok(old);
+        }
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        std::fs::rename(&old, &dir)
+            .with_context(|| format!("moving the cache {} to {}", old.display(), dir.display()))?;
+        dfs_server::store::sync_dir(parent_or_self(&dir))
+            .and_then(|()| dfs_server::store::sync_dir(parent_or_self(&old)))
+            .with_context(|| format!("syncing the move of the cache to {}", dir.display()))?;
+        tracing::info!(from = %old.display(), to = %dir.display(), "cache moved from its directory URL to the cluster id");
+        return Ok(dir);
+    }
+    Ok(dir)
+}
+
+fn parent_or_self(p: &Path) -> &Path {
+    p.parent().unwrap_or(p)
+}
+
+/// How an older client named a cache directory after a directory URL.
+fn url_key(server: &str) -> String {
+    server
+        .trim_end_matches('/')
         .trim_start_matches("http://")
         .trim_start_matches("https://")
         .chars()
@@ -132,17 +186,15 @@ pub fn default_cache_dir(server: &str, cluster_id: &str) -> anyhow::Result<PathB
                 '_'
             }
         })
-        .collect();
-    let cluster: String = cluster_id
-        .chars()
-        .filter(|c| c.is_ascii_hexdigit())
-        .collect();
-    let dir = base.join("dfs").join(key);
-    Ok(if cluster.is_empty() {
-        dir
-    } else {
-        dir.join(cluster)
-    })
+        .collect()
+}
+
+/// Whether the cache at `dir` names a mounting process that still runs.
+fn mounted_by_live_process(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join(MOUNT_PID_FILE))
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+        .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
 }
 
 /// Whether `path` is a mount point (per /proc/self/mountinfo).
@@ -174,21 +226,25 @@ pub fn preflight(mountpoint: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// Builds the remote for `server` from the saved login, checking that the server answers
-/// and that the login is still accepted.
+/// Builds the remote for `server` (one directory URL or several, comma-separated) from the
+/// login saved for its cluster, checking that a directory answers and that the login is still
+/// accepted.
 pub async fn connect(
     server: &str,
     creds: &CredStore,
     config: RemoteConfig,
 ) -> anyhow::Result<Remote> {
-    let login = creds.get(server)?.with_context(|| {
-        format!("not logged in to {server}; run `dfs login --server {server} --user NAME`")
-    })?;
-    let remote = Remote::new(server, Some(login), Some(creds.clone()), config)?;
-    remote
+    let remote = Remote::new(server, None, Some(creds.clone()), config)?;
+    let cluster = remote
         .cluster(true)
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the dfs directory at {server}: {e}"))?;
+    let login = creds
+        .get_for(&cluster.cluster_id, remote.servers())?
+        .with_context(|| {
+            format!("not logged in to {server}; run `dfs login --server {server} --user NAME`")
+        })?;
+    remote.set_login(login).await;
     match remote.get(common::NodeId::ROOT).await {
         Ok(_) => Ok(remote),
         Err(RemoteError::Api {
@@ -439,6 +495,8 @@ pub fn report_pending(pending: Vec<common::NodeId>) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::{MOUNT_PID_FILE, cache_dir_under};
+
     #[test]
     fn only_an_uncommented_user_allow_other_lets_users_share_mounts() {
         assert!(super::allows_other(
@@ -447,5 +505,47 @@ mod tests {
         assert!(super::allows_other("  user_allow_other  # shared mounts\n"));
         assert!(!super::allows_other("#user_allow_other\n"));
         assert!(!super::allows_other("mount_max = 1000\n"));
+    }
+
+    #[test]
+    fn a_cache_kept_per_url_moves_to_the_cluster_id_once() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let base = tmp.path();
+        let url = "http://127.0.0.1:7070".to_owned();
+        let old = base.join("dfs").join("127.0.0.1_7070").join("abc123");
+        std::fs::create_dir_all(old.join("files")).expect("old cache");
+        std::fs::write(old.join("files").join("5"), b"pending").expect("a pending copy");
+        let dir = cache_dir_under(
+            base,
+            &["http://localhost:7070".to_owned(), url.clone()],
+            "abc123",
+        )
+        .expect("cache dir");
+        assert_eq!(dir, base.join("dfs").join("clusters").join("abc123"));
+        assert_eq!(
+            std::fs::read(dir.join("files").join("5")).expect("moved"),
+            b"pending"
+        );
+        assert!(!old.exists());
+        // Any URL list of the cluster finds it now, the old one included.
+        let again =
+            cache_dir_under(base, &["http://127.0.0.2:1".to_owned()], "abc123").expect("cache dir");
+        assert_eq!(again, dir);
+        // Another cluster gets its own.
+        let other = cache_dir_under(base, std::slice::from_ref(&url), "def456").expect("cache dir");
+        assert_ne!(other, dir);
+    }
+
+    #[test]
+    fn a_cache_in_use_by_a_running_mount_is_left_where_it_is() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let base = tmp.path();
+        let old = base.join("dfs").join("127.0.0.1_7070").join("abc123");
+        std::fs::create_dir_all(&old).expect("old cache");
+        // This test process stands for the running mount.
+        std::fs::write(old.join(MOUNT_PID_FILE), std::process::id().to_string()).expect("pid");
+        let dir = cache_dir_under(base, &["http://127.0.0.1:7070".to_owned()], "abc123")
+            .expect("cache dir");
+        assert_eq!(dir, old);
     }
 }

@@ -53,6 +53,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     (cfg.tls, cfg.client_tls) = a.tls.load()?;
     let config = RemoteConfig {
         tls: cfg.client_tls.clone(),
+        op_timeout: a.cache.op_timeout(),
         ..RemoteConfig::default()
     };
     let cluster = tokio::select! {
@@ -80,10 +81,13 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         // after the data was made anew.
         let fingerprint = cluster.auth.fingerprint()?;
         let known = KnownKeys::beside(&creds);
-        if known.get(&server)?.as_deref() != Some(fingerprint.as_str()) {
-            known.put(&server, &fingerprint)?;
-        }
         let remote = Remote::new(&server, None, Some(creds.clone()), config)?;
+        let cluster_id = remote.cluster(true).await?.cluster_id;
+        if known.get_for(&cluster_id, remote.servers())?.as_deref() != Some(fingerprint.as_str())
+            || known.get(&server)?.as_deref() != Some(fingerprint.as_str())
+        {
+            known.put_for(&cluster_id, remote.servers(), &fingerprint)?;
+        }
         remote.pin_auth_key(Some(fingerprint));
         let key = Some(cluster.cluster_key.as_str());
         if let Err(e) = remote.signup_as_admin(DEFAULT_USER, &password, key).await
@@ -110,11 +114,10 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             .login(DEFAULT_USER, &password)
             .await
             .context("logging in the default user")?;
-        creds.put(&server, Some(login))?;
-        let cluster_id = remote.cluster(false).await?.cluster_id;
+        creds.put_for(&cluster_id, remote.servers(), Some(login))?;
         let mut opts = a
             .cache
-            .options(&server, a.mountpoint.clone(), &cluster_id)?;
+            .options(remote.servers(), a.mountpoint.clone(), &cluster_id)?;
         opts.local_ids = local_ids;
         session::mount(remote, &opts)
     };

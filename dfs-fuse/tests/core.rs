@@ -1132,6 +1132,81 @@ async fn a_change_left_pending_by_an_earlier_run_is_pushed_as_the_files_owner() 
     c.shutdown().await;
 }
 
+/// A client core whose closes wait up to 10 s, over the directory at `url`.
+fn patient_core(url: &str, login: SavedLogin, cache: &std::path::Path) -> DfsFs {
+    let remote = Remote::new(url, Some(login), None, RemoteConfig::default()).unwrap();
+    let config = dfs_fuse::fs::FsConfig {
+        close_timeout: Duration::from_secs(10),
+        retry_interval: Duration::from_millis(100),
+        ..dfs_fuse::fs::FsConfig::default()
+    };
+    DfsFs::new(remote, cache, config, "").unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn namespace_ops_and_closes_ride_out_a_cluster_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cluster");
+    // A fixed directory address, so that the restarted cluster is at the same URL.
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let start = move |data: std::path::PathBuf| async move {
+        dfs_server::cluster::start(ClusterConfig::new(data, listen))
+            .await
+            .unwrap()
+    };
+    let c = start(data.clone()).await;
+    let url = c.directory_url.clone();
+    let alice = login(&c, "alice").await;
+    let a = patient_core(&url, alice.clone(), &dir.path().join("a"));
+    write_file(&a, "before", b"written before").await.unwrap();
+    let d = a.mkdir(NodeId::ROOT, OsStr::new("d"), 0o755).await.unwrap();
+
+    // The whole cluster (directory, lock, auth, file servers) goes away for 1.5 s.
+    c.shutdown().await;
+    let back = tokio::spawn({
+        let data = data.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            start(data).await
+        }
+    });
+    let t = Instant::now();
+    // A create + write + close, a mkdir and a rename, all started while nothing answers:
+    // every one waits for the cluster and succeeds.
+    let (written, made, renamed) = tokio::join!(
+        write_file(&a, "during", b"written during the outage"),
+        a.mkdir(NodeId(d.ino.0), OsStr::new("sub"), 0o755),
+        a.rename(
+            NodeId::ROOT,
+            OsStr::new("before"),
+            NodeId::ROOT,
+            OsStr::new("renamed"),
+            0,
+        ),
+    );
+    let waited = t.elapsed();
+    written.unwrap();
+    made.unwrap();
+    renamed.unwrap();
+    assert!(
+        waited >= Duration::from_millis(1000),
+        "the operations really waited for the restart: {waited:?}"
+    );
+    let c = back.await.unwrap();
+    let mut seen = names(&a).await;
+    seen.sort();
+    assert_eq!(seen, [".", "..", "d", "during", "renamed"]);
+
+    // Another client sees everything, with its content.
+    let b = core(&c, Some(alice), &dir.path().join("b"));
+    assert_eq!(read_file(&b, "during").await, b"written during the outage");
+    assert_eq!(read_file(&b, "renamed").await, b"written before");
+    c.shutdown().await;
+}
+
 /// What a core asked the kernel to forget (the adapter's `Notifier` thread in a mount).
 #[derive(Default)]
 struct Recorded(std::sync::Mutex<Vec<dfs_fuse::fs::feed::Invalidation>>);

@@ -456,3 +456,47 @@ async fn a_lease_that_runs_out_mid_push_never_reverts_a_newer_close() {
     cluster.shutdown().await;
     scenario.teardown();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn namespace_changes_whose_answers_were_lost_are_retried_and_applied_once() {
+    let scenario = fail::FailScenario::setup();
+    let (_dir, cluster, login) = cluster_with_user().await;
+    let cache = tempfile::tempdir().unwrap();
+    let fs = core_with(&cluster.directory_url, login.clone(), cache.path(), false);
+    // Each change reaches the directory and is applied; its answer is lost on the way back.
+    // The client sends it again with the same request id and gets the first answer: no
+    // EEXIST for its own create, no ENOENT for its own rename.
+    fail::cfg("dir-answer-lost", "1*return").unwrap();
+    let (attr, o) = fs
+        .create(NodeId::ROOT, OsStr::new("f"), 0o644, libc::O_WRONLY)
+        .await
+        .expect("the create's retry is answered with the node it made");
+    fs.write(o.fh, 0, b"content").unwrap();
+    fs.flush(o.fh).await.unwrap();
+    fs.release(o.fh);
+    fail::cfg("dir-answer-lost", "1*return").unwrap();
+    fs.mkdir(NodeId::ROOT, OsStr::new("d"), 0o755)
+        .await
+        .expect("the mkdir's retry is answered");
+    fail::cfg("dir-answer-lost", "1*return").unwrap();
+    fs.rename(
+        NodeId::ROOT,
+        OsStr::new("f"),
+        NodeId::ROOT,
+        OsStr::new("g"),
+        0,
+    )
+    .await
+    .expect("the rename's retry is answered, not applied again");
+    fail::remove("dir-answer-lost");
+    // One of each, as a client that lost nothing would have made.
+    let other_cache = tempfile::tempdir().unwrap();
+    let other = core_with(&cluster.directory_url, login, other_cache.path(), false);
+    let g = other.lookup(NodeId::ROOT, OsStr::new("g")).await.unwrap();
+    assert_eq!(g.ino, attr.ino, "the node first made, renamed once");
+    assert!(other.lookup(NodeId::ROOT, OsStr::new("f")).await.is_err());
+    assert!(other.lookup(NodeId::ROOT, OsStr::new("d")).await.is_ok());
+    assert_eq!(read_all(&other, NodeId(g.ino.0)).await, b"content");
+    cluster.shutdown().await;
+    scenario.teardown();
+}

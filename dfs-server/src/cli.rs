@@ -193,8 +193,9 @@ pub struct ServiceArgs {
     /// Address to listen on (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
     listen: SocketAddr,
-    /// URL of the directory service, where this service registers.
-    #[arg(long, value_name = "URL")]
+    /// URL of the directory service, where this service registers (several, comma-separated,
+    /// of one cluster: whichever answers).
+    #[arg(long, value_name = "URL[,URL...]")]
     directory: String,
     /// URL others reach this service at [default: http://LISTEN, https:// with --tls-cert].
     #[arg(long, value_name = "URL")]
@@ -245,8 +246,10 @@ pub struct FileArgs {
     /// Address to listen on (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
     listen: SocketAddr,
-    /// URL of the directory service, where this server registers and heartbeats.
-    #[arg(long, value_name = "URL")]
+    /// URL of the directory service, where this server registers, heartbeats and commits
+    /// (several, comma-separated, of one cluster: calls move on to the next when one does not
+    /// answer, and stay on the one that answered).
+    #[arg(long, value_name = "URL[,URL...]")]
     directory: String,
     /// URL others reach this server at [default: http://LISTEN, https:// with --tls-cert].
     #[arg(long, value_name = "URL")]

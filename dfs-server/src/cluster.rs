@@ -220,9 +220,17 @@ pub fn register_service_loop(
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let req = RegisterServiceRequest { kind, url };
+        // One URL or several (comma-separated) of one cluster: registered with whichever
+        // answers.
+        let dirs = crate::peer::Directories::parse(&directory)
+            .unwrap_or_else(|_| crate::peer::Directories::single(directory));
         let mut registered = false;
         loop {
-            match peer.register_service(&directory, &req).await {
+            let (peer, req) = (&peer, &req);
+            match dirs
+                .call(|d| async move { peer.register_service(&d, req).await })
+                .await
+            {
                 Ok(()) => registered = true,
                 Err(e) => {
                     tracing::warn!(error = %e, ?kind, "registering with the directory failed; retrying")

@@ -90,6 +90,9 @@ pub enum ServiceError {
     /// A link to a file whose link count is at its maximum (EMLINK).
     #[error("{0}")]
     TooManyLinks(String),
+    /// A request of a newer protocol version than this service speaks.
+    #[error("{0}")]
+    ProtocolMismatch(String),
     /// A service's data directory is locked by another running process: a start-up error of a
     /// binary, never an answer to a request.
     #[error("{0}")]
@@ -133,6 +136,7 @@ impl ServiceError {
             ServiceError::NotAdministrator(_) => ErrorCode::NotAdministrator,
             ServiceError::InUse(_) => ErrorCode::InUse,
             ServiceError::TooManyLinks(_) => ErrorCode::TooManyLinks,
+            ServiceError::ProtocolMismatch(_) => ErrorCode::ProtocolMismatch,
             // Never sent; were it ever, the client would learn only that the server failed,
             // and the server log would say which directory (as for any internal error).
             ServiceError::DataDirInUse(_) => ErrorCode::Internal,
@@ -175,6 +179,7 @@ impl ServiceError {
             ErrorCode::NotAdministrator => ServiceError::NotAdministrator(message),
             ErrorCode::InUse => ServiceError::InUse(message),
             ErrorCode::TooManyLinks => ServiceError::TooManyLinks(message),
+            ErrorCode::ProtocolMismatch => ServiceError::ProtocolMismatch(message),
         }
     }
 

@@ -15,6 +15,118 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{ServiceError, ServiceResult};
 
+/// The directory URLs a service knows (`--directory URL,URL,...`, all of one cluster) and the
+/// one it calls now: a call that finds no answer (or `unavailable`) moves on to the next URL,
+/// and the service stays on the one that answered.
+#[derive(Debug, Clone)]
+pub struct Directories {
+    urls: std::sync::Arc<Vec<String>>,
+    current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Directories {
+    /// From `URL` or `URL,URL,...` (trailing slashes dropped); an error if none is given.
+    pub fn parse(spec: &str) -> anyhow::Result<Self> {
+        let urls: Vec<String> = spec
+            .split(',')
+            .map(|u| u.trim().trim_end_matches('/').to_owned())
+            .filter(|u| !u.is_empty())
+            .collect();
+        anyhow::ensure!(!urls.is_empty(), "no directory URL given");
+        Ok(Directories {
+            urls: std::sync::Arc::new(urls),
+            current: std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        })
+    }
+
+    /// Exactly `url` (no list parsing): the in-process cluster's own directory.
+    pub fn single(url: String) -> Self {
+        Directories {
+            urls: std::sync::Arc::new(vec![url]),
+            current: std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        }
+    }
+
+    /// The URL calls go to now.
+    pub fn current(&self) -> &str {
+        &self.urls[self.current.load(std::sync::atomic::Ordering::Relaxed) % self.urls.len()]
+    }
+
+    /// Every URL, in order.
+    pub fn urls(&self) -> &[String] {
+        &self.urls
+    }
+
+    /// Calls `f` with the current URL, and on `unavailable` with each other URL once, staying
+    /// on the first that answers; the last error if none does.
+    pub async fn call<T, F, Fut>(&self, f: F) -> ServiceResult<T>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = ServiceResult<T>>,
+    {
+        use std::sync::atomic::Ordering;
+        let n = self.urls.len();
+        let start = self.current.load(Ordering::Relaxed) % n;
+        let mut last = None;
+        for k in 0..n {
+            let idx = (start + k) % n;
+            match f(self.urls[idx].clone()).await {
+                Err(e @ ServiceError::Unavailable(_)) => {
+                    if n > 1 {
+                        tracing::warn!(url = %self.urls[idx], error = %e, "directory unavailable; trying the next one");
+                    }
+                    last = Some(e);
+                }
+                other => {
+                    if k > 0 {
+                        self.current.store(idx, Ordering::Relaxed);
+                    }
+                    return other;
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| ServiceError::Unavailable("no directory URL".into())))
+    }
+
+    /// As `call`, retried while every URL is unavailable, with pauses from 50 ms doubling to
+    /// 1 s (jittered), for up to `bound`: how a primary's commit rides out a directory
+    /// restart or failover (re-sending a commit is safe: the directory applies an upload id
+    /// once).
+    pub async fn call_within<T, F, Fut>(&self, bound: Duration, f: F) -> ServiceResult<T>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = ServiceResult<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + bound;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.call(&f).await {
+                Err(e @ ServiceError::Unavailable(_)) => {
+                    let now = tokio::time::Instant::now();
+                    if now >= deadline {
+                        return Err(e);
+                    }
+                    let jitter = 0.5 + rand::random::<f64>() / 2.0;
+                    tracing::debug!(error = %e, "directory unavailable; retrying");
+                    tokio::time::sleep(pause.mul_f64(jitter).min(deadline - now)).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Directories {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.urls.join(","))
+    }
+}
+
+/// How long a primary keeps re-sending a commit while the directory is unavailable: within the
+/// client's push window (`--close-timeout-secs`, 30 s by default), which also re-sends.
+pub const COMMIT_RIDE_OUT: Duration = Duration::from_secs(20);
+
 /// A client for service-to-service calls.
 #[derive(Clone)]
 pub struct Peer {

@@ -173,7 +173,15 @@ impl ClientTls {
     /// A client builder that speaks http and, with these roots, https. Every HTTP client of
     /// dfs starts here; building it reads no CA certificates.
     pub fn builder(&self) -> anyhow::Result<reqwest::ClientBuilder> {
-        Ok(reqwest::Client::builder().tls_backend_preconfigured(self.config()?))
+        // Every request of every dfs client names the protocol it speaks.
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            common::routes::PROTOCOL_HEADER,
+            reqwest::header::HeaderValue::from(common::routes::PROTOCOL_VERSION),
+        );
+        Ok(reqwest::Client::builder()
+            .tls_backend_preconfigured(self.config()?)
+            .default_headers(headers))
     }
 
     /// A client with these roots and no other settings (tests, one-off calls).

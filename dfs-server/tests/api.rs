@@ -1402,6 +1402,131 @@ async fn regression_a_user_cannot_link_a_file_out_of_a_directory_they_cannot_sea
     h.cluster.shutdown().await;
 }
 
+#[tokio::test]
+async fn every_service_names_its_protocol_and_refuses_a_newer_one() {
+    let h = Harness::new(|_| {}).await;
+    let c = &h.cluster;
+    let mut services = vec![
+        c.directory_url.clone(),
+        c.lock_url.clone(),
+        c.auth_url.clone(),
+    ];
+    services.extend(c.file_urls.iter().cloned());
+    for base in &services {
+        // This build's own requests (the header is set by every dfs client) are served, and
+        // the answer names the service's protocol.
+        let r = h
+            .http
+            .get(format!("{base}{}", routes::HEALTH))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{base}");
+        assert_eq!(
+            r.headers()[routes::PROTOCOL_HEADER].to_str().unwrap(),
+            routes::PROTOCOL_VERSION.to_string()
+        );
+        // A client of a newer protocol is told so, with both versions, and nothing is done.
+        for theirs in [
+            (routes::PROTOCOL_VERSION + 1).to_string(),
+            "not-a-number".to_owned(),
+        ] {
+            let r = h
+                .http
+                .get(format!("{base}{}", routes::CLUSTER))
+                .header(routes::PROTOCOL_HEADER, &theirs)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                r.headers()[routes::PROTOCOL_HEADER].to_str().unwrap(),
+                routes::PROTOCOL_VERSION.to_string(),
+                "an error names the protocol too"
+            );
+            let body: common::ErrorBody = r.json().await.unwrap();
+            assert_eq!(body.code, ErrorCode::ProtocolMismatch, "{base}: {body:?}");
+            assert!(
+                body.message
+                    .contains(&format!("speaks dfs protocol {}", routes::PROTOCOL_VERSION)),
+                "{body:?}"
+            );
+        }
+    }
+    // A request without the header (a client from before it) is taken as version 1.
+    let addr = h
+        .cluster
+        .directory_url
+        .trim_start_matches("http://")
+        .to_owned();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(
+        format!(
+            "GET {} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n",
+            routes::CLUSTER
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains(&format!(
+            "{}: {}",
+            routes::PROTOCOL_HEADER,
+            routes::PROTOCOL_VERSION
+        )),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn a_service_fails_over_to_the_directory_url_that_answers_and_stays_there() {
+    let h = Harness::new(|_| {}).await;
+    let dead = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let live = h.cluster.directory_url.clone();
+    let dirs = dfs_server::peer::Directories::parse(&format!("{dead}, {live}/")).unwrap();
+    let peer = dfs_server::peer::Peer::new(&h.cluster.cluster_key).unwrap();
+    let peer = &peer;
+    let map = dirs
+        .call(|d| async move { peer.cluster(&d).await })
+        .await
+        .unwrap();
+    assert!(!map.cluster_id.is_empty());
+    assert_eq!(dirs.current(), live, "stays on the URL that answered");
+    // A definite answer is not failed over: it is the answer.
+    let missing = dirs
+        .call(|d| async move { peer.node(&d, NodeId(999_999)).await })
+        .await;
+    assert!(
+        matches!(missing, Err(dfs_server::error::ServiceError::NotFound(_))),
+        "{missing:?}"
+    );
+    // With no directory answering, a bounded ride-out gives up after its bound.
+    let none = dfs_server::peer::Directories::parse(&dead).unwrap();
+    let t = std::time::Instant::now();
+    let r = none
+        .call_within(Duration::from_millis(600), |d| async move {
+            peer.cluster(&d).await
+        })
+        .await;
+    assert!(
+        matches!(r, Err(dfs_server::error::ServiceError::Unavailable(_))),
+        "{r:?}"
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(550),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+}
+
 async fn poll_changes(
     h: &Harness,
     token: &str,

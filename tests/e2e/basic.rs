@@ -62,9 +62,14 @@ fn dfs_up_serves_hello_and_keeps_files_across_restarts() {
     );
     // Local uids are cluster uids here: nobody may sign up (and so pick a uid) without the
     // cluster key.
-    let creds = std::fs::read(home.join("config/dfs/credentials.json")).unwrap();
-    let creds: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&creds).unwrap();
-    let url = creds.keys().next().expect("dfs up's login").clone();
+    // Logins are kept by cluster id; the pinned auth key names the URL too.
+    let pins = std::fs::read(home.join("config/dfs/known_auth_keys.json")).unwrap();
+    let pins: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&pins).unwrap();
+    let url = pins
+        .keys()
+        .find(|k| k.starts_with("http"))
+        .expect("dfs up's pin")
+        .clone();
     let outsider = Client::new(&url);
     let signup = |extra: &[&str]| {
         let mut args = vec!["signup", "--user", "mallory", "--password-stdin"];

@@ -30,7 +30,10 @@ fn one_gib_upload_with_bounded_server_memory() {
         &std::fs::read(c.config_dir().join("dfs/credentials.json")).unwrap(),
     )
     .unwrap();
-    let token = creds[&cluster.url]["token"].as_str().unwrap().to_owned();
+    let token = dfs_tests::only_saved_login(&creds)["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let mut hasher = Sha256::new();
     for i in 0..CHUNKS {
         hasher.update(chunk(i));

@@ -4,6 +4,7 @@
 mod auth_guard;
 mod bad_input;
 mod basic;
+mod directory_outage;
 mod faults;
 mod feed;
 mod groups;

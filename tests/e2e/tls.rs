@@ -335,7 +335,10 @@ fn a_split_tls_directory_whose_certificate_names_a_host_verifies_tokens() {
         &std::fs::read(c.config_dir().join("dfs").join("credentials.json")).unwrap(),
     )
     .unwrap();
-    let token = creds[&dir_url]["token"].as_str().unwrap().to_owned();
+    let token = dfs_tests::only_saved_login(&creds)["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     // A user request to the directory: its token is checked with the auth key it fetched.
     let status = rt.block_on(async {
         http.get(format!(

@@ -388,6 +388,15 @@ pub fn http_get_json_using(
     })
 }
 
+/// The one login in a parsed `credentials.json` (saved under its cluster id, `cluster:<id>`).
+pub fn only_saved_login(creds: &serde_json::Value) -> &serde_json::Value {
+    let all = creds.as_object().expect("credentials are a map");
+    assert_eq!(all.len(), 1, "one saved login: {creds}");
+    let (key, login) = all.iter().next().expect("one saved login");
+    assert!(key.starts_with("cluster:"), "saved by cluster id: {key}");
+    login
+}
+
 /// One client machine: its own XDG config and cache directories.
 pub struct Client {
     home: tempfile::TempDir,

@@ -601,9 +601,17 @@ impl DfsFs {
         }
     }
 
-    /// Metadata from the directory, or what was last heard if it cannot be reached.
+    /// Metadata from the directory, or what was last heard if it cannot be reached (then the
+    /// directory is waited for `FALLBACK_WAIT` only, not the whole op timeout).
     async fn meta(&self, id: NodeId) -> FsResult<NodeMeta> {
-        match self.remote.get(id).await {
+        let asked = if self.known_meta(id).is_some() {
+            self.remote
+                .get_within(id, crate::remote::FALLBACK_WAIT)
+                .await
+        } else {
+            self.remote.get(id).await
+        };
+        match asked {
             Ok(m) => {
                 self.remember(&m, None);
                 Ok(m)
@@ -628,7 +636,12 @@ impl DfsFs {
             known::Lookup::Absent => return Err(FsError::Absent),
             known::Lookup::Relist => {
                 let start = self.known().listing_start(parent, Instant::now());
-                if let Ok(entries) = self.remote.list(parent).await {
+                // A failed listing is followed by a lookup, which waits for the directory.
+                if let Ok(entries) = self
+                    .remote
+                    .list_within(parent, crate::remote::FALLBACK_WAIT)
+                    .await
+                {
                     let mut k = self.known();
                     let dropped = k.listed(parent, &entries, start);
                     let found = k.by_name(parent, name.as_str());
@@ -639,7 +652,17 @@ impl DfsFs {
             }
             known::Lookup::Ask => {}
         }
-        match self.remote.lookup(parent, &name).await {
+        // A name this client heard of is answered from that while the directory is down, after
+        // a short wait; any other waits for the directory (the op timeout).
+        let heard = self.known().by_name(parent, name.as_str()).is_some();
+        let asked = if heard {
+            self.remote
+                .lookup_within(parent, &name, crate::remote::FALLBACK_WAIT)
+                .await
+        } else {
+            self.remote.lookup(parent, &name).await
+        };
+        match asked {
             Ok(m) => {
                 self.remember(&m, Some((parent, name.as_str())));
                 Ok(self.attr(&m))
@@ -1382,7 +1405,14 @@ impl DfsFs {
         let entry = self.cache.get(node)?;
         let path = self.cache.path(node);
         let have_copy = entry.is_some() && path.exists();
-        let mut meta = match self.remote.get_to_open(node, flags).await {
+        let asked = if have_copy {
+            self.remote
+                .get_to_open_within(node, flags, crate::remote::FALLBACK_WAIT)
+                .await
+        } else {
+            self.remote.get_to_open(node, flags).await
+        };
+        let mut meta = match asked {
             Ok(m) => {
                 self.remember(&m, None);
                 m

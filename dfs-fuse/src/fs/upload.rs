@@ -150,7 +150,9 @@ impl DfsFs {
                 // service, e.g. an unknown route after a restart, does not).
                 Err(e)
                     if e.is_not_found()
-                        && self.remote.get(node).await.is_err_and(|d| d.is_not_found()) =>
+                        && tokio::time::timeout_at(until(&progress), self.remote.get(node))
+                            .await
+                            .is_ok_and(|r| r.is_err_and(|d| d.is_not_found())) =>
                 {
                     tracing::info!(%node, "file was deleted; dropping its unpushed changes");
                     self.drop_cached(node);
@@ -227,7 +229,11 @@ impl DfsFs {
                     if moved || e.is_unreachable() {
                         // The placement may have moved (failover): learn the current one before
                         // resending, instead of knocking at a dead or deposed primary again.
-                        if let Ok(m) = self.remote.get(node).await {
+                        // Within this push's time: the directory may be what is down, and the
+                        // metadata read retries for as long as the op timeout.
+                        if let Ok(Ok(m)) =
+                            tokio::time::timeout_at(until(&progress), self.remote.get(node)).await
+                        {
                             self.remember(&m, None);
                         }
                     }
@@ -334,7 +340,17 @@ impl DfsFs {
     ) -> Result<NodeMeta, RemoteError> {
         let waiter = UploadId::from_bytes(rand::random());
         let t = std::time::Instant::now();
-        let grant = match self.remote.acquire(node, &waiter, deadline).await {
+        // Bounded by the push's deadline: the write capability comes from the directory, whose
+        // calls otherwise retry for the whole op timeout.
+        let acquired =
+            tokio::time::timeout_at(deadline, self.remote.acquire(node, &waiter, deadline))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(RemoteError::Timeout(
+                        "no lock grant before the push's deadline".into(),
+                    ))
+                });
+        let grant = match acquired {
             Ok(g) => g,
             Err(e) => {
                 // A grant whose answer was lost must not block everyone for a whole lease.
@@ -352,7 +368,13 @@ impl DfsFs {
             let meta = match self.known_meta(node) {
                 Some(m) if m.primary.is_some() => m,
                 _ => {
-                    let m = self.remote.get(node).await?;
+                    let m = tokio::time::timeout_at(deadline, self.remote.get(node))
+                        .await
+                        .map_err(|_| {
+                            RemoteError::Timeout(
+                                "the file's metadata before the push's deadline".into(),
+                            )
+                        })??;
                     self.remember(&m, None);
                     m
                 }

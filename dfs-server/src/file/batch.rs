@@ -310,9 +310,12 @@ impl FileServer {
         }
         let mut late: Vec<usize> = Vec::new();
         if !commits.is_empty() {
+            let req = &CommitBatchRequest { items: commits };
             let answer = self
-                .peer
-                .commit_batch(&self.directory, &CommitBatchRequest { items: commits })
+                .directory
+                .call_within(crate::peer::COMMIT_RIDE_OUT, |d| async move {
+                    self.peer.commit_batch(&d, req).await
+                })
                 .await;
             match answer {
                 Ok(resp) if resp.results.len() == committing.len() => {
@@ -489,7 +492,12 @@ impl FileServer {
         if items.is_empty() {
             return;
         }
-        if let Err(e) = self.peer.add_holders(&self.directory, items).await {
+        let items = &items;
+        if let Err(e) = self
+            .directory
+            .call(|d| async move { self.peer.add_holders(&d, items.clone()).await })
+            .await
+        {
             tracing::debug!(error = %e, "late replica copies not recorded; the repair loop will make them");
         }
     }

@@ -37,21 +37,33 @@ impl FileServer {
     /// Registers at `url`; keeps the id across restarts. Returns the heartbeat interval.
     /// Refuses a directory of another cluster (or a wiped one, which has a new cluster id).
     pub async fn register(&self, url: &str, capacity_bytes: u64) -> ServiceResult<Duration> {
+        self.directory
+            .call(|dir| async move { self.register_at(&dir, url, capacity_bytes).await })
+            .await
+    }
+
+    /// `register` with the directory at `dir` (its map and the registration from the same one).
+    async fn register_at(
+        &self,
+        dir: &str,
+        url: &str,
+        capacity_bytes: u64,
+    ) -> ServiceResult<Duration> {
         let ours = self.cluster_id();
         // Asked before registering, so that a directory of another cluster (or a build that
         // does not say) never records this server at all.
-        let map = self.peer.cluster(&self.directory).await?;
+        let map = self.peer.cluster(dir).await?;
         let theirs = map.cluster_id.clone();
         if theirs.is_empty() {
             return Err(ServiceError::Forbidden(format!(
                 "{} did not say which cluster it is; refusing to join it",
-                self.directory
+                dir
             )));
         }
         if let Some(ours) = &ours
             && *ours != theirs
         {
-            return Err(self.foreign(ours, &theirs));
+            return Err(self.foreign(dir, ours, &theirs));
         }
         if ours.is_none()
             && let Some(previous) = self.id()
@@ -64,7 +76,7 @@ impl FileServer {
                 "this data directory was file server {} at {url}, but the directory at {} does \
                  not list that server (wiped, replaced, or another cluster): refusing to join \
                  it; point --directory at this server's own cluster",
-                previous.0, self.directory
+                previous.0, dir
             )));
         }
         let req = RegisterServerRequest {
@@ -73,16 +85,16 @@ impl FileServer {
             previous_id: self.id(),
             cluster_id: ours.clone(),
         };
-        let resp = self.peer.register_server(&self.directory, &req).await?;
+        let resp = self.peer.register_server(dir, &req).await?;
         if resp.cluster_id.is_empty() {
             return Err(ServiceError::Forbidden(format!(
                 "{} did not say which cluster it is; refusing to join it",
-                self.directory
+                dir
             )));
         }
         match ours {
             Some(ours) if ours != resp.cluster_id => {
-                return Err(self.foreign(&ours, &resp.cluster_id));
+                return Err(self.foreign(dir, &ours, &resp.cluster_id));
             }
             Some(_) => {}
             None => {
@@ -115,20 +127,25 @@ impl FileServer {
                 "this server has not joined a cluster yet".into(),
             ));
         };
-        let theirs = self.peer.cluster(&self.directory).await?.cluster_id;
+        let dir = self.directory.current().to_owned();
+        let theirs = self
+            .directory
+            .call(|d| async move { self.peer.cluster(&d).await })
+            .await?
+            .cluster_id;
         if theirs != ours {
             self.joined.store(false, Ordering::Release);
-            return Err(self.foreign(&ours, &theirs));
+            return Err(self.foreign(&dir, &ours, &theirs));
         }
         Ok(())
     }
 
-    fn foreign(&self, ours: &str, theirs: &str) -> ServiceError {
+    fn foreign(&self, dir: &str, ours: &str, theirs: &str) -> ServiceError {
         ServiceError::Forbidden(format!(
             "this data directory belongs to cluster {ours}, but the directory at {} is cluster \
              {theirs} (wiped, replaced, or another cluster): refusing to join it or to delete \
              anything on its word; point --directory at this server's own cluster",
-            self.directory
+            dir
         ))
     }
 
@@ -171,7 +188,12 @@ impl FileServer {
                         None
                     }
                 };
-                match self.peer.heartbeat(&self.directory, id, space).await {
+                let peer = &self.peer;
+                match self
+                    .directory
+                    .call(|d| async move { peer.heartbeat(&d, id, space).await })
+                    .await
+                {
                     Ok(()) => {}
                     Err(ServiceError::NotFound(_) | ServiceError::NoRoute(_)) => {
                         // The directory does not know this server (it may have been wiped), or

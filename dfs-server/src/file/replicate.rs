@@ -28,7 +28,7 @@ pub struct FileServer {
     /// Its blobs.
     pub store: FileStore,
     pub(super) peer: Peer,
-    pub(super) directory: String,
+    pub(super) directory: crate::peer::Directories,
     id: AtomicU64,
     id_file: PathBuf,
     /// Where the cluster id is kept, and the id (see `membership`).
@@ -82,7 +82,8 @@ pub struct WriteRequest {
 }
 
 impl FileServer {
-    /// A file server storing under `data_dir` and registering with `directory`.
+    /// A file server storing under `data_dir` and registering with `directory` (one URL or
+    /// several, comma-separated, of one cluster).
     pub fn new(
         fence_key: &str,
         store: FileStore,
@@ -104,7 +105,8 @@ impl FileServer {
             fence_key: fence_key.to_owned(),
             store,
             peer,
-            directory,
+            directory: crate::peer::Directories::parse(&directory)
+                .unwrap_or_else(|_| crate::peer::Directories::single(directory)),
             id: AtomicU64::new(previous),
             id_file,
             cluster_file,
@@ -188,7 +190,10 @@ impl FileServer {
         let (primary, replicas) = match &req.placement {
             Some(p) => p.clone(),
             None => {
-                let meta = self.peer.node(&self.directory, node).await?;
+                let meta = self
+                    .directory
+                    .call(|d| async move { self.peer.node(&d, node).await })
+                    .await?;
                 if meta.kind != FileKind::File {
                     return Err(ServiceError::IsDir(format!("node {node}")));
                 }
@@ -322,7 +327,14 @@ impl FileServer {
             mtime_ns: req.mtime_ns,
         };
         let t = std::time::Instant::now();
-        let committed = self.peer.commit(&self.directory, node, &commit).await?;
+        // A directory restarting (or failing over) meanwhile is waited for, within bounds.
+        let c = &commit;
+        let committed = self
+            .directory
+            .call_within(crate::peer::COMMIT_RIDE_OUT, |d| async move {
+                self.peer.commit(&d, node, c).await
+            })
+            .await?;
         self.metrics.observe("write_stage", "commit", t.elapsed());
         let meta = committed.meta;
         // Off the critical path: the other replicas get their copy and join the holders.
@@ -332,7 +344,12 @@ impl FileServer {
             tokio::spawn(async move {
                 for (r, url) in deferred {
                     let result = match this.push(&url, node, &hash).await {
-                        Ok(()) => this.peer.add_holder(&this.directory, node, &hash, r).await,
+                        Ok(()) => {
+                            let (peer, hash) = (&this.peer, &hash);
+                            this.directory
+                                .call(|d| async move { peer.add_holder(&d, node, hash, r).await })
+                                .await
+                        }
                         Err(e) => Err(e),
                     };
                     if let Err(e) = result {
@@ -383,7 +400,10 @@ impl FileServer {
         {
             return Ok(info.clone());
         }
-        let info = self.peer.cluster(&self.directory).await?;
+        let info = self
+            .directory
+            .call(|d| async move { self.peer.cluster(&d).await })
+            .await?;
         *self.cluster_cache.lock().unwrap_or_else(|p| p.into_inner()) = Some((now, info.clone()));
         Ok(info)
     }

@@ -48,7 +48,11 @@ impl FileServer {
             if !old_enough {
                 continue;
             }
-            let meta = match self.peer.node(&self.directory, node).await {
+            let meta = match self
+                .directory
+                .call(|d| async move { self.peer.node(&d, node).await })
+                .await
+            {
                 Ok(m) => m,
                 Err(ServiceError::NotFound(_)) => {
                     if !self.set_aside(node, &hash, "its file was deleted").await {
@@ -101,9 +105,10 @@ impl FileServer {
                     tracing::error!(%node, %hash, "scrub: stored copy is corrupt; reporting it for repair");
                     // Report first: a copy dropped but not reported would still count as held.
                     // A corrupt copy kept meanwhile is harmless (readers verify every hash).
+                    let h = &hash;
                     match self
-                        .peer
-                        .drop_holder(&self.directory, node, &hash, me)
+                        .directory
+                        .call(|d| async move { self.peer.drop_holder(&d, node, h, me).await })
                         .await
                     {
                         Ok(()) => {
@@ -162,7 +167,11 @@ impl FileServer {
                 "this server has not joined its cluster's directory; not dropping anything".into(),
             ));
         }
-        match self.peer.node(&self.directory, node).await {
+        match self
+            .directory
+            .call(|d| async move { self.peer.node(&d, node).await })
+            .await
+        {
             Ok(meta) if &meta.hash == hash => Err(ServiceError::Forbidden(format!(
                 "{hash} is the current version of node {node}; not dropping it"
             ))),

@@ -152,13 +152,28 @@ impl Verifier {
         let no_auth = || ServiceError::Unavailable("no auth service registered".into());
         let auth = match (&self.auth_url, self.directory_url.as_deref()) {
             (Some(source), _) => source().ok_or_else(no_auth)?,
-            (None, Some(dir)) => {
-                let info: ClusterInfo = self
-                    .get_json(format!("{dir}{}", common::routes::CLUSTER))
-                    .await
-                    .map_err(unavailable)?;
-                info.check_https(dir).map_err(ServiceError::Unavailable)?;
-                info.auth_url.ok_or_else(no_auth)?
+            (None, Some(dirs)) => {
+                // One directory URL or several (comma-separated): the first that answers.
+                let mut found = Err(ServiceError::Unavailable("no directory URL".into()));
+                for dir in dirs.split(',').map(|d| d.trim().trim_end_matches('/')) {
+                    if dir.is_empty() {
+                        continue;
+                    }
+                    found = match self
+                        .get_json::<ClusterInfo>(format!("{dir}{}", common::routes::CLUSTER))
+                        .await
+                    {
+                        Ok(info) => info
+                            .check_https(dir)
+                            .map(|()| info)
+                            .map_err(ServiceError::Unavailable),
+                        Err(e) => Err(unavailable(e)),
+                    };
+                    if found.is_ok() {
+                        break;
+                    }
+                }
+                found?.auth_url.ok_or_else(no_auth)?
             }
             (None, None) => {
                 return Err(ServiceError::Unavailable(

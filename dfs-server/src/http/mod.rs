@@ -59,6 +59,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::Conflict => StatusCode::PRECONDITION_FAILED,
         ErrorCode::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
         ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::ProtocolMismatch => StatusCode::UPGRADE_REQUIRED,
     }
 }
 
@@ -179,8 +180,40 @@ pub async fn not_found() -> AppError {
     ))
 }
 
+/// The protocol version a request speaks: its `x-dfs-protocol` header, 1 without one (clients
+/// from before the header); None if the header is not a number.
+pub fn request_protocol(headers: &axum::http::HeaderMap) -> Option<u32> {
+    match headers.get(common::routes::PROTOCOL_HEADER) {
+        None => Some(1),
+        Some(v) => v.to_str().ok()?.trim().parse().ok(),
+    }
+}
+
+/// Refuses a request of a newer protocol than this service speaks (`protocol_mismatch`), and
+/// names this service's version on every answer.
+async fn protocol(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let theirs = request_protocol(req.headers());
+    let mut resp = match theirs {
+        Some(v) if v <= common::routes::PROTOCOL_VERSION => next.run(req).await,
+        other => {
+            let said = other.map_or_else(|| "an unreadable version".to_owned(), |v| v.to_string());
+            AppError(ServiceError::ProtocolMismatch(format!(
+                "this service speaks dfs protocol {} and the request speaks {said}; upgrade \
+                 the service (or use a client of protocol {0} or older)",
+                common::routes::PROTOCOL_VERSION
+            )))
+            .into_response()
+        }
+    };
+    resp.headers_mut().insert(
+        common::routes::PROTOCOL_HEADER,
+        axum::http::HeaderValue::from(common::routes::PROTOCOL_VERSION),
+    );
+    resp
+}
+
 /// Common layers for a service router: JSON body limit, the body idle bound (`idle`), the
-/// verifier, request tracing, 404s, per-route latency histograms and `GET /metrics`.
+/// verifier, the protocol version check, request tracing, 404s, per-route latency histograms and `GET /metrics`.
 pub fn finish(
     router: axum::Router,
     verifier: std::sync::Arc<Verifier>,
@@ -213,4 +246,5 @@ pub fn finish(
             idle::bound_body_idle,
         ))
         .layer(axum::Extension(verifier))
+        .layer(axum::middleware::from_fn(protocol))
 }
