@@ -670,6 +670,8 @@ pub struct SplitCluster {
     tls: Option<dfs_server::tls::ClientTls>,
     /// Small disks (tmpfs) mounted for data dirs, unmounted on drop.
     small_disks: Vec<PathBuf>,
+    /// `--meta` for the directory and every lock instance (etcd), if any.
+    meta: Option<String>,
 }
 
 impl SplitCluster {
@@ -704,7 +706,17 @@ impl SplitCluster {
             service_args: vec![],
             tls: None,
             small_disks: vec![],
+            meta: None,
         }
+    }
+
+    /// As `start`, with the directory and the lock service on etcd (`--meta URL`): further
+    /// lock instances start as `lock-2`, `lock-3`, ... with `start_service`.
+    pub fn start_on_etcd(files: usize, meta: &str) -> SplitCluster {
+        let mut c = SplitCluster::unstarted(files, &[]);
+        c.meta = Some(meta.to_owned());
+        c.start_all();
+        c
     }
 
     /// As `start`, with every service serving TLS with `certs` and calling the others over
@@ -768,6 +780,11 @@ impl SplitCluster {
         }
         if kind == "file" {
             cmd.args(&self.file_args);
+        }
+        if let Some(meta) = &self.meta
+            && (kind == "directory" || kind == "lock")
+        {
+            cmd.arg("--meta").arg(meta);
         }
         cmd.args(&self.service_args);
         let log = std::fs::File::create(self.root.path().join(format!("{name}.log"))).unwrap();
