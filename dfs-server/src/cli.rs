@@ -181,7 +181,7 @@ pub struct AllArgs {
     pub missed_beats: u32,
     /// Where the directory keeps its metadata: `redb` (a file in the data directory) or an
     /// etcd cluster, `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` (prefix default `dfs`), which
-    /// several directories can share.
+    /// several directories can share. With etcd the lock service keeps its locks there too.
     #[arg(long, default_value = "redb", value_name = "STORE")]
     pub meta: crate::meta::MetaConfig,
     /// Milliseconds between repair passes (primary failover, re-replication).
@@ -249,6 +249,11 @@ pub struct ServiceArgs {
     /// Lock lease in milliseconds (lock service only).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..))]
     lease_ms: u64,
+    /// Where the lock service keeps its locks (lock service only): `redb` (in memory, one
+    /// instance; the fence counter in the data directory) or the directory's etcd cluster,
+    /// `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]`, which any number of lock instances share.
+    #[arg(long, default_value = "redb", value_name = "STORE")]
+    meta: crate::meta::MetaConfig,
     /// Lifetime of login tokens in seconds (auth service only).
     #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
     token_ttl_secs: u64,
@@ -388,7 +393,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     lease: Duration::from_millis(a.lease_ms),
                     ..LockConfig::default()
                 };
-                let svc = cluster::open_lock(&a.common.data, cfg, &key)?;
+                let svc = cluster::open_lock(&a.meta, &a.common.data, cfg, &key).await?;
                 let (l, url) = cluster::bind(a.listen, tls.as_ref()).await?;
                 let url = a.advertise.unwrap_or(url);
                 let verifier = cluster::verifier(
@@ -524,7 +529,7 @@ fn run_meta(cmd: MetaCommand) -> anyhow::Result<()> {
                         "{} does not exist: --lock-data names the lock service's data directory",
                         path.display()
                     );
-                    crate::lock::fence_high_water(dir).with_context(|| {
+                    crate::lock::local::fence_high_water(dir).with_context(|| {
                         format!("reading {} (is the lock service stopped?)", path.display())
                     })?
                 }

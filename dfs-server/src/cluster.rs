@@ -204,7 +204,13 @@ pub fn serve(
     })
 }
 
-/// Registers a lock or auth service with the directory, retrying until it answers or `cancel`.
+/// How often a lock or auth service registers again with the directory.
+pub const REREGISTER_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Registers a lock or auth service with the directory, retrying every second until it
+/// answers, then again every `REREGISTER_EVERY` until `cancel`. The cluster map names the
+/// latest registration, so with several lock instances (etcd engine, stateless) a client
+/// whose instance died finds a live one in the map within `REREGISTER_EVERY`.
 pub fn register_service_loop(
     peer: Peer,
     directory: String,
@@ -218,20 +224,26 @@ pub fn register_service_loop(
         // answers.
         let dirs = crate::peer::Directories::parse(&directory)
             .unwrap_or_else(|_| crate::peer::Directories::single(directory));
+        let mut registered = false;
         loop {
             let (peer, req) = (&peer, &req);
             match dirs
                 .call(|d| async move { peer.register_service(&d, req).await })
                 .await
             {
-                Ok(()) => return,
+                Ok(()) => registered = true,
                 Err(e) => {
                     tracing::warn!(error = %e, ?kind, "registering with the directory failed; retrying")
                 }
             }
+            let pause = if registered {
+                REREGISTER_EVERY
+            } else {
+                std::time::Duration::from_secs(1)
+            };
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(pause) => {}
             }
         }
     })
@@ -442,14 +454,18 @@ pub fn start_directory(
     ])
 }
 
-/// Opens the lock service's fence counter under `data`.
-pub fn open_lock(
+/// Opens the lock service on the engine `meta` names (redb: its fence counter under `data`;
+/// etcd: the directory's prefix).
+pub async fn open_lock(
+    meta: &crate::meta::MetaConfig,
     data: &Path,
     cfg: LockConfig,
     cluster_key: &str,
 ) -> anyhow::Result<Arc<LockService>> {
     Ok(Arc::new(
-        LockService::open(data, cfg, cluster_key).context("opening the lock service")?,
+        LockService::build(meta, data, cfg, cluster_key)
+            .await
+            .context("opening the lock service")?,
     ))
 }
 
@@ -572,7 +588,7 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
         cancel.clone(),
     ));
 
-    let lock = open_lock(&cfg.data.join("lock"), cfg.lock.clone(), &key)?;
+    let lock = open_lock(&cfg.meta, &cfg.data.join("lock"), cfg.lock.clone(), &key).await?;
     let (ll, lock_url) = bind(loopback, tls).await.context("lock service")?;
     tasks.push(start_lock(
         lock,

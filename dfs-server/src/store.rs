@@ -229,7 +229,8 @@ mod format_tests {
 
     #[test]
     fn the_lock_store_refuses_a_newer_format_and_stamps_an_old_one() {
-        use crate::lock::{LOCK_FORMAT, LockConfig, LockService, fence_high_water};
+        use crate::lock::local::{LOCK_FORMAT, fence_high_water};
+        use crate::lock::{LockConfig, LockService};
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("lock.redb");
         let newer = LOCK_FORMAT + 1;

@@ -10,6 +10,7 @@ mod feed;
 mod groups;
 mod large;
 mod local_ids;
+mod locks_etcd;
 mod migrate;
 mod permissions;
 mod posix;

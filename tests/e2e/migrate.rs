@@ -93,7 +93,7 @@ fn a_redb_cluster_moves_to_etcd_keeping_its_id_caches_pending_uploads_and_fences
     ))
     .unwrap();
     assert_eq!(header.cluster_id, id);
-    let issued = dfs_server::lock::fence_high_water(&cluster.data_dir("lock")).unwrap();
+    let issued = dfs_server::lock::local::fence_high_water(&cluster.data_dir("lock")).unwrap();
     assert_eq!(header.fence_base, issued);
     assert!(issued >= fences_before);
     let url = etcd.meta_url("moved");
@@ -112,8 +112,8 @@ fn a_redb_cluster_moves_to_etcd_keeping_its_id_caches_pending_uploads_and_fences
     assert_eq!(base, issued);
     drop(store);
 
-    // The cluster again, its directory on etcd.
-    cluster.directory_args = vec!["--meta".into(), url.clone()];
+    // The cluster again, its directory and its lock service on etcd.
+    cluster.meta = Some(url.clone());
     for name in ["directory", "lock", "auth", "file-1", "file-2"] {
         cluster.start_service(name);
     }
@@ -142,7 +142,8 @@ fn a_redb_cluster_moves_to_etcd_keeping_its_id_caches_pending_uploads_and_fences
     let check = "for i in $(seq 1 40); do [ \"$(cat d/f$i)\" = \"file $i\" ] || echo BAD $i; done; \
                  cat d/e/g d/link1 d/sym2; stat -c %h d/f1";
     assert_eq!(ok(mb.sh(check)), "deep\nfile 1\nfile 2\n2\n");
-    // Writes continue, under fencing tokens above every one accepted before the move.
+    // Writes continue, under fencing tokens (the etcd lock engine's: fence base + revision)
+    // above every one accepted before the move.
     ok(m.sh("echo after > c.txt && mkdir new && echo n > new/x"));
     assert!(eventually(Duration::from_secs(30), || mb
         .sh("cat c.txt new/x")

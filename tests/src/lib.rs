@@ -666,12 +666,13 @@ pub struct SplitCluster {
     file_args: Vec<String>,
     /// Flags for every service (TLS).
     service_args: Vec<String>,
-    /// Further flags for the directory (e.g. `--meta etcd://...`), from its next start on.
-    pub directory_args: Vec<String>,
     /// The client roots when the services serve TLS.
     tls: Option<dfs_server::tls::ClientTls>,
     /// Small disks (tmpfs) mounted for data dirs, unmounted on drop.
     small_disks: Vec<PathBuf>,
+    /// `--meta` for the directory and every lock instance (etcd), if any, from their next
+    /// start on.
+    pub meta: Option<String>,
 }
 
 impl SplitCluster {
@@ -704,10 +705,19 @@ impl SplitCluster {
             files,
             file_args: file_args.iter().map(|a| a.to_string()).collect(),
             service_args: vec![],
-            directory_args: vec![],
             tls: None,
             small_disks: vec![],
+            meta: None,
         }
+    }
+
+    /// As `start`, with the directory and the lock service on etcd (`--meta URL`): further
+    /// lock instances start as `lock-2`, `lock-3`, ... with `start_service`.
+    pub fn start_on_etcd(files: usize, meta: &str) -> SplitCluster {
+        let mut c = SplitCluster::unstarted(files, &[]);
+        c.meta = Some(meta.to_owned());
+        c.start_all();
+        c
     }
 
     /// As `start`, with every service serving TLS with `certs` and calling the others over
@@ -765,13 +775,17 @@ impl SplitCluster {
         if kind == "directory" {
             cmd.arg("--listen")
                 .arg(format!("127.0.0.1:{}", self.dir_port))
-                .args(["--heartbeat-ms", "300", "--repair-interval-ms", "200"])
-                .args(&self.directory_args);
+                .args(["--heartbeat-ms", "300", "--repair-interval-ms", "200"]);
         } else {
             cmd.arg("--directory").arg(directory);
         }
         if kind == "file" {
             cmd.args(&self.file_args);
+        }
+        if let Some(meta) = &self.meta
+            && (kind == "directory" || kind == "lock")
+        {
+            cmd.arg("--meta").arg(meta);
         }
         cmd.args(&self.service_args);
         let log = std::fs::File::create(self.root.path().join(format!("{name}.log"))).unwrap();
