@@ -20,6 +20,10 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
+/// The index's format record: row `format`.
+const CACHE_META: TableDefinition<&str, u64> = TableDefinition::new("cache_meta");
+/// The cache's format (index, `files/`, `journal.log`): 1, the first with a format record.
+pub const CACHE_FORMAT: u64 = 1;
 
 /// One cached file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,6 +121,33 @@ fn index_err(e: impl std::fmt::Display) -> CacheError {
     CacheError::Index(e.to_string())
 }
 
+/// Checks the index's format record in `tx` (before anything else is read or written): a
+/// newer format is refused, naming the file and both formats (`tx` is then dropped
+/// uncommitted: the cache stays as it was); an older one or none (a cache of a release
+/// before format records) is stamped `CACHE_FORMAT`.
+fn check_format(tx: &redb::WriteTransaction, index: &Path) -> Result<(), CacheError> {
+    let mut t = tx.open_table(CACHE_META).map_err(index_err)?;
+    let found = t.get("format").map_err(index_err)?.map(|v| v.value());
+    match found {
+        Some(f) if f > CACHE_FORMAT => Err(CacheError::Index(format!(
+            "{} is format {f}, written by a newer dfs; this dfs knows formats up to \
+             {CACHE_FORMAT} and does not downgrade a cache: run the newer dfs",
+            index.display()
+        ))),
+        Some(f) if f == CACHE_FORMAT => Ok(()),
+        _ => {
+            t.insert("format", CACHE_FORMAT).map_err(index_err)?;
+            tracing::info!(
+                cache = %index.display(),
+                from = found.unwrap_or(0),
+                to = CACHE_FORMAT,
+                "cache format upgraded"
+            );
+            Ok(())
+        }
+    }
+}
+
 /// The cache directory of one server.
 pub struct CacheDir {
     root: PathBuf,
@@ -186,21 +217,26 @@ struct Journal {
 impl CacheDir {
     /// Opens (creating) the cache at `root`. Fails if another mount uses it.
     pub fn open(root: &Path) -> Result<Self, CacheError> {
-        std::fs::create_dir_all(root.join("files"))?;
-        let tmp = root.join("tmp");
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)?;
-        }
-        std::fs::create_dir_all(&tmp)?;
-        let db = Database::create(root.join("index.redb")).map_err(|e| {
+        // The index first: a cache another mount uses, or one a newer dfs wrote, is left as
+        // it is.
+        std::fs::create_dir_all(root)?;
+        let index = root.join("index.redb");
+        let db = Database::create(&index).map_err(|e| {
             CacheError::Index(format!(
                 "{e} (is another dfs mount using {}?)",
                 root.display()
             ))
         })?;
         let tx = db.begin_write().map_err(index_err)?;
+        check_format(&tx, &index)?;
         tx.open_table(ENTRIES).map_err(index_err)?;
         tx.commit().map_err(index_err)?;
+        std::fs::create_dir_all(root.join("files"))?;
+        let tmp = root.join("tmp");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        std::fs::create_dir_all(&tmp)?;
         let journal_path = root.join("journal.log");
         let max_seq = replay_journal(&db, &journal_path)?;
         let file = std::fs::OpenOptions::new()
@@ -524,6 +560,55 @@ fn replay_journal(db: &Database, path: &Path) -> Result<u64, CacheError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn format_of(root: &Path) -> Option<u64> {
+        let db = Database::open(root.join("index.redb")).expect("open");
+        let tx = db.begin_read().expect("begin");
+        let t = tx.open_table(CACHE_META).expect("table");
+        t.get("format").expect("get").map(|v| v.value())
+    }
+
+    #[test]
+    fn a_cache_of_a_newer_format_is_refused_untouched_and_an_old_one_stamped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let newer = CACHE_FORMAT + 1;
+        {
+            let db = Database::create(dir.path().join("index.redb")).expect("create");
+            let tx = db.begin_write().expect("begin");
+            tx.open_table(CACHE_META)
+                .expect("table")
+                .insert("format", newer)
+                .expect("insert");
+            tx.commit().expect("commit");
+        }
+        std::fs::create_dir(dir.path().join("tmp")).expect("mkdir");
+        std::fs::write(dir.path().join("tmp/x"), b"x").expect("write");
+        let err = CacheDir::open(dir.path())
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            err.contains("index.redb")
+                && err.contains(&format!("format {newer}"))
+                && err.contains(&format!("up to {CACHE_FORMAT}")),
+            "{err}"
+        );
+        assert_eq!(format_of(dir.path()), Some(newer), "untouched");
+        assert!(dir.path().join("tmp/x").exists(), "nothing cleaned up");
+
+        // A cache of the release before format records: its entries table only.
+        let old = tempfile::tempdir().expect("tempdir");
+        {
+            let db = Database::create(old.path().join("index.redb")).expect("create");
+            let tx = db.begin_write().expect("begin");
+            tx.open_table(ENTRIES).expect("table");
+            tx.commit().expect("commit");
+        }
+        drop(CacheDir::open(old.path()).expect("opens"));
+        assert_eq!(format_of(old.path()), Some(CACHE_FORMAT));
+        drop(CacheDir::open(old.path()).expect("opens again"));
+        assert_eq!(format_of(old.path()), Some(CACHE_FORMAT));
+    }
 
     #[test]
     fn usage_and_the_use_order_are_kept_without_listing_the_copies() {

@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -10,11 +9,10 @@ use clap::{Args, Parser, Subcommand};
 use common::api::ServiceKind;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{AuthConfig, AuthService};
+use crate::auth::AuthConfig;
 use crate::cluster::{self, ClusterConfig, DEFAULT_DIRECTORY_ADDR, DEFAULT_MAX_FILE_BYTES};
-use crate::directory::{DirectoryConfig, DirectoryService};
-use crate::http::{Verifier, finish};
-use crate::lock::{LockConfig, LockService};
+use crate::directory::DirectoryConfig;
+use crate::lock::LockConfig;
 use crate::peer::Peer;
 use crate::tls::{ClientTls, ServerTls};
 
@@ -44,6 +42,54 @@ pub enum Command {
     Auth(ServiceArgs),
     /// One file server (stores file contents, replicates writes).
     File(FileArgs),
+    /// The directory's metadata: export it to a file, import it into etcd (moving a redb
+    /// cluster onto etcd: stop it, export, import, start it with --meta etcd://...).
+    #[command(subcommand)]
+    Meta(MetaCommand),
+}
+
+/// `meta`.
+#[derive(Debug, Subcommand)]
+pub enum MetaCommand {
+    /// Writes every table of a stopped directory's store, and the fence base its lock
+    /// service's tokens reached, to a file (JSON lines).
+    Export(ExportArgs),
+    /// Reads an export into an empty etcd prefix (or finishes an unfinished import of it).
+    Import(ImportArgs),
+}
+
+/// `meta export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The directory's data directory (holding directory.redb; `all`: DATA/directory).
+    #[arg(long, value_name = "DIR", required_if_eq("meta", "redb"))]
+    pub data: Option<PathBuf>,
+    /// The store to export: `redb` (in --data) or `etcd://HOST:PORT[,...][/PREFIX]`.
+    #[arg(long, default_value = "redb", value_name = "STORE")]
+    pub meta: crate::meta::MetaConfig,
+    /// The lock service's data directory (holding lock.redb; `all`: DATA/lock), stopped:
+    /// fencing tokens on etcd continue above the highest one it issued. Required with a redb
+    /// store.
+    #[arg(long, value_name = "DIR")]
+    pub lock_data: Option<PathBuf>,
+    /// The file to write (made whole or not at all: written aside, fsynced, renamed).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+/// `meta import`.
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The etcd prefix to fill: `etcd://HOST:PORT[,...][/PREFIX]`.
+    #[arg(long, value_name = "STORE")]
+    pub meta: crate::meta::MetaConfig,
+    /// The file `meta export` wrote.
+    #[arg(long = "in", value_name = "FILE")]
+    pub input: PathBuf,
+    /// Delete whatever the prefix holds first (else a non-empty prefix is refused, unless it
+    /// holds an unfinished import of the same cluster, which is finished).
+    #[arg(long)]
+    pub replace: bool,
 }
 
 /// Flags shared by every service.
@@ -273,6 +319,9 @@ pub struct FileArgs {
 
 /// Runs the command on a fresh tokio runtime until Ctrl-C or SIGTERM.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Meta(m) = cli.command {
+        return run_meta(m);
+    }
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     rt.block_on(async move {
         let cancel = CancellationToken::new();
@@ -313,50 +362,29 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     heartbeat: Duration::from_millis(a.heartbeat_ms),
                     missed_beats: a.missed_beats,
                 };
-                let svc = Arc::new(
-                    DirectoryService::open_meta(&a.common.data, &a.meta, cfg)
-                        .context("opening the directory")?
-                        .with_capability_key(&key)
-                        .https_only(tls.is_some()),
-                );
+                let svc =
+                    cluster::open_directory(&a.common.data, &a.meta, cfg, &key, tls.is_some())?;
                 let (l, url) = cluster::bind(a.listen, tls.as_ref()).await?;
-                // The auth service's URL comes from this directory's own registry: its bound
-                // URL may be 0.0.0.0 or an address its certificate does not name. A TLS
-                // directory never fetches the key that signs tokens in clear: a plain-HTTP URL
-                // left in its registry from before TLS counts as no auth service at all.
-                let registry = svc.clone();
-                let https_only = tls.is_some();
-                let verifier =
-                    Arc::new(Verifier::new(&key, None, None, &client_tls)?.with_auth_url(
-                        Box::new(move || {
-                            registry
-                                .registry
-                                .services()
-                                .1
-                                .filter(|u| !https_only || u.starts_with("https://"))
-                        }),
-                    ));
+                let verifier = cluster::verifier(
+                    &key,
+                    cluster::AuthKey::ViaRegistry(svc.clone()),
+                    &client_tls,
+                )?;
                 println!("dfs directory listening on {url}");
                 let repair = crate::directory::repair::RepairConfig {
                     interval: Duration::from_millis(a.repair_interval_ms),
                     ..Default::default()
                 };
-                vec![
-                    cluster::start_repair(svc.clone(), &key, repair, &client_tls, cancel.clone())?,
-                    cluster::serve(
-                        l,
-                        finish(
-                            crate::directory::routes::router_with_feed(
-                                svc.clone(),
-                                crate::directory::feed::Feed::until(cancel.clone()),
-                            ),
-                            verifier,
-                            cluster::directory_metrics(&svc),
-                            Duration::from_secs(a.common.body_idle_secs),
-                        ),
-                        cancel.clone(),
-                    ),
-                ]
+                cluster::start_directory(
+                    &svc,
+                    l,
+                    verifier,
+                    &key,
+                    repair,
+                    &client_tls,
+                    Duration::from_secs(a.common.body_idle_secs),
+                    cancel.clone(),
+                )?
             }
             Command::Lock(a) => {
                 let key = a.common.prepare()?;
@@ -365,29 +393,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     lease: Duration::from_millis(a.lease_ms),
                     ..LockConfig::default()
                 };
-                let svc = Arc::new(
-                    LockService::build(&a.meta, &a.common.data, cfg, &key)
-                        .await
-                        .context("opening the lock service")?,
-                );
+                let svc = cluster::open_lock(&a.meta, &a.common.data, cfg, &key).await?;
                 let (l, url) = cluster::bind(a.listen, tls.as_ref()).await?;
                 let url = a.advertise.unwrap_or(url);
-                let verifier = Arc::new(Verifier::new(
+                let verifier = cluster::verifier(
                     &key,
-                    None,
-                    Some(a.directory.clone()),
+                    cluster::AuthKey::ViaDirectory(a.directory.clone()),
                     &client_tls,
-                )?);
+                )?;
                 println!("dfs lock service listening on {url}");
                 vec![
-                    cluster::serve(
+                    cluster::start_lock(
+                        svc,
                         l,
-                        finish(
-                            crate::lock::routes::router(svc),
-                            verifier,
-                            Arc::new(crate::metrics::Metrics::new()),
-                            Duration::from_secs(a.common.body_idle_secs),
-                        ),
+                        verifier,
+                        Duration::from_secs(a.common.body_idle_secs),
                         cancel.clone(),
                     ),
                     cluster::register_service_loop(
@@ -408,30 +428,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     ..AuthConfig::default()
                 };
                 a.limits.apply(&mut cfg);
-                let svc = Arc::new(
-                    AuthService::open(&a.common.data, cfg).context("opening the auth service")?,
-                );
+                let svc = cluster::open_auth(&a.common.data, cfg).await?;
                 let (l, url) = cluster::bind(a.listen, tls.as_ref()).await?;
                 let url = a.advertise.unwrap_or(url);
-                let verifier = Arc::new(Verifier::new(
+                let verifier = cluster::verifier(
                     &key,
-                    Some(svc.public_key().clone()),
-                    None,
+                    cluster::AuthKey::Known(svc.public_key().clone()),
                     &client_tls,
-                )?);
+                )?;
                 println!(
                     "dfs auth service listening on {url}; key fingerprint {}",
                     svc.fingerprint()?
                 );
                 vec![
-                    cluster::serve(
+                    cluster::start_auth(
+                        svc,
                         l,
-                        finish(
-                            crate::auth::routes::router(svc),
-                            verifier,
-                            Arc::new(crate::metrics::Metrics::new()),
-                            Duration::from_secs(a.common.body_idle_secs),
-                        ),
+                        verifier,
+                        Duration::from_secs(a.common.body_idle_secs),
                         cancel.clone(),
                     ),
                     cluster::register_service_loop(
@@ -443,17 +457,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     ),
                 ]
             }
+            Command::Meta(m) => return run_meta(m),
             Command::File(a) => {
                 let key = a.common.prepare()?;
                 let (tls, client_tls) = a.common.tls.load()?;
                 let (l, url) = cluster::bind(a.listen, tls.as_ref()).await?;
                 let url = a.advertise.unwrap_or(url);
-                let verifier = Arc::new(Verifier::new(
+                let verifier = cluster::verifier(
                     &key,
-                    None,
-                    Some(a.directory.clone()),
+                    cluster::AuthKey::ViaDirectory(a.directory.clone()),
                     &client_tls,
-                )?);
+                )?;
                 println!("dfs file server listening on {url}");
                 let opts = cluster::FileServerOptions {
                     data: a.common.data.clone(),
@@ -479,6 +493,108 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// `meta export` and `meta import`.
+fn run_meta(cmd: MetaCommand) -> anyhow::Result<()> {
+    use crate::meta::{MetaConfig, MetaStore, migrate};
+    use std::io::Write;
+    match cmd {
+        MetaCommand::Export(a) => {
+            let store = match &a.meta {
+                MetaConfig::Redb => {
+                    let data = a
+                        .data
+                        .as_ref()
+                        .context("--data is required with a redb store")?;
+                    let path = data.join("directory.redb");
+                    anyhow::ensure!(
+                        path.exists(),
+                        "{} does not exist: --data names the directory's data directory",
+                        path.display()
+                    );
+                    MetaStore::Redb(crate::meta::redb::RedbStore::open(&path).with_context(
+                        || format!("opening {} (is the directory stopped?)", path.display()),
+                    )?)
+                }
+                MetaConfig::Etcd(c) => MetaStore::Etcd(
+                    crate::meta::etcd::EtcdStore::connect(c).context("connecting to etcd")?,
+                ),
+            };
+            let high_water = match &a.lock_data {
+                Some(dir) => {
+                    let path = dir.join("lock.redb");
+                    anyhow::ensure!(
+                        path.exists(),
+                        "{} does not exist: --lock-data names the lock service's data directory",
+                        path.display()
+                    );
+                    crate::lock::local::fence_high_water(dir).with_context(|| {
+                        format!("reading {} (is the lock service stopped?)", path.display())
+                    })?
+                }
+                None => {
+                    anyhow::ensure!(
+                        !matches!(a.meta, MetaConfig::Redb),
+                        "--lock-data is required with a redb store: fencing tokens on etcd must                          continue above every token its lock service issued"
+                    );
+                    0
+                }
+            };
+            let tmp = a.out.with_extension("partial");
+            let file = std::fs::File::create(&tmp)
+                .with_context(|| format!("creating {}", tmp.display()))?;
+            let mut w = std::io::BufWriter::new(file);
+            let summary = migrate::export(&store, high_water, &mut w)
+                .with_context(|| format!("exporting {}", store.describe()))?;
+            w.flush()?;
+            let file = w.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()
+                .with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &a.out)
+                .with_context(|| format!("renaming to {}", a.out.display()))?;
+            if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                crate::store::sync_dir(dir)?;
+            }
+            println!(
+                "exported cluster {} (store format {}): {} rows, fence base {}, to {}",
+                summary.header.cluster_id,
+                summary.header.store_format,
+                summary.rows,
+                summary.header.fence_base,
+                a.out.display()
+            );
+        }
+        MetaCommand::Import(a) => {
+            let MetaConfig::Etcd(c) = &a.meta else {
+                anyhow::bail!(
+                    "meta import writes into etcd: --meta etcd://HOST:PORT[,...][/PREFIX]"
+                );
+            };
+            let store = MetaStore::Etcd(
+                crate::meta::etcd::EtcdStore::connect(c).context("connecting to etcd")?,
+            );
+            let file = std::fs::File::open(&a.input)
+                .with_context(|| format!("opening {}", a.input.display()))?;
+            let mut r = std::io::BufReader::new(file);
+            let summary = migrate::import(&store, &mut r, a.replace).with_context(|| {
+                format!("importing {} into {}", a.input.display(), store.describe())
+            })?;
+            println!(
+                "imported cluster {} (store format {}): {} rows, fence base {}{}",
+                summary.header.cluster_id,
+                summary.header.store_format,
+                summary.rows,
+                summary.header.fence_base,
+                if summary.resumed {
+                    " (finished an unfinished import)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Resolves on Ctrl-C, SIGTERM or SIGHUP (call again to wait for the next one).

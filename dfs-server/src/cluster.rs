@@ -376,6 +376,151 @@ pub fn start_file_server(
     Ok((fs, vec![beat, scrub, server]))
 }
 
+/// Where a service's verifier finds the auth service's public key, which checks user tokens:
+/// the one difference between the services `all` runs in one process and those run one per
+/// process.
+pub enum AuthKey {
+    /// Known: the auth service runs in this process (`all`, and the auth service itself).
+    Known(rsa::PublicKey),
+    /// Fetched from the auth service the directory at these URLs names (lock, file servers
+    /// in processes of their own).
+    ViaDirectory(String),
+    /// Fetched from the auth service this directory's own registry names (a directory in a
+    /// process of its own: its bound URL may be 0.0.0.0 or not named by its certificate; a
+    /// TLS directory takes only an https:// URL from it).
+    ViaRegistry(Arc<DirectoryService>),
+}
+
+/// The verifier of user tokens and the cluster key for a service.
+pub fn verifier(
+    cluster_key: &str,
+    auth: AuthKey,
+    client_tls: &ClientTls,
+) -> anyhow::Result<Arc<Verifier>> {
+    Ok(Arc::new(match auth {
+        AuthKey::Known(k) => Verifier::new(cluster_key, Some(k), None, client_tls)?,
+        AuthKey::ViaDirectory(urls) => Verifier::new(cluster_key, None, Some(urls), client_tls)?,
+        AuthKey::ViaRegistry(svc) => Verifier::new(cluster_key, None, None, client_tls)?
+            .with_auth_url(Box::new(move || {
+                crate::http::authed::usable_auth_url(svc.registry.services().1, svc.is_https_only())
+            })),
+    }))
+}
+
+/// Opens the directory on its metadata store, signing capabilities with the cluster key.
+pub fn open_directory(
+    data: &Path,
+    meta: &crate::meta::MetaConfig,
+    cfg: DirectoryConfig,
+    cluster_key: &str,
+    https_only: bool,
+) -> anyhow::Result<Arc<DirectoryService>> {
+    Ok(Arc::new(
+        DirectoryService::open_meta(data, meta, cfg)
+            .context("opening the directory service")?
+            .with_capability_key(cluster_key)
+            .https_only(https_only),
+    ))
+}
+
+/// Serves the directory on `listener`, with its repair loop and change feed (both end with
+/// `cancel`).
+#[allow(clippy::too_many_arguments)]
+pub fn start_directory(
+    svc: &Arc<DirectoryService>,
+    listener: DfsListener,
+    verifier: Arc<Verifier>,
+    cluster_key: &str,
+    repair: RepairConfig,
+    client_tls: &ClientTls,
+    body_idle: Duration,
+    cancel: CancellationToken,
+) -> anyhow::Result<Vec<JoinHandle<()>>> {
+    Ok(vec![
+        start_repair(svc.clone(), cluster_key, repair, client_tls, cancel.clone())?,
+        serve(
+            listener,
+            crate::http::finish(
+                crate::directory::routes::router_with_feed(
+                    svc.clone(),
+                    crate::directory::feed::Feed::until(cancel.clone()),
+                ),
+                verifier,
+                directory_metrics(svc),
+                body_idle,
+            ),
+            cancel,
+        ),
+    ])
+}
+
+/// Opens the lock service on the engine `meta` names (redb: its fence counter under `data`;
+/// etcd: the directory's prefix).
+pub async fn open_lock(
+    meta: &crate::meta::MetaConfig,
+    data: &Path,
+    cfg: LockConfig,
+    cluster_key: &str,
+) -> anyhow::Result<Arc<LockService>> {
+    Ok(Arc::new(
+        LockService::build(meta, data, cfg, cluster_key)
+            .await
+            .context("opening the lock service")?,
+    ))
+}
+
+/// Serves the lock service on `listener`.
+pub fn start_lock(
+    svc: Arc<LockService>,
+    listener: DfsListener,
+    verifier: Arc<Verifier>,
+    body_idle: Duration,
+    cancel: CancellationToken,
+) -> JoinHandle<()> {
+    serve(
+        listener,
+        crate::http::finish(
+            crate::lock::routes::router(svc),
+            verifier,
+            Arc::new(Metrics::new()),
+            body_idle,
+        ),
+        cancel,
+    )
+}
+
+/// Opens the auth service's store and key pair under `data` (off the runtime's workers: the
+/// first start makes an RSA key).
+pub async fn open_auth(data: &Path, cfg: AuthConfig) -> anyhow::Result<Arc<AuthService>> {
+    let data = data.to_path_buf();
+    Ok(Arc::new(
+        tokio::task::spawn_blocking(move || AuthService::open(&data, cfg))
+            .await
+            .context("auth start-up task")?
+            .context("opening the auth service")?,
+    ))
+}
+
+/// Serves the auth service on `listener`.
+pub fn start_auth(
+    svc: Arc<AuthService>,
+    listener: DfsListener,
+    verifier: Arc<Verifier>,
+    body_idle: Duration,
+    cancel: CancellationToken,
+) -> JoinHandle<()> {
+    serve(
+        listener,
+        crate::http::finish(
+            crate::auth::routes::router(svc),
+            verifier,
+            Arc::new(Metrics::new()),
+            body_idle,
+        ),
+        cancel,
+    )
+}
+
 /// Starts the directory's repair loop (failover, re-replication).
 pub fn start_repair(
     directory: Arc<DirectoryService>,
@@ -406,80 +551,50 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
     let tls = cfg.tls.as_ref();
     let mut tasks = Vec::new();
 
-    let auth_dir = cfg.data.join("auth");
-    let auth_cfg = cfg.auth.clone();
-    let auth = Arc::new(
-        tokio::task::spawn_blocking(move || AuthService::open(&auth_dir, auth_cfg))
-            .await
-            .context("auth start-up task")?
-            .context("opening the auth service")?,
-    );
-    let verifier = Arc::new(Verifier::new(
+    let auth = open_auth(&cfg.data.join("auth"), cfg.auth.clone()).await?;
+    // One verifier for every service of the process: the auth key is known here.
+    let verifier = verifier(
         &key,
-        Some(auth.public_key().clone()),
-        None,
+        AuthKey::Known(auth.public_key().clone()),
         &cfg.client_tls,
-    )?);
+    )?;
 
-    let directory = Arc::new(
-        DirectoryService::open_meta(
-            &cfg.data.join("directory"),
-            &cfg.meta,
-            cfg.directory.clone(),
-        )
-        .context("opening the directory service")?
-        .with_capability_key(&key)
-        .https_only(cfg.tls.is_some()),
-    );
+    let directory = open_directory(
+        &cfg.data.join("directory"),
+        &cfg.meta,
+        cfg.directory.clone(),
+        &key,
+        cfg.tls.is_some(),
+    )?;
     let (dl, directory_url) = bind(cfg.listen, tls).await.context("directory service")?;
-    tasks.push(start_repair(
-        directory.clone(),
+    tasks.extend(start_directory(
+        &directory,
+        dl,
+        verifier.clone(),
         &key,
         cfg.repair.clone(),
         &cfg.client_tls,
+        cfg.body_idle,
         cancel.clone(),
     )?);
-    tasks.push(serve(
-        dl,
-        crate::http::finish(
-            crate::directory::routes::router_with_feed(
-                directory.clone(),
-                crate::directory::feed::Feed::until(cancel.clone()),
-            ),
-            verifier.clone(),
-            directory_metrics(&directory),
-            cfg.body_idle,
-        ),
-        cancel.clone(),
-    ));
 
     let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
     let (al, auth_url) = bind(loopback, tls).await.context("auth service")?;
-    tasks.push(serve(
+    tasks.push(start_auth(
+        auth.clone(),
         al,
-        crate::http::finish(
-            crate::auth::routes::router(auth.clone()),
-            verifier.clone(),
-            Arc::new(Metrics::new()),
-            cfg.body_idle,
-        ),
+        verifier.clone(),
+        cfg.body_idle,
         cancel.clone(),
     ));
 
-    let lock = Arc::new(
-        LockService::build(&cfg.meta, &cfg.data.join("lock"), cfg.lock.clone(), &key)
-            .await
-            .context("opening the lock service")?,
-    );
+    let lock = open_lock(&cfg.meta, &cfg.data.join("lock"), cfg.lock.clone(), &key).await?;
     let (ll, lock_url) = bind(loopback, tls).await.context("lock service")?;
-    tasks.push(serve(
+    tasks.push(start_lock(
+        lock,
         ll,
-        crate::http::finish(
-            crate::lock::routes::router(lock),
-            verifier.clone(),
-            Arc::new(Metrics::new()),
-            cfg.body_idle,
-        ),
+        verifier.clone(),
+        cfg.body_idle,
         cancel.clone(),
     ));
 

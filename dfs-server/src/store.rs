@@ -123,6 +123,48 @@ pub fn now_ms() -> u64 {
 
 pub use common::meta::now_ns;
 
+/// The key of a redb store's format record (in the store's own `&str → u64` table).
+pub const FORMAT_KEY: &str = "format";
+
+/// Checks the format record of the redb store at `path` (row `FORMAT_KEY` of `table`, inside
+/// write transaction `tx`, before anything else of the store is touched) against `current`,
+/// the format this build writes. A newer one is refused, naming the file and both formats
+/// (the caller's transaction then aborts: the store stays as it was); an older one, or none
+/// (a store of a release before format records), is stamped `current` (logged; the caller
+/// upgrades the rest in the same transaction). Returns the format found (0: none).
+pub fn check_format(
+    tx: &redb::WriteTransaction,
+    table: redb::TableDefinition<&str, u64>,
+    path: &Path,
+    current: u64,
+) -> ServiceResult<u64> {
+    use redb::ReadableTable;
+    let mut t = tx.open_table(table)?;
+    let found = t.get(FORMAT_KEY)?.map(|v| v.value());
+    match found {
+        Some(f) if f > current => Err(newer_format(&path.display().to_string(), f, current)),
+        Some(f) if f == current => Ok(f),
+        _ => {
+            t.insert(FORMAT_KEY, current)?;
+            tracing::info!(
+                store = %path.display(),
+                from = found.unwrap_or(0),
+                to = current,
+                "store format upgraded"
+            );
+            Ok(found.unwrap_or(0))
+        }
+    }
+}
+
+/// The refusal of a store written by a newer dfs.
+pub fn newer_format(what: &str, found: u64, current: u64) -> ServiceError {
+    ServiceError::Internal(format!(
+        "{what} is format {found}, written by a newer dfs; this dfs-server knows formats up to \
+         {current} and does not downgrade a store: run the newer dfs-server"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use crate::error::ServiceError;
@@ -140,5 +182,140 @@ mod tests {
             }
             other => panic!("expected DataDirInUse, got {other:?}"),
         }
+    }
+}
+
+/// Every store's format record: a newer format is refused, untouched; a store of the release
+/// before format records (none) is accepted and stamped.
+#[cfg(test)]
+mod format_tests {
+    use std::path::Path;
+
+    use redb::{ReadableDatabase, TableDefinition};
+
+    /// Writes `rows` into table `table` of a new redb file at `path`.
+    fn make(path: &Path, table: &str, rows: &[(&str, u64)]) {
+        let db = redb::Database::create(path).expect("create");
+        let tx = db.begin_write().expect("begin");
+        {
+            let mut t = tx
+                .open_table(TableDefinition::<&str, u64>::new(table))
+                .expect("table");
+            for (k, v) in rows {
+                t.insert(*k, *v).expect("insert");
+            }
+        }
+        tx.commit().expect("commit");
+    }
+
+    fn read(path: &Path, table: &str, key: &str) -> Option<u64> {
+        let db = redb::Database::open(path).expect("open");
+        let tx = db.begin_read().expect("begin");
+        let t = tx
+            .open_table(TableDefinition::<&str, u64>::new(table))
+            .expect("table");
+        t.get(key).expect("get").map(|v| v.value())
+    }
+
+    fn assert_refused(err: impl std::fmt::Display, file: &str, found: u64, current: u64) {
+        let m = err.to_string();
+        assert!(
+            m.contains(file)
+                && m.contains(&format!("format {found}"))
+                && m.contains(&format!("up to {current}")),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn the_lock_store_refuses_a_newer_format_and_stamps_an_old_one() {
+        use crate::lock::local::{LOCK_FORMAT, fence_high_water};
+        use crate::lock::{LockConfig, LockService};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("lock.redb");
+        let newer = LOCK_FORMAT + 1;
+        make(
+            &path,
+            "lock_meta",
+            &[("format", newer), ("fence_reserved_upto", 7)],
+        );
+        let err = LockService::open(dir.path(), LockConfig::default(), "k")
+            .err()
+            .expect("refused");
+        assert_refused(err, "lock.redb", newer, LOCK_FORMAT);
+        assert!(
+            fence_high_water(dir.path()).is_err(),
+            "the export refuses it too"
+        );
+        assert_eq!(read(&path, "lock_meta", "format"), Some(newer), "untouched");
+        assert_eq!(read(&path, "lock_meta", "fence_reserved_upto"), Some(7));
+
+        let old = tempfile::tempdir().expect("tempdir");
+        let path = old.path().join("lock.redb");
+        make(&path, "lock_meta", &[("fence_reserved_upto", 5000)]);
+        drop(LockService::open(old.path(), LockConfig::default(), "k").expect("opens"));
+        assert_eq!(read(&path, "lock_meta", "format"), Some(LOCK_FORMAT));
+        assert_eq!(fence_high_water(old.path()).expect("read"), 5000, "kept");
+        // Idempotent: opened again as it is.
+        drop(LockService::open(old.path(), LockConfig::default(), "k").expect("opens"));
+        assert_eq!(read(&path, "lock_meta", "format"), Some(LOCK_FORMAT));
+    }
+
+    #[test]
+    fn the_auth_store_refuses_a_newer_format_and_stamps_an_old_one() {
+        use crate::auth::{AUTH_FORMAT, AuthConfig, AuthService};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("auth.redb");
+        let newer = AUTH_FORMAT + 1;
+        make(&path, "auth_meta", &[("format", newer)]);
+        let err = AuthService::open(dir.path(), AuthConfig::default())
+            .err()
+            .expect("refused");
+        assert_refused(err, "auth.redb", newer, AUTH_FORMAT);
+        assert_eq!(read(&path, "auth_meta", "format"), Some(newer), "untouched");
+
+        let old = tempfile::tempdir().expect("tempdir");
+        let path = old.path().join("auth.redb");
+        make(&path, "nonces", &[("n1", 1)]);
+        drop(AuthService::open(old.path(), AuthConfig::default()).expect("opens"));
+        assert_eq!(read(&path, "auth_meta", "format"), Some(AUTH_FORMAT));
+        assert_eq!(read(&path, "nonces", "n1"), Some(1), "its records kept");
+    }
+
+    #[test]
+    fn the_file_store_refuses_a_newer_format_untouched_and_stamps_an_old_one() {
+        use crate::file::{FILE_FORMAT, FileStore};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("file.redb");
+        let newer = FILE_FORMAT + 1;
+        make(&path, "file_meta", &[("format", newer)]);
+        std::fs::create_dir(dir.path().join("tmp")).expect("mkdir");
+        let err = FileStore::open(dir.path(), 1 << 20).err().expect("refused");
+        assert_refused(err, "file.redb", newer, FILE_FORMAT);
+        assert_eq!(read(&path, "file_meta", "format"), Some(newer));
+        assert!(
+            dir.path().join("tmp").exists() && !dir.path().join("objects").exists(),
+            "nothing in the data directory was cleaned up or made"
+        );
+
+        let old = tempfile::tempdir().expect("tempdir");
+        let path = old.path().join("file.redb");
+        {
+            let db = redb::Database::create(&path).expect("create");
+            let tx = db.begin_write().expect("begin");
+            tx.open_table(TableDefinition::<u64, u64>::new("fences"))
+                .expect("table")
+                .insert(7, 42)
+                .expect("insert");
+            tx.commit().expect("commit");
+        }
+        let store = FileStore::open(old.path(), 1 << 20).expect("opens");
+        let stale = store.check_fence(common::NodeId(7), common::FenceToken(41));
+        assert!(stale.is_err(), "the fence mark was kept");
+        store
+            .check_fence(common::NodeId(7), common::FenceToken(42))
+            .expect("the mark itself passes");
+        drop(store);
+        assert_eq!(read(&path, "file_meta", "format"), Some(FILE_FORMAT));
     }
 }

@@ -11,6 +11,7 @@ mod groups;
 mod large;
 mod local_ids;
 mod locks_etcd;
+mod migrate;
 mod permissions;
 mod posix;
 mod power_loss;

@@ -670,8 +670,9 @@ pub struct SplitCluster {
     tls: Option<dfs_server::tls::ClientTls>,
     /// Small disks (tmpfs) mounted for data dirs, unmounted on drop.
     small_disks: Vec<PathBuf>,
-    /// `--meta` for the directory and every lock instance (etcd), if any.
-    meta: Option<String>,
+    /// `--meta` for the directory and every lock instance (etcd), if any, from their next
+    /// start on.
+    pub meta: Option<String>,
 }
 
 impl SplitCluster {

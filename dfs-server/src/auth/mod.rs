@@ -33,6 +33,10 @@ const NONCES: TableDefinition<&str, u64> = TableDefinition::new("nonces");
 const REFRESH: TableDefinition<&str, &[u8]> = TableDefinition::new("refresh_tokens");
 /// Named groups: name → `GroupRecord`.
 const GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("groups");
+/// The store's format record (`crate::store::check_format`).
+const AUTH_META: TableDefinition<&str, u64> = TableDefinition::new("auth_meta");
+/// The auth store's format: 1, the first with a format record.
+pub const AUTH_FORMAT: u64 = 1;
 
 /// Most named groups a user may be a member of (with at most 64 explicit ones, a token's
 /// groups stay well under `common::perm::MAX_GROUPS`).
@@ -223,8 +227,10 @@ impl AuthService {
         // each make a key, and clients would be told two different ones.
         let lock = crate::store::lock_dir(data_dir, "auth service")?;
         let key = keys::load_or_create(&data_dir.join("auth_key.pem"))?;
-        let db = GroupCommit::open(&data_dir.join("auth.redb"))?;
+        let path = data_dir.join("auth.redb");
+        let db = GroupCommit::open(&path)?;
         db.write(|tx| {
+            crate::store::check_format(tx, AUTH_META, &path, AUTH_FORMAT)?;
             tx.open_table(USERS)?;
             tx.open_table(NONCES)?;
             tx.open_table(REFRESH)?;

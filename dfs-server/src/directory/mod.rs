@@ -38,12 +38,33 @@ const CHILDREN: Table<(u64, String), u64> = Table::new("children");
 /// The reverse of `children`: `(node, parent, name)` for every entry, kept in the same
 /// transactions, so that a node's names are a range read (hard links).
 const NAMES: Table<(u64, u64, String), ()> = Table::new("names");
-const META: Table<String, u64> = Table::new("dir_meta");
+pub(crate) const META: Table<String, u64> = Table::new("dir_meta");
 const NEXT_ID: &str = "next_node_id";
-const CLUSTER_ID: &str = "cluster_id";
+pub(crate) const CLUSTER_ID: &str = "cluster_id";
+/// Set (to the cluster id) in `dir_meta` while `meta import` fills a store, removed by its
+/// last transaction: a directory refuses to open a store an import has not finished.
+pub(crate) const IMPORTING: &str = "import_incomplete";
+
+/// Every table of the directory's store, in one place: `meta export` and `meta import` copy
+/// each of them, whatever its types. A new table is one more line here.
+pub const TABLES: &[&dyn crate::meta::AnyTable] = &[
+    &NODES,
+    &CHILDREN,
+    &NAMES,
+    &META,
+    &registry::SERVERS,
+    &registry::SERVICES,
+    &requests::REQUESTS,
+    &requests::REQUEST_EXPIRY,
+    &replicas::HOLDINGS,
+    &replicas::QUEUE,
+    &replicas::QUEUE_DUE,
+    &replicas::PLACED,
+    &replicas::SEEN,
+];
 /// The store's format: 2 counts links (`nlink`) and stores access times; 3 indexes every
 /// node's names (`names`).
-const FORMAT: &str = "format";
+pub(crate) const FORMAT: &str = "format";
 const FORMAT_LINKS: u64 = 2;
 const FORMAT_NAMES: u64 = 3;
 /// Versions committed per etcd transaction by `commit_batch`.
@@ -522,6 +543,13 @@ impl DirectoryService {
                     replicas::FORMAT
                 )));
             }
+            if let Some(id) = meta_get(tx, IMPORTING)? {
+                return Err(ServiceError::Internal(format!(
+                    "{} holds an unfinished import of cluster {id:016x}: run `dfs-server meta \
+                     import` with the same file again to finish it",
+                    store.describe()
+                )));
+            }
             let fresh = meta_get(tx, NEXT_ID)?.is_none();
             if fresh {
                 let now = now_ns();
@@ -647,6 +675,11 @@ impl DirectoryService {
     pub fn https_only(mut self, on: bool) -> Self {
         self.https_only = on;
         self
+    }
+
+    /// Whether this directory serves TLS (`https_only`).
+    pub fn is_https_only(&self) -> bool {
+        self.https_only
     }
 
     fn check_scheme(&self, what: &str, url: &str) -> ServiceResult<()> {

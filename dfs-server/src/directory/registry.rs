@@ -14,8 +14,8 @@ use crate::error::{ServiceError, ServiceResult};
 use crate::meta::{Table, Txn};
 use crate::store::{decode, encode};
 
-const SERVERS: Table<u64, Vec<u8>> = Table::new("servers");
-const SERVICES: Table<String, String> = Table::new("services");
+pub(crate) const SERVERS: Table<u64, Vec<u8>> = Table::new("servers");
+pub(crate) const SERVICES: Table<String, String> = Table::new("services");
 
 /// What the directory keeps of a file server.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -36,11 +36,11 @@ use crate::store::decode;
 /// The store format that has the queue, the holdings index and the counters.
 pub const FORMAT: u64 = 4;
 
-const HOLDINGS: Table<(u64, u64), ()> = Table::new("holdings");
-const QUEUE: Table<u64, u64> = Table::new("repair_queue");
-const QUEUE_DUE: Table<(u64, u64), ()> = Table::new("repair_due");
-const PLACED: Table<(u64, u64), (u64, u64)> = Table::new("placed");
-const SEEN: Table<u64, bool> = Table::new("server_seen");
+pub(crate) const HOLDINGS: Table<(u64, u64), ()> = Table::new("holdings");
+pub(crate) const QUEUE: Table<u64, u64> = Table::new("repair_queue");
+pub(crate) const QUEUE_DUE: Table<(u64, u64), ()> = Table::new("repair_due");
+pub(crate) const PLACED: Table<(u64, u64), (u64, u64)> = Table::new("placed");
+pub(crate) const SEEN: Table<u64, bool> = Table::new("server_seen");
 /// The replication factor the queue is kept for (`dir_meta`).
 const REPLICATION: &str = "replication";
 /// The next node the format-4 upgrade builds from, while it is under way (`dir_meta`).

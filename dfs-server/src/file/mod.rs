@@ -39,6 +39,12 @@ pub const PACKS: &str = "packs";
 pub const QUARANTINE: &str = "quarantine";
 
 const FENCES: TableDefinition<u64, u64> = TableDefinition::new("fences");
+/// The data directory's format record (`crate::store::check_format`), in `file.redb`: it
+/// covers the whole layout (objects shards, packs, the fences table).
+const FILE_META: TableDefinition<&str, u64> = TableDefinition::new("file_meta");
+/// The file server's data directory format: 1, the first with a format record (packs and
+/// sharded large blobs).
+pub const FILE_FORMAT: u64 = 1;
 
 /// Counters exposed at `GET /v1/stats`.
 #[derive(Default)]
@@ -87,6 +93,16 @@ impl FileStore {
     /// of the older layout into the current one.
     pub fn open(data_dir: &Path, max_blob_bytes: u64) -> ServiceResult<Self> {
         let root = data_dir.to_path_buf();
+        // The format first: a data directory of a newer dfs is refused before anything in it
+        // is cleaned up, moved or cut.
+        std::fs::create_dir_all(&root)?;
+        let db_path = root.join("file.redb");
+        let db = GroupCommit::open(&db_path)?;
+        db.write(|tx| {
+            crate::store::check_format(tx, FILE_META, &db_path, FILE_FORMAT)?;
+            tx.open_table(FENCES)?;
+            Ok(())
+        })?;
         let objects = root.join("objects");
         std::fs::create_dir_all(&objects)?;
         for shard in 0..SHARDS {
@@ -104,11 +120,6 @@ impl FileStore {
         if old_tmp.exists() {
             std::fs::remove_dir_all(&old_tmp)?;
         }
-        let db = GroupCommit::open(&root.join("file.redb"))?;
-        db.write(|tx| {
-            tx.open_table(FENCES)?;
-            Ok(())
-        })?;
         let packs = std::sync::Arc::new(pack::Packs::open(&root.join(PACKS))?);
         let store = FileStore {
             root,

@@ -25,6 +25,8 @@ const FILE: &str = "lock.redb";
 const META: TableDefinition<&str, u64> = TableDefinition::new("lock_meta");
 const RESERVED_KEY: &str = "fence_reserved_upto";
 const RESERVE_BLOCK: u64 = 1024;
+/// The lock store's format (`lock_meta` `format`): 1, the first with a format record.
+pub const LOCK_FORMAT: u64 = 1;
 
 /// The greatest fencing token the redb engine under `data_dir` may have issued (its reserved
 /// high-water mark; 0 for a service that never granted a lock). What a migration to etcd
@@ -36,6 +38,7 @@ pub fn fence_high_water(data_dir: &Path) -> ServiceResult<u64> {
     }
     let db = GroupCommit::open(&path)?;
     db.write(|tx| {
+        crate::store::check_format(tx, META, &path, LOCK_FORMAT)?;
         Ok(tx
             .open_table(META)?
             .get(RESERVED_KEY)?
@@ -132,8 +135,10 @@ impl LocalLocks {
         fence_key: &str,
     ) -> ServiceResult<Self> {
         std::fs::create_dir_all(data_dir)?;
-        let db = GroupCommit::open(&data_dir.join(FILE))?;
+        let path = data_dir.join(FILE);
+        let db = GroupCommit::open(&path)?;
         let reserved = db.write(|tx| {
+            crate::store::check_format(tx, META, &path, LOCK_FORMAT)?;
             Ok(tx
                 .open_table(META)?
                 .get(RESERVED_KEY)?

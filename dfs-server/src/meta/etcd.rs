@@ -47,6 +47,12 @@ const RESEND_PAUSE: Duration = Duration::from_millis(20);
 const GETS_PER_TXN: usize = 64;
 /// Keys fetched per range request.
 const PAGE: usize = 512;
+/// The key (under `<prefix>/`) of the prefix's format record: a decimal u64. It is no
+/// table's row (those are `<prefix>/<table>/<key>`).
+pub const FORMAT_KEY: &str = "format";
+/// The layout of a prefix: 1, rows at `<prefix>/<table>/<key>` with order-preserving keys and
+/// redb's value bytes (the directory's own format is `dir_meta` `format`, inside it).
+pub const ETCD_FORMAT: u64 = 1;
 
 /// `--meta etcd://host:port[,host:port...][/prefix]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -257,15 +263,121 @@ impl EtcdStore {
             writes: AtomicU64::new(0),
             conflicts: AtomicU64::new(0),
         };
-        // A first linearizable read: a cluster without quorum fails the start, not a request.
-        let s = &store.shared;
-        blocking(|| {
-            s.call("a first read", |mut kv| {
-                let key = s.prefix.clone();
-                async move { kv.get(key, Some(GetOptions::new().with_count_only())).await }
+        // A first linearizable read (a cluster without quorum fails the start, not a
+        // request): the prefix's format record.
+        store.check_format()?;
+        Ok(store)
+    }
+
+    /// Refuses a prefix of a newer format (naming it and both formats, touching nothing);
+    /// stamps one without a record (or an older one) with `ETCD_FORMAT`.
+    fn check_format(&self) -> ServiceResult<()> {
+        let s = &self.shared;
+        let mut key = s.prefix.clone();
+        key.extend_from_slice(FORMAT_KEY.as_bytes());
+        let what = format!(
+            "the etcd prefix {:?} at {} (key {:?})",
+            String::from_utf8_lossy(&s.prefix),
+            s.endpoints,
+            String::from_utf8_lossy(&key)
+        );
+        let resp = blocking(|| {
+            s.call("reading the format", |mut kv| {
+                let key = key.clone();
+                async move { kv.get(key, None).await }
             })
         })?;
-        Ok(store)
+        let (found, rev) = match resp.kvs().first() {
+            None => (None, 0),
+            Some(kv) => {
+                let f = std::str::from_utf8(kv.value())
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .ok_or_else(|| corrupt("format", &key))?;
+                (Some(f), kv.mod_revision())
+            }
+        };
+        match found {
+            Some(f) if f > ETCD_FORMAT => {
+                return Err(crate::store::newer_format(&what, f, ETCD_FORMAT));
+            }
+            Some(f) if f == ETCD_FORMAT => return Ok(()),
+            _ => {}
+        }
+        let txn = etcd_client::Txn::new()
+            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
+            .and_then([TxnOp::put(key.clone(), ETCD_FORMAT.to_string(), None)]);
+        let done = blocking(|| {
+            s.call("writing the format", |mut kv| {
+                let txn = txn.clone();
+                async move { kv.txn(txn).await }
+            })
+        })?;
+        if !done.succeeded() {
+            // Someone else stamped it meanwhile: read it again (a newer one is refused).
+            return self.check_format();
+        }
+        tracing::info!(store = %what, from = found.unwrap_or(0), to = ETCD_FORMAT, "store format upgraded");
+        Ok(())
+    }
+
+    /// The end of this store's key space: the first key after every `<prefix>/...`.
+    fn prefix_end(&self) -> Vec<u8> {
+        let mut end = self.shared.prefix.clone();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        end
+    }
+
+    /// How many keys the prefix holds besides its format record, and etcd's current
+    /// revision (linearizable).
+    pub fn key_count(&self) -> ServiceResult<(u64, i64)> {
+        let s = &self.shared;
+        let mut format = s.prefix.clone();
+        format.extend_from_slice(FORMAT_KEY.as_bytes());
+        let mut after_format = format.clone();
+        after_format.push(0);
+        let spans = [
+            (s.prefix.clone(), format),
+            (after_format, self.prefix_end()),
+        ];
+        let mut count = 0u64;
+        let mut rev = 0;
+        for (start, end) in spans {
+            let resp = blocking(|| {
+                s.call("counting keys", |mut kv| {
+                    let (key, end) = (start.clone(), end.clone());
+                    async move {
+                        kv.get(
+                            key,
+                            Some(GetOptions::new().with_range(end).with_count_only()),
+                        )
+                        .await
+                    }
+                })
+            })?;
+            rev = resp.header().map_or(rev, |h| h.revision());
+            count += u64::try_from(resp.count()).unwrap_or(0);
+        }
+        Ok((count, rev))
+    }
+
+    /// Deletes every key of the prefix (`meta import --replace`), in one etcd request.
+    pub fn delete_all(&self) -> ServiceResult<()> {
+        let s = &self.shared;
+        let end = self.prefix_end();
+        blocking(|| {
+            s.call("deleting the prefix", |mut kv| {
+                let (key, end) = (s.prefix.clone(), end.clone());
+                async move {
+                    kv.delete(key, Some(etcd_client::DeleteOptions::new().with_range(end)))
+                        .await
+                }
+            })
+        })?;
+        // The format record went too: stamped again.
+        self.check_format()
     }
 
     pub(super) fn write<T: Send>(
@@ -1031,5 +1143,81 @@ mod tests {
         assert_eq!(got[1], Some(1));
         assert_eq!(got[99], Some(0), "the second run sees the other's value");
         assert_eq!((got[100], got[101]), (None, None));
+    }
+
+    #[test]
+    fn a_prefix_of_a_newer_format_is_refused_and_a_bare_one_stamped() {
+        let a = store();
+        let mut key = a.shared.prefix.clone();
+        key.extend_from_slice(FORMAT_KEY.as_bytes());
+        let get = |s: &EtcdStore| {
+            let k = key.clone();
+            let r = blocking(|| {
+                s.shared.call("get", |mut kv| {
+                    let k = k.clone();
+                    async move { kv.get(k, None).await }
+                })
+            })
+            .expect("get");
+            r.kvs().first().map(|kv| kv.value().to_vec())
+        };
+        assert_eq!(
+            get(&a),
+            Some(ETCD_FORMAT.to_string().into_bytes()),
+            "stamped"
+        );
+        assert_eq!(
+            a.key_count().expect("count").0,
+            0,
+            "the record is not content"
+        );
+        let newer = (ETCD_FORMAT + 1).to_string();
+        let k = key.clone();
+        blocking(|| {
+            a.shared.call("put", |mut kv| {
+                let (k, v) = (k.clone(), newer.clone());
+                async move { kv.put(k, v, None).await }
+            })
+        })
+        .expect("put");
+        let err = EtcdStore::connect(
+            &EtcdConfig::parse(
+                &crate::testing::shared_etcd()
+                    .expect("etcd")
+                    .meta_url(String::from_utf8_lossy(&a.shared.prefix).trim_end_matches('/')),
+            )
+            .expect("url"),
+        )
+        .err()
+        .expect("refused");
+        let m = err.to_string();
+        assert!(
+            m.contains("/format")
+                && m.contains(&format!("format {newer}"))
+                && m.contains(&format!("up to {ETCD_FORMAT}")),
+            "{m}"
+        );
+        assert_eq!(get(&a), Some(newer.into_bytes()), "untouched");
+    }
+
+    #[test]
+    fn the_fence_base_row_is_the_lock_engines_key_in_decimal() {
+        let a = store();
+        let (table, key) = crate::meta::FENCE_BASE;
+        a.write(|tx| tx.put(table, &key.to_owned(), &"123456".to_owned()))
+            .expect("write");
+        let mut raw = a.shared.prefix.clone();
+        raw.extend_from_slice(crate::meta::FENCE_BASE_KEY.as_bytes());
+        let got = blocking(|| {
+            a.shared.call("get", |mut kv| {
+                let k = raw.clone();
+                async move { kv.get(k, None).await }
+            })
+        })
+        .expect("get");
+        assert_eq!(
+            got.kvs().first().map(|kv| kv.value().to_vec()),
+            Some(b"123456".to_vec())
+        );
     }
 }

@@ -19,6 +19,7 @@
 //! linearizably).
 
 pub mod etcd;
+pub mod migrate;
 pub mod redb;
 
 use std::marker::PhantomData;
@@ -50,6 +51,78 @@ impl<K, V> Clone for Table<K, V> {
 }
 
 impl<K, V> Copy for Table<K, V> {}
+
+/// A table of any key and value types, row by row as bytes (the key in its
+/// order-preserving encoding, the value in redb's bytes): what `meta export` and `meta import`
+/// copy, whatever the table's types. Every `Table` is one.
+pub trait AnyTable: Sync {
+    /// The table's name.
+    fn name(&self) -> &'static str;
+    /// At most `limit` rows with keys after `after` (encoded; `None`: from the first), in key
+    /// order, as (encoded key, value bytes).
+    #[allow(clippy::type_complexity)]
+    fn page(
+        &self,
+        tx: &Txn,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> ServiceResult<Vec<(Vec<u8>, Vec<u8>)>>;
+    /// Writes one row given as `page` gives it; a key or value that is not one of this
+    /// table's is refused.
+    fn put_raw(&self, tx: &Txn, key: &[u8], value: &[u8]) -> ServiceResult<()>;
+}
+
+impl<K: MetaKey, V: MetaValue> AnyTable for Table<K, V> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn page(
+        &self,
+        tx: &Txn,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> ServiceResult<Vec<(Vec<u8>, Vec<u8>)>> {
+        let lo = match after {
+            Some(b) => Some(K::decode(b).ok_or_else(|| bad_row(self.name, "key"))?),
+            None => None,
+        };
+        // `lo` is inclusive: one more, and the row at `after` skipped.
+        let rows = tx.range(*self, lo.as_ref(), None, Some(limit.saturating_add(1)))?;
+        let mut out = Vec::with_capacity(limit);
+        for (k, v) in rows {
+            let mut key = Vec::new();
+            k.encode(&mut key);
+            if after.is_some_and(|a| a == key.as_slice()) {
+                continue;
+            }
+            if out.len() == limit {
+                break;
+            }
+            out.push((key, v.to_bytes()));
+        }
+        Ok(out)
+    }
+
+    fn put_raw(&self, tx: &Txn, key: &[u8], value: &[u8]) -> ServiceResult<()> {
+        let k = K::decode(key).ok_or_else(|| bad_row(self.name, "key"))?;
+        let v = V::from_bytes(value).ok_or_else(|| bad_row(self.name, "value"))?;
+        tx.put(*self, &k, &v)
+    }
+}
+
+fn bad_row(table: &str, what: &str) -> ServiceError {
+    ServiceError::BadRequest(format!("a {what} that is not one of table {table:?}"))
+}
+
+/// The lock service's fence base on an etcd prefix: the etcd key `<prefix>/locks/fence_base`
+/// (row `fence_base` of table `locks`, `FENCE_BASE`), a decimal u64. The etcd lock engine adds
+/// it to every fencing token it derives from etcd revisions; `meta import` sets it to the
+/// highest token the cluster's previous lock store could have issued, so tokens continue
+/// above every token a file server accepted before the move.
+pub const FENCE_BASE_KEY: &str = "locks/fence_base";
+/// `FENCE_BASE_KEY` as a row of the seam (its key and value bytes are exactly those).
+pub const FENCE_BASE: (Table<String, String>, &str) = (Table::new("locks"), "fence_base");
 
 /// A key type: its redb type (the redb table's key), and an encoding whose byte order is the
 /// key order (for etcd, which orders keys as bytes). A `String` is only ever a key's last part,
