@@ -341,10 +341,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     cluster::serve(
                         l,
                         finish(
-                            crate::directory::routes::router_with_feed(
-                                svc.clone(),
-                                crate::directory::feed::Feed::until(cancel.clone()),
-                            ),
+                            crate::directory::routes::router_until(svc.clone(), cancel.clone()),
                             verifier,
                             cluster::directory_metrics(&svc),
                             Duration::from_secs(a.common.body_idle_secs),

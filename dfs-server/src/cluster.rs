@@ -430,10 +430,7 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
     tasks.push(serve(
         dl,
         crate::http::finish(
-            crate::directory::routes::router_with_feed(
-                directory.clone(),
-                crate::directory::feed::Feed::until(cancel.clone()),
-            ),
+            crate::directory::routes::router_until(directory.clone(), cancel.clone()),
             verifier.clone(),
             directory_metrics(&directory),
             cfg.body_idle,

@@ -19,6 +19,8 @@ use std::time::Duration;
 use common::{ContentHash, FileKind, NodeId, NodeMeta, ServerId};
 use tokio_util::sync::CancellationToken;
 
+use crate::meta::as_leader;
+
 use super::DirectoryService;
 use crate::peer::Peer;
 
@@ -151,7 +153,7 @@ pub async fn pass(
     for meta in files {
         match plan(&meta, &live, svc.replication()) {
             Repair::None | Repair::Unavailable => {}
-            Repair::Promote(to) => match svc.promote(meta.id, &meta.hash, to) {
+            Repair::Promote(to) => match as_leader(|| svc.promote(meta.id, &meta.hash, to)) {
                 Ok(()) => {
                     promoted += 1;
                     tracing::warn!(node = %meta.id, old = ?meta.primary, new = %to, "primary failed over");
@@ -160,7 +162,7 @@ pub async fn pass(
             },
             // Empty content needs no bytes moved: record it at once.
             Repair::Copy { to, .. } if meta.hash.as_str() == ContentHash::EMPTY_HEX => {
-                if let Err(e) = svc.add_holder(meta.id, &meta.hash, to) {
+                if let Err(e) = as_leader(|| svc.add_holder(meta.id, &meta.hash, to)) {
                     tracing::warn!(node = %meta.id, error = %e, "recording a copy failed");
                 }
             }
@@ -185,7 +187,7 @@ pub async fn pass(
         let (svc, peer, inflight) = (svc.clone(), peer.clone(), inflight.clone());
         tokio::spawn(async move {
             if copy(&svc, &peer, &meta, from, to).await {
-                match svc.add_holder(meta.id, &meta.hash, to) {
+                match as_leader(|| svc.add_holder(meta.id, &meta.hash, to)) {
                     Ok(()) => tracing::info!(node = %meta.id, %from, %to, "re-replicated"),
                     Err(e) => {
                         tracing::warn!(node = %meta.id, error = %e, "recording a copy failed")
@@ -218,7 +220,7 @@ async fn copy(
         Err(e) => {
             if matches!(e, crate::error::ServiceError::NotFound(_)) {
                 // The source has lost its copy: it is no holder.
-                let _ = svc.drop_holder(meta.id, &meta.hash, from);
+                let _ = as_leader(|| svc.drop_holder(meta.id, &meta.hash, from));
             }
             tracing::warn!(node = %meta.id, %from, %to, error = %e, "re-replication copy failed");
             false
@@ -226,20 +228,29 @@ async fn copy(
     }
 }
 
-/// Runs passes every `cfg.interval` until `cancel`.
+/// Runs passes every `cfg.interval` until `cancel`, while this instance leads: several
+/// directory instances on one etcd prefix elect one (`DirectoryService::start_election`),
+/// and its writes are fenced by the leadership (`meta::as_leader`), so a deposed leader's
+/// late step is refused.
 pub async fn run(
     svc: Arc<DirectoryService>,
     peer: Peer,
     cfg: RepairConfig,
     cancel: CancellationToken,
 ) {
+    svc.start_election();
     let inflight = InFlight::default();
     loop {
         tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => {
+                svc.stop_election();
+                return;
+            }
             _ = tokio::time::sleep(cfg.interval) => {}
         }
-        pass(&svc, &peer, &cfg, &inflight).await;
+        if svc.is_leader() {
+            pass(&svc, &peer, &cfg, &inflight).await;
+        }
     }
 }
 

@@ -34,7 +34,9 @@ use std::time::Duration;
 
 use etcd_client::{Compare, CompareOp, GetOptions, KvClient, SortOrder, SortTarget, TxnOp};
 
-use super::{Inner, MetaKey, MetaValue, Table, Txn};
+use common::api::ChangeKind;
+
+use super::{Feed, Inner, MetaKey, MetaValue, Origin, Table, Txn};
 use crate::error::{ServiceError, ServiceResult};
 
 /// How long one etcd call may take.
@@ -105,9 +107,71 @@ impl EtcdConfig {
 struct Shared {
     handle: tokio::runtime::Handle,
     kv: KvClient,
+    /// The whole client (watches, leases).
+    client: etcd_client::Client,
     /// `<prefix>/`
     prefix: Vec<u8>,
     endpoints: String,
+    /// `<prefix>/_feed`: every transaction that changed the namespace puts its changes here
+    /// (one key, blind puts: no transaction compares it, so it adds no conflict); every
+    /// instance watches it.
+    feed_key: Vec<u8>,
+    /// `<prefix>/_leader`: this instance's id while it leads (the repair loop), under its lease.
+    leader_key: Vec<u8>,
+    /// This process's id in the election (random per start).
+    instance: String,
+    /// Whether this instance holds the leader key (as last renewed).
+    leader: std::sync::atomic::AtomicBool,
+    /// The feed epoch every instance on this prefix computes alike: the etcd cluster's id and
+    /// the prefix.
+    epoch: u64,
+}
+
+/// How long the repair leader's lease lasts: a leader that stops renewing it (killed,
+/// partitioned) is replaced within this plus `LEADER_LEASE / 3` (a follower's next try).
+pub const LEADER_LEASE: Duration = Duration::from_secs(6);
+/// Changes of the feed key replayed into a new instance's ring (so a client that fails over to
+/// it continues without a resync).
+const FEED_HISTORY: i64 = 65_536;
+
+/// What one transaction put in the feed key: its changes and the client they came from.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct FeedRecord {
+    /// `x-dfs-origin`, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    o: Option<String>,
+    /// The uid the origin acted as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    u: Option<u32>,
+    c: Vec<ChangeKind>,
+}
+
+fn feed_record(origin: Origin, changes: Vec<ChangeKind>) -> Vec<u8> {
+    let r = FeedRecord {
+        o: origin.map(|(o, _)| format!("{o:032x}")),
+        u: origin.map(|(_, u)| u),
+        c: changes,
+    };
+    serde_json::to_vec(&r).unwrap_or_default()
+}
+
+fn read_feed_record(b: &[u8]) -> Option<(Origin, Vec<ChangeKind>)> {
+    let r: FeedRecord = serde_json::from_slice(b).ok()?;
+    let origin = match (r.o, r.u) {
+        (Some(o), Some(u)) => Some((u128::from_str_radix(&o, 16).ok()?, u)),
+        _ => None,
+    };
+    Some((origin, r.c))
+}
+
+/// FNV-1a of the etcd cluster id and the prefix (never 0).
+fn feed_epoch(cluster_id: u64, prefix: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in cluster_id.to_be_bytes().iter().chain(prefix) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h | 1
 }
 
 /// A metadata store in etcd.
@@ -118,6 +182,8 @@ pub struct EtcdStore {
     commits: AtomicU64,
     writes: AtomicU64,
     conflicts: AtomicU64,
+    /// Stops the campaign for the leadership, once started.
+    election: std::sync::Mutex<Option<tokio_util::sync::CancellationToken>>,
 }
 
 impl Drop for EtcdStore {
@@ -245,32 +311,115 @@ impl EtcdStore {
         };
         let mut prefix = config.prefix.as_bytes().to_vec();
         prefix.push(b'/');
+        // A first linearizable read: a cluster without quorum fails the start, not a request.
+        // Its header names the etcd cluster, which the feed's epoch derives from.
+        let kv = client.kv_client();
+        let first = blocking(|| {
+            handle.block_on(async {
+                let mut kv = kv.clone();
+                let key = prefix.clone();
+                tokio::time::timeout(
+                    OP_TIMEOUT,
+                    kv.get(key, Some(GetOptions::new().with_count_only())),
+                )
+                .await
+            })
+        });
+        let cluster_id = match first {
+            Ok(Ok(r)) => r.header().map_or(0, |h| h.cluster_id()),
+            Ok(Err(e)) => {
+                return Err(ServiceError::Unavailable(format!(
+                    "etcd at {endpoints} failed a first read: {e}"
+                )));
+            }
+            Err(_) => {
+                return Err(ServiceError::Unavailable(format!(
+                    "etcd at {endpoints} did not answer a first read within {} s",
+                    OP_TIMEOUT.as_secs()
+                )));
+            }
+        };
+        let mut feed_key = prefix.clone();
+        feed_key.extend_from_slice(b"_feed");
+        let mut leader_key = prefix.clone();
+        leader_key.extend_from_slice(b"_leader");
         let store = EtcdStore {
             shared: Arc::new(Shared {
                 handle,
-                kv: client.kv_client(),
+                kv,
+                client,
+                epoch: feed_epoch(cluster_id, &prefix),
                 prefix,
                 endpoints,
+                feed_key,
+                leader_key,
+                instance: format!("{:032x}", rand::random::<u128>()),
+                leader: std::sync::atomic::AtomicBool::new(false),
             }),
             runtime: Some(runtime),
             commits: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             conflicts: AtomicU64::new(0),
+            election: std::sync::Mutex::new(None),
         };
-        // A first linearizable read: a cluster without quorum fails the start, not a request.
-        let s = &store.shared;
-        blocking(|| {
-            s.call("a first read", |mut kv| {
-                let key = s.prefix.clone();
-                async move { kv.get(key, Some(GetOptions::new().with_count_only())).await }
-            })
-        })?;
         Ok(store)
     }
 
+    /// The feed epoch of this prefix (the same on every instance).
+    pub(super) fn feed_epoch(&self) -> u64 {
+        self.shared.epoch
+    }
+
+    /// Feeds `feed` from a watch of the prefix's feed key until the feed is closed: each
+    /// transaction's changes under its revision. A new ring first replays up to
+    /// `FEED_HISTORY` revisions of history; a watch that breaks is restarted where it
+    /// stopped; one whose start etcd compacted away restarts at the compaction and moves
+    /// the ring's floor there (clients behind it resynchronise).
+    pub(super) fn attach_feed(&self, feed: Arc<Feed>) {
+        let shared = self.shared.clone();
+        self.shared.handle.spawn(watch_feed(shared, feed));
+    }
+
+    /// Starts campaigning for the repair leadership (once; `lease` is the leader key's TTL).
+    pub(super) fn start_election(&self, lease: Duration) {
+        let mut e = self.election.lock().unwrap_or_else(|p| p.into_inner());
+        if e.is_some() {
+            return;
+        }
+        let stop = tokio_util::sync::CancellationToken::new();
+        self.shared
+            .handle
+            .spawn(campaign(self.shared.clone(), lease, stop.clone()));
+        *e = Some(stop);
+    }
+
+    /// Stops campaigning: this instance stops renewing its lease (a crash, as far as the
+    /// others can tell) and no longer takes itself for the leader.
+    pub fn stop_election(&self) {
+        if let Some(stop) = self
+            .election
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            stop.cancel();
+        }
+        self.shared.leader.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether this instance holds the leader key (as of its last renewal).
+    pub fn is_leader(&self) -> bool {
+        self.shared.leader.load(Ordering::SeqCst)
+    }
+
+    /// One transaction: `origin` is recorded with its changes in the feed key; `fenced`
+    /// makes it commit only while this instance holds the leader key (the repair's writes: a
+    /// deposed leader's late write is refused).
     pub(super) fn write<T: Send>(
         &self,
         mut f: impl FnMut(&Txn) -> ServiceResult<T> + Send,
+        origin: Origin,
+        fenced: bool,
     ) -> ServiceResult<T> {
         blocking(|| {
             for attempt in 0..MAX_ATTEMPTS {
@@ -279,13 +428,32 @@ impl EtcdStore {
                     backoff(attempt);
                 }
                 let tx = EtcdTxn::new(self.shared.clone(), true);
-                let value = match f(&Txn(Inner::Etcd(&tx))) {
+                let t = Txn::new(Inner::Etcd(&tx));
+                let value = match f(&t) {
                     Ok(v) => v,
                     // The snapshot's revision was compacted away meanwhile: a new snapshot.
                     Err(_) if tx.compacted.get() => continue,
                     Err(e) => return Err(e),
                 };
-                match tx.commit()? {
+                let changes = t.take_changes();
+                drop(t);
+                if !changes.is_empty() {
+                    // In the same etcd transaction: published (by every instance's watch)
+                    // exactly when the change is committed, with the origin it came from.
+                    let k = self.shared.feed_key.clone();
+                    tx.state
+                        .borrow_mut()
+                        .writes
+                        .insert(k, Some(feed_record(origin, changes)));
+                }
+                match tx.commit(fenced)? {
+                    Commit::Deposed => {
+                        return Err(ServiceError::Unavailable(
+                            "this directory instance is no longer the repair leader; its \
+                             write was refused"
+                                .into(),
+                        ));
+                    }
                     Commit::Nothing => return Ok(value),
                     Commit::Applied => {
                         self.commits.fetch_add(1, Ordering::Relaxed);
@@ -313,7 +481,7 @@ impl EtcdStore {
             let mut attempt = 0;
             loop {
                 let tx = EtcdTxn::new(self.shared.clone(), false);
-                match f(&Txn(Inner::Etcd(&tx))) {
+                match f(&Txn::new(Inner::Etcd(&tx))) {
                     Err(_) if tx.compacted.get() && attempt + 1 < MAX_ATTEMPTS => attempt += 1,
                     r => return r,
                 }
@@ -353,6 +521,8 @@ enum Commit {
     Nothing,
     Applied,
     Conflict,
+    /// A fenced write found the leader key no longer this instance's.
+    Deposed,
 }
 
 #[derive(Default)]
@@ -708,12 +878,15 @@ impl EtcdTxn {
         self.range(t, None, None, None)
     }
 
-    /// Commits the buffered writes if nothing read changed since the snapshot.
-    fn commit(self) -> ServiceResult<Commit> {
+    /// Commits the buffered writes if nothing read changed since the snapshot (and, `fenced`,
+    /// if the leader key is still this instance's).
+    fn commit(self, fenced: bool) -> ServiceResult<Commit> {
         let st = self.state.into_inner();
         if st.writes.is_empty() {
             return Ok(Commit::Nothing);
         }
+        let leader_key = self.shared.leader_key.clone();
+        let instance = self.shared.instance.clone();
         let mut compares: Vec<Compare> = st
             .seen
             .iter()
@@ -732,17 +905,219 @@ impl EtcdTxn {
                 None => TxnOp::delete(k, None),
             })
             .collect();
-        let txn = etcd_client::Txn::new().when(compares).and_then(ops);
+        if fenced {
+            compares.push(Compare::value(
+                leader_key.clone(),
+                CompareOp::Equal,
+                instance.clone(),
+            ));
+        }
+        let mut txn = etcd_client::Txn::new().when(compares).and_then(ops);
+        if fenced {
+            txn = txn.or_else(vec![TxnOp::get(leader_key, None)]);
+        }
         let resp = self.shared.call("a transaction", |mut kv| {
             let txn = txn.clone();
             async move { kv.txn(txn).await }
         })?;
-        Ok(if resp.succeeded() {
-            Commit::Applied
-        } else {
-            Commit::Conflict
-        })
+        if resp.succeeded() {
+            return Ok(Commit::Applied);
+        }
+        if fenced {
+            let holder = resp.op_responses().into_iter().find_map(|r| match r {
+                etcd_client::TxnOpResponse::Get(g) => {
+                    Some(g.kvs().first().map(|kv| kv.value().to_vec()))
+                }
+                _ => None,
+            });
+            if holder.flatten().as_deref() != Some(instance.as_bytes()) {
+                self.shared.leader.store(false, Ordering::SeqCst);
+                return Ok(Commit::Deposed);
+            }
+        }
+        Ok(Commit::Conflict)
     }
+}
+
+
+/// The feed's watch loop (see `EtcdStore::attach_feed`).
+async fn watch_feed(shared: Arc<Shared>, feed: Arc<Feed>) {
+    let mut kv = shared.kv.clone();
+    let mut watch = shared.client.watch_client();
+    let mut pause = Duration::from_millis(100);
+    while !feed.is_closed() {
+        let start = if feed.head() > 0 {
+            i64::try_from(feed.head()).unwrap_or(i64::MAX).saturating_add(1)
+        } else {
+            // A new ring: replay recent history, so a client that comes over from another
+            // instance finds its position here. Nothing below the start is known.
+            let now = tokio::time::timeout(
+                OP_TIMEOUT,
+                kv.get(
+                    shared.feed_key.clone(),
+                    Some(GetOptions::new().with_count_only()),
+                ),
+            )
+            .await;
+            match now {
+                Ok(Ok(r)) => {
+                    let rev = r.header().map_or(1, |h| h.revision());
+                    let start = rev.saturating_sub(FEED_HISTORY).max(1);
+                    feed.reset(u64::try_from(start - 1).unwrap_or(0));
+                    start
+                }
+                _ => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            }
+        };
+        let opts = etcd_client::WatchOptions::new().with_start_revision(start);
+        let stream = tokio::time::timeout(
+            OP_TIMEOUT,
+            watch.watch(shared.feed_key.clone(), Some(opts)),
+        )
+        .await;
+        let mut stream = match stream {
+            Ok(Ok(s)) => s,
+            other => {
+                let error = match other {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "timed out".into(),
+                };
+                tracing::warn!(%error, "the change feed's etcd watch did not start; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        loop {
+            let msg = tokio::select! {
+                m = stream.message() => m,
+                _ = feed.closed() => return,
+            };
+            let resp = match msg {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    tracing::warn!("the change feed's etcd watch ended; restarting it");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the change feed's etcd watch failed; restarting it");
+                    break;
+                }
+            };
+            pause = Duration::from_millis(100);
+            if resp.compact_revision() > 0 {
+                // What was not delivered is gone: clients behind the compaction resynchronise.
+                let floor = u64::try_from(resp.compact_revision() - 1).unwrap_or(0);
+                tracing::warn!(
+                    compacted = resp.compact_revision(),
+                    "etcd compacted changes the feed had not delivered; its clients resynchronise"
+                );
+                feed.reset(floor);
+                break;
+            }
+            if resp.canceled() {
+                tracing::warn!(reason = resp.cancel_reason(), "the change feed's etcd watch was cancelled; restarting it");
+                break;
+            }
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                if ev.event_type() != etcd_client::EventType::Put {
+                    continue;
+                }
+                let Ok(rev) = u64::try_from(kv.mod_revision()) else {
+                    continue;
+                };
+                match read_feed_record(kv.value()) {
+                    Some((origin, changes)) => {
+                        feed.publish_at_from(rev, origin, changes);
+                    }
+                    None => {
+                        // Nothing to tell clients precisely: they drop everything instead.
+                        tracing::warn!(rev, "an unreadable feed record in etcd; clients resynchronise");
+                        feed.reset(rev);
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Campaigns for the repair leadership until `stop`: a lease of `lease`, renewed every third
+/// of it; the leader key is taken with a create-revision compare (only when nobody holds it)
+/// and lives on the lease, so a leader that stops renewing loses it when the lease ends.
+/// This instance takes itself for the leader only while its last renewal is less than
+/// two thirds of the lease old (it steps down before etcd could give the key to another).
+async fn campaign(shared: Arc<Shared>, lease: Duration, stop: tokio_util::sync::CancellationToken) {
+    let ttl = i64::try_from(lease.as_secs().max(2)).unwrap_or(6);
+    let tick = lease / 3;
+    let mut leases = shared.client.lease_client();
+    let mut kv = shared.kv.clone();
+    while !stop.is_cancelled() {
+        let granted = tokio::time::timeout(OP_TIMEOUT, leases.grant(ttl, None)).await;
+        let Ok(Ok(granted)) = granted else {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(tick) => continue,
+            }
+        };
+        let id = granted.id();
+        let keep = tokio::time::timeout(OP_TIMEOUT, leases.keep_alive(id)).await;
+        let Ok(Ok((mut keeper, mut renewals))) = keep else {
+            continue;
+        };
+        let mut renewed = tokio::time::Instant::now();
+        loop {
+            if !shared.leader.load(Ordering::SeqCst) {
+                let txn = etcd_client::Txn::new()
+                    .when(vec![Compare::create_revision(
+                        shared.leader_key.clone(),
+                        CompareOp::Equal,
+                        0,
+                    )])
+                    .and_then(vec![TxnOp::put(
+                        shared.leader_key.clone(),
+                        shared.instance.clone(),
+                        Some(etcd_client::PutOptions::new().with_lease(id)),
+                    )]);
+                if let Ok(Ok(r)) = tokio::time::timeout(OP_TIMEOUT, kv.txn(txn)).await
+                    && r.succeeded()
+                {
+                    shared.leader.store(true, Ordering::SeqCst);
+                    tracing::info!(instance = %shared.instance, "this directory instance leads the repair loop");
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(tick) => {}
+            }
+            let alive = async {
+                keeper.keep_alive().await.ok()?;
+                renewals.message().await.ok()?.map(|r| r.ttl())
+            };
+            match tokio::time::timeout(tick, alive).await {
+                Ok(Some(left)) if left > 0 => renewed = tokio::time::Instant::now(),
+                Ok(_) => {
+                    // The lease ended (etcd gave it up): start over with a new one.
+                    break;
+                }
+                Err(_) => {}
+            }
+            if renewed.elapsed() > lease * 2 / 3 {
+                break;
+            }
+        }
+        if shared.leader.swap(false, Ordering::SeqCst) {
+            tracing::warn!(instance = %shared.instance, "this directory instance no longer leads the repair loop");
+        }
+        drop(keeper);
+    }
+    shared.leader.store(false, Ordering::SeqCst);
 }
 
 #[cfg(test)]
