@@ -10,6 +10,7 @@ mod feed;
 mod groups;
 mod large;
 mod local_ids;
+mod multi_directory;
 mod permissions;
 mod posix;
 mod power_loss;

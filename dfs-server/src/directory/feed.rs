@@ -430,18 +430,47 @@ mod tests {
     #[test]
     fn a_client_is_not_told_its_own_changes_but_moves_past_them() {
         let f = Feed::new(2, 100);
-        f.publish_from(Some(1), [node(1)]);
-        f.publish_from(Some(2), [node(2)]);
+        f.publish_from(Some((1, 10)), [node(1)]);
+        f.publish_from(Some((2, 10)), [node(2)]);
         f.publish([node(3)]);
-        let r = f.read(Some(2), 0, 100, Some(1));
+        let r = f.read(Some(2), 0, 100, Some((1, 10)));
         assert_eq!(nodes(&r), vec![(2, node(2)), (3, node(3))]);
-        let r = f.read(Some(2), 0, 100, Some(2));
+        let r = f.read(Some(2), 0, 100, Some((2, 10)));
         assert_eq!(nodes(&r), vec![(1, node(1)), (3, node(3))]);
-        f.publish_from(Some(2), [node(4)]);
-        let r = f.read(Some(2), 3, 1, Some(2));
+        f.publish_from(Some((2, 10)), [node(4)]);
+        let r = f.read(Some(2), 3, 1, Some((2, 10)));
         assert!(r.changes.is_empty());
         assert_eq!(r.next, 4, "past its own change");
         assert_eq!(f.read(Some(2), 0, 100, None).changes.len(), 4);
+    }
+
+    #[test]
+    fn another_user_claiming_a_clients_origin_still_hears_its_changes() {
+        let f = Feed::new(2, 100);
+        f.publish_from(Some((7, 1000)), [node(1)]);
+        // uid 1001 sends the origin of uid 1000's client: the change is not hidden from it.
+        assert_eq!(f.read(Some(2), 0, 100, Some((7, 1001))).changes.len(), 1);
+        assert!(f.read(Some(2), 0, 100, Some((7, 1000))).changes.is_empty());
+    }
+
+    #[test]
+    fn a_shared_feed_waits_for_a_position_it_has_not_reached_and_a_reset_resyncs() {
+        let f = Feed::shared(9, 100);
+        f.publish_at(10, [node(1)]);
+        // Another instance already numbered 20: not a resync, nothing yet.
+        let r = f.read(Some(9), 20, 100, None);
+        assert!(!r.resync && r.changes.is_empty() && r.next == 20);
+        f.publish_at(21, [node(2)]);
+        assert_eq!(nodes(&f.read(Some(9), 20, 100, None)), vec![(21, node(2))]);
+        // A local feed (redb) has no other instance: a position ahead of it is stale.
+        let local = Feed::new(9, 100);
+        assert!(local.read(Some(9), 20, 100, None).resync);
+        // The source lost changes up to 30: clients behind it resynchronise.
+        f.reset(30);
+        assert!(f.read(Some(9), 21, 100, None).resync);
+        assert!(!f.read(Some(9), 30, 100, None).resync);
+        assert!(!f.publish_at(30, [node(3)]), "nothing at or below the floor");
+        assert!(f.publish_at(31, [node(3)]));
     }
 
     #[tokio::test(start_paused = true)]

@@ -1468,6 +1468,26 @@ impl DirectoryService {
         Ok(id)
     }
 
+    /// A heartbeat of file server `id`: alive here at once, and, when several instances share
+    /// the store (etcd), recorded there for the others (one blind put per beat).
+    pub fn heartbeat(&self, id: ServerId, space: Option<common::api::Space>) -> ServiceResult<()> {
+        self.registry.heartbeat(id, space)?;
+        if self.store.is_shared() {
+            self.store
+                .write_lazy(|tx| registry::record_beat(tx, id, space))?;
+        }
+        Ok(())
+    }
+
+    /// Brings the registry up to date with what other instances recorded (etcd; nothing on
+    /// redb, where this is the only instance).
+    pub fn sync_registry(&self) -> ServiceResult<()> {
+        if self.store.is_shared() {
+            self.store.read(|tx| self.registry.sync(tx))?;
+        }
+        Ok(())
+    }
+
     /// Records the URL of the lock or auth service (persisted).
     pub fn register_service(&self, req: &common::api::RegisterServiceRequest) -> ServiceResult<()> {
         self.check_scheme(&format!("{:?} service", req.kind).to_lowercase(), &req.url)?;

@@ -240,6 +240,7 @@ pub async fn run(
 ) {
     svc.start_election();
     let inflight = InFlight::default();
+    let mut synced = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => {
@@ -247,6 +248,15 @@ pub async fn run(
                 return;
             }
             _ = tokio::time::sleep(cfg.interval) => {}
+        }
+        // Every instance keeps its registry in step with the others' (shared liveness).
+        if synced.elapsed() >= svc.heartbeat_interval() {
+            synced = tokio::time::Instant::now();
+            let s = svc.clone();
+            let r = tokio::task::spawn_blocking(move || s.sync_registry()).await;
+            if let Ok(Err(e)) = r {
+                tracing::warn!(error = %e, "reading the shared registry failed");
+            }
         }
         if svc.is_leader() {
             pass(&svc, &peer, &cfg, &inflight).await;

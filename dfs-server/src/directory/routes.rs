@@ -326,7 +326,12 @@ async fn heartbeat(
     ApiPath(id): ApiPath<u64>,
     ApiJson(space): ApiJson<Option<common::api::Space>>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    svc.registry.heartbeat(ServerId(id), space)?;
+    if svc.registry.url(ServerId(id)).is_none() {
+        // Registered through another instance, maybe: learn of it before refusing it.
+        let s = svc.clone();
+        blocking(move || s.sync_registry()).await?;
+    }
+    blocking(move || svc.heartbeat(ServerId(id), space)).await?;
     Ok(Json(serde_json::json!({})))
 }
 

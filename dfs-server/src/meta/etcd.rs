@@ -412,10 +412,16 @@ impl EtcdStore {
         self.shared.leader.load(Ordering::SeqCst)
     }
 
+    /// One transaction, of no client and not fenced.
+    #[cfg(test)]
+    fn write<T: Send>(&self, f: impl FnMut(&Txn) -> ServiceResult<T> + Send) -> ServiceResult<T> {
+        self.write_as(f, None, false)
+    }
+
     /// One transaction: `origin` is recorded with its changes in the feed key; `fenced`
     /// makes it commit only while this instance holds the leader key (the repair's writes: a
     /// deposed leader's late write is refused).
-    pub(super) fn write<T: Send>(
+    pub(super) fn write_as<T: Send>(
         &self,
         mut f: impl FnMut(&Txn) -> ServiceResult<T> + Send,
         origin: Origin,
@@ -1406,5 +1412,114 @@ mod tests {
         assert_eq!(got[1], Some(1));
         assert_eq!(got[99], Some(0), "the second run sees the other's value");
         assert_eq!((got[100], got[101]), (None, None));
+    }
+
+    fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if f() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        f()
+    }
+
+    #[test]
+    fn every_instance_hears_a_change_committed_through_another_at_its_revision() {
+        use crate::directory::feed::{DEFAULT_CAPACITY, with_origin};
+        use common::NodeId;
+        let a = store();
+        let b = twin(&a);
+        assert_eq!(a.feed_epoch(), b.feed_epoch(), "one epoch per prefix");
+        let feed_a = Arc::new(Feed::shared(a.feed_epoch(), DEFAULT_CAPACITY));
+        let feed_b = Arc::new(Feed::shared(b.feed_epoch(), DEFAULT_CAPACITY));
+        a.attach_feed(feed_a.clone());
+        b.attach_feed(feed_b.clone());
+        let change = ChangeKind::Entry {
+            dir: NodeId(1),
+            node: NodeId(7),
+        };
+        let me = Some((0xabcd_u128, 1000));
+        with_origin(me, || {
+            a.write_as(
+                |tx| {
+                    tx.put(T, &k(1, "x"), &7)?;
+                    tx.changed(change);
+                    Ok(())
+                },
+                me,
+                false,
+            )
+        })
+        .expect("write");
+        // A transaction that records no change publishes nothing.
+        a.write(|tx| tx.put(T, &k(1, "quiet"), &8)).expect("write");
+        let epoch = Some(b.feed_epoch());
+        assert!(
+            eventually(Duration::from_secs(5), || !feed_b
+                .read(epoch, 0, 100, None)
+                .changes
+                .is_empty()),
+            "instance b never heard the change made through a"
+        );
+        for f in [&feed_a, &feed_b] {
+            let r = f.read(epoch, 0, 100, None);
+            assert!(!r.resync);
+            assert_eq!(r.changes.len(), 1, "{r:?}");
+            assert_eq!(r.changes[0].what, change);
+            // Its own client skips it (origin and uid), another uid claiming that origin does not.
+            assert!(f.read(epoch, 0, 100, me).changes.is_empty());
+            let other = Some((0xabcd_u128, 1001));
+            assert_eq!(f.read(epoch, 0, 100, other).changes.len(), 1);
+        }
+        // The same position means the same thing on both: a client moves over without a resync.
+        let seq = feed_a.read(epoch, 0, 100, None).next;
+        assert_eq!(seq, feed_b.read(epoch, 0, 100, None).next);
+        // A position one instance has not reached yet is waited for, not a resync.
+        let ahead = feed_b.read(epoch, seq + 1_000_000, 100, None);
+        assert!(!ahead.resync && ahead.changes.is_empty());
+        feed_a.close();
+        feed_b.close();
+    }
+
+    #[test]
+    fn one_leader_at_a_time_and_a_deposed_one_cannot_write() {
+        let lease = Duration::from_secs(2);
+        let a = store();
+        let b = twin(&a);
+        a.start_election(lease);
+        assert!(
+            eventually(Duration::from_secs(10), || a.is_leader()),
+            "a never led"
+        );
+        b.start_election(lease);
+        std::thread::sleep(lease);
+        assert!(a.is_leader() && !b.is_leader(), "two leaders, or none");
+        a.write_as(|tx| tx.put(T, &k(2, "a"), &1), None, true)
+            .expect("the leader's fenced write");
+        // a stops renewing (as a killed instance): b takes over within the lease and a try.
+        let stopped = std::time::Instant::now();
+        a.stop_election();
+        assert!(
+            eventually(lease * 3, || b.is_leader()),
+            "b did not take over within {:?}",
+            lease * 3
+        );
+        let took = stopped.elapsed();
+        assert!(took <= lease + lease / 3 + Duration::from_secs(2), "{took:?}");
+        // a's late write (as if it still thought it led) is refused; b's goes through.
+        let e = a
+            .write_as(|tx| tx.put(T, &k(2, "a"), &2), None, true)
+            .expect_err("a deposed leader's write");
+        assert!(e.to_string().contains("no longer the repair leader"), "{e}");
+        b.write_as(|tx| tx.put(T, &k(2, "b"), &3), None, true)
+            .expect("the new leader's fenced write");
+        let rows = a.read(|tx| tx.all(T)).expect("read");
+        assert!(rows.contains(&(k(2, "a"), 1)) && rows.contains(&(k(2, "b"), 3)));
+        // Unfenced writes of a (its routes) still work: only the repair is fenced.
+        a.write(|tx| tx.put(T, &k(2, "route"), &4))
+            .expect("an unfenced write");
+        b.stop_election();
     }
 }

@@ -453,7 +453,7 @@ impl MetaStore {
         let origin = crate::directory::feed::current_origin();
         match self {
             MetaStore::Redb(s) => s.write(f, true, origin),
-            MetaStore::Etcd(s) => s.write(f, origin, leader_fenced()),
+            MetaStore::Etcd(s) => s.write_as(f, origin, leader_fenced()),
         }
     }
 
@@ -466,7 +466,7 @@ impl MetaStore {
         let origin = crate::directory::feed::current_origin();
         match self {
             MetaStore::Redb(s) => s.write(f, false, origin),
-            MetaStore::Etcd(s) => s.write(f, origin, leader_fenced()),
+            MetaStore::Etcd(s) => s.write_as(f, origin, leader_fenced()),
         }
     }
 
@@ -503,6 +503,11 @@ impl MetaStore {
         if let MetaStore::Etcd(s) = self {
             s.stop_election();
         }
+    }
+
+    /// Whether several directory instances may share this store (etcd).
+    pub fn is_shared(&self) -> bool {
+        matches!(self, MetaStore::Etcd(_))
     }
 
     /// Whether this instance leads background work now (always on redb).
