@@ -111,6 +111,11 @@ impl Feed {
         }
     }
 
+    /// The highest sequence number no longer (wholly) kept: positions from it on are served.
+    pub fn floor(&self) -> u64 {
+        self.ring().floor
+    }
+
     /// The highest sequence number published.
     pub fn head(&self) -> u64 {
         self.ring().head
