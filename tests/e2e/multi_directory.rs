@@ -149,7 +149,11 @@ fn a_change_made_through_one_instance_reaches_a_client_of_the_other() {
             && mb.path("d/g").exists()
             && mb.path("d/h").exists()
     });
-    assert!(seen, "B's kernel still shows the old namespace: {}", mb.log());
+    assert!(
+        seen,
+        "B's kernel still shows the old namespace: {}",
+        mb.log()
+    );
     assert!(t0.elapsed() < Duration::from_secs(15));
     assert_eq!(ok(mb.sh("cat d/g d/h")), "one\ntwo\n");
 }

@@ -801,9 +801,12 @@ impl SplitCluster {
                 Some(n) => self.more_dir_ports[n.parse::<usize>().unwrap() - 2],
                 None => self.dir_port,
             };
-            cmd.arg("--listen")
-                .arg(format!("127.0.0.1:{port}"))
-                .args(["--heartbeat-ms", "300", "--repair-interval-ms", "200"]);
+            cmd.arg("--listen").arg(format!("127.0.0.1:{port}")).args([
+                "--heartbeat-ms",
+                "300",
+                "--repair-interval-ms",
+                "200",
+            ]);
             if let Some(meta) = &self.meta {
                 cmd.arg("--meta").arg(meta);
             }

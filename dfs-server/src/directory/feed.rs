@@ -474,7 +474,10 @@ mod tests {
         f.reset(30);
         assert!(f.read(Some(9), 21, 100, None).resync);
         assert!(!f.read(Some(9), 30, 100, None).resync);
-        assert!(!f.publish_at(30, [node(3)]), "nothing at or below the floor");
+        assert!(
+            !f.publish_at(30, [node(3)]),
+            "nothing at or below the floor"
+        );
         assert!(f.publish_at(31, [node(3)]));
     }
 

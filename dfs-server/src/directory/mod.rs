@@ -25,8 +25,8 @@ use common::{
 
 use crate::error::{ServiceError, ServiceResult};
 use crate::meta::{MetaConfig, MetaStore, Table, Txn};
-use common::api::ChangeKind;
 use crate::store::{decode, encode, now_ns};
+use common::api::ChangeKind;
 pub use registry::Registry;
 pub use requests::RequestId;
 
@@ -153,7 +153,10 @@ fn child_of(tx: &Txn, parent: NodeId, name: &str) -> ServiceResult<Option<NodeId
 
 /// Enters `name` in `parent` for node `id`, in `children` and its reverse index.
 fn add_name(tx: &Txn, parent: NodeId, name: &str, id: NodeId) -> ServiceResult<()> {
-    tx.changed(ChangeKind::Entry { dir: parent, node: id });
+    tx.changed(ChangeKind::Entry {
+        dir: parent,
+        node: id,
+    });
     tx.put(CHILDREN, &(parent.0, name.to_owned()), &id.0)?;
     tx.put(NAMES, &(id.0, parent.0, name.to_owned()), &())?;
     Ok(())
@@ -161,7 +164,10 @@ fn add_name(tx: &Txn, parent: NodeId, name: &str, id: NodeId) -> ServiceResult<(
 
 /// Removes `name` of node `id` from `parent`, in `children` and its reverse index.
 fn remove_name(tx: &Txn, parent: NodeId, name: &str, id: NodeId) -> ServiceResult<()> {
-    tx.changed(ChangeKind::Entry { dir: parent, node: id });
+    tx.changed(ChangeKind::Entry {
+        dir: parent,
+        node: id,
+    });
     tx.delete(CHILDREN, &(parent.0, name.to_owned()))?;
     tx.delete(NAMES, &(id.0, parent.0, name.to_owned()))?;
     Ok(())
@@ -633,8 +639,7 @@ impl DirectoryService {
     /// Starts campaigning for the leadership of background work (repair, registry sweeps);
     /// redb always leads.
     pub fn start_election(&self) {
-        self.store
-            .start_election(crate::meta::etcd::LEADER_LEASE);
+        self.store.start_election(crate::meta::etcd::LEADER_LEASE);
     }
 
     /// Stops campaigning (tests: an instance that stops renewing its lease, as a killed one).

@@ -31,11 +31,7 @@ struct Beat {
 }
 
 /// Records a heartbeat of server `id` in `tx` (shared liveness on etcd).
-pub fn record_beat(
-    tx: &Txn,
-    id: ServerId,
-    space: Option<common::api::Space>,
-) -> ServiceResult<()> {
+pub fn record_beat(tx: &Txn, id: ServerId, space: Option<common::api::Space>) -> ServiceResult<()> {
     let beat = Beat {
         tag: rand::random(),
         space,

@@ -283,10 +283,8 @@ async fn rename(
     let rid = request_id(&headers)?;
     let o = stamp(origin, who.uid);
     // The moved node and the one replaced are recorded by the rename's own transaction.
-    let replaced = blocking(move || {
-        with_origin(o, || svc.rename_with_id(&req, &who, rid.as_ref()))
-    })
-    .await?;
+    let replaced =
+        blocking(move || with_origin(o, || svc.rename_with_id(&req, &who, rid.as_ref()))).await?;
     Ok(Json(replaced))
 }
 

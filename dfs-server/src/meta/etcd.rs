@@ -945,7 +945,6 @@ impl EtcdTxn {
     }
 }
 
-
 /// The feed's watch loop (see `EtcdStore::attach_feed`).
 async fn watch_feed(shared: Arc<Shared>, feed: Arc<Feed>) {
     let mut kv = shared.kv.clone();
@@ -953,7 +952,9 @@ async fn watch_feed(shared: Arc<Shared>, feed: Arc<Feed>) {
     let mut pause = Duration::from_millis(100);
     while !feed.is_closed() {
         let start = if feed.head() > 0 {
-            i64::try_from(feed.head()).unwrap_or(i64::MAX).saturating_add(1)
+            i64::try_from(feed.head())
+                .unwrap_or(i64::MAX)
+                .saturating_add(1)
         } else {
             // A new ring: replay recent history, so a client that comes over from another
             // instance finds its position here. Nothing below the start is known.
@@ -980,11 +981,9 @@ async fn watch_feed(shared: Arc<Shared>, feed: Arc<Feed>) {
             }
         };
         let opts = etcd_client::WatchOptions::new().with_start_revision(start);
-        let stream = tokio::time::timeout(
-            OP_TIMEOUT,
-            watch.watch(shared.feed_key.clone(), Some(opts)),
-        )
-        .await;
+        let stream =
+            tokio::time::timeout(OP_TIMEOUT, watch.watch(shared.feed_key.clone(), Some(opts)))
+                .await;
         let mut stream = match stream {
             Ok(Ok(s)) => s,
             other => {
@@ -1026,7 +1025,10 @@ async fn watch_feed(shared: Arc<Shared>, feed: Arc<Feed>) {
                 break;
             }
             if resp.canceled() {
-                tracing::warn!(reason = resp.cancel_reason(), "the change feed's etcd watch was cancelled; restarting it");
+                tracing::warn!(
+                    reason = resp.cancel_reason(),
+                    "the change feed's etcd watch was cancelled; restarting it"
+                );
                 break;
             }
             for ev in resp.events() {
@@ -1043,7 +1045,10 @@ async fn watch_feed(shared: Arc<Shared>, feed: Arc<Feed>) {
                     }
                     None => {
                         // Nothing to tell clients precisely: they drop everything instead.
-                        tracing::warn!(rev, "an unreadable feed record in etcd; clients resynchronise");
+                        tracing::warn!(
+                            rev,
+                            "an unreadable feed record in etcd; clients resynchronise"
+                        );
                         feed.reset(rev);
                     }
                 }
@@ -1481,7 +1486,10 @@ mod tests {
         }
         // The same position means the same thing on both: a client moves over without a resync.
         let seq = feed_a.read(epoch, feed_a.floor(), 100, None).changes[0].seq;
-        assert_eq!(seq, feed_b.read(epoch, feed_b.floor(), 100, None).changes[0].seq);
+        assert_eq!(
+            seq,
+            feed_b.read(epoch, feed_b.floor(), 100, None).changes[0].seq
+        );
         // A position one instance has not reached yet is waited for, not a resync.
         let ahead = feed_b.read(epoch, seq + 1_000_000, 100, None);
         assert!(!ahead.resync && ahead.changes.is_empty());
@@ -1513,7 +1521,10 @@ mod tests {
             lease * 3
         );
         let took = stopped.elapsed();
-        assert!(took <= lease + lease / 3 + Duration::from_secs(2), "{took:?}");
+        assert!(
+            took <= lease + lease / 3 + Duration::from_secs(2),
+            "{took:?}"
+        );
         // a's late write (as if it still thought it led) is refused; b's goes through.
         let e = a
             .write_as(|tx| tx.put(T, &k(2, "a"), &2), None, true)
