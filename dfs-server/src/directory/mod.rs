@@ -647,6 +647,11 @@ impl DirectoryService {
         self.store.stop_election();
     }
 
+    /// Stops campaigning and hands the leadership over at once (a graceful stop).
+    pub fn resign(&self) {
+        self.store.resign();
+    }
+
     /// Whether this instance leads background work now.
     pub fn is_leader(&self) -> bool {
         self.store.is_leader()

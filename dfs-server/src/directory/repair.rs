@@ -244,7 +244,7 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = cancel.cancelled() => {
-                svc.stop_election();
+                svc.resign();
                 return;
             }
             _ = tokio::time::sleep(cfg.interval) => {}

@@ -122,6 +122,8 @@ struct Shared {
     instance: String,
     /// Whether this instance holds the leader key (as last renewed).
     leader: std::sync::atomic::AtomicBool,
+    /// The campaign's current lease (0: none).
+    lease: std::sync::atomic::AtomicI64,
     /// The feed epoch every instance on this prefix computes alike: the etcd cluster's id and
     /// the prefix.
     epoch: u64,
@@ -355,6 +357,7 @@ impl EtcdStore {
                 leader_key,
                 instance: format!("{:032x}", rand::random::<u128>()),
                 leader: std::sync::atomic::AtomicBool::new(false),
+                lease: std::sync::atomic::AtomicI64::new(0),
             }),
             runtime: Some(runtime),
             commits: AtomicU64::new(0),
@@ -405,6 +408,25 @@ impl EtcdStore {
             stop.cancel();
         }
         self.shared.leader.store(false, Ordering::SeqCst);
+    }
+
+    /// Stops campaigning and gives the leadership up at once (a graceful stop: its lease is
+    /// revoked, so another instance takes over at its next try instead of after the lease).
+    pub fn resign(&self) {
+        self.stop_election();
+        let id = self.shared.lease.swap(0, Ordering::SeqCst);
+        if id == 0 {
+            return;
+        }
+        let mut leases = self.shared.client.lease_client();
+        let revoked = blocking(|| {
+            self.shared
+                .handle
+                .block_on(async { tokio::time::timeout(OP_TIMEOUT, leases.revoke(id)).await })
+        });
+        if !matches!(revoked, Ok(Ok(_))) {
+            tracing::warn!("revoking the leader lease failed; it lapses instead");
+        }
     }
 
     /// Whether this instance holds the leader key (as of its last renewal).
@@ -1078,6 +1100,7 @@ async fn campaign(shared: Arc<Shared>, lease: Duration, stop: tokio_util::sync::
             }
         };
         let id = granted.id();
+        shared.lease.store(id, Ordering::SeqCst);
         let keep = tokio::time::timeout(OP_TIMEOUT, leases.keep_alive(id)).await;
         let Ok(Ok((mut keeper, mut renewals))) = keep else {
             continue;
@@ -1537,6 +1560,18 @@ mod tests {
         // Unfenced writes of a (its routes) still work: only the repair is fenced.
         a.write(|tx| tx.put(T, &k(2, "route"), &4))
             .expect("an unfenced write");
-        b.stop_election();
+        // A graceful stop hands over at once: a third instance leads well within the lease.
+        let c = twin(&a);
+        c.start_election(Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!c.is_leader());
+        let resigned = std::time::Instant::now();
+        b.resign();
+        assert!(
+            eventually(Duration::from_secs(25), || c.is_leader()),
+            "c did not take over"
+        );
+        assert!(resigned.elapsed() < Duration::from_secs(15), "{:?}", resigned.elapsed());
+        c.resign();
     }
 }

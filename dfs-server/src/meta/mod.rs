@@ -505,6 +505,13 @@ impl MetaStore {
         }
     }
 
+    /// Stops campaigning and hands the leadership over at once (graceful stop; etcd).
+    pub fn resign(&self) {
+        if let MetaStore::Etcd(s) = self {
+            s.resign();
+        }
+    }
+
     /// Whether several directory instances may share this store (etcd).
     pub fn is_shared(&self) -> bool {
         matches!(self, MetaStore::Etcd(_))
