@@ -1508,4 +1508,6 @@ impl DirectoryService {
 }
 
 #[cfg(test)]
+mod multi_tests;
+#[cfg(test)]
 mod tests;

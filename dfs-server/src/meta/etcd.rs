@@ -1571,7 +1571,11 @@ mod tests {
             eventually(Duration::from_secs(25), || c.is_leader()),
             "c did not take over"
         );
-        assert!(resigned.elapsed() < Duration::from_secs(15), "{:?}", resigned.elapsed());
+        assert!(
+            resigned.elapsed() < Duration::from_secs(15),
+            "{:?}",
+            resigned.elapsed()
+        );
         c.resign();
     }
 }
