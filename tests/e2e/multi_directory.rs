@@ -88,6 +88,7 @@ fn writes_ride_out_an_etcd_member_and_a_directory_instance_killed() {
         .map(|w| w[1].1.saturating_sub(w[0].1))
         .max()
         .unwrap_or(0);
+    eprintln!("{done} writes; longest pause between acknowledged writes: {pause} ms");
     assert!(
         Duration::from_millis(pause) < MAX_WRITE_PAUSE,
         "writes paused {pause} ms (bound {MAX_WRITE_PAUSE:?}): {text}"
