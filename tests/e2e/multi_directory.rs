@@ -45,8 +45,12 @@ fn writes_ride_out_an_etcd_member_and_a_directory_instance_killed() {
         "the writer started: {}",
         m.log()
     );
-    // An etcd member dies (kill -9: no goodbye to its peers) ...
-    members[0].kill9().unwrap_or_else(|e| panic!("{e}"));
+    // etcd's leader dies (kill -9: no goodbye to its peers), so the other two elect one ...
+    let leader = members
+        .iter()
+        .position(|m| is_etcd_leader(&m.endpoint))
+        .expect("one etcd member says it leads");
+    members[leader].kill9().unwrap_or_else(|e| panic!("{e}"));
     std::thread::sleep(Duration::from_secs(3));
     // ... then the directory instance the client uses.
     cluster.stop_service("directory", true);
@@ -102,6 +106,30 @@ fn writes_ride_out_an_etcd_member_and_a_directory_instance_killed() {
     b.signup_login("alice");
     let mb = b.mount(&[]);
     assert_eq!(ok(mb.sh(&check)), "", "{}", cluster.logs());
+}
+
+/// Whether the etcd member at `endpoint` is its cluster's leader (its status, through etcd's
+/// JSON gateway: `header.member_id == leader`).
+fn is_etcd_leader(endpoint: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(endpoint) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let req = format!(
+        "POST /v3/maintenance/status HTTP/1.0\r\nHost: {endpoint}\r\n\
+         Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        return false;
+    }
+    let mut text = String::new();
+    let _ = s.take(65_536).read_to_string(&mut text);
+    let Some((_, body)) = text.split_once("\r\n\r\n") else {
+        return false;
+    };
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    !v["leader"].is_null() && v["header"]["member_id"] == v["leader"]
 }
 
 /// The wall-clock time in ms since the epoch, `ago` before now.
