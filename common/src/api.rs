@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{ContentHash, FenceToken, NodeId, ServerId, UploadId};
-use crate::meta::FileKind;
+use crate::meta::{DirEntry, FileKind};
 use crate::name::ValidName;
 
 /// Longest symlink target accepted, in bytes (Linux `PATH_MAX`).
@@ -100,6 +100,36 @@ impl NodeQuery {
             Some(other) => Err(format!("access must be r, w, rw or commit, not {other:?}")),
         }
     }
+}
+
+/// Most entries one page of a listing holds (`ListQuery::limit` is capped to it).
+pub const LIST_MAX_ENTRIES: u32 = 1000;
+
+/// Most bytes of entries (as stored) one page of a listing holds: a page ends before the entry
+/// that would pass it (a page always holds at least one entry).
+pub const LIST_MAX_BYTES: usize = 1 << 20;
+
+/// `GET /v1/nodes/{id}/children?after=NAME&limit=N`: one page of a directory, by name order,
+/// starting after `after` (absent: from the start). A name-based cursor: entries made or
+/// removed meanwhile ahead of it are seen as they are, none is returned twice.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ListQuery {
+    /// The last name of the previous page.
+    #[serde(default)]
+    pub after: Option<String>,
+    /// Entries wanted (1 to `LIST_MAX_ENTRIES`; absent: the most).
+    #[serde(default)]
+    pub limit: Option<u32>,
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ListPage {
+    /// Entries, sorted by name.
+    pub entries: Vec<DirEntry>,
+    /// The cursor of the next page (`after`), absent on the last page.
+    #[serde(default)]
+    pub next: Option<String>,
 }
 
 /// `PATCH /v1/nodes/{id}`: metadata-only changes (size changes are new versions).

@@ -165,6 +165,18 @@ pub fn children(id: NodeId) -> String {
     format!("/v1/nodes/{id}/children")
 }
 
+/// `/v1/nodes/{id}/children?limit=N[&after=NAME]`: one page of a listing, the cursor
+/// percent-encoded.
+pub fn children_page(id: NodeId, after: Option<&str>, limit: u32) -> String {
+    match after {
+        Some(a) => format!(
+            "/v1/nodes/{id}/children?limit={limit}&after={}",
+            encode_segment(a)
+        ),
+        None => format!("/v1/nodes/{id}/children?limit={limit}"),
+    }
+}
+
 /// `/v1/nodes/{id}/children/{name}` with the name percent-encoded.
 pub fn child(id: NodeId, name: &str) -> String {
     format!("/v1/nodes/{id}/children/{}", encode_segment(name))

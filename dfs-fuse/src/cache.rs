@@ -130,7 +130,53 @@ pub struct CacheDir {
     /// Held across an index write and the matching change of `pending`, so that the set
     /// changes in the same order as the index.
     writes: std::sync::Mutex<()>,
+    /// The copies in `files/`, kept as they change, so that usage and eviction never list
+    /// the directory (issue 10).
+    copies: std::sync::Mutex<Copies>,
 }
+
+/// Copies of files: each one's size as last seen (at its last index write or open) and last
+/// use, ordered by use. Listed from `files/` once at open, then kept by the index writes,
+/// opens and removals.
+#[derive(Default)]
+struct Copies {
+    by_node: std::collections::HashMap<NodeId, (u64, u64)>,
+    by_use: std::collections::BTreeSet<(u64, NodeId)>,
+    bytes: u64,
+}
+
+impl Copies {
+    /// Notes the copy of `node` at `size` bytes, used at `used` (`None`: when it was last
+    /// noted, or now if never).
+    fn set(&mut self, node: NodeId, size: u64, used: Option<u64>) {
+        let before = self.by_node.get(&node).copied();
+        let used = used.or(before.map(|b| b.1)).unwrap_or_else(now_ns);
+        if let Some((old_size, old_used)) = before {
+            self.bytes = self.bytes.saturating_sub(old_size);
+            self.by_use.remove(&(old_used, node));
+        }
+        self.by_node.insert(node, (size, used));
+        self.by_use.insert((used, node));
+        self.bytes = self.bytes.saturating_add(size);
+    }
+
+    fn forget(&mut self, node: NodeId) {
+        if let Some((size, used)) = self.by_node.remove(&node) {
+            self.bytes = self.bytes.saturating_sub(size);
+            self.by_use.remove(&(used, node));
+        }
+    }
+}
+
+/// Nanoseconds since the epoch (the order copies were used in).
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// A place in the order copies were used in: eviction's cursor.
+pub type UseKey = (u64, NodeId);
 
 struct Journal {
     file: std::fs::File,
@@ -169,7 +215,24 @@ impl CacheDir {
             next_seq: std::sync::atomic::AtomicU64::new(max_seq + 1),
             pending: Default::default(),
             writes: Default::default(),
+            copies: Default::default(),
         };
+        {
+            // The one listing of the copies: at open.
+            let mut copies = cache.copies_mut();
+            for e in std::fs::read_dir(root.join("files"))?.flatten() {
+                let Some(node) = e.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                    continue;
+                };
+                let Ok(m) = e.metadata() else { continue };
+                let used = m
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+                copies.set(NodeId(node), m.len(), Some(used));
+            }
+        }
         let pending = cache
             .entries()?
             .into_iter()
@@ -178,6 +241,44 @@ impl CacheDir {
             .collect();
         *cache.pending_set() = pending;
         Ok(cache)
+    }
+
+    fn copies_mut(&self) -> std::sync::MutexGuard<'_, Copies> {
+        self.copies.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes the copy of `node` as it is on disk now (its size; gone: forgotten), and, with
+    /// `used`, that it was used now.
+    fn note_copy(&self, node: NodeId, used: bool) {
+        let now = used.then(now_ns);
+        match std::fs::metadata(self.path(node)) {
+            Ok(m) => self.copies_mut().set(node, m.len(), now),
+            Err(_) => self.copies_mut().forget(node),
+        }
+    }
+
+    /// An open of `node`: its copy is the most recently used (the order eviction follows).
+    pub fn touch(&self, node: NodeId) {
+        self.note_copy(node, true);
+    }
+
+    /// Up to `n` copies (node, size as last seen), least recently used first, after `after`.
+    pub fn least_used(&self, after: Option<UseKey>, n: usize) -> Vec<(NodeId, u64, UseKey)> {
+        use std::ops::Bound;
+        let copies = self.copies_mut();
+        let start = match after {
+            Some(k) => Bound::Excluded(k),
+            None => Bound::Unbounded,
+        };
+        copies
+            .by_use
+            .range((start, Bound::Unbounded))
+            .take(n)
+            .map(|&(used, node)| {
+                let size = copies.by_node.get(&node).map_or(0, |c| c.0);
+                (node, size, (used, node))
+            })
+            .collect()
     }
 
     fn pending_set(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<NodeId>> {
@@ -209,12 +310,15 @@ impl CacheDir {
             .insert(node.0, data.as_slice())
             .map_err(index_err)?;
         tx.commit().map_err(index_err)?;
-        let mut pending = self.pending_set();
-        if entry.pending.is_some() {
-            pending.insert(node);
-        } else {
-            pending.remove(&node);
+        {
+            let mut pending = self.pending_set();
+            if entry.pending.is_some() {
+                pending.insert(node);
+            } else {
+                pending.remove(&node);
+            }
         }
+        self.note_copy(node, false);
         Ok(entry)
     }
 
@@ -314,6 +418,7 @@ impl CacheDir {
             .map_err(index_err)?;
         tx.commit().map_err(index_err)?;
         self.pending_set().remove(&node);
+        self.copies_mut().forget(node);
         drop(writing);
         match std::fs::remove_file(self.path(node)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
@@ -360,15 +465,11 @@ impl CacheDir {
         &self.root
     }
 
-    /// (files cached, bytes cached).
+    /// (files cached, bytes cached), as last seen: from the index of copies, never a listing
+    /// (a copy being written counts at its size when last recorded or opened).
     pub fn usage(&self) -> Result<(u64, u64), CacheError> {
-        let mut files = 0;
-        let mut bytes = 0;
-        for e in std::fs::read_dir(self.root.join("files"))?.flatten() {
-            files += 1;
-            bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
-        }
-        Ok((files, bytes))
+        let copies = self.copies_mut();
+        Ok((copies.by_node.len() as u64, copies.bytes))
     }
 }
 
@@ -423,6 +524,41 @@ fn replay_journal(db: &Database, path: &Path) -> Result<u64, CacheError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usage_and_the_use_order_are_kept_without_listing_the_copies() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let c = CacheDir::open(dir.path()).expect("open");
+            for (n, len) in [(1u64, 10usize), (2, 20), (3, 30)] {
+                std::fs::write(c.path(NodeId(n)), vec![0u8; len]).expect("copy");
+                c.put_lazy(NodeId(n), &CacheEntry::unknown())
+                    .expect("index");
+            }
+            assert_eq!(c.usage().expect("usage"), (3, 60));
+            // Opened again: the most recently used; a copy grown and recorded counts its size.
+            c.touch(NodeId(1));
+            std::fs::write(c.path(NodeId(2)), vec![0u8; 25]).expect("grow");
+            c.put_lazy(NodeId(2), &CacheEntry::unknown())
+                .expect("index");
+            assert_eq!(c.usage().expect("usage"), (3, 65));
+            let order: Vec<NodeId> = c.least_used(None, 10).into_iter().map(|e| e.0).collect();
+            assert_eq!(order, vec![NodeId(2), NodeId(3), NodeId(1)]);
+            // Pages follow on from a cursor.
+            let first = c.least_used(None, 1);
+            let rest: Vec<NodeId> = c
+                .least_used(Some(first[0].2), 10)
+                .into_iter()
+                .map(|e| e.0)
+                .collect();
+            assert_eq!(rest, vec![NodeId(3), NodeId(1)]);
+            c.remove(NodeId(3)).expect("remove");
+            assert_eq!(c.usage().expect("usage"), (2, 35));
+        }
+        // Reopened: listed once from the copies on disk.
+        let c = CacheDir::open(dir.path()).expect("reopen");
+        assert_eq!(c.usage().expect("usage"), (2, 35));
+    }
 
     #[test]
     fn regression_a_cache_of_another_cluster_is_refused() {

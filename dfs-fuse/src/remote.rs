@@ -1187,20 +1187,40 @@ impl Remote {
             .await
     }
 
-    /// Lists a directory.
+    /// Lists a whole directory, page by page (the server bounds each page; the cursor is the
+    /// last name of the previous one, so an entry made or removed meanwhile is seen at most
+    /// once).
     pub async fn list(&self, parent: NodeId) -> Result<Vec<DirEntry>, RemoteError> {
         self.list_within(parent, self.config.op_timeout).await
     }
 
-    /// `list`, waiting for the directory for `bound` only.
+    /// `list`, waiting for the directory for `bound` only (per page).
     pub async fn list_within(
         &self,
         parent: NodeId,
         bound: Duration,
     ) -> Result<Vec<DirEntry>, RemoteError> {
-        let path = routes::children(parent);
-        self.dir_read_within("readdir", bound, &|d| self.http.get(format!("{d}{path}")))
-            .await
+        let mut out: Vec<DirEntry> = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let path =
+                routes::children_page(parent, after.as_deref(), common::api::LIST_MAX_ENTRIES);
+            let page: common::api::ListPage = self
+                .dir_read_within("readdir", bound, &|d| self.http.get(format!("{d}{path}")))
+                .await?;
+            out.extend(page.entries);
+            match page.next {
+                // A cursor must move forward, or the listing would never end: an answer that
+                // does not is as unusable as one that does not parse.
+                Some(next) if after.as_ref().is_none_or(|a| next > *a) => after = Some(next),
+                Some(_) => {
+                    return Err(RemoteError::Network(format!(
+                        "readdir: the listing of node {parent} did not move past {after:?}"
+                    )));
+                }
+                None => return Ok(out),
+            }
+        }
     }
 
     /// Creates a node.
@@ -1844,7 +1864,7 @@ mod tests {
     }
 
     /// A fake directory on loopback: its cluster map names `cluster_id`; `rename` and `list`
-    /// answer the scripted (status, JSON body) in turn (then 200 `[]`), and every such request's
+    /// answer the scripted (status, JSON body) in turn (then 200 with an empty page or `[]`), and every such request's
     /// request id and protocol header are recorded.
     #[derive(Clone)]
     struct Fake {
@@ -1893,6 +1913,7 @@ mod tests {
 
         async fn op(
             axum::extract::State(f): axum::extract::State<Fake>,
+            uri: axum::http::Uri,
             headers: axum::http::HeaderMap,
         ) -> axum::response::Response {
             let h = |n: &str| {
@@ -1910,7 +1931,15 @@ mod tests {
                 .lock()
                 .expect("answers")
                 .pop_front()
-                .unwrap_or((200, "[]".into()));
+                .unwrap_or_else(|| {
+                    // A listing answers a page; anything else an empty list.
+                    let body = if uri.path().ends_with("/children") {
+                        r#"{"entries":[],"next":null}"#
+                    } else {
+                        "[]"
+                    };
+                    (200, body.into())
+                });
             axum::response::Response::builder()
                 .status(status)
                 .header("content-type", "application/json")

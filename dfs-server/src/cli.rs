@@ -135,7 +135,7 @@ pub struct AllArgs {
     pub missed_beats: u32,
     /// Where the directory keeps its metadata: `redb` (a file in the data directory) or an
     /// etcd cluster, `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` (prefix default `dfs`), which
-    /// several directories can share.
+    /// several directories can share. With etcd the lock service keeps its locks there too.
     #[arg(long, default_value = "redb", value_name = "STORE")]
     pub meta: crate::meta::MetaConfig,
     /// Milliseconds between repair passes (primary failover, re-replication).
@@ -203,6 +203,11 @@ pub struct ServiceArgs {
     /// Lock lease in milliseconds (lock service only).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..))]
     lease_ms: u64,
+    /// Where the lock service keeps its locks (lock service only): `redb` (in memory, one
+    /// instance; the fence counter in the data directory) or the directory's etcd cluster,
+    /// `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]`, which any number of lock instances share.
+    #[arg(long, default_value = "redb", value_name = "STORE")]
+    meta: crate::meta::MetaConfig,
     /// Lifetime of login tokens in seconds (auth service only).
     #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
     token_ttl_secs: u64,
@@ -358,7 +363,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     ..LockConfig::default()
                 };
                 let svc = Arc::new(
-                    LockService::open(&a.common.data, cfg, &key)
+                    LockService::build(&a.meta, &a.common.data, cfg, &key)
+                        .await
                         .context("opening the lock service")?,
                 );
                 let (l, url) = cluster::bind(a.listen, tls.as_ref()).await?;

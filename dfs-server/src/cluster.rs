@@ -204,7 +204,13 @@ pub fn serve(
     })
 }
 
-/// Registers a lock or auth service with the directory, retrying until it answers or `cancel`.
+/// How often a lock or auth service registers again with the directory.
+pub const REREGISTER_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Registers a lock or auth service with the directory, retrying every second until it
+/// answers, then again every `REREGISTER_EVERY` until `cancel`. The cluster map names the
+/// latest registration, so with several lock instances (etcd engine, stateless) a client
+/// whose instance died finds a live one in the map within `REREGISTER_EVERY`.
 pub fn register_service_loop(
     peer: Peer,
     directory: String,
@@ -218,20 +224,26 @@ pub fn register_service_loop(
         // answers.
         let dirs = crate::peer::Directories::parse(&directory)
             .unwrap_or_else(|_| crate::peer::Directories::single(directory));
+        let mut registered = false;
         loop {
             let (peer, req) = (&peer, &req);
             match dirs
                 .call(|d| async move { peer.register_service(&d, req).await })
                 .await
             {
-                Ok(()) => return,
+                Ok(()) => registered = true,
                 Err(e) => {
                     tracing::warn!(error = %e, ?kind, "registering with the directory failed; retrying")
                 }
             }
+            let pause = if registered {
+                REREGISTER_EVERY
+            } else {
+                std::time::Duration::from_secs(1)
+            };
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(pause) => {}
             }
         }
     })
@@ -452,7 +464,8 @@ pub async fn start(cfg: ClusterConfig) -> anyhow::Result<ClusterHandle> {
     ));
 
     let lock = Arc::new(
-        LockService::open(&cfg.data.join("lock"), cfg.lock.clone(), &key)
+        LockService::build(&cfg.meta, &cfg.data.join("lock"), cfg.lock.clone(), &key)
+            .await
             .context("opening the lock service")?,
     );
     let (ll, lock_url) = bind(loopback, tls).await.context("lock service")?;

@@ -257,9 +257,13 @@ async fn directory_restart_keeps_all_metadata() {
         token,
         _dir: None,
     };
-    let entries: Vec<common::DirEntry> = h.get_json(&routes::children(NodeId::ROOT)).await;
+    let page: common::api::ListPage = h.get_json(&routes::children(NodeId::ROOT)).await;
+    assert_eq!(page.next, None);
     assert_eq!(
-        entries.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+        page.entries
+            .iter()
+            .map(|e| e.name.as_str())
+            .collect::<Vec<_>>(),
         vec!["kept"]
     );
     let meta: NodeMeta = h.get_json(&routes::node(f.id)).await;
@@ -1527,6 +1531,69 @@ async fn a_service_fails_over_to_the_directory_url_that_answers_and_stays_there(
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
 }
 
+#[tokio::test]
+async fn a_listing_is_paged_by_a_name_cursor_and_bounded_by_the_server() {
+    let h = Harness::new(|_| {}).await;
+    let d = h.create(NodeId::ROOT, "big", FileKind::Dir).await;
+    let mut want = Vec::new();
+    for i in 0..7 {
+        let name = format!("e{i}");
+        h.create(d.id, &name, FileKind::File).await;
+        want.push(name);
+    }
+    want.sort();
+    let page = |after: Option<String>, limit: &str| {
+        let mut url = format!("{}?limit={limit}", h.dir(&routes::children(d.id)));
+        if let Some(a) = after {
+            url.push_str(&format!("&after={a}"));
+        }
+        h.http.get(url).bearer_auth(&h.token).send()
+    };
+    // Pages of 3: 3 + 3 + 1, each cursor the last name of its page, the last without one.
+    let mut got = Vec::new();
+    let mut after = None;
+    let mut pages = 0;
+    loop {
+        let r = page(after.clone(), "3").await.unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+        let p: common::api::ListPage = r.json().await.unwrap();
+        pages += 1;
+        assert!(p.entries.len() <= 3);
+        got.extend(p.entries.iter().map(|e| e.name.clone()));
+        match p.next {
+            Some(n) => {
+                assert_eq!(Some(&n), p.entries.last().map(|e| &e.name));
+                after = Some(n);
+            }
+            None => break,
+        }
+        assert!(pages < 10, "the cursor moves on");
+    }
+    assert_eq!((got, pages), (want.clone(), 3));
+    // A name made behind the cursor is not seen, one ahead is; none twice.
+    let first: common::api::ListPage = page(None, "2").await.unwrap().json().await.unwrap();
+    let cursor = first.next.clone().unwrap();
+    h.create(d.id, "a-behind", FileKind::File).await;
+    h.create(d.id, "z-ahead", FileKind::File).await;
+    let rest: common::api::ListPage = page(Some(cursor), "1000")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rest: Vec<String> = rest.entries.into_iter().map(|e| e.name).collect();
+    assert!(!rest.contains(&"a-behind".to_owned()));
+    assert_eq!(rest.last().map(String::as_str), Some("z-ahead"));
+    assert!(first.entries.iter().all(|e| !rest.contains(&e.name)));
+    // The server bounds what it is asked for: past its most is capped, 0 and bad cursors
+    // are refused.
+    let capped: common::api::ListPage = page(None, "100000").await.unwrap().json().await.unwrap();
+    assert_eq!(capped.entries.len(), 9);
+    assert_eq!(page(None, "0").await.unwrap().status(), 400);
+    assert_eq!(page(Some("a%2Fb".into()), "1").await.unwrap().status(), 400);
+    h.cluster.shutdown().await;
+}
+
 async fn poll_changes(
     h: &Harness,
     token: &str,
@@ -1795,6 +1862,6 @@ async fn a_cluster_on_etcd_keeps_its_namespace_there() {
         .get_json(&format!("{}/g", routes::children(NodeId::ROOT)))
         .await;
     assert_eq!(g.id, f.id);
-    let entries: Vec<common::DirEntry> = h.get_json(&routes::children(d.id)).await;
-    assert!(entries.is_empty());
+    let page: common::api::ListPage = h.get_json(&routes::children(d.id)).await;
+    assert!(page.entries.is_empty() && page.next.is_none());
 }

@@ -670,7 +670,7 @@ pub struct SplitCluster {
     tls: Option<dfs_server::tls::ClientTls>,
     /// Small disks (tmpfs) mounted for data dirs, unmounted on drop.
     small_disks: Vec<PathBuf>,
-    /// `--meta` of every directory instance (etcd), if not redb.
+    /// `--meta` for every directory instance and every lock instance (etcd), if any.
     meta: Option<String>,
     /// Ports of directory instances 2, 3, ... (`directory-2`, ...), all on `meta`.
     more_dir_ports: Vec<u16>,
@@ -724,6 +724,15 @@ impl SplitCluster {
         for n in 2..=directories {
             c.start_service(&format!("directory-{n}"));
         }
+        c.start_all();
+        c
+    }
+
+    /// As `start`, with the directory and the lock service on etcd (`--meta URL`): further
+    /// lock instances start as `lock-2`, `lock-3`, ... with `start_service`.
+    pub fn start_on_etcd(files: usize, meta: &str) -> SplitCluster {
+        let mut c = SplitCluster::unstarted(files, &[]);
+        c.meta = Some(meta.to_owned());
         c.start_all();
         c
     }
@@ -807,14 +816,16 @@ impl SplitCluster {
                 "--repair-interval-ms",
                 "200",
             ]);
-            if let Some(meta) = &self.meta {
-                cmd.arg("--meta").arg(meta);
-            }
         } else {
             cmd.arg("--directory").arg(directory);
         }
         if kind == "file" {
             cmd.args(&self.file_args);
+        }
+        if let Some(meta) = &self.meta
+            && (kind == "directory" || kind == "lock")
+        {
+            cmd.arg("--meta").arg(meta);
         }
         cmd.args(&self.service_args);
         let log = std::fs::File::create(self.root.path().join(format!("{name}.log"))).unwrap();

@@ -4,10 +4,8 @@
 //! right now is never touched. A copy without an index entry is left alone too (its state is
 //! unknown). An evicted file is simply downloaded again by its next open.
 
-use std::sync::atomic::Ordering;
-use std::time::SystemTime;
-
 use common::NodeId;
+use std::sync::atomic::Ordering;
 
 use super::DfsFs;
 use crate::error::FsResult;
@@ -37,42 +35,34 @@ impl DfsFs {
     }
 
     /// Evicts clean, closed copies, least recently opened first, until the cache fits its
-    /// budget. Returns the bytes freed.
+    /// budget. Returns the bytes freed. Walks the cache's index of copies from the least
+    /// recently used, so its cost follows the copies it looks at, not the cache's size.
     pub fn evict(&self) -> FsResult<u64> {
         self.evict_wanted.store(false, Ordering::Relaxed);
         self.cached_since_evict.store(0, Ordering::Relaxed);
-        let mut copies: Vec<(NodeId, u64, SystemTime)> = Vec::new();
-        let mut used = 0u64;
-        for e in std::fs::read_dir(self.cache.root().join("files"))?.flatten() {
-            let Some(node) = e.file_name().to_str().and_then(|n| n.parse().ok()) else {
-                continue;
-            };
-            let Ok(m) = e.metadata() else { continue };
-            used += m.len();
-            let used_at = self
-                .last_open(NodeId(node))
-                .or_else(|| m.modified().ok())
-                .unwrap_or(SystemTime::UNIX_EPOCH);
-            copies.push((NodeId(node), m.len(), used_at));
-        }
-        if used <= self.cache_budget {
-            return Ok(0);
-        }
-        copies.sort_by_key(|(_, _, at)| *at);
+        let (_, mut used) = self.cache.usage()?;
         let mut freed = 0;
-        for (node, size, _) in copies {
-            if used <= self.cache_budget {
+        let mut cursor = None;
+        'walk: while used > self.cache_budget {
+            let page = self.cache.least_used(cursor, 256);
+            if page.is_empty() {
                 break;
             }
-            // Whoever works on the file now (a push, an open) keeps it.
-            let lock = self.node_locks.get(node);
-            let Ok(_g) = lock.try_lock() else { continue };
-            if !self.evictable(node)? {
-                continue;
+            for (node, size, key) in page {
+                cursor = Some(key);
+                if used <= self.cache_budget {
+                    break 'walk;
+                }
+                // Whoever works on the file now (a push, an open) keeps it.
+                let lock = self.node_locks.get(node);
+                let Ok(_g) = lock.try_lock() else { continue };
+                if !self.evictable(node)? {
+                    continue;
+                }
+                self.cache.remove(node)?;
+                used = used.saturating_sub(size);
+                freed += size;
             }
-            self.cache.remove(node)?;
-            used = used.saturating_sub(size);
-            freed += size;
         }
         if freed > 0 {
             tracing::debug!(
@@ -97,21 +87,9 @@ impl DfsFs {
             && !self.is_unrecorded(node))
     }
 
-    /// When `node` was last opened here (since the mount started).
-    fn last_open(&self, node: NodeId) -> Option<SystemTime> {
-        self.opened_at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&node)
-            .copied()
-    }
-
-    /// Notes an open of `node`.
+    /// Notes an open of `node` (the order eviction follows).
     pub(super) fn note_open(&self, node: NodeId) {
-        self.opened_at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(node, SystemTime::now());
+        self.cache.touch(node);
     }
 }
 

@@ -264,7 +264,6 @@ pub struct DfsFs {
     cache_budget: u64,
     cached_since_evict: AtomicU64,
     evict_wanted: AtomicBool,
-    opened_at: Mutex<HashMap<NodeId, SystemTime>>,
     /// This mount's session at the lock service, the application locks it may hold or wait
     /// for, their lease, and the renewal loop's wake-up (see `applock.rs`).
     session: common::UploadId,
@@ -399,7 +398,6 @@ impl DfsFs {
             cached_since_evict: AtomicU64::new(0),
             // The first uploader pass checks the budget.
             evict_wanted: AtomicBool::new(true),
-            opened_at: Mutex::new(HashMap::new()),
             session: common::UploadId::from_bytes(rand::random()),
             app_locks: Mutex::new(std::collections::HashSet::new()),
             app_ranges: Mutex::new(HashMap::new()),

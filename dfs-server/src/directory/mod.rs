@@ -3,10 +3,14 @@
 //! transaction: rename is atomic.
 
 pub mod access;
+mod bulk;
+mod counters;
 pub mod feed;
+mod paging;
 pub mod placement;
 pub mod registry;
 pub mod repair;
+pub mod replicas;
 pub mod requests;
 pub mod routes;
 
@@ -43,8 +47,10 @@ const CLUSTER_ID: &str = "cluster_id";
 const FORMAT: &str = "format";
 const FORMAT_LINKS: u64 = 2;
 const FORMAT_NAMES: u64 = 3;
+/// Versions committed per etcd transaction by `commit_batch`.
+const COMMITS_PER_ETCD_TXN: usize = 16;
 /// Copies recorded per transaction by `add_holders`.
-const HOLDERS_PER_TXN: usize = 32;
+const HOLDERS_PER_TXN: usize = 24;
 
 /// A number kept in `dir_meta`.
 fn meta_get(tx: &Txn, key: &str) -> ServiceResult<Option<u64>> {
@@ -82,7 +88,6 @@ pub struct DirectoryService {
     /// File servers, liveness and lock/auth URLs.
     pub registry: Registry,
     config: DirectoryConfig,
-    counts: std::sync::Mutex<std::collections::HashMap<ServerId, (u64, u64)>>,
     cluster_id: u64,
     /// Signs the capabilities file servers serve blobs against (the cluster key).
     capability_key: String,
@@ -226,8 +231,10 @@ fn update_if_current_in(
     if &meta.hash != hash {
         return Ok(());
     }
+    let before = meta.clone();
     f(&mut meta);
-    put_node_quiet(tx, &meta)
+    put_node_quiet(tx, &meta)?;
+    replicas::node_changed(tx, Some(&before), Some(&meta))
 }
 
 fn touch_dir(tx: &Txn, id: NodeId, now: u64) -> ServiceResult<()> {
@@ -272,6 +279,7 @@ fn drop_link(tx: &Txn, mut meta: NodeMeta, parent: NodeId, now: u64) -> ServiceR
         let left = count_names(tx, meta.id)?;
         if left == 0 {
             delete_node(tx, meta.id)?;
+            replicas::node_changed(tx, Some(&meta), None)?;
             return Ok(meta);
         }
         tracing::warn!(id = %meta.id, left, "link count was short of the names; recounted");
@@ -418,6 +426,7 @@ fn commit_in(
             "mode has bits beyond 07777".into(),
         ));
     }
+    let before = meta.clone();
     let superseded = Superseded {
         hash: meta.hash.clone(),
         holders: meta.holders.clone(),
@@ -461,6 +470,7 @@ fn commit_in(
     meta.ctime_ns = now;
     meta.committed_ns = now;
     put_node(tx, &meta)?;
+    replicas::node_changed(tx, Some(&before), Some(&meta))?;
     tracing::debug!(%id, version = meta.version, writer = %req.writer, "version committed");
     Ok(Ok(CommitResponse {
         meta,
@@ -529,50 +539,48 @@ impl DirectoryService {
             // it before touching anything (there is no downgrade).
             let stored = meta_get(tx, FORMAT)?;
             if let Some(f) = stored
-                && f > FORMAT_NAMES
+                && f > replicas::FORMAT
             {
                 return Err(ServiceError::Internal(format!(
                     "{} is format {f}, written by a newer dfs; this dfs-server knows formats \
-                     up to {FORMAT_NAMES} and does not downgrade a store: run the newer \
-                     dfs-server",
-                    store.describe()
+                     up to {} and does not downgrade a store: run the newer dfs-server",
+                    store.describe(),
+                    replicas::FORMAT
                 )));
             }
             let fresh = meta_get(tx, NEXT_ID)?.is_none();
             if fresh {
                 let now = now_ns();
-                put_node(
-                    tx,
-                    &NodeMeta {
-                        id: NodeId::ROOT,
-                        parent: NodeId::ROOT,
-                        kind: FileKind::Dir,
-                        // Everyone may make entries at the top, and remove only their own
-                        // (as /tmp); the administrator makes private directories below it.
-                        mode: 0o1777,
-                        owner: "root".into(),
-                        uid: 0,
-                        gid: 0,
-                        size: 0,
-                        version: 0,
-                        mtime_ns: now,
-                        ctime_ns: now,
-                        atime_ns: now,
-                        nlink: 2,
-                        rdev: 0,
-                        committed_ns: now,
-                        hash: ContentHash::empty(),
-                        primary: None,
-                        replicas: vec![],
-                        holders: vec![],
-                        symlink_target: None,
-                        fence: FenceToken(0),
-                        recent_uploads: vec![],
-                        writeback: None,
-                    },
-                )?;
+                let root = NodeMeta {
+                    id: NodeId::ROOT,
+                    parent: NodeId::ROOT,
+                    kind: FileKind::Dir,
+                    // Everyone may make entries at the top, and remove only their own
+                    // (as /tmp); the administrator makes private directories below it.
+                    mode: 0o1777,
+                    owner: "root".into(),
+                    uid: 0,
+                    gid: 0,
+                    size: 0,
+                    version: 0,
+                    mtime_ns: now,
+                    ctime_ns: now,
+                    atime_ns: now,
+                    nlink: 2,
+                    rdev: 0,
+                    committed_ns: now,
+                    hash: ContentHash::empty(),
+                    primary: None,
+                    replicas: vec![],
+                    holders: vec![],
+                    symlink_target: None,
+                    fence: FenceToken(0),
+                    recent_uploads: vec![],
+                    writeback: None,
+                };
+                put_node(tx, &root)?;
                 meta_put(tx, NEXT_ID, NodeId::ROOT.0 + 1)?;
-                meta_put(tx, FORMAT, FORMAT_NAMES)?;
+                replicas::init(tx, config.replication, &root)?;
             }
             let format = meta_get(tx, FORMAT)?.unwrap_or(1);
             if format < FORMAT_LINKS {
@@ -610,6 +618,7 @@ impl DirectoryService {
             }
             Ok(cluster_id)
         })?;
+        replicas::open(&store, config.replication)?;
         // A read view: a registry of any size is never part of a write (etcd compares every
         // key a write read).
         let registry =
@@ -619,14 +628,12 @@ impl DirectoryService {
             store,
             registry,
             config,
-            counts: Default::default(),
             cluster_id,
             capability_key: String::new(),
             https_only: false,
             feed: store_feed,
             ids: std::sync::Mutex::new((0, 0)),
         };
-        svc.set_counts(&svc.files()?);
         Ok(svc)
     }
 
@@ -932,6 +939,7 @@ impl DirectoryService {
                 writeback: None,
             };
             put_node(tx, &meta)?;
+            replicas::node_changed(tx, None, Some(&meta))?;
             add_name(tx, parent, req.name.as_str(), id)?;
             let subdirs = i64::from(req.kind == FileKind::Dir);
             touch_dir_links(tx, parent, now, subdirs)?;
@@ -981,6 +989,7 @@ impl DirectoryService {
             let now = now_ns();
             if meta.kind == FileKind::Dir {
                 delete_node(tx, id)?;
+                replicas::node_changed(tx, Some(&meta), None)?;
                 touch_dir_links(tx, parent, now, -1)?;
                 return Ok(NodeMeta { nlink: 0, ..meta });
             }
@@ -1078,6 +1087,7 @@ impl DirectoryService {
             let replaced = match replaced {
                 Some(old) if old.kind == FileKind::Dir => {
                     delete_node(tx, old.id)?;
+                    replicas::node_changed(tx, Some(&old), None)?;
                     to_links -= 1;
                     Some(NodeMeta { nlink: 0, ..old })
                 }
@@ -1271,12 +1281,24 @@ impl DirectoryService {
                 common::api::MAX_BATCH_ITEMS
             )));
         }
-        let results: Vec<ServiceResult<CommitResponse>> = self.store.write(|tx| {
-            req.items
-                .iter()
-                .map(|i| commit_in(tx, i.node, &i.commit))
-                .collect()
-        })?;
+        // One transaction on redb. On etcd a commit reads and writes a few keys of its own
+        // (its node, its repair queue entry) besides the shared counters' shards: a batch
+        // goes in chunks that stay within `--max-txn-ops`, each durable before the next. A
+        // batch cut short by an error is retried whole by its client, and a version already
+        // committed by an earlier chunk is recognised by its upload id.
+        let per = match &self.store {
+            MetaStore::Redb(_) => req.items.len().max(1),
+            MetaStore::Etcd(_) => COMMITS_PER_ETCD_TXN,
+        };
+        let mut results: Vec<ServiceResult<CommitResponse>> = Vec::with_capacity(req.items.len());
+        for part in req.items.chunks(per) {
+            let done: Vec<ServiceResult<CommitResponse>> = self.store.write(|tx| {
+                part.iter()
+                    .map(|i| commit_in(tx, i.node, &i.commit))
+                    .collect()
+            })?;
+            results.extend(done);
+        }
         for (i, r) in req.items.iter().zip(&results) {
             if matches!(r, Err(ServiceError::Conflict(_))) {
                 self.end_intent(i.node, &i.commit.upload_id);
@@ -1308,20 +1330,6 @@ impl DirectoryService {
             });
             put_node_quiet(tx, &meta)?;
             Ok(meta)
-        })
-    }
-
-    /// Every regular file's metadata (for the repair loop).
-    pub fn files(&self) -> ServiceResult<Vec<NodeMeta>> {
-        self.store.read(|tx| {
-            let mut out = Vec::new();
-            for (_, v) in tx.all(NODES)? {
-                let m: NodeMeta = decode(&v)?;
-                if m.kind == FileKind::File {
-                    out.push(m);
-                }
-            }
-            Ok(out)
         })
     }
 
@@ -1383,8 +1391,9 @@ impl DirectoryService {
         let live = self.registry.live();
         let replication = usize::try_from(self.config.replication).unwrap_or(usize::MAX);
         // Each copy is recorded alone (a lost one is found again by the repair loop), so
-        // they need not share one transaction: 32 files per transaction stays well within
-        // etcd's `--max-txn-ops` (128 by default).
+        // they need not share one transaction: 24 files per transaction (each up to four
+        // writes with the holdings index and the repair queue) stays within etcd's
+        // `--max-txn-ops` (128 by default).
         for chunk in items.chunks(HOLDERS_PER_TXN) {
             self.store.write_lazy(|tx| {
                 for item in chunk {
@@ -1410,19 +1419,9 @@ impl DirectoryService {
         self.update_if_current(id, hash, |m| m.holders.retain(|h| *h != server))
     }
 
-    /// Node count and total bytes.
+    /// Node count and total bytes (from the counters kept with every change).
     pub fn statfs(&self) -> ServiceResult<StatFs> {
-        let (nodes, bytes) = self.store.read(|tx| {
-            let all = tx.all(NODES)?;
-            let mut bytes = 0u64;
-            for (_, v) in &all {
-                let m: NodeMeta = decode(v)?;
-                if m.kind == FileKind::File {
-                    bytes = bytes.saturating_add(m.size);
-                }
-            }
-            Ok((all.len() as u64, bytes))
-        })?;
+        let (nodes, bytes) = self.store.read(counters::totals)?;
         // Every file takes `copies` bytes of disk per byte: the size and room one copy has.
         let (total, free, reporting) = self.registry.live_space();
         let copies = u64::from(self.config.replication)
@@ -1436,26 +1435,13 @@ impl DirectoryService {
         })
     }
 
-    /// Per-server (primaries, replicas) counts, as of the last repair pass (computing them
-    /// scans every node, so requests never do it).
+    /// Per-server (primaries, replicas) counts, from the counters kept with every change.
     pub fn placement_counts(&self) -> std::collections::HashMap<ServerId, (u64, u64)> {
-        self.counts.lock().map(|c| c.clone()).unwrap_or_default()
-    }
-
-    /// Recomputes the placement counts from `files`.
-    pub fn set_counts(&self, files: &[NodeMeta]) {
-        let mut counts = std::collections::HashMap::new();
-        for m in files {
-            if let Some(p) = m.primary {
-                counts.entry(p).or_insert((0, 0)).0 += 1;
-            }
-            for r in &m.replicas {
-                counts.entry(*r).or_insert((0, 0)).1 += 1;
-            }
-        }
-        if let Ok(mut c) = self.counts.lock() {
-            *c = counts;
-        }
+        let counts = self.store.read(replicas::placement_counts);
+        counts.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "reading the placement counters failed");
+            Default::default()
+        })
     }
 
     /// Registers a file server (persisted) and marks it alive.

@@ -7,12 +7,14 @@
 //!   is copied from a live holder to another live server: first a placement member that missed
 //!   versions (a returning server catches up), else a new server.
 //!
+//! A pass serves a bounded batch of the queue of files that need repair (`replicas.rs`), not
+//! every file: its cost follows the work to do, not the size of the namespace.
+//!
 //! A pass never waits for its copies: they run in the background (at most
 //! `max_copies_per_pass` at once, one per file), so a slow or stopped copy target can never
 //! delay the failover of another file to the next pass.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::meta::as_leader;
 
 use super::DirectoryService;
+use super::replicas::Settle;
 use crate::peer::Peer;
 
 /// What one file needs.
@@ -126,60 +129,103 @@ impl InFlight {
     }
 }
 
-/// One pass over every file: failovers done at once, copies started in the background (see
-/// the module docs). Returns (promotions done, copies started).
+/// Files taken from the queue per pass.
+pub const BATCH: usize = 1024;
+
+/// How long a file no live server holds waits before it is planned again (a holder's return
+/// queues it at once anyway).
+const UNAVAILABLE_RETRY: Duration = Duration::from_secs(30);
+
+/// One pass over a bounded batch of the queue of files needing repair (see `replicas.rs`):
+/// deaths and returns of servers noted first (their files queued through the holdings index),
+/// then failovers done at once, copies started in the background (see the module docs), and
+/// each entry settled. Returns (promotions done, copies started).
 pub async fn pass(
     svc: &Arc<DirectoryService>,
     peer: &Peer,
     cfg: &RepairConfig,
     inflight: &InFlight,
 ) -> (usize, usize) {
-    let live = svc.registry.live();
-    let files = {
+    let (promoted, started, _) = pass_full(svc, peer, cfg, inflight).await;
+    (promoted, started)
+}
+
+/// [`pass`], also telling whether the batch was full (more work may be due at once).
+async fn pass_full(
+    svc: &Arc<DirectoryService>,
+    peer: &Peer,
+    cfg: &RepairConfig,
+    inflight: &InFlight,
+) -> (usize, usize, bool) {
+    let servers: Vec<(ServerId, bool, bool)> = svc
+        .registry
+        .status(&Default::default())
+        .into_iter()
+        .map(|s| (s.id, s.alive, s.last_heartbeat_ms_ago.is_some()))
+        .collect();
+    let live: Vec<ServerId> = servers.iter().filter(|s| s.1).map(|s| s.0).collect();
+    let batch = {
         let svc = svc.clone();
-        match tokio::task::spawn_blocking(move || svc.files()).await {
-            Ok(Ok(f)) => f,
+        let r = tokio::task::spawn_blocking(move || {
+            as_leader(|| svc.note_servers(&servers))?;
+            svc.repair_batch(BATCH)
+        })
+        .await;
+        match r {
+            Ok(Ok(b)) => b,
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, "repair: listing files failed");
-                return (0, 0);
+                tracing::warn!(error = %e, "repair: reading the queue failed");
+                return (0, 0, false);
             }
-            Err(_) => return (0, 0),
+            Err(_) => return (0, 0, false),
         }
     };
-    svc.set_counts(&files);
-    // Failovers first, for every file: they are cheap and writes wait on them.
+    let full = batch.len() >= BATCH;
+    let now = crate::store::now_ms();
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let later = now.saturating_add(ms(cfg.interval));
+    // Failovers first: they are cheap and writes wait on them.
     let mut promoted = 0;
     let mut copies = Vec::new();
-    for meta in files {
-        match plan(&meta, &live, svc.replication()) {
-            Repair::None | Repair::Unavailable => {}
+    let mut settled = Vec::with_capacity(batch.len());
+    for (id, meta) in batch {
+        let Some(meta) = meta else {
+            settled.push((id, None, Settle::Check));
+            continue;
+        };
+        let settle = match plan(&meta, &live, svc.replication()) {
+            Repair::None => Settle::Check,
+            Repair::Unavailable => Settle::RetryAt(now.saturating_add(ms(UNAVAILABLE_RETRY))),
             Repair::Promote(to) => match as_leader(|| svc.promote(meta.id, &meta.hash, to)) {
                 Ok(()) => {
                     promoted += 1;
                     tracing::warn!(node = %meta.id, old = ?meta.primary, new = %to, "primary failed over");
+                    Settle::Check
                 }
-                Err(e) => tracing::warn!(node = %meta.id, error = %e, "failover failed"),
+                Err(e) => {
+                    tracing::warn!(node = %meta.id, error = %e, "failover failed");
+                    Settle::RetryAt(later)
+                }
             },
             // Empty content needs no bytes moved: record it at once.
             Repair::Copy { to, .. } if meta.hash.as_str() == ContentHash::EMPTY_HEX => {
                 if let Err(e) = as_leader(|| svc.add_holder(meta.id, &meta.hash, to)) {
                     tracing::warn!(node = %meta.id, error = %e, "recording a copy failed");
                 }
+                Settle::Check
             }
             Repair::Copy { from, to } => {
                 if !inflight.set().contains(&meta.id) {
-                    copies.push((meta, from, to));
+                    copies.push((meta.clone(), from, to));
                 }
+                // Under way (now or soon): looked at again next pass, after the others due.
+                Settle::RetryAt(later)
             }
-        }
+        };
+        settled.push((id, Some(meta), settle));
     }
-    // Then a bounded number of copies, concurrently, starting at a different file each pass so
-    // that copies that keep failing cannot starve the rest.
-    if !copies.is_empty() {
-        let start =
-            usize::try_from(PASS.fetch_add(1, Ordering::Relaxed)).unwrap_or(0) % copies.len();
-        copies.rotate_left(start);
-    }
+    // Then a bounded number of copies, concurrently; the ones left over wait for a later
+    // pass (their entries were re-dated behind the others due, so they cannot starve them).
     copies.truncate(cfg.max_copies_per_pass.saturating_sub(inflight.len()));
     let started = copies.len();
     for (meta, from, to) in copies {
@@ -197,10 +243,16 @@ pub async fn pass(
             inflight.set().remove(&meta.id);
         });
     }
-    (promoted, started)
+    let settle_svc = svc.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        as_leader(|| settle_svc.settle_repairs(&settled, &live))
+    })
+    .await;
+    if let Ok(Err(e)) = r {
+        tracing::warn!(error = %e, "repair: settling the queue failed; its entries are served again");
+    }
+    (promoted, started, full)
 }
-
-static PASS: AtomicU64 = AtomicU64::new(0);
 
 async fn copy(
     svc: &DirectoryService,
@@ -258,8 +310,13 @@ pub async fn run(
                 tracing::warn!(error = %e, "reading the shared registry failed");
             }
         }
-        if svc.is_leader() {
-            pass(&svc, &peer, &cfg, &inflight).await;
+        // A full batch with failovers in it: more may be due, and writes wait on them.
+        while svc.is_leader() {
+            let (promoted, _, full) = pass_full(&svc, &peer, &cfg, &inflight).await;
+            if !(full && promoted > 0) || cancel.is_cancelled() {
+                break;
+            }
+            tokio::task::yield_now().await;
         }
     }
 }

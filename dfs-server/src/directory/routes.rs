@@ -5,11 +5,11 @@ use std::sync::Arc;
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use common::api::{
-    ChangesQuery, ChangesResponse, ClusterInfo, CommitRequest, CreateRequest,
+    ChangesQuery, ChangesResponse, ClusterInfo, CommitRequest, CreateRequest, ListPage, ListQuery,
     RegisterServerRequest, RegisterServerResponse, RegisterServiceRequest, RemoveQuery,
     RenameRequest, SetAttrRequest, StatFs,
 };
-use common::{DirEntry, NodeId, NodeMeta, ServerId, ValidName, routes};
+use common::{NodeId, NodeMeta, ServerId, ValidName, routes};
 
 use super::feed::{Feed, with_origin};
 use super::{DirectoryService, RequestId};
@@ -205,9 +205,13 @@ async fn list(
     axum::extract::State(svc): State,
     Authed(who): Authed,
     ApiPath(id): ApiPath<u64>,
-) -> ApiResult<Json<Vec<DirEntry>>> {
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> ApiResult<Json<ListPage>> {
     let who = who.caller().id;
-    Ok(Json(blocking(move || svc.list(NodeId(id), &who)).await?))
+    let after = q.after.as_deref().map(name).transpose()?;
+    Ok(Json(
+        blocking(move || svc.list_page(NodeId(id), after.as_ref(), q.limit, &who)).await?,
+    ))
 }
 
 async fn create(

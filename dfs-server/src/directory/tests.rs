@@ -50,7 +50,15 @@ macro_rules! conformance {
 
 /// A directory over the shared test etcd, under a prefix named after `dir` (a reopen of the
 /// same `dir` finds the same namespace). Without etcd the test fails, saying what to install.
-fn open_on_etcd(dir: &Path) -> ServiceResult<DirectoryService> {
+pub(super) fn open_on_etcd(dir: &Path) -> ServiceResult<DirectoryService> {
+    open_on_etcd_with(dir, DirectoryConfig::default())
+}
+
+/// [`open_on_etcd`] with `config`.
+pub(super) fn open_on_etcd_with(
+    dir: &Path,
+    config: DirectoryConfig,
+) -> ServiceResult<DirectoryService> {
     let etcd = crate::testing::shared_etcd().unwrap_or_else(|e| panic!("{e}"));
     let name = dir
         .file_name()
@@ -59,7 +67,7 @@ fn open_on_etcd(dir: &Path) -> ServiceResult<DirectoryService> {
         .replace(|c: char| !c.is_ascii_alphanumeric(), "-");
     let meta =
         crate::meta::MetaConfig::parse(&etcd.meta_url(&format!("test/{name}"))).expect("meta url");
-    DirectoryService::open_meta(dir, &meta, DirectoryConfig::default())
+    DirectoryService::open_meta(dir, &meta, config)
 }
 
 conformance! {
@@ -663,6 +671,8 @@ proptest::proptest! {
                 proptest::prop_assert_eq!(a.3, m.nlink(&a.0), "links of {:?} after {:?}", a.0, op);
             }
             proptest::prop_assert_eq!(svc.get(NodeId::ROOT).expect("root").nlink, m.nlink(&vec![]));
+            // The counters, holdings and queue are what a scan would make of the nodes.
+            proptest::prop_assert_eq!(replicas::check_against_scan(&svc), Ok(()), "after {:?}", op);
             // The names index is exactly `children`, reversed.
             let (got, want) = names_index(&svc);
             proptest::prop_assert_eq!(&got, &want, "names index after {:?}", op);
@@ -1778,7 +1788,7 @@ fn regression_a_store_of_a_newer_format_is_refused_untouched() {
         let svc = open(dir.path());
         svc.store
             .write(|tx| {
-                tx.put(META, &FORMAT.to_owned(), &(FORMAT_NAMES + 1))?;
+                tx.put(META, &FORMAT.to_owned(), &(replicas::FORMAT + 1))?;
                 Ok(())
             })
             .expect("rewrite");
@@ -1789,7 +1799,7 @@ fn regression_a_store_of_a_newer_format_is_refused_untouched() {
     };
     assert!(err.contains("newer dfs"), "{err}");
     assert!(
-        err.contains(&format!("format {}", FORMAT_NAMES + 1)),
+        err.contains(&format!("format {}", replicas::FORMAT + 1)),
         "{err}"
     );
 }
@@ -1867,7 +1877,7 @@ fn the_store_upgrade_is_idempotent() {
     };
     let first = state();
     assert_eq!(first.1.0, first.1.1, "the index is built");
-    assert_eq!((first.2, first.3), (Some(FORMAT_NAMES), 2));
+    assert_eq!((first.2, first.3), (Some(replicas::FORMAT), 2));
     assert_eq!(state(), first, "reopening changes nothing");
     assert_eq!(state(), first, "nor does a third open");
 }
@@ -2048,8 +2058,9 @@ fn remembered_answers_expire_a_bounded_few_per_operation() {
     assert_eq!(count(), (4, 4), "8 expired ones removed, 3 left and the new one");
 }
 
-/// The largest batches the routes admit fit one transaction of either engine (etcd refuses
-/// more than `--max-txn-ops`, 128 by default, compares or writes in one).
+/// The largest batches the routes admit are recorded whole on either engine (etcd refuses
+/// more than `--max-txn-ops`, 128 by default, compares or writes in one transaction: the
+/// directory cuts them into chunks there).
 #[test]
 fn the_largest_batches_are_recorded_whole() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -60,7 +60,7 @@ async fn renew(
     ApiPath(id): ApiPath<u64>,
     ApiJson(req): ApiJson<LockRequest>,
 ) -> ApiResult<Json<Grant>> {
-    Ok(Json(svc.renew(NodeId(id), &req.waiter)?))
+    Ok(Json(svc.renew(NodeId(id), &req.waiter).await?))
 }
 
 async fn release(
@@ -69,7 +69,7 @@ async fn release(
     ApiPath(id): ApiPath<u64>,
     ApiJson(req): ApiJson<LockRequest>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    svc.release(NodeId(id), &req.waiter)?;
+    svc.release(NodeId(id), &req.waiter).await?;
     Ok(Json(serde_json::json!({})))
 }
 
@@ -77,7 +77,7 @@ async fn status(
     axum::extract::State(svc): State,
     _who: Authed,
 ) -> ApiResult<Json<Vec<LockStatus>>> {
-    Ok(Json(svc.status()?))
+    Ok(Json(svc.status().await?))
 }
 
 async fn app_lock(
@@ -88,8 +88,7 @@ async fn app_lock(
 ) -> ApiResult<Json<common::api::AppLockResponse>> {
     let wait = Duration::from_millis(req.wait_ms);
     Ok(Json(
-        svc.apps
-            .lock(NodeId(id), &req.owner, req.shared, who.name(), wait)
+        svc.app_lock(NodeId(id), &req.owner, req.shared, who.name(), wait)
             .await?,
     ))
 }
@@ -100,7 +99,7 @@ async fn app_unlock(
     ApiPath(id): ApiPath<u64>,
     ApiJson(req): ApiJson<common::api::AppLockQuery>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    svc.apps.unlock(NodeId(id), &req.owner)?;
+    svc.app_unlock(NodeId(id), &req.owner).await?;
     Ok(Json(serde_json::json!({})))
 }
 
@@ -110,7 +109,9 @@ async fn app_test(
     ApiPath(id): ApiPath<u64>,
     ApiJson(req): ApiJson<common::api::AppLockQuery>,
 ) -> ApiResult<Json<Option<common::api::AppLockConflict>>> {
-    Ok(Json(svc.apps.test(NodeId(id), &req.owner, req.shared)?))
+    Ok(Json(
+        svc.app_test(NodeId(id), &req.owner, req.shared).await?,
+    ))
 }
 
 async fn app_renew(
@@ -118,6 +119,6 @@ async fn app_renew(
     _who: Authed,
     ApiJson(req): ApiJson<common::api::AppLockRenew>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let held = svc.apps.renew(&req.session, &req.locks)?;
+    let held = svc.app_renew(&req.session, &req.locks).await?;
     Ok(Json(serde_json::json!({ "held": held })))
 }

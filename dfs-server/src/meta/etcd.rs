@@ -124,6 +124,10 @@ struct Shared {
     leader: std::sync::atomic::AtomicBool,
     /// The campaign's current lease (0: none).
     lease: std::sync::atomic::AtomicI64,
+    /// This instance ever campaigned: from then on its fenced writes need the leader key (an
+    /// instance that never campaigns, e.g. a tool or a unit test driving a repair pass,
+    /// writes unfenced).
+    campaigned: std::sync::atomic::AtomicBool,
     /// The feed epoch every instance on this prefix computes alike: the etcd cluster's id and
     /// the prefix.
     epoch: u64,
@@ -358,6 +362,7 @@ impl EtcdStore {
                 instance: format!("{:032x}", rand::random::<u128>()),
                 leader: std::sync::atomic::AtomicBool::new(false),
                 lease: std::sync::atomic::AtomicI64::new(0),
+                campaigned: std::sync::atomic::AtomicBool::new(false),
             }),
             runtime: Some(runtime),
             commits: AtomicU64::new(0),
@@ -389,6 +394,7 @@ impl EtcdStore {
         if e.is_some() {
             return;
         }
+        self.shared.campaigned.store(true, Ordering::SeqCst);
         let stop = tokio_util::sync::CancellationToken::new();
         self.shared
             .handle
@@ -449,6 +455,7 @@ impl EtcdStore {
         origin: Origin,
         fenced: bool,
     ) -> ServiceResult<T> {
+        let fenced = fenced && self.shared.campaigned.load(Ordering::SeqCst);
         blocking(|| {
             for attempt in 0..MAX_ATTEMPTS {
                 if attempt > 0 {

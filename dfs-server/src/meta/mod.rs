@@ -224,6 +224,32 @@ impl MetaValue for String {
     }
 }
 
+/// A fixed-width redb value stored as the bytes redb stores for it.
+macro_rules! fixed_value {
+    ($t:ty) => {
+        impl MetaValue for $t {
+            type Redb = $t;
+            fn as_redb(&self) -> $t {
+                *self
+            }
+            fn from_redb(v: $t) -> Self {
+                v
+            }
+            fn to_bytes(&self) -> Vec<u8> {
+                let b = <$t as ::redb::Value>::as_bytes(self);
+                AsRef::<[u8]>::as_ref(&b).to_vec()
+            }
+            fn from_bytes(b: &[u8]) -> Option<Self> {
+                (Some(b.len()) == <$t as ::redb::Value>::fixed_width())
+                    .then(|| <$t as ::redb::Value>::from_bytes(b))
+            }
+        }
+    };
+}
+
+fixed_value!(bool);
+fixed_value!((u64, u64));
+
 impl MetaValue for () {
     type Redb = ();
     fn as_redb(&self) {}

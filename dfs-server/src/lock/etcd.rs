@@ -1,0 +1,904 @@
+//! The etcd engine of the lock service: write locks and application locks kept in etcd, so
+//! that any number of lock instances over one etcd cluster serve any request (they keep no
+//! state of their own).
+//!
+//! Layout, under `<prefix>/locks/` (`--meta etcd://.../<prefix>`):
+//! - `w/<node>/<waiter>`: a write-lock waiter; value: the user's name. The queue of a file is
+//!   its keys in create-revision order; the first one holds the lock.
+//! - `a/<node>/<session>.<owner>`: an application lock request; value: `s` or `x` (shared,
+//!   exclusive), then the user's name. Granted: the first key, and the shared keys right
+//!   behind a shared first one (nobody overtakes a waiting exclusive request).
+//! - `fence_base`: a decimal u64 added to every fencing token (0 when absent).
+//!
+//! Every key is attached to an etcd lease of its own (the configured lease, in whole seconds):
+//! a holder's renewal and a waiter's poll are keepalives of its key's lease, so a dead holder
+//! or a waiter that stopped polling goes when etcd expires the lease and deletes the key
+//! (within the lease and etcd's 0.5 s expiry check). etcd 3.4 gives every lease its full TTL
+//! again (plus its election timeout) when a new leader takes over, so after a leader change a
+//! dead holder's lock goes at most a lease and an election timeout after the new leader took
+//! over (ARCHITECTURE.md, *Locks on etcd*).
+//!
+//! A write lock's fencing token is `fence_base + create revision of the holder's key`: the
+//! heads of a file's queue follow one another in create-revision order, and revisions never
+//! go back in one etcd cluster, so tokens only grow per file across every instance and
+//! restart. `fence_base` lets a cluster moved from the redb engine continue above every
+//! token the file servers accepted (`set_fence_base`, with `local::fence_high_water`).
+//!
+//! Waiters wait on an etcd watch of their file's keys (from the revision they last read), not
+//! on a timer; while they wait, their own lease is kept alive.
+
+use std::time::Duration;
+
+use common::api::{AcquireResponse, AppLockConflict, AppLockResponse, Grant, LockOwner};
+use common::api::{LockStatus, WaiterId};
+use common::{FenceToken, NodeId, UploadId};
+use etcd_client::{
+    Client, Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, TxnOp,
+    TxnOpResponse, WatchFilterType, WatchOptions,
+};
+use tokio::time::Instant;
+
+use super::LockConfig;
+use crate::error::{ServiceError, ServiceResult};
+use crate::meta::etcd::EtcdConfig;
+
+/// How long one etcd call may take.
+pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause before sending again a call no member received.
+const RESEND_PAUSE: Duration = Duration::from_millis(20);
+/// Most keys one listing reads (a file's queue, oldest first, or `status`): a waiter further
+/// back than this finds no place and is refused as unavailable.
+const MAX_KEYS: i64 = 10_000;
+/// Times one acquire call joins a queue that keeps losing its key (lapsed or released).
+const MAX_JOINS: u32 = 3;
+/// Most application locks one renewal extends.
+const MAX_RENEW: usize = 10_000;
+
+/// The key (under `<prefix>/`) holding the fence base.
+pub const FENCE_BASE_KEY: &str = "locks/fence_base";
+
+/// One key of a queue.
+#[derive(Debug, Clone)]
+struct Entry {
+    key: Vec<u8>,
+    create: i64,
+    lease: i64,
+    value: Vec<u8>,
+}
+
+/// A file's queue as read at one revision.
+struct Queue {
+    entries: Vec<Entry>,
+    /// The revision it was read at.
+    rev: i64,
+    base: u64,
+}
+
+impl Queue {
+    fn position(&self, key: &[u8]) -> Option<usize> {
+        self.entries.iter().position(|e| e.key == key)
+    }
+
+    /// How many entries at the head are granted (application locks).
+    fn granted(&self) -> usize {
+        match self.entries.first() {
+            None => 0,
+            Some(e) if !is_shared(&e.value) => 1,
+            Some(_) => self
+                .entries
+                .iter()
+                .take_while(|e| is_shared(&e.value))
+                .count(),
+        }
+    }
+}
+
+fn is_shared(value: &[u8]) -> bool {
+    value.first() == Some(&b's')
+}
+
+fn user_of(value: &[u8]) -> String {
+    String::from_utf8_lossy(value.get(1..).unwrap_or_default()).into_owned()
+}
+
+fn unavailable(endpoints: &str, what: &str, e: impl std::fmt::Display) -> ServiceError {
+    ServiceError::Unavailable(format!("etcd at {endpoints} failed {what}: {e}"))
+}
+
+/// The lock tables of every instance over one etcd prefix.
+pub struct EtcdLocks {
+    client: Client,
+    /// `<prefix>/locks/`
+    root: String,
+    /// `<prefix>/locks/fence_base`
+    base_key: Vec<u8>,
+    endpoints: String,
+    fence_key: String,
+    config: LockConfig,
+    /// The etcd lease TTL of every key, in seconds.
+    ttl: i64,
+}
+
+/// Connects a client to `config`'s endpoints, bounded by `OP_TIMEOUT`.
+async fn connect(config: &EtcdConfig) -> ServiceResult<Client> {
+    let endpoints = config.endpoints.join(",");
+    let options = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(OP_TIMEOUT)
+        .with_timeout(OP_TIMEOUT)
+        .with_keep_alive(Duration::from_secs(10), OP_TIMEOUT);
+    match tokio::time::timeout(
+        OP_TIMEOUT,
+        Client::connect(config.endpoints.clone(), Some(options)),
+    )
+    .await
+    {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(ServiceError::Unavailable(format!(
+            "connecting to etcd at {endpoints}: {e}"
+        ))),
+        Err(_) => Err(ServiceError::Unavailable(format!(
+            "etcd at {endpoints} did not answer within {} s",
+            OP_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// Writes the fence base of the cluster at `config` (the migration from redb: pass
+/// `local::fence_high_water` of the old lock service's data directory, before any lock
+/// instance on etcd starts). Refuses to lower an existing base: tokens must never go back.
+pub async fn set_fence_base(config: &EtcdConfig, base: u64) -> ServiceResult<()> {
+    let client = connect(config).await?;
+    let key = format!("{}/{FENCE_BASE_KEY}", config.prefix).into_bytes();
+    let mut kv = client.kv_client();
+    let current = tokio::time::timeout(OP_TIMEOUT, kv.get(key.clone(), None))
+        .await
+        .map_err(|_| ServiceError::Unavailable("etcd did not answer reading the base".into()))?
+        .map_err(|e| unavailable(&config.endpoints.join(","), "reading the fence base", e))?;
+    let (old, rev) = match current.kvs().first() {
+        Some(kv) => (parse_base(kv.value())?, kv.mod_revision()),
+        None => (0, 0),
+    };
+    if base < old {
+        return Err(ServiceError::StaleFence(format!(
+            "the fence base is {old} already; it may not go down to {base}"
+        )));
+    }
+    let txn = etcd_client::Txn::new()
+        .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
+        .and_then([TxnOp::put(key, base.to_string(), None)]);
+    let done = tokio::time::timeout(OP_TIMEOUT, kv.txn(txn))
+        .await
+        .map_err(|_| ServiceError::Unavailable("etcd did not answer writing the base".into()))?
+        .map_err(|e| unavailable(&config.endpoints.join(","), "writing the fence base", e))?;
+    if !done.succeeded() {
+        return Err(ServiceError::Unavailable(
+            "the fence base changed meanwhile; run again".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn parse_base(v: &[u8]) -> ServiceResult<u64> {
+    std::str::from_utf8(v)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| ServiceError::internal("the etcd fence base", "not a number"))
+}
+
+impl EtcdLocks {
+    /// Connects to the etcd cluster of `config` (keys under `<prefix>/locks/`).
+    pub async fn connect(
+        config: &EtcdConfig,
+        locks: LockConfig,
+        fence_key: &str,
+    ) -> ServiceResult<Self> {
+        let client = connect(config).await?;
+        let ttl = i64::try_from(locks.lease.as_millis().div_ceil(1000))
+            .unwrap_or(i64::MAX)
+            .max(1);
+        let s = EtcdLocks {
+            client,
+            root: format!("{}/locks/", config.prefix),
+            base_key: format!("{}/{FENCE_BASE_KEY}", config.prefix).into_bytes(),
+            endpoints: config.endpoints.join(","),
+            fence_key: fence_key.to_owned(),
+            config: locks,
+            ttl,
+        };
+        // A first read: a cluster without quorum fails the start, not a request.
+        let key = s.base_key.clone();
+        s.call("a first read", |mut c| {
+            let key = key.clone();
+            async move { c.get(key, None).await }
+        })
+        .await?;
+        Ok(s)
+    }
+
+    /// Runs one etcd call, bounded by `OP_TIMEOUT` in all. A call that never left this process
+    /// (no connection to the member the balancer picked) is sent again; nothing that may have
+    /// reached etcd is sent twice.
+    async fn call<T, F>(&self, what: &str, make: impl Fn(Client) -> F) -> ServiceResult<T>
+    where
+        F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = Instant::now() + OP_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, make(self.client.clone())).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => {
+                    let msg = e.to_string();
+                    if msg.contains("tcp connect error") && Instant::now() + RESEND_PAUSE < deadline
+                    {
+                        tracing::debug!(error = %msg, "etcd member unreachable; sending again");
+                        tokio::time::sleep(RESEND_PAUSE).await;
+                        continue;
+                    }
+                    return Err(unavailable(&self.endpoints, what, msg));
+                }
+                Err(_) => {
+                    return Err(ServiceError::Unavailable(format!(
+                        "etcd at {} did not answer {what} within {} s",
+                        self.endpoints,
+                        OP_TIMEOUT.as_secs()
+                    )));
+                }
+            }
+        }
+    }
+
+    fn file_prefix(&self, kind: char, node: NodeId) -> String {
+        format!("{}{kind}/{:020}/", self.root, node.0)
+    }
+
+    fn waiter_key(&self, node: NodeId, waiter: &WaiterId) -> Vec<u8> {
+        format!("{}{}", self.file_prefix('w', node), waiter.as_str()).into_bytes()
+    }
+
+    fn owner_key(&self, node: NodeId, owner: &LockOwner) -> Vec<u8> {
+        format!(
+            "{}{}.{:020}",
+            self.file_prefix('a', node),
+            owner.session.as_str(),
+            owner.owner
+        )
+        .into_bytes()
+    }
+
+    fn grant(&self, node: NodeId, fence: FenceToken) -> Grant {
+        super::grant(&self.fence_key, self.config.lease, node, fence)
+    }
+
+    /// The key, if it exists.
+    async fn get(&self, key: &[u8]) -> ServiceResult<Option<Entry>> {
+        let resp = self
+            .call("a read", |mut c| {
+                let key = key.to_vec();
+                async move { c.get(key, None).await }
+            })
+            .await?;
+        Ok(resp.kvs().first().map(|kv| Entry {
+            key: kv.key().to_vec(),
+            create: kv.create_revision(),
+            lease: kv.lease(),
+            value: kv.value().to_vec(),
+        }))
+    }
+
+    /// The reads of a queue: every key under `prefix`, oldest first, and the fence base.
+    fn queue_reads(&self, prefix: &str) -> [TxnOp; 2] {
+        [
+            TxnOp::get(
+                prefix.as_bytes().to_vec(),
+                // Oldest first on etcd's side, so a cut list keeps the head of the queue.
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_sort(SortTarget::Create, SortOrder::Ascend)
+                        .with_limit(MAX_KEYS),
+                ),
+            ),
+            TxnOp::get(self.base_key.clone(), None),
+        ]
+    }
+
+    /// The queue from the answers to `queue_reads` (the last two of `resp`).
+    fn parse_queue(resp: etcd_client::TxnResponse) -> ServiceResult<Queue> {
+        let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let ops = resp.op_responses();
+        let [.., TxnOpResponse::Get(keys), TxnOpResponse::Get(base)] = ops.as_slice() else {
+            return Err(ServiceError::internal("etcd queue read", "not two reads"));
+        };
+        let mut entries: Vec<Entry> = keys
+            .kvs()
+            .iter()
+            .map(|kv| Entry {
+                key: kv.key().to_vec(),
+                create: kv.create_revision(),
+                lease: kv.lease(),
+                value: kv.value().to_vec(),
+            })
+            .collect();
+        entries.sort_by_key(|e| e.create);
+        let base = match base.kvs().first() {
+            Some(kv) => parse_base(kv.value())?,
+            None => 0,
+        };
+        Ok(Queue { entries, rev, base })
+    }
+
+    /// Every key under `prefix` in create-revision order, and the fence base, at one revision.
+    async fn list(&self, prefix: &str) -> ServiceResult<Queue> {
+        let txn = etcd_client::Txn::new().and_then(self.queue_reads(prefix));
+        let resp = self
+            .call("a queue read", |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        Self::parse_queue(resp)
+    }
+
+    /// Creates `key` with `value` on a lease of its own unless it exists, and reads the
+    /// queue under `prefix`, in one etcd transaction (an uncontended acquire's one round trip
+    /// after the lease grant). Returns the queue and whether it made the key.
+    async fn join_and_list(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        prefix: &str,
+    ) -> ServiceResult<(Queue, bool)> {
+        let ttl = self.ttl;
+        let lease = self
+            .call("a lease grant", |mut c| async move {
+                c.lease_grant(ttl, None).await
+            })
+            .await?
+            .id();
+        let mut then = vec![TxnOp::put(
+            key.to_vec(),
+            value.to_vec(),
+            Some(PutOptions::new().with_lease(lease)),
+        )];
+        then.extend(self.queue_reads(prefix));
+        let txn = etcd_client::Txn::new()
+            .when([Compare::create_revision(key.to_vec(), CompareOp::Equal, 0)])
+            .and_then(then)
+            .or_else(self.queue_reads(prefix));
+        let resp = self
+            .call("a queue join", |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await;
+        let made = resp.as_ref().is_ok_and(|r| r.succeeded());
+        if !made {
+            // It existed (a poll), or the call failed: the new lease is not needed.
+            self.revoke(lease).await;
+        }
+        Ok((Self::parse_queue(resp?)?, made))
+    }
+
+    /// Creates `key` with `value` on a lease of its own, unless it exists. Returns whether it
+    /// made it.
+    async fn create(&self, key: &[u8], value: &[u8]) -> ServiceResult<bool> {
+        let ttl = self.ttl;
+        let lease = self
+            .call("a lease grant", |mut c| async move {
+                c.lease_grant(ttl, None).await
+            })
+            .await?
+            .id();
+        let txn = etcd_client::Txn::new()
+            .when([Compare::create_revision(key.to_vec(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.to_vec(),
+                value.to_vec(),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let made = self
+            .call("a queue join", |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await;
+        match made {
+            Ok(r) if r.succeeded() => Ok(true),
+            other => {
+                // Made by a concurrent request of the same waiter, or failed: the lease is
+                // not needed (it would lapse anyway).
+                self.revoke(lease).await;
+                other.map(|_| false)
+            }
+        }
+    }
+
+    /// Revokes a lease (deleting its key); a lease already gone is fine.
+    async fn revoke(&self, lease: i64) {
+        let r = self
+            .call("a lease revoke", |mut c| async move {
+                c.lease_revoke(lease).await
+            })
+            .await;
+        if let Err(e) = r
+            && !e.to_string().contains("not found")
+        {
+            tracing::warn!(error = %e, lease, "revoking an etcd lease failed; it lapses");
+        }
+    }
+
+    /// Extends a lease to its full TTL; false when it is gone.
+    async fn keep_alive(&self, lease: i64) -> ServiceResult<bool> {
+        let r = self
+            .call("a lease keepalive", |mut c| async move {
+                // The request sent as the stream opens goes unanswered (etcd-client 0.21):
+                // send one on the open stream.
+                let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
+                keeper.keep_alive().await?;
+                stream.message().await
+            })
+            .await?;
+        Ok(r.is_some_and(|m| m.ttl() > 0))
+    }
+
+    /// Waits until a key under `prefix` changes after revision `rev` (deletes only, with
+    /// `deletes_only`), or `until`; meanwhile keeps `lease` alive. Returns early, never
+    /// late: the caller reads the queue again either way.
+    async fn wait_change(
+        &self,
+        prefix: &str,
+        rev: i64,
+        deletes_only: bool,
+        until: Instant,
+        lease: i64,
+    ) {
+        let mut options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(rev + 1);
+        if deletes_only {
+            options = options.with_filters([WatchFilterType::NoPut]);
+        }
+        let watch = self
+            .call("a watch", |mut c| {
+                let (key, options) = (prefix.as_bytes().to_vec(), options.clone());
+                async move { c.watch(key, Some(options)).await }
+            })
+            .await;
+        let mut stream = match watch {
+            Ok(s) => s,
+            Err(e) => {
+                // No watch: look again after a short pause (bounded by `until`).
+                tracing::warn!(error = %e, "watching a lock queue failed");
+                let pause = Instant::now() + Duration::from_millis(200);
+                tokio::time::sleep_until(pause.min(until)).await;
+                return;
+            }
+        };
+        let tick = (self.config.lease / 3).max(Duration::from_millis(100));
+        let mut next_keep = Instant::now() + tick;
+        loop {
+            tokio::select! {
+                m = stream.message() => match m {
+                    Ok(Some(resp)) if resp.events().is_empty() && !resp.canceled() => {}
+                    // An event: look again.
+                    Ok(Some(resp)) if !resp.canceled() => return,
+                    // A cancelled watch (compacted) or a broken stream: look again, after a
+                    // short pause so that a stream that keeps ending cannot spin.
+                    _ => {
+                        let pause = Instant::now() + Duration::from_millis(100);
+                        tokio::time::sleep_until(pause.min(until)).await;
+                        return;
+                    }
+                },
+                _ = tokio::time::sleep_until(next_keep) => {
+                    match self.keep_alive(lease).await {
+                        Ok(true) => {}
+                        // Our own key lapsed: the caller finds it gone.
+                        Ok(false) => return,
+                        Err(e) => tracing::warn!(error = %e, "keeping a waiter's lease alive failed"),
+                    }
+                    next_keep = Instant::now() + tick;
+                }
+                _ = tokio::time::sleep_until(until) => return,
+            }
+        }
+    }
+
+    // ---- write locks ----
+
+    /// Waits up to `wait` (capped) for `node`'s write lock; answers `Granted` or `Queued`.
+    pub async fn acquire(
+        &self,
+        node: NodeId,
+        waiter: &WaiterId,
+        user: &str,
+        wait: Duration,
+    ) -> ServiceResult<AcquireResponse> {
+        let deadline = Instant::now() + wait.min(self.config.max_wait);
+        let key = self.waiter_key(node, waiter);
+        let prefix = self.file_prefix('w', node);
+        let mut joins = 1;
+        let (mut q, made) = self.join_and_list(&key, user.as_bytes(), &prefix).await?;
+        // Whether the key's lease is whole (made or renewed since the last wait). A poll
+        // keeps its place by renewing it.
+        let mut fresh = made;
+        loop {
+            let me = match q.position(&key) {
+                Some(pos) => (pos, q.entries[pos].clone()),
+                None => {
+                    // Its lease lapsed (or it was released meanwhile): join again.
+                    if joins == MAX_JOINS {
+                        return Err(ServiceError::Unavailable(format!(
+                            "the queue of {node} lost this waiter {MAX_JOINS} times in one call"
+                        )));
+                    }
+                    joins += 1;
+                    let (again, made) = self.join_and_list(&key, user.as_bytes(), &prefix).await?;
+                    (q, fresh) = (again, made);
+                    continue;
+                }
+            };
+            let (pos, me) = me;
+            if !fresh && !self.keep_alive(me.lease).await? {
+                q = self.list(&prefix).await?;
+                continue;
+            }
+            if pos == 0 {
+                let fence = fence_of(q.base, me.create)?;
+                tracing::debug!(%node, %fence, user, "lock granted");
+                return Ok(AcquireResponse::Granted(self.grant(node, fence)));
+            }
+            if Instant::now() >= deadline {
+                return Ok(AcquireResponse::Queued {
+                    position: u64::try_from(pos).unwrap_or(u64::MAX),
+                });
+            }
+            self.wait_change(&prefix, q.rev, true, deadline, me.lease)
+                .await;
+            fresh = false;
+            q = self.list(&prefix).await?;
+        }
+    }
+
+    /// Extends the holder's lease.
+    pub async fn renew(&self, node: NodeId, waiter: &WaiterId) -> ServiceResult<Grant> {
+        let key = self.waiter_key(node, waiter);
+        let q = self.list(&self.file_prefix('w', node)).await?;
+        let head = q.entries.first().filter(|e| e.key == key);
+        let Some(head) = head else {
+            return Err(ServiceError::NotHolder(format!(
+                "lock on {node} is not held by this waiter (lease expired?)"
+            )));
+        };
+        if !self.keep_alive(head.lease).await? {
+            return Err(ServiceError::NotHolder(format!(
+                "lock on {node}: the lease expired"
+            )));
+        }
+        Ok(self.grant(node, fence_of(q.base, head.create)?))
+    }
+
+    /// Deletes `key` (one round trip; its lease, with no key left, lapses on its own).
+    async fn delete(&self, key: Vec<u8>) -> ServiceResult<()> {
+        self.call("a delete", |mut c| {
+            let key = key.clone();
+            async move { c.delete(key, None).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Releases the lock (or leaves the queue). Idempotent.
+    pub async fn release(&self, node: NodeId, waiter: &WaiterId) -> ServiceResult<()> {
+        self.delete(self.waiter_key(node, waiter)).await?;
+        tracing::debug!(%node, "lock released");
+        Ok(())
+    }
+
+    /// Every write lock held or waited for (at most `MAX_KEYS` keys read).
+    pub async fn status(&self) -> ServiceResult<Vec<LockStatus>> {
+        let prefix = format!("{}w/", self.root);
+        let q = self.list(&prefix).await?;
+        let mut by_node: std::collections::BTreeMap<u64, Vec<&Entry>> = Default::default();
+        for e in &q.entries {
+            let node = e
+                .key
+                .get(prefix.len()..prefix.len() + 20)
+                .and_then(|d| std::str::from_utf8(d).ok())
+                .and_then(|d| d.parse::<u64>().ok())
+                .ok_or_else(|| ServiceError::internal("etcd lock key", "no node"))?;
+            by_node.entry(node).or_default().push(e);
+        }
+        by_node
+            .into_iter()
+            .map(|(node, entries)| {
+                let head = entries.first().copied();
+                Ok(LockStatus {
+                    node: NodeId(node),
+                    holder: head.map(|h| String::from_utf8_lossy(&h.value).into_owned()),
+                    fence: head.map(|h| fence_of(q.base, h.create)).transpose()?,
+                    queued: u64::try_from(entries.len().saturating_sub(1)).unwrap_or(u64::MAX),
+                })
+            })
+            .collect()
+    }
+
+    // ---- application locks ----
+
+    /// Takes an application lock, waiting up to `wait` (capped); `wait` zero: answers at once.
+    pub async fn app_lock(
+        &self,
+        node: NodeId,
+        owner: &LockOwner,
+        shared: bool,
+        user: &str,
+        wait: Duration,
+    ) -> ServiceResult<AppLockResponse> {
+        let blocking = !wait.is_zero();
+        let deadline = Instant::now() + wait.min(self.config.max_wait);
+        let mut join = true;
+        loop {
+            let (resp, rev, lease) = self
+                .app_step(node, owner, shared, user, blocking, join)
+                .await?;
+            join = false;
+            if !matches!(resp, AppLockResponse::Queued { .. }) || Instant::now() >= deadline {
+                return Ok(resp);
+            }
+            self.wait_change(&self.file_prefix('a', node), rev, false, deadline, lease)
+                .await;
+        }
+    }
+
+    fn granted_app(&self) -> AppLockResponse {
+        AppLockResponse::Granted {
+            lease_ms: u64::try_from(self.config.lease.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// Changes the mode of an existing request in place (its place and lease kept). To
+    /// shared, it only widens what is granted; to exclusive it could take a grant back from
+    /// a shared request behind it, so then only while the request is the file's only one
+    /// (`prefix`: every key of the file must have its create revision).
+    async fn set_mode(&self, e: &Entry, shared: bool, prefix: &str) -> ServiceResult<bool> {
+        let mut value = e.value.clone();
+        if let Some(first) = value.first_mut() {
+            *first = if shared { b's' } else { b'x' };
+        }
+        let guard = if shared {
+            Compare::create_revision(e.key.clone(), CompareOp::Equal, e.create)
+        } else {
+            let mut end = prefix.as_bytes().to_vec();
+            if let Some(last) = end.last_mut() {
+                *last += 1;
+            }
+            Compare::create_revision(prefix.as_bytes().to_vec(), CompareOp::Equal, e.create)
+                .with_range(end)
+        };
+        let txn = etcd_client::Txn::new().when([guard]).and_then([TxnOp::put(
+            e.key.clone(),
+            value,
+            Some(PutOptions::new().with_ignore_lease()),
+        )]);
+        let r = self
+            .call("a lock mode change", |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        Ok(r.succeeded())
+    }
+
+    /// One step of `app_lock`: grant, queue (keeping the place) or, not `blocking`, answer
+    /// busy. Only the first step of a request (`join`) takes a place in the queue. Returns the
+    /// answer, the revision the queue was read at and the request's lease.
+    async fn app_step(
+        &self,
+        node: NodeId,
+        owner: &LockOwner,
+        shared: bool,
+        user: &str,
+        blocking: bool,
+        join: bool,
+    ) -> ServiceResult<(AppLockResponse, i64, i64)> {
+        let key = self.owner_key(node, owner);
+        let prefix = self.file_prefix('a', node);
+        let q = self.list(&prefix).await?;
+        let mine = q.position(&key).map(|p| (p, q.entries[p].clone()));
+        let value = {
+            let mut v = vec![if shared { b's' } else { b'x' }];
+            v.extend_from_slice(user.as_bytes());
+            v
+        };
+        match mine {
+            Some((pos, e)) if pos < q.granted() => {
+                if is_shared(&e.value) == shared || shared {
+                    // Held already, or an exclusive lock converted down to shared.
+                    if !is_shared(&e.value) && shared {
+                        self.set_mode(&e, true, &prefix).await?;
+                    }
+                    if self.keep_alive(e.lease).await? {
+                        return Ok((self.granted_app(), q.rev, e.lease));
+                    }
+                } else if q.entries.len() == 1
+                    && self.set_mode(&e, false, &prefix).await?
+                    && self.keep_alive(e.lease).await?
+                {
+                    // The only one: shared to exclusive in place.
+                    return Ok((self.granted_app(), q.rev, e.lease));
+                } else if !blocking {
+                    // A non-blocking upgrade that cannot be had keeps the shared lock.
+                    return Ok((AppLockResponse::Busy, q.rev, e.lease));
+                } else {
+                    // Shared to exclusive: given up, then asked for anew (as Linux does).
+                    self.revoke(e.lease).await;
+                    self.create(&key, &value).await?;
+                }
+            }
+            Some((_, e)) => {
+                if !is_shared(&e.value) && shared {
+                    self.set_mode(&e, true, &prefix).await?;
+                } else if is_shared(&e.value) && !shared {
+                    // A waiting shared request turned exclusive: asked anew at the back (in
+                    // place it could take a grant back from shared requests behind it).
+                    self.revoke(e.lease).await;
+                    self.create(&key, &value).await?;
+                }
+                if !is_shared(&e.value) || shared {
+                    // Polling keeps the place (a lapsed key is asked anew below).
+                    self.keep_alive(e.lease).await?;
+                }
+            }
+            None if !join => {
+                // Given up meanwhile (or lapsed): this request ends.
+                return Ok((AppLockResponse::Busy, q.rev, 0));
+            }
+            None => {
+                self.create(&key, &value).await?;
+            }
+        }
+        let mut q = self.list(&prefix).await?;
+        if join && q.position(&key).is_none() {
+            // Its lease lapsed meanwhile: this request asks anew.
+            self.create(&key, &value).await?;
+            q = self.list(&prefix).await?;
+        }
+        let Some(pos) = q.position(&key) else {
+            return Ok((AppLockResponse::Busy, q.rev, 0));
+        };
+        let lease = q.entries[pos].lease;
+        let granted = q.granted();
+        if pos < granted {
+            return Ok((self.granted_app(), q.rev, lease));
+        }
+        if !blocking {
+            self.revoke(lease).await;
+            return Ok((AppLockResponse::Busy, q.rev, lease));
+        }
+        let position = u64::try_from(pos - granted + 1).unwrap_or(u64::MAX);
+        Ok((AppLockResponse::Queued { position }, q.rev, lease))
+    }
+
+    /// Gives an application lock up, or its place in the queue. Idempotent.
+    pub async fn app_unlock(&self, node: NodeId, owner: &LockOwner) -> ServiceResult<()> {
+        self.delete(self.owner_key(node, owner)).await
+    }
+
+    /// A holder another owner's request (`shared` or not) would conflict with.
+    pub async fn app_test(
+        &self,
+        node: NodeId,
+        owner: &LockOwner,
+        shared_req: bool,
+    ) -> ServiceResult<Option<AppLockConflict>> {
+        let key = self.owner_key(node, owner);
+        let q = self.list(&self.file_prefix('a', node)).await?;
+        Ok(q.entries
+            .iter()
+            .take(q.granted())
+            .filter(|e| e.key != key)
+            .find(|e| !(shared_req && is_shared(&e.value)))
+            .map(|e| AppLockConflict {
+                shared: is_shared(&e.value),
+                user: user_of(&e.value),
+            }))
+    }
+
+    /// Extends the locks `held` of `session` (file, owner); returns how many it holds (or
+    /// waits for). A lock of the session it no longer names lapses with its lease.
+    pub async fn app_renew(
+        &self,
+        session: &UploadId,
+        held: &[(NodeId, u64)],
+    ) -> ServiceResult<u64> {
+        let mut count = 0;
+        for (node, owner) in held.iter().take(MAX_RENEW) {
+            let owner = LockOwner {
+                session: session.clone(),
+                owner: *owner,
+            };
+            let Some(e) = self.get(&self.owner_key(*node, &owner)).await? else {
+                continue;
+            };
+            if self.keep_alive(e.lease).await? {
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+
+    /// Whether nobody holds or waits for an application lock on `node` (tests).
+    #[cfg(test)]
+    pub(super) async fn app_idle(&self, node: NodeId) -> ServiceResult<bool> {
+        Ok(self
+            .list(&self.file_prefix('a', node))
+            .await?
+            .entries
+            .is_empty())
+    }
+}
+
+fn fence_of(base: u64, create: i64) -> ServiceResult<FenceToken> {
+    u64::try_from(create)
+        .ok()
+        .and_then(|c| base.checked_add(c))
+        .map(FenceToken)
+        .ok_or_else(|| ServiceError::internal("a fencing token", "out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner(n: u8) -> LockOwner {
+        LockOwner {
+            session: UploadId::from_bytes([n; 16]),
+            owner: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_in_place_is_refused_once_another_request_joined() {
+        let etcd = crate::testing::shared_etcd().unwrap_or_else(|e| panic!("{e}"));
+        let prefix = format!("locks-unit/{:016x}", rand::random::<u64>());
+        let config = EtcdConfig::parse(&etcd.meta_url(&prefix)).expect("url");
+        let locks = LockConfig {
+            lease: Duration::from_secs(2),
+            max_wait: Duration::from_secs(5),
+        };
+        let l = EtcdLocks::connect(&config, locks, "k")
+            .await
+            .expect("connect");
+        let node = NodeId(5);
+        let granted = |r: AppLockResponse| matches!(r, AppLockResponse::Granted { .. });
+        let zero = Duration::ZERO;
+        assert!(granted(
+            l.app_lock(node, &owner(1), true, "a", zero)
+                .await
+                .expect("lock")
+        ));
+        let files = l.file_prefix('a', node);
+        // What an upgrade of 1 read while it was alone...
+        let alone = l.list(&files).await.expect("list").entries[0].clone();
+        // ... then 2 joins, shared behind shared: granted.
+        assert!(granted(
+            l.app_lock(node, &owner(2), true, "b", zero)
+                .await
+                .expect("lock")
+        ));
+        // The upgrade must not take 2's grant back.
+        assert!(!l.set_mode(&alone, false, &files).await.expect("set mode"));
+        assert_eq!(
+            l.app_test(node, &owner(3), true).await.expect("test"),
+            None,
+            "both still read"
+        );
+        // Alone again: in place.
+        l.app_unlock(node, &owner(2)).await.expect("unlock");
+        let alone = l.list(&files).await.expect("list").entries[0].clone();
+        assert!(l.set_mode(&alone, false, &files).await.expect("set mode"));
+        let c = l.app_test(node, &owner(3), true).await.expect("test");
+        assert_eq!(c.map(|c| c.shared), Some(false));
+    }
+}
