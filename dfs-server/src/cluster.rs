@@ -441,10 +441,7 @@ pub fn start_directory(
         serve(
             listener,
             crate::http::finish(
-                crate::directory::routes::router_with_feed(
-                    svc.clone(),
-                    crate::directory::feed::Feed::until(cancel.clone()),
-                ),
+                crate::directory::routes::router_until(svc.clone(), cancel.clone()),
                 verifier,
                 directory_metrics(svc),
                 body_idle,

@@ -96,6 +96,7 @@ impl EtcdServer {
         let script = r#"dir="$1"; shift
 etcd "$@" >"$dir/etcd.log" 2>&1 &
 pid=$!
+echo "$pid" >"$dir/etcd.pid"
 cat >/dev/null
 kill "$pid" 2>/dev/null
 wait "$pid"
@@ -142,6 +143,22 @@ rm -rf "$dir""#;
         let log = std::fs::read_to_string(self.data_dir.join("etcd.log")).unwrap_or_default();
         let start = log.len().saturating_sub(2000);
         log.get(start..).unwrap_or_default().to_owned()
+    }
+
+    /// Kills this member with SIGKILL (a crash: no goodbye to its peers); its data is still
+    /// removed when it is dropped.
+    pub fn kill9(&self) -> Result<(), String> {
+        let pid = std::fs::read_to_string(self.data_dir.join("etcd.pid"))
+            .map_err(|e| format!("reading etcd's pid: {e}"))?;
+        let status = Command::new("kill")
+            .args(["-9", pid.trim()])
+            .status()
+            .map_err(|e| format!("kill -9: {e}"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("kill -9 {} failed", pid.trim()))
+        }
     }
 
     /// `--meta` for this member under `prefix`.

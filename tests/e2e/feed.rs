@@ -14,11 +14,11 @@ const FEED_TTL: Duration = Duration::from_secs(15);
 /// so only the feed can explain it.
 const DELIVERY: Duration = Duration::from_secs(2);
 
-fn metrics(port: u16) -> HashMap<String, f64> {
+pub(crate) fn metrics(port: u16) -> HashMap<String, f64> {
     parse_metrics(&http_get_text(&format!("http://127.0.0.1:{port}/metrics")))
 }
 
-fn feed_up(port: u16) -> bool {
+pub(crate) fn feed_up(port: u16) -> bool {
     metrics(port).get("dfs_client_feed_up_total") == Some(&1.0)
 }
 
@@ -30,7 +30,7 @@ fn resyncs(port: u16) -> f64 {
 }
 
 /// Lookups and getattrs that reached the client (not answered from the kernel's cache).
-fn kernel_misses(port: u16) -> f64 {
+pub(crate) fn kernel_misses(port: u16) -> f64 {
     metrics(port)
         .iter()
         .filter(|(k, _)| {
@@ -42,7 +42,7 @@ fn kernel_misses(port: u16) -> f64 {
         .sum()
 }
 
-fn mount_with_metrics(c: &Client) -> (Mount, u16) {
+pub(crate) fn mount_with_metrics(c: &Client) -> (Mount, u16) {
     let port = free_port();
     let m = c.mount(&["--metrics", &format!("127.0.0.1:{port}")]);
     assert!(

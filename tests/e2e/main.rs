@@ -12,6 +12,7 @@ mod large;
 mod local_ids;
 mod locks_etcd;
 mod migrate;
+mod multi_directory;
 mod permissions;
 mod posix;
 mod power_loss;

@@ -670,9 +670,11 @@ pub struct SplitCluster {
     tls: Option<dfs_server::tls::ClientTls>,
     /// Small disks (tmpfs) mounted for data dirs, unmounted on drop.
     small_disks: Vec<PathBuf>,
-    /// `--meta` for the directory and every lock instance (etcd), if any, from their next
-    /// start on.
+    /// `--meta` for every directory instance and every lock instance (etcd), if any, from
+    /// their next start on.
     pub meta: Option<String>,
+    /// Ports of directory instances 2, 3, ... (`directory-2`, ...), all on `meta`.
+    more_dir_ports: Vec<u16>,
 }
 
 impl SplitCluster {
@@ -708,7 +710,23 @@ impl SplitCluster {
             tls: None,
             small_disks: vec![],
             meta: None,
+            more_dir_ports: vec![],
         }
+    }
+
+    /// A cluster of `directories` directory instances sharing the etcd metadata store `meta`
+    /// (`--meta etcd://...`), lock, auth and `files` file servers; every service but the
+    /// directories names all directory URLs (`--directory URL,URL`). Instance 1 is
+    /// `directory` at `url`, instance n is `directory-n` at `dir_url(n)`.
+    pub fn start_multi(files: usize, directories: usize, meta: &str) -> SplitCluster {
+        let mut c = SplitCluster::unstarted(files, &[]);
+        c.meta = Some(meta.to_owned());
+        c.more_dir_ports = (1..directories).map(|_| free_port()).collect();
+        for n in 2..=directories {
+            c.start_service(&format!("directory-{n}"));
+        }
+        c.start_all();
+        c
     }
 
     /// As `start`, with the directory and the lock service on etcd (`--meta URL`): further
@@ -718,6 +736,22 @@ impl SplitCluster {
         c.meta = Some(meta.to_owned());
         c.start_all();
         c
+    }
+
+    /// The URL of directory instance `n` (1: `url`).
+    pub fn dir_url(&self, n: usize) -> String {
+        match n {
+            0 | 1 => self.url.clone(),
+            n => format!("http://127.0.0.1:{}", self.more_dir_ports[n - 2]),
+        }
+    }
+
+    /// Every directory instance's URL, comma-separated (`--server`, `--directory`).
+    pub fn directory_urls(&self) -> String {
+        (1..=1 + self.more_dir_ports.len())
+            .map(|n| self.dir_url(n))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// As `start`, with every service serving TLS with `certs` and calling the others over
@@ -756,7 +790,7 @@ impl SplitCluster {
 
     /// (Re)starts one service on its own data dir.
     pub fn start_service(&mut self, name: &str) {
-        let url = self.url.clone();
+        let url = self.directory_urls();
         self.start_service_using(name, &url);
     }
 
@@ -773,9 +807,16 @@ impl SplitCluster {
             .arg("--cluster-key-file")
             .arg(&key);
         if kind == "directory" {
-            cmd.arg("--listen")
-                .arg(format!("127.0.0.1:{}", self.dir_port))
-                .args(["--heartbeat-ms", "300", "--repair-interval-ms", "200"]);
+            let port = match name.strip_prefix("directory-") {
+                Some(n) => self.more_dir_ports[n.parse::<usize>().unwrap() - 2],
+                None => self.dir_port,
+            };
+            cmd.arg("--listen").arg(format!("127.0.0.1:{port}")).args([
+                "--heartbeat-ms",
+                "300",
+                "--repair-interval-ms",
+                "200",
+            ]);
         } else {
             cmd.arg("--directory").arg(directory);
         }

@@ -6,11 +6,15 @@
 //! A change names node ids only (`ChangeKind`), never a name or metadata: the feed is open to
 //! every logged-in user, and ids tell no one what a directory they cannot read holds.
 //!
-//! The source of sequence numbers is the publisher's: today the directory process numbers
-//! each operation in memory ([`Feed::publish`]) and a restart starts a new epoch (clients
-//! resynchronise). On a multi-instance directory over etcd, a watch on the namespace prefix
-//! feeds [`Feed::publish_at`] with each event's revision: every instance then numbers alike,
-//! and a client may poll any of them with the same position.
+//! Changes are published by the metadata store once the transaction that made them is
+//! committed (the directory records them in the transaction: `Txn::changed`), never by a
+//! route, so a change is published whether or not its request's answer was ever sent. The
+//! source of sequence numbers is the store's: on redb the directory process numbers each
+//! committed transaction in memory ([`Feed::publish_from`]) and a restart starts a new epoch
+//! (clients resynchronise); on etcd every instance feeds its ring from a watch of the
+//! prefix's feed key ([`Feed::publish_at`], the revision of the transaction), under an epoch
+//! all instances share ([`Feed::shared`]), so a client may poll any of them with the same
+//! position.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -24,9 +28,33 @@ use tokio_util::sync::CancellationToken;
 /// (about a minute of a busy directory) resynchronises.
 pub const DEFAULT_CAPACITY: usize = 65_536;
 
-/// The client a change came from (`x-dfs-origin`, random per client process): its own polls
-/// skip it, since that client changed its caches itself when it made the change.
-pub type Origin = Option<u128>;
+/// The client a change came from (`x-dfs-origin`, random per client process) and the uid it
+/// acted as: its own polls skip it, since that client changed its caches itself when it made
+/// the change. Both must match, so no user can hide changes from another by claiming their
+/// origin.
+pub type Origin = Option<(u128, u32)>;
+
+thread_local! {
+    static CURRENT: std::cell::Cell<Origin> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` (a service call, synchronous) with `origin` as the origin of every change the
+/// metadata store commits from this thread meanwhile.
+pub fn with_origin<T>(origin: Origin, f: impl FnOnce() -> T) -> T {
+    struct Restore(Origin);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            CURRENT.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(CURRENT.with(|c| c.replace(origin)));
+    f()
+}
+
+/// The origin [`with_origin`] set for this thread (read by the store as a write begins).
+pub fn current_origin() -> Origin {
+    CURRENT.with(|c| c.get())
+}
 
 /// Changes kept in order, with the position of the oldest one dropped.
 struct Ring {
@@ -41,6 +69,9 @@ struct Ring {
 /// The feed: a ring of recent changes, an epoch and the wake-up of waiting polls.
 pub struct Feed {
     epoch: u64,
+    /// Sequence numbers come from a source every instance shares (etcd revisions): a
+    /// position ahead of this ring is one it has not heard yet, not a stale one.
+    shared: bool,
     capacity: usize,
     ring: Mutex<Ring>,
     head: watch::Sender<u64>,
@@ -58,6 +89,7 @@ impl Feed {
     pub fn new(epoch: u64, capacity: usize) -> Self {
         Feed {
             epoch,
+            shared: false,
             capacity: capacity.max(1),
             ring: Mutex::new(Ring {
                 changes: VecDeque::new(),
@@ -67,6 +99,49 @@ impl Feed {
             head: watch::Sender::new(0),
             closed: CancellationToken::new(),
         }
+    }
+
+    /// A feed whose sequence numbers are etcd revisions, under an epoch every instance on
+    /// the same prefix computes alike: a poll ahead of this ring waits for it to catch up
+    /// instead of resynchronising.
+    pub fn shared(epoch: u64, capacity: usize) -> Self {
+        Feed {
+            shared: true,
+            ..Feed::new(epoch, capacity)
+        }
+    }
+
+    /// The highest sequence number no longer (wholly) kept: positions from it on are served.
+    pub fn floor(&self) -> u64 {
+        self.ring().floor
+    }
+
+    /// The highest sequence number published.
+    pub fn head(&self) -> u64 {
+        self.ring().head
+    }
+
+    /// Forgets every change kept and moves the floor to `floor`: a client positioned below
+    /// it resynchronises (the source lost changes, e.g. a watch restarted after etcd
+    /// compacted what it had not delivered).
+    pub fn reset(&self, floor: u64) {
+        let mut ring = self.ring();
+        ring.changes.clear();
+        ring.floor = floor;
+        ring.head = ring.head.max(floor);
+        let head = ring.head;
+        drop(ring);
+        self.head.send_replace(head);
+    }
+
+    /// Whether the feed was closed (its service stopped).
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    /// Resolves when the feed is closed.
+    pub async fn closed(&self) {
+        self.closed.cancelled().await
     }
 
     /// This feed's epoch.
@@ -80,15 +155,13 @@ impl Feed {
         self.closed.cancel();
     }
 
-    /// A shared feed of a new epoch, closed when `cancel` fires (call within a runtime).
-    pub fn until(cancel: CancellationToken) -> std::sync::Arc<Self> {
-        let feed = std::sync::Arc::new(Feed::default());
-        let f = feed.clone();
+    /// Closes `self` when `cancel` fires (call within a runtime).
+    pub fn close_when(self: &std::sync::Arc<Self>, cancel: CancellationToken) {
+        let f = self.clone();
         tokio::spawn(async move {
             cancel.cancelled().await;
             f.close();
         });
-        feed
     }
 
     fn ring(&self) -> std::sync::MutexGuard<'_, Ring> {
@@ -112,11 +185,21 @@ impl Feed {
     /// every one published before; a lower one is ignored and false returned (a watch that
     /// delivers an event twice).
     pub fn publish_at(&self, seq: u64, what: impl IntoIterator<Item = ChangeKind>) -> bool {
+        self.publish_at_from(seq, None, what)
+    }
+
+    /// [`publish_at`](Self::publish_at) for a change made at the request of client `origin`.
+    pub fn publish_at_from(
+        &self,
+        seq: u64,
+        origin: Origin,
+        what: impl IntoIterator<Item = ChangeKind>,
+    ) -> bool {
         let mut ring = self.ring();
         if seq <= ring.head {
             return false;
         }
-        self.push(&mut ring, seq, None, what);
+        self.push(&mut ring, seq, origin, what);
         true
     }
 
@@ -156,8 +239,20 @@ impl Feed {
             changes: Vec::new(),
             next,
         };
-        if epoch != Some(self.epoch) || after > ring.head || after < ring.floor {
+        if epoch != Some(self.epoch) || after < ring.floor {
             return resync(ring.head);
+        }
+        if after > ring.head {
+            if !self.shared {
+                return resync(ring.head);
+            }
+            // Another instance numbered this position: this one has not heard that far yet.
+            return ChangesResponse {
+                epoch: self.epoch,
+                resync: false,
+                changes: Vec::new(),
+                next: after,
+            };
         }
         let start = ring.changes.partition_point(|(c, _)| c.seq <= after);
         let mut changes: Vec<Change> = Vec::new();
@@ -340,18 +435,50 @@ mod tests {
     #[test]
     fn a_client_is_not_told_its_own_changes_but_moves_past_them() {
         let f = Feed::new(2, 100);
-        f.publish_from(Some(1), [node(1)]);
-        f.publish_from(Some(2), [node(2)]);
+        f.publish_from(Some((1, 10)), [node(1)]);
+        f.publish_from(Some((2, 10)), [node(2)]);
         f.publish([node(3)]);
-        let r = f.read(Some(2), 0, 100, Some(1));
+        let r = f.read(Some(2), 0, 100, Some((1, 10)));
         assert_eq!(nodes(&r), vec![(2, node(2)), (3, node(3))]);
-        let r = f.read(Some(2), 0, 100, Some(2));
+        let r = f.read(Some(2), 0, 100, Some((2, 10)));
         assert_eq!(nodes(&r), vec![(1, node(1)), (3, node(3))]);
-        f.publish_from(Some(2), [node(4)]);
-        let r = f.read(Some(2), 3, 1, Some(2));
+        f.publish_from(Some((2, 10)), [node(4)]);
+        let r = f.read(Some(2), 3, 1, Some((2, 10)));
         assert!(r.changes.is_empty());
         assert_eq!(r.next, 4, "past its own change");
         assert_eq!(f.read(Some(2), 0, 100, None).changes.len(), 4);
+    }
+
+    #[test]
+    fn another_user_claiming_a_clients_origin_still_hears_its_changes() {
+        let f = Feed::new(2, 100);
+        f.publish_from(Some((7, 1000)), [node(1)]);
+        // uid 1001 sends the origin of uid 1000's client: the change is not hidden from it.
+        assert_eq!(f.read(Some(2), 0, 100, Some((7, 1001))).changes.len(), 1);
+        assert!(f.read(Some(2), 0, 100, Some((7, 1000))).changes.is_empty());
+    }
+
+    #[test]
+    fn a_shared_feed_waits_for_a_position_it_has_not_reached_and_a_reset_resyncs() {
+        let f = Feed::shared(9, 100);
+        f.publish_at(10, [node(1)]);
+        // Another instance already numbered 20: not a resync, nothing yet.
+        let r = f.read(Some(9), 20, 100, None);
+        assert!(!r.resync && r.changes.is_empty() && r.next == 20);
+        f.publish_at(21, [node(2)]);
+        assert_eq!(nodes(&f.read(Some(9), 20, 100, None)), vec![(21, node(2))]);
+        // A local feed (redb) has no other instance: a position ahead of it is stale.
+        let local = Feed::new(9, 100);
+        assert!(local.read(Some(9), 20, 100, None).resync);
+        // The source lost changes up to 30: clients behind it resynchronise.
+        f.reset(30);
+        assert!(f.read(Some(9), 21, 100, None).resync);
+        assert!(!f.read(Some(9), 30, 100, None).resync);
+        assert!(
+            !f.publish_at(30, [node(3)]),
+            "nothing at or below the floor"
+        );
+        assert!(f.publish_at(31, [node(3)]));
     }
 
     #[tokio::test(start_paused = true)]

@@ -30,6 +30,7 @@ use common::{
 use crate::error::{ServiceError, ServiceResult};
 use crate::meta::{MetaConfig, MetaStore, Table, Txn};
 use crate::store::{decode, encode, now_ns};
+use common::api::ChangeKind;
 pub use registry::Registry;
 pub use requests::RequestId;
 
@@ -113,7 +114,15 @@ pub struct DirectoryService {
     capability_key: String,
     /// This directory serves TLS: services must register https:// URLs.
     https_only: bool,
+    /// The change feed the store publishes every committed change to.
+    feed: std::sync::Arc<feed::Feed>,
+    /// Node ids reserved for this instance and not yet used: `[next, end)`.
+    ids: std::sync::Mutex<(u64, u64)>,
 }
+
+/// Node ids an instance reserves at a time (one transaction on `next_node_id` per block), so
+/// that creates on several instances do not all write one key.
+pub const ID_BLOCK: u64 = 1024;
 
 /// A node as stored. A non-directory whose record has no link count (`nlink` 0: a field its
 /// writer did not know) has its names counted, never taken as having none.
@@ -147,11 +156,20 @@ fn count_names(tx: &Txn, id: NodeId) -> ServiceResult<u32> {
     Ok(u32::try_from(names_of(tx, id, None)?.len()).unwrap_or(u32::MAX))
 }
 
+/// Stores a node whose attributes or content changed (published to the change feed).
 fn put_node(tx: &Txn, meta: &NodeMeta) -> ServiceResult<()> {
+    tx.changed(ChangeKind::Node { node: meta.id });
+    put_node_quiet(tx, meta)
+}
+
+/// Stores a node where nothing a kernel caches changed (holders, placement, write-back
+/// intents): not published.
+fn put_node_quiet(tx: &Txn, meta: &NodeMeta) -> ServiceResult<()> {
     tx.put(NODES, &meta.id.0, &encode(meta)?)
 }
 
 fn delete_node(tx: &Txn, id: NodeId) -> ServiceResult<()> {
+    tx.changed(ChangeKind::Gone { node: id });
     tx.delete(NODES, &id.0)
 }
 
@@ -161,6 +179,10 @@ fn child_of(tx: &Txn, parent: NodeId, name: &str) -> ServiceResult<Option<NodeId
 
 /// Enters `name` in `parent` for node `id`, in `children` and its reverse index.
 fn add_name(tx: &Txn, parent: NodeId, name: &str, id: NodeId) -> ServiceResult<()> {
+    tx.changed(ChangeKind::Entry {
+        dir: parent,
+        node: id,
+    });
     tx.put(CHILDREN, &(parent.0, name.to_owned()), &id.0)?;
     tx.put(NAMES, &(id.0, parent.0, name.to_owned()), &())?;
     Ok(())
@@ -168,6 +190,10 @@ fn add_name(tx: &Txn, parent: NodeId, name: &str, id: NodeId) -> ServiceResult<(
 
 /// Removes `name` of node `id` from `parent`, in `children` and its reverse index.
 fn remove_name(tx: &Txn, parent: NodeId, name: &str, id: NodeId) -> ServiceResult<()> {
+    tx.changed(ChangeKind::Entry {
+        dir: parent,
+        node: id,
+    });
     tx.delete(CHILDREN, &(parent.0, name.to_owned()))?;
     tx.delete(NAMES, &(id.0, parent.0, name.to_owned()))?;
     Ok(())
@@ -228,7 +254,7 @@ fn update_if_current_in(
     }
     let before = meta.clone();
     f(&mut meta);
-    put_node(tx, &meta)?;
+    put_node_quiet(tx, &meta)?;
     replicas::node_changed(tx, Some(&before), Some(&meta))
 }
 
@@ -625,6 +651,7 @@ impl DirectoryService {
         // key a write read).
         let registry =
             store.read(|tx| Registry::open(tx, config.heartbeat * config.missed_beats))?;
+        let store_feed = store.start_feed();
         let svc = DirectoryService {
             store,
             registry,
@@ -632,8 +659,55 @@ impl DirectoryService {
             cluster_id,
             capability_key: String::new(),
             https_only: false,
+            feed: store_feed,
+            ids: std::sync::Mutex::new((0, 0)),
         };
         Ok(svc)
+    }
+
+    /// The change feed: every change committed through the store (on etcd, through any
+    /// instance on the prefix).
+    pub fn feed(&self) -> &std::sync::Arc<feed::Feed> {
+        &self.feed
+    }
+
+    /// Starts campaigning for the leadership of background work (repair, registry sweeps);
+    /// redb always leads.
+    pub fn start_election(&self) {
+        self.store.start_election(crate::meta::etcd::LEADER_LEASE);
+    }
+
+    /// Stops campaigning (tests: an instance that stops renewing its lease, as a killed one).
+    pub fn stop_election(&self) {
+        self.store.stop_election();
+    }
+
+    /// Stops campaigning and hands the leadership over at once (a graceful stop).
+    pub fn resign(&self) {
+        self.store.resign();
+    }
+
+    /// Whether this instance leads background work now.
+    pub fn is_leader(&self) -> bool {
+        self.store.is_leader()
+    }
+
+    /// A node id no instance has used or will use: from this instance's reserved block,
+    /// reserving the next one (one durable transaction) when it is used up. Ids a failed
+    /// create took are skipped, never reused.
+    fn next_node_id(&self) -> ServiceResult<NodeId> {
+        let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        if ids.0 >= ids.1 {
+            let start = self.store.write(|tx| {
+                let start = meta_get(tx, NEXT_ID)?.unwrap_or(NodeId::ROOT.0 + 1);
+                meta_put(tx, NEXT_ID, start.saturating_add(ID_BLOCK))?;
+                Ok(start)
+            })?;
+            *ids = (start, start.saturating_add(ID_BLOCK));
+        }
+        let id = ids.0;
+        ids.0 += 1;
+        Ok(NodeId(id))
     }
 
     /// This cluster's identity (random, made at first start): node ids mean something only
@@ -851,6 +925,7 @@ impl DirectoryService {
         } else {
             None
         };
+        let new_id = self.next_node_id()?;
         self.once(who.id.uid, rid, |tx| {
             let pmeta = dir_node(tx, parent)?;
             access::need(&who.id, &pmeta, X)?;
@@ -861,11 +936,7 @@ impl DirectoryService {
             access::need(&who.id, &pmeta, W | X)?;
             access::need_mknod(&who.id, req.kind)?;
             let (uid, gid, mode) = access::new_node(&who.id, &pmeta, req.kind, req.mode);
-            let id = {
-                let id = meta_get(tx, NEXT_ID)?.unwrap_or(NodeId::ROOT.0 + 1);
-                meta_put(tx, NEXT_ID, id + 1)?;
-                NodeId(id)
-            };
+            let id = new_id;
             let now = now_ns();
             let (primary, replicas) = match &placement {
                 Some(p) => (Some(p.primary), p.replicas.clone()),
@@ -1222,7 +1293,7 @@ impl DirectoryService {
                 .is_some_and(|w| &w.upload_id == upload_id)
             {
                 meta.writeback = None;
-                put_node(tx, &meta)?;
+                put_node_quiet(tx, &meta)?;
             }
             Ok(())
         });
@@ -1290,7 +1361,7 @@ impl DirectoryService {
                 upload_id: req.upload_id.clone(),
                 until_ms,
             });
-            put_node(tx, &meta)?;
+            put_node_quiet(tx, &meta)?;
             Ok(meta)
         })
     }
@@ -1426,6 +1497,26 @@ impl DirectoryService {
         Ok(id)
     }
 
+    /// A heartbeat of file server `id`: alive here at once, and, when several instances share
+    /// the store (etcd), recorded there for the others (one blind put per beat).
+    pub fn heartbeat(&self, id: ServerId, space: Option<common::api::Space>) -> ServiceResult<()> {
+        self.registry.heartbeat(id, space)?;
+        if self.store.is_shared() {
+            self.store
+                .write_lazy(|tx| registry::record_beat(tx, id, space))?;
+        }
+        Ok(())
+    }
+
+    /// Brings the registry up to date with what other instances recorded (etcd; nothing on
+    /// redb, where this is the only instance).
+    pub fn sync_registry(&self) -> ServiceResult<()> {
+        if self.store.is_shared() {
+            self.store.read(|tx| self.registry.sync(tx))?;
+        }
+        Ok(())
+    }
+
     /// Records the URL of the lock or auth service (persisted).
     pub fn register_service(&self, req: &common::api::RegisterServiceRequest) -> ServiceResult<()> {
         self.check_scheme(&format!("{:?} service", req.kind).to_lowercase(), &req.url)?;
@@ -1435,5 +1526,7 @@ impl DirectoryService {
     }
 }
 
+#[cfg(test)]
+mod multi_tests;
 #[cfg(test)]
 mod tests;

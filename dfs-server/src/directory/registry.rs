@@ -16,6 +16,28 @@ use crate::store::{decode, encode};
 
 pub(crate) const SERVERS: Table<u64, Vec<u8>> = Table::new("servers");
 pub(crate) const SERVICES: Table<String, String> = Table::new("services");
+/// Heartbeats shared by several directory instances (etcd): server id → `Beat`, rewritten
+/// (a blind put) by whichever instance received the heartbeat.
+const BEATS: Table<u64, Vec<u8>> = Table::new("beats");
+
+/// A heartbeat as recorded in the store: a fresh random tag per beat (an instance that sees
+/// the tag change counts a beat on its own clock: no clock is compared across machines) and
+/// the space it reported.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Beat {
+    tag: u64,
+    #[serde(default)]
+    space: Option<common::api::Space>,
+}
+
+/// Records a heartbeat of server `id` in `tx` (shared liveness on etcd).
+pub fn record_beat(tx: &Txn, id: ServerId, space: Option<common::api::Space>) -> ServiceResult<()> {
+    let beat = Beat {
+        tag: rand::random(),
+        space,
+    };
+    tx.put(BEATS, &id.0, &encode(&beat)?)
+}
 
 /// What the directory keeps of a file server.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,6 +51,8 @@ struct Entry {
     last_beat: Option<Instant>,
     /// Disk space as of the last heartbeat that carried it.
     space: Option<common::api::Space>,
+    /// The tag of the last shared beat seen (`sync`).
+    tag: Option<u64>,
 }
 
 struct Inner {
@@ -63,6 +87,7 @@ impl Registry {
                     rec: decode(&v)?,
                     last_beat: None,
                     space: None,
+                    tag: None,
                 },
             );
         }
@@ -132,8 +157,56 @@ impl Registry {
                 rec,
                 last_beat: Some(Instant::now()),
                 space: None,
+                tag: None,
             },
         );
+        Ok(())
+    }
+
+    /// Learns from the store what other directory instances recorded: servers registered
+    /// through them, heartbeats they received (a beat whose tag changed since the last sync
+    /// counts as one now), and the lock and auth URLs. Several instances thereby agree on
+    /// which servers are alive, within one sync interval.
+    pub fn sync(&self, tx: &Txn) -> ServiceResult<()> {
+        let servers = tx.all(SERVERS)?;
+        let beats = tx.all(BEATS)?;
+        let lock_url = tx.get(SERVICES, &service_key(ServiceKind::Lock).to_owned())?;
+        let auth_url = tx.get(SERVICES, &service_key(ServiceKind::Auth).to_owned())?;
+        let now = Instant::now();
+        let mut inner = self.inner()?;
+        for (k, v) in servers {
+            let rec: ServerRecord = decode(&v)?;
+            let e = inner.servers.entry(ServerId(k)).or_insert_with(|| {
+                tracing::info!(server = k, url = %rec.url, "file server learned from the store");
+                Entry {
+                    rec: rec.clone(),
+                    last_beat: None,
+                    space: None,
+                    tag: None,
+                }
+            });
+            e.rec = rec;
+        }
+        for (k, v) in beats {
+            let Ok(beat) = decode::<Beat>(&v) else {
+                continue;
+            };
+            if let Some(e) = inner.servers.get_mut(&ServerId(k))
+                && e.tag != Some(beat.tag)
+            {
+                e.tag = Some(beat.tag);
+                e.last_beat = Some(now);
+                if beat.space.is_some() {
+                    e.space = beat.space;
+                }
+            }
+        }
+        if lock_url.is_some() {
+            inner.lock_url = lock_url;
+        }
+        if auth_url.is_some() {
+            inner.auth_url = auth_url;
+        }
         Ok(())
     }
 

@@ -21,6 +21,8 @@ use std::time::Duration;
 use common::{ContentHash, FileKind, NodeId, NodeMeta, ServerId};
 use tokio_util::sync::CancellationToken;
 
+use crate::meta::as_leader;
+
 use super::DirectoryService;
 use super::replicas::Settle;
 use crate::peer::Peer;
@@ -165,7 +167,7 @@ async fn pass_full(
     let batch = {
         let svc = svc.clone();
         let r = tokio::task::spawn_blocking(move || {
-            svc.note_servers(&servers)?;
+            as_leader(|| svc.note_servers(&servers))?;
             svc.repair_batch(BATCH)
         })
         .await;
@@ -194,7 +196,7 @@ async fn pass_full(
         let settle = match plan(&meta, &live, svc.replication()) {
             Repair::None => Settle::Check,
             Repair::Unavailable => Settle::RetryAt(now.saturating_add(ms(UNAVAILABLE_RETRY))),
-            Repair::Promote(to) => match svc.promote(meta.id, &meta.hash, to) {
+            Repair::Promote(to) => match as_leader(|| svc.promote(meta.id, &meta.hash, to)) {
                 Ok(()) => {
                     promoted += 1;
                     tracing::warn!(node = %meta.id, old = ?meta.primary, new = %to, "primary failed over");
@@ -207,7 +209,7 @@ async fn pass_full(
             },
             // Empty content needs no bytes moved: record it at once.
             Repair::Copy { to, .. } if meta.hash.as_str() == ContentHash::EMPTY_HEX => {
-                if let Err(e) = svc.add_holder(meta.id, &meta.hash, to) {
+                if let Err(e) = as_leader(|| svc.add_holder(meta.id, &meta.hash, to)) {
                     tracing::warn!(node = %meta.id, error = %e, "recording a copy failed");
                 }
                 Settle::Check
@@ -231,7 +233,7 @@ async fn pass_full(
         let (svc, peer, inflight) = (svc.clone(), peer.clone(), inflight.clone());
         tokio::spawn(async move {
             if copy(&svc, &peer, &meta, from, to).await {
-                match svc.add_holder(meta.id, &meta.hash, to) {
+                match as_leader(|| svc.add_holder(meta.id, &meta.hash, to)) {
                     Ok(()) => tracing::info!(node = %meta.id, %from, %to, "re-replicated"),
                     Err(e) => {
                         tracing::warn!(node = %meta.id, error = %e, "recording a copy failed")
@@ -242,7 +244,10 @@ async fn pass_full(
         });
     }
     let settle_svc = svc.clone();
-    let r = tokio::task::spawn_blocking(move || settle_svc.settle_repairs(&settled, &live)).await;
+    let r = tokio::task::spawn_blocking(move || {
+        as_leader(|| settle_svc.settle_repairs(&settled, &live))
+    })
+    .await;
     if let Ok(Err(e)) = r {
         tracing::warn!(error = %e, "repair: settling the queue failed; its entries are served again");
     }
@@ -267,7 +272,7 @@ async fn copy(
         Err(e) => {
             if matches!(e, crate::error::ServiceError::NotFound(_)) {
                 // The source has lost its copy: it is no holder.
-                let _ = svc.drop_holder(meta.id, &meta.hash, from);
+                let _ = as_leader(|| svc.drop_holder(meta.id, &meta.hash, from));
             }
             tracing::warn!(node = %meta.id, %from, %to, error = %e, "re-replication copy failed");
             false
@@ -275,21 +280,38 @@ async fn copy(
     }
 }
 
-/// Runs passes every `cfg.interval` until `cancel`.
+/// Runs passes every `cfg.interval` until `cancel`, while this instance leads: several
+/// directory instances on one etcd prefix elect one (`DirectoryService::start_election`),
+/// and its writes are fenced by the leadership (`meta::as_leader`), so a deposed leader's
+/// late step is refused.
 pub async fn run(
     svc: Arc<DirectoryService>,
     peer: Peer,
     cfg: RepairConfig,
     cancel: CancellationToken,
 ) {
+    svc.start_election();
     let inflight = InFlight::default();
+    let mut synced = tokio::time::Instant::now();
     loop {
         tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => {
+                svc.resign();
+                return;
+            }
             _ = tokio::time::sleep(cfg.interval) => {}
         }
+        // Every instance keeps its registry in step with the others' (shared liveness).
+        if synced.elapsed() >= svc.heartbeat_interval() {
+            synced = tokio::time::Instant::now();
+            let s = svc.clone();
+            let r = tokio::task::spawn_blocking(move || s.sync_registry()).await;
+            if let Ok(Err(e)) = r {
+                tracing::warn!(error = %e, "reading the shared registry failed");
+            }
+        }
         // A full batch with failovers in it: more may be due, and writes wait on them.
-        loop {
+        while svc.is_leader() {
             let (promoted, _, full) = pass_full(&svc, &peer, &cfg, &inflight).await;
             if !(full && promoted > 0) || cancel.is_cancelled() {
                 break;

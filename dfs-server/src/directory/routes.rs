@@ -5,26 +5,36 @@ use std::sync::Arc;
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use common::api::{
-    ChangeKind, ChangesQuery, ChangesResponse, ClusterInfo, CommitRequest, CreateRequest, ListPage,
-    ListQuery, RegisterServerRequest, RegisterServerResponse, RegisterServiceRequest, RemoveQuery,
+    ChangesQuery, ChangesResponse, ClusterInfo, CommitRequest, CreateRequest, ListPage, ListQuery,
+    RegisterServerRequest, RegisterServerResponse, RegisterServiceRequest, RemoveQuery,
     RenameRequest, SetAttrRequest, StatFs,
 };
 use common::{NodeId, NodeMeta, ServerId, ValidName, routes};
 
-use super::feed::Feed;
+use super::feed::{Feed, with_origin};
 use super::{DirectoryService, RequestId};
 use crate::error::ServiceError;
 use crate::http::authed::ClusterOnly;
 use crate::http::{ApiJson, ApiPath, ApiQuery, ApiResult, AppError, Authed, blocking};
 
-/// The directory router over a shared service, with a change feed of its own.
+/// The directory router over a shared service. Its change feed is the service's (the store
+/// publishes every committed change to it); the caller closes it when the service stops
+/// (`Feed::close_when`), so that no long poll holds the shutdown.
 pub fn router(svc: Arc<DirectoryService>) -> Router {
-    router_with_feed(svc, Arc::new(Feed::default()))
+    router_inner(svc)
 }
 
-/// The directory router publishing every change it makes to `feed` (which the caller closes
-/// when the service stops, so that no long poll holds the shutdown).
-pub fn router_with_feed(svc: Arc<DirectoryService>, feed: Arc<Feed>) -> Router {
+/// [`router`], its feed closed when `cancel` fires (call within a runtime).
+pub fn router_until(
+    svc: Arc<DirectoryService>,
+    cancel: tokio_util::sync::CancellationToken,
+) -> Router {
+    svc.feed().close_when(cancel);
+    router_inner(svc)
+}
+
+fn router_inner(svc: Arc<DirectoryService>) -> Router {
+    let feed = svc.feed().clone();
     Router::new()
         .route(routes::CHANGES, get(changes))
         .route(routes::CLUSTER, get(cluster))
@@ -47,12 +57,17 @@ pub fn router_with_feed(svc: Arc<DirectoryService>, feed: Arc<Feed>) -> Router {
         .with_state(svc)
 }
 
-/// The feed handle every changing route publishes to.
+/// The feed the long poll reads.
 type Changes = Extension<Arc<Feed>>;
 
 /// The client a request comes from (`x-dfs-origin`: 32 hex digits, random per client
 /// process), if it names one: its feed polls leave out the changes it made itself.
-struct Origin(super::feed::Origin);
+struct Origin(Option<u128>);
+
+/// The origin of the changes a request of `uid` makes (filtered from that client's polls).
+fn stamp(origin: Option<u128>, uid: u32) -> super::feed::Origin {
+    origin.map(|o| (o, uid))
+}
 
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Origin {
     type Rejection = AppError;
@@ -115,7 +130,7 @@ async fn cluster(axum::extract::State(svc): State) -> ApiResult<Json<ClusterInfo
 /// The change feed: a long poll open to every logged-in user (it names node ids only).
 async fn changes(
     Extension(feed): Changes,
-    _a: Authed,
+    Authed(who): Authed,
     Origin(me): Origin,
     ApiQuery(q): ApiQuery<ChangesQuery>,
 ) -> ApiResult<Json<ChangesResponse>> {
@@ -131,7 +146,7 @@ async fn changes(
             q.epoch,
             q.after,
             common::api::CHANGES_MAX_PER_ANSWER,
-            me,
+            stamp(me, who.caller().id.uid),
             wait,
         )
         .await,
@@ -168,7 +183,6 @@ async fn get_node(
 
 async fn setattr(
     axum::extract::State(svc): State,
-    Extension(feed): Changes,
     Origin(origin): Origin,
     Authed(who): Authed,
     ApiPath(id): ApiPath<u64>,
@@ -177,8 +191,13 @@ async fn setattr(
 ) -> ApiResult<Json<NodeMeta>> {
     let who = who.caller().id;
     let rid = request_id(&headers)?;
-    let meta = blocking(move || svc.setattr_with_id(NodeId(id), &req, &who, rid.as_ref())).await?;
-    feed.publish_from(origin, [ChangeKind::Node { node: meta.id }]);
+    let o = stamp(origin, who.uid);
+    let meta = blocking(move || {
+        with_origin(o, || {
+            svc.setattr_with_id(NodeId(id), &req, &who, rid.as_ref())
+        })
+    })
+    .await?;
     Ok(Json(meta))
 }
 
@@ -197,7 +216,6 @@ async fn list(
 
 async fn create(
     axum::extract::State(svc): State,
-    Extension(feed): Changes,
     Origin(origin): Origin,
     Authed(who): Authed,
     ApiPath(id): ApiPath<u64>,
@@ -209,15 +227,13 @@ async fn create(
     let uid = caller.id.uid;
     let key_svc = svc.clone();
     let rid = request_id(&headers)?;
-    let meta =
-        blocking(move || svc.create_with_id(NodeId(id), &req, &caller, rid.as_ref())).await?;
-    feed.publish_from(
-        origin,
-        [ChangeKind::Entry {
-            dir: NodeId(id),
-            node: meta.id,
-        }],
-    );
+    let o = stamp(origin, uid);
+    let meta = blocking(move || {
+        with_origin(o, || {
+            svc.create_with_id(NodeId(id), &req, &caller, rid.as_ref())
+        })
+    })
+    .await?;
     // The creator writes what it just made: the capability to queue for its write lock
     // comes with the answer, saving its first close a round trip.
     let cap = key_svc.write_capability(&meta, uid);
@@ -241,7 +257,6 @@ async fn lookup(
 
 async fn remove(
     axum::extract::State(svc): State,
-    Extension(feed): Changes,
     Origin(origin): Origin,
     Authed(who): Authed,
     ApiPath((id, n)): ApiPath<(u64, String)>,
@@ -251,89 +266,44 @@ async fn remove(
     let n = name(&n)?;
     let who = who.caller().id;
     let rid = request_id(&headers)?;
-    let meta =
-        blocking(move || svc.remove_with_id(NodeId(id), &n, q.dir, &who, rid.as_ref())).await?;
-    feed.publish_from(
-        origin,
-        [
-            ChangeKind::Entry {
-                dir: NodeId(id),
-                node: meta.id,
-            },
-            node_change(&meta),
-        ],
-    );
+    let o = stamp(origin, who.uid);
+    let meta = blocking(move || {
+        with_origin(o, || {
+            svc.remove_with_id(NodeId(id), &n, q.dir, &who, rid.as_ref())
+        })
+    })
+    .await?;
     Ok(Json(meta))
-}
-
-/// A node whose links changed: gone when none is left, else changed.
-fn node_change(meta: &NodeMeta) -> ChangeKind {
-    if meta.nlink == 0 {
-        ChangeKind::Gone { node: meta.id }
-    } else {
-        ChangeKind::Node { node: meta.id }
-    }
 }
 
 async fn rename(
     axum::extract::State(svc): State,
-    Extension(feed): Changes,
     Origin(origin): Origin,
     Authed(who): Authed,
     headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<RenameRequest>,
 ) -> ApiResult<Json<Option<NodeMeta>>> {
     let who = who.caller().id;
-    // The node being moved, for the feed (the rename answers only the node it replaced). A
-    // point read as the caller, who needs search permission there for the rename anyway; a
-    // race with another rename of the same name may name the wrong node, but both
-    // directories are published whatever it names.
-    let moved = svc.lookup(req.parent, &req.name, &who).ok().map(|m| m.id);
-    let (parent, new_parent) = (req.parent, req.new_parent);
     let rid = request_id(&headers)?;
-    let replaced = blocking(move || svc.rename_with_id(&req, &who, rid.as_ref())).await?;
-    let mut what = Vec::with_capacity(5);
-    if let Some(node) = moved {
-        what.push(ChangeKind::Entry { dir: parent, node });
-        what.push(ChangeKind::Entry {
-            dir: new_parent,
-            node,
-        });
-        what.push(ChangeKind::Node { node });
-    }
-    if let Some(r) = &replaced {
-        what.push(ChangeKind::Entry {
-            dir: new_parent,
-            node: r.id,
-        });
-        what.push(node_change(r));
-    }
-    feed.publish_from(origin, what);
+    let o = stamp(origin, who.uid);
+    // The moved node and the one replaced are recorded by the rename's own transaction.
+    let replaced =
+        blocking(move || with_origin(o, || svc.rename_with_id(&req, &who, rid.as_ref()))).await?;
     Ok(Json(replaced))
 }
 
 async fn link(
     axum::extract::State(svc): State,
-    Extension(feed): Changes,
     Origin(origin): Origin,
     Authed(who): Authed,
     headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<common::api::LinkRequest>,
 ) -> ApiResult<Json<NodeMeta>> {
     let who = who.caller().id;
-    let new_parent = req.new_parent;
     let rid = request_id(&headers)?;
-    let meta = blocking(move || svc.link_with_id(&req, &who, rid.as_ref())).await?;
-    feed.publish_from(
-        origin,
-        [
-            ChangeKind::Entry {
-                dir: new_parent,
-                node: meta.id,
-            },
-            ChangeKind::Node { node: meta.id },
-        ],
-    );
+    let o = stamp(origin, who.uid);
+    let meta =
+        blocking(move || with_origin(o, || svc.link_with_id(&req, &who, rid.as_ref()))).await?;
     Ok(Json(meta))
 }
 
@@ -358,7 +328,12 @@ async fn heartbeat(
     ApiPath(id): ApiPath<u64>,
     ApiJson(space): ApiJson<Option<common::api::Space>>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    svc.registry.heartbeat(ServerId(id), space)?;
+    if svc.registry.url(ServerId(id)).is_none() {
+        // Registered through another instance, maybe: learn of it before refusing it.
+        let s = svc.clone();
+        blocking(move || s.sync_registry()).await?;
+    }
+    blocking(move || svc.heartbeat(ServerId(id), space)).await?;
     Ok(Json(serde_json::json!({})))
 }
 
@@ -373,29 +348,20 @@ async fn register_service(
 
 async fn commit(
     axum::extract::State(svc): State,
-    Extension(feed): Changes,
     _c: ClusterOnly,
     ApiPath(id): ApiPath<u64>,
     ApiJson(req): ApiJson<CommitRequest>,
 ) -> ApiResult<Json<common::api::CommitResponse>> {
     let r = blocking(move || svc.commit(NodeId(id), &req)).await?;
-    feed.publish([ChangeKind::Node { node: NodeId(id) }]);
     Ok(Json(r))
 }
 
 async fn commit_batch(
     axum::extract::State(svc): State,
-    Extension(feed): Changes,
     _c: ClusterOnly,
     ApiJson(req): ApiJson<common::api::CommitBatchRequest>,
 ) -> ApiResult<Json<common::api::BatchResponse<common::api::CommitResponse>>> {
     let results = blocking(move || svc.commit_batch(&req)).await?;
-    feed.publish(
-        results
-            .iter()
-            .filter_map(|r| r.as_ref().ok())
-            .map(|r| ChangeKind::Node { node: r.meta.id }),
-    );
     Ok(Json(common::api::BatchResponse {
         results: results.into_iter().map(crate::error::item_result).collect(),
     }))

@@ -34,7 +34,9 @@ use std::time::Duration;
 
 use etcd_client::{Compare, CompareOp, GetOptions, KvClient, SortOrder, SortTarget, TxnOp};
 
-use super::{Inner, MetaKey, MetaValue, Table, Txn};
+use common::api::ChangeKind;
+
+use super::{Feed, Inner, MetaKey, MetaValue, Origin, Table, Txn};
 use crate::error::{ServiceError, ServiceResult};
 
 /// How long one etcd call may take.
@@ -111,9 +113,77 @@ impl EtcdConfig {
 struct Shared {
     handle: tokio::runtime::Handle,
     kv: KvClient,
+    /// The whole client (watches, leases).
+    client: etcd_client::Client,
     /// `<prefix>/`
     prefix: Vec<u8>,
     endpoints: String,
+    /// `<prefix>/_feed`: every transaction that changed the namespace puts its changes here
+    /// (one key, blind puts: no transaction compares it, so it adds no conflict); every
+    /// instance watches it.
+    feed_key: Vec<u8>,
+    /// `<prefix>/_leader`: this instance's id while it leads (the repair loop), under its lease.
+    leader_key: Vec<u8>,
+    /// This process's id in the election (random per start).
+    instance: String,
+    /// Whether this instance holds the leader key (as last renewed).
+    leader: std::sync::atomic::AtomicBool,
+    /// The campaign's current lease (0: none).
+    lease: std::sync::atomic::AtomicI64,
+    /// This instance ever campaigned: from then on its fenced writes need the leader key (an
+    /// instance that never campaigns, e.g. a tool or a unit test driving a repair pass,
+    /// writes unfenced).
+    campaigned: std::sync::atomic::AtomicBool,
+    /// The feed epoch every instance on this prefix computes alike: the etcd cluster's id and
+    /// the prefix.
+    epoch: u64,
+}
+
+/// How long the repair leader's lease lasts: a leader that stops renewing it (killed,
+/// partitioned) is replaced within this plus `LEADER_LEASE / 3` (a follower's next try).
+pub const LEADER_LEASE: Duration = Duration::from_secs(6);
+/// Changes of the feed key replayed into a new instance's ring (so a client that fails over to
+/// it continues without a resync).
+const FEED_HISTORY: i64 = 65_536;
+
+/// What one transaction put in the feed key: its changes and the client they came from.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct FeedRecord {
+    /// `x-dfs-origin`, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    o: Option<String>,
+    /// The uid the origin acted as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    u: Option<u32>,
+    c: Vec<ChangeKind>,
+}
+
+fn feed_record(origin: Origin, changes: Vec<ChangeKind>) -> Vec<u8> {
+    let r = FeedRecord {
+        o: origin.map(|(o, _)| format!("{o:032x}")),
+        u: origin.map(|(_, u)| u),
+        c: changes,
+    };
+    serde_json::to_vec(&r).unwrap_or_default()
+}
+
+fn read_feed_record(b: &[u8]) -> Option<(Origin, Vec<ChangeKind>)> {
+    let r: FeedRecord = serde_json::from_slice(b).ok()?;
+    let origin = match (r.o, r.u) {
+        (Some(o), Some(u)) => Some((u128::from_str_radix(&o, 16).ok()?, u)),
+        _ => None,
+    };
+    Some((origin, r.c))
+}
+
+/// FNV-1a of the etcd cluster id and the prefix (never 0).
+fn feed_epoch(cluster_id: u64, prefix: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in cluster_id.to_be_bytes().iter().chain(prefix) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h | 1
 }
 
 /// A metadata store in etcd.
@@ -124,6 +194,8 @@ pub struct EtcdStore {
     commits: AtomicU64,
     writes: AtomicU64,
     conflicts: AtomicU64,
+    /// Stops the campaign for the leadership, once started.
+    election: std::sync::Mutex<Option<tokio_util::sync::CancellationToken>>,
 }
 
 impl Drop for EtcdStore {
@@ -251,17 +323,58 @@ impl EtcdStore {
         };
         let mut prefix = config.prefix.as_bytes().to_vec();
         prefix.push(b'/');
+        // A first linearizable read: a cluster without quorum fails the start, not a request.
+        // Its header names the etcd cluster, which the feed's epoch derives from.
+        let kv = client.kv_client();
+        let first = blocking(|| {
+            handle.block_on(async {
+                let mut kv = kv.clone();
+                let key = prefix.clone();
+                tokio::time::timeout(
+                    OP_TIMEOUT,
+                    kv.get(key, Some(GetOptions::new().with_count_only())),
+                )
+                .await
+            })
+        });
+        let cluster_id = match first {
+            Ok(Ok(r)) => r.header().map_or(0, |h| h.cluster_id()),
+            Ok(Err(e)) => {
+                return Err(ServiceError::Unavailable(format!(
+                    "etcd at {endpoints} failed a first read: {e}"
+                )));
+            }
+            Err(_) => {
+                return Err(ServiceError::Unavailable(format!(
+                    "etcd at {endpoints} did not answer a first read within {} s",
+                    OP_TIMEOUT.as_secs()
+                )));
+            }
+        };
+        let mut feed_key = prefix.clone();
+        feed_key.extend_from_slice(b"_feed");
+        let mut leader_key = prefix.clone();
+        leader_key.extend_from_slice(b"_leader");
         let store = EtcdStore {
             shared: Arc::new(Shared {
                 handle,
-                kv: client.kv_client(),
+                kv,
+                client,
+                epoch: feed_epoch(cluster_id, &prefix),
                 prefix,
                 endpoints,
+                feed_key,
+                leader_key,
+                instance: format!("{:032x}", rand::random::<u128>()),
+                leader: std::sync::atomic::AtomicBool::new(false),
+                lease: std::sync::atomic::AtomicI64::new(0),
+                campaigned: std::sync::atomic::AtomicBool::new(false),
             }),
             runtime: Some(runtime),
             commits: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             conflicts: AtomicU64::new(0),
+            election: std::sync::Mutex::new(None),
         };
         // A first linearizable read (a cluster without quorum fails the start, not a
         // request): the prefix's format record.
@@ -380,10 +493,89 @@ impl EtcdStore {
         self.check_format()
     }
 
-    pub(super) fn write<T: Send>(
+    /// The feed epoch of this prefix (the same on every instance).
+    pub(super) fn feed_epoch(&self) -> u64 {
+        self.shared.epoch
+    }
+
+    /// Feeds `feed` from a watch of the prefix's feed key until the feed is closed: each
+    /// transaction's changes under its revision. A new ring first replays up to
+    /// `FEED_HISTORY` revisions of history; a watch that breaks is restarted where it
+    /// stopped; one whose start etcd compacted away restarts at the compaction and moves
+    /// the ring's floor there (clients behind it resynchronise).
+    pub(super) fn attach_feed(&self, feed: Arc<Feed>) {
+        let shared = self.shared.clone();
+        self.shared.handle.spawn(watch_feed(shared, feed));
+    }
+
+    /// Starts campaigning for the repair leadership (once; `lease` is the leader key's TTL).
+    pub(super) fn start_election(&self, lease: Duration) {
+        let mut e = self.election.lock().unwrap_or_else(|p| p.into_inner());
+        if e.is_some() {
+            return;
+        }
+        self.shared.campaigned.store(true, Ordering::SeqCst);
+        let stop = tokio_util::sync::CancellationToken::new();
+        self.shared
+            .handle
+            .spawn(campaign(self.shared.clone(), lease, stop.clone()));
+        *e = Some(stop);
+    }
+
+    /// Stops campaigning: this instance stops renewing its lease (a crash, as far as the
+    /// others can tell) and no longer takes itself for the leader.
+    pub fn stop_election(&self) {
+        if let Some(stop) = self
+            .election
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            stop.cancel();
+        }
+        self.shared.leader.store(false, Ordering::SeqCst);
+    }
+
+    /// Stops campaigning and gives the leadership up at once (a graceful stop: its lease is
+    /// revoked, so another instance takes over at its next try instead of after the lease).
+    pub fn resign(&self) {
+        self.stop_election();
+        let id = self.shared.lease.swap(0, Ordering::SeqCst);
+        if id == 0 {
+            return;
+        }
+        let mut leases = self.shared.client.lease_client();
+        let revoked = blocking(|| {
+            self.shared
+                .handle
+                .block_on(async { tokio::time::timeout(OP_TIMEOUT, leases.revoke(id)).await })
+        });
+        if !matches!(revoked, Ok(Ok(_))) {
+            tracing::warn!("revoking the leader lease failed; it lapses instead");
+        }
+    }
+
+    /// Whether this instance holds the leader key (as of its last renewal).
+    pub fn is_leader(&self) -> bool {
+        self.shared.leader.load(Ordering::SeqCst)
+    }
+
+    /// One transaction, of no client and not fenced.
+    #[cfg(test)]
+    fn write<T: Send>(&self, f: impl FnMut(&Txn) -> ServiceResult<T> + Send) -> ServiceResult<T> {
+        self.write_as(f, None, false)
+    }
+
+    /// One transaction: `origin` is recorded with its changes in the feed key; `fenced`
+    /// makes it commit only while this instance holds the leader key (the repair's writes: a
+    /// deposed leader's late write is refused).
+    pub(super) fn write_as<T: Send>(
         &self,
         mut f: impl FnMut(&Txn) -> ServiceResult<T> + Send,
+        origin: Origin,
+        fenced: bool,
     ) -> ServiceResult<T> {
+        let fenced = fenced && self.shared.campaigned.load(Ordering::SeqCst);
         blocking(|| {
             for attempt in 0..MAX_ATTEMPTS {
                 if attempt > 0 {
@@ -391,13 +583,32 @@ impl EtcdStore {
                     backoff(attempt);
                 }
                 let tx = EtcdTxn::new(self.shared.clone(), true);
-                let value = match f(&Txn(Inner::Etcd(&tx))) {
+                let t = Txn::new(Inner::Etcd(&tx));
+                let value = match f(&t) {
                     Ok(v) => v,
                     // The snapshot's revision was compacted away meanwhile: a new snapshot.
                     Err(_) if tx.compacted.get() => continue,
                     Err(e) => return Err(e),
                 };
-                match tx.commit()? {
+                let changes = t.take_changes();
+                drop(t);
+                if !changes.is_empty() {
+                    // In the same etcd transaction: published (by every instance's watch)
+                    // exactly when the change is committed, with the origin it came from.
+                    let k = self.shared.feed_key.clone();
+                    tx.state
+                        .borrow_mut()
+                        .writes
+                        .insert(k, Some(feed_record(origin, changes)));
+                }
+                match tx.commit(fenced)? {
+                    Commit::Deposed => {
+                        return Err(ServiceError::Unavailable(
+                            "this directory instance is no longer the repair leader; its \
+                             write was refused"
+                                .into(),
+                        ));
+                    }
                     Commit::Nothing => return Ok(value),
                     Commit::Applied => {
                         self.commits.fetch_add(1, Ordering::Relaxed);
@@ -425,7 +636,7 @@ impl EtcdStore {
             let mut attempt = 0;
             loop {
                 let tx = EtcdTxn::new(self.shared.clone(), false);
-                match f(&Txn(Inner::Etcd(&tx))) {
+                match f(&Txn::new(Inner::Etcd(&tx))) {
                     Err(_) if tx.compacted.get() && attempt + 1 < MAX_ATTEMPTS => attempt += 1,
                     r => return r,
                 }
@@ -465,6 +676,8 @@ enum Commit {
     Nothing,
     Applied,
     Conflict,
+    /// A fenced write found the leader key no longer this instance's.
+    Deposed,
 }
 
 #[derive(Default)]
@@ -820,12 +1033,15 @@ impl EtcdTxn {
         self.range(t, None, None, None)
     }
 
-    /// Commits the buffered writes if nothing read changed since the snapshot.
-    fn commit(self) -> ServiceResult<Commit> {
+    /// Commits the buffered writes if nothing read changed since the snapshot (and, `fenced`,
+    /// if the leader key is still this instance's).
+    fn commit(self, fenced: bool) -> ServiceResult<Commit> {
         let st = self.state.into_inner();
         if st.writes.is_empty() {
             return Ok(Commit::Nothing);
         }
+        let leader_key = self.shared.leader_key.clone();
+        let instance = self.shared.instance.clone();
         let mut compares: Vec<Compare> = st
             .seen
             .iter()
@@ -844,17 +1060,225 @@ impl EtcdTxn {
                 None => TxnOp::delete(k, None),
             })
             .collect();
-        let txn = etcd_client::Txn::new().when(compares).and_then(ops);
+        if fenced {
+            compares.push(Compare::value(
+                leader_key.clone(),
+                CompareOp::Equal,
+                instance.clone(),
+            ));
+        }
+        let mut txn = etcd_client::Txn::new().when(compares).and_then(ops);
+        if fenced {
+            txn = txn.or_else(vec![TxnOp::get(leader_key, None)]);
+        }
         let resp = self.shared.call("a transaction", |mut kv| {
             let txn = txn.clone();
             async move { kv.txn(txn).await }
         })?;
-        Ok(if resp.succeeded() {
-            Commit::Applied
-        } else {
-            Commit::Conflict
-        })
+        if resp.succeeded() {
+            return Ok(Commit::Applied);
+        }
+        if fenced {
+            let holder = resp.op_responses().into_iter().find_map(|r| match r {
+                etcd_client::TxnOpResponse::Get(g) => {
+                    Some(g.kvs().first().map(|kv| kv.value().to_vec()))
+                }
+                _ => None,
+            });
+            if holder.flatten().as_deref() != Some(instance.as_bytes()) {
+                self.shared.leader.store(false, Ordering::SeqCst);
+                return Ok(Commit::Deposed);
+            }
+        }
+        Ok(Commit::Conflict)
     }
+}
+
+/// The feed's watch loop (see `EtcdStore::attach_feed`).
+async fn watch_feed(shared: Arc<Shared>, feed: Arc<Feed>) {
+    let mut kv = shared.kv.clone();
+    let mut watch = shared.client.watch_client();
+    let mut pause = Duration::from_millis(100);
+    while !feed.is_closed() {
+        let start = if feed.head() > 0 {
+            i64::try_from(feed.head())
+                .unwrap_or(i64::MAX)
+                .saturating_add(1)
+        } else {
+            // A new ring: replay recent history, so a client that comes over from another
+            // instance finds its position here. Nothing below the start is known.
+            let now = tokio::time::timeout(
+                OP_TIMEOUT,
+                kv.get(
+                    shared.feed_key.clone(),
+                    Some(GetOptions::new().with_count_only()),
+                ),
+            )
+            .await;
+            match now {
+                Ok(Ok(r)) => {
+                    let rev = r.header().map_or(1, |h| h.revision());
+                    let start = rev.saturating_sub(FEED_HISTORY).max(1);
+                    feed.reset(u64::try_from(start - 1).unwrap_or(0));
+                    start
+                }
+                _ => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            }
+        };
+        let opts = etcd_client::WatchOptions::new().with_start_revision(start);
+        let stream =
+            tokio::time::timeout(OP_TIMEOUT, watch.watch(shared.feed_key.clone(), Some(opts)))
+                .await;
+        let mut stream = match stream {
+            Ok(Ok(s)) => s,
+            other => {
+                let error = match other {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "timed out".into(),
+                };
+                tracing::warn!(%error, "the change feed's etcd watch did not start; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        loop {
+            let msg = tokio::select! {
+                m = stream.message() => m,
+                _ = feed.closed() => return,
+            };
+            let resp = match msg {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    tracing::warn!("the change feed's etcd watch ended; restarting it");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the change feed's etcd watch failed; restarting it");
+                    break;
+                }
+            };
+            pause = Duration::from_millis(100);
+            if resp.compact_revision() > 0 {
+                // What was not delivered is gone: clients behind the compaction resynchronise.
+                let floor = u64::try_from(resp.compact_revision() - 1).unwrap_or(0);
+                tracing::warn!(
+                    compacted = resp.compact_revision(),
+                    "etcd compacted changes the feed had not delivered; its clients resynchronise"
+                );
+                feed.reset(floor);
+                break;
+            }
+            if resp.canceled() {
+                tracing::warn!(
+                    reason = resp.cancel_reason(),
+                    "the change feed's etcd watch was cancelled; restarting it"
+                );
+                break;
+            }
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                if ev.event_type() != etcd_client::EventType::Put {
+                    continue;
+                }
+                let Ok(rev) = u64::try_from(kv.mod_revision()) else {
+                    continue;
+                };
+                match read_feed_record(kv.value()) {
+                    Some((origin, changes)) => {
+                        feed.publish_at_from(rev, origin, changes);
+                    }
+                    None => {
+                        // Nothing to tell clients precisely: they drop everything instead.
+                        tracing::warn!(
+                            rev,
+                            "an unreadable feed record in etcd; clients resynchronise"
+                        );
+                        feed.reset(rev);
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Campaigns for the repair leadership until `stop`: a lease of `lease`, renewed every third
+/// of it; the leader key is taken with a create-revision compare (only when nobody holds it)
+/// and lives on the lease, so a leader that stops renewing loses it when the lease ends.
+/// This instance takes itself for the leader only while its last renewal is less than
+/// two thirds of the lease old (it steps down before etcd could give the key to another).
+async fn campaign(shared: Arc<Shared>, lease: Duration, stop: tokio_util::sync::CancellationToken) {
+    let ttl = i64::try_from(lease.as_secs().max(2)).unwrap_or(6);
+    let tick = lease / 3;
+    let mut leases = shared.client.lease_client();
+    let mut kv = shared.kv.clone();
+    while !stop.is_cancelled() {
+        let granted = tokio::time::timeout(OP_TIMEOUT, leases.grant(ttl, None)).await;
+        let Ok(Ok(granted)) = granted else {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(tick) => continue,
+            }
+        };
+        let id = granted.id();
+        shared.lease.store(id, Ordering::SeqCst);
+        let keep = tokio::time::timeout(OP_TIMEOUT, leases.keep_alive(id)).await;
+        let Ok(Ok((mut keeper, mut renewals))) = keep else {
+            continue;
+        };
+        let mut renewed = tokio::time::Instant::now();
+        loop {
+            if !shared.leader.load(Ordering::SeqCst) {
+                let txn = etcd_client::Txn::new()
+                    .when(vec![Compare::create_revision(
+                        shared.leader_key.clone(),
+                        CompareOp::Equal,
+                        0,
+                    )])
+                    .and_then(vec![TxnOp::put(
+                        shared.leader_key.clone(),
+                        shared.instance.clone(),
+                        Some(etcd_client::PutOptions::new().with_lease(id)),
+                    )]);
+                if let Ok(Ok(r)) = tokio::time::timeout(OP_TIMEOUT, kv.txn(txn)).await
+                    && r.succeeded()
+                {
+                    shared.leader.store(true, Ordering::SeqCst);
+                    tracing::info!(instance = %shared.instance, "this directory instance leads the repair loop");
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(tick) => {}
+            }
+            let alive = async {
+                keeper.keep_alive().await.ok()?;
+                renewals.message().await.ok()?.map(|r| r.ttl())
+            };
+            match tokio::time::timeout(tick, alive).await {
+                Ok(Some(left)) if left > 0 => renewed = tokio::time::Instant::now(),
+                Ok(_) => {
+                    // The lease ended (etcd gave it up): start over with a new one.
+                    break;
+                }
+                Err(_) => {}
+            }
+            if renewed.elapsed() > lease * 2 / 3 {
+                break;
+            }
+        }
+        if shared.leader.swap(false, Ordering::SeqCst) {
+            tracing::warn!(instance = %shared.instance, "this directory instance no longer leads the repair loop");
+        }
+        drop(keeper);
+    }
+    shared.leader.store(false, Ordering::SeqCst);
 }
 
 #[cfg(test)]
@@ -1219,5 +1643,142 @@ mod tests {
             got.kvs().first().map(|kv| kv.value().to_vec()),
             Some(b"123456".to_vec())
         );
+    }
+
+    fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if f() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        f()
+    }
+
+    #[test]
+    fn every_instance_hears_a_change_committed_through_another_at_its_revision() {
+        use crate::directory::feed::{DEFAULT_CAPACITY, with_origin};
+        use common::NodeId;
+        let a = store();
+        let b = twin(&a);
+        assert_eq!(a.feed_epoch(), b.feed_epoch(), "one epoch per prefix");
+        let feed_a = Arc::new(Feed::shared(a.feed_epoch(), DEFAULT_CAPACITY));
+        let feed_b = Arc::new(Feed::shared(b.feed_epoch(), DEFAULT_CAPACITY));
+        a.attach_feed(feed_a.clone());
+        b.attach_feed(feed_b.clone());
+        let change = ChangeKind::Entry {
+            dir: NodeId(1),
+            node: NodeId(7),
+        };
+        let me = Some((0xabcd_u128, 1000));
+        with_origin(me, || {
+            a.write_as(
+                |tx| {
+                    tx.put(T, &k(1, "x"), &7)?;
+                    tx.changed(change);
+                    Ok(())
+                },
+                me,
+                false,
+            )
+        })
+        .expect("write");
+        // A transaction that records no change publishes nothing.
+        a.write(|tx| tx.put(T, &k(1, "quiet"), &8)).expect("write");
+        let epoch = Some(b.feed_epoch());
+        // The shared etcd holds other tests' revisions: read from where each ring starts.
+        assert!(
+            eventually(Duration::from_secs(10), || !feed_b
+                .read(epoch, feed_b.floor(), 100, None)
+                .changes
+                .is_empty()),
+            "instance b never heard the change made through a"
+        );
+        assert!(eventually(Duration::from_secs(10), || !feed_a
+            .read(epoch, feed_a.floor(), 100, None)
+            .changes
+            .is_empty()));
+        for f in [&feed_a, &feed_b] {
+            let from = f.floor();
+            let r = f.read(epoch, from, 100, None);
+            assert!(!r.resync);
+            assert_eq!(r.changes.len(), 1, "{r:?}");
+            assert_eq!(r.changes[0].what, change);
+            // Its own client skips it (origin and uid), another uid claiming that origin does not.
+            assert!(f.read(epoch, from, 100, me).changes.is_empty());
+            let other = Some((0xabcd_u128, 1001));
+            assert_eq!(f.read(epoch, from, 100, other).changes.len(), 1);
+        }
+        // The same position means the same thing on both: a client moves over without a resync.
+        let seq = feed_a.read(epoch, feed_a.floor(), 100, None).changes[0].seq;
+        assert_eq!(
+            seq,
+            feed_b.read(epoch, feed_b.floor(), 100, None).changes[0].seq
+        );
+        // A position one instance has not reached yet is waited for, not a resync.
+        let ahead = feed_b.read(epoch, seq + 1_000_000, 100, None);
+        assert!(!ahead.resync && ahead.changes.is_empty());
+        feed_a.close();
+        feed_b.close();
+    }
+
+    #[test]
+    fn one_leader_at_a_time_and_a_deposed_one_cannot_write() {
+        let lease = Duration::from_secs(2);
+        let a = store();
+        let b = twin(&a);
+        a.start_election(lease);
+        assert!(
+            eventually(Duration::from_secs(10), || a.is_leader()),
+            "a never led"
+        );
+        b.start_election(lease);
+        std::thread::sleep(lease);
+        assert!(a.is_leader() && !b.is_leader(), "two leaders, or none");
+        a.write_as(|tx| tx.put(T, &k(2, "a"), &1), None, true)
+            .expect("the leader's fenced write");
+        // a stops renewing (as a killed instance): b takes over within the lease and a try.
+        let stopped = std::time::Instant::now();
+        a.stop_election();
+        assert!(
+            eventually(lease * 3, || b.is_leader()),
+            "b did not take over within {:?}",
+            lease * 3
+        );
+        let took = stopped.elapsed();
+        assert!(
+            took <= lease + lease / 3 + Duration::from_secs(2),
+            "{took:?}"
+        );
+        // a's late write (as if it still thought it led) is refused; b's goes through.
+        let e = a
+            .write_as(|tx| tx.put(T, &k(2, "a"), &2), None, true)
+            .expect_err("a deposed leader's write");
+        assert!(e.to_string().contains("no longer the repair leader"), "{e}");
+        b.write_as(|tx| tx.put(T, &k(2, "b"), &3), None, true)
+            .expect("the new leader's fenced write");
+        let rows = a.read(|tx| tx.all(T)).expect("read");
+        assert!(rows.contains(&(k(2, "a"), 1)) && rows.contains(&(k(2, "b"), 3)));
+        // Unfenced writes of a (its routes) still work: only the repair is fenced.
+        a.write(|tx| tx.put(T, &k(2, "route"), &4))
+            .expect("an unfenced write");
+        // A graceful stop hands over at once: a third instance leads well within the lease.
+        let c = twin(&a);
+        c.start_election(Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!c.is_leader());
+        let resigned = std::time::Instant::now();
+        b.resign();
+        assert!(
+            eventually(Duration::from_secs(25), || c.is_leader()),
+            "c did not take over"
+        );
+        assert!(
+            resigned.elapsed() < Duration::from_secs(15),
+            "{:?}",
+            resigned.elapsed()
+        );
+        c.resign();
     }
 }

@@ -24,6 +24,9 @@ pub mod redb;
 
 use std::marker::PhantomData;
 
+use common::api::ChangeKind;
+
+use crate::directory::feed::{Feed, Origin};
 use crate::error::{ServiceError, ServiceResult};
 
 /// A table: its name and the types of its keys and values. The name is the redb table's name
@@ -334,7 +337,13 @@ impl MetaValue for () {
 
 /// One transaction (or read view) of either engine. Helpers take `&Txn`; every method takes
 /// `&self` (interior mutability on etcd, where reads are recorded for the commit's compares).
-pub struct Txn<'a>(Inner<'a>);
+///
+/// A transaction also carries the changes it makes to the namespace, for the change feed
+/// ([`Txn::changed`]): the store publishes them once, and only if, the transaction commits.
+pub struct Txn<'a> {
+    inner: Inner<'a>,
+    changes: std::sync::Mutex<Vec<ChangeKind>>,
+}
 
 enum Inner<'a> {
     RedbWrite(&'a ::redb::WriteTransaction),
@@ -342,14 +351,35 @@ enum Inner<'a> {
     Etcd(&'a etcd::EtcdTxn),
 }
 
-impl Txn<'_> {
+impl<'a> Txn<'a> {
+    fn new(inner: Inner<'a>) -> Self {
+        Txn {
+            inner,
+            changes: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Records `what` as one of this transaction's changes (each at most once), published to
+    /// the change feed when the transaction commits.
+    pub fn changed(&self, what: ChangeKind) {
+        let mut c = self.changes.lock().unwrap_or_else(|p| p.into_inner());
+        if !c.contains(&what) {
+            c.push(what);
+        }
+    }
+
+    /// The changes recorded, taken (the engines, after the closure ran).
+    fn take_changes(&self) -> Vec<ChangeKind> {
+        std::mem::take(&mut *self.changes.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     /// The value of `key` in `table`.
     pub fn get<K: MetaKey, V: MetaValue>(
         &self,
         table: Table<K, V>,
         key: &K,
     ) -> ServiceResult<Option<V>> {
-        match &self.0 {
+        match &self.inner {
             Inner::RedbWrite(tx) => redb::get_w(tx, table, key),
             Inner::RedbRead(tx) => redb::get_r(tx, table, key),
             Inner::Etcd(tx) => tx.get(table, key),
@@ -363,7 +393,7 @@ impl Txn<'_> {
         table: Table<K, V>,
         keys: &[K],
     ) -> ServiceResult<Vec<Option<V>>> {
-        match &self.0 {
+        match &self.inner {
             Inner::Etcd(tx) => tx.get_many(table, keys),
             _ => keys.iter().map(|k| self.get(table, k)).collect(),
         }
@@ -376,7 +406,7 @@ impl Txn<'_> {
         key: &K,
         value: &V,
     ) -> ServiceResult<()> {
-        match &self.0 {
+        match &self.inner {
             Inner::RedbWrite(tx) => redb::put(tx, table, key, value),
             Inner::RedbRead(_) => Err(read_only()),
             Inner::Etcd(tx) => tx.put(table, key, value),
@@ -389,7 +419,7 @@ impl Txn<'_> {
         table: Table<K, V>,
         key: &K,
     ) -> ServiceResult<()> {
-        match &self.0 {
+        match &self.inner {
             Inner::RedbWrite(tx) => redb::delete(tx, table, key),
             Inner::RedbRead(_) => Err(read_only()),
             Inner::Etcd(tx) => tx.delete(table, key),
@@ -408,7 +438,7 @@ impl Txn<'_> {
         if limit == Some(0) {
             return Ok(vec![]);
         }
-        match &self.0 {
+        match &self.inner {
             Inner::RedbWrite(tx) => redb::range_w(tx, table, lo, hi, limit),
             Inner::RedbRead(tx) => redb::range_r(tx, table, lo, hi, limit),
             Inner::Etcd(tx) => tx.range(table, lo, hi, limit),
@@ -420,7 +450,7 @@ impl Txn<'_> {
         &self,
         table: Table<K, V>,
     ) -> ServiceResult<Option<(K, V)>> {
-        match &self.0 {
+        match &self.inner {
             Inner::RedbWrite(tx) => redb::last_w(tx, table),
             Inner::RedbRead(_) => Ok(self.all(table)?.pop()),
             Inner::Etcd(tx) => tx.last(table),
@@ -436,7 +466,7 @@ impl Txn<'_> {
     /// of an older format): redb deletes the table, etcd each of its rows (one write per row:
     /// a small table only, see `--max-txn-ops`).
     pub fn drop_table<K: MetaKey, V: MetaValue>(&self, table: Table<K, V>) -> ServiceResult<()> {
-        match &self.0 {
+        match &self.inner {
             Inner::RedbWrite(tx) => {
                 tx.delete_table(::redb::TableDefinition::<K::Redb, V::Redb>::new(table.name))?;
                 Ok(())
@@ -454,6 +484,28 @@ impl Txn<'_> {
 
 fn read_only() -> ServiceError {
     ServiceError::internal("metadata store", "a write in a read view")
+}
+
+thread_local! {
+    static FENCED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` (synchronous) with every store write it makes from this thread fenced by the
+/// leadership: on etcd each commits only while this instance holds the leader key (a deposed
+/// leader's late write is refused as unavailable); on redb, the only instance, as usual.
+pub fn as_leader<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FENCED.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(FENCED.with(|c| c.replace(true)));
+    f()
+}
+
+fn leader_fenced() -> bool {
+    FENCED.with(|c| c.get())
 }
 
 /// Where the directory's metadata lives (`--meta`).
@@ -497,9 +549,10 @@ impl MetaStore {
         &self,
         f: impl FnMut(&Txn) -> ServiceResult<T> + Send,
     ) -> ServiceResult<T> {
+        let origin = crate::directory::feed::current_origin();
         match self {
-            MetaStore::Redb(s) => s.write(f, true),
-            MetaStore::Etcd(s) => s.write(f),
+            MetaStore::Redb(s) => s.write(f, true, origin),
+            MetaStore::Etcd(s) => s.write_as(f, origin, leader_fenced()),
         }
     }
 
@@ -509,9 +562,65 @@ impl MetaStore {
         &self,
         f: impl FnMut(&Txn) -> ServiceResult<T> + Send,
     ) -> ServiceResult<T> {
+        let origin = crate::directory::feed::current_origin();
         match self {
-            MetaStore::Redb(s) => s.write(f, false),
-            MetaStore::Etcd(s) => s.write(f),
+            MetaStore::Redb(s) => s.write(f, false, origin),
+            MetaStore::Etcd(s) => s.write_as(f, origin, leader_fenced()),
+        }
+    }
+
+    /// The change feed of this store, fed with every change committed from now on: on redb
+    /// by this process's write path (an epoch of its own), on etcd by a watch of the prefix
+    /// (an epoch shared by every instance on it). Call once, within a runtime.
+    pub fn start_feed(&self) -> std::sync::Arc<Feed> {
+        use crate::directory::feed::DEFAULT_CAPACITY;
+        match self {
+            MetaStore::Redb(s) => {
+                let feed = std::sync::Arc::new(Feed::default());
+                s.attach_feed(feed.clone());
+                feed
+            }
+            MetaStore::Etcd(s) => {
+                let feed = std::sync::Arc::new(Feed::shared(s.feed_epoch(), DEFAULT_CAPACITY));
+                s.attach_feed(feed.clone());
+                feed
+            }
+        }
+    }
+
+    /// Starts campaigning for the leadership of background work (the repair loop, registry
+    /// sweeps) with a lease of `lease`: etcd elects one instance per prefix; redb always
+    /// leads.
+    pub fn start_election(&self, lease: std::time::Duration) {
+        if let MetaStore::Etcd(s) = self {
+            s.start_election(lease);
+        }
+    }
+
+    /// Stops campaigning (etcd; tests: a leader that stops renewing, as a killed one).
+    pub fn stop_election(&self) {
+        if let MetaStore::Etcd(s) = self {
+            s.stop_election();
+        }
+    }
+
+    /// Stops campaigning and hands the leadership over at once (graceful stop; etcd).
+    pub fn resign(&self) {
+        if let MetaStore::Etcd(s) = self {
+            s.resign();
+        }
+    }
+
+    /// Whether several directory instances may share this store (etcd).
+    pub fn is_shared(&self) -> bool {
+        matches!(self, MetaStore::Etcd(_))
+    }
+
+    /// Whether this instance leads background work now (always on redb).
+    pub fn is_leader(&self) -> bool {
+        match self {
+            MetaStore::Redb(_) => true,
+            MetaStore::Etcd(s) => s.is_leader(),
         }
     }
 

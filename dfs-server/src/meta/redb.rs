@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{Inner, MetaKey, MetaValue, Table, Txn};
+use super::{Feed, Inner, MetaKey, MetaValue, Origin, Table, Txn};
 use crate::commit::GroupCommit;
 use crate::error::ServiceResult;
 
@@ -17,6 +17,8 @@ pub struct RedbStore {
     /// The group-committed database.
     pub store: GroupCommit,
     path: Option<PathBuf>,
+    /// Where committed changes are published (the directory's feed, once attached).
+    feed: std::sync::OnceLock<std::sync::Arc<Feed>>,
 }
 
 fn def<K: MetaKey, V: MetaValue>(t: Table<K, V>) -> TableDefinition<'static, K::Redb, V::Redb> {
@@ -29,30 +31,54 @@ impl RedbStore {
         Ok(RedbStore {
             store: GroupCommit::open(path)?,
             path: Some(path.to_path_buf()),
+            feed: Default::default(),
         })
     }
 
     /// A store over an opened group commit (tests: a custom opener).
     pub fn from_group_commit(store: GroupCommit) -> Self {
-        RedbStore { store, path: None }
+        RedbStore {
+            store,
+            path: None,
+            feed: Default::default(),
+        }
+    }
+
+    /// Publishes to `feed` the changes of every transaction committed from now on.
+    pub(super) fn attach_feed(&self, feed: std::sync::Arc<Feed>) {
+        let _ = self.feed.set(feed);
     }
 
     pub(super) fn write<T>(
         &self,
         mut f: impl FnMut(&Txn) -> ServiceResult<T>,
         durable: bool,
+        origin: Origin,
     ) -> ServiceResult<T> {
-        let run = |tx: &redb::WriteTransaction| f(&Txn(Inner::RedbWrite(tx)));
-        if durable {
-            self.store.write(run)
+        let run = |tx: &redb::WriteTransaction| {
+            let t = Txn::new(Inner::RedbWrite(tx));
+            let v = f(&t)?;
+            Ok((v, t.take_changes()))
+        };
+        let (value, changes) = if durable {
+            self.store.write(run)?
         } else {
-            self.store.write_lazy(run)
+            self.store.write_lazy(run)?
+        };
+        // Committed (and durable, unless lazy): published here, in the store's write path, so
+        // no caller dropped meanwhile can lose it. One writer at a time commits; the sequence
+        // is the feed's own (a restart is a new epoch).
+        if !changes.is_empty()
+            && let Some(feed) = self.feed.get()
+        {
+            feed.publish_from(origin, changes);
         }
+        Ok(value)
     }
 
     pub(super) fn read<T>(&self, mut f: impl FnMut(&Txn) -> ServiceResult<T>) -> ServiceResult<T> {
         let tx = self.store.db()?.begin_read()?;
-        f(&Txn(Inner::RedbRead(&tx)))
+        f(&Txn::new(Inner::RedbRead(&tx)))
     }
 
     pub(super) fn counters(&self) -> (u64, u64, u64) {

@@ -1,0 +1,174 @@
+//! Several directory instances over one etcd prefix (issue 10), and the feed published by the
+//! store on both engines.
+
+use std::time::{Duration, Instant};
+
+use common::api::{ChangeKind, CreateRequest, RegisterServerRequest, RenameRequest};
+use common::{FileKind, NodeId, ValidName};
+
+use super::*;
+
+fn n(s: &str) -> ValidName {
+    ValidName::parse(s).expect("valid name")
+}
+
+fn admin() -> Identity {
+    Caller::cluster().id
+}
+
+fn mk(svc: &DirectoryService, parent: NodeId, name: &str, kind: FileKind) -> NodeMeta {
+    let req = CreateRequest {
+        name: n(name),
+        kind,
+        mode: 0o755,
+        symlink_target: None,
+        rdev: 0,
+    };
+    svc.create(parent, &req, &Caller::cluster())
+        .expect("create")
+}
+
+fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}
+
+/// A directory on the shared test etcd under `prefix`.
+fn on_etcd(dir: &Path, prefix: &str) -> DirectoryService {
+    let etcd = crate::testing::shared_etcd().unwrap_or_else(|e| panic!("{e}"));
+    let meta = MetaConfig::parse(&etcd.meta_url(prefix)).expect("meta url");
+    DirectoryService::open_meta(dir, &meta, DirectoryConfig::default()).expect("open")
+}
+
+/// Every change the feed holds from its floor on.
+fn changes(svc: &DirectoryService) -> Vec<ChangeKind> {
+    let f = svc.feed();
+    f.read(Some(f.epoch()), f.floor(), 1024, None)
+        .changes
+        .into_iter()
+        .map(|c| c.what)
+        .collect()
+}
+
+fn check_rename_published(svc: &DirectoryService) {
+    svc.register_server(&RegisterServerRequest {
+        url: "http://127.0.0.1:9100".into(),
+        capacity_bytes: 1 << 30,
+        previous_id: None,
+        cluster_id: None,
+    })
+    .expect("register");
+    let d = mk(svc, NodeId::ROOT, "d", FileKind::Dir);
+    let f = mk(svc, NodeId::ROOT, "f", FileKind::File);
+    // Called on the service, as a route dropped mid-call would have: the store publishes.
+    svc.rename(
+        &RenameRequest {
+            parent: NodeId::ROOT,
+            name: n("f"),
+            new_parent: d.id,
+            new_name: n("g"),
+            no_replace: false,
+        },
+        &admin(),
+    )
+    .expect("rename");
+    let want = [
+        ChangeKind::Entry {
+            dir: NodeId::ROOT,
+            node: f.id,
+        },
+        ChangeKind::Entry {
+            dir: d.id,
+            node: f.id,
+        },
+        ChangeKind::Node { node: f.id },
+    ];
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let got = changes(svc);
+            want.iter().all(|w| got.contains(w))
+        }),
+        "the rename's moved node was not published: {:?}",
+        changes(svc)
+    );
+}
+
+#[test]
+fn a_rename_publishes_the_node_it_moved_from_the_store_on_redb() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = DirectoryService::open(dir.path(), DirectoryConfig::default()).expect("open");
+    check_rename_published(&svc);
+}
+
+#[test]
+fn a_rename_publishes_the_node_it_moved_from_the_store_on_etcd() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prefix = format!("multi/{:016x}", rand::random::<u64>());
+    let svc = on_etcd(dir.path(), &prefix);
+    check_rename_published(&svc);
+}
+
+#[test]
+fn two_instances_share_liveness_ids_and_one_repair_leader() {
+    let (da, db) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let prefix = format!("multi/{:016x}", rand::random::<u64>());
+    let a = on_etcd(da.path(), &prefix);
+    let b = on_etcd(db.path(), &prefix);
+    // A server registered and beating through a only: b learns of it, alive, from the store.
+    let id = a
+        .register_server(&RegisterServerRequest {
+            url: "http://127.0.0.1:9100".into(),
+            capacity_bytes: 1 << 30,
+            previous_id: None,
+            cluster_id: None,
+        })
+        .expect("register");
+    a.heartbeat(id, None).expect("beat");
+    b.sync_registry().expect("sync");
+    assert_eq!(b.registry.live(), vec![id]);
+    // Creates on both instances take ids from blocks of their own: no two alike.
+    let mut ids: Vec<u64> = (0..5)
+        .flat_map(|i| {
+            [
+                mk(&a, NodeId::ROOT, &format!("a{i}"), FileKind::File).id.0,
+                mk(&b, NodeId::ROOT, &format!("b{i}"), FileKind::File).id.0,
+            ]
+        })
+        .collect();
+    let n = ids.len();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "ids unique across instances");
+    // A change made through a reaches b's feed.
+    let made = mk(&a, NodeId::ROOT, "seen-by-b", FileKind::File);
+    assert!(eventually(Duration::from_secs(10), || changes(&b)
+        .contains(&ChangeKind::Entry {
+            dir: NodeId::ROOT,
+            node: made.id
+        })));
+    // One leader; its stop hands over; the deposed one's repair write is refused.
+    a.start_election();
+    assert!(eventually(Duration::from_secs(10), || a.is_leader()));
+    b.start_election();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!b.is_leader(), "two leaders");
+    a.resign();
+    assert!(
+        eventually(crate::meta::etcd::LEADER_LEASE * 2, || b.is_leader()),
+        "b never took over"
+    );
+    let e = crate::meta::as_leader(|| a.promote(made.id, &made.hash, id))
+        .expect_err("a deposed leader's repair write");
+    assert!(e.to_string().contains("no longer the repair leader"), "{e}");
+    crate::meta::as_leader(|| b.promote(made.id, &made.hash, id)).expect("the leader's write");
+    b.resign();
+}
