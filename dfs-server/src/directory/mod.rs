@@ -1169,11 +1169,11 @@ impl DirectoryService {
             if let Some(answer) = requests::recall(tx, &key, now)? {
                 return Ok(answer);
             }
-            requests::expire(tx, now)?;
             let value = op(tx)?;
             requests::remember(tx, &key, Ok(&value), now)?;
             Ok(Ok(value))
         });
+        requests::sweep(&self.store);
         let refusal = match first {
             Ok(answer) => return answer,
             Err(e) if requests::is_refusal(&e) => e,

@@ -2225,3 +2225,58 @@ fn two_directories_on_one_etcd_never_lose_or_orphan_a_change() {
         );
     }
 }
+
+/// Regression: the expiry of request ids ran inside every operation's transaction, which so
+/// read the oldest `request_expiry` rows that every concurrent operation read and deleted too:
+/// on etcd unrelated changes conflicted on them. Here a sweep by someone else lands while an
+/// operation runs: the operation must not conflict (it does not read the expiry queue), and
+/// an expired answer still stored for its id is not honoured.
+#[test]
+fn regression_request_expiry_is_outside_the_operations_transaction_on_etcd() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open_on_etcd(dir.path()).expect("open");
+    let old = 1_000u64;
+    let key = requests::key(0, &rid("mine"));
+    svc.store
+        .write(|tx| {
+            for i in 0..(requests::EXPIRE_PER_OP as u32 + 3) {
+                requests::remember(tx, &(7, format!("old-{i}")), Ok(&i), old)?;
+            }
+            // An expired answer for the operation's own id, not swept yet (younger than the
+            // ones the sweep below takes).
+            requests::remember(tx, &key, Ok(&99u32), old + 1)?;
+            Ok(())
+        })
+        .expect("remember");
+    let conflicts = svc.store.conflicts();
+    let runs = std::sync::atomic::AtomicU32::new(0);
+    let answer: u32 = svc
+        .once(0, Some(&rid("mine")), |_tx| {
+            if runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                // Another operation's sweep commits meanwhile.
+                std::thread::scope(|s| {
+                    s.spawn(|| {
+                        svc.store
+                            .write(|tx| requests::expire(tx, crate::store::now_ms()))
+                            .expect("concurrent sweep")
+                    })
+                    .join()
+                    .expect("join")
+                });
+            }
+            Ok(5u32)
+        })
+        .expect("the operation");
+    assert_eq!(answer, 5, "the expired answer (99) was honoured");
+    assert_eq!(
+        runs.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the operation ran again: its transaction read the expiry queue"
+    );
+    assert_eq!(svc.store.conflicts(), conflicts, "no conflict");
+    // Its answer is remembered now, and served to a retry.
+    let again: u32 = svc
+        .once(0, Some(&rid("mine")), |_tx| Ok(6u32))
+        .expect("the retry");
+    assert_eq!(again, 5);
+}

@@ -382,10 +382,19 @@ impl EtcdStore {
 
     pub(super) fn write<T: Send>(
         &self,
+        f: impl FnMut(&Txn) -> ServiceResult<T> + Send,
+    ) -> ServiceResult<T> {
+        self.write_tries(f, MAX_ATTEMPTS)
+    }
+
+    /// `write`, run at most `tries` times (a conflict on the last fails as unavailable).
+    pub(super) fn write_tries<T: Send>(
+        &self,
         mut f: impl FnMut(&Txn) -> ServiceResult<T> + Send,
+        tries: u32,
     ) -> ServiceResult<T> {
         blocking(|| {
-            for attempt in 0..MAX_ATTEMPTS {
+            for attempt in 0..tries {
                 if attempt > 0 {
                     self.conflicts.fetch_add(1, Ordering::Relaxed);
                     backoff(attempt);
@@ -410,7 +419,7 @@ impl EtcdStore {
                 }
             }
             Err(ServiceError::Unavailable(format!(
-                "a metadata transaction conflicted with concurrent writers {MAX_ATTEMPTS} times \
+                "a metadata transaction conflicted with concurrent writers {tries} times \
                  in a row at etcd {}; retry",
                 self.shared.endpoints
             )))
