@@ -31,11 +31,11 @@ pub fn commit_part_fails<'a>(mut upload_ids: impl Iterator<Item = &'a str>) -> S
     let _ = &mut upload_ids; // unused where points are compiled out
     fail::fail_point!("commit-part-fails", |v: Option<String>| {
         match v {
-            Some(v) if upload_ids.any(|u| u == v.trim()) => Err(
-                crate::error::ServiceError::Unavailable(
+            Some(v) if upload_ids.any(|u| u == v.trim()) => {
+                Err(crate::error::ServiceError::Unavailable(
                     "fault point commit-part-fails: this part of the batch failed".into(),
-                ),
-            ),
+                ))
+            }
             _ => Ok(()),
         }
     });

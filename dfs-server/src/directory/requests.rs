@@ -128,7 +128,9 @@ pub(crate) fn sweep(store: &MetaStore) {
     match store.write_once(|tx| expire(tx, now)) {
         Ok(0) => {}
         Ok(n) => tracing::trace!(n, "expired request ids forgotten"),
-        Err(e) => tracing::debug!(error = %e, "sweeping expired request ids failed; the next operation sweeps"),
+        Err(e) => {
+            tracing::debug!(error = %e, "sweeping expired request ids failed; the next operation sweeps")
+        }
     }
 }
 

@@ -2341,7 +2341,13 @@ fn regression_a_failing_part_of_a_batch_commit_keeps_the_answers_of_the_committe
                         version: 0,
                         waiting: true,
                     },
-                    holders: f.primary.iter().chain(&f.replicas).copied().take(2).collect(),
+                    holders: f
+                        .primary
+                        .iter()
+                        .chain(&f.replicas)
+                        .copied()
+                        .take(2)
+                        .collect(),
                     writer: "t".into(),
                     writer_id: None,
                     primary: f.primary,
@@ -2361,7 +2367,9 @@ fn regression_a_failing_part_of_a_batch_commit_keeps_the_answers_of_the_committe
     assert_eq!(results.len(), files.len());
     for (i, r) in results.iter().enumerate() {
         if i < per {
-            let c = r.as_ref().unwrap_or_else(|e| panic!("item {i} committed: {e}"));
+            let c = r
+                .as_ref()
+                .unwrap_or_else(|e| panic!("item {i} committed: {e}"));
             assert_eq!(c.meta.version, 1, "item {i}");
             assert!(c.superseded.is_some(), "item {i}: its superseded version");
         } else {
@@ -2375,7 +2383,9 @@ fn regression_a_failing_part_of_a_batch_commit_keeps_the_answers_of_the_committe
     // The retry commits the rest; the committed ones are recognised by their upload ids.
     let again = svc.commit_batch(&batch).expect("retry");
     for (i, r) in again.iter().enumerate() {
-        let c = r.as_ref().unwrap_or_else(|e| panic!("item {i} on retry: {e}"));
+        let c = r
+            .as_ref()
+            .unwrap_or_else(|e| panic!("item {i} on retry: {e}"));
         assert_eq!(c.meta.version, 1, "item {i}");
         assert_eq!(c.superseded.is_some(), i >= per, "item {i}");
     }
