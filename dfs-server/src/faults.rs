@@ -7,6 +7,7 @@
 //! | point | where | action |
 //! |---|---|---|
 //! | `commit-answer-lost` | directory, after a version commit (applied or refused) | `return`: the caller gets 503 as if the answer was lost |
+//! | `commit-part-fails` | directory, a part (one transaction) of a batch commit | `return(UPLOAD_ID)`: a part with that upload id fails (503) before its transaction |
 //! | `replica-store` | file server, a replica about to store a pushed copy | `return`: the replica refuses (503) |
 //! | `heartbeat-lost` | file server, before a heartbeat | `return(ID)`: server ID skips its beat |
 
@@ -21,6 +22,23 @@ pub fn commit_answer_lost() -> ServiceResult<()> {
             "fault point commit-answer-lost: the commit's answer was lost".into()
         )
     ));
+    Ok(())
+}
+
+/// `commit-part-fails`: a part of a batch commit holding the configured upload id fails (keyed
+/// by upload id, so that tests running at once in one binary do not meet it).
+pub fn commit_part_fails<'a>(mut upload_ids: impl Iterator<Item = &'a str>) -> ServiceResult<()> {
+    let _ = &mut upload_ids; // unused where points are compiled out
+    fail::fail_point!("commit-part-fails", |v: Option<String>| {
+        match v {
+            Some(v) if upload_ids.any(|u| u == v.trim()) => {
+                Err(crate::error::ServiceError::Unavailable(
+                    "fault point commit-part-fails: this part of the batch failed".into(),
+                ))
+            }
+            _ => Ok(()),
+        }
+    });
     Ok(())
 }
 

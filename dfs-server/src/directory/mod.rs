@@ -367,6 +367,13 @@ fn commit_in(
         return refusal(ServiceError::IsDir(format!("node {id}")));
     }
     if meta.recent_uploads.contains(&req.upload_id) {
+        // Applied already (a retry whose first answer was lost). The version it superseded
+        // cannot be told: a node keeps only its current hash and holders, not its previous
+        // ones (keeping them would cost every node a second hash and holder list). So
+        // `superseded` is `None` and the primary drops nothing: the old copies are removed by
+        // the file servers' scrub (`file/scrub.rs`: a copy that is not the current version and
+        // predates its commit). A batch commit no longer loses the answers of its committed
+        // parts (`commit_batch`), so only a lost answer leads here.
         if meta.writeback.take().is_some() {
             put_node(tx, &meta)?;
         }
@@ -1240,11 +1247,11 @@ impl DirectoryService {
             if let Some(answer) = requests::recall(tx, &key, now)? {
                 return Ok(answer);
             }
-            requests::expire(tx, now)?;
             let value = op(tx)?;
             requests::remember(tx, &key, Ok(&value), now)?;
             Ok(Ok(value))
         });
+        requests::sweep(&self.store);
         let refusal = match first {
             Ok(answer) => return answer,
             Err(e) if requests::is_refusal(&e) => e,
@@ -1302,8 +1309,11 @@ impl DirectoryService {
         }
     }
 
-    /// Several commits in one durable transaction (a batched upload): each is checked and
-    /// refused on its own, exactly as `commit` would; the ones accepted become durable together.
+    /// Several commits (a batched upload): each is checked and refused on its own, exactly as
+    /// `commit` would. On redb in one durable transaction; on etcd in chunks, each durable on
+    /// its own: a chunk that committed keeps its answers even if a later one fails, and every
+    /// item of a chunk that failed (the store unavailable, conflicts) is refused on its own as
+    /// `Unavailable`, which its client retries.
     pub fn commit_batch(
         &self,
         req: &common::api::CommitBatchRequest,
@@ -1316,21 +1326,39 @@ impl DirectoryService {
         }
         // One transaction on redb. On etcd a commit reads and writes a few keys of its own
         // (its node, its repair queue entry) besides the shared counters' shards: a batch
-        // goes in chunks that stay within `--max-txn-ops`, each durable before the next. A
-        // batch cut short by an error is retried whole by its client, and a version already
-        // committed by an earlier chunk is recognised by its upload id.
+        // goes in chunks that stay within `--max-txn-ops`, each durable before the next. The
+        // items of a chunk that failed, and of the ones after it (not tried), are refused one
+        // by one as unavailable; the answers of the chunks that committed stand (their
+        // superseded versions are dropped by the primary now, not missed by a retry that
+        // finds the upload id already applied).
         let per = match &self.store {
             MetaStore::Redb(_) => req.items.len().max(1),
             MetaStore::Etcd(_) => COMMITS_PER_ETCD_TXN,
         };
         let mut results: Vec<ServiceResult<CommitResponse>> = Vec::with_capacity(req.items.len());
+        let mut failed: Option<String> = None;
         for part in req.items.chunks(per) {
-            let done: Vec<ServiceResult<CommitResponse>> = self.store.write(|tx| {
-                part.iter()
-                    .map(|i| commit_in(tx, i.node, &i.commit))
-                    .collect()
-            })?;
-            results.extend(done);
+            if let Some(why) = &failed {
+                results.extend(part.iter().map(|_| {
+                    Err(ServiceError::Unavailable(format!(
+                        "not committed: an earlier part of the batch failed ({why}); retry"
+                    )))
+                }));
+                continue;
+            }
+            match self.commit_part(part) {
+                Ok(done) => results.extend(done),
+                Err(e) => {
+                    tracing::warn!(error = %e, items = part.len(), "a part of a batch commit failed; its items are refused as unavailable");
+                    let why = e.to_string();
+                    results.extend(part.iter().map(|_| {
+                        Err(ServiceError::Unavailable(format!(
+                            "not committed ({why}); retry"
+                        )))
+                    }));
+                    failed = Some(why);
+                }
+            }
         }
         for (i, r) in req.items.iter().zip(&results) {
             if matches!(r, Err(ServiceError::Conflict(_))) {
@@ -1339,6 +1367,19 @@ impl DirectoryService {
         }
         crate::faults::commit_answer_lost()?;
         Ok(results)
+    }
+
+    /// One transaction of a batch commit (`commit_batch`): the per-item answers.
+    fn commit_part(
+        &self,
+        part: &[common::api::CommitBatchItem],
+    ) -> ServiceResult<Vec<ServiceResult<CommitResponse>>> {
+        crate::faults::commit_part_fails(part.iter().map(|i| i.commit.upload_id.as_str()))?;
+        self.store.write(|tx| {
+            part.iter()
+                .map(|i| commit_in(tx, i.node, &i.commit))
+                .collect()
+        })
     }
 
     /// Records that a client will push `id` in the background (write-back), so that other

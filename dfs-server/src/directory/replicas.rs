@@ -14,7 +14,12 @@
 //!   holds its current version. When a server dies or returns, its files are queued through it,
 //!   not through a scan of the namespace.
 //! - **Server states** (`server_seen`, server → live as of the last pass): a death or a return
-//!   is acted upon once, and deaths are remembered across restarts of the directory.
+//!   is acted upon once, and deaths are remembered across restarts of the directory. A change
+//!   is recorded *before* its files are queued, in one transaction with a resume point
+//!   (`dir_meta`, `noted_from/{server}` → next node); the queueing chunks move the point on and
+//!   the last removes it; a point left by a crash is carried on by the next pass. Recorded
+//!   first, so that a copy recorded while the files are being queued is judged by the
+//!   server's new state: a dead holder never counts toward taking out an entry.
 //! - **Placement counters** (`placed`, `(server, shard)` → (primaries, replicas)), sharded by
 //!   node id like the `statfs` counters (`counters.rs`).
 //!
@@ -48,6 +53,18 @@ const UPGRADE_FROM: &str = "upgrade4_from";
 /// The next node the rescan after a raised replication factor looks at, while it is under
 /// way (`dir_meta`).
 const RESCAN_FROM: &str = "rescan_from";
+
+/// The point a server's recorded death or return is queueing its files from
+/// (`dir_meta`, `{NOTED_FROM}{server}` → next node, or [`HELD_DONE`]), while it is under way.
+const NOTED_FROM: &str = "noted_from/";
+/// Just past every key starting with [`NOTED_FROM`].
+const NOTED_END: &str = "noted_from0";
+/// A point whose files are all queued (what is left: unparking, for a live server).
+const HELD_DONE: u64 = u64::MAX;
+
+fn noted_key(server: ServerId) -> String {
+    format!("{NOTED_FROM}{}", server.0)
+}
 
 /// Due time of a parked entry: served only after a server joins or returns.
 pub const PARKED: u64 = u64::MAX;
@@ -536,11 +553,39 @@ impl DirectoryService {
         &self,
         servers: &[(ServerId, bool, bool)],
     ) -> ServiceResult<(usize, usize)> {
+        self.note_servers_between(servers, &mut |_| {})
+    }
+
+    /// [`Self::note_servers`], calling `between` after each transaction that queues or
+    /// unparks (tests: a change of a file lands in between).
+    pub(super) fn note_servers_between(
+        &self,
+        servers: &[(ServerId, bool, bool)],
+        between: &mut dyn FnMut(ServerId),
+    ) -> ServiceResult<(usize, usize)> {
+        let now = crate::store::now_ms();
+        let per = chunk(&self.store, 3);
+        // The work of an earlier pass cut short (a crash, a failed write) first.
+        let pending: Vec<ServerId> = self.store.read(|tx| {
+            Ok(tx
+                .range(
+                    META,
+                    Some(&NOTED_FROM.to_owned()),
+                    Some(&NOTED_END.to_owned()),
+                    None,
+                )?
+                .into_iter()
+                .filter_map(|(k, _)| k.strip_prefix(NOTED_FROM)?.parse().ok())
+                .map(ServerId)
+                .collect())
+        })?;
+        for server in pending {
+            tracing::info!(%server, "repair: carrying on with a server's change an earlier pass began");
+            self.queue_noted(server, now, per, between)?;
+        }
         let seen: std::collections::HashMap<ServerId, bool> =
             self.store.read(seen)?.into_iter().collect();
         let (mut died, mut came) = (0, 0);
-        let now = crate::store::now_ms();
-        let per = chunk(&self.store, 3);
         for &(server, alive, heard) in servers {
             let change = match (seen.get(&server).copied(), alive) {
                 (Some(true), false) | (None, false) => Some(false),
@@ -549,31 +594,63 @@ impl DirectoryService {
                 _ => None,
             };
             let Some(live) = change else { continue };
-            // Its files first, in chunks; the state last, so that a crash in between does it
-            // all again (queueing is idempotent). A server seen for the first time, alive,
-            // holds only what it was given since it registered, which the transactions that
-            // gave it queued as needed: nothing of its own to queue.
+            // The state first, with the point its files are queued from, in one transaction:
+            // from then on every change of one of its files judges the file by the server's
+            // new state (a copy recorded meanwhile cannot take out an entry on the word of a
+            // dead holder), and a crash before the files are all queued leaves the point, from
+            // which the next pass carries on. A server seen for the first time, alive, holds
+            // only what it was given since it registered, which the transactions that gave it
+            // queued as needed: nothing of its own to queue, only the parked entries.
             let joined = live && !seen.contains_key(&server);
-            let mut from = (!joined).then_some(0u64);
-            while let Some(f) = from {
-                from = self
-                    .store
-                    .write(|tx| enqueue_held(tx, server, f, now, per))?;
-            }
+            let start = if joined { HELD_DONE } else { 0 };
+            self.store.write(|tx| {
+                set_seen(tx, server, live)?;
+                meta_put(tx, &noted_key(server), start)
+            })?;
+            self.queue_noted(server, now, per, between)?;
             if live {
-                while self.store.write(|tx| unpark(tx, now, per))? {}
                 came += 1;
-            } else {
-                died += 1;
-            }
-            self.store.write(|tx| set_seen(tx, server, live))?;
-            if live {
                 tracing::info!(%server, "repair: server live; its files and the parked ones queued");
             } else {
+                died += 1;
                 tracing::warn!(%server, "repair: server dead; its files queued");
             }
         }
         Ok((died, came))
+    }
+
+    /// Queues the files of `server`, whose change is recorded, from its point in `dir_meta`
+    /// on, a chunk per transaction that also moves the point on; then, for a live server,
+    /// unparks the parked entries; then removes the point. Idempotent.
+    fn queue_noted(
+        &self,
+        server: ServerId,
+        now: u64,
+        per: usize,
+        between: &mut dyn FnMut(ServerId),
+    ) -> ServiceResult<()> {
+        let key = noted_key(server);
+        loop {
+            let done = self.store.write(|tx| {
+                let Some(from) = meta_get(tx, &key)? else {
+                    return Ok(true);
+                };
+                if from != HELD_DONE {
+                    let next = enqueue_held(tx, server, from, now, per)?;
+                    meta_put(tx, &key, next.unwrap_or(HELD_DONE))?;
+                    return Ok(false);
+                }
+                if tx.get(SEEN, &server.0)?.unwrap_or(false) && unpark(tx, now, per)? {
+                    return Ok(false);
+                }
+                tx.delete(META, &key)?;
+                Ok(true)
+            })?;
+            if done {
+                return Ok(());
+            }
+            between(server);
+        }
     }
 
     /// Entries in the repair queue (parked ones included): a read of the whole queue, for
@@ -925,6 +1002,117 @@ macro_rules! replicas_tests {
             assert_eq!(servers.len(), 3);
             assert_eq!(svc.note_servers(&servers).expect("note"), (0, 3));
             assert_eq!(queue(&svc), 0);
+        }
+
+        /// Regression: a server's death was recorded after its files were queued; a copy
+        /// recorded in between counted the dying server as live and took the file's entry out:
+        /// the file was left with two live copies and no entry, for good.
+        #[test]
+        fn regression_a_copy_recorded_while_a_deaths_files_are_queued_keeps_the_entry() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let svc = open(dir.path());
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let url = format!("http://{}", l.local_addr().expect("addr"));
+            drop(l);
+            svc.register_server(&RegisterServerRequest {
+                url,
+                capacity_bytes: 1 << 30,
+                previous_id: None,
+                cluster_id: None,
+            })
+            .expect("register");
+            let f = mk(&svc, "f", FileKind::File);
+            let p = f.primary.expect("primary");
+            let s = f.replicas[0];
+            let all = svc.registry.live();
+            assert_eq!(all.len(), 4);
+            let a = *all
+                .iter()
+                .find(|x| Some(**x) != f.primary && !f.replicas.contains(x))
+                .expect("a server outside the placement");
+            // Every server is known live; the file is held by P and S (a repair copy to A is
+            // under way).
+            let servers: Vec<(ServerId, bool, bool)> =
+                all.iter().map(|s| (*s, true, true)).collect();
+            svc.note_servers(&servers).expect("note");
+            commit(&svc, &f, 0, &[p, s]);
+            assert_eq!(queue(&svc), 1);
+            let hash = svc.get(f.id).expect("f").hash;
+            // S dies; while its files are queued, the copy to A is recorded.
+            let mut copied = false;
+            let noted = svc
+                .note_servers_between(&[(s, false, true)], &mut |_| {
+                    if !copied {
+                        copied = true;
+                        svc.add_holder(f.id, &hash, a).expect("copy recorded");
+                    }
+                })
+                .expect("note");
+            assert_eq!(noted, (1, 0));
+            assert!(copied);
+            let now = svc.get(f.id).expect("f");
+            assert_eq!(now.holders.len(), 3, "{now:?}");
+            assert_eq!(queue(&svc), 1, "two live copies: still queued");
+            assert_eq!(
+                svc.repair_batch(10)
+                    .expect("batch")
+                    .first()
+                    .map(|(id, _)| *id),
+                Some(f.id)
+            );
+            assert_eq!(
+                svc.store
+                    .read(|tx| Ok(tx
+                        .range(
+                            META,
+                            Some(&"noted_from/".to_owned()),
+                            Some(&"noted_from0".to_owned()),
+                            None
+                        )?
+                        .len()))
+                    .expect("read"),
+                0,
+                "no point left"
+            );
+            check_against_scan(&svc).expect("consistent");
+        }
+
+        /// A death recorded by a pass cut short before its files were queued (its point left
+        /// in `dir_meta`) is carried on by the next pass.
+        #[test]
+        fn a_deaths_queueing_cut_short_is_carried_on_by_the_next_pass() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let svc = open(dir.path());
+            let f = mk(&svc, "f", FileKind::File);
+            let s = f.replicas[0];
+            let live: Vec<(ServerId, bool, bool)> = svc
+                .registry
+                .live()
+                .into_iter()
+                .map(|s| (s, true, true))
+                .collect();
+            svc.note_servers(&live).expect("note");
+            assert_eq!(queue(&svc), 0);
+            // What the first transaction of S's death writes, and no more.
+            svc.store
+                .write(|tx| {
+                    set_seen(tx, s, false)?;
+                    tx.put(META, &format!("noted_from/{}", s.0), &0)
+                })
+                .expect("write");
+            assert_eq!(queue(&svc), 0);
+            // The next pass sees S dead as recorded (no change of its own to act on) and
+            // carries the queueing on.
+            let dead: Vec<(ServerId, bool, bool)> =
+                live.iter().map(|&(x, _, h)| (x, x != s, h)).collect();
+            assert_eq!(svc.note_servers(&dead).expect("note"), (0, 0));
+            assert_eq!(queue(&svc), 1, "S's file queued");
+            assert!(
+                svc.store
+                    .read(|tx| tx.get(META, &format!("noted_from/{}", s.0)))
+                    .expect("read")
+                    .is_none()
+            );
         }
 
         #[tokio::test(start_paused = true)]

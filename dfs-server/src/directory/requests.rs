@@ -10,15 +10,18 @@
 //! so a retry runs again.
 //!
 //! Ids are scoped to the caller's uid (one user cannot read another's answers) and kept
-//! `KEEP_MS`; every operation with an id removes at most `EXPIRE_PER_OP` expired ones, oldest
-//! first, so the work per operation is bounded and the tables stay as small as the last ten
-//! minutes' traffic.
+//! `KEEP_MS`; an answer older than that is not honoured, even while still stored. After every
+//! operation with an id a best-effort sweep, in a transaction of its own (`sweep`), removes at
+//! most `EXPIRE_PER_OP` expired ones, oldest first, so the work per operation is bounded, the
+//! tables stay as small as the last ten minutes' traffic, and the operations' own
+//! transactions never read the shared expiry queue (etcd: no conflicts between unrelated
+//! changes on it).
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ServiceError, ServiceResult};
-use crate::meta::{Table, Txn};
+use crate::meta::{MetaStore, Table, Txn};
 use crate::store::{decode, encode};
 
 /// `(uid, id)` → the remembered answer (`Remembered`, JSON).
@@ -115,20 +118,56 @@ pub(crate) fn remember<T: Serialize>(
     tx.put(REQUEST_EXPIRY, &(now_ms, key.0, key.1.clone()), &())
 }
 
-/// Forgets at most `EXPIRE_PER_OP` answers older than `KEEP_MS`, oldest first.
-pub(crate) fn expire(tx: &Txn, now_ms: u64) -> ServiceResult<()> {
+/// After an operation with an id, in a transaction of its own, best effort: forgets at most
+/// `EXPIRE_PER_OP` expired answers. Not in the operation's transaction, whose read set would
+/// then hold the oldest expiry rows that every concurrent operation reads too (on etcd, a
+/// conflict between unrelated changes). A sweep that conflicts with another is not run again
+/// (the next operation sweeps); an expired answer not yet swept is not honoured (`recall`).
+pub(crate) fn sweep(store: &MetaStore) {
+    let now = crate::store::now_ms();
+    // Most operations find nothing expired: a read answers that without a write transaction
+    // (on redb, one more commit per operation; on etcd, one more raft write).
+    match store.read(|tx| Ok(!expired(tx, now, 1)?.is_empty())) {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(e) => {
+            tracing::debug!(error = %e, "reading expired request ids failed; the next operation sweeps");
+            return;
+        }
+    }
+    match store.write_once(|tx| expire(tx, now)) {
+        Ok(0) => {}
+        Ok(n) => tracing::trace!(n, "expired request ids forgotten"),
+        Err(e) => {
+            tracing::debug!(error = %e, "sweeping expired request ids failed; the next operation sweeps")
+        }
+    }
+}
+
+/// An expiry row's key: (when remembered, ms; uid; id).
+type ExpiryKey = (u64, u64, String);
+
+/// At most `limit` expiry rows of answers older than `KEEP_MS`, oldest first.
+fn expired(tx: &Txn, now_ms: u64, limit: usize) -> ServiceResult<Vec<(ExpiryKey, ())>> {
     let cutoff = now_ms.saturating_sub(KEEP_MS);
-    let old = tx.range(
+    tx.range(
         REQUEST_EXPIRY,
         None,
         Some(&(cutoff, 0, String::new())),
-        Some(EXPIRE_PER_OP),
-    )?;
+        Some(limit),
+    )
+}
+
+/// Forgets at most `EXPIRE_PER_OP` answers older than `KEEP_MS`, oldest first; returns how
+/// many.
+pub(crate) fn expire(tx: &Txn, now_ms: u64) -> ServiceResult<usize> {
+    let old = expired(tx, now_ms, EXPIRE_PER_OP)?;
+    let n = old.len();
     for ((at, uid, id), ()) in old {
         tx.delete(REQUEST_EXPIRY, &(at, uid, id.clone()))?;
         tx.delete(REQUESTS, &(uid, id))?;
     }
-    Ok(())
+    Ok(n)
 }
 
 /// A refusal worth remembering: the answer a retry must get again. Failures of the store or

@@ -2225,3 +2225,168 @@ fn two_directories_on_one_etcd_never_lose_or_orphan_a_change() {
         );
     }
 }
+
+/// Regression: the expiry of request ids ran inside every operation's transaction, which so
+/// read the oldest `request_expiry` rows that every concurrent operation read and deleted too:
+/// on etcd unrelated changes conflicted on them. Here a sweep by someone else lands while an
+/// operation runs: the operation must not conflict (it does not read the expiry queue), and
+/// an expired answer still stored for its id is not honoured.
+#[test]
+fn regression_request_expiry_is_outside_the_operations_transaction_on_etcd() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open_on_etcd(dir.path()).expect("open");
+    let mine = || RequestId::parse("mine").expect("request id");
+    let old = 1_000u64;
+    let key = requests::key(0, &mine());
+    svc.store
+        .write(|tx| {
+            for i in 0..(requests::EXPIRE_PER_OP as u32 + 3) {
+                requests::remember(tx, &(7, format!("old-{i}")), Ok(&i), old)?;
+            }
+            // An expired answer for the operation's own id, not swept yet (younger than the
+            // ones the sweep below takes).
+            requests::remember(tx, &key, Ok(&99u32), old + 1)?;
+            Ok(())
+        })
+        .expect("remember");
+    let conflicts = svc.store.conflicts();
+    let runs = std::sync::atomic::AtomicU32::new(0);
+    let answer: u32 = svc
+        .once(0, Some(&mine()), |_tx| {
+            if runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                // Another operation's sweep commits meanwhile.
+                std::thread::scope(|s| {
+                    s.spawn(|| {
+                        svc.store
+                            .write(|tx| requests::expire(tx, crate::store::now_ms()))
+                            .expect("concurrent sweep")
+                    })
+                    .join()
+                    .expect("join")
+                });
+            }
+            Ok(5u32)
+        })
+        .expect("the operation");
+    assert_eq!(answer, 5, "the expired answer (99) was honoured");
+    assert_eq!(
+        runs.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the operation ran again: its transaction read the expiry queue"
+    );
+    assert_eq!(svc.store.conflicts(), conflicts, "no conflict");
+    // Its answer is remembered now, and served to a retry.
+    let again: u32 = svc
+        .once(0, Some(&mine()), |_tx| Ok(6u32))
+        .expect("the retry");
+    assert_eq!(again, 5);
+}
+
+/// Regression: on etcd a batch commit goes in parts of `COMMITS_PER_ETCD_TXN`; a failing part
+/// threw away the answers of the parts before it, which had committed (the primary then took
+/// every item as failed, and its retry, finding the upload ids applied, learnt of no
+/// superseded version to drop). Now the committed parts keep their answers, and only the items
+/// of the failed part and the ones after it are refused, each as unavailable.
+#[test]
+fn regression_a_failing_part_of_a_batch_commit_keeps_the_answers_of_the_committed_parts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open_on_etcd(dir.path()).expect("open");
+    for i in 0..3 {
+        svc.register_server(&RegisterServerRequest {
+            url: format!("http://127.0.0.1:{}", 9000 + i),
+            capacity_bytes: 1 << 30,
+            previous_id: None,
+            cluster_id: None,
+        })
+        .expect("register");
+    }
+    let per = COMMITS_PER_ETCD_TXN;
+    let files: Vec<NodeMeta> = (0..2 * per + 3)
+        .map(|i| {
+            svc.create(
+                NodeId::ROOT,
+                &CreateRequest {
+                    name: n(&format!("b{i}")),
+                    kind: FileKind::File,
+                    mode: 0o644,
+                    symlink_target: None,
+                    rdev: 0,
+                },
+                &Caller::cluster(),
+            )
+            .expect("create")
+        })
+        .collect();
+    let hash = ContentHash::from_digest(&[7; 32]);
+    // Upload ids of this test only: the fault point is process-wide, keyed by upload id.
+    let salt: [u8; 8] = rand::random();
+    let upload = |i: usize| {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&salt);
+        b[8..].copy_from_slice(&(i as u64).to_be_bytes());
+        UploadId::from_bytes(b)
+    };
+    let batch = common::api::CommitBatchRequest {
+        items: files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| common::api::CommitBatchItem {
+                node: f.id,
+                commit: CommitRequest {
+                    hash: hash.clone(),
+                    size: 1,
+                    fence: FenceToken(1),
+                    upload_id: upload(i),
+                    base: common::api::PushBase {
+                        version: 0,
+                        waiting: true,
+                    },
+                    holders: f
+                        .primary
+                        .iter()
+                        .chain(&f.replicas)
+                        .copied()
+                        .take(2)
+                        .collect(),
+                    writer: "t".into(),
+                    writer_id: None,
+                    primary: f.primary,
+                    replicas: Some(f.replicas.clone()),
+                    mode: None,
+                    mtime_ns: None,
+                },
+            })
+            .collect(),
+    };
+    // The second part fails.
+    let failing = upload(per + 2).to_string();
+    fail::cfg("commit-part-fails", &format!("return({failing})")).expect("fault point");
+    let results = svc.commit_batch(&batch);
+    fail::remove("commit-part-fails");
+    let results = results.expect("per-item answers, not one error");
+    assert_eq!(results.len(), files.len());
+    for (i, r) in results.iter().enumerate() {
+        if i < per {
+            let c = r
+                .as_ref()
+                .unwrap_or_else(|e| panic!("item {i} committed: {e}"));
+            assert_eq!(c.meta.version, 1, "item {i}");
+            assert!(c.superseded.is_some(), "item {i}: its superseded version");
+        } else {
+            assert!(
+                matches!(r, Err(ServiceError::Unavailable(_))),
+                "item {i}: {r:?}"
+            );
+            assert_eq!(svc.get(files[i].id).expect("file").version, 0, "item {i}");
+        }
+    }
+    // The retry commits the rest; the committed ones are recognised by their upload ids.
+    let again = svc.commit_batch(&batch).expect("retry");
+    for (i, r) in again.iter().enumerate() {
+        let c = r
+            .as_ref()
+            .unwrap_or_else(|e| panic!("item {i} on retry: {e}"));
+        assert_eq!(c.meta.version, 1, "item {i}");
+        assert_eq!(c.superseded.is_some(), i >= per, "item {i}");
+    }
+}

@@ -571,13 +571,24 @@ impl EtcdStore {
     /// deposed leader's late write is refused).
     pub(super) fn write_as<T: Send>(
         &self,
-        mut f: impl FnMut(&Txn) -> ServiceResult<T> + Send,
+        f: impl FnMut(&Txn) -> ServiceResult<T> + Send,
         origin: Origin,
         fenced: bool,
     ) -> ServiceResult<T> {
+        self.write_tries(f, origin, fenced, MAX_ATTEMPTS)
+    }
+
+    /// `write`, run at most `tries` times (a conflict on the last fails as unavailable).
+    pub(super) fn write_tries<T: Send>(
+        &self,
+        mut f: impl FnMut(&Txn) -> ServiceResult<T> + Send,
+        origin: Origin,
+        fenced: bool,
+        tries: u32,
+    ) -> ServiceResult<T> {
         let fenced = fenced && self.shared.campaigned.load(Ordering::SeqCst);
         blocking(|| {
-            for attempt in 0..MAX_ATTEMPTS {
+            for attempt in 0..tries {
                 if attempt > 0 {
                     self.conflicts.fetch_add(1, Ordering::Relaxed);
                     backoff(attempt);
@@ -621,7 +632,7 @@ impl EtcdStore {
                 }
             }
             Err(ServiceError::Unavailable(format!(
-                "a metadata transaction conflicted with concurrent writers {MAX_ATTEMPTS} times \
+                "a metadata transaction conflicted with concurrent writers {tries} times \
                  in a row at etcd {}; retry",
                 self.shared.endpoints
             )))

@@ -624,6 +624,19 @@ impl MetaStore {
         }
     }
 
+    /// `write_lazy` for best-effort housekeeping of no client (no origin, never fenced, it
+    /// publishes nothing a client must hear): on etcd run once, a conflict failing it (as
+    /// unavailable) instead of running it again.
+    pub fn write_once<T: Send>(
+        &self,
+        f: impl FnMut(&Txn) -> ServiceResult<T> + Send,
+    ) -> ServiceResult<T> {
+        match self {
+            MetaStore::Redb(s) => s.write(f, false, None),
+            MetaStore::Etcd(s) => s.write_tries(f, None, false, 1),
+        }
+    }
+
     /// Runs `f` on a consistent read view (on etcd again, on a newer one, if the revision it
     /// read at was compacted meanwhile: `f` may run more than once).
     pub fn read<T: Send>(
