@@ -151,6 +151,20 @@ pub async fn pass(
 }
 
 /// [`pass`], also telling whether the batch was full (more work may be due at once).
+/// Every instance keeps its registry in step with the others' (shared liveness), once per
+/// heartbeat interval.
+async fn sync_if_due(svc: &Arc<DirectoryService>, synced: &mut tokio::time::Instant) {
+    if synced.elapsed() < svc.heartbeat_interval() {
+        return;
+    }
+    *synced = tokio::time::Instant::now();
+    let s = svc.clone();
+    let r = tokio::task::spawn_blocking(move || s.sync_registry()).await;
+    if let Ok(Err(e)) = r {
+        tracing::warn!(error = %e, "reading the shared registry failed");
+    }
+}
+
 async fn pass_full(
     svc: &Arc<DirectoryService>,
     peer: &Peer,
@@ -164,6 +178,13 @@ async fn pass_full(
         .map(|s| (s.id, s.alive, s.last_heartbeat_ms_ago.is_some()))
         .collect();
     let live: Vec<ServerId> = servers.iter().filter(|s| s.1).map(|s| s.0).collect();
+    if live.is_empty() && !servers.is_empty() {
+        // Every server looks dead: more likely this instance's view is stale (a registry
+        // sync behind) than the cluster gone. Recording deaths and settling entries against
+        // no live server would dequeue them unrepaired; there is nothing to copy from anyway.
+        tracing::warn!("repair: no file server looks alive; this pass records and settles nothing");
+        return (0, 0, false);
+    }
     let batch = {
         let svc = svc.clone();
         let r = tokio::task::spawn_blocking(move || {
@@ -301,17 +322,12 @@ pub async fn run(
             }
             _ = tokio::time::sleep(cfg.interval) => {}
         }
-        // Every instance keeps its registry in step with the others' (shared liveness).
-        if synced.elapsed() >= svc.heartbeat_interval() {
-            synced = tokio::time::Instant::now();
-            let s = svc.clone();
-            let r = tokio::task::spawn_blocking(move || s.sync_registry()).await;
-            if let Ok(Err(e)) = r {
-                tracing::warn!(error = %e, "reading the shared registry failed");
-            }
-        }
-        // A full batch with failovers in it: more may be due, and writes wait on them.
+        sync_if_due(&svc, &mut synced).await;
+        // A full batch with failovers in it: more may be due, and writes wait on them. Each
+        // pass first brings the registry in step (a long run of passes must not judge
+        // liveness from a view older than the dead-after period).
         while svc.is_leader() {
+            sync_if_due(&svc, &mut synced).await;
             let (promoted, _, full) = pass_full(&svc, &peer, &cfg, &inflight).await;
             if !(full && promoted > 0) || cancel.is_cancelled() {
                 break;

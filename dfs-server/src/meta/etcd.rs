@@ -1257,9 +1257,15 @@ async fn campaign(shared: Arc<Shared>, lease: Duration, stop: tokio_util::sync::
                         shared.instance.clone(),
                         Some(etcd_client::PutOptions::new().with_lease(id)),
                     )]);
-                if let Ok(Ok(r)) = tokio::time::timeout(OP_TIMEOUT, kv.txn(txn)).await
-                    && r.succeeded()
-                {
+                let won = match tokio::time::timeout(OP_TIMEOUT, kv.txn(txn)).await {
+                    Ok(Ok(r)) if r.succeeded() => true,
+                    // Refused, or no answer: the put may have committed with its answer lost
+                    // (a timeout, an etcd leader change). The key then holds this instance
+                    // under this lease, which it keeps renewing, and no one else could ever
+                    // take it: read it back rather than wait forever.
+                    _ => holds_leader_key(&shared, &mut kv, id).await,
+                };
+                if won {
                     shared.leader.store(true, Ordering::SeqCst);
                     tracing::info!(instance = %shared.instance, "this directory instance leads the repair loop");
                 }
@@ -1290,6 +1296,17 @@ async fn campaign(shared: Arc<Shared>, lease: Duration, stop: tokio_util::sync::
         drop(keeper);
     }
     shared.leader.store(false, Ordering::SeqCst);
+}
+
+/// Whether the leader key holds this instance under lease `id` (read linearizably).
+async fn holds_leader_key(shared: &Shared, kv: &mut etcd_client::KvClient, id: i64) -> bool {
+    match tokio::time::timeout(OP_TIMEOUT, kv.get(shared.leader_key.clone(), None)).await {
+        Ok(Ok(r)) => r
+            .kvs()
+            .first()
+            .is_some_and(|k| k.value() == shared.instance.as_bytes() && k.lease() == id),
+        _ => false,
+    }
 }
 
 #[cfg(test)]
