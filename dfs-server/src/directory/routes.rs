@@ -117,7 +117,15 @@ fn request_id(headers: &axum::http::HeaderMap) -> Result<Option<RequestId>, AppE
 /// Cluster map: public, since a client needs it to find the auth service before logging in.
 async fn cluster(axum::extract::State(svc): State) -> ApiResult<Json<ClusterInfo>> {
     let counts = svc.placement_counts();
-    let (lock_url, auth_url) = svc.registry.services();
+    let (mut lock_url, mut auth_url) = svc.registry.services();
+    if lock_url.is_none() || auth_url.is_none() {
+        // Another instance on the shared store may know them already (they registered
+        // there); this one would learn them only at its next registry sync. Only a map with
+        // a service missing costs this read.
+        let s = svc.clone();
+        blocking(move || s.sync_registry()).await?;
+        (lock_url, auth_url) = svc.registry.services();
+    }
     Ok(Json(ClusterInfo {
         lock_url,
         auth_url,
