@@ -1929,6 +1929,8 @@ mod tests {
     #[derive(Clone)]
     struct Fake {
         cluster_id: String,
+        /// The lock instances its map names (it answers lock calls itself too).
+        locks: Arc<std::sync::Mutex<Vec<String>>>,
         answers: Arc<std::sync::Mutex<std::collections::VecDeque<(u16, String)>>>,
         seen: Arc<std::sync::Mutex<Vec<Seen>>>,
     }
@@ -1941,6 +1943,7 @@ mod tests {
             use axum::routing::{get, post};
             let fake = Fake {
                 cluster_id: cluster_id.to_owned(),
+                locks: Arc::default(),
                 answers: Arc::new(std::sync::Mutex::new(
                     script.iter().map(|(c, b)| (*c, (*b).to_owned())).collect(),
                 )),
@@ -1950,6 +1953,8 @@ mod tests {
                 .route(routes::CLUSTER, get(Fake::map))
                 .route(routes::RENAME, post(Fake::op))
                 .route(routes::CHILDREN, get(Fake::op))
+                .route(routes::LOCK_RELEASE, post(Fake::op))
+                .route(routes::APPLOCK_UNLOCK, post(Fake::op))
                 .with_state(fake.clone());
             let l = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
@@ -1964,7 +1969,7 @@ mod tests {
         ) -> axum::Json<ClusterInfo> {
             axum::Json(ClusterInfo {
                 lock_url: None,
-                lock_urls: vec![],
+                lock_urls: f.locks.lock().expect("locks").clone(),
                 auth_url: None,
                 servers: vec![],
                 replication: 3,
@@ -2137,6 +2142,49 @@ mod tests {
         r.list(NodeId::ROOT).await.expect("listed");
         assert_eq!(fake.seen().len(), 2);
         assert_eq!(r.cluster_id().as_deref(), Some("aa"));
+    }
+
+    /// Lock calls fail over between the lock instances the map names, as directory calls do
+    /// between directory URLs: a dead one is left for the next, a 503 is sent again, and the
+    /// client stays on the instance that answered.
+    #[tokio::test]
+    async fn a_lock_call_fails_over_to_the_next_lock_instance_and_retries_unavailable() {
+        let dead = dead_url().await;
+        let (fake, url) = Fake::start("aa", &[(503, UNAVAILABLE)]).await;
+        *fake.locks.lock().expect("locks") = vec![dead.clone(), url.clone()];
+        let r = logged_in(&url, Duration::from_secs(10));
+        let waiter = UploadId::from_bytes([7; 16]);
+        r.release(NodeId(5), &waiter)
+            .await
+            .expect("released through the live instance, after its 503");
+        assert_eq!(fake.seen().len(), 2, "the 503, then the answer");
+        assert_eq!(
+            r.lock_current.load(Ordering::Relaxed) % 2,
+            1,
+            "stays on the instance that answered"
+        );
+        let owner = common::api::LockOwner {
+            session: waiter.clone(),
+            owner: 1,
+        };
+        r.app_unlock(NodeId(5), &owner).await.expect("unlocked");
+        assert_eq!(fake.seen().len(), 3);
+        assert_eq!(r.lock_current.load(Ordering::Relaxed) % 2, 1);
+        // Every instance dead: given up after the op timeout, not at once.
+        *fake.locks.lock().expect("locks") = vec![dead.clone()];
+        let r = logged_in(&url, Duration::from_millis(800));
+        let t = std::time::Instant::now();
+        let e = r
+            .release(NodeId(5), &waiter)
+            .await
+            .expect_err("no lock instance");
+        assert!(e.is_unreachable(), "{e:?}");
+        assert!(
+            t.elapsed() >= Duration::from_millis(750),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     }
 
     #[tokio::test]
