@@ -546,7 +546,7 @@ impl EtcdLocks {
             }
             if pos == 0 {
                 let fence = fence_of(q.base, me.create)?;
-                tracing::debug!(%node, %fence, user, "lock granted");
+                tracing::debug!(%node, %fence, user, waiter = waiter.as_str(), "lock granted");
                 return Ok(AcquireResponse::Granted(self.grant(node, fence)));
             }
             if Instant::now() >= deadline {
