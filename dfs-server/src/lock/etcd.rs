@@ -9,6 +9,9 @@
 //!   exclusive), then the user's name. Granted: the first key, and the shared keys right
 //!   behind a shared first one (nobody overtakes a waiting exclusive request).
 //! - `fence_base`: a decimal u64 added to every fencing token (0 when absent).
+//! - `fence_high`: a decimal u64 at or above every token granted (written ahead by
+//!   `FENCE_RESERVE`); an instance lifts `fence_base` above it at start, and whenever a token
+//!   would have gone back while it runs (`checked_fence`).
 //!
 //! Every key is attached to an etcd lease of its own (the configured lease, in whole seconds):
 //! a holder's renewal and a waiter's poll are keepalives of its key's lease, so a dead holder
@@ -56,12 +59,22 @@ const MAX_RENEW: usize = 10_000;
 
 /// The key (under `<prefix>/`) holding the fence base.
 pub const FENCE_BASE_KEY: &str = "locks/fence_base";
+/// The key (under `<prefix>/`) holding the fence high-water mark: a decimal u64 at or above
+/// every token any instance granted (written ahead, `FENCE_RESERVE` at a time, before a
+/// grant reaches it).
+pub const FENCE_HIGH_KEY: &str = "locks/fence_high";
+/// How far ahead of a grant the high-water mark is written: one write per this many etcd
+/// revisions, not one per grant.
+const FENCE_RESERVE: u64 = 1 << 20;
+/// Most files whose last grant an instance remembers (to catch a token going back).
+const MAX_REMEMBERED: usize = 100_000;
 
 /// One key of a queue.
 #[derive(Debug, Clone)]
 struct Entry {
     key: Vec<u8>,
     create: i64,
+    mod_rev: i64,
     lease: i64,
     value: Vec<u8>,
 }
@@ -117,6 +130,25 @@ pub struct EtcdLocks {
     config: LockConfig,
     /// The etcd lease TTL of every key, in seconds.
     ttl: i64,
+    /// `<prefix>/locks/fence_high`
+    high_key: Vec<u8>,
+    /// What this instance knows of the tokens granted (`checked_fence`).
+    fences: std::sync::Mutex<Fences>,
+}
+
+/// What an instance knows of the tokens granted: enough to notice a fence base deleted or
+/// lowered, or etcd going back to an older snapshot, before a token repeats or goes down.
+#[derive(Default)]
+struct Fences {
+    /// The high-water mark as this instance last wrote or read it: grants below it need no
+    /// write.
+    reserved: u64,
+    /// The highest fence base read.
+    base: u64,
+    /// The highest token this instance granted.
+    granted: u64,
+    /// Per file, the last token granted and its waiter (at most `MAX_REMEMBERED` files).
+    last: std::collections::HashMap<NodeId, (u64, WaiterId)>,
 }
 
 /// Connects a client to `config`'s endpoints, bounded by `OP_TIMEOUT`.
@@ -204,15 +236,176 @@ impl EtcdLocks {
             fence_key: fence_key.to_owned(),
             config: locks,
             ttl,
+            high_key: format!("{}/{FENCE_HIGH_KEY}", config.prefix).into_bytes(),
+            fences: std::sync::Mutex::new(Fences::default()),
         };
-        // A first read: a cluster without quorum fails the start, not a request.
-        let key = s.base_key.clone();
-        s.call("a first read", |mut c| {
-            let key = key.clone();
-            async move { c.get(key, None).await }
-        })
-        .await?;
+        // A first read (a cluster without quorum fails the start, not a request), which also
+        // lifts the fence base above the high-water mark.
+        s.lift_base().await?;
         Ok(s)
+    }
+
+    fn fences(&self) -> std::sync::MutexGuard<'_, Fences> {
+        self.fences.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Raises the fence base, if need be, so that every token from now on (the base plus a
+    /// create revision above the current revision) is above the high-water mark, the stored
+    /// one and the highest this instance granted or reserved: the start's check, and the
+    /// repair when a token would have gone back (a fence base deleted or lowered, etcd
+    /// restored from an older snapshot). Tokens only jump up (by less than
+    /// `FENCE_RESERVE` at a start).
+    async fn lift_base(&self) -> ServiceResult<()> {
+        for _ in 0..5 {
+            let txn = etcd_client::Txn::new().and_then([
+                TxnOp::get(self.base_key.clone(), None),
+                TxnOp::get(self.high_key.clone(), None),
+            ]);
+            let resp = self
+                .call("the fence reads", |mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
+                .await?;
+            let rev = u64::try_from(resp.header().map(|h| h.revision()).unwrap_or(0)).unwrap_or(0);
+            let ops = resp.op_responses();
+            let [TxnOpResponse::Get(base), TxnOpResponse::Get(high)] = ops.as_slice() else {
+                return Err(ServiceError::internal("etcd fence reads", "not two reads"));
+            };
+            let (old, base_rev) = match base.kvs().first() {
+                Some(kv) => (parse_base(kv.value())?, kv.mod_revision()),
+                None => (0, 0),
+            };
+            let stored = match high.kvs().first() {
+                Some(kv) => parse_base(kv.value())?,
+                None => 0,
+            };
+            let known = {
+                let f = self.fences();
+                stored.max(f.reserved).max(f.granted)
+            };
+            let need = known.saturating_sub(rev);
+            if old >= need {
+                let mut f = self.fences();
+                f.base = f.base.max(old);
+                f.reserved = f.reserved.max(stored);
+                return Ok(());
+            }
+            let txn = etcd_client::Txn::new()
+                .when([Compare::mod_revision(
+                    self.base_key.clone(),
+                    CompareOp::Equal,
+                    base_rev,
+                )])
+                .and_then([TxnOp::put(self.base_key.clone(), need.to_string(), None)]);
+            let done = self
+                .call("raising the fence base", |mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
+                .await?;
+            if done.succeeded() {
+                tracing::info!(
+                    from = old,
+                    to = need,
+                    high_water = known,
+                    "fence base raised above the fence high-water mark"
+                );
+                let mut f = self.fences();
+                f.base = f.base.max(need);
+                f.reserved = f.reserved.max(stored);
+                return Ok(());
+            }
+        }
+        Err(ServiceError::Unavailable(
+            "the fence base kept changing while being raised".into(),
+        ))
+    }
+
+    /// Raises the stored high-water mark to at least `to` (never lowers it).
+    async fn reserve(&self, to: u64) -> ServiceResult<()> {
+        for _ in 0..5 {
+            let (old, rev) = match self.get(&self.high_key).await? {
+                Some(e) => (parse_base(&e.value)?, e.mod_rev),
+                None => (0, 0),
+            };
+            if old >= to {
+                let mut f = self.fences();
+                f.reserved = f.reserved.max(old);
+                return Ok(());
+            }
+            let txn = etcd_client::Txn::new()
+                .when([Compare::mod_revision(
+                    self.high_key.clone(),
+                    CompareOp::Equal,
+                    rev,
+                )])
+                .and_then([TxnOp::put(self.high_key.clone(), to.to_string(), None)]);
+            let done = self
+                .call("raising the fence high-water mark", |mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
+                .await?;
+            if done.succeeded() {
+                let mut f = self.fences();
+                f.reserved = f.reserved.max(to);
+                return Ok(());
+            }
+        }
+        Err(ServiceError::Unavailable(
+            "the fence high-water mark kept changing".into(),
+        ))
+    }
+
+    /// The token of `waiter`, at the head of `node`'s queue `q` with key create revision
+    /// `create`, once it is known to be safe: never below a token this instance granted for
+    /// the file, never another waiter's, never below a fence base it read, and at or below
+    /// the stored high-water mark (raised first if need be). A token that would go back
+    /// lifts the base (`lift_base`), deletes the waiter's key (made before the lift, its
+    /// token is suspect) and answers unavailable: the client asks again, joins anew, and gets
+    /// a token above every one granted.
+    async fn checked_fence(
+        &self,
+        node: NodeId,
+        waiter: &WaiterId,
+        q: &Queue,
+        create: i64,
+    ) -> ServiceResult<FenceToken> {
+        let fence = fence_of(q.base, create)?;
+        let (went_back, reserved) = {
+            let f = self.fences();
+            let back = q.base < f.base
+                || f.last
+                    .get(&node)
+                    .is_some_and(|(t, w)| fence.0 < *t || (fence.0 == *t && w != waiter));
+            (back, f.reserved)
+        };
+        if went_back {
+            tracing::error!(%node, %fence, "a fencing token would have gone back (fence base lowered or deleted, or etcd restored from an older snapshot): raising the fence base");
+            self.lift_base().await?;
+            self.delete(self.waiter_key(node, waiter)).await?;
+            return Err(ServiceError::Unavailable(
+                "the fence base was lowered or etcd went back; it was raised: ask again".into(),
+            ));
+        }
+        if fence.0 >= reserved {
+            self.reserve(fence.0.saturating_add(FENCE_RESERVE)).await?;
+        }
+        let mut f = self.fences();
+        f.base = f.base.max(q.base);
+        f.granted = f.granted.max(fence.0);
+        if f.last.len() >= MAX_REMEMBERED && !f.last.contains_key(&node) {
+            // Forget an arbitrary file: only the check of its next grant is lost.
+            if let Some(k) = f.last.keys().next().copied() {
+                f.last.remove(&k);
+            }
+        }
+        // Only ever raised: a slower grant of an earlier head must not hide a later one.
+        if f.last.get(&node).is_none_or(|(t, _)| *t < fence.0) {
+            f.last.insert(node, (fence.0, waiter.clone()));
+        }
+        Ok(fence)
     }
 
     /// Runs one etcd call, bounded by `OP_TIMEOUT` in all. A call that never left this process
@@ -281,6 +474,7 @@ impl EtcdLocks {
         Ok(resp.kvs().first().map(|kv| Entry {
             key: kv.key().to_vec(),
             create: kv.create_revision(),
+            mod_rev: kv.mod_revision(),
             lease: kv.lease(),
             value: kv.value().to_vec(),
         }))
@@ -316,6 +510,7 @@ impl EtcdLocks {
             .map(|kv| Entry {
                 key: kv.key().to_vec(),
                 create: kv.create_revision(),
+                mod_rev: kv.mod_revision(),
                 lease: kv.lease(),
                 value: kv.value().to_vec(),
             })
@@ -545,7 +740,7 @@ impl EtcdLocks {
                 continue;
             }
             if pos == 0 {
-                let fence = fence_of(q.base, me.create)?;
+                let fence = self.checked_fence(node, waiter, &q, me.create).await?;
                 tracing::debug!(%node, %fence, user, waiter = waiter.as_str(), "lock granted");
                 return Ok(AcquireResponse::Granted(self.grant(node, fence)));
             }
@@ -576,7 +771,8 @@ impl EtcdLocks {
                 "lock on {node}: the lease expired"
             )));
         }
-        Ok(self.grant(node, fence_of(q.base, head.create)?))
+        let fence = self.checked_fence(node, waiter, &q, head.create).await?;
+        Ok(self.grant(node, fence))
     }
 
     /// Deletes `key` (one round trip; its lease, with no key left, lapses on its own).

@@ -594,6 +594,55 @@ async fn etcd_the_fence_base_lifts_every_token_and_never_goes_down() {
     ));
 }
 
+/// Deletes `<prefix>/<key>` behind the lock service's back (an operator's mistake, or what an
+/// etcd snapshot from before the key was written brings back).
+async fn delete_behind(etcd: &EtcdConfig, key: &str) {
+    let mut c = etcd_client::Client::connect(etcd.endpoints.clone(), None)
+        .await
+        .expect("etcd client");
+    c.delete(format!("{}/{key}", etcd.prefix), None)
+        .await
+        .expect("delete");
+}
+
+/// Asks for `node`'s lock until granted: a token that would have gone back is refused once
+/// as unavailable (the base is raised meanwhile), as a client would retry.
+async fn acquire_retrying(s: &LockService, node: NodeId, w: u8) -> FenceToken {
+    for _ in 0..3 {
+        match s.acquire(node, &wid(w), "u", NOW).await {
+            Ok(r) => return fence(&r),
+            Err(ServiceError::Unavailable(m)) => eprintln!("refused once: {m}"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("never granted");
+}
+
+#[tokio::test]
+async fn etcd_a_deleted_fence_base_never_lowers_a_token() {
+    let f = Fixture::etcd(5_000);
+    let etcd = f.etcd.as_ref().expect("etcd");
+    etcd::set_fence_base(etcd, 1 << 40).await.expect("set base");
+    let s = f.open().await;
+    let node = NodeId(3);
+    let t1 = fence(&s.acquire(node, &wid(1), "u", NOW).await.expect("acquire"));
+    s.release(node, &wid(1)).await.expect("release");
+    // The base goes: a running instance notices before granting, and lifts it again.
+    delete_behind(etcd, etcd::FENCE_BASE_KEY).await;
+    let t2 = acquire_retrying(&s, node, 2).await;
+    assert!(t2 > t1, "{t2} after {t1}");
+    s.release(node, &wid(2)).await.expect("release");
+    // Gone again: a new instance starts above the high-water mark.
+    delete_behind(etcd, etcd::FENCE_BASE_KEY).await;
+    let fresh = f.open().await;
+    let t3 = acquire_retrying(&fresh, node, 3).await;
+    assert!(t3 > t2, "{t3} after {t2}");
+    fresh.release(node, &wid(3)).await.expect("release");
+    // And the old instance, whose memory says the base was higher, still grants above.
+    let t4 = acquire_retrying(&s, node, 4).await;
+    assert!(t4 > t3, "{t4} after {t3}");
+}
+
 #[tokio::test]
 async fn etcd_shared_and_exclusive_app_locks_across_two_instances() {
     let f = Fixture::etcd(2_000);
