@@ -950,6 +950,11 @@ impl EtcdLocks {
                 // Given up meanwhile (or lapsed): this request ends.
                 return Ok((AppLockResponse::Busy, q.rev, 0));
             }
+            None if !blocking => {
+                // A try: the key is made only if it is granted at once, in one transaction,
+                // so nobody else's try ever sees a request that was never going to wait.
+                return self.try_create(&key, &value, shared, &prefix).await;
+            }
             None => {
                 self.create(&key, &value).await?;
             }
@@ -974,6 +979,78 @@ impl EtcdLocks {
         }
         let position = u64::try_from(pos - granted + 1).unwrap_or(u64::MAX);
         Ok((AppLockResponse::Queued { position }, q.rev, lease))
+    }
+
+    /// A non-blocking request's key, made only if the request is granted at once: exclusive,
+    /// when the file has no request at all; shared, when every request is shared (a shared
+    /// key behind only shared ones is granted; one behind an exclusive one would wait). One
+    /// etcd transaction after the lease grant; the lease goes again if the key is not made.
+    async fn try_create(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        shared: bool,
+        prefix: &str,
+    ) -> ServiceResult<(AppLockResponse, i64, i64)> {
+        let ttl = self.ttl;
+        let lease = self
+            .call("a lease grant", |mut c| async move {
+                c.lease_grant(ttl, None).await
+            })
+            .await?
+            .id();
+        let mut end = prefix.as_bytes().to_vec();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        let put = TxnOp::put(
+            key.to_vec(),
+            value.to_vec(),
+            Some(PutOptions::new().with_lease(lease)),
+        );
+        // No key in the file's range (a compare over an empty range sees create revision 0).
+        let none = Compare::create_revision(prefix.as_bytes().to_vec(), CompareOp::Equal, 0)
+            .with_range(end.clone());
+        let txn = if shared {
+            // Or every key shared: each value below "t" starts with 's' (a value compare over
+            // an empty range fails, hence the empty case first).
+            let all_shared =
+                Compare::value(prefix.as_bytes().to_vec(), CompareOp::Less, b"t".to_vec())
+                    .with_range(end);
+            etcd_client::Txn::new()
+                .when([none])
+                .and_then([put.clone()])
+                .or_else([TxnOp::txn(
+                    etcd_client::Txn::new().when([all_shared]).and_then([put]),
+                )])
+        } else {
+            etcd_client::Txn::new().when([none]).and_then([put])
+        };
+        let resp = self
+            .call("a lock try", |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await;
+        let made = match &resp {
+            Ok(r) if r.succeeded() => true,
+            Ok(r) => r.op_responses().iter().any(|op| match op {
+                TxnOpResponse::Txn(t) => t.succeeded(),
+                _ => false,
+            }),
+            Err(_) => false,
+        };
+        let rev = resp
+            .as_ref()
+            .ok()
+            .and_then(|r| r.header())
+            .map_or(0, |h| h.revision());
+        if !made {
+            self.revoke(lease).await;
+            resp?;
+            return Ok((AppLockResponse::Busy, rev, 0));
+        }
+        Ok((self.granted_app(), rev, lease))
     }
 
     /// Gives an application lock up, or its place in the queue. Idempotent.
@@ -1052,6 +1129,96 @@ mod tests {
             session: UploadId::from_bytes([n; 16]),
             owner: 1,
         }
+    }
+
+    async fn unit_locks(lease: Duration) -> (EtcdLocks, EtcdConfig) {
+        let etcd = crate::testing::shared_etcd().unwrap_or_else(|e| panic!("{e}"));
+        let prefix = format!("locks-unit/{:016x}", rand::random::<u64>());
+        let config = EtcdConfig::parse(&etcd.meta_url(&prefix)).expect("url");
+        let locks = LockConfig {
+            lease,
+            max_wait: Duration::from_secs(5),
+        };
+        let l = EtcdLocks::connect(&config, locks, "k")
+            .await
+            .expect("connect");
+        (l, config)
+    }
+
+    /// A refused try (non-blocking) never shows a key another request could see: no put
+    /// under the file's prefix at all. Tries that are granted are still granted.
+    #[tokio::test]
+    async fn a_refused_try_makes_no_key_that_others_could_see() {
+        let (l, config) = unit_locks(Duration::from_secs(2)).await;
+        let node = NodeId(9);
+        let zero = Duration::ZERO;
+        let granted = |r: AppLockResponse| matches!(r, AppLockResponse::Granted { .. });
+        // Shared behind shared: granted at once; exclusive behind them: refused.
+        assert!(granted(
+            l.app_lock(node, &owner(1), true, "a", zero)
+                .await
+                .expect("lock")
+        ));
+        let files = l.file_prefix('a', node);
+        let mut c = Client::connect(config.endpoints.clone(), None)
+            .await
+            .expect("client");
+        let from = l.list(&files).await.expect("list").rev + 1;
+        let mut events = c
+            .watch(
+                files.clone(),
+                Some(WatchOptions::new().with_prefix().with_start_revision(from)),
+            )
+            .await
+            .expect("watch");
+        for (n, shared) in [(2, false), (3, false)] {
+            assert_eq!(
+                l.app_lock(node, &owner(n), shared, "b", zero)
+                    .await
+                    .expect("try"),
+                AppLockResponse::Busy
+            );
+        }
+        assert!(granted(
+            l.app_lock(node, &owner(4), true, "c", zero)
+                .await
+                .expect("lock")
+        ));
+        // The only change under the prefix is 4's grant.
+        let mut keys = Vec::new();
+        while let Ok(Ok(Some(resp))) =
+            tokio::time::timeout(Duration::from_millis(500), events.message()).await
+        {
+            for e in resp.events() {
+                let kv = e.kv().expect("kv");
+                keys.push((
+                    e.event_type(),
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                ));
+            }
+        }
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        assert!(
+            keys[0]
+                .1
+                .ends_with(&format!("{}.{:020}", owner(4).session.as_str(), 1)),
+            "{keys:?}"
+        );
+        // Exclusive behind a shared holder, and shared behind an exclusive one: refused, no key.
+        l.app_unlock(node, &owner(1)).await.expect("unlock");
+        l.app_unlock(node, &owner(4)).await.expect("unlock");
+        assert!(granted(
+            l.app_lock(node, &owner(5), false, "d", zero)
+                .await
+                .expect("lock")
+        ));
+        assert_eq!(
+            l.app_lock(node, &owner(6), true, "e", zero)
+                .await
+                .expect("try"),
+            AppLockResponse::Busy
+        );
+        assert_eq!(l.list(&files).await.expect("list").entries.len(), 1);
     }
 
     #[tokio::test]
