@@ -637,6 +637,16 @@ impl EtcdLocks {
         Ok(r.is_some_and(|m| m.ttl() > 0))
     }
 
+    /// Whether a lease still runs (its key, if gone, was deleted, not lapsed).
+    async fn lease_alive(&self, lease: i64) -> ServiceResult<bool> {
+        let r = self
+            .call("a lease lookup", |mut c| async move {
+                c.lease_time_to_live(lease, None).await
+            })
+            .await?;
+        Ok(r.ttl() > 0)
+    }
+
     /// Waits until a key under `prefix` changes after revision `rev` (deletes only, with
     /// `deletes_only`), or `until`; meanwhile keeps `lease` alive. Returns early, never
     /// late: the caller reads the queue again either way.
@@ -718,11 +728,22 @@ impl EtcdLocks {
         // Whether the key's lease is whole (made or renewed since the last wait). A poll
         // keeps its place by renewing it.
         let mut fresh = made;
+        // The lease of the key as last seen.
+        let mut lease = None;
         loop {
             let me = match q.position(&key) {
                 Some(pos) => (pos, q.entries[pos].clone()),
                 None => {
-                    // Its lease lapsed (or it was released meanwhile): join again.
+                    // Released meanwhile (its key deleted, its lease still running): this
+                    // call ends, and must not queue the waiter again behind the release.
+                    if let Some(l) = lease
+                        && self.lease_alive(l).await?
+                    {
+                        return Err(ServiceError::NotHolder(format!(
+                            "the waiter for {node} was released while its acquire waited"
+                        )));
+                    }
+                    // Its lease lapsed: join again.
                     if joins == MAX_JOINS {
                         return Err(ServiceError::Unavailable(format!(
                             "the queue of {node} lost this waiter {MAX_JOINS} times in one call"
@@ -735,6 +756,7 @@ impl EtcdLocks {
                 }
             };
             let (pos, me) = me;
+            lease = Some(me.lease);
             if !fresh && !self.keep_alive(me.lease).await? {
                 q = self.list(&prefix).await?;
                 continue;
