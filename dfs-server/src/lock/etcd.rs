@@ -56,6 +56,10 @@ const MAX_KEYS: i64 = 10_000;
 const MAX_JOINS: u32 = 3;
 /// Most application locks one renewal extends.
 const MAX_RENEW: usize = 10_000;
+/// Keys one renewal reads per etcd transaction (within etcd's default `--max-txn-ops`, 128).
+const RENEW_READS: usize = 64;
+/// Lease keepalives one renewal has in flight at once.
+const RENEW_AT_ONCE: usize = 16;
 
 /// The key (under `<prefix>/`) holding the fence base.
 pub const FENCE_BASE_KEY: &str = "locks/fence_base";
@@ -1101,22 +1105,53 @@ impl EtcdLocks {
     }
 
     /// Extends the locks `held` of `session` (file, owner); returns how many it holds (or
-    /// waits for). A lock of the session it no longer names lapses with its lease.
+    /// waits for). A lock of the session it no longer names lapses with its lease. The keys
+    /// are read `RENEW_READS` per transaction and their leases kept alive `RENEW_AT_ONCE` at a
+    /// time: a renewal of n locks costs n/64 reads and n keepalives in parallel, not 3n
+    /// round trips in a row.
     pub async fn app_renew(
         &self,
         session: &UploadId,
         held: &[(NodeId, u64)],
     ) -> ServiceResult<u64> {
+        use futures_util::StreamExt;
+        let keys: Vec<Vec<u8>> = held
+            .iter()
+            .take(MAX_RENEW)
+            .map(|(node, owner)| {
+                let owner = LockOwner {
+                    session: session.clone(),
+                    owner: *owner,
+                };
+                self.owner_key(*node, &owner)
+            })
+            .collect();
+        let mut leases = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(RENEW_READS) {
+            let reads: Vec<TxnOp> = chunk.iter().map(|k| TxnOp::get(k.clone(), None)).collect();
+            let txn = etcd_client::Txn::new().and_then(reads);
+            let resp = self
+                .call("the renewal reads", |mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
+                .await?;
+            for op in resp.op_responses() {
+                if let TxnOpResponse::Get(g) = op
+                    && let Some(kv) = g.kvs().first()
+                {
+                    leases.push(kv.lease());
+                }
+            }
+        }
+        let kept: Vec<ServiceResult<bool>> = futures_util::stream::iter(leases)
+            .map(|lease| self.keep_alive(lease))
+            .buffer_unordered(RENEW_AT_ONCE)
+            .collect()
+            .await;
         let mut count = 0;
-        for (node, owner) in held.iter().take(MAX_RENEW) {
-            let owner = LockOwner {
-                session: session.clone(),
-                owner: *owner,
-            };
-            let Some(e) = self.get(&self.owner_key(*node, &owner)).await? else {
-                continue;
-            };
-            if self.keep_alive(e.lease).await? {
+        for k in kept {
+            if k? {
                 count += 1;
             }
         }

@@ -369,6 +369,30 @@ async fn a_dead_clients_locks_go_with_its_lease_and_renewal_keeps_them(f: Fixtur
     assert_eq!(lock(NodeId(8), owner(3, 1)).await, AppLockResponse::Busy);
 }
 
+both!(a_renewal_of_many_locks_keeps_every_one, 500, 2_000);
+async fn a_renewal_of_many_locks_keeps_every_one(f: Fixture) {
+    let l = f.open().await;
+    // More locks than one read of the etcd engine's renewal takes (64).
+    let held: Vec<(NodeId, u64)> = (0..150).map(|i| (NodeId(1000 + i), 1)).collect();
+    for (node, o) in &held {
+        let r = l.app_lock(*node, &owner(5, *o), false, "u", NOW).await;
+        assert!(granted(&r.expect("lock")));
+    }
+    for _ in 0..3 {
+        tokio::time::sleep(f.lease * 2 / 5).await;
+        let kept = l
+            .app_renew(&owner(5, 0).session, &held)
+            .await
+            .expect("renew");
+        assert_eq!(kept, 150);
+    }
+    // Past a lease since they were taken: all still held.
+    for (node, _) in held.iter().step_by(37) {
+        let r = l.app_lock(*node, &owner(6, 1), false, "v", NOW).await;
+        assert_eq!(r.expect("try"), AppLockResponse::Busy);
+    }
+}
+
 // ---- the in-memory engine only ----
 
 /// Leases are decided on tokio's clock, which tests pause and advance: a 10 s lease runs
