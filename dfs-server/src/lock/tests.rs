@@ -618,22 +618,25 @@ async fn etcd_the_fence_base_lifts_every_token_and_never_goes_down() {
     ));
 }
 
-/// A waiter released (from another instance) while its acquire waits is not queued again
-/// by that acquire: the lock goes to the next waiter, not to a waiter nobody polls.
-#[tokio::test]
-async fn etcd_a_release_racing_a_waiting_acquire_does_not_requeue_the_waiter() {
-    let f = Fixture::etcd(5_000);
-    let (a, b) = (f.open().await, f.open().await);
+both!(
+    a_release_racing_a_waiting_acquire_does_not_requeue_the_waiter,
+    5_000,
+    5_000
+);
+/// A waiter released while its acquire waits (its client gave up) is not queued again by
+/// that acquire: the lock goes to the next waiter, not to a waiter nobody polls.
+async fn a_release_racing_a_waiting_acquire_does_not_requeue_the_waiter(f: Fixture) {
+    let s = f.open().await;
     let node = NodeId(31);
-    let g1 = fence(&a.acquire(node, &wid(1), "h", NOW).await.expect("acquire"));
+    let g1 = fence(&s.acquire(node, &wid(1), "h", NOW).await.expect("acquire"));
     let waiting = {
-        let a = a.clone();
-        tokio::spawn(async move { a.acquire(node, &wid(2), "w", LONG).await })
+        let s = s.clone();
+        tokio::spawn(async move { s.acquire(node, &wid(2), "w", LONG).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!waiting.is_finished(), "2 waits behind 1");
-    // 2 gives up (its client released it, through the other instance) ...
-    b.release(node, &wid(2)).await.expect("release 2");
+    // 2 gives up ...
+    s.release(node, &wid(2)).await.expect("release 2");
     let ended = tokio::time::timeout(Duration::from_secs(3), waiting)
         .await
         .expect("the released waiter's acquire ends")
@@ -643,13 +646,37 @@ async fn etcd_a_release_racing_a_waiting_acquire_does_not_requeue_the_waiter() {
         "{ended:?}"
     );
     // ... so when 1 releases, 3 is next, at once.
-    b.release(node, &wid(1)).await.expect("release 1");
-    let g3 = fence(&b.acquire(node, &wid(3), "n", NOW).await.expect("acquire"));
+    s.release(node, &wid(1)).await.expect("release 1");
+    let g3 = fence(&s.acquire(node, &wid(3), "n", NOW).await.expect("acquire"));
     assert!(g3 > g1);
     assert_eq!(
-        b.status().await.expect("status")[0].queued,
+        s.status().await.expect("status")[0].queued,
         0,
         "nobody else queued"
+    );
+}
+
+/// The same across two etcd instances: released through one while its acquire waits on the
+/// other.
+#[tokio::test]
+async fn etcd_a_release_through_another_instance_ends_a_waiting_acquire() {
+    let f = Fixture::etcd(5_000);
+    let (a, b) = (f.open().await, f.open().await);
+    let node = NodeId(32);
+    fence(&a.acquire(node, &wid(1), "h", NOW).await.expect("acquire"));
+    let waiting = {
+        let a = a.clone();
+        tokio::spawn(async move { a.acquire(node, &wid(2), "w", LONG).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    b.release(node, &wid(2)).await.expect("release 2");
+    let ended = tokio::time::timeout(Duration::from_secs(3), waiting)
+        .await
+        .expect("the released waiter's acquire ends")
+        .expect("join");
+    assert!(
+        matches!(ended, Err(ServiceError::NotHolder(_))),
+        "{ended:?}"
     );
 }
 
