@@ -295,20 +295,10 @@ impl EtcdLocks {
                 f.reserved = f.reserved.max(stored);
                 return Ok(());
             }
-            let txn = etcd_client::Txn::new()
-                .when([Compare::mod_revision(
-                    self.base_key.clone(),
-                    CompareOp::Equal,
-                    base_rev,
-                )])
-                .and_then([TxnOp::put(self.base_key.clone(), need.to_string(), None)]);
-            let done = self
-                .call("raising the fence base", |mut c| {
-                    let txn = txn.clone();
-                    async move { c.txn(txn).await }
-                })
-                .await?;
-            if done.succeeded() {
+            if self
+                .put_unchanged("raising the fence base", &self.base_key, base_rev, need)
+                .await?
+            {
                 tracing::info!(
                     from = old,
                     to = need,
@@ -326,6 +316,27 @@ impl EtcdLocks {
         ))
     }
 
+    /// Puts `value` (decimal) at `key` if its mod revision is still `rev` (0: absent);
+    /// whether it did.
+    async fn put_unchanged(
+        &self,
+        what: &str,
+        key: &[u8],
+        rev: i64,
+        value: u64,
+    ) -> ServiceResult<bool> {
+        let txn = etcd_client::Txn::new()
+            .when([Compare::mod_revision(key.to_vec(), CompareOp::Equal, rev)])
+            .and_then([TxnOp::put(key.to_vec(), value.to_string(), None)]);
+        let done = self
+            .call(what, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        Ok(done.succeeded())
+    }
+
     /// Raises the stored high-water mark to at least `to` (never lowers it).
     async fn reserve(&self, to: u64) -> ServiceResult<()> {
         for _ in 0..5 {
@@ -338,20 +349,10 @@ impl EtcdLocks {
                 f.reserved = f.reserved.max(old);
                 return Ok(());
             }
-            let txn = etcd_client::Txn::new()
-                .when([Compare::mod_revision(
-                    self.high_key.clone(),
-                    CompareOp::Equal,
-                    rev,
-                )])
-                .and_then([TxnOp::put(self.high_key.clone(), to.to_string(), None)]);
-            let done = self
-                .call("raising the fence high-water mark", |mut c| {
-                    let txn = txn.clone();
-                    async move { c.txn(txn).await }
-                })
-                .await?;
-            if done.succeeded() {
+            if self
+                .put_unchanged("raising the fence high-water mark", &self.high_key, rev, to)
+                .await?
+            {
                 let mut f = self.fences();
                 f.reserved = f.reserved.max(to);
                 return Ok(());
