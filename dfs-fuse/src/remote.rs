@@ -833,7 +833,9 @@ impl Remote {
     /// A lock-service call: `build` makes the request for a lock instance's base URL (the
     /// login's token, the caller and `timeout` are added); it goes to the instance that
     /// answered last, and on no answer or `unavailable` to the next one the cluster map
-    /// lists, with the retry loop of directory calls (`retry`), for at most `bound`. Once
+    /// lists, with the retry loop of directory calls (`retry`), for at most `bound` (the op
+    /// timeout, plus the wait of a long poll: a poll cut by a silent instance still leaves
+    /// time to fail over). Once
     /// every instance failed the map is fetched again (an instance may have started since).
     /// Every lock request is idempotent (a waiter or owner id names it), so sending one again
     /// is safe.
@@ -847,7 +849,7 @@ impl Remote {
         retry(
             "lock service",
             what,
-            bound.min(self.config.op_timeout),
+            bound,
             &self.lock_current,
             || self.invalidate_cluster(),
             |idx| async move {
@@ -885,7 +887,7 @@ impl Remote {
         Ok(resp)
     }
 
-    /// A lock call answering JSON, retried for the op timeout.
+    /// A lock call answering JSON, retried for `bound`.
     async fn lock_post<B: Serialize + Sync, T: DeserializeOwned>(
         &self,
         path: &str,
@@ -1539,7 +1541,7 @@ impl Remote {
             let sent = self
                 .lock_call(
                     "lock",
-                    self.config.op_timeout,
+                    self.config.op_timeout + left,
                     left + self.config.call_timeout,
                     &|u| {
                         self.http
@@ -1595,7 +1597,7 @@ impl Remote {
         };
         self.lock_call(
             "application lock",
-            self.config.op_timeout,
+            self.config.op_timeout + wait,
             wait + self.config.call_timeout,
             &|u| self.http.post(format!("{u}{path}")).json(&req),
         )
