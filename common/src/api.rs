@@ -381,8 +381,8 @@ pub struct ClusterInfo {
     /// Lock service base URL, once registered: the latest registration. Kept for clients
     /// that know only one lock URL; `lock_urls` names every live instance.
     pub lock_url: Option<String>,
-    /// Every live lock instance (several over etcd), the latest registration first. Empty
-    /// from a directory older than this field: then `lock_url` is the one.
+    /// Every live lock instance (several over etcd), by URL. Empty from a directory older
+    /// than this field: then `lock_url` is the one.
     #[serde(default)]
     pub lock_urls: Vec<String>,
     /// Auth service base URL, once registered.

@@ -54,8 +54,8 @@ async fn every_instance_lists_every_live_lock_instance_and_drops_a_silent_one() 
     register(&a, one);
     register(&b, two);
     sync();
-    // The latest registration first (the map's `lock_url` too), then the others.
-    let both = vec![two.to_owned(), one.to_owned()];
+    // Both, by URL; the latest registration is the map's `lock_url`.
+    let both = vec![one.to_owned(), two.to_owned()];
     assert_eq!(a.lock_urls(), both);
     assert_eq!(b.lock_urls(), both);
     assert_eq!(a.services().0.as_deref(), Some(two));

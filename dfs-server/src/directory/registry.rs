@@ -98,7 +98,7 @@ struct Seen {
 /// A lock instance counts as live while it registered (a changed tag) within this long: three
 /// re-registrations.
 pub const LOCK_DEAD_AFTER: Duration = Duration::from_secs(15);
-/// Most lock URLs one cluster map lists (the live ones, newest registration first).
+/// Most lock URLs one cluster map lists (the live ones, by URL).
 pub const MAX_LOCK_URLS: usize = 16;
 /// The `services` row prefix of one lock instance's registration (`lock/<url>` → a random
 /// tag per registration).
@@ -338,29 +338,21 @@ impl Registry {
     }
 
     /// Every live lock instance (registered within `LOCK_DEAD_AFTER`), at most
-    /// `MAX_LOCK_URLS`: the latest registration first, then by URL, so that every directory
-    /// instance answers the same list within a sync interval.
+    /// `MAX_LOCK_URLS`, by URL: a stable order (a client's index into it keeps naming the
+    /// same instance across map fetches), the same on every directory instance within a sync
+    /// interval.
     pub fn lock_urls(&self) -> Vec<String> {
         let now = Instant::now();
         let Ok(inner) = self.inner() else {
             return vec![];
         };
-        let live = |url: &String| {
-            inner
-                .locks
-                .get(url)
-                .is_some_and(|s| s.at + LOCK_DEAD_AFTER > now)
-        };
-        let mut urls: Vec<String> = inner.lock_url.iter().filter(|u| live(u)).cloned().collect();
-        for url in inner.locks.keys() {
-            if urls.len() >= MAX_LOCK_URLS {
-                break;
-            }
-            if live(url) && !urls.contains(url) {
-                urls.push(url.clone());
-            }
-        }
-        urls
+        inner
+            .locks
+            .iter()
+            .filter(|(_, s)| s.at + LOCK_DEAD_AFTER > now)
+            .map(|(url, _)| url.clone())
+            .take(MAX_LOCK_URLS)
+            .collect()
     }
 
     /// Ids of live servers, ascending.
