@@ -378,8 +378,13 @@ pub struct ServerStatus {
 /// `GET /v1/cluster`: everything a client needs after the directory's URL.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClusterInfo {
-    /// Lock service base URL, once registered.
+    /// Lock service base URL, once registered: the latest registration. Kept for clients
+    /// that know only one lock URL; `lock_urls` names every live instance.
     pub lock_url: Option<String>,
+    /// Every live lock instance (several over etcd), by URL. Empty from a directory older
+    /// than this field: then `lock_url` is the one.
+    #[serde(default)]
+    pub lock_urls: Vec<String>,
     /// Auth service base URL, once registered.
     pub auth_url: Option<String>,
     /// File servers.
@@ -401,6 +406,7 @@ impl ClusterInfo {
         let urls = self
             .lock_url
             .iter()
+            .chain(self.lock_urls.iter())
             .chain(self.auth_url.iter())
             .chain(self.servers.iter().map(|s| &s.url));
         for url in urls {
@@ -412,6 +418,15 @@ impl ClusterInfo {
             }
         }
         Ok(())
+    }
+
+    /// The lock instances to try, in order: `lock_urls`, else (an older directory) `lock_url`.
+    pub fn lock_instances(&self) -> Vec<String> {
+        if self.lock_urls.is_empty() {
+            self.lock_url.iter().cloned().collect()
+        } else {
+            self.lock_urls.clone()
+        }
     }
 }
 
@@ -816,6 +831,7 @@ mod tests {
     fn map(lock: &str, server: &str) -> ClusterInfo {
         ClusterInfo {
             lock_url: Some(lock.into()),
+            lock_urls: vec![lock.into()],
             auth_url: Some("https://auth:7072".into()),
             servers: vec![ServerStatus {
                 id: ServerId(1),

@@ -200,6 +200,68 @@ fn retryable(e: &RemoteError) -> bool {
         )
 }
 
+/// How long a lock renewal is retried on another lock instance: a third of the default lease,
+/// so that the next renewal (a third of the lease later) is not held up and the lease the
+/// last one gave still covers the failover.
+pub const RENEW_RETRY: Duration = Duration::from_secs(3);
+
+/// The one retry loop of directory and lock calls. `attempt(i)` sends the call to URL `i`
+/// (modulo how many there are) and answers (how many URLs there are, the URL, the result).
+/// On no answer or `unavailable` the call is sent again: to the next URL if there are
+/// several (`current` moves on, so later calls start at the one that answered), and once
+/// every URL failed, after calling `round_failed`, a pause (50 ms doubling to 1 s, jittered
+/// 50–100 %), until `bound` has passed; then the last error is returned. A definite answer
+/// (4xx, an internal error) is returned at once.
+async fn retry<T, Fut>(
+    service: &str,
+    what: &str,
+    bound: Duration,
+    current: &std::sync::atomic::AtomicUsize,
+    round_failed: impl Fn(),
+    mut attempt: impl FnMut(usize) -> Fut,
+) -> Result<T, RemoteError>
+where
+    Fut: std::future::Future<Output = (usize, String, Result<T, RemoteError>)>,
+{
+    let deadline = tokio::time::Instant::now() + bound;
+    let mut backoff = RETRY_FIRST;
+    let mut failures = 0usize;
+    loop {
+        let idx = current.load(Ordering::Relaxed);
+        let (n, url, result) = attempt(idx).await;
+        let n = n.max(1);
+        let e = match result {
+            Ok(v) => return Ok(v),
+            Err(e) if retryable(&e) => e,
+            Err(e) => return Err(e),
+        };
+        failures += 1;
+        if n > 1 {
+            let next = (idx % n + 1) % n;
+            if current
+                .compare_exchange(idx, next, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
+                tracing::warn!(%service, from = %url, error = %e, "{service} failed; trying the next one");
+            }
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            tracing::warn!(%service, %what, error = %e, after = ?bound, "{service} unavailable for the whole wait; giving up");
+            return Err(e);
+        }
+        if failures.is_multiple_of(n) {
+            // Every URL failed once more: pause (jittered, 50% to 100%) before the next round.
+            round_failed();
+            let jitter = 0.5 + rand::random::<f64>() / 2.0;
+            let pause = backoff.mul_f64(jitter).min(deadline - now);
+            tracing::debug!(%service, %what, error = %e, ?pause, "{service} unavailable; retrying");
+            tokio::time::sleep(pause).await;
+            backoff = (backoff * 2).min(RETRY_MAX);
+        }
+    }
+}
+
 /// A fresh operation id (`x-dfs-request-id`): 32 hex digits.
 pub fn new_request_id() -> String {
     hex::encode(rand::random::<[u8; 16]>())
@@ -246,6 +308,9 @@ pub struct Remote {
     /// `--server` as given (for messages).
     server: String,
     dirs: Directories,
+    /// The lock instance (index into the map's `lock_urls`) lock calls go to first: the one
+    /// that answered last.
+    lock_current: std::sync::atomic::AtomicUsize,
     /// The cluster id of the directory (learnt from the first cluster map): what saved logins
     /// are keyed by, and what every other directory URL must name.
     cluster_id: std::sync::Mutex<Option<String>>,
@@ -322,6 +387,7 @@ impl Remote {
                 urls,
                 current: std::sync::atomic::AtomicUsize::new(0),
             },
+            lock_current: std::sync::atomic::AtomicUsize::new(0),
             cluster_id: std::sync::Mutex::new(None),
             protocol_noted: std::sync::atomic::AtomicBool::new(false),
             server,
@@ -523,43 +589,6 @@ impl Remote {
         resp.json().await.map_err(|e| net("refresh", e))
     }
 
-    async fn send<T: DeserializeOwned>(
-        &self,
-        req: reqwest::RequestBuilder,
-        what: &str,
-    ) -> Result<T, RemoteError> {
-        self.send_raw(req, what)
-            .await?
-            .json()
-            .await
-            .map_err(|e| net(what, e))
-    }
-
-    /// `send`, answering the response itself (for its headers).
-    async fn send_raw(
-        &self,
-        req: reqwest::RequestBuilder,
-        what: &str,
-    ) -> Result<reqwest::Response, RemoteError> {
-        let token = self.token().await?;
-        let resp = req
-            .bearer_auth(token)
-            .headers(self.act_as()?)
-            .timeout(self.config.call_timeout)
-            .send()
-            .await
-            .map_err(|e| {
-                // A restarted service may be at a new address: fetch the map again next time.
-                self.invalidate_cluster();
-                net(what, e)
-            })?;
-        self.note_protocol(&resp);
-        if !resp.status().is_success() {
-            return Err(api_error(resp).await);
-        }
-        Ok(resp)
-    }
-
     /// Logs once when a service speaks another protocol version than this client, naming
     /// both (an older service refuses nothing this client sends today; a newer one says
     /// `protocol_mismatch` if it can no longer serve it).
@@ -626,47 +655,26 @@ impl Remote {
         bound: Duration,
         build: &(dyn Fn(&str) -> reqwest::RequestBuilder + Send + Sync),
     ) -> Result<reqwest::Response, RemoteError> {
-        let deadline = tokio::time::Instant::now() + bound;
         let n = self.dirs.urls.len();
-        let mut backoff = RETRY_FIRST;
-        let mut failures = 0usize;
-        loop {
-            let idx = self.dirs.current.load(Ordering::Relaxed) % n;
-            let url = &self.dirs.urls[idx];
-            let attempt = self
-                .dir_attempt(idx, url, request_id.as_deref(), authed, build, what)
-                .await;
-            let e = match attempt {
-                Ok(resp) => return Ok(resp),
-                Err(e) if retryable(&e) => e,
-                Err(e) => return Err(e),
-            };
-            failures += 1;
-            if n > 1 {
-                let next = (idx + 1) % n;
-                if self
-                    .dirs
-                    .current
-                    .compare_exchange(idx, next, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-                {
-                    tracing::warn!(from = %url, to = %self.dirs.urls[next], error = %e, "directory failed; trying the next one");
+        retry(
+            "directory",
+            what,
+            bound,
+            &self.dirs.current,
+            || {},
+            |idx| {
+                let idx = idx % n;
+                let url = &self.dirs.urls[idx];
+                let request_id = request_id.as_deref();
+                async move {
+                    let r = self
+                        .dir_attempt(idx, url, request_id, authed, build, what)
+                        .await;
+                    (n, url.clone(), r)
                 }
-            }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                tracing::warn!(%what, error = %e, after = ?bound, "directory unavailable for the whole wait; giving up");
-                return Err(e);
-            }
-            if failures.is_multiple_of(n) {
-                // Every URL failed once more: pause (jittered, 50% to 100%) before the next round.
-                let jitter = 0.5 + rand::random::<f64>() / 2.0;
-                let pause = backoff.mul_f64(jitter).min(deadline - now);
-                tracing::debug!(%what, error = %e, ?pause, "directory unavailable; retrying");
-                tokio::time::sleep(pause).await;
-                backoff = (backoff * 2).min(RETRY_MAX);
-            }
-        }
+            },
+        )
+        .await
     }
 
     async fn dir_attempt(
@@ -755,15 +763,6 @@ impl Remote {
         Ok(info)
     }
 
-    async fn post<B: Serialize, T: DeserializeOwned>(
-        &self,
-        url: String,
-        body: &B,
-        what: &str,
-    ) -> Result<T, RemoteError> {
-        self.send(self.http.post(url).json(body), what).await
-    }
-
     /// The cluster map (fetched once, refreshed with `refresh = true`). A map from an https://
     /// directory that names a plain http:// service is refused.
     pub async fn cluster(&self, refresh: bool) -> Result<ClusterInfo, RemoteError> {
@@ -814,8 +813,95 @@ impl Remote {
         self.service_url(|c| c.auth_url.clone(), "auth").await
     }
 
-    async fn lock_url(&self) -> Result<String, RemoteError> {
-        self.service_url(|c| c.lock_url.clone(), "lock").await
+    /// Every live lock instance the cluster map names (fetched again once if the cached map
+    /// names none).
+    async fn lock_urls(&self) -> Result<Vec<String>, RemoteError> {
+        let urls = self.cluster(false).await?.lock_instances();
+        if !urls.is_empty() {
+            return Ok(urls);
+        }
+        let urls = self.cluster(true).await?.lock_instances();
+        if urls.is_empty() {
+            return Err(RemoteError::Api {
+                code: ErrorCode::Unavailable,
+                message: "no lock service registered with the directory".into(),
+            });
+        }
+        Ok(urls)
+    }
+
+    /// A lock-service call: `build` makes the request for a lock instance's base URL (the
+    /// login's token, the caller and `timeout` are added); it goes to the instance that
+    /// answered last, and on no answer or `unavailable` to the next one the cluster map
+    /// lists, with the retry loop of directory calls (`retry`), for at most `bound` (the op
+    /// timeout, plus the wait of a long poll: a poll cut by a silent instance still leaves
+    /// time to fail over). Once
+    /// every instance failed the map is fetched again (an instance may have started since).
+    /// Every lock request is idempotent (a waiter or owner id names it), so sending one again
+    /// is safe.
+    async fn lock_call(
+        &self,
+        what: &str,
+        bound: Duration,
+        timeout: Duration,
+        build: &(dyn Fn(&str) -> reqwest::RequestBuilder + Send + Sync),
+    ) -> Result<reqwest::Response, RemoteError> {
+        retry(
+            "lock service",
+            what,
+            bound,
+            &self.lock_current,
+            || self.invalidate_cluster(),
+            |idx| async move {
+                let urls = match self.lock_urls().await {
+                    Ok(u) => u,
+                    Err(e) => return (1, "-".to_owned(), Err(e)),
+                };
+                let url = urls[idx % urls.len()].clone();
+                let r = self.lock_attempt(&url, timeout, build, what).await;
+                (urls.len(), url, r)
+            },
+        )
+        .await
+    }
+
+    async fn lock_attempt(
+        &self,
+        url: &str,
+        timeout: Duration,
+        build: &(dyn Fn(&str) -> reqwest::RequestBuilder + Send + Sync),
+        what: &str,
+    ) -> Result<reqwest::Response, RemoteError> {
+        let token = self.token().await?;
+        let resp = build(url)
+            .bearer_auth(token)
+            .headers(self.act_as()?)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| net(what, e))?;
+        self.note_protocol(&resp);
+        if !resp.status().is_success() {
+            return Err(api_error(resp).await);
+        }
+        Ok(resp)
+    }
+
+    /// A lock call answering JSON, retried for `bound`.
+    async fn lock_post<B: Serialize + Sync, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        what: &str,
+        bound: Duration,
+    ) -> Result<T, RemoteError> {
+        self.lock_call(what, bound, self.config.call_timeout, &|u| {
+            self.http.post(format!("{u}{path}")).json(body)
+        })
+        .await?
+        .json()
+        .await
+        .map_err(|e| net(what, e))
     }
 
     /// Forgets the cluster map, so the next call fetches server URLs afresh (a restarted
@@ -1434,18 +1520,15 @@ impl Remote {
     }
 
     /// Waits in the lock queue until granted or `deadline`; a waiter that gives up leaves
-    /// the queue.
+    /// the queue. Each poll fails over between lock instances (`lock_call`): the waiter id
+    /// keeps its place whichever instance it polls (etcd engine).
     pub async fn acquire(
         &self,
         node: NodeId,
         waiter: &WaiterId,
         deadline: tokio::time::Instant,
     ) -> Result<Grant, RemoteError> {
-        let url = format!(
-            "{}{}",
-            self.lock_url().await?,
-            routes::lock(node, "acquire")
-        );
+        let path = routes::lock(node, "acquire");
         let mut fresh = false;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -1455,38 +1538,31 @@ impl Remote {
                 wait_ms,
             };
             let cap = self.commit_capability(node, fresh).await?;
-            let token = self.token().await?;
-            let resp = self
-                .http
-                .post(&url)
-                .bearer_auth(token)
-                .headers(self.act_as()?)
-                .header(routes::CAPABILITY_HEADER, cap)
-                .timeout(left + self.config.call_timeout)
-                .json(&req)
-                .send()
-                .await
-                .map_err(|e| {
-                    self.invalidate_cluster();
-                    net("lock", e)
-                })?;
-            if !resp.status().is_success() {
-                let e = api_error(resp).await;
-                if !fresh
-                    && matches!(
-                        &e,
-                        RemoteError::Api {
-                            code: ErrorCode::AccessDenied,
-                            ..
-                        }
-                    )
-                {
+            let sent = self
+                .lock_call(
+                    "lock",
+                    self.config.op_timeout + left,
+                    left + self.config.call_timeout,
+                    &|u| {
+                        self.http
+                            .post(format!("{u}{path}"))
+                            .header(routes::CAPABILITY_HEADER, &cap)
+                            .json(&req)
+                    },
+                )
+                .await;
+            let resp = match sent {
+                Ok(r) => r,
+                Err(RemoteError::Api {
+                    code: ErrorCode::AccessDenied,
+                    ..
+                }) if !fresh => {
                     // Expired, or from before a chmod: ask the directory once more.
                     fresh = true;
                     continue;
                 }
-                return Err(e);
-            }
+                Err(e) => return Err(e),
+            };
             match resp
                 .json::<AcquireResponse>()
                 .await
@@ -1513,34 +1589,22 @@ impl Remote {
         shared: bool,
         wait: Duration,
     ) -> Result<common::api::AppLockResponse, RemoteError> {
-        let url = format!(
-            "{}{}",
-            self.lock_url().await?,
-            routes::applock(node, "lock")
-        );
+        let path = routes::applock(node, "lock");
         let req = common::api::AppLockRequest {
             owner: owner.clone(),
             shared,
             wait_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
         };
-        let token = self.token().await?;
-        let resp = self
-            .http
-            .post(&url)
-            .bearer_auth(token)
-            .headers(self.act_as()?)
-            .timeout(wait + self.config.call_timeout)
-            .json(&req)
-            .send()
-            .await
-            .map_err(|e| {
-                self.invalidate_cluster();
-                net("application lock", e)
-            })?;
-        if !resp.status().is_success() {
-            return Err(api_error(resp).await);
-        }
-        resp.json().await.map_err(|e| net("application lock", e))
+        self.lock_call(
+            "application lock",
+            self.config.op_timeout + wait,
+            wait + self.config.call_timeout,
+            &|u| self.http.post(format!("{u}{path}")).json(&req),
+        )
+        .await?
+        .json()
+        .await
+        .map_err(|e| net("application lock", e))
     }
 
     /// Gives an application lock up (or its place in the queue).
@@ -1549,18 +1613,18 @@ impl Remote {
         node: NodeId,
         owner: &common::api::LockOwner,
     ) -> Result<(), RemoteError> {
-        let url = format!(
-            "{}{}",
-            self.lock_url().await?,
-            routes::applock(node, "unlock")
-        );
         let q = common::api::AppLockQuery {
             owner: owner.clone(),
             shared: false,
         };
-        self.post::<_, serde_json::Value>(url, &q, "application unlock")
-            .await
-            .map(drop)
+        self.lock_post::<_, serde_json::Value>(
+            &routes::applock(node, "unlock"),
+            &q,
+            "application unlock",
+            self.config.op_timeout,
+        )
+        .await
+        .map(drop)
     }
 
     /// The holder a request would conflict with (`F_GETLK`).
@@ -1570,60 +1634,58 @@ impl Remote {
         owner: &common::api::LockOwner,
         shared: bool,
     ) -> Result<Option<common::api::AppLockConflict>, RemoteError> {
-        let url = format!(
-            "{}{}",
-            self.lock_url().await?,
-            routes::applock(node, "test")
-        );
         let q = common::api::AppLockQuery {
             owner: owner.clone(),
             shared,
         };
-        self.post(url, &q, "application lock test").await
+        self.lock_post(
+            &routes::applock(node, "test"),
+            &q,
+            "application lock test",
+            self.config.op_timeout,
+        )
+        .await
     }
 
-    /// Renews every application lock of `session`.
+    /// Renews every application lock of `session` (retried for `RENEW_RETRY`).
     pub async fn app_renew(
         &self,
         session: &UploadId,
         locks: Vec<(NodeId, u64)>,
     ) -> Result<(), RemoteError> {
-        let url = format!("{}{}", self.lock_url().await?, routes::APPLOCK_RENEW);
         let req = common::api::AppLockRenew {
             session: session.clone(),
             locks,
         };
-        self.post::<_, serde_json::Value>(url, &req, "application lock renewal")
-            .await
-            .map(drop)
-    }
-
-    /// Extends a held lock's lease.
-    pub async fn renew(&self, node: NodeId, waiter: &WaiterId) -> Result<Grant, RemoteError> {
-        let url = format!("{}{}", self.lock_url().await?, routes::lock(node, "renew"));
-        self.post(
-            url,
-            &LockRequest {
-                waiter: waiter.clone(),
-            },
-            "renew",
+        self.lock_post::<_, serde_json::Value>(
+            routes::APPLOCK_RENEW,
+            &req,
+            "application lock renewal",
+            RENEW_RETRY,
         )
         .await
+        .map(drop)
+    }
+
+    /// Extends a held lock's lease (retried for `RENEW_RETRY`).
+    pub async fn renew(&self, node: NodeId, waiter: &WaiterId) -> Result<Grant, RemoteError> {
+        let req = LockRequest {
+            waiter: waiter.clone(),
+        };
+        self.lock_post(&routes::lock(node, "renew"), &req, "renew", RENEW_RETRY)
+            .await
     }
 
     /// Releases a lock (or leaves its queue).
     pub async fn release(&self, node: NodeId, waiter: &WaiterId) -> Result<(), RemoteError> {
-        let url = format!(
-            "{}{}",
-            self.lock_url().await?,
-            routes::lock(node, "release")
-        );
-        self.post::<_, serde_json::Value>(
-            url,
-            &LockRequest {
-                waiter: waiter.clone(),
-            },
+        let req = LockRequest {
+            waiter: waiter.clone(),
+        };
+        self.lock_post::<_, serde_json::Value>(
+            &routes::lock(node, "release"),
+            &req,
             "release",
+            self.config.op_timeout,
         )
         .await
         .map(drop)
@@ -1869,6 +1931,8 @@ mod tests {
     #[derive(Clone)]
     struct Fake {
         cluster_id: String,
+        /// The lock instances its map names (it answers lock calls itself too).
+        locks: Arc<std::sync::Mutex<Vec<String>>>,
         answers: Arc<std::sync::Mutex<std::collections::VecDeque<(u16, String)>>>,
         seen: Arc<std::sync::Mutex<Vec<Seen>>>,
     }
@@ -1881,6 +1945,7 @@ mod tests {
             use axum::routing::{get, post};
             let fake = Fake {
                 cluster_id: cluster_id.to_owned(),
+                locks: Arc::default(),
                 answers: Arc::new(std::sync::Mutex::new(
                     script.iter().map(|(c, b)| (*c, (*b).to_owned())).collect(),
                 )),
@@ -1890,6 +1955,8 @@ mod tests {
                 .route(routes::CLUSTER, get(Fake::map))
                 .route(routes::RENAME, post(Fake::op))
                 .route(routes::CHILDREN, get(Fake::op))
+                .route(routes::LOCK_RELEASE, post(Fake::op))
+                .route(routes::APPLOCK_UNLOCK, post(Fake::op))
                 .with_state(fake.clone());
             let l = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
@@ -1904,6 +1971,7 @@ mod tests {
         ) -> axum::Json<ClusterInfo> {
             axum::Json(ClusterInfo {
                 lock_url: None,
+                lock_urls: f.locks.lock().expect("locks").clone(),
                 auth_url: None,
                 servers: vec![],
                 replication: 3,
@@ -2076,6 +2144,49 @@ mod tests {
         r.list(NodeId::ROOT).await.expect("listed");
         assert_eq!(fake.seen().len(), 2);
         assert_eq!(r.cluster_id().as_deref(), Some("aa"));
+    }
+
+    /// Lock calls fail over between the lock instances the map names, as directory calls do
+    /// between directory URLs: a dead one is left for the next, a 503 is sent again, and the
+    /// client stays on the instance that answered.
+    #[tokio::test]
+    async fn a_lock_call_fails_over_to_the_next_lock_instance_and_retries_unavailable() {
+        let dead = dead_url().await;
+        let (fake, url) = Fake::start("aa", &[(503, UNAVAILABLE)]).await;
+        *fake.locks.lock().expect("locks") = vec![dead.clone(), url.clone()];
+        let r = logged_in(&url, Duration::from_secs(10));
+        let waiter = UploadId::from_bytes([7; 16]);
+        r.release(NodeId(5), &waiter)
+            .await
+            .expect("released through the live instance, after its 503");
+        assert_eq!(fake.seen().len(), 2, "the 503, then the answer");
+        assert_eq!(
+            r.lock_current.load(Ordering::Relaxed) % 2,
+            1,
+            "stays on the instance that answered"
+        );
+        let owner = common::api::LockOwner {
+            session: waiter.clone(),
+            owner: 1,
+        };
+        r.app_unlock(NodeId(5), &owner).await.expect("unlocked");
+        assert_eq!(fake.seen().len(), 3);
+        assert_eq!(r.lock_current.load(Ordering::Relaxed) % 2, 1);
+        // Every instance dead: given up after the op timeout, not at once.
+        *fake.locks.lock().expect("locks") = vec![dead.clone()];
+        let r = logged_in(&url, Duration::from_millis(800));
+        let t = std::time::Instant::now();
+        let e = r
+            .release(NodeId(5), &waiter)
+            .await
+            .expect_err("no lock instance");
+        assert!(e.is_unreachable(), "{e:?}");
+        assert!(
+            t.elapsed() >= Duration::from_millis(750),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     }
 
     #[tokio::test]

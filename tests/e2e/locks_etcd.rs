@@ -98,7 +98,7 @@ fn mapped_lock(cluster: &SplitCluster) -> String {
 }
 
 /// The URL a lock instance printed at start.
-fn instance_url(cluster: &SplitCluster, name: &str) -> String {
+pub(crate) fn instance_url(cluster: &SplitCluster, name: &str) -> String {
     let log = cluster.data_dir(name).with_extension("log");
     let mut url = String::new();
     assert!(

@@ -1,5 +1,5 @@
 //! Several directory instances over one etcd cluster (issue 10): a client keeps writing while
-//! an etcd member and the directory instance it uses are killed, and a change made through
+//! an etcd member, the directory instance it uses and the lock instance it uses are killed, and a change made through
 //! one instance reaches a client of the other through the watch-fed change feed.
 
 use std::time::{Duration, Instant};
@@ -22,20 +22,55 @@ fn etcd3(prefix: &str) -> (Vec<etcd::EtcdServer>, String) {
     (members, url)
 }
 
+/// How long after its holder died a lock may stay taken (ARCHITECTURE.md, "Failover"): the
+/// lease (10 s), etcd's expiry check (0.5 s) and, when etcd's leader changed meanwhile, its
+/// election timeout (1 s), plus the waiter's wake-up and a loaded machine's slack.
+const LOCK_FREE_BOUND: Duration = Duration::from_secs(16);
+
 #[test]
-fn writes_ride_out_an_etcd_member_and_a_directory_instance_killed() {
+fn writes_ride_out_an_etcd_member_a_directory_instance_and_a_lock_instance_killed() {
     let (members, meta) = etcd3("drill");
     let mut cluster = SplitCluster::start_multi(3, 2, &meta);
-    // The client names both instances; it uses the first until it stops answering.
+    // A second lock instance: the map lists both, and clients fail over between them.
+    cluster.start_service("lock-2");
+    let locks = [
+        ("lock", crate::locks_etcd::instance_url(&cluster, "lock")),
+        (
+            "lock-2",
+            crate::locks_etcd::instance_url(&cluster, "lock-2"),
+        ),
+    ];
+    assert!(
+        eventually(Duration::from_secs(20), || mapped_locks(&cluster).len()
+            == 2),
+        "the map lists both lock instances: {:?}",
+        mapped_locks(&cluster)
+    );
+    // The client names both directory instances; it uses the first until it stops answering.
     let a = Client::new(&cluster.directory_urls());
     a.signup_login("alice");
     let m = a.mount(&[]);
-    // A writer creating small files in a loop, bounded in count and time; each acknowledged
-    // write is logged with the time it completed, every failed open, write or close too.
-    let script = "end=$(( $(date +%s) + 40 )); n=0; \
-        while [ $n -lt 400 ] && [ $(date +%s) -lt $end ]; do \
+    // Another client checks the locks; a third holds one and dies.
+    let b = Client::new(&cluster.directory_urls());
+    b.signup_login("alice");
+    let mb = b.mount(&[]);
+    let c = Client::new(&cluster.directory_urls());
+    c.signup_login("alice");
+    let mc = c.mount(&[]);
+    ok(m.sh("touch held orphan"));
+    for mount in [&mb, &mc] {
+        assert!(eventually(Duration::from_secs(10), || mount
+            .sh("test -e held && test -e orphan")
+            .status
+            .success()));
+    }
+    // A writer creating small files in a loop, and rewriting one shared file (a lock and a
+    // fencing token per close), bounded in count and time; each acknowledged write is logged
+    // with the time it completed, every failed open, write or close too.
+    let script = "end=$(( $(date +%s) + 60 )); n=0; \
+        while [ $n -lt 600 ] && [ $(date +%s) -lt $end ]; do \
           n=$((n+1)); \
-          if echo $n | tee f-$n >/dev/null; then echo OK $n $(date +%s%3N); \
+          if echo $n | tee f-$n >/dev/null && echo $n > shared; then echo OK $n $(date +%s%3N); \
           else echo FAILED $n; fi; \
         done; echo DONE $n";
     let dir = m.dir.clone();
@@ -52,11 +87,66 @@ fn writes_ride_out_an_etcd_member_and_a_directory_instance_killed() {
         .expect("one etcd member says it leads");
     members[leader].kill9().unwrap_or_else(|e| panic!("{e}"));
     std::thread::sleep(Duration::from_secs(3));
-    // ... then the directory instance the client uses.
+    // ... then the directory instance the client uses ...
     cluster.stop_service("directory", true);
+    std::thread::sleep(Duration::from_secs(3));
+    // ... then the lock instance the writer's mount uses, while that mount holds a flock
+    // (which must stay held: its renewals go to the other instance) and a third mount,
+    // holding another, dies with it (its lock must come free within LOCK_FREE_BOUND).
+    let held = {
+        let dir = m.dir.clone();
+        std::thread::spawn(move || sh_in(&dir, "flock -x held sh -c 'echo in; sleep 25'"))
+    };
+    let orphan = {
+        let dir = mc.dir.clone();
+        std::thread::spawn(move || sh_in(&dir, "flock -x orphan sleep 40"))
+    };
+    let taken = |name: &str| !mb.sh(&format!("flock -n {name} true")).status.success();
+    assert!(
+        eventually(Duration::from_secs(10), || taken("held") && taken("orphan")),
+        "both flocks taken: {}\n{}",
+        m.log(),
+        mc.log()
+    );
+    let (victim, _) = locks
+        .iter()
+        .find(|(_, url)| connected(m.pid(), url))
+        .unwrap_or_else(|| {
+            let first = mapped_locks(&cluster).first().cloned().unwrap_or_default();
+            locks.iter().find(|(_, u)| *u == first).unwrap_or(&locks[0])
+        });
+    let victim = victim.to_string();
+    mc.kill9();
+    cluster.stop_service(&victim, true);
     let killed = Instant::now();
-    // Hook: the lock service's leader is killed here too once the lock service runs on etcd
-    // with several instances (the locks branch): `cluster.stop_service("lock", true)`.
+    eprintln!("killed lock instance {victim} and the holder of `orphan`");
+    // The orphaned lock comes free within the bound ...
+    let freed = mb.sh(&format!(
+        "flock -w {} orphan true",
+        LOCK_FREE_BOUND.as_secs()
+    ));
+    let free_after = killed.elapsed();
+    assert!(
+        freed.status.success() && free_after < LOCK_FREE_BOUND,
+        "the dead holder's lock stuck {free_after:?}: {freed:?}\n{}",
+        mb.log()
+    );
+    eprintln!("a dead holder's flock came free after {free_after:?}");
+    // ... while the living holder's stays held past its lease: its renewals reached the
+    // surviving instance (its flock ends about 22 s after the kill).
+    std::thread::sleep((Duration::from_secs(14)).saturating_sub(killed.elapsed()));
+    assert!(
+        taken("held"),
+        "a held flock lost across the lock instance's death: {}",
+        m.log()
+    );
+    let out = held.join().unwrap();
+    assert!(out.status.success(), "{out:?}\n{}", m.log());
+    assert!(
+        mb.sh("flock -w 20 held true").status.success(),
+        "the held flock was released through the surviving instance"
+    );
+    drop(orphan);
     let out = writer.join().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "{out:?}");
@@ -85,27 +175,161 @@ fn writes_ride_out_an_etcd_member_and_a_directory_instance_killed() {
         .count();
     assert!(
         after_kill > 0,
-        "writes went on after the directory instance died: {text}"
+        "writes went on after the lock instance died: {text}"
     );
     let pause = acked
         .windows(2)
         .map(|w| w[1].1.saturating_sub(w[0].1))
         .max()
         .unwrap_or(0);
-    eprintln!("{done} writes; longest pause between acknowledged writes: {pause} ms");
+    eprintln!(
+        "{done} writes, {after_kill} after the lock kill; longest pause between acknowledged writes: {pause} ms"
+    );
     assert!(
         Duration::from_millis(pause) < MAX_WRITE_PAUSE,
         "writes paused {pause} ms (bound {MAX_WRITE_PAUSE:?}): {text}"
     );
     // Every acknowledged write is readable through the kernel, on this mount and on a fresh
     // client of the surviving instance.
-    let check =
-        format!("for i in $(seq 1 {done}); do [ \"$(cat f-$i)\" = \"$i\" ] || echo BAD $i; done");
+    let check = format!(
+        "for i in $(seq 1 {done}); do [ \"$(cat f-$i)\" = \"$i\" ] || echo BAD $i; done; \
+         [ \"$(cat shared)\" = \"{done}\" ] || echo BAD shared"
+    );
     assert_eq!(ok(m.sh(&check)), "", "{}", m.log());
-    let b = Client::new(&cluster.dir_url(2));
-    b.signup_login("alice");
-    let mb = b.mount(&[]);
-    assert_eq!(ok(mb.sh(&check)), "", "{}", cluster.logs());
+    let d = Client::new(&cluster.dir_url(2));
+    d.signup_login("alice");
+    let md = d.mount(&[]);
+    assert_eq!(ok(md.sh(&check)), "", "{}", cluster.logs());
+    // No fencing token repeats, and per file they grow in the order granted, across both
+    // lock instances (each logs its grants: node, fence, waiter).
+    let grants = lock_grants(&cluster, &["lock", "lock-2"]);
+    let by_instance = |name: &str| grants.iter().filter(|g| g.instance == name).count();
+    assert!(
+        by_instance("lock") > 0 && by_instance("lock-2") > 0,
+        "both instances granted: lock {}, lock-2 {}",
+        by_instance("lock"),
+        by_instance("lock-2")
+    );
+    check_fences(&grants);
+}
+
+/// The lock instances the cluster map lists.
+fn mapped_locks(cluster: &SplitCluster) -> Vec<String> {
+    http_get_json(&format!("{}{}", cluster.url, common::routes::CLUSTER))["lock_urls"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|u| u.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether process `pid` has a TCP connection established to the service at `url`.
+fn connected(pid: u32, url: &str) -> bool {
+    let Some(port) = url.rsplit(':').next() else {
+        return false;
+    };
+    let out = std::process::Command::new("ss")
+        .args(["-Htnp", "state", "established"])
+        .arg(format!("( dport = :{port} )"))
+        .output();
+    out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("pid={pid},")))
+}
+
+/// One write-lock grant a lock instance logged.
+#[derive(Debug)]
+struct LockGrant {
+    instance: String,
+    /// Its log line's timestamp (RFC 3339, UTC: ordered as text).
+    at: String,
+    node: u64,
+    fence: u64,
+    waiter: String,
+}
+
+/// Every "lock granted" line of the named lock instances' logs.
+fn lock_grants(cluster: &SplitCluster, names: &[&str]) -> Vec<LockGrant> {
+    let mut grants = Vec::new();
+    for name in names {
+        let log = cluster.data_dir(name).with_extension("log");
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        for line in text.lines().map(strip_ansi) {
+            if !line.contains("lock granted") {
+                continue;
+            }
+            let field = |k: &str| {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix(&format!("{k}=")))
+                    .map(str::to_owned)
+            };
+            let (Some(node), Some(fence), Some(waiter)) =
+                (field("node"), field("fence"), field("waiter"))
+            else {
+                panic!("a grant line without node, fence or waiter: {line}");
+            };
+            grants.push(LockGrant {
+                instance: (*name).to_owned(),
+                at: line
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
+                node: node.parse().expect("node"),
+                fence: fence.parse().expect("fence"),
+                waiter,
+            });
+        }
+    }
+    grants
+}
+
+/// No fencing token given to two waiters of one file, and a file's tokens grow in the order
+/// they were granted (a waiter granted again, its answer lost, keeps its token).
+fn check_fences(grants: &[LockGrant]) {
+    let mut by_node: std::collections::BTreeMap<u64, Vec<&LockGrant>> = Default::default();
+    for g in grants {
+        by_node.entry(g.node).or_default().push(g);
+    }
+    for (node, mut gs) in by_node {
+        gs.sort_by(|x, y| x.at.cmp(&y.at));
+        let mut owner: std::collections::HashMap<u64, &str> = Default::default();
+        for g in &gs {
+            let first = *owner.entry(g.fence).or_insert(&g.waiter);
+            assert_eq!(
+                first, g.waiter,
+                "fence {} of node {node} granted to two waiters",
+                g.fence
+            );
+        }
+        for w in gs.windows(2) {
+            assert!(
+                w[1].fence > w[0].fence || w[1].waiter == w[0].waiter,
+                "node {node}: fence went from {:?} to {:?}",
+                w[0],
+                w[1]
+            );
+        }
+    }
+    assert!(!grants.is_empty(), "no grants logged");
+}
+
+/// `s` without ANSI colour sequences.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Whether the etcd member at `endpoint` is its cluster's leader (its status, through etcd's

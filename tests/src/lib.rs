@@ -830,8 +830,14 @@ impl SplitCluster {
         }
         cmd.args(&self.service_args);
         let log = std::fs::File::create(self.root.path().join(format!("{name}.log"))).unwrap();
+        // Lock instances log each grant (node, fence, waiter): what drills check tokens on.
+        let log_level = if kind == "lock" {
+            "info,dfs_server::lock=debug"
+        } else {
+            "info"
+        };
         let child = cmd
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", log_level)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

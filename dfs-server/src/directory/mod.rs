@@ -1568,6 +1568,8 @@ impl DirectoryService {
 }
 
 #[cfg(test)]
+mod lock_map_tests;
+#[cfg(test)]
 mod multi_tests;
 #[cfg(test)]
 mod tests;

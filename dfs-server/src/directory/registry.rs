@@ -39,6 +39,30 @@ pub fn record_beat(tx: &Txn, id: ServerId, space: Option<common::api::Space>) ->
     tx.put(BEATS, &id.0, &encode(&beat)?)
 }
 
+/// The lock registrations recorded in `services`.
+pub(super) struct LockRows {
+    /// The latest registration's URL.
+    latest: Option<String>,
+    /// Every instance: (url, tag of its last registration).
+    instances: Vec<(String, String)>,
+}
+
+/// Reads the lock registrations.
+pub(super) fn lock_rows(tx: &Txn) -> ServiceResult<LockRows> {
+    let mut rows = LockRows {
+        latest: None,
+        instances: vec![],
+    };
+    for (k, v) in tx.all(SERVICES)? {
+        if k == service_key(ServiceKind::Lock) {
+            rows.latest = Some(v);
+        } else if let Some(url) = k.strip_prefix(LOCK_INSTANCE) {
+            rows.instances.push((url.to_owned(), v));
+        }
+    }
+    Ok(rows)
+}
+
 /// What the directory keeps of a file server.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServerRecord {
@@ -57,9 +81,28 @@ struct Entry {
 
 struct Inner {
     servers: BTreeMap<ServerId, Entry>,
+    /// The latest lock registration (the map's `lock_url`, for clients that read only it).
     lock_url: Option<String>,
     auth_url: Option<String>,
+    /// Every lock instance recorded in the store (`lock/<url>` rows), with the tag of its
+    /// last registration seen and when this instance saw it change (its own clock).
+    locks: BTreeMap<String, Seen>,
 }
+
+/// A lock instance's registrations as this directory instance saw them.
+struct Seen {
+    tag: String,
+    at: Instant,
+}
+
+/// A lock instance counts as live while it registered (a changed tag) within this long: three
+/// re-registrations.
+pub const LOCK_DEAD_AFTER: Duration = Duration::from_secs(15);
+/// Most lock URLs one cluster map lists (the live ones, by URL).
+pub const MAX_LOCK_URLS: usize = 16;
+/// The `services` row prefix of one lock instance's registration (`lock/<url>` → a random
+/// tag per registration).
+const LOCK_INSTANCE: &str = "lock/";
 
 /// Registered file servers and their liveness.
 pub struct Registry {
@@ -91,13 +134,23 @@ impl Registry {
                 },
             );
         }
-        let lock_url = tx.get(SERVICES, &service_key(ServiceKind::Lock).to_owned())?;
         let auth_url = tx.get(SERVICES, &service_key(ServiceKind::Auth).to_owned())?;
+        // Lock instances recorded before this start count from their next registration, as
+        // file servers from their next heartbeat: alive for one period from now.
+        let now = Instant::now();
+        let rows = lock_rows(tx)?;
+        let lock_url = rows.latest;
+        let locks = rows
+            .instances
+            .into_iter()
+            .map(|(url, tag)| (url, Seen { tag, at: now }))
+            .collect();
         Ok(Registry {
             inner: Mutex::new(Inner {
                 servers,
                 lock_url,
                 auth_url,
+                locks,
             }),
             dead_after,
             started: Instant::now(),
@@ -170,8 +223,8 @@ impl Registry {
     pub fn sync(&self, tx: &Txn) -> ServiceResult<()> {
         let servers = tx.all(SERVERS)?;
         let beats = tx.all(BEATS)?;
-        let lock_url = tx.get(SERVICES, &service_key(ServiceKind::Lock).to_owned())?;
         let auth_url = tx.get(SERVICES, &service_key(ServiceKind::Auth).to_owned())?;
+        self.note_locks(lock_rows(tx)?)?;
         let now = Instant::now();
         let mut inner = self.inner()?;
         for (k, v) in servers {
@@ -200,9 +253,6 @@ impl Registry {
                     e.space = beat.space;
                 }
             }
-        }
-        if lock_url.is_some() {
-            inner.lock_url = lock_url;
         }
         if auth_url.is_some() {
             inner.auth_url = auth_url;
@@ -237,6 +287,15 @@ impl Registry {
             ));
         }
         tx.put(SERVICES, &service_key(req.kind).to_owned(), &req.url)?;
+        if req.kind == ServiceKind::Lock {
+            // Its own row too, a fresh tag per registration: every directory instance counts
+            // it live from the change it sees (`sync`), on its own clock.
+            tx.put(
+                SERVICES,
+                &format!("{LOCK_INSTANCE}{}", req.url),
+                &hex::encode(rand::random::<[u8; 8]>()),
+            )?;
+        }
         Ok(())
     }
 
@@ -244,10 +303,56 @@ impl Registry {
     pub fn admit_service(&self, req: &RegisterServiceRequest) -> ServiceResult<()> {
         let mut inner = self.inner()?;
         match req.kind {
-            ServiceKind::Lock => inner.lock_url = Some(req.url.clone()),
+            ServiceKind::Lock => {
+                inner.lock_url = Some(req.url.clone());
+                // The tag is learnt at the next sync (a changed tag then counts once more).
+                let seen = Seen {
+                    tag: String::new(),
+                    at: Instant::now(),
+                };
+                inner.locks.insert(req.url.clone(), seen);
+            }
             ServiceKind::Auth => inner.auth_url = Some(req.url.clone()),
         }
         Ok(())
+    }
+
+    /// Learns the lock registrations (`lock_rows`): the latest, and each instance's (one
+    /// whose tag changed counts as registered now).
+    pub(super) fn note_locks(&self, rows: LockRows) -> ServiceResult<()> {
+        let now = Instant::now();
+        let mut inner = self.inner()?;
+        if rows.latest.is_some() {
+            inner.lock_url = rows.latest;
+        }
+        for (url, tag) in rows.instances {
+            match inner.locks.get_mut(&url) {
+                Some(seen) if seen.tag == tag => {}
+                Some(seen) => *seen = Seen { tag, at: now },
+                None => {
+                    inner.locks.insert(url, Seen { tag, at: now });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every live lock instance (registered within `LOCK_DEAD_AFTER`), at most
+    /// `MAX_LOCK_URLS`, by URL: a stable order (a client's index into it keeps naming the
+    /// same instance across map fetches), the same on every directory instance within a sync
+    /// interval.
+    pub fn lock_urls(&self) -> Vec<String> {
+        let now = Instant::now();
+        let Ok(inner) = self.inner() else {
+            return vec![];
+        };
+        inner
+            .locks
+            .iter()
+            .filter(|(_, s)| s.at + LOCK_DEAD_AFTER > now)
+            .map(|(url, _)| url.clone())
+            .take(MAX_LOCK_URLS)
+            .collect()
     }
 
     /// Ids of live servers, ascending.

@@ -118,16 +118,19 @@ fn request_id(headers: &axum::http::HeaderMap) -> Result<Option<RequestId>, AppE
 async fn cluster(axum::extract::State(svc): State) -> ApiResult<Json<ClusterInfo>> {
     let counts = svc.placement_counts();
     let (mut lock_url, mut auth_url) = svc.registry.services();
-    if lock_url.is_none() || auth_url.is_none() {
+    let mut lock_urls = svc.registry.lock_urls();
+    if lock_url.is_none() || auth_url.is_none() || lock_urls.is_empty() {
         // Another instance on the shared store may know them already (they registered
         // there); this one would learn them only at its next registry sync. Only a map with
         // a service missing costs this read.
         let s = svc.clone();
         blocking(move || s.sync_registry()).await?;
         (lock_url, auth_url) = svc.registry.services();
+        lock_urls = svc.registry.lock_urls();
     }
     Ok(Json(ClusterInfo {
         lock_url,
+        lock_urls,
         auth_url,
         servers: svc.registry.status(&counts),
         replication: svc.replication(),

@@ -9,6 +9,9 @@
 //!   exclusive), then the user's name. Granted: the first key, and the shared keys right
 //!   behind a shared first one (nobody overtakes a waiting exclusive request).
 //! - `fence_base`: a decimal u64 added to every fencing token (0 when absent).
+//! - `fence_high`: a decimal u64 at or above every token granted (written ahead by
+//!   `FENCE_RESERVE`); an instance lifts `fence_base` above it at start, and whenever a token
+//!   would have gone back while it runs (`checked_fence`).
 //!
 //! Every key is attached to an etcd lease of its own (the configured lease, in whole seconds):
 //! a holder's renewal and a waiter's poll are keepalives of its key's lease, so a dead holder
@@ -53,15 +56,29 @@ const MAX_KEYS: i64 = 10_000;
 const MAX_JOINS: u32 = 3;
 /// Most application locks one renewal extends.
 const MAX_RENEW: usize = 10_000;
+/// Keys one renewal reads per etcd transaction (within etcd's default `--max-txn-ops`, 128).
+const RENEW_READS: usize = 64;
+/// Lease keepalives one renewal has in flight at once.
+const RENEW_AT_ONCE: usize = 16;
 
 /// The key (under `<prefix>/`) holding the fence base.
 pub const FENCE_BASE_KEY: &str = "locks/fence_base";
+/// The key (under `<prefix>/`) holding the fence high-water mark: a decimal u64 at or above
+/// every token any instance granted (written ahead, `FENCE_RESERVE` at a time, before a
+/// grant reaches it).
+pub const FENCE_HIGH_KEY: &str = "locks/fence_high";
+/// How far ahead of a grant the high-water mark is written: one write per this many etcd
+/// revisions, not one per grant.
+const FENCE_RESERVE: u64 = 1 << 20;
+/// Most files whose last grant an instance remembers (to catch a token going back).
+const MAX_REMEMBERED: usize = 100_000;
 
 /// One key of a queue.
 #[derive(Debug, Clone)]
 struct Entry {
     key: Vec<u8>,
     create: i64,
+    mod_rev: i64,
     lease: i64,
     value: Vec<u8>,
 }
@@ -117,6 +134,25 @@ pub struct EtcdLocks {
     config: LockConfig,
     /// The etcd lease TTL of every key, in seconds.
     ttl: i64,
+    /// `<prefix>/locks/fence_high`
+    high_key: Vec<u8>,
+    /// What this instance knows of the tokens granted (`checked_fence`).
+    fences: std::sync::Mutex<Fences>,
+}
+
+/// What an instance knows of the tokens granted: enough to notice a fence base deleted or
+/// lowered, or etcd going back to an older snapshot, before a token repeats or goes down.
+#[derive(Default)]
+struct Fences {
+    /// The high-water mark as this instance last wrote or read it: grants below it need no
+    /// write.
+    reserved: u64,
+    /// The highest fence base read.
+    base: u64,
+    /// The highest token this instance granted.
+    granted: u64,
+    /// Per file, the last token granted and its waiter (at most `MAX_REMEMBERED` files).
+    last: std::collections::HashMap<NodeId, (u64, WaiterId)>,
 }
 
 /// Connects a client to `config`'s endpoints, bounded by `OP_TIMEOUT`.
@@ -204,15 +240,177 @@ impl EtcdLocks {
             fence_key: fence_key.to_owned(),
             config: locks,
             ttl,
+            high_key: format!("{}/{FENCE_HIGH_KEY}", config.prefix).into_bytes(),
+            fences: std::sync::Mutex::new(Fences::default()),
         };
-        // A first read: a cluster without quorum fails the start, not a request.
-        let key = s.base_key.clone();
-        s.call("a first read", |mut c| {
-            let key = key.clone();
-            async move { c.get(key, None).await }
-        })
-        .await?;
+        // A first read (a cluster without quorum fails the start, not a request), which also
+        // lifts the fence base above the high-water mark.
+        s.lift_base().await?;
         Ok(s)
+    }
+
+    fn fences(&self) -> std::sync::MutexGuard<'_, Fences> {
+        self.fences.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Raises the fence base, if need be, so that every token from now on (the base plus a
+    /// create revision above the current revision) is above the high-water mark, the stored
+    /// one and the highest this instance granted or reserved: the start's check, and the
+    /// repair when a token would have gone back (a fence base deleted or lowered, etcd
+    /// restored from an older snapshot). Tokens only jump up (by less than
+    /// `FENCE_RESERVE` at a start).
+    async fn lift_base(&self) -> ServiceResult<()> {
+        for _ in 0..5 {
+            let txn = etcd_client::Txn::new().and_then([
+                TxnOp::get(self.base_key.clone(), None),
+                TxnOp::get(self.high_key.clone(), None),
+            ]);
+            let resp = self
+                .call("the fence reads", |mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
+                .await?;
+            let rev = u64::try_from(resp.header().map(|h| h.revision()).unwrap_or(0)).unwrap_or(0);
+            let ops = resp.op_responses();
+            let [TxnOpResponse::Get(base), TxnOpResponse::Get(high)] = ops.as_slice() else {
+                return Err(ServiceError::internal("etcd fence reads", "not two reads"));
+            };
+            let (old, base_rev) = match base.kvs().first() {
+                Some(kv) => (parse_base(kv.value())?, kv.mod_revision()),
+                None => (0, 0),
+            };
+            let stored = match high.kvs().first() {
+                Some(kv) => parse_base(kv.value())?,
+                None => 0,
+            };
+            let known = {
+                let f = self.fences();
+                stored.max(f.reserved).max(f.granted)
+            };
+            let need = known.saturating_sub(rev);
+            if old >= need {
+                let mut f = self.fences();
+                f.base = f.base.max(old);
+                f.reserved = f.reserved.max(stored);
+                return Ok(());
+            }
+            if self
+                .put_unchanged("raising the fence base", &self.base_key, base_rev, need)
+                .await?
+            {
+                tracing::info!(
+                    from = old,
+                    to = need,
+                    high_water = known,
+                    "fence base raised above the fence high-water mark"
+                );
+                let mut f = self.fences();
+                f.base = f.base.max(need);
+                f.reserved = f.reserved.max(stored);
+                return Ok(());
+            }
+        }
+        Err(ServiceError::Unavailable(
+            "the fence base kept changing while being raised".into(),
+        ))
+    }
+
+    /// Puts `value` (decimal) at `key` if its mod revision is still `rev` (0: absent);
+    /// whether it did.
+    async fn put_unchanged(
+        &self,
+        what: &str,
+        key: &[u8],
+        rev: i64,
+        value: u64,
+    ) -> ServiceResult<bool> {
+        let txn = etcd_client::Txn::new()
+            .when([Compare::mod_revision(key.to_vec(), CompareOp::Equal, rev)])
+            .and_then([TxnOp::put(key.to_vec(), value.to_string(), None)]);
+        let done = self
+            .call(what, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        Ok(done.succeeded())
+    }
+
+    /// Raises the stored high-water mark to at least `to` (never lowers it).
+    async fn reserve(&self, to: u64) -> ServiceResult<()> {
+        for _ in 0..5 {
+            let (old, rev) = match self.get(&self.high_key).await? {
+                Some(e) => (parse_base(&e.value)?, e.mod_rev),
+                None => (0, 0),
+            };
+            if old >= to {
+                let mut f = self.fences();
+                f.reserved = f.reserved.max(old);
+                return Ok(());
+            }
+            if self
+                .put_unchanged("raising the fence high-water mark", &self.high_key, rev, to)
+                .await?
+            {
+                let mut f = self.fences();
+                f.reserved = f.reserved.max(to);
+                return Ok(());
+            }
+        }
+        Err(ServiceError::Unavailable(
+            "the fence high-water mark kept changing".into(),
+        ))
+    }
+
+    /// The token of `waiter`, at the head of `node`'s queue `q` with key create revision
+    /// `create`, once it is known to be safe: never below a token this instance granted for
+    /// the file, never another waiter's, never below a fence base it read, and at or below
+    /// the stored high-water mark (raised first if need be). A token that would go back
+    /// lifts the base (`lift_base`), deletes the waiter's key (made before the lift, its
+    /// token is suspect) and answers unavailable: the client asks again, joins anew, and gets
+    /// a token above every one granted.
+    async fn checked_fence(
+        &self,
+        node: NodeId,
+        waiter: &WaiterId,
+        q: &Queue,
+        create: i64,
+    ) -> ServiceResult<FenceToken> {
+        let fence = fence_of(q.base, create)?;
+        let (went_back, reserved) = {
+            let f = self.fences();
+            let back = q.base < f.base
+                || f.last
+                    .get(&node)
+                    .is_some_and(|(t, w)| fence.0 < *t || (fence.0 == *t && w != waiter));
+            (back, f.reserved)
+        };
+        if went_back {
+            tracing::error!(%node, %fence, "a fencing token would have gone back (fence base lowered or deleted, or etcd restored from an older snapshot): raising the fence base");
+            self.lift_base().await?;
+            self.delete(self.waiter_key(node, waiter)).await?;
+            return Err(ServiceError::Unavailable(
+                "the fence base was lowered or etcd went back; it was raised: ask again".into(),
+            ));
+        }
+        if fence.0 >= reserved {
+            self.reserve(fence.0.saturating_add(FENCE_RESERVE)).await?;
+        }
+        let mut f = self.fences();
+        f.base = f.base.max(q.base);
+        f.granted = f.granted.max(fence.0);
+        if f.last.len() >= MAX_REMEMBERED && !f.last.contains_key(&node) {
+            // Forget an arbitrary file: only the check of its next grant is lost.
+            if let Some(k) = f.last.keys().next().copied() {
+                f.last.remove(&k);
+            }
+        }
+        // Only ever raised: a slower grant of an earlier head must not hide a later one.
+        if f.last.get(&node).is_none_or(|(t, _)| *t < fence.0) {
+            f.last.insert(node, (fence.0, waiter.clone()));
+        }
+        Ok(fence)
     }
 
     /// Runs one etcd call, bounded by `OP_TIMEOUT` in all. A call that never left this process
@@ -281,6 +479,7 @@ impl EtcdLocks {
         Ok(resp.kvs().first().map(|kv| Entry {
             key: kv.key().to_vec(),
             create: kv.create_revision(),
+            mod_rev: kv.mod_revision(),
             lease: kv.lease(),
             value: kv.value().to_vec(),
         }))
@@ -316,6 +515,7 @@ impl EtcdLocks {
             .map(|kv| Entry {
                 key: kv.key().to_vec(),
                 create: kv.create_revision(),
+                mod_rev: kv.mod_revision(),
                 lease: kv.lease(),
                 value: kv.value().to_vec(),
             })
@@ -442,6 +642,16 @@ impl EtcdLocks {
         Ok(r.is_some_and(|m| m.ttl() > 0))
     }
 
+    /// Whether a lease still runs (its key, if gone, was deleted, not lapsed).
+    async fn lease_alive(&self, lease: i64) -> ServiceResult<bool> {
+        let r = self
+            .call("a lease lookup", |mut c| async move {
+                c.lease_time_to_live(lease, None).await
+            })
+            .await?;
+        Ok(r.ttl() > 0)
+    }
+
     /// Waits until a key under `prefix` changes after revision `rev` (deletes only, with
     /// `deletes_only`), or `until`; meanwhile keeps `lease` alive. Returns early, never
     /// late: the caller reads the queue again either way.
@@ -523,11 +733,22 @@ impl EtcdLocks {
         // Whether the key's lease is whole (made or renewed since the last wait). A poll
         // keeps its place by renewing it.
         let mut fresh = made;
+        // The lease of the key as last seen.
+        let mut lease = None;
         loop {
             let me = match q.position(&key) {
                 Some(pos) => (pos, q.entries[pos].clone()),
                 None => {
-                    // Its lease lapsed (or it was released meanwhile): join again.
+                    // Released meanwhile (its key deleted, its lease still running): this
+                    // call ends, and must not queue the waiter again behind the release.
+                    if let Some(l) = lease
+                        && self.lease_alive(l).await?
+                    {
+                        return Err(ServiceError::NotHolder(format!(
+                            "the waiter for {node} was released while its acquire waited"
+                        )));
+                    }
+                    // Its lease lapsed: join again.
                     if joins == MAX_JOINS {
                         return Err(ServiceError::Unavailable(format!(
                             "the queue of {node} lost this waiter {MAX_JOINS} times in one call"
@@ -540,13 +761,14 @@ impl EtcdLocks {
                 }
             };
             let (pos, me) = me;
+            lease = Some(me.lease);
             if !fresh && !self.keep_alive(me.lease).await? {
                 q = self.list(&prefix).await?;
                 continue;
             }
             if pos == 0 {
-                let fence = fence_of(q.base, me.create)?;
-                tracing::debug!(%node, %fence, user, "lock granted");
+                let fence = self.checked_fence(node, waiter, &q, me.create).await?;
+                tracing::debug!(%node, %fence, user, waiter = waiter.as_str(), "lock granted");
                 return Ok(AcquireResponse::Granted(self.grant(node, fence)));
             }
             if Instant::now() >= deadline {
@@ -576,7 +798,8 @@ impl EtcdLocks {
                 "lock on {node}: the lease expired"
             )));
         }
-        Ok(self.grant(node, fence_of(q.base, head.create)?))
+        let fence = self.checked_fence(node, waiter, &q, head.create).await?;
+        Ok(self.grant(node, fence))
     }
 
     /// Deletes `key` (one round trip; its lease, with no key left, lapses on its own).
@@ -754,6 +977,11 @@ impl EtcdLocks {
                 // Given up meanwhile (or lapsed): this request ends.
                 return Ok((AppLockResponse::Busy, q.rev, 0));
             }
+            None if !blocking => {
+                // A try: the key is made only if it is granted at once, in one transaction,
+                // so nobody else's try ever sees a request that was never going to wait.
+                return self.try_create(&key, &value, shared, &prefix).await;
+            }
             None => {
                 self.create(&key, &value).await?;
             }
@@ -778,6 +1006,78 @@ impl EtcdLocks {
         }
         let position = u64::try_from(pos - granted + 1).unwrap_or(u64::MAX);
         Ok((AppLockResponse::Queued { position }, q.rev, lease))
+    }
+
+    /// A non-blocking request's key, made only if the request is granted at once: exclusive,
+    /// when the file has no request at all; shared, when every request is shared (a shared
+    /// key behind only shared ones is granted; one behind an exclusive one would wait). One
+    /// etcd transaction after the lease grant; the lease goes again if the key is not made.
+    async fn try_create(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        shared: bool,
+        prefix: &str,
+    ) -> ServiceResult<(AppLockResponse, i64, i64)> {
+        let ttl = self.ttl;
+        let lease = self
+            .call("a lease grant", |mut c| async move {
+                c.lease_grant(ttl, None).await
+            })
+            .await?
+            .id();
+        let mut end = prefix.as_bytes().to_vec();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        let put = TxnOp::put(
+            key.to_vec(),
+            value.to_vec(),
+            Some(PutOptions::new().with_lease(lease)),
+        );
+        // No key in the file's range (a compare over an empty range sees create revision 0).
+        let none = Compare::create_revision(prefix.as_bytes().to_vec(), CompareOp::Equal, 0)
+            .with_range(end.clone());
+        let txn = if shared {
+            // Or every key shared: each value below "t" starts with 's' (a value compare over
+            // an empty range fails, hence the empty case first).
+            let all_shared =
+                Compare::value(prefix.as_bytes().to_vec(), CompareOp::Less, b"t".to_vec())
+                    .with_range(end);
+            etcd_client::Txn::new()
+                .when([none])
+                .and_then([put.clone()])
+                .or_else([TxnOp::txn(
+                    etcd_client::Txn::new().when([all_shared]).and_then([put]),
+                )])
+        } else {
+            etcd_client::Txn::new().when([none]).and_then([put])
+        };
+        let resp = self
+            .call("a lock try", |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await;
+        let made = match &resp {
+            Ok(r) if r.succeeded() => true,
+            Ok(r) => r.op_responses().iter().any(|op| match op {
+                TxnOpResponse::Txn(t) => t.succeeded(),
+                _ => false,
+            }),
+            Err(_) => false,
+        };
+        let rev = resp
+            .as_ref()
+            .ok()
+            .and_then(|r| r.header())
+            .map_or(0, |h| h.revision());
+        if !made {
+            self.revoke(lease).await;
+            resp?;
+            return Ok((AppLockResponse::Busy, rev, 0));
+        }
+        Ok((self.granted_app(), rev, lease))
     }
 
     /// Gives an application lock up, or its place in the queue. Idempotent.
@@ -806,22 +1106,53 @@ impl EtcdLocks {
     }
 
     /// Extends the locks `held` of `session` (file, owner); returns how many it holds (or
-    /// waits for). A lock of the session it no longer names lapses with its lease.
+    /// waits for). A lock of the session it no longer names lapses with its lease. The keys
+    /// are read `RENEW_READS` per transaction and their leases kept alive `RENEW_AT_ONCE` at a
+    /// time: a renewal of n locks costs n/64 reads and n keepalives in parallel, not 3n
+    /// round trips in a row.
     pub async fn app_renew(
         &self,
         session: &UploadId,
         held: &[(NodeId, u64)],
     ) -> ServiceResult<u64> {
+        use futures_util::StreamExt;
+        let keys: Vec<Vec<u8>> = held
+            .iter()
+            .take(MAX_RENEW)
+            .map(|(node, owner)| {
+                let owner = LockOwner {
+                    session: session.clone(),
+                    owner: *owner,
+                };
+                self.owner_key(*node, &owner)
+            })
+            .collect();
+        let mut leases = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(RENEW_READS) {
+            let reads: Vec<TxnOp> = chunk.iter().map(|k| TxnOp::get(k.clone(), None)).collect();
+            let txn = etcd_client::Txn::new().and_then(reads);
+            let resp = self
+                .call("the renewal reads", |mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
+                .await?;
+            for op in resp.op_responses() {
+                if let TxnOpResponse::Get(g) = op
+                    && let Some(kv) = g.kvs().first()
+                {
+                    leases.push(kv.lease());
+                }
+            }
+        }
+        let kept: Vec<ServiceResult<bool>> = futures_util::stream::iter(leases)
+            .map(|lease| self.keep_alive(lease))
+            .buffer_unordered(RENEW_AT_ONCE)
+            .collect()
+            .await;
         let mut count = 0;
-        for (node, owner) in held.iter().take(MAX_RENEW) {
-            let owner = LockOwner {
-                session: session.clone(),
-                owner: *owner,
-            };
-            let Some(e) = self.get(&self.owner_key(*node, &owner)).await? else {
-                continue;
-            };
-            if self.keep_alive(e.lease).await? {
+        for k in kept {
+            if k? {
                 count += 1;
             }
         }
@@ -856,6 +1187,96 @@ mod tests {
             session: UploadId::from_bytes([n; 16]),
             owner: 1,
         }
+    }
+
+    async fn unit_locks(lease: Duration) -> (EtcdLocks, EtcdConfig) {
+        let etcd = crate::testing::shared_etcd().unwrap_or_else(|e| panic!("{e}"));
+        let prefix = format!("locks-unit/{:016x}", rand::random::<u64>());
+        let config = EtcdConfig::parse(&etcd.meta_url(&prefix)).expect("url");
+        let locks = LockConfig {
+            lease,
+            max_wait: Duration::from_secs(5),
+        };
+        let l = EtcdLocks::connect(&config, locks, "k")
+            .await
+            .expect("connect");
+        (l, config)
+    }
+
+    /// A refused try (non-blocking) never shows a key another request could see: no put
+    /// under the file's prefix at all. Tries that are granted are still granted.
+    #[tokio::test]
+    async fn a_refused_try_makes_no_key_that_others_could_see() {
+        let (l, config) = unit_locks(Duration::from_secs(2)).await;
+        let node = NodeId(9);
+        let zero = Duration::ZERO;
+        let granted = |r: AppLockResponse| matches!(r, AppLockResponse::Granted { .. });
+        // Shared behind shared: granted at once; exclusive behind them: refused.
+        assert!(granted(
+            l.app_lock(node, &owner(1), true, "a", zero)
+                .await
+                .expect("lock")
+        ));
+        let files = l.file_prefix('a', node);
+        let mut c = Client::connect(config.endpoints.clone(), None)
+            .await
+            .expect("client");
+        let from = l.list(&files).await.expect("list").rev + 1;
+        let mut events = c
+            .watch(
+                files.clone(),
+                Some(WatchOptions::new().with_prefix().with_start_revision(from)),
+            )
+            .await
+            .expect("watch");
+        for (n, shared) in [(2, false), (3, false)] {
+            assert_eq!(
+                l.app_lock(node, &owner(n), shared, "b", zero)
+                    .await
+                    .expect("try"),
+                AppLockResponse::Busy
+            );
+        }
+        assert!(granted(
+            l.app_lock(node, &owner(4), true, "c", zero)
+                .await
+                .expect("lock")
+        ));
+        // The only change under the prefix is 4's grant.
+        let mut keys = Vec::new();
+        while let Ok(Ok(Some(resp))) =
+            tokio::time::timeout(Duration::from_millis(500), events.message()).await
+        {
+            for e in resp.events() {
+                let kv = e.kv().expect("kv");
+                keys.push((
+                    e.event_type(),
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                ));
+            }
+        }
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        assert!(
+            keys[0]
+                .1
+                .ends_with(&format!("{}.{:020}", owner(4).session.as_str(), 1)),
+            "{keys:?}"
+        );
+        // Exclusive behind a shared holder, and shared behind an exclusive one: refused, no key.
+        l.app_unlock(node, &owner(1)).await.expect("unlock");
+        l.app_unlock(node, &owner(4)).await.expect("unlock");
+        assert!(granted(
+            l.app_lock(node, &owner(5), false, "d", zero)
+                .await
+                .expect("lock")
+        ));
+        assert_eq!(
+            l.app_lock(node, &owner(6), true, "e", zero)
+                .await
+                .expect("try"),
+            AppLockResponse::Busy
+        );
+        assert_eq!(l.list(&files).await.expect("list").entries.len(), 1);
     }
 
     #[tokio::test]

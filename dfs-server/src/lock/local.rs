@@ -168,17 +168,25 @@ impl LocalLocks {
     }
 
     /// One non-blocking step of acquire: grant if `waiter` is first in line and the lock is free,
-    /// otherwise (re)join the queue. Returns the outcome, the file's notifier and when to re-check.
+    /// otherwise join the queue (`join`: the call's first step) or keep its place. A later
+    /// step that finds the waiter gone answers `not_holder`: it was released meanwhile (a
+    /// waiting call polls before its place could lapse), and must not be queued again.
+    /// Returns the outcome, the file's notifier and when to re-check.
     fn try_acquire(
         &self,
         node: NodeId,
         waiter: &WaiterId,
         user: &str,
+        join: bool,
     ) -> ServiceResult<(AcquireResponse, Arc<Notify>, Option<Instant>)> {
         let now = Instant::now();
         let lease = self.config.lease;
         let mut table = self.table()?;
         let lock = table.entry(node).or_default();
+        // This poll keeps the waiter's place before anything lapses.
+        if let Some(w) = lock.queue.iter_mut().find(|w| &w.id == waiter) {
+            w.last_poll = now;
+        }
         if lock.expire(now, lease) {
             lock.notify.notify_waiters();
         }
@@ -195,6 +203,11 @@ impl LocalLocks {
             Some(p) => {
                 lock.queue[p].last_poll = now;
                 p
+            }
+            None if !join => {
+                return Err(ServiceError::NotHolder(format!(
+                    "the waiter for {node} was released while its acquire waited"
+                )));
             }
             None => {
                 lock.queue.push_back(Waiter {
@@ -242,8 +255,10 @@ impl LocalLocks {
         wait: Duration,
     ) -> ServiceResult<AcquireResponse> {
         let deadline = Instant::now() + wait.min(self.config.max_wait);
+        let mut join = true;
         loop {
-            let (resp, notify, recheck) = self.try_acquire(node, waiter, user)?;
+            let (resp, notify, recheck) = self.try_acquire(node, waiter, user, join)?;
+            join = false;
             if matches!(resp, AcquireResponse::Granted(_)) {
                 return Ok(resp);
             }
@@ -251,7 +266,7 @@ impl LocalLocks {
             tokio::pin!(notified);
             notified.as_mut().enable();
             // State may have changed between try_acquire and enable(): check once more.
-            let (resp, _, recheck2) = self.try_acquire(node, waiter, user)?;
+            let (resp, _, recheck2) = self.try_acquire(node, waiter, user, false)?;
             if matches!(resp, AcquireResponse::Granted(_)) || Instant::now() >= deadline {
                 return Ok(resp);
             }
@@ -266,7 +281,9 @@ impl LocalLocks {
                 _ = tokio::time::sleep_until(wake) => {}
             }
             if Instant::now() >= deadline {
-                return self.try_acquire(node, waiter, user).map(|(r, _, _)| r);
+                return self
+                    .try_acquire(node, waiter, user, false)
+                    .map(|(r, _, _)| r);
             }
         }
     }

@@ -70,6 +70,17 @@ impl Fixture {
         }
     }
 
+    /// Two instances on this fixture's store (the in-memory engine has one: twice the same).
+    async fn pair(&self) -> (Arc<LockService>, Arc<LockService>) {
+        let one = self.open().await;
+        let two = if self.etcd.is_some() {
+            self.open().await
+        } else {
+            one.clone()
+        };
+        (one, two)
+    }
+
     /// A service (a new instance, or the same one restarted) on this fixture's store.
     async fn open(&self) -> Arc<LockService> {
         let config = LockConfig {
@@ -369,6 +380,30 @@ async fn a_dead_clients_locks_go_with_its_lease_and_renewal_keeps_them(f: Fixtur
     assert_eq!(lock(NodeId(8), owner(3, 1)).await, AppLockResponse::Busy);
 }
 
+both!(a_renewal_of_many_locks_keeps_every_one, 500, 2_000);
+async fn a_renewal_of_many_locks_keeps_every_one(f: Fixture) {
+    let l = f.open().await;
+    // More locks than one read of the etcd engine's renewal takes (64).
+    let held: Vec<(NodeId, u64)> = (0..150).map(|i| (NodeId(1000 + i), 1)).collect();
+    for (node, o) in &held {
+        let r = l.app_lock(*node, &owner(5, *o), false, "u", NOW).await;
+        assert!(granted(&r.expect("lock")));
+    }
+    for _ in 0..3 {
+        tokio::time::sleep(f.lease * 2 / 5).await;
+        let kept = l
+            .app_renew(&owner(5, 0).session, &held)
+            .await
+            .expect("renew");
+        assert_eq!(kept, 150);
+    }
+    // Past a lease since they were taken: all still held.
+    for (node, _) in held.iter().step_by(37) {
+        let r = l.app_lock(*node, &owner(6, 1), false, "v", NOW).await;
+        assert_eq!(r.expect("try"), AppLockResponse::Busy);
+    }
+}
+
 // ---- the in-memory engine only ----
 
 /// Leases are decided on tokio's clock, which tests pause and advance: a 10 s lease runs
@@ -592,6 +627,94 @@ async fn etcd_the_fence_base_lifts_every_token_and_never_goes_down() {
         etcd::set_fence_base(etcd, high - 1).await,
         Err(ServiceError::StaleFence(_))
     ));
+}
+
+both!(
+    a_release_racing_a_waiting_acquire_does_not_requeue_the_waiter,
+    5_000,
+    5_000
+);
+/// A waiter released while its acquire waits (its client gave up; on etcd through another
+/// instance) is not queued again by that acquire: the lock goes to the next waiter, not to a
+/// waiter nobody polls.
+async fn a_release_racing_a_waiting_acquire_does_not_requeue_the_waiter(f: Fixture) {
+    let (s, other) = f.pair().await;
+    let node = NodeId(31);
+    let g1 = fence(&s.acquire(node, &wid(1), "h", NOW).await.expect("acquire"));
+    let waiting = {
+        let s = s.clone();
+        tokio::spawn(async move { s.acquire(node, &wid(2), "w", LONG).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "2 waits behind 1");
+    // 2 gives up ...
+    other.release(node, &wid(2)).await.expect("release 2");
+    let ended = tokio::time::timeout(Duration::from_secs(3), waiting)
+        .await
+        .expect("the released waiter's acquire ends")
+        .expect("join");
+    assert!(
+        matches!(ended, Err(ServiceError::NotHolder(_))),
+        "{ended:?}"
+    );
+    // ... so when 1 releases, 3 is next, at once.
+    s.release(node, &wid(1)).await.expect("release 1");
+    let g3 = fence(&s.acquire(node, &wid(3), "n", NOW).await.expect("acquire"));
+    assert!(g3 > g1);
+    assert_eq!(
+        s.status().await.expect("status")[0].queued,
+        0,
+        "nobody else queued"
+    );
+}
+
+/// Deletes `<prefix>/<key>` behind the lock service's back (an operator's mistake, or what an
+/// etcd snapshot from before the key was written brings back).
+async fn delete_behind(etcd: &EtcdConfig, key: &str) {
+    let mut c = etcd_client::Client::connect(etcd.endpoints.clone(), None)
+        .await
+        .expect("etcd client");
+    c.delete(format!("{}/{key}", etcd.prefix), None)
+        .await
+        .expect("delete");
+}
+
+/// Asks for `node`'s lock until granted: a token that would have gone back is refused once
+/// as unavailable (the base is raised meanwhile), as a client would retry.
+async fn acquire_retrying(s: &LockService, node: NodeId, w: u8) -> FenceToken {
+    for _ in 0..3 {
+        match s.acquire(node, &wid(w), "u", NOW).await {
+            Ok(r) => return fence(&r),
+            Err(ServiceError::Unavailable(m)) => eprintln!("refused once: {m}"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("never granted");
+}
+
+#[tokio::test]
+async fn etcd_a_deleted_fence_base_never_lowers_a_token() {
+    let f = Fixture::etcd(5_000);
+    let etcd = f.etcd.as_ref().expect("etcd");
+    etcd::set_fence_base(etcd, 1 << 40).await.expect("set base");
+    let s = f.open().await;
+    let node = NodeId(3);
+    let t1 = fence(&s.acquire(node, &wid(1), "u", NOW).await.expect("acquire"));
+    s.release(node, &wid(1)).await.expect("release");
+    // The base goes: a running instance notices before granting, and lifts it again.
+    delete_behind(etcd, etcd::FENCE_BASE_KEY).await;
+    let t2 = acquire_retrying(&s, node, 2).await;
+    assert!(t2 > t1, "{t2} after {t1}");
+    s.release(node, &wid(2)).await.expect("release");
+    // Gone again: a new instance starts above the high-water mark.
+    delete_behind(etcd, etcd::FENCE_BASE_KEY).await;
+    let fresh = f.open().await;
+    let t3 = acquire_retrying(&fresh, node, 3).await;
+    assert!(t3 > t2, "{t3} after {t2}");
+    fresh.release(node, &wid(3)).await.expect("release");
+    // And the old instance, whose memory says the base was higher, still grants above.
+    let t4 = acquire_retrying(&s, node, 4).await;
+    assert!(t4 > t3, "{t4} after {t3}");
 }
 
 #[tokio::test]
