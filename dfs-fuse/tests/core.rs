@@ -1310,3 +1310,182 @@ async fn another_clients_rename_and_write_reach_this_clients_kernel_through_the_
     cancel.cancel();
     c.shutdown().await;
 }
+
+/// A loopback proxy in front of the directory that, while `lose` is set, forwards namespace
+/// changes (requests carrying a request id) to the directory but never their answers: the
+/// directory applies them and the client hears nothing.
+struct AnswerLosingProxy {
+    url: String,
+    lose: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+async fn answer_losing_proxy(directory_url: &str) -> AnswerLosingProxy {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = directory_url.trim_start_matches("http://").to_owned();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let lose = Arc::new(AtomicBool::new(false));
+    let losing = lose.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            let losing = losing.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = server.into_split();
+                let swallow = Arc::new(AtomicBool::new(false));
+                let swallowing = swallow.clone();
+                let requests = tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match from_client.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let change = buf[..n]
+                            .windows(common::routes::REQUEST_ID.len())
+                            .any(|w| w.eq_ignore_ascii_case(common::routes::REQUEST_ID.as_bytes()));
+                        if change && losing.load(Ordering::SeqCst) {
+                            // Set before the request goes on: its answer is never passed back.
+                            swallowing.store(true, Ordering::SeqCst);
+                        }
+                        if to_server.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match from_server.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if swallow.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    if to_client.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                requests.abort();
+            });
+        }
+    });
+    AnswerLosingProxy { url, lose }
+}
+
+/// A core whose directory calls go through `url` and give up after about a second.
+fn impatient_core(url: &str, login: SavedLogin, cache: &std::path::Path) -> DfsFs {
+    let config = RemoteConfig {
+        call_timeout: Duration::from_millis(400),
+        op_timeout: Duration::from_secs(1),
+        ..RemoteConfig::default()
+    };
+    let remote = Remote::new(url, Some(login), None, config).unwrap();
+    let config = dfs_fuse::fs::FsConfig {
+        close_timeout: Duration::from_secs(2),
+        retry_interval: Duration::from_millis(100),
+        ..dfs_fuse::fs::FsConfig::default()
+    };
+    DfsFs::new(remote, cache, config, "").unwrap()
+}
+
+/// Starts `fs`'s feed into `kernel` and waits until it is healthy.
+async fn subscribed(
+    fs: &std::sync::Arc<DfsFs>,
+    kernel: std::sync::Arc<dyn dfs_fuse::fs::feed::KernelCache>,
+) -> tokio_util::sync::CancellationToken {
+    fs.set_kernel_cache(kernel);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(fs.clone().run_feed(cancel.clone()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !fs.feed_up() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(fs.feed_up(), "subscribed");
+    cancel
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_an_unlink_or_rename_applied_without_an_answer_leaves_no_long_kernel_entry() {
+    use dfs_fuse::fs::ATTR_TTL;
+    use dfs_fuse::fs::feed::{FEED_TTL, Invalidation};
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let proxy = answer_losing_proxy(&c.directory_url).await;
+    let a = core(&c, Some(login(&c, "alice").await), &dir.path().join("a"));
+    let b = std::sync::Arc::new(impatient_core(
+        &proxy.url,
+        login(&c, "alice").await,
+        &dir.path().join("b"),
+    ));
+    let kernel = std::sync::Arc::new(Recorded::default());
+    let cancel = subscribed(&b, kernel.clone()).await;
+    write_file(&a, "f", b"one").await.unwrap();
+    write_file(&a, "g", b"two").await.unwrap();
+    let f = NodeId(b.lookup(NodeId::ROOT, OsStr::new("f")).await.unwrap().ino.0);
+    let g = NodeId(b.lookup(NodeId::ROOT, OsStr::new("g")).await.unwrap().ino.0);
+    assert_eq!(
+        b.reply_ttl(Instant::now(), &[NodeId::ROOT, f]),
+        FEED_TTL,
+        "B's kernel would hold f for the long TTL"
+    );
+    kernel.0.lock().unwrap().clear();
+
+    // B's unlink reaches the directory, which applies it; its answer never comes back.
+    proxy.lose.store(true, Ordering::SeqCst);
+    let err = b
+        .unlink(NodeId::ROOT, OsStr::new("f"))
+        .await
+        .expect_err("no answer");
+    proxy.lose.store(false, Ordering::SeqCst);
+    assert!(matches!(err.errno(), libc::EIO | libc::ETIMEDOUT), "{err}");
+    assert!(
+        a.lookup(NodeId::ROOT, OsStr::new("f")).await.is_err(),
+        "the directory applied it"
+    );
+    // B's own change never comes back in its feed: B itself drops the name from its kernel,
+    // and gives the short TTL to what it says of that directory now.
+    assert!(
+        kernel.has(|i| *i
+            == Invalidation::Entry {
+                parent: NodeId::ROOT,
+                name: "f".into()
+            }),
+        "the kernel forgets f"
+    );
+    assert!(kernel.has(|i| *i == Invalidation::Inode(f)));
+    assert_eq!(b.reply_ttl(Instant::now(), &[NodeId::ROOT, f]), ATTR_TTL);
+    assert!(b.lookup(NodeId::ROOT, OsStr::new("f")).await.is_err());
+
+    // The same for a rename: both names.
+    kernel.0.lock().unwrap().clear();
+    proxy.lose.store(true, Ordering::SeqCst);
+    b.rename(NodeId::ROOT, OsStr::new("g"), NodeId::ROOT, OsStr::new("h"), 0)
+        .await
+        .expect_err("no answer");
+    proxy.lose.store(false, Ordering::SeqCst);
+    assert!(a.lookup(NodeId::ROOT, OsStr::new("h")).await.is_ok());
+    for name in ["g", "h"] {
+        assert!(
+            kernel.has(|i| *i
+                == Invalidation::Entry {
+                    parent: NodeId::ROOT,
+                    name: name.into()
+                }),
+            "the kernel forgets {name}"
+        );
+    }
+    assert_eq!(b.reply_ttl(Instant::now(), &[g]), ATTR_TTL);
+    assert_eq!(
+        b.lookup(NodeId::ROOT, OsStr::new("h")).await.unwrap().ino.0,
+        g.0
+    );
+    cancel.cancel();
+    c.shutdown().await;
+}

@@ -495,6 +495,47 @@ impl DfsFs {
         self.known().forget_name(parent, name);
     }
 
+    /// A namespace change of `names` (their directories, and the nodes they named) failed:
+    /// the directories are no longer known completely. If it failed without an answer (`e`
+    /// says the directory was unreachable, timed out or broke down), the directory may have
+    /// applied it, or may still (its answer lost, an attempt still in flight), and this
+    /// client's own changes never come back in its feed: the kernel forgets these entries and
+    /// nodes now, and whatever is heard of them gets the short TTL until the change can no
+    /// longer happen (`known::FEED_RACE`).
+    fn change_failed(&self, e: &RemoteError, names: &[(NodeId, &str)]) {
+        let mut batch = Vec::new();
+        {
+            let mut k = self.known();
+            let unknown = e.is_unreachable();
+            let now = Instant::now();
+            for (parent, name) in names {
+                k.unsure(*parent);
+                if !unknown {
+                    continue;
+                }
+                k.doubt(*parent, now);
+                batch.push(feed::Invalidation::Entry {
+                    parent: *parent,
+                    name: (*name).to_owned(),
+                });
+                batch.push(feed::Invalidation::Inode(*parent));
+                if let Some(m) = k.by_name(*parent, name) {
+                    k.doubt(m.id, now);
+                    batch.push(feed::Invalidation::Inode(m.id));
+                }
+            }
+            if unknown {
+                tracing::info!(
+                    error = %e,
+                    ?names,
+                    "a namespace change got no answer; the kernel forgets its names and \
+                     they get short TTLs while the directory may still apply it"
+                );
+            }
+        }
+        self.to_kernel(batch);
+    }
+
     fn known_meta(&self, id: NodeId) -> Option<NodeMeta> {
         self.known().meta(id)
     }
@@ -975,10 +1016,12 @@ impl DfsFs {
             symlink_target: target,
             rdev: 0,
         };
-        let m = self.remote.create(parent, &req).await.inspect_err(|_| {
-            // The name may exist after all (made by another client).
-            self.known().unsure(parent);
-        })?;
+        let m = self
+            .remote
+            .create(parent, &req)
+            .await
+            // The name may exist after all (made by another client, or by this request).
+            .inspect_err(|e| self.change_failed(e, &[(parent, name.as_str())]))?;
         self.remember(&m, Some((parent, name.as_str())));
         self.touched_dir(parent);
         Ok(m)
@@ -1025,7 +1068,7 @@ impl DfsFs {
             .remote
             .create(parent, &req)
             .await
-            .inspect_err(|_| self.known().unsure(parent))?;
+            .inspect_err(|e| self.change_failed(e, &[(parent, name.as_str())]))?;
         self.remember(&m, Some((parent, name.as_str())));
         self.touched_dir(parent);
         Ok(self.attr(&m))
@@ -1074,7 +1117,7 @@ impl DfsFs {
                     code: ErrorCode::NotFound,
                     ..
                 }) => self.forget_name(parent, &source),
-                r => break r.inspect_err(|_| self.known().unsure(new_parent))?,
+                r => break r.inspect_err(|e| self.change_failed(e, &[(new_parent, name.as_str())]))?,
             }
         };
         self.remember(&m, Some((new_parent, name.as_str())));
@@ -1201,7 +1244,7 @@ impl DfsFs {
             .remote
             .remove(parent, &name, false)
             .await
-            .inspect_err(|_| self.known().unsure(parent))?;
+            .inspect_err(|e| self.change_failed(e, &[(parent, name.as_str())]))?;
         self.forget_name(parent, name.as_str());
         self.touched_dir(parent);
         self.gone_name(&removed);
@@ -1214,7 +1257,7 @@ impl DfsFs {
         self.remote
             .remove(parent, &name, true)
             .await
-            .inspect_err(|_| self.known().unsure(parent))?;
+            .inspect_err(|e| self.change_failed(e, &[(parent, name.as_str())]))?;
         self.forget_name(parent, name.as_str());
         self.touched_dir(parent);
         self.known().dir_links(parent, -1);
@@ -1241,10 +1284,14 @@ impl DfsFs {
             no_replace: flags & libc::RENAME_NOREPLACE != 0,
         };
         let moved = self.known().by_name(parent, req.name.as_str());
-        let replaced = self.remote.rename(&req).await.inspect_err(|_| {
-            let mut k = self.known();
-            k.unsure(parent);
-            k.unsure(new_parent);
+        let replaced = self.remote.rename(&req).await.inspect_err(|e| {
+            self.change_failed(
+                e,
+                &[
+                    (parent, req.name.as_str()),
+                    (new_parent, req.new_name.as_str()),
+                ],
+            );
         })?;
         self.known()
             .renamed(parent, req.name.as_str(), new_parent, req.new_name.as_str());
