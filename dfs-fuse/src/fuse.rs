@@ -42,20 +42,47 @@ pub struct FuseAdapter {
     listed_at: Mutex<HashMap<u64, Since>>,
 }
 
-/// Sends invalidations to the kernel through fuser's `Notifier` on a thread of its own: a
+/// What the kernel is told to forget, one call each (fuser's `Notifier` in a mount; tests put
+/// in their own, e.g. one that blocks like a stuck kernel).
+pub trait KernelNotify: Send + 'static {
+    /// Drops the entry `name` in `parent`.
+    fn inval_entry(&self, parent: NodeId, name: &str) -> std::io::Result<()>;
+    /// Drops the attributes and cached content of `node`.
+    fn inval_inode(&self, node: NodeId) -> std::io::Result<()>;
+    /// Drops the entry `name` in `parent`, whose node `child` is gone.
+    fn delete(&self, parent: NodeId, child: NodeId, name: &str) -> std::io::Result<()>;
+}
+
+impl KernelNotify for fuser::Notifier {
+    fn inval_entry(&self, parent: NodeId, name: &str) -> std::io::Result<()> {
+        fuser::Notifier::inval_entry(self, INodeNo(parent.0), OsStr::new(name))
+    }
+
+    fn inval_inode(&self, node: NodeId) -> std::io::Result<()> {
+        fuser::Notifier::inval_inode(self, INodeNo(node.0), 0, 0)
+    }
+
+    fn delete(&self, parent: NodeId, child: NodeId, name: &str) -> std::io::Result<()> {
+        fuser::Notifier::delete(self, INodeNo(parent.0), INodeNo(child.0), OsStr::new(name))
+    }
+}
+
+/// Sends invalidations to the kernel through a [`KernelNotify`] on a thread of its own: a
 /// notification can wait on the kernel, which may be waiting on a FUSE thread (deadlock in a
-/// handler) or hold up the runtime (in a worker).
+/// handler) or hold up the runtime (in a worker). It tells how long the oldest batch has
+/// waited, so that a stuck kernel makes the feed unhealthy (`fs::feed::NOTIFY_BOUND`).
 pub struct NotifierThread {
     tx: std::sync::mpsc::Sender<Vec<Invalidation>>,
-    backlog: Arc<std::sync::atomic::AtomicUsize>,
+    /// When each batch not yet applied was handed over, oldest first.
+    waiting: Arc<Mutex<std::collections::VecDeque<std::time::Instant>>>,
 }
 
 impl NotifierThread {
     /// Starts the thread; it ends when the core drops its end.
-    pub fn start(notifier: fuser::Notifier) -> std::io::Result<Arc<Self>> {
+    pub fn start(notifier: impl KernelNotify) -> std::io::Result<Arc<Self>> {
         let (tx, rx) = std::sync::mpsc::channel::<Vec<Invalidation>>();
-        let backlog = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let left = backlog.clone();
+        let waiting = Arc::new(Mutex::new(std::collections::VecDeque::new()));
+        let left = waiting.clone();
         std::thread::Builder::new()
             .name("dfs-notify".into())
             .spawn(move || {
@@ -64,41 +91,47 @@ impl NotifierThread {
                         // ENOENT (not in the kernel's cache) is already taken as success.
                         let r = match &inv {
                             Invalidation::Entry { parent, name } => {
-                                notifier.inval_entry(INodeNo(parent.0), OsStr::new(name))
+                                notifier.inval_entry(*parent, name)
                             }
-                            Invalidation::Inode(id) => notifier.inval_inode(INodeNo(id.0), 0, 0),
+                            Invalidation::Inode(id) => notifier.inval_inode(*id),
                             Invalidation::Delete {
                                 parent,
                                 child,
                                 name,
-                            } => notifier.delete(
-                                INodeNo(parent.0),
-                                INodeNo(child.0),
-                                OsStr::new(name),
-                            ),
+                            } => notifier.delete(*parent, *child, name),
                         };
                         if let Err(e) = r {
                             // After an unmount every notification fails; nothing to drop then.
                             tracing::debug!(?inv, error = %e, "kernel invalidation failed");
                         }
                     }
-                    left.fetch_sub(1, Ordering::Relaxed);
+                    left.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
                 }
             })?;
-        Ok(Arc::new(NotifierThread { tx, backlog }))
+        Ok(Arc::new(NotifierThread { tx, waiting }))
+    }
+
+    fn waiting(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<std::time::Instant>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 impl KernelCache for NotifierThread {
     fn invalidate(&self, batch: Vec<Invalidation>) {
-        self.backlog.fetch_add(1, Ordering::Relaxed);
+        // Queued under the lock, so that the thread never pops a time before it is pushed.
+        let mut waiting = self.waiting();
+        waiting.push_back(std::time::Instant::now());
         if self.tx.send(batch).is_err() {
-            self.backlog.fetch_sub(1, Ordering::Relaxed);
+            waiting.pop_back();
         }
     }
 
     fn backlog(&self) -> usize {
-        self.backlog.load(Ordering::Relaxed)
+        self.waiting().len()
+    }
+
+    fn pending_since(&self) -> Option<std::time::Instant> {
+        self.waiting().front().copied()
     }
 }
 

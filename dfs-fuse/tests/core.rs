@@ -1489,3 +1489,116 @@ async fn regression_an_unlink_or_rename_applied_without_an_answer_leaves_no_long
     cancel.cancel();
     c.shutdown().await;
 }
+
+/// Stands for the kernel in `NotifierThread`: records what it is told, and blocks (a stuck
+/// kernel) while `stuck` is set.
+#[derive(Clone, Default)]
+struct StuckKernel {
+    stuck: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    told: std::sync::Arc<std::sync::Mutex<Vec<NodeId>>>,
+}
+
+impl StuckKernel {
+    fn set_stuck(&self, stuck: bool) {
+        *self.stuck.0.lock().unwrap() = stuck;
+        self.stuck.1.notify_all();
+    }
+
+    fn wait(&self) {
+        let (lock, cond) = &*self.stuck;
+        let mut stuck = lock.lock().unwrap();
+        // Bounded: a test that never lets go still ends.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while *stuck && std::time::Instant::now() < deadline {
+            stuck = cond.wait_timeout(stuck, Duration::from_millis(50)).unwrap().0;
+        }
+    }
+}
+
+impl dfs_fuse::fuse::KernelNotify for StuckKernel {
+    fn inval_entry(&self, parent: NodeId, _name: &str) -> std::io::Result<()> {
+        self.wait();
+        self.told.lock().unwrap().push(parent);
+        Ok(())
+    }
+
+    fn inval_inode(&self, node: NodeId) -> std::io::Result<()> {
+        self.wait();
+        self.told.lock().unwrap().push(node);
+        Ok(())
+    }
+
+    fn delete(&self, parent: NodeId, _child: NodeId, _name: &str) -> std::io::Result<()> {
+        self.wait();
+        self.told.lock().unwrap().push(parent);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_stuck_kernel_notifier_turns_the_long_ttl_off_until_it_catches_up() {
+    use dfs_fuse::fs::ATTR_TTL;
+    use dfs_fuse::fs::feed::{FEED_TTL, NOTIFY_BOUND};
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let a = core(&c, Some(login(&c, "alice").await), &dir.path().join("a"));
+    let b = std::sync::Arc::new(core(
+        &c,
+        Some(login(&c, "alice").await),
+        &dir.path().join("b"),
+    ));
+    let stuck = StuckKernel::default();
+    let notifier = dfs_fuse::fuse::NotifierThread::start(stuck.clone()).unwrap();
+    let cancel = subscribed(&b, notifier).await;
+    // The first resync's batch reaches the kernel.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.feed_up() && b.ttl() != FEED_TTL && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(b.ttl(), FEED_TTL);
+    let resyncs = b.feed_resyncs();
+
+    // The kernel stops taking invalidations; A's change is heard and queued for it.
+    stuck.set_stuck(true);
+    let t0 = Instant::now();
+    write_file(&a, "f", b"one").await.unwrap();
+    let bound = NOTIFY_BOUND + Duration::from_secs(3);
+    while b.ttl() == FEED_TTL && t0.elapsed() < bound {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        b.ttl(),
+        ATTR_TTL,
+        "short TTLs once the kernel lags by more than {NOTIFY_BOUND:?}"
+    );
+    assert!(!b.feed_up());
+    assert!(
+        t0.elapsed() >= NOTIFY_BOUND,
+        "not before the bound: {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        b.reply_ttl(Instant::now(), &[NodeId::ROOT]),
+        ATTR_TTL,
+        "replies too"
+    );
+    // Still stuck: still short.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(b.ttl(), ATTR_TTL);
+
+    // The kernel takes everything again: a resync, then the long TTL.
+    stuck.set_stuck(false);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (!b.feed_up() || b.feed_resyncs() == resyncs) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(b.feed_up(), "healthy again");
+    assert!(b.feed_resyncs() > resyncs, "after a resync");
+    assert_eq!(b.ttl(), FEED_TTL);
+    assert!(
+        stuck.told.lock().unwrap().contains(&NodeId::ROOT),
+        "what was queued reached the kernel"
+    );
+    cancel.cancel();
+    c.shutdown().await;
+}

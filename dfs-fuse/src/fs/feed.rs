@@ -28,6 +28,15 @@ pub const FEED_TTL: Duration = Duration::from_secs(15);
 /// How long one poll waits at the directory for a change.
 pub const POLL_WAIT: Duration = Duration::from_secs(10);
 
+/// How long invalidations may wait for the kernel (the oldest batch not yet applied) before
+/// the feed counts as unhealthy: short TTLs until the kernel took everything, then a resync.
+/// A notifier stuck on the kernel would otherwise leave long TTLs in force over changes the
+/// kernel never heard of.
+pub const NOTIFY_BOUND: Duration = Duration::from_secs(2);
+
+/// How often a poll in progress checks that the kernel keeps up.
+const NOTIFY_CHECK: Duration = Duration::from_millis(250);
+
 /// After a failed poll, the next one waits this long (the directory may be restarting),
 /// doubling with each failure in a row up to `RETRY_MAX` (a directory without a feed, or
 /// down for long, is not asked twice a second).
@@ -67,6 +76,11 @@ pub trait KernelCache: Send + Sync {
     /// How many batches are waiting for the kernel (the subscriber waits while many are).
     fn backlog(&self) -> usize {
         0
+    }
+
+    /// When the oldest batch not yet applied was handed over (none: all applied).
+    fn pending_since(&self) -> Option<std::time::Instant> {
+        None
     }
 }
 
@@ -153,6 +167,59 @@ impl DfsFs {
         self.feed.up.load(Ordering::Acquire)
     }
 
+    /// Whether invalidations have waited for the kernel longer than [`NOTIFY_BOUND`].
+    fn kernel_stalled(&self) -> bool {
+        self.feed
+            .kernel
+            .get()
+            .and_then(|k| k.pending_since())
+            .is_some_and(|t| t.elapsed() >= NOTIFY_BOUND)
+    }
+
+    /// The kernel stopped taking invalidations: short TTLs (from replies to requests begun
+    /// before now on) until it caught up and a resync dropped everything.
+    fn kernel_fell_behind(&self) {
+        if self.feed.up.swap(false, Ordering::AcqRel) {
+            tracing::warn!(
+                bound = ?NOTIFY_BOUND,
+                "the kernel takes no invalidations; short TTLs until it catches up"
+            );
+        }
+        *self.feed.lost_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    /// Waits until the kernel keeps up: fewer than 64 batches waiting, none for longer than
+    /// [`NOTIFY_BOUND`] (marking the feed unhealthy if one did: `*at` is then cleared, for a
+    /// resync once the kernel caught up). False if cancelled.
+    async fn until_kernel_keeps_up(
+        &self,
+        cancel: &CancellationToken,
+        at: &mut Option<(u64, u64)>,
+    ) -> bool {
+        loop {
+            if self.kernel_stalled() {
+                self.kernel_fell_behind();
+                *at = None;
+            } else if !self.feed.kernel.get().is_some_and(|k| k.backlog() > 64) {
+                return true;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return false,
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+        }
+    }
+
+    /// Ends when the kernel stalls (checked every [`NOTIFY_CHECK`]).
+    async fn kernel_stall(&self) {
+        loop {
+            tokio::time::sleep(NOTIFY_CHECK).await;
+            if self.kernel_stalled() {
+                return;
+            }
+        }
+    }
+
     /// Resynchronisations since the mount started.
     pub fn feed_resyncs(&self) -> u64 {
         self.feed.resyncs.load(Ordering::Relaxed)
@@ -234,11 +301,8 @@ impl DfsFs {
         let mut retry = RETRY_AFTER;
         loop {
             // The kernel takes invalidations on one thread: never run far ahead of it.
-            while self.feed.kernel.get().is_some_and(|k| k.backlog() > 64) {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(10)) => {}
-                }
+            if !self.until_kernel_keeps_up(&cancel, &mut at).await {
+                return;
             }
             let (epoch, after) = match at {
                 Some((e, n)) => (Some(e), n),
@@ -246,6 +310,12 @@ impl DfsFs {
             };
             let polled = tokio::select! {
                 _ = cancel.cancelled() => return,
+                // The poll is dropped; a resync follows once the kernel caught up.
+                _ = self.kernel_stall() => {
+                    self.kernel_fell_behind();
+                    at = None;
+                    continue;
+                }
                 r = self.remote.changes(epoch, after, POLL_WAIT) => r,
             };
             match polled {
@@ -293,35 +363,8 @@ impl DfsFs {
 mod tests {
     use super::*;
     use crate::fs::known::Known;
-    use common::{DirEntry, NodeMeta};
-
-    fn meta(id: u64) -> NodeMeta {
-        NodeMeta {
-            id: NodeId(id),
-            parent: NodeId::ROOT,
-            kind: common::FileKind::File,
-            mode: 0o644,
-            owner: "t".into(),
-            uid: 0,
-            gid: 0,
-            size: 0,
-            version: 0,
-            mtime_ns: 0,
-            ctime_ns: 0,
-            atime_ns: 0,
-            nlink: 1,
-            rdev: 0,
-            committed_ns: 0,
-            hash: common::ContentHash::empty(),
-            primary: None,
-            replicas: vec![],
-            holders: vec![],
-            symlink_target: None,
-            fence: common::FenceToken(0),
-            recent_uploads: vec![],
-            writeback: None,
-        }
-    }
+    use crate::fs::known::tests::meta;
+    use common::DirEntry;
 
     fn change(seq: u64, what: ChangeKind) -> Change {
         Change { seq, what }
