@@ -14,6 +14,10 @@ const FEED_TTL: Duration = Duration::from_secs(15);
 /// so only the feed can explain it.
 const DELIVERY: Duration = Duration::from_secs(2);
 
+/// The short TTL (`fs::ATTR_TTL`, 1 s), with a margin: the kernel answering a name itself for
+/// longer than this shows the long TTL is in force.
+const PAST_SHORT_TTL: Duration = Duration::from_millis(1500);
+
 pub(crate) fn metrics(port: u16) -> HashMap<String, f64> {
     parse_metrics(&http_get_text(&format!("http://127.0.0.1:{port}/metrics")))
 }
@@ -42,6 +46,45 @@ pub(crate) fn kernel_misses(port: u16) -> f64 {
         .sum()
 }
 
+/// Stats `paths` in `m` until its kernel has answered them all itself (no lookup or getattr
+/// reached the client) for longer than the short TTL: the long TTL is in force. Bounded.
+/// Returns a time no later than the kernel's last refresh of them: its entries last at least
+/// until that time plus `FEED_TTL`.
+pub(crate) fn kernel_holds_long(m: &Mount, port: u16, paths: &[&str]) -> Instant {
+    let start = Instant::now();
+    let mut refreshed = start;
+    let mut misses = kernel_misses(port);
+    loop {
+        let round = Instant::now();
+        for p in paths {
+            std::fs::symlink_metadata(m.path(p)).unwrap();
+        }
+        let now = kernel_misses(port);
+        if now != misses {
+            misses = now;
+            refreshed = round;
+        } else if refreshed.elapsed() > PAST_SHORT_TTL {
+            return refreshed;
+        }
+        assert!(
+            start.elapsed() < FEED_TTL,
+            "the kernel never held {paths:?} past the short TTL: {}",
+            m.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `seen` (a change showed at B) happened before B's kernel could have dropped what it held
+/// by its TTL: only the feed explains it.
+pub(crate) fn only_the_feed_explains(refreshed: Instant, seen: Instant) {
+    assert!(
+        seen.duration_since(refreshed) < FEED_TTL,
+        "inconclusive: {:?} since B's kernel last refreshed, past the long TTL",
+        seen.duration_since(refreshed)
+    );
+}
+
 pub(crate) fn mount_with_metrics(c: &Client) -> (Mount, u16) {
     let port = free_port();
     let m = c.mount(&["--metrics", &format!("127.0.0.1:{port}")]);
@@ -65,24 +108,12 @@ fn another_clients_rename_create_delete_and_overwrite_show_well_within_the_ttl()
     // B's kernel holds the entries and attributes, and B knows `d` completely.
     ok(mb.sh("ls -l d >/dev/null && stat d/a d/b d/c >/dev/null && cat d/a d/b d/c >/dev/null"));
     assert!(mb.path("d/new").symlink_metadata().is_err());
-    // Past the short TTL, B's kernel still answers from its cache: the long TTL is in force
-    // (so what follows cannot be the TTL's doing). Answers given while A's own changes were
-    // still arriving got the short TTL; those were asked again by now.
-    std::thread::sleep(Duration::from_millis(1500));
-    ok(mb.sh("stat d d/a d/b d/c >/dev/null"));
-    std::thread::sleep(Duration::from_millis(1500));
-    let misses = kernel_misses(port);
-    for p in ["d", "d/a", "d/b", "d/c"] {
-        std::fs::metadata(mb.path(p)).unwrap();
-    }
-    assert_eq!(
-        kernel_misses(port),
-        misses,
-        "stat after the short TTL is answered by B's kernel"
-    );
+    // B's kernel answers them itself past the short TTL: the long TTL is in force (so what
+    // follows cannot be the short TTL's doing). Answers given while A's own changes were
+    // still arriving got the short TTL; those are asked again until they hold.
+    let refreshed = kernel_holds_long(&mb, port, &["d", "d/a", "d/b", "d/c"]);
 
     ok(ma.sh("mv d/a d/a2 && echo fresh > d/new && rm d/b && echo 'a much longer content' > d/c"));
-    let t0 = Instant::now();
     let seen = eventually(DELIVERY, || {
         mb.path("d/a").symlink_metadata().is_err()
             && mb.path("d/a2").exists()
@@ -90,8 +121,11 @@ fn another_clients_rename_create_delete_and_overwrite_show_well_within_the_ttl()
             && mb.path("d/b").symlink_metadata().is_err()
             && std::fs::metadata(mb.path("d/c")).is_ok_and(|m| m.len() == 22)
     });
-    assert!(seen, "B's kernel still shows the old namespace");
-    assert!(t0.elapsed() < FEED_TTL);
+    assert!(
+        seen,
+        "B's kernel still shows the old namespace {DELIVERY:?} after A's change"
+    );
+    only_the_feed_explains(refreshed, Instant::now());
     assert_eq!(ok(mb.sh("ls d")), "a2\nc\nnew\n");
     assert_eq!(
         ok(mb.sh("cat d/c d/a2 d/new")),
@@ -120,12 +154,8 @@ fn a_restarted_directory_makes_the_client_resync_and_nothing_stale_survives() {
     ok(ma.sh("echo one > r.txt"));
     ok(mb.sh("cat r.txt >/dev/null && stat r.txt >/dev/null"));
     // As above: B's kernel holds r.txt's attributes with the long TTL.
-    std::thread::sleep(Duration::from_millis(1500));
-    ok(mb.sh("stat r.txt >/dev/null"));
-    std::thread::sleep(Duration::from_millis(1500));
-    let misses = kernel_misses(port);
+    let refreshed = kernel_holds_long(&mb, port, &["r.txt"]);
     assert_eq!(std::fs::metadata(mb.path("r.txt")).unwrap().len(), 4);
-    assert_eq!(kernel_misses(port), misses, "answered by B's kernel");
     let before = resyncs(port);
 
     // B sleeps through a directory restart and a change made in the new directory's feed
@@ -140,15 +170,14 @@ fn a_restarted_directory_makes_the_client_resync_and_nothing_stale_survives() {
     signal(mb.pid(), "-CONT");
     assert!(wrote, "A writes again after the restart");
 
-    let t0 = Instant::now();
     let seen = eventually(DELIVERY, || {
         std::fs::metadata(mb.path("r.txt")).is_ok_and(|m| m.len() == 16)
     });
     assert!(
         seen,
-        "B's kernel still holds the size from before the restart"
+        "B's kernel still holds the size from before the restart {DELIVERY:?} after B woke"
     );
-    assert!(t0.elapsed() < FEED_TTL);
+    only_the_feed_explains(refreshed, Instant::now());
     assert_eq!(ok(mb.sh("cat r.txt")), "two, and longer\n");
     assert!(
         resyncs(port) >= before + 1.0,
