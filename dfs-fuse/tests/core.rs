@@ -1470,9 +1470,15 @@ async fn regression_an_unlink_or_rename_applied_without_an_answer_leaves_no_long
     // The same for a rename: both names.
     kernel.0.lock().unwrap().clear();
     proxy.lose.store(true, Ordering::SeqCst);
-    b.rename(NodeId::ROOT, OsStr::new("g"), NodeId::ROOT, OsStr::new("h"), 0)
-        .await
-        .expect_err("no answer");
+    b.rename(
+        NodeId::ROOT,
+        OsStr::new("g"),
+        NodeId::ROOT,
+        OsStr::new("h"),
+        0,
+    )
+    .await
+    .expect_err("no answer");
     proxy.lose.store(false, Ordering::SeqCst);
     assert!(a.lookup(NodeId::ROOT, OsStr::new("h")).await.is_ok());
     for name in ["g", "h"] {
@@ -1514,7 +1520,10 @@ impl StuckKernel {
         // Bounded: a test that never lets go still ends.
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while *stuck && std::time::Instant::now() < deadline {
-            stuck = cond.wait_timeout(stuck, Duration::from_millis(50)).unwrap().0;
+            stuck = cond
+                .wait_timeout(stuck, Duration::from_millis(50))
+                .unwrap()
+                .0;
         }
     }
 }

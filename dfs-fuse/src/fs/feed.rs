@@ -200,7 +200,7 @@ impl DfsFs {
             if self.kernel_stalled() {
                 self.kernel_fell_behind();
                 *at = None;
-            } else if !self.feed.kernel.get().is_some_and(|k| k.backlog() > 64) {
+            } else if self.feed.kernel.get().is_none_or(|k| k.backlog() <= 64) {
                 return true;
             }
             tokio::select! {

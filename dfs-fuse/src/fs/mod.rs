@@ -1117,7 +1117,10 @@ impl DfsFs {
                     code: ErrorCode::NotFound,
                     ..
                 }) => self.forget_name(parent, &source),
-                r => break r.inspect_err(|e| self.change_failed(e, &[(new_parent, name.as_str())]))?,
+                r => {
+                    break r
+                        .inspect_err(|e| self.change_failed(e, &[(new_parent, name.as_str())]))?;
+                }
             }
         };
         self.remember(&m, Some((new_parent, name.as_str())));
