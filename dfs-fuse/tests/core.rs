@@ -1207,6 +1207,14 @@ async fn namespace_ops_and_closes_ride_out_a_cluster_restart() {
     c.shutdown().await;
 }
 
+/// A cluster and two cores of one user on it: A, and B to subscribe to the feed.
+async fn two_cores(dir: &std::path::Path) -> (ClusterHandle, DfsFs, std::sync::Arc<DfsFs>) {
+    let c = cluster(&dir.join("cluster")).await;
+    let a = core(&c, Some(login(&c, "alice").await), &dir.join("a"));
+    let b = core(&c, Some(login(&c, "alice").await), &dir.join("b"));
+    (c, a, std::sync::Arc::new(b))
+}
+
 /// What a core asked the kernel to forget (the adapter's `Notifier` thread in a mount).
 #[derive(Default)]
 struct Recorded(std::sync::Mutex<Vec<dfs_fuse::fs::feed::Invalidation>>);
@@ -1227,13 +1235,7 @@ impl Recorded {
 async fn another_clients_rename_and_write_reach_this_clients_kernel_through_the_feed() {
     use dfs_fuse::fs::feed::Invalidation;
     let dir = tempfile::tempdir().unwrap();
-    let c = cluster(&dir.path().join("cluster")).await;
-    let a = core(&c, Some(login(&c, "alice").await), &dir.path().join("a"));
-    let b = std::sync::Arc::new(core(
-        &c,
-        Some(login(&c, "alice").await),
-        &dir.path().join("b"),
-    ));
+    let (c, a, b) = two_cores(dir.path()).await;
     let kernel = std::sync::Arc::new(Recorded::default());
     let cancel = subscribed(&b, kernel.clone()).await;
     assert_eq!(
@@ -1553,13 +1555,7 @@ async fn regression_a_stuck_kernel_notifier_turns_the_long_ttl_off_until_it_catc
     use dfs_fuse::fs::ATTR_TTL;
     use dfs_fuse::fs::feed::{FEED_TTL, NOTIFY_BOUND};
     let dir = tempfile::tempdir().unwrap();
-    let c = cluster(&dir.path().join("cluster")).await;
-    let a = core(&c, Some(login(&c, "alice").await), &dir.path().join("a"));
-    let b = std::sync::Arc::new(core(
-        &c,
-        Some(login(&c, "alice").await),
-        &dir.path().join("b"),
-    ));
+    let (c, a, b) = two_cores(dir.path()).await;
     let stuck = StuckKernel::default();
     let notifier = dfs_fuse::fuse::NotifierThread::start(stuck.clone()).unwrap();
     let cancel = subscribed(&b, notifier).await;
