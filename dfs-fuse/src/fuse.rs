@@ -1,8 +1,9 @@
 //! Links _fuser_ method calls into the [`DfsFs`] core and replies with data or an errno. No
 //! logic. Operations that can wait on a server for long (open, create, flush, fsync, setattr)
 //! run as tasks on the tokio runtime and reply from there, so a file whose servers are stuck
-//! never holds one of fuser's few worker threads; quick ones run on the worker thread. Release
-//! (which may hash a whole file) is handed to the blocking pool.
+//! never holds one of fuser's few worker threads; quick ones run on the worker thread, and go
+//! on from the blocking pool if they take longer than `FUSE_THREAD_HOLD` (a directory that
+//! does not answer). Release (which may hash a whole file) is handed to the blocking pool.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -39,7 +40,7 @@ pub struct FuseAdapter {
     /// file, and only its release can give them up).
     lock_owners: Arc<Mutex<HashMap<u64, std::collections::HashSet<u64>>>>,
     /// When each open directory listing was asked for (the TTL of its READDIRPLUS entries).
-    listed_at: Mutex<HashMap<u64, Since>>,
+    listed_at: Arc<Mutex<HashMap<u64, Since>>>,
 }
 
 /// What the kernel is told to forget, one call each (fuser's `Notifier` in a mount; tests put
@@ -152,19 +153,35 @@ struct Backing {
 }
 
 impl FuseAdapter {
-    /// Runs a core operation to completion on this FUSE thread and records its latency.
-    fn timed<T>(
+    /// Runs a core operation on this FUSE thread and replies; if it has not finished within
+    /// [`FUSE_THREAD_HOLD`] (it waits on a directory that does not answer), it goes on, and
+    /// replies, from the blocking pool: operations waiting out a directory outage never hold
+    /// all of the mount's FUSE threads, and what is answered locally (cached files, what was
+    /// heard before) is still served meanwhile. Records its latency.
+    fn quick<T: Send + 'static>(
         &self,
         req: &Request,
         op: &'static str,
-        f: impl std::future::Future<Output = T>,
-    ) -> T {
+        work: impl std::future::Future<Output = T> + Send + 'static,
+        reply: impl FnOnce(T) + Send + 'static,
+    ) {
         let start = std::time::Instant::now();
-        let r = self
+        let mut work = Box::pin(crate::caller::scope_request(self.caller(req), work));
+        let done = self
             .rt
-            .block_on(crate::caller::scope_request(self.caller(req), f));
-        self.fs.metrics().fuse_op(op, start.elapsed());
-        r
+            .block_on(async { tokio::time::timeout(FUSE_THREAD_HOLD, &mut work).await.ok() });
+        if let Some(r) = done {
+            self.fs.metrics().fuse_op(op, start.elapsed());
+            reply(r);
+            return;
+        }
+        let metrics = self.fs.metrics().clone();
+        let rt = self.rt.clone();
+        self.rt.spawn_blocking(move || {
+            let r = rt.block_on(work);
+            metrics.fuse_op(op, start.elapsed());
+            reply(r);
+        });
     }
 
     /// Runs a core operation on a thread of the blocking pool and hands its result to `reply`
@@ -210,7 +227,7 @@ impl FuseAdapter {
             rt,
             want_passthrough: passthrough,
             lock_owners: Arc::default(),
-            listed_at: Mutex::default(),
+            listed_at: Arc::default(),
         }
     }
 }
@@ -317,6 +334,11 @@ async fn lock_unless_signalled(
     }
 }
 
+/// How long a quick operation may hold the FUSE thread that took it (see `FuseAdapter::quick`):
+/// far above what one answered locally or by a reachable directory takes, far below the op
+/// timeout a directory outage makes it wait.
+const FUSE_THREAD_HOLD: Duration = Duration::from_millis(100);
+
 /// The TTL of a reply about `nodes` to a request that began at `since`.
 fn ttl(fs: &DfsFs, since: Since, nodes: &[u64]) -> Duration {
     let ids: Vec<NodeId> = nodes.iter().map(|n| NodeId(*n)).collect();
@@ -354,6 +376,9 @@ impl Filesystem for FuseAdapter {
                 "kernel lacks FUSE lock forwarding; flock/fcntl locks stay local to this client"
             );
         }
+        // Lookups and listings of one directory run at once (the kernel serializes them per
+        // directory otherwise): one waiting on the directory never holds up the others there.
+        let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
         // `ls -l`: names and attributes in one round trip per listing.
         let _ = config
             .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
@@ -379,22 +404,27 @@ impl Filesystem for FuseAdapter {
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let since = Since::now();
-        match self.timed(req, "lookup", self.fs.lookup(node(parent), name)) {
+        let (fs, core) = (self.fs.clone(), self.fs.clone());
+        let name = name.to_owned();
+        let op = async move { fs.lookup(node(parent), &name).await };
+        self.quick(req, "lookup", op, move |r| match r {
             Ok(attr) => reply.entry(
-                &ttl(&self.fs, since, &[parent.0, attr.ino.0]),
+                &ttl(&core, since, &[parent.0, attr.ino.0]),
                 &attr,
                 Generation(0),
             ),
             Err(e) => reply.error(errno("lookup", &e)),
-        }
+        });
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let since = Since::now();
-        match self.timed(req, "getattr", self.fs.getattr(node(ino))) {
-            Ok((attr, left)) => reply.attr(&left.min(ttl(&self.fs, since, &[ino.0])), &attr),
+        let (fs, core) = (self.fs.clone(), self.fs.clone());
+        let op = async move { fs.getattr(node(ino)).await };
+        self.quick(req, "getattr", op, move |r| match r {
+            Ok((attr, left)) => reply.attr(&left.min(ttl(&core, since, &[ino.0])), &attr),
             Err(e) => reply.error(errno("getattr", &e)),
-        }
+        });
     }
 
     fn setattr(
@@ -436,10 +466,12 @@ impl Filesystem for FuseAdapter {
     }
 
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.timed(req, "readlink", self.fs.readlink(node(ino))) {
+        let fs = self.fs.clone();
+        let op = async move { fs.readlink(node(ino)).await };
+        self.quick(req, "readlink", op, move |r| match r {
             Ok(t) => reply.data(t.as_bytes()),
             Err(e) => reply.error(errno("readlink", &e)),
-        }
+        });
     }
 
     fn mkdir(
@@ -452,32 +484,37 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         let since = Since::now();
-        match self.timed(
-            req,
-            "mkdir",
-            self.fs.mkdir(node(parent), name, mode & !umask),
-        ) {
+        let (fs, core) = (self.fs.clone(), self.fs.clone());
+        let name = name.to_owned();
+        let op = async move { fs.mkdir(node(parent), &name, mode & !umask).await };
+        self.quick(req, "mkdir", op, move |r| match r {
             Ok(attr) => reply.entry(
-                &ttl(&self.fs, since, &[parent.0, attr.ino.0]),
+                &ttl(&core, since, &[parent.0, attr.ino.0]),
                 &attr,
                 Generation(0),
             ),
             Err(e) => reply.error(errno("mkdir", &e)),
-        }
+        });
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.timed(req, "unlink", self.fs.unlink(node(parent), name)) {
+        let fs = self.fs.clone();
+        let name = name.to_owned();
+        let op = async move { fs.unlink(node(parent), &name).await };
+        self.quick(req, "unlink", op, move |r| match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("unlink", &e)),
-        }
+        });
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.timed(req, "rmdir", self.fs.rmdir(node(parent), name)) {
+        let fs = self.fs.clone();
+        let name = name.to_owned();
+        let op = async move { fs.rmdir(node(parent), &name).await };
+        self.quick(req, "rmdir", op, move |r| match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("rmdir", &e)),
-        }
+        });
     }
 
     fn symlink(
@@ -489,18 +526,17 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         let since = Since::now();
-        match self.timed(
-            req,
-            "symlink",
-            self.fs.symlink(node(parent), link_name, target),
-        ) {
+        let (fs, core) = (self.fs.clone(), self.fs.clone());
+        let (name, target) = (link_name.to_owned(), target.to_owned());
+        let op = async move { fs.symlink(node(parent), &name, &target).await };
+        self.quick(req, "symlink", op, move |r| match r {
             Ok(attr) => reply.entry(
-                &ttl(&self.fs, since, &[parent.0, attr.ino.0]),
+                &ttl(&core, since, &[parent.0, attr.ino.0]),
                 &attr,
                 Generation(0),
             ),
             Err(e) => reply.error(errno("symlink", &e)),
-        }
+        });
     }
 
     fn rename(
@@ -513,15 +549,16 @@ impl Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        match self.timed(
-            req,
-            "rename",
-            self.fs
-                .rename(node(parent), name, node(newparent), newname, flags.bits()),
-        ) {
+        let fs = self.fs.clone();
+        let (name, newname) = (name.to_owned(), newname.to_owned());
+        let op = async move {
+            fs.rename(node(parent), &name, node(newparent), &newname, flags.bits())
+                .await
+        };
+        self.quick(req, "rename", op, move |r| match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("rename", &e)),
-        }
+        });
     }
 
     fn link(
@@ -533,18 +570,17 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         let since = Since::now();
-        match self.timed(
-            req,
-            "link",
-            self.fs.link(node(ino), node(newparent), newname),
-        ) {
+        let (fs, core) = (self.fs.clone(), self.fs.clone());
+        let newname = newname.to_owned();
+        let op = async move { fs.link(node(ino), node(newparent), &newname).await };
+        self.quick(req, "link", op, move |r| match r {
             Ok(attr) => reply.entry(
-                &ttl(&self.fs, since, &[newparent.0, attr.ino.0]),
+                &ttl(&core, since, &[newparent.0, attr.ino.0]),
                 &attr,
                 Generation(0),
             ),
             Err(e) => reply.error(errno("link", &e)),
-        }
+        });
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -684,16 +720,19 @@ impl Filesystem for FuseAdapter {
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let since = Since::now();
-        match self.timed(req, "opendir", self.fs.opendir(node(ino))) {
+        let fs = self.fs.clone();
+        let listed_at = self.listed_at.clone();
+        let op = async move { fs.opendir(node(ino)).await };
+        self.quick(req, "opendir", op, move |r| match r {
             Ok(fh) => {
-                self.listed_at
+                listed_at
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(fh, since);
                 reply.opened(FileHandle(fh), FopenFlags::empty())
             }
             Err(e) => reply.error(errno("opendir", &e)),
-        }
+        });
     }
 
     fn readdir(
@@ -784,7 +823,9 @@ impl Filesystem for FuseAdapter {
     }
 
     fn statfs(&self, req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.timed(req, "statfs", self.fs.statfs()) {
+        let fs = self.fs.clone();
+        let op = async move { fs.statfs().await };
+        self.quick(req, "statfs", op, move |r| match r {
             Ok(s) => {
                 // The cluster's disks, one copy's worth (see `StatFs`); before any server
                 // reported its space, the bytes stored and no room beyond.
@@ -805,7 +846,7 @@ impl Filesystem for FuseAdapter {
                 );
             }
             Err(e) => reply.error(errno("statfs", &e)),
-        }
+        });
     }
 
     fn getlk(
@@ -884,10 +925,13 @@ impl Filesystem for FuseAdapter {
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        match self.timed(req, "access", self.fs.access(node(ino), mask.bits())) {
+        let fs = self.fs.clone();
+        let mask = mask.bits();
+        let op = async move { fs.access(node(ino), mask).await };
+        self.quick(req, "access", op, move |r| match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("access", &e)),
-        }
+        });
     }
 
     fn create(
