@@ -76,8 +76,8 @@ pub(crate) fn kernel_holds_long(m: &Mount, port: u16, paths: &[&str]) -> Instant
 }
 
 /// `seen` (a change showed at B) happened before B's kernel could have dropped what it held
-/// by its TTL: only the feed explains it.
-pub(crate) fn only_the_feed_explains(refreshed: Instant, seen: Instant) {
+/// by its TTL: only an invalidation (the feed's, a resync's or its own) explains it.
+pub(crate) fn only_an_invalidation_explains(refreshed: Instant, seen: Instant) {
     assert!(
         seen.duration_since(refreshed) < FEED_TTL,
         "inconclusive: {:?} since B's kernel last refreshed, past the long TTL",
@@ -125,7 +125,7 @@ fn another_clients_rename_create_delete_and_overwrite_show_well_within_the_ttl()
         seen,
         "B's kernel still shows the old namespace {DELIVERY:?} after A's change"
     );
-    only_the_feed_explains(refreshed, Instant::now());
+    only_an_invalidation_explains(refreshed, Instant::now());
     assert_eq!(ok(mb.sh("ls d")), "a2\nc\nnew\n");
     assert_eq!(
         ok(mb.sh("cat d/c d/a2 d/new")),
@@ -177,7 +177,7 @@ fn a_restarted_directory_makes_the_client_resync_and_nothing_stale_survives() {
         seen,
         "B's kernel still holds the size from before the restart {DELIVERY:?} after B woke"
     );
-    only_the_feed_explains(refreshed, Instant::now());
+    only_an_invalidation_explains(refreshed, Instant::now());
     assert_eq!(ok(mb.sh("cat r.txt")), "two, and longer\n");
     assert!(
         resyncs(port) >= before + 1.0,
@@ -188,4 +188,133 @@ fn a_restarted_directory_makes_the_client_resync_and_nothing_stale_survives() {
         "B subscribed to the new directory's feed: {}",
         mb.log()
     );
+}
+
+/// A loopback proxy in front of the directory that, while `lose` is set, passes a namespace
+/// change (a request carrying a request id) on to the directory and, once it answers, drops
+/// the connection instead of passing the answer back: the directory applied the change, the
+/// client heard nothing (its retries, with the same request id, fare the same).
+struct AnswerLosingProxy {
+    url: String,
+    lose: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl AnswerLosingProxy {
+    fn start(directory_url: &str) -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let upstream = directory_url.trim_start_matches("http://").to_owned();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let lose = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (losing, stopping) = (lose.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if stopping.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(client) = client else { break };
+                let Ok(server) = std::net::TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let swallow = Arc::new(AtomicBool::new(false));
+                let (mut from, mut to) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (swallowing, losing) = (swallow.clone(), losing.clone());
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match std::io::Read::read(&mut from, &mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let id = b"x-dfs-request-id";
+                        let change = buf[..n]
+                            .windows(id.len())
+                            .any(|w| w.eq_ignore_ascii_case(id));
+                        if change && losing.load(Ordering::SeqCst) {
+                            swallowing.store(true, Ordering::SeqCst);
+                        }
+                        if std::io::Write::write_all(&mut to, &buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut from, mut to) = (server, client);
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match std::io::Read::read(&mut from, &mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if swallow.load(Ordering::SeqCst) {
+                            // The directory answered: the client never hears it.
+                            break;
+                        }
+                        if std::io::Write::write_all(&mut to, &buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                    let _ = from.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        AnswerLosingProxy { url, lose, stop }
+    }
+
+    fn lose_answers(&self, lose: bool) {
+        self.lose.store(lose, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for AnswerLosingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wakes the accept loop up so that it sees the stop.
+        let _ = std::net::TcpStream::connect(self.url.trim_start_matches("http://"));
+    }
+}
+
+#[test]
+fn a_clients_own_unlink_that_got_no_answer_leaves_no_stale_entry_in_its_kernel() {
+    let cluster = Cluster::start(&[]);
+    let (a, mut b) = (Client::new(&cluster.url), Client::new(&cluster.url));
+    a.signup_login("alice");
+    b.signup_login("alice");
+    let proxy = AnswerLosingProxy::start(&cluster.url);
+    b.server = proxy.url.clone();
+    let ma = a.mount(&[]);
+    let port = free_port();
+    let mb = b.mount(&[
+        "--metrics",
+        &format!("127.0.0.1:{port}"),
+        "--op-timeout-secs",
+        "1",
+    ]);
+    assert!(
+        eventually(Duration::from_secs(10), || feed_up(port)),
+        "the change feed never came up: {}",
+        mb.log()
+    );
+    ok(ma.sh("echo one > f"));
+    ok(mb.sh("cat f >/dev/null"));
+    let refreshed = kernel_holds_long(&mb, port, &["f"]);
+
+    // B's rm reaches the directory, which applies it; the answer never reaches B.
+    proxy.lose_answers(true);
+    let out = mb.sh("rm f");
+    proxy.lose_answers(false);
+    assert!(!out.status.success(), "the rm got no answer: {out:?}");
+    assert!(
+        ma.path("f").symlink_metadata().is_err(),
+        "the directory applied it"
+    );
+    // B's own change never comes back in its feed: B drops the name from its kernel itself.
+    let gone = eventually(DELIVERY, || mb.path("f").symlink_metadata().is_err());
+    assert!(gone, "B's kernel still shows f: {}", mb.log());
+    only_an_invalidation_explains(refreshed, Instant::now());
 }
