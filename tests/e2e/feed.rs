@@ -220,47 +220,17 @@ impl AnswerLosingProxy {
                     continue;
                 };
                 let swallow = Arc::new(AtomicBool::new(false));
-                let (mut from, mut to) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                 let (swallowing, losing) = (swallow.clone(), losing.clone());
-                std::thread::spawn(move || {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        let n = match std::io::Read::read(&mut from, &mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        let id = b"x-dfs-request-id";
-                        let change = buf[..n]
-                            .windows(id.len())
-                            .any(|w| w.eq_ignore_ascii_case(id));
-                        if change && losing.load(Ordering::SeqCst) {
-                            swallowing.store(true, Ordering::SeqCst);
-                        }
-                        if std::io::Write::write_all(&mut to, &buf[..n]).is_err() {
-                            break;
-                        }
+                pump(&client, &server, move |chunk| {
+                    let id = b"x-dfs-request-id";
+                    let change = chunk.windows(id.len()).any(|w| w.eq_ignore_ascii_case(id));
+                    if change && losing.load(Ordering::SeqCst) {
+                        swallowing.store(true, Ordering::SeqCst);
                     }
-                    let _ = to.shutdown(std::net::Shutdown::Write);
+                    true
                 });
-                let (mut from, mut to) = (server, client);
-                std::thread::spawn(move || {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        let n = match std::io::Read::read(&mut from, &mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        if swallow.load(Ordering::SeqCst) {
-                            // The directory answered: the client never hears it.
-                            break;
-                        }
-                        if std::io::Write::write_all(&mut to, &buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                    let _ = to.shutdown(std::net::Shutdown::Both);
-                    let _ = from.shutdown(std::net::Shutdown::Both);
-                });
+                // Once the directory answered a change, the client never hears it.
+                pump(&server, &client, move |_| !swallow.load(Ordering::SeqCst));
             }
         });
         AnswerLosingProxy { url, lose, stop }
@@ -269,6 +239,32 @@ impl AnswerLosingProxy {
     fn lose_answers(&self, lose: bool) {
         self.lose.store(lose, std::sync::atomic::Ordering::SeqCst);
     }
+}
+
+/// Copies what `from` sends to `to`, on a thread of its own, until either ends or `pass`
+/// refuses a chunk; then closes both.
+fn pump(
+    from: &std::net::TcpStream,
+    to: &std::net::TcpStream,
+    mut pass: impl FnMut(&[u8]) -> bool + Send + 'static,
+) {
+    let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
+        return;
+    };
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match std::io::Read::read(&mut from, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if !pass(&buf[..n]) || std::io::Write::write_all(&mut to, &buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Both);
+        let _ = from.shutdown(std::net::Shutdown::Both);
+    });
 }
 
 impl Drop for AnswerLosingProxy {
