@@ -70,20 +70,38 @@ impl KernelNotify for fuser::Notifier {
 
 /// Sends invalidations to the kernel through a [`KernelNotify`] on a thread of its own: a
 /// notification can wait on the kernel, which may be waiting on a FUSE thread (deadlock in a
-/// handler) or hold up the runtime (in a worker). It tells how long the oldest batch has
-/// waited, so that a stuck kernel makes the feed unhealthy (`fs::feed::NOTIFY_BOUND`).
+/// handler) or hold up the runtime (in a worker). It tells since when it has made no progress
+/// while work waits, so that a stuck kernel makes the feed unhealthy
+/// (`fs::feed::NOTIFY_BOUND`); a long batch the kernel takes call by call is progress.
 pub struct NotifierThread {
     tx: std::sync::mpsc::Sender<Vec<Invalidation>>,
+    queue: Arc<Mutex<NotifyQueue>>,
+}
+
+/// What `NotifierThread` has to do, and when it last got something done.
+struct NotifyQueue {
     /// When each batch not yet applied was handed over, oldest first.
-    waiting: Arc<Mutex<std::collections::VecDeque<std::time::Instant>>>,
+    waiting: std::collections::VecDeque<std::time::Instant>,
+    /// When the thread last finished a call into the kernel.
+    progress: std::time::Instant,
 }
 
 impl NotifierThread {
     /// Starts the thread; it ends when the core drops its end.
     pub fn start(notifier: impl KernelNotify) -> std::io::Result<Arc<Self>> {
         let (tx, rx) = std::sync::mpsc::channel::<Vec<Invalidation>>();
-        let waiting = Arc::new(Mutex::new(std::collections::VecDeque::new()));
-        let left = waiting.clone();
+        let queue = Arc::new(Mutex::new(NotifyQueue {
+            waiting: std::collections::VecDeque::new(),
+            progress: std::time::Instant::now(),
+        }));
+        let left = queue.clone();
+        let done = move |pop: bool| {
+            let mut q = left.lock().unwrap_or_else(|p| p.into_inner());
+            q.progress = std::time::Instant::now();
+            if pop {
+                q.waiting.pop_front();
+            }
+        };
         std::thread::Builder::new()
             .name("dfs-notify".into())
             .spawn(move || {
@@ -105,34 +123,36 @@ impl NotifierThread {
                             // After an unmount every notification fails; nothing to drop then.
                             tracing::debug!(?inv, error = %e, "kernel invalidation failed");
                         }
+                        done(false);
                     }
-                    left.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+                    done(true);
                 }
             })?;
-        Ok(Arc::new(NotifierThread { tx, waiting }))
+        Ok(Arc::new(NotifierThread { tx, queue }))
     }
 
-    fn waiting(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<std::time::Instant>> {
-        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    fn queue(&self) -> std::sync::MutexGuard<'_, NotifyQueue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 impl KernelCache for NotifierThread {
     fn invalidate(&self, batch: Vec<Invalidation>) {
         // Queued under the lock, so that the thread never pops a time before it is pushed.
-        let mut waiting = self.waiting();
-        waiting.push_back(std::time::Instant::now());
+        let mut q = self.queue();
+        q.waiting.push_back(std::time::Instant::now());
         if self.tx.send(batch).is_err() {
-            waiting.pop_back();
+            q.waiting.pop_back();
         }
     }
 
     fn backlog(&self) -> usize {
-        self.waiting().len()
+        self.queue().waiting.len()
     }
 
-    fn pending_since(&self) -> Option<std::time::Instant> {
-        self.waiting().front().copied()
+    fn stuck_since(&self) -> Option<std::time::Instant> {
+        let q = self.queue();
+        q.waiting.front().map(|t| (*t).max(q.progress))
     }
 }
 

@@ -28,11 +28,13 @@ pub const FEED_TTL: Duration = Duration::from_secs(15);
 /// How long one poll waits at the directory for a change.
 pub const POLL_WAIT: Duration = Duration::from_secs(10);
 
-/// How long invalidations may wait for the kernel (the oldest batch not yet applied) before
-/// the feed counts as unhealthy: short TTLs until the kernel took everything, then a resync.
-/// A notifier stuck on the kernel would otherwise leave long TTLs in force over changes the
-/// kernel never heard of.
-pub const NOTIFY_BOUND: Duration = Duration::from_secs(2);
+/// How long the kernel may take no invalidation while some wait before the feed counts as
+/// unhealthy: short TTLs until the kernel took everything (what is queued reaches it in
+/// order, so no resync is needed). A notifier stuck on the kernel would otherwise leave long
+/// TTLs in force over changes the kernel never heard of. Above `remote::FALLBACK_WAIT` (2 s):
+/// the kernel's `inval_entry` waits for the lookups in progress in its directory, and a
+/// lookup of a known name may wait that long for a directory that does not answer.
+pub const NOTIFY_BOUND: Duration = Duration::from_secs(5);
 
 /// How often a poll in progress checks that the kernel keeps up.
 const NOTIFY_CHECK: Duration = Duration::from_millis(250);
@@ -78,8 +80,10 @@ pub trait KernelCache: Send + Sync {
         0
     }
 
-    /// When the oldest batch not yet applied was handed over (none: all applied).
-    fn pending_since(&self) -> Option<std::time::Instant> {
+    /// While batches wait: since when the kernel took nothing (the later of the oldest
+    /// waiting batch's hand-over and the last call into the kernel that finished). None when
+    /// everything was applied.
+    fn stuck_since(&self) -> Option<std::time::Instant> {
         None
     }
 }
@@ -167,17 +171,17 @@ impl DfsFs {
         self.feed.up.load(Ordering::Acquire)
     }
 
-    /// Whether invalidations have waited for the kernel longer than [`NOTIFY_BOUND`].
+    /// Whether the kernel has taken no invalidation for [`NOTIFY_BOUND`] while some wait.
     fn kernel_stalled(&self) -> bool {
         self.feed
             .kernel
             .get()
-            .and_then(|k| k.pending_since())
+            .and_then(|k| k.stuck_since())
             .is_some_and(|t| t.elapsed() >= NOTIFY_BOUND)
     }
 
     /// The kernel stopped taking invalidations: short TTLs (from replies to requests begun
-    /// before now on) until it caught up and a resync dropped everything.
+    /// before now on) until it took everything queued.
     fn kernel_fell_behind(&self) {
         if self.feed.up.swap(false, Ordering::AcqRel) {
             tracing::warn!(
@@ -188,19 +192,30 @@ impl DfsFs {
         *self.feed.lost_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
     }
 
-    /// Waits until the kernel keeps up: fewer than 64 batches waiting, none for longer than
-    /// [`NOTIFY_BOUND`] (marking the feed unhealthy if one did: `*at` is then cleared, for a
-    /// resync once the kernel caught up). False if cancelled.
+    /// Waits until the kernel keeps up: at most 64 batches waiting, and no stall (a stall
+    /// marks the feed unhealthy and sets `*behind`; then it waits until the kernel took
+    /// everything queued, and the feed is healthy again if it is in sync, `at`, for replies
+    /// to requests begun from then on). False if cancelled.
     async fn until_kernel_keeps_up(
         &self,
         cancel: &CancellationToken,
-        at: &mut Option<(u64, u64)>,
+        at: Option<(u64, u64)>,
+        behind: &mut bool,
     ) -> bool {
         loop {
+            let backlog = self.feed.kernel.get().map_or(0, |k| k.backlog());
             if self.kernel_stalled() {
                 self.kernel_fell_behind();
-                *at = None;
-            } else if self.feed.kernel.get().is_none_or(|k| k.backlog() <= 64) {
+                *behind = true;
+            } else if *behind && backlog == 0 {
+                *behind = false;
+                if at.is_some() {
+                    *self.feed.lost_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                    self.feed.up.store(true, Ordering::Release);
+                    tracing::info!("the kernel took every invalidation; long TTLs again");
+                }
+                return true;
+            } else if !*behind && backlog <= 64 {
                 return true;
             }
             tokio::select! {
@@ -299,9 +314,10 @@ impl DfsFs {
     pub async fn run_feed(self: Arc<Self>, cancel: CancellationToken) {
         let mut at: Option<(u64, u64)> = None;
         let mut retry = RETRY_AFTER;
+        let mut behind = false;
         loop {
             // The kernel takes invalidations on one thread: never run far ahead of it.
-            if !self.until_kernel_keeps_up(&cancel, &mut at).await {
+            if !self.until_kernel_keeps_up(&cancel, at, &mut behind).await {
                 return;
             }
             let (epoch, after) = match at {
@@ -310,10 +326,11 @@ impl DfsFs {
             };
             let polled = tokio::select! {
                 _ = cancel.cancelled() => return,
-                // The poll is dropped; a resync follows once the kernel caught up.
+                // The poll is dropped (asked again from the same position once the kernel
+                // took everything queued).
                 _ = self.kernel_stall() => {
                     self.kernel_fell_behind();
-                    at = None;
+                    behind = true;
                     continue;
                 }
                 r = self.remote.changes(epoch, after, POLL_WAIT) => r,
