@@ -2,8 +2,8 @@
 //! logic. Operations that can wait on a server for long (open, create, flush, fsync, setattr)
 //! run as tasks on the tokio runtime and reply from there, so a file whose servers are stuck
 //! never holds one of fuser's few worker threads; quick ones run on the worker thread, and go
-//! on from the blocking pool if they take longer than `FUSE_THREAD_HOLD` (a directory that
-//! does not answer). Release (which may hash a whole file) is handed to the blocking pool.
+//! on as a runtime task if they take longer than `FUSE_THREAD_HOLD` (a directory that does
+//! not answer). Release (which may hash a whole file) is handed to the blocking pool.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -175,9 +175,9 @@ struct Backing {
 impl FuseAdapter {
     /// Runs a core operation on this FUSE thread and replies; if it has not finished within
     /// [`FUSE_THREAD_HOLD`] (it waits on a directory that does not answer), it goes on, and
-    /// replies, from the blocking pool: operations waiting out a directory outage never hold
-    /// all of the mount's FUSE threads, and what is answered locally (cached files, what was
-    /// heard before) is still served meanwhile. Records its latency.
+    /// replies, as a task of the runtime (`go_on`): operations waiting out a directory outage
+    /// never hold all of the mount's FUSE threads, and what is answered locally (cached
+    /// files, what was heard before) is still served meanwhile. Records its latency.
     fn quick<T: Send + 'static>(
         &self,
         req: &Request,
@@ -196,9 +196,7 @@ impl FuseAdapter {
             return;
         }
         let metrics = self.fs.metrics().clone();
-        let rt = self.rt.clone();
-        self.rt.spawn_blocking(move || {
-            let r = rt.block_on(work);
+        go_on(&self.rt, work, move |r| {
             metrics.fuse_op(op, start.elapsed());
             reply(r);
         });
@@ -358,6 +356,19 @@ async fn lock_unless_signalled(
 /// far above what one answered locally or by a reachable directory takes, far below the op
 /// timeout a directory outage makes it wait.
 const FUSE_THREAD_HOLD: Duration = Duration::from_millis(100);
+
+/// Finishes `work` as a task of the runtime and hands its result to `reply` there. The work
+/// of a quick operation only waits (on the network) and `reply` is one write to the FUSE
+/// device: neither needs a thread of its own, so operations waiting out a directory outage
+/// cost a task each, never a thread of the blocking pool, which flushes, fsyncs, releases,
+/// name resolution and unmount need.
+fn go_on<T: Send + 'static>(
+    rt: &tokio::runtime::Handle,
+    work: impl std::future::Future<Output = T> + Send + 'static,
+    reply: impl FnOnce(T) + Send + 'static,
+) {
+    rt.spawn(async move { reply(work.await) });
+}
 
 /// The TTL of a reply about `nodes` to a request that began at `since`.
 fn ttl(fs: &DfsFs, since: Since, nodes: &[u64]) -> Duration {
@@ -1054,5 +1065,52 @@ impl Filesystem for FuseAdapter {
             ),
             Err(e) => reply.error(errno("mknod", &e)),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regression_operations_waiting_on_the_directory_leave_the_blocking_pool_free() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (release, released) = tokio::sync::watch::channel(false);
+        let (replied, replies) = std::sync::mpsc::channel();
+        // Operations still waiting on a directory that does not answer.
+        for i in 0..4 {
+            let mut released = released.clone();
+            let replied = replied.clone();
+            go_on(
+                rt.handle(),
+                Box::pin(async move {
+                    let _ = released.wait_for(|r| *r).await;
+                    i
+                }),
+                move |i| {
+                    let _ = replied.send(i);
+                },
+            );
+        }
+        // Meanwhile the blocking pool still serves (a release hashing a file, a flush).
+        let (done, ran) = std::sync::mpsc::channel();
+        rt.spawn_blocking(move || {
+            let _ = done.send(());
+        });
+        assert!(
+            ran.recv_timeout(Duration::from_secs(2)).is_ok(),
+            "the blocking pool is not held by waiting operations"
+        );
+        let _ = release.send(true);
+        let mut got: Vec<i32> = (0..4)
+            .filter_map(|_| replies.recv_timeout(Duration::from_secs(2)).ok())
+            .collect();
+        got.sort_unstable();
+        assert_eq!(got, [0, 1, 2, 3], "each replied once its work finished");
     }
 }
