@@ -1385,6 +1385,87 @@ async fn answer_losing_proxy(directory_url: &str) -> AnswerLosingProxy {
     AnswerLosingProxy { url, lose }
 }
 
+/// A loopback proxy in front of the directory that counts the listing requests (pages of
+/// `/children`) passing through it.
+async fn listing_counting_proxy(
+    directory_url: &str,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = directory_url.trim_start_matches("http://").to_owned();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let count = Arc::new(AtomicUsize::new(0));
+    let counting = count.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            let counting = counting.clone();
+            tokio::spawn(async move {
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = server.into_split();
+                let answers = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
+                });
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = from_client.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let pages = buf[..n].windows(b"/children?".len());
+                    let pages = pages.filter(|w| *w == b"/children?").count();
+                    counting.fetch_add(pages, Ordering::SeqCst);
+                    if to_server.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                answers.abort();
+            });
+        }
+    });
+    (url, count)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_lookups_in_parallel_in_one_directory_share_one_listing() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let a = core(&c, Some(login(&c, "alice").await), &dir.path().join("a"));
+    let (url, listings) = listing_counting_proxy(&c.directory_url).await;
+    let b = std::sync::Arc::new(patient_core(
+        &url,
+        login(&c, "alice").await,
+        &dir.path().join("b"),
+    ));
+    for i in 0..3 {
+        write_file(&a, &format!("f{i}"), b"x").await.unwrap();
+    }
+    // B knows the directory completely, then that view is older than its TTL (no feed: 1 s):
+    // a lookup of an absent name lists the small directory again.
+    assert!(names(&b).await.len() >= 3);
+    tokio::time::sleep(dfs_fuse::fs::ATTR_TTL + Duration::from_millis(200)).await;
+    let before = listings.load(Ordering::SeqCst);
+    let lookups: Vec<_> = (0..16)
+        .map(|i| {
+            let b = b.clone();
+            tokio::spawn(async move { b.lookup(NodeId::ROOT, OsStr::new(&format!("x{i}"))).await })
+        })
+        .collect();
+    for l in lookups {
+        let r = l.await.unwrap();
+        assert!(r.as_ref().is_err_and(|e| e.is_not_found()), "{r:?}");
+    }
+    assert_eq!(
+        listings.load(Ordering::SeqCst) - before,
+        1,
+        "one listing answers every lookup that waited for it"
+    );
+    c.shutdown().await;
+}
+
 /// A core whose directory calls go through `url` and give up after about a second.
 fn impatient_core(url: &str, login: SavedLogin, cache: &std::path::Path) -> DfsFs {
     let config = RemoteConfig {

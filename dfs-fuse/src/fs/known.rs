@@ -52,6 +52,10 @@ pub(super) struct Known {
     /// When the change feed last said each node (or directory) changed, or until when an
     /// operation of unknown outcome here may still change it.
     touched: Touched,
+    /// Listings started (`listing_start`), and per directory the one whose names it holds as
+    /// complete: an older listing that ends later never replaces them.
+    listings: u64,
+    newest_listing: HashMap<NodeId, u64>,
     /// When everything was last distrusted (the feed lost), and how many times.
     distrusted_at: Option<Instant>,
     distrusts: u64,
@@ -218,6 +222,7 @@ pub(super) struct ListingStart {
     at: Instant,
     changes: u64,
     distrusts: u64,
+    seq: u64,
 }
 
 impl Known {
@@ -299,25 +304,32 @@ impl Known {
     }
 
     /// Call before requesting a listing of `dir`.
-    pub fn listing_start(&self, dir: NodeId, now: Instant) -> ListingStart {
+    pub fn listing_start(&mut self, dir: NodeId, now: Instant) -> ListingStart {
+        self.listings += 1;
         ListingStart {
             at: now,
             changes: self.changes.get(&dir).copied().unwrap_or(0),
             distrusts: self.distrusts,
+            seq: self.listings,
         }
     }
 
     /// A full listing of `dir`, requested at `start`: its names are exactly these, as of the
     /// request (not the answer). If this client changed the directory meanwhile, the listing
     /// may predate the change: its names are added, nothing is removed, and the directory is
-    /// not taken as known completely. Returns the names known before that the listing shows
-    /// gone or naming another node (the kernel may still hold them).
+    /// not taken as known completely. A listing requested before the one that made the
+    /// directory known completely is older than what is known: it is ignored (listings run
+    /// in parallel, and may end in any order). Returns the names known before that the
+    /// listing shows gone or naming another node (the kernel may still hold them).
     pub fn listed(
         &mut self,
         dir: NodeId,
         entries: &[DirEntry],
         start: ListingStart,
     ) -> Vec<String> {
+        if self.newest_listing.get(&dir).is_some_and(|s| *s > start.seq) {
+            return Vec::new();
+        }
         // A change of unknown outcome there may land after the listing was taken.
         let current = self.changes.get(&dir).copied().unwrap_or(0) == start.changes
             && self.distrusts == start.distrusts
@@ -348,6 +360,7 @@ impl Known {
         self.names.set_dir(dir, names);
         if current {
             self.complete.insert(dir, start.at);
+            self.newest_listing.insert(dir, start.seq);
         } else {
             self.complete.remove(&dir);
         }
@@ -612,6 +625,28 @@ pub(super) mod tests {
             start,
         );
         assert_eq!(k.lookup(dir, "y", TTL, t0), Lookup::Absent);
+    }
+
+    #[test]
+    fn regression_a_listing_that_ends_after_a_newer_one_never_replaces_it() {
+        let mut k = Known::default();
+        let t0 = Instant::now();
+        let dir = NodeId(4);
+        let older = k.listing_start(dir, t0);
+        // Another client creates "n" meanwhile; a second listing, asked later, shows it.
+        let t1 = t0 + Duration::from_millis(1);
+        let newer = k.listing_start(dir, t1);
+        let n = DirEntry {
+            name: "n".into(),
+            meta: meta(11),
+        };
+        assert!(k.listed(dir, std::slice::from_ref(&n), newer).is_empty());
+        assert_eq!(k.lookup(dir, "n", TTL, t1), Lookup::Ask);
+        // The older listing ends last: it does not hide "n".
+        assert!(k.listed(dir, &[], older).is_empty(), "nothing dropped");
+        assert_eq!(k.by_name(dir, "n").map(|m| m.id), Some(NodeId(11)));
+        assert_eq!(k.lookup(dir, "n", TTL, t1), Lookup::Ask, "not answered absent");
+        assert_eq!(k.lookup(dir, "x", TTL, t1), Lookup::Absent, "still complete");
     }
 
     #[test]

@@ -278,6 +278,9 @@ pub struct DfsFs {
     /// pushes are refused, and the next open without writers fetches the file again.
     torn: Mutex<std::collections::HashSet<NodeId>>,
     known: Mutex<known::Known>,
+    /// One listing at a time per directory for lookups (`lookup`'s `Relist`): lookups that
+    /// run in parallel there share it rather than each list the directory.
+    relisting: dfs_server::keyed::KeyedMutex<NodeId>,
     /// The change feed's state (see `feed.rs`).
     feed: feed::FeedState,
     uid: u32,
@@ -406,6 +409,7 @@ impl DfsFs {
             unlocking: dfs_server::keyed::KeyedMutex::default(),
             torn: Mutex::new(std::collections::HashSet::new()),
             known: Mutex::new(known::Known::default()),
+            relisting: dfs_server::keyed::KeyedMutex::default(),
             feed: feed::FeedState::default(),
             uid: meta.uid(),
             gid: meta.gid(),
@@ -674,19 +678,8 @@ impl DfsFs {
         match how {
             known::Lookup::Absent => return Err(FsError::Absent),
             known::Lookup::Relist => {
-                let start = self.known().listing_start(parent, Instant::now());
-                // A failed listing is followed by a lookup, which waits for the directory.
-                if let Ok(entries) = self
-                    .remote
-                    .list_within(parent, crate::remote::FALLBACK_WAIT)
-                    .await
-                {
-                    let mut k = self.known();
-                    let dropped = k.listed(parent, &entries, start);
-                    let found = k.by_name(parent, name.as_str());
-                    drop(k);
-                    self.names_dropped(parent, dropped);
-                    return found.map(|m| self.attr(&m)).ok_or(FsError::Absent);
+                if let Some(answer) = self.relist_lookup(parent, name.as_str()).await {
+                    return answer;
                 }
             }
             known::Lookup::Ask => {}
@@ -712,6 +705,33 @@ impl DfsFs {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// A lookup answered by listing `parent` again (`Lookup::Relist`); None: ask for the name.
+    /// One listing at a time per directory: a lookup that waited for another's listing is
+    /// answered from it.
+    async fn relist_lookup(&self, parent: NodeId, name: &str) -> Option<FsResult<FileAttr>> {
+        let gate = self.relisting.get(parent);
+        let _turn = gate.lock().await;
+        let how = self.known().lookup(parent, name, self.ttl(), Instant::now());
+        match how {
+            known::Lookup::Absent => return Some(Err(FsError::Absent)),
+            known::Lookup::Ask => return None,
+            known::Lookup::Relist => {}
+        }
+        let start = self.known().listing_start(parent, Instant::now());
+        // A failed listing is followed by a lookup, which waits for the directory.
+        let entries = self
+            .remote
+            .list_within(parent, crate::remote::FALLBACK_WAIT)
+            .await
+            .ok()?;
+        let mut k = self.known();
+        let dropped = k.listed(parent, &entries, start);
+        let found = k.by_name(parent, name);
+        drop(k);
+        self.names_dropped(parent, dropped);
+        Some(found.map(|m| self.attr(&m)).ok_or(FsError::Absent))
     }
 
     /// getattr.
