@@ -1319,7 +1319,8 @@ async fn another_clients_rename_and_write_reach_this_clients_kernel_through_the_
 
 /// A loopback proxy in front of the directory that, while `lose` is set, forwards namespace
 /// changes (requests carrying a request id) to the directory but never their answers: the
-/// directory applies them and the client hears nothing.
+/// directory applies them and the client hears nothing (the proxy closes the client's
+/// connection, and keeps the directory's open until it answered, unheard).
 struct AnswerLosingProxy {
     url: String,
     lose: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -1356,12 +1357,18 @@ async fn answer_losing_proxy(directory_url: &str) -> AnswerLosingProxy {
                         let change = buf[..n]
                             .windows(common::routes::REQUEST_ID.len())
                             .any(|w| w.eq_ignore_ascii_case(common::routes::REQUEST_ID.as_bytes()));
-                        if change && losing.load(Ordering::SeqCst) {
+                        let lost = change && losing.load(Ordering::SeqCst);
+                        if lost {
                             // Set before the request goes on: its answer is never passed back.
                             swallowing.store(true, Ordering::SeqCst);
                         }
                         if to_server.write_all(&buf[..n]).await.is_err() {
                             break;
+                        }
+                        if lost {
+                            // Nothing more on this connection; the directory's side stays open
+                            // (a half-closed connection may cancel the request there).
+                            std::future::pending::<()>().await;
                         }
                     }
                 });
@@ -1372,7 +1379,19 @@ async fn answer_losing_proxy(directory_url: &str) -> AnswerLosingProxy {
                         Ok(n) => n,
                     };
                     if swallow.load(Ordering::SeqCst) {
-                        continue;
+                        // The client's connection ends without the answer; the directory's
+                        // answer is read and dropped until it closes (bounded).
+                        let _ = to_client.shutdown().await;
+                        drop(to_client);
+                        let drain = async {
+                            while let Ok(n) = from_server.read(&mut buf).await {
+                                if n == 0 {
+                                    break;
+                                }
+                            }
+                        };
+                        let _ = tokio::time::timeout(Duration::from_secs(30), drain).await;
+                        break;
                     }
                     if to_client.write_all(&buf[..n]).await.is_err() {
                         break;
