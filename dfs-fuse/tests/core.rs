@@ -1602,6 +1602,60 @@ async fn regression_an_unlink_or_rename_applied_without_an_answer_leaves_no_long
     c.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_chmod_or_link_applied_without_an_answer_leaves_no_long_kernel_attributes() {
+    use dfs_fuse::fs::ATTR_TTL;
+    use dfs_fuse::fs::feed::{FEED_TTL, Invalidation};
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let proxy = answer_losing_proxy(&c.directory_url).await;
+    let a = core(&c, Some(login(&c, "alice").await), &dir.path().join("a"));
+    let b = std::sync::Arc::new(impatient_core(
+        &proxy.url,
+        login(&c, "alice").await,
+        &dir.path().join("b"),
+    ));
+    let kernel = std::sync::Arc::new(Recorded::default());
+    let cancel = subscribed(&b, kernel.clone()).await;
+    write_file(&a, "f", b"one").await.unwrap();
+    let f = NodeId(b.lookup(NodeId::ROOT, OsStr::new("f")).await.unwrap().ino.0);
+    assert_eq!(b.reply_ttl(Instant::now(), &[f]), FEED_TTL);
+    kernel.0.lock().unwrap().clear();
+
+    // B's chmod lands; its answer never comes back, and B's feed never brings it.
+    proxy.lose.store(true, Ordering::SeqCst);
+    let change = AttrChange {
+        mode: Some(0o600),
+        ..AttrChange::default()
+    };
+    b.setattr(f, change, None).await.expect_err("no answer");
+    proxy.lose.store(false, Ordering::SeqCst);
+    let at_a = a.lookup(NodeId::ROOT, OsStr::new("f")).await.unwrap();
+    assert_eq!(at_a.perm, 0o600, "the directory applied it");
+    assert!(
+        kernel.has(|i| *i == Invalidation::Inode(f)),
+        "the kernel forgets f's attributes"
+    );
+    assert_eq!(b.reply_ttl(Instant::now(), &[f]), ATTR_TTL);
+    let (attr, _) = b.getattr(f).await.unwrap();
+    assert_eq!(attr.perm, 0o600, "asked again, not answered from before");
+
+    // The same for a link: the linked node's link count changed.
+    kernel.0.lock().unwrap().clear();
+    proxy.lose.store(true, Ordering::SeqCst);
+    b.link(f, NodeId::ROOT, OsStr::new("f2"))
+        .await
+        .expect_err("no answer");
+    proxy.lose.store(false, Ordering::SeqCst);
+    assert!(a.lookup(NodeId::ROOT, OsStr::new("f2")).await.is_ok());
+    assert!(
+        kernel.has(|i| *i == Invalidation::Inode(f)),
+        "the kernel forgets f's link count"
+    );
+    cancel.cancel();
+    c.shutdown().await;
+}
+
 /// Stands for the kernel in `NotifierThread`: records what it is told, and blocks (a stuck
 /// kernel) while `stuck` is set.
 #[derive(Clone, Default)]
@@ -1699,7 +1753,10 @@ async fn regression_a_slow_but_progressing_kernel_never_makes_the_feed_resync() 
     })
     .unwrap();
     let cancel = subscribed(&b, notifier.clone()).await;
-    assert!(names(&b).await.len() >= files as usize, "B knows every name");
+    assert!(
+        names(&b).await.len() >= files as usize,
+        "B knows every name"
+    );
     let drained = Instant::now() + Duration::from_secs(10);
     while notifier.backlog() > 0 && Instant::now() < drained {
         tokio::time::sleep(Duration::from_millis(20)).await;

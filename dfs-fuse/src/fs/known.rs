@@ -327,7 +327,11 @@ impl Known {
         entries: &[DirEntry],
         start: ListingStart,
     ) -> Vec<String> {
-        if self.newest_listing.get(&dir).is_some_and(|s| *s > start.seq) {
+        if self
+            .newest_listing
+            .get(&dir)
+            .is_some_and(|s| *s > start.seq)
+        {
             return Vec::new();
         }
         // A change of unknown outcome there may land after the listing was taken.
@@ -645,8 +649,16 @@ pub(super) mod tests {
         // The older listing ends last: it does not hide "n".
         assert!(k.listed(dir, &[], older).is_empty(), "nothing dropped");
         assert_eq!(k.by_name(dir, "n").map(|m| m.id), Some(NodeId(11)));
-        assert_eq!(k.lookup(dir, "n", TTL, t1), Lookup::Ask, "not answered absent");
-        assert_eq!(k.lookup(dir, "x", TTL, t1), Lookup::Absent, "still complete");
+        assert_eq!(
+            k.lookup(dir, "n", TTL, t1),
+            Lookup::Ask,
+            "not answered absent"
+        );
+        assert_eq!(
+            k.lookup(dir, "x", TTL, t1),
+            Lookup::Absent,
+            "still complete"
+        );
     }
 
     #[test]

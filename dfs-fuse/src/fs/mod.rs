@@ -499,14 +499,14 @@ impl DfsFs {
         self.known().forget_name(parent, name);
     }
 
-    /// A namespace change of `names` (their directories, and the nodes they named) failed:
-    /// the directories are no longer known completely. If it failed without an answer (`e`
-    /// says the directory was unreachable, timed out or broke down), the directory may have
-    /// applied it, or may still (its answer lost, an attempt still in flight), and this
-    /// client's own changes never come back in its feed: the kernel forgets these entries and
-    /// nodes now, and whatever is heard of them gets the short TTL until the change can no
-    /// longer happen (`known::FEED_RACE`).
-    fn change_failed(&self, e: &RemoteError, names: &[(NodeId, &str)]) {
+    /// A change of `names` (their directories, and the nodes they named) and of `nodes`
+    /// failed: the directories are no longer known completely. If it failed without an
+    /// answer (`e` says the directory was unreachable, timed out or broke down), the
+    /// directory may have applied it, or may still (its answer lost, an attempt still in
+    /// flight), and this client's own changes never come back in its feed: the kernel forgets
+    /// these entries and nodes now, and whatever is heard of them gets the short TTL until
+    /// the change can no longer happen (`known::FEED_RACE`).
+    fn change_failed(&self, e: &RemoteError, names: &[(NodeId, &str)], nodes: &[NodeId]) {
         let mut batch = Vec::new();
         {
             let mut k = self.known();
@@ -529,15 +529,31 @@ impl DfsFs {
                 }
             }
             if unknown {
+                for id in nodes {
+                    k.doubt(*id, now);
+                    batch.push(feed::Invalidation::Inode(*id));
+                }
+            }
+            if unknown {
                 tracing::info!(
                     error = %e,
                     ?names,
+                    ?nodes,
                     "a namespace change got no answer; the kernel forgets its names and \
                      they get short TTLs while the directory may still apply it"
                 );
             }
         }
         self.to_kernel(batch);
+    }
+
+    /// Changes `id`'s attributes at the directory; one that got no answer may still land
+    /// there (see `change_failed`).
+    async fn set_attrs(&self, id: NodeId, req: &SetAttrRequest) -> Result<NodeMeta, RemoteError> {
+        self.remote
+            .setattr(id, req)
+            .await
+            .inspect_err(|e| self.change_failed(e, &[], &[id]))
     }
 
     fn known_meta(&self, id: NodeId) -> Option<NodeMeta> {
@@ -713,7 +729,9 @@ impl DfsFs {
     async fn relist_lookup(&self, parent: NodeId, name: &str) -> Option<FsResult<FileAttr>> {
         let gate = self.relisting.get(parent);
         let _turn = gate.lock().await;
-        let how = self.known().lookup(parent, name, self.ttl(), Instant::now());
+        let how = self
+            .known()
+            .lookup(parent, name, self.ttl(), Instant::now());
         match how {
             known::Lookup::Absent => return Some(Err(FsError::Absent)),
             known::Lookup::Ask => return None,
@@ -811,7 +829,7 @@ impl DfsFs {
                 mtime_now: mtime_now && with_mtime,
                 ..SetAttrRequest::default()
             };
-            let meta = self.remote.setattr(id, &req).await?;
+            let meta = self.set_attrs(id, &req).await?;
             self.remember(&meta, None);
             if with_mtime && folds {
                 // The local copy's time is what getattr shows until its push: it follows.
@@ -856,7 +874,7 @@ impl DfsFs {
                 gid,
                 ..SetAttrRequest::default()
             };
-            let meta = self.remote.setattr(id, &req).await?;
+            let meta = self.set_attrs(id, &req).await?;
             self.remember(&meta, None);
         }
         if mode.is_none() && mtime_ns.is_none() {
@@ -918,7 +936,7 @@ impl DfsFs {
             mtime_now,
             ..SetAttrRequest::default()
         };
-        let meta = self.remote.setattr(id, &req).await?;
+        let meta = self.set_attrs(id, &req).await?;
         self.remember(&meta, None);
         Ok(self.attr(&meta))
     }
@@ -1041,7 +1059,7 @@ impl DfsFs {
             .create(parent, &req)
             .await
             // The name may exist after all (made by another client, or by this request).
-            .inspect_err(|e| self.change_failed(e, &[(parent, name.as_str())]))?;
+            .inspect_err(|e| self.change_failed(e, &[(parent, name.as_str())], &[]))?;
         self.remember(&m, Some((parent, name.as_str())));
         self.touched_dir(parent);
         Ok(m)
@@ -1088,7 +1106,7 @@ impl DfsFs {
             .remote
             .create(parent, &req)
             .await
-            .inspect_err(|e| self.change_failed(e, &[(parent, name.as_str())]))?;
+            .inspect_err(|e| self.change_failed(e, &[(parent, name.as_str())], &[]))?;
         self.remember(&m, Some((parent, name.as_str())));
         self.touched_dir(parent);
         Ok(self.attr(&m))
@@ -1138,8 +1156,9 @@ impl DfsFs {
                     ..
                 }) => self.forget_name(parent, &source),
                 r => {
-                    break r
-                        .inspect_err(|e| self.change_failed(e, &[(new_parent, name.as_str())]))?;
+                    break r.inspect_err(|e| {
+                        self.change_failed(e, &[(new_parent, name.as_str())], &[node])
+                    })?;
                 }
             }
         };
@@ -1267,7 +1286,7 @@ impl DfsFs {
             .remote
             .remove(parent, &name, false)
             .await
-            .inspect_err(|e| self.change_failed(e, &[(parent, name.as_str())]))?;
+            .inspect_err(|e| self.change_failed(e, &[(parent, name.as_str())], &[]))?;
         self.forget_name(parent, name.as_str());
         self.touched_dir(parent);
         self.gone_name(&removed);
@@ -1280,7 +1299,7 @@ impl DfsFs {
         self.remote
             .remove(parent, &name, true)
             .await
-            .inspect_err(|e| self.change_failed(e, &[(parent, name.as_str())]))?;
+            .inspect_err(|e| self.change_failed(e, &[(parent, name.as_str())], &[]))?;
         self.forget_name(parent, name.as_str());
         self.touched_dir(parent);
         self.known().dir_links(parent, -1);
@@ -1314,6 +1333,7 @@ impl DfsFs {
                     (parent, req.name.as_str()),
                     (new_parent, req.new_name.as_str()),
                 ],
+                &[],
             );
         })?;
         self.known()
