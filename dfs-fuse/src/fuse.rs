@@ -409,7 +409,13 @@ impl Filesystem for FuseAdapter {
         }
         // Lookups and listings of one directory run at once (the kernel serializes them per
         // directory otherwise): one waiting on the directory never holds up the others there.
-        let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        if let Err(missing) = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS) {
+            tracing::warn!(
+                ?missing,
+                "kernel lacks parallel directory operations; a lookup waiting on the directory \
+                 holds up the others in its directory"
+            );
+        }
         // `ls -l`: names and attributes in one round trip per listing.
         let _ = config
             .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);

@@ -205,6 +205,14 @@ impl Touched {
                 if self.at.get(&old) == Some(&t) {
                     self.at.remove(&old);
                 }
+                if t > now && self.all.is_none_or(|a| a <= now) {
+                    // A doubt's window end: every node counts as changed until then (logged
+                    // once per such period).
+                    tracing::info!(
+                        until = ?t.saturating_duration_since(now),
+                        "too many changes in doubt; every reply gets the short TTL meanwhile"
+                    );
+                }
                 self.all = Some(self.all.map_or(t, |a| a.max(t)));
             }
         }
