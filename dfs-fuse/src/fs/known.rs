@@ -4,7 +4,8 @@
 //! editor's temp file) is answered without a round trip. Nothing older than the caller's TTL
 //! is answered as fresh: the README's metadata bound holds for absent names too.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -62,16 +63,18 @@ pub(super) struct Known {
 }
 
 /// The names per directory, indexed both ways: the feed names a node, and finding its names
-/// must cost the names it has, not a scan of its directory (or of every directory).
+/// must cost the names it has, not a scan of its directory (or of every directory). A name is
+/// stored once, shared by both indexes.
 #[derive(Default)]
 struct Names {
-    by_dir: HashMap<NodeId, HashMap<String, NodeId>>,
-    /// The (directory, name) pairs of each node in `by_dir`.
-    of_node: HashMap<NodeId, BTreeSet<(NodeId, String)>>,
+    by_dir: HashMap<NodeId, HashMap<Arc<str>, NodeId>>,
+    /// The (directory, name) pairs of each node in `by_dir` (one for most nodes; a hard link
+    /// adds one).
+    of_node: HashMap<NodeId, Vec<(NodeId, Arc<str>)>>,
 }
 
 impl Names {
-    fn dir(&self, dir: NodeId) -> Option<&HashMap<String, NodeId>> {
+    fn dir(&self, dir: NodeId) -> Option<&HashMap<Arc<str>, NodeId>> {
         self.by_dir.get(&dir)
     }
 
@@ -80,30 +83,26 @@ impl Names {
     }
 
     fn unindex(&mut self, dir: NodeId, name: &str, id: NodeId) {
-        if let Some(set) = self.of_node.get_mut(&id) {
-            set.remove(&(dir, name.to_owned()));
-            if set.is_empty() {
+        if let Some(list) = self.of_node.get_mut(&id) {
+            if let Some(i) = list.iter().position(|(d, n)| *d == dir && **n == *name) {
+                list.swap_remove(i);
+            }
+            if list.is_empty() {
                 self.of_node.remove(&id);
             }
         }
     }
 
-    fn index(&mut self, dir: NodeId, name: &str, id: NodeId) {
-        self.of_node
-            .entry(id)
-            .or_default()
-            .insert((dir, name.to_owned()));
+    fn index(&mut self, dir: NodeId, name: Arc<str>, id: NodeId) {
+        self.of_node.entry(id).or_default().push((dir, name));
     }
 
     /// `name` in `dir` is `id` now (whatever it was before).
     fn insert(&mut self, dir: NodeId, name: &str, id: NodeId) {
-        let old = self
-            .by_dir
-            .entry(dir)
-            .or_default()
-            .insert(name.to_owned(), id);
+        let name: Arc<str> = Arc::from(name);
+        let old = self.by_dir.entry(dir).or_default().insert(name.clone(), id);
         if let Some(old) = old {
-            self.unindex(dir, name, old);
+            self.unindex(dir, &name, old);
         }
         self.index(dir, name, id);
     }
@@ -115,7 +114,7 @@ impl Names {
     }
 
     /// Takes every name of `dir` out.
-    fn take_dir(&mut self, dir: NodeId) -> HashMap<String, NodeId> {
+    fn take_dir(&mut self, dir: NodeId) -> HashMap<Arc<str>, NodeId> {
         let old = self.by_dir.remove(&dir).unwrap_or_default();
         for (name, id) in &old {
             self.unindex(dir, name, *id);
@@ -124,29 +123,24 @@ impl Names {
     }
 
     /// The names of `dir` are exactly `names` (what it held is taken out first).
-    fn set_dir(&mut self, dir: NodeId, names: HashMap<String, NodeId>) {
+    fn set_dir(&mut self, dir: NodeId, names: HashMap<Arc<str>, NodeId>) {
         self.take_dir(dir);
         for (name, id) in &names {
-            self.index(dir, name, *id);
+            self.index(dir, name.clone(), *id);
         }
         self.by_dir.insert(dir, names);
     }
 
     /// The names `dir` has for `node`.
     fn in_dir_of(&self, dir: NodeId, node: NodeId) -> Vec<String> {
-        self.of_node
-            .get(&node)
-            .map(|set| {
-                set.range((dir, String::new())..)
-                    .take_while(|(d, _)| *d == dir)
-                    .map(|(_, name)| name.clone())
-                    .collect()
-            })
-            .unwrap_or_default()
+        self.of(node)
+            .filter(|(d, _)| *d == dir)
+            .map(|(_, name)| name.to_string())
+            .collect()
     }
 
     /// Every (directory, name) of `node`.
-    fn of(&self, node: NodeId) -> impl Iterator<Item = &(NodeId, String)> {
+    fn of(&self, node: NodeId) -> impl Iterator<Item = &(NodeId, Arc<str>)> {
         self.of_node.get(&node).into_iter().flatten()
     }
 }
@@ -288,7 +282,7 @@ impl Known {
             .names
             .by_dir
             .iter()
-            .flat_map(|(dir, n)| n.keys().map(|name| (*dir, name.clone())))
+            .flat_map(|(dir, n)| n.keys().map(|name| (*dir, name.to_string())))
             .collect();
         let dirs: Vec<NodeId> = self
             .names
@@ -356,15 +350,15 @@ impl Known {
             self.by_id.insert(e.meta.id, e.meta.clone());
             self.heard(e.meta.id, start.at);
             if current {
-                names.insert(e.name.clone(), e.meta.id);
+                names.insert(Arc::from(e.name.as_str()), e.meta.id);
             } else {
-                names.entry(e.name.clone()).or_insert(e.meta.id);
+                names.entry(Arc::from(e.name.as_str())).or_insert(e.meta.id);
             }
         }
         let dropped = if current {
             old.into_iter()
                 .filter(|(name, id)| names.get(name) != Some(id))
-                .map(|(name, _)| name)
+                .map(|(name, _)| name.to_string())
                 .collect()
         } else {
             Vec::new()
@@ -444,8 +438,12 @@ impl Known {
 
     /// The names of `id` as last heard, those in `hint` (its recorded parent) first.
     pub fn names_of(&self, id: NodeId, hint: NodeId) -> Vec<(NodeId, String)> {
-        let mut out: Vec<(NodeId, String)> = self.names.of(id).cloned().collect();
-        out.sort_by_key(|(dir, _)| *dir != hint);
+        let mut out: Vec<(NodeId, String)> = self
+            .names
+            .of(id)
+            .map(|(dir, name)| (*dir, name.to_string()))
+            .collect();
+        out.sort_by(|(a, x), (b, y)| (*a != hint, *a, x).cmp(&(*b != hint, *b, y)));
         out
     }
 
