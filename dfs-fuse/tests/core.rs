@@ -1517,21 +1517,37 @@ async fn subscribed(
     cancel
 }
 
+/// A cluster, A on it, and B through an answer-losing proxy, subscribed to the feed into a
+/// recorded kernel.
+async fn answers_lost_for_b(
+    dir: &std::path::Path,
+) -> (
+    ClusterHandle,
+    AnswerLosingProxy,
+    DfsFs,
+    std::sync::Arc<DfsFs>,
+    std::sync::Arc<Recorded>,
+    tokio_util::sync::CancellationToken,
+) {
+    let c = cluster(&dir.join("cluster")).await;
+    let proxy = answer_losing_proxy(&c.directory_url).await;
+    let a = core(&c, Some(login(&c, "alice").await), &dir.join("a"));
+    let b = std::sync::Arc::new(impatient_core(
+        &proxy.url,
+        login(&c, "alice").await,
+        &dir.join("b"),
+    ));
+    let kernel = std::sync::Arc::new(Recorded::default());
+    let cancel = subscribed(&b, kernel.clone()).await;
+    (c, proxy, a, b, kernel, cancel)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn regression_an_unlink_or_rename_applied_without_an_answer_leaves_no_long_kernel_entry() {
     use dfs_fuse::fs::ATTR_TTL;
     use dfs_fuse::fs::feed::{FEED_TTL, Invalidation};
     let dir = tempfile::tempdir().unwrap();
-    let c = cluster(&dir.path().join("cluster")).await;
-    let proxy = answer_losing_proxy(&c.directory_url).await;
-    let a = core(&c, Some(login(&c, "alice").await), &dir.path().join("a"));
-    let b = std::sync::Arc::new(impatient_core(
-        &proxy.url,
-        login(&c, "alice").await,
-        &dir.path().join("b"),
-    ));
-    let kernel = std::sync::Arc::new(Recorded::default());
-    let cancel = subscribed(&b, kernel.clone()).await;
+    let (c, proxy, a, b, kernel, cancel) = answers_lost_for_b(dir.path()).await;
     write_file(&a, "f", b"one").await.unwrap();
     write_file(&a, "g", b"two").await.unwrap();
     let f = NodeId(b.lookup(NodeId::ROOT, OsStr::new("f")).await.unwrap().ino.0);
@@ -1607,16 +1623,7 @@ async fn regression_a_chmod_or_link_applied_without_an_answer_leaves_no_long_ker
     use dfs_fuse::fs::ATTR_TTL;
     use dfs_fuse::fs::feed::{FEED_TTL, Invalidation};
     let dir = tempfile::tempdir().unwrap();
-    let c = cluster(&dir.path().join("cluster")).await;
-    let proxy = answer_losing_proxy(&c.directory_url).await;
-    let a = core(&c, Some(login(&c, "alice").await), &dir.path().join("a"));
-    let b = std::sync::Arc::new(impatient_core(
-        &proxy.url,
-        login(&c, "alice").await,
-        &dir.path().join("b"),
-    ));
-    let kernel = std::sync::Arc::new(Recorded::default());
-    let cancel = subscribed(&b, kernel.clone()).await;
+    let (c, proxy, a, b, kernel, cancel) = answers_lost_for_b(dir.path()).await;
     write_file(&a, "f", b"one").await.unwrap();
     let f = NodeId(b.lookup(NodeId::ROOT, OsStr::new("f")).await.unwrap().ino.0);
     assert_eq!(b.reply_ttl(Instant::now(), &[f]), FEED_TTL);
@@ -1781,6 +1788,46 @@ async fn regression_a_slow_but_progressing_kernel_never_makes_the_feed_resync() 
     );
     assert!(b.feed_up());
     assert_eq!(b.feed_resyncs(), resyncs);
+    cancel.cancel();
+    c.shutdown().await;
+}
+
+/// A kernel stuck for long while changes keep coming: the queue for it stays bounded, and
+/// what could not be queued is made good by a resync once the kernel takes invalidations again.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_invalidations_for_a_stuck_kernel_stay_bounded_and_a_resync_makes_good() {
+    use common::api::{Change, ChangeKind};
+    use dfs_fuse::fs::feed::{FEED_TTL, KernelCache, NOTIFY_QUEUE_MAX};
+    let dir = tempfile::tempdir().unwrap();
+    let (c, _a, b) = two_cores(dir.path()).await;
+    let stuck = StuckKernel::default();
+    let notifier = dfs_fuse::fuse::NotifierThread::start(stuck.clone()).unwrap();
+    let cancel = subscribed(&b, notifier.clone()).await;
+    let resyncs = b.feed_resyncs();
+    stuck.set_stuck(true);
+    let changes = NOTIFY_QUEUE_MAX as u64 + 100;
+    for i in 0..changes {
+        let what = ChangeKind::Node {
+            node: NodeId(1_000_000 + i),
+        };
+        b.apply_changes(&[Change { seq: i, what }]);
+        assert!(notifier.backlog() <= NOTIFY_QUEUE_MAX, "bounded");
+    }
+    assert!(
+        !b.feed_up(),
+        "what was not queued makes the feed unhealthy at once"
+    );
+    stuck.set_stuck(false);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while (!b.feed_up() || b.feed_resyncs() == resyncs) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        b.feed_resyncs() > resyncs,
+        "a resync makes good what was not queued"
+    );
+    assert!(b.feed_up(), "healthy again");
+    assert_eq!(b.ttl(), FEED_TTL);
     cancel.cancel();
     c.shutdown().await;
 }

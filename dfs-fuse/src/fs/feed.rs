@@ -36,6 +36,11 @@ pub const POLL_WAIT: Duration = Duration::from_secs(10);
 /// lookup of a known name may wait that long for a directory that does not answer.
 pub const NOTIFY_BOUND: Duration = Duration::from_secs(5);
 
+/// At most this many batches wait for the kernel: past it (a kernel stuck for long while
+/// this client keeps changing things) a batch is not queued but the feed counts as lost, and
+/// once the kernel took what is queued a resync drops everything held.
+pub const NOTIFY_QUEUE_MAX: usize = 4096;
+
 /// How often a poll in progress checks that the kernel keeps up.
 const NOTIFY_CHECK: Duration = Duration::from_millis(250);
 
@@ -99,6 +104,8 @@ pub(super) struct FeedState {
     pub resyncs: std::sync::atomic::AtomicU64,
     /// Where invalidations go (none: no kernel, as in tests of the core).
     pub kernel: std::sync::OnceLock<Arc<dyn KernelCache>>,
+    /// A batch was not queued ([`NOTIFY_QUEUE_MAX`]): a resync is due.
+    pub overflow: std::sync::atomic::AtomicBool,
 }
 
 impl Default for FeedState {
@@ -108,6 +115,7 @@ impl Default for FeedState {
             lost_at: std::sync::Mutex::new(Instant::now()),
             resyncs: std::sync::atomic::AtomicU64::new(0),
             kernel: std::sync::OnceLock::new(),
+            overflow: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -154,9 +162,22 @@ impl DfsFs {
         if batch.is_empty() {
             return;
         }
-        if let Some(k) = self.feed.kernel.get() {
+        let Some(k) = self.feed.kernel.get() else {
+            return;
+        };
+        if k.backlog() < NOTIFY_QUEUE_MAX {
             k.invalidate(batch);
+            return;
         }
+        // Not queued: the kernel may keep what this batch drops until a resync.
+        if !self.feed.overflow.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                max = NOTIFY_QUEUE_MAX,
+                "too many invalidations wait for the kernel; short TTLs, then a resync"
+            );
+        }
+        self.feed.up.store(false, Ordering::Release);
+        *self.feed.lost_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
     }
 
     /// Connects the kernel's caches (set once, by the adapter's side, at mount).
@@ -195,21 +216,28 @@ impl DfsFs {
     /// Waits until the kernel keeps up: at most 64 batches waiting, and no stall (a stall
     /// marks the feed unhealthy and sets `*behind`; then it waits until the kernel took
     /// everything queued, and the feed is healthy again if it is in sync, `at`, for replies
-    /// to requests begun from then on). False if cancelled.
+    /// to requests begun from then on; after an overflow `*at` is cleared instead, for a
+    /// resync). False if cancelled.
     async fn until_kernel_keeps_up(
         &self,
         cancel: &CancellationToken,
-        at: Option<(u64, u64)>,
+        at: &mut Option<(u64, u64)>,
         behind: &mut bool,
     ) -> bool {
         loop {
             let backlog = self.feed.kernel.get().map_or(0, |k| k.backlog());
+            if self.feed.overflow.load(Ordering::Acquire) {
+                self.kernel_fell_behind();
+                *behind = true;
+            }
             if self.kernel_stalled() {
                 self.kernel_fell_behind();
                 *behind = true;
             } else if *behind && backlog == 0 {
                 *behind = false;
-                if at.is_some() {
+                if self.feed.overflow.swap(false, Ordering::AcqRel) {
+                    *at = None;
+                } else if at.is_some() {
                     *self.feed.lost_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
                     self.feed.up.store(true, Ordering::Release);
                     tracing::info!("the kernel took every invalidation; long TTLs again");
@@ -317,7 +345,10 @@ impl DfsFs {
         let mut behind = false;
         loop {
             // The kernel takes invalidations on one thread: never run far ahead of it.
-            if !self.until_kernel_keeps_up(&cancel, at, &mut behind).await {
+            if !self
+                .until_kernel_keeps_up(&cancel, &mut at, &mut behind)
+                .await
+            {
                 return;
             }
             let (epoch, after) = match at {
