@@ -1,8 +1,9 @@
 //! Links _fuser_ method calls into the [`DfsFs`] core and replies with data or an errno. No
 //! logic. Operations that can wait on a server for long (open, create, flush, fsync, setattr)
 //! run as tasks on the tokio runtime and reply from there, so a file whose servers are stuck
-//! never holds one of fuser's few worker threads; quick ones run on the worker thread. Release
-//! (which may hash a whole file) is handed to the blocking pool.
+//! never holds one of fuser's few worker threads; quick ones run on the worker thread, and go
+//! on as a runtime task if they take longer than `FUSE_THREAD_HOLD` (a directory that does
+//! not answer). Release (which may hash a whole file) is handed to the blocking pool.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -39,23 +40,68 @@ pub struct FuseAdapter {
     /// file, and only its release can give them up).
     lock_owners: Arc<Mutex<HashMap<u64, std::collections::HashSet<u64>>>>,
     /// When each open directory listing was asked for (the TTL of its READDIRPLUS entries).
-    listed_at: Mutex<HashMap<u64, Since>>,
+    listed_at: Arc<Mutex<HashMap<u64, Since>>>,
 }
 
-/// Sends invalidations to the kernel through fuser's `Notifier` on a thread of its own: a
+/// What the kernel is told to forget, one call each (fuser's `Notifier` in a mount; tests put
+/// in their own, e.g. one that blocks like a stuck kernel).
+pub trait KernelNotify: Send + 'static {
+    /// Drops the entry `name` in `parent`.
+    fn inval_entry(&self, parent: NodeId, name: &str) -> std::io::Result<()>;
+    /// Drops the attributes and cached content of `node`.
+    fn inval_inode(&self, node: NodeId) -> std::io::Result<()>;
+    /// Drops the entry `name` in `parent`, whose node `child` is gone.
+    fn delete(&self, parent: NodeId, child: NodeId, name: &str) -> std::io::Result<()>;
+}
+
+impl KernelNotify for fuser::Notifier {
+    fn inval_entry(&self, parent: NodeId, name: &str) -> std::io::Result<()> {
+        fuser::Notifier::inval_entry(self, INodeNo(parent.0), OsStr::new(name))
+    }
+
+    fn inval_inode(&self, node: NodeId) -> std::io::Result<()> {
+        fuser::Notifier::inval_inode(self, INodeNo(node.0), 0, 0)
+    }
+
+    fn delete(&self, parent: NodeId, child: NodeId, name: &str) -> std::io::Result<()> {
+        fuser::Notifier::delete(self, INodeNo(parent.0), INodeNo(child.0), OsStr::new(name))
+    }
+}
+
+/// Sends invalidations to the kernel through a [`KernelNotify`] on a thread of its own: a
 /// notification can wait on the kernel, which may be waiting on a FUSE thread (deadlock in a
-/// handler) or hold up the runtime (in a worker).
+/// handler) or hold up the runtime (in a worker). It tells since when it has made no progress
+/// while work waits, so that a stuck kernel makes the feed unhealthy
+/// (`fs::feed::NOTIFY_BOUND`); a long batch the kernel takes call by call is progress.
 pub struct NotifierThread {
     tx: std::sync::mpsc::Sender<Vec<Invalidation>>,
-    backlog: Arc<std::sync::atomic::AtomicUsize>,
+    queue: Arc<Mutex<NotifyQueue>>,
+}
+
+/// What `NotifierThread` has to do, and when it last got something done.
+struct NotifyQueue {
+    /// When each batch not yet applied was handed over, oldest first.
+    waiting: std::collections::VecDeque<std::time::Instant>,
+    /// When the thread last finished a call into the kernel.
+    progress: std::time::Instant,
 }
 
 impl NotifierThread {
     /// Starts the thread; it ends when the core drops its end.
-    pub fn start(notifier: fuser::Notifier) -> std::io::Result<Arc<Self>> {
+    pub fn start(notifier: impl KernelNotify) -> std::io::Result<Arc<Self>> {
         let (tx, rx) = std::sync::mpsc::channel::<Vec<Invalidation>>();
-        let backlog = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let left = backlog.clone();
+        let queue = Arc::new(Mutex::new(NotifyQueue {
+            waiting: std::collections::VecDeque::new(),
+            progress: std::time::Instant::now(),
+        }));
+        let left = queue.clone();
+        let done = move |pop: bool| {
+            let mut q = left.lock().unwrap_or_else(|p| p.into_inner());
+            q.progress = std::time::Instant::now();
+            if pop {
+                q.waiting.pop_front();
+            }
+        };
         std::thread::Builder::new()
             .name("dfs-notify".into())
             .spawn(move || {
@@ -64,41 +110,49 @@ impl NotifierThread {
                         // ENOENT (not in the kernel's cache) is already taken as success.
                         let r = match &inv {
                             Invalidation::Entry { parent, name } => {
-                                notifier.inval_entry(INodeNo(parent.0), OsStr::new(name))
+                                notifier.inval_entry(*parent, name)
                             }
-                            Invalidation::Inode(id) => notifier.inval_inode(INodeNo(id.0), 0, 0),
+                            Invalidation::Inode(id) => notifier.inval_inode(*id),
                             Invalidation::Delete {
                                 parent,
                                 child,
                                 name,
-                            } => notifier.delete(
-                                INodeNo(parent.0),
-                                INodeNo(child.0),
-                                OsStr::new(name),
-                            ),
+                            } => notifier.delete(*parent, *child, name),
                         };
                         if let Err(e) = r {
                             // After an unmount every notification fails; nothing to drop then.
                             tracing::debug!(?inv, error = %e, "kernel invalidation failed");
                         }
+                        done(false);
                     }
-                    left.fetch_sub(1, Ordering::Relaxed);
+                    done(true);
                 }
             })?;
-        Ok(Arc::new(NotifierThread { tx, backlog }))
+        Ok(Arc::new(NotifierThread { tx, queue }))
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, NotifyQueue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 impl KernelCache for NotifierThread {
     fn invalidate(&self, batch: Vec<Invalidation>) {
-        self.backlog.fetch_add(1, Ordering::Relaxed);
+        // Queued under the lock, so that the thread never pops a time before it is pushed.
+        let mut q = self.queue();
+        q.waiting.push_back(std::time::Instant::now());
         if self.tx.send(batch).is_err() {
-            self.backlog.fetch_sub(1, Ordering::Relaxed);
+            q.waiting.pop_back();
         }
     }
 
     fn backlog(&self) -> usize {
-        self.backlog.load(Ordering::Relaxed)
+        self.queue().waiting.len()
+    }
+
+    fn stuck_since(&self) -> Option<std::time::Instant> {
+        let q = self.queue();
+        q.waiting.front().map(|t| (*t).max(q.progress))
     }
 }
 
@@ -119,19 +173,33 @@ struct Backing {
 }
 
 impl FuseAdapter {
-    /// Runs a core operation to completion on this FUSE thread and records its latency.
-    fn timed<T>(
+    /// Runs a core operation on this FUSE thread and replies; if it has not finished within
+    /// [`FUSE_THREAD_HOLD`] (it waits on a directory that does not answer), it goes on, and
+    /// replies, as a task of the runtime (`go_on`): operations waiting out a directory outage
+    /// never hold all of the mount's FUSE threads, and what is answered locally (cached
+    /// files, what was heard before) is still served meanwhile. Records its latency.
+    fn quick<T: Send + 'static>(
         &self,
         req: &Request,
         op: &'static str,
-        f: impl std::future::Future<Output = T>,
-    ) -> T {
+        work: impl std::future::Future<Output = T> + Send + 'static,
+        reply: impl FnOnce(T) + Send + 'static,
+    ) {
         let start = std::time::Instant::now();
-        let r = self
+        let mut work = Box::pin(crate::caller::scope_request(self.caller(req), work));
+        let done = self
             .rt
-            .block_on(crate::caller::scope_request(self.caller(req), f));
-        self.fs.metrics().fuse_op(op, start.elapsed());
-        r
+            .block_on(async { tokio::time::timeout(FUSE_THREAD_HOLD, &mut work).await.ok() });
+        if let Some(r) = done {
+            self.fs.metrics().fuse_op(op, start.elapsed());
+            reply(r);
+            return;
+        }
+        let metrics = self.fs.metrics().clone();
+        go_on(&self.rt, work, move |r| {
+            metrics.fuse_op(op, start.elapsed());
+            reply(r);
+        });
     }
 
     /// Runs a core operation on a thread of the blocking pool and hands its result to `reply`
@@ -177,7 +245,7 @@ impl FuseAdapter {
             rt,
             want_passthrough: passthrough,
             lock_owners: Arc::default(),
-            listed_at: Mutex::default(),
+            listed_at: Arc::default(),
         }
     }
 }
@@ -284,6 +352,24 @@ async fn lock_unless_signalled(
     }
 }
 
+/// How long a quick operation may hold the FUSE thread that took it (see `FuseAdapter::quick`):
+/// far above what one answered locally or by a reachable directory takes, far below the op
+/// timeout a directory outage makes it wait.
+const FUSE_THREAD_HOLD: Duration = Duration::from_millis(100);
+
+/// Finishes `work` as a task of the runtime and hands its result to `reply` there. The work
+/// of a quick operation only waits (on the network) and `reply` is one write to the FUSE
+/// device: neither needs a thread of its own, so operations waiting out a directory outage
+/// cost a task each, never a thread of the blocking pool, which flushes, fsyncs, releases,
+/// name resolution and unmount need.
+fn go_on<T: Send + 'static>(
+    rt: &tokio::runtime::Handle,
+    work: impl std::future::Future<Output = T> + Send + 'static,
+    reply: impl FnOnce(T) + Send + 'static,
+) {
+    rt.spawn(async move { reply(work.await) });
+}
+
 /// The TTL of a reply about `nodes` to a request that began at `since`.
 fn ttl(fs: &DfsFs, since: Since, nodes: &[u64]) -> Duration {
     let ids: Vec<NodeId> = nodes.iter().map(|n| NodeId(*n)).collect();
@@ -321,6 +407,15 @@ impl Filesystem for FuseAdapter {
                 "kernel lacks FUSE lock forwarding; flock/fcntl locks stay local to this client"
             );
         }
+        // Lookups and listings of one directory run at once (the kernel serializes them per
+        // directory otherwise): one waiting on the directory never holds up the others there.
+        if let Err(missing) = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS) {
+            tracing::warn!(
+                ?missing,
+                "kernel lacks parallel directory operations; a lookup waiting on the directory \
+                 holds up the others in its directory"
+            );
+        }
         // `ls -l`: names and attributes in one round trip per listing.
         let _ = config
             .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
@@ -346,22 +441,27 @@ impl Filesystem for FuseAdapter {
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let since = Since::now();
-        match self.timed(req, "lookup", self.fs.lookup(node(parent), name)) {
+        let (fs, core) = (self.fs.clone(), self.fs.clone());
+        let name = name.to_owned();
+        let op = async move { fs.lookup(node(parent), &name).await };
+        self.quick(req, "lookup", op, move |r| match r {
             Ok(attr) => reply.entry(
-                &ttl(&self.fs, since, &[parent.0, attr.ino.0]),
+                &ttl(&core, since, &[parent.0, attr.ino.0]),
                 &attr,
                 Generation(0),
             ),
             Err(e) => reply.error(errno("lookup", &e)),
-        }
+        });
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let since = Since::now();
-        match self.timed(req, "getattr", self.fs.getattr(node(ino))) {
-            Ok((attr, left)) => reply.attr(&left.min(ttl(&self.fs, since, &[ino.0])), &attr),
+        let (fs, core) = (self.fs.clone(), self.fs.clone());
+        let op = async move { fs.getattr(node(ino)).await };
+        self.quick(req, "getattr", op, move |r| match r {
+            Ok((attr, left)) => reply.attr(&left.min(ttl(&core, since, &[ino.0])), &attr),
             Err(e) => reply.error(errno("getattr", &e)),
-        }
+        });
     }
 
     fn setattr(
@@ -403,10 +503,12 @@ impl Filesystem for FuseAdapter {
     }
 
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.timed(req, "readlink", self.fs.readlink(node(ino))) {
+        let fs = self.fs.clone();
+        let op = async move { fs.readlink(node(ino)).await };
+        self.quick(req, "readlink", op, move |r| match r {
             Ok(t) => reply.data(t.as_bytes()),
             Err(e) => reply.error(errno("readlink", &e)),
-        }
+        });
     }
 
     fn mkdir(
@@ -419,32 +521,37 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         let since = Since::now();
-        match self.timed(
-            req,
-            "mkdir",
-            self.fs.mkdir(node(parent), name, mode & !umask),
-        ) {
+        let (fs, core) = (self.fs.clone(), self.fs.clone());
+        let name = name.to_owned();
+        let op = async move { fs.mkdir(node(parent), &name, mode & !umask).await };
+        self.quick(req, "mkdir", op, move |r| match r {
             Ok(attr) => reply.entry(
-                &ttl(&self.fs, since, &[parent.0, attr.ino.0]),
+                &ttl(&core, since, &[parent.0, attr.ino.0]),
                 &attr,
                 Generation(0),
             ),
             Err(e) => reply.error(errno("mkdir", &e)),
-        }
+        });
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.timed(req, "unlink", self.fs.unlink(node(parent), name)) {
+        let fs = self.fs.clone();
+        let name = name.to_owned();
+        let op = async move { fs.unlink(node(parent), &name).await };
+        self.quick(req, "unlink", op, move |r| match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("unlink", &e)),
-        }
+        });
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.timed(req, "rmdir", self.fs.rmdir(node(parent), name)) {
+        let fs = self.fs.clone();
+        let name = name.to_owned();
+        let op = async move { fs.rmdir(node(parent), &name).await };
+        self.quick(req, "rmdir", op, move |r| match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("rmdir", &e)),
-        }
+        });
     }
 
     fn symlink(
@@ -456,18 +563,17 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         let since = Since::now();
-        match self.timed(
-            req,
-            "symlink",
-            self.fs.symlink(node(parent), link_name, target),
-        ) {
+        let (fs, core) = (self.fs.clone(), self.fs.clone());
+        let (name, target) = (link_name.to_owned(), target.to_owned());
+        let op = async move { fs.symlink(node(parent), &name, &target).await };
+        self.quick(req, "symlink", op, move |r| match r {
             Ok(attr) => reply.entry(
-                &ttl(&self.fs, since, &[parent.0, attr.ino.0]),
+                &ttl(&core, since, &[parent.0, attr.ino.0]),
                 &attr,
                 Generation(0),
             ),
             Err(e) => reply.error(errno("symlink", &e)),
-        }
+        });
     }
 
     fn rename(
@@ -480,15 +586,16 @@ impl Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        match self.timed(
-            req,
-            "rename",
-            self.fs
-                .rename(node(parent), name, node(newparent), newname, flags.bits()),
-        ) {
+        let fs = self.fs.clone();
+        let (name, newname) = (name.to_owned(), newname.to_owned());
+        let op = async move {
+            fs.rename(node(parent), &name, node(newparent), &newname, flags.bits())
+                .await
+        };
+        self.quick(req, "rename", op, move |r| match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("rename", &e)),
-        }
+        });
     }
 
     fn link(
@@ -500,18 +607,17 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         let since = Since::now();
-        match self.timed(
-            req,
-            "link",
-            self.fs.link(node(ino), node(newparent), newname),
-        ) {
+        let (fs, core) = (self.fs.clone(), self.fs.clone());
+        let newname = newname.to_owned();
+        let op = async move { fs.link(node(ino), node(newparent), &newname).await };
+        self.quick(req, "link", op, move |r| match r {
             Ok(attr) => reply.entry(
-                &ttl(&self.fs, since, &[newparent.0, attr.ino.0]),
+                &ttl(&core, since, &[newparent.0, attr.ino.0]),
                 &attr,
                 Generation(0),
             ),
             Err(e) => reply.error(errno("link", &e)),
-        }
+        });
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -651,16 +757,19 @@ impl Filesystem for FuseAdapter {
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let since = Since::now();
-        match self.timed(req, "opendir", self.fs.opendir(node(ino))) {
+        let fs = self.fs.clone();
+        let listed_at = self.listed_at.clone();
+        let op = async move { fs.opendir(node(ino)).await };
+        self.quick(req, "opendir", op, move |r| match r {
             Ok(fh) => {
-                self.listed_at
+                listed_at
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(fh, since);
                 reply.opened(FileHandle(fh), FopenFlags::empty())
             }
             Err(e) => reply.error(errno("opendir", &e)),
-        }
+        });
     }
 
     fn readdir(
@@ -751,7 +860,9 @@ impl Filesystem for FuseAdapter {
     }
 
     fn statfs(&self, req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.timed(req, "statfs", self.fs.statfs()) {
+        let fs = self.fs.clone();
+        let op = async move { fs.statfs().await };
+        self.quick(req, "statfs", op, move |r| match r {
             Ok(s) => {
                 // The cluster's disks, one copy's worth (see `StatFs`); before any server
                 // reported its space, the bytes stored and no room beyond.
@@ -772,7 +883,7 @@ impl Filesystem for FuseAdapter {
                 );
             }
             Err(e) => reply.error(errno("statfs", &e)),
-        }
+        });
     }
 
     fn getlk(
@@ -851,10 +962,13 @@ impl Filesystem for FuseAdapter {
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        match self.timed(req, "access", self.fs.access(node(ino), mask.bits())) {
+        let fs = self.fs.clone();
+        let mask = mask.bits();
+        let op = async move { fs.access(node(ino), mask).await };
+        self.quick(req, "access", op, move |r| match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("access", &e)),
-        }
+        });
     }
 
     fn create(
@@ -957,5 +1071,52 @@ impl Filesystem for FuseAdapter {
             ),
             Err(e) => reply.error(errno("mknod", &e)),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regression_operations_waiting_on_the_directory_leave_the_blocking_pool_free() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (release, released) = tokio::sync::watch::channel(false);
+        let (replied, replies) = std::sync::mpsc::channel();
+        // Operations still waiting on a directory that does not answer.
+        for i in 0..4 {
+            let mut released = released.clone();
+            let replied = replied.clone();
+            go_on(
+                rt.handle(),
+                Box::pin(async move {
+                    let _ = released.wait_for(|r| *r).await;
+                    i
+                }),
+                move |i| {
+                    let _ = replied.send(i);
+                },
+            );
+        }
+        // Meanwhile the blocking pool still serves (a release hashing a file, a flush).
+        let (done, ran) = std::sync::mpsc::channel();
+        rt.spawn_blocking(move || {
+            let _ = done.send(());
+        });
+        assert!(
+            ran.recv_timeout(Duration::from_secs(2)).is_ok(),
+            "the blocking pool is not held by waiting operations"
+        );
+        let _ = release.send(true);
+        let mut got: Vec<i32> = (0..4)
+            .filter_map(|_| replies.recv_timeout(Duration::from_secs(2)).ok())
+            .collect();
+        got.sort_unstable();
+        assert_eq!(got, [0, 1, 2, 3], "each replied once its work finished");
     }
 }

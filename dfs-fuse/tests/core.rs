@@ -1207,6 +1207,14 @@ async fn namespace_ops_and_closes_ride_out_a_cluster_restart() {
     c.shutdown().await;
 }
 
+/// A cluster and two cores of one user on it: A, and B to subscribe to the feed.
+async fn two_cores(dir: &std::path::Path) -> (ClusterHandle, DfsFs, std::sync::Arc<DfsFs>) {
+    let c = cluster(&dir.join("cluster")).await;
+    let a = core(&c, Some(login(&c, "alice").await), &dir.join("a"));
+    let b = core(&c, Some(login(&c, "alice").await), &dir.join("b"));
+    (c, a, std::sync::Arc::new(b))
+}
+
 /// What a core asked the kernel to forget (the adapter's `Notifier` thread in a mount).
 #[derive(Default)]
 struct Recorded(std::sync::Mutex<Vec<dfs_fuse::fs::feed::Invalidation>>);
@@ -1227,47 +1235,14 @@ impl Recorded {
 async fn another_clients_rename_and_write_reach_this_clients_kernel_through_the_feed() {
     use dfs_fuse::fs::feed::Invalidation;
     let dir = tempfile::tempdir().unwrap();
-    let c = cluster(&dir.path().join("cluster")).await;
-    let a = core(&c, Some(login(&c, "alice").await), &dir.path().join("a"));
-    let b = std::sync::Arc::new(core(
-        &c,
-        Some(login(&c, "alice").await),
-        &dir.path().join("b"),
-    ));
+    let (c, a, b) = two_cores(dir.path()).await;
     let kernel = std::sync::Arc::new(Recorded::default());
-    b.set_kernel_cache(kernel.clone());
-    let cancel = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(b.clone().run_feed(cancel.clone()));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !b.feed_up() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(b.feed_up(), "subscribed");
+    let cancel = subscribed(&b, kernel.clone()).await;
     assert_eq!(
         b.ttl(),
         dfs_fuse::fs::feed::FEED_TTL,
         "long TTLs while healthy"
     );
-
-    write_file(&a, "f", b"one").await.unwrap();
-    let f = b.lookup(NodeId::ROOT, OsStr::new("f")).await.unwrap();
-    let f = NodeId(f.ino.0);
-    assert_eq!(b.getattr(f).await.unwrap().0.size, 3);
-    // B's own change never comes back to it.
-    let mine = b
-        .mkdir(NodeId::ROOT, OsStr::new("mine"), 0o755)
-        .await
-        .unwrap();
-    let mine = NodeId(mine.ino.0);
-
-    let rename = common::api::RenameRequest {
-        parent: NodeId::ROOT,
-        name: common::ValidName::parse("f").unwrap(),
-        new_parent: NodeId::ROOT,
-        new_name: common::ValidName::parse("g").unwrap(),
-        no_replace: false,
-    };
-    a.remote().rename(&rename).await.unwrap();
     let heard = |what: Invalidation| {
         let kernel = kernel.clone();
         async move {
@@ -1278,6 +1253,36 @@ async fn another_clients_rename_and_write_reach_this_clients_kernel_through_the_
             kernel.has(|i| *i == what)
         }
     };
+
+    write_file(&a, "f", b"one").await.unwrap();
+    assert!(
+        heard(Invalidation::Inode(NodeId::ROOT)).await,
+        "A's create reaches B"
+    );
+    let f = b.lookup(NodeId::ROOT, OsStr::new("f")).await.unwrap();
+    let f = NodeId(f.ino.0);
+    assert_eq!(b.getattr(f).await.unwrap().0.size, 3);
+    // B's own change never comes back to it.
+    let mine = b
+        .mkdir(NodeId::ROOT, OsStr::new("mine"), 0o755)
+        .await
+        .unwrap();
+    let mine = NodeId(mine.ino.0);
+    // B lists the root: it knows it completely, and would answer "g" absent without asking
+    // for the long TTL, unless the feed tells it the root changed.
+    let mut listed = names(&b).await;
+    listed.sort();
+    assert_eq!(listed, [".", "..", "f", "mine"]);
+    kernel.0.lock().unwrap().clear();
+
+    let rename = common::api::RenameRequest {
+        parent: NodeId::ROOT,
+        name: common::ValidName::parse("f").unwrap(),
+        new_parent: NodeId::ROOT,
+        new_name: common::ValidName::parse("g").unwrap(),
+        no_replace: false,
+    };
+    a.remote().rename(&rename).await.unwrap();
     assert!(
         heard(Invalidation::Entry {
             parent: NodeId::ROOT,
@@ -1287,11 +1292,12 @@ async fn another_clients_rename_and_write_reach_this_clients_kernel_through_the_
         "the old name is dropped from the kernel"
     );
     assert!(heard(Invalidation::Inode(NodeId::ROOT)).await);
-    assert!(
-        b.lookup(NodeId::ROOT, OsStr::new("f")).await.is_err(),
-        "and from what B knows, well within the TTL"
+    assert_eq!(
+        b.lookup(NodeId::ROOT, OsStr::new("g")).await.unwrap().ino.0,
+        f.0,
+        "B no longer trusts its listing of the root, well within the TTL"
     );
-    assert!(b.lookup(NodeId::ROOT, OsStr::new("g")).await.is_ok());
+    assert!(b.lookup(NodeId::ROOT, OsStr::new("f")).await.is_err());
     assert!(
         !kernel.has(|i| *i == Invalidation::Inode(mine)),
         "B's own mkdir (published before A's rename) is not echoed"
@@ -1307,6 +1313,587 @@ async fn another_clients_rename_and_write_reach_this_clients_kernel_through_the_
         .unwrap();
     assert!(heard(Invalidation::Inode(f)).await);
     assert_eq!(b.getattr(f).await.unwrap().0.size, 28);
+    cancel.cancel();
+    c.shutdown().await;
+}
+
+/// A loopback proxy in front of the directory that, while `lose` is set, forwards namespace
+/// changes (requests carrying a request id) to the directory but never their answers: the
+/// directory applies them and the client hears nothing (the proxy closes the client's
+/// connection, and keeps the directory's open until it answered, unheard).
+struct AnswerLosingProxy {
+    url: String,
+    lose: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+async fn answer_losing_proxy(directory_url: &str) -> AnswerLosingProxy {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = directory_url.trim_start_matches("http://").to_owned();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let lose = Arc::new(AtomicBool::new(false));
+    let losing = lose.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            let losing = losing.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = server.into_split();
+                let swallow = Arc::new(AtomicBool::new(false));
+                let swallowing = swallow.clone();
+                let requests = tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match from_client.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let change = buf[..n]
+                            .windows(common::routes::REQUEST_ID.len())
+                            .any(|w| w.eq_ignore_ascii_case(common::routes::REQUEST_ID.as_bytes()));
+                        let lost = change && losing.load(Ordering::SeqCst);
+                        if lost {
+                            // Set before the request goes on: its answer is never passed back.
+                            swallowing.store(true, Ordering::SeqCst);
+                        }
+                        if to_server.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        if lost {
+                            // Nothing more on this connection; the directory's side stays open
+                            // (a half-closed connection may cancel the request there).
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                });
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match from_server.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if swallow.load(Ordering::SeqCst) {
+                        // The client's connection ends without the answer; the directory's
+                        // answer is read and dropped until it closes (bounded).
+                        let _ = to_client.shutdown().await;
+                        drop(to_client);
+                        let drain = async {
+                            while let Ok(n) = from_server.read(&mut buf).await {
+                                if n == 0 {
+                                    break;
+                                }
+                            }
+                        };
+                        let _ = tokio::time::timeout(Duration::from_secs(30), drain).await;
+                        break;
+                    }
+                    if to_client.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                requests.abort();
+            });
+        }
+    });
+    AnswerLosingProxy { url, lose }
+}
+
+/// A loopback proxy in front of the directory that counts the listing requests (pages of
+/// `/children`) passing through it.
+async fn listing_counting_proxy(
+    directory_url: &str,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = directory_url.trim_start_matches("http://").to_owned();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let count = Arc::new(AtomicUsize::new(0));
+    let counting = count.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            let counting = counting.clone();
+            tokio::spawn(async move {
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = server.into_split();
+                let answers = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
+                });
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = from_client.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let pages = buf[..n].windows(b"/children?".len());
+                    let pages = pages.filter(|w| *w == b"/children?").count();
+                    counting.fetch_add(pages, Ordering::SeqCst);
+                    if to_server.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                answers.abort();
+            });
+        }
+    });
+    (url, count)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_lookups_in_parallel_in_one_directory_share_one_listing() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let a = core(&c, Some(login(&c, "alice").await), &dir.path().join("a"));
+    let (url, listings) = listing_counting_proxy(&c.directory_url).await;
+    let b = std::sync::Arc::new(patient_core(
+        &url,
+        login(&c, "alice").await,
+        &dir.path().join("b"),
+    ));
+    for i in 0..3 {
+        write_file(&a, &format!("f{i}"), b"x").await.unwrap();
+    }
+    // B knows the directory completely, then that view is older than its TTL (no feed: 1 s):
+    // a lookup of an absent name lists the small directory again.
+    assert!(names(&b).await.len() >= 3);
+    tokio::time::sleep(dfs_fuse::fs::ATTR_TTL + Duration::from_millis(200)).await;
+    let before = listings.load(Ordering::SeqCst);
+    let lookups: Vec<_> = (0..16)
+        .map(|i| {
+            let b = b.clone();
+            tokio::spawn(async move { b.lookup(NodeId::ROOT, OsStr::new(&format!("x{i}"))).await })
+        })
+        .collect();
+    for l in lookups {
+        let r = l.await.unwrap();
+        assert!(r.as_ref().is_err_and(|e| e.is_not_found()), "{r:?}");
+    }
+    assert_eq!(
+        listings.load(Ordering::SeqCst) - before,
+        1,
+        "one listing answers every lookup that waited for it"
+    );
+    c.shutdown().await;
+}
+
+/// A core whose directory calls go through `url` and give up after about a second.
+fn impatient_core(url: &str, login: SavedLogin, cache: &std::path::Path) -> DfsFs {
+    let config = RemoteConfig {
+        call_timeout: Duration::from_millis(400),
+        op_timeout: Duration::from_secs(1),
+        ..RemoteConfig::default()
+    };
+    let remote = Remote::new(url, Some(login), None, config).unwrap();
+    let config = dfs_fuse::fs::FsConfig {
+        close_timeout: Duration::from_secs(2),
+        retry_interval: Duration::from_millis(100),
+        ..dfs_fuse::fs::FsConfig::default()
+    };
+    DfsFs::new(remote, cache, config, "").unwrap()
+}
+
+/// Starts `fs`'s feed into `kernel` and waits until it is healthy.
+async fn subscribed(
+    fs: &std::sync::Arc<DfsFs>,
+    kernel: std::sync::Arc<dyn dfs_fuse::fs::feed::KernelCache>,
+) -> tokio_util::sync::CancellationToken {
+    fs.set_kernel_cache(kernel);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(fs.clone().run_feed(cancel.clone()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !fs.feed_up() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(fs.feed_up(), "subscribed");
+    cancel
+}
+
+/// A cluster, A on it, and B through an answer-losing proxy, subscribed to the feed into a
+/// recorded kernel.
+async fn answers_lost_for_b(
+    dir: &std::path::Path,
+) -> (
+    ClusterHandle,
+    AnswerLosingProxy,
+    DfsFs,
+    std::sync::Arc<DfsFs>,
+    std::sync::Arc<Recorded>,
+    tokio_util::sync::CancellationToken,
+) {
+    let c = cluster(&dir.join("cluster")).await;
+    let proxy = answer_losing_proxy(&c.directory_url).await;
+    let a = core(&c, Some(login(&c, "alice").await), &dir.join("a"));
+    let b = std::sync::Arc::new(impatient_core(
+        &proxy.url,
+        login(&c, "alice").await,
+        &dir.join("b"),
+    ));
+    let kernel = std::sync::Arc::new(Recorded::default());
+    let cancel = subscribed(&b, kernel.clone()).await;
+    (c, proxy, a, b, kernel, cancel)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_an_unlink_or_rename_applied_without_an_answer_leaves_no_long_kernel_entry() {
+    use dfs_fuse::fs::ATTR_TTL;
+    use dfs_fuse::fs::feed::{FEED_TTL, Invalidation};
+    let dir = tempfile::tempdir().unwrap();
+    let (c, proxy, a, b, kernel, cancel) = answers_lost_for_b(dir.path()).await;
+    write_file(&a, "f", b"one").await.unwrap();
+    write_file(&a, "g", b"two").await.unwrap();
+    let f = NodeId(b.lookup(NodeId::ROOT, OsStr::new("f")).await.unwrap().ino.0);
+    let g = NodeId(b.lookup(NodeId::ROOT, OsStr::new("g")).await.unwrap().ino.0);
+    assert_eq!(
+        b.reply_ttl(Instant::now(), &[NodeId::ROOT, f]),
+        FEED_TTL,
+        "B's kernel would hold f for the long TTL"
+    );
+    kernel.0.lock().unwrap().clear();
+
+    // B's unlink reaches the directory, which applies it; its answer never comes back.
+    proxy.lose.store(true, Ordering::SeqCst);
+    let err = b
+        .unlink(NodeId::ROOT, OsStr::new("f"))
+        .await
+        .expect_err("no answer");
+    proxy.lose.store(false, Ordering::SeqCst);
+    assert!(matches!(err.errno(), libc::EIO | libc::ETIMEDOUT), "{err}");
+    assert!(
+        a.lookup(NodeId::ROOT, OsStr::new("f")).await.is_err(),
+        "the directory applied it"
+    );
+    // B's own change never comes back in its feed: B itself drops the name from its kernel,
+    // and gives the short TTL to what it says of that directory now.
+    assert!(
+        kernel.has(|i| *i
+            == Invalidation::Entry {
+                parent: NodeId::ROOT,
+                name: "f".into()
+            }),
+        "the kernel forgets f"
+    );
+    assert!(kernel.has(|i| *i == Invalidation::Inode(f)));
+    assert_eq!(b.reply_ttl(Instant::now(), &[NodeId::ROOT, f]), ATTR_TTL);
+    assert!(b.lookup(NodeId::ROOT, OsStr::new("f")).await.is_err());
+
+    // The same for a rename: both names.
+    kernel.0.lock().unwrap().clear();
+    proxy.lose.store(true, Ordering::SeqCst);
+    b.rename(
+        NodeId::ROOT,
+        OsStr::new("g"),
+        NodeId::ROOT,
+        OsStr::new("h"),
+        0,
+    )
+    .await
+    .expect_err("no answer");
+    proxy.lose.store(false, Ordering::SeqCst);
+    assert!(a.lookup(NodeId::ROOT, OsStr::new("h")).await.is_ok());
+    for name in ["g", "h"] {
+        assert!(
+            kernel.has(|i| *i
+                == Invalidation::Entry {
+                    parent: NodeId::ROOT,
+                    name: name.into()
+                }),
+            "the kernel forgets {name}"
+        );
+    }
+    assert_eq!(b.reply_ttl(Instant::now(), &[g]), ATTR_TTL);
+    assert_eq!(
+        b.lookup(NodeId::ROOT, OsStr::new("h")).await.unwrap().ino.0,
+        g.0
+    );
+    cancel.cancel();
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_chmod_or_link_applied_without_an_answer_leaves_no_long_kernel_attributes() {
+    use dfs_fuse::fs::ATTR_TTL;
+    use dfs_fuse::fs::feed::{FEED_TTL, Invalidation};
+    let dir = tempfile::tempdir().unwrap();
+    let (c, proxy, a, b, kernel, cancel) = answers_lost_for_b(dir.path()).await;
+    write_file(&a, "f", b"one").await.unwrap();
+    let f = NodeId(b.lookup(NodeId::ROOT, OsStr::new("f")).await.unwrap().ino.0);
+    assert_eq!(b.reply_ttl(Instant::now(), &[f]), FEED_TTL);
+    kernel.0.lock().unwrap().clear();
+
+    // B's chmod lands; its answer never comes back, and B's feed never brings it.
+    proxy.lose.store(true, Ordering::SeqCst);
+    let change = AttrChange {
+        mode: Some(0o600),
+        ..AttrChange::default()
+    };
+    b.setattr(f, change, None).await.expect_err("no answer");
+    proxy.lose.store(false, Ordering::SeqCst);
+    let at_a = a.lookup(NodeId::ROOT, OsStr::new("f")).await.unwrap();
+    assert_eq!(at_a.perm, 0o600, "the directory applied it");
+    assert!(
+        kernel.has(|i| *i == Invalidation::Inode(f)),
+        "the kernel forgets f's attributes"
+    );
+    assert_eq!(b.reply_ttl(Instant::now(), &[f]), ATTR_TTL);
+    let (attr, _) = b.getattr(f).await.unwrap();
+    assert_eq!(attr.perm, 0o600, "asked again, not answered from before");
+
+    // The same for a link: the linked node's link count changed.
+    kernel.0.lock().unwrap().clear();
+    proxy.lose.store(true, Ordering::SeqCst);
+    b.link(f, NodeId::ROOT, OsStr::new("f2"))
+        .await
+        .expect_err("no answer");
+    proxy.lose.store(false, Ordering::SeqCst);
+    assert!(a.lookup(NodeId::ROOT, OsStr::new("f2")).await.is_ok());
+    assert!(
+        kernel.has(|i| *i == Invalidation::Inode(f)),
+        "the kernel forgets f's link count"
+    );
+    cancel.cancel();
+    c.shutdown().await;
+}
+
+/// Stands for the kernel in `NotifierThread`: records what it is told, and blocks (a stuck
+/// kernel) while `stuck` is set.
+#[derive(Clone, Default)]
+struct StuckKernel {
+    stuck: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    told: std::sync::Arc<std::sync::Mutex<Vec<NodeId>>>,
+}
+
+impl StuckKernel {
+    fn set_stuck(&self, stuck: bool) {
+        *self.stuck.0.lock().unwrap() = stuck;
+        self.stuck.1.notify_all();
+    }
+
+    fn wait(&self) {
+        let (lock, cond) = &*self.stuck;
+        let mut stuck = lock.lock().unwrap();
+        // Bounded: a test that never lets go still ends.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while *stuck && std::time::Instant::now() < deadline {
+            stuck = cond
+                .wait_timeout(stuck, Duration::from_millis(50))
+                .unwrap()
+                .0;
+        }
+    }
+}
+
+impl dfs_fuse::fuse::KernelNotify for StuckKernel {
+    fn inval_entry(&self, parent: NodeId, _name: &str) -> std::io::Result<()> {
+        self.wait();
+        self.told.lock().unwrap().push(parent);
+        Ok(())
+    }
+
+    fn inval_inode(&self, node: NodeId) -> std::io::Result<()> {
+        self.wait();
+        self.told.lock().unwrap().push(node);
+        Ok(())
+    }
+
+    fn delete(&self, parent: NodeId, _child: NodeId, _name: &str) -> std::io::Result<()> {
+        self.wait();
+        self.told.lock().unwrap().push(parent);
+        Ok(())
+    }
+}
+
+/// Stands for a kernel that takes every invalidation, slowly (each call waits `delay`): one
+/// busy with lookups in the directories concerned.
+struct SlowKernel {
+    delay: Duration,
+    calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl SlowKernel {
+    fn call(&self) -> std::io::Result<()> {
+        std::thread::sleep(self.delay);
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+impl dfs_fuse::fuse::KernelNotify for SlowKernel {
+    fn inval_entry(&self, _parent: NodeId, _name: &str) -> std::io::Result<()> {
+        self.call()
+    }
+
+    fn inval_inode(&self, _node: NodeId) -> std::io::Result<()> {
+        self.call()
+    }
+
+    fn delete(&self, _parent: NodeId, _child: NodeId, _name: &str) -> std::io::Result<()> {
+        self.call()
+    }
+}
+
+/// A kernel that keeps taking invalidations, however long the queue takes to drain, is not
+/// stuck: the feed stays healthy and nothing is resynchronised (a resync would queue every
+/// name known, which a slow kernel takes longer still to drain: a resync loop).
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_slow_but_progressing_kernel_never_makes_the_feed_resync() {
+    use dfs_fuse::fs::feed::{KernelCache, NOTIFY_BOUND};
+    let dir = tempfile::tempdir().unwrap();
+    let (c, a, b) = two_cores(dir.path()).await;
+    let files = 40u32;
+    for i in 0..files {
+        write_file(&a, &format!("f{i}"), b"one").await.unwrap();
+    }
+    let delay = Duration::from_millis(200);
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let notifier = dfs_fuse::fuse::NotifierThread::start(SlowKernel {
+        delay,
+        calls: calls.clone(),
+    })
+    .unwrap();
+    let cancel = subscribed(&b, notifier.clone()).await;
+    assert!(
+        names(&b).await.len() >= files as usize,
+        "B knows every name"
+    );
+    let drained = Instant::now() + Duration::from_secs(10);
+    while notifier.backlog() > 0 && Instant::now() < drained {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let resyncs = b.feed_resyncs();
+    let before = calls.load(Ordering::SeqCst);
+
+    // A changes every file: one invalidation each, more than the bound's worth of calls.
+    for i in 0..files {
+        write_file(&a, &format!("f{i}"), b"two").await.unwrap();
+    }
+    assert!(delay * files > NOTIFY_BOUND + Duration::from_secs(1));
+    let deadline = Instant::now() + delay * files * 3;
+    while calls.load(Ordering::SeqCst) < before + files as usize && Instant::now() < deadline {
+        assert!(b.feed_up(), "a kernel that makes progress is not stuck");
+        assert_eq!(b.feed_resyncs(), resyncs, "no resync");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        calls.load(Ordering::SeqCst) >= before + files as usize,
+        "every change reached the kernel"
+    );
+    assert!(b.feed_up());
+    assert_eq!(b.feed_resyncs(), resyncs);
+    cancel.cancel();
+    c.shutdown().await;
+}
+
+/// A kernel stuck for long while changes keep coming: the queue for it stays bounded, and
+/// what could not be queued is made good by a resync once the kernel takes invalidations again.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_invalidations_for_a_stuck_kernel_stay_bounded_and_a_resync_makes_good() {
+    use common::api::{Change, ChangeKind};
+    use dfs_fuse::fs::feed::{FEED_TTL, KernelCache, NOTIFY_QUEUE_MAX};
+    let dir = tempfile::tempdir().unwrap();
+    let (c, _a, b) = two_cores(dir.path()).await;
+    let stuck = StuckKernel::default();
+    let notifier = dfs_fuse::fuse::NotifierThread::start(stuck.clone()).unwrap();
+    let cancel = subscribed(&b, notifier.clone()).await;
+    let resyncs = b.feed_resyncs();
+    stuck.set_stuck(true);
+    let changes = NOTIFY_QUEUE_MAX as u64 + 100;
+    for i in 0..changes {
+        let what = ChangeKind::Node {
+            node: NodeId(1_000_000 + i),
+        };
+        b.apply_changes(&[Change { seq: i, what }]);
+        assert!(notifier.backlog() <= NOTIFY_QUEUE_MAX, "bounded");
+    }
+    assert!(
+        !b.feed_up(),
+        "what was not queued makes the feed unhealthy at once"
+    );
+    stuck.set_stuck(false);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while (!b.feed_up() || b.feed_resyncs() == resyncs) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        b.feed_resyncs() > resyncs,
+        "a resync makes good what was not queued"
+    );
+    assert!(b.feed_up(), "healthy again");
+    assert_eq!(b.ttl(), FEED_TTL);
+    cancel.cancel();
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_stuck_kernel_notifier_turns_the_long_ttl_off_until_it_catches_up() {
+    use dfs_fuse::fs::ATTR_TTL;
+    use dfs_fuse::fs::feed::{FEED_TTL, KernelCache, NOTIFY_BOUND};
+    let dir = tempfile::tempdir().unwrap();
+    let (c, a, b) = two_cores(dir.path()).await;
+    let stuck = StuckKernel::default();
+    let notifier = dfs_fuse::fuse::NotifierThread::start(stuck.clone()).unwrap();
+    let cancel = subscribed(&b, notifier.clone()).await;
+    assert_eq!(b.ttl(), FEED_TTL);
+    let resyncs = b.feed_resyncs();
+
+    // The kernel stops taking invalidations; A's change is heard and queued for it.
+    stuck.set_stuck(true);
+    let t0 = Instant::now();
+    write_file(&a, "f", b"one").await.unwrap();
+    let bound = NOTIFY_BOUND + Duration::from_secs(3);
+    while b.ttl() == FEED_TTL && t0.elapsed() < bound {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        b.ttl(),
+        ATTR_TTL,
+        "short TTLs once the kernel lags by more than {NOTIFY_BOUND:?}"
+    );
+    assert!(!b.feed_up());
+    assert!(
+        t0.elapsed() >= NOTIFY_BOUND,
+        "not before the bound: {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        b.reply_ttl(Instant::now(), &[NodeId::ROOT]),
+        ATTR_TTL,
+        "replies too"
+    );
+    // Still stuck: still short.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(b.ttl(), ATTR_TTL);
+
+    // The kernel takes everything again: the long TTL, for requests begun from then on. What
+    // was queued reached the kernel in order: no resync.
+    stuck.set_stuck(false);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !b.feed_up() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let healthy = Instant::now();
+    assert!(b.feed_up(), "healthy again");
+    assert_eq!(notifier.backlog(), 0, "once everything queued was applied");
+    assert_eq!(b.feed_resyncs(), resyncs, "no resync");
+    assert_eq!(b.ttl(), FEED_TTL);
+    assert_eq!(
+        b.reply_ttl(t0, &[NodeId::ROOT]),
+        ATTR_TTL,
+        "a request begun while the kernel lagged"
+    );
+    assert_eq!(b.reply_ttl(healthy, &[NodeId::ROOT]), FEED_TTL);
+    assert!(
+        stuck.told.lock().unwrap().contains(&NodeId::ROOT),
+        "what was queued reached the kernel"
+    );
     cancel.cancel();
     c.shutdown().await;
 }

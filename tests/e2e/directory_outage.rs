@@ -103,3 +103,70 @@ fn a_client_keeps_its_login_cache_and_pending_uploads_across_directory_urls() {
     let out = a.run(&["status", "--json"], "");
     assert!(out.status.success(), "{out:?}");
 }
+
+/// Processes `mkdir NAME...` whose first name starts with `prefix`, asleep in a system call.
+fn mkdirs_waiting(prefix: &str) -> usize {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    procs
+        .flatten()
+        .filter(|p| {
+            let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            let mut args = cmd.split(|b| *b == 0);
+            let is_mkdir = args.next().is_some_and(|a| a.ends_with(b"mkdir"));
+            let named = args
+                .next()
+                .is_some_and(|a| a.starts_with(prefix.as_bytes()));
+            // The state follows the command name in parentheses: `pid (comm) S ...`.
+            let stat = std::fs::read_to_string(p.path().join("stat")).unwrap_or_default();
+            let asleep = stat
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('S') || rest.starts_with('D'));
+            is_mkdir && named && asleep
+        })
+        .count()
+}
+
+#[test]
+fn operations_waiting_for_the_directory_leave_the_mount_free_for_cached_files() {
+    let mut cluster = SplitCluster::start(1);
+    let a = Client::new(&cluster.url);
+    a.signup_login("alice");
+    let m = a.mount(&[]);
+    // Twelve directories: a create locks its directory in the kernel, so operations in one
+    // directory wait for each other there, never reaching more than one FUSE thread.
+    ok(m.sh("echo cached > c.txt && cat c.txt >/dev/null && \
+             for i in $(seq 1 12); do mkdir outage-wait-$i; done"));
+    cluster.stop_service("directory", true);
+    // More namespace operations than the mount has FUSE threads (8) wait for the directory,
+    // each up to the op timeout (30 s).
+    let dir = m.dir.clone();
+    let waiting = std::thread::spawn(move || {
+        sh_in(
+            &dir,
+            "for i in $(seq 1 12); do mkdir outage-wait-$i/new & done; wait",
+        )
+    });
+    assert!(
+        eventually(Duration::from_secs(10), || mkdirs_waiting("outage-wait-")
+            >= 12),
+        "the mkdirs wait for the directory: {}",
+        m.log()
+    );
+    // A cached file is still read: what was heard of it answers after a short wait
+    // (`FALLBACK_WAIT`), not after the others' op timeout.
+    let t = Instant::now();
+    let read = std::fs::read_to_string(m.path("c.txt"));
+    let took = t.elapsed();
+    assert_eq!(read.unwrap(), "cached\n");
+    assert!(
+        took < Duration::from_secs(10),
+        "a read of a cached file waited {took:?} behind operations waiting for the directory"
+    );
+    // The waiting operations complete once the directory is back.
+    cluster.start_service("directory");
+    let out = waiting.join().unwrap();
+    assert!(out.status.success(), "{out:?}\n{}", m.log());
+    assert_eq!(ok(m.sh("ls -d outage-wait-*/new | wc -l")).trim(), "12");
+}

@@ -28,6 +28,22 @@ pub const FEED_TTL: Duration = Duration::from_secs(15);
 /// How long one poll waits at the directory for a change.
 pub const POLL_WAIT: Duration = Duration::from_secs(10);
 
+/// How long the kernel may take no invalidation while some wait before the feed counts as
+/// unhealthy: short TTLs until the kernel took everything (what is queued reaches it in
+/// order, so no resync is needed). A notifier stuck on the kernel would otherwise leave long
+/// TTLs in force over changes the kernel never heard of. Above `remote::FALLBACK_WAIT` (2 s):
+/// the kernel's `inval_entry` waits for the lookups in progress in its directory, and a
+/// lookup of a known name may wait that long for a directory that does not answer.
+pub const NOTIFY_BOUND: Duration = Duration::from_secs(5);
+
+/// At most this many batches wait for the kernel: past it (a kernel stuck for long while
+/// this client keeps changing things) a batch is not queued but the feed counts as lost, and
+/// once the kernel took what is queued a resync drops everything held.
+pub const NOTIFY_QUEUE_MAX: usize = 4096;
+
+/// How often a poll in progress checks that the kernel keeps up.
+const NOTIFY_CHECK: Duration = Duration::from_millis(250);
+
 /// After a failed poll, the next one waits this long (the directory may be restarting),
 /// doubling with each failure in a row up to `RETRY_MAX` (a directory without a feed, or
 /// down for long, is not asked twice a second).
@@ -68,6 +84,13 @@ pub trait KernelCache: Send + Sync {
     fn backlog(&self) -> usize {
         0
     }
+
+    /// While batches wait: since when the kernel took nothing (the later of the oldest
+    /// waiting batch's hand-over and the last call into the kernel that finished). None when
+    /// everything was applied.
+    fn stuck_since(&self) -> Option<std::time::Instant> {
+        None
+    }
 }
 
 /// What the feed subscriber knows of the feed.
@@ -81,6 +104,8 @@ pub(super) struct FeedState {
     pub resyncs: std::sync::atomic::AtomicU64,
     /// Where invalidations go (none: no kernel, as in tests of the core).
     pub kernel: std::sync::OnceLock<Arc<dyn KernelCache>>,
+    /// A batch was not queued ([`NOTIFY_QUEUE_MAX`]): a resync is due.
+    pub overflow: std::sync::atomic::AtomicBool,
 }
 
 impl Default for FeedState {
@@ -90,6 +115,7 @@ impl Default for FeedState {
             lost_at: std::sync::Mutex::new(Instant::now()),
             resyncs: std::sync::atomic::AtomicU64::new(0),
             kernel: std::sync::OnceLock::new(),
+            overflow: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -136,9 +162,22 @@ impl DfsFs {
         if batch.is_empty() {
             return;
         }
-        if let Some(k) = self.feed.kernel.get() {
+        let Some(k) = self.feed.kernel.get() else {
+            return;
+        };
+        if k.backlog() < NOTIFY_QUEUE_MAX {
             k.invalidate(batch);
+            return;
         }
+        // Not queued: the kernel may keep what this batch drops until a resync.
+        if !self.feed.overflow.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                max = NOTIFY_QUEUE_MAX,
+                "too many invalidations wait for the kernel; short TTLs, then a resync"
+            );
+        }
+        self.feed.up.store(false, Ordering::Release);
+        *self.feed.lost_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
     }
 
     /// Connects the kernel's caches (set once, by the adapter's side, at mount).
@@ -151,6 +190,77 @@ impl DfsFs {
     /// Whether the change feed is healthy (long TTLs).
     pub fn feed_up(&self) -> bool {
         self.feed.up.load(Ordering::Acquire)
+    }
+
+    /// Whether the kernel has taken no invalidation for [`NOTIFY_BOUND`] while some wait.
+    fn kernel_stalled(&self) -> bool {
+        self.feed
+            .kernel
+            .get()
+            .and_then(|k| k.stuck_since())
+            .is_some_and(|t| t.elapsed() >= NOTIFY_BOUND)
+    }
+
+    /// The kernel stopped taking invalidations: short TTLs (from replies to requests begun
+    /// before now on) until it took everything queued.
+    fn kernel_fell_behind(&self) {
+        if self.feed.up.swap(false, Ordering::AcqRel) {
+            tracing::warn!(
+                bound = ?NOTIFY_BOUND,
+                "the kernel takes no invalidations; short TTLs until it catches up"
+            );
+        }
+        *self.feed.lost_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    /// Waits until the kernel keeps up: at most 64 batches waiting, and no stall (a stall
+    /// marks the feed unhealthy and sets `*behind`; then it waits until the kernel took
+    /// everything queued, and the feed is healthy again if it is in sync, `at`, for replies
+    /// to requests begun from then on; after an overflow `*at` is cleared instead, for a
+    /// resync). False if cancelled.
+    async fn until_kernel_keeps_up(
+        &self,
+        cancel: &CancellationToken,
+        at: &mut Option<(u64, u64)>,
+        behind: &mut bool,
+    ) -> bool {
+        loop {
+            let backlog = self.feed.kernel.get().map_or(0, |k| k.backlog());
+            if self.feed.overflow.load(Ordering::Acquire) {
+                self.kernel_fell_behind();
+                *behind = true;
+            }
+            if self.kernel_stalled() {
+                self.kernel_fell_behind();
+                *behind = true;
+            } else if *behind && backlog == 0 {
+                *behind = false;
+                if self.feed.overflow.swap(false, Ordering::AcqRel) {
+                    *at = None;
+                } else if at.is_some() {
+                    *self.feed.lost_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                    self.feed.up.store(true, Ordering::Release);
+                    tracing::info!("the kernel took every invalidation; long TTLs again");
+                }
+                return true;
+            } else if !*behind && backlog <= 64 {
+                return true;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return false,
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+        }
+    }
+
+    /// Ends when the kernel stalls (checked every [`NOTIFY_CHECK`]).
+    async fn kernel_stall(&self) {
+        loop {
+            tokio::time::sleep(NOTIFY_CHECK).await;
+            if self.kernel_stalled() {
+                return;
+            }
+        }
     }
 
     /// Resynchronisations since the mount started.
@@ -232,13 +342,14 @@ impl DfsFs {
     pub async fn run_feed(self: Arc<Self>, cancel: CancellationToken) {
         let mut at: Option<(u64, u64)> = None;
         let mut retry = RETRY_AFTER;
+        let mut behind = false;
         loop {
             // The kernel takes invalidations on one thread: never run far ahead of it.
-            while self.feed.kernel.get().is_some_and(|k| k.backlog() > 64) {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(10)) => {}
-                }
+            if !self
+                .until_kernel_keeps_up(&cancel, &mut at, &mut behind)
+                .await
+            {
+                return;
             }
             let (epoch, after) = match at {
                 Some((e, n)) => (Some(e), n),
@@ -246,6 +357,13 @@ impl DfsFs {
             };
             let polled = tokio::select! {
                 _ = cancel.cancelled() => return,
+                // The poll is dropped (asked again from the same position once the kernel
+                // took everything queued).
+                _ = self.kernel_stall() => {
+                    self.kernel_fell_behind();
+                    behind = true;
+                    continue;
+                }
                 r = self.remote.changes(epoch, after, POLL_WAIT) => r,
             };
             match polled {
@@ -293,35 +411,8 @@ impl DfsFs {
 mod tests {
     use super::*;
     use crate::fs::known::Known;
-    use common::{DirEntry, NodeMeta};
-
-    fn meta(id: u64) -> NodeMeta {
-        NodeMeta {
-            id: NodeId(id),
-            parent: NodeId::ROOT,
-            kind: common::FileKind::File,
-            mode: 0o644,
-            owner: "t".into(),
-            uid: 0,
-            gid: 0,
-            size: 0,
-            version: 0,
-            mtime_ns: 0,
-            ctime_ns: 0,
-            atime_ns: 0,
-            nlink: 1,
-            rdev: 0,
-            committed_ns: 0,
-            hash: common::ContentHash::empty(),
-            primary: None,
-            replicas: vec![],
-            holders: vec![],
-            symlink_target: None,
-            fence: common::FenceToken(0),
-            recent_uploads: vec![],
-            writeback: None,
-        }
-    }
+    use crate::fs::known::tests::meta;
+    use common::DirEntry;
 
     fn change(seq: u64, what: ChangeKind) -> Change {
         Change { seq, what }

@@ -278,6 +278,9 @@ pub struct DfsFs {
     /// pushes are refused, and the next open without writers fetches the file again.
     torn: Mutex<std::collections::HashSet<NodeId>>,
     known: Mutex<known::Known>,
+    /// One listing at a time per directory for lookups (`lookup`'s `Relist`): lookups that
+    /// run in parallel there share it rather than each list the directory.
+    relisting: dfs_server::keyed::KeyedMutex<NodeId>,
     /// The change feed's state (see `feed.rs`).
     feed: feed::FeedState,
     uid: u32,
@@ -406,6 +409,7 @@ impl DfsFs {
             unlocking: dfs_server::keyed::KeyedMutex::default(),
             torn: Mutex::new(std::collections::HashSet::new()),
             known: Mutex::new(known::Known::default()),
+            relisting: dfs_server::keyed::KeyedMutex::default(),
             feed: feed::FeedState::default(),
             uid: meta.uid(),
             gid: meta.gid(),
@@ -493,6 +497,63 @@ impl DfsFs {
 
     fn forget_name(&self, parent: NodeId, name: &str) {
         self.known().forget_name(parent, name);
+    }
+
+    /// A change of `names` (their directories, and the nodes they named) and of `nodes`
+    /// failed: the directories are no longer known completely. If it failed without an
+    /// answer (`e` says the directory was unreachable, timed out or broke down), the
+    /// directory may have applied it, or may still (its answer lost, an attempt still in
+    /// flight), and this client's own changes never come back in its feed: the kernel forgets
+    /// these entries and nodes now, and whatever is heard of them gets the short TTL until
+    /// the change can no longer happen (`known::FEED_RACE`).
+    fn change_failed(&self, e: &RemoteError, names: &[(NodeId, &str)], nodes: &[NodeId]) {
+        let mut batch = Vec::new();
+        {
+            let mut k = self.known();
+            let unknown = e.is_unreachable();
+            let now = Instant::now();
+            for (parent, name) in names {
+                k.unsure(*parent);
+                if !unknown {
+                    continue;
+                }
+                k.doubt(*parent, now);
+                batch.push(feed::Invalidation::Entry {
+                    parent: *parent,
+                    name: (*name).to_owned(),
+                });
+                batch.push(feed::Invalidation::Inode(*parent));
+                if let Some(m) = k.by_name(*parent, name) {
+                    k.doubt(m.id, now);
+                    batch.push(feed::Invalidation::Inode(m.id));
+                }
+            }
+            if unknown {
+                for id in nodes {
+                    k.doubt(*id, now);
+                    batch.push(feed::Invalidation::Inode(*id));
+                }
+            }
+            if unknown {
+                tracing::info!(
+                    error = %e,
+                    ?names,
+                    ?nodes,
+                    "a namespace change got no answer; the kernel forgets its names and \
+                     they get short TTLs while the directory may still apply it"
+                );
+            }
+        }
+        self.to_kernel(batch);
+    }
+
+    /// Changes `id`'s attributes at the directory; one that got no answer may still land
+    /// there (see `change_failed`).
+    async fn set_attrs(&self, id: NodeId, req: &SetAttrRequest) -> Result<NodeMeta, RemoteError> {
+        self.remote
+            .setattr(id, req)
+            .await
+            .inspect_err(|e| self.change_failed(e, &[], &[id]))
     }
 
     fn known_meta(&self, id: NodeId) -> Option<NodeMeta> {
@@ -633,19 +694,8 @@ impl DfsFs {
         match how {
             known::Lookup::Absent => return Err(FsError::Absent),
             known::Lookup::Relist => {
-                let start = self.known().listing_start(parent, Instant::now());
-                // A failed listing is followed by a lookup, which waits for the directory.
-                if let Ok(entries) = self
-                    .remote
-                    .list_within(parent, crate::remote::FALLBACK_WAIT)
-                    .await
-                {
-                    let mut k = self.known();
-                    let dropped = k.listed(parent, &entries, start);
-                    let found = k.by_name(parent, name.as_str());
-                    drop(k);
-                    self.names_dropped(parent, dropped);
-                    return found.map(|m| self.attr(&m)).ok_or(FsError::Absent);
+                if let Some(answer) = self.relist_lookup(parent, name.as_str()).await {
+                    return answer;
                 }
             }
             known::Lookup::Ask => {}
@@ -671,6 +721,35 @@ impl DfsFs {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// A lookup answered by listing `parent` again (`Lookup::Relist`); None: ask for the name.
+    /// One listing at a time per directory: a lookup that waited for another's listing is
+    /// answered from it.
+    async fn relist_lookup(&self, parent: NodeId, name: &str) -> Option<FsResult<FileAttr>> {
+        let gate = self.relisting.get(parent);
+        let _turn = gate.lock().await;
+        let how = self
+            .known()
+            .lookup(parent, name, self.ttl(), Instant::now());
+        match how {
+            known::Lookup::Absent => return Some(Err(FsError::Absent)),
+            known::Lookup::Ask => return None,
+            known::Lookup::Relist => {}
+        }
+        let start = self.known().listing_start(parent, Instant::now());
+        // A failed listing is followed by a lookup, which waits for the directory.
+        let entries = self
+            .remote
+            .list_within(parent, crate::remote::FALLBACK_WAIT)
+            .await
+            .ok()?;
+        let mut k = self.known();
+        let dropped = k.listed(parent, &entries, start);
+        let found = k.by_name(parent, name);
+        drop(k);
+        self.names_dropped(parent, dropped);
+        Some(found.map(|m| self.attr(&m)).ok_or(FsError::Absent))
     }
 
     /// getattr.
@@ -750,7 +829,7 @@ impl DfsFs {
                 mtime_now: mtime_now && with_mtime,
                 ..SetAttrRequest::default()
             };
-            let meta = self.remote.setattr(id, &req).await?;
+            let meta = self.set_attrs(id, &req).await?;
             self.remember(&meta, None);
             if with_mtime && folds {
                 // The local copy's time is what getattr shows until its push: it follows.
@@ -795,7 +874,7 @@ impl DfsFs {
                 gid,
                 ..SetAttrRequest::default()
             };
-            let meta = self.remote.setattr(id, &req).await?;
+            let meta = self.set_attrs(id, &req).await?;
             self.remember(&meta, None);
         }
         if mode.is_none() && mtime_ns.is_none() {
@@ -857,7 +936,7 @@ impl DfsFs {
             mtime_now,
             ..SetAttrRequest::default()
         };
-        let meta = self.remote.setattr(id, &req).await?;
+        let meta = self.set_attrs(id, &req).await?;
         self.remember(&meta, None);
         Ok(self.attr(&meta))
     }
@@ -975,10 +1054,12 @@ impl DfsFs {
             symlink_target: target,
             rdev: 0,
         };
-        let m = self.remote.create(parent, &req).await.inspect_err(|_| {
-            // The name may exist after all (made by another client).
-            self.known().unsure(parent);
-        })?;
+        let m = self
+            .remote
+            .create(parent, &req)
+            .await
+            // The name may exist after all (made by another client, or by this request).
+            .inspect_err(|e| self.change_failed(e, &[(parent, name.as_str())], &[]))?;
         self.remember(&m, Some((parent, name.as_str())));
         self.touched_dir(parent);
         Ok(m)
@@ -1025,7 +1106,7 @@ impl DfsFs {
             .remote
             .create(parent, &req)
             .await
-            .inspect_err(|_| self.known().unsure(parent))?;
+            .inspect_err(|e| self.change_failed(e, &[(parent, name.as_str())], &[]))?;
         self.remember(&m, Some((parent, name.as_str())));
         self.touched_dir(parent);
         Ok(self.attr(&m))
@@ -1074,7 +1155,11 @@ impl DfsFs {
                     code: ErrorCode::NotFound,
                     ..
                 }) => self.forget_name(parent, &source),
-                r => break r.inspect_err(|_| self.known().unsure(new_parent))?,
+                r => {
+                    break r.inspect_err(|e| {
+                        self.change_failed(e, &[(new_parent, name.as_str())], &[node])
+                    })?;
+                }
             }
         };
         self.remember(&m, Some((new_parent, name.as_str())));
@@ -1201,7 +1286,7 @@ impl DfsFs {
             .remote
             .remove(parent, &name, false)
             .await
-            .inspect_err(|_| self.known().unsure(parent))?;
+            .inspect_err(|e| self.change_failed(e, &[(parent, name.as_str())], &[]))?;
         self.forget_name(parent, name.as_str());
         self.touched_dir(parent);
         self.gone_name(&removed);
@@ -1214,7 +1299,7 @@ impl DfsFs {
         self.remote
             .remove(parent, &name, true)
             .await
-            .inspect_err(|_| self.known().unsure(parent))?;
+            .inspect_err(|e| self.change_failed(e, &[(parent, name.as_str())], &[]))?;
         self.forget_name(parent, name.as_str());
         self.touched_dir(parent);
         self.known().dir_links(parent, -1);
@@ -1241,10 +1326,15 @@ impl DfsFs {
             no_replace: flags & libc::RENAME_NOREPLACE != 0,
         };
         let moved = self.known().by_name(parent, req.name.as_str());
-        let replaced = self.remote.rename(&req).await.inspect_err(|_| {
-            let mut k = self.known();
-            k.unsure(parent);
-            k.unsure(new_parent);
+        let replaced = self.remote.rename(&req).await.inspect_err(|e| {
+            self.change_failed(
+                e,
+                &[
+                    (parent, req.name.as_str()),
+                    (new_parent, req.new_name.as_str()),
+                ],
+                &[],
+            );
         })?;
         self.known()
             .renamed(parent, req.name.as_str(), new_parent, req.new_name.as_str());

@@ -638,7 +638,7 @@ impl DfsFs {
             mtime_ns: attrs.mtime_ns,
             ..SetAttrRequest::default()
         };
-        let m = self.remote.setattr(node, &req).await?;
+        let m = self.set_attrs(node, &req).await?;
         self.remember(&m, None);
         self.settle_folded_attrs(node, &attrs);
         Ok(())
