@@ -276,7 +276,10 @@ impl Feed {
 
     /// [`read`](Self::read), waiting up to `wait` for a change when there is none yet: answers
     /// at once when there are changes (or a resync), when one is published, when `wait` ends
-    /// (with none), or when the feed is closed.
+    /// (with none), or when the feed is closed. Changes the poller made itself (`me`) do not
+    /// end the wait: the wait goes on past them, and the answer that ends it carries the
+    /// position after them. Otherwise every namespace change of a client would cost that client
+    /// a poll answer and a new poll (two more HTTP exchanges per operation) for nothing.
     pub async fn wait(
         &self,
         epoch: Option<u64>,
@@ -287,14 +290,19 @@ impl Feed {
     ) -> ChangesResponse {
         let deadline = tokio::time::Instant::now() + wait;
         let mut rx = self.head.subscribe();
+        let mut at = after;
         loop {
             // Subscribed (or marked seen) before reading: a change published after the read
             // wakes the wait below.
             rx.borrow_and_update();
-            let r = self.read(epoch, after, max, me);
-            if r.resync || r.next != after || self.closed.is_cancelled() {
+            let r = self.read(epoch, at, max, me);
+            if r.resync || !r.changes.is_empty() || self.closed.is_cancelled() {
                 return r;
             }
+            // Nothing, or only the poller's own changes: read on from past them (a ring that
+            // drops them meanwhile then costs no resync), answering `r.next` if nothing else
+            // comes.
+            at = r.next;
             tokio::select! {
                 changed = rx.changed() => {
                     if changed.is_err() {
@@ -500,6 +508,45 @@ mod tests {
         let r = poll.await.expect("poll task");
         assert_eq!(nodes(&r), vec![(2, node(2))], "woken by the publish");
         assert!(t0.elapsed() < Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_poll_is_not_woken_by_its_own_changes_but_answers_past_them() {
+        let f = Arc::new(Feed::new(3, 4));
+        let me = Some((7, 10));
+        let t0 = tokio::time::Instant::now();
+        let poll = tokio::spawn({
+            let f = f.clone();
+            async move { f.wait(Some(3), 0, 10, me, Duration::from_secs(30)).await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // More of its own changes than the ring holds: the wait moved past them as they came.
+        for n in 1..=6 {
+            f.publish_from(me, [node(n)]);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            !poll.is_finished(),
+            "its own changes do not answer the poll"
+        );
+        f.publish([node(9)]);
+        let r = poll.await.expect("poll task");
+        assert!(!r.resync, "{r:?}");
+        assert_eq!(nodes(&r), vec![(7, node(9))], "only the other's change");
+        assert!(t0.elapsed() < Duration::from_secs(3));
+
+        // With nothing else, the deadline's answer moves the poller past its own changes.
+        f.publish_from(me, [node(10)]);
+        let t1 = tokio::time::Instant::now();
+        let r = f.wait(Some(3), 7, 10, me, Duration::from_secs(5)).await;
+        assert!(!r.resync && r.changes.is_empty());
+        assert_eq!(r.next, 8);
+        assert_eq!(
+            t1.elapsed(),
+            Duration::from_secs(5),
+            "waited for another's change"
+        );
     }
 
     #[tokio::test(start_paused = true)]
