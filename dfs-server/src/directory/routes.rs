@@ -149,16 +149,31 @@ async fn changes(
         ))));
     }
     let wait = std::time::Duration::from_millis(q.wait_ms);
-    Ok(Json(
-        feed.wait(
+    // A feed whose source went silent (this instance cut off from etcd's quorum) cannot tell
+    // "nothing changed" from "nothing heard": the client must not keep long TTLs on it.
+    let stalled = || {
+        AppError(ServiceError::Unavailable(
+            "this directory instance's change feed has not heard from its store lately; \
+             poll again or another instance"
+                .into(),
+        ))
+    };
+    if !feed.healthy() {
+        return Err(stalled());
+    }
+    let r = feed
+        .wait(
             q.epoch,
             q.after,
             common::api::CHANGES_MAX_PER_ANSWER,
             stamp(me, who.caller().id.uid),
             wait,
         )
-        .await,
-    ))
+        .await;
+    if !feed.healthy() {
+        return Err(stalled());
+    }
+    Ok(Json(r))
 }
 
 async fn statfs(axum::extract::State(svc): State, _a: Authed) -> ApiResult<Json<StatFs>> {
