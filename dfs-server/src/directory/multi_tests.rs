@@ -7,6 +7,7 @@ use common::api::{ChangeKind, CreateRequest, RegisterServerRequest, RenameReques
 use common::{FileKind, NodeId, ValidName};
 
 use super::*;
+use common::ServerId;
 
 fn n(s: &str) -> ValidName {
     ValidName::parse(s).expect("valid name")
@@ -134,6 +135,19 @@ fn two_instances_share_liveness_ids_and_one_repair_leader() {
         .expect("register");
     a.heartbeat(id, None).expect("beat");
     b.sync_registry().expect("sync");
+    // b learned of the server, but its beat only as a baseline (its first sight of a beat says
+    // nothing of its age); a beat after it counts.
+    let heard = |svc: &DirectoryService| {
+        svc.registry
+            .status(&Default::default())
+            .iter()
+            .find(|s| s.id == id)
+            .map(|s| s.last_heartbeat_ms_ago.is_some())
+    };
+    assert_eq!(heard(&b), Some(false));
+    a.heartbeat(id, None).expect("beat");
+    b.sync_registry().expect("sync");
+    assert_eq!(heard(&b), Some(true), "a beat through a never reached b");
     assert_eq!(b.registry.live(), vec![id]);
     // Creates on both instances take ids from blocks of their own: no two alike.
     let mut ids: Vec<u64> = (0..5)
@@ -170,5 +184,112 @@ fn two_instances_share_liveness_ids_and_one_repair_leader() {
         .expect_err("a deposed leader's repair write");
     assert!(e.to_string().contains("no longer the repair leader"), "{e}");
     crate::meta::as_leader(|| b.promote(made.id, &made.hash, id)).expect("the leader's write");
+    b.resign();
+}
+
+fn register(svc: &DirectoryService, port: u16) -> ServerId {
+    svc.register_server(&RegisterServerRequest {
+        url: format!("http://127.0.0.1:{port}"),
+        capacity_bytes: 1 << 30,
+        previous_id: None,
+        cluster_id: None,
+    })
+    .expect("register")
+}
+
+/// Server states as the repair last recorded them.
+fn seen(svc: &DirectoryService) -> Vec<(ServerId, bool)> {
+    svc.store.read(super::replicas::seen).expect("seen")
+}
+
+async fn one_pass(svc: &std::sync::Arc<DirectoryService>) {
+    let peer = crate::peer::Peer::new("key").expect("peer");
+    let (cfg, inflight) = (repair::RepairConfig::default(), repair::InFlight::default());
+    repair::pass(svc, &peer, &cfg, &inflight).await;
+}
+
+/// Regression: a leader running passes back to back judged liveness from its registry as
+/// last synced; a server beating only through another instance looked dead to it, and the
+/// pass recorded its death and queued its files. Every pass syncs first when its view is a
+/// heartbeat interval old.
+#[tokio::test(start_paused = true)]
+async fn regression_a_pass_judges_liveness_from_a_view_synced_first() {
+    let (da, db) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let prefix = format!("multi/{:016x}", rand::random::<u64>());
+    let a = std::sync::Arc::new(on_etcd(da.path(), &prefix));
+    let b = on_etcd(db.path(), &prefix);
+    let (x, y) = (register(&a, 9100), register(&a, 9101));
+    b.sync_registry().expect("sync");
+    // x beats through b only, y through a; a has seen x's beat once (its baseline).
+    b.heartbeat(x, None).expect("beat");
+    a.sync_registry().expect("sync");
+    a.note_servers(&[(x, true, true), (y, true, true)])
+        .expect("note");
+    tokio::time::advance(Duration::from_secs(7)).await;
+    b.heartbeat(x, None).expect("beat");
+    a.heartbeat(y, None).expect("beat");
+    one_pass(&a).await;
+    assert_eq!(
+        seen(&a),
+        vec![(x, true), (y, true)],
+        "a pass judged a server beating through another instance dead"
+    );
+    assert_eq!(a.repair_queue_len().expect("queue"), 0);
+}
+
+/// Regression: an instance (re)started after a server died took the server's last beat,
+/// read for the first time, as a beat heard now: the dead server counted as returned, and
+/// as a live holder of its files.
+#[tokio::test(start_paused = true)]
+async fn regression_an_old_beat_first_seen_by_a_restarted_instance_is_no_return() {
+    let (da, dc) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let prefix = format!("multi/{:016x}", rand::random::<u64>());
+    let a = on_etcd(da.path(), &prefix);
+    let (x, y) = (register(&a, 9100), register(&a, 9101));
+    // x's last beat, then its death, recorded by a pass.
+    a.heartbeat(x, None).expect("beat");
+    a.note_servers(&[(x, false, true), (y, true, true)])
+        .expect("note");
+    // An instance started later: past its start-up grace, y beats through it, x never again.
+    let c = std::sync::Arc::new(on_etcd(dc.path(), &prefix));
+    tokio::time::advance(Duration::from_secs(7)).await;
+    c.heartbeat(y, None).expect("beat");
+    c.sync_registry().expect("sync");
+    assert_eq!(
+        c.registry.live(),
+        vec![y],
+        "a long-dead server counted as alive"
+    );
+    one_pass(&c).await;
+    assert_eq!(seen(&c), vec![(x, false), (y, true)], "x taken as returned");
+}
+
+/// A killed repair leader (it stops renewing; its lease is not revoked) is replaced within
+/// the lease plus a follower's next try.
+#[test]
+fn a_killed_repair_leader_is_replaced_within_its_lease_and_a_try() {
+    let (da, db) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let prefix = format!("multi/{:016x}", rand::random::<u64>());
+    let a = on_etcd(da.path(), &prefix);
+    let b = on_etcd(db.path(), &prefix);
+    let lease = crate::meta::etcd::LEADER_LEASE;
+    a.start_election();
+    assert!(eventually(Duration::from_secs(10), || a.is_leader()));
+    b.start_election();
+    let killed = Instant::now();
+    a.stop_election();
+    let bound = lease + lease / 3 + Duration::from_secs(1);
+    assert!(eventually(bound * 2, || b.is_leader()), "b never took over");
+    assert!(killed.elapsed() <= bound, "{:?}", killed.elapsed());
+    assert!(!a.is_leader());
     b.resign();
 }

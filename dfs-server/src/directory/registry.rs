@@ -66,6 +66,8 @@ pub struct Registry {
     inner: Mutex<Inner>,
     dead_after: Duration,
     started: Instant,
+    /// When `sync` last read the store.
+    synced: Mutex<Option<Instant>>,
 }
 
 fn service_key(kind: ServiceKind) -> &'static str {
@@ -101,6 +103,7 @@ impl Registry {
             }),
             dead_after,
             started: Instant::now(),
+            synced: Mutex::new(None),
         })
     }
 
@@ -167,12 +170,17 @@ impl Registry {
     /// through them, heartbeats they received (a beat whose tag changed since the last sync
     /// counts as one now), and the lock and auth URLs. Several instances thereby agree on
     /// which servers are alive, within one sync interval.
-    pub fn sync(&self, tx: &Txn) -> ServiceResult<()> {
+    ///
+    /// A beat is judged by its change between two reads, never by its first sight: the tag
+    /// first read is only a baseline (it may be hours old: a server long dead left its last
+    /// beat in the store), so no clocks are compared and a restarted instance does not count
+    /// a dead server as returned. `now` is the caller's (the store may run `tx` on another
+    /// thread, outside the runtime whose clock liveness is judged on).
+    pub fn sync(&self, tx: &Txn, now: Instant) -> ServiceResult<()> {
         let servers = tx.all(SERVERS)?;
         let beats = tx.all(BEATS)?;
         let lock_url = tx.get(SERVICES, &service_key(ServiceKind::Lock).to_owned())?;
         let auth_url = tx.get(SERVICES, &service_key(ServiceKind::Auth).to_owned())?;
-        let now = Instant::now();
         let mut inner = self.inner()?;
         for (k, v) in servers {
             let rec: ServerRecord = decode(&v)?;
@@ -194,7 +202,11 @@ impl Registry {
             if let Some(e) = inner.servers.get_mut(&ServerId(k))
                 && e.tag != Some(beat.tag)
             {
+                let baseline = e.tag.is_none();
                 e.tag = Some(beat.tag);
+                if baseline {
+                    continue;
+                }
                 e.last_beat = Some(now);
                 if beat.space.is_some() {
                     e.space = beat.space;
@@ -207,7 +219,17 @@ impl Registry {
         if auth_url.is_some() {
             inner.auth_url = auth_url;
         }
+        drop(inner);
+        *self.synced.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
         Ok(())
+    }
+
+    /// Whether `sync` read the store less than `age` ago.
+    pub fn synced_within(&self, age: Duration) -> bool {
+        self.synced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| t.elapsed() < age)
     }
 
     /// Records a heartbeat. An unknown id must register again.

@@ -150,14 +150,13 @@ pub async fn pass(
     (promoted, started)
 }
 
-/// [`pass`], also telling whether the batch was full (more work may be due at once).
 /// Every instance keeps its registry in step with the others' (shared liveness), once per
-/// heartbeat interval.
-async fn sync_if_due(svc: &Arc<DirectoryService>, synced: &mut tokio::time::Instant) {
-    if synced.elapsed() < svc.heartbeat_interval() {
+/// heartbeat interval, and the leader before every pass (so a run of passes never judges
+/// liveness from a view older than that).
+async fn sync_if_due(svc: &Arc<DirectoryService>) {
+    if !svc.registry_sync_due() {
         return;
     }
-    *synced = tokio::time::Instant::now();
     let s = svc.clone();
     let r = tokio::task::spawn_blocking(move || s.sync_registry()).await;
     if let Ok(Err(e)) = r {
@@ -165,12 +164,14 @@ async fn sync_if_due(svc: &Arc<DirectoryService>, synced: &mut tokio::time::Inst
     }
 }
 
+/// [`pass`], also telling whether the batch was full (more work may be due at once).
 async fn pass_full(
     svc: &Arc<DirectoryService>,
     peer: &Peer,
     cfg: &RepairConfig,
     inflight: &InFlight,
 ) -> (usize, usize, bool) {
+    sync_if_due(svc).await;
     let servers: Vec<(ServerId, bool, bool)> = svc
         .registry
         .status(&Default::default())
@@ -313,7 +314,6 @@ pub async fn run(
 ) {
     svc.start_election();
     let inflight = InFlight::default();
-    let mut synced = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => {
@@ -322,12 +322,11 @@ pub async fn run(
             }
             _ = tokio::time::sleep(cfg.interval) => {}
         }
-        sync_if_due(&svc, &mut synced).await;
+        sync_if_due(&svc).await;
         // A full batch with failovers in it: more may be due, and writes wait on them. Each
         // pass first brings the registry in step (a long run of passes must not judge
         // liveness from a view older than the dead-after period).
         while svc.is_leader() {
-            sync_if_due(&svc, &mut synced).await;
             let (promoted, _, full) = pass_full(&svc, &peer, &cfg, &inflight).await;
             if !(full && promoted > 0) || cancel.is_cancelled() {
                 break;

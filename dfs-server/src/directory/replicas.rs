@@ -1115,6 +1115,53 @@ macro_rules! replicas_tests {
             );
         }
 
+        /// Regression: a pass whose view shows every server dead (more likely a stale view
+        /// than a cluster gone) recorded every server's death and parked every entry it took,
+        /// with nothing to copy from anyway. It must do nothing at all.
+        #[tokio::test(start_paused = true)]
+        async fn regression_a_pass_that_sees_no_live_server_records_and_settles_nothing() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let svc = std::sync::Arc::new(open(dir.path()));
+            let f = mk(&svc, "f", FileKind::File);
+            let all: Vec<(ServerId, bool, bool)> = svc
+                .registry
+                .live()
+                .into_iter()
+                .map(|s| (s, true, true))
+                .collect();
+            svc.note_servers(&all).expect("note");
+            // Held by two of three: queued, due now.
+            commit(&svc, &f, 0, &[f.primary.expect("primary"), f.replicas[0]]);
+            let due = || -> Vec<NodeId> {
+                svc.repair_batch(10)
+                    .expect("batch")
+                    .into_iter()
+                    .map(|(id, _)| id)
+                    .collect()
+            };
+            assert_eq!(due(), vec![f.id]);
+            let before = svc.store.read(|tx| tx.all(QUEUE_DUE)).expect("read");
+            // No heartbeat for longer than the dead-after period: every server looks dead.
+            tokio::time::advance(Duration::from_secs(7)).await;
+            assert!(svc.registry.live().is_empty());
+            let peer = crate::peer::Peer::new("key").expect("peer");
+            let (cfg, inflight) = (RepairConfig::default(), InFlight::default());
+            assert_eq!(repair::pass(&svc, &peer, &cfg, &inflight).await, (0, 0));
+            let seen = svc.store.read(seen).expect("seen");
+            assert_eq!(seen.len(), 3);
+            assert!(
+                seen.iter().all(|(_, live)| *live),
+                "deaths recorded from an empty view: {seen:?}"
+            );
+            assert_eq!(
+                svc.store.read(|tx| tx.all(QUEUE_DUE)).expect("read"),
+                before,
+                "the queue changed"
+            );
+            assert_eq!(due(), vec![f.id], "the entry was settled or parked");
+            check_against_scan(&svc).expect("consistent");
+        }
+
         #[tokio::test(start_paused = true)]
         async fn a_dead_servers_files_are_queued_through_its_holdings_and_settled() {
             let dir = tempfile::tempdir().expect("tempdir");
