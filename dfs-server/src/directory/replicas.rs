@@ -755,21 +755,24 @@ macro_rules! replicas_tests {
         use crate::directory::replicas::{HOLDINGS, PLACED, QUEUE, QUEUE_DUE, REPLICATION, SEEN};
         use crate::directory::{DirectoryService, META};
 
+        /// Registers a server at a closed port (a copy to or from it fails at once).
+        fn register_closed(svc: &DirectoryService) -> ServerId {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let url = format!("http://{}", l.local_addr().expect("addr"));
+            drop(l);
+            svc.register_server(&RegisterServerRequest {
+                url,
+                capacity_bytes: 1 << 30,
+                previous_id: None,
+                cluster_id: None,
+            })
+            .expect("register")
+        }
+
         fn open(dir: &std::path::Path) -> DirectoryService {
             let svc = open_raw(dir).expect("open");
-            for i in 0..3 {
-                // Closed ports: a copy fails at once.
-                let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-                let url = format!("http://{}", l.local_addr().expect("addr"));
-                drop(l);
-                svc.register_server(&RegisterServerRequest {
-                    url,
-                    capacity_bytes: 1 << 30,
-                    previous_id: None,
-                    cluster_id: None,
-                })
-                .expect("register");
-                let _ = i;
+            for _ in 0..3 {
+                register_closed(&svc);
             }
             svc
         }
@@ -1011,16 +1014,7 @@ macro_rules! replicas_tests {
         fn regression_a_copy_recorded_while_a_deaths_files_are_queued_keeps_the_entry() {
             let dir = tempfile::tempdir().expect("tempdir");
             let svc = open(dir.path());
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            let url = format!("http://{}", l.local_addr().expect("addr"));
-            drop(l);
-            svc.register_server(&RegisterServerRequest {
-                url,
-                capacity_bytes: 1 << 30,
-                previous_id: None,
-                cluster_id: None,
-            })
-            .expect("register");
+            register_closed(&svc);
             let f = mk(&svc, "f", FileKind::File);
             let p = f.primary.expect("primary");
             let s = f.replicas[0];
