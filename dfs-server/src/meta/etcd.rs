@@ -2353,4 +2353,32 @@ mod tests {
         fa.close();
         fb.close();
     }
+
+    /// An instance whose etcd member lost the quorum (the two others gone): the member keeps
+    /// its watch streams and answers progress requests on its own, so without `hasleader` the
+    /// feed would look healthy for ever while hearing nothing. The member ends the watch and
+    /// the feed turns unhealthy.
+    #[test]
+    fn a_feed_on_a_member_without_quorum_turns_unhealthy() {
+        let mut members = crate::testing::start_cluster(3, &[]).unwrap_or_else(|e| panic!("{e}"));
+        let a = EtcdStore::connect(&EtcdConfig::parse(&members[0].meta_url("cut")).expect("url"))
+            .expect("connect");
+        let feed = watched_feed(&a);
+        change(&a, 1);
+        assert!(eventually(Duration::from_secs(10), || feed.head() > 0
+            && feed.healthy()));
+        let cut = std::time::Instant::now();
+        drop(members.remove(2));
+        drop(members.remove(1));
+        assert!(
+            eventually(Duration::from_secs(20), || !feed.healthy()),
+            "a feed on a member without quorum stayed healthy for 20 s"
+        );
+        assert!(
+            cut.elapsed() < Duration::from_secs(15),
+            "{:?}",
+            cut.elapsed()
+        );
+        feed.close();
+    }
 }
