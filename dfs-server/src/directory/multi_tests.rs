@@ -287,9 +287,43 @@ fn a_killed_repair_leader_is_replaced_within_its_lease_and_a_try() {
     b.start_election();
     let killed = Instant::now();
     a.stop_election();
-    let bound = lease + lease / 3 + Duration::from_secs(1);
+    let bound = lease + lease / 3 + Duration::from_secs(2);
     assert!(eventually(bound * 2, || b.is_leader()), "b never took over");
     assert!(killed.elapsed() <= bound, "{:?}", killed.elapsed());
     assert!(!a.is_leader());
     b.resign();
+}
+
+/// A server registered through another instance, learned from the store by an instance up
+/// for longer than its start-up grace, is alive (not heard yet) until the dead-after period
+/// passes without a beat: not found dead before its next beat could be seen.
+#[tokio::test(start_paused = true)]
+async fn a_server_learned_from_the_store_is_alive_unheard_until_its_beat_is_seen() {
+    let (da, db) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let prefix = format!("multi/{:016x}", rand::random::<u64>());
+    let a = on_etcd(da.path(), &prefix);
+    let b = on_etcd(db.path(), &prefix);
+    tokio::time::advance(Duration::from_secs(7)).await;
+    let x = register(&b, 9100);
+    b.heartbeat(x, None).expect("beat");
+    a.sync_registry().expect("sync");
+    let heard = |svc: &DirectoryService| {
+        svc.registry
+            .status(&Default::default())
+            .iter()
+            .find(|s| s.id == x)
+            .map(|s| (s.alive, s.last_heartbeat_ms_ago.is_some()))
+    };
+    assert_eq!(heard(&a), Some((true, false)));
+    tokio::time::advance(Duration::from_secs(1)).await;
+    b.heartbeat(x, None).expect("beat");
+    a.sync_registry().expect("sync");
+    assert_eq!(heard(&a), Some((true, true)));
+    // Silent for the dead-after period: dead.
+    tokio::time::advance(Duration::from_secs(7)).await;
+    a.sync_registry().expect("sync");
+    assert_eq!(heard(&a), Some((false, true)));
 }

@@ -53,6 +53,11 @@ struct Entry {
     space: Option<common::api::Space>,
     /// The tag of the last shared beat seen (`sync`).
     tag: Option<u64>,
+    /// When this instance learned of the server without hearing it (at its start, or from
+    /// the store): it counts as alive for one dead-after period from then, unheard, so a
+    /// server registered through another instance is not found dead before its next beat is
+    /// seen (and, never heard, it is never taken for one that returned).
+    known_since: Option<Instant>,
 }
 
 struct Inner {
@@ -90,6 +95,7 @@ impl Registry {
                     last_beat: None,
                     space: None,
                     tag: None,
+                    known_since: None,
                 },
             );
         }
@@ -114,7 +120,7 @@ impl Registry {
     }
 
     fn alive(&self, e: &Entry, now: Instant) -> bool {
-        e.last_beat.unwrap_or(self.started) + self.dead_after > now
+        e.last_beat.or(e.known_since).unwrap_or(self.started) + self.dead_after > now
     }
 
     /// Registers (or re-registers, keeping its id) a server at `req.url`.
@@ -161,6 +167,7 @@ impl Registry {
                 last_beat: Some(Instant::now()),
                 space: None,
                 tag: None,
+                known_since: None,
             },
         );
         Ok(())
@@ -191,6 +198,7 @@ impl Registry {
                     last_beat: None,
                     space: None,
                     tag: None,
+                    known_since: Some(now),
                 }
             });
             e.rec = rec;
