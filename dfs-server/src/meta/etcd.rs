@@ -1205,8 +1205,17 @@ async fn watch_feed(shared: Arc<Shared>, feed: Arc<Feed>) {
         }
         // Where the store is and which numbering it is in, read again at every (re)start.
         let now = tokio::time::timeout(OP_TIMEOUT, kv.get(shared.epoch_key.clone(), None)).await;
-        let Ok(Ok(now)) = now else {
-            tracing::warn!("the change feed cannot read etcd; retrying");
+        let read = match &now {
+            Ok(Ok(r)) => r.header().map(|h| (r, h.revision(), h.cluster_id())),
+            _ => None,
+        };
+        let Some((now, rev, cluster)) = read else {
+            let error = match now {
+                Ok(Err(e)) => e.to_string(),
+                Ok(Ok(_)) => "an answer without a header".into(),
+                Err(_) => "timed out".into(),
+            };
+            tracing::warn!(%error, "the change feed cannot read etcd; retrying");
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 _ = feed.closed() => return,
@@ -1214,9 +1223,6 @@ async fn watch_feed(shared: Arc<Shared>, feed: Arc<Feed>) {
             pause = (pause * 2).min(Duration::from_secs(2));
             continue;
         };
-        let (rev, cluster) = now
-            .header()
-            .map_or((0, 0), |h| (h.revision(), h.cluster_id()));
         let salt_kv = now.kvs().first();
         let salt = salt_kv
             .and_then(|k| std::str::from_utf8(k.value()).ok())
