@@ -524,6 +524,37 @@ mod tests {
     }
 
     #[test]
+    fn a_restart_starts_a_new_numbering_below_the_old_one_and_every_client_resyncs() {
+        let f = Feed::shared(9, 100);
+        assert!(f.publish_at(500, [node(1)]));
+        f.restart(11, 200);
+        assert_eq!((f.epoch(), f.floor(), f.head()), (11, 200, 200));
+        // A client of the old numbering resyncs, at the new head, whatever its position.
+        for after in [0, 200, 500, 900] {
+            let r = f.read(Some(9), after, 10, None);
+            assert!(r.resync && r.epoch == 11 && r.next == 200, "{r:?}");
+        }
+        // Revisions below the old head are taken again.
+        assert!(f.publish_at(201, [node(2)]));
+        assert_eq!(
+            nodes(&f.read(Some(11), 200, 10, None)),
+            vec![(201, node(2))]
+        );
+    }
+
+    #[test]
+    fn a_watched_feed_is_unhealthy_once_its_source_is_silent_past_the_bound() {
+        let f = Feed::shared(9, 100);
+        assert!(f.healthy(), "a feed not watched never stalls");
+        f.watched(Duration::from_millis(50));
+        assert!(f.healthy());
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(!f.healthy());
+        f.confirm();
+        assert!(f.healthy());
+    }
+
+    #[test]
     fn a_shared_feed_waits_for_a_position_it_has_not_reached_and_a_reset_resyncs() {
         let f = Feed::shared(9, 100);
         f.publish_at(10, [node(1)]);

@@ -2066,6 +2066,28 @@ mod tests {
         c.resign();
     }
 
+    #[test]
+    fn the_epoch_follows_the_cluster_the_prefix_and_the_salt_and_is_unchanged_without_one() {
+        let old = |cluster_id: u64, prefix: &[u8]| {
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            for b in cluster_id.to_be_bytes().iter().chain(prefix) {
+                h ^= u64::from(*b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+            h | 1
+        };
+        // Instances of an older dfs on the same prefix compute the same epoch.
+        assert_eq!(feed_epoch(7, b"dfs/", None), old(7, b"dfs/"));
+        let e = feed_epoch(7, b"dfs/", None);
+        assert_ne!(feed_epoch(8, b"dfs/", None), e, "another etcd cluster");
+        assert_ne!(feed_epoch(7, b"dfz/", None), e);
+        assert_ne!(feed_epoch(7, b"dfs/", Some(1)), e, "a salt");
+        assert_ne!(
+            feed_epoch(7, b"dfs/", Some(2)),
+            feed_epoch(7, b"dfs/", Some(1))
+        );
+    }
+
     fn tries(s: &EtcdStore) -> u64 {
         s.shared.tries.load(Ordering::SeqCst)
     }
