@@ -240,6 +240,49 @@ async fn regression_a_pass_judges_liveness_from_a_view_synced_first() {
     assert_eq!(a.repair_queue_len().expect("queue"), 0);
 }
 
+/// Regression (review 1): a failed registry sync did not stop the pass; judged on the view
+/// of the last good sync, a server beating only through another instance looked dead: its
+/// death was recorded and its files queued, though it was alive.
+#[tokio::test(start_paused = true)]
+async fn regression_a_pass_whose_registry_sync_failed_records_no_death() {
+    let (da, db) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let prefix = format!("multi/{:016x}", rand::random::<u64>());
+    let a = std::sync::Arc::new(on_etcd(da.path(), &prefix));
+    let b = on_etcd(db.path(), &prefix);
+    let (x, y) = (register(&a, 9100), register(&a, 9101));
+    b.sync_registry().expect("sync");
+    // x beats through b only, y through a; a hears x's beats through the store.
+    b.heartbeat(x, None).expect("beat");
+    a.sync_registry().expect("sync");
+    b.heartbeat(x, None).expect("beat");
+    a.sync_registry().expect("sync");
+    a.note_servers(&[(x, true, true), (y, true, true)])
+        .expect("note");
+    // Past the dead-after period x keeps beating through b, but a cannot read the store.
+    tokio::time::advance(Duration::from_secs(7)).await;
+    b.heartbeat(x, None).expect("beat");
+    a.heartbeat(y, None).expect("beat");
+    a.registry
+        .sync_fails
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    one_pass(&a).await;
+    assert_eq!(
+        seen(&a),
+        vec![(x, true), (y, true)],
+        "a pass on a stale view recorded a live server's death"
+    );
+    assert_eq!(a.repair_queue_len().expect("queue"), 0);
+    // The store readable again: the next pass sees x's beat and x stays alive.
+    a.registry
+        .sync_fails
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    one_pass(&a).await;
+    assert_eq!(seen(&a), vec![(x, true), (y, true)]);
+}
+
 /// Regression: an instance (re)started after a server died took the server's last beat,
 /// read for the first time, as a beat heard now: the dead server counted as returned, and
 /// as a live holder of its files.

@@ -73,6 +73,9 @@ pub struct Registry {
     started: Instant,
     /// When `sync` last read the store.
     synced: Mutex<Option<Instant>>,
+    /// Makes `sync` fail as a store read would (tests).
+    #[cfg(test)]
+    pub(crate) sync_fails: std::sync::atomic::AtomicBool,
 }
 
 fn service_key(kind: ServiceKind) -> &'static str {
@@ -110,6 +113,8 @@ impl Registry {
             dead_after,
             started: Instant::now(),
             synced: Mutex::new(None),
+            #[cfg(test)]
+            sync_fails: Default::default(),
         })
     }
 
@@ -184,6 +189,12 @@ impl Registry {
     /// a dead server as returned. `now` is the caller's (the store may run `tx` on another
     /// thread, outside the runtime whose clock liveness is judged on).
     pub fn sync(&self, tx: &Txn, now: Instant) -> ServiceResult<()> {
+        #[cfg(test)]
+        if self.sync_fails.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ServiceError::Unavailable(
+                "test: the store read failed".into(),
+            ));
+        }
         let servers = tx.all(SERVERS)?;
         let beats = tx.all(BEATS)?;
         let lock_url = tx.get(SERVICES, &service_key(ServiceKind::Lock).to_owned())?;

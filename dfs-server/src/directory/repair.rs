@@ -152,15 +152,20 @@ pub async fn pass(
 
 /// Every instance keeps its registry in step with the others' (shared liveness), once per
 /// heartbeat interval, and the leader before every pass (so a run of passes never judges
-/// liveness from a view older than that).
-async fn sync_if_due(svc: &Arc<DirectoryService>) {
+/// liveness from a view older than that). Returns whether the view is fresh: not due, or
+/// read now; false when a due read failed.
+async fn sync_if_due(svc: &Arc<DirectoryService>) -> bool {
     if !svc.registry_sync_due() {
-        return;
+        return true;
     }
     let s = svc.clone();
-    let r = tokio::task::spawn_blocking(move || s.sync_registry()).await;
-    if let Ok(Err(e)) = r {
-        tracing::warn!(error = %e, "reading the shared registry failed");
+    match tokio::task::spawn_blocking(move || s.sync_registry()).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "reading the shared registry failed");
+            false
+        }
+        Err(_) => false,
     }
 }
 
@@ -171,21 +176,29 @@ async fn pass_full(
     cfg: &RepairConfig,
     inflight: &InFlight,
 ) -> (usize, usize, bool) {
-    sync_if_due(svc).await;
+    if !sync_if_due(svc).await {
+        // A stale view would take a server beating through another instance for dead: its
+        // death recorded, its primaries failed over away from it. Nothing is judged on it.
+        tracing::warn!(
+            "repair: the shared registry could not be read; this pass records and settles nothing"
+        );
+        return (0, 0, false);
+    }
     let servers: Vec<(ServerId, bool, bool)> = svc
         .registry
         .status(&Default::default())
         .into_iter()
         .map(|s| (s.id, s.alive, s.last_heartbeat_ms_ago.is_some()))
         .collect();
-    let live: Vec<ServerId> = servers.iter().filter(|s| s.1).map(|s| s.0).collect();
-    if live.is_empty() && !servers.is_empty() {
+    let alive: Vec<ServerId> = servers.iter().filter(|s| s.1).map(|s| s.0).collect();
+    if alive.is_empty() && !servers.is_empty() {
         // Every server looks dead: more likely this instance's view is stale (a registry
         // sync behind) than the cluster gone. Recording deaths and settling entries against
         // no live server would dequeue them unrepaired; there is nothing to copy from anyway.
         tracing::warn!("repair: no file server looks alive; this pass records and settles nothing");
         return (0, 0, false);
     }
+    let live = alive;
     let batch = {
         let svc = svc.clone();
         let r = tokio::task::spawn_blocking(move || {
@@ -322,7 +335,7 @@ pub async fn run(
             }
             _ = tokio::time::sleep(cfg.interval) => {}
         }
-        sync_if_due(&svc).await;
+        let _ = sync_if_due(&svc).await;
         // A full batch with failovers in it: more may be due, and writes wait on them. Each
         // pass first brings the registry in step (a long run of passes must not judge
         // liveness from a view older than the dead-after period).
