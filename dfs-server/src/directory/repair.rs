@@ -198,7 +198,16 @@ async fn pass_full(
         tracing::warn!("repair: no file server looks alive; this pass records and settles nothing");
         return (0, 0, false);
     }
-    let live = alive;
+    // Alive but never heard (presumed alive after this instance started or learned of it) is
+    // not dead, so no death is recorded for it, but it is no live holder or primary either:
+    // a long-dead server inside that grace must not take a file's entry out of the queue.
+    // Its files wait (their primary is not failed over) until it is heard or found dead.
+    let live: Vec<ServerId> = servers.iter().filter(|s| s.1 && s.2).map(|s| s.0).collect();
+    let undecided: Vec<ServerId> = servers
+        .iter()
+        .filter(|s| s.1 && !s.2)
+        .map(|s| s.0)
+        .collect();
     let batch = {
         let svc = svc.clone();
         let r = tokio::task::spawn_blocking(move || {
@@ -215,6 +224,10 @@ async fn pass_full(
             Err(_) => return (0, 0, false),
         }
     };
+    if live.is_empty() {
+        // Every live server unheard yet: settling against none would park every entry.
+        return (0, 0, false);
+    }
     let full = batch.len() >= BATCH;
     let now = crate::store::now_ms();
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
@@ -228,6 +241,11 @@ async fn pass_full(
             settled.push((id, None, Settle::Check));
             continue;
         };
+        if meta.primary.is_some_and(|p| undecided.contains(&p)) {
+            // Its primary may be alive: no failover on a guess; looked at again next pass.
+            settled.push((id, Some(meta), Settle::RetryAt(later)));
+            continue;
+        }
         let settle = match plan(&meta, &live, svc.replication()) {
             Repair::None => Settle::Check,
             Repair::Unavailable => Settle::RetryAt(now.saturating_add(ms(UNAVAILABLE_RETRY))),

@@ -1195,6 +1195,64 @@ macro_rules! replicas_tests {
             assert_eq!(queue(&svc), 0, "three live holders: satisfied");
             check_against_scan(&svc).expect("consistent");
         }
+
+        /// Regression (review 2): after a restart of the directory, a long-dead server,
+        /// presumed alive through the start-up grace, counted as a live holder: a pass took its
+        /// files' entries out of the queue, and when the grace ended its death was already
+        /// recorded, so nothing queued them again: under-replicated for good.
+        #[tokio::test(start_paused = true)]
+        async fn regression_a_server_presumed_alive_after_a_restart_is_no_live_holder() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let f = {
+                let svc = open(dir.path());
+                // A fourth server, outside f's placement (somewhere to copy to).
+                register_closed(&svc);
+                let f = mk(&svc, "f", FileKind::File);
+                // Content (not empty, which a pass records copied at once), held by all three.
+                let mut members = vec![f.primary.expect("primary")];
+                members.extend(&f.replicas);
+                commit(&svc, &f, 0, &members);
+                let all: Vec<(ServerId, bool, bool)> = svc
+                    .registry
+                    .live()
+                    .into_iter()
+                    .map(|s| (s, true, true))
+                    .collect();
+                svc.note_servers(&all).expect("note");
+                // A replica of f dies: its death recorded, f queued.
+                let x = f.replicas[0];
+                svc.note_servers(&[(x, false, true)]).expect("note");
+                assert_eq!(queue(&svc), 1);
+                f
+            };
+            let x = f.replicas[0];
+            // The directory restarts: every server presumed alive, unheard; all but x beat.
+            let svc = std::sync::Arc::new(open_raw(dir.path()).expect("reopen"));
+            tokio::time::advance(Duration::from_secs(2)).await;
+            for s in svc.registry.live() {
+                if s != x {
+                    svc.heartbeat(s, None).expect("beat");
+                }
+            }
+            assert!(svc.registry.live().contains(&x), "x inside the grace");
+            let peer = crate::peer::Peer::new("key").expect("peer");
+            let (cfg, inflight) = (RepairConfig::default(), InFlight::default());
+            repair::pass(&svc, &peer, &cfg, &inflight).await;
+            assert_eq!(
+                queue(&svc),
+                1,
+                "f left the queue on the word of a dead holder"
+            );
+            // Past the grace x is dead (recorded already): f is still queued.
+            tokio::time::advance(Duration::from_secs(5)).await;
+            for s in svc.registry.live() {
+                svc.heartbeat(s, None).expect("beat");
+            }
+            assert!(!svc.registry.live().contains(&x));
+            repair::pass(&svc, &peer, &cfg, &inflight).await;
+            assert_eq!(queue(&svc), 1);
+            check_against_scan(&svc).expect("consistent");
+        }
     };
 }
 
