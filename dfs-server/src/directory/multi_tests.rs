@@ -283,6 +283,34 @@ async fn regression_a_pass_whose_registry_sync_failed_records_no_death() {
     assert_eq!(seen(&a), vec![(x, true), (y, true)]);
 }
 
+/// Regression (review 7): a sync stamped a changed beat with its `now`, taken before its
+/// read, over a newer beat heard directly meanwhile: a server's last beat moved backwards,
+/// and a live server could look dead.
+#[tokio::test(start_paused = true)]
+async fn regression_a_sync_never_moves_a_last_beat_back() {
+    let (da, db) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let prefix = format!("multi/{:016x}", rand::random::<u64>());
+    let a = on_etcd(da.path(), &prefix);
+    let b = on_etcd(db.path(), &prefix);
+    let x = register(&a, 9100);
+    b.sync_registry().expect("sync");
+    b.heartbeat(x, None).expect("beat");
+    a.sync_registry().expect("sync");
+    // A sync begins (its `now`); a beat is heard directly before its read; another instance
+    // recorded a beat, which the read finds changed.
+    let before = tokio::time::Instant::now();
+    tokio::time::advance(Duration::from_secs(7)).await;
+    a.heartbeat(x, None).expect("beat");
+    b.heartbeat(x, None).expect("beat");
+    a.store
+        .read(|tx| a.registry.sync(tx, before))
+        .expect("sync");
+    assert_eq!(a.registry.live(), vec![x], "the last beat moved back");
+}
+
 /// Regression: an instance (re)started after a server died took the server's last beat,
 /// read for the first time, as a beat heard now: the dead server counted as returned, and
 /// as a live holder of its files.

@@ -226,7 +226,8 @@ impl Registry {
                 if baseline {
                     continue;
                 }
-                e.last_beat = Some(now);
+                // `now` was taken before the read: a beat heard here meanwhile is newer.
+                e.last_beat = e.last_beat.max(Some(now));
                 if beat.space.is_some() {
                     e.space = beat.space;
                 }
