@@ -149,6 +149,8 @@ struct Shared {
     stall_after: std::sync::Mutex<Duration>,
     /// Tries for the leader key so far (tests wait on it instead of sleeping).
     tries: AtomicU64,
+    /// Watches the feed started (tests: a watch restarting over and over).
+    watches: AtomicU64,
     /// Faults injected by tests (only they set them: `EtcdStore::faults`).
     faults: Faults,
 }
@@ -426,6 +428,7 @@ impl EtcdStore {
                 stall_after: std::sync::Mutex::new(FEED_STALL),
                 faults: Faults::default(),
                 tries: AtomicU64::new(0),
+                watches: AtomicU64::new(0),
                 prefix,
                 endpoints,
                 feed_key,
@@ -1297,7 +1300,10 @@ async fn watch_feed(shared: Arc<Shared>, feed: Arc<Feed>) {
             tokio::time::timeout(OP_TIMEOUT, watch.watch(shared.feed_key.clone(), Some(opts)))
                 .await;
         let (mut ask, mut stream) = match stream {
-            Ok(Ok(s)) => s.split(),
+            Ok(Ok(s)) => {
+                shared.watches.fetch_add(1, Ordering::Relaxed);
+                s.split()
+            }
             other => {
                 let error = match other {
                     Ok(Err(e)) => e.to_string(),
@@ -1374,6 +1380,12 @@ async fn watch_feed(shared: Arc<Shared>, feed: Arc<Feed>) {
             for ev in resp.events() {
                 let Some(kv) = ev.kv() else { continue };
                 if kv.key() == shared.epoch_key.as_slice() {
+                    // A salt at or below the restart's read is in `epoch` already: replayed
+                    // (the watch starts below the read when no feed record came since), an
+                    // older salt must not restart the watch again and again.
+                    if kv.mod_revision() <= rev {
+                        continue;
+                    }
                     let salt = (ev.event_type() == etcd_client::EventType::Put)
                         .then(|| std::str::from_utf8(kv.value()).ok()?.parse::<u64>().ok())
                         .flatten();
@@ -2380,6 +2392,48 @@ mod tests {
         }));
         fa.close();
         fb.close();
+    }
+
+    /// Regression (review 3): a salt written twice with no feed record after: the restarted
+    /// watch, started below the salts, met the older salt again, took it for a new epoch and
+    /// restarted, for ever (every 100 ms).
+    #[test]
+    fn an_old_salt_replayed_by_the_watch_does_not_restart_it_again() {
+        let a = store();
+        let feed = watched_feed(&a);
+        let n1 = change(&a, 1);
+        let old = feed.epoch();
+        assert!(eventually(Duration::from_secs(10), || {
+            heard(&feed, old, feed.floor()).is_some_and(|h| h.contains(&n1))
+        }));
+        for salt in ["11", "22"] {
+            let key = a.shared.epoch_key.clone();
+            blocking(|| {
+                a.shared.call("a salt", |mut kv| {
+                    let key = key.clone();
+                    async move { kv.put(key, salt, None).await }
+                })
+            })
+            .expect("salt");
+        }
+        assert!(
+            eventually(Duration::from_secs(10), || feed.epoch() != old
+                && feed.healthy()),
+            "the salt was not taken up"
+        );
+        let new = feed.epoch();
+        // One epoch, and the watch started once more at most (it restarted every 100 ms).
+        let started = a.shared.watches.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(feed.epoch(), new);
+        let again = a.shared.watches.load(Ordering::SeqCst) - started;
+        assert!(again <= 1, "the watch restarted {again} times in 2 s");
+        assert!(feed.healthy());
+        let n2 = change(&a, 2);
+        assert!(eventually(Duration::from_secs(10), || {
+            heard(&feed, new, feed.floor()).is_some_and(|h| h.contains(&n2))
+        }));
+        feed.close();
     }
 
     /// An instance whose etcd member lost the quorum (the two others gone): the member keeps
