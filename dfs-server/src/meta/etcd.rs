@@ -166,6 +166,9 @@ pub(crate) struct Faults {
     pub freeze: std::sync::atomic::AtomicBool,
     /// The feed's watch hears nothing (no stream: a member cut off, a silent connection).
     pub hold_watch: std::sync::atomic::AtomicBool,
+    /// The feed's watch lags the store (as on a follower behind its leader): the revision a
+    /// linearizable read returns is never reached.
+    pub lag_watch: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -1316,6 +1319,10 @@ async fn watch_feed(shared: Arc<Shared>, feed: Arc<Feed>) {
             }
         };
         let mut heard = tokio::time::Instant::now();
+        // Healthy means caught up, not only heard from (a lagging member answers progress
+        // with its own older revision): the store's revision, read linearizably, and when it
+        // was read; a response at or past it confirms the feed as of that read.
+        let mut want: Option<(i64, tokio::time::Instant)> = None;
         let mut tick = tokio::time::interval(stall_after / 4);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -1333,8 +1340,27 @@ async fn watch_feed(shared: Arc<Shared>, feed: Arc<Feed>) {
                         );
                         break;
                     }
-                    if let Err(e) = ask.request_progress().await {
-                        tracing::debug!(error = %e, "asking the feed's watch for progress failed");
+                    if want.is_none() {
+                        let asked = tokio::time::Instant::now();
+                        let opts = GetOptions::new().with_count_only();
+                        let read = tokio::time::timeout(
+                            stall_after / 4,
+                            kv.get(shared.feed_key.clone(), Some(opts)),
+                        )
+                        .await;
+                        if let Ok(Ok(r)) = read
+                            && let Some(h) = r.header()
+                        {
+                            let lag = if shared.fault(|f| &f.lag_watch) { 1 << 40 } else { 0 };
+                            want = Some((h.revision().saturating_add(lag), asked));
+                        }
+                    }
+                    match tokio::time::timeout(stall_after / 4, ask.request_progress()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "asking the feed's watch for progress failed");
+                        }
+                        Err(_) => tracing::debug!("asking the feed's watch for progress timed out"),
                     }
                     continue;
                 }
@@ -1418,8 +1444,14 @@ async fn watch_feed(shared: Arc<Shared>, feed: Arc<Feed>) {
                 // Another instance started a new epoch: the restart takes it up.
                 break;
             }
-            heard = tokio::time::Instant::now();
-            feed.confirm();
+            let at = resp.header().map_or(0, |h| h.revision());
+            if let Some((target, asked)) = want
+                && at >= target
+            {
+                heard = heard.max(asked);
+                want = None;
+                feed.confirm();
+            }
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(2));
@@ -2398,6 +2430,39 @@ mod tests {
         }));
         fa.close();
         fb.close();
+    }
+
+    /// Regression (review 5): a watch that answers but lags the store (a follower behind
+    /// its leader answers progress requests with its own older revision) kept the feed
+    /// healthy. Healthy now means caught up with a linearizable read of the revision.
+    #[test]
+    fn a_watch_that_answers_but_lags_the_store_makes_the_feed_unhealthy() {
+        let a = store();
+        let feed = watched_feed(&a);
+        let n1 = change(&a, 1);
+        let epoch = feed.epoch();
+        assert!(eventually(Duration::from_secs(10), || {
+            feed.healthy() && heard(&feed, epoch, feed.floor()).is_some_and(|h| h.contains(&n1))
+        }));
+        let watches = a.shared.watches.load(Ordering::SeqCst);
+        a.faults().lag_watch.store(true, Ordering::SeqCst);
+        assert!(
+            eventually(Duration::from_secs(10), || !feed.healthy()),
+            "a lagging watch kept the feed healthy"
+        );
+        a.faults().lag_watch.store(false, Ordering::SeqCst);
+        let n2 = change(&a, 2);
+        assert!(
+            eventually(Duration::from_secs(10), || feed.healthy()
+                && heard(&feed, epoch, feed.floor())
+                    .is_some_and(|h| h.contains(&n2))),
+            "the feed did not recover once caught up"
+        );
+        assert!(
+            a.shared.watches.load(Ordering::SeqCst) > watches,
+            "the stall restarted it"
+        );
+        feed.close();
     }
 
     /// Regression (review 3): a salt written twice with no feed record after: the restarted
