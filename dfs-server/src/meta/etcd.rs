@@ -151,6 +151,9 @@ struct Shared {
     tries: AtomicU64,
     /// Watches the feed started (tests: a watch restarting over and over).
     watches: AtomicU64,
+    /// The last feed record the watch delivered: its revision and a hash of its value (a
+    /// restart checks that the store still holds it there: a restored snapshot does not).
+    last_feed: std::sync::Mutex<Option<(i64, u64)>>,
     /// Faults injected by tests (only they set them: `EtcdStore::faults`).
     faults: Faults,
 }
@@ -432,6 +435,7 @@ impl EtcdStore {
                 faults: Faults::default(),
                 tries: AtomicU64::new(0),
                 watches: AtomicU64::new(0),
+                last_feed: std::sync::Mutex::new(None),
                 prefix,
                 endpoints,
                 feed_key,
@@ -1195,6 +1199,18 @@ impl EtcdTxn {
     }
 }
 
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A hash of a feed record's value (its identity, with its revision).
+fn value_hash(v: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    v.hash(&mut h);
+    h.finish()
+}
+
 /// The feed's watch loop (see `EtcdStore::attach_feed`).
 async fn watch_feed(shared: Arc<Shared>, feed: Arc<Feed>) {
     let mut kv = shared.kv.clone();
@@ -1235,7 +1251,34 @@ async fn watch_feed(shared: Arc<Shared>, feed: Arc<Feed>) {
             .and_then(|v| v.parse::<u64>().ok());
         let epoch = feed_epoch(cluster, &shared.prefix, salt);
         let head = feed.head();
-        if u64::try_from(rev).unwrap_or(0) < head && epoch == feed.epoch() {
+        if epoch != feed.epoch() {
+            *lock(&shared.last_feed) = None;
+        }
+        let last = *lock(&shared.last_feed);
+        let lost = match last {
+            // Revisions past the last record served (new writes after a restore) prove
+            // nothing: the record itself must still be there, as it was.
+            Some((at, hash)) if at <= rev && epoch == feed.epoch() => {
+                let read = tokio::time::timeout(
+                    OP_TIMEOUT,
+                    kv.get(
+                        shared.feed_key.clone(),
+                        Some(GetOptions::new().with_revision(at)),
+                    ),
+                )
+                .await;
+                match read {
+                    Ok(Ok(r)) => r
+                        .kvs()
+                        .first()
+                        .is_none_or(|k| k.mod_revision() != at || value_hash(k.value()) != hash),
+                    // Compacted past it, or unreachable: nothing to compare with.
+                    _ => false,
+                }
+            }
+            _ => false,
+        };
+        if (u64::try_from(rev).unwrap_or(0) < head || lost) && epoch == feed.epoch() {
             // The store is behind a revision this feed served: its history was rewound (etcd
             // restored from a snapshot) and revisions will be numbered again, for other
             // changes. Every instance moves to a new epoch (every client resynchronises):
@@ -1243,7 +1286,9 @@ async fn watch_feed(shared: Arc<Shared>, feed: Arc<Feed>) {
             tracing::warn!(
                 revision = rev,
                 served = head,
-                "etcd's revision went back (a restored snapshot?); the change feed starts a new epoch"
+                lost,
+                "etcd's revision went back, or a feed record served is gone (a restored \
+                 snapshot?); the change feed starts a new epoch"
             );
             let seen = salt_kv.map_or(0, |k| k.mod_revision());
             let txn = etcd_client::Txn::new()
@@ -1439,6 +1484,16 @@ async fn watch_feed(shared: Arc<Shared>, feed: Arc<Feed>) {
                         feed.reset(rev);
                     }
                 }
+            }
+            if let Some(last) = resp
+                .events()
+                .iter()
+                .rev()
+                .filter(|ev| ev.event_type() == etcd_client::EventType::Put)
+                .filter_map(|ev| ev.kv())
+                .find(|kv| kv.key() == shared.feed_key.as_slice())
+            {
+                *lock(&shared.last_feed) = Some((last.mod_revision(), value_hash(last.value())));
             }
             if salted {
                 // Another instance started a new epoch: the restart takes it up.
@@ -2504,6 +2559,42 @@ mod tests {
         assert!(eventually(Duration::from_secs(10), || {
             heard(&feed, new, feed.floor()).is_some_and(|h| h.contains(&n2))
         }));
+        feed.close();
+    }
+
+    /// Regression (review 4): a store restored from a snapshot whose revision new writes
+    /// already took past what the feed served went unnoticed (only a revision below the head
+    /// was). The restart checks that the last record served is still there, as it was.
+    /// Simulated by a remembered record whose value differs from the store's.
+    #[test]
+    fn a_feed_record_served_but_gone_from_the_store_starts_a_new_epoch() {
+        let a = store();
+        let feed = watched_feed(&a);
+        let n1 = change(&a, 1);
+        let old = feed.epoch();
+        assert!(eventually(Duration::from_secs(10), || {
+            heard(&feed, old, feed.floor()).is_some_and(|h| h.contains(&n1))
+        }));
+        let served = feed.head();
+        a.faults().hold_watch.store(true, Ordering::SeqCst);
+        assert!(eventually(Duration::from_secs(5), || !feed.healthy()));
+        // Another record at that revision (another history); the store moves past it.
+        *lock(&a.shared.last_feed) = Some((i64::try_from(served).expect("rev"), 7));
+        change(&a, 2);
+        a.faults().hold_watch.store(false, Ordering::SeqCst);
+        assert!(
+            eventually(Duration::from_secs(10), || feed.epoch() != old
+                && feed.healthy()),
+            "a store that lost a served record kept the epoch"
+        );
+        let new = feed.epoch();
+        assert!(
+            heard(&feed, old, served).is_none(),
+            "a client of the old epoch resyncs"
+        );
+        // Once: the new epoch holds.
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(feed.epoch(), new);
         feed.close();
     }
 
