@@ -249,6 +249,17 @@ fn feed_epoch(cluster_id: u64, prefix: &[u8], salt: Option<u64>) -> u64 {
     h | 1
 }
 
+/// The salt a `_feed_epoch` value stands for: its number (as dfs writes it), else an FNV-1a
+/// of its bytes (a value written by hand still changes the epoch, never reads as no salt).
+fn salt_of(v: &[u8]) -> u64 {
+    if let Some(n) = std::str::from_utf8(v).ok().and_then(|v| v.parse::<u64>().ok()) {
+        return n;
+    }
+    v.iter().fold(0xcbf2_9ce4_8422_2325, |h: u64, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// A metadata store in etcd.
 pub struct EtcdStore {
     shared: Arc<Shared>,
@@ -1246,9 +1257,7 @@ async fn watch_feed(shared: Arc<Shared>, feed: Arc<Feed>) {
             continue;
         };
         let salt_kv = now.kvs().first();
-        let salt = salt_kv
-            .and_then(|k| std::str::from_utf8(k.value()).ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let salt = salt_kv.map(|k| salt_of(k.value()));
         let epoch = feed_epoch(cluster, &shared.prefix, salt);
         let head = feed.head();
         if epoch != feed.epoch() {
@@ -1458,8 +1467,7 @@ async fn watch_feed(shared: Arc<Shared>, feed: Arc<Feed>) {
                         continue;
                     }
                     let salt = (ev.event_type() == etcd_client::EventType::Put)
-                        .then(|| std::str::from_utf8(kv.value()).ok()?.parse::<u64>().ok())
-                        .flatten();
+                        .then(|| salt_of(kv.value()));
                     salted |= feed_epoch(cluster, &shared.prefix, salt) != feed.epoch();
                     continue;
                 }
@@ -2185,6 +2193,13 @@ mod tests {
         assert_ne!(feed_epoch(8, b"dfs/", None), e, "another etcd cluster");
         assert_ne!(feed_epoch(7, b"dfz/", None), e);
         assert_ne!(feed_epoch(7, b"dfs/", Some(1)), e, "a salt");
+        // Review (lower): a salt that is no number (written by hand) read as no salt at all.
+        assert_eq!(salt_of(b"42"), 42, "dfs's own salts keep their epoch");
+        assert_ne!(
+            feed_epoch(7, b"dfs/", Some(salt_of(b"new epoch"))),
+            e,
+            "a salt that is no number"
+        );
         assert_ne!(
             feed_epoch(7, b"dfs/", Some(2)),
             feed_epoch(7, b"dfs/", Some(1))
