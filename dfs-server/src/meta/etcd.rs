@@ -252,7 +252,10 @@ fn feed_epoch(cluster_id: u64, prefix: &[u8], salt: Option<u64>) -> u64 {
 /// The salt a `_feed_epoch` value stands for: its number (as dfs writes it), else an FNV-1a
 /// of its bytes (a value written by hand still changes the epoch, never reads as no salt).
 fn salt_of(v: &[u8]) -> u64 {
-    if let Some(n) = std::str::from_utf8(v).ok().and_then(|v| v.parse::<u64>().ok()) {
+    if let Some(n) = std::str::from_utf8(v)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
         return n;
     }
     v.iter().fold(0xcbf2_9ce4_8422_2325, |h: u64, b| {
@@ -1593,6 +1596,9 @@ async fn campaign(shared: Arc<Shared>, lease: Duration, stop: tokio_util::sync::
                 _ = tokio::time::sleep(tick) => {}
             }
             frozen(&shared, &stop).await;
+            // Trust is measured from the request, not the answer: etcd renewed the lease at
+            // some point after this, so a slow answer never stretches the leadership.
+            let sent = (tokio::time::Instant::now(), std::time::Instant::now());
             let alive = async {
                 if shared.fault(|f| &f.sick) {
                     return None;
@@ -1602,8 +1608,8 @@ async fn campaign(shared: Arc<Shared>, lease: Duration, stop: tokio_util::sync::
             };
             match tokio::time::timeout(tick, alive).await {
                 Ok(Some(left)) if left > 0 => {
-                    renewed = tokio::time::Instant::now();
-                    shared.trust_until(Some(std::time::Instant::now() + trust));
+                    renewed = sent.0;
+                    shared.trust_until(Some(sent.1 + trust));
                 }
                 Ok(_) => {
                     // The lease ended (etcd gave it up) or cannot be renewed: start over.
