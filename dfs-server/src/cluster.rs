@@ -474,14 +474,27 @@ pub fn start_lock(
     body_idle: Duration,
     cancel: CancellationToken,
 ) -> JoinHandle<()> {
+    start_router(
+        crate::lock::routes::router(svc),
+        listener,
+        verifier,
+        body_idle,
+        cancel,
+    )
+}
+
+/// Serves `router` (a service's routes) on `listener`, with the common outer layers and
+/// metrics of its own.
+fn start_router(
+    router: axum::Router,
+    listener: DfsListener,
+    verifier: Arc<Verifier>,
+    body_idle: Duration,
+    cancel: CancellationToken,
+) -> JoinHandle<()> {
     serve(
         listener,
-        crate::http::finish(
-            crate::lock::routes::router(svc),
-            verifier,
-            Arc::new(Metrics::new()),
-            body_idle,
-        ),
+        crate::http::finish(router, verifier, Arc::new(Metrics::new()), body_idle),
         cancel,
     )
 }
@@ -506,14 +519,11 @@ pub fn start_auth(
     body_idle: Duration,
     cancel: CancellationToken,
 ) -> JoinHandle<()> {
-    serve(
+    start_router(
+        crate::auth::routes::router(svc),
         listener,
-        crate::http::finish(
-            crate::auth::routes::router(svc),
-            verifier,
-            Arc::new(Metrics::new()),
-            body_idle,
-        ),
+        verifier,
+        body_idle,
         cancel,
     )
 }

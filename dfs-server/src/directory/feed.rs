@@ -68,7 +68,12 @@ struct Ring {
 
 /// The feed: a ring of recent changes, an epoch and the wake-up of waiting polls.
 pub struct Feed {
-    epoch: u64,
+    /// Changes only when the source's numbering starts over (etcd restored from a snapshot,
+    /// or another etcd cluster): every client resynchronises.
+    epoch: std::sync::atomic::AtomicU64,
+    /// A feed fed by a watch: how long the source may stay silent before the feed is
+    /// unhealthy (`None`: never, the feed is this process's own), and when it last spoke.
+    health: Mutex<Health>,
     /// Sequence numbers come from a source every instance shares (etcd revisions): a
     /// position ahead of this ring is one it has not heard yet, not a stale one.
     shared: bool,
@@ -76,6 +81,11 @@ pub struct Feed {
     ring: Mutex<Ring>,
     head: watch::Sender<u64>,
     closed: CancellationToken,
+}
+
+struct Health {
+    stall_after: Option<Duration>,
+    confirmed: std::time::Instant,
 }
 
 impl Default for Feed {
@@ -88,7 +98,11 @@ impl Feed {
     /// A feed of epoch `epoch` keeping the last `capacity` changes (at least one).
     pub fn new(epoch: u64, capacity: usize) -> Self {
         Feed {
-            epoch,
+            epoch: std::sync::atomic::AtomicU64::new(epoch),
+            health: Mutex::new(Health {
+                stall_after: None,
+                confirmed: std::time::Instant::now(),
+            }),
             shared: false,
             capacity: capacity.max(1),
             ring: Mutex::new(Ring {
@@ -134,6 +148,51 @@ impl Feed {
         self.head.send_replace(head);
     }
 
+    /// Starts the numbering over: a new epoch, nothing kept, floor and head at `at` (the
+    /// source's numbering went back, e.g. etcd restored from a snapshot). Every client
+    /// resynchronises, waiting polls at once.
+    pub fn restart(&self, epoch: u64, at: u64) {
+        let mut ring = self.ring();
+        self.epoch.store(epoch, std::sync::atomic::Ordering::SeqCst);
+        ring.changes.clear();
+        ring.floor = at;
+        ring.head = at;
+        drop(ring);
+        self.head.send_replace(at);
+    }
+
+    /// Makes the feed unhealthy whenever its source was not heard from (`confirm`) for
+    /// `stall_after`: a watch whose etcd member lost quorum, or whose stream went silent,
+    /// must not let clients take "nothing yet" for "nothing changed".
+    pub fn watched(&self, stall_after: Duration) {
+        let mut h = self.health();
+        h.stall_after = Some(stall_after);
+        h.confirmed = std::time::Instant::now();
+    }
+
+    /// The source is heard from: everything up to now is delivered (a watch's event or
+    /// progress notification).
+    pub fn confirm(&self) {
+        self.health().confirmed = std::time::Instant::now();
+    }
+
+    /// Whether the feed is complete as of a moment ago: its source was heard from within its
+    /// stall bound (always, for a feed of this process's own writes).
+    pub fn healthy(&self) -> bool {
+        self.stall_in().is_none_or(|left| !left.is_zero())
+    }
+
+    /// How long until the feed stalls if its source says nothing (`None`: never).
+    fn stall_in(&self) -> Option<Duration> {
+        let h = self.health();
+        h.stall_after
+            .map(|d| d.saturating_sub(h.confirmed.elapsed()))
+    }
+
+    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Whether the feed was closed (its service stopped).
     pub fn is_closed(&self) -> bool {
         self.closed.is_cancelled()
@@ -146,7 +205,7 @@ impl Feed {
 
     /// This feed's epoch.
     pub fn epoch(&self) -> u64 {
-        self.epoch
+        self.epoch.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Ends every poll waiting now or later at once (the service is stopping: a long poll must
@@ -233,13 +292,15 @@ impl Feed {
     /// were dropped from the ring.
     pub fn read(&self, epoch: Option<u64>, after: u64, max: usize, me: Origin) -> ChangesResponse {
         let ring = self.ring();
+        // Read under the ring's lock, as `restart` changes it.
+        let current = self.epoch();
         let resync = |next| ChangesResponse {
-            epoch: self.epoch,
+            epoch: current,
             resync: true,
             changes: Vec::new(),
             next,
         };
-        if epoch != Some(self.epoch) || after < ring.floor {
+        if epoch != Some(current) || after < ring.floor {
             return resync(ring.head);
         }
         if after > ring.head {
@@ -248,7 +309,7 @@ impl Feed {
             }
             // Another instance numbered this position: this one has not heard that far yet.
             return ChangesResponse {
-                epoch: self.epoch,
+                epoch: current,
                 resync: false,
                 changes: Vec::new(),
                 next: after,
@@ -267,7 +328,7 @@ impl Feed {
             }
         }
         ChangesResponse {
-            epoch: self.epoch,
+            epoch: current,
             resync: false,
             changes,
             next,
@@ -276,7 +337,8 @@ impl Feed {
 
     /// [`read`](Self::read), waiting up to `wait` for a change when there is none yet: answers
     /// at once when there are changes (or a resync), when one is published, when `wait` ends
-    /// (with none), or when the feed is closed. Changes the poller made itself (`me`) do not
+    /// (with none), when the feed is closed, or when it stalls (its caller checks
+    /// [`healthy`](Self::healthy) after). Changes the poller made itself (`me`) do not
     /// end the wait: the wait goes on past them, and the answer that ends it carries the
     /// position after them. Otherwise every namespace change of a client would cost that client
     /// a poll answer and a new poll (two more HTTP exchanges per operation) for nothing.
@@ -296,14 +358,18 @@ impl Feed {
             // wakes the wait below.
             rx.borrow_and_update();
             let r = self.read(epoch, at, max, me);
-            if r.resync || !r.changes.is_empty() || self.closed.is_cancelled() {
+            if r.resync || !r.changes.is_empty() || self.closed.is_cancelled() || !self.healthy()
+            {
                 return r;
             }
             // Nothing, or only the poller's own changes: read on from past them (a ring that
             // drops them meanwhile then costs no resync), answering `r.next` if nothing else
             // comes.
             at = r.next;
+            // Looked at again when the feed would stall (a confirmation meanwhile moves it on).
+            let stall = self.stall_in();
             tokio::select! {
+                _ = tokio::time::sleep(stall.unwrap_or(wait)) => {}
                 changed = rx.changed() => {
                     if changed.is_err() {
                         return r;
@@ -464,6 +530,37 @@ mod tests {
         // uid 1001 sends the origin of uid 1000's client: the change is not hidden from it.
         assert_eq!(f.read(Some(2), 0, 100, Some((7, 1001))).changes.len(), 1);
         assert!(f.read(Some(2), 0, 100, Some((7, 1000))).changes.is_empty());
+    }
+
+    #[test]
+    fn a_restart_starts_a_new_numbering_below_the_old_one_and_every_client_resyncs() {
+        let f = Feed::shared(9, 100);
+        assert!(f.publish_at(500, [node(1)]));
+        f.restart(11, 200);
+        assert_eq!((f.epoch(), f.floor(), f.head()), (11, 200, 200));
+        // A client of the old numbering resyncs, at the new head, whatever its position.
+        for after in [0, 200, 500, 900] {
+            let r = f.read(Some(9), after, 10, None);
+            assert!(r.resync && r.epoch == 11 && r.next == 200, "{r:?}");
+        }
+        // Revisions below the old head are taken again.
+        assert!(f.publish_at(201, [node(2)]));
+        assert_eq!(
+            nodes(&f.read(Some(11), 200, 10, None)),
+            vec![(201, node(2))]
+        );
+    }
+
+    #[test]
+    fn a_watched_feed_is_unhealthy_once_its_source_is_silent_past_the_bound() {
+        let f = Feed::shared(9, 100);
+        assert!(f.healthy(), "a feed not watched never stalls");
+        f.watched(Duration::from_millis(50));
+        assert!(f.healthy());
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(!f.healthy());
+        f.confirm();
+        assert!(f.healthy());
     }
 
     #[test]

@@ -1553,9 +1553,16 @@ impl DirectoryService {
     /// redb, where this is the only instance).
     pub fn sync_registry(&self) -> ServiceResult<()> {
         if self.store.is_shared() {
-            self.store.read(|tx| self.registry.sync(tx))?;
+            let now = tokio::time::Instant::now();
+            self.store.read(|tx| self.registry.sync(tx, now))?;
         }
         Ok(())
+    }
+
+    /// Whether the registry's view of the shared store is a heartbeat interval old or more
+    /// (never on redb, where there is nothing to sync).
+    pub fn registry_sync_due(&self) -> bool {
+        self.store.is_shared() && !self.registry.synced_within(self.heartbeat_interval())
     }
 
     /// Records the URL of the lock or auth service (persisted).

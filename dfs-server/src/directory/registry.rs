@@ -77,6 +77,11 @@ struct Entry {
     space: Option<common::api::Space>,
     /// The tag of the last shared beat seen (`sync`).
     tag: Option<u64>,
+    /// When this instance learned of the server without hearing it (at its start, or from
+    /// the store): it counts as alive for one dead-after period from then, unheard, so a
+    /// server registered through another instance is not found dead before its next beat is
+    /// seen (and, never heard, it is never taken for one that returned).
+    known_since: Option<Instant>,
 }
 
 struct Inner {
@@ -109,6 +114,11 @@ pub struct Registry {
     inner: Mutex<Inner>,
     dead_after: Duration,
     started: Instant,
+    /// When `sync` last read the store.
+    synced: Mutex<Option<Instant>>,
+    /// Makes `sync` fail as a store read would (tests).
+    #[cfg(test)]
+    pub(crate) sync_fails: std::sync::atomic::AtomicBool,
 }
 
 fn service_key(kind: ServiceKind) -> &'static str {
@@ -131,6 +141,7 @@ impl Registry {
                     last_beat: None,
                     space: None,
                     tag: None,
+                    known_since: None,
                 },
             );
         }
@@ -154,6 +165,9 @@ impl Registry {
             }),
             dead_after,
             started: Instant::now(),
+            synced: Mutex::new(None),
+            #[cfg(test)]
+            sync_fails: Default::default(),
         })
     }
 
@@ -164,7 +178,7 @@ impl Registry {
     }
 
     fn alive(&self, e: &Entry, now: Instant) -> bool {
-        e.last_beat.unwrap_or(self.started) + self.dead_after > now
+        e.last_beat.or(e.known_since).unwrap_or(self.started) + self.dead_after > now
     }
 
     /// Registers (or re-registers, keeping its id) a server at `req.url`.
@@ -211,6 +225,7 @@ impl Registry {
                 last_beat: Some(Instant::now()),
                 space: None,
                 tag: None,
+                known_since: None,
             },
         );
         Ok(())
@@ -220,12 +235,23 @@ impl Registry {
     /// through them, heartbeats they received (a beat whose tag changed since the last sync
     /// counts as one now), and the lock and auth URLs. Several instances thereby agree on
     /// which servers are alive, within one sync interval.
-    pub fn sync(&self, tx: &Txn) -> ServiceResult<()> {
+    ///
+    /// A beat is judged by its change between two reads, never by its first sight: the tag
+    /// first read is only a baseline (it may be hours old: a server long dead left its last
+    /// beat in the store), so no clocks are compared and a restarted instance does not count
+    /// a dead server as returned. `now` is the caller's (the store may run `tx` on another
+    /// thread, outside the runtime whose clock liveness is judged on).
+    pub fn sync(&self, tx: &Txn, now: Instant) -> ServiceResult<()> {
+        #[cfg(test)]
+        if self.sync_fails.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ServiceError::Unavailable(
+                "test: the store read failed".into(),
+            ));
+        }
         let servers = tx.all(SERVERS)?;
         let beats = tx.all(BEATS)?;
         let auth_url = tx.get(SERVICES, &service_key(ServiceKind::Auth).to_owned())?;
         self.note_locks(lock_rows(tx)?)?;
-        let now = Instant::now();
         let mut inner = self.inner()?;
         for (k, v) in servers {
             let rec: ServerRecord = decode(&v)?;
@@ -236,6 +262,7 @@ impl Registry {
                     last_beat: None,
                     space: None,
                     tag: None,
+                    known_since: Some(now),
                 }
             });
             e.rec = rec;
@@ -247,8 +274,13 @@ impl Registry {
             if let Some(e) = inner.servers.get_mut(&ServerId(k))
                 && e.tag != Some(beat.tag)
             {
+                let baseline = e.tag.is_none();
                 e.tag = Some(beat.tag);
-                e.last_beat = Some(now);
+                if baseline {
+                    continue;
+                }
+                // `now` was taken before the read: a beat heard here meanwhile is newer.
+                e.last_beat = e.last_beat.max(Some(now));
                 if beat.space.is_some() {
                     e.space = beat.space;
                 }
@@ -257,7 +289,17 @@ impl Registry {
         if auth_url.is_some() {
             inner.auth_url = auth_url;
         }
+        drop(inner);
+        *self.synced.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
         Ok(())
+    }
+
+    /// Whether `sync` read the store less than `age` ago.
+    pub fn synced_within(&self, age: Duration) -> bool {
+        self.synced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| t.elapsed() < age)
     }
 
     /// Records a heartbeat. An unknown id must register again.

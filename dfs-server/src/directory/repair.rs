@@ -150,41 +150,64 @@ pub async fn pass(
     (promoted, started)
 }
 
-/// [`pass`], also telling whether the batch was full (more work may be due at once).
 /// Every instance keeps its registry in step with the others' (shared liveness), once per
-/// heartbeat interval.
-async fn sync_if_due(svc: &Arc<DirectoryService>, synced: &mut tokio::time::Instant) {
-    if synced.elapsed() < svc.heartbeat_interval() {
-        return;
+/// heartbeat interval, and the leader before every pass (so a run of passes never judges
+/// liveness from a view older than that). Returns whether the view is fresh: not due, or
+/// read now; false when a due read failed.
+async fn sync_if_due(svc: &Arc<DirectoryService>) -> bool {
+    if !svc.registry_sync_due() {
+        return true;
     }
-    *synced = tokio::time::Instant::now();
     let s = svc.clone();
-    let r = tokio::task::spawn_blocking(move || s.sync_registry()).await;
-    if let Ok(Err(e)) = r {
-        tracing::warn!(error = %e, "reading the shared registry failed");
+    match tokio::task::spawn_blocking(move || s.sync_registry()).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "reading the shared registry failed");
+            false
+        }
+        Err(_) => false,
     }
 }
 
+/// [`pass`], also telling whether the batch was full (more work may be due at once).
 async fn pass_full(
     svc: &Arc<DirectoryService>,
     peer: &Peer,
     cfg: &RepairConfig,
     inflight: &InFlight,
 ) -> (usize, usize, bool) {
+    if !sync_if_due(svc).await {
+        // A stale view would take a server beating through another instance for dead: its
+        // death recorded, its primaries failed over away from it. Nothing is judged on it.
+        tracing::warn!(
+            "repair: the shared registry could not be read; this pass records and settles nothing"
+        );
+        return (0, 0, false);
+    }
     let servers: Vec<(ServerId, bool, bool)> = svc
         .registry
         .status(&Default::default())
         .into_iter()
         .map(|s| (s.id, s.alive, s.last_heartbeat_ms_ago.is_some()))
         .collect();
-    let live: Vec<ServerId> = servers.iter().filter(|s| s.1).map(|s| s.0).collect();
-    if live.is_empty() && !servers.is_empty() {
+    let alive: Vec<ServerId> = servers.iter().filter(|s| s.1).map(|s| s.0).collect();
+    if alive.is_empty() && !servers.is_empty() {
         // Every server looks dead: more likely this instance's view is stale (a registry
         // sync behind) than the cluster gone. Recording deaths and settling entries against
         // no live server would dequeue them unrepaired; there is nothing to copy from anyway.
         tracing::warn!("repair: no file server looks alive; this pass records and settles nothing");
         return (0, 0, false);
     }
+    // Alive but never heard (presumed alive after this instance started or learned of it) is
+    // not dead, so no death is recorded for it, but it is no live holder or primary either:
+    // a long-dead server inside that grace must not take a file's entry out of the queue.
+    // Its files wait (their primary is not failed over) until it is heard or found dead.
+    let live: Vec<ServerId> = servers.iter().filter(|s| s.1 && s.2).map(|s| s.0).collect();
+    let undecided: Vec<ServerId> = servers
+        .iter()
+        .filter(|s| s.1 && !s.2)
+        .map(|s| s.0)
+        .collect();
     let batch = {
         let svc = svc.clone();
         let r = tokio::task::spawn_blocking(move || {
@@ -201,6 +224,10 @@ async fn pass_full(
             Err(_) => return (0, 0, false),
         }
     };
+    if live.is_empty() {
+        // Every live server unheard yet: settling against none would park every entry.
+        return (0, 0, false);
+    }
     let full = batch.len() >= BATCH;
     let now = crate::store::now_ms();
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
@@ -214,6 +241,11 @@ async fn pass_full(
             settled.push((id, None, Settle::Check));
             continue;
         };
+        if meta.primary.is_some_and(|p| undecided.contains(&p)) {
+            // Its primary may be alive: no failover on a guess; looked at again next pass.
+            settled.push((id, Some(meta), Settle::RetryAt(later)));
+            continue;
+        }
         let settle = match plan(&meta, &live, svc.replication()) {
             Repair::None => Settle::Check,
             Repair::Unavailable => Settle::RetryAt(now.saturating_add(ms(UNAVAILABLE_RETRY))),
@@ -313,7 +345,6 @@ pub async fn run(
 ) {
     svc.start_election();
     let inflight = InFlight::default();
-    let mut synced = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => {
@@ -322,12 +353,11 @@ pub async fn run(
             }
             _ = tokio::time::sleep(cfg.interval) => {}
         }
-        sync_if_due(&svc, &mut synced).await;
+        let _ = sync_if_due(&svc).await;
         // A full batch with failovers in it: more may be due, and writes wait on them. Each
         // pass first brings the registry in step (a long run of passes must not judge
         // liveness from a view older than the dead-after period).
         while svc.is_leader() {
-            sync_if_due(&svc, &mut synced).await;
             let (promoted, _, full) = pass_full(&svc, &peer, &cfg, &inflight).await;
             if !(full && promoted > 0) || cancel.is_cancelled() {
                 break;

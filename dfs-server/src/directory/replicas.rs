@@ -755,21 +755,24 @@ macro_rules! replicas_tests {
         use crate::directory::replicas::{HOLDINGS, PLACED, QUEUE, QUEUE_DUE, REPLICATION, SEEN};
         use crate::directory::{DirectoryService, META};
 
+        /// Registers a server at a closed port (a copy to or from it fails at once).
+        fn register_closed(svc: &DirectoryService) -> ServerId {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let url = format!("http://{}", l.local_addr().expect("addr"));
+            drop(l);
+            svc.register_server(&RegisterServerRequest {
+                url,
+                capacity_bytes: 1 << 30,
+                previous_id: None,
+                cluster_id: None,
+            })
+            .expect("register")
+        }
+
         fn open(dir: &std::path::Path) -> DirectoryService {
             let svc = open_raw(dir).expect("open");
-            for i in 0..3 {
-                // Closed ports: a copy fails at once.
-                let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-                let url = format!("http://{}", l.local_addr().expect("addr"));
-                drop(l);
-                svc.register_server(&RegisterServerRequest {
-                    url,
-                    capacity_bytes: 1 << 30,
-                    previous_id: None,
-                    cluster_id: None,
-                })
-                .expect("register");
-                let _ = i;
+            for _ in 0..3 {
+                register_closed(&svc);
             }
             svc
         }
@@ -1011,16 +1014,7 @@ macro_rules! replicas_tests {
         fn regression_a_copy_recorded_while_a_deaths_files_are_queued_keeps_the_entry() {
             let dir = tempfile::tempdir().expect("tempdir");
             let svc = open(dir.path());
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            let url = format!("http://{}", l.local_addr().expect("addr"));
-            drop(l);
-            svc.register_server(&RegisterServerRequest {
-                url,
-                capacity_bytes: 1 << 30,
-                previous_id: None,
-                cluster_id: None,
-            })
-            .expect("register");
+            register_closed(&svc);
             let f = mk(&svc, "f", FileKind::File);
             let p = f.primary.expect("primary");
             let s = f.replicas[0];
@@ -1115,6 +1109,53 @@ macro_rules! replicas_tests {
             );
         }
 
+        /// Regression: a pass whose view shows every server dead (more likely a stale view
+        /// than a cluster gone) recorded every server's death and parked every entry it took,
+        /// with nothing to copy from anyway. It must do nothing at all.
+        #[tokio::test(start_paused = true)]
+        async fn regression_a_pass_that_sees_no_live_server_records_and_settles_nothing() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let svc = std::sync::Arc::new(open(dir.path()));
+            let f = mk(&svc, "f", FileKind::File);
+            let all: Vec<(ServerId, bool, bool)> = svc
+                .registry
+                .live()
+                .into_iter()
+                .map(|s| (s, true, true))
+                .collect();
+            svc.note_servers(&all).expect("note");
+            // Held by two of three: queued, due now.
+            commit(&svc, &f, 0, &[f.primary.expect("primary"), f.replicas[0]]);
+            let due = || -> Vec<NodeId> {
+                svc.repair_batch(10)
+                    .expect("batch")
+                    .into_iter()
+                    .map(|(id, _)| id)
+                    .collect()
+            };
+            assert_eq!(due(), vec![f.id]);
+            let before = svc.store.read(|tx| tx.all(QUEUE_DUE)).expect("read");
+            // No heartbeat for longer than the dead-after period: every server looks dead.
+            tokio::time::advance(Duration::from_secs(7)).await;
+            assert!(svc.registry.live().is_empty());
+            let peer = crate::peer::Peer::new("key").expect("peer");
+            let (cfg, inflight) = (RepairConfig::default(), InFlight::default());
+            assert_eq!(repair::pass(&svc, &peer, &cfg, &inflight).await, (0, 0));
+            let seen = svc.store.read(seen).expect("seen");
+            assert_eq!(seen.len(), 3);
+            assert!(
+                seen.iter().all(|(_, live)| *live),
+                "deaths recorded from an empty view: {seen:?}"
+            );
+            assert_eq!(
+                svc.store.read(|tx| tx.all(QUEUE_DUE)).expect("read"),
+                before,
+                "the queue changed"
+            );
+            assert_eq!(due(), vec![f.id], "the entry was settled or parked");
+            check_against_scan(&svc).expect("consistent");
+        }
+
         #[tokio::test(start_paused = true)]
         async fn a_dead_servers_files_are_queued_through_its_holdings_and_settled() {
             let dir = tempfile::tempdir().expect("tempdir");
@@ -1152,6 +1193,64 @@ macro_rules! replicas_tests {
             }
             repair::pass(&svc, &peer, &cfg, &inflight).await;
             assert_eq!(queue(&svc), 0, "three live holders: satisfied");
+            check_against_scan(&svc).expect("consistent");
+        }
+
+        /// Regression (review 2): after a restart of the directory, a long-dead server,
+        /// presumed alive through the start-up grace, counted as a live holder: a pass took its
+        /// files' entries out of the queue, and when the grace ended its death was already
+        /// recorded, so nothing queued them again: under-replicated for good.
+        #[tokio::test(start_paused = true)]
+        async fn regression_a_server_presumed_alive_after_a_restart_is_no_live_holder() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let f = {
+                let svc = open(dir.path());
+                // A fourth server, outside f's placement (somewhere to copy to).
+                register_closed(&svc);
+                let f = mk(&svc, "f", FileKind::File);
+                // Content (not empty, which a pass records copied at once), held by all three.
+                let mut members = vec![f.primary.expect("primary")];
+                members.extend(&f.replicas);
+                commit(&svc, &f, 0, &members);
+                let all: Vec<(ServerId, bool, bool)> = svc
+                    .registry
+                    .live()
+                    .into_iter()
+                    .map(|s| (s, true, true))
+                    .collect();
+                svc.note_servers(&all).expect("note");
+                // A replica of f dies: its death recorded, f queued.
+                let x = f.replicas[0];
+                svc.note_servers(&[(x, false, true)]).expect("note");
+                assert_eq!(queue(&svc), 1);
+                f
+            };
+            let x = f.replicas[0];
+            // The directory restarts: every server presumed alive, unheard; all but x beat.
+            let svc = std::sync::Arc::new(open_raw(dir.path()).expect("reopen"));
+            tokio::time::advance(Duration::from_secs(2)).await;
+            for s in svc.registry.live() {
+                if s != x {
+                    svc.heartbeat(s, None).expect("beat");
+                }
+            }
+            assert!(svc.registry.live().contains(&x), "x inside the grace");
+            let peer = crate::peer::Peer::new("key").expect("peer");
+            let (cfg, inflight) = (RepairConfig::default(), InFlight::default());
+            repair::pass(&svc, &peer, &cfg, &inflight).await;
+            assert_eq!(
+                queue(&svc),
+                1,
+                "f left the queue on the word of a dead holder"
+            );
+            // Past the grace x is dead (recorded already): f is still queued.
+            tokio::time::advance(Duration::from_secs(5)).await;
+            for s in svc.registry.live() {
+                svc.heartbeat(s, None).expect("beat");
+            }
+            assert!(!svc.registry.live().contains(&x));
+            repair::pass(&svc, &peer, &cfg, &inflight).await;
+            assert_eq!(queue(&svc), 1);
             check_against_scan(&svc).expect("consistent");
         }
     };

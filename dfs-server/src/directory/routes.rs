@@ -152,16 +152,31 @@ async fn changes(
         ))));
     }
     let wait = std::time::Duration::from_millis(q.wait_ms);
-    Ok(Json(
-        feed.wait(
+    // A feed whose source went silent (this instance cut off from etcd's quorum) cannot tell
+    // "nothing changed" from "nothing heard": the client must not keep long TTLs on it.
+    let stalled = || {
+        AppError(ServiceError::Unavailable(
+            "this directory instance's change feed has not heard from its store lately; \
+             poll again or another instance"
+                .into(),
+        ))
+    };
+    if !feed.healthy() {
+        return Err(stalled());
+    }
+    let r = feed
+        .wait(
             q.epoch,
             q.after,
             common::api::CHANGES_MAX_PER_ANSWER,
             stamp(me, who.caller().id.uid),
             wait,
         )
-        .await,
-    ))
+        .await;
+    if !feed.healthy() {
+        return Err(stalled());
+    }
+    Ok(Json(r))
 }
 
 async fn statfs(axum::extract::State(svc): State, _a: Authed) -> ApiResult<Json<StatFs>> {
@@ -419,4 +434,65 @@ async fn drop_holder(
 ) -> ApiResult<Json<serde_json::Value>> {
     blocking(move || svc.drop_holder(NodeId(id), &req.hash, req.server)).await?;
     Ok(Json(serde_json::json!({})))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::directory::DirectoryConfig;
+    use crate::http::authed::Verifier;
+    use crate::tls::ClientTls;
+
+    /// A feed whose source went silent answers `unavailable` (the client drops to short
+    /// TTLs), a poll waiting as it stalls included; heard from again, it answers.
+    #[tokio::test]
+    async fn a_stalled_feed_answers_unavailable_and_ends_a_waiting_poll() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let svc =
+            Arc::new(DirectoryService::open(dir.path(), DirectoryConfig::default()).expect("open"));
+        let verifier = Verifier::new("k", None, None, &ClientTls::system()).expect("verifier");
+        let app = router(svc.clone()).layer(Extension(Arc::new(verifier)));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let http = ClientTls::system()
+            .builder()
+            .expect("builder")
+            .build()
+            .expect("client");
+        let poll = |epoch: Option<u64>, wait_ms: u64| {
+            let mut url = format!("http://{addr}{}?after=0&wait_ms={wait_ms}", routes::CHANGES);
+            if let Some(e) = epoch {
+                url.push_str(&format!("&epoch={e}"));
+            }
+            http.get(url).header(routes::CLUSTER_KEY_HEADER, "k").send()
+        };
+        let first = poll(None, 0).await.expect("poll");
+        assert_eq!(first.status(), 200);
+        let first: ChangesResponse = first.json().await.expect("json");
+        assert!(first.resync);
+        // Watched from now on, and never heard from: it stalls after 500 ms.
+        svc.feed().watched(Duration::from_millis(500));
+        let began = Instant::now();
+        let waited = poll(Some(first.epoch), 10_000).await.expect("poll");
+        assert_eq!(waited.status(), 503, "a waiting poll outlived the stall");
+        assert!(
+            began.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            began.elapsed()
+        );
+        assert_eq!(
+            poll(Some(first.epoch), 0).await.expect("poll").status(),
+            503
+        );
+        svc.feed().confirm();
+        assert_eq!(
+            poll(Some(first.epoch), 0).await.expect("poll").status(),
+            200
+        );
+    }
 }
