@@ -149,10 +149,34 @@ struct Fences {
     reserved: u64,
     /// The highest fence base read.
     base: u64,
+    /// The lowest etcd revision at which `base` is known to have been stored: a read at an
+    /// older revision that shows a lower base is only older, not a base that went back.
+    base_rev: i64,
     /// The highest token this instance granted.
     granted: u64,
-    /// Per file, the last token granted and its waiter (at most `MAX_REMEMBERED` files).
-    last: std::collections::HashMap<NodeId, (u64, WaiterId)>,
+    /// Per file, the last token granted, its waiter, and the revision of the queue read it
+    /// was computed from (at most `MAX_REMEMBERED` files).
+    last: std::collections::HashMap<NodeId, (u64, WaiterId, i64)>,
+}
+
+impl Fences {
+    /// Records that the fence base was `base` at revision `rev`.
+    fn learn_base(&mut self, base: u64, rev: i64) {
+        if base > self.base {
+            (self.base, self.base_rev) = (base, rev);
+        } else if base == self.base {
+            self.base_rev = self.base_rev.min(rev);
+        }
+    }
+}
+
+/// What `checked_fence` makes of a queue read.
+enum Checked {
+    /// The token, safe to grant.
+    Safe(FenceToken),
+    /// The read is older than what this instance already learnt (another request of this
+    /// instance read later and finished first): read the queue again.
+    Stale,
 }
 
 /// Connects a client to `config`'s endpoints, bounded by `OP_TIMEOUT`.
@@ -291,11 +315,11 @@ impl EtcdLocks {
             let need = known.saturating_sub(rev);
             if old >= need {
                 let mut f = self.fences();
-                f.base = f.base.max(old);
+                f.learn_base(old, i64::try_from(rev).unwrap_or(i64::MAX));
                 f.reserved = f.reserved.max(stored);
                 return Ok(());
             }
-            if self
+            if let Some(put) = self
                 .put_unchanged("raising the fence base", &self.base_key, base_rev, need)
                 .await?
             {
@@ -306,7 +330,7 @@ impl EtcdLocks {
                     "fence base raised above the fence high-water mark"
                 );
                 let mut f = self.fences();
-                f.base = f.base.max(need);
+                f.learn_base(need, put);
                 f.reserved = f.reserved.max(stored);
                 return Ok(());
             }
@@ -317,14 +341,14 @@ impl EtcdLocks {
     }
 
     /// Puts `value` (decimal) at `key` if its mod revision is still `rev` (0: absent);
-    /// whether it did.
+    /// the revision of the put if it did.
     async fn put_unchanged(
         &self,
         what: &str,
         key: &[u8],
         rev: i64,
         value: u64,
-    ) -> ServiceResult<bool> {
+    ) -> ServiceResult<Option<i64>> {
         let txn = etcd_client::Txn::new()
             .when([Compare::mod_revision(key.to_vec(), CompareOp::Equal, rev)])
             .and_then([TxnOp::put(key.to_vec(), value.to_string(), None)]);
@@ -334,7 +358,9 @@ impl EtcdLocks {
                 async move { c.txn(txn).await }
             })
             .await?;
-        Ok(done.succeeded())
+        Ok(done
+            .succeeded()
+            .then(|| done.header().map(|h| h.revision()).unwrap_or(i64::MAX)))
     }
 
     /// Raises the stored high-water mark to at least `to` (never lowers it).
@@ -352,6 +378,7 @@ impl EtcdLocks {
             if self
                 .put_unchanged("raising the fence high-water mark", &self.high_key, rev, to)
                 .await?
+                .is_some()
             {
                 let mut f = self.fences();
                 f.reserved = f.reserved.max(to);
@@ -366,30 +393,40 @@ impl EtcdLocks {
     /// The token of `waiter`, at the head of `node`'s queue `q` with key create revision
     /// `create`, once it is known to be safe: never below a token this instance granted for
     /// the file, never another waiter's, never below a fence base it read, and at or below
-    /// the stored high-water mark (raised first if need be). A token that would go back
-    /// lifts the base (`lift_base`), deletes the waiter's key (made before the lift, its
-    /// token is suspect) and answers unavailable: the client asks again, joins anew, and gets
-    /// a token above every one granted.
+    /// the stored high-water mark (raised first if need be). Only a read at or after the
+    /// revision where this instance learnt the higher base or token is evidence that tokens
+    /// would go back; an older read (requests of one instance run concurrently) is `Stale`.
+    /// A token that would go back lifts the base (`lift_base`) and answers unavailable: the
+    /// client asks again. An acquire (`rejoin`) also deletes the waiter's key (made before
+    /// the lift, its token is suspect) so it joins anew and gets a token above every one
+    /// granted; a renewal never deletes the holder's key.
     async fn checked_fence(
         &self,
         node: NodeId,
         waiter: &WaiterId,
         q: &Queue,
         create: i64,
-    ) -> ServiceResult<FenceToken> {
+        rejoin: bool,
+    ) -> ServiceResult<Checked> {
         let fence = fence_of(q.base, create)?;
-        let (went_back, reserved) = {
+        let (lower, reserved) = {
             let f = self.fences();
-            let back = q.base < f.base
-                || f.last
-                    .get(&node)
-                    .is_some_and(|(t, w)| fence.0 < *t || (fence.0 == *t && w != waiter));
-            (back, f.reserved)
+            // (went back, read older than what was learnt)
+            let base = (q.base < f.base).then_some(q.rev < f.base_rev);
+            let last = f.last.get(&node).and_then(|(t, w, rev)| {
+                (fence.0 < *t || (fence.0 == *t && w != waiter)).then_some(q.rev < *rev)
+            });
+            (base.into_iter().chain(last).collect::<Vec<bool>>(), f.reserved)
         };
-        if went_back {
+        if !lower.is_empty() && lower.iter().all(|older| *older) {
+            return Ok(Checked::Stale);
+        }
+        if !lower.is_empty() {
             tracing::error!(%node, %fence, "a fencing token would have gone back (fence base lowered or deleted, or etcd restored from an older snapshot): raising the fence base");
             self.lift_base().await?;
-            self.delete(self.waiter_key(node, waiter)).await?;
+            if rejoin {
+                self.delete(self.waiter_key(node, waiter)).await?;
+            }
             return Err(ServiceError::Unavailable(
                 "the fence base was lowered or etcd went back; it was raised: ask again".into(),
             ));
@@ -398,7 +435,7 @@ impl EtcdLocks {
             self.reserve(fence.0.saturating_add(FENCE_RESERVE)).await?;
         }
         let mut f = self.fences();
-        f.base = f.base.max(q.base);
+        f.learn_base(q.base, q.rev);
         f.granted = f.granted.max(fence.0);
         if f.last.len() >= MAX_REMEMBERED && !f.last.contains_key(&node) {
             // Forget an arbitrary file: only the check of its next grant is lost.
@@ -407,10 +444,10 @@ impl EtcdLocks {
             }
         }
         // Only ever raised: a slower grant of an earlier head must not hide a later one.
-        if f.last.get(&node).is_none_or(|(t, _)| *t < fence.0) {
-            f.last.insert(node, (fence.0, waiter.clone()));
+        if f.last.get(&node).is_none_or(|(t, _, _)| *t < fence.0) {
+            f.last.insert(node, (fence.0, waiter.clone(), q.rev));
         }
-        Ok(fence)
+        Ok(Checked::Safe(fence))
     }
 
     /// Runs one etcd call, bounded by `OP_TIMEOUT` in all. A call that never left this process
@@ -767,7 +804,13 @@ impl EtcdLocks {
                 continue;
             }
             if pos == 0 {
-                let fence = self.checked_fence(node, waiter, &q, me.create).await?;
+                let fence = match self.checked_fence(node, waiter, &q, me.create, true).await? {
+                    Checked::Safe(fence) => fence,
+                    Checked::Stale => {
+                        (q, fresh) = (self.list(&prefix).await?, true);
+                        continue;
+                    }
+                };
                 tracing::debug!(%node, %fence, user, waiter = waiter.as_str(), "lock granted");
                 return Ok(AcquireResponse::Granted(self.grant(node, fence)));
             }
@@ -786,9 +829,9 @@ impl EtcdLocks {
     /// Extends the holder's lease.
     pub async fn renew(&self, node: NodeId, waiter: &WaiterId) -> ServiceResult<Grant> {
         let key = self.waiter_key(node, waiter);
-        let q = self.list(&self.file_prefix('w', node)).await?;
+        let mut q = self.list(&self.file_prefix('w', node)).await?;
         let head = q.entries.first().filter(|e| e.key == key);
-        let Some(head) = head else {
+        let Some(head) = head.cloned() else {
             return Err(ServiceError::NotHolder(format!(
                 "lock on {node} is not held by this waiter (lease expired?)"
             )));
@@ -798,8 +841,23 @@ impl EtcdLocks {
                 "lock on {node}: the lease expired"
             )));
         }
-        let fence = self.checked_fence(node, waiter, &q, head.create).await?;
-        Ok(self.grant(node, fence))
+        // A read older than another request's (this instance's) is read again, a few times.
+        for _ in 0..3 {
+            if let Checked::Safe(fence) =
+                self.checked_fence(node, waiter, &q, head.create, false).await?
+            {
+                return Ok(self.grant(node, fence));
+            }
+            q = self.list(&self.file_prefix('w', node)).await?;
+            if q.entries.first().is_none_or(|e| e.key != key) {
+                return Err(ServiceError::NotHolder(format!(
+                    "lock on {node} is not held by this waiter (lease expired?)"
+                )));
+            }
+        }
+        Err(ServiceError::Unavailable(format!(
+            "the fence base of {node} kept moving during a renewal: ask again"
+        )))
     }
 
     /// Deletes `key` (one round trip; its lease, with no key left, lapses on its own).
@@ -1277,6 +1335,40 @@ mod tests {
             AppLockResponse::Busy
         );
         assert_eq!(l.list(&files).await.expect("list").entries.len(), 1);
+    }
+
+    /// A renewal whose queue read is older than a base another request of the same instance
+    /// learnt (a routine base lift by another instance's start, seen in between) is a slow
+    /// read, not a base that went back: the holder's key stays and the renewal succeeds.
+    #[tokio::test]
+    async fn a_renewal_read_before_a_base_lift_keeps_the_holders_key() {
+        let (l, config) = unit_locks(Duration::from_secs(10)).await;
+        let node = NodeId(3);
+        let w = WaiterId::from_bytes([7; 16]);
+        let r = l
+            .acquire(node, &w, "u", Duration::ZERO)
+            .await
+            .expect("acquire");
+        assert!(matches!(r, AcquireResponse::Granted(_)), "{r:?}");
+        let prefix = l.file_prefix('w', node);
+        // R1 reads the queue with the old base...
+        let old = l.list(&prefix).await.expect("list");
+        let create = old.entries[0].create;
+        // ... another instance starts and lifts the base; R2 reads it and finishes first.
+        set_fence_base(&config, old.base + (1 << 20))
+            .await
+            .expect("lift");
+        let after = l.renew(node, &w).await.expect("renew");
+        // R1 goes on with its older read: stale, not "went back".
+        assert!(matches!(
+            l.checked_fence(node, &w, &old, create, false)
+                .await
+                .expect("a stale read is no error"),
+            Checked::Stale
+        ));
+        assert_eq!(l.list(&prefix).await.expect("list").entries.len(), 1);
+        let again = l.renew(node, &w).await.expect("renew");
+        assert_eq!(again.fence, after.fence);
     }
 
     #[tokio::test]
