@@ -200,10 +200,24 @@ fn retryable(e: &RemoteError) -> bool {
         )
 }
 
-/// How long a lock renewal is retried on another lock instance: a third of the default lease,
-/// so that the next renewal (a third of the lease later) is not held up and the lease the
-/// last one gave still covers the failover.
+/// How long a lock renewal is retried on another lock instance at most: a third of the
+/// default lease, so that the next renewal (a third of the lease later) is not held up and
+/// the lease the last one gave still covers the failover. Shorter leases shorten it
+/// (`renew_bounds`).
 pub const RENEW_RETRY: Duration = Duration::from_secs(3);
+
+/// The lease assumed until a grant names one (the lock service's default).
+const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+
+/// A renewal's (retry bound, per-attempt timeout) for a lease of `lease`: retried for at
+/// most a third of the lease (`RENEW_RETRY` at most), each attempt given at most a quarter
+/// of it, so that an instance that takes the request and never answers (a dead host, a
+/// partition, a stopped process: no reset) costs one short attempt and the renewal reaches
+/// another instance well before the lease the last renewal gave runs out.
+pub fn renew_bounds(lease: Duration, call_timeout: Duration) -> (Duration, Duration) {
+    let lease = lease.max(Duration::from_millis(100));
+    (RENEW_RETRY.min(lease / 3), call_timeout.min(lease / 4))
+}
 
 /// The one retry loop of directory and lock calls. `attempt(i)` sends the call to URL `i`
 /// (modulo how many there are) and answers (how many URLs there are, the URL, the result).
@@ -311,6 +325,8 @@ pub struct Remote {
     /// The lock instance (index into the map's `lock_urls`) lock calls go to first: the one
     /// that answered last.
     lock_current: std::sync::atomic::AtomicUsize,
+    /// The lease (ms) the lock service last granted (0: none yet): bounds renewals.
+    lock_lease_ms: AtomicU64,
     /// The cluster id of the directory (learnt from the first cluster map): what saved logins
     /// are keyed by, and what every other directory URL must name.
     cluster_id: std::sync::Mutex<Option<String>>,
@@ -388,6 +404,7 @@ impl Remote {
                 current: std::sync::atomic::AtomicUsize::new(0),
             },
             lock_current: std::sync::atomic::AtomicUsize::new(0),
+            lock_lease_ms: AtomicU64::new(0),
             cluster_id: std::sync::Mutex::new(None),
             protocol_noted: std::sync::atomic::AtomicBool::new(false),
             server,
@@ -887,15 +904,16 @@ impl Remote {
         Ok(resp)
     }
 
-    /// A lock call answering JSON, retried for `bound`.
+    /// A lock call answering JSON, retried for `bound`, each attempt given `timeout`.
     async fn lock_post<B: Serialize + Sync, T: DeserializeOwned>(
         &self,
         path: &str,
         body: &B,
         what: &str,
         bound: Duration,
+        timeout: Duration,
     ) -> Result<T, RemoteError> {
-        self.lock_call(what, bound, self.config.call_timeout, &|u| {
+        self.lock_call(what, bound, timeout, &|u| {
             self.http.post(format!("{u}{path}")).json(body)
         })
         .await?
@@ -1568,7 +1586,10 @@ impl Remote {
                 .await
                 .map_err(|e| net("lock", e))?
             {
-                AcquireResponse::Granted(g) => return Ok(g),
+                AcquireResponse::Granted(g) => {
+                    self.note_lease(g.lease_ms);
+                    return Ok(g);
+                }
                 AcquireResponse::Queued { position } => {
                     if tokio::time::Instant::now() >= deadline {
                         let _ = self.release(node, waiter).await;
@@ -1622,6 +1643,7 @@ impl Remote {
             &q,
             "application unlock",
             self.config.op_timeout,
+            self.config.call_timeout,
         )
         .await
         .map(drop)
@@ -1643,37 +1665,66 @@ impl Remote {
             &q,
             "application lock test",
             self.config.op_timeout,
+            self.config.call_timeout,
         )
         .await
     }
 
-    /// Renews every application lock of `session` (retried for `RENEW_RETRY`).
+    /// Records the lease a grant named (bounds later renewals).
+    pub fn note_lease(&self, lease_ms: u64) {
+        if lease_ms > 0 {
+            self.lock_lease_ms.store(lease_ms, Ordering::Relaxed);
+        }
+    }
+
+    /// `renew_bounds` for the lease last granted.
+    fn renewal_bounds(&self) -> (Duration, Duration) {
+        let lease = match self.lock_lease_ms.load(Ordering::Relaxed) {
+            0 => DEFAULT_LEASE,
+            ms => Duration::from_millis(ms),
+        };
+        renew_bounds(lease, self.config.call_timeout)
+    }
+
+    /// Renews every application lock of `session` (retried within `renew_bounds`); how
+    /// many of them the lock service still holds.
     pub async fn app_renew(
         &self,
         session: &UploadId,
         locks: Vec<(NodeId, u64)>,
-    ) -> Result<(), RemoteError> {
+    ) -> Result<u64, RemoteError> {
         let req = common::api::AppLockRenew {
             session: session.clone(),
             locks,
         };
-        self.lock_post::<_, serde_json::Value>(
-            routes::APPLOCK_RENEW,
-            &req,
-            "application lock renewal",
-            RENEW_RETRY,
-        )
-        .await
-        .map(drop)
+        let (bound, timeout) = self.renewal_bounds();
+        let v: serde_json::Value = self
+            .lock_post(
+                routes::APPLOCK_RENEW,
+                &req,
+                "application lock renewal",
+                bound,
+                timeout,
+            )
+            .await?;
+        v.get("held")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| {
+                RemoteError::Network("an application lock renewal without a count".into())
+            })
     }
 
-    /// Extends a held lock's lease (retried for `RENEW_RETRY`).
+    /// Extends a held lock's lease (retried within `renew_bounds`).
     pub async fn renew(&self, node: NodeId, waiter: &WaiterId) -> Result<Grant, RemoteError> {
         let req = LockRequest {
             waiter: waiter.clone(),
         };
-        self.lock_post(&routes::lock(node, "renew"), &req, "renew", RENEW_RETRY)
-            .await
+        let (bound, timeout) = self.renewal_bounds();
+        let g: Grant = self
+            .lock_post(&routes::lock(node, "renew"), &req, "renew", bound, timeout)
+            .await?;
+        self.note_lease(g.lease_ms);
+        Ok(g)
     }
 
     /// Releases a lock (or leaves its queue).
@@ -1686,6 +1737,7 @@ impl Remote {
             &req,
             "release",
             self.config.op_timeout,
+            self.config.call_timeout,
         )
         .await
         .map(drop)
@@ -1957,6 +2009,8 @@ mod tests {
                 .route(routes::CHILDREN, get(Fake::op))
                 .route(routes::LOCK_RELEASE, post(Fake::op))
                 .route(routes::APPLOCK_UNLOCK, post(Fake::op))
+                .route(routes::LOCK_RENEW, post(Fake::op))
+                .route(routes::APPLOCK_RENEW, post(Fake::op))
                 .with_state(fake.clone());
             let l = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
@@ -2187,6 +2241,60 @@ mod tests {
             t.elapsed()
         );
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    }
+
+    /// A loopback address that takes connections and never answers (a stopped process, a
+    /// dead host behind a live route: no reset). The listener lives as long as the test.
+    async fn silent_url() -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", l.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        url
+    }
+
+    /// A renewal sent to a lock instance that takes it and never answers gives that
+    /// instance a fraction of the lease, then reaches the next one, well within the lease:
+    /// a silent instance does not cost a live holder its lock.
+    #[tokio::test]
+    async fn a_renewal_leaves_a_silent_lock_instance_within_the_lease() {
+        let silent = silent_url().await;
+        let grant = r#"{"fence":7,"lease_ms":2000,"signature":""}"#;
+        let (fake, url) = Fake::start("aa", &[(200, grant), (200, r#"{"held":1}"#)]).await;
+        *fake.locks.lock().expect("locks") = vec![silent.clone(), url.clone()];
+        let r = logged_in(&url, Duration::from_secs(10));
+        r.note_lease(2000);
+        let waiter = UploadId::from_bytes([7; 16]);
+        let t = std::time::Instant::now();
+        let g = r
+            .renew(NodeId(5), &waiter)
+            .await
+            .expect("renewed elsewhere");
+        assert_eq!(g.fence, common::FenceToken(7));
+        assert!(
+            t.elapsed() < Duration::from_millis(1000),
+            "{:?}",
+            t.elapsed()
+        );
+        // Application lock renewals too, with the count of locks still held.
+        r.lock_current.store(0, Ordering::Relaxed);
+        let t = std::time::Instant::now();
+        let held = r
+            .app_renew(&waiter, vec![(NodeId(5), 1)])
+            .await
+            .expect("renewed elsewhere");
+        assert_eq!(held, 1);
+        assert!(
+            t.elapsed() < Duration::from_millis(1000),
+            "{:?}",
+            t.elapsed()
+        );
     }
 
     #[tokio::test]

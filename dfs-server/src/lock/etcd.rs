@@ -416,7 +416,10 @@ impl EtcdLocks {
             let last = f.last.get(&node).and_then(|(t, w, rev)| {
                 (fence.0 < *t || (fence.0 == *t && w != waiter)).then_some(q.rev < *rev)
             });
-            (base.into_iter().chain(last).collect::<Vec<bool>>(), f.reserved)
+            (
+                base.into_iter().chain(last).collect::<Vec<bool>>(),
+                f.reserved,
+            )
         };
         if !lower.is_empty() && lower.iter().all(|older| *older) {
             return Ok(Checked::Stale);
@@ -804,7 +807,10 @@ impl EtcdLocks {
                 continue;
             }
             if pos == 0 {
-                let fence = match self.checked_fence(node, waiter, &q, me.create, true).await? {
+                let fence = match self
+                    .checked_fence(node, waiter, &q, me.create, true)
+                    .await?
+                {
                     Checked::Safe(fence) => fence,
                     Checked::Stale => {
                         (q, fresh) = (self.list(&prefix).await?, true);
@@ -843,8 +849,9 @@ impl EtcdLocks {
         }
         // A read older than another request's (this instance's) is read again, a few times.
         for _ in 0..3 {
-            if let Checked::Safe(fence) =
-                self.checked_fence(node, waiter, &q, head.create, false).await?
+            if let Checked::Safe(fence) = self
+                .checked_fence(node, waiter, &q, head.create, false)
+                .await?
             {
                 return Ok(self.grant(node, fence));
             }
