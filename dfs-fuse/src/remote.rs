@@ -206,6 +206,10 @@ fn retryable(e: &RemoteError) -> bool {
 /// (`renew_bounds`).
 pub const RENEW_RETRY: Duration = Duration::from_secs(3);
 
+/// How much longer than its wait a lock long poll's attempt may take before another
+/// instance is asked.
+const POLL_SLACK: Duration = Duration::from_secs(2);
+
 /// The lease assumed until a grant names one (the lock service's default).
 const DEFAULT_LEASE: Duration = Duration::from_secs(10);
 
@@ -1550,24 +1554,24 @@ impl Remote {
         let mut fresh = false;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let wait_ms = u64::try_from(left.min(Duration::from_secs(20)).as_millis()).unwrap_or(0);
+            // A poll waits at most half of what is left, and an attempt is given the poll's
+            // wait plus a little: an instance that takes the poll and never answers is left
+            // with time to spare for another one before the caller's deadline.
+            let wait = (left / 2).min(Duration::from_secs(20));
+            let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(0);
+            let slack = self.config.call_timeout.min(POLL_SLACK);
             let req = AcquireRequest {
                 waiter: waiter.clone(),
                 wait_ms,
             };
             let cap = self.commit_capability(node, fresh).await?;
             let sent = self
-                .lock_call(
-                    "lock",
-                    self.config.op_timeout + left,
-                    left + self.config.call_timeout,
-                    &|u| {
-                        self.http
-                            .post(format!("{u}{path}"))
-                            .header(routes::CAPABILITY_HEADER, &cap)
-                            .json(&req)
-                    },
-                )
+                .lock_call("lock", left.max(slack), wait + slack, &|u| {
+                    self.http
+                        .post(format!("{u}{path}"))
+                        .header(routes::CAPABILITY_HEADER, &cap)
+                        .json(&req)
+                })
                 .await;
             let resp = match sent {
                 Ok(r) => r,
@@ -1619,7 +1623,7 @@ impl Remote {
         self.lock_call(
             "application lock",
             self.config.op_timeout + wait,
-            wait + self.config.call_timeout,
+            wait + self.config.call_timeout.min(POLL_SLACK),
             &|u| self.http.post(format!("{u}{path}")).json(&req),
         )
         .await?
@@ -2010,6 +2014,7 @@ mod tests {
                 .route(routes::LOCK_RELEASE, post(Fake::op))
                 .route(routes::APPLOCK_UNLOCK, post(Fake::op))
                 .route(routes::LOCK_RENEW, post(Fake::op))
+                .route(routes::LOCK_ACQUIRE, post(Fake::op))
                 .route(routes::APPLOCK_RENEW, post(Fake::op))
                 .with_state(fake.clone());
             let l = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -2295,6 +2300,28 @@ mod tests {
             "{:?}",
             t.elapsed()
         );
+    }
+
+    /// A write lock's long poll sent to a lock instance that never answers is given its
+    /// wait plus a little, and leaves time to reach another instance before the caller's
+    /// deadline (a close's push is cut at its deadline).
+    #[tokio::test]
+    async fn a_lock_poll_leaves_a_silent_lock_instance_before_the_deadline() {
+        let silent = silent_url().await;
+        let granted = r#"{"state":"granted","fence":7,"lease_ms":2000,"signature":""}"#;
+        let (fake, url) = Fake::start("aa", &[(200, granted)]).await;
+        *fake.locks.lock().expect("locks") = vec![silent.clone(), url.clone()];
+        let r = logged_in(&url, Duration::from_secs(10));
+        let node = NodeId(5);
+        r.remember_commit_capability(node, "cap".into());
+        let waiter = UploadId::from_bytes([7; 16]);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+        let g = tokio::time::timeout_at(deadline, r.acquire(node, &waiter, deadline))
+            .await
+            .expect("within the deadline")
+            .expect("granted by the other instance");
+        assert_eq!(g.fence, common::FenceToken(7));
+        assert_eq!(r.lock_current.load(Ordering::Relaxed) % 2, 1);
     }
 
     #[tokio::test]
