@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use super::{DfsFs, FoldedAttrs};
 use crate::cache::Pending;
+use crate::remote::RemoteError;
 
 /// A file that can go in a batch: its pending record, the version it is based on, folded
 /// attributes and content.
@@ -126,7 +127,21 @@ impl DfsFs {
             let waiter = UploadId::from_bytes(rand::random());
             async move {
                 let wait = deadline.min(Instant::now() + BATCH_LOCK_WAIT);
-                let r = self.remote.acquire(*node, &waiter, wait).await;
+                // Bounded by the batch's own short wait, whatever the lock service or the
+                // directory does: the node locks of every file in the batch are held
+                // meanwhile (an open of any of them waits). A grant cut off is released.
+                let r = tokio::time::timeout_at(wait, async {
+                    if batch_acquire_hangs() {
+                        std::future::pending::<()>().await;
+                    }
+                    self.remote.acquire(*node, &waiter, wait).await
+                })
+                .await
+                .unwrap_or_else(|_| {
+                    Err(RemoteError::Timeout(
+                        "no lock grant within the batch's wait".into(),
+                    ))
+                });
                 (waiter, r)
             }
         }))
@@ -308,3 +323,9 @@ impl DfsFs {
 /// How long a batch waits for a file's lock: a file someone else holds is pushed alone later
 /// instead of holding up the batch.
 const BATCH_LOCK_WAIT: Duration = Duration::from_secs(1);
+
+/// Fault point `batch-acquire-hang`: a batch's lock acquire never answers (tests).
+fn batch_acquire_hangs() -> bool {
+    fail::fail_point!("batch-acquire-hang", |_| true);
+    false
+}
