@@ -689,7 +689,9 @@ impl EtcdLocks {
                 c.lease_time_to_live(lease, None).await
             })
             .await?;
-        Ok(r.ttl() > 0)
+        // etcd answers whole seconds, rounded down: 0 is a lease in its last second; a
+        // lease gone is -1.
+        Ok(r.ttl() >= 0)
     }
 
     /// Waits until a key under `prefix` changes after revision `rev` (deletes only, with
@@ -1376,6 +1378,35 @@ mod tests {
         assert_eq!(l.list(&prefix).await.expect("list").entries.len(), 1);
         let again = l.renew(node, &w).await.expect("renew");
         assert_eq!(again.fence, after.fence);
+    }
+
+    /// A lease in its last second (etcd answers a TTL of 0, rounded down) still runs: a
+    /// waiter released then is not taken for a lapsed one (which would queue it again).
+    #[tokio::test]
+    async fn a_lease_in_its_last_second_is_alive() {
+        let (l, config) = unit_locks(Duration::from_secs(2)).await;
+        let mut c = Client::connect(config.endpoints.clone(), None)
+            .await
+            .expect("client");
+        let lease = c.lease_grant(1, None).await.expect("grant").id();
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ttl = c
+                .lease_time_to_live(lease, None)
+                .await
+                .expect("ttl")
+                .ttl();
+            assert!(ttl >= 0, "lapsed before its last second was seen");
+            if ttl == 0 {
+                break;
+            }
+            assert!(Instant::now() < until, "the lease never reached its last second");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(l.lease_alive(lease).await.expect("lookup"));
+        // Gone: not alive.
+        c.lease_revoke(lease).await.expect("revoke");
+        assert!(!l.lease_alive(lease).await.expect("lookup"));
     }
 
     #[tokio::test]
