@@ -1274,7 +1274,8 @@ mod tests {
     /// under the file's prefix at all. Tries that are granted are still granted.
     #[tokio::test]
     async fn a_refused_try_makes_no_key_that_others_could_see() {
-        let (l, config) = unit_locks(Duration::from_secs(2)).await;
+        // A lease that outlasts the test's quiet waits (nothing renews owner 1's lock).
+        let (l, config) = unit_locks(Duration::from_secs(30)).await;
         let node = NodeId(9);
         let zero = Duration::ZERO;
         let granted = |r: AppLockResponse| matches!(r, AppLockResponse::Granted { .. });
@@ -1391,16 +1392,15 @@ mod tests {
         let lease = c.lease_grant(1, None).await.expect("grant").id();
         let until = Instant::now() + Duration::from_secs(20);
         loop {
-            let ttl = c
-                .lease_time_to_live(lease, None)
-                .await
-                .expect("ttl")
-                .ttl();
+            let ttl = c.lease_time_to_live(lease, None).await.expect("ttl").ttl();
             assert!(ttl >= 0, "lapsed before its last second was seen");
             if ttl == 0 {
                 break;
             }
-            assert!(Instant::now() < until, "the lease never reached its last second");
+            assert!(
+                Instant::now() < until,
+                "the lease never reached its last second"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(l.lease_alive(lease).await.expect("lookup"));
