@@ -331,6 +331,9 @@ pub struct Remote {
     lock_current: std::sync::atomic::AtomicUsize,
     /// The lease (ms) the lock service last granted (0: none yet): bounds renewals.
     lock_lease_ms: AtomicU64,
+    /// The lock instances of the last map that named any: used while the map cannot be
+    /// fetched (the directory away must not stop lock renewals).
+    last_lock_urls: std::sync::Mutex<Vec<String>>,
     /// The cluster id of the directory (learnt from the first cluster map): what saved logins
     /// are keyed by, and what every other directory URL must name.
     cluster_id: std::sync::Mutex<Option<String>>,
@@ -409,6 +412,7 @@ impl Remote {
             },
             lock_current: std::sync::atomic::AtomicUsize::new(0),
             lock_lease_ms: AtomicU64::new(0),
+            last_lock_urls: std::sync::Mutex::new(Vec::new()),
             cluster_id: std::sync::Mutex::new(None),
             protocol_noted: std::sync::atomic::AtomicBool::new(false),
             server,
@@ -835,20 +839,53 @@ impl Remote {
     }
 
     /// Every live lock instance the cluster map names (fetched again once if the cached map
-    /// names none).
-    async fn lock_urls(&self) -> Result<Vec<String>, RemoteError> {
-        let urls = self.cluster(false).await?.lock_instances();
-        if !urls.is_empty() {
-            return Ok(urls);
-        }
-        let urls = self.cluster(true).await?.lock_instances();
-        if urls.is_empty() {
-            return Err(RemoteError::Api {
+    /// names none), the map fetch bounded by `deadline`. While the map cannot be fetched
+    /// (the directory away), the lock instances of the last map that named some: a fetch
+    /// is then given a quarter of the time left, so the lock call itself keeps the rest.
+    async fn lock_urls(&self, deadline: tokio::time::Instant) -> Result<Vec<String>, RemoteError> {
+        let last = self
+            .last_lock_urls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let now = tokio::time::Instant::now();
+        let left = deadline.saturating_duration_since(now);
+        let until = if last.is_empty() {
+            deadline
+        } else {
+            now + left / 4
+        };
+        let fetched = tokio::time::timeout_at(until, async {
+            let urls = self.cluster(false).await?.lock_instances();
+            if !urls.is_empty() {
+                return Ok(urls);
+            }
+            self.cluster(true).await.map(|c| c.lock_instances())
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(RemoteError::Timeout(
+                "the cluster map within the lock call's time".into(),
+            ))
+        });
+        match fetched {
+            Ok(urls) if !urls.is_empty() => {
+                *self
+                    .last_lock_urls
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = urls.clone();
+                Ok(urls)
+            }
+            Ok(_) => Err(RemoteError::Api {
                 code: ErrorCode::Unavailable,
                 message: "no lock service registered with the directory".into(),
-            });
+            }),
+            Err(e) if last.is_empty() => Err(e),
+            Err(e) => {
+                tracing::debug!(error = %e, "cluster map unavailable; using the last lock instances known");
+                Ok(last)
+            }
         }
-        Ok(urls)
     }
 
     /// A lock-service call: `build` makes the request for a lock instance's base URL (the
@@ -867,6 +904,7 @@ impl Remote {
         timeout: Duration,
         build: &(dyn Fn(&str) -> reqwest::RequestBuilder + Send + Sync),
     ) -> Result<reqwest::Response, RemoteError> {
+        let deadline = tokio::time::Instant::now() + bound;
         retry(
             "lock service",
             what,
@@ -874,7 +912,7 @@ impl Remote {
             &self.lock_current,
             || self.invalidate_cluster(),
             |idx| async move {
-                let urls = match self.lock_urls().await {
+                let urls = match self.lock_urls(deadline).await {
                     Ok(u) => u,
                     Err(e) => return (1, "-".to_owned(), Err(e)),
                 };
@@ -1989,6 +2027,8 @@ mod tests {
         cluster_id: String,
         /// The lock instances its map names (it answers lock calls itself too).
         locks: Arc<std::sync::Mutex<Vec<String>>>,
+        /// Map requests go unanswered (a directory gone silent).
+        map_hangs: Arc<std::sync::atomic::AtomicBool>,
         answers: Arc<std::sync::Mutex<std::collections::VecDeque<(u16, String)>>>,
         seen: Arc<std::sync::Mutex<Vec<Seen>>>,
     }
@@ -2002,6 +2042,7 @@ mod tests {
             let fake = Fake {
                 cluster_id: cluster_id.to_owned(),
                 locks: Arc::default(),
+                map_hangs: Arc::default(),
                 answers: Arc::new(std::sync::Mutex::new(
                     script.iter().map(|(c, b)| (*c, (*b).to_owned())).collect(),
                 )),
@@ -2028,6 +2069,9 @@ mod tests {
         async fn map(
             axum::extract::State(f): axum::extract::State<Fake>,
         ) -> axum::Json<ClusterInfo> {
+            if f.map_hangs.load(Ordering::Relaxed) {
+                std::future::pending::<()>().await;
+            }
             axum::Json(ClusterInfo {
                 lock_url: None,
                 lock_urls: f.locks.lock().expect("locks").clone(),
@@ -2322,6 +2366,25 @@ mod tests {
             .expect("granted by the other instance");
         assert_eq!(g.fence, common::FenceToken(7));
         assert_eq!(r.lock_current.load(Ordering::Relaxed) % 2, 1);
+    }
+
+    /// A renewal while the directory does not answer (the cached map dropped after a
+    /// failed round) goes to the lock instances of the last map, within its short bound.
+    #[tokio::test]
+    async fn a_renewal_uses_the_last_lock_instances_while_the_map_cannot_be_fetched() {
+        let grant = r#"{"fence":7,"lease_ms":10000,"signature":""}"#;
+        let (fake, url) = Fake::start("aa", &[(200, grant), (200, grant)]).await;
+        *fake.locks.lock().expect("locks") = vec![url.clone()];
+        let r = logged_in(&url, Duration::from_secs(10));
+        let waiter = UploadId::from_bytes([7; 16]);
+        r.renew(NodeId(5), &waiter).await.expect("renewed");
+        fake.map_hangs.store(true, Ordering::Relaxed);
+        r.invalidate_cluster();
+        let t = std::time::Instant::now();
+        r.renew(NodeId(5), &waiter)
+            .await
+            .expect("renewed without a map");
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     }
 
     #[tokio::test]
