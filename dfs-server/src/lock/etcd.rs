@@ -1142,6 +1142,16 @@ impl EtcdLocks {
         if !made {
             self.revoke(lease).await;
             resp?;
+            // The same request sent again elsewhere (its answer slow) may have made the
+            // owner's key after this one read the queue: its key, if granted, is this
+            // request's grant (a Busy would leave a lock the application never knew of).
+            let q = self.list(prefix).await?;
+            if let Some(pos) = q.position(key)
+                && pos < q.granted()
+                && is_shared(&q.entries[pos].value) == shared
+            {
+                return Ok((self.granted_app(), q.rev, q.entries[pos].lease));
+            }
             return Ok((AppLockResponse::Busy, rev, 0));
         }
         Ok((self.granted_app(), rev, lease))
@@ -1407,6 +1417,27 @@ mod tests {
         // Gone: not alive.
         c.lease_revoke(lease).await.expect("revoke");
         assert!(!l.lease_alive(lease).await.expect("lookup"));
+    }
+
+    /// A try sent twice (its first answer slow, the client asked another instance), the
+    /// second's queue read made before the first's key: the second finds the key its own
+    /// and answers granted, not busy (which would leave a lock the application never knew
+    /// of, renewed until close).
+    #[tokio::test]
+    async fn a_try_sent_twice_is_granted_by_its_own_key() {
+        let (l, _config) = unit_locks(Duration::from_secs(10)).await;
+        let node = NodeId(4);
+        let prefix = l.file_prefix('a', node);
+        let key = l.owner_key(node, &owner(1));
+        let value = b"xu".to_vec();
+        let first = l.try_create(&key, &value, false, &prefix).await.expect("try");
+        assert!(matches!(first.0, AppLockResponse::Granted { .. }), "{first:?}");
+        let again = l.try_create(&key, &value, false, &prefix).await.expect("try");
+        assert!(matches!(again.0, AppLockResponse::Granted { .. }), "{again:?}");
+        // Another owner's try is still refused.
+        let other = l.owner_key(node, &owner(2));
+        let busy = l.try_create(&other, &value, false, &prefix).await.expect("try");
+        assert_eq!(busy.0, AppLockResponse::Busy);
     }
 
     #[tokio::test]
