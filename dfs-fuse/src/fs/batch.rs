@@ -292,19 +292,24 @@ impl DfsFs {
             .min()
             .unwrap_or_default()
             .max(Duration::from_millis(150));
-        tokio::pin!(work);
-        loop {
-            tokio::select! {
-                r = &mut work => return r,
-                _ = tokio::time::sleep(lease / 3) => {
-                    futures_util::future::join_all(taken.iter().map(|t| async move {
-                        if let Err(e) = self.remote.renew(t.node, &t.waiter).await {
-                            tracing::warn!(node = %t.node, error = %e, "lock renewal failed");
-                        }
-                    }))
-                    .await;
-                }
+        // The renewals run beside the work (polled together), never in its way: a slow
+        // renewal does not stop the upload's progress.
+        let renewals = async {
+            loop {
+                tokio::time::sleep(lease / 3).await;
+                futures_util::future::join_all(taken.iter().map(|t| async move {
+                    if let Err(e) = self.remote.renew(t.node, &t.waiter).await {
+                        tracing::warn!(node = %t.node, error = %e, "lock renewal failed");
+                    }
+                }))
+                .await;
             }
+        };
+        tokio::pin!(work);
+        tokio::pin!(renewals);
+        tokio::select! {
+            r = &mut work => r,
+            never = &mut renewals => never,
         }
     }
 

@@ -70,6 +70,11 @@ pub const FENCE_HIGH_KEY: &str = "locks/fence_high";
 /// How far ahead of a grant the high-water mark is written: one write per this many etcd
 /// revisions, not one per grant.
 const FENCE_RESERVE: u64 = 1 << 20;
+
+/// The highest fence base an operator may set (`set_fence_base`): leaves 2^62 tokens.
+pub const MAX_FENCE_BASE: u64 = 1 << 62;
+/// The highest token granted: room for the reserve and the base lifts above it.
+const MAX_FENCE: u64 = 1 << 63;
 /// Most files whose last grant an instance remembers (to catch a token going back).
 const MAX_REMEMBERED: usize = 100_000;
 
@@ -221,6 +226,11 @@ pub async fn set_fence_base(config: &EtcdConfig, base: u64) -> ServiceResult<()>
     if base < old {
         return Err(ServiceError::StaleFence(format!(
             "the fence base is {old} already; it may not go down to {base}"
+        )));
+    }
+    if base > MAX_FENCE_BASE {
+        return Err(ServiceError::BadRequest(format!(
+            "a fence base above {MAX_FENCE_BASE} would leave no room for tokens"
         )));
     }
     let txn = etcd_client::Txn::new()
@@ -805,6 +815,10 @@ impl EtcdLocks {
             let (pos, me) = me;
             lease = Some(me.lease);
             if !fresh && !self.keep_alive(me.lease).await? {
+                // The lease ran out; its key goes when etcd revokes it: a short pause, not a
+                // spin of keepalives and reads meanwhile.
+                let pause = Instant::now() + Duration::from_millis(100);
+                tokio::time::sleep_until(pause.min(deadline.max(Instant::now()))).await;
                 q = self.list(&prefix).await?;
                 continue;
             }
@@ -1251,8 +1265,14 @@ fn fence_of(base: u64, create: i64) -> ServiceResult<FenceToken> {
     u64::try_from(create)
         .ok()
         .and_then(|c| base.checked_add(c))
+        .filter(|t| *t <= MAX_FENCE)
         .map(FenceToken)
-        .ok_or_else(|| ServiceError::internal("a fencing token", "out of range"))
+        .ok_or_else(|| {
+            ServiceError::internal(
+                "a fencing token",
+                format!("fence base {base} too high: tokens would pass {MAX_FENCE}"),
+            )
+        })
 }
 
 #[cfg(test)]
@@ -1430,14 +1450,52 @@ mod tests {
         let prefix = l.file_prefix('a', node);
         let key = l.owner_key(node, &owner(1));
         let value = b"xu".to_vec();
-        let first = l.try_create(&key, &value, false, &prefix).await.expect("try");
-        assert!(matches!(first.0, AppLockResponse::Granted { .. }), "{first:?}");
-        let again = l.try_create(&key, &value, false, &prefix).await.expect("try");
-        assert!(matches!(again.0, AppLockResponse::Granted { .. }), "{again:?}");
+        let first = l
+            .try_create(&key, &value, false, &prefix)
+            .await
+            .expect("try");
+        assert!(
+            matches!(first.0, AppLockResponse::Granted { .. }),
+            "{first:?}"
+        );
+        let again = l
+            .try_create(&key, &value, false, &prefix)
+            .await
+            .expect("try");
+        assert!(
+            matches!(again.0, AppLockResponse::Granted { .. }),
+            "{again:?}"
+        );
         // Another owner's try is still refused.
         let other = l.owner_key(node, &owner(2));
-        let busy = l.try_create(&other, &value, false, &prefix).await.expect("try");
+        let busy = l
+            .try_create(&other, &value, false, &prefix)
+            .await
+            .expect("try");
         assert_eq!(busy.0, AppLockResponse::Busy);
+    }
+
+    /// A fence base so high that tokens would overflow is refused when set, and a token
+    /// beyond the range is an error that says why.
+    #[tokio::test]
+    async fn a_fence_base_without_room_for_tokens_is_refused() {
+        let (l, config) = unit_locks(Duration::from_secs(10)).await;
+        let e = set_fence_base(&config, u64::MAX - 5)
+            .await
+            .expect_err("refused");
+        assert!(matches!(e, ServiceError::BadRequest(_)), "{e:?}");
+        let r = l
+            .acquire(
+                NodeId(2),
+                &WaiterId::from_bytes([1; 16]),
+                "u",
+                Duration::ZERO,
+            )
+            .await
+            .expect("still granting");
+        assert!(matches!(r, AcquireResponse::Granted(_)), "{r:?}");
+        let e = fence_of(u64::MAX - 5, 10).expect_err("out of range");
+        assert!(e.to_string().contains("too high"), "{e}");
     }
 
     #[tokio::test]
