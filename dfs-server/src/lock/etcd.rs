@@ -30,6 +30,7 @@
 //! Waiters wait on an etcd watch of their file's keys (from the revision they last read), not
 //! on a timer; while they wait, their own lease is kept alive.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::api::{AcquireResponse, AppLockConflict, AppLockResponse, Grant, LockOwner};
@@ -89,6 +90,7 @@ struct Entry {
 }
 
 /// A file's queue as read at one revision.
+#[derive(Debug)]
 struct Queue {
     entries: Vec<Entry>,
     /// The revision it was read at.
@@ -143,6 +145,9 @@ pub struct EtcdLocks {
     high_key: Vec<u8>,
     /// What this instance knows of the tokens granted (`checked_fence`).
     fences: std::sync::Mutex<Fences>,
+    /// The highest etcd revision a queue read answered: a read sent after it that answers
+    /// a lower one means etcd went back (restored from an older snapshot).
+    seen_rev: std::sync::atomic::AtomicI64,
 }
 
 /// What an instance knows of the tokens granted: enough to notice a fence base deleted or
@@ -276,6 +281,7 @@ impl EtcdLocks {
             ttl,
             high_key: format!("{}/{FENCE_HIGH_KEY}", config.prefix).into_bytes(),
             fences: std::sync::Mutex::new(Fences::default()),
+            seen_rev: std::sync::atomic::AtomicI64::new(0),
         };
         // A first read (a cluster without quorum fails the start, not a request), which also
         // lifts the fence base above the high-water mark.
@@ -320,7 +326,13 @@ impl EtcdLocks {
             };
             let known = {
                 let f = self.fences();
-                stored.max(f.reserved).max(f.granted)
+                // Every token granted at a revision this instance saw, with a base at most
+                // the highest it read, is at most `base + seen_rev`.
+                let seen = u64::try_from(self.seen_rev.load(Ordering::Relaxed)).unwrap_or(0);
+                stored
+                    .max(f.reserved)
+                    .max(f.granted)
+                    .max(f.base.saturating_add(seen))
             };
             let need = known.saturating_sub(rev);
             if old >= need {
@@ -579,7 +591,12 @@ impl EtcdLocks {
     }
 
     /// Every key under `prefix` in create-revision order, and the fence base, at one revision.
+    /// A read that answers a revision below one an earlier read (answered before this one
+    /// was sent) answered means etcd went back (an older snapshot restored without
+    /// `--bump-revision`): the fence base is lifted above every token this instance could
+    /// have seen, and the request answers unavailable (the client asks again).
     async fn list(&self, prefix: &str) -> ServiceResult<Queue> {
+        let before = self.seen_rev.load(Ordering::Relaxed);
         let txn = etcd_client::Txn::new().and_then(self.queue_reads(prefix));
         let resp = self
             .call("a queue read", |mut c| {
@@ -587,7 +604,21 @@ impl EtcdLocks {
                 async move { c.txn(txn).await }
             })
             .await?;
-        Self::parse_queue(resp)
+        let q = Self::parse_queue(resp)?;
+        if q.rev < before {
+            tracing::error!(
+                seen = before,
+                now = q.rev,
+                "etcd's revision went back (restored from an older snapshot?): raising the fence base"
+            );
+            self.lift_base().await?;
+            self.seen_rev.store(q.rev, Ordering::Relaxed);
+            return Err(ServiceError::Unavailable(
+                "etcd went back to an older revision; the fence base was raised: ask again".into(),
+            ));
+        }
+        self.seen_rev.fetch_max(q.rev, Ordering::Relaxed);
+        Ok(q)
     }
 
     /// Creates `key` with `value` on a lease of its own unless it exists, and reads the
@@ -1496,6 +1527,37 @@ mod tests {
         assert!(matches!(r, AcquireResponse::Granted(_)), "{r:?}");
         let e = fence_of(u64::MAX - 5, 10).expect_err("out of range");
         assert!(e.to_string().contains("too high"), "{e}");
+    }
+
+    /// etcd going back (a snapshot restore without `--bump-revision`: revisions, and so
+    /// create revisions, start lower again) is noticed at the next queue read: the base is
+    /// lifted above every token granted at a revision this instance saw.
+    #[tokio::test]
+    async fn etcd_going_back_in_revisions_lifts_the_fence_base() {
+        let (l, _config) = unit_locks(Duration::from_secs(10)).await;
+        let node = NodeId(6);
+        let prefix = l.file_prefix('w', node);
+        let now = l.list(&prefix).await.expect("list").rev;
+        // As if this instance had seen a million more revisions before the restore.
+        let before_restore = now + 1_000_000;
+        l.seen_rev.store(before_restore, Ordering::Relaxed);
+        let base = l.fences().base;
+        let Err(e) = l.list(&prefix).await else {
+            panic!("a read below a revision seen passed");
+        };
+        assert!(matches!(e, ServiceError::Unavailable(_)), "{e:?}");
+        let r = l
+            .acquire(node, &WaiterId::from_bytes([3; 16]), "u", Duration::ZERO)
+            .await
+            .expect("granted after the lift");
+        let AcquireResponse::Granted(g) = r else {
+            panic!("{r:?}");
+        };
+        assert!(
+            g.fence.0 > base + u64::try_from(before_restore).expect("rev"),
+            "{} <= {base} + {before_restore}",
+            g.fence.0
+        );
     }
 
     #[tokio::test]
