@@ -200,10 +200,28 @@ fn retryable(e: &RemoteError) -> bool {
         )
 }
 
-/// How long a lock renewal is retried on another lock instance: a third of the default lease,
-/// so that the next renewal (a third of the lease later) is not held up and the lease the
-/// last one gave still covers the failover.
+/// How long a lock renewal is retried on another lock instance at most: a third of the
+/// default lease, so that the next renewal (a third of the lease later) is not held up and
+/// the lease the last one gave still covers the failover. Shorter leases shorten it
+/// (`renew_bounds`).
 pub const RENEW_RETRY: Duration = Duration::from_secs(3);
+
+/// How much longer than its wait a lock long poll's attempt may take before another
+/// instance is asked.
+const POLL_SLACK: Duration = Duration::from_secs(2);
+
+/// The lease assumed until a grant names one (the lock service's default).
+const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+
+/// A renewal's (retry bound, per-attempt timeout) for a lease of `lease`: retried for at
+/// most a third of the lease (`RENEW_RETRY` at most), each attempt given at most a quarter
+/// of it, so that an instance that takes the request and never answers (a dead host, a
+/// partition, a stopped process: no reset) costs one short attempt and the renewal reaches
+/// another instance well before the lease the last renewal gave runs out.
+pub fn renew_bounds(lease: Duration, call_timeout: Duration) -> (Duration, Duration) {
+    let lease = lease.max(Duration::from_millis(100));
+    (RENEW_RETRY.min(lease / 3), call_timeout.min(lease / 4))
+}
 
 /// The one retry loop of directory and lock calls. `attempt(i)` sends the call to URL `i`
 /// (modulo how many there are) and answers (how many URLs there are, the URL, the result).
@@ -311,6 +329,11 @@ pub struct Remote {
     /// The lock instance (index into the map's `lock_urls`) lock calls go to first: the one
     /// that answered last.
     lock_current: std::sync::atomic::AtomicUsize,
+    /// The lease (ms) the lock service last granted (0: none yet): bounds renewals.
+    lock_lease_ms: AtomicU64,
+    /// The lock instances of the last map that named any: used while the map cannot be
+    /// fetched (the directory away must not stop lock renewals).
+    last_lock_urls: std::sync::Mutex<Vec<String>>,
     /// The cluster id of the directory (learnt from the first cluster map): what saved logins
     /// are keyed by, and what every other directory URL must name.
     cluster_id: std::sync::Mutex<Option<String>>,
@@ -388,6 +411,8 @@ impl Remote {
                 current: std::sync::atomic::AtomicUsize::new(0),
             },
             lock_current: std::sync::atomic::AtomicUsize::new(0),
+            lock_lease_ms: AtomicU64::new(0),
+            last_lock_urls: std::sync::Mutex::new(Vec::new()),
             cluster_id: std::sync::Mutex::new(None),
             protocol_noted: std::sync::atomic::AtomicBool::new(false),
             server,
@@ -814,20 +839,53 @@ impl Remote {
     }
 
     /// Every live lock instance the cluster map names (fetched again once if the cached map
-    /// names none).
-    async fn lock_urls(&self) -> Result<Vec<String>, RemoteError> {
-        let urls = self.cluster(false).await?.lock_instances();
-        if !urls.is_empty() {
-            return Ok(urls);
-        }
-        let urls = self.cluster(true).await?.lock_instances();
-        if urls.is_empty() {
-            return Err(RemoteError::Api {
+    /// names none), the map fetch bounded by `deadline`. While the map cannot be fetched
+    /// (the directory away), the lock instances of the last map that named some: a fetch
+    /// is then given a quarter of the time left, so the lock call itself keeps the rest.
+    async fn lock_urls(&self, deadline: tokio::time::Instant) -> Result<Vec<String>, RemoteError> {
+        let last = self
+            .last_lock_urls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let now = tokio::time::Instant::now();
+        let left = deadline.saturating_duration_since(now);
+        let until = if last.is_empty() {
+            deadline
+        } else {
+            now + left / 4
+        };
+        let fetched = tokio::time::timeout_at(until, async {
+            let urls = self.cluster(false).await?.lock_instances();
+            if !urls.is_empty() {
+                return Ok(urls);
+            }
+            self.cluster(true).await.map(|c| c.lock_instances())
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(RemoteError::Timeout(
+                "the cluster map within the lock call's time".into(),
+            ))
+        });
+        match fetched {
+            Ok(urls) if !urls.is_empty() => {
+                *self
+                    .last_lock_urls
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = urls.clone();
+                Ok(urls)
+            }
+            Ok(_) => Err(RemoteError::Api {
                 code: ErrorCode::Unavailable,
                 message: "no lock service registered with the directory".into(),
-            });
+            }),
+            Err(e) if last.is_empty() => Err(e),
+            Err(e) => {
+                tracing::debug!(error = %e, "cluster map unavailable; using the last lock instances known");
+                Ok(last)
+            }
         }
-        Ok(urls)
     }
 
     /// A lock-service call: `build` makes the request for a lock instance's base URL (the
@@ -846,6 +904,7 @@ impl Remote {
         timeout: Duration,
         build: &(dyn Fn(&str) -> reqwest::RequestBuilder + Send + Sync),
     ) -> Result<reqwest::Response, RemoteError> {
+        let deadline = tokio::time::Instant::now() + bound;
         retry(
             "lock service",
             what,
@@ -853,7 +912,7 @@ impl Remote {
             &self.lock_current,
             || self.invalidate_cluster(),
             |idx| async move {
-                let urls = match self.lock_urls().await {
+                let urls = match self.lock_urls(deadline).await {
                     Ok(u) => u,
                     Err(e) => return (1, "-".to_owned(), Err(e)),
                 };
@@ -887,15 +946,16 @@ impl Remote {
         Ok(resp)
     }
 
-    /// A lock call answering JSON, retried for `bound`.
+    /// A lock call answering JSON, retried for `bound`, each attempt given `timeout`.
     async fn lock_post<B: Serialize + Sync, T: DeserializeOwned>(
         &self,
         path: &str,
         body: &B,
         what: &str,
         bound: Duration,
+        timeout: Duration,
     ) -> Result<T, RemoteError> {
-        self.lock_call(what, bound, self.config.call_timeout, &|u| {
+        self.lock_call(what, bound, timeout, &|u| {
             self.http.post(format!("{u}{path}")).json(body)
         })
         .await?
@@ -1532,24 +1592,24 @@ impl Remote {
         let mut fresh = false;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let wait_ms = u64::try_from(left.min(Duration::from_secs(20)).as_millis()).unwrap_or(0);
+            // A poll waits at most half of what is left, and an attempt is given the poll's
+            // wait plus a little: an instance that takes the poll and never answers is left
+            // with time to spare for another one before the caller's deadline.
+            let wait = (left / 2).min(Duration::from_secs(20));
+            let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(0);
+            let slack = self.config.call_timeout.min(POLL_SLACK);
             let req = AcquireRequest {
                 waiter: waiter.clone(),
                 wait_ms,
             };
             let cap = self.commit_capability(node, fresh).await?;
             let sent = self
-                .lock_call(
-                    "lock",
-                    self.config.op_timeout + left,
-                    left + self.config.call_timeout,
-                    &|u| {
-                        self.http
-                            .post(format!("{u}{path}"))
-                            .header(routes::CAPABILITY_HEADER, &cap)
-                            .json(&req)
-                    },
-                )
+                .lock_call("lock", left.max(slack), wait + slack, &|u| {
+                    self.http
+                        .post(format!("{u}{path}"))
+                        .header(routes::CAPABILITY_HEADER, &cap)
+                        .json(&req)
+                })
                 .await;
             let resp = match sent {
                 Ok(r) => r,
@@ -1568,7 +1628,10 @@ impl Remote {
                 .await
                 .map_err(|e| net("lock", e))?
             {
-                AcquireResponse::Granted(g) => return Ok(g),
+                AcquireResponse::Granted(g) => {
+                    self.note_lease(g.lease_ms);
+                    return Ok(g);
+                }
                 AcquireResponse::Queued { position } => {
                     if tokio::time::Instant::now() >= deadline {
                         let _ = self.release(node, waiter).await;
@@ -1598,7 +1661,7 @@ impl Remote {
         self.lock_call(
             "application lock",
             self.config.op_timeout + wait,
-            wait + self.config.call_timeout,
+            wait + self.config.call_timeout.min(POLL_SLACK),
             &|u| self.http.post(format!("{u}{path}")).json(&req),
         )
         .await?
@@ -1622,6 +1685,7 @@ impl Remote {
             &q,
             "application unlock",
             self.config.op_timeout,
+            self.config.call_timeout,
         )
         .await
         .map(drop)
@@ -1643,37 +1707,66 @@ impl Remote {
             &q,
             "application lock test",
             self.config.op_timeout,
+            self.config.call_timeout,
         )
         .await
     }
 
-    /// Renews every application lock of `session` (retried for `RENEW_RETRY`).
+    /// Records the lease a grant named (bounds later renewals).
+    pub fn note_lease(&self, lease_ms: u64) {
+        if lease_ms > 0 {
+            self.lock_lease_ms.store(lease_ms, Ordering::Relaxed);
+        }
+    }
+
+    /// `renew_bounds` for the lease last granted.
+    fn renewal_bounds(&self) -> (Duration, Duration) {
+        let lease = match self.lock_lease_ms.load(Ordering::Relaxed) {
+            0 => DEFAULT_LEASE,
+            ms => Duration::from_millis(ms),
+        };
+        renew_bounds(lease, self.config.call_timeout)
+    }
+
+    /// Renews every application lock of `session` (retried within `renew_bounds`); how
+    /// many of them the lock service still holds.
     pub async fn app_renew(
         &self,
         session: &UploadId,
         locks: Vec<(NodeId, u64)>,
-    ) -> Result<(), RemoteError> {
+    ) -> Result<u64, RemoteError> {
         let req = common::api::AppLockRenew {
             session: session.clone(),
             locks,
         };
-        self.lock_post::<_, serde_json::Value>(
-            routes::APPLOCK_RENEW,
-            &req,
-            "application lock renewal",
-            RENEW_RETRY,
-        )
-        .await
-        .map(drop)
+        let (bound, timeout) = self.renewal_bounds();
+        let v: serde_json::Value = self
+            .lock_post(
+                routes::APPLOCK_RENEW,
+                &req,
+                "application lock renewal",
+                bound,
+                timeout,
+            )
+            .await?;
+        v.get("held")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| {
+                RemoteError::Network("an application lock renewal without a count".into())
+            })
     }
 
-    /// Extends a held lock's lease (retried for `RENEW_RETRY`).
+    /// Extends a held lock's lease (retried within `renew_bounds`).
     pub async fn renew(&self, node: NodeId, waiter: &WaiterId) -> Result<Grant, RemoteError> {
         let req = LockRequest {
             waiter: waiter.clone(),
         };
-        self.lock_post(&routes::lock(node, "renew"), &req, "renew", RENEW_RETRY)
-            .await
+        let (bound, timeout) = self.renewal_bounds();
+        let g: Grant = self
+            .lock_post(&routes::lock(node, "renew"), &req, "renew", bound, timeout)
+            .await?;
+        self.note_lease(g.lease_ms);
+        Ok(g)
     }
 
     /// Releases a lock (or leaves its queue).
@@ -1686,6 +1779,7 @@ impl Remote {
             &req,
             "release",
             self.config.op_timeout,
+            self.config.call_timeout,
         )
         .await
         .map(drop)
@@ -1933,6 +2027,8 @@ mod tests {
         cluster_id: String,
         /// The lock instances its map names (it answers lock calls itself too).
         locks: Arc<std::sync::Mutex<Vec<String>>>,
+        /// Map requests go unanswered (a directory gone silent).
+        map_hangs: Arc<std::sync::atomic::AtomicBool>,
         answers: Arc<std::sync::Mutex<std::collections::VecDeque<(u16, String)>>>,
         seen: Arc<std::sync::Mutex<Vec<Seen>>>,
     }
@@ -1946,6 +2042,7 @@ mod tests {
             let fake = Fake {
                 cluster_id: cluster_id.to_owned(),
                 locks: Arc::default(),
+                map_hangs: Arc::default(),
                 answers: Arc::new(std::sync::Mutex::new(
                     script.iter().map(|(c, b)| (*c, (*b).to_owned())).collect(),
                 )),
@@ -1957,6 +2054,9 @@ mod tests {
                 .route(routes::CHILDREN, get(Fake::op))
                 .route(routes::LOCK_RELEASE, post(Fake::op))
                 .route(routes::APPLOCK_UNLOCK, post(Fake::op))
+                .route(routes::LOCK_RENEW, post(Fake::op))
+                .route(routes::LOCK_ACQUIRE, post(Fake::op))
+                .route(routes::APPLOCK_RENEW, post(Fake::op))
                 .with_state(fake.clone());
             let l = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
@@ -1969,6 +2069,9 @@ mod tests {
         async fn map(
             axum::extract::State(f): axum::extract::State<Fake>,
         ) -> axum::Json<ClusterInfo> {
+            if f.map_hangs.load(Ordering::Relaxed) {
+                std::future::pending::<()>().await;
+            }
             axum::Json(ClusterInfo {
                 lock_url: None,
                 lock_urls: f.locks.lock().expect("locks").clone(),
@@ -2187,6 +2290,101 @@ mod tests {
             t.elapsed()
         );
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    }
+
+    /// A loopback address that takes connections and never answers (a stopped process, a
+    /// dead host behind a live route: no reset). The listener lives as long as the test.
+    async fn silent_url() -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", l.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        url
+    }
+
+    /// A renewal sent to a lock instance that takes it and never answers gives that
+    /// instance a fraction of the lease, then reaches the next one, well within the lease:
+    /// a silent instance does not cost a live holder its lock.
+    #[tokio::test]
+    async fn a_renewal_leaves_a_silent_lock_instance_within_the_lease() {
+        let silent = silent_url().await;
+        let grant = r#"{"fence":7,"lease_ms":2000,"signature":""}"#;
+        let (fake, url) = Fake::start("aa", &[(200, grant), (200, r#"{"held":1}"#)]).await;
+        *fake.locks.lock().expect("locks") = vec![silent.clone(), url.clone()];
+        let r = logged_in(&url, Duration::from_secs(10));
+        r.note_lease(2000);
+        let waiter = UploadId::from_bytes([7; 16]);
+        let t = std::time::Instant::now();
+        let g = r
+            .renew(NodeId(5), &waiter)
+            .await
+            .expect("renewed elsewhere");
+        assert_eq!(g.fence, common::FenceToken(7));
+        assert!(
+            t.elapsed() < Duration::from_millis(1000),
+            "{:?}",
+            t.elapsed()
+        );
+        // Application lock renewals too, with the count of locks still held.
+        r.lock_current.store(0, Ordering::Relaxed);
+        let t = std::time::Instant::now();
+        let held = r
+            .app_renew(&waiter, vec![(NodeId(5), 1)])
+            .await
+            .expect("renewed elsewhere");
+        assert_eq!(held, 1);
+        assert!(
+            t.elapsed() < Duration::from_millis(1000),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    /// A write lock's long poll sent to a lock instance that never answers is given its
+    /// wait plus a little, and leaves time to reach another instance before the caller's
+    /// deadline (a close's push is cut at its deadline).
+    #[tokio::test]
+    async fn a_lock_poll_leaves_a_silent_lock_instance_before_the_deadline() {
+        let silent = silent_url().await;
+        let granted = r#"{"state":"granted","fence":7,"lease_ms":2000,"signature":""}"#;
+        let (fake, url) = Fake::start("aa", &[(200, granted)]).await;
+        *fake.locks.lock().expect("locks") = vec![silent.clone(), url.clone()];
+        let r = logged_in(&url, Duration::from_secs(10));
+        let node = NodeId(5);
+        r.remember_commit_capability(node, "cap".into());
+        let waiter = UploadId::from_bytes([7; 16]);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+        let g = tokio::time::timeout_at(deadline, r.acquire(node, &waiter, deadline))
+            .await
+            .expect("within the deadline")
+            .expect("granted by the other instance");
+        assert_eq!(g.fence, common::FenceToken(7));
+        assert_eq!(r.lock_current.load(Ordering::Relaxed) % 2, 1);
+    }
+
+    /// A renewal while the directory does not answer (the cached map dropped after a
+    /// failed round) goes to the lock instances of the last map, within its short bound.
+    #[tokio::test]
+    async fn a_renewal_uses_the_last_lock_instances_while_the_map_cannot_be_fetched() {
+        let grant = r#"{"fence":7,"lease_ms":10000,"signature":""}"#;
+        let (fake, url) = Fake::start("aa", &[(200, grant), (200, grant)]).await;
+        *fake.locks.lock().expect("locks") = vec![url.clone()];
+        let r = logged_in(&url, Duration::from_secs(10));
+        let waiter = UploadId::from_bytes([7; 16]);
+        r.renew(NodeId(5), &waiter).await.expect("renewed");
+        fake.map_hangs.store(true, Ordering::Relaxed);
+        r.invalidate_cluster();
+        let t = std::time::Instant::now();
+        r.renew(NodeId(5), &waiter)
+            .await
+            .expect("renewed without a map");
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     }
 
     #[tokio::test]

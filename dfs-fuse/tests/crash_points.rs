@@ -500,3 +500,46 @@ async fn namespace_changes_whose_answers_were_lost_are_retried_and_applied_once(
     cluster.shutdown().await;
     scenario.teardown();
 }
+
+/// A batch's lock acquire that never answers (a silent lock instance, a directory away) is
+/// cut at the batch's own short wait: the files go the single way, and the batch does not
+/// hold their node locks (an open of any of them would wait) for the push's whole deadline.
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_hung_batch_lock_acquire_is_cut_at_the_batch_wait() {
+    let scenario = fail::FailScenario::setup();
+    let (_dir, cluster, login) = cluster_with_user().await;
+    let cache = tempfile::tempdir().unwrap();
+    let fs = core_with(&cluster.directory_url, login, cache.path(), true);
+    for i in 0..4 {
+        let (_, o) = fs
+            .create(
+                NodeId::ROOT,
+                OsStr::new(&format!("f{i}")),
+                0o644,
+                libc::O_WRONLY,
+            )
+            .await
+            .unwrap();
+        fs.write(o.fh, 0, format!("file {i}").as_bytes()).unwrap();
+        fs.flush(o.fh).await.unwrap();
+        fs.release(o.fh);
+    }
+    assert_eq!(fs.pending().unwrap().len(), 4);
+    fail::cfg("batch-acquire-hang", "return").unwrap();
+    let t = std::time::Instant::now();
+    let left = tokio::time::timeout(
+        Duration::from_secs(15),
+        fs.push_pending(tokio::time::Instant::now() + Duration::from_secs(60), false),
+    )
+    .await
+    .expect("not held for the push's deadline")
+    .unwrap();
+    fail::remove("batch-acquire-hang");
+    assert!(left.is_empty(), "left {left:?}");
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    let stats = &fs.remote().stats;
+    assert_eq!(stats.uploads.load(std::sync::atomic::Ordering::Relaxed), 4);
+    assert_eq!(stats.batches.load(std::sync::atomic::Ordering::Relaxed), 0);
+    cluster.shutdown().await;
+    scenario.teardown();
+}

@@ -95,7 +95,14 @@ fn writes_ride_out_an_etcd_member_a_directory_instance_and_a_lock_instance_kille
     // holding another, dies with it (its lock must come free within LOCK_FREE_BOUND).
     let held = {
         let dir = m.dir.clone();
-        std::thread::spawn(move || sh_in(&dir, "flock -x held sh -c 'echo in; sleep 25'"))
+        // Held until the test says so (bounded: 120 s), however slow the steps between.
+        std::thread::spawn(move || {
+            sh_in(
+                &dir,
+                "flock -x held sh -c 'echo in; i=0; \
+                 while [ ! -e held.stop ] && [ $i -lt 600 ]; do sleep 0.2; i=$((i+1)); done'",
+            )
+        })
     };
     let orphan = {
         let dir = mc.dir.clone();
@@ -140,6 +147,7 @@ fn writes_ride_out_an_etcd_member_a_directory_instance_and_a_lock_instance_kille
         "a held flock lost across the lock instance's death: {}",
         m.log()
     );
+    assert!(m.sh("touch held.stop").status.success());
     let out = held.join().unwrap();
     assert!(out.status.success(), "{out:?}\n{}", m.log());
     assert!(
@@ -285,23 +293,23 @@ fn lock_grants(cluster: &SplitCluster, names: &[&str]) -> Vec<LockGrant> {
 }
 
 /// No fencing token given to two waiters of one file, and a file's tokens grow in the order
-/// they were granted (a waiter granted again, its answer lost, keeps its token).
+/// one instance granted them (a waiter granted again, its answer lost, keeps its token).
+/// Grants of different instances are not ordered by their logs' timestamps (two clocks of
+/// one machine, but lines written a scheduling delay after the grant).
 fn check_fences(grants: &[LockGrant]) {
-    let mut by_node: std::collections::BTreeMap<u64, Vec<&LockGrant>> = Default::default();
+    let mut by_node: std::collections::BTreeMap<(u64, &str), Vec<&LockGrant>> = Default::default();
+    let mut owner: std::collections::HashMap<(u64, u64), &str> = Default::default();
     for g in grants {
-        by_node.entry(g.node).or_default().push(g);
+        by_node.entry((g.node, &g.instance)).or_default().push(g);
+        let first = *owner.entry((g.node, g.fence)).or_insert(&g.waiter);
+        assert_eq!(
+            first, g.waiter,
+            "fence {} of node {} granted to two waiters",
+            g.fence, g.node
+        );
     }
-    for (node, mut gs) in by_node {
+    for ((node, _), mut gs) in by_node {
         gs.sort_by(|x, y| x.at.cmp(&y.at));
-        let mut owner: std::collections::HashMap<u64, &str> = Default::default();
-        for g in &gs {
-            let first = *owner.entry(g.fence).or_insert(&g.waiter);
-            assert_eq!(
-                first, g.waiter,
-                "fence {} of node {node} granted to two waiters",
-                g.fence
-            );
-        }
         for w in gs.windows(2) {
             assert!(
                 w[1].fence > w[0].fence || w[1].waiter == w[0].waiter,

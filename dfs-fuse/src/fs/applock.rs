@@ -84,6 +84,11 @@ impl DfsFs {
                 AppLockResponse::Granted { lease_ms } => {
                     self.app_lease_ms
                         .store(lease_ms, std::sync::atomic::Ordering::Relaxed);
+                    self.remote.note_lease(lease_ms);
+                    self.app_granted
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert((node, owner));
                     break;
                 }
                 // Stays known (and renewed) either way: an owner whose upgrade was refused
@@ -204,6 +209,10 @@ impl DfsFs {
             l.insert((node, owner));
         } else {
             l.remove(&(node, owner));
+            self.app_granted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&(node, owner));
         }
     }
 
@@ -221,10 +230,22 @@ impl DfsFs {
                 .iter()
                 .copied()
                 .collect();
-            if !held.is_empty()
-                && let Err(e) = self.remote.app_renew(&self.session, held).await
-            {
-                tracing::warn!(error = %e, "renewing application locks failed");
+            if !held.is_empty() {
+                let want = {
+                    let g = self.app_granted.lock().unwrap_or_else(|p| p.into_inner());
+                    held.iter().filter(|k| g.contains(k)).count()
+                };
+                match self.remote.app_renew(&self.session, held).await {
+                    // POSIX has no way to tell a process its lock is gone: say it loudly.
+                    Ok(n) if n < u64::try_from(want).unwrap_or(u64::MAX) => tracing::error!(
+                        held = want,
+                        renewed = n,
+                        "application locks lapsed at the lock service (lease ran out): another \
+                         process may now hold them while this one believes it does"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "renewing application locks failed"),
+                }
             }
             tokio::select! {
                 _ = cancel.cancelled() => return,

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use super::{DfsFs, FoldedAttrs};
 use crate::cache::Pending;
+use crate::remote::RemoteError;
 
 /// A file that can go in a batch: its pending record, the version it is based on, folded
 /// attributes and content.
@@ -126,7 +127,21 @@ impl DfsFs {
             let waiter = UploadId::from_bytes(rand::random());
             async move {
                 let wait = deadline.min(Instant::now() + BATCH_LOCK_WAIT);
-                let r = self.remote.acquire(*node, &waiter, wait).await;
+                // Bounded by the batch's own short wait, whatever the lock service or the
+                // directory does: the node locks of every file in the batch are held
+                // meanwhile (an open of any of them waits). A grant cut off is released.
+                let r = tokio::time::timeout_at(wait, async {
+                    if batch_acquire_hangs() {
+                        std::future::pending::<()>().await;
+                    }
+                    self.remote.acquire(*node, &waiter, wait).await
+                })
+                .await
+                .unwrap_or_else(|_| {
+                    Err(RemoteError::Timeout(
+                        "no lock grant within the batch's wait".into(),
+                    ))
+                });
                 (waiter, r)
             }
         }))
@@ -277,19 +292,24 @@ impl DfsFs {
             .min()
             .unwrap_or_default()
             .max(Duration::from_millis(150));
-        tokio::pin!(work);
-        loop {
-            tokio::select! {
-                r = &mut work => return r,
-                _ = tokio::time::sleep(lease / 3) => {
-                    futures_util::future::join_all(taken.iter().map(|t| async move {
-                        if let Err(e) = self.remote.renew(t.node, &t.waiter).await {
-                            tracing::warn!(node = %t.node, error = %e, "lock renewal failed");
-                        }
-                    }))
-                    .await;
-                }
+        // The renewals run beside the work (polled together), never in its way: a slow
+        // renewal does not stop the upload's progress.
+        let renewals = async {
+            loop {
+                tokio::time::sleep(lease / 3).await;
+                futures_util::future::join_all(taken.iter().map(|t| async move {
+                    if let Err(e) = self.remote.renew(t.node, &t.waiter).await {
+                        tracing::warn!(node = %t.node, error = %e, "lock renewal failed");
+                    }
+                }))
+                .await;
             }
+        };
+        tokio::pin!(work);
+        tokio::pin!(renewals);
+        tokio::select! {
+            r = &mut work => r,
+            never = &mut renewals => never,
         }
     }
 
@@ -308,3 +328,9 @@ impl DfsFs {
 /// How long a batch waits for a file's lock: a file someone else holds is pushed alone later
 /// instead of holding up the batch.
 const BATCH_LOCK_WAIT: Duration = Duration::from_secs(1);
+
+/// Fault point `batch-acquire-hang`: a batch's lock acquire never answers (tests).
+fn batch_acquire_hangs() -> bool {
+    fail::fail_point!("batch-acquire-hang", |_| true);
+    false
+}

@@ -268,6 +268,8 @@ pub struct DfsFs {
     /// for, their lease, and the renewal loop's wake-up (see `applock.rs`).
     session: common::UploadId,
     app_locks: Mutex<std::collections::HashSet<(NodeId, u64)>>,
+    /// Those of `app_locks` granted at least once (what a renewal must find held).
+    app_granted: Mutex<std::collections::HashSet<(NodeId, u64)>>,
     app_ranges: Mutex<HashMap<(NodeId, u64), applock::Ranges>>,
     app_lease_ms: AtomicU64,
     lock_wake: tokio::sync::Notify,
@@ -403,6 +405,7 @@ impl DfsFs {
             evict_wanted: AtomicBool::new(true),
             session: common::UploadId::from_bytes(rand::random()),
             app_locks: Mutex::new(std::collections::HashSet::new()),
+            app_granted: Mutex::new(std::collections::HashSet::new()),
             app_ranges: Mutex::new(HashMap::new()),
             app_lease_ms: AtomicU64::new(3000),
             lock_wake: tokio::sync::Notify::new(),

@@ -399,21 +399,26 @@ impl DfsFs {
             self.metrics.stage("upload", t.elapsed());
             r
         };
-        tokio::pin!(upload);
-        let result = loop {
-            tokio::select! {
-                r = &mut upload => break r,
-                _ = tokio::time::sleep(renew_every) => {
-                    let renewed = renewal_allowed();
-                    let r = if renewed {
-                        self.remote.renew(node, &waiter).await.map(drop)
-                    } else {
-                        Err(RemoteError::Network("fault injected: renewal lost".into()))
-                    };
-                    if let Err(e) = r {
-                        tracing::warn!(%node, error = %e, "lock renewal failed");
-                    }
+        // Renewals run beside the upload (polled together), never in its way.
+        let renewals = async {
+            loop {
+                tokio::time::sleep(renew_every).await;
+                let r = if renewal_allowed() {
+                    self.remote.renew(node, &waiter).await.map(drop)
+                } else {
+                    Err(RemoteError::Network("fault injected: renewal lost".into()))
+                };
+                if let Err(e) = r {
+                    tracing::warn!(%node, error = %e, "lock renewal failed");
                 }
+            }
+        };
+        let result = {
+            tokio::pin!(upload);
+            tokio::pin!(renewals);
+            tokio::select! {
+                r = &mut upload => r,
+                never = &mut renewals => never,
             }
         };
         self.release_later(node, waiter);

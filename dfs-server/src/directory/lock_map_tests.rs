@@ -36,8 +36,9 @@ async fn every_instance_lists_every_live_lock_instance_and_drops_a_silent_one() 
     };
     let (a, b) = (open(), open());
     let register = |r: &Registry, url: &str| {
+        let stale = r.stale_lock_rows(url);
         svc.store
-            .write(|tx| r.register_service(tx, &lock(url)))
+            .write(|tx| r.register_service(tx, &lock(url), &stale))
             .expect("register");
         r.admit_service(&lock(url)).expect("admit");
     };
@@ -78,6 +79,52 @@ async fn every_instance_lists_every_live_lock_instance_and_drops_a_silent_one() 
     assert_eq!(b.lock_urls(), both);
 }
 
+/// Rows of lock instances gone for good (more than the map lists, sorted before the live
+/// one) are not counted live by a directory instance that starts and finds them: only a
+/// changed tag counts. A row unchanged for `LOCK_PRUNE_AFTER` is deleted.
+#[tokio::test(start_paused = true)]
+async fn rows_of_dead_lock_instances_found_at_start_are_not_live() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prefix = format!("lockmap/{:016x}", rand::random::<u64>());
+    let svc = on_etcd(dir.path(), &prefix);
+    let open = || {
+        svc.store
+            .read(|tx| Registry::open(tx, Duration::from_secs(6)))
+            .expect("registry")
+    };
+    let a = open();
+    let register = |r: &Registry, url: &str| {
+        let stale = r.stale_lock_rows(url);
+        svc.store
+            .write(|tx| r.register_service(tx, &lock(url), &stale))
+            .expect("register");
+        r.admit_service(&lock(url)).expect("admit");
+    };
+    let sync = |r: &Registry| {
+        let rows = svc.store.read(lock_rows).expect("read");
+        r.note_locks(rows).expect("sync");
+    };
+    for i in 0..20 {
+        register(&a, &format!("http://127.0.0.1:91{i:02}"));
+    }
+    let live = "http://127.0.0.1:9300";
+    register(&a, live);
+    // A directory instance starts: the 21 rows are there, none known to be live yet.
+    let b = open();
+    assert_eq!(b.lock_urls(), Vec::<String>::new());
+    // The live one registers again: listed, alone.
+    register(&a, live);
+    sync(&b);
+    assert_eq!(b.lock_urls(), vec![live.to_owned()]);
+    // An hour on, the dead ones' rows go at the next registration.
+    tokio::time::advance(super::registry::LOCK_PRUNE_AFTER + Duration::from_secs(60)).await;
+    register(&b, live);
+    sync(&b);
+    let rows = svc.store.read(lock_rows).expect("read");
+    assert_eq!(rows.instances().len(), 1);
+    assert_eq!(b.lock_urls(), vec![live.to_owned()]);
+}
+
 #[test]
 fn a_single_lock_instance_on_redb_is_the_map_s_only_one() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -86,8 +133,17 @@ fn a_single_lock_instance_on_redb_is_the_map_s_only_one() {
     svc.register_service(&lock("http://127.0.0.1:9300"))
         .expect("register");
     assert_eq!(svc.registry.lock_urls(), vec!["http://127.0.0.1:9300"]);
-    // A restart lists it (one period, until it registers again) from the store.
+    // After a restart, until it registers again, the map names it as `lock_url` (which
+    // clients use when the list is empty) ...
     drop(svc);
     let svc = DirectoryService::open(dir.path(), DirectoryConfig::default()).expect("reopen");
+    assert!(svc.registry.lock_urls().is_empty());
+    assert_eq!(
+        svc.registry.services().0.as_deref(),
+        Some("http://127.0.0.1:9300")
+    );
+    // ... and in the list from its next registration.
+    svc.register_service(&lock("http://127.0.0.1:9300"))
+        .expect("register");
     assert_eq!(svc.registry.lock_urls(), vec!["http://127.0.0.1:9300"]);
 }

@@ -1568,8 +1568,9 @@ impl DirectoryService {
     /// Records the URL of the lock or auth service (persisted).
     pub fn register_service(&self, req: &common::api::RegisterServiceRequest) -> ServiceResult<()> {
         self.check_scheme(&format!("{:?} service", req.kind).to_lowercase(), &req.url)?;
+        let stale = self.registry.stale_lock_rows(&req.url);
         self.store
-            .write(|tx| self.registry.register_service(tx, req))?;
+            .write(|tx| self.registry.register_service(tx, req, &stale))?;
         self.registry.admit_service(req)
     }
 }

@@ -47,6 +47,14 @@ pub(super) struct LockRows {
     instances: Vec<(String, String)>,
 }
 
+impl LockRows {
+    /// Every instance's (url, tag) (tests).
+    #[cfg(test)]
+    pub(super) fn instances(&self) -> &[(String, String)] {
+        &self.instances
+    }
+}
+
 /// Reads the lock registrations.
 pub(super) fn lock_rows(tx: &Txn) -> ServiceResult<LockRows> {
     let mut rows = LockRows {
@@ -97,8 +105,15 @@ struct Inner {
 /// A lock instance's registrations as this directory instance saw them.
 struct Seen {
     tag: String,
-    at: Instant,
+    /// When the tag last changed; `None` for a row found at this instance's start whose tag
+    /// has not changed since (a row of an instance gone for good looks just like it, so it
+    /// is not counted live: the map's `lock_url` covers the first registrations).
+    at: Option<Instant>,
 }
+
+/// A lock instance's row unchanged this long (or found at start and unchanged since, with
+/// this directory instance up this long) is deleted at the next lock registration.
+pub const LOCK_PRUNE_AFTER: Duration = Duration::from_secs(3600);
 
 /// A lock instance counts as live while it registered (a changed tag) within this long: three
 /// re-registrations.
@@ -146,15 +161,14 @@ impl Registry {
             );
         }
         let auth_url = tx.get(SERVICES, &service_key(ServiceKind::Auth).to_owned())?;
-        // Lock instances recorded before this start count from their next registration, as
-        // file servers from their next heartbeat: alive for one period from now.
-        let now = Instant::now();
+        // Lock instances recorded before this start count from their next registration (a
+        // changed tag): a row is all that is left of an instance gone for good.
         let rows = lock_rows(tx)?;
         let lock_url = rows.latest;
         let locks = rows
             .instances
             .into_iter()
-            .map(|(url, tag)| (url, Seen { tag, at: now }))
+            .map(|(url, tag)| (url, Seen { tag, at: None }))
             .collect();
         Ok(Registry {
             inner: Mutex::new(Inner {
@@ -321,8 +335,34 @@ impl Registry {
         Ok(())
     }
 
-    /// Records the lock or auth service URL.
-    pub fn register_service(&self, tx: &Txn, req: &RegisterServiceRequest) -> ServiceResult<()> {
+    /// The lock instances whose rows `register_service` deletes: unchanged for
+    /// `LOCK_PRUNE_AFTER` (or found at start and unchanged since, this instance up that
+    /// long), at most 64, never `keep`. Read on the caller's clock (the store's transactions
+    /// run on a thread of their own).
+    pub fn stale_lock_rows(&self, keep: &str) -> Vec<String> {
+        let now = Instant::now();
+        let Ok(inner) = self.inner() else {
+            return vec![];
+        };
+        inner
+            .locks
+            .iter()
+            .filter(|(url, s)| {
+                url.as_str() != keep && s.at.unwrap_or(self.started) + LOCK_PRUNE_AFTER <= now
+            })
+            .map(|(url, _)| url.clone())
+            .take(64)
+            .collect()
+    }
+
+    /// Records the lock or auth service URL, and deletes the rows `stale` of lock instances
+    /// long gone (`stale_lock_rows`).
+    pub fn register_service(
+        &self,
+        tx: &Txn,
+        req: &RegisterServiceRequest,
+        stale: &[String],
+    ) -> ServiceResult<()> {
         if req.url.len() > 512 || !req.url.starts_with("http") {
             return Err(ServiceError::BadRequest(
                 "service url must be an http(s) URL".into(),
@@ -330,6 +370,12 @@ impl Registry {
         }
         tx.put(SERVICES, &service_key(req.kind).to_owned(), &req.url)?;
         if req.kind == ServiceKind::Lock {
+            // Rows of instances long gone are deleted (bounded: a few per registration).
+            for url in stale.iter().filter(|u| **u != req.url) {
+                tracing::info!(%url, "forgetting a lock instance unregistered for an hour");
+                // Forgotten in memory once a sync no longer finds the row (`note_locks`).
+                tx.delete::<String, String>(SERVICES, &format!("{LOCK_INSTANCE}{url}"))?;
+            }
             // Its own row too, a fresh tag per registration: every directory instance counts
             // it live from the change it sees (`sync`), on its own clock.
             tx.put(
@@ -350,7 +396,7 @@ impl Registry {
                 // The tag is learnt at the next sync (a changed tag then counts once more).
                 let seen = Seen {
                     tag: String::new(),
-                    at: Instant::now(),
+                    at: Some(Instant::now()),
                 };
                 inner.locks.insert(req.url.clone(), seen);
             }
@@ -367,12 +413,16 @@ impl Registry {
         if rows.latest.is_some() {
             inner.lock_url = rows.latest;
         }
+        // Rows deleted (pruned) are forgotten.
+        let present: std::collections::HashSet<&str> =
+            rows.instances.iter().map(|(u, _)| u.as_str()).collect();
+        inner.locks.retain(|u, _| present.contains(u.as_str()));
         for (url, tag) in rows.instances {
             match inner.locks.get_mut(&url) {
                 Some(seen) if seen.tag == tag => {}
-                Some(seen) => *seen = Seen { tag, at: now },
+                Some(seen) => *seen = Seen { tag, at: Some(now) },
                 None => {
-                    inner.locks.insert(url, Seen { tag, at: now });
+                    inner.locks.insert(url, Seen { tag, at: Some(now) });
                 }
             }
         }
@@ -391,7 +441,7 @@ impl Registry {
         inner
             .locks
             .iter()
-            .filter(|(_, s)| s.at + LOCK_DEAD_AFTER > now)
+            .filter(|(_, s)| s.at.is_some_and(|at| at + LOCK_DEAD_AFTER > now))
             .map(|(url, _)| url.clone())
             .take(MAX_LOCK_URLS)
             .collect()

@@ -30,6 +30,7 @@
 //! Waiters wait on an etcd watch of their file's keys (from the revision they last read), not
 //! on a timer; while they wait, their own lease is kept alive.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::api::{AcquireResponse, AppLockConflict, AppLockResponse, Grant, LockOwner};
@@ -70,6 +71,11 @@ pub const FENCE_HIGH_KEY: &str = "locks/fence_high";
 /// How far ahead of a grant the high-water mark is written: one write per this many etcd
 /// revisions, not one per grant.
 const FENCE_RESERVE: u64 = 1 << 20;
+
+/// The highest fence base an operator may set (`set_fence_base`): leaves 2^62 tokens.
+pub const MAX_FENCE_BASE: u64 = 1 << 62;
+/// The highest token granted: room for the reserve and the base lifts above it.
+const MAX_FENCE: u64 = 1 << 63;
 /// Most files whose last grant an instance remembers (to catch a token going back).
 const MAX_REMEMBERED: usize = 100_000;
 
@@ -84,6 +90,7 @@ struct Entry {
 }
 
 /// A file's queue as read at one revision.
+#[derive(Debug)]
 struct Queue {
     entries: Vec<Entry>,
     /// The revision it was read at.
@@ -138,6 +145,9 @@ pub struct EtcdLocks {
     high_key: Vec<u8>,
     /// What this instance knows of the tokens granted (`checked_fence`).
     fences: std::sync::Mutex<Fences>,
+    /// The highest etcd revision a queue read answered: a read sent after it that answers
+    /// a lower one means etcd went back (restored from an older snapshot).
+    seen_rev: std::sync::atomic::AtomicI64,
 }
 
 /// What an instance knows of the tokens granted: enough to notice a fence base deleted or
@@ -149,10 +159,34 @@ struct Fences {
     reserved: u64,
     /// The highest fence base read.
     base: u64,
+    /// The lowest etcd revision at which `base` is known to have been stored: a read at an
+    /// older revision that shows a lower base is only older, not a base that went back.
+    base_rev: i64,
     /// The highest token this instance granted.
     granted: u64,
-    /// Per file, the last token granted and its waiter (at most `MAX_REMEMBERED` files).
-    last: std::collections::HashMap<NodeId, (u64, WaiterId)>,
+    /// Per file, the last token granted, its waiter, and the revision of the queue read it
+    /// was computed from (at most `MAX_REMEMBERED` files).
+    last: std::collections::HashMap<NodeId, (u64, WaiterId, i64)>,
+}
+
+impl Fences {
+    /// Records that the fence base was `base` at revision `rev`.
+    fn learn_base(&mut self, base: u64, rev: i64) {
+        if base > self.base {
+            (self.base, self.base_rev) = (base, rev);
+        } else if base == self.base {
+            self.base_rev = self.base_rev.min(rev);
+        }
+    }
+}
+
+/// What `checked_fence` makes of a queue read.
+enum Checked {
+    /// The token, safe to grant.
+    Safe(FenceToken),
+    /// The read is older than what this instance already learnt (another request of this
+    /// instance read later and finished first): read the queue again.
+    Stale,
 }
 
 /// Connects a client to `config`'s endpoints, bounded by `OP_TIMEOUT`.
@@ -199,6 +233,11 @@ pub async fn set_fence_base(config: &EtcdConfig, base: u64) -> ServiceResult<()>
             "the fence base is {old} already; it may not go down to {base}"
         )));
     }
+    if base > MAX_FENCE_BASE {
+        return Err(ServiceError::BadRequest(format!(
+            "a fence base above {MAX_FENCE_BASE} would leave no room for tokens"
+        )));
+    }
     let txn = etcd_client::Txn::new()
         .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
         .and_then([TxnOp::put(key, base.to_string(), None)]);
@@ -242,6 +281,7 @@ impl EtcdLocks {
             ttl,
             high_key: format!("{}/{FENCE_HIGH_KEY}", config.prefix).into_bytes(),
             fences: std::sync::Mutex::new(Fences::default()),
+            seen_rev: std::sync::atomic::AtomicI64::new(0),
         };
         // A first read (a cluster without quorum fails the start, not a request), which also
         // lifts the fence base above the high-water mark.
@@ -286,16 +326,22 @@ impl EtcdLocks {
             };
             let known = {
                 let f = self.fences();
-                stored.max(f.reserved).max(f.granted)
+                // Every token granted at a revision this instance saw, with a base at most
+                // the highest it read, is at most `base + seen_rev`.
+                let seen = u64::try_from(self.seen_rev.load(Ordering::Relaxed)).unwrap_or(0);
+                stored
+                    .max(f.reserved)
+                    .max(f.granted)
+                    .max(f.base.saturating_add(seen))
             };
             let need = known.saturating_sub(rev);
             if old >= need {
                 let mut f = self.fences();
-                f.base = f.base.max(old);
+                f.learn_base(old, i64::try_from(rev).unwrap_or(i64::MAX));
                 f.reserved = f.reserved.max(stored);
                 return Ok(());
             }
-            if self
+            if let Some(put) = self
                 .put_unchanged("raising the fence base", &self.base_key, base_rev, need)
                 .await?
             {
@@ -306,7 +352,7 @@ impl EtcdLocks {
                     "fence base raised above the fence high-water mark"
                 );
                 let mut f = self.fences();
-                f.base = f.base.max(need);
+                f.learn_base(need, put);
                 f.reserved = f.reserved.max(stored);
                 return Ok(());
             }
@@ -317,14 +363,14 @@ impl EtcdLocks {
     }
 
     /// Puts `value` (decimal) at `key` if its mod revision is still `rev` (0: absent);
-    /// whether it did.
+    /// the revision of the put if it did.
     async fn put_unchanged(
         &self,
         what: &str,
         key: &[u8],
         rev: i64,
         value: u64,
-    ) -> ServiceResult<bool> {
+    ) -> ServiceResult<Option<i64>> {
         let txn = etcd_client::Txn::new()
             .when([Compare::mod_revision(key.to_vec(), CompareOp::Equal, rev)])
             .and_then([TxnOp::put(key.to_vec(), value.to_string(), None)]);
@@ -334,7 +380,9 @@ impl EtcdLocks {
                 async move { c.txn(txn).await }
             })
             .await?;
-        Ok(done.succeeded())
+        Ok(done
+            .succeeded()
+            .then(|| done.header().map(|h| h.revision()).unwrap_or(i64::MAX)))
     }
 
     /// Raises the stored high-water mark to at least `to` (never lowers it).
@@ -352,6 +400,7 @@ impl EtcdLocks {
             if self
                 .put_unchanged("raising the fence high-water mark", &self.high_key, rev, to)
                 .await?
+                .is_some()
             {
                 let mut f = self.fences();
                 f.reserved = f.reserved.max(to);
@@ -366,30 +415,43 @@ impl EtcdLocks {
     /// The token of `waiter`, at the head of `node`'s queue `q` with key create revision
     /// `create`, once it is known to be safe: never below a token this instance granted for
     /// the file, never another waiter's, never below a fence base it read, and at or below
-    /// the stored high-water mark (raised first if need be). A token that would go back
-    /// lifts the base (`lift_base`), deletes the waiter's key (made before the lift, its
-    /// token is suspect) and answers unavailable: the client asks again, joins anew, and gets
-    /// a token above every one granted.
+    /// the stored high-water mark (raised first if need be). Only a read at or after the
+    /// revision where this instance learnt the higher base or token is evidence that tokens
+    /// would go back; an older read (requests of one instance run concurrently) is `Stale`.
+    /// A token that would go back lifts the base (`lift_base`) and answers unavailable: the
+    /// client asks again. An acquire (`rejoin`) also deletes the waiter's key (made before
+    /// the lift, its token is suspect) so it joins anew and gets a token above every one
+    /// granted; a renewal never deletes the holder's key.
     async fn checked_fence(
         &self,
         node: NodeId,
         waiter: &WaiterId,
         q: &Queue,
         create: i64,
-    ) -> ServiceResult<FenceToken> {
+        rejoin: bool,
+    ) -> ServiceResult<Checked> {
         let fence = fence_of(q.base, create)?;
-        let (went_back, reserved) = {
+        let (lower, reserved) = {
             let f = self.fences();
-            let back = q.base < f.base
-                || f.last
-                    .get(&node)
-                    .is_some_and(|(t, w)| fence.0 < *t || (fence.0 == *t && w != waiter));
-            (back, f.reserved)
+            // (went back, read older than what was learnt)
+            let base = (q.base < f.base).then_some(q.rev < f.base_rev);
+            let last = f.last.get(&node).and_then(|(t, w, rev)| {
+                (fence.0 < *t || (fence.0 == *t && w != waiter)).then_some(q.rev < *rev)
+            });
+            (
+                base.into_iter().chain(last).collect::<Vec<bool>>(),
+                f.reserved,
+            )
         };
-        if went_back {
+        if !lower.is_empty() && lower.iter().all(|older| *older) {
+            return Ok(Checked::Stale);
+        }
+        if !lower.is_empty() {
             tracing::error!(%node, %fence, "a fencing token would have gone back (fence base lowered or deleted, or etcd restored from an older snapshot): raising the fence base");
             self.lift_base().await?;
-            self.delete(self.waiter_key(node, waiter)).await?;
+            if rejoin {
+                self.delete(self.waiter_key(node, waiter)).await?;
+            }
             return Err(ServiceError::Unavailable(
                 "the fence base was lowered or etcd went back; it was raised: ask again".into(),
             ));
@@ -398,7 +460,7 @@ impl EtcdLocks {
             self.reserve(fence.0.saturating_add(FENCE_RESERVE)).await?;
         }
         let mut f = self.fences();
-        f.base = f.base.max(q.base);
+        f.learn_base(q.base, q.rev);
         f.granted = f.granted.max(fence.0);
         if f.last.len() >= MAX_REMEMBERED && !f.last.contains_key(&node) {
             // Forget an arbitrary file: only the check of its next grant is lost.
@@ -407,10 +469,10 @@ impl EtcdLocks {
             }
         }
         // Only ever raised: a slower grant of an earlier head must not hide a later one.
-        if f.last.get(&node).is_none_or(|(t, _)| *t < fence.0) {
-            f.last.insert(node, (fence.0, waiter.clone()));
+        if f.last.get(&node).is_none_or(|(t, _, _)| *t < fence.0) {
+            f.last.insert(node, (fence.0, waiter.clone(), q.rev));
         }
-        Ok(fence)
+        Ok(Checked::Safe(fence))
     }
 
     /// Runs one etcd call, bounded by `OP_TIMEOUT` in all. A call that never left this process
@@ -529,7 +591,12 @@ impl EtcdLocks {
     }
 
     /// Every key under `prefix` in create-revision order, and the fence base, at one revision.
+    /// A read that answers a revision below one an earlier read (answered before this one
+    /// was sent) answered means etcd went back (an older snapshot restored without
+    /// `--bump-revision`): the fence base is lifted above every token this instance could
+    /// have seen, and the request answers unavailable (the client asks again).
     async fn list(&self, prefix: &str) -> ServiceResult<Queue> {
+        let before = self.seen_rev.load(Ordering::Relaxed);
         let txn = etcd_client::Txn::new().and_then(self.queue_reads(prefix));
         let resp = self
             .call("a queue read", |mut c| {
@@ -537,7 +604,21 @@ impl EtcdLocks {
                 async move { c.txn(txn).await }
             })
             .await?;
-        Self::parse_queue(resp)
+        let q = Self::parse_queue(resp)?;
+        if q.rev < before {
+            tracing::error!(
+                seen = before,
+                now = q.rev,
+                "etcd's revision went back (restored from an older snapshot?): raising the fence base"
+            );
+            self.lift_base().await?;
+            self.seen_rev.store(q.rev, Ordering::Relaxed);
+            return Err(ServiceError::Unavailable(
+                "etcd went back to an older revision; the fence base was raised: ask again".into(),
+            ));
+        }
+        self.seen_rev.fetch_max(q.rev, Ordering::Relaxed);
+        Ok(q)
     }
 
     /// Creates `key` with `value` on a lease of its own unless it exists, and reads the
@@ -649,7 +730,9 @@ impl EtcdLocks {
                 c.lease_time_to_live(lease, None).await
             })
             .await?;
-        Ok(r.ttl() > 0)
+        // etcd answers whole seconds, rounded down: 0 is a lease in its last second; a
+        // lease gone is -1.
+        Ok(r.ttl() >= 0)
     }
 
     /// Waits until a key under `prefix` changes after revision `rev` (deletes only, with
@@ -763,11 +846,24 @@ impl EtcdLocks {
             let (pos, me) = me;
             lease = Some(me.lease);
             if !fresh && !self.keep_alive(me.lease).await? {
+                // The lease ran out; its key goes when etcd revokes it: a short pause, not a
+                // spin of keepalives and reads meanwhile.
+                let pause = Instant::now() + Duration::from_millis(100);
+                tokio::time::sleep_until(pause.min(deadline.max(Instant::now()))).await;
                 q = self.list(&prefix).await?;
                 continue;
             }
             if pos == 0 {
-                let fence = self.checked_fence(node, waiter, &q, me.create).await?;
+                let fence = match self
+                    .checked_fence(node, waiter, &q, me.create, true)
+                    .await?
+                {
+                    Checked::Safe(fence) => fence,
+                    Checked::Stale => {
+                        (q, fresh) = (self.list(&prefix).await?, true);
+                        continue;
+                    }
+                };
                 tracing::debug!(%node, %fence, user, waiter = waiter.as_str(), "lock granted");
                 return Ok(AcquireResponse::Granted(self.grant(node, fence)));
             }
@@ -786,9 +882,9 @@ impl EtcdLocks {
     /// Extends the holder's lease.
     pub async fn renew(&self, node: NodeId, waiter: &WaiterId) -> ServiceResult<Grant> {
         let key = self.waiter_key(node, waiter);
-        let q = self.list(&self.file_prefix('w', node)).await?;
+        let mut q = self.list(&self.file_prefix('w', node)).await?;
         let head = q.entries.first().filter(|e| e.key == key);
-        let Some(head) = head else {
+        let Some(head) = head.cloned() else {
             return Err(ServiceError::NotHolder(format!(
                 "lock on {node} is not held by this waiter (lease expired?)"
             )));
@@ -798,8 +894,24 @@ impl EtcdLocks {
                 "lock on {node}: the lease expired"
             )));
         }
-        let fence = self.checked_fence(node, waiter, &q, head.create).await?;
-        Ok(self.grant(node, fence))
+        // A read older than another request's (this instance's) is read again, a few times.
+        for _ in 0..3 {
+            if let Checked::Safe(fence) = self
+                .checked_fence(node, waiter, &q, head.create, false)
+                .await?
+            {
+                return Ok(self.grant(node, fence));
+            }
+            q = self.list(&self.file_prefix('w', node)).await?;
+            if q.entries.first().is_none_or(|e| e.key != key) {
+                return Err(ServiceError::NotHolder(format!(
+                    "lock on {node} is not held by this waiter (lease expired?)"
+                )));
+            }
+        }
+        Err(ServiceError::Unavailable(format!(
+            "the fence base of {node} kept moving during a renewal: ask again"
+        )))
     }
 
     /// Deletes `key` (one round trip; its lease, with no key left, lapses on its own).
@@ -1075,6 +1187,16 @@ impl EtcdLocks {
         if !made {
             self.revoke(lease).await;
             resp?;
+            // The same request sent again elsewhere (its answer slow) may have made the
+            // owner's key after this one read the queue: its key, if granted, is this
+            // request's grant (a Busy would leave a lock the application never knew of).
+            let q = self.list(prefix).await?;
+            if let Some(pos) = q.position(key)
+                && pos < q.granted()
+                && is_shared(&q.entries[pos].value) == shared
+            {
+                return Ok((self.granted_app(), q.rev, q.entries[pos].lease));
+            }
             return Ok((AppLockResponse::Busy, rev, 0));
         }
         Ok((self.granted_app(), rev, lease))
@@ -1174,8 +1296,14 @@ fn fence_of(base: u64, create: i64) -> ServiceResult<FenceToken> {
     u64::try_from(create)
         .ok()
         .and_then(|c| base.checked_add(c))
+        .filter(|t| *t <= MAX_FENCE)
         .map(FenceToken)
-        .ok_or_else(|| ServiceError::internal("a fencing token", "out of range"))
+        .ok_or_else(|| {
+            ServiceError::internal(
+                "a fencing token",
+                format!("fence base {base} too high: tokens would pass {MAX_FENCE}"),
+            )
+        })
 }
 
 #[cfg(test)]
@@ -1207,7 +1335,8 @@ mod tests {
     /// under the file's prefix at all. Tries that are granted are still granted.
     #[tokio::test]
     async fn a_refused_try_makes_no_key_that_others_could_see() {
-        let (l, config) = unit_locks(Duration::from_secs(2)).await;
+        // A lease that outlasts the test's quiet waits (nothing renews owner 1's lock).
+        let (l, config) = unit_locks(Duration::from_secs(30)).await;
         let node = NodeId(9);
         let zero = Duration::ZERO;
         let granted = |r: AppLockResponse| matches!(r, AppLockResponse::Granted { .. });
@@ -1277,6 +1406,158 @@ mod tests {
             AppLockResponse::Busy
         );
         assert_eq!(l.list(&files).await.expect("list").entries.len(), 1);
+    }
+
+    /// A renewal whose queue read is older than a base another request of the same instance
+    /// learnt (a routine base lift by another instance's start, seen in between) is a slow
+    /// read, not a base that went back: the holder's key stays and the renewal succeeds.
+    #[tokio::test]
+    async fn a_renewal_read_before_a_base_lift_keeps_the_holders_key() {
+        let (l, config) = unit_locks(Duration::from_secs(10)).await;
+        let node = NodeId(3);
+        let w = WaiterId::from_bytes([7; 16]);
+        let r = l
+            .acquire(node, &w, "u", Duration::ZERO)
+            .await
+            .expect("acquire");
+        assert!(matches!(r, AcquireResponse::Granted(_)), "{r:?}");
+        let prefix = l.file_prefix('w', node);
+        // R1 reads the queue with the old base...
+        let old = l.list(&prefix).await.expect("list");
+        let create = old.entries[0].create;
+        // ... another instance starts and lifts the base; R2 reads it and finishes first.
+        set_fence_base(&config, old.base + (1 << 20))
+            .await
+            .expect("lift");
+        let after = l.renew(node, &w).await.expect("renew");
+        // R1 goes on with its older read: stale, not "went back".
+        assert!(matches!(
+            l.checked_fence(node, &w, &old, create, false)
+                .await
+                .expect("a stale read is no error"),
+            Checked::Stale
+        ));
+        assert_eq!(l.list(&prefix).await.expect("list").entries.len(), 1);
+        let again = l.renew(node, &w).await.expect("renew");
+        assert_eq!(again.fence, after.fence);
+    }
+
+    /// A lease in its last second (etcd answers a TTL of 0, rounded down) still runs: a
+    /// waiter released then is not taken for a lapsed one (which would queue it again).
+    #[tokio::test]
+    async fn a_lease_in_its_last_second_is_alive() {
+        let (l, config) = unit_locks(Duration::from_secs(2)).await;
+        let mut c = Client::connect(config.endpoints.clone(), None)
+            .await
+            .expect("client");
+        let lease = c.lease_grant(1, None).await.expect("grant").id();
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ttl = c.lease_time_to_live(lease, None).await.expect("ttl").ttl();
+            assert!(ttl >= 0, "lapsed before its last second was seen");
+            if ttl == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < until,
+                "the lease never reached its last second"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(l.lease_alive(lease).await.expect("lookup"));
+        // Gone: not alive.
+        c.lease_revoke(lease).await.expect("revoke");
+        assert!(!l.lease_alive(lease).await.expect("lookup"));
+    }
+
+    /// A try sent twice (its first answer slow, the client asked another instance), the
+    /// second's queue read made before the first's key: the second finds the key its own
+    /// and answers granted, not busy (which would leave a lock the application never knew
+    /// of, renewed until close).
+    #[tokio::test]
+    async fn a_try_sent_twice_is_granted_by_its_own_key() {
+        let (l, _config) = unit_locks(Duration::from_secs(10)).await;
+        let node = NodeId(4);
+        let prefix = l.file_prefix('a', node);
+        let key = l.owner_key(node, &owner(1));
+        let value = b"xu".to_vec();
+        let first = l
+            .try_create(&key, &value, false, &prefix)
+            .await
+            .expect("try");
+        assert!(
+            matches!(first.0, AppLockResponse::Granted { .. }),
+            "{first:?}"
+        );
+        let again = l
+            .try_create(&key, &value, false, &prefix)
+            .await
+            .expect("try");
+        assert!(
+            matches!(again.0, AppLockResponse::Granted { .. }),
+            "{again:?}"
+        );
+        // Another owner's try is still refused.
+        let other = l.owner_key(node, &owner(2));
+        let busy = l
+            .try_create(&other, &value, false, &prefix)
+            .await
+            .expect("try");
+        assert_eq!(busy.0, AppLockResponse::Busy);
+    }
+
+    /// A fence base so high that tokens would overflow is refused when set, and a token
+    /// beyond the range is an error that says why.
+    #[tokio::test]
+    async fn a_fence_base_without_room_for_tokens_is_refused() {
+        let (l, config) = unit_locks(Duration::from_secs(10)).await;
+        let e = set_fence_base(&config, u64::MAX - 5)
+            .await
+            .expect_err("refused");
+        assert!(matches!(e, ServiceError::BadRequest(_)), "{e:?}");
+        let r = l
+            .acquire(
+                NodeId(2),
+                &WaiterId::from_bytes([1; 16]),
+                "u",
+                Duration::ZERO,
+            )
+            .await
+            .expect("still granting");
+        assert!(matches!(r, AcquireResponse::Granted(_)), "{r:?}");
+        let e = fence_of(u64::MAX - 5, 10).expect_err("out of range");
+        assert!(e.to_string().contains("too high"), "{e}");
+    }
+
+    /// etcd going back (a snapshot restore without `--bump-revision`: revisions, and so
+    /// create revisions, start lower again) is noticed at the next queue read: the base is
+    /// lifted above every token granted at a revision this instance saw.
+    #[tokio::test]
+    async fn etcd_going_back_in_revisions_lifts_the_fence_base() {
+        let (l, _config) = unit_locks(Duration::from_secs(10)).await;
+        let node = NodeId(6);
+        let prefix = l.file_prefix('w', node);
+        let now = l.list(&prefix).await.expect("list").rev;
+        // As if this instance had seen a million more revisions before the restore.
+        let before_restore = now + 1_000_000;
+        l.seen_rev.store(before_restore, Ordering::Relaxed);
+        let base = l.fences().base;
+        let Err(e) = l.list(&prefix).await else {
+            panic!("a read below a revision seen passed");
+        };
+        assert!(matches!(e, ServiceError::Unavailable(_)), "{e:?}");
+        let r = l
+            .acquire(node, &WaiterId::from_bytes([3; 16]), "u", Duration::ZERO)
+            .await
+            .expect("granted after the lift");
+        let AcquireResponse::Granted(g) = r else {
+            panic!("{r:?}");
+        };
+        assert!(
+            g.fence.0 > base + u64::try_from(before_restore).expect("rev"),
+            "{} <= {base} + {before_restore}",
+            g.fence.0
+        );
     }
 
     #[tokio::test]
