@@ -242,6 +242,11 @@ pub struct CommitRequest {
     /// tar), applied instead of the commit time.
     #[serde(default)]
     pub mtime_ns: Option<u64>,
+    /// The writer's client process (the `x-dfs-origin` of its push, 32 hex digits): with
+    /// `writer_id`'s uid, the directory leaves the commit out of that client's change feed,
+    /// as it does for the namespace ops the client makes itself. `None`: every client hears it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 /// Answer to a commit: the new metadata and, if a version was replaced, what its holders may

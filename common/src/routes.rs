@@ -150,6 +150,13 @@ pub const CHANGES: &str = "/v1/changes";
 /// The client process a directory request comes from (32 hex digits, random per process):
 /// the change feed does not tell a client the changes it made itself.
 pub const ORIGIN_HEADER: &str = "x-dfs-origin";
+
+/// An origin as sent in [`ORIGIN_HEADER`]: exactly 32 hex digits.
+pub fn parse_origin(s: &str) -> Option<u128> {
+    (s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| u128::from_str_radix(s, 16).ok())
+        .flatten()
+}
 /// Late copies of a batched upload join the holders, primary to directory.
 pub const ADD_HOLDERS_BATCH: &str = "/v1/internal/batch/add-holders";
 /// File server counters.

@@ -381,12 +381,15 @@ impl Remote {
             anyhow::bail!("no directory URL given");
         }
         let server = urls.join(",");
+        // One origin for both clients: a push to a file server names it too, and the primary
+        // passes it on with its commit (the writer's own close is not fed back to it).
+        let origin = origin_header();
         let http = config
             .tls
             .builder()?
             .connect_timeout(Duration::from_secs(3))
             .timeout(config.call_timeout + Duration::from_secs(30))
-            .default_headers(origin_header())
+            .default_headers(origin.clone())
             .build()
             .context("building the HTTP client")?;
         // Bodies get a per-request deadline scaled to their size (reqwest's read_timeout would cap
@@ -396,6 +399,7 @@ impl Remote {
             .builder()?
             .connect_timeout(Duration::from_secs(3))
             .tcp_keepalive(Duration::from_secs(15))
+            .default_headers(origin)
             .build()
             .context("building the HTTP client for file bodies")?;
         Ok(Remote {

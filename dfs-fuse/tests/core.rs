@@ -1409,6 +1409,15 @@ async fn answer_losing_proxy(directory_url: &str) -> AnswerLosingProxy {
 async fn listing_counting_proxy(
     directory_url: &str,
 ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    counting_proxy(directory_url, b"/children?").await
+}
+
+/// A loopback proxy in front of the directory that counts the requests whose text contains
+/// `pattern`.
+async fn counting_proxy(
+    directory_url: &str,
+    pattern: &'static [u8],
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use std::sync::Arc;
     use std::sync::atomic::AtomicUsize;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1434,8 +1443,8 @@ async fn listing_counting_proxy(
                     if n == 0 {
                         break;
                     }
-                    let pages = buf[..n].windows(b"/children?".len());
-                    let pages = pages.filter(|w| *w == b"/children?").count();
+                    let pages = buf[..n].windows(pattern.len());
+                    let pages = pages.filter(|w| *w == pattern).count();
                     counting.fetch_add(pages, Ordering::SeqCst);
                     if to_server.write_all(&buf[..n]).await.is_err() {
                         break;
@@ -1446,6 +1455,73 @@ async fn listing_counting_proxy(
         }
     });
     (url, count)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_clients_own_push_does_not_come_back_through_its_feed() {
+    use dfs_fuse::fs::feed::Invalidation;
+    let dir = tempfile::tempdir().unwrap();
+    let (_c, a, b) = two_cores(dir.path()).await;
+    let a = std::sync::Arc::new(a);
+    let heard_by_a = std::sync::Arc::new(Recorded::default());
+    let heard_by_b = std::sync::Arc::new(Recorded::default());
+    let _ca = subscribed(&a, heard_by_a.clone()).await;
+    let _cb = subscribed(&b, heard_by_b.clone()).await;
+    let f = b
+        .create(NodeId::ROOT, OsStr::new("f"), 0o644, libc::O_WRONLY)
+        .await
+        .unwrap();
+    let node = NodeId(f.0.ino.0);
+    b.write(f.1.fh, 0, b"mine").unwrap();
+    b.flush(f.1.fh).await.unwrap();
+    b.release(f.1.fh);
+    // Another client hears the new version (the commit is published) ...
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !heard_by_a.has(|i| *i == Invalidation::Inode(node)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(heard_by_a.has(|i| *i == Invalidation::Inode(node)));
+    // ... the writer does not: it knows its own push (its answer), and a change it made
+    // itself coming back would cost it a poll answer, an invalidation and a refetch.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !heard_by_b.has(|i| *i == Invalidation::Inode(node)),
+        "the writer's own push came back to it: {:?}",
+        heard_by_b.0.lock().unwrap()
+    );
+    assert_eq!(b.getattr(node).await.unwrap().0.size, 4);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_a_mounts_first_subscription_does_not_make_its_namespace_ops_ask_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(&dir.path().join("cluster")).await;
+    let (url, gets) = counting_proxy(&c.directory_url, b"GET /v1/nodes/").await;
+    let b = std::sync::Arc::new(patient_core(
+        &url,
+        login(&c, "alice").await,
+        &dir.path().join("b"),
+    ));
+    let _cancel = subscribed(&b, std::sync::Arc::new(Recorded::default())).await;
+    // Well within `FEED_RACE` of the subscription: what is heard now is fresh (nothing was
+    // missed by a feed that never ran before), so a namespace op and the attributes after
+    // it cost no extra request.
+    b.getattr(NodeId::ROOT).await.unwrap();
+    b.mkdir(NodeId::ROOT, OsStr::new("d"), 0o755).await.unwrap();
+    let before = gets.load(Ordering::SeqCst);
+    for _ in 0..5 {
+        b.getattr(NodeId::ROOT).await.unwrap();
+    }
+    assert_eq!(
+        gets.load(Ordering::SeqCst) - before,
+        0,
+        "the root's attributes came from what this client heard, not the directory"
+    );
+    // A loss later still distrusts what is heard for a while.
+    b.feed_lost();
+    b.getattr(NodeId::ROOT).await.unwrap();
+    b.getattr(NodeId::ROOT).await.unwrap();
+    assert!(gets.load(Ordering::SeqCst) - before >= 2);
 }
 
 #[tokio::test(flavor = "multi_thread")]

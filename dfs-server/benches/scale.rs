@@ -151,6 +151,7 @@ fn setup(nodes: u64) -> Bench {
                 replicas: Some(f.replicas.clone()),
                 mode: None,
                 mtime_ns: None,
+                origin: None,
             },
         )
         .unwrap();

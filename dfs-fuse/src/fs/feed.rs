@@ -325,10 +325,16 @@ impl DfsFs {
     /// The feed is lost (or was never there): short TTLs from now on, and everything this
     /// client holds is dropped, from `known` and from the kernel.
     pub fn feed_lost(&self) {
+        self.distrust_all(super::known::FEED_RACE);
+    }
+
+    /// Drops everything this client holds (from `known` and the kernel), and distrusts what
+    /// is heard for `race` after (see `Known::distrust_all`).
+    fn distrust_all(&self, race: Duration) {
         self.feed.up.store(false, Ordering::Release);
         *self.feed.lost_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         self.feed.resyncs.fetch_add(1, Ordering::Relaxed);
-        let (names, nodes) = self.known().distrust_all();
+        let (names, nodes) = self.known().distrust_all(race);
         let mut batch: Vec<Invalidation> = names
             .into_iter()
             .map(|(parent, name)| Invalidation::Entry { parent, name })
@@ -343,6 +349,11 @@ impl DfsFs {
         let mut at: Option<(u64, u64)> = None;
         let mut retry = RETRY_AFTER;
         let mut behind = false;
+        // Until the first subscription no feed position was ever held, so no change was
+        // missed: that one drops what is held but distrusts nothing heard after it (a loss
+        // does, for `FEED_RACE`: otherwise every namespace op in the mount's first seconds
+        // costs one more request).
+        let mut subscribed_once = false;
         loop {
             // The kernel takes invalidations on one thread: never run far ahead of it.
             if !self
@@ -376,7 +387,12 @@ impl DfsFs {
                     }
                     // Everything is dropped after the position is taken: a change after it
                     // comes in the next poll, one before it is covered by the drop.
-                    self.feed_lost();
+                    if subscribed_once {
+                        self.feed_lost();
+                    } else {
+                        self.distrust_all(Duration::ZERO);
+                    }
+                    subscribed_once = true;
                     at = Some((r.epoch, r.next));
                     self.feed.up.store(true, Ordering::Release);
                 }
@@ -514,7 +530,7 @@ mod tests {
             k.lookup(dir, "zz", FEED_TTL, t0),
             super::super::known::Lookup::Absent
         );
-        let (names, nodes) = k.distrust_all();
+        let (names, nodes) = k.distrust_all(super::super::known::FEED_RACE);
         assert_eq!(names, vec![(dir, "a".to_owned())]);
         assert_eq!(nodes, vec![NodeId(10)]);
         assert!(k.recent(NodeId(10), FEED_TTL, t0).is_none());

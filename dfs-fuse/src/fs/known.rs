@@ -57,8 +57,9 @@ pub(super) struct Known {
     /// complete: an older listing that ends later never replaces them.
     listings: u64,
     newest_listing: HashMap<NodeId, u64>,
-    /// When everything was last distrusted (the feed lost), and how many times.
-    distrusted_at: Option<Instant>,
+    /// Until when everything heard is distrusted (the feed lost: `FEED_RACE` after the loss),
+    /// and how many times everything was.
+    distrusted_until: Option<Instant>,
     distrusts: u64,
 }
 
@@ -242,7 +243,7 @@ impl Known {
     /// the answer may predate the change.
     fn heard(&mut self, id: NodeId, now: Instant) {
         let horizon = now.checked_sub(FEED_RACE).unwrap_or(now);
-        if self.touched_since(id, horizon) || self.distrusted_at.is_some_and(|t| t >= horizon) {
+        if self.touched_since(id, horizon) || self.distrusted_until.is_some_and(|t| t >= now) {
             self.heard.remove(&id);
         } else {
             self.heard.insert(id, now);
@@ -277,7 +278,12 @@ impl Known {
     /// Nothing known is fresh any more (the change feed was lost): every name and every node
     /// known, for the caller to drop from the kernel too. What is known stays, for when the
     /// directory cannot be reached.
-    pub fn distrust_all(&mut self) -> (Vec<(NodeId, String)>, Vec<NodeId>) {
+    ///
+    /// `race`: for how long after now what is heard is not fresh either (an answer heard then
+    /// may predate a change the lost feed never delivered): `FEED_RACE` after a loss, zero at
+    /// a mount's first subscription (nothing was heard through a feed yet, so no change was
+    /// missed by one; what was heard before is dropped all the same).
+    pub fn distrust_all(&mut self, race: Duration) -> (Vec<(NodeId, String)>, Vec<NodeId>) {
         let names: Vec<(NodeId, String)> = self
             .names
             .by_dir
@@ -297,7 +303,8 @@ impl Known {
         self.complete.clear();
         self.heard.clear();
         self.distrusts += 1;
-        self.distrusted_at = Some(Instant::now());
+        let now = Instant::now();
+        self.distrusted_until = Some(now + race);
         (names, self.by_id.keys().copied().collect())
     }
 

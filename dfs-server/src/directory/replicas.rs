@@ -810,6 +810,7 @@ macro_rules! replicas_tests {
                     replicas: Some(f.replicas.clone()),
                     mode: None,
                     mtime_ns: None,
+                    origin: None,
                 },
             )
             .expect("commit");

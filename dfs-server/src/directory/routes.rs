@@ -81,8 +81,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Origin {
         };
         v.to_str()
             .ok()
-            .filter(|s| s.len() == 32)
-            .and_then(|s| u128::from_str_radix(s, 16).ok())
+            .and_then(routes::parse_origin)
             .map(|o| Origin(Some(o)))
             .ok_or_else(|| {
                 AppError(ServiceError::BadRequest(format!(
@@ -372,13 +371,29 @@ async fn register_service(
     Ok(Json(serde_json::json!({})))
 }
 
+/// The origin of a primary's commit: the writer's client process, as the primary heard it
+/// from the writer's push, bound to the writer's uid (which the primary took from the
+/// writer's token), as a namespace op's origin is bound to its caller's.
+fn commit_origin(req: &CommitRequest) -> Result<super::feed::Origin, AppError> {
+    let Some(o) = &req.origin else {
+        return Ok(None);
+    };
+    let o = routes::parse_origin(o).ok_or_else(|| {
+        AppError(ServiceError::BadRequest(
+            "a commit's origin must be 32 hex digits".into(),
+        ))
+    })?;
+    Ok(req.writer_id.as_ref().map(|w| (o, w.uid)))
+}
+
 async fn commit(
     axum::extract::State(svc): State,
     _c: ClusterOnly,
     ApiPath(id): ApiPath<u64>,
     ApiJson(req): ApiJson<CommitRequest>,
 ) -> ApiResult<Json<common::api::CommitResponse>> {
-    let r = blocking(move || svc.commit(NodeId(id), &req)).await?;
+    let o = commit_origin(&req)?;
+    let r = blocking(move || with_origin(o, || svc.commit(NodeId(id), &req))).await?;
     Ok(Json(r))
 }
 
@@ -387,7 +402,13 @@ async fn commit_batch(
     _c: ClusterOnly,
     ApiJson(req): ApiJson<common::api::CommitBatchRequest>,
 ) -> ApiResult<Json<common::api::BatchResponse<common::api::CommitResponse>>> {
-    let results = blocking(move || svc.commit_batch(&req)).await?;
+    // One origin for the transaction: the batch's items all come from one push.
+    let mut origins = req.items.iter().map(|i| commit_origin(&i.commit));
+    let o = match origins.next().transpose()? {
+        Some(first) if origins.all(|o| o.is_ok_and(|o| o == first)) => first,
+        _ => None,
+    };
+    let results = blocking(move || with_origin(o, || svc.commit_batch(&req))).await?;
     Ok(Json(common::api::BatchResponse {
         results: results.into_iter().map(crate::error::item_result).collect(),
     }))

@@ -120,6 +120,7 @@ fn commit(svc: &DirectoryService, id: NodeId, fence: u64, upload: u8) -> Service
             replicas: None,
             mode: None,
             mtime_ns: None,
+            origin: None,
         },
     )
     .map(|r| r.meta)
@@ -710,6 +711,7 @@ fn regression_a_commit_with_a_stale_placement_or_too_few_copies_is_refused() {
         replicas: Some(replicas),
         mode: None,
         mtime_ns: None,
+        origin: None,
     };
     // The writer's placement said "no replicas": a stale view must not lower the copy count.
     assert!(matches!(
@@ -772,6 +774,7 @@ async fn regression_a_repair_pass_never_waits_for_its_copies() {
             replicas: Some(f.replicas.clone()),
             mode: None,
             mtime_ns: None,
+            origin: None,
         },
     )
     .expect("two copies");
@@ -823,6 +826,7 @@ fn a_batch_commit_refuses_items_alone_and_applies_the_rest_durably() {
         replicas: Some(f.replicas.clone()),
         mode: None,
         mtime_ns: None,
+        origin: None,
     };
     svc.commit(b.id, &req(&b, 7, 1)).expect("b at fence 7");
     let batch = common::api::CommitBatchRequest {
@@ -880,6 +884,7 @@ fn commit_on(
             replicas: None,
             mode: None,
             mtime_ns: None,
+            origin: None,
         },
     )
     .map(|r| r.meta)
@@ -962,6 +967,7 @@ fn a_retry_of_the_current_content_is_answered_without_a_new_version() {
                 replicas: None,
                 mode: None,
                 mtime_ns: None,
+                origin: None,
             },
         )
         .expect("same content again");
@@ -1304,6 +1310,7 @@ fn a_setgid_directory_passes_its_group_on_and_a_write_needs_write_permission() {
         replicas: Some(f.replicas.clone()),
         mode: None,
         mtime_ns: None,
+        origin: None,
     };
     assert!(matches!(
         svc.commit(f.id, &req),
@@ -1342,6 +1349,7 @@ fn regression_the_owner_writes_a_file_it_created_read_only() {
         replicas: Some(f.replicas.clone()),
         mode: None,
         mtime_ns: None,
+        origin: None,
     };
     assert_eq!(svc.commit(f.id, &req).expect("owner").meta.version, 1);
 }
@@ -1368,6 +1376,7 @@ fn regression_a_time_folded_into_a_push_is_the_owners_to_set() {
         replicas: Some(f.replicas.clone()),
         mode: None,
         mtime_ns: Some(1),
+        origin: None,
     };
     // Bob may write the file but not set its times: his push is stamped now.
     let before = now_ns();
@@ -2093,6 +2102,7 @@ fn the_largest_batches_are_recorded_whole() {
                     replicas: Some(f.replicas.clone()),
                     mode: None,
                     mtime_ns: None,
+                    origin: None,
                 },
             })
             .collect(),
@@ -2354,6 +2364,7 @@ fn regression_a_failing_part_of_a_batch_commit_keeps_the_answers_of_the_committe
                     replicas: Some(f.replicas.clone()),
                     mode: None,
                     mtime_ns: None,
+                    origin: None,
                 },
             })
             .collect(),

@@ -164,6 +164,7 @@ impl FileServer {
     pub async fn write_batch(
         self: &Arc<Self>,
         writer: &common::Caller,
+        origin: Option<String>,
         frame: Bytes,
     ) -> ServiceResult<Vec<ItemResult<NodeMeta>>> {
         let Frame { header, bodies } = parse_frame(
@@ -304,6 +305,7 @@ impl FileServer {
                     replicas: Some(p.replicas.clone()),
                     mode: p.item.mode,
                     mtime_ns: p.item.mtime_ns,
+                    origin: origin.clone(),
                 },
             });
             committing.push(i);

@@ -71,6 +71,8 @@ pub struct WriteRequest {
     pub base: common::api::PushBase,
     /// Who writes.
     pub writer: common::Caller,
+    /// The writer's client process (`x-dfs-origin`), passed on to the directory's commit.
+    pub origin: Option<String>,
     /// The placement the writer knows, `(primary, replicas)`; `None`: ask the directory.
     pub placement: Option<(ServerId, Vec<ServerId>)>,
     /// The body's length, when declared (forwarded to the replicas).
@@ -325,6 +327,7 @@ impl FileServer {
             replicas: Some(replicas.clone()),
             mode: req.mode,
             mtime_ns: req.mtime_ns,
+            origin: req.origin,
         };
         let t = std::time::Instant::now();
         // A directory restarting (or failing over) meanwhile is waited for, within bounds.

@@ -87,6 +87,20 @@ fn content_length(headers: &HeaderMap) -> u64 {
         .unwrap_or(0)
 }
 
+/// The writer's client process (`x-dfs-origin`, 32 hex digits), passed on with the commit
+/// so that its own push does not come back to it through the change feed (the directory binds
+/// it to the writer's uid, which this server took from the writer's token).
+fn origin_of(headers: &HeaderMap) -> Result<Option<String>, AppError> {
+    let Some(v) = headers.get(routes::ORIGIN_HEADER) else {
+        return Ok(None);
+    };
+    v.to_str()
+        .ok()
+        .filter(|s| common::routes::parse_origin(s).is_some())
+        .map(|s| Some(s.to_owned()))
+        .ok_or_else(|| bad(&format!("{} must be 32 hex digits", routes::ORIGIN_HEADER)))
+}
+
 fn parse_hash(s: &str) -> Result<ContentHash, AppError> {
     ContentHash::parse(s).map_err(|e| AppError(ServiceError::BadRequest(e.to_string())))
 }
@@ -115,6 +129,7 @@ async fn write(
         base: common::api::PushBase::parse_header(header_str(&headers, routes::BASE_HEADER)?)
             .ok_or_else(|| bad("base header must be a version, optionally followed by ;waiting"))?,
         writer: who.caller(),
+        origin: origin_of(&headers)?,
         placement: headers
             .get(routes::PLACEMENT_HEADER)
             .map(|v| parse_placement(v.to_str().unwrap_or("")))
@@ -192,7 +207,9 @@ async fn write_batch(
     let _permit = batch_permit(&fs, 0)?;
     fs.store.disk.check_room(content_length(&headers))?;
     let frame = frame_of(&headers, body).await?;
-    let results = fs.write_batch(&who.caller(), frame).await?;
+    let results = fs
+        .write_batch(&who.caller(), origin_of(&headers)?, frame)
+        .await?;
     Ok(Json(BatchResponse { results }))
 }
 
