@@ -358,8 +358,7 @@ impl Feed {
             // wakes the wait below.
             rx.borrow_and_update();
             let r = self.read(epoch, at, max, me);
-            if r.resync || !r.changes.is_empty() || self.closed.is_cancelled() || !self.healthy()
-            {
+            if r.resync || !r.changes.is_empty() || self.closed.is_cancelled() || !self.healthy() {
                 return r;
             }
             // Nothing, or only the poller's own changes: read on from past them (a ring that
