@@ -314,6 +314,10 @@ impl DfsFs {
         }
         drop(g);
         self.remember(meta, None);
+        // The kernel may hold attributes from before this commit (a push that finished after
+        // its close or truncate answered): this client's own commits never come back in its
+        // feed, so it tells its kernel itself (a local call, no round trip).
+        self.to_kernel(vec![super::feed::Invalidation::Inode(node)]);
         self.retry_at
             .lock()
             .unwrap_or_else(|p| p.into_inner())
